@@ -1,0 +1,370 @@
+"""Unit tests of the client's pure parts: line editor, widths, key decoding, line kinds, rendering."""
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+CLIENT_PATH = pathlib.Path(__file__).resolve().parent.parent / "pyChat-client.py"
+
+
+def load_client():
+    """Import pyChat-client.py (its name is not a module name) without running main()."""
+    spec = importlib.util.spec_from_file_location("pychat_client", CLIENT_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("pychat_client", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+client = load_client()
+
+
+def editor_with(text: str, cursor: int | None = None):
+    editor = client.LineEditor()
+    editor.insert(text)
+    if cursor is not None:
+        editor.cursor = cursor
+    return editor
+
+
+# -- the line editor ---------------------------------------------------------
+
+def test_insert_at_cursor_in_the_middle():
+    editor = editor_with("helo", cursor=3)
+    editor.insert("l")
+    assert (editor.text, editor.cursor) == ("hello", 4)
+
+
+def test_backspace_deletes_before_cursor_and_stops_at_start():
+    editor = editor_with("ab", cursor=1)
+    editor.backspace()
+    editor.backspace()
+    assert (editor.text, editor.cursor) == ("b", 0)
+
+
+def test_delete_removes_character_under_cursor_and_is_harmless_at_end():
+    editor = editor_with("abc", cursor=1)
+    editor.delete()
+    assert editor.text == "ac"
+    editor.end()
+    editor.delete()
+    assert (editor.text, editor.cursor) == ("ac", 2)
+
+
+def test_ctrl_u_kills_before_cursor_ctrl_k_kills_after():
+    editor = editor_with("hello world", cursor=5)
+    editor.kill_to_end()
+    assert (editor.text, editor.cursor) == ("hello", 5)
+    editor.cursor = 2
+    editor.kill_to_start()
+    assert (editor.text, editor.cursor) == ("llo", 0)
+
+
+def test_ctrl_w_kills_previous_word_and_trailing_spaces():
+    editor = editor_with("say hello  there", cursor=11)
+    editor.kill_word()
+    assert (editor.text, editor.cursor) == ("say there", 4)
+    editor.kill_word()
+    assert (editor.text, editor.cursor) == ("there", 0)
+
+
+def test_left_right_home_end_stay_inside_line():
+    editor = editor_with("abc")
+    editor.right()
+    assert editor.cursor == 3
+    editor.left()
+    assert editor.cursor == 2
+    editor.home()
+    editor.left()
+    assert editor.cursor == 0
+    editor.end()
+    assert editor.cursor == 3
+
+
+def test_combining_mark_joins_previous_character():
+    editor = editor_with("e\u0301t")
+    assert editor.characters == ["e\u0301", "t"]
+    editor.left()
+    editor.backspace()
+    assert editor.text == "t"
+
+
+def test_history_recalls_sent_lines_and_keeps_the_draft():
+    editor = client.LineEditor()
+    for line in ("first", "second"):
+        editor.insert(line)
+        assert editor.submit() == line
+    editor.insert("draft")
+    editor.history_back()
+    assert editor.text == "second"
+    editor.history_back()
+    editor.history_back()
+    assert editor.text == "first"
+    editor.history_forward()
+    assert editor.text == "second"
+    editor.history_forward()
+    assert (editor.text, editor.cursor) == ("draft", 5)
+
+
+def test_history_skips_blank_and_repeated_lines_and_secrets():
+    editor = client.LineEditor()
+    for line in ("same", "same", "  "):
+        editor.insert(line)
+        editor.submit()
+    editor.insert("secret")
+    editor.submit(remember=False)
+    assert editor.history == ["same"]
+
+
+def test_history_is_bounded():
+    editor = client.LineEditor(history_size=3)
+    for number in range(5):
+        editor.insert(str(number))
+        editor.submit()
+    assert editor.history == ["2", "3", "4"]
+
+
+# -- width and horizontal scroll ---------------------------------------------
+
+@pytest.mark.parametrize("text, width", [
+    ("abc", 3), ("漢字", 4), ("e\u0301", 1), ("🙂", 2), ("ｈ", 2), ("é", 1), ("", 0),
+])
+def test_text_width_counts_terminal_cells(text, width):
+    assert client.text_width(text) == width
+
+
+def test_view_shows_whole_short_line():
+    editor = editor_with("hello")
+    assert editor.view(20) == ("hello", 5)
+
+
+def test_view_scrolls_to_keep_cursor_at_end_visible():
+    editor = editor_with("abcdefghijklmnopqrstuvwxyz")
+    shown, cursor = editor.view(10)
+    assert (shown, cursor) == ("rstuvwxyz", 9)
+
+
+def test_view_scrolls_back_when_cursor_moves_left_of_window():
+    editor = editor_with("abcdefghijklmnopqrstuvwxyz")
+    editor.view(10)
+    editor.home()
+    shown, cursor = editor.view(10)
+    assert (shown, cursor) == ("abcdefghij", 0)
+
+
+def test_view_keeps_window_while_cursor_moves_inside_it():
+    editor = editor_with("abcdefghijklmnopqrstuvwxyz")
+    editor.view(10)
+    for _ in range(3):
+        editor.left()
+    assert editor.view(10) == ("rstuvwxyz", 6)
+
+
+def test_view_of_wide_characters_never_splits_one():
+    editor = editor_with("漢字漢字漢字漢字")
+    shown, cursor = editor.view(7)
+    assert (shown, cursor) == ("字漢字", 6)
+    editor.home()
+    shown, cursor = editor.view(7)
+    assert (shown, cursor) == ("漢字漢", 0)
+    assert client.text_width(shown) <= 7
+
+
+def test_view_fills_window_again_after_deleting_at_end():
+    editor = editor_with("abcdefghijklmnopqrstuvwxyz")
+    editor.view(10)
+    for _ in range(20):
+        editor.backspace()
+    assert editor.view(10) == ("abcdef", 6)
+
+
+# -- tab completion ------------------------------------------------------------
+
+COMMANDS = client.STANDARD_COMMANDS
+
+
+def test_complete_unique_command_adds_space():
+    assert client.complete_word("/onl", COMMANDS, []) == ("/online ", [])
+
+
+def test_complete_ambiguous_command_extends_common_prefix_and_lists_choices():
+    completed, choices = client.complete_word("/un", COMMANDS, [])
+    assert completed == "/un"
+    assert choices == ["/unignore", "/unmute"]
+    completed, choices = client.complete_word("/w", COMMANDS, [])
+    assert (completed, choices) == ("/w", ["/w", "/who"])
+
+
+def test_complete_nickname_at_line_start_adds_colon():
+    assert client.complete_word("bo", COMMANDS, ["alice", "Bob"]) == ("Bob: ", [])
+
+
+def test_complete_nickname_later_in_line_adds_space():
+    assert client.complete_word("/msg al", COMMANDS, ["alice", "bob"]) == ("/msg alice ", [])
+    assert client.complete_word("hi al", COMMANDS, ["alice"]) == ("hi alice ", [])
+
+
+def test_complete_without_match_leaves_line_alone():
+    assert client.complete_word("zz", COMMANDS, ["alice"]) == ("zz", [])
+
+
+def test_editor_completion_keeps_text_after_cursor():
+    editor = editor_with("al and me", cursor=2)
+    assert editor.complete(COMMANDS, ["alice"]) == []
+    assert (editor.text, editor.cursor) == ("alice:  and me", 7)
+
+
+def test_complete_cjk_nickname():
+    editor = editor_with("/msg 漢")
+    editor.complete(COMMANDS, ["漢字"])
+    assert editor.text == "/msg 漢字 "
+
+
+# -- keys ----------------------------------------------------------------------
+
+def names(keys):
+    return [key.text if key.name == "text" else key.name for key in keys]
+
+
+def test_keys_text_and_controls():
+    decoder = client.KeyDecoder()
+    assert names(decoder.feed(b"hi\x7f\x15\x17\x0b\x01\x05\t\r")) == [
+        "hi", "backspace", "kill-to-start", "kill-word", "kill-to-end", "home", "end",
+        "tab", "enter"]
+
+
+def test_keys_utf8_split_across_reads():
+    decoder = client.KeyDecoder()
+    data = "漢é".encode()
+    keys = []
+    for byte in data:
+        keys += decoder.feed(bytes([byte]))
+    assert names(keys) == ["漢", "é"]
+
+
+def test_keys_escape_sequence_split_across_reads():
+    decoder = client.KeyDecoder()
+    assert decoder.feed(b"a\x1b") == [client.Key("text", "a")]
+    assert decoder.waiting
+    assert decoder.feed(b"[") == []
+    assert names(decoder.feed(b"Db")) == ["left", "b"]
+    assert names(decoder.feed(b"\x1b[3") + decoder.feed(b"~")) == ["delete"]
+
+
+@pytest.mark.parametrize("sequence, name", [
+    (b"\x1b[A", "up"), (b"\x1b[B", "down"), (b"\x1b[C", "right"), (b"\x1b[D", "left"),
+    (b"\x1b[H", "home"), (b"\x1b[F", "end"), (b"\x1bOH", "home"), (b"\x1bOF", "end"),
+    (b"\x1b[1~", "home"), (b"\x1b[4~", "end"), (b"\x1b[3~", "delete"), (b"\x1b[1;5C", "right"),
+])
+def test_keys_escape_sequences(sequence, name):
+    assert names(client.KeyDecoder().feed(sequence)) == [name]
+
+
+def test_lone_escape_is_dropped_on_flush_and_unknown_sequences_ignored():
+    decoder = client.KeyDecoder()
+    assert decoder.feed(b"\x1b") == []
+    assert decoder.flush() == []
+    assert not decoder.waiting
+    assert names(decoder.feed(b"\x1b[15~x\x1bfy")) == ["xy"]
+
+
+# -- line kinds, roster, sanitising ----------------------------------------------
+
+@pytest.mark.parametrize("line, kind, nick, body", [
+    ("*** bob joined #lobby", "notice", "", "bob joined #lobby"),
+    ("-- 2 online: alice (#lobby)", "reply", "", "2 online: alice (#lobby)"),
+    ("!! Unknown command /fly.", "error", "", "Unknown command /fly."),
+    ("* alice waves", "action", "alice", "waves"),
+    ("[pm from bob] lunch?", "private", "bob", "lunch?"),
+    ("[pm to bob] sure", "private", "bob", "sure"),
+    ("alice: hello: there", "chat", "alice", "hello: there"),
+    ("alice: *** not a notice", "chat", "alice", "*** not a notice"),
+])
+def test_classify_line_kinds(line, kind, nick, body):
+    message = client.classify(line)
+    assert (message.kind, message.nick, message.body) == (kind, nick, body)
+
+
+def test_classify_history_keeps_original_time_and_line():
+    message = client.classify("[history 2026-11-26T17:04:51Z] * bob waves")
+    assert message.kind == "history"
+    assert message.time == datetime.datetime(2026, 11, 26, 17, 4, 51, tzinfo=datetime.timezone.utc)
+    assert (message.said.kind, message.nick, message.body) == ("action", "bob", "waves")
+
+
+def test_sanitize_removes_controls_and_direction_overrides():
+    assert client.sanitize("a\x1b[2Jb\x07c\u202ed\u2066e\x9bf\tg") == "a[2Jbcdef g"
+
+
+def learn(roster, *lines):
+    for line in lines:
+        roster.learn(client.classify(line))
+
+
+def test_roster_follows_welcome_online_joins_quits_and_renames():
+    roster = client.Roster()
+    learn(roster,
+          "*** Welcome, me! Type /help for the commands.",
+          "-- 3 online: me (#lobby), alice (#lobby, away), 漢字 (#dev)",
+          "*** carol joined #lobby",
+          "*** alice quit (gone)",
+          "*** 漢字 is now known as kanji",
+          "dave: hi",
+          "*** eve left #lobby")
+    assert roster.others("ME") == ["carol", "dave", "kanji"]
+
+
+def test_roster_learns_commands_from_help():
+    roster = client.Roster()
+    learn(roster, "-- /dice [N]  Roll a die", "-- 2 online: a (#x), b (#x)")
+    assert "dice" in roster.commands and "help" in roster.commands
+
+
+def test_mention_of_me_by_someone_else_only():
+    assert client.mentions(client.classify("bob: hey Alice, lunch?"), "alice")
+    assert not client.mentions(client.classify("bob: malice aforethought"), "alice")
+    assert not client.mentions(client.classify("alice: I am alice"), "alice")
+    assert not client.mentions(client.classify("*** alice joined #lobby"), "alice")
+
+
+# -- rendering -------------------------------------------------------------------
+
+NOON = datetime.datetime(2026, 11, 26, 12, 0, 5)
+
+
+def test_render_without_colour_is_plain_with_timestamp():
+    painter = client.Painter(colour=False)
+    line = client.render(client.classify("bob: hi"), painter, "me", now=NOON)
+    assert line == "[12:00:05] bob: hi"
+
+
+def test_render_history_uses_original_time_in_local_zone():
+    painter = client.Painter(colour=False)
+    message = client.classify("[history 2026-11-26T17:04:51Z] bob: earlier")
+    local = message.time.astimezone().strftime("%H:%M:%S")
+    assert client.render(message, painter, "me", now=NOON) == f"[{local}] bob: earlier"
+
+
+def test_render_colours_each_kind_differently():
+    painter = client.Painter(colour=True)
+    lines = ["*** bob joined #lobby", "-- reply", "!! error", "[pm from bob] x",
+             "*** Topic of #lobby: plans"]
+    rendered = {client.render_body(client.classify(line), painter, "me") for line in lines}
+    styles = {text.split("m", 1)[0] for text in rendered}
+    assert len(styles) == len(lines)
+
+
+def test_nick_colour_is_stable_and_ignores_case():
+    assert client.nick_colour("Alice") == client.nick_colour("alice")
+    assert client.nick_colour("alice") == client.NICK_COLOURS[
+        __import__("zlib").crc32(b"alice") % len(client.NICK_COLOURS)]
+
+
+def test_render_highlights_mention():
+    painter = client.Painter(colour=True)
+    body = client.render_body(client.classify("bob: hi me!"), painter, "me")
+    assert "\x1b[1;7mme\x1b[0m" in body
