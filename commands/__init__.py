@@ -1,0 +1,202 @@
+"""The slash-command registry.
+
+A command is a function in a module of this package, marked with `@command`:
+
+    @command("online", usage="/online")
+    def online(ctx):
+        \"\"\"Show who is online.\"\"\"
+        ctx.reply(...)
+
+The decorator only attaches metadata; `load_commands()` imports every module
+of a package, collects the marked functions and checks that no two claim the
+same name. Nothing else lists the commands, so adding one is adding a file.
+
+The usage string is also the argument specification. After the command name
+it may hold, in this order:
+
+    WORD        one required word          /kick NICK
+    [WORD]      one optional word          /help [COMMAND]
+    TEXT...     the rest of the line       /msg NICK TEXT...
+    [TEXT...]   the rest of the line, optional   /away [REASON...]
+
+The registry splits the arguments accordingly and calls `handler(ctx, *args)`
+with one string per element (None for a missing optional one). Wrong use is
+answered from here with the usage, so no command re-implements that check.
+A handler refuses a request by raising `CommandError("why")`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import logging
+import pkgutil
+import re
+from typing import Any, Callable
+
+log = logging.getLogger("pychat.commands")
+
+_MARK = "pychat_command"
+_PARAMETER = re.compile(r"^(\[)?([A-Z][A-Z0-9_-]*)(\.\.\.)?(\])?$")
+
+
+class CommandError(Exception):
+    """A command refused the request; the message is sent to the caller as an error line."""
+
+
+class CommandLoadError(Exception):
+    """A command file is wrong in a way the server must not start with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """One element of a usage string."""
+
+    name: str
+    optional: bool
+    rest_of_line: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A registered slash-command and everything `/help` says about it."""
+
+    name: str
+    handler: Callable[..., Any]
+    usage: str
+    summary: str
+    details: str
+    aliases: tuple[str, ...]
+    operator: bool
+    source: str
+    parameters: tuple[Parameter, ...]
+
+    def split_arguments(self, text: str) -> list[str | None]:
+        """Split the text after the command name as the usage string says, or raise CommandError."""
+        values: list[str | None] = []
+        rest = text.strip()
+        for parameter in self.parameters:
+            if parameter.rest_of_line:
+                value, rest = rest, ""
+            else:
+                value, _, rest = rest.partition(" ")
+                rest = rest.lstrip()
+            if not value and not parameter.optional:
+                raise CommandError(f"Usage: {self.usage}")
+            values.append(value or None)
+        if rest:
+            raise CommandError(f"Too many arguments. Usage: {self.usage}")
+        return values
+
+
+def command(name: str, *, usage: str | None = None, aliases: tuple[str, ...] | list[str] = (),
+            operator: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a function as the slash-command /NAME; the function's docstring is its help."""
+
+    def mark(handler: Callable[..., Any]) -> Callable[..., Any]:
+        setattr(handler, _MARK, {"name": name, "usage": usage or f"/{name}",
+                                 "aliases": tuple(aliases), "operator": operator})
+        return handler
+
+    return mark
+
+
+def _parse_usage(name: str, usage: str, source: str) -> tuple[Parameter, ...]:
+    words = usage.split()
+    if not words or words[0] != f"/{name}":
+        raise CommandLoadError(f"{source}: usage {usage!r} must start with /{name}")
+    parameters = []
+    for word in words[1:]:
+        match = _PARAMETER.match(word)
+        if not match or bool(match.group(1)) != bool(match.group(4)):
+            raise CommandLoadError(f"{source}: /{name}: cannot read {word!r} in usage {usage!r}")
+        parameter = Parameter(match.group(2), bool(match.group(1)), bool(match.group(3)))
+        if parameters and parameters[-1].rest_of_line:
+            raise CommandLoadError(f"{source}: /{name}: only the last argument may take the rest of the line")
+        if parameters and parameters[-1].optional and not parameter.optional:
+            raise CommandLoadError(f"{source}: /{name}: a required argument cannot follow an optional one")
+        parameters.append(parameter)
+    return tuple(parameters)
+
+
+def _make_command(handler: Callable[..., Any], source: str) -> Command:
+    meta = getattr(handler, _MARK)
+    name = meta["name"]
+    doc = inspect.getdoc(handler)
+    if not doc:
+        raise CommandLoadError(f"{source}: /{name} has no docstring; its first line is the /help text")
+    summary, _, details = doc.partition("\n")
+    parameters = _parse_usage(name, meta["usage"], source)
+    try:
+        inspect.signature(handler).bind(None, *(None for _ in parameters))
+    except TypeError:
+        raise CommandLoadError(
+            f"{source}: /{name} takes ctx plus {len(parameters)} argument(s) by its usage "
+            f"{meta['usage']!r}, but the function's signature does not match") from None
+    return Command(name=name, handler=handler, usage=meta["usage"], summary=summary.strip(),
+                   details=details.strip(), aliases=meta["aliases"], operator=meta["operator"],
+                   source=source, parameters=parameters)
+
+
+class CommandTable:
+    """Every loaded command, found by name or alias, and the one place that runs them."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Command] = {}
+
+    def add(self, new: Command) -> None:
+        """Register a command, refusing a name or alias that another command already claims."""
+        for word in (new.name, *new.aliases):
+            taken = self._by_name.get(word.lower())
+            if taken is not None:
+                raise CommandLoadError(f"/{word} is claimed twice: by {taken.source} "
+                                       f"and by {new.source}")
+            self._by_name[word.lower()] = new
+
+    def find(self, name: str) -> Command | None:
+        """The command called NAME (or with that alias), if there is one."""
+        return self._by_name.get(name.lower())
+
+    def all(self) -> list[Command]:
+        """Every command once, sorted by name."""
+        return sorted({id(c): c for c in self._by_name.values()}.values(), key=lambda c: c.name)
+
+    def help_lines(self) -> list[str]:
+        """One aligned line per command: its usage and its one-line help; operator commands marked."""
+        commands = self.all()
+        width = max((len(c.usage) for c in commands), default=0)
+        return [f"{c.usage.ljust(width)}  {c.summary}{'  (operators)' if c.operator else ''}"
+                for c in commands]
+
+    def run(self, ctx: Any, line: str) -> None:
+        """Run the command line `/NAME ARGS` for ctx, reporting every failure to ctx as an error."""
+        name, _, text = line[1:].partition(" ")
+        found = self.find(name)
+        if found is None:
+            ctx.error(f"Unknown command /{name}. Type /help for the list.")
+            return
+        if found.operator and not ctx.is_operator:
+            ctx.error(f"/{found.name}: not allowed; only operators may use it.")
+            return
+        try:
+            found.handler(ctx, *found.split_arguments(text))
+        except CommandError as refusal:
+            ctx.error(str(refusal))
+        except Exception:
+            log.exception("/%s from %s failed (%s)", found.name, getattr(ctx, "nick", "?"), found.source)
+            ctx.error(f"/{found.name} failed because of an error in the server; it has been logged.")
+
+
+def load_commands(package: str = __name__) -> CommandTable:
+    """Import every module of PACKAGE and register each function marked with @command."""
+    table = CommandTable()
+    root = importlib.import_module(package)
+    for module_info in sorted(pkgutil.iter_modules(root.__path__), key=lambda m: m.name):
+        if module_info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package}.{module_info.name}")
+        source = f"{package.replace('.', '/')}/{module_info.name}.py"
+        for value in vars(module).values():
+            if callable(value) and hasattr(value, _MARK) and value.__module__ == module.__name__:
+                table.add(_make_command(value, source))
+    return table

@@ -1,0 +1,1019 @@
+#!/usr/bin/env python3
+"""pyChat server: many people chatting in rooms over a plain line protocol.
+
+The protocol is described in README.md ("Wire protocol"). This file reads top
+to bottom: options and limits; the protocol (framing, cleaning text, names);
+the output pump that writes to every socket; the connection handler (one
+thread per person); the server object that holds who is where; the context
+that slash-commands act through; main().
+
+A line becomes a broadcast in two hops: ClientConnection.on_line() hands it to
+ChatServer.say(), which queues it to every member of the room.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import hmac
+import itertools
+import json
+import logging
+import os
+import re
+import select
+import selectors
+import signal
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+import unicodedata
+from typing import Iterator, NamedTuple
+
+import commands
+
+VERSION = "1.0.0"
+log = logging.getLogger("pychat")
+
+# ---------------------------------------------------------------------------
+# Options, limits and defaults
+# ---------------------------------------------------------------------------
+
+DEFAULT_HOST = "0.0.0.0"          # --host
+DEFAULT_PORT = 25000              # --port
+MAX_CLIENTS = 1000                # --max-clients (0: no limit)
+MAX_PER_IP = 20                   # --max-per-ip (0: no limit)
+RATE = 4.0                        # --rate: lines a second a person may send (0: no flood control)
+BURST = 20                        # --burst: lines a person may send at once before --rate applies
+NICKNAME_TIMEOUT = 30.0           # --nick-timeout: seconds to sign in before being disconnected
+IDLE_TIMEOUT = 0.0                # --idle-timeout: seconds of silence before disconnecting (0: never)
+KEEPALIVE = 60                    # --keepalive: seconds of quiet before TCP keepalive probes start
+MAX_QUEUED_OUTPUT = 256 * 1024    # --max-queue: bytes waiting for a reader before it is cut off
+STALL_TIMEOUT = 30.0              # --stall-timeout: seconds a reader may take no data before being cut off
+HISTORY_LINES = 20                # --history: lines of a room replayed to a newcomer (0: off)
+
+MAX_LINE_BYTES = 4096             # longest line accepted from a client, without its newline
+MAX_NICKNAME_LENGTH = 20
+MAX_ROOMS = 500                   # rooms kept at once; empty ones are forgotten first
+DEFAULT_ROOM = "lobby"
+ANNOUNCE_LIMIT = 200              # rooms bigger than this do not announce every join and leave
+QUIT = "quit"                     # the leave reason of someone who said /quit without a message
+PASSWORD_TRIES = 3                # wrong server passwords before the connection is closed
+DRAIN_SECONDS = 2.0               # time allowed to send what is queued to someone who is leaving
+SHUTDOWN_SECONDS = 3.0            # time allowed for every connection to close at shutdown
+RECEIVE_SIZE = 65536
+
+
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+    """Read the command line; every option has a default that suits a small group."""
+    parser = argparse.ArgumentParser(
+        description="pyChat server: a chat for the terminal. Clients connect with "
+                    "pyChat-client.py or any line-based TCP tool such as nc.")
+    parser.add_argument("--version", action="version", version=f"pyChat server {VERSION}")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to listen on; '::' for IPv6 (default: all IPv4 interfaces)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"TCP port; 0 picks a free one and logs it (default: {DEFAULT_PORT})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (every command)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    limits = parser.add_argument_group("limits (see README, 'Running it on the internet')")
+    limits.add_argument("--max-clients", type=int, default=MAX_CLIENTS, metavar="N",
+                        help=f"connections allowed at once, 0 for no limit (default: {MAX_CLIENTS})")
+    limits.add_argument("--max-per-ip", type=int, default=MAX_PER_IP, metavar="N",
+                        help=f"connections allowed from one address, 0 for no limit (default: {MAX_PER_IP})")
+    limits.add_argument("--rate", type=float, default=RATE, metavar="LINES",
+                        help=f"lines per second one person may send, 0 to turn flood control off "
+                             f"(default: {RATE:g})")
+    limits.add_argument("--burst", type=int, default=BURST, metavar="LINES",
+                        help=f"lines one person may send in a burst before --rate applies (default: {BURST})")
+    limits.add_argument("--nick-timeout", type=float, default=NICKNAME_TIMEOUT, metavar="SECONDS",
+                        help=f"time a new connection has to sign in (default: {NICKNAME_TIMEOUT:g})")
+    limits.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="SECONDS",
+                        help="disconnect people who send nothing for this long, 0 for never (default: 0)")
+    limits.add_argument("--keepalive", type=int, default=KEEPALIVE, metavar="SECONDS",
+                        help=f"quiet time before TCP keepalive probes look for vanished peers "
+                             f"(default: {KEEPALIVE})")
+    limits.add_argument("--max-queue", type=int, default=MAX_QUEUED_OUTPUT, metavar="BYTES",
+                        help=f"output waiting for one slow reader before it is disconnected "
+                             f"(default: {MAX_QUEUED_OUTPUT})")
+    limits.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT, metavar="SECONDS",
+                        help=f"time a reader may accept no data before it is disconnected "
+                             f"(default: {STALL_TIMEOUT:g})")
+    history = parser.add_argument_group("history")
+    history.add_argument("--history", type=int, default=HISTORY_LINES, metavar="N",
+                         help=f"lines of a room shown to newcomers, 0 for none (default: {HISTORY_LINES})")
+    history.add_argument("--history-file", metavar="PATH",
+                         help="keep room history in this file (JSON lines) so it survives restarts")
+    security = parser.add_argument_group("security")
+    security.add_argument("--password", default=os.environ.get("PYCHAT_PASSWORD"),
+                          help="password everyone must give to join; prefer the environment "
+                               "variable PYCHAT_PASSWORD, which does not show in ps")
+    security.add_argument("--op-password", default=os.environ.get("PYCHAT_OP_PASSWORD"),
+                          help="secret for /op, which makes someone an operator; prefer the "
+                               "environment variable PYCHAT_OP_PASSWORD")
+    security.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
+    security.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM)")
+    options = parser.parse_args(argv)
+    if bool(options.tls_cert) != bool(options.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    for name in ("max_clients", "max_per_ip", "history", "max_queue", "burst"):
+        if getattr(options, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} cannot be negative")
+    if options.rate < 0 or options.nick_timeout <= 0 or options.keepalive <= 0:
+        parser.error("--rate cannot be negative; --nick-timeout and --keepalive must be positive")
+    return options
+
+
+# ---------------------------------------------------------------------------
+# The protocol: framing, cleaning text, names, kinds of line
+# ---------------------------------------------------------------------------
+
+class LineReader:
+    """Splits a byte stream into lines, never holding more than one line's worth of bytes.
+
+    feed() returns the complete lines it found, as text; a line longer than
+    the limit comes out as None, once, and its bytes are dropped as they arrive.
+    """
+
+    def __init__(self, max_bytes: int = MAX_LINE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.partial = bytearray()
+        self.discarding = False
+
+    def feed(self, data: bytes) -> list[str | None]:
+        lines: list[str | None] = []
+        if self.discarding:
+            end = data.find(b"\n")
+            if end < 0:
+                return lines
+            data = data[end + 1:]
+            self.discarding = False
+        self.partial += data
+        if b"\n" in data:
+            *complete, rest = self.partial.split(b"\n")
+            self.partial = bytearray(rest)
+            for raw in complete:
+                if raw.endswith(b"\r"):
+                    raw = raw[:-1]
+                lines.append(raw.decode("utf-8", "replace") if len(raw) <= self.max_bytes else None)
+        if len(self.partial) > self.max_bytes:
+            self.partial.clear()
+            self.discarding = True
+            lines.append(None)
+        return lines
+
+
+# Control characters move cursors, change colours and clear screens; direction
+# overrides make text read differently from what was sent. None of them may
+# reach another person's terminal.
+_INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_SPACES = re.compile("[\t\u2028\u2029]")
+
+
+def clean_text(text: str) -> str:
+    """Remove control characters and direction overrides; tabs and line separators become spaces."""
+    if not text.isprintable():
+        text = _INVISIBLE.sub("", _SPACES.sub(" ", text))
+    return text.strip()
+
+
+RESERVED_NAMES = ("server", "pychat", "system", "admin", "administrator", "operator", "op",
+                  "root", "notice", "help", "nobody", "everyone", "all", "you", "me")
+
+# Characters that look alike on a terminal fold to one, so that no one can take
+# a name that reads as someone else's. Applied after casefolding.
+_LOOKALIKES = str.maketrans({
+    "0": "o", "1": "l", "i": "l", "|": "l", "5": "s",
+    # Cyrillic
+    "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p",
+    "с": "c", "т": "t", "у": "y", "х": "x", "і": "l", "ї": "l", "ј": "j", "ѕ": "s", "һ": "h",
+    "ԁ": "d", "ӏ": "l", "ԛ": "q", "ԝ": "w", "ь": "b",
+    # Greek
+    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "l", "κ": "k", "μ": "u", "ν": "v", "ο": "o",
+    "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ζ": "z", "γ": "y",
+})
+_SCRIPT_FAMILIES = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "HANGUL": "CJK", "CJK": "CJK"}
+
+
+def name_key(name: str) -> str:
+    """The form two names share when they would look the same: case, accents and look-alikes folded."""
+    decomposed = unicodedata.normalize("NFKD", name.casefold())
+    folded = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).translate(_LOOKALIKES)
+    return folded.replace("rn", "m").replace("vv", "w").replace("_", "-")
+
+
+def name_problem(name: str, what: str = "Nickname") -> str | None:
+    """Why NAME cannot be a nickname or room name, or None when it can."""
+    if not name:
+        return f"{what} cannot be empty."
+    if len(name) > MAX_NICKNAME_LENGTH:
+        return f"{what} is too long (at most {MAX_NICKNAME_LENGTH} characters)."
+    scripts = set()
+    for ch in name:
+        category = unicodedata.category(ch)
+        if category[0] == "L":
+            script = unicodedata.name(ch, "UNKNOWN").split()[0]
+            scripts.add(_SCRIPT_FAMILIES.get(script, script))
+        elif category not in ("Nd", "Mn", "Mc") and ch not in "_-":
+            shown = ch if ch.isprintable() else f"U+{ord(ch):04X}"
+            return f"{what} cannot contain {shown!r}: use letters, digits, '_' and '-'."
+    if unicodedata.category(name[0])[0] != "L":
+        return f"{what} must start with a letter."
+    if len(scripts) > 1:
+        return f"{what} mixes alphabets ({', '.join(sorted(scripts)).lower()}); use one."
+    if name_key(name) in _RESERVED_KEYS:
+        return f"{what} {name!r} is reserved."
+    return None
+
+
+_RESERVED_KEYS = {name_key(name) for name in RESERVED_NAMES}
+
+PROMPT_NICKNAME = "*** Choose a nickname:"
+PROMPT_PASSWORD = "*** Password:"
+
+
+def notice(text: str) -> str:
+    return f"*** {text}"
+
+
+def reply(text: str) -> str:
+    return f"-- {text}"
+
+
+def error(text: str) -> str:
+    return f"!! {text}"
+
+
+def history_line(when: float, line: str) -> str:
+    stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"[history {stamp}] {line}"
+
+
+class TokenBucket:
+    """Flood control: RATE lines a second on average, BURST at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1)
+        self.tokens = float(self.burst)
+        self.updated = time.monotonic()
+
+    def allow(self) -> bool:
+        if not self.rate:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+# ---------------------------------------------------------------------------
+# The output pump
+# ---------------------------------------------------------------------------
+
+class OutputPump(threading.Thread):
+    """One thread that writes queued output to the sockets.
+
+    The thread that produces a line only appends it to each receiver's outbox,
+    so a receiver that stops reading never blocks anyone. Under load many lines
+    wait in an outbox by the time the pump reaches it, and go out in one system
+    call. A socket that cannot take more is watched until it can.
+    """
+
+    def __init__(self, stall_timeout: float) -> None:
+        super().__init__(name="output-pump", daemon=True)
+        self.stall_timeout = stall_timeout
+        self.ready: collections.deque[ClientConnection] = collections.deque()
+        self.selector = selectors.DefaultSelector()
+        self.watched: set[ClientConnection] = set()
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ)
+        self.state_lock = threading.Lock()
+        self.sleeping = False
+        self.running = True
+
+    def mark_ready(self, connection: ClientConnection) -> None:
+        """Called by any thread after queueing output for CONNECTION."""
+        self.ready.append(connection)
+        if self.sleeping:
+            with self.state_lock:
+                if self.sleeping:
+                    self.sleeping = False
+                    self.wake_writer.send(b"\0")
+
+    def forget(self, connection: ClientConnection) -> None:
+        """Stop watching a connection before its socket is closed."""
+        with self.state_lock:
+            if connection in self.watched:
+                self.watched.discard(connection)
+                self.selector.unregister(connection.sock)
+
+    def stop(self) -> None:
+        self.running = False
+        self.wake_writer.send(b"\0")
+
+    def run(self) -> None:
+        next_check = time.monotonic() + 1.0
+        while self.running:
+            with self.state_lock:
+                self.sleeping = not self.ready
+            for key, _ in self.selector.select(1.0 if self.sleeping else 0):
+                if key.fileobj is self.wake_reader:
+                    self.wake_reader.recv(4096)
+                else:
+                    self.ready.append(key.data)
+            self.sleeping = False
+            while self.ready:
+                self.write(self.ready.popleft())
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 1.0
+                self.cut_off_stalled()
+
+    def write(self, connection: ClientConnection) -> None:
+        more = connection.flush()
+        with self.state_lock:
+            if more and connection not in self.watched and not connection.closed:
+                self.selector.register(connection.sock, selectors.EVENT_WRITE, connection)
+                self.watched.add(connection)
+            elif not more and connection in self.watched:
+                self.watched.discard(connection)
+                self.selector.unregister(connection.sock)
+
+    def cut_off_stalled(self) -> None:
+        now = time.monotonic()
+        with self.state_lock:
+            stalled = [c for c in self.watched
+                       if c.stalled_since is not None and now - c.stalled_since > self.stall_timeout]
+        for connection in stalled:
+            connection.cut_off(f"not reading for {self.stall_timeout:g} s")
+
+
+# ---------------------------------------------------------------------------
+# The connection handler: one thread per person
+# ---------------------------------------------------------------------------
+
+class Disconnect(Exception):
+    """Ends a connection; the message is the reason given to the log and to the room."""
+
+
+class ClientConnection(socketserver.BaseRequestHandler):
+    """One person's connection: the socket and its buffers, then the person's place in the chat.
+
+    The socket is non-blocking: this thread waits for input with poll(), and
+    output is queued in `outbox` for the pump. `io_lock` guards the outbox and
+    keeps a TLS connection's reads and writes from overlapping.
+    """
+
+    server: ChatServer
+
+    def setup(self) -> None:
+        self.sock: socket.socket = self.request
+        self.address = self.client_address[0]
+        self.nick: str | None = None
+        self.key: str | None = None
+        self.room: Room | None = None
+        self.away: str | None = None
+        self.operator = False
+        self.muted = False
+        self.ignoring: set[str] = set()
+        self.last_private_from: ClientConnection | None = None
+        self.outbox = bytearray()
+        self.io_lock = threading.Lock()
+        self.ready_for_pump = False
+        self.stalled_since: float | None = None
+        self.closed = False
+        self.cut_off_reason: str | None = None
+        self.quit_reason: str | None = None
+        self.lines = LineReader()
+        self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)
+        self.flood_excess = 0.0
+        self.flood_warned = False
+        self.last_heard = time.monotonic()
+        self.server.register(self)
+        self.sock.setblocking(False)
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            keepalive = self.server.options.keepalive
+            for name, value in (("TCP_KEEPIDLE", keepalive), ("TCP_KEEPINTVL", max(1, keepalive // 4)),
+                                ("TCP_KEEPCNT", 4)):
+                if hasattr(socket, name):
+                    self.sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        except OSError:
+            pass    # the peer is already gone; reading will say so
+
+    def __repr__(self) -> str:
+        return f"{self.nick or '(signing in)'}@{self.address}"
+
+    # -- the story of a connection -----------------------------------------
+
+    def handle(self) -> None:
+        log.info("connection from %s:%s", *self.client_address[:2])
+        try:
+            if self.server.tls is not None:
+                self.start_tls()
+            lines = self.read_lines()
+            self.send_line(notice(f"pyChat {VERSION}: {self.server.population()} online."))
+            if self.server.options.password:
+                self.ask_password(lines)
+            self.ask_nickname(lines)
+            for line in lines:
+                self.on_line(line)
+        except Disconnect as why:
+            self.quit_reason = self.quit_reason or str(why)
+
+    def finish(self) -> None:
+        self.server.remove(self, self.cut_off_reason or self.quit_reason or "connection lost")
+        if self.cut_off_reason is None:
+            self.drain()
+        with self.io_lock:
+            self.closed = True
+            self.outbox.clear()
+        self.server.pump.forget(self)   # after `closed`, so the pump cannot watch it again
+        self.sock.close()
+
+    def ask_password(self, lines: Iterator[str | None]) -> None:
+        for attempt in range(1, PASSWORD_TRIES + 1):
+            self.send_line(PROMPT_PASSWORD)
+            given = next(lines) or ""
+            if self.server.check_secret(self, given, self.server.options.password, "server password"):
+                return
+            self.send_line(error("Wrong password."))
+        raise Disconnect("wrong password")
+
+    def ask_nickname(self, lines: Iterator[str | None]) -> None:
+        while True:
+            self.send_line(PROMPT_NICKNAME)
+            wanted = next(lines)
+            problem = (f"Nickname is too long (at most {MAX_NICKNAME_LENGTH} characters)."
+                       if wanted is None else self.server.sign_in(self, clean_text(wanted)))
+            if problem is None:
+                return
+            self.send_line(error(problem))
+
+    def on_line(self, line: str | None) -> None:
+        """One line from a signed-in person: a command, or something to say to the room."""
+        if line is None:
+            self.send_line(error(f"Line too long (over {MAX_LINE_BYTES} bytes); it was not sent."))
+            return
+        text = clean_text(line)
+        if not text or not self.within_rate():
+            return
+        if text.startswith("//"):
+            self.server.say(self, text[1:])
+        elif text.startswith("/"):
+            log.debug("%r: %s", self, text.split(" ", 1)[0])
+            self.server.commands.run(Context(self.server, self), text)
+            if self.quit_reason:
+                raise Disconnect(self.quit_reason)
+        else:
+            self.server.say(self, text)
+
+    def within_rate(self) -> bool:
+        """Flood control: refuse lines over the rate, and disconnect someone who keeps at it."""
+        if self.bucket.allow():
+            self.flood_warned = False
+            return True
+        now = time.monotonic()
+        # Refused lines drain away at the allowed rate; a pile of them means a flood, not a paste.
+        self.flood_excess = max(0.0, self.flood_excess - (now - self.bucket.updated) * self.bucket.rate) + 1
+        if self.flood_excess > 2 * self.bucket.burst + 10:
+            raise Disconnect("flooding")
+        if not self.flood_warned:
+            self.flood_warned = True
+            self.send_line(error(f"You are sending too fast (limit {self.bucket.rate:g} lines a second); "
+                                 "lines are being dropped."))
+        return False
+
+    # -- input --------------------------------------------------------------
+
+    def read_lines(self) -> Iterator[str | None]:
+        """The lines this person sends, as they come; raises Disconnect on timeouts and closes."""
+        options = self.server.options
+        while True:
+            try:
+                with self.io_lock:
+                    data = self.sock.recv(RECEIVE_SIZE)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                self.wait_for_input(options.idle_timeout if self.nick else options.nick_timeout)
+                continue
+            except OSError as problem:
+                raise Disconnect(f"connection lost ({problem.strerror or problem})") from None
+            if not data:
+                raise Disconnect("server shutting down" if self.server.stopping else "connection closed")
+            self.last_heard = time.monotonic()
+            yield from self.lines.feed(data)
+
+    def wait_for_input(self, timeout: float) -> None:
+        deadline = self.last_heard + timeout if timeout else None
+        while True:
+            if self.server.stopping:
+                raise Disconnect("server shutting down")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise Disconnect("timed out" if self.nick else "did not sign in in time")
+            if wait_until_readable((self.sock, self.server.stop_signal), remaining):
+                return
+
+    def start_tls(self) -> None:
+        self.sock = self.server.tls.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        deadline = time.monotonic() + self.server.options.nick_timeout
+        while True:
+            try:
+                self.sock.do_handshake()
+                return
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                if time.monotonic() > deadline:
+                    raise Disconnect("TLS handshake timed out") from None
+                wait_until_readable((self.sock, self.server.stop_signal), 0.5)
+            except (ssl.SSLError, OSError) as problem:
+                raise Disconnect(f"TLS handshake failed ({problem})") from None
+
+    # -- output -------------------------------------------------------------
+
+    def send_line(self, line: str) -> None:
+        self.queue(line.encode("utf-8") + b"\n")
+
+    def queue(self, data: bytes) -> None:
+        """Add DATA to the outbox; the pump writes it. Cuts off a reader that has fallen too far behind."""
+        with self.io_lock:
+            if self.closed or self.cut_off_reason:
+                return
+            self.outbox += data
+            if len(self.outbox) > self.server.options.max_queue:
+                overflow = len(self.outbox)
+            elif self.ready_for_pump:
+                return
+            else:
+                overflow = 0
+                self.ready_for_pump = True
+        if overflow:
+            self.cut_off(f"not reading: {overflow} bytes waiting")
+        else:
+            self.server.pump.mark_ready(self)
+
+    def flush(self) -> bool:
+        """Write as much of the outbox as the socket takes now; True if some is left."""
+        with self.io_lock:
+            self.ready_for_pump = False
+            if self.closed or not self.outbox:
+                return False
+            try:
+                sent = self.sock.send(self.outbox)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                sent = 0
+            except OSError:
+                self.outbox.clear()
+                return False
+            if sent:
+                del self.outbox[:sent]
+                self.stalled_since = None
+            if self.outbox and self.stalled_since is None:
+                self.stalled_since = time.monotonic()
+            return bool(self.outbox)
+
+    def drain(self) -> None:
+        """Give queued output a short while to reach someone who is leaving."""
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while self.flush() and time.monotonic() < deadline:
+            wait_until_writable(self.sock, deadline - time.monotonic())
+
+    def disconnect(self, reason: str) -> None:
+        """End this connection from another thread, after what is queued has been sent."""
+        self.quit_reason = self.quit_reason or reason
+        self.wake_reader(socket.SHUT_RD)
+
+    def cut_off(self, reason: str) -> None:
+        """End this connection at once, dropping its queued output."""
+        with self.io_lock:
+            if self.cut_off_reason or self.closed:
+                return
+            self.cut_off_reason = reason
+            self.outbox.clear()
+        log.warning("cutting off %r: %s", self, reason)
+        self.wake_reader(socket.SHUT_RDWR)
+
+    def wake_reader(self, how: int) -> None:
+        try:
+            # The plain socket method: on a TLS socket the ssl module's shutdown() would also drop
+            # the TLS state, which the reading thread may be using at this moment.
+            socket.socket.shutdown(self.sock, how)
+        except OSError:
+            pass
+
+
+if hasattr(select, "poll"):
+    def wait_until_readable(sockets: tuple[socket.socket, ...], timeout: float | None) -> bool:
+        """Wait until the first socket has input (True), or another has, or time runs out (False)."""
+        # poll(), not select(): select() cannot watch descriptors numbered above 1023.
+        poller = select.poll()
+        for each in sockets:
+            poller.register(each, select.POLLIN)
+        events = poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+        return any(fd == sockets[0].fileno() for fd, _ in events)
+else:
+    def wait_until_readable(sockets: tuple[socket.socket, ...], timeout: float | None) -> bool:
+        """Wait until the first socket has input (True), or another has, or time runs out (False)."""
+        ready, _, _ = select.select(sockets, (), (), timeout)
+        return sockets[0] in ready
+
+
+def wait_until_writable(sock: socket.socket, timeout: float) -> None:
+    select.select((), (sock,), (), max(0.0, timeout))
+
+
+# ---------------------------------------------------------------------------
+# The server object: who is here, rooms, and every broadcast
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Room:
+    """A room: who is in it, its topic, and its last lines."""
+
+    name: str
+    members: set[ClientConnection] = dataclasses.field(default_factory=set)
+    topic: str | None = None
+    history: collections.deque[tuple[float, str]] = dataclasses.field(default_factory=collections.deque)
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class Person(NamedTuple):
+    """What commands may know about someone: a snapshot, not a live object."""
+
+    nick: str
+    room: str
+    away: str | None
+    operator: bool
+    muted: bool
+
+
+class ChatServer(socketserver.ThreadingTCPServer):
+    """The listening socket, and everything shared between connections, behind one lock."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 4096         # the kernel caps this at net.core.somaxconn
+
+    def __init__(self, options: argparse.Namespace, command_table: commands.CommandTable) -> None:
+        self.options = options
+        self.commands = command_table
+        self.address_family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
+        self.lock = threading.Lock()
+        self.people: dict[str, ClientConnection] = {}
+        self.rooms: dict[str, Room] = {}
+        self.connections: set[ClientConnection] = set()
+        self.per_address: collections.Counter[str] = collections.Counter()
+        self.admitted = 0
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.stopping = False
+        self.stop_signal, self.stop_trigger = socket.socketpair()
+        self.tls = self.make_tls_context() if options.tls_cert else None
+        self.history_file = None
+        if options.history_file:
+            self.load_history(options.history_file)
+        self.room_named(DEFAULT_ROOM)
+        self.pump = OutputPump(options.stall_timeout)
+        super().__init__((options.host, options.port), ClientConnection)
+        self.pump.start()
+
+    def make_tls_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.options.tls_cert, self.options.tls_key)
+        return context
+
+    # -- admission ------------------------------------------------------------
+
+    def verify_request(self, request: socket.socket, client_address: tuple) -> bool:
+        """Turn a newcomer away, before a thread is spent on it, when the server or its address is full."""
+        address = client_address[0]
+        options = self.options
+        with self.lock:
+            if options.max_clients and self.admitted >= options.max_clients:
+                refusal = f"The server is full ({options.max_clients} connections). Try again later."
+            elif options.max_per_ip and self.per_address[address] >= options.max_per_ip:
+                refusal = f"Too many connections from your address (at most {options.max_per_ip})."
+            else:
+                self.per_address[address] += 1
+                self.admitted += 1
+                return True
+        log.warning("refused %s: %s", address, refusal)
+        if self.tls is None:
+            try:
+                request.send(f"{error(refusal)}\n".encode())
+            except OSError:
+                pass
+        return False
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.lock:
+                self.admitted -= 1
+                self.per_address[client_address[0]] -= 1
+                if not self.per_address[client_address[0]]:
+                    del self.per_address[client_address[0]]
+
+    def handle_error(self, request: socket.socket, client_address: tuple) -> None:
+        log.exception("connection from %s failed", client_address[0])
+
+    def register(self, connection: ClientConnection) -> None:
+        with self.lock:
+            self.connections.add(connection)
+
+    def population(self) -> int:
+        with self.lock:
+            return len(self.people)
+
+    def check_secret(self, connection: ClientConnection, given: str, secret: str, what: str) -> bool:
+        """Compare in constant time; every wrong try from an address makes the next answer slower."""
+        if hmac.compare_digest(given.encode("utf-8"), secret.encode("utf-8")):
+            with self.lock:
+                self.failures.pop(connection.address, None)
+            return True
+        with self.lock:
+            if len(self.failures) > 10000:
+                self.failures.clear()
+            self.failures[connection.address] += 1
+            delay = min(self.failures[connection.address], 5)
+        log.warning("wrong %s from %r (%d in a row)", what, connection, self.failures[connection.address])
+        time.sleep(delay)
+        return False
+
+    # -- people and rooms -------------------------------------------------------
+
+    def sign_in(self, connection: ClientConnection, nick: str) -> str | None:
+        """Give CONNECTION the nickname and put it in the default room, or say why not."""
+        nick = unicodedata.normalize("NFKC", nick)
+        problem = name_problem(nick)
+        if problem:
+            return problem
+        key = name_key(nick)
+        with self.lock:
+            taken = self.people.get(key)
+            if taken is not None:
+                return f"Nickname {nick!r} is taken (or looks too much like {taken.nick!r})."
+            connection.nick, connection.key = nick, key
+            self.people[key] = connection
+            connection.send_line(notice(f"Welcome, {nick}! Type /help for the commands."))
+            self._enter(connection, self.rooms[name_key(DEFAULT_ROOM)])
+        log.info("%r signed in", connection)
+        return None
+
+    def remove(self, connection: ClientConnection, reason: str) -> None:
+        """Take someone out of the chat and tell their room."""
+        with self.lock:
+            self.connections.discard(connection)
+            if connection.key is None or self.people.get(connection.key) is not connection:
+                log.info("%r closed: %s", connection, reason)
+                return
+            del self.people[connection.key]
+            room = connection.room
+            room.members.discard(connection)
+            if not self.stopping:
+                self._announce(room, notice(f"{connection.nick} quit" if reason == QUIT
+                                            else f"{connection.nick} quit ({reason})"))
+        log.info("%r left: %s", connection, reason)
+
+    def room_named(self, name: str) -> Room:
+        """The room called NAME, created if needed; the caller holds the lock or runs before serving."""
+        key = name_key(name)
+        room = self.rooms.get(key)
+        if room is None:
+            if len(self.rooms) >= MAX_ROOMS:
+                empty = [r for r in self.rooms.values() if not r.members and name_key(r.name) != DEFAULT_ROOM]
+                if not empty:
+                    raise commands.CommandError("Too many rooms; join one of those in /rooms.")
+                del self.rooms[name_key(min(empty, key=lambda r: r.last_used).name)]
+            room = self.rooms[key] = Room(name, history=collections.deque(maxlen=self.options.history or 1))
+        return room
+
+    def _enter(self, connection: ClientConnection, room: Room) -> None:
+        """Put someone in a room: tell the room, show them who is there, the topic and recent lines."""
+        connection.room = room
+        room.members.add(connection)
+        room.last_used = time.monotonic()
+        self._announce(room, notice(f"{connection.nick} joined #{room.name}"), skip=connection)
+        others = [m.nick for m in itertools.islice(room.members, 16) if m is not connection][:15]
+        if len(room.members) > len(others) + 1:
+            others.append(f"{len(room.members) - len(others) - 1} more")
+        company = f" with {', '.join(others)}" if others else ", alone for now"
+        connection.send_line(notice(f"You are in #{room.name}{company}."))
+        if room.topic:
+            connection.send_line(notice(f"Topic of #{room.name}: {room.topic}"))
+        if self.options.history:
+            for when, line in room.history:
+                connection.send_line(history_line(when, line))
+
+    def _announce(self, room: Room, line: str, skip: ClientConnection | None = None) -> None:
+        """A join or leave notice; rooms too big for them to be news do without."""
+        if len(room.members) <= ANNOUNCE_LIMIT:
+            self._to_room(room, line, skip)
+
+    def _to_room(self, room: Room, line: str, skip: ClientConnection | None = None,
+                 sender: ClientConnection | None = None) -> None:
+        """Queue LINE to everyone in ROOM (but SKIP, and those ignoring SENDER). Lock held."""
+        data = line.encode("utf-8") + b"\n"
+        for member in room.members:
+            if member is not skip and not (sender and member.ignoring and sender.key in member.ignoring):
+                member.queue(data)
+
+    def say(self, connection: ClientConnection, text: str) -> None:
+        """A chat line from CONNECTION to its room."""
+        self._speak(connection, f"{connection.nick}: {text}")
+
+    def act(self, connection: ClientConnection, text: str) -> None:
+        """An action line, '* nick waves', to the room."""
+        self._speak(connection, f"* {connection.nick} {text}")
+
+    def _speak(self, connection: ClientConnection, line: str) -> None:
+        with self.lock:
+            if connection.muted:
+                connection.send_line(error("You are muted; the room does not hear you."))
+                return
+            room = connection.room
+            self._to_room(room, line, sender=connection)
+            if self.options.history:
+                when = time.time()
+                room.history.append((when, line))
+                if self.history_file:
+                    record = json.dumps({"time": when, "room": room.name, "line": line}, ensure_ascii=False)
+                    self.history_file.write(record + "\n")
+
+    # -- history on disk ---------------------------------------------------------
+
+    def load_history(self, path: str) -> None:
+        """Load room history from PATH, skipping damaged lines, and rewrite it compactly."""
+        kept: dict[str, collections.deque] = {}
+        skipped = 0
+        limit = self.options.history or 1
+        try:
+            with open(path, encoding="utf-8", errors="replace") as file:
+                for raw in file:
+                    try:
+                        record = json.loads(raw)
+                        entry = (float(record["time"]), clean_text(str(record["line"])))
+                        room_name = str(record["room"])
+                    except (ValueError, KeyError, TypeError):
+                        skipped += 1
+                        continue
+                    if name_problem(room_name, "Room") is None:
+                        kept.setdefault(room_name, collections.deque(maxlen=limit)).append(entry)
+        except FileNotFoundError:
+            pass
+        if skipped:
+            log.warning("history file %s: skipped %d damaged line(s)", path, skipped)
+        records = []
+        for room_name, entries in list(kept.items())[-MAX_ROOMS:]:
+            room = self.room_named(room_name)
+            room.history.extend(entries)
+            records += [json.dumps({"time": when, "room": room_name, "line": line}, ensure_ascii=False)
+                        for when, line in entries]
+        # Rewriting leaves no half-written line behind for the next append to glue onto.
+        temporary = f"{path}.tmp"
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write("".join(record + "\n" for record in records))
+        os.replace(temporary, path)
+        self.history_file = open(path, "a", encoding="utf-8", buffering=1)
+        log.info("history: %d line(s) in %d room(s) from %s", len(records), len(kept), path)
+
+    # -- shutting down -------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Tell everyone, close every connection, and wait a little for them to go."""
+        self.shutdown()
+        with self.lock:
+            self.stopping = True
+            for connection in self.connections:
+                connection.send_line(notice("Server shutting down."))
+        self.stop_trigger.send(b"\0")
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.connections:
+                    break
+            time.sleep(0.05)
+        self.pump.stop()
+        self.server_close()
+        if self.history_file:
+            self.history_file.close()
+
+
+# ---------------------------------------------------------------------------
+# The context: all a slash-command may see and do
+# ---------------------------------------------------------------------------
+
+class Context:
+    """What a command is given: who called, and verbs that act through the server.
+
+    Commands never touch sockets, locks or the server's tables; every verb here
+    takes the server's lock itself. A verb that cannot do what was asked raises
+    commands.CommandError, which the caller sees as an error line.
+    """
+
+    def __init__(self, server: ChatServer, caller: ClientConnection) -> None:
+        self._server = server
+        self._caller = caller
+
+    @property
+    def nick(self) -> str:
+        return self._caller.nick
+
+    @property
+    def room(self) -> str:
+        return self._caller.room.name
+
+    @property
+    def is_operator(self) -> bool:
+        return self._caller.operator
+
+    @property
+    def command_table(self) -> commands.CommandTable:
+        return self._server.commands
+
+    def reply(self, text: str) -> None:
+        """Send the caller a reply line."""
+        self._caller.send_line(reply(text))
+
+    def error(self, text: str) -> None:
+        """Send the caller an error line."""
+        self._caller.send_line(error(text))
+
+    def online(self) -> list[Person]:
+        """Everyone signed in, sorted by nickname."""
+        with self._server.lock:
+            people = [self._person(c) for c in self._server.people.values()]
+        return sorted(people, key=lambda p: p.nick.casefold())
+
+    def quit(self, message: str | None = None) -> None:
+        """Say goodbye and close the caller's connection once its output is sent."""
+        self._caller.send_line(notice("Bye."))
+        self._caller.disconnect(message or QUIT)
+
+    @staticmethod
+    def _person(connection: ClientConnection) -> Person:
+        return Person(connection.nick, connection.room.name, connection.away, connection.operator,
+                      connection.muted)
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+def raise_file_limit(wanted: int) -> None:
+    """Allow as many open sockets as the system lets us, and say so if it is fewer than wanted."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("open-file limit is %d, below the %d that --max-clients needs; "
+                    "raise it with ulimit -n", soft, wanted)
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_options(argv)
+    logging.basicConfig(level=logging.DEBUG if options.verbose else logging.WARNING if options.quiet
+                        else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    raise_file_limit(options.max_clients + 64 if options.max_clients else 0)
+    try:
+        command_table = commands.load_commands()
+        server = ChatServer(options, command_table)
+    except (commands.CommandLoadError, OSError, ssl.SSLError) as problem:
+        log.error("cannot start: %s", problem)
+        return 1
+    host, port = server.server_address[:2]
+    # Printed even with -q: scripts and tests started with --port 0 read the port from it.
+    print(f"pyChat {VERSION} listening on {host}:{port}", file=sys.stderr, flush=True)
+
+    stop_requested = threading.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda number, frame: stop_requested.set())
+    serving = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
+    serving.start()
+    while not stop_requested.wait(1.0):
+        pass
+    log.info("shutting down")
+    server.stop()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

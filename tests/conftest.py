@@ -1,0 +1,223 @@
+"""Shared fixtures: a real pyChat server process on an ephemeral loopback port, and raw line clients.
+
+Every wait here has a deadline and fails with what was seen. To prove that a
+line did NOT arrive, have someone send a later line and check that it comes
+first: that needs no guess about how long to wait.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_SCRIPT = ROOT / "pyChat-server.py"
+TIMEOUT = 5.0
+
+
+class ServerProcess:
+    """A pyChat server started as a separate process; its log is collected as it is written."""
+
+    def __init__(self, args: tuple[str, ...], script: Path = SERVER_SCRIPT, env: dict | None = None) -> None:
+        self.command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0", *args]
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, env=env)
+        self._log: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._collect_log, daemon=True).start()
+        found = self.wait_for_log(r"listening on (\S+):(\d+)", timeout=10)
+        self.host, self.port = found.group(1), int(found.group(2))
+
+    def _collect_log(self) -> None:
+        for line in self.process.stderr:
+            with self._changed:
+                self._log.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._log.append("")    # end of the log: wake waiters so they can fail at once
+            self._changed.notify_all()
+
+    def log(self) -> str:
+        """Everything the server has logged so far."""
+        with self._changed:
+            return "".join(self._log)
+
+    def wait_for_log(self, pattern: str, timeout: float = TIMEOUT) -> re.Match:
+        """Wait until the log matches PATTERN; fail with the log if it does not in time."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = re.search(pattern, "".join(self._log))
+                if found:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self._log and self._log[-1] == ""):
+                    pytest.fail(f"server log never matched {pattern!r}; log:\n{''.join(self._log)}")
+                self._changed.wait(remaining)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Signal the server and wait for it to exit; returns its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"server did not exit within {timeout} s of signal {sig}; log:\n{self.log()}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+class LineClient:
+    """A raw TCP client that speaks the protocol line by line, as nc would."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port), timeout=TIMEOUT)
+        self.buffer = b""
+        self.seen: list[str] = []
+        self.nick: str | None = None
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.encode("utf-8") + b"\n")
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_line(self, timeout: float = TIMEOUT) -> str:
+        """The next line from the server, without its newline; fails if none comes in time."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"no line from the server within {timeout} s; lines so far: {self.seen}")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                pytest.fail(f"server closed the connection; lines so far: {self.seen}")
+            self.buffer += data
+        raw, self.buffer = self.buffer.split(b"\n", 1)
+        line = raw.decode("utf-8")
+        self.seen.append(line)
+        return line
+
+    def expect(self, pattern: str, timeout: float = TIMEOUT) -> str:
+        """Read lines until one matches the regular expression PATTERN (from its start); return it."""
+        deadline = time.monotonic() + timeout
+        start = len(self.seen)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"no line matching {pattern!r} within {timeout} s; got: {self.seen[start:]}")
+            line = self.recv_line(remaining)
+            if re.match(pattern, line):
+                return line
+
+    def lines_until(self, pattern: str, timeout: float = TIMEOUT) -> list[str]:
+        """Every line up to and including the first that matches PATTERN."""
+        start = len(self.seen)
+        self.expect(pattern, timeout)
+        return self.seen[start:]
+
+    def login(self, nick: str) -> str:
+        """Sign in as NICK; returns the welcome line once the room has been shown."""
+        self.expect(re.escape("*** Choose a nickname:"))
+        self.send(nick)
+        welcome = self.expect(r"\*\*\* Welcome, |!! ")
+        assert welcome.startswith("*** Welcome, "), f"nickname {nick!r} refused: {welcome}"
+        self.expect(r"\*\*\* You are in #")
+        self.nick = nick
+        return welcome
+
+    def wait_closed(self, timeout: float = TIMEOUT) -> list[str]:
+        """Read until the server closes the connection; returns the lines read meanwhile."""
+        deadline = time.monotonic() + timeout
+        start = len(self.seen)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"server did not close the connection within {timeout} s; got {self.seen[start:]}")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                lines = self.buffer.decode("utf-8", "replace").splitlines()
+                self.buffer = b""
+                self.seen += lines
+                return self.seen[start:]
+            self.buffer += data
+            while b"\n" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\n", 1)
+                self.seen.append(raw.decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def start_server():
+    """A factory: start_server(*options) starts a server process; all are stopped at the end."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, script: Path = SERVER_SCRIPT, env: dict | None = None) -> ServerProcess:
+        server = ServerProcess(tuple(args), script=script, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def server(start_server) -> ServerProcess:
+    """A server with the default options."""
+    return start_server()
+
+
+@pytest.fixture
+def connect():
+    """A factory: connect(server, nick=None) opens a raw client, signed in as NICK if given."""
+    opened: list[LineClient] = []
+
+    def open_client(server: ServerProcess, nick: str | None = None) -> LineClient:
+        client = LineClient(server.host, server.port)
+        opened.append(client)
+        if nick is not None:
+            client.login(nick)
+        return client
+
+    yield open_client
+    for client in opened:
+        client.close()
+
+
+@pytest.fixture
+def chat(server, connect):
+    """Sign in several people on one server: alice, bob = chat("alice", "bob")."""
+
+    def sign_in(*nicks: str) -> list[LineClient]:
+        clients = [connect(server, nick) for nick in nicks]
+        # Everyone has seen everyone arrive once the last arrival has been announced to the first.
+        if len(clients) > 1:
+            clients[0].expect(re.escape(f"*** {nicks[-1]} joined #lobby"))
+        return clients
+
+    return sign_in
