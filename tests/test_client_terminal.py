@@ -1,0 +1,502 @@
+"""The client in a real pseudo-terminal against a real server.
+
+A small screen model plays the client's output so the tests can assert on
+what a person would see: which row holds what, and where the cursor is.
+"""
+from __future__ import annotations
+
+import codecs
+import fcntl
+import os
+import pathlib
+import re
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import time
+import unicodedata
+
+import pytest
+
+CLIENT = pathlib.Path(__file__).resolve().parent.parent / "pyChat-client.py"
+TIMEOUT = 5.0
+
+LEFT, RIGHT, HOME, END, DELETE = "\x1b[D", "\x1b[C", "\x1b[H", "\x1b[F", "\x1b[3~"
+UP, DOWN = "\x1b[A", "\x1b[B"
+BACKSPACE, CTRL_A, CTRL_E, CTRL_U, CTRL_K, CTRL_W = "\x7f", "\x01", "\x05", "\x15", "\x0b", "\x17"
+CTRL_C, CTRL_D = "\x03", "\x04"
+
+
+# -- a tiny terminal -------------------------------------------------------------
+
+def cell_width(char: str) -> int:
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+class Screen:
+    """rows x cols cells; understands CR, LF, BS and the CSI sequences K, A-D, G, H, J, m."""
+
+    CSI = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z@])")
+
+    def __init__(self, rows: int, cols: int) -> None:
+        self.rows, self.cols = rows, cols
+        self.cells = [[" "] * cols for _ in range(rows)]
+        self.row = self.col = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.unparsed = ""
+
+    def feed(self, data: bytes) -> None:
+        text = self.unparsed + self.decoder.decode(data)
+        self.unparsed = ""
+        index = 0
+        while index < len(text):
+            char = text[index]
+            if char == "\x1b":
+                match = self.CSI.match(text, index)
+                if not match:
+                    if re.fullmatch(r"\x1b(\[[0-9;?]*)?", text[index:]):
+                        self.unparsed = text[index:]   # the rest comes in the next read
+                        return
+                    index += 1
+                    continue
+                self.control(match.group(1), match.group(2))
+                index = match.end()
+                continue
+            self.put(char)
+            index += 1
+
+    def put(self, char: str) -> None:
+        if char == "\r":
+            self.col = 0
+        elif char == "\n":
+            self.line_feed()
+        elif char == "\b":
+            self.col = max(0, self.col - 1)
+        elif ord(char) < 32:
+            pass
+        elif cell_width(char) == 0:
+            previous = self.cells[self.row][max(0, self.col - 1)]
+            self.cells[self.row][max(0, self.col - 1)] = previous + char
+        else:
+            width = cell_width(char)
+            if self.col + width > self.cols:   # autowrap
+                self.col = 0
+                self.line_feed()
+            self.cells[self.row][self.col] = char
+            if width == 2:
+                self.cells[self.row][self.col + 1] = ""
+            self.col += width
+
+    def line_feed(self) -> None:
+        if self.row == self.rows - 1:
+            self.cells.pop(0)
+            self.cells.append([" "] * self.cols)
+        else:
+            self.row += 1
+
+    def control(self, parameters: str, final: str) -> None:
+        numbers = [int(part) if part.isdigit() else 0 for part in parameters.split(";")]
+        count = max(1, numbers[0])
+        if final == "K":
+            start = {0: min(self.col, self.cols), 1: 0, 2: 0}[numbers[0]]
+            end = self.cols if numbers[0] != 1 else self.col + 1
+            self.cells[self.row][start:end] = [" "] * (end - start)
+        elif final == "C":
+            self.col = min(self.cols - 1, self.col + count)
+        elif final == "D":
+            self.col = max(0, self.col - count)
+        elif final == "G":
+            self.col = min(self.cols - 1, count - 1)
+        elif final == "A":
+            self.row = max(0, self.row - count)
+        elif final == "B":
+            self.row = min(self.rows - 1, self.row + count)
+        elif final == "H":
+            self.row = max(1, numbers[0]) - 1
+            self.col = (max(1, numbers[1]) - 1) if len(numbers) > 1 else 0
+        elif final == "J" and numbers[0] == 2:
+            self.cells = [[" "] * self.cols for _ in range(self.rows)]
+
+    def line(self, row: int) -> str:
+        return "".join(self.cells[row]).rstrip()
+
+    @property
+    def cursor_line(self) -> str:
+        """The row the cursor is on: the input line."""
+        return self.line(self.row)
+
+    @property
+    def cursor_text(self) -> str:
+        """What is left of the cursor on its row."""
+        return "".join(self.cells[self.row][:self.col])
+
+    def dump(self) -> str:
+        rows = [f"{number:2} |{self.line(number)}" for number in range(self.rows)]
+        return "\n".join(rows) + f"\ncursor at row {self.row}, column {self.col}"
+
+
+def test_screen_model_plays_wide_characters_erase_and_cursor_moves():
+    screen = Screen(3, 10)
+    screen.feed("漢字abc\r\x1b[Kxy\x1b[1C\x1b[31mz\x1b[0m\r\nnext\x1b[2Db".encode())
+    assert [screen.line(0), screen.line(1)] == ["xy z", "nebt"]
+    assert (screen.row, screen.col) == (1, 3)
+    screen.feed("\r\x1b[K0123456789ab".encode())
+    assert [screen.line(1), screen.line(2)] == ["0123456789", "ab"]
+
+
+# -- the client in a pseudo-terminal ------------------------------------------------
+
+def set_window_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def become_session_leader_of_tty() -> None:
+    """In the child: make the pty its controlling terminal, so it receives SIGWINCH."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class ClientInPty:
+    """pyChat-client.py running in a pseudo-terminal, with a Screen of what it showed."""
+
+    def __init__(self, args: list[str], rows: int = 24, cols: int = 80,
+                 env: dict | None = None) -> None:
+        self.master, self.slave = os.openpty()
+        set_window_size(self.slave, rows, cols)
+        self.mode_before = termios.tcgetattr(self.slave)
+        self.screen = Screen(rows, cols)
+        self.output = bytearray()
+        environment = {name: value for name, value in os.environ.items() if name != "NO_COLOR"}
+        environment.update(TERM="xterm", **(env or {}))
+        self.process = subprocess.Popen(
+            [sys.executable, str(CLIENT), *args], stdin=self.slave, stdout=self.slave,
+            stderr=self.slave, preexec_fn=become_session_leader_of_tty, env=environment)
+
+    def read(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return False
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:
+            return False
+        self.output += data
+        self.screen.feed(data)
+        return bool(data)
+
+    def wait_for(self, condition, what: str, timeout: float = TIMEOUT) -> None:
+        """Read until condition(screen) holds; fail showing the screen if it never does."""
+        deadline = time.monotonic() + timeout
+        while not condition(self.screen):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"timed out waiting for {what}; the screen shows:\n{self.screen.dump()}")
+            self.read(min(left, 0.2))
+
+    def wait_for_input_line(self, expected: str, timeout: float = TIMEOUT) -> None:
+        """Wait until the cursor's row shows `expected`, with the cursor right after it."""
+        self.wait_for(lambda screen: screen.cursor_line == expected.rstrip()
+                      and screen.cursor_text == expected,
+                      f"input line {expected!r} with the cursor at its end", timeout)
+
+    def wait_for_row(self, pattern: str, timeout: float = TIMEOUT) -> int:
+        """Wait until a row above the input line matches the regex; returns its number."""
+        found = []
+
+        def condition(screen: Screen) -> bool:
+            found[:] = [row for row in range(screen.row) if re.search(pattern, screen.line(row))]
+            return bool(found)
+
+        self.wait_for(condition, f"a row matching {pattern!r}", timeout)
+        return found[-1]
+
+    def type(self, keys: str) -> None:
+        os.write(self.master, keys.encode("utf-8"))
+
+    def wait_exit(self, timeout: float = TIMEOUT) -> int:
+        """Wait for the client to exit, still reading what it prints."""
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            if time.monotonic() > deadline:
+                pytest.fail(f"client did not exit; the screen shows:\n{self.screen.dump()}")
+            self.read(0.05)
+        while self.read(0.05):
+            pass
+        return self.process.returncode
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.fixture
+def run_client():
+    """Factory: run_client(server, "--nick", "alice", rows=24, cols=80) -> ClientInPty."""
+    started: list[ClientInPty] = []
+
+    def start(server, *args: str, rows: int = 24, cols: int = 80, env: dict | None = None):
+        client = ClientInPty(["--host", server.host, "--port", str(server.port), *args],
+                             rows, cols, env)
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        client.close()
+
+
+def signed_in(run_client, server, nick: str = "alice", **size) -> ClientInPty:
+    client = run_client(server, "--nick", nick, **size)
+    client.wait_for_input_line(f"{nick}> ")
+    return client
+
+
+# -- the half-typed line survives incoming messages -------------------------------------
+
+def test_incoming_message_is_printed_above_the_half_typed_line(server, connect, run_client):
+    bob = connect(server, "bob")
+    alice = signed_in(run_client, server)
+    alice.type("hello wor")
+    alice.wait_for_input_line("alice> hello wor")
+    bob.send("good morning")
+    row = alice.wait_for_row(r"^\[\d\d:\d\d:\d\d\] bob: good morning$")
+    alice.wait_for_input_line("alice> hello wor")
+    assert row == alice.screen.row - 1, alice.screen.dump()
+    alice.type("ld\r")
+    assert bob.expect(r"^alice: ") == "alice: hello world"
+
+
+def test_cjk_half_typed_line_survives_and_is_sent_intact(server, connect, run_client):
+    bob = connect(server, "bob")
+    alice = signed_in(run_client, server)
+    alice.type("你好世")
+    alice.wait_for_input_line("alice> 你好世")
+    assert alice.screen.col == len("alice> ") + 6
+    bob.send("こんにちは")
+    alice.wait_for_row(r"bob: こんにちは$")
+    alice.wait_for_input_line("alice> 你好世")
+    alice.type(f"界{LEFT}{LEFT}{BACKSPACE}🙂\r")
+    assert bob.expect(r"^alice: ") == "alice: 你🙂世界"
+
+
+def test_narrow_terminal_scrolls_long_input_sideways_on_one_row(server, connect, run_client):
+    bob = connect(server, "bob")
+    alice = signed_in(run_client, server, cols=30)
+    text = "the quick brown fox jumps over the lazy dog 0123456789"
+    alice.type(text)
+    alice.wait_for(lambda screen: screen.cursor_line.endswith("0123456789"), "tail of the input")
+    assert len(alice.screen.cursor_line) <= 29, alice.screen.dump()
+    assert not any("quick" in alice.screen.line(row) for row in range(alice.screen.rows))
+    bob.send("short one")
+    row = alice.wait_for_row("bob: short one")
+    alice.wait_for(lambda screen: screen.cursor_line.endswith("0123456789"), "input redrawn")
+    assert row == alice.screen.row - 1, alice.screen.dump()
+    alice.type(HOME)
+    alice.wait_for(lambda screen: screen.cursor_line.startswith("alice> the quick")
+                   and screen.col == len("alice> "), "start of the input after Home")
+    alice.type("\r")
+    assert bob.expect(r"^alice: ") == f"alice: {text}"
+
+
+def test_wide_input_in_narrow_terminal_never_splits_a_character(server, connect, run_client):
+    bob = connect(server, "bob")
+    alice = signed_in(run_client, server, cols=30)
+    text = "漢字かな" * 5
+    alice.type(text)
+    alice.wait_for(lambda screen: screen.cursor_line.endswith("漢字かな"), "tail of wide input")
+    assert sum(cell_width(char) for char in alice.screen.cursor_line) <= 29
+    alice.type("\r")
+    assert bob.expect(r"^alice: ") == f"alice: {text}"
+
+
+def test_resize_redraws_input_for_new_width(server, run_client):
+    alice = signed_in(run_client, server)
+    alice.type("x" * 40 + "END")
+    alice.wait_for_input_line("alice> " + "x" * 40 + "END")
+    set_window_size(alice.slave, 24, 20)
+    alice.screen = Screen(24, 20)   # the model of the new, narrower terminal
+    alice.type(LEFT)
+    alice.wait_for(lambda screen: screen.cursor_line.endswith("xxEND")
+                   and len(screen.cursor_line) <= 19, "input redrawn at 20 columns")
+
+
+# -- editing ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("keys, sent", [
+    (f"hello world{CTRL_W}there", "hello there"),
+    (f"hello world{LEFT * 5}{CTRL_K}you", "hello you"),
+    (f"junk{CTRL_U}clean", "clean"),
+    (f"bc{HOME}a{END}d", "abcd"),
+    (f"bc{CTRL_A}a{CTRL_E}d", "abcd"),
+    (f"abxc{LEFT}{BACKSPACE}", "abc"),
+    (f"abxc{LEFT}{LEFT}{DELETE}{RIGHT}!", "abc!"),
+    (f"ab{CTRL_A}{CTRL_D}", "b"),
+])
+def test_editing_keys(server, connect, run_client, keys, sent):
+    bob = connect(server, "bob")
+    alice = signed_in(run_client, server)
+    alice.type(keys + "\r")
+    assert bob.expect(r"^alice: ") == f"alice: {sent}"
+
+
+def test_history_recalls_sent_lines_with_up_and_down(server, connect, run_client):
+    bob = connect(server, "bob")
+    alice = signed_in(run_client, server)
+    alice.type("first\r")
+    bob.expect("^alice: first$")
+    alice.type("second\r")
+    bob.expect("^alice: second$")
+    alice.type("draft")
+    alice.type(UP + UP)
+    alice.wait_for_input_line("alice> first")
+    alice.type(DOWN)
+    alice.wait_for_input_line("alice> second")
+    alice.type(DOWN)
+    alice.wait_for_input_line("alice> draft")
+    alice.type(UP + UP + " again\r")
+    assert bob.expect(r"^alice: ") == "alice: first again"
+
+
+def test_tab_completes_a_command(server, run_client):
+    alice = signed_in(run_client, server)
+    alice.type("/onl\t")
+    alice.wait_for_input_line("alice> /online ")
+
+
+def test_tab_completes_a_nickname_seen_joining(server, connect, run_client):
+    alice = signed_in(run_client, server)
+    bob = connect(server, "bob")
+    alice.wait_for_row(r"\*\*\* bob joined")
+    alice.type("bo\t")
+    alice.wait_for_input_line("alice> bob: ")
+    alice.type("lunch?\r")
+    assert bob.expect(r"^alice: ") == "alice: bob: lunch?"
+
+
+# -- signing in ------------------------------------------------------------------------
+
+def test_nick_option_signs_in_without_asking(server, connect, run_client):
+    bob = connect(server, "bob")
+    alice = signed_in(run_client, server)
+    alice.wait_for_row(r"Welcome, alice!")
+    bob.expect(r"^\*\*\* alice joined")
+
+
+def test_without_nick_the_nickname_is_typed_on_the_input_line(server, run_client):
+    client = run_client(server)
+    client.wait_for_input_line("nickname: ")
+    client.type("carol\r")
+    client.wait_for_input_line("carol> ")
+
+
+def test_refused_nick_on_a_terminal_asks_again(server, run_client):
+    client = run_client(server, "--nick", "admin")
+    client.wait_for_row(r"!! ")
+    client.wait_for_input_line("nickname: ")
+    client.type("dave\r")
+    client.wait_for_input_line("dave> ")
+
+
+# -- leaving ---------------------------------------------------------------------------
+
+def test_server_shutdown_while_typing_exits_nonzero_and_restores_terminal(server, run_client):
+    alice = signed_in(run_client, server)
+    alice.type("half a tho")
+    alice.wait_for_input_line("alice> half a tho")
+    assert termios.tcgetattr(alice.slave) != alice.mode_before
+    server.stop()
+    assert alice.wait_exit() != 0
+    assert termios.tcgetattr(alice.slave) == alice.mode_before
+    assert any("disconnected" in alice.screen.line(row) for row in range(alice.screen.rows)), \
+        alice.screen.dump()
+
+
+@pytest.mark.parametrize("keys", [CTRL_D, CTRL_C, "/quit\r"])
+def test_leaving_exits_zero_and_restores_terminal(server, run_client, keys):
+    alice = signed_in(run_client, server)
+    alice.type(keys)
+    assert alice.wait_exit() == 0
+    assert termios.tcgetattr(alice.slave) == alice.mode_before
+
+
+def test_no_color_option_and_environment_turn_colours_off(server, run_client):
+    for args, env in ((["--no-color"], None), ([], {"NO_COLOR": "1"})):
+        client = run_client(server, "--nick", f"plain{len(args)}", *args, env=env)
+        client.wait_for_row("Welcome")
+        client.type(CTRL_D)
+        client.wait_exit()
+        assert not re.search(rb"\x1b\[[0-9;]*m", client.output), bytes(client.output)
+
+
+def test_colours_are_on_in_a_terminal_by_default(server, run_client):
+    alice = signed_in(run_client, server)
+    alice.wait_for_row("Welcome")
+    assert re.search(rb"\x1b\[[0-9;]*m", alice.output)
+
+
+# -- piped input -----------------------------------------------------------------------
+
+def run_piped(server, text: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(CLIENT), "--host", server.host, "--port", str(server.port), *args],
+        input=text.encode(), capture_output=True, timeout=15)
+
+
+def test_piped_line_is_sent_and_client_exits_zero(server, connect):
+    bob = connect(server, "bob")
+    result = run_piped(server, "hi\n", "--nick", "ci")
+    assert result.returncode == 0, result.stderr.decode()
+    assert bob.expect(r"^ci: ") == "ci: hi"
+    output = result.stdout.decode()
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] ci: hi$", output, re.MULTILINE), output
+    assert "\x1b" not in output
+
+
+def test_piped_lines_arrive_in_order_including_last_line_without_newline(server, connect):
+    bob = connect(server, "bob")
+    result = run_piped(server, "one\n二\nthree", "--nick", "ci")
+    assert result.returncode == 0, result.stderr.decode()
+    assert [bob.expect(r"^ci: ") for _ in range(3)] == ["ci: one", "ci: 二", "ci: three"]
+
+
+def test_piped_refused_nick_exits_nonzero_with_the_reason(server):
+    result = run_piped(server, "hi\n", "--nick", "admin")
+    assert result.returncode != 0
+    assert result.stderr.decode().startswith("pyChat: nickname refused: !! ")
+
+
+def test_piped_without_nick_is_a_usage_error(server):
+    result = run_piped(server, "hi\n")
+    assert result.returncode == 2
+    assert "--nick" in result.stderr.decode()
+
+
+def test_connection_refused_is_one_line_without_traceback():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, str(CLIENT), "--host", "127.0.0.1", "--port",
+                             str(port), "--nick", "x"], stdin=subprocess.DEVNULL,
+                            capture_output=True, timeout=15)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert "cannot connect to 127.0.0.1" in stderr and "refused" in stderr
+
+
+def test_unknown_host_is_one_line_without_traceback():
+    result = subprocess.run([sys.executable, str(CLIENT), "--host", "no-such-host.invalid",
+                             "--nick", "x"], stdin=subprocess.DEVNULL, capture_output=True,
+                            timeout=30)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1
+    assert stderr.startswith("pyChat: unknown host no-such-host.invalid") and stderr.count("\n") == 1
