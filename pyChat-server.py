@@ -454,7 +454,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             self.send_line(PROMPT_NICKNAME)
             wanted = next(lines)
             problem = (f"Nickname is too long (at most {MAX_NICKNAME_LENGTH} characters)."
-                       if wanted is None else self.server.sign_in(self, clean_text(wanted)))
+                       if wanted is None else self.server.sign_in(self, wanted.strip()))
             if problem is None:
                 return
             self.send_line(error(problem))

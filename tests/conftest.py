@@ -6,6 +6,7 @@ first: that needs no guess about how long to wait.
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import signal
 import socket
@@ -20,6 +21,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_SCRIPT = ROOT / "pyChat-server.py"
 TIMEOUT = 5.0
+
+
+def import_script(path: Path, name: str):
+    """Import a script whose file name is not a module name (pyChat-server.py) as module NAME."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def shown(lines: list[str], most: int = 15, width: int = 160) -> str:
+    """The last few lines, each cut short, for a failure message that stays readable."""
+    cut = [line if len(line) <= width else line[:width] + f"...({len(line)} chars)" for line in lines[-most:]]
+    return ("..." if len(lines) > most else "") + repr(cut)
 
 
 class ServerProcess:
@@ -100,14 +117,14 @@ class LineClient:
         while b"\n" not in self.buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                pytest.fail(f"no line from the server within {timeout} s; lines so far: {self.seen}")
+                pytest.fail(f"no line from the server within {timeout} s; lines so far: {shown(self.seen)}")
             self.sock.settimeout(remaining)
             try:
                 data = self.sock.recv(65536)
             except socket.timeout:
                 continue
             if not data:
-                pytest.fail(f"server closed the connection; lines so far: {self.seen}")
+                pytest.fail(f"server closed the connection; lines so far: {shown(self.seen)}")
             self.buffer += data
         raw, self.buffer = self.buffer.split(b"\n", 1)
         line = raw.decode("utf-8")
@@ -121,7 +138,7 @@ class LineClient:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                pytest.fail(f"no line matching {pattern!r} within {timeout} s; got: {self.seen[start:]}")
+                pytest.fail(f"no line matching {pattern!r} within {timeout} s; got: {shown(self.seen[start:])}")
             line = self.recv_line(remaining)
             if re.match(pattern, line):
                 return line
@@ -149,7 +166,7 @@ class LineClient:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                pytest.fail(f"server did not close the connection within {timeout} s; got {self.seen[start:]}")
+                pytest.fail(f"server did not close the connection within {timeout} s; got {shown(self.seen[start:])}")
             self.sock.settimeout(remaining)
             try:
                 data = self.sock.recv(65536)
@@ -187,9 +204,10 @@ def start_server():
 
 
 @pytest.fixture
-def server(start_server) -> ServerProcess:
-    """A server with the default options."""
-    return start_server()
+def server(start_server, request) -> ServerProcess:
+    """A server with the default options, or those of a @pytest.mark.server_options(...) marker."""
+    marker = request.node.get_closest_marker("server_options")
+    return start_server(*(marker.args if marker else ()))
 
 
 @pytest.fixture
