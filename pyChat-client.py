@@ -653,6 +653,7 @@ class TerminalDisplay:
         self.painter = painter
         self.prompt = "> "
         self.secret = False       # typing a password: show nothing of it
+        self.drawn_cursor = 0     # the cursor's column when the input line was last drawn
 
     def columns(self) -> int:
         """The terminal's width now (it may have been resized)."""
@@ -668,7 +669,19 @@ class TerminalDisplay:
 
     def show(self, line: str, bell: bool = False) -> None:
         """Print a line above the input line, then draw the input line again."""
-        self.out.write("\r\x1b[K" + line + "\r\n" + ("\a" if bell else ""))
+        self.out.write("\r\x1b[J" + line + "\r\n" + ("\a" if bell else ""))
+        self.redraw()
+
+    def resized(self) -> None:
+        """SIGWINCH: draw the input line again for the new width.
+
+        Most terminals (tmux, VTE, iTerm2, Windows Terminal) re-wrap a row that
+        no longer fits, so after a shrink the old input line may span several
+        rows with the cursor on a lower one: go up to the first before drawing.
+        """
+        rows_above = self.drawn_cursor // self.columns()
+        if rows_above:
+            self.out.write(f"\x1b[{rows_above}A")
         self.redraw()
 
     def redraw(self) -> None:
@@ -678,9 +691,10 @@ class TerminalDisplay:
         room = columns - text_width(prompt) - 1   # the last column stays empty: no wrap
         shown, cursor = ("", 0) if self.secret else self.editor.view(room)
         column = text_width(prompt) + cursor
-        self.out.write("\r\x1b[K" + self.painter.paint(prompt, "prompt") + shown + "\r"
+        self.out.write("\r\x1b[J" + self.painter.paint(prompt, "prompt") + shown + "\r"
                        + (f"\x1b[{column}C" if column else ""))
         self.out.flush()
+        self.drawn_cursor = column
 
     def clear_screen(self) -> None:
         """Ctrl-L: clear the screen and start again at the top."""
@@ -689,7 +703,7 @@ class TerminalDisplay:
 
     def close(self) -> None:
         """Remove the input line, leaving the cursor at the start of an empty row."""
-        self.out.write("\r\x1b[K")
+        self.out.write("\r\x1b[J")
         self.out.flush()
 
 
@@ -891,7 +905,7 @@ class ChatClient:
         def on_signal(_mask: int) -> None:
             for number in os.read(reader, 64):
                 if number == signal.SIGWINCH:
-                    self.display.redraw()
+                    self.display.resized()
                 else:
                     self._finish(f"stopped by signal {signal.Signals(number).name}", 1)
 

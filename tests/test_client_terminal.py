@@ -40,7 +40,7 @@ def cell_width(char: str) -> int:
 
 
 class Screen:
-    """rows x cols cells; understands CR, LF, BS and the CSI sequences K, A-D, G, H, J, m."""
+    """rows x cols cells; understands CR, LF, BS and the CSI sequences K, J, A-D, G, H, m."""
 
     CSI = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z@])")
 
@@ -122,6 +122,9 @@ class Screen:
             self.col = (max(1, numbers[1]) - 1) if len(numbers) > 1 else 0
         elif final == "J" and numbers[0] == 2:
             self.cells = [[" "] * self.cols for _ in range(self.rows)]
+        elif final == "J":
+            self.cells[self.row][self.col:] = [" "] * (self.cols - self.col)
+            self.cells[self.row + 1:] = [[" "] * self.cols for _ in range(self.rows - self.row - 1)]
 
     def line(self, row: int) -> str:
         return "".join(self.cells[row]).rstrip()
@@ -148,6 +151,8 @@ def test_screen_model_plays_wide_characters_erase_and_cursor_moves():
     assert (screen.row, screen.col) == (1, 3)
     screen.feed("\r\x1b[K0123456789ab".encode())
     assert [screen.line(1), screen.line(2)] == ["0123456789", "ab"]
+    screen.feed(b"\x1b[1A\x1b[3G\x1b[J")
+    assert [screen.line(0), screen.line(1), screen.line(2)] == ["xy z", "01", ""]
 
 
 # -- the client in a pseudo-terminal ------------------------------------------------
