@@ -655,6 +655,14 @@ class Person(NamedTuple):
     muted: bool
 
 
+class RoomSummary(NamedTuple):
+    """What commands may know about a room."""
+
+    name: str
+    people: int
+    topic: str | None
+
+
 class ChatServer(socketserver.ThreadingTCPServer):
     """The listening socket, and everything shared between connections, behind one lock."""
 
@@ -937,6 +945,10 @@ class Context:
         return self._caller.operator
 
     @property
+    def default_room(self) -> str:
+        return DEFAULT_ROOM
+
+    @property
     def command_table(self) -> commands.CommandTable:
         return self._server.commands
 
@@ -954,10 +966,164 @@ class Context:
             people = [self._person(c) for c in self._server.people.values()]
         return sorted(people, key=lambda p: p.nick.casefold())
 
+    def room_members(self) -> list[Person]:
+        """Everyone in the caller's room, sorted by nickname."""
+        with self._server.lock:
+            people = [self._person(c) for c in self._caller.room.members]
+        return sorted(people, key=lambda p: p.nick.casefold())
+
+    def rooms(self) -> list[RoomSummary]:
+        """Every room that has people in it, sorted by name."""
+        with self._server.lock:
+            rooms = [RoomSummary(r.name, len(r.members), r.topic) for r in self._server.rooms.values() if r.members]
+        return sorted(rooms, key=lambda r: r.name.casefold())
+
+    def act(self, text: str) -> None:
+        """Say an action line to the caller's room: '* nick TEXT'."""
+        self._server.act(self._caller, text)
+
+    def send_private(self, nick: str, text: str) -> None:
+        """Send TEXT to NICK alone; the caller gets a copy, and the away message if there is one."""
+        caller = self._caller
+        with self._server.lock:
+            target = self._find(nick)
+            if target is caller:
+                raise commands.CommandError("That is you.")
+            if caller.key not in target.ignoring:
+                target.send_line(f"[pm from {caller.nick}] {text}")
+                target.last_private_from = caller
+            caller.send_line(f"[pm to {target.nick}] {text}")
+            if target.away:
+                caller.send_line(reply(f"{target.nick} is away: {target.away}"))
+
+    def last_private_sender(self) -> str:
+        """The nickname of the last person who sent the caller a private message and is still here."""
+        with self._server.lock:
+            sender = self._caller.last_private_from
+            if sender is None:
+                raise commands.CommandError("No one has sent you a private message yet.")
+            if self._server.people.get(sender.key) is not sender:
+                raise commands.CommandError(f"{sender.nick} has left.")
+            return sender.nick
+
+    def rename(self, new_nick: str) -> None:
+        """Change the caller's nickname, by the same rules as signing in; the room is told."""
+        caller = self._caller
+        new_nick = unicodedata.normalize("NFKC", new_nick)
+        problem = name_problem(new_nick)
+        if problem:
+            raise commands.CommandError(problem)
+        new_key = name_key(new_nick)
+        with self._server.lock:
+            people = self._server.people
+            taken = people.get(new_key)
+            if taken is not None and taken is not caller:
+                raise commands.CommandError(f"Nickname {new_nick!r} is taken (or looks too much like {taken.nick!r}).")
+            if new_nick == caller.nick:
+                raise commands.CommandError(f"You are already {new_nick}.")
+            old_nick, old_key = caller.nick, caller.key
+            del people[old_key]
+            caller.nick, caller.key = new_nick, new_key
+            people[new_key] = caller
+            for person in people.values():
+                if old_key in person.ignoring:
+                    person.ignoring.discard(old_key)
+                    person.ignoring.add(new_key)
+            self._server._to_room(caller.room, notice(f"{old_nick} is now known as {new_nick}"))
+        log.info("%s@%s is now known as %s", old_nick, caller.address, new_nick)
+
+    def join(self, room_name: str) -> None:
+        """Move the caller to ROOM, creating it if needed; both rooms are told."""
+        room_name = unicodedata.normalize("NFKC", room_name.removeprefix("#"))
+        problem = name_problem(room_name, "Room name")
+        if problem:
+            raise commands.CommandError(problem)
+        caller = self._caller
+        with self._server.lock:
+            room = self._server.room_named(room_name)
+            if room is caller.room:
+                raise commands.CommandError(f"You are already in #{room.name}.")
+            old = caller.room
+            old.members.discard(caller)
+            self._server._announce(old, notice(f"{caller.nick} left #{old.name}"))
+            self._server._enter(caller, room)
+
+    def set_away(self, reason: str | None) -> None:
+        """Mark the caller away with REASON, or back with None."""
+        self._caller.away = reason
+
+    @property
+    def away(self) -> str | None:
+        return self._caller.away
+
+    def ignored(self) -> list[str]:
+        """Nicknames the caller ignores that are online now."""
+        with self._server.lock:
+            return sorted(p.nick for k, p in self._server.people.items() if k in self._caller.ignoring)
+
+    def ignore(self, nick: str, ignoring: bool = True) -> str:
+        """Stop (or start again) showing the caller NICK's lines; returns NICK as they spell it."""
+        with self._server.lock:
+            target = self._find(nick)
+            if target is self._caller:
+                raise commands.CommandError("You cannot ignore yourself.")
+            if ignoring:
+                self._caller.ignoring.add(target.key)
+            elif target.key in self._caller.ignoring:
+                self._caller.ignoring.discard(target.key)
+            else:
+                raise commands.CommandError(f"You are not ignoring {target.nick}.")
+            return target.nick
+
+    def become_operator(self, secret: str) -> None:
+        """Make the caller an operator if SECRET is the server's operator password."""
+        expected = self._server.options.op_password
+        if not expected:
+            raise commands.CommandError("This server has no operator password, so no one can be an operator.")
+        if not self._server.check_secret(self._caller, secret, expected, "operator password"):
+            raise commands.CommandError("Wrong operator password.")
+        self._caller.operator = True
+        log.warning("%r is now an operator", self._caller)
+
+    def kick(self, nick: str, reason: str | None) -> str:
+        """Disconnect NICK, telling them and their room why; returns NICK as they spell it."""
+        with self._server.lock:
+            target = self._find(nick)
+        why = f"kicked by {self.nick}" + (f": {reason}" if reason else "")
+        target.send_line(notice(f"You were {why}."))
+        target.disconnect(why)
+        log.warning("%r %s", target, why)
+        return target.nick
+
+    def set_muted(self, nick: str, muted: bool) -> str:
+        """Mute or unmute NICK in every room; returns NICK as they spell it."""
+        with self._server.lock:
+            target = self._find(nick)
+            if target.muted == muted:
+                raise commands.CommandError(f"{target.nick} is already {'muted' if muted else 'not muted'}.")
+            target.muted = muted
+            target.send_line(notice(f"You were {'muted' if muted else 'unmuted'} by {self.nick}."))
+        log.warning("%r %s by %s", target, "muted" if muted else "unmuted", self.nick)
+        return target.nick
+
+    def set_topic(self, topic: str) -> None:
+        """Set the topic of the caller's room; the room is told."""
+        with self._server.lock:
+            room = self._caller.room
+            room.topic = topic
+            self._server._to_room(room, notice(f"{self.nick} set the topic of #{room.name}: {topic}"))
+
     def quit(self, message: str | None = None) -> None:
         """Say goodbye and close the caller's connection once its output is sent."""
         self._caller.send_line(notice("Bye."))
         self._caller.disconnect(message or QUIT)
+
+    def _find(self, nick: str) -> ClientConnection:
+        """The connection of NICK (spelt any look-alike way); the lock is held."""
+        found = self._server.people.get(name_key(unicodedata.normalize("NFKC", nick)))
+        if found is None:
+            raise commands.CommandError(f"No one called {nick} is online. /online lists who is.")
+        return found
 
     @staticmethod
     def _person(connection: ClientConnection) -> Person:

@@ -1,0 +1,8 @@
+"""/me: an action line."""
+from commands import command
+
+
+@command("me", usage="/me TEXT...")
+def action(ctx, text):
+    """Describe what you are doing: /me waves shows '* you waves' to the room."""
+    ctx.act(text)
