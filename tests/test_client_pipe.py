@@ -1,0 +1,165 @@
+"""The client with piped standard input, TLS, passwords and connection errors, run as a subprocess."""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+CLIENT = pathlib.Path(__file__).resolve().parent.parent / "pyChat-client.py"
+
+
+# -- piped input -----------------------------------------------------------------------
+
+def run_piped(server, text: str, *args: str, host: str | None = None,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the client with TEXT as its standard input; bounded in time."""
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in ("PYCHAT_PASSWORD", "NO_COLOR")}
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, str(CLIENT), "--host", host or server.host, "--port", str(server.port),
+         *args], input=text.encode(), capture_output=True, timeout=15, env=environment)
+
+
+def test_piped_line_is_sent_and_client_exits_zero(server, connect):
+    bob = connect(server, "bob")
+    result = run_piped(server, "hi\n", "--nick", "ci")
+    assert result.returncode == 0, result.stderr.decode()
+    assert bob.expect(r"^ci: ") == "ci: hi"
+    output = result.stdout.decode()
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] ci: hi$", output, re.MULTILINE), output
+    assert "\x1b" not in output
+
+
+def test_piped_lines_arrive_in_order_including_last_line_without_newline(server, connect):
+    bob = connect(server, "bob")
+    result = run_piped(server, "one\n二\nthree", "--nick", "ci")
+    assert result.returncode == 0, result.stderr.decode()
+    assert [bob.expect(r"^ci: ") for _ in range(3)] == ["ci: one", "ci: 二", "ci: three"]
+
+
+def test_piped_refused_nick_exits_nonzero_with_the_reason(server):
+    result = run_piped(server, "hi\n", "--nick", "admin")
+    assert result.returncode != 0
+    assert result.stderr.decode().startswith("pyChat: nickname refused: !! ")
+
+
+def test_piped_without_nick_is_a_usage_error(server):
+    result = run_piped(server, "hi\n")
+    assert result.returncode == 2
+    assert "--nick" in result.stderr.decode()
+
+
+def test_connection_refused_is_one_line_without_traceback():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, str(CLIENT), "--host", "127.0.0.1", "--port",
+                             str(port), "--nick", "x"], stdin=subprocess.DEVNULL,
+                            capture_output=True, timeout=15)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert "cannot connect to 127.0.0.1" in stderr and "refused" in stderr
+
+
+def test_unknown_host_is_one_line_without_traceback():
+    result = subprocess.run([sys.executable, str(CLIENT), "--host", "no-such-host.invalid",
+                             "--nick", "x"], stdin=subprocess.DEVNULL, capture_output=True,
+                            timeout=30)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1
+    assert stderr.startswith("pyChat: unknown host no-such-host.invalid") and stderr.count("\n") == 1
+
+
+# -- password ----------------------------------------------------------------------------
+
+def test_password_from_environment_is_sent_when_asked(start_server):
+    server = start_server("--password", "sesame")
+    result = run_piped(server, "in\n", "--nick", "ci", env={"PYCHAT_PASSWORD": "sesame"})
+    assert result.returncode == 0, result.stderr.decode()
+    assert "ci: in" in result.stdout.decode()
+    assert "Password" not in result.stdout.decode()
+
+
+def test_wrong_password_piped_exits_nonzero_with_the_reason(start_server):
+    server = start_server("--password", "sesame")
+    result = run_piped(server, "in\n", "--nick", "ci", "--password", "guess")
+    assert result.returncode == 1
+    assert result.stderr.decode() == "pyChat: !! Wrong password.\n"
+
+
+def test_missing_password_piped_exits_nonzero_saying_how_to_give_one(start_server):
+    server = start_server("--password", "sesame")
+    result = run_piped(server, "in\n", "--nick", "ci")
+    assert result.returncode == 1
+    assert "PYCHAT_PASSWORD" in result.stderr.decode()
+
+
+# -- TLS -------------------------------------------------------------------------------
+
+def openssl(*args: str, cwd: pathlib.Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory) -> pathlib.Path:
+    """A private CA and a server certificate it signed, for the name "localhost" only."""
+    if not shutil.which("openssl"):
+        pytest.skip("the openssl command is needed to make test certificates")
+    folder = tmp_path_factory.mktemp("tls")
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=pyChat test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
+    openssl("req", *key, "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=localhost", cwd=folder)
+    (folder / "server.ext").write_text("subjectAltName=DNS:localhost\n"
+                                       "basicConstraints=CA:FALSE\n"
+                                       "keyUsage=digitalSignature\n"
+                                       "extendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext",
+            cwd=folder)
+    return folder
+
+
+@pytest.fixture
+def tls_server(start_server, certificates):
+    return start_server("--tls-cert", str(certificates / "server.pem"),
+                        "--tls-key", str(certificates / "server.key"))
+
+
+def test_tls_with_private_ca_verifies_and_chats(tls_server, certificates):
+    result = run_piped(tls_server, "secret plans\n", "--nick", "ci", "--tls",
+                       "--cafile", str(certificates / "ca.pem"), host="localhost")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "ci: secret plans" in result.stdout.decode()
+    assert result.stderr == b""
+
+
+def test_tls_refuses_untrusted_certificate_in_one_line(tls_server):
+    result = run_piped(tls_server, "hi\n", "--nick", "ci", "--tls", host="localhost")
+    stderr = result.stderr.decode()
+    assert result.returncode == 1
+    assert stderr.startswith("pyChat: cannot trust localhost:") and stderr.count("\n") == 1, stderr
+
+
+def test_tls_refuses_certificate_for_another_host_name(tls_server, certificates):
+    result = run_piped(tls_server, "hi\n", "--nick", "ci", "--cafile",
+                       str(certificates / "ca.pem"), host="127.0.0.1")
+    stderr = result.stderr.decode()
+    assert result.returncode == 1
+    assert stderr.startswith("pyChat: cannot trust 127.0.0.1:") and "Traceback" not in stderr, stderr
+
+
+def test_tls_insecure_connects_with_a_warning(tls_server):
+    result = run_piped(tls_server, "hi\n", "--nick", "ci", "--insecure", host="127.0.0.1")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "warning" in result.stderr.decode() and "ci: hi" in result.stdout.decode()
