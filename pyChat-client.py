@@ -925,6 +925,8 @@ class ChatClient:
         if reason:
             if self.interactive:
                 self.display.show(render_local(reason, self.painter))
+                if self.editor.text.strip() and not self.answering:
+                    self.display.show(render_local("not sent: " + self.editor.text, self.painter))
             else:
                 print(f"pyChat: {reason}", file=sys.stderr, flush=True)
         self.exit_code = code
@@ -1010,6 +1012,8 @@ class ChatClient:
                 data = os.read(sys.stdin.fileno(), READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
+        if not data:
+            self._unregister_input()
         if self.interactive:
             if not data:
                 self._leave()
@@ -1029,7 +1033,6 @@ class ChatClient:
         for line in lines:
             self.send_typed(line.decode("utf-8", "replace").rstrip("\r"))
         if not data:
-            self._unregister_input()
             self._leave()
 
     def _leave(self) -> None:

@@ -421,8 +421,9 @@ def test_server_shutdown_while_typing_exits_nonzero_and_restores_terminal(server
     server.stop()
     assert alice.wait_exit() != 0
     assert termios.tcgetattr(alice.slave) == alice.mode_before
-    assert any("disconnected" in alice.screen.line(row) for row in range(alice.screen.rows)), \
-        alice.screen.dump()
+    rows = [alice.screen.line(row) for row in range(alice.screen.rows)]
+    assert any("disconnected" in row for row in rows), alice.screen.dump()
+    assert any(row.endswith("not sent: half a tho") for row in rows), alice.screen.dump()
 
 
 @pytest.mark.parametrize("keys", [CTRL_D, CTRL_C, "/quit\r"])
