@@ -6,6 +6,7 @@ what a person would see: which row holds what, and where the cursor is.
 from __future__ import annotations
 
 import codecs
+import datetime
 import fcntl
 import os
 import pathlib
@@ -469,3 +470,20 @@ def test_bell_rings_when_someone_mentions_me(server, connect, run_client):
     bob.send("hey Alice, look")
     alice.wait_for_row("bob: hey Alice, look")
     assert b"\a" in alice.output
+
+
+def test_history_replay_shows_time_in_local_zone_without_the_prefix(server, connect, run_client):
+    bob = connect(server, "bob")
+    bob.send("said before alice came")
+    bob.expect("^bob: said before")
+    alice = run_client(server, "--nick", "alice", env={"TZ": "UTC-9"})   # nine hours east
+    row = alice.wait_for_row(r"bob: said before alice came$")
+    shown = re.fullmatch(r"\[(\d\d):(\d\d):(\d\d)\] bob: said before alice came",
+                         alice.screen.line(row))
+    assert shown, alice.screen.dump()
+    tokyo = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=9)
+    seconds = int(shown[1]) * 3600 + int(shown[2]) * 60 + int(shown[3])
+    expected = tokyo.hour * 3600 + tokyo.minute * 60 + tokyo.second
+    assert min((expected - seconds) % 86400, (seconds - expected) % 86400) <= 10
+    assert b"[history" not in alice.output
+    assert b"\x1b[2mbob: said before" in alice.output   # dimmed
