@@ -849,13 +849,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 connection.send_line(error("You are muted; the room does not hear you."))
                 return
             room = connection.room
-            self._to_room(room, line, sender=connection)
             if self.options.history:
                 when = time.time()
                 room.history.append((when, line))
                 if self.history_file:
+                    # On disk before anyone sees it, so whatever was seen survives a crash.
                     record = json.dumps({"time": when, "room": room.name, "line": line}, ensure_ascii=False)
                     self.history_file.write(record + "\n")
+            self._to_room(room, line, sender=connection)
 
     # -- history on disk ---------------------------------------------------------
 
