@@ -181,3 +181,21 @@ def test_the_server_refuses_to_start_with_clashing_command_files(server_copy):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "/online is claimed twice: by commands/online.py and by commands/zz_online.py" in result.stderr
+
+
+def test_the_readme_example_command_works_as_printed(server_copy, start_server):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Adding a command", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (server_copy / "commands" / "roll.py").write_text(example)
+    server = start_server(script=server_copy / "pyChat-server.py")
+    client = LineClient(server.host, server.port)
+    client.login("alice")
+    client.send("/roll 20")
+    line = client.recv_line()
+    assert line.startswith("* alice rolls a 20-sided die: ") and 1 <= int(line.rsplit(" ", 1)[1]) <= 20
+    client.send("/dice many")
+    assert client.recv_line() == "!! SIDES must be a number, as in /roll 20."
+    client.send("/help roll")
+    assert client.recv_line().startswith("-- /roll [SIDES]  Roll a die")
+    client.close()
