@@ -821,11 +821,12 @@ class Connection:
 class ChatClient:
     """Ties the server, the keyboard (or piped input) and the screen together in one selectors loop."""
 
-    def __init__(self, connection: Connection, display, editor: LineEditor, painter: Painter, *,
+    def __init__(self, connection: Connection, display: TerminalDisplay | PlainDisplay,
+                 editor: LineEditor, painter: Painter, *,
                  interactive: bool, nick: Optional[str], password: Optional[str],
                  bell: bool, keyboard: Optional[socket.socket] = None) -> None:
         self.connection = connection
-        self.display = display            # TerminalDisplay or PlainDisplay
+        self.display = display
         self.editor = editor
         self.painter = painter
         self.interactive = interactive
@@ -907,7 +908,7 @@ class ChatClient:
                 if number == signal.SIGWINCH:
                     self.display.resized()
                 else:
-                    self._finish(f"stopped by signal {signal.Signals(number).name}", 1)
+                    self._finish(f"stopped by signal {signal.Signals(number).name}", 128 + number)
 
         self.selector.register(reader, selectors.EVENT_READ, on_signal)
 
@@ -945,7 +946,8 @@ class ChatClient:
                 if self.leaving:
                     self.exit_code = 0
                 else:
-                    self._finish("disconnected: the server closed the connection", 1)
+                    why = self.refusal if self.refusal and not self.me else "the server closed the connection"
+                    self._finish("disconnected: " + why, 1)
 
     def on_server_line(self, raw: str) -> None:
         """Handle one line from the server: sign-in prompts, then messages to show."""
@@ -988,7 +990,8 @@ class ChatClient:
             return
         if not self.interactive:
             if question == "password":
-                reason = self.refusal or "the server wants a password (--password or $PYCHAT_PASSWORD)"
+                reason = (f"password refused: {self.refusal}" if self.refusal
+                          else "the server wants a password (--password or $PYCHAT_PASSWORD)")
             else:
                 reason = f"nickname refused: {self.refusal}" if self.refusal else "no nickname"
             self._finish(reason, 1)

@@ -92,7 +92,7 @@ def test_wrong_password_piped_exits_nonzero_with_the_reason(start_server):
     server = start_server("--password", "sesame")
     result = run_piped(server, "in\n", "--nick", "ci", "--password", "guess")
     assert result.returncode == 1
-    assert result.stderr.decode() == "pyChat: !! Wrong password.\n"
+    assert result.stderr.decode() == "pyChat: password refused: !! Wrong password.\n"
 
 
 def test_missing_password_piped_exits_nonzero_saying_how_to_give_one(start_server):

@@ -487,3 +487,12 @@ def test_history_replay_shows_time_in_local_zone_without_the_prefix(server, conn
     assert min((expected - seconds) % 86400, (seconds - expected) % 86400) <= 10
     assert b"[history" not in alice.output
     assert b"\x1b[2mbob: said before" in alice.output   # dimmed
+
+
+def test_sigterm_restores_terminal_and_exits_with_signal_status(server, run_client):
+    alice = signed_in(run_client, server)
+    alice.type("typing")
+    alice.wait_for_input_line("alice> typing")
+    alice.process.send_signal(signal.SIGTERM)
+    assert alice.wait_exit() == 128 + signal.SIGTERM
+    assert termios.tcgetattr(alice.slave) == alice.mode_before
