@@ -1,0 +1,763 @@
+"""The server facing anyone on the internet: limits, floods, huge lines, dead peers, faults, secrets, impersonation.
+
+Every test runs a real server process and talks to it over real sockets on
+loopback. Waits have deadlines; loops have a bound on both count and time.
+Pauses that pace a sender (a slow dribbler, a ticking user) are behaviour
+under test, never a guess at when the server is done: that is always learnt
+from a line it sends or from its log.
+"""
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from conftest import TIMEOUT, LineClient, shown
+
+NICKNAME_PROMPT = "*** Choose a nickname:"
+PASSWORD_PROMPT = "*** Password:"
+# What no line from the server may contain: C0 controls (the newline is the separator and never part of a
+# line), DEL, C1 controls, and direction overrides that reorder text on the screen.
+TERMINAL_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def memory_kib(pid: int) -> int:
+    """Resident memory of process PID, in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
+def watch_for(client: LineClient, pattern: str, timeout: float) -> str | None:
+    """The first line matching PATTERN within TIMEOUT, or None if none came and the connection is still open."""
+    deadline = time.monotonic() + timeout
+    while True:
+        while b"\n" in client.buffer:
+            raw, client.buffer = client.buffer.split(b"\n", 1)
+            line = raw.decode("utf-8")
+            client.seen.append(line)
+            if re.match(pattern, line):
+                return line
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        client.sock.settimeout(remaining)
+        try:
+            data = client.sock.recv(65536)
+        except socket.timeout:
+            continue
+        assert data, f"server closed {client.nick or 'the connection'} unexpectedly; lines: {shown(client.seen)}"
+        client.buffer += data
+
+
+def read_until(sock: socket.socket, marker: bytes, timeout: float = TIMEOUT) -> bytes:
+    """Bytes from a raw socket up to and including MARKER; fails if it does not come in time."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while marker not in data:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{marker!r} did not come within {timeout} s; got {data[-300:]!r}"
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        assert chunk, f"connection closed before {marker!r}; got {data[-300:]!r}"
+        data += chunk
+    return data
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a TCP reset (RST) instead of a FIN, as a crashed peer or a middlebox would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def online_line(client: LineClient) -> str:
+    client.send("/online")
+    return client.expect(r"-- \d+ online")
+
+
+def wait_until_online(client: LineClient, expected: str, timeout: float = TIMEOUT) -> None:
+    """Ask /online until it says EXPECTED (people who left are removed a moment after their socket closes)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(200):
+        reply = online_line(client)
+        if reply == expected:
+            return
+        if time.monotonic() > deadline:
+            break
+        watch_for(client, "(?!)", 0.05)     # let the server catch up, reading whatever comes meanwhile
+    pytest.fail(f"/online still says {reply!r}, expected {expected!r}")
+
+
+class ClientFrom(LineClient):
+    """A line client whose connection comes from SOURCE, another loopback address (127.0.0.0/8)."""
+
+    def __init__(self, host: str, port: int, source: str) -> None:
+        # Not LineClient.__init__: that would open a second connection, from 127.0.0.1.
+        self.sock = socket.create_connection((host, port), timeout=TIMEOUT, source_address=(source, 0))
+        self.buffer = b""
+        self.seen: list[str] = []
+        self.nick: str | None = None
+
+
+class Drain(threading.Thread):
+    """Reads a socket as fast as it can, noting when each line matching PATTERN (with one group) arrives."""
+
+    def __init__(self, sock: socket.socket, pattern: bytes = rb"(?!)") -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.pattern = re.compile(pattern, re.MULTILINE)
+        self.arrivals: dict[bytes, float] = {}
+        self.closed = False
+        self.stopping = threading.Event()
+        self.changed = threading.Condition()
+
+    def run(self) -> None:
+        rest = b""
+        self.sock.settimeout(0.2)
+        while not self.stopping.is_set():
+            try:
+                data = self.sock.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except OSError:
+                data = b""
+            now = time.monotonic()
+            if not data:
+                with self.changed:
+                    self.closed = True
+                    self.changed.notify_all()
+                return
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            rest = data[cut:]
+            found = self.pattern.findall(data, 0, cut)
+            if found:
+                with self.changed:
+                    for key in found:
+                        self.arrivals.setdefault(key, now)
+                    self.changed.notify_all()
+
+    def arrival(self, key: bytes, timeout: float) -> float | None:
+        """When the line with KEY arrived, waiting up to TIMEOUT for it; None if it did not (or the socket closed)."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while key not in self.arrivals and not self.closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.changed.wait(remaining)
+            return self.arrivals.get(key)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(2)
+
+
+# -- connection limits ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, refusal", [
+    (("--max-clients", "3", "--max-per-ip", "0"), r"!! The server is full"),
+    (("--max-clients", "0", "--max-per-ip", "3"), r"!! Too many connections from your address"),
+], ids=["max-clients", "max-per-ip"])
+def test_a_newcomer_past_a_connection_limit_gets_one_error_line_and_others_chat_on(
+        start_server, connect, options, refusal):
+    server = start_server(*options)
+    alice = connect(server, "alice")
+    bob = connect(server, "bob")
+    waiting = connect(server)                   # the third place, taken by someone still at the prompt
+    waiting.expect(re.escape(NICKNAME_PROMPT))
+    for _ in range(3):
+        lines = connect(server).wait_closed()
+        assert len(lines) == 1 and re.match(refusal, lines[0]), \
+            f"a newcomer past the limit should get one line matching {refusal!r} and be closed; got {lines}"
+    bob.send("still here")
+    assert alice.expect("bob: ") == "bob: still here", "a refused newcomer disturbed the people already in"
+    alice.send("me too")
+    assert bob.expect("alice: ") == "alice: me too"
+    # A place that is given up goes to the next newcomer.
+    waiting.close()
+    server.wait_for_log(r"\(signing in\)@127\.0\.0\.1 closed")
+    for _ in range(20):
+        newcomer = connect(server)
+        if not newcomer.recv_line().startswith("!! "):
+            break
+        newcomer.wait_closed()  # the freed place is counted back a moment after the close is logged
+    else:
+        pytest.fail("the place given up by a leaving connection never became free")
+    newcomer.login("carol")
+
+
+# -- signing in in time -----------------------------------------------------------------------------
+
+@pytest.mark.server_options("--nick-timeout", "1")
+def test_a_connection_that_never_signs_in_is_closed_after_the_nickname_timeout(server, connect):
+    client = connect(server)
+    client.expect(re.escape(NICKNAME_PROMPT))
+    started = time.monotonic()
+    client.wait_closed(timeout=5)
+    waited = time.monotonic() - started
+    assert 0.7 <= waited <= 3, f"closed after {waited:.1f} s, expected about 1 s (--nick-timeout 1)"
+    server.wait_for_log(r"did not sign in in time")
+
+
+@pytest.mark.server_options("--nick-timeout", "1")
+def test_a_connection_dribbling_a_nickname_byte_by_byte_is_still_closed_after_the_timeout(server):
+    sock = socket.create_connection((server.host, server.port), timeout=TIMEOUT)
+    try:
+        read_until(sock, NICKNAME_PROMPT.encode())
+        started = time.monotonic()
+        closed_after = None
+        for _ in range(15):                     # one byte every 0.3 s for up to 4.5 s, never a whole line
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+            readable, _, _ = select.select([sock], [], [], 0.3)
+            if readable:
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    closed_after = time.monotonic() - started
+                    break
+        assert closed_after is not None, \
+            "a connection sending one byte of its nickname every 0.3 s was never closed (--nick-timeout 1)"
+        assert closed_after <= 3, f"closed only after {closed_after:.1f} s (--nick-timeout 1)"
+    finally:
+        sock.close()
+
+
+@pytest.mark.server_options("--max-per-ip", "0", "--nick-timeout", "30")
+def test_hundreds_of_connections_that_never_sign_in_do_not_keep_real_users_out(server, connect):
+    idle: list[socket.socket] = []
+    try:
+        for n in range(300):
+            sock = socket.create_connection((server.host, server.port), timeout=TIMEOUT)
+            idle.append(sock)
+            if n % 2:
+                sock.sendall(b"half-a-nickna")  # half of them start a nickname and never finish it
+        for sock in idle:                      # each one has a thread on the server once it is greeted
+            read_until(sock, NICKNAME_PROMPT.encode())
+        started = time.monotonic()
+        alice = connect(server, "alice")
+        bob = connect(server, "bob")
+        bob.send("made it")
+        assert alice.expect("bob: ", timeout=2) == "bob: made it"
+        took = time.monotonic() - started
+        assert took < 2, f"with 300 idle connections open, signing in two people and one line took {took:.1f} s"
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+# -- huge lines and memory --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signed_in", [False, True], ids=["at-the-nickname-prompt", "signed-in"])
+def test_a_10_mib_line_without_newline_is_refused_once_and_server_memory_stays_flat(
+        server, connect, signed_in):
+    alice = connect(server, "alice")
+    streamer = connect(server, "bob" if signed_in else None)
+    if not signed_in:
+        streamer.expect(re.escape(NICKNAME_PROMPT))
+    pid = server.process.pid
+    before = peak = memory_kib(pid)
+    chunk = b"z" * 65536
+    for n in range(160):                        # 10 MiB, one line, no newline
+        streamer.send_raw(chunk)
+        if n % 8 == 0:
+            peak = max(peak, memory_kib(pid))
+    streamer.send_raw(b"\n")
+    if signed_in:
+        streamer.send("after the flood")
+        assert alice.expect("bob: ") == "bob: after the flood"
+        lines = streamer.lines_until("bob: after the flood")
+    else:
+        streamer.send("bob")
+        lines = streamer.lines_until(r"\*\*\* Welcome, ")
+    peak = max(peak, memory_kib(pid))
+    refusals = [line for line in lines if line.startswith("!! ")]
+    assert len(refusals) == 1 and "too long" in refusals[0], f"expected one 'too long' refusal; got {lines}"
+    growth = peak - before
+    assert growth < 4096, f"server memory grew by {growth} KiB while reading one 10 MiB line"
+
+
+@pytest.mark.server_options("--rate", "0")
+def test_output_for_a_client_that_never_reads_stays_bounded_in_server_memory(server, connect):
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        stalled.connect((server.host, server.port))
+        stalled.sendall(b"sleepy\n")            # signs in, then never reads
+        alice = connect(server, "alice")
+        talker = connect(server, "talker")
+        alice.expect(r"\*\*\* talker joined")
+        pid = server.process.pid
+        before = peak = memory_kib(pid)
+        text = "t" * 4000
+        for n in range(2000):                   # 8 MB to the room; the stalled reader may hold only --max-queue
+            talker.send(f"{n} {text}")
+            if n % 50 == 49:
+                alice.expect(f"talker: {n} ")
+                talker.expect(f"talker: {n} ")
+                peak = max(peak, memory_kib(pid))
+        assert any(line.startswith("*** sleepy quit (not reading") for line in alice.seen), \
+            "the reader that never reads was not cut off"
+        growth = peak - before
+        assert growth < 4096, f"server memory grew by {growth} KiB queueing output for a reader that never reads"
+    finally:
+        stalled.close()
+
+
+# -- flood control --------------------------------------------------------------------------------
+
+@pytest.mark.server_options("--rate", "2", "--burst", "5")
+def test_lines_over_the_rate_are_refused_with_one_notice(chat):
+    alice, bob = chat("alice", "bob")
+    bob.send_raw(b"".join(f"burst {n}\n".encode() for n in range(8)))
+    notice = bob.expect("!! ")
+    assert "too fast" in notice, f"expected a 'too fast' notice, got {notice!r}"
+    # bob's lines were all handled before the notice; a later line from alice shows which got through.
+    alice.send("marker")
+    said = [line for line in alice.lines_until("alice: marker") if line.startswith("bob: ")]
+    assert said == [f"bob: burst {n}" for n in range(5)], "only the burst of 5 should have been said"
+    notices = [line for line in bob.seen if line.startswith("!! ")]
+    assert len(notices) == 1, f"three refused lines should get one notice; bob got {notices}"
+
+
+FLOODS = {
+    "chat lines": b"flood\n",
+    "commands": b"/online\n",
+    "over-long lines": b"x" * 5000 + b"\n",
+}
+
+
+@pytest.mark.server_options("--rate", "2", "--burst", "5")
+@pytest.mark.parametrize("kind", FLOODS)
+def test_a_user_who_keeps_flooding_is_disconnected_and_the_room_is_told(chat, kind):
+    alice, bob = chat("alice", "bob")
+    try:
+        bob.send_raw(FLOODS[kind] * 300)
+    except OSError:
+        pass                                   # the server may reset the flooder before taking it all
+    assert alice.expect(r"\*\*\* bob quit") == "*** bob quit (flooding)", f"flooding with {kind} was not stopped"
+    bob.wait_closed()
+    assert online_line(alice) == "-- 1 online: alice (#lobby)"
+
+
+def test_a_connection_flooding_the_nickname_prompt_is_disconnected(server, connect):
+    client = connect(server)
+    client.expect(re.escape(NICKNAME_PROMPT))
+    try:
+        client.send_raw(b"9bad\n" * 1000)
+    except OSError:
+        pass
+    lines = client.wait_closed(timeout=5)
+    assert len(lines) < 200, f"the server answered {len(lines)} lines to a flood of bad nicknames"
+
+
+def stream_one_endless_line(host: str, port: int, stop: threading.Event) -> int:
+    """Sign in and send one line that never ends, as fast as the network takes it; returns the MiB sent."""
+    sock = socket.create_connection((host, port), timeout=TIMEOUT)
+    sock.sendall(b"flooder\n")
+    sent, chunk = 0, b"z" * 65536
+    deadline = time.monotonic() + 10
+    try:
+        while not stop.is_set() and time.monotonic() < deadline and sent < 65536:
+            sock.sendall(chunk)
+            sent += 1
+    finally:
+        sock.close()
+    return sent // 16
+
+
+def flood_chat_lines_and_come_back(host: str, port: int, stop: threading.Event) -> int:
+    """Flood chat lines as fast as the network takes them; when cut off, come back under a new name."""
+    comebacks = 0
+    deadline = time.monotonic() + 10
+    while not stop.is_set() and time.monotonic() < deadline and comebacks < 5000:
+        sock = socket.create_connection((host, port), timeout=TIMEOUT)
+        try:
+            sock.sendall(f"flooder{comebacks}\n".encode() + (b"flood " * 30 + b"\n") * 300)
+            while sock.recv(65536):            # until the server hangs up on the flood
+                pass
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        comebacks += 1
+    return comebacks
+
+
+@pytest.mark.parametrize("flood", [stream_one_endless_line, flood_chat_lines_and_come_back],
+                         ids=["one-endless-line", "chat-lines-coming-back-when-cut-off"])
+def test_while_one_user_floods_other_users_lines_arrive_within_a_second(server, connect, flood):
+    alice = connect(server, "alice")
+    bob = connect(server, "bob")
+    alice_reader = Drain(alice.sock, rb"^bob: ping (\d+)$")
+    bob_reader = Drain(bob.sock)
+    alice_reader.start()
+    bob_reader.start()
+    stop = threading.Event()
+    result: list[int] = []
+    flooding = threading.Thread(target=lambda: result.append(flood(server.host, server.port, stop)), daemon=True)
+    flooding.start()
+    try:
+        server.wait_for_log(r"flooder\d*@127\.0\.0\.1 signed in")
+        delays = []
+        for n in range(20):
+            stop.wait(0.05)                      # spread the pings over the flood
+            sent = time.monotonic()
+            bob.sock.sendall(f"ping {n}\n".encode())
+            arrived = alice_reader.arrival(str(n).encode(), timeout=3)
+            assert arrived is not None, (f"bob's line {n} did not reach alice within 3 s during the flood"
+                                         + (" (alice was disconnected)" if alice_reader.closed else ""))
+            delays.append(arrived - sent)
+        assert flooding.is_alive(), f"the flood ended early, so it proved nothing: {result}"
+        assert max(delays) < 1.0, f"bob's lines took up to {max(delays):.2f} s to reach alice during the flood"
+    finally:
+        stop.set()
+        flooding.join(5)
+        alice_reader.stop()
+        bob_reader.stop()
+    assert result and result[0] > 1, f"the flood was too small to prove anything ({result})"
+
+
+# -- dead peers -------------------------------------------------------------------------------------
+
+@pytest.mark.server_options("--idle-timeout", "1.5")
+def test_a_silent_user_is_removed_after_the_idle_timeout_and_the_room_is_told(server, connect):
+    bob = connect(server, "bob")
+    signed_in = time.monotonic()
+    alice = connect(server, "alice")
+    for n in range(40):                          # alice keeps talking, so only bob is idle
+        alice.send(f"tick {n}")
+        quit_line = watch_for(alice, r"\*\*\* bob quit", 0.25)
+        if quit_line:
+            break
+    else:
+        pytest.fail("the silent user was never removed (--idle-timeout 1.5)")
+    waited = time.monotonic() - signed_in
+    assert quit_line == "*** bob quit (timed out)"
+    assert 1.2 <= waited <= 4, f"the silent user was removed after {waited:.1f} s (--idle-timeout 1.5)"
+    bob.wait_closed()
+    assert online_line(alice) == "-- 1 online: alice (#lobby)"
+
+
+GHOST_CLIENT = textwrap.dedent("""
+    import socket, sys, time
+    sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    sock.sendall(b"ghost\\n")
+    data = b""
+    while b"*** You are in #" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            sys.exit("closed before signing in")
+        data += chunk
+    print("signed in", flush=True)
+    time.sleep(60)
+""")
+
+
+def run(*command: str) -> None:
+    subprocess.run(command, check=True, capture_output=True, timeout=10)
+
+
+@pytest.mark.parametrize("room_talks", [False, True], ids=["quiet-room", "room-talking-to-the-vanished"])
+def test_a_client_that_vanishes_without_a_fin_is_removed_by_keepalive(start_server, connect, room_talks):
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 (ip) to cut a network link without a FIN; CI has both")
+    tag = f"{os.getpid() % 100000}{int(room_talks)}"
+    namespace, outside, inside = f"pychat-ka{tag}", f"pcka{tag}h", f"pcka{tag}n"
+    host_address, ghost_address = "169.254.77.1", "169.254.77.2"
+    ghost = None
+    try:
+        run("ip", "netns", "add", namespace)
+        run("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
+        run("ip", "link", "set", inside, "netns", namespace)
+        run("ip", "addr", "add", f"{host_address}/30", "dev", outside)
+        run("ip", "link", "set", outside, "up")
+        run("ip", "netns", "exec", namespace, "ip", "addr", "add", f"{ghost_address}/30", "dev", inside)
+        run("ip", "netns", "exec", namespace, "ip", "link", "set", inside, "up")
+        server = start_server("--host", host_address, "--keepalive", "1")
+        alice = connect(server, "alice")
+        ghost = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-c", GHOST_CLIENT,
+                                  server.host, str(server.port)], stdout=subprocess.PIPE, text=True)
+        ready, _, _ = select.select([ghost.stdout], [], [], 10)
+        assert ready and ghost.stdout.readline().strip() == "signed in", "the client in the namespace did not sign in"
+        alice.expect(r"\*\*\* ghost joined")
+        # The link goes down on the ghost's side: nothing it sends from now on (FIN, RST) reaches the server.
+        run("ip", "netns", "exec", namespace, "ip", "link", "set", inside, "down")
+        ghost.kill()
+        ghost.wait(5)
+        vanished = time.monotonic()
+        if room_talks:
+            alice.send("are you there?")
+        quit_line = alice.expect(r"\*\*\* ghost quit", timeout=15)
+        waited = time.monotonic() - vanished
+        assert quit_line.startswith("*** ghost quit (connection lost"), quit_line
+        assert waited < 12, f"the vanished client was removed only after {waited:.1f} s (--keepalive 1)"
+        assert online_line(alice) == "-- 1 online: alice (#lobby)"
+    finally:
+        if ghost is not None and ghost.poll() is None:
+            ghost.kill()
+            ghost.wait(5)
+        subprocess.run(["ip", "link", "del", outside], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=10)
+
+
+# -- faults ---------------------------------------------------------------------------------------
+
+def abuse(host: str, port: int, problems: list[str]) -> None:
+    """Every rude way to come and go, a few hundred times; what goes wrong on this side lands in PROBLEMS."""
+    try:
+        for n in range(40):                     # connect and close at once, half of them with a reset
+            sock = socket.create_connection((host, port), timeout=TIMEOUT)
+            reset(sock) if n % 2 else sock.close()
+        for n in range(40):                     # close (or reset) at the nickname prompt, some mid-nickname
+            sock = socket.create_connection((host, port), timeout=TIMEOUT)
+            read_until(sock, NICKNAME_PROMPT.encode())
+            if n % 3 == 0:
+                sock.sendall(b"half")
+            reset(sock) if n % 2 else sock.close()
+        for n in range(20):                     # reset in the middle of a conversation
+            sock = socket.create_connection((host, port), timeout=TIMEOUT)
+            sock.sendall(f"victim{n}\nhello from victim {n}\n".encode())
+            read_until(sock, f"victim{n}: hello from victim {n}\n".encode())
+            sock.sendall(b"a line that is never finished")
+            reset(sock)
+        for n in range(300):                    # rapid connect/close cycles
+            sock = socket.create_connection((host, port), timeout=TIMEOUT)
+            if n % 3 == 0:
+                sock.sendall(f"rapid{n}\n".encode())
+            reset(sock) if n % 2 else sock.close()
+    except Exception as problem:  # noqa: BLE001 - reported by the test in the main thread
+        problems.append(repr(problem))
+
+
+@pytest.mark.server_options("--rate", "0", "--max-per-ip", "0")
+def test_rude_disconnects_leave_no_traceback_no_ghost_and_lose_no_message(server, chat):
+    alice, bob = chat("alice", "bob")
+    problems: list[str] = []
+    rude = threading.Thread(target=abuse, args=(server.host, server.port, problems), daemon=True)
+    rude.start()
+    deadline = time.monotonic() + 30
+    exchanged = 0
+    while (rude.is_alive() or exchanged < 20) and exchanged < 5000 and time.monotonic() < deadline:
+        alice.send(f"from alice {exchanged}")
+        bob.send(f"from bob {exchanged}")
+        assert alice.expect("bob: ") == f"bob: from bob {exchanged}", f"alice lost a line from bob: {shown(alice.seen)}"
+        assert bob.expect("alice: ") == f"alice: from alice {exchanged}", f"bob lost a line from alice: {shown(bob.seen)}"
+        exchanged += 1
+    rude.join(5)
+    assert not rude.is_alive(), "the rude connections did not finish within 30 s"
+    assert not problems, f"the rude connections themselves failed: {problems}"
+    wait_until_online(alice, "-- 2 online: alice (#lobby), bob (#lobby)")
+    assert "Traceback" not in server.log(), f"a thread died with a traceback:\n{server.log()[-3000:]}"
+    assert server.process.poll() is None, "the server died"
+
+
+# -- shutting down ----------------------------------------------------------------------------------
+
+@pytest.mark.server_options("--rate", "0", "--max-per-ip", "0")
+def test_sigterm_with_a_hundred_clients_some_stalled_exits_zero_within_seconds(server, connect):
+    stalled: list[socket.socket] = []
+    try:
+        readers = [connect(server, f"reader{n}") for n in range(84)]
+        for n in range(15):                     # signed in, tiny receive buffer, never read
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((server.host, server.port))
+            sock.sendall(f"stalled{n}\n".encode())
+            stalled.append(sock)
+        talker = connect(server, "talker")
+        readers[0].expect(r"\*\*\* talker joined", timeout=10)
+        text = "q" * 1000
+        for n in range(200):                    # about 200 KB queued for each stalled reader
+            talker.send(f"{n} {text}")
+        talker.expect("talker: 199 ", timeout=10)
+        assert "cutting off stalled" not in server.log(), "the stalled readers were cut off before shutdown"
+        started = time.monotonic()
+        status = server.stop(timeout=10)
+        took = time.monotonic() - started
+        assert status == 0, f"the server exited with status {status}"
+        assert took < 5, f"the server took {took:.1f} s to shut down"
+        for reader in readers[:3] + [talker]:
+            assert "*** Server shutting down." in reader.wait_closed(), "a reader was not told of the shutdown"
+        assert "Traceback" not in server.log(), server.log()[-3000:]
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+# -- the server password ------------------------------------------------------------------------
+
+PASSWORD = "correct horse 42"
+
+
+def environment(password: str | None) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if name not in ("PYCHAT_PASSWORD", "PYCHAT_OP_PASSWORD")}
+    if password is not None:
+        env["PYCHAT_PASSWORD"] = password
+    return env
+
+
+def test_without_a_server_password_there_is_no_password_prompt(start_server, connect):
+    server = start_server(env=environment(None))
+    client = connect(server)
+    assert client.recv_line().startswith("*** pyChat ")
+    assert client.recv_line() == NICKNAME_PROMPT
+
+
+def test_the_right_password_leads_to_the_nickname_prompt(start_server, connect):
+    server = start_server(env=environment(PASSWORD))
+    client = connect(server)
+    assert client.recv_line().startswith("*** pyChat ")
+    assert client.recv_line() == PASSWORD_PROMPT
+    client.send(PASSWORD)
+    assert client.recv_line(timeout=1) == NICKNAME_PROMPT, "the right password did not lead to the nickname prompt"
+    client.send("alice")
+    assert client.expect(r"\*\*\* Welcome, ").startswith("*** Welcome, alice!")
+
+
+def test_a_wrong_password_is_refused_after_a_delay_logged_and_asked_again(start_server, connect):
+    server = start_server(env=environment(PASSWORD))
+    client = connect(server)
+    client.expect(re.escape(PASSWORD_PROMPT))
+    client.send("guess-one")
+    sent = time.monotonic()
+    assert client.recv_line() == "!! Wrong password."
+    delay = time.monotonic() - sent
+    assert delay >= 0.5, f"a wrong password was answered after only {delay:.2f} s"
+    assert client.recv_line() == PASSWORD_PROMPT
+    client.send(PASSWORD)
+    assert client.recv_line() == NICKNAME_PROMPT
+    server.wait_for_log(r"wrong server password from .*127\.0\.0\.1")
+    assert "guess-one" not in server.log(), "the guessed password was written to the log"
+
+
+def test_three_wrong_passwords_close_the_connection_without_slowing_anyone_else(start_server, connect):
+    server = start_server(env=environment(PASSWORD))
+    guesser = ClientFrom(server.host, server.port, "127.0.0.2")
+    try:
+        guesser.expect(re.escape(PASSWORD_PROMPT))
+        guesser.send_raw(b"guess-1\nguess-2\nguess-3\n" + b"mallory\n")
+        # Meanwhile someone who knows the password comes straight in.
+        started = time.monotonic()
+        alice = connect(server)
+        alice.expect(re.escape(PASSWORD_PROMPT))
+        alice.send(PASSWORD)
+        alice.login("alice")
+        took = time.monotonic() - started
+        assert took < 1, f"signing in took {took:.1f} s while someone else was guessing"
+        lines = guesser.wait_closed(timeout=15)
+        assert lines.count("!! Wrong password.") == 3, f"expected three refusals; got {lines}"
+        assert NICKNAME_PROMPT not in lines, f"the guesser reached the nickname prompt: {lines}"
+        assert online_line(alice) == "-- 1 online: alice (#lobby)"
+    finally:
+        guesser.close()
+
+
+def test_a_password_from_the_environment_is_not_on_the_command_line(start_server):
+    server = start_server(env=environment(PASSWORD))
+    with open(f"/proc/{server.process.pid}/cmdline", "rb") as cmdline:
+        arguments = cmdline.read()
+    assert PASSWORD.encode() not in arguments, "the password shows in the server's command line (ps)"
+    assert "correct horse" not in server.log(), "the password was written to the log"
+
+
+# -- impersonation ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("victim, lookalike", [
+    ("alice", "ａｌｉｃｅ"),        # fullwidth letters
+    ("alice", "ALİCE"),            # capital I with a dot
+    ("alice", "alicé"),            # a combining accent
+    ("alice", "alıce"),            # dotless i
+    ("alice", "ɑlice"),            # Latin alpha
+    ("tokyo", "токуо"),            # all Cyrillic
+    ("tokyo", "τοκγο"),            # all Greek
+    ("tokyo", "ΤΟΚΥΟ"),            # all Greek capitals
+])
+def test_a_nickname_that_looks_like_someone_elses_is_refused(server, connect, victim, lookalike):
+    connect(server, victim)
+    client = connect(server)
+    client.expect(re.escape(NICKNAME_PROMPT))
+    client.send(lookalike)
+    answer = client.recv_line()
+    assert answer.startswith("!! "), f"{lookalike!r} was accepted while {victim!r} is online: {answer!r}"
+
+
+@pytest.mark.parametrize("name", ["server", "SERVER", "ｓｅｒｖｅｒ", "*** alice", "***", "-- x", "--",
+                                  "!! x", "!!", "[pm", "[pm from alice]", "[history", "* alice"])
+def test_a_nickname_that_looks_like_a_server_message_is_refused(server, connect, name):
+    client = connect(server)
+    client.expect(re.escape(NICKNAME_PROMPT))
+    client.send(name)
+    answer = client.recv_line()
+    assert answer.startswith("!! "), f"nickname {name!r} was accepted: {answer!r}"
+    assert client.recv_line() == NICKNAME_PROMPT
+
+
+DISGUISES = [
+    b"hi\r*** carol joined #lobby\n",
+    b"hi\n*** carol joined #lobby\n",          # two lines in one write: two chat lines from bob
+    b"*** alice joined #lobby\n",
+    b"-- 3 online: alice (#lobby)\n",
+    b"!! Wrong password.\n",
+    b"[pm from carol] psst\n",
+    b"* carol waves\n",
+    "hi\u0085*** carol quit\n".encode(),       # NEL
+    "hi\u2028*** carol quit\n".encode(),       # line separator
+    "hi\u2029*** carol quit\n".encode(),       # paragraph separator
+    b"\x1b[1A\x1b[2K\r*** carol quit\n",        # cursor up, erase line, carriage return
+    b"\x1b]0;window title\x07text\n",           # OSC
+    b"\x9b2J a raw 8-bit CSI byte\n",
+    "\u009b2J a C1 CSI character\n".encode(),
+    b"hi\x0b\x0c\x08\x08\x08*** x\n",          # vertical tab, form feed, backspaces
+    b"\r\r\r*** carol joined #lobby\r\n",
+    b"\x00\x7f*** x\n",
+    "\u202e*** carol\u202c quit\n".encode(),   # right-to-left override
+]
+
+
+@pytest.mark.server_options("--rate", "0")
+def test_whatever_a_user_sends_others_receive_one_line_starting_with_their_nickname(chat):
+    alice, bob = chat("alice", "bob")
+    for n, disguise in enumerate(DISGUISES):
+        bob.send_raw(disguise)
+        bob.send(f"end {n}")
+        received = alice.lines_until(f"bob: end {n}$")[:-1]
+        assert len(received) == disguise.count(b"\n"), f"{disguise!r} arrived as {received}"
+        for line in received:
+            assert line.startswith("bob: "), f"{disguise!r} arrived as a line not from bob: {line!r}"
+            assert not TERMINAL_CONTROL.search(line), f"{disguise!r} arrived with control characters: {line!r}"
+
+
+@pytest.mark.server_options("--rate", "0")
+def test_no_control_character_from_a_user_reaches_another_screen(chat):
+    alice, bob = chat("alice", "bob")
+    for n, disguise in enumerate(DISGUISES):
+        bob.send_raw(disguise)
+    bob.send_raw("/quit \x1b[31mred\x07\u202egone\r\n".encode())
+    alice.expect(r"\*\*\* bob quit")
+    for line in alice.seen:
+        assert not TERMINAL_CONTROL.search(line), f"alice received control characters: {line!r}"
