@@ -1,0 +1,211 @@
+"""TLS: a throwaway certificate authority made at test time, the server with --tls-cert/--tls-key, and clients.
+
+Python's ssl module plays the client that verifies (or fails to); the real
+pyChat-client.py is tested in piped mode with --tls, --cafile and --insecure.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import ROOT, TIMEOUT, LineClient
+
+CLIENT_SCRIPT = ROOT / "pyChat-client.py"
+NICKNAME_PROMPT = "*** Choose a nickname:"
+EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
+def make_authority(openssl: str, folder: Path, name: str) -> None:
+    """A self-signed certificate authority: NAME.pem and NAME.key in FOLDER."""
+    subprocess.run([openssl, "req", "-x509", *EC_KEY, "-keyout", f"{name}.key", "-out", f"{name}.pem",
+                    "-days", "2", "-subj", f"/CN=pyChat test {name}",
+                    "-addext", "basicConstraints=critical,CA:TRUE",
+                    "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+                   cwd=folder, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory) -> SimpleNamespace:
+    """A CA, a server certificate it signed for localhost and 127.0.0.1, and a second CA that signed nothing."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is needed to make a throwaway certificate authority")
+    folder = tmp_path_factory.mktemp("tls")
+    make_authority(openssl, folder, "ca")
+    make_authority(openssl, folder, "stranger-ca")
+    (folder / "server.ext").write_text(
+        "subjectAltName = DNS:localhost, IP:127.0.0.1\n"
+        "basicConstraints = critical, CA:FALSE\n"
+        "keyUsage = critical, digitalSignature, keyEncipherment\n"
+        "extendedKeyUsage = serverAuth\n"
+        "authorityKeyIdentifier = keyid, issuer\n"
+        "subjectKeyIdentifier = hash\n")
+    for command in (["req", *EC_KEY, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"],
+                    ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                     "-out", "server.pem", "-days", "2", "-extfile", "server.ext"]):
+        subprocess.run([openssl, *command], cwd=folder, check=True, capture_output=True, timeout=30)
+    return SimpleNamespace(ca=folder / "ca.pem", stranger_ca=folder / "stranger-ca.pem",
+                           cert=folder / "server.pem", key=folder / "server.key")
+
+
+@pytest.fixture
+def tls_server(start_server, certificates):
+    return start_server("--tls-cert", str(certificates.cert), "--tls-key", str(certificates.key))
+
+
+class TLSClient(LineClient):
+    """A line client over TLS, verifying the server with CONTEXT as SERVER_HOSTNAME."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext, server_hostname: str = "localhost") -> None:
+        # Not LineClient.__init__: the connection is wrapped in TLS before anything is read or sent.
+        plain = socket.create_connection((host, port), timeout=TIMEOUT)
+        try:
+            self.sock = context.wrap_socket(plain, server_hostname=server_hostname)
+        except BaseException:
+            plain.close()
+            raise
+        self.buffer = b""
+        self.seen: list[str] = []
+        self.nick: str | None = None
+
+
+@pytest.fixture
+def tls_connect(certificates):
+    """A factory: tls_connect(server, nick=None) opens a verifying TLS client, signed in as NICK if given."""
+    opened: list[TLSClient] = []
+
+    def open_client(server, nick: str | None = None) -> TLSClient:
+        client = TLSClient(server.host, server.port, ssl.create_default_context(cafile=str(certificates.ca)))
+        opened.append(client)
+        if nick is not None:
+            client.login(nick)
+        return client
+
+    yield open_client
+    for client in opened:
+        client.close()
+
+
+def run_client(server, *options: str, stdin: str = "", timeout: float = 15) -> subprocess.CompletedProcess:
+    """pyChat-client.py in piped mode against SERVER."""
+    return subprocess.run([sys.executable, str(CLIENT_SCRIPT), "--host", "127.0.0.1", "--port", str(server.port),
+                           *options], input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+def client_has_tls_options() -> bool:
+    usage = subprocess.run([sys.executable, str(CLIENT_SCRIPT), "--help"], capture_output=True, text=True,
+                           timeout=30).stdout
+    return all(option in usage for option in ("--tls", "--cafile", "--insecure"))
+
+
+needs_client_tls = pytest.mark.skipif(not client_has_tls_options(),
+                                      reason="pyChat-client.py has no --tls/--cafile/--insecure yet")
+
+
+# -- the protocol over TLS -----------------------------------------------------------------------
+
+def test_a_verifying_client_signs_in_and_chats_over_tls(tls_server, tls_connect):
+    alice = tls_connect(tls_server, "alice")
+    bob = tls_connect(tls_server, "bob")
+    assert alice.sock.version() in ("TLSv1.2", "TLSv1.3"), alice.sock.version()
+    alice.expect(r"\*\*\* bob joined")
+    bob.send("hello over tls")
+    assert alice.expect("bob: ") == "bob: hello over tls"
+    alice.send("/quit")
+    assert alice.wait_closed()[-1] == "*** Bye."
+    assert bob.expect(r"\*\*\* alice quit") == "*** alice quit"
+
+
+def test_a_plain_tcp_client_cannot_talk_to_a_tls_server_which_keeps_serving(tls_server, tls_connect):
+    silent = socket.create_connection((tls_server.host, tls_server.port), timeout=TIMEOUT)  # never says a word
+    plain = socket.create_connection((tls_server.host, tls_server.port), timeout=TIMEOUT)
+    try:
+        plain.sendall(b"mallory\nhello in the clear\n")
+        received = b""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                data = plain.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                break
+            received += data
+        else:
+            pytest.fail(f"the TLS server kept a plain-text client connected; it got {received!r}")
+        assert b"pyChat" not in received and b"nickname" not in received, \
+            f"a plain-text client was answered in plain text: {received!r}"
+        # The server goes on serving TLS users, while the silent plain connection is still open.
+        alice = tls_connect(tls_server, "alice")
+        bob = tls_connect(tls_server, "bob")
+        bob.send("still serving")
+        assert alice.expect("bob: ") == "bob: still serving"
+        alice.send("/online")
+        assert alice.expect("-- ") == "-- 2 online: alice (#lobby), bob (#lobby)", "the plain client got in"
+        tls_server.wait_for_log(r"TLS handshake failed")
+        assert "Traceback" not in tls_server.log(), tls_server.log()
+    finally:
+        silent.close()
+        plain.close()
+
+
+@pytest.mark.parametrize("trust, hostname", [
+    ("stranger", "localhost"),       # a certificate authority that did not sign the server's certificate
+    ("system", "localhost"),         # only the system's authorities
+    ("ca", "chat.example.org"),      # the right authority, but a name the certificate is not for
+])
+def test_a_client_that_cannot_verify_the_server_fails_and_the_server_keeps_serving(
+        tls_server, tls_connect, certificates, trust, hostname):
+    if trust == "system":
+        context = ssl.create_default_context()
+    else:
+        context = ssl.create_default_context(cafile=str(certificates.ca if trust == "ca" else certificates.stranger_ca))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        TLSClient(tls_server.host, tls_server.port, context, server_hostname=hostname).close()
+    alice = tls_connect(tls_server, "alice")
+    alice.send("after the failed handshake")
+    assert alice.expect("alice: ") == "alice: after the failed handshake"
+    assert "Traceback" not in tls_server.log(), tls_server.log()
+
+
+# -- the real client -----------------------------------------------------------------------------
+
+@needs_client_tls
+def test_the_client_with_cafile_delivers_piped_lines_over_tls(tls_server, tls_connect, certificates):
+    alice = tls_connect(tls_server, "alice")
+    result = run_client(tls_server, "--tls", "--cafile", str(certificates.ca), "--nick", "tlsuser", stdin="hi\n")
+    assert result.returncode == 0, f"the client failed: {result.stderr}"
+    assert alice.expect("tlsuser: ") == "tlsuser: hi"
+    assert alice.expect(r"\*\*\* tlsuser quit").startswith("*** tlsuser quit")
+
+
+@needs_client_tls
+def test_the_client_with_insecure_warns_and_still_connects(tls_server, tls_connect):
+    alice = tls_connect(tls_server, "alice")
+    result = run_client(tls_server, "--insecure", "--nick", "riskyuser", stdin="hi anyway\n")
+    assert result.returncode == 0, f"the client failed: {result.stderr}"
+    assert re.search(r"warning.*insecure|insecure.*not (checked|verified)", result.stderr, re.IGNORECASE), \
+        f"--insecure gave no warning; stderr: {result.stderr!r}"
+    assert alice.expect("riskyuser: ") == "riskyuser: hi anyway"
+
+
+@needs_client_tls
+def test_the_client_without_cafile_fails_verification_with_one_clear_line(tls_server, tls_connect):
+    alice = tls_connect(tls_server, "alice")
+    result = run_client(tls_server, "--tls", "--nick", "trusting", stdin="should not arrive\n")
+    assert result.returncode != 0, "the client connected to a server whose certificate it cannot verify"
+    complaint = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(complaint) == 1, f"expected one line on stderr, got: {result.stderr!r}"
+    assert re.search(r"certificate|verif", complaint[0], re.IGNORECASE), complaint[0]
+    assert "Traceback" not in result.stderr
+    alice.send("/online")
+    assert alice.expect("-- ") == "-- 1 online: alice (#lobby)", "the unverified client got in"
