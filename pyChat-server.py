@@ -368,8 +368,10 @@ class ClientConnection(socketserver.BaseRequestHandler):
     """One person's connection: the socket and its buffers, then the person's place in the chat.
 
     The socket is non-blocking: this thread waits for input with poll(), and
-    output is queued in `outbox` for the pump. `io_lock` guards the outbox and
-    keeps a TLS connection's reads and writes from overlapping.
+    output is queued in `outbox` for the pump. Two locks, taken in this order:
+    `io_lock` is held around each system call on the socket, so that a TLS
+    connection's reads and writes never overlap; `outbox_lock` only around
+    changes to the outbox, so that queueing a line never waits for a send.
     """
 
     server: ChatServer
@@ -387,6 +389,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.last_private_from: ClientConnection | None = None
         self.outbox = bytearray()
         self.io_lock = threading.Lock()
+        self.outbox_lock = threading.Lock()
         self.ready_for_pump = False
         self.stalled_since: float | None = None
         self.closed = False
@@ -434,7 +437,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.server.remove(self, self.cut_off_reason or self.quit_reason or "connection lost")
         if self.cut_off_reason is None:
             self.drain()
-        with self.io_lock:
+        with self.io_lock, self.outbox_lock:
             self.closed = True
             self.outbox.clear()
         self.server.pump.forget(self)   # after `closed`, so the pump cannot watch it again
@@ -544,7 +547,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
     def queue(self, data: bytes) -> None:
         """Add DATA to the outbox; the pump writes it. Cuts off a reader that has fallen too far behind."""
-        with self.io_lock:
+        with self.outbox_lock:
             if self.closed or self.cut_off_reason:
                 return
             self.outbox += data
@@ -563,22 +566,26 @@ class ClientConnection(socketserver.BaseRequestHandler):
     def flush(self) -> bool:
         """Write as much of the outbox as the socket takes now; True if some is left."""
         with self.io_lock:
-            self.ready_for_pump = False
-            if self.closed or not self.outbox:
-                return False
+            with self.outbox_lock:
+                self.ready_for_pump = False
+                if self.closed or not self.outbox:
+                    return False
+                pending, self.outbox = self.outbox, bytearray()
             try:
-                sent = self.sock.send(self.outbox)
+                sent = self.sock.send(pending)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 sent = 0
             except OSError:
-                self.outbox.clear()
-                return False
-            if sent:
-                del self.outbox[:sent]
-                self.stalled_since = None
-            if self.outbox and self.stalled_since is None:
-                self.stalled_since = time.monotonic()
-            return bool(self.outbox)
+                return False        # the reading thread will find the connection gone
+            with self.outbox_lock:
+                if sent < len(pending):
+                    # Back in front of whatever was queued during the send.
+                    self.outbox[:0] = memoryview(pending)[sent:]
+                if sent:
+                    self.stalled_since = None
+                if self.outbox and self.stalled_since is None:
+                    self.stalled_since = time.monotonic()
+                return bool(self.outbox)
 
     def drain(self) -> None:
         """Give queued output a short while to reach someone who is leaving."""
@@ -593,7 +600,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
     def cut_off(self, reason: str) -> None:
         """End this connection at once, dropping its queued output."""
-        with self.io_lock:
+        with self.outbox_lock:
             if self.cut_off_reason or self.closed:
                 return
             self.cut_off_reason = reason
