@@ -177,6 +177,24 @@ def test_a_client_that_cannot_verify_the_server_fails_and_the_server_keeps_servi
     assert "Traceback" not in tls_server.log(), tls_server.log()
 
 
+def test_a_tls_newcomer_past_the_connection_limit_is_told_the_server_is_full(start_server, tls_connect, certificates):
+    server = start_server("--tls-cert", str(certificates.cert), "--tls-key", str(certificates.key),
+                          "--max-clients", "1")
+    alice = tls_connect(server, "alice")
+    try:
+        newcomer = TLSClient(server.host, server.port, ssl.create_default_context(cafile=str(certificates.ca)))
+    except (ssl.SSLError, OSError) as problem:
+        pytest.fail(f"a TLS newcomer past --max-clients was closed without a word (handshake: {problem!r})")
+    try:
+        lines = newcomer.wait_closed()
+    finally:
+        newcomer.close()
+    assert len(lines) == 1 and lines[0].startswith("!! The server is full"), \
+        f"a TLS newcomer past --max-clients should get one '!! The server is full' line; got {lines}"
+    alice.send("unaffected")
+    assert alice.expect("alice: ") == "alice: unaffected"
+
+
 # -- the real client -----------------------------------------------------------------------------
 
 @needs_client_tls
