@@ -517,7 +517,10 @@ class LineEditor:
         """
         columns = max(columns, 2)
         widths = [text_width(char) for char in self.characters]
-        self.scroll = min(self.scroll, self.cursor)
+        if self.cursor < self.scroll:   # left of the window: jump back, keeping some context
+            self.scroll = self.cursor
+            while self.scroll > 0 and sum(widths[self.scroll - 1:self.cursor]) <= columns // 3:
+                self.scroll -= 1
         while sum(widths[self.scroll:self.cursor]) > columns - 1:
             self.scroll += 1
         while self.scroll > 0 and sum(widths[self.scroll - 1:]) <= columns - 1:

@@ -156,6 +156,22 @@ def test_view_scrolls_back_when_cursor_moves_left_of_window():
     assert (shown, cursor) == ("abcdefghij", 0)
 
 
+def test_view_keeps_context_when_cursor_moves_left_past_window():
+    editor = editor_with("abcdefghijklmnopqrstuvwxyz")
+    editor.view(10)
+    editor.cursor = 5
+    assert editor.view(10) == ("cdefghijkl", 3)
+
+
+def test_view_after_home_and_right_starts_at_line_start():
+    editor = editor_with("abcdefghijklmnopqrstuvwxyz")
+    editor.view(10)
+    editor.home()
+    for _ in range(3):
+        editor.right()
+    assert editor.view(10) == ("abcdefghij", 3)
+
+
 def test_view_keeps_window_while_cursor_moves_inside_it():
     editor = editor_with("abcdefghijklmnopqrstuvwxyz")
     editor.view(10)
