@@ -185,9 +185,17 @@ RESERVED_NAMES = ("server", "pychat", "system", "admin", "administrator", "opera
                   "root", "notice", "help", "nobody", "everyone", "all", "you", "me")
 
 # Characters that look alike on a terminal fold to one, so that no one can take
-# a name that reads as someone else's. Applied after casefolding.
+# a name that reads as someone else's. Capitals that look like a different
+# Latin letter than their small forms do are folded before casefolding.
+_CAPITAL_LOOKALIKES = str.maketrans({
+    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O",
+    "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X", "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H",
+    "О": "O", "Р": "P", "С": "C", "Т": "T", "Х": "X", "У": "Y", "Ѕ": "S", "І": "I", "Ј": "J",
+})
 _LOOKALIKES = str.maketrans({
-    "0": "o", "1": "l", "i": "l", "|": "l", "5": "s",
+    "0": "o", "1": "l", "i": "l", "ı": "l", "|": "l", "5": "s", "ɑ": "a", "ɡ": "g",
+    # Armenian
+    "օ": "o", "ս": "u", "ո": "n", "հ": "h", "ց": "g",
     # Cyrillic
     "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p",
     "с": "c", "т": "t", "у": "y", "х": "x", "і": "l", "ї": "l", "ј": "j", "ѕ": "s", "һ": "h",
@@ -201,7 +209,7 @@ _SCRIPT_FAMILIES = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "HANGUL": "CJK", "CJK"
 
 def name_key(name: str) -> str:
     """The form two names share when they would look the same: case, accents and look-alikes folded."""
-    decomposed = unicodedata.normalize("NFKD", name.casefold())
+    decomposed = unicodedata.normalize("NFKD", name.translate(_CAPITAL_LOOKALIKES).casefold())
     folded = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).translate(_LOOKALIKES)
     return folded.replace("rn", "m").replace("vv", "w").replace("_", "-")
 
@@ -399,15 +407,17 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)
         self.flood_excess = 0.0
         self.flood_warned = False
-        self.last_heard = time.monotonic()
+        self.connected = self.last_heard = time.monotonic()
         self.server.register(self)
         self.sock.setblocking(False)
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             keepalive = self.server.options.keepalive
-            for name, value in (("TCP_KEEPIDLE", keepalive), ("TCP_KEEPINTVL", max(1, keepalive // 4)),
-                                ("TCP_KEEPCNT", 4)):
+            interval, probes = max(1, keepalive // 4), 4
+            # TCP_USER_TIMEOUT covers what keepalive cannot: a peer that vanished while data was in flight.
+            for name, value in (("TCP_KEEPIDLE", keepalive), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", probes),
+                                ("TCP_USER_TIMEOUT", (keepalive + interval * probes) * 1000)):
                 if hasattr(socket, name):
                     self.sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
         except OSError:
@@ -428,6 +438,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             if self.server.options.password:
                 self.ask_password(lines)
             self.ask_nickname(lines)
+            self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)   # a full burst to start
             for line in lines:
                 self.on_line(line)
         except Disconnect as why:
@@ -468,7 +479,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             self.send_line(error(f"Line too long (over {MAX_LINE_BYTES} bytes); it was not sent."))
             return
         text = clean_text(line)
-        if not text or not self.within_rate():
+        if not text:
             return
         if text.startswith("//"):
             self.server.say(self, text[1:])
@@ -513,10 +524,14 @@ class ClientConnection(socketserver.BaseRequestHandler):
             if not data:
                 raise Disconnect("server shutting down" if self.server.stopping else "connection closed")
             self.last_heard = time.monotonic()
-            yield from self.lines.feed(data)
+            for line in self.lines.feed(data):
+                # Every line counts against the rate, whatever it is and whenever it comes.
+                if self.within_rate():
+                    yield line
 
     def wait_for_input(self, timeout: float) -> None:
-        deadline = self.last_heard + timeout if timeout else None
+        # Signing in is timed from the connection; afterwards, silence is timed from the last input.
+        deadline = None if not timeout else (self.last_heard if self.nick else self.connected) + timeout
         while True:
             if self.server.stopping:
                 raise Disconnect("server shutting down")
