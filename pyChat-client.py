@@ -842,6 +842,7 @@ class ChatClient:
         self.me = ""                      # my nickname once the server has welcomed me
         self.answering = ""               # "password" or "nickname" while the server asks
         self.refusal = ""                 # the last error line while signing in
+        self.asked_online = False         # /online sent on arrival; its reply is not shown
         self.piped_input = bytearray()
         self.leaving = False              # /quit sent or Ctrl-D pressed: the server will close
         self.leave_deadline = 0.0
@@ -957,6 +958,9 @@ class ChatClient:
         line = sanitize(raw)
         message = classify(line)
         self.roster.learn(message)
+        if self.asked_online and ONLINE.match(line):
+            self.asked_online = False
+            return
         if line.rstrip() == PASSWORD_PROMPT:
             self._answer("password")
             return
@@ -1004,6 +1008,9 @@ class ChatClient:
 
     def _signed_in(self, nick: str) -> None:
         self.me = nick
+        if self.interactive:   # learn who was already here, for Tab completion
+            self.connection.send_line("/online")
+            self.asked_online = True
         self.answering = ""
         self.display.set_prompt(nick + "> ")
         self._register_input()

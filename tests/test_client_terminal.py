@@ -388,6 +388,16 @@ def test_tab_completes_a_nickname_seen_joining(server, connect, run_client):
     assert bob.expect(r"^alice: ") == "alice: bob: lunch?"
 
 
+def test_tab_completes_a_nickname_that_was_online_before_me(server, connect, run_client):
+    bob = connect(server, "bob")
+    alice = signed_in(run_client, server)
+    alice.type("/msg b\t")
+    alice.wait_for_input_line("alice> /msg bob ")
+    alice.type("psst\r")
+    assert bob.expect(r"^\[pm from alice\] ") == "[pm from alice] psst"
+    assert b"online:" not in alice.output   # the roster was learnt quietly
+
+
 # -- signing in ------------------------------------------------------------------------
 
 def test_nick_option_signs_in_without_asking(server, connect, run_client):
