@@ -63,6 +63,7 @@ DEFAULT_ROOM = "lobby"
 ANNOUNCE_LIMIT = 200              # rooms bigger than this do not announce every join and leave
 QUIT = "quit"                     # the leave reason of someone who said /quit without a message
 PASSWORD_TRIES = 3                # wrong server passwords before the connection is closed
+MAX_TLS_REFUSALS = 8              # TLS handshakes at once just to say "the server is full"
 DRAIN_SECONDS = 2.0               # time allowed to send what is queued to someone who is leaving
 SHUTDOWN_SECONDS = 3.0            # time allowed for every connection to close at shutdown
 RECEIVE_SIZE = 65536
@@ -702,6 +703,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.connections: set[ClientConnection] = set()
         self.per_address: collections.Counter[str] = collections.Counter()
         self.admitted = 0
+        self.refusing = 0
         self.failures: collections.Counter[str] = collections.Counter()
         self.stopping = False
         self.stop_signal, self.stop_trigger = socket.socketpair()
@@ -722,8 +724,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- admission ------------------------------------------------------------
 
-    def verify_request(self, request: socket.socket, client_address: tuple) -> bool:
-        """Turn a newcomer away, before a thread is spent on it, when the server or its address is full."""
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        """Give a newcomer a thread of its own, or turn it away when the server or its address is full."""
         address = client_address[0]
         options = self.options
         with self.lock:
@@ -734,14 +736,36 @@ class ChatServer(socketserver.ThreadingTCPServer):
             else:
                 self.per_address[address] += 1
                 self.admitted += 1
-                return True
+                refusal = None
+            # Over TLS the refusal needs a handshake first: a thread, but only a few at a time.
+            explain = refusal and (self.tls is None or self.refusing < MAX_TLS_REFUSALS)
+            if explain and self.tls is not None:
+                self.refusing += 1
+        if refusal is None:
+            super().process_request(request, client_address)
+            return
         log.warning("refused %s: %s", address, refusal)
-        if self.tls is None:
-            try:
-                request.send(f"{error(refusal)}\n".encode())
-            except OSError:
-                pass
-        return False
+        if not explain:
+            self.shutdown_request(request)
+        elif self.tls is None:
+            self.refuse(request, refusal)
+        else:
+            threading.Thread(target=self.refuse, args=(request, refusal), daemon=True).start()
+
+    def refuse(self, request: socket.socket, refusal: str) -> None:
+        """Tell a newcomer why it cannot come in, and close the connection."""
+        try:
+            if self.tls is not None:
+                request.settimeout(2.0)
+                request = self.tls.wrap_socket(request, server_side=True)
+            request.sendall(f"{error(refusal)}\n".encode())
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            self.shutdown_request(request)
+            if self.tls is not None:
+                with self.lock:
+                    self.refusing -= 1
 
     def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
         try:
