@@ -163,3 +163,35 @@ def test_tls_insecure_connects_with_a_warning(tls_server):
     result = run_piped(tls_server, "hi\n", "--nick", "ci", "--insecure", host="127.0.0.1")
     assert result.returncode == 0, result.stderr.decode()
     assert "warning" in result.stderr.decode() and "ci: hi" in result.stdout.decode()
+
+
+# -- a server that does not clean its lines ----------------------------------------------
+
+def test_control_characters_from_a_careless_server_are_removed():
+    """A hand-played server sends escapes, a bell and a direction override; none is printed."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(10)
+        client = subprocess.Popen(
+            [sys.executable, str(CLIENT), "--host", "127.0.0.1", "--port",
+             str(listener.getsockname()[1]), "--nick", "ci"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            connection, _ = listener.accept()
+            with connection, connection.makefile("rwb", buffering=0) as wire:
+                connection.settimeout(10)
+                wire.write(b"*** Choose a nickname:\n")
+                assert wire.readline() == b"ci\n"
+                wire.write("*** Welcome, ci!\nevil: \x1b[2J\x1b]0;owned\x07hi\u202egnp.exe\r\n"
+                           .encode())
+                assert wire.readline() == b"/quit\n"
+                wire.write(b"*** Bye.\n")
+            output, errors = client.communicate(timeout=10)
+        finally:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0, errors.decode()
+    shown = output.decode()
+    assert re.search(r"\] evil: \[2J\]0;ownedhignp\.exe\n", shown), repr(shown)
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f\u202e]", shown), repr(shown)
