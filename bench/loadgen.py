@@ -76,7 +76,9 @@ class IrcProtocol:
     name = "irc"
     registered = re.compile(rb"^:\S+ 001 [^\n]*\n", re.M)
     joined = re.compile(rb"^:\S+ 366 [^\n]*\n", re.M)
-    refusal = re.compile(rb"^(?::\S+ )?((?:ERROR|[45]\d\d) [^\r\n]*)", re.M)
+    # ERROR, and the numerics that refuse a nickname, a registration or a JOIN
+    # (not, say, 422 "MOTD File is missing", which miniircd sends to everyone).
+    refusal = re.compile(rb"^(?::\S+ )?((?:ERROR|4(?:0[35]|3[1-7]|5[1-9]|6[1-5]|7[1-7])) [^\r\n]*)", re.M)
     ping = re.compile(rb"^PING ([^\r\n]*)", re.M)
     delivery = re.compile(rb"\n:b(\d+)![^ ]* PRIVMSG #bench :\|\1\.(\d+)\.(\d+)\|")
     line_end = PADDING + b"\r\n"
@@ -199,18 +201,24 @@ class LoadGenerator:
     def now_us(self) -> int:
         return (time.perf_counter_ns() - self.epoch_ns) // 1000
 
-    def connect(self, count: int, in_flight: int, timeout_s: float,
-                rcvbuf: int | None = None, stall: bool = False) -> list[Client]:
+    def connect(self, count: int, in_flight: int, timeout_s: float, rcvbuf: int | None = None,
+                stall: bool = False, server_alive=lambda: True) -> list[Client]:
         """Open `count` clients, at most `in_flight` signing in at once; return them all.
 
-        Returns when every one is signed in or has failed, or after timeout_s
-        (the stragglers are then marked failed).
+        Returns when every one is signed in or has failed, after timeout_s, or
+        as soon as server_alive() says the server is gone (the stragglers are
+        then marked failed).
         """
         waiting = deque(Client(self, len(self.clients) + i) for i in range(count))
         started = list(waiting)
         self.clients.extend(started)
         deadline = time.monotonic() + timeout_s
+        next_check = 0.0
         while (waiting or self.signing_in) and time.monotonic() < deadline:
+            if time.monotonic() >= next_check:
+                if not server_alive():
+                    break
+                next_check = time.monotonic() + 0.5
             while waiting and self.signing_in < in_flight:
                 self.open(waiting.popleft(), rcvbuf, stall)
             self.tick(0.05)

@@ -246,8 +246,8 @@ class RunningServer:
         except OSError:
             return 0
 
-    def connection_state(self, client_port: int) -> str | None:
-        """TCP state of the server's end of the connection from client_port, None if gone."""
+    def connection_state(self, client_port: int) -> tuple[str, int]:
+        """TCP state and kernel send queue (bytes) of the server's end of the connection from client_port."""
         return tcp_state((HOST, self.port), (HOST, client_port))
 
 
@@ -288,8 +288,8 @@ TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FI
               "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING"}
 
 
-def tcp_state(local: tuple[str, int], remote: tuple[str, int]) -> str | None:
-    """State of the IPv4 TCP socket local->remote in /proc/net/tcp, None if there is none."""
+def tcp_state(local: tuple[str, int], remote: tuple[str, int]) -> tuple[str, int]:
+    """State and send-queue bytes of the IPv4 TCP socket local->remote ("gone", 0 if there is none)."""
     def encode(address: tuple[str, int]) -> str:
         packed = socket.inet_aton(address[0])[::-1].hex().upper()
         return f"{packed}:{address[1]:04X}"
@@ -300,5 +300,6 @@ def tcp_state(local: tuple[str, int], remote: tuple[str, int]) -> str | None:
         for line in table:
             fields = line.split()
             if (fields[1], fields[2]) == wanted:
-                return TCP_STATES.get(fields[3], fields[3])
-    return None
+                send_queue = int(fields[4].split(":")[0], 16)
+                return TCP_STATES.get(fields[3], fields[3]), send_queue
+    return "gone", 0
