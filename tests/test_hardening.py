@@ -88,6 +88,24 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
+def seconds_until_closed(sock: socket.socket, dribble: bytes, most: float) -> float | None:
+    """Send DRIBBLE one byte every 0.3 s (then nothing) until the server closes SOCK.
+
+    Returns the seconds that took, or None if SOCK is still open after MOST seconds.
+    """
+    started = time.monotonic()
+    for sent in range(int(most / 0.3) + 1):
+        try:
+            if sent < len(dribble):
+                sock.sendall(dribble[sent:sent + 1])
+            readable, _, _ = select.select([sock], [], [], 0.3)
+            if readable and not sock.recv(65536):
+                return time.monotonic() - started
+        except OSError:                          # reset by the server: closed as well
+            return time.monotonic() - started
+    return None
+
+
 def online_line(client: LineClient) -> str:
     client.send("/online")
     return client.expect(r"-- \d+ online")
@@ -223,28 +241,12 @@ def test_a_connection_dribbling_a_nickname_byte_by_byte_is_still_closed_after_th
     sock = socket.create_connection((server.host, server.port), timeout=TIMEOUT)
     try:
         read_until(sock, NICKNAME_PROMPT.encode())
-        started = time.monotonic()
-        closed_after = None
-        for _ in range(15):                     # one byte every 0.3 s for up to 4.5 s, never a whole line
-            try:
-                sock.sendall(b"x")
-            except OSError:
-                closed_after = time.monotonic() - started
-                break
-            readable, _, _ = select.select([sock], [], [], 0.3)
-            if readable:
-                try:
-                    data = sock.recv(65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    closed_after = time.monotonic() - started
-                    break
-        assert closed_after is not None, \
-            "a connection sending one byte of its nickname every 0.3 s was never closed (--nick-timeout 1)"
-        assert closed_after <= 3, f"closed only after {closed_after:.1f} s (--nick-timeout 1)"
+        took = seconds_until_closed(sock, b"x" * 100, most=4.5)
     finally:
         sock.close()
+    assert took is not None, \
+        "a connection sending one byte of its nickname every 0.3 s was never closed (--nick-timeout 1)"
+    assert took <= 3, f"closed only after {took:.1f} s (--nick-timeout 1)"
 
 
 @pytest.mark.server_options("--max-per-ip", "0", "--nick-timeout", "30")
@@ -758,6 +760,9 @@ DISGUISES = [
     b"\r\r\r*** carol joined #lobby\r\n",
     b"\x00\x7f*** x\n",
     "\u202e*** carol\u202c quit\n".encode(),   # right-to-left override
+    b"hi\xc0\x8a*** carol quit\n",               # an overlong encoding of a newline
+    b"hi\xed\xa0\x80\xe0\x80\x8a*** x\n",        # a UTF-16 surrogate, another overlong newline
+    b"\xc2\x1b[2J\n",                            # half a character, then ESC
 ]
 
 

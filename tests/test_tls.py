@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, TIMEOUT, LineClient
+from test_hardening import reset, seconds_until_closed, wait_until_online
 
 CLIENT_SCRIPT = ROOT / "pyChat-client.py"
 NICKNAME_PROMPT = "*** Choose a nickname:"
@@ -93,6 +94,15 @@ def tls_connect(certificates):
     yield open_client
     for client in opened:
         client.close()
+
+
+def client_hello(certificates) -> bytes:
+    """The first bytes a TLS client sends (its ClientHello), made in memory."""
+    context = ssl.create_default_context(cafile=str(certificates.ca))
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
 
 
 def run_client(server, *options: str, stdin: str = "", timeout: float = 15) -> subprocess.CompletedProcess:
@@ -193,6 +203,69 @@ def test_a_tls_newcomer_past_the_connection_limit_is_told_the_server_is_full(sta
         f"a TLS newcomer past --max-clients should get one '!! The server is full' line; got {lines}"
     alice.send("unaffected")
     assert alice.expect("alice: ") == "alice: unaffected"
+
+
+@pytest.mark.parametrize("dribble", [False, True], ids=["silent", "dribbling-its-client-hello"])
+def test_a_connection_that_never_finishes_the_tls_handshake_is_closed_after_the_nickname_timeout(
+        start_server, tls_connect, certificates, dribble):
+    server = start_server("--tls-cert", str(certificates.cert), "--tls-key", str(certificates.key),
+                          "--nick-timeout", "1")
+    hello = client_hello(certificates)
+    sock = socket.create_connection((server.host, server.port), timeout=TIMEOUT)
+    try:
+        alice = tls_connect(server, "alice")     # the slow handshake holds up no one
+        alice.send("not held up")
+        assert alice.expect("alice: ") == "alice: not held up"
+        took = seconds_until_closed(sock, hello[:-1] if dribble else b"", most=4.5)
+    finally:
+        sock.close()
+    assert took is not None, "a connection that never finished its TLS handshake was never closed (--nick-timeout 1)"
+    assert took <= 3, f"an unfinished TLS handshake was closed only after {took:.1f} s (--nick-timeout 1)"
+
+
+def test_a_stalled_tls_reader_does_not_delay_others_and_is_cut_off(start_server, tls_connect, certificates):
+    server = start_server("--tls-cert", str(certificates.cert), "--tls-key", str(certificates.key),
+                          "--max-queue", "65536", "--rate", "0")
+    plain = socket.socket()
+    plain.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    plain.connect((server.host, server.port))
+    stalled = ssl.create_default_context(cafile=str(certificates.ca)).wrap_socket(plain, server_hostname="localhost")
+    try:
+        stalled.sendall(b"sleepy\n")            # signs in, then never reads again
+        alice = tls_connect(server, "alice")
+        bob = tls_connect(server, "bob")
+        alice.expect(r"\*\*\* bob joined")
+        text = "x" * 1000
+        for n in range(5000):                   # up to 5 MB: far more than the stalled reader can hold
+            bob.send(f"{n} {text}")
+            assert alice.expect(f"bob: {n} ", timeout=1)
+            bob.expect(f"bob: {n} ", timeout=1)
+            if "cutting off sleepy" in server.log():
+                break
+        server.wait_for_log(r"cutting off sleepy@127\.0\.0\.1: not reading")
+        assert alice.expect(r"\*\*\* sleepy quit").startswith("*** sleepy quit (not reading")
+        assert "Traceback" not in server.log(), server.log()[-3000:]
+    finally:
+        stalled.close()
+
+
+def test_tls_connections_cut_at_every_stage_leave_no_traceback_and_no_ghost(tls_server, tls_connect, certificates):
+    alice = tls_connect(tls_server, "alice")
+    hello = client_hello(certificates)
+    context = ssl.create_default_context(cafile=str(certificates.ca))
+    for n in range(80):
+        stage = n % 4
+        if stage == 3:                          # signed in, then gone mid-conversation
+            client = TLSClient(tls_server.host, tls_server.port, context)
+            client.login(f"cut{n}")
+            client.send_raw(b"half a line")
+            sock = client.sock
+        else:                                   # before, during, or right after the ClientHello
+            sock = socket.create_connection((tls_server.host, tls_server.port), timeout=TIMEOUT)
+            sock.sendall((b"", hello[:len(hello) // 2], hello)[stage])
+        reset(sock) if n % 2 else sock.close()
+    wait_until_online(alice, "-- 1 online: alice (#lobby)")
+    assert "Traceback" not in tls_server.log(), tls_server.log()[-3000:]
 
 
 # -- the real client -----------------------------------------------------------------------------
