@@ -341,7 +341,12 @@ class OutputPump(threading.Thread):
                     self.ready.append(key.data)
             self.sleeping = False
             while self.ready:
-                self.write(self.ready.popleft())
+                connection = self.ready.popleft()
+                try:
+                    self.write(connection)
+                except Exception:       # one broken connection must not silence everyone
+                    log.exception("writing to %r failed", connection)
+                    connection.cut_off("could not write to it")
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 1.0
                 self.cut_off_stalled()
@@ -456,7 +461,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.sock.close()
 
     def ask_password(self, lines: Iterator[str | None]) -> None:
-        for attempt in range(1, PASSWORD_TRIES + 1):
+        for _ in range(PASSWORD_TRIES):
             self.send_line(PROMPT_PASSWORD)
             given = next(lines) or ""
             if self.server.check_secret(self, given, self.server.options.password, "server password"):
