@@ -540,7 +540,8 @@ def complete_word(before: str, commands: Iterable[str], nicknames: Iterable[str]
 
     One match is completed, followed by ": " for a nickname that starts the
     line (as IRC clients do) and " " otherwise. Several matches are completed
-    as far as they agree and returned as choices.
+    as far as they agree and returned as choices. An empty word is left
+    alone: its choices are every nickname.
     """
     start = before.rfind(" ") + 1
     word, line_start = before[start:], not before[:start].strip()
@@ -549,6 +550,8 @@ def complete_word(before: str, commands: Iterable[str], nicknames: Iterable[str]
     else:
         candidates, suffix = sorted(set(nicknames), key=str.casefold), (": " if line_start else " ")
     matches = [name for name in candidates if name.casefold().startswith(word.casefold())]
+    if not word:   # nothing typed yet: only show who could be meant
+        return before, matches
     if len(matches) == 1:
         return before[:start] + matches[0] + suffix, []
     if not matches:

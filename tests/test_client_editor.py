@@ -224,6 +224,11 @@ def test_complete_nickname_later_in_line_adds_space():
     assert client.complete_word("hi al", COMMANDS, ["alice"]) == ("hi alice ", [])
 
 
+def test_complete_empty_word_only_lists_nicknames():
+    assert client.complete_word("/msg ", COMMANDS, ["bob"]) == ("/msg ", ["bob"])
+    assert client.complete_word("", COMMANDS, ["bob", "bobby"]) == ("", ["bob", "bobby"])
+
+
 def test_complete_without_match_leaves_line_alone():
     assert client.complete_word("zz", COMMANDS, ["alice"]) == ("zz", [])
 
