@@ -548,18 +548,18 @@ class ClientConnection(socketserver.BaseRequestHandler):
                 return
 
     def start_tls(self) -> None:
-        self.sock = self.server.tls.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-        deadline = time.monotonic() + self.server.options.nick_timeout
-        while True:
-            try:
-                self.sock.do_handshake()
-                return
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                if time.monotonic() > deadline:
-                    raise Disconnect("TLS handshake timed out") from None
-                wait_until_readable((self.sock, self.server.stop_signal), 0.5)
-            except (ssl.SSLError, OSError) as problem:
-                raise Disconnect(f"TLS handshake failed ({problem})") from None
+        try:
+            self.sock = self.server.tls.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            while True:
+                try:
+                    self.sock.do_handshake()
+                    return
+                except ssl.SSLWantReadError:
+                    self.wait_for_input(self.server.options.nick_timeout)    # the sign-in clock
+                except ssl.SSLWantWriteError:
+                    wait_until_writable(self.sock, 1.0)
+        except (ssl.SSLError, OSError) as problem:
+            raise Disconnect(f"TLS handshake failed ({problem})") from None
 
     # -- output -------------------------------------------------------------
 
