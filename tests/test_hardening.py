@@ -8,6 +8,7 @@ from a line it sends or from its log.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import select
@@ -715,6 +716,25 @@ def nickname_holders():
         server.kill()
 
 
+_newcomers = itertools.count()
+
+
+def ask_for_nickname(server, connect, how: str, name: str) -> str:
+    """Ask for NAME at sign-in or, signed in as someone new, with /nick; returns the server's answer."""
+    client = connect(server)
+    if how == "at sign-in":
+        client.expect(re.escape(NICKNAME_PROMPT))
+        client.send(name)
+        return client.recv_line()
+    client.login(f"newcomer{next(_newcomers)}")
+    client.send(f"/nick {name}")
+    return client.expect(r"!! |\*\*\* newcomer\d+ is now known as ")
+
+
+HOW = ["at sign-in", "with /nick"]
+
+
+@pytest.mark.parametrize("how", HOW)
 @pytest.mark.parametrize("victim, lookalike", [
     ("alice", "ａｌｉｃｅ"),        # fullwidth letters
     ("alice", "ALİCE"),            # capital I with a dot
@@ -724,24 +744,26 @@ def nickname_holders():
     ("tokyo", "токуо"),            # all Cyrillic
     ("tokyo", "τοκγο"),            # all Greek
     ("tokyo", "ΤΟΚΥΟ"),            # all Greek capitals
+    ("alice", "alice\u034f"),      # an invisible mark: combining grapheme joiner
+    ("alice", "alice\ufe0f"),      # an invisible mark: variation selector
+    ("alice", "alice\u17b4"),      # an invisible mark: Khmer inherent vowel
+    ("alice", "alice\u180b"),      # an invisible mark: Mongolian variation selector
 ])
-def test_a_nickname_that_looks_like_someone_elses_is_refused(nickname_holders, connect, victim, lookalike):
-    client = connect(nickname_holders)
-    client.expect(re.escape(NICKNAME_PROMPT))
-    client.send(lookalike)
-    answer = client.recv_line()
-    assert answer.startswith("!! "), f"{lookalike!r} was accepted while {victim!r} is online: {answer!r}"
+def test_a_nickname_that_looks_like_someone_elses_is_refused(nickname_holders, connect, how, victim, lookalike):
+    answer = ask_for_nickname(nickname_holders, connect, how, lookalike)
+    assert answer.startswith("!! "), f"{lookalike!r} was accepted {how} while {victim!r} is online: {answer!r}"
 
 
-@pytest.mark.parametrize("name", ["server", "SERVER", "ｓｅｒｖｅｒ", "*** alice", "***", "-- x", "--",
-                                  "!! x", "!!", "[pm", "[pm from alice]", "[history", "* alice"])
-def test_a_nickname_that_looks_like_a_server_message_is_refused(nickname_holders, connect, name):
-    client = connect(nickname_holders)
-    client.expect(re.escape(NICKNAME_PROMPT))
-    client.send(name)
-    answer = client.recv_line()
-    assert answer.startswith("!! "), f"nickname {name!r} was accepted: {answer!r}"
-    assert client.recv_line() == NICKNAME_PROMPT
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("name", [
+    "server", "SERVER", "ｓｅｒｖｅｒ", "*** alice", "***", "-- x", "--", "!! x", "!!", "[pm", "[pm from alice]",
+    "[history", "* alice",
+    "\u3164", "\u115f", "\u3164\u3164", "\uffa0",     # Hangul fillers: letters that show as nothing
+])
+def test_a_nickname_that_looks_like_a_server_message_or_like_nothing_is_refused(
+        nickname_holders, connect, how, name):
+    answer = ask_for_nickname(nickname_holders, connect, how, name)
+    assert answer.startswith("!! "), f"nickname {name!r} was accepted {how}: {answer!r}"
 
 
 DISGUISES = [
