@@ -29,7 +29,7 @@ import time
 import unicodedata
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, TextIO
 
 try:
     import termios
@@ -653,7 +653,7 @@ def render_local(text: str, painter: Painter) -> str:
 class TerminalDisplay:
     """The screen of an interactive session: messages scroll up, the input stays on the bottom row."""
 
-    def __init__(self, out, editor: LineEditor, painter: Painter) -> None:
+    def __init__(self, out: TextIO, editor: LineEditor, painter: Painter) -> None:
         self.out = out
         self.editor = editor
         self.painter = painter
@@ -714,9 +714,9 @@ class TerminalDisplay:
 
 
 class PlainDisplay:
-    """Output when input is piped: one line per message, nothing to redraw."""
+    """Output when input is piped: one line per message, no input line to redraw."""
 
-    def __init__(self, out) -> None:
+    def __init__(self, out: TextIO) -> None:
         self.out = out
 
     def set_prompt(self, prompt: str, secret: bool = False) -> None:
@@ -726,12 +726,6 @@ class PlainDisplay:
         """Print the line."""
         self.out.write(line + "\n")
         self.out.flush()
-
-    def redraw(self) -> None:
-        """Nothing is drawn."""
-
-    def close(self) -> None:
-        """Nothing to clean up."""
 
 
 # ---------------------------------------------------------------------------
