@@ -40,7 +40,7 @@ except ImportError:  # Windows: see windows_keyboard_socket()
 
 try:
     import colorama
-except ImportError:  # colours still work on POSIX terminals with plain ANSI codes
+except ImportError:  # only Windows consoles need it; POSIX terminals speak ANSI
     colorama = None
 
 # ---------------------------------------------------------------------------
@@ -1103,6 +1103,13 @@ class ChatClient:
 # main()
 # ---------------------------------------------------------------------------
 
+def port_number(text: str) -> int:
+    """A TCP port from the command line."""
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return int(text)
+
+
 def parse_options(argv: Optional[list[str]]) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(
@@ -1111,7 +1118,7 @@ def parse_options(argv: Optional[list[str]]) -> argparse.Namespace:
                     "pipe or a file, each line is sent as a message, then the client leaves.")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"server to connect to (default: {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help=f"server port (default: {DEFAULT_PORT})")
     parser.add_argument("--nick",
                         help="nickname to sign in with, instead of being asked; required "
@@ -1140,14 +1147,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     options = parse_options(argv)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if not interactive and not options.nick:
-        print("pyChat: --nick is needed when standard input is not a terminal", file=sys.stderr)
+        print("pyChat: --nick is needed when not run in a terminal", file=sys.stderr)
         return 2
     colour = (sys.stdout.isatty() and not options.no_color
               and not os.environ.get("NO_COLOR"))
-    if colour and colorama is not None:
+    if os.name == "nt" and colorama is not None:
+        # The input line is drawn with ANSI cursor moves, with or without colour.
         if hasattr(colorama, "just_fix_windows_console"):
             colorama.just_fix_windows_console()
-        elif os.name == "nt":
+        else:
             colorama.init()
     with contextlib.suppress(AttributeError):
         sys.stdout.reconfigure(errors="replace")
