@@ -28,6 +28,7 @@ from conftest import TIMEOUT, LineClient, ServerProcess, shown
 
 NICKNAME_PROMPT = "*** Choose a nickname:"
 PASSWORD_PROMPT = "*** Password:"
+PASSWORD = "correct horse 42"
 # What no line from the server may contain: C0 controls (the newline is the separator and never part of a
 # line), DEL, C1 controls, and direction overrides that reorder text on the screen.
 TERMINAL_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -190,6 +191,14 @@ class Drain(threading.Thread):
         self.join(2)
 
 
+def environment(password: str | None) -> dict[str, str]:
+    """This process's environment for a server with the server password PASSWORD (None: no password)."""
+    env = {name: value for name, value in os.environ.items() if name not in ("PYCHAT_PASSWORD", "PYCHAT_OP_PASSWORD")}
+    if password is not None:
+        env["PYCHAT_PASSWORD"] = password
+    return env
+
+
 # -- connection limits ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, refusal", [
@@ -229,10 +238,11 @@ def test_a_newcomer_past_a_connection_limit_gets_one_error_line_and_others_chat_
 
 # -- signing in in time -----------------------------------------------------------------------------
 
-@pytest.mark.server_options("--nick-timeout", "1")
-def test_a_connection_that_never_signs_in_is_closed_after_the_nickname_timeout(server, connect):
+@pytest.mark.parametrize("password", [None, PASSWORD], ids=["at-the-nickname-prompt", "at-the-password-prompt"])
+def test_a_connection_that_never_signs_in_is_closed_after_the_nickname_timeout(start_server, connect, password):
+    server = start_server("--nick-timeout", "1", env=environment(password))
     client = connect(server)
-    client.expect(re.escape(NICKNAME_PROMPT))
+    client.expect(re.escape(PASSWORD_PROMPT if password else NICKNAME_PROMPT))
     started = time.monotonic()
     client.wait_closed(timeout=5)
     waited = time.monotonic() - started
@@ -625,16 +635,6 @@ def test_sigterm_with_a_hundred_clients_some_stalled_exits_zero_within_seconds(s
 
 # -- the server password ------------------------------------------------------------------------
 
-PASSWORD = "correct horse 42"
-
-
-def environment(password: str | None) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if name not in ("PYCHAT_PASSWORD", "PYCHAT_OP_PASSWORD")}
-    if password is not None:
-        env["PYCHAT_PASSWORD"] = password
-    return env
-
-
 def test_without_a_server_password_there_is_no_password_prompt(start_server, connect):
     server = start_server(env=environment(None))
     client = connect(server)
@@ -651,6 +651,13 @@ def test_the_right_password_leads_to_the_nickname_prompt(start_server, connect):
     assert client.recv_line(timeout=1) == NICKNAME_PROMPT, "the right password did not lead to the nickname prompt"
     client.send("alice")
     assert client.expect(r"\*\*\* Welcome, ").startswith("*** Welcome, alice!")
+
+
+def test_the_password_and_the_nickname_may_come_in_one_write(start_server, connect):
+    server = start_server(env=environment(PASSWORD))
+    client = connect(server)
+    client.send_raw(f"{PASSWORD}\nalice\n".encode())
+    assert client.expect(r"\*\*\* Welcome, |!! ").startswith("*** Welcome, alice!")
 
 
 def test_a_wrong_password_is_refused_after_a_delay_logged_and_asked_again(start_server, connect):
@@ -751,7 +758,7 @@ HOW = ["at sign-in", "with /nick"]
 ])
 def test_a_nickname_that_looks_like_someone_elses_is_refused(nickname_holders, connect, how, victim, lookalike):
     answer = ask_for_nickname(nickname_holders, connect, how, lookalike)
-    assert answer.startswith("!! "), f"{lookalike!r} was accepted {how} while {victim!r} is online: {answer!r}"
+    assert answer.startswith("!! "), f"{lookalike!a} was accepted {how} while {victim!r} is online: {answer!a}"
 
 
 @pytest.mark.parametrize("how", HOW)
@@ -763,7 +770,7 @@ def test_a_nickname_that_looks_like_someone_elses_is_refused(nickname_holders, c
 def test_a_nickname_that_looks_like_a_server_message_or_like_nothing_is_refused(
         nickname_holders, connect, how, name):
     answer = ask_for_nickname(nickname_holders, connect, how, name)
-    assert answer.startswith("!! "), f"nickname {name!r} was accepted {how}: {answer!r}"
+    assert answer.startswith("!! "), f"nickname {name!a} was accepted {how}: {answer!a}"
 
 
 DISGUISES = [
@@ -813,3 +820,33 @@ def test_no_control_character_from_a_user_reaches_another_screen(chat):
     alice.expect(r"\*\*\* bob quit")
     for line in alice.seen:
         assert not TERMINAL_CONTROL.search(line), f"alice received control characters: {line!r}"
+
+
+def test_text_relayed_by_commands_keeps_its_sender_and_loses_its_control_characters(start_server, connect):
+    server = start_server("--rate", "0", env={**environment(None), "PYCHAT_OP_PASSWORD": "op-secret"})
+    alice = connect(server, "alice")
+    bob = connect(server, "bob")
+    alice.expect(r"\*\*\* bob joined")
+    bob.send("/op op-secret")
+    assert bob.expect("-- |!! ") == "-- You are now an operator."
+    relayed = ("* bob ", "[pm from bob] ", "*** bob set the topic of #lobby: ", "[pm to bob] ping",
+               "-- bob is away: ")
+    inline = [disguise.rstrip(b"\n") for disguise in DISGUISES if disguise.count(b"\n") == 1]
+    for n, disguise in enumerate(inline):
+        start = len(alice.seen)
+        for command in (b"/me ", b"/msg alice ", b"/topic ", b"/away "):
+            bob.send_raw(command + disguise + b"\n")
+        bob.expect(r"-- You are marked away")    # every command above has been handled
+        alice.send("/msg bob ping")
+        alice.expect(r"-- bob is away: ")
+        bob.send("/back")
+        bob.send(f"end {n}")
+        alice.expect(f"bob: end {n}$")
+        received = alice.seen[start:-1]
+        assert len(received) == 5, f"{disguise!r} relayed by /me, /msg, /topic and /away arrived as {received}"
+        for line in received:
+            assert line.startswith(relayed), f"{disguise!r} relayed by a command arrived as {line!r}"
+            assert not TERMINAL_CONTROL.search(line), f"{disguise!r} arrived with control characters: {line!r}"
+    bob.send_raw(b"/quit " + inline[-1] + b"\n")
+    farewell = alice.expect(r"\*\*\* bob quit")
+    assert not TERMINAL_CONTROL.search(farewell), f"the quit message kept control characters: {farewell!r}"
