@@ -251,14 +251,14 @@ def names(keys):
     return [key.text if key.name == "text" else key.name for key in keys]
 
 
-def test_keys_text_and_controls():
+def test_control_keys_are_named_and_text_is_kept_together():
     decoder = client.KeyDecoder()
     assert names(decoder.feed(b"hi\x7f\x15\x17\x0b\x01\x05\t\r")) == [
         "hi", "backspace", "kill-to-start", "kill-word", "kill-to-end", "home", "end",
         "tab", "enter"]
 
 
-def test_keys_utf8_split_across_reads():
+def test_utf8_split_across_reads_decodes_whole_characters():
     decoder = client.KeyDecoder()
     data = "漢é".encode()
     keys = []
@@ -267,7 +267,7 @@ def test_keys_utf8_split_across_reads():
     assert names(keys) == ["漢", "é"]
 
 
-def test_keys_escape_sequence_split_across_reads():
+def test_escape_sequence_split_across_reads_is_one_key():
     decoder = client.KeyDecoder()
     assert decoder.feed(b"a\x1b") == [client.Key("text", "a")]
     assert decoder.waiting
@@ -281,7 +281,7 @@ def test_keys_escape_sequence_split_across_reads():
     (b"\x1b[H", "home"), (b"\x1b[F", "end"), (b"\x1bOH", "home"), (b"\x1bOF", "end"),
     (b"\x1b[1~", "home"), (b"\x1b[4~", "end"), (b"\x1b[3~", "delete"), (b"\x1b[1;5C", "right"),
 ])
-def test_keys_escape_sequences(sequence, name):
+def test_escape_sequences_name_the_cursor_keys(sequence, name):
     assert names(client.KeyDecoder().feed(sequence)) == [name]
 
 

@@ -323,13 +323,12 @@ def test_wide_input_in_narrow_terminal_never_splits_a_character(server, connect,
     assert bob.expect(r"^alice: ") == f"alice: {text}"
 
 
-def test_resize_redraws_input_for_new_width(server, run_client):
+def test_resize_redraws_input_for_new_width_without_a_key_press(server, run_client):
     alice = signed_in(run_client, server)
     alice.type("x" * 40 + "END")
     alice.wait_for_input_line("alice> " + "x" * 40 + "END")
-    set_window_size(alice.slave, 24, 20)
-    alice.screen = Screen(24, 20)   # the model of the new, narrower terminal
-    alice.type(LEFT)
+    set_window_size(alice.slave, 24, 20)   # the client gets SIGWINCH
+    alice.screen = Screen(24, 20)          # the model of the new, narrower terminal
     alice.wait_for(lambda screen: screen.cursor_line.endswith("xxEND")
                    and len(screen.cursor_line) <= 19, "input redrawn at 20 columns")
 
@@ -346,7 +345,7 @@ def test_resize_redraws_input_for_new_width(server, run_client):
     (f"abxc{LEFT}{LEFT}{DELETE}{RIGHT}!", "abc!"),
     (f"ab{CTRL_A}{CTRL_D}", "b"),
 ])
-def test_editing_keys(server, connect, run_client, keys, sent):
+def test_editing_keys_change_the_line_that_is_sent(server, connect, run_client, keys, sent):
     bob = connect(server, "bob")
     alice = signed_in(run_client, server)
     alice.type(keys + "\r")
