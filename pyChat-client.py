@@ -1047,7 +1047,9 @@ class ChatClient:
 
     def _leave(self) -> None:
         """Say /quit (once) and wait for the server to close the connection."""
-        if not self.leaving:
+        if not self.me:   # still signing in: "/quit" would be taken for a nickname or password
+            self.exit_code = 0
+        elif not self.leaving:
             self.connection.send_line("/quit")
             self.leaving = True
             self.leave_deadline = time.monotonic() + QUIT_TIMEOUT

@@ -451,6 +451,14 @@ def test_leaving_exits_zero_and_restores_terminal(server, run_client, keys):
     assert termios.tcgetattr(alice.slave) == alice.mode_before
 
 
+def test_ctrl_d_while_asked_for_a_nickname_leaves_at_once(server, run_client):
+    client = run_client(server)
+    client.wait_for_input_line("nickname: ")
+    client.type(CTRL_D)
+    assert client.wait_exit(timeout=2) == 0
+    assert termios.tcgetattr(client.slave) == client.mode_before
+
+
 def test_no_color_option_and_environment_turn_colours_off(server, run_client):
     for args, env in ((["--no-color"], None), ([], {"NO_COLOR": "1"})):
         client = run_client(server, "--nick", f"plain{len(args)}", *args, env=env)
