@@ -495,7 +495,10 @@ GHOST_CLIENT = textwrap.dedent("""
 
 
 def run(*command: str) -> None:
-    subprocess.run(command, check=True, capture_output=True, timeout=10)
+    """Run a setup command (ip ...); fail with what it said if it does not work."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=10)
+    if result.returncode:
+        pytest.fail(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
 
 
 def test_a_client_that_vanishes_without_a_fin_is_removed_within_seconds_by_keepalive(start_server, connect):
