@@ -337,6 +337,15 @@ class LoadGenerator:
                 return
             self.tick(remaining)
 
+    def settle(self, quiet_s: float, longest_s: float) -> None:
+        """Keep reading until nothing has arrived for quiet_s (at most longest_s)."""
+        deadline = time.perf_counter() + longest_s
+        while time.perf_counter() < deadline:
+            before = self.bytes_received
+            self.run(quiet_s)
+            if self.bytes_received == before:
+                return
+
     def tick(self, longest_wait_s: float) -> None:
         """Send what the traffic has due, then handle socket events."""
         wait = longest_wait_s

@@ -8,6 +8,7 @@ open files) come from /proc, so they cost the server nothing.
 from __future__ import annotations
 
 import os
+import platform
 import pwd
 import shutil
 import signal
@@ -71,6 +72,20 @@ class ServerKind:
             return None if miniircd_command() else "miniircd not installed"
         return f"unknown server {self.name}"
 
+    def version(self) -> str:
+        """What exactly is measured: the program's version, or pyChat's last commit."""
+        if self.name == "pychat":
+            log = subprocess.run(["git", "log", "-1", "--format=%h %cd", "--date=format:%Y-%m-%d %H:%M",
+                                  "--", PYCHAT_SERVER.name], cwd=REPO, capture_output=True, text=True)
+            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", PYCHAT_SERVER.name], cwd=REPO)
+            commit = log.stdout.strip() or "not in git"
+            return f"pyChat-server.py {commit}" + (" + uncommitted changes" if dirty.returncode else "")
+        if self.name == "ngircd":
+            result = subprocess.run([ngircd_binary(), "--version"], capture_output=True, text=True)
+            return result.stdout.splitlines()[0].split("-")[0] if result.stdout else "ngircd"
+        result = subprocess.run([*miniircd_command(), "--version"], capture_output=True, text=True)
+        return f"miniircd {(result.stdout + result.stderr).strip()}"
+
     def command(self, port: int, workdir: Path) -> list[str]:
         """The command line that starts this server on 127.0.0.1:port."""
         if self.name == "pychat":
@@ -91,6 +106,18 @@ SERVER_KINDS = {
     "ngircd": ServerKind("ngircd", "irc", "apt-get update && apt-get install -y ngircd"),
     "miniircd": ServerKind("miniircd", "irc", "python3 -m pip install miniircd"),
 }
+
+
+def machine() -> str:
+    """Cores, CPU model, Python and kernel of this machine, for the record."""
+    model = "unknown CPU"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return (f"{os.cpu_count()} cores ({model}), Python {platform.python_version()}, "
+            f"Linux {platform.release()}")
 
 
 def ngircd_binary() -> str | None:
