@@ -5,6 +5,7 @@ pyChat-client.py is tested in piped mode with --tls, --cafile and --insecure.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -251,20 +252,28 @@ def test_a_stalled_tls_reader_does_not_delay_others_and_is_cut_off(start_server,
 
 def test_tls_connections_cut_at_every_stage_leave_no_traceback_and_no_ghost(tls_server, tls_connect, certificates):
     alice = tls_connect(tls_server, "alice")
+    bob = tls_connect(tls_server, "bob")
     hello = client_hello(certificates)
     context = ssl.create_default_context(cafile=str(certificates.ca))
-    for n in range(80):
-        stage = n % 4
-        if stage == 3:                          # signed in, then gone mid-conversation
+    for n in range(100):
+        stage = n % 5
+        if stage >= 3:                          # signed in, then gone mid-conversation
             client = TLSClient(tls_server.host, tls_server.port, context)
             client.login(f"cut{n}")
             client.send_raw(b"half a line")
             sock = client.sock
+            if stage == 4:                      # after a forged record that cannot decrypt
+                garbage = socket.socket(fileno=os.dup(sock.fileno()))
+                garbage.sendall(b"\x17\x03\x03\x00\x20" + os.urandom(32))
+                garbage.close()
         else:                                   # before, during, or right after the ClientHello
             sock = socket.create_connection((tls_server.host, tls_server.port), timeout=TIMEOUT)
             sock.sendall((b"", hello[:len(hello) // 2], hello)[stage])
         reset(sock) if n % 2 else sock.close()
-    wait_until_online(alice, "-- 1 online: alice (#lobby)")
+        if n % 10 == 9:                         # the others chat on throughout
+            bob.send(f"still here {n}")
+            assert alice.expect("bob: ") == f"bob: still here {n}"
+    wait_until_online(alice, "-- 2 online: alice (#lobby), bob (#lobby)")
     assert "Traceback" not in tls_server.log(), tls_server.log()[-3000:]
 
 
