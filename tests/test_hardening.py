@@ -29,6 +29,7 @@ from conftest import TIMEOUT, LineClient, ServerProcess, shown
 NICKNAME_PROMPT = "*** Choose a nickname:"
 PASSWORD_PROMPT = "*** Password:"
 PASSWORD = "correct horse 42"
+OP_PASSWORD = "battery staple 7"
 # What no line from the server may contain: C0 controls (the newline is the separator and never part of a
 # line), DEL, C1 controls, and direction overrides that reorder text on the screen.
 TERMINAL_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -191,11 +192,11 @@ class Drain(threading.Thread):
         self.join(2)
 
 
-def environment(password: str | None) -> dict[str, str]:
-    """This process's environment for a server with the server password PASSWORD (None: no password)."""
-    env = {name: value for name, value in os.environ.items() if name not in ("PYCHAT_PASSWORD", "PYCHAT_OP_PASSWORD")}
-    if password is not None:
-        env["PYCHAT_PASSWORD"] = password
+def environment(password: str | None, op_password: str | None = None) -> dict[str, str]:
+    """This process's environment for a server with these secrets (None: not set)."""
+    secrets = {"PYCHAT_PASSWORD": password, "PYCHAT_OP_PASSWORD": op_password}
+    env = {name: value for name, value in os.environ.items() if name not in secrets}
+    env.update({name: value for name, value in secrets.items() if value is not None})
     return env
 
 
@@ -701,12 +702,28 @@ def test_three_wrong_passwords_close_the_connection_without_slowing_anyone_else(
         guesser.close()
 
 
-def test_a_password_from_the_environment_is_not_on_the_command_line(start_server):
-    server = start_server(env=environment(PASSWORD))
+def test_passwords_from_the_environment_are_not_on_the_command_line_nor_in_the_log(start_server):
+    server = start_server(env=environment(PASSWORD, OP_PASSWORD))
     with open(f"/proc/{server.process.pid}/cmdline", "rb") as cmdline:
         arguments = cmdline.read()
-    assert PASSWORD.encode() not in arguments, "the password shows in the server's command line (ps)"
-    assert "correct horse" not in server.log(), "the password was written to the log"
+    for secret in (PASSWORD, OP_PASSWORD):
+        assert secret.encode() not in arguments, f"{secret!r} shows in the server's command line (ps)"
+        assert secret not in server.log(), f"{secret!r} was written to the log"
+
+
+def test_a_wrong_operator_password_is_refused_after_a_delay_and_logged_without_the_guess(start_server, connect):
+    server = start_server(env=environment(None, OP_PASSWORD))
+    alice = connect(server, "alice")
+    alice.send("/op guess-op")
+    sent = time.monotonic()
+    refusal = alice.expect("!! |-- ")
+    delay = time.monotonic() - sent
+    assert refusal.startswith("!! Wrong operator password"), refusal
+    assert delay >= 0.5, f"a wrong operator password was answered after only {delay:.2f} s"
+    server.wait_for_log(r"wrong operator password from .*alice")
+    assert "guess-op" not in server.log(), "the guessed operator password was written to the log"
+    alice.send("/kick alice")
+    assert alice.expect("!! ").startswith("!! "), "a refused operator could still /kick"
 
 
 # -- impersonation ------------------------------------------------------------------------------------
@@ -826,11 +843,11 @@ def test_no_control_character_from_a_user_reaches_another_screen(chat):
 
 
 def test_text_relayed_by_commands_keeps_its_sender_and_loses_its_control_characters(start_server, connect):
-    server = start_server("--rate", "0", env={**environment(None), "PYCHAT_OP_PASSWORD": "op-secret"})
+    server = start_server("--rate", "0", env=environment(None, OP_PASSWORD))
     alice = connect(server, "alice")
     bob = connect(server, "bob")
     alice.expect(r"\*\*\* bob joined")
-    bob.send("/op op-secret")
+    bob.send(f"/op {OP_PASSWORD}")
     assert bob.expect("-- |!! ") == "-- You are now an operator."
     relayed = ("* bob ", "[pm from bob] ", "*** bob set the topic of #lobby: ", "[pm to bob] ping",
                "-- bob is away: ")
