@@ -205,13 +205,17 @@ _LOOKALIKES = str.maketrans({
     "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "l", "κ": "k", "μ": "u", "ν": "v", "ο": "o",
     "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ζ": "z", "γ": "y",
 })
+# Characters that show as nothing: a name made of them, or ending in one, would
+# pass for an empty name or for someone else's.
+_INVISIBLE_IN_NAMES = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u3164\ufe00-\ufe0f\uffa0"
+                                  "\U000e0100-\U000e01ef]")
 _SCRIPT_FAMILIES = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "HANGUL": "CJK", "CJK": "CJK"}
 
 
 def name_key(name: str) -> str:
     """The form two names share when they would look the same: case, accents and look-alikes folded."""
     decomposed = unicodedata.normalize("NFKD", name.translate(_CAPITAL_LOOKALIKES).casefold())
-    folded = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).translate(_LOOKALIKES)
+    folded = "".join(ch for ch in decomposed if unicodedata.category(ch)[0] != "M").translate(_LOOKALIKES)
     return folded.replace("rn", "m").replace("vv", "w").replace("_", "-")
 
 
@@ -223,6 +227,8 @@ def name_problem(name: str, what: str = "Nickname") -> str | None:
         return f"{what} is too long (at most {MAX_NICKNAME_LENGTH} characters)."
     scripts = set()
     for ch in name:
+        if _INVISIBLE_IN_NAMES.match(ch):
+            return f"{what} cannot contain the invisible character U+{ord(ch):04X}."
         category = unicodedata.category(ch)
         if category[0] == "L":
             script = unicodedata.name(ch, "UNKNOWN").split()[0]
