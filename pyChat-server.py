@@ -64,7 +64,7 @@ ANNOUNCE_LIMIT = 200              # rooms bigger than this do not announce every
 QUIT = "quit"                     # the leave reason of someone who said /quit without a message
 PASSWORD_TRIES = 3                # wrong server passwords before the connection is closed
 MAX_TLS_REFUSALS = 8              # TLS handshakes at once just to say "the server is full"
-DRAIN_SECONDS = 2.0               # time allowed to send what is queued to someone who is leaving
+DRAIN_SECONDS = 1.0               # time allowed to send what is queued to someone who is leaving
 SHUTDOWN_SECONDS = 3.0            # time allowed for every connection to close at shutdown
 RECEIVE_SIZE = 65536
 
