@@ -13,7 +13,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -593,8 +592,10 @@ def test_rude_disconnects_leave_no_traceback_no_ghost_and_lose_no_message(server
     while (rude.is_alive() or exchanged < 20) and exchanged < 5000 and time.monotonic() < deadline:
         alice.send(f"from alice {exchanged}")
         bob.send(f"from bob {exchanged}")
-        assert alice.expect("bob: ") == f"bob: from bob {exchanged}", f"alice lost a line from bob: {shown(alice.seen)}"
-        assert bob.expect("alice: ") == f"alice: from alice {exchanged}", f"bob lost a line from alice: {shown(bob.seen)}"
+        assert alice.expect("bob: ") == f"bob: from bob {exchanged}", \
+            f"alice lost a line from bob: {shown(alice.seen)}"
+        assert bob.expect("alice: ") == f"alice: from alice {exchanged}", \
+            f"bob lost a line from alice: {shown(bob.seen)}"
         exchanged += 1
     rude.join(5)
     assert not rude.is_alive(), "the rude connections did not finish within 30 s"
