@@ -36,6 +36,20 @@ TERMINAL_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202
 
 # -- helpers --------------------------------------------------------------------------------------
 
+@pytest.fixture
+def start_server(start_server):
+    """conftest's factory, and afterwards a check that no server the test started logged a traceback."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, **options) -> ServerProcess:
+        started.append(start_server(*args, **options))
+        return started[-1]
+
+    yield start
+    for server in started:
+        assert "Traceback" not in server.log(), f"a server thread died with a traceback:\n{server.log()[-3000:]}"
+
+
 def memory_kib(pid: int) -> int:
     """Resident memory of process PID, in KiB."""
     with open(f"/proc/{pid}/status") as status:

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, TIMEOUT, LineClient
-from test_hardening import reset, seconds_until_closed, wait_until_online
+from test_hardening import reset, seconds_until_closed, start_server, wait_until_online  # noqa: F401 (a fixture)
 
 CLIENT_SCRIPT = ROOT / "pyChat-client.py"
 NICKNAME_PROMPT = "*** Choose a nickname:"
