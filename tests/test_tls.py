@@ -19,7 +19,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, TIMEOUT, LineClient
-from test_hardening import reset, seconds_until_closed, start_server, wait_until_online  # noqa: F401 (a fixture)
+# start_server is the fixture that also checks every server's log for tracebacks.
+from test_hardening import reset, seconds_until_closed, start_server, wait_until_online
 
 CLIENT_SCRIPT = ROOT / "pyChat-client.py"
 NICKNAME_PROMPT = "*** Choose a nickname:"
@@ -110,16 +111,6 @@ def run_client(server, *options: str, stdin: str = "", timeout: float = 15) -> s
     """pyChat-client.py in piped mode against SERVER."""
     return subprocess.run([sys.executable, str(CLIENT_SCRIPT), "--host", "127.0.0.1", "--port", str(server.port),
                            *options], input=stdin, capture_output=True, text=True, timeout=timeout)
-
-
-def client_has_tls_options() -> bool:
-    usage = subprocess.run([sys.executable, str(CLIENT_SCRIPT), "--help"], capture_output=True, text=True,
-                           timeout=30).stdout
-    return all(option in usage for option in ("--tls", "--cafile", "--insecure"))
-
-
-needs_client_tls = pytest.mark.skipif(not client_has_tls_options(),
-                                      reason="pyChat-client.py has no --tls/--cafile/--insecure yet")
 
 
 # -- the protocol over TLS -----------------------------------------------------------------------
@@ -276,7 +267,6 @@ def test_tls_connections_cut_at_every_stage_leave_no_traceback_and_no_ghost(tls_
 
 # -- the real client -----------------------------------------------------------------------------
 
-@needs_client_tls
 def test_the_client_with_cafile_delivers_piped_lines_over_tls(tls_server, tls_connect, certificates):
     alice = tls_connect(tls_server, "alice")
     result = run_client(tls_server, "--tls", "--cafile", str(certificates.ca), "--nick", "tlsuser", stdin="hi\n")
@@ -285,7 +275,6 @@ def test_the_client_with_cafile_delivers_piped_lines_over_tls(tls_server, tls_co
     assert alice.expect(r"\*\*\* tlsuser quit").startswith("*** tlsuser quit")
 
 
-@needs_client_tls
 def test_the_client_with_insecure_warns_and_still_connects(tls_server, tls_connect):
     alice = tls_connect(tls_server, "alice")
     result = run_client(tls_server, "--insecure", "--nick", "riskyuser", stdin="hi anyway\n")
@@ -295,7 +284,6 @@ def test_the_client_with_insecure_warns_and_still_connects(tls_server, tls_conne
     assert alice.expect("riskyuser: ") == "riskyuser: hi anyway"
 
 
-@needs_client_tls
 def test_the_client_without_cafile_fails_verification_with_one_clear_line(tls_server, tls_connect):
     alice = tls_connect(tls_server, "alice")
     result = run_client(tls_server, "--tls", "--nick", "trusting", stdin="should not arrive\n")
