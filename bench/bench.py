@@ -92,10 +92,21 @@ class Measure:
 
     def percentages(self) -> dict:
         wall = max(time.perf_counter() - self.wall, 1e-6)
+        server_cpu = self.server.cpu_seconds()
         return {
-            "server_cpu_pct": 100 * (self.server.cpu_seconds() - self.server_cpu) / wall,
+            "server_cpu_pct": None if server_cpu is None or self.server_cpu is None
+            else 100 * (server_cpu - self.server_cpu) / wall,
             "generator_cpu_pct": 100 * (time.process_time() - self.own_cpu) / wall,
         }
+
+
+def mib(size: int | None) -> float | None:
+    return None if size is None else size / MIB
+
+
+def per_cpu_second(rate: float, cpu_pct: float | None) -> float | None:
+    """Work per second of server CPU: how efficient, as opposed to how fast."""
+    return rate / (cpu_pct / 100) if cpu_pct else None
 
 
 def sign_in_failures(clients: list) -> dict:
@@ -117,7 +128,7 @@ def connect_run(server: RunningServer, size: int, plan: Plan) -> dict:
     usage = measure.percentages()
     elapsed = time.perf_counter() - measure.wall
     status = server.status()
-    signed_in = sorted(client.sign_in_seconds for client in clients if client.state == READY)
+    signed_in = sorted(client.sign_in_seconds for client in clients if client.signed_in_ns)
     overflows = listen_overflows() - overflows_before
     failures = sign_in_failures(clients)
     generator.close_all()
@@ -137,7 +148,7 @@ def connect_run(server: RunningServer, size: int, plan: Plan) -> dict:
         "sign_in_ms": {name: percentile(signed_in, fraction) * 1000 if signed_in else None
                        for name, fraction in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))},
         "listen_overflows": overflows,
-        "rss_mib": status["rss"] / MIB,
+        "rss_mib": mib(status["rss"]),
         "threads": status["threads"],
         "leave_s": leave_s,
         "all_left": all_left,
@@ -190,8 +201,9 @@ def traffic_run(server: RunningServer, clients_count: int, senders_count: int, p
         "malformed": traffic.malformed,
         "duplicates": traffic.duplicates,
         "gaps": traffic.gaps,
-        "rss_mib": status["rss"] / MIB,
+        "rss_mib": mib(status["rss"]),
         **usage,
+        "deliveries_per_cpu_s": per_cpu_second(summary["deliveries_per_s"], usage["server_cpu_pct"]),
     }
 
 
@@ -215,7 +227,9 @@ def slow_run(server: RunningServer, plan: Plan) -> dict:
             if elapsed >= plan.slow_with_max_s or (elapsed >= plan.slow_with_s and closed_after is not None):
                 break
             generator.run(min(plan.memory_sample_s, plan.slow_with_max_s - elapsed))
-            memory.append(server.status()["rss"])
+            rss = server.status()["rss"]
+            if rss is not None:
+                memory.append(rss)
             state, queued = server.connection_state(stalled.local_port)
             if state == "ESTABLISHED":
                 send_queue = queued
@@ -241,7 +255,7 @@ def slow_run(server: RunningServer, plan: Plan) -> dict:
         "p50_ratio": p50_with / p50_before if p50_before and p50_with is not None else None,
         "delivered_pct": 100 * during["deliveries"] / during["expected"] if during["expected"] else None,
         "lost": before["lost"] + during["lost"],
-        "rss_growth_mib": (max(memory, default=rss_start) - rss_start) / MIB,
+        "rss_growth_mib": mib(max(memory) - rss_start) if memory and rss_start is not None else None,
         "rss_mib_over_time": [round(sample / MIB, 1) for sample in memory],
         "stalled_closed_after_s": closed_after,
         "stalled_kernel_queue_kib": send_queue / 1024,
@@ -291,7 +305,7 @@ def run_case(kind, run_once, runs_wanted: int) -> dict:
                 result = run_once(server)
                 result["server_died"] = not server.alive()
                 if result["server_died"]:
-                    result["server_log"] = server.log_tail()
+                    result["server_log"] = server.log_tail(1)
         except Exception as error:  # a crashed or hung server is a result, not the end
             result = {"error": f"{type(error).__name__}: {error}"}
         runs.append(result)
@@ -343,12 +357,14 @@ COLUMNS = {
     "fanout": [("deliv/s", "deliveries_per_s"), ("lost", "lost"), ("p50 ms", "latency_ms.p50"),
                ("p95 ms", "latency_ms.p95"), ("p99 ms", "latency_ms.p99"),
                ("max ms", "latency_ms.max"), ("RSS MiB", "rss_mib"),
-               ("srv CPU%", "server_cpu_pct"), ("gen CPU%", "generator_cpu_pct")],
+               ("srv CPU%", "server_cpu_pct"), ("deliv/CPU-s", "deliveries_per_cpu_s"),
+               ("gen CPU%", "generator_cpu_pct")],
     "max": [("deliv/s", "deliveries_per_s"), ("lines/s", "lines_per_s"), ("lost", "lost"),
             ("malformed", "malformed"), ("dup", "duplicates"), ("gaps", "gaps"),
             ("p50 ms", "latency_ms.p50"), ("p95 ms", "latency_ms.p95"),
             ("p99 ms", "latency_ms.p99"), ("max ms", "latency_ms.max"),
-            ("srv CPU%", "server_cpu_pct"), ("gen CPU%", "generator_cpu_pct")],
+            ("srv CPU%", "server_cpu_pct"), ("deliv/CPU-s", "deliveries_per_cpu_s"),
+            ("gen CPU%", "generator_cpu_pct")],
     "slow": [("p50 before", "p50_before_ms"), ("p50 with", "p50_with_ms"), ("ratio", "p50_ratio"),
              ("p99 with", "p99_with_ms"), ("delivered%", "delivered_pct"), ("lost", "lost"),
              ("RSS growth MiB", "rss_growth_mib"), ("stalled cut after s", "stalled_closed_after_s"),

@@ -259,11 +259,11 @@ class RunningServer:
     def log_tail(self, lines: int = 5) -> str:
         return " | ".join(self.log_text().strip().splitlines()[-lines:])
 
-    def cpu_seconds(self) -> float:
-        """User plus system CPU time the server has used so far."""
+    def cpu_seconds(self) -> float | None:
+        """User plus system CPU time the server has used so far (None if it died)."""
         return process_cpu_seconds(self.pid)
 
-    def status(self) -> dict[str, int]:
+    def status(self) -> dict[str, int | None]:
         """VmRSS (bytes) and Threads from /proc/PID/status."""
         return process_status(self.pid)
 
@@ -278,18 +278,22 @@ class RunningServer:
         return tcp_state((HOST, self.port), (HOST, client_port))
 
 
-def process_cpu_seconds(pid: int) -> float:
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds of a process; None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             # The command name may hold spaces; the fields we want follow its ')'.
             fields = stat.read().rsplit(")", 1)[1].split()
     except OSError:
-        return float("nan")
+        return None
+    if fields[0] == "Z":
+        return None
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def process_status(pid: int) -> dict[str, int]:
-    result = {"rss": 0, "threads": 0}
+def process_status(pid: int) -> dict[str, int | None]:
+    """VmRSS in bytes and Threads; None for both once the process is gone."""
+    result = {"rss": None, "threads": None}
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
