@@ -522,7 +522,9 @@ def test_a_client_that_vanishes_without_a_fin_is_removed_within_seconds_by_keepa
         pytest.skip("needs root and iproute2 (ip) to cut a network link without a FIN; CI has both")
     tag = os.getpid() % 100000
     namespace, outside, inside = f"pychat-ka{tag}", f"pcka{tag}h", f"pcka{tag}n"
-    host_address, ghost_address = "169.254.77.1", "169.254.77.2"
+    # Link-local addresses exist only on this machine; the subnet varies so parallel runs do not meet.
+    subnet = f"169.254.{20 + tag % 200}"
+    host_address, ghost_address = f"{subnet}.1", f"{subnet}.2"
     ghosts: list[subprocess.Popen] = []
     try:
         run("ip", "netns", "add", namespace)
