@@ -23,7 +23,6 @@ from pathlib import Path
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 PYCHAT_SERVER = REPO / "pyChat-server.py"
-CHANNEL = "#bench"
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 3.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
