@@ -230,6 +230,8 @@ def slow_run(server: RunningServer, plan: Plan) -> dict:
             rss = server.status()["rss"]
             if rss is not None:
                 memory.append(rss)
+            if not stalled.signed_in_ns:
+                continue  # it never got in: there is nothing to watch
             state, queued = server.connection_state(stalled.local_port)
             if state == "ESTABLISHED":
                 send_queue = queued
