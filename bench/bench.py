@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
                 scenario_results.append(result)
         print_table(scenario, scenario_results)
         results += scenario_results
-    print_targets(targets(results, plan))
+    print_targets([row for row in targets(results, plan) if row[0].split()[0].rstrip(":") in args.scenarios])
     print(f"\n{len(results)} results in {time.perf_counter() - started:.0f} s; one JSON line each:")
     for result in results:
         print(json.dumps(result, sort_keys=True))

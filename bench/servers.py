@@ -27,7 +27,8 @@ READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 3.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
-PYCHAT_OPTIONS = ["--rate", "0", "--max-clients", "0", "--max-per-ip", "0", "--history", "0", "-q"]
+# No flood control, no connection limits, no history for newcomers, warnings only.
+PYCHAT_OPTIONS = {"--rate": "0", "--max-clients": "0", "--max-per-ip": "0", "--history": "0", "-q": None}
 
 NGIRCD_CONFIG = """\
 [Global]
@@ -74,9 +75,13 @@ class ServerKind:
     def version(self) -> str:
         """What exactly is measured: the program's version, or pyChat's last commit."""
         if self.name == "pychat":
-            log = subprocess.run(["git", "log", "-1", "--format=%h %cd", "--date=format:%Y-%m-%d %H:%M",
-                                  "--", PYCHAT_SERVER.name], cwd=REPO, capture_output=True, text=True)
-            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", PYCHAT_SERVER.name], cwd=REPO)
+            try:
+                log = subprocess.run(["git", "log", "-1", "--format=%h %cd", "--date=format:%Y-%m-%d %H:%M",
+                                      "--", PYCHAT_SERVER.name], cwd=REPO, capture_output=True, text=True)
+                dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", PYCHAT_SERVER.name],
+                                       cwd=REPO, capture_output=True)
+            except OSError:
+                return "pyChat-server.py (no git here)"
             commit = log.stdout.strip() or "not in git"
             return f"pyChat-server.py {commit}" + (" + uncommitted changes" if dirty.returncode else "")
         if self.name == "ngircd":
@@ -166,22 +171,18 @@ _pychat_help: str | None = None
 
 
 def pychat_options(notes: list[str]) -> list[str]:
-    """PYCHAT_OPTIONS, less any option this pyChat-server.py does not know (noted)."""
+    """PYCHAT_OPTIONS, less any option this pyChat-server.py does not list in --help (noted)."""
     global _pychat_help
     if _pychat_help is None:
         result = subprocess.run([sys.executable, str(PYCHAT_SERVER), "--help"],
                                 capture_output=True, text=True, timeout=30)
         _pychat_help = result.stdout + result.stderr
     options = []
-    pairs = [PYCHAT_OPTIONS[i:i + 2] for i in range(0, len(PYCHAT_OPTIONS) - 1, 2)
-             if PYCHAT_OPTIONS[i + 1] != "-q"]
-    for name, value in pairs:
+    for name, value in PYCHAT_OPTIONS.items():
         if name in _pychat_help:
-            options += [name, value]
+            options += [name] if value is None else [name, value]
         elif f"server has no {name}" not in notes:
             notes.append(f"server has no {name}")
-    if "-q" in _pychat_help:
-        options.append("-q")
     return options
 
 
