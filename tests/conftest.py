@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -188,19 +190,109 @@ class LineClient:
         self.sock.close()
 
 
+def watch_for(client: LineClient, pattern: str, timeout: float) -> str | None:
+    """The first line matching PATTERN within TIMEOUT, or None if none came and the connection is still open."""
+    deadline = time.monotonic() + timeout
+    while True:
+        while b"\n" in client.buffer:
+            raw, client.buffer = client.buffer.split(b"\n", 1)
+            line = raw.decode("utf-8")
+            client.seen.append(line)
+            if re.match(pattern, line):
+                return line
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        client.sock.settimeout(remaining)
+        try:
+            data = client.sock.recv(65536)
+        except socket.timeout:
+            continue
+        assert data, f"server closed {client.nick or 'the connection'} unexpectedly; lines: {shown(client.seen)}"
+        client.buffer += data
+
+
+def read_until(sock: socket.socket, marker: bytes, timeout: float = TIMEOUT) -> bytes:
+    """Bytes from a raw socket up to and including MARKER; fails if it does not come in time."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while marker not in data:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{marker!r} did not come within {timeout} s; got {data[-300:]!r}"
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        assert chunk, f"connection closed before {marker!r}; got {data[-300:]!r}"
+        data += chunk
+    return data
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a TCP reset (RST) instead of a FIN, as a crashed peer or a middlebox would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def seconds_until_closed(sock: socket.socket, dribble: bytes, most: float) -> float | None:
+    """Send DRIBBLE one byte every 0.3 s (then nothing) until the server closes SOCK.
+
+    Returns the seconds that took, or None if SOCK is still open after MOST seconds.
+    """
+    started = time.monotonic()
+    for sent in range(int(most / 0.3) + 1):
+        try:
+            if sent < len(dribble):
+                sock.sendall(dribble[sent:sent + 1])
+            readable, _, _ = select.select([sock], [], [], 0.3)
+            if readable and not sock.recv(65536):
+                return time.monotonic() - started
+        except OSError:                          # reset by the server: closed as well
+            return time.monotonic() - started
+    return None
+
+
+def online_line(client: LineClient) -> str:
+    client.send("/online")
+    return client.expect(r"-- \d+ online")
+
+
+def wait_until_online(client: LineClient, expected: str, timeout: float = TIMEOUT) -> None:
+    """Ask /online until it says EXPECTED (people who left are removed a moment after their socket closes)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(200):
+        reply = online_line(client)
+        if reply == expected:
+            return
+        if time.monotonic() > deadline:
+            break
+        watch_for(client, "(?!)", 0.05)     # let the server catch up, reading whatever comes meanwhile
+    pytest.fail(f"/online still says {reply!r}, expected {expected!r}")
+
+
 @pytest.fixture
 def start_server():
-    """A factory: start_server(*options) starts a server process; all are stopped at the end."""
+    """A factory: start_server(*options) starts a server process.
+
+    All are stopped at the end, and a test fails if one of its servers logged a
+    traceback, unless it said it expected one.
+    """
     started: list[ServerProcess] = []
 
-    def start(*args: str, script: Path = SERVER_SCRIPT, env: dict | None = None) -> ServerProcess:
+    def start(*args: str, script: Path = SERVER_SCRIPT, env: dict | None = None,
+              traceback_expected: bool = False) -> ServerProcess:
         server = ServerProcess(tuple(args), script=script, env=env)
+        server.traceback_expected = traceback_expected
         started.append(server)
         return server
 
     yield start
     for server in started:
         server.kill()
+    for server in started:
+        assert server.traceback_expected or "Traceback" not in server.log(), \
+            f"a server thread died with a traceback:\n{server.log()[-3000:]}"
 
 
 @pytest.fixture

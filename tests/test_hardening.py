@@ -14,7 +14,6 @@ import re
 import select
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT, LineClient, ServerProcess, shown
+from conftest import LineClient, ServerProcess, TIMEOUT, online_line, read_until, reset, seconds_until_closed, shown, wait_until_online, watch_for
 
 NICKNAME_PROMPT = "*** Choose a nickname:"
 PASSWORD_PROMPT = "*** Password:"
@@ -36,20 +35,6 @@ TERMINAL_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202
 
 # -- helpers --------------------------------------------------------------------------------------
 
-@pytest.fixture
-def start_server(start_server):
-    """conftest's factory, and afterwards a check that no server the test started logged a traceback."""
-    started: list[ServerProcess] = []
-
-    def start(*args: str, **options) -> ServerProcess:
-        started.append(start_server(*args, **options))
-        return started[-1]
-
-    yield start
-    for server in started:
-        assert "Traceback" not in server.log(), f"a server thread died with a traceback:\n{server.log()[-3000:]}"
-
-
 def memory_kib(pid: int) -> int:
     """Resident memory of process PID, in KiB."""
     with open(f"/proc/{pid}/status") as status:
@@ -57,87 +42,6 @@ def memory_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError(f"no VmRSS in /proc/{pid}/status")
-
-
-def watch_for(client: LineClient, pattern: str, timeout: float) -> str | None:
-    """The first line matching PATTERN within TIMEOUT, or None if none came and the connection is still open."""
-    deadline = time.monotonic() + timeout
-    while True:
-        while b"\n" in client.buffer:
-            raw, client.buffer = client.buffer.split(b"\n", 1)
-            line = raw.decode("utf-8")
-            client.seen.append(line)
-            if re.match(pattern, line):
-                return line
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        client.sock.settimeout(remaining)
-        try:
-            data = client.sock.recv(65536)
-        except socket.timeout:
-            continue
-        assert data, f"server closed {client.nick or 'the connection'} unexpectedly; lines: {shown(client.seen)}"
-        client.buffer += data
-
-
-def read_until(sock: socket.socket, marker: bytes, timeout: float = TIMEOUT) -> bytes:
-    """Bytes from a raw socket up to and including MARKER; fails if it does not come in time."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while marker not in data:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"{marker!r} did not come within {timeout} s; got {data[-300:]!r}"
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except socket.timeout:
-            continue
-        assert chunk, f"connection closed before {marker!r}; got {data[-300:]!r}"
-        data += chunk
-    return data
-
-
-def reset(sock: socket.socket) -> None:
-    """Close with a TCP reset (RST) instead of a FIN, as a crashed peer or a middlebox would."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def seconds_until_closed(sock: socket.socket, dribble: bytes, most: float) -> float | None:
-    """Send DRIBBLE one byte every 0.3 s (then nothing) until the server closes SOCK.
-
-    Returns the seconds that took, or None if SOCK is still open after MOST seconds.
-    """
-    started = time.monotonic()
-    for sent in range(int(most / 0.3) + 1):
-        try:
-            if sent < len(dribble):
-                sock.sendall(dribble[sent:sent + 1])
-            readable, _, _ = select.select([sock], [], [], 0.3)
-            if readable and not sock.recv(65536):
-                return time.monotonic() - started
-        except OSError:                          # reset by the server: closed as well
-            return time.monotonic() - started
-    return None
-
-
-def online_line(client: LineClient) -> str:
-    client.send("/online")
-    return client.expect(r"-- \d+ online")
-
-
-def wait_until_online(client: LineClient, expected: str, timeout: float = TIMEOUT) -> None:
-    """Ask /online until it says EXPECTED (people who left are removed a moment after their socket closes)."""
-    deadline = time.monotonic() + timeout
-    for _ in range(200):
-        reply = online_line(client)
-        if reply == expected:
-            return
-        if time.monotonic() > deadline:
-            break
-        watch_for(client, "(?!)", 0.05)     # let the server catch up, reading whatever comes meanwhile
-    pytest.fail(f"/online still says {reply!r}, expected {expected!r}")
 
 
 class ClientFrom(LineClient):
@@ -555,7 +459,6 @@ def test_a_client_that_vanishes_without_a_fin_is_removed_within_seconds_by_keepa
         rooms["talking room"].send("are you there?")
         for case, alice in rooms.items():
             quit_line = watch_for(alice, r"\*\*\* ghost quit", vanished + 12 - time.monotonic())
-            waited = time.monotonic() - vanished
             assert quit_line is not None, f"{case}: the vanished client was still online after 12 s (--keepalive 1)"
             assert quit_line.startswith("*** ghost quit (connection lost"), f"{case}: {quit_line}"
             assert online_line(alice) == "-- 1 online: alice (#lobby)", case

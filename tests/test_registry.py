@@ -157,7 +157,7 @@ def test_a_command_that_crashes_reports_an_error_and_the_connection_lives_on(ser
             """Fail."""
             raise RuntimeError("kaboom")
     '''))
-    server = start_server(script=server_copy / "pyChat-server.py")
+    server = start_server(script=server_copy / "pyChat-server.py", traceback_expected=True)
     client = LineClient(server.host, server.port)
     client.login("alice")
     client.send("/boom")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SERVER_SCRIPT, LineClient
+from conftest import ROOT, SERVER_SCRIPT
 
 
 # -- framing -------------------------------------------------------------------

@@ -18,9 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, TIMEOUT, LineClient
+from conftest import ROOT, TIMEOUT, LineClient, reset, seconds_until_closed, wait_until_online
 # start_server is the fixture that also checks every server's log for tracebacks.
-from test_hardening import reset, seconds_until_closed, start_server, wait_until_online
 
 CLIENT_SCRIPT = ROOT / "pyChat-client.py"
 NICKNAME_PROMPT = "*** Choose a nickname:"
