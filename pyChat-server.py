@@ -67,6 +67,7 @@ MAX_TLS_REFUSALS = 8              # TLS handshakes at once just to say "the serv
 DRAIN_SECONDS = 1.0               # time allowed to send what is queued to someone who is leaving
 SHUTDOWN_SECONDS = 3.0            # time allowed for every connection to close at shutdown
 RECEIVE_SIZE = 65536
+KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeeping
 
 
 def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
@@ -422,7 +423,11 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.connected = self.last_heard = time.monotonic()
         self.server.register(self)
         self.sock.setblocking(False)
+        self.input_waiter = InputWaiter(self.sock, self.server.stop_signal)
         try:
+            # A fixed kernel buffer: left to itself, Linux grows it to megabytes for a reader that has
+            # stopped, and that output would wait out of sight of --max-queue.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             keepalive = self.server.options.keepalive
@@ -525,11 +530,14 @@ class ClientConnection(socketserver.BaseRequestHandler):
         """The lines this person sends, as they come; raises Disconnect on timeouts and closes."""
         options = self.server.options
         while True:
+            # Wait first: after a read the socket is nearly always empty, and trying it costs a system call.
+            # TLS may hold decrypted bytes that poll() cannot see.
+            if not (self.server.tls and self.sock.pending()):
+                self.wait_for_input(options.idle_timeout if self.nick else options.nick_timeout)
             try:
                 with self.io_lock:
                     data = self.sock.recv(RECEIVE_SIZE)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                self.wait_for_input(options.idle_timeout if self.nick else options.nick_timeout)
                 continue
             except OSError as problem:
                 raise Disconnect(f"connection lost ({problem.strerror or problem})") from None
@@ -550,7 +558,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise Disconnect("timed out" if self.nick else "did not sign in in time")
-            if wait_until_readable((self.sock, self.server.stop_signal), remaining):
+            if self.input_waiter.wait(remaining):
                 return
 
     def start_tls(self) -> None:
@@ -644,20 +652,22 @@ class ClientConnection(socketserver.BaseRequestHandler):
             pass
 
 
-if hasattr(select, "poll"):
-    def wait_until_readable(sockets: tuple[socket.socket, ...], timeout: float | None) -> bool:
-        """Wait until the first socket has input (True), or another has, or time runs out (False)."""
-        # poll(), not select(): select() cannot watch descriptors numbered above 1023.
-        poller = select.poll()
-        for each in sockets:
-            poller.register(each, select.POLLIN)
-        events = poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
-        return any(fd == sockets[0].fileno() for fd, _ in events)
-else:
-    def wait_until_readable(sockets: tuple[socket.socket, ...], timeout: float | None) -> bool:
-        """Wait until the first socket has input (True), or another has, or time runs out (False)."""
-        ready, _, _ = select.select(sockets, (), (), timeout)
-        return sockets[0] in ready
+class InputWaiter:
+    """Waits for input on a connection's socket, or for the server to stop."""
+
+    def __init__(self, sock: socket.socket, stop_signal: socket.socket) -> None:
+        self.sockets = (sock.fileno(), stop_signal.fileno())
+        # poll(), not select(), where there is one: select() cannot watch descriptors above 1023.
+        self.poller = select.poll() if hasattr(select, "poll") else None
+        for fd in self.sockets if self.poller else ():
+            self.poller.register(fd, select.POLLIN)
+
+    def wait(self, timeout: float | None) -> bool:
+        """True when the socket has input; False when time ran out or the server is stopping."""
+        if self.poller is None:
+            return self.sockets[0] in select.select(self.sockets, (), (), timeout)[0]
+        events = self.poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+        return any(fd == self.sockets[0] for fd, _ in events)
 
 
 def wait_until_writable(sock: socket.socket, timeout: float) -> None:
