@@ -67,6 +67,11 @@ MAX_TLS_REFUSALS = 8              # TLS handshakes at once just to say "the serv
 DRAIN_SECONDS = 1.0               # time allowed to send what is queued to someone who is leaving
 SHUTDOWN_SECONDS = 3.0            # time allowed for every connection to close at shutdown
 RECEIVE_SIZE = 65536
+# Every thread waiting for the interpreter lock wakes up once per interval. With
+# thousands of threads runnable at once (everyone leaving together) the default
+# 5 ms turns that into a storm; our threads give the lock up at every system
+# call anyway, so a longer interval costs no latency.
+SWITCH_INTERVAL = 0.05
 KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeeping
 
 
@@ -588,8 +593,8 @@ class ClientConnection(socketserver.BaseRequestHandler):
             self.outbox += data
             if len(self.outbox) > self.server.options.max_queue:
                 overflow = len(self.outbox)
-            elif self.ready_for_pump:
-                return
+            elif self.ready_for_pump or self.stalled_since is not None:
+                return      # the pump has it in line already, or is watching until the socket takes more
             else:
                 overflow = 0
                 self.ready_for_pump = True
@@ -1226,6 +1231,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if options.verbose else logging.WARNING if options.quiet
                         else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     raise_file_limit(options.max_clients + 64 if options.max_clients else 0)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         command_table = commands.load_commands()
         server = ChatServer(options, command_table)
