@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import unicodedata
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import commands
 
@@ -308,8 +308,9 @@ class OutputPump(threading.Thread):
     call. A socket that cannot take more is watched until it can.
     """
 
-    def __init__(self, stall_timeout: float) -> None:
+    def __init__(self, max_queue: int, stall_timeout: float) -> None:
         super().__init__(name="output-pump", daemon=True)
+        self.max_queue = max_queue
         self.stall_timeout = stall_timeout
         self.ready: collections.deque[ClientConnection] = collections.deque()
         self.selector = selectors.DefaultSelector()
@@ -321,9 +322,35 @@ class OutputPump(threading.Thread):
         self.sleeping = False
         self.running = True
 
-    def mark_ready(self, connection: ClientConnection) -> None:
-        """Called by any thread after queueing output for CONNECTION."""
-        self.ready.append(connection)
+    def queue(self, connections: Iterable[ClientConnection], data: bytes) -> None:
+        """Append DATA to the outbox of each connection, and line up the ones to write.
+
+        This runs for every line and every receiver, so it does as little as it
+        can. A receiver whose outbox grows past --max-queue is cut off.
+        """
+        newly_ready = []
+        overflowing = []
+        limit = self.max_queue
+        for connection in connections:
+            with connection.outbox_lock:
+                if connection.closed or connection.cut_off_reason:
+                    continue
+                outbox = connection.outbox
+                outbox += data
+                if len(outbox) > limit:
+                    overflowing.append((connection, len(outbox)))
+                elif not connection.ready_for_pump and connection.stalled_since is None:
+                    # Otherwise the pump has it in line already, or watches until its socket takes more.
+                    connection.ready_for_pump = True
+                    newly_ready.append(connection)
+        for connection, size in overflowing:
+            connection.cut_off(f"not reading: {size} bytes waiting")
+        if newly_ready:
+            self.mark_ready(newly_ready)
+
+    def mark_ready(self, connections: list[ClientConnection]) -> None:
+        """Line CONNECTIONS up for writing, waking the pump if it sleeps."""
+        self.ready.extend(connections)
         if self.sleeping:
             with self.state_lock:
                 if self.sleeping:
@@ -350,7 +377,7 @@ class OutputPump(threading.Thread):
                 if key.fileobj is self.wake_reader:
                     self.wake_reader.recv(4096)
                 else:
-                    self.ready.append(key.data)
+                    self.ready.append(key.data)     # writable again
             self.sleeping = False
             while self.ready:
                 connection = self.ready.popleft()
@@ -365,6 +392,8 @@ class OutputPump(threading.Thread):
 
     def write(self, connection: ClientConnection) -> None:
         more = connection.flush()
+        if not more and connection not in self.watched:
+            return
         with self.state_lock:
             if more and connection not in self.watched and not connection.closed:
                 self.selector.register(connection.sock, selectors.EVENT_WRITE, connection)
@@ -583,25 +612,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
     # -- output -------------------------------------------------------------
 
     def send_line(self, line: str) -> None:
-        self.queue(line.encode("utf-8") + b"\n")
-
-    def queue(self, data: bytes) -> None:
-        """Add DATA to the outbox; the pump writes it. Cuts off a reader that has fallen too far behind."""
-        with self.outbox_lock:
-            if self.closed or self.cut_off_reason:
-                return
-            self.outbox += data
-            if len(self.outbox) > self.server.options.max_queue:
-                overflow = len(self.outbox)
-            elif self.ready_for_pump or self.stalled_since is not None:
-                return      # the pump has it in line already, or is watching until the socket takes more
-            else:
-                overflow = 0
-                self.ready_for_pump = True
-        if overflow:
-            self.cut_off(f"not reading: {overflow} bytes waiting")
-        else:
-            self.server.pump.mark_ready(self)
+        self.server.pump.queue((self,), line.encode("utf-8") + b"\n")
 
     def flush(self) -> bool:
         """Write as much of the outbox as the socket takes now; True if some is left."""
@@ -617,6 +628,8 @@ class ClientConnection(socketserver.BaseRequestHandler):
                 sent = 0
             except OSError:
                 return False        # the reading thread will find the connection gone
+            if sent == len(pending) and self.stalled_since is None:
+                return False        # the usual case: all of it went, and nothing was waiting before
             with self.outbox_lock:
                 if sent < len(pending):
                     # Back in front of whatever was queued during the send.
@@ -731,6 +744,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.admitted = 0
         self.refusing = 0
         self.failures: collections.Counter[str] = collections.Counter()
+        self.ignored: collections.Counter[str] = collections.Counter()
         self.stopping = False
         self.stop_signal, self.stop_trigger = socket.socketpair()
         self.tls = self.make_tls_context() if options.tls_cert else None
@@ -738,7 +752,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if options.history_file:
             self.load_history(options.history_file)
         self.room_named(DEFAULT_ROOM)
-        self.pump = OutputPump(options.stall_timeout)
+        self.pump = OutputPump(options.max_queue, options.stall_timeout)
         super().__init__((options.host, options.port), ClientConnection)
         self.pump.start()
 
@@ -857,6 +871,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 log.info("%r closed: %s", connection, reason)
                 return
             del self.people[connection.key]
+            for key in connection.ignoring:
+                self.count_ignore(key, -1)
             room = connection.room
             room.members.discard(connection)
             if not self.stopping:
@@ -902,10 +918,17 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def _to_room(self, room: Room, line: str, skip: ClientConnection | None = None,
                  sender: ClientConnection | None = None) -> None:
         """Queue LINE to everyone in ROOM (but SKIP, and those ignoring SENDER). Lock held."""
-        data = line.encode("utf-8") + b"\n"
-        for member in room.members:
-            if member is not skip and not (sender and member.ignoring and sender.key in member.ignoring):
-                member.queue(data)
+        receivers = room.members
+        if skip is not None or (sender is not None and sender.key in self.ignored):
+            receivers = [member for member in receivers if member is not skip
+                         and not (sender and sender.key in member.ignoring)]
+        self.pump.queue(receivers, line.encode("utf-8") + b"\n")
+
+    def count_ignore(self, key: str, change: int) -> None:
+        """Keep count of how many people ignore KEY, so that lines from everyone else skip the check."""
+        self.ignored[key] += change
+        if self.ignored[key] <= 0:
+            del self.ignored[key]
 
     def say(self, connection: ClientConnection, text: str) -> None:
         """A chat line from CONNECTION to its room."""
@@ -1098,10 +1121,12 @@ class Context:
             del people[old_key]
             caller.nick, caller.key = new_nick, new_key
             people[new_key] = caller
-            for person in people.values():
-                if old_key in person.ignoring:
-                    person.ignoring.discard(old_key)
-                    person.ignoring.add(new_key)
+            if old_key in self._server.ignored:
+                for person in people.values():
+                    if old_key in person.ignoring:
+                        person.ignoring.discard(old_key)
+                        person.ignoring.add(new_key)
+                self._server.count_ignore(new_key, self._server.ignored.pop(old_key))
             self._server._to_room(caller.room, notice(f"{old_nick} is now known as {new_nick}"))
         log.info("%s@%s is now known as %s", old_nick, caller.address, new_nick)
 
@@ -1140,11 +1165,13 @@ class Context:
             target = self._find(nick)
             if target is self._caller:
                 raise commands.CommandError("You cannot ignore yourself.")
-            if ignoring:
+            if ignoring and target.key not in self._caller.ignoring:
                 self._caller.ignoring.add(target.key)
-            elif target.key in self._caller.ignoring:
+                self._server.count_ignore(target.key, +1)
+            elif not ignoring and target.key in self._caller.ignoring:
                 self._caller.ignoring.discard(target.key)
-            else:
+                self._server.count_ignore(target.key, -1)
+            elif not ignoring:
                 raise commands.CommandError(f"You are not ignoring {target.nick}.")
             return target.nick
 
