@@ -400,3 +400,20 @@ def test_history_survives_a_restart_and_a_kill_9(start_server, connect, tmp_path
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert [r["line"] for r in records if r["room"] == "lobby"] == ["alice: before the restart",
                                                                     "alice: before the crash"]
+
+
+def test_ignore_holds_when_the_ignored_one_comes_back_and_ends_with_the_ignorer(chat, server, connect):
+    alice, bob, carol = chat("alice", "bob", "carol")
+    alice.send("/ignore bob")
+    alice.expect("-- You now ignore bob")
+    bob.send("/quit")
+    alice.expect(r"\*\*\* bob quit")
+    bob = connect(server, "bob")
+    bob.send("back again")
+    carol.expect("bob: back again")
+    say_marker(carol, alice, text="after bob's return")
+    assert not any("back again" in line for line in alice.seen)
+    alice.send("/quit")
+    carol.expect(r"\*\*\* alice quit")
+    bob.send("heard by all")
+    assert carol.expect("bob: ") == "bob: heard by all"
