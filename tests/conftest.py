@@ -11,6 +11,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -101,8 +102,15 @@ class ServerProcess:
 class LineClient:
     """A raw TCP client that speaks the protocol line by line, as nc would."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None,
+                 server_hostname: str = "localhost") -> None:
         self.sock = socket.create_connection((host, port), timeout=TIMEOUT)
+        if tls is not None:
+            try:
+                self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname)
+            except BaseException:
+                self.sock.close()
+                raise
         self.buffer = b""
         self.seen: list[str] = []
         self.nick: str | None = None
@@ -304,11 +312,12 @@ def server(start_server, request) -> ServerProcess:
 
 @pytest.fixture
 def connect():
-    """A factory: connect(server, nick=None) opens a raw client, signed in as NICK if given."""
+    """A factory: connect(server, nick=None, tls=None) opens a raw client (over TLS with an SSLContext),
+    signed in as NICK if given."""
     opened: list[LineClient] = []
 
-    def open_client(server: ServerProcess, nick: str | None = None) -> LineClient:
-        client = LineClient(server.host, server.port)
+    def open_client(server: ServerProcess, nick: str | None = None, tls: ssl.SSLContext | None = None) -> LineClient:
+        client = LineClient(server.host, server.port, tls)
         opened.append(client)
         if nick is not None:
             client.login(nick)

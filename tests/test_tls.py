@@ -64,37 +64,13 @@ def tls_server(start_server, certificates):
     return start_server("--tls-cert", str(certificates.cert), "--tls-key", str(certificates.key))
 
 
-class TLSClient(LineClient):
-    """A line client over TLS, verifying the server with CONTEXT as SERVER_HOSTNAME."""
-
-    def __init__(self, host: str, port: int, context: ssl.SSLContext, server_hostname: str = "localhost") -> None:
-        # Not LineClient.__init__: the connection is wrapped in TLS before anything is read or sent.
-        plain = socket.create_connection((host, port), timeout=TIMEOUT)
-        try:
-            self.sock = context.wrap_socket(plain, server_hostname=server_hostname)
-        except BaseException:
-            plain.close()
-            raise
-        self.buffer = b""
-        self.seen: list[str] = []
-        self.nick: str | None = None
-
-
 @pytest.fixture
-def tls_connect(certificates):
-    """A factory: tls_connect(server, nick=None) opens a verifying TLS client, signed in as NICK if given."""
-    opened: list[TLSClient] = []
+def tls_connect(connect, certificates):
+    """connect() over TLS, trusting the test certificate authority."""
+    def open_client(server, nick: str | None = None) -> LineClient:
+        return connect(server, nick, tls=ssl.create_default_context(cafile=str(certificates.ca)))
 
-    def open_client(server, nick: str | None = None) -> TLSClient:
-        client = TLSClient(server.host, server.port, ssl.create_default_context(cafile=str(certificates.ca)))
-        opened.append(client)
-        if nick is not None:
-            client.login(nick)
-        return client
-
-    yield open_client
-    for client in opened:
-        client.close()
+    return open_client
 
 
 def client_hello(certificates) -> bytes:
@@ -170,7 +146,7 @@ def test_a_client_that_cannot_verify_the_server_fails_and_the_server_keeps_servi
     else:
         context = ssl.create_default_context(cafile=str(certificates.ca if trust == "ca" else certificates.stranger_ca))
     with pytest.raises(ssl.SSLCertVerificationError):
-        TLSClient(tls_server.host, tls_server.port, context, server_hostname=hostname).close()
+        LineClient(tls_server.host, tls_server.port, context, server_hostname=hostname).close()
     alice = tls_connect(tls_server, "alice")
     alice.send("after the failed handshake")
     assert alice.expect("alice: ") == "alice: after the failed handshake"
@@ -181,7 +157,7 @@ def test_a_tls_newcomer_past_the_connection_limit_is_told_the_server_is_full(sta
                           "--max-clients", "1")
     alice = tls_connect(server, "alice")
     try:
-        newcomer = TLSClient(server.host, server.port, ssl.create_default_context(cafile=str(certificates.ca)))
+        newcomer = LineClient(server.host, server.port, ssl.create_default_context(cafile=str(certificates.ca)))
     except (ssl.SSLError, OSError) as problem:
         pytest.fail(f"a TLS newcomer past --max-clients was closed without a word (handshake: {problem!r})")
     try:
@@ -245,7 +221,7 @@ def test_tls_connections_cut_at_every_stage_leave_no_traceback_and_no_ghost(tls_
     for n in range(100):
         stage = n % 5
         if stage >= 3:                          # signed in, then gone mid-conversation
-            client = TLSClient(tls_server.host, tls_server.port, context)
+            client = LineClient(tls_server.host, tls_server.port, context)
             client.login(f"cut{n}")
             client.send_raw(b"half a line")
             sock = client.sock
