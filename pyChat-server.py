@@ -737,14 +737,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.commands = command_table
         self.address_family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
         self.lock = threading.Lock()
-        self.people: dict[str, ClientConnection] = {}
-        self.rooms: dict[str, Room] = {}
-        self.connections: set[ClientConnection] = set()
+        self.people: dict[str, ClientConnection] = {}           # signed in, by name_key()
+        self.rooms: dict[str, Room] = {}                        # by name_key()
+        self.connections: set[ClientConnection] = set()         # everyone, signed in or not
         self.per_address: collections.Counter[str] = collections.Counter()
-        self.admitted = 0
-        self.refusing = 0
-        self.failures: collections.Counter[str] = collections.Counter()
-        self.ignored: collections.Counter[str] = collections.Counter()
+        self.admitted = 0                                       # connections given a thread
+        self.refusing = 0                                       # TLS refusals under way
+        self.failures: collections.Counter[str] = collections.Counter()   # wrong secrets, by address
+        self.ignored: collections.Counter[str] = collections.Counter()    # how many ignore each name_key()
         self.stopping = False
         self.stop_signal, self.stop_trigger = socket.socketpair()
         self.tls = self.make_tls_context() if options.tls_cert else None
@@ -848,20 +848,23 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def sign_in(self, connection: ClientConnection, nick: str) -> str | None:
         """Give CONNECTION the nickname and put it in the default room, or say why not."""
         nick = unicodedata.normalize("NFKC", nick)
-        problem = name_problem(nick)
-        if problem:
-            return problem
-        key = name_key(nick)
         with self.lock:
-            taken = self.people.get(key)
-            if taken is not None:
-                return f"Nickname {nick!r} is taken (or looks too much like {taken.nick!r})."
-            connection.nick, connection.key = nick, key
-            self.people[key] = connection
+            problem = self.nickname_problem(nick, connection)
+            if problem:
+                return problem
+            connection.nick, connection.key = nick, name_key(nick)
+            self.people[connection.key] = connection
             connection.send_line(notice(f"Welcome, {nick}! Type /help for the commands."))
             self._enter(connection, self.rooms[name_key(DEFAULT_ROOM)])
         log.info("%r signed in", connection)
         return None
+
+    def nickname_problem(self, nick: str, claimant: ClientConnection) -> str | None:
+        """Why CLAIMANT cannot be called NICK (already NFKC-normalised), or None. Lock held."""
+        taken = self.people.get(name_key(nick))
+        if taken is not None and taken is not claimant:
+            return f"Nickname {nick!r} is taken (or looks too much like {taken.nick!r})."
+        return name_problem(nick)
 
     def remove(self, connection: ClientConnection, reason: str) -> None:
         """Take someone out of the chat and tell their room."""
@@ -1106,15 +1109,11 @@ class Context:
         """Change the caller's nickname, by the same rules as signing in; the room is told."""
         caller = self._caller
         new_nick = unicodedata.normalize("NFKC", new_nick)
-        problem = name_problem(new_nick)
-        if problem:
-            raise commands.CommandError(problem)
-        new_key = name_key(new_nick)
         with self._server.lock:
-            people = self._server.people
-            taken = people.get(new_key)
-            if taken is not None and taken is not caller:
-                raise commands.CommandError(f"Nickname {new_nick!r} is taken (or looks too much like {taken.nick!r}).")
+            problem = self._server.nickname_problem(new_nick, caller)
+            if problem:
+                raise commands.CommandError(problem)
+            people, new_key = self._server.people, name_key(new_nick)
             if new_nick == caller.nick:
                 raise commands.CommandError(f"You are already {new_nick}.")
             old_nick, old_key = caller.nick, caller.key
