@@ -953,7 +953,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if self.history_file:
                     # On disk before anyone sees it, so whatever was seen survives a crash.
                     record = json.dumps({"time": when, "room": room.name, "line": line}, ensure_ascii=False)
-                    self.history_file.write(record + "\n")
+                    try:
+                        self.history_file.write(record + "\n")
+                    except OSError as problem:      # a full disk must not silence the chat
+                        log.error("history file: %s; history is kept in memory only from now on", problem)
+                        self.history_file = None
             self._to_room(room, line, sender=connection)
 
     # -- history on disk ---------------------------------------------------------
