@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import collections
 import contextlib
 import datetime
 import os
@@ -56,6 +57,7 @@ QUIT_TIMEOUT = 5.0                  # seconds to wait for the server to close af
 ESCAPE_TIMEOUT = 0.05               # a lone ESC this old is the Esc key, not a sequence
 HISTORY_SIZE = 500                  # sent lines remembered for Up/Down
 READ_SIZE = 65536                   # bytes per read from the server or the keyboard
+PIPED_BACKLOG = 1000                # piped lines read ahead of what the flood limit lets us send
 
 # Commands every pyChat server has; names seen in /help replies are added.
 STANDARD_COMMANDS = (
@@ -84,6 +86,7 @@ ONLINE_ENTRY = re.compile(r"([^\s,()]+) \(#")
 HELP_ENTRY = re.compile(r"-- /([^\s/]+)")
 TOPIC_NOTICE = re.compile(r"\*\*\* (Topic\b|\S+ (set|changed|cleared) the topic\b)")
 HISTORY_PREFIX = re.compile(r"\[history (\S+)\] ")
+FLOOD_LIMIT = re.compile(r"Flood limit: (\d+) lines at once, then ([\d.]+) a second")
 PRIVATE_PREFIX = re.compile(r"\[pm (from|to) ([^\]\s]+)\] ")
 CHAT_PREFIX = re.compile(r"([^\s:]+): ")
 
@@ -138,6 +141,35 @@ def classify(line: str) -> Message:
     if match:
         return Message(CHAT, line, match.group(1), line[match.end():])
     return Message(CHAT, line, body=line)
+
+
+class Pacer:
+    """Keeps piped lines within the server's flood limit, so that none of them is dropped."""
+
+    def __init__(self, burst: int, rate: float) -> None:
+        # A little under the limit: the server's clock and ours do not tick together.
+        self.burst = max(1, burst - 1)
+        self.rate = rate * 0.9
+        self.tokens = float(self.burst)
+        self.updated = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def take(self) -> bool:
+        """Use up one line's allowance, if there is one now."""
+        self._refill()
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def wait(self) -> float:
+        """Seconds until the next line may go."""
+        self._refill()
+        return max(0.0, (1 - self.tokens) / self.rate)
 
 
 class Roster:
@@ -841,6 +873,9 @@ class ChatClient:
         self.refusal = ""                 # the last error line while signing in
         self.asked_online = False         # /online sent on arrival; its reply is not shown
         self.piped_input = bytearray()
+        self.piped_lines: collections.deque[str] = collections.deque()   # read, not yet sent
+        self.piped_ended = False
+        self.pacer: Optional[Pacer] = None   # the server's flood limit, from its greeting
         self.leaving = False              # /quit sent or Ctrl-D pressed: the server will close
         self.leave_deadline = 0.0
         self.exit_code: Optional[int] = None
@@ -864,6 +899,8 @@ class ChatClient:
                     self._on_keys(self.keys.flush())
                 for key, events_mask in events:
                     key.data(events_mask)
+                if self.piped_lines and self.exit_code is None:
+                    self._send_piped()
                 if self.leaving and self.exit_code is None and time.monotonic() > self.leave_deadline:
                     self._finish("the server did not close the connection after /quit",
                                  0 if self.interactive else 1)
@@ -877,6 +914,8 @@ class ChatClient:
     def _timeout(self) -> Optional[float]:
         if self.keys.waiting:
             return ESCAPE_TIMEOUT
+        if self.piped_lines and self.pacer:
+            return self.pacer.wait()
         if self.leaving:
             return max(0.0, self.leave_deadline - time.monotonic())
         return None
@@ -955,6 +994,9 @@ class ChatClient:
         line = sanitize(raw)
         message = classify(line)
         self.roster.learn(message)
+        limit = FLOOD_LIMIT.search(line) if not self.me else None
+        if limit:
+            self.pacer = Pacer(int(limit.group(1)), float(limit.group(2)))
         if self.asked_online and ONLINE.match(line):
             self.asked_online = False
             return
@@ -1033,16 +1075,28 @@ class ChatClient:
             self._on_piped(data)
 
     def _on_piped(self, data: bytes) -> None:
-        """Send each complete input line; at the end of input, send /quit."""
+        """Queue each complete input line to be sent; the end of input means /quit once all are sent."""
         self.piped_input += data
         *lines, rest = self.piped_input.split(b"\n")
         if not data:
             lines.append(rest)
             rest = b""
+            self.piped_ended = True
         self.piped_input = bytearray(rest)
-        for line in lines:
-            self.send_typed(line.decode("utf-8", "replace").rstrip("\r"))
-        if not data:
+        self.piped_lines.extend(text for text in (line.decode("utf-8", "replace").rstrip("\r") for line in lines)
+                                if text.strip())
+        self._send_piped()
+
+    def _send_piped(self) -> None:
+        """Send queued piped lines as fast as the server's flood limit allows."""
+        while self.piped_lines and (self.pacer is None or self.pacer.take()):
+            self.send_typed(self.piped_lines.popleft())
+        # Read no further ahead than a screenful of lines: a long file is not loaded whole.
+        if len(self.piped_lines) > PIPED_BACKLOG:
+            self._unregister_input()
+        elif not self.piped_ended:
+            self._register_input()
+        if self.piped_ended and not self.piped_lines:
             self._leave()
 
     def _leave(self) -> None:

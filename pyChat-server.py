@@ -485,7 +485,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             if self.server.tls is not None:
                 self.start_tls()
             lines = self.read_lines()
-            self.send_line(notice(f"pyChat {VERSION}: {self.server.population()} online."))
+            self.send_line(notice(self.server.greeting()))
             if self.server.options.password:
                 self.ask_password(lines)
             self.ask_nickname(lines)
@@ -824,9 +824,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             self.connections.add(connection)
 
-    def population(self) -> int:
+    def greeting(self) -> str:
+        """The first line a newcomer reads: who is here, and the flood limit for clients that pace themselves."""
         with self.lock:
-            return len(self.people)
+            greeting = f"pyChat {VERSION}: {len(self.people)} online."
+        if self.options.rate:
+            greeting += (f" Flood limit: {self.options.burst} lines at once, "
+                         f"then {self.options.rate:g} a second.")
+        return greeting
 
     def check_secret(self, connection: ClientConnection, given: str, secret: str, what: str) -> bool:
         """Compare in constant time; every wrong try from an address makes the next answer slower."""
