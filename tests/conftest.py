@@ -121,18 +121,25 @@ class LineClient:
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def _read_more(self, deadline: float, waiting_for: str) -> bytes:
+        """Bytes from the socket (b"" once it is closed); fails if none come before DEADLINE."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"{waiting_for} did not come in time; lines so far: {shown(self.seen)}")
+            self.sock.settimeout(remaining)
+            try:
+                return self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                return b""
+
     def recv_line(self, timeout: float = TIMEOUT) -> str:
         """The next line from the server, without its newline; fails if none comes in time."""
         deadline = time.monotonic() + timeout
         while b"\n" not in self.buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"no line from the server within {timeout} s; lines so far: {shown(self.seen)}")
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
+            data = self._read_more(deadline, f"a line within {timeout} s")
             if not data:
                 pytest.fail(f"server closed the connection; lines so far: {shown(self.seen)}")
             self.buffer += data
@@ -173,26 +180,11 @@ class LineClient:
         """Read until the server closes the connection; returns the lines read meanwhile."""
         deadline = time.monotonic() + timeout
         start = len(self.seen)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"server did not close the connection within {timeout} s; got {shown(self.seen[start:])}")
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                lines = self.buffer.decode("utf-8", "replace").splitlines()
-                self.buffer = b""
-                self.seen += lines
-                return self.seen[start:]
+        while data := self._read_more(deadline, f"the server's close within {timeout} s"):
             self.buffer += data
-            while b"\n" in self.buffer:
-                raw, self.buffer = self.buffer.split(b"\n", 1)
-                self.seen.append(raw.decode("utf-8", "replace"))
+        self.seen += self.buffer.decode("utf-8", "replace").splitlines()
+        self.buffer = b""
+        return self.seen[start:]
 
     def close(self) -> None:
         self.sock.close()
