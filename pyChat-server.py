@@ -127,11 +127,12 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if bool(options.tls_cert) != bool(options.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    for name in ("max_clients", "max_per_ip", "history", "max_queue", "burst"):
+    for name in ("max_clients", "max_per_ip", "rate", "burst", "idle_timeout", "history"):
         if getattr(options, name) < 0:
             parser.error(f"--{name.replace('_', '-')} cannot be negative")
-    if options.rate < 0 or options.nick_timeout <= 0 or options.keepalive <= 0:
-        parser.error("--rate cannot be negative; --nick-timeout and --keepalive must be positive")
+    for name in ("nick_timeout", "keepalive", "max_queue", "stall_timeout"):
+        if getattr(options, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be more than 0")
     return options
 
 
