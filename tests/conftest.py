@@ -253,6 +253,21 @@ def seconds_until_closed(sock: socket.socket, dribble: bytes, most: float) -> fl
     return None
 
 
+def talk_until_cut_off(server: ServerProcess, speaker: LineClient, listener: LineClient, stalled_nick: str) -> None:
+    """SPEAKER says 1 kB lines, each reaching LISTENER and SPEAKER within a second, until the server
+    cuts off STALLED_NICK, a signed-in client that never reads; fails if it never does."""
+    text = "x" * 1000
+    for n in range(5000):                 # up to 5 MB: far more than a stalled socket can hold
+        speaker.send(f"{n} {text}")
+        assert listener.expect(f"{speaker.nick}: {n} ", timeout=1)
+        speaker.expect(f"{speaker.nick}: {n} ", timeout=1)
+        if any(line.startswith(f"*** {stalled_nick} quit") for line in listener.seen):
+            break
+    server.wait_for_log(rf"cutting off {stalled_nick}@127\.0\.0\.1: not reading")
+    assert [line for line in listener.seen if line.startswith(f"*** {stalled_nick} quit (not reading")], \
+        f"the room was not told {stalled_nick} was cut off; lines: {shown(listener.seen)}"
+
+
 def online_line(client: LineClient) -> str:
     client.send("/online")
     return client.expect(r"-- \d+ online")

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, TIMEOUT, LineClient, reset, seconds_until_closed, wait_until_online
+from conftest import LineClient, ROOT, TIMEOUT, reset, seconds_until_closed, talk_until_cut_off, wait_until_online
 # start_server is the fixture that also checks every server's log for tracebacks.
 
 CLIENT_SCRIPT = ROOT / "pyChat-client.py"
@@ -200,15 +200,7 @@ def test_a_stalled_tls_reader_does_not_delay_others_and_is_cut_off(start_server,
         alice = tls_connect(server, "alice")
         bob = tls_connect(server, "bob")
         alice.expect(r"\*\*\* bob joined")
-        text = "x" * 1000
-        for n in range(5000):                   # up to 5 MB: far more than the stalled reader can hold
-            bob.send(f"{n} {text}")
-            assert alice.expect(f"bob: {n} ", timeout=1)
-            bob.expect(f"bob: {n} ", timeout=1)
-            if "cutting off sleepy" in server.log():
-                break
-        server.wait_for_log(r"cutting off sleepy@127\.0\.0\.1: not reading")
-        assert alice.expect(r"\*\*\* sleepy quit").startswith("*** sleepy quit (not reading")
+        talk_until_cut_off(server, bob, alice, "sleepy")
     finally:
         stalled.close()
 
