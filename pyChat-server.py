@@ -1241,6 +1241,488 @@ class Context:
 
 
 # ---------------------------------------------------------------------------
+# The IRC protocol: messages, numerics, capabilities, text, registration
+# ---------------------------------------------------------------------------
+# The IRC port speaks the client protocol of modern.ircdocs.horse with the
+# IRCv3 extensions listed in IRC_CAPABILITIES. Everything in this section is
+# pure: it reads and writes IRC text and knows nothing about sockets or rooms.
+
+IRC_SERVER_NAME = "pychat.server"       # the source of the server's own messages
+IRC_NETWORK = "pyChat"
+IRC_SERVICE_NICK = "pyChat"             # /msg pyChat help: pyChat's slash-commands (a reserved name)
+IRC_MAX_BODY_BYTES = 510                # a message without its tags and CR LF (RFC 1459: 512 with CR LF)
+IRC_MAX_TAG_BYTES = 8191                # the tag section, its '@' and the space after it included (IRCv3)
+IRC_MAX_PARAMS = 15
+IRC_MAX_USERNAME = 10
+IRC_MAX_REALNAME = 50
+# Formatting codes (bold, colour, hex colour, reset, monospace, reverse, italic, strike, underline) are
+# the IRC clients' business: they pass between IRC users and are taken out for everyone else.
+IRC_FORMATTING = "\x02\x03\x04\x0f\x11\x16\x1d\x1e\x1f"
+CTCP = "\x01"
+
+
+class IrcMessage(NamedTuple):
+    """One IRC message: COMMAND (upper case, or three digits) and its parameters, the last of them
+    the one that may hold spaces; a source and tags when the sender gave them."""
+
+    command: str
+    params: list[str]
+    source: str | None = None
+    tags: dict[str, str] | None = None
+
+
+class IrcLineError(ValueError):
+    """A line that is not an IRC message we can take; its text says why."""
+
+
+_TAG_ESCAPES = {";": "\\:", " ": "\\s", "\\": "\\\\", "\r": "\\r", "\n": "\\n"}
+_TAG_ESCAPING = str.maketrans(_TAG_ESCAPES)
+_TAG_UNESCAPES = {escaped[1]: raw for raw, escaped in _TAG_ESCAPES.items()}
+
+
+def escape_tag_value(value: str) -> str:
+    return value.translate(_TAG_ESCAPING)
+
+
+def unescape_tag_value(value: str) -> str:
+    """A tag value as the sender meant it: known escapes undone, a lone backslash before anything
+    else dropped (as the message-tags specification says)."""
+    if "\\" not in value:
+        return value
+    out, pieces = [], iter(value)
+    for ch in pieces:
+        if ch == "\\":
+            following = next(pieces, "")
+            out.append(_TAG_UNESCAPES.get(following, following))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def parse_irc_tags(text: str) -> dict[str, str]:
+    tags = {}
+    for item in text.split(";"):
+        key, _, value = item.partition("=")
+        if key:
+            tags[key] = unescape_tag_value(value)
+    return tags
+
+
+def format_irc_tags(tags: dict[str, str]) -> str:
+    return ";".join(f"{key}={escape_tag_value(value)}" if value else key for key, value in tags.items())
+
+
+def parse_irc_message(line: str) -> IrcMessage | None:
+    """Read one line from an IRC client (without CR LF); None for an empty line (IRC ignores those).
+
+    Raises IrcLineError for a line over IRC's limits or without a command.
+    """
+    rest = line
+    tags = None
+    if rest.startswith("@"):
+        tag_text, _, rest = rest.partition(" ")
+        if len(tag_text.encode("utf-8")) + 1 > IRC_MAX_TAG_BYTES:
+            raise IrcLineError("Input line was too long (its tags are over 8191 bytes)")
+        tags = parse_irc_tags(tag_text[1:])
+        rest = rest.lstrip(" ")
+    if len(rest.encode("utf-8")) > IRC_MAX_BODY_BYTES:
+        raise IrcLineError(f"Input line was too long (over {IRC_MAX_BODY_BYTES} bytes besides tags)")
+    source = None
+    if rest.startswith(":"):
+        source, _, rest = rest[1:].partition(" ")
+        rest = rest.lstrip(" ")
+    command, _, rest = rest.partition(" ")
+    if not command:
+        if tags is None and source is None:
+            return None
+        raise IrcLineError("A message needs a command")
+    params: list[str] = []
+    while rest:
+        rest = rest.lstrip(" ")
+        if rest.startswith(":") or (rest and len(params) == IRC_MAX_PARAMS - 1):
+            params.append(rest[1:] if rest.startswith(":") else rest)
+            break
+        if rest:
+            param, _, rest = rest.partition(" ")
+            params.append(param)
+    return IrcMessage(command.upper(), params, source, tags)
+
+
+_IRC_BREAKS = str.maketrans("", "", "\r\n\0")
+
+
+def format_irc_message(command: str, params: Iterable[str] = (), source: str | None = IRC_SERVER_NAME,
+                       tags: dict[str, str] | None = None) -> str:
+    """One IRC message as text without CR LF; the last parameter is sent as a trailing one when it
+    has to be (spaces, a leading ':', empty), so it may hold any text. CR, LF and NUL never go out."""
+    parts = []
+    if tags:
+        parts.append("@" + format_irc_tags(tags))
+    if source:
+        parts.append(":" + source)
+    parts.append(command)
+    params = list(params)
+    if params:
+        *middle, last = params
+        parts += middle
+        last = last.translate(_IRC_BREAKS)
+        parts.append(":" + last if not last or " " in last or last.startswith(":") else last)
+    return " ".join(parts)
+
+
+def split_utf8(text: str, limit: int) -> list[str]:
+    """TEXT in pieces of at most LIMIT bytes of UTF-8 each, never inside a character.
+
+    A piece ends at the last space that leaves it at least half full, and that
+    space is left out; otherwise it is cut between two characters and nothing
+    is left out. Joined with spaces where they were cut at spaces, the pieces
+    are the text again.
+    """
+    encoded = text.encode("utf-8")
+    limit = max(limit, 4)       # room for the widest character, so every piece holds something
+    pieces = []
+    while len(encoded) > limit:
+        cut = limit
+        while encoded[cut] & 0xC0 == 0x80:      # a continuation byte: inside a character
+            cut -= 1
+        space = encoded.rfind(b" ", limit // 2, cut + 1)
+        if space > 0:
+            pieces.append(encoded[:space].decode("utf-8"))
+            encoded = encoded[space + 1:]
+        else:
+            pieces.append(encoded[:cut].decode("utf-8"))
+            encoded = encoded[cut:]
+    pieces.append(encoded.decode("utf-8"))
+    return pieces
+
+
+def irc_text_messages(command: str, target: str, text: str, source: str,
+                      tags: dict[str, str] | None = None) -> list[str]:
+    """PRIVMSG or NOTICE of TEXT to TARGET, as as many messages as IRC's line limit needs: a long
+    pyChat line reaches an IRC user in pieces, never cut short."""
+    head = format_irc_message(command, (target,), source) + " :"
+    room = IRC_MAX_BODY_BYTES - len(head.encode("utf-8"))
+    pieces = split_utf8(text.translate(_IRC_BREAKS), room)
+    prefix = "@" + format_irc_tags(tags) + " " if tags else ""
+    return [prefix + head + piece for piece in pieces]
+
+
+# The numerics the server sends: name -> (code, the usual closing text, or None when the
+# parameters are all there is). A caller may give a more helpful text than the usual one.
+IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
+    "RPL_WELCOME": ("001", None),
+    "RPL_YOURHOST": ("002", None),
+    "RPL_CREATED": ("003", None),
+    "RPL_MYINFO": ("004", None),
+    "RPL_ISUPPORT": ("005", "are supported by this server"),
+    "RPL_UMODEIS": ("221", None),
+    "RPL_LUSERCLIENT": ("251", None),
+    "RPL_LUSEROP": ("252", "operator(s) online"),
+    "RPL_LUSERUNKNOWN": ("253", "unknown connection(s)"),
+    "RPL_LUSERCHANNELS": ("254", "channels formed"),
+    "RPL_LUSERME": ("255", None),
+    "RPL_AWAY": ("301", None),
+    "RPL_USERHOST": ("302", None),
+    "RPL_ISON": ("303", None),
+    "RPL_UNAWAY": ("305", "You are no longer marked as being away"),
+    "RPL_NOWAWAY": ("306", "You have been marked as being away"),
+    "RPL_WHOISUSER": ("311", None),
+    "RPL_WHOISSERVER": ("312", None),
+    "RPL_WHOISOPERATOR": ("313", "is an IRC operator"),
+    "RPL_ENDOFWHO": ("315", "End of WHO list"),
+    "RPL_WHOISIDLE": ("317", "seconds idle, signon time"),
+    "RPL_ENDOFWHOIS": ("318", "End of /WHOIS list"),
+    "RPL_WHOISCHANNELS": ("319", None),
+    "RPL_WHOISSPECIAL": ("320", None),
+    "RPL_LISTSTART": ("321", "Users  Name"),
+    "RPL_LIST": ("322", None),
+    "RPL_LISTEND": ("323", "End of /LIST"),
+    "RPL_CHANNELMODEIS": ("324", None),
+    "RPL_CREATIONTIME": ("329", None),
+    "RPL_NOTOPIC": ("331", "No topic is set"),
+    "RPL_TOPIC": ("332", None),
+    "RPL_TOPICWHOTIME": ("333", None),
+    "RPL_INVITING": ("341", None),
+    "RPL_INVITELIST": ("346", None),
+    "RPL_ENDOFINVITELIST": ("347", "End of channel invite list"),
+    "RPL_EXCEPTLIST": ("348", None),
+    "RPL_ENDOFEXCEPTLIST": ("349", "End of channel exception list"),
+    "RPL_VERSION": ("351", None),
+    "RPL_WHOREPLY": ("352", None),
+    "RPL_NAMREPLY": ("353", None),
+    "RPL_ENDOFNAMES": ("366", "End of /NAMES list"),
+    "RPL_BANLIST": ("367", None),
+    "RPL_ENDOFBANLIST": ("368", "End of channel ban list"),
+    "RPL_MOTD": ("372", None),
+    "RPL_MOTDSTART": ("375", None),
+    "RPL_ENDOFMOTD": ("376", "End of /MOTD command."),
+    "RPL_TIME": ("391", None),
+    "ERR_NOSUCHNICK": ("401", "No such nick/channel"),
+    "ERR_NOSUCHSERVER": ("402", "No such server"),
+    "ERR_NOSUCHCHANNEL": ("403", "No such channel"),
+    "ERR_CANNOTSENDTOCHAN": ("404", "Cannot send to channel"),
+    "ERR_TOOMANYCHANNELS": ("405", "You have joined too many channels"),
+    "ERR_NOORIGIN": ("409", "No origin specified"),
+    "ERR_INVALIDCAPCMD": ("410", "Invalid CAP command"),
+    "ERR_NORECIPIENT": ("411", "No recipient given"),
+    "ERR_NOTEXTTOSEND": ("412", "No text to send"),
+    "ERR_INPUTTOOLONG": ("417", "Input line was too long"),
+    "ERR_UNKNOWNCOMMAND": ("421", "Unknown command"),
+    "ERR_NOMOTD": ("422", "MOTD File is missing"),
+    "ERR_NONICKNAMEGIVEN": ("431", "No nickname given"),
+    "ERR_ERRONEUSNICKNAME": ("432", "Erroneous nickname"),
+    "ERR_NICKNAMEINUSE": ("433", "Nickname is already in use"),
+    "ERR_USERNOTINCHANNEL": ("441", "They aren't on that channel"),
+    "ERR_NOTONCHANNEL": ("442", "You're not on that channel"),
+    "ERR_USERONCHANNEL": ("443", "is already on channel"),
+    "ERR_NOTREGISTERED": ("451", "You have not registered"),
+    "ERR_NEEDMOREPARAMS": ("461", "Not enough parameters"),
+    "ERR_ALREADYREGISTERED": ("462", "You may not reregister"),
+    "ERR_PASSWDMISMATCH": ("464", "Password incorrect"),
+    "ERR_YOUREBANNEDCREEP": ("465", "You are banned from this server"),
+    "ERR_CHANNELISFULL": ("471", "Cannot join channel (+l)"),
+    "ERR_UNKNOWNMODE": ("472", "is unknown mode char to me"),
+    "ERR_INVITEONLYCHAN": ("473", "Cannot join channel (+i)"),
+    "ERR_BANNEDFROMCHAN": ("474", "Cannot join channel (+b)"),
+    "ERR_BADCHANNELKEY": ("475", "Cannot join channel (+k)"),
+    "ERR_BADCHANMASK": ("476", "Bad Channel Mask"),
+    "ERR_NOPRIVILEGES": ("481", "Permission Denied- You're not an IRC operator"),
+    "ERR_CHANOPRIVSNEEDED": ("482", "You're not channel operator"),
+    "ERR_UMODEUNKNOWNFLAG": ("501", "Unknown MODE flag"),
+    "ERR_USERSDONTMATCH": ("502", "Can't change mode for other users"),
+    "RPL_LOGGEDIN": ("900", None),
+    "RPL_SASLSUCCESS": ("903", "SASL authentication successful"),
+    "ERR_SASLFAIL": ("904", "SASL authentication failed"),
+    "ERR_SASLTOOLONG": ("905", "SASL message too long"),
+    "ERR_SASLABORTED": ("906", "SASL authentication aborted"),
+    "ERR_SASLALREADY": ("907", "You have already authenticated using SASL"),
+    "RPL_SASLMECHS": ("908", "are available SASL mechanisms"),
+}
+
+
+def irc_numeric(name: str, target: str, *params: str, text: str | None = None) -> str:
+    """The numeric NAME to TARGET (a nickname, or '*' before there is one), with PARAMS and a closing
+    text: TEXT if given, else the usual one of the table."""
+    code, usual = IRC_NUMERICS[name]
+    closing = text if text is not None else usual
+    return format_irc_message(code, (target, *params) + ((closing,) if closing is not None else ()))
+
+
+# Capabilities offered, with their values for CAP LS 302. A cheap one is offered only when it
+# is honoured everywhere: server-time on every message, echo-message for every PRIVMSG/NOTICE.
+IRC_CAPABILITIES: dict[str, str | None] = {
+    "away-notify": None,
+    "echo-message": None,
+    "message-tags": None,
+    "multi-prefix": None,
+    "server-time": None,
+}
+
+
+class IrcCapabilities:
+    """One connection's capability negotiation (CAP LS, LIST, REQ, END) and what it enabled.
+
+    While `negotiating`, registration waits, as IRCv3 asks: a client that sent
+    CAP LS or CAP REQ before registering is registered only after CAP END.
+    """
+
+    def __init__(self, offered: dict[str, str | None]) -> None:
+        self.offered = offered
+        self.enabled: set[str] = set()
+        self.version = 0
+        self.negotiating = False
+
+    def handle(self, nick: str, params: list[str], registered: bool) -> list[str]:
+        """The replies to CAP PARAMS from the client called NICK ('*' until it has one)."""
+        if not params:
+            return [irc_numeric("ERR_NEEDMOREPARAMS", nick, "CAP")]
+        subcommand = params[0].upper()
+        if subcommand == "LS":
+            if len(params) > 1 and params[1].isdigit():
+                self.version = max(self.version, int(params[1]))
+            self.negotiating = not registered
+            offered = [name if value is None or self.version < 302 else f"{name}={value}"
+                       for name, value in self.offered.items()]
+            return self._listing(nick, "LS", offered)
+        if subcommand == "LIST":
+            return self._listing(nick, "LIST", sorted(self.enabled))
+        if subcommand == "REQ":
+            self.negotiating = not registered
+            wanted = (params[1] if len(params) > 1 else "").split()
+            names = [name.removeprefix("-") for name in wanted]
+            if not wanted or any(name not in self.offered for name in names):
+                return [format_irc_message("CAP", (nick, "NAK", " ".join(wanted)))]
+            for name in wanted:
+                if name.startswith("-"):
+                    self.enabled.discard(name[1:])
+                else:
+                    self.enabled.add(name)
+            return [format_irc_message("CAP", (nick, "ACK", " ".join(wanted)))]
+        if subcommand == "END":
+            self.negotiating = False
+            return []
+        return [irc_numeric("ERR_INVALIDCAPCMD", nick, params[0])]
+
+    def _listing(self, nick: str, subcommand: str, names: list[str]) -> list[str]:
+        """CAP LS or LIST replies, over several lines marked with '*' when they do not fit in one."""
+        head = len(format_irc_message("CAP", (nick, subcommand, "*", ":")).encode("utf-8"))
+        lines: list[list[str]] = [[]]
+        for name in names:
+            if lines[-1] and head + len(" ".join(lines[-1] + [name]).encode("utf-8")) > IRC_MAX_BODY_BYTES:
+                lines.append([])
+            lines[-1].append(name)
+        continued = ["*"] if self.version >= 302 else []
+        return [format_irc_message("CAP", (nick, subcommand, *(continued if n < len(lines) - 1 else []),
+                                           " ".join(line)))
+                for n, line in enumerate(lines)]
+
+
+# Control characters other than IRC's formatting codes, and direction overrides: removed from
+# what IRC users say, as clean_text does for everyone else. Tabs become spaces first.
+_INVISIBLE_ON_IRC = re.compile("[\x00\x01\x05-\x08\x0a-\x0e\x10\x12-\x15\x17-\x1c\x7f-\x9f"
+                               "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_IRC_FORMATTING_CODES = re.compile("\x03(?:[0-9]{1,2}(?:,[0-9]{1,2})?)?"
+                                   "|\x04(?:[0-9a-fA-F]{6}(?:,[0-9a-fA-F]{6})?)?"
+                                   "|[\x02\x0f\x11\x16\x1d\x1e\x1f]")
+
+
+def clean_irc_text(text: str) -> str:
+    """What an IRC user said, for other IRC users: formatting codes kept, every other control
+    character and direction override removed, tabs and line separators made spaces."""
+    if not text.isprintable():
+        text = _INVISIBLE_ON_IRC.sub("", _SPACES.sub(" ", text))
+    return text.strip()
+
+
+def strip_irc_formatting(text: str) -> str:
+    """IRC text without its formatting codes (a colour's numbers too), for pyChat and nc users."""
+    return clean_text(_IRC_FORMATTING_CODES.sub("", text))
+
+
+def parse_ctcp(text: str) -> tuple[str, str] | None:
+    """('ACTION', 'waves') for '\\x01ACTION waves\\x01', or None when TEXT is not a CTCP message."""
+    if not text.startswith(CTCP):
+        return None
+    body = text[1:].removesuffix(CTCP)
+    command, _, argument = body.partition(" ")
+    return command.upper(), argument
+
+
+def irc_server_time(when: float) -> str:
+    """The server-time tag's value: UTC with milliseconds."""
+    moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def irc_username(wanted: str) -> str:
+    """The user name shown in NICK!USER@HOST: what the client gave, letters, digits and '_.-' only,
+    short, with the '~' that says no ident server vouched for it."""
+    kept = "".join(ch for ch in wanted if ch.isascii() and (ch.isalnum() or ch in "_.-"))
+    return "~" + (kept[:IRC_MAX_USERNAME - 1] or "user")
+
+
+class IrcRegistration:
+    """What an IRC client says about itself before it is in the chat: PASS, NICK, USER and CAP, in
+    any order. handle() returns the replies; `ready` is true once there is enough to sign in with.
+
+    Only the name's own rules are checked here (432); whether it is taken (433)
+    is the server's to say when the person signs in.
+    """
+
+    def __init__(self, capabilities: IrcCapabilities) -> None:
+        self.capabilities = capabilities
+        self.password: str | None = None
+        self.nick: str | None = None
+        self.username: str | None = None
+        self.realname = ""
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.nick and self.username) and not self.capabilities.negotiating
+
+    @property
+    def target(self) -> str:
+        """How numerics address the client: its nickname, or '*' while it has none."""
+        return self.nick or "*"
+
+    def handle(self, message: IrcMessage) -> list[str]:
+        command, params = message.command, message.params
+        if command == "CAP":
+            return self.capabilities.handle(self.target, params, registered=False)
+        if command == "PASS":
+            if not params:
+                return [irc_numeric("ERR_NEEDMOREPARAMS", self.target, "PASS")]
+            self.password = params[0]
+            return []
+        if command == "NICK":
+            if not params or not params[0]:
+                return [irc_numeric("ERR_NONICKNAMEGIVEN", self.target)]
+            wanted = params[0]
+            problem = irc_nickname_problem(wanted)
+            if problem:
+                return [irc_numeric("ERR_ERRONEUSNICKNAME", self.target, wanted, text=problem)]
+            self.nick = unicodedata.normalize("NFKC", wanted)
+            return []
+        if command == "USER":
+            if len(params) < 4 or not params[0]:
+                return [irc_numeric("ERR_NEEDMOREPARAMS", self.target, "USER")]
+            if self.username is not None:
+                return [irc_numeric("ERR_ALREADYREGISTERED", self.target)]
+            self.username = irc_username(params[0])
+            self.realname = clean_text(params[3])[:IRC_MAX_REALNAME]
+            return []
+        if command == "PING":
+            return [irc_pong(params)]
+        if command == "PONG":
+            return []
+        return [irc_numeric("ERR_NOTREGISTERED", self.target)]
+
+
+def irc_nickname_problem(wanted: str) -> str | None:
+    """Why WANTED cannot be anyone's nickname, by pyChat's rules, or None when it can."""
+    if len(wanted) > MAX_NICKNAME_LENGTH:      # before normalising, which costs more the longer the name
+        return f"Nickname is too long (at most {MAX_NICKNAME_LENGTH} characters)."
+    return name_problem(unicodedata.normalize("NFKC", wanted))
+
+
+def irc_pong(params: list[str]) -> str:
+    if not params or not params[0]:
+        return irc_numeric("ERR_NOORIGIN", "*")
+    return format_irc_message("PONG", (IRC_SERVER_NAME, params[0]))
+
+
+class IrcPingClock:
+    """When to PING a quiet IRC client, and when to give up on one that does not answer.
+
+    Anything the client sends shows it is there. After INTERVAL seconds of
+    silence the server sends PING; after INTERVAL more without a word, the
+    connection ends with "Ping timeout".
+    """
+
+    def __init__(self, interval: float, now: float) -> None:
+        self.interval = interval
+        self.last_heard = now
+        self.ping_sent_at: float | None = None
+
+    def heard(self, now: float) -> None:
+        self.last_heard = now
+        self.ping_sent_at = None
+
+    def deadline(self) -> float:
+        """When next to act if nothing is heard before then."""
+        return (self.last_heard if self.ping_sent_at is None else self.ping_sent_at) + self.interval
+
+    def due(self, now: float) -> str | None:
+        """'ping' when a PING should go out now, 'timeout' when the client should be let go, else None."""
+        if now < self.deadline():
+            return None
+        if self.ping_sent_at is None:
+            self.ping_sent_at = now
+            return "ping"
+        return "timeout"
+
+
+# ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
 
