@@ -73,6 +73,8 @@ RECEIVE_SIZE = 65536
 # call anyway, so a longer interval costs no latency.
 SWITCH_INTERVAL = 0.05
 KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeeping
+IRC_PORT = None                   # --irc-port: a second port, for IRC clients (None: no IRC)
+IRC_PING_INTERVAL = 120.0         # --irc-ping: seconds of silence before an IRC client is sent PING
 
 
 def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,13 +126,22 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
                                "environment variable PYCHAT_OP_PASSWORD")
     security.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
     security.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM)")
+    irc = parser.add_argument_group("IRC (see README, 'IRC clients')")
+    irc.add_argument("--irc-port", type=int, default=IRC_PORT, metavar="PORT",
+                     help="also let IRC clients in on this port, TLS too with --tls-cert; 0 picks a free "
+                          "one and logs it (default: no IRC)")
+    irc.add_argument("--irc-ping", type=float, default=IRC_PING_INTERVAL, metavar="SECONDS",
+                     help=f"silence before an IRC client is sent PING; as long again without an answer "
+                          f"disconnects it (default: {IRC_PING_INTERVAL:g})")
     options = parser.parse_args(argv)
     if bool(options.tls_cert) != bool(options.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     for name in ("max_clients", "max_per_ip", "rate", "burst", "idle_timeout", "history"):
         if getattr(options, name) < 0:
             parser.error(f"--{name.replace('_', '-')} cannot be negative")
-    for name in ("nick_timeout", "keepalive", "max_queue", "stall_timeout"):
+    if options.irc_port is not None and options.irc_port < 0:
+        parser.error("--irc-port cannot be negative")
+    for name in ("nick_timeout", "keepalive", "max_queue", "stall_timeout", "irc_ping"):
         if getattr(options, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be more than 0")
     return options
@@ -615,6 +626,11 @@ class ClientConnection(socketserver.BaseRequestHandler):
     def send_line(self, line: str) -> None:
         self.server.pump.queue((self,), line.encode("utf-8") + b"\n")
 
+    @staticmethod
+    def refusal(reason: str) -> bytes:
+        """What a newcomer turned away at the door reads before the connection closes."""
+        return f"{error(reason)}\n".encode("utf-8")
+
     def flush(self) -> bool:
         """Write as much of the outbox as the socket takes now; True if some is left."""
         with self.io_lock:
@@ -748,6 +764,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.ignored: collections.Counter[str] = collections.Counter()    # how many ignore each name_key()
         self.stopping = False
         self.stop_signal, self.stop_trigger = socket.socketpair()
+        self.started = time.time()
         self.tls = self.make_tls_context() if options.tls_cert else None
         self.history_file = None
         if options.history_file:
@@ -755,6 +772,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.room_named(DEFAULT_ROOM)
         self.pump = OutputPump(options.max_queue, options.stall_timeout)
         super().__init__((options.host, options.port), ClientConnection)
+        self.irc = IrcListener(self) if options.irc_port is not None else None
         self.pump.start()
 
     def make_tls_context(self) -> ssl.SSLContext:
@@ -766,7 +784,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
     # -- admission ------------------------------------------------------------
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
-        """Give a newcomer a thread of its own, or turn it away when the server or its address is full."""
+        self.admit(request, client_address, ClientConnection)
+
+    def admit(self, request: socket.socket, client_address: tuple, protocol: type[ClientConnection]) -> None:
+        """Give a newcomer a thread of its own, speaking PROTOCOL, or turn it away when the server or
+        its address is full; the limits count every port alike."""
         address = client_address[0]
         options = self.options
         with self.lock:
@@ -783,23 +805,24 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if explain and self.tls is not None:
                 self.refusing += 1
         if refusal is None:
-            super().process_request(request, client_address)
+            threading.Thread(target=self.process_request_thread, args=(request, client_address, protocol),
+                             daemon=True).start()
             return
         log.warning("refused %s: %s", address, refusal)
         if not explain:
             self.shutdown_request(request)
         elif self.tls is None:
-            self.refuse(request, refusal)
+            self.refuse(request, protocol.refusal(refusal))
         else:
-            threading.Thread(target=self.refuse, args=(request, refusal), daemon=True).start()
+            threading.Thread(target=self.refuse, args=(request, protocol.refusal(refusal)), daemon=True).start()
 
-    def refuse(self, request: socket.socket, refusal: str) -> None:
+    def refuse(self, request: socket.socket, refusal: bytes) -> None:
         """Tell a newcomer why it cannot come in, and close the connection."""
         try:
             if self.tls is not None:
                 request.settimeout(2.0)
                 request = self.tls.wrap_socket(request, server_side=True)
-            request.sendall(f"{error(refusal)}\n".encode())
+            request.sendall(refusal)
         except (OSError, ssl.SSLError):
             pass
         finally:
@@ -808,10 +831,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 with self.lock:
                     self.refusing -= 1
 
-    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+    def process_request_thread(self, request: socket.socket, client_address: tuple,
+                               protocol: type[ClientConnection]) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            protocol(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
+            self.shutdown_request(request)
             with self.lock:
                 self.admitted -= 1
                 self.per_address[client_address[0]] -= 1
@@ -1008,6 +1035,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def stop(self) -> None:
         """Tell everyone, close every connection, and wait a little for them to go."""
         self.shutdown()
+        if self.irc is not None:
+            self.irc.shutdown()
         with self.lock:
             self.stopping = True
             for connection in self.connections:
@@ -1021,6 +1050,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             time.sleep(0.05)
         self.pump.stop()
         self.server_close()
+        if self.irc is not None:
+            self.irc.server_close()
         if self.history_file:
             self.history_file.close()
 
@@ -1272,7 +1303,11 @@ class IrcMessage(NamedTuple):
 
 
 class IrcLineError(ValueError):
-    """A line that is not an IRC message we can take; its text says why."""
+    """A line that is not an IRC message we can take: the numeric that says so, and why."""
+
+    def __init__(self, numeric: str, why: str) -> None:
+        super().__init__(why)
+        self.numeric = numeric
 
 
 _TAG_ESCAPES = {";": "\\:", " ": "\\s", "\\": "\\\\", "\r": "\\r", "\n": "\\n"}
@@ -1322,11 +1357,11 @@ def parse_irc_message(line: str) -> IrcMessage | None:
     if rest.startswith("@"):
         tag_text, _, rest = rest.partition(" ")
         if len(tag_text.encode("utf-8")) + 1 > IRC_MAX_TAG_BYTES:
-            raise IrcLineError("Input line was too long (its tags are over 8191 bytes)")
+            raise IrcLineError("ERR_INPUTTOOLONG", "Input line was too long (its tags are over 8191 bytes)")
         tags = parse_irc_tags(tag_text[1:])
         rest = rest.lstrip(" ")
     if len(rest.encode("utf-8")) > IRC_MAX_BODY_BYTES:
-        raise IrcLineError(f"Input line was too long (over {IRC_MAX_BODY_BYTES} bytes besides tags)")
+        raise IrcLineError("ERR_INPUTTOOLONG", f"Input line was too long (over {IRC_MAX_BODY_BYTES} bytes besides tags)")
     source = None
     if rest.startswith(":"):
         source, _, rest = rest[1:].partition(" ")
@@ -1335,7 +1370,7 @@ def parse_irc_message(line: str) -> IrcMessage | None:
     if not command:
         if tags is None and source is None:
             return None
-        raise IrcLineError("A message needs a command")
+        raise IrcLineError("ERR_UNKNOWNCOMMAND", "A message needs a command")
     params: list[str] = []
     while rest:
         rest = rest.lstrip(" ")
@@ -1723,6 +1758,176 @@ class IrcPingClock:
 
 
 # ---------------------------------------------------------------------------
+# The IRC connection and its listener
+# ---------------------------------------------------------------------------
+
+IRC_USER_MODES = "o"            # o: a server operator (pyChat's /op)
+
+
+def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
+    """What 005 says about this server: only what is true of it."""
+    return ["CASEMAPPING=ascii", "CHANTYPES=#", f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}",
+            f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "UTF8ONLY"]
+
+
+def irc_isupport(nick: str, options: argparse.Namespace) -> list[str]:
+    tokens = irc_isupport_tokens(options)
+    return [irc_numeric("RPL_ISUPPORT", nick, *tokens[n:n + 12]) for n in range(0, len(tokens), 12)]
+
+
+class IrcConnection(ClientConnection):
+    """One IRC client: the socket, buffers and limits of every connection, with IRC's registration,
+    commands and words."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.lines = LineReader(IRC_MAX_TAG_BYTES + IRC_MAX_BODY_BYTES)
+        self.capabilities = IrcCapabilities(IRC_CAPABILITIES)
+        self.username = irc_username("")
+        self.realname = ""
+        self.ping_clock = IrcPingClock(self.server.options.irc_ping, self.connected)
+
+    def handle(self) -> None:
+        log.info("IRC connection from %s:%s", *self.client_address[:2])
+        try:
+            if self.server.tls is not None:
+                self.start_tls()
+            messages = self.read_messages()
+            self.register(messages)
+            self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)   # a full burst to start
+            for message in messages:
+                self.on_message(message)
+        except Disconnect as why:
+            self.quit_reason = self.quit_reason or str(why)
+
+    def finish(self) -> None:
+        reason = self.cut_off_reason or self.quit_reason or "connection lost"
+        self.send_irc(format_irc_message("ERROR", (f"Closing link: {self.nick or '*'} ({reason})",), source=None))
+        super().finish()
+
+    @staticmethod
+    def refusal(reason: str) -> bytes:
+        return (format_irc_message("ERROR", (f"Closing link: {reason}",), source=None) + "\r\n").encode("utf-8")
+
+    @property
+    def target(self) -> str:
+        return self.nick or "*"
+
+    # -- input ----------------------------------------------------------------
+
+    def read_messages(self) -> Iterator[IrcMessage]:
+        """The messages this client sends, as they come; lines that are not messages are answered here."""
+        for line in self.read_lines():
+            self.ping_clock.heard(self.last_heard)
+            if line is None:
+                self.send_irc(irc_numeric("ERR_INPUTTOOLONG", self.target))
+                continue
+            try:
+                message = parse_irc_message(line)
+            except IrcLineError as problem:
+                self.send_irc(irc_numeric(problem.numeric, self.target, *(() if problem.numeric ==
+                              "ERR_INPUTTOOLONG" else ("*",)), text=str(problem)))
+                continue
+            if message is None:
+                continue
+            if message.command == "QUIT":
+                self.quit_reason = clean_text(message.params[0])[:200] if message.params else QUIT
+                raise Disconnect(self.quit_reason)
+            yield message
+
+    def wait_for_input(self, timeout: float) -> None:
+        """Wait for input; once signed in, PING a quiet client and let go of one that does not answer."""
+        if not self.nick:
+            super().wait_for_input(timeout)
+            return
+        while True:
+            if self.server.stopping:
+                raise Disconnect("server shutting down")
+            if self.input_waiter.wait(max(0.0, self.ping_clock.deadline() - time.monotonic())):
+                return
+            due = self.ping_clock.due(time.monotonic())
+            if due == "ping":
+                self.send_irc(format_irc_message("PING", (IRC_SERVER_NAME,)))
+            elif due == "timeout":
+                raise Disconnect(f"Ping timeout: {time.monotonic() - self.ping_clock.last_heard:.0f} seconds")
+
+    # -- registration ---------------------------------------------------------------
+
+    def register(self, messages: Iterator[IrcMessage]) -> None:
+        """Read PASS, NICK, USER and CAP until the client can sign in, then welcome it."""
+        registration = IrcRegistration(self.capabilities)
+        for message in messages:
+            for reply in registration.handle(message):
+                self.send_irc(reply)
+            if not registration.ready:
+                continue
+            password = self.server.options.password
+            if password and not self.server.check_secret(self, registration.password or "", password,
+                                                         "server password"):
+                self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", registration.target))
+                raise Disconnect("wrong password")
+            self.username, self.realname = registration.username, registration.realname
+            problem = self.server.sign_in(self, registration.nick)
+            if problem is None:
+                self.welcome()
+                return
+            self.send_irc(irc_numeric("ERR_NICKNAMEINUSE", "*", registration.nick, text=problem))
+            registration.nick = None
+
+    def welcome(self) -> None:
+        """001 to 005, then the message of the day: what a client waits for before it joins channels."""
+        nick, version = self.nick, f"pyChat-{VERSION}"
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.server.started))
+        for line in (irc_numeric("RPL_WELCOME", nick, text=f"Welcome to the {IRC_NETWORK} IRC network, "
+                                                             f"{self.irc_source}"),
+                     irc_numeric("RPL_YOURHOST", nick, text=f"Your host is {IRC_SERVER_NAME}, running version "
+                                                              f"{version}"),
+                     irc_numeric("RPL_CREATED", nick, text=f"This server was created {started}"),
+                     irc_numeric("RPL_MYINFO", nick, IRC_SERVER_NAME, version, IRC_USER_MODES, "-"),
+                     *irc_isupport(nick, self.server.options),
+                     *self.motd()):
+            self.send_irc(line)
+
+    def motd(self) -> list[str]:
+        lines = [self.server.greeting(),
+                 "Rooms are channels: everyone starts in #lobby; /join #dev makes or joins #dev.",
+                 f"pyChat's own commands: /msg {IRC_SERVICE_NICK} help"]
+        return [irc_numeric("RPL_MOTDSTART", self.nick, text=f"- {IRC_SERVER_NAME} Message of the day - "),
+                *(irc_numeric("RPL_MOTD", self.nick, text=f"- {line}") for line in lines),
+                irc_numeric("RPL_ENDOFMOTD", self.nick)]
+
+    @property
+    def irc_source(self) -> str:
+        """How this person appears as the source of a message: NICK!USER@HOST."""
+        return f"{self.nick}!{self.username}@irc"
+
+    # -- output ---------------------------------------------------------------
+
+    def send_line(self, line: str) -> None:
+        self.send_irc(format_irc_message("NOTICE", (self.target, line),
+                                         source=f"{IRC_SERVICE_NICK}!{IRC_SERVICE_NICK}@{IRC_SERVER_NAME}"))
+
+    def send_irc(self, line: str) -> None:
+        self.server.pump.queue((self,), line.encode("utf-8") + b"\r\n")
+
+
+class IrcListener(socketserver.TCPServer):
+    """The IRC port. Its newcomers are admitted by the chat server under the same limits as
+    everyone else's, and speak IRC."""
+
+    allow_reuse_address = True
+    request_queue_size = 4096
+
+    def __init__(self, chat: ChatServer) -> None:
+        self.chat = chat
+        self.address_family = chat.address_family
+        super().__init__((chat.options.host, chat.options.irc_port), IrcConnection)
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        self.chat.admit(request, client_address, IrcConnection)
+
+
+# ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
 
@@ -1759,6 +1964,10 @@ def main(argv: list[str] | None = None) -> int:
     host, port = server.server_address[:2]
     # Printed even with -q: scripts and tests started with --port 0 read the port from it.
     print(f"pyChat {VERSION} listening on {host}:{port}", file=sys.stderr, flush=True)
+    if server.irc is not None:
+        irc_host, irc_port = server.irc.server_address[:2]
+        print(f"pyChat {VERSION} listening for IRC on {irc_host}:{irc_port}", file=sys.stderr, flush=True)
+        threading.Thread(target=server.irc.serve_forever, name="accept-irc", daemon=True).start()
 
     stop_requested = threading.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
