@@ -1361,7 +1361,8 @@ def parse_irc_message(line: str) -> IrcMessage | None:
         tags = parse_irc_tags(tag_text[1:])
         rest = rest.lstrip(" ")
     if len(rest.encode("utf-8")) > IRC_MAX_BODY_BYTES:
-        raise IrcLineError("ERR_INPUTTOOLONG", f"Input line was too long (over {IRC_MAX_BODY_BYTES} bytes besides tags)")
+        raise IrcLineError("ERR_INPUTTOOLONG",
+                           f"Input line was too long (over {IRC_MAX_BODY_BYTES} bytes besides tags)")
     source = None
     if rest.startswith(":"):
         source, _, rest = rest[1:].partition(" ")
@@ -1431,15 +1432,17 @@ def split_utf8(text: str, limit: int) -> list[str]:
     return pieces
 
 
-def irc_text_messages(command: str, target: str, text: str, source: str,
-                      tags: dict[str, str] | None = None) -> list[str]:
+def irc_text_messages(command: str, target: str, text: str, source: str, tags: dict[str, str] | None = None,
+                      wrap: tuple[str, str] = ("", "")) -> list[str]:
     """PRIVMSG or NOTICE of TEXT to TARGET, as as many messages as IRC's line limit needs: a long
-    pyChat line reaches an IRC user in pieces, never cut short."""
+    pyChat line reaches an IRC user in pieces, never cut short. WRAP goes around each piece
+    (a CTCP ACTION's markers)."""
     head = format_irc_message(command, (target,), source) + " :"
-    room = IRC_MAX_BODY_BYTES - len(head.encode("utf-8"))
+    before, after = wrap
+    room = IRC_MAX_BODY_BYTES - len((head + before + after).encode("utf-8"))
     pieces = split_utf8(text.translate(_IRC_BREAKS), room)
     prefix = "@" + format_irc_tags(tags) + " " if tags else ""
-    return [prefix + head + piece for piece in pieces]
+    return [f"{prefix}{head}{before}{piece}{after}" for piece in pieces]
 
 
 # The numerics the server sends: name -> (code, the usual closing text, or None when the
@@ -1456,6 +1459,7 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "RPL_LUSERUNKNOWN": ("253", "unknown connection(s)"),
     "RPL_LUSERCHANNELS": ("254", "channels formed"),
     "RPL_LUSERME": ("255", None),
+    "RPL_TRYAGAIN": ("263", "Please wait a while and try again."),
     "RPL_AWAY": ("301", None),
     "RPL_USERHOST": ("302", None),
     "RPL_ISON": ("303", None),
@@ -1488,15 +1492,18 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "RPL_ENDOFNAMES": ("366", "End of /NAMES list"),
     "RPL_BANLIST": ("367", None),
     "RPL_ENDOFBANLIST": ("368", "End of channel ban list"),
+    "RPL_ENDOFWHOWAS": ("369", "End of WHOWAS"),
     "RPL_MOTD": ("372", None),
     "RPL_MOTDSTART": ("375", None),
     "RPL_ENDOFMOTD": ("376", "End of /MOTD command."),
+    "RPL_YOUREOPER": ("381", "You are now an IRC operator"),
     "RPL_TIME": ("391", None),
     "ERR_NOSUCHNICK": ("401", "No such nick/channel"),
     "ERR_NOSUCHSERVER": ("402", "No such server"),
     "ERR_NOSUCHCHANNEL": ("403", "No such channel"),
     "ERR_CANNOTSENDTOCHAN": ("404", "Cannot send to channel"),
     "ERR_TOOMANYCHANNELS": ("405", "You have joined too many channels"),
+    "ERR_WASNOSUCHNICK": ("406", "There was no such nickname"),
     "ERR_NOORIGIN": ("409", "No origin specified"),
     "ERR_INVALIDCAPCMD": ("410", "Invalid CAP command"),
     "ERR_NORECIPIENT": ("411", "No recipient given"),
@@ -1548,7 +1555,6 @@ def irc_numeric(name: str, target: str, *params: str, text: str | None = None) -
 IRC_CAPABILITIES: dict[str, str | None] = {
     "away-notify": None,
     "echo-message": None,
-    "message-tags": None,
     "multi-prefix": None,
     "server-time": None,
 }

@@ -358,3 +358,12 @@ def test_anything_heard_puts_the_ping_off():
     assert clock.deadline() == 1130
     assert clock.due(1120) is None
     assert clock.due(1130) == "ping"
+
+
+def test_a_long_action_is_split_with_each_piece_its_own_ctcp_action():
+    messages = server.irc_text_messages("PRIVMSG", "#dev", "waves " * 200, "a!b@c", wrap=("\x01ACTION ", "\x01"))
+    assert len(messages) > 1
+    for written in messages:
+        assert len(written.encode()) <= 510
+        text = server.parse_irc_message(written).params[1]
+        assert text.startswith("\x01ACTION waves") and text.endswith("\x01")
