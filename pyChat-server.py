@@ -13,6 +13,7 @@ ChatServer.say(), which queues it to every member of the room.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import dataclasses
 import datetime
@@ -1717,6 +1718,52 @@ class IrcRegistration:
         if command == "PONG":
             return []
         return [irc_numeric("ERR_NOTREGISTERED", self.target)]
+
+
+class IrcSasl:
+    """SASL PLAIN over AUTHENTICATE (IRCv3 sasl-3.1): what to answer, and the credentials once the
+    client has sent them all. Checking them is the accounts' business, not this class's.
+
+    The client names the mechanism, the server answers '+', the client sends
+    base64 of 'authzid NUL authcid NUL password' in pieces of 400 bytes (a
+    shorter piece, or '+', ends it); '*' aborts.
+    """
+
+    MECHANISMS = ("PLAIN",)
+    PIECE = 400
+    MOST = 4 * 400                  # more than any account name and password need
+
+    def __init__(self) -> None:
+        self.mechanism: str | None = None
+        self.received = ""
+
+    def handle(self, nick: str, argument: str) -> tuple[list[str], tuple[str, str] | None]:
+        """The replies to AUTHENTICATE ARGUMENT, and (account, password) when they are complete."""
+        if argument == "*":
+            self.__init__()
+            return [irc_numeric("ERR_SASLABORTED", nick)], None
+        if self.mechanism is None:
+            if argument.upper() not in self.MECHANISMS:
+                return [irc_numeric("RPL_SASLMECHS", nick, ",".join(self.MECHANISMS)),
+                        irc_numeric("ERR_SASLFAIL", nick)], None
+            self.mechanism = argument.upper()
+            return [format_irc_message("AUTHENTICATE", ("+",), source=None)], None
+        if len(argument) > self.PIECE or len(self.received) + len(argument) > self.MOST:
+            self.__init__()
+            return [irc_numeric("ERR_SASLTOOLONG", nick)], None
+        if argument != "+":
+            self.received += argument
+        if len(argument) == self.PIECE:
+            return [], None                 # more to come
+        received, self.mechanism, self.received = self.received, None, ""
+        try:
+            authorization, account, password = base64.b64decode(received, validate=True).decode("utf-8").split("\0")
+        except (ValueError, UnicodeDecodeError):
+            return [irc_numeric("ERR_SASLFAIL", nick)], None
+        if authorization and authorization != account:
+            return [irc_numeric("ERR_SASLFAIL", nick, text="SASL authentication failed: "
+                                                           "one may only sign in as oneself")], None
+        return [], (account, password)
 
 
 def irc_nickname_problem(wanted: str) -> str | None:

@@ -367,3 +367,42 @@ def test_a_long_action_is_split_with_each_piece_its_own_ctcp_action():
         assert len(written.encode()) <= 510
         text = server.parse_irc_message(written).params[1]
         assert text.startswith("\x01ACTION waves") and text.endswith("\x01")
+
+
+# -- SASL PLAIN -------------------------------------------------------------------------------------------
+
+def plain(authorization: str, account: str, password: str) -> str:
+    import base64
+    return base64.b64encode(f"{authorization}\0{account}\0{password}".encode()).decode()
+
+
+def test_sasl_plain_asks_for_the_credentials_and_hands_them_over():
+    sasl = server.IrcSasl()
+    replies, credentials = sasl.handle("*", "PLAIN")
+    assert replies == ["AUTHENTICATE +"] and credentials is None
+    assert sasl.handle("*", plain("", "alice", "secret words")) == ([], ("alice", "secret words"))
+    sasl.handle("*", "PLAIN")
+    assert sasl.handle("*", plain("alice", "alice", "pw")) == ([], ("alice", "pw"))
+
+
+def test_sasl_credentials_may_come_in_400_byte_pieces():
+    sasl = server.IrcSasl()
+    sasl.handle("*", "PLAIN")
+    encoded = plain("", "alice", "p" * 593)           # 800 bytes of base64: two full pieces, then "+"
+    assert len(encoded) == 800
+    assert sasl.handle("*", encoded[:400]) == ([], None)
+    assert sasl.handle("*", encoded[400:]) == ([], None)
+    assert sasl.handle("*", "+") == ([], ("alice", "p" * 593))
+
+
+@pytest.mark.parametrize("steps, numeric", [
+    (["EXTERNAL"], "904"), (["PLAIN", "not base64!"], "904"), (["PLAIN", "*"], "906"),
+    (["PLAIN", "x" * 401], "905"), (["PLAIN", plain("bob", "alice", "pw")], "904"),
+    (["PLAIN", *(["x" * 400] * 4), "x"], "905"),
+])
+def test_sasl_mistakes_get_their_numeric(steps, numeric):
+    sasl = server.IrcSasl()
+    for step in steps:
+        replies, credentials = sasl.handle("*", step)
+    assert credentials is None
+    assert server.parse_irc_message(replies[-1]).command == numeric
