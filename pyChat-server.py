@@ -75,6 +75,31 @@ SWITCH_INTERVAL = 0.05
 KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeeping
 
 
+# Timeouts wait in poll(), which takes at most about 24 days in milliseconds.
+MAX_SECONDS = 1_000_000
+MAX_KEEPALIVE = 32767             # the most Linux takes for TCP_KEEPIDLE
+
+
+def number(kind: type, low: float, high: float | None = None, above: bool = False):
+    """An argparse type: a KIND (int or float) from LOW (or above it) to HIGH, finite."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is not None and value == value and abs(value) != float("inf") and \
+                (value > low if above else value >= low) and (high is None or value <= high):
+            return value
+        shown = [f"{bound:.0f}" if bound == int(bound) else f"{bound:g}" for bound in (low, high or 0)]
+        if above:
+            bounds = f"more than {shown[0]}" + (f" and at most {shown[1]}" if high is not None else "")
+        else:
+            bounds = f"from {shown[0]} to {shown[1]}" if high is not None else f"of {shown[0]} or more"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'} {bounds}")
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     """Read the command line; every option has a default that suits a small group."""
     parser = argparse.ArgumentParser(
@@ -83,35 +108,37 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--version", action="version", version=f"pyChat server {VERSION}")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on; '::' for IPv6 (default: all IPv4 interfaces)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=number(int, 0, 65535), default=DEFAULT_PORT,
                         help=f"TCP port; 0 picks a free one and logs it (default: {DEFAULT_PORT})")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (every command)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    count, seconds = number(int, 0), number(float, 0, MAX_SECONDS)
+    positive_seconds = number(float, 0, MAX_SECONDS, above=True)
     limits = parser.add_argument_group("limits (see README, 'Running it on the internet')")
-    limits.add_argument("--max-clients", type=int, default=MAX_CLIENTS, metavar="N",
+    limits.add_argument("--max-clients", type=count, default=MAX_CLIENTS, metavar="N",
                         help=f"connections allowed at once, 0 for no limit (default: {MAX_CLIENTS})")
-    limits.add_argument("--max-per-ip", type=int, default=MAX_PER_IP, metavar="N",
+    limits.add_argument("--max-per-ip", type=count, default=MAX_PER_IP, metavar="N",
                         help=f"connections allowed from one address, 0 for no limit (default: {MAX_PER_IP})")
-    limits.add_argument("--rate", type=float, default=RATE, metavar="LINES",
+    limits.add_argument("--rate", type=number(float, 0), default=RATE, metavar="LINES",
                         help=f"lines per second one person may send, 0 to turn flood control off "
                              f"(default: {RATE:g})")
-    limits.add_argument("--burst", type=int, default=BURST, metavar="LINES",
+    limits.add_argument("--burst", type=count, default=BURST, metavar="LINES",
                         help=f"lines one person may send in a burst before --rate applies (default: {BURST})")
-    limits.add_argument("--nick-timeout", type=float, default=NICKNAME_TIMEOUT, metavar="SECONDS",
+    limits.add_argument("--nick-timeout", type=positive_seconds, default=NICKNAME_TIMEOUT, metavar="SECONDS",
                         help=f"time a new connection has to sign in (default: {NICKNAME_TIMEOUT:g})")
-    limits.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="SECONDS",
+    limits.add_argument("--idle-timeout", type=seconds, default=IDLE_TIMEOUT, metavar="SECONDS",
                         help="disconnect people who send nothing for this long, 0 for never (default: 0)")
-    limits.add_argument("--keepalive", type=int, default=KEEPALIVE, metavar="SECONDS",
+    limits.add_argument("--keepalive", type=number(int, 1, MAX_KEEPALIVE), default=KEEPALIVE, metavar="SECONDS",
                         help=f"quiet time before TCP keepalive probes look for vanished peers "
                              f"(default: {KEEPALIVE})")
-    limits.add_argument("--max-queue", type=int, default=MAX_QUEUED_OUTPUT, metavar="BYTES",
+    limits.add_argument("--max-queue", type=number(int, 0, above=True), default=MAX_QUEUED_OUTPUT, metavar="BYTES",
                         help=f"output waiting for one slow reader before it is disconnected "
                              f"(default: {MAX_QUEUED_OUTPUT})")
-    limits.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT, metavar="SECONDS",
+    limits.add_argument("--stall-timeout", type=positive_seconds, default=STALL_TIMEOUT, metavar="SECONDS",
                         help=f"time a reader may accept no data before it is disconnected "
                              f"(default: {STALL_TIMEOUT:g})")
     history = parser.add_argument_group("history")
-    history.add_argument("--history", type=int, default=HISTORY_LINES, metavar="N",
+    history.add_argument("--history", type=count, default=HISTORY_LINES, metavar="N",
                          help=f"lines of a room shown to newcomers, 0 for none (default: {HISTORY_LINES})")
     history.add_argument("--history-file", metavar="PATH",
                          help="keep room history in this file (JSON lines) so it survives restarts")
@@ -127,12 +154,6 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if bool(options.tls_cert) != bool(options.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    for name in ("max_clients", "max_per_ip", "rate", "burst", "idle_timeout", "history"):
-        if getattr(options, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} cannot be negative")
-    for name in ("nick_timeout", "keepalive", "max_queue", "stall_timeout"):
-        if getattr(options, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be more than 0")
     return options
 
 
