@@ -200,14 +200,47 @@ class LineReader:
 # overrides make text read differently from what was sent. None of them may
 # reach another person's terminal.
 _INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_SPACES = re.compile("[\t\u2028\u2029]")
+# What shows as blank space (tabs, Unicode spaces, line separators, the braille
+# blank, Hangul fillers), and what shows as nothing at all (zero-width spaces
+# and joiners, soft hyphen, variation selectors, tags).
+_BLANKS = ("\t \u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200b)))
+           + "\u2028\u2029\u202f\u205f\u3000\u2800\u115f\u1160\u3164\uffa0")
+_BLANK = re.escape(_BLANKS)
+_NOTHING = ("\u00ad\u034f\u17b4\u17b5\u180b-\u180f\u200b-\u200d\u2060-\u2064\ufe00-\ufe0f\ufeff"
+            "\U000e0000-\U000e007f\U000e0100-\U000e01ef")
+_SHOWS_AS_NOTHING = re.compile(f"[{_NOTHING}]")
+_INDENT = re.compile(f"[{_BLANK}{_NOTHING}]+")
+# Two blanks or more in a row (with nothing-characters between them, or not).
+# Pasted code keeps its indentation, but inside a line a run of spaces serves
+# only to push text to the start of the next row on someone's terminal, where
+# it would pass for a line of its own.
+_BLANK_RUN = re.compile(f"[{_BLANK}](?:[{_NOTHING}]*[{_BLANK}])+[{_NOTHING}]*")
+_TO_SPACE = str.maketrans("\t\u2028\u2029", "   ")
+TAB_WIDTH = 4                     # columns of indentation a leading tab stands for
+MAX_INDENT = 32                   # leading spaces kept at most
 
 
 def clean_text(text: str) -> str:
-    """Remove control characters and direction overrides; tabs and line separators become spaces."""
+    """Make untrusted text safe to show: no control characters or direction overrides, and one space
+    between words; leading indentation stays (tabs as spaces, up to MAX_INDENT), trailing blanks go.
+
+    Linear in the length of TEXT, so it may run on anything a client sends.
+    """
     if not text.isprintable():
-        text = _INVISIBLE.sub("", _SPACES.sub(" ", text))
-    return text.strip()
+        text = _INVISIBLE.sub("", text)
+    indent = 0
+    leading = _INDENT.match(text)
+    if leading:
+        for ch in leading.group():
+            if ch == "\t":
+                indent += TAB_WIDTH - indent % TAB_WIDTH
+            elif not _SHOWS_AS_NOTHING.match(ch):
+                indent += 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+            if indent >= MAX_INDENT:
+                break
+        text = text[leading.end():]
+    text = _BLANK_RUN.sub(" ", text).translate(_TO_SPACE).rstrip(_BLANKS)
+    return " " * min(indent, MAX_INDENT) + text if text else ""
 
 
 RESERVED_NAMES = ("server", "pychat", "system", "admin", "administrator", "operator", "op",
