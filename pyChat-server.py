@@ -166,6 +166,8 @@ class LineReader:
 
     feed() returns the complete lines it found, as text; a line longer than
     the limit comes out as None, once, and its bytes are dropped as they arrive.
+    The limit holds for the text as it will be sent on: an invalid byte
+    becomes U+FFFD, and counts as the three bytes that takes in UTF-8.
     """
 
     def __init__(self, max_bytes: int = MAX_LINE_BYTES) -> None:
@@ -188,12 +190,21 @@ class LineReader:
             for raw in complete:
                 if raw.endswith(b"\r"):
                     raw = raw[:-1]
-                lines.append(raw.decode("utf-8", "replace") if len(raw) <= self.max_bytes else None)
+                lines.append(self.decode(raw))
         if len(self.partial) > self.max_bytes:
             self.partial.clear()
             self.discarding = True
             lines.append(None)
         return lines
+
+    def decode(self, raw: bytes) -> str | None:
+        """The text of one line, or None if it is too long once invalid bytes are replaced."""
+        if len(raw) > self.max_bytes:
+            return None
+        text = raw.decode("utf-8", "replace")
+        if "\ufffd" in text and len(text.encode("utf-8")) > self.max_bytes:
+            return None
+        return text
 
 
 # Control characters move cursors, change colours and clear screens; direction
@@ -240,7 +251,11 @@ def clean_text(text: str) -> str:
                 break
         text = text[leading.end():]
     text = _BLANK_RUN.sub(" ", text).translate(_TO_SPACE).rstrip(_BLANKS)
-    return " " * min(indent, MAX_INDENT) + text if text else ""
+    indent = min(indent, MAX_INDENT)
+    if leading and indent > len(leading.group()):
+        # Tabs made the line longer: it must still fit the line limit.
+        indent = max(0, min(indent, MAX_LINE_BYTES - len(text.encode("utf-8"))))
+    return " " * indent + text if text else ""
 
 
 RESERVED_NAMES = ("server", "pychat", "system", "admin", "administrator", "operator", "op",

@@ -75,3 +75,32 @@ def test_indentation_reaches_others_and_wrap_padding_does_not(chat):
         bob.send("end")
         lines = alice.lines_until("bob: end$")[:-1]
         assert lines == ([received] if received else []), f"{sent!r} arrived as {lines}"
+
+
+# -- the line limit holds for what is sent on ---------------------------------------------------------
+
+def test_invalid_bytes_count_as_the_replacement_characters_they_become():
+    reader = server_module.LineReader(max_bytes=9)
+    assert reader.feed(b"\xff\xfe\xfd\n") == ["\ufffd" * 3]           # 9 bytes once replaced
+    assert reader.feed(b"\xff\xfe\xfd\xfc\n") == [None]               # 12 bytes once replaced
+    assert reader.feed(b"ok\n") == ["ok"]
+
+
+def test_no_line_the_reader_accepts_grows_past_the_limit_once_cleaned():
+    limit = server_module.MAX_LINE_BYTES
+    for raw in (b"\xff" * limit, b"\xff" * (limit // 3), b"\t" * 8 + b"x" * (limit - 8), b"\t" + b"x" * (limit - 1),
+                "\u3000".encode() * (limit // 3), b"\xc3" * limit, b"\xe2\x82" * (limit // 2)):
+        for line in server_module.LineReader().feed(raw + b"\n"):
+            if line is not None:
+                assert len(clean_text(line).encode()) <= limit, f"{raw[:12]!r}... grew past {limit} bytes"
+
+
+@pytest.mark.server_options("--rate", "0")
+def test_a_line_of_invalid_bytes_that_would_triple_past_the_limit_is_refused_and_not_sent(chat):
+    alice, bob = chat("alice", "bob")
+    bob.send_raw(b"\xff" * 4096 + b"\n")
+    assert bob.expect("!! ").startswith("!! Line too long (over 4096 bytes)")
+    bob.send_raw(b"\xff" * 1365 + b"\n")          # 4095 bytes once replaced: fits
+    bob.send("end")
+    lines = alice.lines_until("bob: end$")
+    assert lines == ["bob: " + "\ufffd" * 1365, "bob: end"], f"alice received {[len(x) for x in lines]} chars"
