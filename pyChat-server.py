@@ -288,8 +288,24 @@ _INVISIBLE_IN_NAMES = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u
 _SCRIPT_FAMILIES = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "HANGUL": "CJK", "CJK": "CJK"}
 
 
+def normal_name(name: str) -> str:
+    """NAME as the server keeps it (NFKC: fullwidth and styled letters become plain ones).
+
+    A name longer than any name can be comes back as it is: it will be refused for
+    its length, and normalising it first would take time that grows with the square
+    of its length (combining marks are sorted by insertion). Cheap enough to call
+    under a lock, but better called outside it.
+    """
+    return name if len(name) > MAX_NICKNAME_LENGTH else unicodedata.normalize("NFKC", name)
+
+
 def name_key(name: str) -> str:
-    """The form two names share when they would look the same: case, accents and look-alikes folded."""
+    """The form two names share when they would look the same: case, accents and look-alikes folded.
+
+    A name too long to be anyone's gets a key no real name has, without any work.
+    """
+    if len(name) > MAX_NICKNAME_LENGTH:
+        return "\0"
     decomposed = unicodedata.normalize("NFKD", name.translate(_CAPITAL_LOOKALIKES).casefold())
     folded = "".join(ch for ch in decomposed if unicodedata.category(ch)[0] != "M").translate(_LOOKALIKES)
     return folded.replace("rn", "m").replace("vv", "w").replace("_", "-")
@@ -922,7 +938,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def sign_in(self, connection: ClientConnection, nick: str) -> str | None:
         """Give CONNECTION the nickname and put it in the default room, or say why not."""
-        nick = unicodedata.normalize("NFKC", nick)
+        nick = normal_name(nick)
         with self.lock:
             problem = self.nickname_problem(nick, connection)
             if problem:
@@ -1187,7 +1203,7 @@ class Context:
     def rename(self, new_nick: str) -> None:
         """Change the caller's nickname, by the same rules as signing in; the room is told."""
         caller = self._caller
-        new_nick = unicodedata.normalize("NFKC", new_nick)
+        new_nick = normal_name(new_nick)
         with self._server.lock:
             problem = self._server.nickname_problem(new_nick, caller)
             if problem:
@@ -1210,7 +1226,7 @@ class Context:
 
     def join(self, room_name: str) -> None:
         """Move the caller to ROOM, creating it if needed; both rooms are told."""
-        room_name = unicodedata.normalize("NFKC", room_name.removeprefix("#"))
+        room_name = normal_name(room_name.removeprefix("#"))
         problem = name_problem(room_name, "Room name")
         if problem:
             raise commands.CommandError(problem)
@@ -1298,7 +1314,7 @@ class Context:
 
     def _find(self, nick: str) -> ClientConnection:
         """The connection of NICK (spelt any look-alike way); the lock is held."""
-        found = self._server.people.get(name_key(unicodedata.normalize("NFKC", nick)))
+        found = self._server.people.get(name_key(normal_name(nick)))
         if found is None:
             raise commands.CommandError(f"No one called {nick} is online. /online lists who is.")
         return found
