@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
 import hmac
@@ -63,6 +64,7 @@ DEFAULT_ROOM = "lobby"
 ANNOUNCE_LIMIT = 200              # rooms bigger than this do not announce every join and leave
 QUIT = "quit"                     # the leave reason of someone who said /quit without a message
 PASSWORD_TRIES = 3                # wrong server passwords before the connection is closed
+TLS_HANDSHAKE = b"\x16"            # the first byte of every TLS connection: a handshake record
 MAX_TLS_REFUSALS = 8              # TLS handshakes at once just to say "the server is full"
 DRAIN_SECONDS = 1.0               # time allowed to send what is queued to someone who is leaving
 SHUTDOWN_SECONDS = 3.0            # time allowed for every connection to close at shutdown
@@ -682,6 +684,23 @@ class ClientConnection(socketserver.BaseRequestHandler):
                 return
 
     def start_tls(self) -> None:
+        """Shake hands; someone who speaks plain text to this port is told, in plain text, how to connect."""
+        self.wait_for_input(self.server.options.nick_timeout)       # the sign-in clock
+        try:
+            first = self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            first = TLS_HANDSHAKE               # nothing after all: let the handshake wait for it
+        except OSError as problem:
+            raise Disconnect(f"connection lost ({problem.strerror or problem})") from None
+        if not first:
+            raise Disconnect("connection closed")
+        if first != TLS_HANDSHAKE:
+            with contextlib.suppress(OSError):
+                self.sock.recv(RECEIVE_SIZE)    # read what was said, so that closing does not reset the answer
+            port = self.server.server_address[1]
+            self.send_line(error(f"This port speaks TLS, not plain text. Connect with "
+                                 f"pyChat-client.py --tls --port {port}, or openssl s_client -connect HOST:{port}."))
+            raise Disconnect("spoke plain text to the TLS port")
         try:
             self.sock = self.server.tls.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             while True:
