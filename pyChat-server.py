@@ -283,11 +283,108 @@ _LOOKALIKES = str.maketrans({
     "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "l", "κ": "k", "μ": "u", "ν": "v", "ο": "o",
     "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ζ": "z", "γ": "y",
 })
+# Kana and ideographs that are drawn alike.
+_LOOKALIKES_CJK = str.maketrans("ロカエタトハニーヘᅳ", "口力工夕卜八二一へ一")
 # Characters that show as nothing: a name made of them, or ending in one, would
 # pass for an empty name or for someone else's.
 _INVISIBLE_IN_NAMES = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u3164\ufe00-\ufe0f\uffa0"
                                   "\U000e0100-\U000e01ef]")
-_SCRIPT_FAMILIES = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "HANGUL": "CJK", "CJK": "CJK"}
+
+# The nickname rule, from Unicode's own data (the names and categories of
+# characters in unicodedata), so that it covers whole classes, not examples.
+# A name uses the letters of one of these scripts, by the first word of each
+# letter's Unicode name. Left out: scripts whose letters read as Latin, Greek
+# or Cyrillic capitals (Lisu, Cherokee, Canadian syllabics, Coptic, Runic,
+# Tifinagh, Vai, Osage...), historic scripts, and symbols of every kind.
+_NAME_SCRIPTS = {
+    **{word: word.title() for word in (
+        "LATIN", "GREEK", "CYRILLIC", "ARMENIAN", "GEORGIAN", "HEBREW", "ARABIC", "SYRIAC", "THAANA",
+        "DEVANAGARI", "BENGALI", "GURMUKHI", "GUJARATI", "ORIYA", "TAMIL", "TELUGU", "KANNADA", "MALAYALAM",
+        "SINHALA", "THAI", "LAO", "TIBETAN", "MYANMAR", "KHMER", "ETHIOPIC", "MONGOLIAN")},
+    "ARABIC-INDIC": "Arabic", "EXTENDED ARABIC-INDIC": "Arabic",
+    # Japanese mixes kanji and kana, and Korean may mix hangul and hanja: one family.
+    **{word: "CJK" for word in ("CJK", "HIRAGANA", "KATAKANA", "KATAKANA-HIRAGANA", "IDEOGRAPHIC", "HANGUL",
+                                "BOPOMOFO")},
+}
+# Within Latin, Greek and Cyrillic, the letters of living alphabets, with any
+# accent or hook; not small capitals, turned, reversed or IPA-only letters,
+# nor the clicks and glottal stops that read as punctuation (ǃ ǀ ʔ).
+_LATIN_LETTER = re.compile(r"LATIN (?:SMALL|CAPITAL) (?:LETTER|LIGATURE) (?:[A-Z]|AE|OE|SHARP S|ETH|THORN|ENG|"
+                           r"SCHWA|OPEN E|OPEN O|EZH|ESH|KRA|DOTLESS I|DOTLESS J|GAMMA|UPSILON)(?: WITH .*)?")
+_GREEK_LETTER = re.compile(r"GREEK (?:SMALL|CAPITAL) LETTER (?:ALPHA|BETA|GAMMA|DELTA|EPSILON|ZETA|ETA|THETA|IOTA|"
+                           r"KAPPA|LAMDA|MU|NU|XI|OMICRON|PI|RHO|SIGMA|FINAL SIGMA|TAU|UPSILON|PHI|CHI|PSI|OMEGA)"
+                           r"(?: WITH .*)?")
+# In any script, letters drawn as another letter turned over or mirrored, and
+# the glottal stops and clicks that read as ? and !.
+_MISLEADING_LETTER = re.compile(r"\b(?:TURNED|REVERSED|INVERTED|GLOTTAL STOP|CLICK)\b")
+_CYRILLIC_LETTER = re.compile(r"CYRILLIC (?:SMALL|CAPITAL) LETTER ")
+_CYRILLIC_END = 0x0530            # past here: Old Church Slavonic and other historic letters
+# In the other scripts, what Unicode names a letter, syllable or character
+# (Thai, Lao), or Khmer's independent vowels; not signs and marks such as
+# Devanagari's avagraha (ऽ), which reads as an S.
+_OTHER_LETTER = re.compile(r"[A-Z-]+ (?:(?:SMALL |CAPITAL )?LETTER|SYLLABLE|CHARACTER|INDEPENDENT VOWEL) ")
+# Modifier letters read as punctuation (ʼ ː ˈ) or as part of another letter
+# (ᵃ ʰ); these few are part of ordinary words: 々 ゝ ゞ ー ヽ ヾ, Thai ๆ, Lao ໆ.
+_WORD_MODIFIERS = "\u3005\u309d\u309e\u30fc\u30fd\u30fe\u0e46\u0ec6"
+MAX_MARKS = 3                     # combining marks on one letter (Hebrew points need three)
+
+
+def _name_character(ch: str) -> tuple[str | None, str | None]:
+    """(the script CH counts for, or None for one every script may use; why it cannot be in a name, or None)."""
+    if ch in "_-" or "0" <= ch <= "9":
+        return None, None
+    if _INVISIBLE_IN_NAMES.match(ch):
+        return None, f"the invisible character U+{ord(ch):04X}"
+    category = unicodedata.category(ch)
+    shown = repr(ch if ch.isprintable() else f"U+{ord(ch):04X}")
+    unicode_name = unicodedata.name(ch, "")
+    if "SMALL CAPITAL" in unicode_name:
+        return None, f"the small capital {shown}, which reads as a capital letter"
+    if category == "Nd":
+        script = _NAME_SCRIPTS.get(unicode_name.split(" DIGIT ")[0])
+        return script, None if script else f"the digit {shown}"
+    if category[0] == "M":
+        if category == "Me":
+            return None, f"the enclosing mark {shown}"
+        first = unicode_name.split(" ")[0]
+        if first == "COMBINING":
+            return None, None
+        script = _NAME_SCRIPTS.get(first)
+        return script, None if script else f"the mark {shown}"
+    if category[0] != "L":
+        return None, f"{shown}"
+    if category == "Lm" and ch not in _WORD_MODIFIERS:
+        return None, f"the modifier letter {shown}, which reads as punctuation or as part of a letter"
+    script = _NAME_SCRIPTS.get(unicode_name.split(" ")[0])
+    if _MISLEADING_LETTER.search(unicode_name.split(" WITH ")[0]):
+        allowed = False
+    elif script == "Latin":
+        allowed = bool(_LATIN_LETTER.fullmatch(unicode_name))
+    elif script == "Greek":
+        allowed = bool(_GREEK_LETTER.fullmatch(unicode_name))
+    elif script == "Cyrillic":
+        allowed = bool(_CYRILLIC_LETTER.match(unicode_name)) and ord(ch) < _CYRILLIC_END
+    else:
+        allowed = script == "CJK" or category == "Lm" or (script is not None and _OTHER_LETTER.match(unicode_name))
+    if not allowed:
+        return None, f"{shown} ({unicode_name.lower() or 'unnamed'})"
+    return script, None
+
+
+def _plain_letter(ch: str) -> str:
+    """CH without what a glance would miss: any script's digit as 0-9, a letter WITH a stroke or hook as the letter."""
+    if ch < "\x80":
+        return ch
+    digit = unicodedata.decimal(ch, None)
+    if digit is not None:
+        return str(digit)
+    unicode_name = unicodedata.name(ch, "")
+    if " WITH " in unicode_name:
+        try:
+            return unicodedata.lookup(unicode_name.split(" WITH ")[0])
+        except KeyError:
+            pass
+    return ch
 
 
 def normal_name(name: str) -> str:
@@ -302,38 +399,45 @@ def normal_name(name: str) -> str:
 
 
 def name_key(name: str) -> str:
-    """The form two names share when they would look the same: case, accents and look-alikes folded.
+    """The form two names share when they would look the same: case, accents, digits and look-alikes folded.
 
     A name too long to be anyone's gets a key no real name has, without any work.
     """
     if len(name) > MAX_NICKNAME_LENGTH:
         return "\0"
-    decomposed = unicodedata.normalize("NFKD", name.translate(_CAPITAL_LOOKALIKES).casefold())
-    folded = "".join(ch for ch in decomposed if unicodedata.category(ch)[0] != "M").translate(_LOOKALIKES)
+    plain = "".join(map(_plain_letter, name)).translate(_CAPITAL_LOOKALIKES).casefold()
+    decomposed = unicodedata.normalize("NFKD", plain)
+    folded = "".join(ch for ch in decomposed if unicodedata.category(ch)[0] != "M")
+    folded = folded.translate(_LOOKALIKES).translate(_LOOKALIKES_CJK)
     return folded.replace("rn", "m").replace("vv", "w").replace("_", "-")
 
 
 def name_problem(name: str, what: str = "Nickname") -> str | None:
-    """Why NAME cannot be a nickname or room name, or None when it can."""
+    """Why NAME (as normal_name() gives it) cannot be a nickname or room name, or None when it can.
+
+    The rule: 1 to 20 characters; letters of one script, digits of that script
+    or 0-9, '_' and '-'; starting with a letter; not like a reserved name.
+    """
     if not name:
         return f"{what} cannot be empty."
     if len(name) > MAX_NICKNAME_LENGTH:
         return f"{what} is too long (at most {MAX_NICKNAME_LENGTH} characters)."
     scripts = set()
+    marks = 0
     for ch in name:
-        if _INVISIBLE_IN_NAMES.match(ch):
-            return f"{what} cannot contain the invisible character U+{ord(ch):04X}."
-        category = unicodedata.category(ch)
-        if category[0] == "L":
-            script = unicodedata.name(ch, "UNKNOWN").split()[0]
-            scripts.add(_SCRIPT_FAMILIES.get(script, script))
-        elif category not in ("Nd", "Mn", "Mc") and ch not in "_-":
-            shown = ch if ch.isprintable() else f"U+{ord(ch):04X}"
-            return f"{what} cannot contain {shown!r}: use letters, digits, '_' and '-'."
-    if unicodedata.category(name[0])[0] != "L":
+        script, problem = _name_character(ch)
+        if problem:
+            return f"{what} cannot contain {problem}: use letters of one alphabet, digits, '_' and '-'."
+        marks = marks + 1 if unicodedata.category(ch)[0] == "M" else 0
+        if marks > MAX_MARKS:
+            return f"{what} has more than {MAX_MARKS} marks on one letter."
+        if script:
+            scripts.add(script)
+    first = unicodedata.category(name[0])
+    if first[0] != "L" or first == "Lm":
         return f"{what} must start with a letter."
     if len(scripts) > 1:
-        return f"{what} mixes alphabets ({', '.join(sorted(scripts)).lower()}); use one."
+        return f"{what} mixes alphabets ({', '.join(sorted(scripts))}); use one."
     if name_key(name) in _RESERVED_KEYS:
         return f"{what} {name!r} is reserved."
     return None

@@ -9,10 +9,11 @@ import contextlib
 import re
 import socket
 import time
+import unicodedata
 
 import pytest
 
-from conftest import SERVER_SCRIPT, TIMEOUT, import_script, watch_for
+from conftest import SERVER_SCRIPT, TIMEOUT, LineClient, ServerProcess, import_script, watch_for
 
 server_module = import_script(SERVER_SCRIPT, "pychat_server")
 clean_text = server_module.clean_text
@@ -219,3 +220,178 @@ def test_bystanders_chat_within_a_second_while_54_connections_send_mark_laden_na
     assert answered == sent * len(attackers), \
         f"one second after the attack, only {answered} of {sent * len(attackers)} names had been refused"
     assert max(latencies) < 1.0, f"bystander latency rose to {max(latencies):.2f} s"
+
+
+# -- nicknames: the rule, tested against whole classes of Unicode -------------------------------------
+
+def accepted(name: str) -> bool:
+    """Whether the server would take NAME, normalised as it does."""
+    return server_module.name_problem(server_module.normal_name(name)) is None
+
+
+@pytest.fixture(scope="module")
+def characters() -> list[tuple[str, str, str]]:
+    """(character, Unicode name, category) of every assigned letter, mark and number outside the big
+    ideograph, Hangul-syllable and private-use blocks (which hold no look-alikes of the kinds tested)."""
+    big_blocks = [(0x3400, 0x4DC0), (0x4E00, 0xA000), (0xAC00, 0xD7A4), (0xD800, 0xF900), (0x17000, 0x18D00),
+                  (0x1B170, 0x1B300), (0x20000, 0xE0000), (0xF0000, 0x110000)]
+    found, start = [], 0
+    for end, resume in big_blocks + [(0x110000, 0x110000)]:
+        for code in range(start, end):
+            ch = chr(code)
+            category = unicodedata.category(ch)
+            if category[0] in "LMN":
+                found.append((ch, unicodedata.name(ch, ""), category))
+        start = resume
+    return found
+
+
+def refused_wherever_it_stands(ch: str) -> str | None:
+    """Why CH, if the server would keep it, is not refused in some position of a name; None when it always is."""
+    for name in (ch, ch * 3, "a" + ch, "ab" + ch + "c"):
+        kept = server_module.normal_name(name)
+        if ch in kept and server_module.name_problem(kept) is None:
+            return f"{name!a} was accepted"
+    return None
+
+
+def test_no_small_capital_is_accepted_in_a_name(characters):
+    small_capitals = [ch for ch, name, _ in characters if "SMALL CAPITAL" in name]
+    assert len(small_capitals) > 50
+    failures = [problem for ch in small_capitals if (problem := refused_wherever_it_stands(ch))]
+    assert not failures, failures[:20]
+
+
+def test_no_modifier_letter_is_accepted_but_those_ordinary_words_use(characters):
+    modifiers = [ch for ch, _, category in characters if category == "Lm"]
+    assert len(modifiers) > 200
+    failures = [problem for ch in modifiers if ch not in "々ゝゞーヽヾๆໆ" and (problem := refused_wherever_it_stands(ch))]
+    assert not failures, failures[:20]
+    for word in ("佐々木", "スーパー", "いすゞ", "ห้าๆ"):
+        assert accepted(word), f"{word} was refused"
+
+
+def test_no_letter_that_reads_as_punctuation_or_another_letter_is_accepted(characters):
+    # What the letter is, not the accent it carries ("A WITH INVERTED BREVE" is an A).
+    suspects = [ch for ch, name, category in characters if category[0] == "L" and re.search(
+        r"CLICK|GLOTTAL STOP|APOSTROPHE|COLON|COMMA|PRIME|QUOTATION|TONE|STRESS|TURNED|REVERSED|INVERTED|"
+        r"^LATIN LETTER |AVAGRAHA", name.split(" WITH ")[0])]
+    assert len(suspects) > 100
+    failures = [problem for ch in suspects if (problem := refused_wherever_it_stands(ch))]
+    assert not failures, failures[:20]
+
+
+@pytest.mark.parametrize("script", ["LISU", "CHEROKEE", "CANADIAN SYLLABICS", "COPTIC", "RUNIC", "TIFINAGH", "VAI",
+                                    "OSAGE", "DESERET", "OLD ITALIC", "GOTHIC", "CARIAN", "LYCIAN", "OGHAM",
+                                    "GLAGOLITIC", "BAMUM", "WARANG CITI", "NKO", "ADLAM"])
+def test_no_letter_of_a_script_whose_letters_read_as_latin_or_are_unchecked_is_accepted(characters, script):
+    letters = [ch for ch, name, _ in characters if name.startswith(script + " ")]
+    assert letters, f"no characters of {script} found"
+    failures = [problem for ch in letters if (problem := refused_wherever_it_stands(ch))]
+    assert not failures, failures[:20]
+
+
+def test_every_digit_of_every_script_folds_to_the_ascii_digit_and_its_look_alike(characters):
+    digits = [ch for ch, _, category in characters if category == "Nd"]
+    assert len(digits) > 500
+    for ch in digits:
+        plain = str(unicodedata.decimal(ch))
+        assert server_module.name_key(f"b{ch}b") == server_module.name_key(f"b{plain}b"), \
+            f"{unicodedata.name(ch)} does not fold to {plain}"
+    assert server_module.name_key("b੦b") == server_module.name_key("bob")
+
+
+def test_a_digit_of_another_script_beside_latin_letters_is_refused(characters):
+    failures = [ch for ch, _, category in characters if category == "Nd" and not "0" <= ch <= "9"
+                and server_module.normal_name(f"b{ch}b") != f"b{unicodedata.decimal(ch)}b" and accepted(f"b{ch}b")]
+    assert not failures, [unicodedata.name(ch) for ch in failures[:20]]
+
+
+def test_letters_of_two_scripts_are_refused_in_one_name():
+    samples = {"Latin": "a", "Greek": "λ", "Cyrillic": "ж", "Armenian": "ա", "Georgian": "ა", "Hebrew": "ש",
+               "Arabic": "ب", "Devanagari": "क", "Thai": "ก", "CJK": "李", "Ethiopic": "ሀ", "Tamil": "க"}
+    for first_script, first in samples.items():
+        for second_script, second in samples.items():
+            if first_script != second_script:
+                assert not accepted(first + second), f"{first_script} and {second_script} letters were accepted together"
+
+
+@pytest.mark.parametrize("name", [
+    "alice", "Bob_2", "x-y", "李雷", "佐々木", "田中一郎", "たなか", "ハルカ", "김민준", "Ольга", "Їжак", "Қайрат", "Ђорђе",
+    "Ελένη", "Νίκος", "ἀλέξανδρος", "محمد", "أحمد", "ملک۲", "דוד", "שָׁלוֹם", "राहुल", "अर्जुन१", "প্রিয়া", "ਗੁਰਪ੍ਰੀਤ",
+    "ગુજરાત", "ଓଡ଼ିଆ", "தமிழ்", "తెలుగు", "ಕನ್ನಡ", "മലയാളം", "සිංහල", "สมชาย", "ສົມ", "བཀྲ", "မောင်", "សុខា", "አበበ",
+    "Արամ", "გიორგი", "Łukasz", "Søren", "Þór", "Đorđe", "Nguyễn", "Çağlar", "Şule", "Ærø", "Straße", "Chloë",
+    "Mọ́ṣẹ́", "Ñandú", "Ɛsi", "Ŋgoni", "ɓaaba", "Ahmad_99",
+])
+def test_names_people_write_in_their_own_script_are_accepted(name):
+    assert server_module.name_problem(server_module.normal_name(name)) is None
+
+
+def test_whole_alphabets_are_accepted_letter_by_letter(characters):
+    alphabets = {
+        "Latin with accents, hooks and strokes": [ch for ch, name, _ in characters
+                                                  if re.fullmatch(r"LATIN (SMALL|CAPITAL) LETTER [A-Z]( WITH .*)?", name)
+                                                  and server_module.normal_name(ch) == ch],
+        "Cyrillic": [chr(c) for c in range(0x410, 0x450)], "Greek": [chr(c) for c in range(0x3b1, 0x3ca)],
+        "Hebrew": [chr(c) for c in range(0x5d0, 0x5eb)], "Arabic": [chr(c) for c in range(0x628, 0x64b) if c != 0x640],   # not the tatweel
+        "Devanagari": [chr(c) for c in range(0x915, 0x93a)], "Hiragana": [chr(c) for c in range(0x3042, 0x3094)],
+        "Katakana": [chr(c) for c in range(0x30a2, 0x30f5)], "Hangul": [chr(c) for c in range(0xac00, 0xd7a4, 97)],
+        "CJK": [chr(c) for c in range(0x4e00, 0xa000, 89)], "Thai": [chr(c) for c in range(0xe01, 0xe2f)],
+    }
+    for alphabet, letters in alphabets.items():
+        assert len(letters) > 20, alphabet
+        problems = {ch: server_module.name_problem(server_module.normal_name(ch * 2)) for ch in letters}
+        refused = {ch: problem for ch, problem in problems.items() if problem and not problem.endswith("is reserved.")}
+        assert not refused, f"{alphabet}: refused {list(refused.items())[:5]}"
+
+
+@pytest.mark.parametrize("a, b", [
+    ("łukasz", "lukasz"), ("đorđe", "dorde"), ("søren", "soren"), ("ħal", "hal"), ("ロン", "口ン"), ("ペン", "へン"),
+    ("一郎", "ー郎"), ("ab੦", "abo"), ("x٣", "x3"),
+])
+def test_letters_with_strokes_kana_that_look_like_kanji_and_digits_share_a_key(a, b):
+    assert server_module.name_key(a) == server_module.name_key(b)
+
+
+@pytest.fixture(scope="module")
+def holders():
+    """One server where alice, bob and tokyo stay signed in for the nickname tests."""
+    server = ServerProcess(())
+    clients = [LineClient(server.host, server.port) for _ in range(3)]
+    try:
+        for client, nick in zip(clients, ("alice", "bob", "tokyo")):
+            client.login(nick)
+        yield server
+    finally:
+        for client in clients:
+            client.close()
+        server.kill()
+
+
+@pytest.mark.parametrize("how", ["at sign-in", "with /nick"])
+@pytest.mark.parametrize("name", ["bᴏb", "b੦b", "aǀice", "ꓢꓰꓣꓦꓰꓣ", "ꜱᴇʀᴠᴇʀ", "ᴀᴅᴍɪɴ", "ǃǃ", "ːː", "ʼʼʼ", "ᏚᎬᎡᏙᎬᎡ",
+                                  "ᗩᒪIᑕE", "ʙᴏʙ", "ⲦⲞⲔⲨⲞ", "b٥b"])
+def test_names_that_read_as_someone_elses_or_as_a_reserved_one_are_refused(holders, how, name):
+    client = LineClient(holders.host, holders.port)
+    try:
+        if how == "at sign-in":
+            client.expect(re.escape("*** Choose a nickname:"))
+            client.send(name)
+            answer = client.recv_line()
+        else:
+            client.login(f"carol{len(name)}{ord(name[0])}")
+            client.send(f"/nick {name}")
+            answer = client.expect(r"!! |\*\*\* carol\d+ is now known as ")
+    finally:
+        client.close()
+    assert answer.startswith("!! "), f"{name!a} was accepted {how}: {answer!a}"
+
+
+def test_a_name_in_another_script_signs_in_and_chats(holders):
+    client = LineClient(holders.host, holders.port)
+    try:
+        assert client.login("佐々木").startswith("*** Welcome, 佐々木!")
+        client.send("/nick Ολγα")
+        assert client.expect(r"\*\*\* 佐々木 is now known as ") == "*** 佐々木 is now known as Ολγα"
+    finally:
+        client.close()
