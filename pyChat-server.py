@@ -17,6 +17,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hmac
 import itertools
 import json
@@ -1470,16 +1471,81 @@ def raise_file_limit(wanted: int) -> None:
                     "raise it with ulimit -n", soft, wanted)
 
 
+def tls_files_problem(cert: str, key: str) -> str | None:
+    """What is wrong with the TLS certificate and key, in words that say which file and what to do; None if nothing."""
+    contents = {}
+    for path, what, option in ((cert, "certificate", "--tls-cert"), (key, "key", "--tls-key")):
+        where = f"the TLS {what} file {path} ({option})"
+        try:
+            with open(path, "rb") as file:
+                contents[what] = file.read(1 << 20)
+        except FileNotFoundError:
+            return f"{where} does not exist; give the path of the PEM file"
+        except IsADirectoryError:
+            return f"{where} is a directory; give the path of the PEM file in it"
+        except PermissionError:
+            return f"{where} cannot be read (permission denied); let this user read it"
+        except OSError as problem:
+            return f"{where} cannot be read ({problem.strerror or problem})"
+    has_certificate = b"-----BEGIN CERTIFICATE-----" in contents["certificate"]
+    has_key = b"PRIVATE KEY-----" in contents["key"]
+    if not has_certificate and not has_key and b"PRIVATE KEY-----" in contents["certificate"] \
+            and b"-----BEGIN CERTIFICATE-----" in contents["key"]:
+        return f"--tls-cert and --tls-key are swapped: {cert} holds a private key and {key} a certificate"
+    if not has_certificate:
+        return f"the TLS certificate file {cert} (--tls-cert) holds no PEM certificate (no BEGIN CERTIFICATE line)"
+    if not has_key:
+        return f"the TLS key file {key} (--tls-key) holds no PEM private key (no BEGIN ... PRIVATE KEY line)"
+    if b"ENCRYPTED" in contents["key"]:
+        return (f"the TLS key file {key} (--tls-key) is protected by a passphrase, which the server cannot ask "
+                f"for; decrypt it with: openssl pkey -in {key} -out server-plain.key")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as problem:
+        if "KEY_VALUES_MISMATCH" in str(problem):
+            return (f"the key in {key} (--tls-key) does not belong to the certificate in {cert} (--tls-cert); "
+                    f"give the key the certificate was made for")
+        return f"cannot use {cert} and {key} for TLS ({problem.reason or problem}); check that both are PEM files"
+    return None
+
+
+def listen_problem(problem: OSError, host: str, port: int) -> str:
+    """Why the server cannot listen on HOST:PORT, and what to do about it."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(problem, socket.gaierror):
+        return (f"--host {host!r} is neither an address of this machine nor a name that resolves "
+                f"({problem.strerror}); use an address such as 0.0.0.0 (all IPv4), :: (all IPv6) or 127.0.0.1")
+    if problem.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: the port is in use by another program (another pyChat server?); "
+                f"stop it, or choose another --port (0 picks a free one)")
+    if problem.errno == errno.EACCES and 0 < port < 1024:
+        return (f"cannot listen on {where}: permission denied, since ports below 1024 need root or the "
+                f"CAP_NET_BIND_SERVICE capability; use --port 1024 or higher")
+    if problem.errno == errno.EADDRNOTAVAIL:
+        return (f"cannot listen on {where}: {host} is not an address of this machine; use one it has "
+                f"(ip address lists them), or 0.0.0.0 for all")
+    return f"cannot listen on {where}: {problem.strerror or problem}"
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
     logging.basicConfig(level=logging.DEBUG if options.verbose else logging.WARNING if options.quiet
                         else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     raise_file_limit(options.max_clients + 64 if options.max_clients else 0)
     sys.setswitchinterval(SWITCH_INTERVAL)
+    problem = options.tls_cert and tls_files_problem(options.tls_cert, options.tls_key)
+    if problem:
+        log.error("cannot start: %s", problem)
+        return 1
     try:
         command_table = commands.load_commands()
         server = ChatServer(options, command_table)
-    except (commands.CommandLoadError, OSError, ssl.SSLError) as problem:
+    except OSError as problem:
+        # A file names itself; otherwise it was listening that failed.
+        log.error("cannot start: %s", f"{problem.filename}: {problem.strerror}" if problem.filename
+                  else listen_problem(problem, options.host, options.port))
+        return 1
+    except (commands.CommandLoadError, ssl.SSLError) as problem:
         log.error("cannot start: %s", problem)
         return 1
     host, port = server.server_address[:2]
