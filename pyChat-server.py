@@ -22,6 +22,7 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -76,30 +77,31 @@ RECEIVE_SIZE = 65536
 # call anyway, so a longer interval costs no latency.
 SWITCH_INTERVAL = 0.05
 KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeeping
-
-
-# Timeouts wait in poll(), which takes at most about 24 days in milliseconds.
-MAX_SECONDS = 1_000_000
-MAX_KEEPALIVE = 32767             # the most Linux takes for TCP_KEEPIDLE
+MAX_SECONDS = 1_000_000           # the longest timeout: poll() takes at most about 24 days, in milliseconds
+MAX_KEEPALIVE = 32767             # the longest --keepalive: the most Linux takes for TCP_KEEPIDLE
 
 
 def number(kind: type, low: float, high: float | None = None, above: bool = False):
-    """An argparse type: a KIND (int or float) from LOW (or above it) to HIGH, finite."""
+    """An argparse type: a finite KIND (int or float) of at least LOW (more than LOW if ABOVE), at most HIGH."""
+    def shown(bound: float) -> str:
+        return f"{bound:.0f}" if bound == int(bound) else f"{bound:g}"
+
+    if above:
+        bounds = f"more than {shown(low)}" + (f" and at most {shown(high)}" if high is not None else "")
+    else:
+        bounds = f"from {shown(low)} to {shown(high)}" if high is not None else f"of {shown(low)} or more"
+    wanted = f"{'a whole number' if kind is int else 'a number'} {bounds}"
+
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is not None and value == value and abs(value) != float("inf") and \
-                (value > low if above else value >= low) and (high is None or value <= high):
+        if value is not None and math.isfinite(value) and (value > low if above else value >= low) \
+                and (high is None or value <= high):
             return value
-        shown = [f"{bound:.0f}" if bound == int(bound) else f"{bound:g}" for bound in (low, high or 0)]
-        if above:
-            bounds = f"more than {shown[0]}" + (f" and at most {shown[1]}" if high is not None else "")
-        else:
-            bounds = f"from {shown[0]} to {shown[1]}" if high is not None else f"of {shown[0]} or more"
-        raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'} {bounds}")
-    parse.__name__ = kind.__name__
+        raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+    parse.__name__ = kind.__name__          # argparse names the type in some messages
     return parse
 
 
