@@ -65,7 +65,6 @@ MAX_LINE_BYTES = 4096             # longest line accepted from a client, without
 MAX_NICKNAME_LENGTH = 20
 MAX_ROOMS = 500                   # rooms kept at once; empty ones are forgotten first
 DEFAULT_ROOM = "lobby"
-DEFAULT_ROOM_KEY = "lobby"        # name_key(DEFAULT_ROOM): rooms are found and compared by key, never by name
 ROOM_SETTINGS = ("key", "invite-only", "topic", "op", "deop")    # what /mode changes
 LISTING_BURST = 500               # entries of lists (/online, /who, /rooms) one person may ask for at once,
 LISTING_RATE = 50.0               # and then a second: long lists asked for by hundreds must not slow the chat
@@ -1099,9 +1098,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.stop_signal, self.stop_trigger = socket.socketpair()
         self.tls = self.make_tls_context() if options.tls_cert else None
         self.history_file = None
+        self.lobby: Room | None = None
+        self.lobby = self.room_named(DEFAULT_ROOM)      # everyone's first room, never forgotten
         if options.history_file:
             self.load_history(options.history_file)
-        self.room_named(DEFAULT_ROOM)
         self.pump = OutputPump(options.max_queue, options.stall_timeout)
         super().__init__((options.host, options.port), ClientConnection)
         self.pump.start()
@@ -1216,7 +1216,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self.people[person.key] = person
             self.by_serial[person.serial] = person
             try:
-                self._enter(person, self.rooms[DEFAULT_ROOM_KEY])
+                self._enter(person, self.lobby)
             except BaseException:
                 self._forget(person)
                 raise
@@ -1270,7 +1270,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         room = self.rooms.get(key)
         if room is None:
             if len(self.rooms) >= MAX_ROOMS:
-                empty = [r for r in self.rooms.values() if not r.members and r.key != DEFAULT_ROOM_KEY]
+                empty = [r for r in self.rooms.values() if not r.members and r is not self.lobby]
                 if not empty:
                     raise Refused("Too many rooms; join one of those in /rooms.")
                 del self.rooms[min(empty, key=lambda r: r.last_used).key]
@@ -1280,7 +1280,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def _enter(self, person: Person, room: Room) -> None:
         """Put PERSON in ROOM and make it current: the room is told, they see who is there, the topic and
         what they missed. Lock held."""
-        if not room.members and room.key != DEFAULT_ROOM_KEY:
+        if not room.members and room is not self.lobby:
             room.operators.add(person)          # whoever opens a room runs it
         room.members.add(person)
         person.rooms[room.key] = room
@@ -1326,7 +1326,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self._make_current(person, list(person.rooms.values())[-1])
                 person.output.send(NowTalking(person.current.name))
             else:
-                self._enter(person, self.rooms[DEFAULT_ROOM_KEY])
+                self._enter(person, self.lobby)
 
     def _make_current(self, person: Person, room: Room) -> None:
         old = person.current
@@ -1382,7 +1382,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Leave the room NAME, or the current one; leaving the last one goes back to the lobby."""
         with self.lock:
             room = self._member_room(person, name)
-            if len(person.rooms) == 1 and room.key == DEFAULT_ROOM_KEY:
+            if len(person.rooms) == 1 and room is self.lobby:
                 raise Refused(f"#{room.name} is your only room; /quit leaves the chat.")
             person.output.send(YouLeft(room.name))
             self._exit(person, room, None if person.muted else Left(room.name, person.nick))
@@ -1397,7 +1397,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused(f"{target.nick} is not in #{room.name}.")
             if target.operator and not by.operator:
                 raise Refused(f"{target.nick} is a server operator; a room operator cannot kick them.")
-            if len(target.rooms) == 1 and room.key == DEFAULT_ROOM_KEY:
+            if len(target.rooms) == 1 and room is self.lobby:
                 raise Refused(f"#{room.name} is {target.nick}'s only room; a server operator can /disconnect them.")
             target.output.send(YouWereKicked(room.name, by.nick, reason))
             self._exit(target, room, Kicked(room.name, target.nick, by.nick, reason))
@@ -1436,7 +1436,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             room = self._member_room(by, name)
             self._check_runs(by, room)
-            if room.key == DEFAULT_ROOM_KEY and setting in ("key", "invite-only"):
+            if room is self.lobby and setting in ("key", "invite-only"):
                 raise Refused(f"#{room.name} is open to everyone; it cannot be made private.")
             shown = value
             if setting == "key":
