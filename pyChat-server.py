@@ -581,6 +581,7 @@ class Output:
         self.reason: str | None = None      # why the connection ends, once it does
         self.dropped = False                # ended with its queued output thrown away
         self.closed = False
+        self.refusing = False               # ending or closed: nothing more is queued
 
     def __repr__(self) -> str:
         return self.name()
@@ -592,23 +593,29 @@ class Output:
     def end(self, reason: str, farewell: Any = None, drop_output: bool = False) -> bool:
         """End the connection for REASON, telling the person FAREWELL; False if it was ending already.
 
-        Normally what is queued is still sent, farewell last. With DROP_OUTPUT
-        (a reader who does not read) the outbox is thrown away and the farewell
-        is written only if the socket takes it at once.
+        Normally what is queued is still sent, farewell last: nothing is queued
+        after it. With DROP_OUTPUT (a reader who does not read) the outbox is
+        thrown away and the farewell is written only if the socket takes it at once.
         """
+        data = b"" if farewell is None else self.protocol.encode(farewell)
         with self.outbox_lock:
             if self.reason is not None or self.closed:
                 return False
             self.reason = reason
+            self.refusing = True
             if drop_output:
                 self.dropped = True
                 self.outbox.clear()
+            elif data:
+                self.outbox += data
+                line_up = not self.ready_for_pump and self.stalled_since is None
+                self.ready_for_pump = self.ready_for_pump or line_up
         if drop_output:
             log.warning("cutting off %r: %s", self, reason)
-            if farewell is not None:
-                self._try_to_write(self.protocol.encode(farewell))
-        elif farewell is not None:
-            self.pump.queue((self,), self.protocol.encode(farewell), ending=True)
+            if data:
+                self._try_to_write(data)
+        elif data and line_up:
+            self.pump.mark_ready([self])
         try:
             # The plain socket method: on a TLS socket the ssl module's shutdown() would also drop the
             # TLS state, which the reading thread may be using at this moment. Shutting the reading side
@@ -668,7 +675,7 @@ class Output:
             log.exception("sending the last output to %r failed", self)
         finally:
             with self.io_lock, self.outbox_lock:
-                self.closed = True
+                self.closed = self.refusing = True
                 self.outbox.clear()
             try:
                 self.pump.forget(self)      # after `closed`, so the pump cannot watch it again
@@ -699,19 +706,18 @@ class OutputPump(threading.Thread):
         self.sleeping = False       # the pump waits in select() for more than a moment; state_lock
         self.running = True
 
-    def queue(self, outputs: Iterable[Output], data: bytes, ending: bool = False) -> None:
+    def queue(self, outputs: Iterable[Output], data: bytes) -> None:
         """Append DATA to each output's outbox, and line up the ones to write.
 
         This runs for every line and every receiver, so it does as little as it
-        can. A receiver whose outbox grows past --max-queue is cut off. ENDING
-        lets the farewell of a connection that is ending through.
+        can. A receiver whose outbox grows past --max-queue is cut off.
         """
         newly_ready = []
         overflowing = []
         limit = self.max_queue
         for output in outputs:
             with output.outbox_lock:
-                if output.closed or (output.reason is not None and not ending) or output.dropped:
+                if output.refusing:
                     continue
                 outbox = output.outbox
                 outbox += data
@@ -1082,7 +1088,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.options = options
         self.commands = command_table
         self.address_family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()                            # first in the lock order (see Output)
         self.people: dict[str, Person] = {}                     # signed in, by name_key()
         self.by_serial: dict[int, Person] = {}                  # the same people, by Person.serial
         self.serials = itertools.count(1)
