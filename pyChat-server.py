@@ -438,9 +438,6 @@ class Farewell(NamedTuple):
     reason: str
 
 
-ROOM_EVENTS = (Said, Acted, Joined, Left, Kicked, TopicChanged, ModeChanged)
-
-
 def _because(reason: str | None) -> str:
     return f": {reason}" if reason else ""
 
@@ -1099,7 +1096,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.admitted = 0                                       # connections given a thread
         self.refusing = 0                                       # TLS refusals under way
         self.failures: collections.Counter[str] = collections.Counter()   # wrong secrets, by address
-        self.ignored: collections.Counter[str] = collections.Counter()    # how many ignore each name_key()
+        self.ignorers: dict[str, set[Person]] = {}              # who ignores each name_key(), if anyone
         self.stopping = False
         self.stop_signal, self.stop_trigger = socket.socketpair()
         self.tls = self.make_tls_context() if options.tls_cert else None
@@ -1265,7 +1262,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             del self.people[person.key]
         self.by_serial.pop(person.serial, None)
         for key in person.ignoring:
-            self.count_ignore(key, -1)
+            self._count_ignorer(key, person, False)
         person.ignoring.clear()
 
     # -- rooms: the one way in and the one way out -----------------------------------
@@ -1422,7 +1419,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if target in room.members:
                 raise Refused(f"{target.nick} is already in #{room.name}.")
             target.invited_to.add(room.key)
-            if not (by.key in self.ignored and by.key in target.ignoring):
+            if by.key not in target.ignoring:
                 target.output.send(Invited(room.name, by.nick))
             return target.nick
 
@@ -1554,12 +1551,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
             del self.people[old_key]
             person.nick, person.key = new_nick, new_key
             self.people[new_key] = person
-            if old_key in self.ignored:
-                for someone in self.people.values():
-                    if old_key in someone.ignoring:
-                        someone.ignoring.discard(old_key)
-                        someone.ignoring.add(new_key)
-                self.count_ignore(new_key, self.ignored.pop(old_key))
+            for someone in self.ignorers.pop(old_key, ()):       # an ignore follows the person
+                someone.ignoring.discard(old_key)
+                someone.ignoring.add(new_key)
+                self._count_ignorer(new_key, someone, True)
             self._to_people(self._sharers(person) | {person}, Renamed(old_nick, new_nick))
         log.info("%s@%s is now known as %s", old_nick, person.address, new_nick)
 
@@ -1588,10 +1583,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused("You cannot ignore yourself.")
             if ignoring and target.key not in person.ignoring:
                 person.ignoring.add(target.key)
-                self.count_ignore(target.key, +1)
+                self._count_ignorer(target.key, person, True)
             elif not ignoring and target.key in person.ignoring:
                 person.ignoring.discard(target.key)
-                self.count_ignore(target.key, -1)
+                self._count_ignorer(target.key, person, False)
             elif not ignoring:
                 raise Refused(f"You are not ignoring {target.nick}.")
             return target.nick
@@ -1599,13 +1594,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def ignored_by(self, person: Person) -> list[str]:
         """Nicknames PERSON ignores that are online now."""
         with self.lock:
-            return sorted(p.nick for k, p in self.people.items() if k in person.ignoring)
+            return sorted((self.people[key].nick for key in person.ignoring if key in self.people),
+                          key=str.casefold)
 
-    def count_ignore(self, key: str, change: int) -> None:
-        """Keep count of how many people ignore KEY, so that lines from everyone else skip the check."""
-        self.ignored[key] += change
-        if self.ignored[key] <= 0:
-            del self.ignored[key]
+    def _count_ignorer(self, key: str, ignorer: Person, ignoring: bool) -> None:
+        """Keep who ignores KEY, so that lines from everyone else skip the check and a rename costs only
+        its ignorers. Lock held."""
+        if ignoring:
+            self.ignorers.setdefault(key, set()).add(ignorer)
+        elif key in self.ignorers:
+            self.ignorers[key].discard(ignorer)
+            if not self.ignorers[key]:
+                del self.ignorers[key]
 
     # -- operators of the server -----------------------------------------------------------
 
@@ -1693,7 +1693,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def _to_room(self, room: Room, event: Any, skip: Person | None = None, sender: Person | None = None) -> None:
         """Queue EVENT to everyone in ROOM (but SKIP, and those ignoring SENDER), rendered once per
         audience. Lock held."""
-        if skip is None and (sender is None or sender.key not in self.ignored):
+        if skip is None and (sender is None or sender.key not in self.ignorers):
             for (protocol, tagged), outputs in room.audiences.items():
                 if outputs:
                     self.pump.queue(outputs, protocol.encode(event, tagged))
