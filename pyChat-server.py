@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import datetime
 import hmac
 import itertools
@@ -701,6 +700,7 @@ class OutputPump(threading.Thread):
         self.selector.register(self.wake_reader, selectors.EVENT_READ)
         self.state_lock = threading.Lock()
         self.sleeping = False       # the pump waits in select() for more than a moment; state_lock
+        self.sleep_seconds = 1.0    # the longest wait: stalled readers are looked for once a second
         self.running = True
 
     def queue(self, outputs: Iterable[Output], data: bytes) -> None:
@@ -756,7 +756,7 @@ class OutputPump(threading.Thread):
                 # Decided under the lock that mark_ready() takes: a line queued after this sees
                 # `sleeping` and rings, so the select() below returns at once.
                 self.sleeping = not self.ready
-                timeout = 1.0 if self.sleeping else 0
+                timeout = self.sleep_seconds if self.sleeping else 0
             events = self.selector.select(timeout)
             with self.state_lock:
                 self.sleeping = False
