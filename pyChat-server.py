@@ -964,7 +964,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 if self.person:
-                    raise Disconnect("timed out", Farewell(f"nothing said for {timeout:g} s"))
+                    raise Disconnect("timed out", Farewell(f"idle for {timeout:g} s"))
                 raise Disconnect("did not sign in in time", Farewell(f"no nickname within {timeout:g} s"))
             if self.input_waiter.wait(remaining):
                 return

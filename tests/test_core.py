@@ -230,7 +230,7 @@ def test_no_nickname_in_time_is_told_before_the_close(start_server, connect):
 def test_idle_is_told_before_the_close(start_server, connect):
     server = start_server("--idle-timeout", "1")
     client = connect(server, "sleepy")
-    assert client.wait_closed()[-1] == "!! Disconnected: nothing said for 1 s."
+    assert client.wait_closed()[-1] == "!! Disconnected: idle for 1 s."
 
 
 def test_flooding_is_told_before_the_close(server, connect):
