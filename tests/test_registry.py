@@ -1,6 +1,7 @@
 """The command registry: usage strings as argument specs, discovery of new files, and load-time errors."""
 from __future__ import annotations
 
+import inspect
 import re
 import shutil
 import subprocess
@@ -10,8 +11,9 @@ import uuid
 
 import pytest
 
+import commands
 from commands import Command, CommandError, CommandLoadError, load_commands
-from conftest import ROOT, LineClient
+from conftest import ROOT, SERVER_SCRIPT, LineClient, import_script
 
 
 def make_package(tmp_path, monkeypatch, files: dict[str, str]) -> str:
@@ -207,3 +209,17 @@ def test_the_readme_example_command_works_as_printed(server_copy, start_server):
     client.send("/help roll")
     assert client.recv_line().startswith("-- /roll [SIDES]  Roll a die")
     client.close()
+
+
+def test_the_servers_context_has_every_verb_of_the_context_interface_with_its_parameters():
+    server_context = import_script(SERVER_SCRIPT, "pychat_server").Context
+    interface = commands.Context
+    verbs = [name for name, value in vars(interface).items() if inspect.isfunction(value) and not name.startswith("_")]
+    assert len(verbs) > 20, verbs
+    for name in verbs:
+        assert hasattr(server_context, name), f"the server's Context has no {name}()"
+        wanted = list(inspect.signature(getattr(interface, name)).parameters)
+        given = list(inspect.signature(getattr(server_context, name)).parameters)
+        assert given == wanted, f"{name}: the interface takes {wanted}, the server's Context {given}"
+    for name in interface.__annotations__:
+        assert isinstance(getattr(server_context, name, None), property), f"the server's Context has no .{name}"
