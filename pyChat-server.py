@@ -1879,10 +1879,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def room_list(self, viewer: Person) -> list[commands.RoomInfo]:
         """Every room with people in it that VIEWER may know of, sorted by name."""
         with self.lock:
-            self._charge(viewer, len(self.rooms), "/rooms")
             rooms = [commands.RoomInfo(r.name, len(r.members), r.topic, r.key in viewer.rooms, r is viewer.current,
                                        r.private)
                      for r in self.rooms.values() if r.members and self._may_see(viewer, r)]
+            self._charge(viewer, len(rooms), "/rooms")      # finding them is cheap: the table is bounded
         return sorted(rooms, key=lambda r: r.name.casefold())
 
     @staticmethod
