@@ -154,8 +154,8 @@ def memory_per_connection(before: dict, after: dict, kernel_before: int, kernel_
     return per
 
 
-def watch_leaving(server: RunningServer, files_before: int, plan: Plan) -> dict:
-    """After everyone hangs up: when the server has closed their sockets, and when its CPU is back near zero.
+def watch_leaving(server: RunningServer, files_before: int, plan: Plan, hang_up) -> dict:
+    """Everyone hangs up (hang_up()): when has the server closed their sockets, and when is its CPU back near zero?
 
     Server CPU is sampled every plan.cpu_slice_s; a slice above BUSY_PCT of a
     core is busy. Watching goes on for at least plan.quiet_watch_s and until
@@ -163,6 +163,7 @@ def watch_leaving(server: RunningServer, files_before: int, plan: Plan) -> dict:
     """
     left = time.perf_counter()
     sample_at, cpu_at = left, server.cpu_seconds()
+    hang_up()
     slices = []  # (seconds since they left, CPU % of one core) per slice
     leave_s, last_busy = None, 0.0
     while server.alive() and cpu_at is not None:
@@ -207,8 +208,7 @@ def connect_run(server: RunningServer, size: int, plan: Plan) -> dict:
         map_after, kernel_after = memory_map(server.pid), kernel_memory()
         signed_in = sorted(record.sign_in_s for record in records if record.sign_in_s is not None)
         failures = sign_in_failures(records)
-        swarm.close_clients()
-        leaving = watch_leaving(server, files_before, plan)
+        leaving = watch_leaving(server, files_before, plan, swarm.close_clients)
     growth = status["rss"] - rss_before if status["rss"] is not None and rss_before is not None else None
     return {
         "clients": size,

@@ -1,16 +1,24 @@
-"""The load generator: many chat clients driven by one single-threaded selector loop.
+"""The load generator: many chat clients, spread over a few processes, each one a selector loop.
 
-Every client is a non-blocking socket in one `selectors` loop. Input is read
-in large chunks, cut at the last newline, and parsed a whole chunk at a time
-with one compiled regular expression and a few C-level passes (bytes.count,
-zip, dict, Counter); Python code runs per chunk and per sender in a chunk,
-never per byte.
+A Swarm starts `processes` worker processes (fork) and deals the clients out
+round-robin; it gives orders (connect, settle, set up traffic, start, stop,
+report) over a pipe to each, and combines their answers. The processes talk
+to each other over socket pairs only for what must be known across them: when
+every receiver has a line (the window of the max scenario) and how many lines
+each sender sent in all (the drain).
+
+In each process, every client is a non-blocking socket in one `selectors`
+loop. Input is read in large chunks, cut at the last newline, and parsed a
+whole chunk at a time with one compiled regular expression and a few C-level
+passes (bytes.count, zip, dict, Counter); Python code runs per chunk and per
+sender in a chunk, never per byte.
 
 Each chat line carries a token `|SENDER.SEQ.SENT_US|`: the sender's id (which
 is also in its nickname `bSENDER`), its own sequence number (1, 2, 3...) and
-the send time in microseconds on this process's monotonic clock. A delivery is
-the token arriving at a client other than its sender, in a line of the right
-shape (pyChat: `bSENDER: TOKEN...`, IRC: `:bSENDER!... PRIVMSG #bench :TOKEN...`).
+the send time in microseconds on the monotonic clock, counted from an epoch
+all the processes share. A delivery is the token arriving at a client other
+than its sender, in a line of the right shape (pyChat: `bSENDER: TOKEN...`,
+IRC: `:bSENDER!... PRIVMSG #bench :TOKEN...`).
 """
 from __future__ import annotations
 

@@ -162,7 +162,7 @@ import ast, importlib.util, sys
 path, constants = sys.argv[1], ast.literal_eval(sys.argv[2])
 sys.path.insert(0, path.rsplit("/", 1)[0])
 spec = importlib.util.spec_from_file_location("pychat_server", path)
-server = importlib.util.module_from_spec(spec)
+server = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(server)
 for name, value in constants.items():
     if not hasattr(server, name):
