@@ -183,6 +183,8 @@ def watch_leaving(server: RunningServer, files_before: int, plan: Plan, hang_up)
         if leave_s is not None and since >= plan.quiet_watch_s and since - last_busy >= plan.idle_window_s:
             break
     idle = [pct for since, pct in slices if since > (slices[-1][0] - plan.idle_window_s)] if slices else []
+    if not slices:  # the server is gone: nothing to say about how it left
+        return {"leave_s": None, "all_left": False, "quiet_after_s": None, "idle_cpu_pct": None}
     return {
         "leave_s": leave_s if leave_s is not None else time.perf_counter() - left,
         "all_left": leave_s is not None,
@@ -414,7 +416,9 @@ def show_generators(result: dict) -> str:
 
 
 def show_leave(result: dict) -> str:
-    return show(result["leave_s"]) if result.get("all_left") else f">{result['leave_s']:.0f}"
+    if result.get("leave_s") is None or result.get("all_left"):
+        return show(result.get("leave_s"))
+    return f">{result['leave_s']:.0f}"
 
 
 GENERATOR_COLUMN = ("gen CPU%", "generator_cpu_pct", show_generators)

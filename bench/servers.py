@@ -404,6 +404,8 @@ def memory_map(pid: int) -> dict[str, int]:
         threads = process_status(pid)["threads"] or 1
     except OSError:
         return {}
+    if not mappings:  # a zombie: nothing left to count
+        return {}
     anonymous = [(size, rss) for perms, path, size, rss in mappings
                  if perms.startswith("rw") and (not path or path == "[heap]")]
     sizes = Counter(size for size, _ in anonymous)
