@@ -71,8 +71,8 @@ RECEIVE_SIZE = 65536
 # 10,000 people leave at once, all their threads wait together: at the default
 # 5 ms the server then burned both cores for 20 s, at 50 ms for 5 to 20 s, at
 # 0.5 s it is done in 3 s, which is the leaving itself (bench/README.md). Our
-# threads give the lock up at every system call, so the long interval costs no
-# latency: fan-out p50 and p99 measured the same at 0.05 and 0.5 s.
+# threads give the lock up at every system call, so the long interval should cost
+# no latency: fan-out latency at 0.05 and 0.5 s was within run-to-run noise.
 SWITCH_INTERVAL = 0.5
 # A connection's thread touches about 12 KiB of its stack. The platform default
 # reserves 8 MiB of address space each (80 GiB for 10,000 people, which a system
