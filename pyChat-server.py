@@ -573,10 +573,12 @@ class Welcome(NamedTuple):
 
 
 class Entered(NamedTuple):
-    """You are now in ROOM (and it is current), with these others."""
+    """You are now in ROOM (and it is current), with these others. MEMBERS (everyone, with whether they
+    run the room) only for a protocol that lists members on entering (IRC's NAMES)."""
     room: str
     others: tuple[str, ...]
     more: int
+    members: tuple[tuple[str, bool], ...] = ()
 
 
 class Topic(NamedTuple):
@@ -660,6 +662,12 @@ def _mode_words(event: ModeChanged) -> str:
     return f"*** {event.nick} {words}"
 
 
+def plain(text: str) -> str:
+    """Text as pyChat and nc users read it: what IRC users say may hold IRC's formatting codes, and
+    nothing else that is not printable."""
+    return text if text.isprintable() else strip_irc_formatting(text)
+
+
 def _utc(when: float) -> str:
     return datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -672,9 +680,12 @@ class PyChatProtocol:
     starts with `#`.
     """
 
+    name = "pyChat"
+    lists_members = False
+
     LINES: dict[type, Callable[[Any], str]] = {
-        Said: lambda e: f"{e.nick}: {e.text}",
-        Acted: lambda e: f"* {e.nick} {e.text}",
+        Said: lambda e: f"{e.nick}: {plain(e.text)}",
+        Acted: lambda e: f"* {e.nick} {plain(e.text)}",
         Joined: lambda e: f"*** {e.nick} joined #{e.room}",
         Left: lambda e: f"*** {e.nick} left #{e.room}",
         Kicked: lambda e: f"*** {e.nick} was kicked from #{e.room} by {e.by}{_because(e.reason)}",
@@ -698,8 +709,8 @@ class PyChatProtocol:
         YouLeft: lambda e: f"*** You left #{e.room}.",
         YouWereKicked: lambda e: f"*** You were kicked from #{e.room} by {e.by}{_because(e.reason)}.",
         Invited: lambda e: f"*** {e.by} invites you to #{e.room}. Type /join #{e.room} to accept.",
-        PrivateFrom: lambda e: f"[pm from {e.nick}] {e.text}",
-        PrivateTo: lambda e: f"[pm to {e.nick}] {e.text}",
+        PrivateFrom: lambda e: f"[pm from {e.nick}] {plain(e.text)}",
+        PrivateTo: lambda e: f"[pm to {e.nick}] {plain(e.text)}",
         Bye: lambda e: "*** Bye.",
         ShuttingDown: lambda e: "*** Server shutting down.",
         DisconnectedBy: lambda e: f"*** You were disconnected by {e.by}{_because(e.reason)}.",
@@ -913,6 +924,8 @@ class OutputPump(threading.Thread):
         This runs for every line and every receiver, so it does as little as it
         can. A receiver whose outbox grows past --max-queue is cut off.
         """
+        if not data:
+            return
         newly_ready = []
         overflowing = []
         limit = self.max_queue
@@ -1054,6 +1067,11 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
     def __repr__(self) -> str:
         return f"{self.person.nick if self.person else '(signing in)'}@{self.address}"
+
+    @staticmethod
+    def refusal(reason: str) -> bytes:
+        """What a newcomer turned away at the door reads before the connection closes."""
+        return PYCHAT.encode(Error(reason))
 
     # -- the story of a connection -----------------------------------------
 
@@ -1228,7 +1246,16 @@ class InputWaiter:
 # The server object: who is here, rooms, and every change to them
 # ---------------------------------------------------------------------------
 
-Refused = commands.CommandError     # a request the core turns down; the caller sees the message
+class Refused(commands.CommandError):
+    """A request the core turns down. The message is for the person; KIND says which refusal it is,
+    and ROOM and NICK what it is about, for protocols that have a code for each (IRC's numerics)."""
+
+    def __init__(self, message: str, kind: str | None = None, room: str | None = None,
+                 nick: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.room = room
+        self.nick = nick
 
 
 class Person:
@@ -1250,10 +1277,24 @@ class Person:
         self.invited_to: set[str] = set()       # room keys
         self.seen: dict[str, int] = {}          # room key -> history position when they left it
         self.listing = TokenBucket(LISTING_RATE, LISTING_BURST)
+        self.signed_in = time.time()
+        self.last_spoke = time.monotonic()     # for how long they have been idle
         self.quit_message = False               # they left with /quit and words of their own
 
     def __repr__(self) -> str:
         return f"{self.nick}@{self.address}"
+
+
+class Whois(NamedTuple):
+    """What may be known of someone, for IRC's WHOIS."""
+
+    nick: str
+    rooms: tuple[tuple[str, bool], ...]     # the rooms the asker may see, and whether they run each
+    away: str | None
+    operator: bool
+    signed_in: float                        # a time.time()
+    idle: float                             # seconds since they last said something in a room
+    protocol: str                           # the name of the protocol they came in with
 
 
 class Room:
@@ -1320,6 +1361,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.ignorers: dict[str, set[Person]] = {}              # who ignores each name_key(), if anyone
         self.stopping = False
         self.stop_signal, self.stop_trigger = socket.socketpair()
+        self.started = time.time()
         self.tls = self.make_tls_context() if options.tls_cert else None
         self.history_file = None
         self.lobby: Room | None = None
@@ -1339,7 +1381,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
     # -- admission ------------------------------------------------------------
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
-        """Give a newcomer a thread of its own, or turn it away when the server or its address is full."""
+        self.admit(request, client_address, ClientConnection)
+
+    def admit(self, request: socket.socket, client_address: tuple, protocol: type[ClientConnection]) -> None:
+        """Give a newcomer a thread of its own, speaking PROTOCOL, or turn it away when the server or
+        its address is full; the limits count every port alike."""
         address = client_address[0]
         options = self.options
         with self.lock:
@@ -1356,23 +1402,24 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if explain and self.tls is not None:
                 self.refusing += 1
         if refusal is None:
-            super().process_request(request, client_address)
+            threading.Thread(target=self.process_request_thread, args=(request, client_address, protocol),
+                             daemon=True).start()
             return
         log.warning("refused %s: %s", address, refusal)
         if not explain:
             self.shutdown_request(request)
         elif self.tls is None:
-            self.refuse(request, refusal)
+            self.refuse(request, protocol.refusal(refusal))
         else:
-            threading.Thread(target=self.refuse, args=(request, refusal), daemon=True).start()
+            threading.Thread(target=self.refuse, args=(request, protocol.refusal(refusal)), daemon=True).start()
 
-    def refuse(self, request: socket.socket, refusal: str) -> None:
+    def refuse(self, request: socket.socket, refusal: bytes) -> None:
         """Tell a newcomer why it cannot come in, and close the connection."""
         try:
             if self.tls is not None:
                 request.settimeout(2.0)
                 request = self.tls.wrap_socket(request, server_side=True)
-            request.sendall(PYCHAT.encode(Error(refusal)))
+            request.sendall(refusal)
         except (OSError, ssl.SSLError):
             pass
         finally:
@@ -1381,10 +1428,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 with self.lock:
                     self.refusing -= 1
 
-    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+    def process_request_thread(self, request: socket.socket, client_address: tuple,
+                               protocol: type[ClientConnection]) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            protocol(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
+            self.shutdown_request(request)
             with self.lock:
                 self.admitted -= 1
                 self.per_address[client_address[0]] -= 1
@@ -1514,7 +1565,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if not person.muted and len(room.members) <= ANNOUNCE_LIMIT:
             self._to_room(room, Joined(room.name, person.nick), skip=person)
         others = [m.nick for m in itertools.islice(room.members, 16) if m is not person][:15]
-        person.output.send(Entered(room.name, tuple(others), len(room.members) - len(others) - 1))
+        # A protocol that lists members gets them all, up to what one may list at once: in a room of
+        # thousands, joins and leaves are not announced anyway (ANNOUNCE_LIMIT), so a full list would not last.
+        members = (tuple((m.nick, m in room.operators) for m in itertools.islice(room.members, LISTING_BURST))
+                   if person.output.protocol.lists_members else ())
+        person.output.send(Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members))
         if room.topic:
             person.output.send(Topic(room.name, room.topic))
         if self.options.history:
@@ -1565,7 +1620,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             return person.current
         room = person.rooms.get(name_key(room_name(name)))
         if room is None:
-            raise Refused(f"You are not in #{room_name(name)}.")
+            raise Refused(f"You are not in #{room_name(name)}.", "not-in-room", room=room_name(name))
         return room
 
     def _visible_room(self, viewer: Person, name: str) -> Room:
@@ -1573,7 +1628,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         room = self.rooms.get(name_key(room_name(name)))
         if room is None or not room.members or (room.private and viewer not in room.members
                                                 and not viewer.operator):
-            raise Refused(f"No one is in #{room_name(name)}. /rooms lists the rooms.")
+            raise Refused(f"No one is in #{room_name(name)}. /rooms lists the rooms.", "no-such-room",
+                          room=room_name(name))
         return room
 
     def join(self, person: Person, name: str, password: str | None = None) -> None:
@@ -1581,25 +1637,27 @@ class ChatServer(socketserver.ThreadingTCPServer):
         name = room_name(name)
         problem = name_problem(name, "Room name")
         if problem:
-            raise Refused(problem)
+            raise Refused(problem, "no-such-room", room=name)
         with self.lock:
             room = self.rooms.get(name_key(name))
             if room is not None and room.key in person.rooms:
                 if room is person.current:
-                    raise Refused(f"You are already in #{room.name}.")
+                    raise Refused(f"You are already in #{room.name}.", "already-in-room", room=room.name)
                 self._make_current(person, room)
                 person.output.send(NowTalking(room.name))
                 return
             limit = self.options.rooms_per_person
             if limit and len(person.rooms) >= limit:
-                raise Refused(f"You are in {len(person.rooms)} rooms, the most one may be in; /leave one first.")
+                raise Refused(f"You are in {len(person.rooms)} rooms, the most one may be in; /leave one first.",
+                              "too-many-rooms", room=name)
             if room is not None and room.members and not person.operator and room.key not in person.invited_to:
                 if room.invite_only:
-                    raise Refused(f"#{room.name} is invite-only; one of its operators can /invite you.")
+                    raise Refused(f"#{room.name} is invite-only; one of its operators can /invite you.",
+                                  "invite-only", room=room.name)
                 if room.password is not None and not hmac.compare_digest(
                         (password or "").encode("utf-8"), room.password.encode("utf-8")):
                     raise Refused(f"#{room.name} needs a key: /join #{room.name} KEY." if password is None
-                                  else f"Wrong key for #{room.name}.")
+                                  else f"Wrong key for #{room.name}.", "bad-key", room=room.name)
             self._enter(person, room or self.room_named(name))
 
     def leave(self, person: Person, name: str | None = None) -> None:
@@ -1618,9 +1676,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._check_runs(by, room)
             target = self._find(nick)
             if target not in room.members:
-                raise Refused(f"{target.nick} is not in #{room.name}.")
+                raise Refused(f"{target.nick} is not in #{room.name}.", "they-are-not-in-room", room.name, target.nick)
             if target.operator and not by.operator:
-                raise Refused(f"{target.nick} is a server operator; a room operator cannot kick them.")
+                raise Refused(f"{target.nick} is a server operator; a room operator cannot kick them.",
+                              "not-room-operator", room=room.name)
             if len(target.rooms) == 1 and room is self.lobby:
                 raise Refused(f"#{room.name} is {target.nick}'s only room; a server operator can /disconnect them.")
             target.output.send(YouWereKicked(room.name, by.nick, reason))
@@ -1638,7 +1697,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self._check_runs(by, room)
             target = self._find(nick)
             if target in room.members:
-                raise Refused(f"{target.nick} is already in #{room.name}.")
+                raise Refused(f"{target.nick} is already in #{room.name}.", "they-are-in-room", room.name,
+                              target.nick)
             target.invited_to.add(room.key)
             if by.key not in target.ignoring:
                 target.output.send(Invited(room.name, by.nick))
@@ -1675,7 +1735,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             elif setting in ("op", "deop"):
                 target = self._find(value)
                 if target not in room.members:
-                    raise Refused(f"{target.nick} is not in #{room.name}.")
+                    raise Refused(f"{target.nick} is not in #{room.name}.", "they-are-not-in-room", room.name, target.nick)
                 if (setting == "op") == (target in room.operators):
                     raise Refused(f"{target.nick} is {'already' if setting == 'op' else 'not'} an operator "
                                   f"of #{room.name}.")
@@ -1696,7 +1756,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def _check_runs(self, person: Person, room: Room) -> None:
         """Refuse unless PERSON may run ROOM (an operator of it, or of the server) and is not muted."""
         if not (person.operator or person in room.operators):
-            raise Refused(f"Only operators of #{room.name} may do that.")
+            raise Refused(f"Only operators of #{room.name} may do that.", "not-room-operator",
+                          room=room.name)
         if person.muted:
             raise Refused("You are muted; you cannot run a room.")
 
@@ -1708,15 +1769,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- talking ----------------------------------------------------------------------
 
-    def say(self, person: Person, text: str, name: str | None = None) -> None:
-        """A chat line from PERSON to the room NAME, or to their current room."""
-        self._speak(person, Said, text, name)
+    def say(self, person: Person, text: str, name: str | None = None, echo: bool = True) -> None:
+        """A chat line from PERSON to the room NAME, or to their current room; with ECHO false, PERSON is
+        not sent it back (IRC clients show their own lines themselves)."""
+        self._speak(person, Said, text, name, echo)
 
-    def act(self, person: Person, text: str, name: str | None = None) -> None:
+    def act(self, person: Person, text: str, name: str | None = None, echo: bool = True) -> None:
         """An action line, '* nick waves', to the room NAME or the current one."""
-        self._speak(person, Acted, text, name)
+        self._speak(person, Acted, text, name, echo)
 
-    def _speak(self, person: Person, kind: type, text: str, name: str | None) -> None:
+    def _speak(self, person: Person, kind: type, text: str, name: str | None, echo: bool = True) -> None:
         with self.lock:
             if person.muted:
                 person.output.send(Error("You are muted; the room does not hear you."))
@@ -1730,7 +1792,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if self.history_file:
                     # On disk before anyone sees it, so whatever was seen survives a crash.
                     self.save_history(when, room.name, PYCHAT.line(event))
-            self._to_room(room, event, sender=person)
+            person.last_spoke = time.monotonic()
+            self._to_room(room, event, skip=None if echo else person, sender=person)
 
     def send_private(self, person: Person, nick: str, text: str) -> None:
         """TEXT to NICK alone; PERSON gets a copy, and the away message if there is one."""
@@ -1765,9 +1828,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused("You are muted; you cannot change your nickname.")
             problem = self.nickname_problem(new_nick, person)
             if problem:
-                raise Refused(problem)
+                raise Refused(problem, "nickname-taken", nick=new_nick)
             if new_nick == person.nick:
-                raise Refused(f"You are already {new_nick}.")
+                raise Refused(f"You are already {new_nick}.", "same-nickname", nick=new_nick)
             old_nick, old_key, new_key = person.nick, person.key, name_key(new_nick)
             del self.people[old_key]
             person.nick, person.key = new_nick, new_key
@@ -1896,6 +1959,41 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._charge(viewer, len(rooms), "/rooms")      # finding them is cheap: the table is bounded
         return sorted(rooms, key=lambda r: r.name.casefold())
 
+    def rooms_of(self, person: Person) -> list[str]:
+        """The rooms PERSON is in, in the order joined."""
+        with self.lock:
+            return [room.name for room in person.rooms.values()]
+
+    def whois(self, viewer: Person, nick: str) -> Whois | None:
+        """What VIEWER may know of NICK: the rooms they may see, away, operator, since when, idle; None if
+        no one is called that."""
+        if len(nick) > MAX_NICKNAME_LENGTH:
+            return None             # no one's, and not worth normalising
+        with self.lock:
+            person = self.people.get(name_key(unicodedata.normalize("NFKC", nick)))
+            if person is None:
+                return None
+            rooms = tuple((room.name, person in room.operators) for room in person.rooms.values()
+                          if self._may_see(viewer, room))
+            return Whois(person.nick, rooms, person.away, person.operator, person.signed_in,
+                         time.monotonic() - person.last_spoke, person.output.protocol.name)
+
+    def look_up(self, nicks: list[str]) -> list[commands.PersonInfo | None]:
+        """Each of NICKS (a few) as a PersonInfo if they are online, else None."""
+        keys = [name_key(unicodedata.normalize("NFKC", nick)) for nick in nicks
+                if len(nick) <= MAX_NICKNAME_LENGTH]        # longer is no one's, and not worth normalising
+        with self.lock:
+            found = [self.people.get(key) for key in keys]
+            return [commands.PersonInfo(p.nick, None, p.away, p.operator, p.muted, False) if p else None
+                    for p in found]
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """People signed in, how many are operators, connections still signing in, and rooms with people."""
+        with self.lock:
+            people = len(self.people)
+            return (people, sum(p.operator for p in self.people.values()), len(self.connections) - people,
+                    sum(1 for room in self.rooms.values() if room.members))
+
     @staticmethod
     def _may_see(viewer: Person, room: Room | None) -> bool:
         return room is not None and (not room.private or viewer.operator or room.key in viewer.rooms)
@@ -1907,15 +2005,17 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if not person.listing.allow(max(entries, 1)):
             wait = (min(entries, LISTING_BURST) - person.listing.tokens) / LISTING_RATE
             raise Refused(f"{what} lists {entries} entries, more than you may ask for now; "
-                          f"try again in {max(1, math.ceil(wait))} s.")
+                          f"try again in {max(1, math.ceil(wait))} s.", "try-again")
 
     # -- delivery: events to the outputs of their receivers ----------------------------------
 
     def _to_room(self, room: Room, event: Any, skip: Person | None = None, sender: Person | None = None) -> None:
         """Queue EVENT to everyone in ROOM (but SKIP, and those ignoring SENDER), rendered once per
         audience. Lock held."""
-        if skip is None and (sender is None or sender.key not in self.ignorers):
+        if sender is None or sender.key not in self.ignorers:
             for (protocol, tagged), outputs in room.audiences.items():
+                if skip is not None and skip.output in outputs:
+                    outputs = outputs - {skip.output}     # a set difference: no Python work per member
                 if outputs:
                     self.pump.queue(outputs, protocol.encode(event, tagged))
             return
@@ -1938,7 +2038,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """The person called NICK (spelt any look-alike way); the lock is held."""
         found = self.people.get(name_key(normal_name(nick)))
         if found is None:
-            raise Refused(f"No one called {nick} is online. /online lists who is.")
+            raise Refused(f"No one called {nick} is online. /online lists who is.", "no-such-person",
+                          nick=nick)
         return found
 
     # -- history on disk ---------------------------------------------------------
