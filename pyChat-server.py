@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import errno
 import hmac
+import inspect
 import itertools
 import json
 import logging
@@ -95,6 +96,8 @@ SPARE_FILES = 64                  # open files besides the connections: listenin
 KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeeping
 MAX_SECONDS = 1_000_000           # the longest timeout: poll() takes at most about 24 days, in milliseconds
 MAX_KEEPALIVE = 32767             # the longest --keepalive: the most Linux takes for TCP_KEEPIDLE
+IRC_PORT = None                   # --irc-port: a second port, for IRC clients (None: no IRC)
+IRC_PING_INTERVAL = 120.0         # --irc-ping: seconds of silence before an IRC client is sent PING
 
 
 def number(kind: type, low: float, high: float | None = None, above: bool = False):
@@ -174,6 +177,13 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
                                "environment variable PYCHAT_OP_PASSWORD")
     security.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
     security.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM)")
+    irc = parser.add_argument_group("IRC (see README, 'IRC clients')")
+    irc.add_argument("--irc-port", type=number(int, 0, 65535), default=IRC_PORT, metavar="PORT",
+                     help="also let IRC clients in on this port, TLS too with --tls-cert; 0 picks a free "
+                          "one and logs it (default: no IRC)")
+    irc.add_argument("--irc-ping", type=positive_seconds, default=IRC_PING_INTERVAL, metavar="SECONDS",
+                     help=f"silence before an IRC client is sent PING; as long again without an answer "
+                          f"disconnects it (default: {IRC_PING_INTERVAL:g})")
     options = parser.parse_args(argv)
     if bool(options.tls_cert) != bool(options.tls_key):
         parser.error("--tls-cert and --tls-key go together")
@@ -1370,6 +1380,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self.load_history(options.history_file)
         self.pump = OutputPump(options.max_queue, options.stall_timeout)
         super().__init__((options.host, options.port), ClientConnection)
+        self.irc = IrcListener(self) if options.irc_port is not None else None
         self.pump.start()
 
     def make_tls_context(self) -> ssl.SSLContext:
@@ -2097,6 +2108,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def stop(self) -> None:
         """Tell everyone, close every connection, and wait a little for them to go."""
         self.shutdown()
+        if self.irc is not None:
+            self.irc.shutdown()
         with self.lock:
             self.stopping = True
             connections = list(self.connections)
@@ -2111,6 +2124,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             time.sleep(0.05)
         self.pump.stop()
         self.server_close()
+        if self.irc is not None:
+            self.irc.server_close()
         if self.history_file:
             self.history_file.close()
 
@@ -2761,6 +2776,752 @@ class IrcPingClock:
 
 
 # ---------------------------------------------------------------------------
+# The IRC protocol object: the core's events in IRC's words
+# ---------------------------------------------------------------------------
+
+IRC_USER_HOST = "~user@pychat"      # everyone is NICK!~user@pychat: pyChat never shows an address
+IRC_SERVICE_SOURCE = f"{IRC_SERVICE_NICK}!{IRC_SERVICE_NICK}@{IRC_SERVER_NAME}"
+IRC_SERVICE_KEY = name_key(IRC_SERVICE_NICK)
+IRC_USER_MODES = "o"                # o: an operator of the server (pyChat's /op, IRC's OPER)
+IRC_CHANNEL_MODES = "iknot"         # i invite-only, k key, n only members talk (always), o room operator,
+                                    # t only operators set the topic
+# Capabilities that change the bytes a connection is sent. They are fixed when the person
+# signs in, since rooms group their audiences by them (see IrcProtocol).
+IRC_RENDERING_CAPABILITIES = frozenset({"away-notify", "echo-message", "server-time"})
+
+
+def irc_source(nick: str) -> str:
+    return f"{nick}!{IRC_USER_HOST}"
+
+
+def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
+    """What 005 says about this server: only what is true of it."""
+    tokens = ["AWAYLEN=390", "CASEMAPPING=ascii", "CHANMODES=,k,,int", f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}",
+              "CHANTYPES=#", "EXCEPTS", "INVEX", "KICKLEN=390", f"NETWORK={IRC_NETWORK}",
+              f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(o)@", "SAFELIST", "STATUSMSG=",
+              "TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:4,PART:,PRIVMSG:4,WHOIS:1", "TOPICLEN=390", "UTF8ONLY"]
+    if options.rooms_per_person:
+        tokens.append(f"CHANLIMIT=#:{options.rooms_per_person}")
+    return sorted(tokens)
+
+
+class IrcProtocol:
+    """IRC's words for the core's events, for one IRC connection.
+
+    A room's line is rendered once for each group of its audience that gets
+    the same bytes (see Room.audiences, keyed by protocol object). Two IRC
+    protocol objects with the same rendering capabilities are equal, so every
+    IRC connection with those capabilities is in one group, and the room's
+    events are rendered by whichever of their objects the room holds: those
+    renderings use nothing of the receiver. Events sent to one person alone
+    (numerics, your own JOIN, private messages) name the receiver, and are
+    rendered by that person's own object.
+    """
+
+    name = "IRC"
+    lists_members = True            # Entered carries everyone in the room, for NAMES
+
+    def __init__(self, connection: IrcConnection, capabilities: frozenset[str] = frozenset()) -> None:
+        self.connection = connection
+        self.capabilities = capabilities & IRC_RENDERING_CAPABILITIES
+        self.server_time = "server-time" in capabilities
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IrcProtocol) and other.capabilities == self.capabilities
+
+    def __hash__(self) -> int:
+        return hash((IrcProtocol, self.capabilities))
+
+    @property
+    def me(self) -> str:
+        """The receiver's nickname: events sent to one person alone are sent under the server's lock."""
+        return self.connection.nick
+
+    def encode(self, event: Any, tagged: bool = False) -> bytes:
+        """EVENT as IRC messages (b"" when IRC has nothing to say of it); TAGGED does not matter to IRC,
+        whose every channel message names its channel."""
+        lines = self.RENDERERS[type(event)](self, event)
+        if not lines:
+            return b""
+        if self.server_time:
+            stamp = f"@time={irc_server_time(event.when if isinstance(event, Replayed) else time.time())} "
+            return "".join(f"{stamp}{line}\r\n" for line in lines).encode("utf-8")
+        return "".join(f"{line}\r\n" for line in lines).encode("utf-8")
+
+    # -- room events: nothing of the receiver --------------------------------------------
+
+    def said(self, event: Said, prefix: str = "") -> list[str]:
+        return irc_text_messages("PRIVMSG", f"#{event.room}", prefix + event.text, irc_source(event.nick))
+
+    def acted(self, event: Acted, prefix: str = "") -> list[str]:
+        return irc_text_messages("PRIVMSG", f"#{event.room}", prefix + event.text, irc_source(event.nick),
+                                 wrap=(CTCP + "ACTION ", CTCP))
+
+    def joined(self, event: Joined) -> list[str]:
+        return [format_irc_message("JOIN", (f"#{event.room}",), irc_source(event.nick))]
+
+    def left(self, event: Left) -> list[str]:
+        return [format_irc_message("PART", (f"#{event.room}",), irc_source(event.nick))]
+
+    def kicked(self, event: Kicked) -> list[str]:
+        return [format_irc_message("KICK", (f"#{event.room}", event.nick, event.reason or event.by),
+                                   irc_source(event.by))]
+
+    def topic_changed(self, event: TopicChanged) -> list[str]:
+        return [format_irc_message("TOPIC", (f"#{event.room}", event.topic), irc_source(event.nick))]
+
+    def mode_changed(self, event: ModeChanged) -> list[str]:
+        change = {("key", "off"): ("-k", "*"), ("key", "on"): ("+k", "*"), ("invite-only", "on"): ("+i",),
+                  ("invite-only", "off"): ("-i",), ("topic", "operators"): ("+t",),
+                  ("topic", "everyone"): ("-t",)}.get((event.setting, event.value))
+        if change is None:      # op and deop name the person
+            change = ("+o" if event.setting == "op" else "-o", event.value)
+        return [format_irc_message("MODE", (f"#{event.room}", *change), irc_source(event.nick))]
+
+    # -- about a person, told once to each who shares a room: nothing of the receiver either ---
+
+    def quit(self, event: Quit) -> list[str]:
+        return [format_irc_message("QUIT", (f"Quit: {event.reason}" if event.reason else "Quit",),
+                                   irc_source(event.nick))]
+
+    def renamed(self, event: Renamed) -> list[str]:
+        return [format_irc_message("NICK", (event.new,), irc_source(event.old))]
+
+    def away_changed(self, event: AwayChanged) -> list[str]:
+        if "away-notify" not in self.capabilities:
+            return []
+        return [format_irc_message("AWAY", (event.reason,) if event.reason else (), irc_source(event.nick))]
+
+    # -- to one person: these name the receiver --------------------------------------------------
+
+    def entered(self, event: Entered) -> list[str]:
+        channel = f"#{event.room}"
+        names = [("@" if operator else "") + nick for nick, operator in event.members]
+        return [format_irc_message("JOIN", (channel,), irc_source(self.me)),
+                *irc_names_replies(self.me, channel, names)]
+
+    def topic(self, event: Topic) -> list[str]:
+        return [irc_numeric("RPL_TOPIC", self.me, f"#{event.room}", text=event.topic)]
+
+    def replayed(self, event: Replayed) -> list[str]:
+        prefix = "" if self.server_time else f"[history {_utc(event.when)}] "
+        return self.RENDERERS[type(event.line)](self, event.line, prefix)
+
+    def history_end(self, event: HistoryEnd) -> list[str]:
+        return [format_irc_message("NOTICE", (f"#{event.room}", f"End of #{event.room} history."))]
+
+    def you_left(self, event: YouLeft) -> list[str]:
+        return [format_irc_message("PART", (f"#{event.room}",), irc_source(self.me))]
+
+    def you_were_kicked(self, event: YouWereKicked) -> list[str]:
+        return [format_irc_message("KICK", (f"#{event.room}", self.me, event.reason or event.by),
+                                   irc_source(event.by))]
+
+    def invited(self, event: Invited) -> list[str]:
+        return [format_irc_message("INVITE", (self.me, f"#{event.room}"), irc_source(event.by))]
+
+    def private_from(self, event: PrivateFrom) -> list[str]:
+        return irc_text_messages("PRIVMSG", self.me, event.text, irc_source(event.nick))
+
+    def private_to(self, event: PrivateTo) -> list[str]:
+        if "echo-message" not in self.capabilities:
+            return []
+        return irc_text_messages("PRIVMSG", event.nick, event.text, irc_source(self.me))
+
+    def notice(self, event: Notice) -> list[str]:
+        return irc_text_messages("NOTICE", self.me, event.text, IRC_SERVER_NAME)
+
+    def reply(self, event: Reply | Error) -> list[str]:
+        """Replies and errors come from the commands, so from the service that runs them."""
+        return irc_text_messages("NOTICE", self.me, event.text, IRC_SERVICE_SOURCE)
+
+    def welcome(self, event: Welcome) -> list[str]:
+        return self.connection.welcome_burst(event.nick)
+
+    def closing(self, event: Bye | ShuttingDown | DisconnectedBy | Farewell) -> list[str]:
+        why = {Bye: lambda e: "Quit", ShuttingDown: lambda e: "Server shutting down",
+               DisconnectedBy: lambda e: f"Disconnected by {e.by}{_because(e.reason)}",
+               Farewell: lambda e: e.reason[:1].upper() + e.reason[1:]}[type(event)](event)
+        return [format_irc_message("ERROR", (f"Closing link: {self.me} ({why})",), source=None)]
+
+    def nothing(self, event: Any) -> list[str]:
+        """Events IRC has no words for: the pyChat prompts, and the current room, which IRC does not have."""
+        return []
+
+    RENDERERS: dict[type, Callable[..., list[str]]] = {
+        Said: said, Acted: acted, Joined: joined, Left: left, Kicked: kicked, TopicChanged: topic_changed,
+        ModeChanged: mode_changed, Quit: quit, Renamed: renamed, AwayChanged: away_changed,
+        Entered: entered, Topic: topic, Replayed: replayed, HistoryEnd: history_end, YouLeft: you_left,
+        YouWereKicked: you_were_kicked, Invited: invited, PrivateFrom: private_from, PrivateTo: private_to,
+        Notice: notice, Reply: reply, Error: reply, Welcome: welcome, Bye: closing, ShuttingDown: closing,
+        DisconnectedBy: closing, Farewell: closing, Prompt: nothing, NowTalking: nothing,
+    }
+
+
+def irc_names_replies(me: str, channel: str, names: list[str]) -> list[str]:
+    """353 (as many as the names need) and 366 for CHANNEL."""
+    head = len(irc_numeric("RPL_NAMREPLY", me, "=", channel, text="").encode("utf-8"))
+    lines, line = [], []
+    for name in names:
+        if line and head + len(" ".join(line + [name]).encode("utf-8")) > IRC_MAX_BODY_BYTES:
+            lines.append(line)
+            line = []
+        line.append(name)
+    if line:
+        lines.append(line)
+    return [*(irc_numeric("RPL_NAMREPLY", me, "=", channel, text=" ".join(line)) for line in lines),
+            irc_numeric("RPL_ENDOFNAMES", me, channel)]
+
+
+# ---------------------------------------------------------------------------
+# The IRC connection and its listener
+# ---------------------------------------------------------------------------
+
+# What a refusal of the core is in IRC's numerics, and what the numeric names: the person, the room,
+# or both. The text is always the core's own. A refusal IRC has no numeric for is a notice.
+IRC_REFUSALS = {
+    "no-such-person": ("ERR_NOSUCHNICK", "nick"), "no-such-room": ("ERR_NOSUCHCHANNEL", "room"),
+    "not-in-room": ("ERR_NOTONCHANNEL", "room"), "too-many-rooms": ("ERR_TOOMANYCHANNELS", "room"),
+    "invite-only": ("ERR_INVITEONLYCHAN", "room"), "bad-key": ("ERR_BADCHANNELKEY", "room"),
+    "not-room-operator": ("ERR_CHANOPRIVSNEEDED", "room"), "cannot-send": ("ERR_CANNOTSENDTOCHAN", "room"),
+    "they-are-not-in-room": ("ERR_USERNOTINCHANNEL", "both"), "they-are-in-room": ("ERR_USERONCHANNEL", "both"),
+    "try-again": ("RPL_TRYAGAIN", "command"),
+}
+
+
+class IrcCommand(NamedTuple):
+    """A command of IRC's: its handler, the parameters without which the answer is 461, and how many it
+    reads (IRC lets a client send more; they are ignored)."""
+
+    handler: Callable[..., None]
+    needs: int
+    takes: int
+
+
+def irc_command(handler: Callable[..., None], needs: int = 0) -> IrcCommand:
+    parameters = list(inspect.signature(handler).parameters.values())[1:]
+    takes = IRC_MAX_PARAMS if any(p.kind is p.VAR_POSITIONAL for p in parameters) else len(parameters)
+    return IrcCommand(handler, needs, takes)
+
+
+class IrcConnection(ClientConnection):
+    """One IRC client: the socket, buffers and limits of every connection, with IRC's registration and
+    commands. What it reads becomes calls on the core; what the core says comes back through its
+    IrcProtocol."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.lines = LineReader(IRC_MAX_TAG_BYTES + IRC_MAX_BODY_BYTES)
+        self.capabilities = IrcCapabilities(IRC_CAPABILITIES)
+        self.output.protocol = IrcProtocol(self)
+        self.signing_in_as: str | None = None
+        self.realname = ""
+        self.ping_clock = IrcPingClock(self.server.options.irc_ping, self.connected)
+        self.last_active = self.connected       # the last message other than PING and PONG
+
+    @property
+    def nick(self) -> str:
+        """Who numerics are addressed to: the person's nickname, or '*' before there is one."""
+        return self.person.nick if self.person else self.signing_in_as or "*"
+
+    def handle(self) -> None:
+        log.info("IRC connection from %s:%s", *self.client_address[:2])
+        try:
+            if self.server.tls is not None:
+                self.start_tls()
+            self.send_irc(format_irc_message("NOTICE", ("*", f"*** {self.server.greeting()}")))
+            messages = self.read_messages()
+            self.register(messages)
+            self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)  # a full burst to start
+            for message in messages:
+                self.on_message(message)
+                if self.output.reason is not None:      # QUIT, or ended from elsewhere
+                    return
+        except Disconnect as why:
+            self.output.end(why.reason, why.farewell)
+
+    @staticmethod
+    def refusal(reason: str) -> bytes:
+        return (format_irc_message("ERROR", (f"Closing link: {reason}",), source=None) + "\r\n").encode("utf-8")
+
+    # -- input ----------------------------------------------------------------
+
+    def read_messages(self) -> Iterator[IrcMessage]:
+        """The messages this client sends, as they come; a line that is no message is answered here."""
+        for line in self.read_lines():
+            self.ping_clock.heard(self.last_heard)
+            if line is None:
+                self.send_irc(irc_numeric("ERR_INPUTTOOLONG", self.nick))
+                continue
+            try:
+                message = parse_irc_message(line)
+            except IrcLineError as problem:
+                params = ("*",) if problem.numeric == "ERR_UNKNOWNCOMMAND" else ()
+                self.send_irc(irc_numeric(problem.numeric, self.nick, *params, text=str(problem)))
+                continue
+            if message is None:
+                continue
+            if message.command not in ("PING", "PONG"):
+                self.last_active = self.last_heard
+            yield message
+
+    def wait_for_input(self, timeout: float) -> None:
+        """Wait for input; once signed in, PING a quiet client and let go of one that does not answer.
+
+        --idle-timeout counts from the last message other than PING and PONG:
+        answering pings is not saying anything.
+        """
+        if not self.person:
+            super().wait_for_input(timeout)
+            return
+        while True:
+            if self.server.stopping:
+                raise Disconnect("server shutting down", ShuttingDown())
+            deadline = self.ping_clock.deadline()
+            if timeout:
+                deadline = min(deadline, self.last_active + timeout)
+            if self.input_waiter.wait(max(0.0, deadline - time.monotonic())):
+                return
+            if timeout and time.monotonic() >= self.last_active + timeout:
+                raise Disconnect("timed out", Farewell(f"nothing said for {timeout:g} s"))
+            due = self.ping_clock.due(time.monotonic())
+            if due == "ping":
+                self.send_irc(format_irc_message("PING", (IRC_SERVER_NAME,)))
+            elif due == "timeout":
+                why = f"Ping timeout: {time.monotonic() - self.ping_clock.last_heard:.0f} seconds"
+                raise Disconnect(why, Farewell(why))
+
+    # -- registration ---------------------------------------------------------------
+
+    def register(self, messages: Iterator[IrcMessage]) -> None:
+        """Read PASS, NICK, USER and CAP until the client can sign in; the core then welcomes it."""
+        registration = IrcRegistration(self.capabilities)
+        for message in messages:
+            if message.command == "QUIT":
+                raise Disconnect("quit before signing in", Bye())
+            for reply in registration.handle(message):
+                self.send_irc(reply)
+            if not registration.ready:
+                continue
+            password = self.server.options.password
+            if password and not self.server.check_secret(self, registration.password or "", password,
+                                                         "server password"):
+                self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", registration.target))
+                raise Disconnect("wrong password", Farewell("wrong password"))
+            self.realname = registration.realname
+            self.signing_in_as = registration.nick
+            self.output.protocol = IrcProtocol(self, frozenset(self.capabilities.enabled))
+            problem = self.server.sign_in(self, registration.nick)
+            if problem is None:
+                return
+            self.signing_in_as = None
+            self.send_irc(irc_numeric("ERR_NICKNAMEINUSE", "*", registration.nick, text=problem))
+            registration.nick = None
+
+    def welcome_burst(self, nick: str) -> list[str]:
+        """001 to 005 and the message of the day: what a client waits for before it does anything."""
+        version = f"pyChat-{VERSION}"
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.server.started))
+        tokens = irc_isupport_tokens(self.server.options)
+        return [irc_numeric("RPL_WELCOME", nick,
+                            text=f"Welcome to the {IRC_NETWORK} IRC network, {irc_source(nick)}"),
+                irc_numeric("RPL_YOURHOST", nick,
+                            text=f"Your host is {IRC_SERVER_NAME}, running version {version}"),
+                irc_numeric("RPL_CREATED", nick, text=f"This server was created {started}"),
+                # The modes that take a parameter: k (the key) and o (who).
+                irc_numeric("RPL_MYINFO", nick, IRC_SERVER_NAME, version, IRC_USER_MODES, IRC_CHANNEL_MODES,
+                            "ko"),
+                *(irc_numeric("RPL_ISUPPORT", nick, *tokens[n:n + 12]) for n in range(0, len(tokens), 12)),
+                *self.motd(nick)]
+
+    def motd(self, nick: str) -> list[str]:
+        flood = (f"Flood limit: {self.server.options.burst} lines at once, then {self.server.options.rate:g} "
+                 f"a second." if self.server.options.rate else "")
+        lines = [f"pyChat {VERSION}, where IRC and pyChat clients meet. {flood}".strip(),
+                 "Rooms are channels: everyone starts in #lobby; /join #dev makes or joins #dev.",
+                 f"pyChat's own commands: /msg {IRC_SERVICE_NICK} help"]
+        return [irc_numeric("RPL_MOTDSTART", nick, text=f"- {IRC_SERVER_NAME} Message of the day - "),
+                *(irc_numeric("RPL_MOTD", nick, text=f"- {line}") for line in lines),
+                irc_numeric("RPL_ENDOFMOTD", nick)]
+
+    # -- commands -----------------------------------------------------------------
+
+    def on_message(self, message: IrcMessage) -> None:
+        """One message from a signed-in client: where IRC becomes calls on the core."""
+        command = self.COMMANDS.get(message.command)
+        log.debug("%r: %s", self, message.command)
+        if command is None:
+            if self.server.commands.find(message.command.lower()) is not None:
+                # irssi sends commands it does not know as they are: /online reaches pyChat's /online.
+                self.run_command(f"/{message.command.lower()} {' '.join(message.params)}")
+            else:
+                self.send_irc(irc_numeric("ERR_UNKNOWNCOMMAND", self.nick, message.command))
+            return
+        if len(message.params) < command.needs:
+            self.send_irc(irc_numeric("ERR_NEEDMOREPARAMS", self.nick, message.command))
+            return
+        try:
+            command.handler(self, *message.params[:command.takes])
+        except Refused as refusal:
+            self.refused(refusal, message.command)
+
+    def refused(self, refusal: Refused, command: str) -> None:
+        """The core said no: the numeric for why, with the core's own words; a notice when IRC has none."""
+        numeric, names = IRC_REFUSALS.get(refusal.kind, (None, None))
+        if numeric is None:
+            self.send_irc(format_irc_message("NOTICE", (self.nick, str(refusal)), IRC_SERVICE_SOURCE))
+            return
+        room = f"#{refusal.room}" if refusal.room else "*"
+        params = {"nick": (refusal.nick or "*",), "room": (room,), "both": (refusal.nick or "*", room),
+                  "command": (command,)}[names]
+        self.send_irc(irc_numeric(numeric, self.nick, *params, text=str(refusal)))
+
+    def run_command(self, line: str) -> None:
+        """A pyChat slash-command, as if typed in pyChat's client; its replies come from the service."""
+        self.server.commands.run(Context(self.server, self.person), clean_text(line))
+
+    def irc_privmsg(self, targets: str = "", text: str = "", notice: bool = False) -> None:
+        """PRIVMSG (and NOTICE) to channels, people and the service; NOTICE is never answered with an error."""
+        if not targets:
+            if not notice:
+                self.send_irc(irc_numeric("ERR_NORECIPIENT", self.nick, text="No recipient given (PRIVMSG)"))
+            return
+        if not text:
+            if not notice:
+                self.send_irc(irc_numeric("ERR_NOTEXTTOSEND", self.nick))
+            return
+        for target in targets.split(",")[:4]:
+            try:
+                self.deliver(target, text, notice)
+            except Refused as refusal:
+                if not notice:
+                    # Not in the channel: IRC's word is that you cannot send to it.
+                    kind = "cannot-send" if refusal.kind == "not-in-room" else refusal.kind
+                    self.refused(Refused(str(refusal), kind, refusal.room, refusal.nick), "PRIVMSG")
+
+    def deliver(self, target: str, text: str, notice: bool) -> None:
+        person = self.person
+        if len(target) > MAX_NICKNAME_LENGTH + 1:       # no name is that long: not worth normalising
+            raise Refused(f"No one is called {target[:30]}...", "no-such-person", nick=target[:30])
+        ctcp = parse_ctcp(text)
+        if name_key(target) == IRC_SERVICE_KEY:
+            if ctcp is not None:
+                self.answer_ctcp(*ctcp)
+            elif not notice:
+                self.run_command(text if text.startswith("/") else f"/{text}")
+            return
+        if ctcp is not None and ctcp[0] != "ACTION":
+            self.send_irc(format_irc_message("NOTICE", (self.nick, f"pyChat passes on no CTCP {ctcp[0]}; "
+                                                         "only ACTION (/me)."), IRC_SERVICE_SOURCE))
+            return
+        words = clean_irc_text(ctcp[1] if ctcp else text)
+        if not words:
+            return
+        echo = "echo-message" in self.capabilities.enabled
+        if target.startswith("#"):
+            (self.server.act if ctcp else self.server.say)(person, words, target, echo=echo)
+        elif ctcp:
+            self.server.send_private(person, target, f"* {person.nick} {words}")
+        else:
+            self.server.send_private(person, target, words)
+
+    def answer_ctcp(self, command: str, argument: str) -> None:
+        answers = {"VERSION": f"pyChat {VERSION}", "PING": argument,
+                   "TIME": time.strftime("%a %b %d %H:%M:%S %Y UTC", time.gmtime())}
+        if command in answers:
+            self.send_irc(format_irc_message("NOTICE", (self.nick, f"{CTCP}{command} {answers[command]}{CTCP}"),
+                                             IRC_SERVICE_SOURCE))
+
+    def irc_notice(self, targets: str = "", text: str = "") -> None:
+        self.irc_privmsg(targets, text, notice=True)
+
+    def irc_join(self, channels: str, keys: str = "") -> None:
+        if channels == "0":
+            self.leave_every_room()
+            return
+        for channel, key in itertools.zip_longest(channels.split(","), keys.split(",") if keys else ()):
+            if not channel.startswith("#"):
+                self.send_irc(irc_numeric("ERR_NOSUCHCHANNEL", self.nick, channel,
+                                          text="Channel names start with #"))
+                continue
+            try:
+                self.server.join(self.person, channel, key or None)
+            except Refused as refusal:
+                if refusal.kind != "already-in-room":     # IRC says nothing to a JOIN of a channel you are in
+                    self.refused(refusal, "JOIN")
+
+    def leave_every_room(self) -> None:
+        for room in self.server.rooms_of(self.person):
+            try:
+                self.server.leave(self.person, room)
+            except Refused:
+                pass            # the lobby, when it is the last: no one is in no room
+
+    def irc_part(self, channels: str, reason: str = "") -> None:
+        for channel in channels.split(","):
+            try:
+                self.server.leave(self.person, channel)
+            except Refused as refusal:
+                self.refused(refusal, "PART")
+
+    def irc_topic(self, channel: str, topic: str | None = None) -> None:
+        if topic is None:
+            settings = self.server.room_settings(self.person, channel)
+            if settings.topic:
+                self.send_irc(irc_numeric("RPL_TOPIC", self.nick, f"#{settings.name}", text=settings.topic))
+            else:
+                self.send_irc(irc_numeric("RPL_NOTOPIC", self.nick, f"#{settings.name}"))
+        else:
+            self.server.set_topic(self.person, clean_text(strip_irc_formatting(topic))[:390], channel)
+
+    def irc_names(self, channels: str = "") -> None:
+        for channel in channels.split(",")[:1] if channels else ():
+            try:
+                room, people = self.server.room_members(self.person, channel)
+            except Refused as refusal:
+                if refusal.kind == "try-again":
+                    raise
+                self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, channel))
+                continue
+            for line in irc_names_replies(self.nick, f"#{room}", [("@" if p.room_operator else "") + p.nick
+                                                            for p in people]):
+                self.send_irc(line)
+        if not channels:
+            self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, "*"))
+
+    def irc_list(self, *ignored: str) -> None:
+        rooms = self.server.room_list(self.person)
+        self.send_irc(irc_numeric("RPL_LISTSTART", self.nick, "Channel"))
+        for room in rooms:
+            self.send_irc(irc_numeric("RPL_LIST", self.nick, f"#{room.name}", str(room.people),
+                                      text=room.topic or ""))
+        self.send_irc(irc_numeric("RPL_LISTEND", self.nick))
+
+    def irc_who(self, mask: str = "*", *ignored: str) -> None:
+        if mask.startswith("#"):
+            try:
+                room, people = self.server.room_members(self.person, mask)
+            except Refused as refusal:
+                if refusal.kind == "try-again":
+                    raise
+                people, room = [], None
+            for p in people:
+                self.send_irc(self.who_reply(f"#{room}", p.nick, p.away, p.operator, p.room_operator))
+        else:
+            found = self.server.whois(self.person, mask) if mask != "*" else None
+            if found is not None:
+                channel = f"#{found.rooms[0][0]}" if found.rooms else "*"
+                self.send_irc(self.who_reply(channel, found.nick, found.away, found.operator, False))
+        self.send_irc(irc_numeric("RPL_ENDOFWHO", self.nick, mask))
+
+    def who_reply(self, channel: str, nick: str, away: str | None, operator: bool, room_operator: bool) -> str:
+        """352: H(ere) or G(one), * for a server operator, @ for a room operator; hops 0, the nick as real name."""
+        flags = ("G" if away else "H") + ("*" if operator else "") + ("@" if room_operator else "")
+        return irc_numeric("RPL_WHOREPLY", self.nick, channel, "~user", "pychat", IRC_SERVER_NAME, nick, flags,
+                           text=f"0 {nick}")
+
+    def irc_whois(self, *targets: str) -> None:
+        nick = targets[-1].split(",")[0]
+        found = self.server.whois(self.person, nick)
+        if found is None:
+            self.send_irc(irc_numeric("ERR_NOSUCHNICK", self.nick, nick))
+            return
+        me, them = self.nick, found.nick
+        lines = [irc_numeric("RPL_WHOISUSER", me, them, "~user", "pychat", "*",
+                             text=f"connected with {found.protocol}")]
+        if found.rooms:
+            rooms = " ".join(("@" if operator else "") + f"#{room}" for room, operator in found.rooms)
+            lines.append(irc_numeric("RPL_WHOISCHANNELS", me, them, text=rooms))
+        lines.append(irc_numeric("RPL_WHOISSERVER", me, them, IRC_SERVER_NAME, text=f"pyChat {VERSION}"))
+        if found.away:
+            lines.append(irc_numeric("RPL_AWAY", me, them, text=found.away))
+        if found.operator:
+            lines.append(irc_numeric("RPL_WHOISOPERATOR", me, them))
+        lines += [irc_numeric("RPL_WHOISIDLE", me, them, str(int(found.idle)), str(int(found.signed_in))),
+                  irc_numeric("RPL_ENDOFWHOIS", me, them)]
+        for line in lines:
+            self.send_irc(line)
+
+    def irc_whowas(self, nick: str, *ignored: str) -> None:
+        self.send_irc(irc_numeric("ERR_WASNOSUCHNICK", self.nick, nick))
+        self.send_irc(irc_numeric("RPL_ENDOFWHOWAS", self.nick, nick))
+
+    def irc_away(self, reason: str = "") -> None:
+        reason = clean_text(strip_irc_formatting(reason))[:390]
+        try:
+            self.server.set_away(self.person, reason or None)
+        except Refused:
+            pass            # back when not away: IRC says 305 all the same
+        self.send_irc(irc_numeric("RPL_NOWAWAY" if reason else "RPL_UNAWAY", self.nick))
+
+    def irc_nick(self, wanted: str) -> None:
+        problem = irc_nickname_problem(wanted)
+        if problem:
+            self.send_irc(irc_numeric("ERR_ERRONEUSNICKNAME", self.nick, wanted, text=problem))
+            return
+        try:
+            self.server.rename(self.person, wanted)
+        except Refused as refusal:
+            if refusal.kind == "nickname-taken":
+                self.send_irc(irc_numeric("ERR_NICKNAMEINUSE", self.nick, wanted, text=str(refusal)))
+            elif refusal.kind != "same-nickname":       # IRC says nothing to a NICK of the name you have
+                raise
+
+    def irc_kick(self, channel: str, nicks: str, reason: str = "") -> None:
+        nick = nicks.split(",")[0]
+        self.server.kick(self.person, nick, clean_text(strip_irc_formatting(reason))[:390] or None, channel)
+
+    def irc_invite(self, nick: str, channel: str) -> None:
+        invited = self.server.invite(self.person, nick, channel)
+        self.send_irc(irc_numeric("RPL_INVITING", self.nick, invited, channel))
+
+    def irc_mode(self, target: str, changes: str = "", *arguments: str) -> None:
+        if not target.startswith("#"):
+            self.user_mode(target, changes)
+        elif not changes:
+            room = self.server.room_settings(self.person, target)
+            modes = "+n" + "i" * room.invite_only + "k" * room.has_key + "t" * (not room.topic_by_everyone)
+            self.send_irc(irc_numeric("RPL_CHANNELMODEIS", self.nick, f"#{room.name}", modes,
+                                      *(["*"] if room.has_key else [])))     # the key itself is not shown
+        elif changes.lstrip("+-") in ("b", "e", "I"):
+            end = {"b": "RPL_ENDOFBANLIST", "e": "RPL_ENDOFEXCEPTLIST", "I": "RPL_ENDOFINVITELIST"}
+            self.send_irc(irc_numeric(end[changes.lstrip("+-")], self.nick, target))
+        else:
+            self.channel_modes(target, changes, list(arguments))
+
+    def channel_modes(self, channel: str, changes: str, arguments: list[str]) -> None:
+        """+k KEY, -k, +i, -i, +t, -t, +o NICK, -o NICK, in any number, as one MODE message gives them."""
+        adding = True
+        for letter in changes:
+            if letter in "+-":
+                adding = letter == "+"
+                continue
+            if letter in "ko" and not (letter == "k" and not adding) and not arguments:
+                self.send_irc(irc_numeric("ERR_NEEDMOREPARAMS", self.nick, "MODE"))
+                return
+            argument = arguments.pop(0) if letter == "o" or (letter == "k" and (adding or arguments)) else None
+            setting = {"k": ("key", argument if adding else "off"),
+                       "i": ("invite-only", "on" if adding else "off"),
+                       "t": ("topic", "operators" if adding else "everyone"),
+                       "o": ("op" if adding else "deop", argument)}.get(letter)
+            if letter == "n":
+                continue        # every room hears only its members: +n always holds
+            if setting is None:
+                self.send_irc(irc_numeric("ERR_UNKNOWNMODE", self.nick, letter))
+                continue
+            try:
+                self.server.set_mode(self.person, *setting, channel)
+            except Refused as refusal:
+                self.refused(refusal, "MODE")
+
+    def user_mode(self, target: str, changes: str) -> None:
+        if name_key(target) != self.person.key:
+            self.send_irc(irc_numeric("ERR_USERSDONTMATCH", self.nick))
+        elif changes.strip("+-"):
+            self.send_irc(irc_numeric("ERR_UMODEUNKNOWNFLAG", self.nick,
+                                      text="Unknown MODE flag: pyChat has no user modes to set; "
+                                           f"/msg {IRC_SERVICE_NICK} op SECRET makes you an operator"))
+        else:
+            self.send_irc(irc_numeric("RPL_UMODEIS", self.nick, "+o" if self.person.operator else "+"))
+
+    def irc_oper(self, name: str, secret: str) -> None:
+        try:
+            self.server.become_operator(self.person, secret)
+        except Refused as refusal:
+            self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", self.nick, text=str(refusal)))
+            return
+        self.send_irc(irc_numeric("RPL_YOUREOPER", self.nick))
+
+    def irc_ison(self, *nicks: str) -> None:
+        wanted = " ".join(nicks).split()[:50]
+        found = self.server.look_up(wanted)
+        self.send_irc(irc_numeric("RPL_ISON", self.nick, text=" ".join(p.nick for p in found if p)))
+
+    def irc_userhost(self, *nicks: str) -> None:
+        found = [p for p in self.server.look_up(list(nicks[:5])) if p]
+        replies = [f"{p.nick}{'*' if p.operator else ''}={'-' if p.away else '+'}{IRC_USER_HOST}" for p in found]
+        self.send_irc(irc_numeric("RPL_USERHOST", self.nick, text=" ".join(replies)))
+
+    def irc_lusers(self, *ignored: str) -> None:
+        people, operators, signing_in, rooms = self.server.counts()
+        me = self.nick
+        for line in (irc_numeric("RPL_LUSERCLIENT", me,
+                                 text=f"There are {people} users and 0 invisible on 1 servers"),
+                     irc_numeric("RPL_LUSEROP", me, str(operators)),
+                     irc_numeric("RPL_LUSERUNKNOWN", me, str(signing_in)),
+                     irc_numeric("RPL_LUSERCHANNELS", me, str(rooms)),
+                     irc_numeric("RPL_LUSERME", me, text=f"I have {people + signing_in} clients and 0 servers")):
+            self.send_irc(line)
+
+    def irc_motd(self, *ignored: str) -> None:
+        for line in self.motd(self.nick):
+            self.send_irc(line)
+
+    def irc_version(self, *ignored: str) -> None:
+        self.send_irc(irc_numeric("RPL_VERSION", self.nick, f"pyChat-{VERSION}", IRC_SERVER_NAME,
+                                  text="an IRC front door to pyChat"))
+
+    def irc_time(self, *ignored: str) -> None:
+        self.send_irc(irc_numeric("RPL_TIME", self.nick, IRC_SERVER_NAME,
+                                  text=time.strftime("%A %B %d %Y -- %H:%M:%S UTC", time.gmtime())))
+
+    def irc_ping(self, token: str = "") -> None:
+        self.send_irc(irc_pong([token]))
+
+    def irc_pong(self, *ignored: str) -> None:
+        pass                    # what counts is that something came: read_messages told the ping clock
+
+    def irc_cap(self, *params: str) -> None:
+        changes = [name.lstrip("-") for name in (params[1] if len(params) > 1 else "").split()]
+        if params and params[0].upper() == "REQ" and IRC_RENDERING_CAPABILITIES & set(changes):
+            # They shape the bytes of every line to this connection, and are fixed once it has signed in.
+            self.send_irc(format_irc_message("CAP", (self.nick, "NAK", params[1])))
+            return
+        for reply in self.capabilities.handle(self.nick, list(params), registered=True):
+            self.send_irc(reply)
+
+    def irc_quit(self, message: str = "") -> None:
+        self.server.quit(self.person, clean_text(strip_irc_formatting(message))[:390] or None)
+
+    def irc_registered_already(self, *ignored: str) -> None:
+        self.send_irc(irc_numeric("ERR_ALREADYREGISTERED", self.nick))
+
+    # Each command's handler, and how many parameters it cannot do without.
+    COMMANDS: dict[str, IrcCommand] = {name: irc_command(handler, needs) for name, handler, needs in (
+        ("PRIVMSG", irc_privmsg, 0), ("NOTICE", irc_notice, 0), ("JOIN", irc_join, 1), ("PART", irc_part, 1),
+        ("TOPIC", irc_topic, 1), ("NAMES", irc_names, 0), ("LIST", irc_list, 0), ("WHO", irc_who, 0),
+        ("WHOIS", irc_whois, 1), ("WHOWAS", irc_whowas, 1), ("AWAY", irc_away, 0), ("NICK", irc_nick, 1),
+        ("KICK", irc_kick, 2), ("INVITE", irc_invite, 2), ("MODE", irc_mode, 1), ("OPER", irc_oper, 2),
+        ("ISON", irc_ison, 1), ("USERHOST", irc_userhost, 1), ("LUSERS", irc_lusers, 0), ("MOTD", irc_motd, 0),
+        ("VERSION", irc_version, 0), ("TIME", irc_time, 0), ("PING", irc_ping, 0), ("PONG", irc_pong, 0),
+        ("CAP", irc_cap, 1), ("QUIT", irc_quit, 0), ("USER", irc_registered_already, 0),
+        ("PASS", irc_registered_already, 0),
+    )}
+
+    # -- output ---------------------------------------------------------------
+
+    def send_irc(self, line: str) -> None:
+        """One IRC message for this connection alone, from this connection's own thread."""
+        self.server.pump.queue((self.output,), line.encode("utf-8") + b"\r\n")
+
+
+class IrcListener(socketserver.TCPServer):
+    """The IRC port. Its newcomers are admitted by the chat server under the same limits as
+    everyone else's, and speak IRC."""
+
+    allow_reuse_address = True
+    request_queue_size = 4096
+
+    def __init__(self, chat: ChatServer) -> None:
+        self.chat = chat
+        self.address_family = chat.address_family
+        super().__init__((chat.options.host, chat.options.irc_port), IrcConnection)
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        self.chat.admit(request, client_address, IrcConnection)
+
+
+# ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
 
@@ -2870,6 +3631,10 @@ def main(argv: list[str] | None = None) -> int:
     host, port = server.server_address[:2]
     # Printed even with -q: scripts and tests started with --port 0 read the port from it.
     print(f"pyChat {VERSION} listening on {host}:{port}", file=sys.stderr, flush=True)
+    if server.irc is not None:
+        irc_host, irc_port = server.irc.server_address[:2]
+        print(f"pyChat {VERSION} listening for IRC on {irc_host}:{irc_port}", file=sys.stderr, flush=True)
+        threading.Thread(target=server.irc.serve_forever, name="accept-irc", daemon=True).start()
 
     stop_requested = threading.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
