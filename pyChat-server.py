@@ -7,11 +7,14 @@ the events the core produces and the one class that turns them into lines);
 a connection's output and the pump that writes to every socket; the
 connection handler (one thread per connection); the server object, which
 owns people and rooms and every change to them; the context that
-slash-commands act through; main().
+slash-commands act through; then the IRC front door (README, "IRC clients"):
+reading and writing IRC messages, the IRC protocol object that puts the
+core's events in IRC's words, and the IRC connection and its listener; main().
 
-A line becomes a broadcast in two hops: ClientConnection.on_line() hands it to
-ChatServer.say(), which renders the event once per audience of the room
-(PyChatProtocol.encode) and queues the bytes to each member's output.
+A line becomes a broadcast in two hops: ClientConnection.on_line() (or, from
+an IRC client, IrcConnection.irc_privmsg()) hands it to ChatServer.say(),
+which renders the event once per audience of the room (PyChatProtocol.encode,
+IrcProtocol.encode) and queues the bytes to each member's output.
 """
 from __future__ import annotations
 
