@@ -3207,7 +3207,7 @@ class IrcConnection(ClientConnection):
         if len(target) > MAX_NICKNAME_LENGTH + 1:       # no name is that long: not worth normalising
             raise Refused(f"No one is called {target[:30]}...", "no-such-person", nick=target[:30])
         ctcp = parse_ctcp(text)
-        if name_key(target) == IRC_SERVICE_KEY:
+        if not target.startswith("#") and name_key(target) == IRC_SERVICE_KEY:
             if ctcp is not None:
                 self.answer_ctcp(*ctcp)
             elif not notice:
