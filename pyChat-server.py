@@ -1579,9 +1579,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if not person.muted and len(room.members) <= ANNOUNCE_LIMIT:
             self._to_room(room, Joined(room.name, person.nick), skip=person)
         others = [m.nick for m in itertools.islice(room.members, 16) if m is not person][:15]
-        # A protocol that lists members gets them all, up to what one may list at once: in a room of
-        # thousands, joins and leaves are not announced anyway (ANNOUNCE_LIMIT), so a full list would not last.
-        members = (tuple((m.nick, m in room.operators) for m in itertools.islice(room.members, LISTING_BURST))
+        # A protocol that lists members gets them all, up to ANNOUNCE_LIMIT: past that, joins and leaves
+        # are not announced, so a longer list would not stay true, and every newcomer would pay for it.
+        members = (tuple((m.nick, m in room.operators) for m in itertools.islice(room.members, ANNOUNCE_LIMIT))
                    if person.output.protocol.lists_members else ())
         person.output.send(Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members))
         if room.topic:
@@ -2785,6 +2785,7 @@ class IrcPingClock:
 IRC_USER_HOST = "~user@pychat"      # everyone is NICK!~user@pychat: pyChat never shows an address
 IRC_SERVICE_SOURCE = f"{IRC_SERVICE_NICK}!{IRC_SERVICE_NICK}@{IRC_SERVER_NAME}"
 IRC_SERVICE_KEY = name_key(IRC_SERVICE_NICK)
+IRC_MAX_REASON = 390                # the longest topic, away message, kick or quit reason taken from IRC
 IRC_USER_MODES = "o"                # o: an operator of the server (pyChat's /op, IRC's OPER)
 IRC_CHANNEL_MODES = "iknot"         # i invite-only, k key, n only members talk (always), o room operator,
                                     # t only operators set the topic
@@ -2793,16 +2794,23 @@ IRC_CHANNEL_MODES = "iknot"         # i invite-only, k key, n only members talk 
 IRC_RENDERING_CAPABILITIES = frozenset({"away-notify", "echo-message", "server-time"})
 
 
+def irc_reason(text: str) -> str:
+    """A topic, away message or reason from IRC, as the core keeps it: plain text, bounded."""
+    return strip_irc_formatting(text)[:IRC_MAX_REASON]
+
+
 def irc_source(nick: str) -> str:
     return f"{nick}!{IRC_USER_HOST}"
 
 
 def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
     """What 005 says about this server: only what is true of it."""
-    tokens = ["AWAYLEN=390", "CASEMAPPING=ascii", "CHANMODES=,k,,int", f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}",
-              "CHANTYPES=#", "EXCEPTS", "INVEX", "KICKLEN=390", f"NETWORK={IRC_NETWORK}",
-              f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(o)@", "SAFELIST", "STATUSMSG=",
-              "TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:4,PART:,PRIVMSG:4,WHOIS:1", "TOPICLEN=390", "UTF8ONLY"]
+    # CASEMAPPING: names compare as pyChat compares them, ignoring case (ASCII's and more) and look-alikes.
+    tokens = [f"AWAYLEN={IRC_MAX_REASON}", "CASEMAPPING=ascii", "CHANMODES=,k,,int",
+              f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}", "CHANTYPES=#", f"KICKLEN={IRC_MAX_REASON}",
+              f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(o)@", "SAFELIST",
+              "TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:4,PART:,PRIVMSG:4,WHOIS:1", f"TOPICLEN={IRC_MAX_REASON}",
+              "UTF8ONLY"]
     if options.rooms_per_person:
         tokens.append(f"CHANLIMIT=#:{options.rooms_per_person}")
     return sorted(tokens)
@@ -2963,13 +2971,15 @@ class IrcProtocol:
 
 def irc_names_replies(me: str, channel: str, names: list[str]) -> list[str]:
     """353 (as many as the names need) and 366 for CHANNEL."""
-    head = len(irc_numeric("RPL_NAMREPLY", me, "=", channel, text="").encode("utf-8"))
-    lines, line = [], []
+    room = IRC_MAX_BODY_BYTES - len(irc_numeric("RPL_NAMREPLY", me, "=", channel, text="").encode("utf-8"))
+    lines, line, size = [], [], 0
     for name in names:
-        if line and head + len(" ".join(line + [name]).encode("utf-8")) > IRC_MAX_BODY_BYTES:
+        width = len(name.encode("utf-8")) + bool(line)      # and the space before it
+        if line and size + width > room:
             lines.append(line)
-            line = []
+            line, size, width = [], 0, width - 1
         line.append(name)
+        size += width
     if line:
         lines.append(line)
     return [*(irc_numeric("RPL_NAMREPLY", me, "=", channel, text=" ".join(line)) for line in lines),
@@ -3275,7 +3285,7 @@ class IrcConnection(ClientConnection):
             else:
                 self.send_irc(irc_numeric("RPL_NOTOPIC", self.nick, f"#{settings.name}"))
         else:
-            self.server.set_topic(self.person, clean_text(strip_irc_formatting(topic))[:390], channel)
+            self.server.set_topic(self.person, irc_reason(topic), channel)
 
     def irc_names(self, channels: str = "") -> None:
         for channel in channels.split(",")[:1] if channels else ():
@@ -3350,7 +3360,7 @@ class IrcConnection(ClientConnection):
         self.send_irc(irc_numeric("RPL_ENDOFWHOWAS", self.nick, nick))
 
     def irc_away(self, reason: str = "") -> None:
-        reason = clean_text(strip_irc_formatting(reason))[:390]
+        reason = irc_reason(reason)
         try:
             self.server.set_away(self.person, reason or None)
         except Refused:
@@ -3372,7 +3382,7 @@ class IrcConnection(ClientConnection):
 
     def irc_kick(self, channel: str, nicks: str, reason: str = "") -> None:
         nick = nicks.split(",")[0]
-        self.server.kick(self.person, nick, clean_text(strip_irc_formatting(reason))[:390] or None, channel)
+        self.server.kick(self.person, nick, irc_reason(reason) or None, channel)
 
     def irc_invite(self, nick: str, channel: str) -> None:
         invited = self.server.invite(self.person, nick, channel)
@@ -3484,7 +3494,7 @@ class IrcConnection(ClientConnection):
             self.send_irc(reply)
 
     def irc_quit(self, message: str = "") -> None:
-        self.server.quit(self.person, clean_text(strip_irc_formatting(message))[:390] or None)
+        self.server.quit(self.person, irc_reason(message) or None)
 
     def irc_registered_already(self, *ignored: str) -> None:
         self.send_irc(irc_numeric("ERR_ALREADYREGISTERED", self.nick))

@@ -406,3 +406,17 @@ def test_sasl_mistakes_get_their_numeric(steps, numeric):
         replies, credentials = sasl.handle("*", step)
     assert credentials is None
     assert server.parse_irc_message(replies[-1]).command == numeric
+
+
+def test_a_long_names_list_is_spread_over_353s_that_fit_and_lose_no_one():
+    names = [f"@person{n:03d}" if n % 7 == 0 else f"person{n:03d}" for n in range(200)]
+    replies = server.irc_names_replies("alice", "#dev", names)
+    assert replies[-1] == ":pychat.server 366 alice #dev :End of /NAMES list"
+    listed = []
+    for reply in replies[:-1]:
+        assert len(reply.encode()) <= 510
+        message = server.parse_irc_message(reply)
+        assert message.command == "353" and message.params[:3] == ["alice", "=", "#dev"]
+        listed += message.params[3].split(" ")
+    assert listed == names
+    assert len(replies) - 1 == 5, "the lines are not as full as they could be"
