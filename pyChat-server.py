@@ -2851,7 +2851,7 @@ class IrcProtocol:
     def encode(self, event: Any, tagged: bool = False) -> bytes:
         """EVENT as IRC messages (b"" when IRC has nothing to say of it); TAGGED does not matter to IRC,
         whose every channel message names its channel."""
-        lines = self.RENDERERS[type(event)](self, event)
+        lines = self.RENDERERS.get(type(event), IrcProtocol.in_pychats_words)(self, event)
         if not lines:
             return b""
         if self.server_time:
@@ -2954,6 +2954,10 @@ class IrcProtocol:
                DisconnectedBy: lambda e: f"Disconnected by {e.by}{_because(e.reason)}",
                Farewell: lambda e: e.reason[:1].upper() + e.reason[1:]}[type(event)](event)
         return [format_irc_message("ERROR", (f"Closing link: {self.me} ({why})",), source=None)]
+
+    def in_pychats_words(self, event: Any) -> list[str]:
+        """An event IRC has no words of its own for: pyChat's line for it, as a notice from the server."""
+        return irc_text_messages("NOTICE", self.me, PYCHAT.line(event), IRC_SERVER_NAME)
 
     def nothing(self, event: Any) -> list[str]:
         """Events IRC has no words for: the pyChat prompts, and the current room, which IRC does not have."""

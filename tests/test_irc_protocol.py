@@ -420,3 +420,18 @@ def test_a_long_names_list_is_spread_over_353s_that_fit_and_lose_no_one():
         listed += message.params[3].split(" ")
     assert listed == names
     assert len(replies) - 1 == 5, "the lines are not as full as they could be"
+
+
+def test_an_event_irc_has_no_words_for_arrives_as_pychat_says_it_in_a_notice():
+    class Unknown(tuple):
+        pass
+
+    server.PyChatProtocol.LINES[Unknown] = lambda event: "*** something new happened"
+    try:
+        class Connection:
+            nick = "alice"
+
+        written = server.IrcProtocol(Connection()).encode(Unknown())
+    finally:
+        del server.PyChatProtocol.LINES[Unknown]
+    assert written == b":pychat.server NOTICE alice :*** something new happened\r\n"
