@@ -435,3 +435,8 @@ def test_an_event_irc_has_no_words_for_arrives_as_pychat_says_it_in_a_notice():
     finally:
         del server.PyChatProtocol.LINES[Unknown]
     assert written == b":pychat.server NOTICE alice :*** something new happened\r\n"
+
+
+def test_every_event_the_core_has_today_has_irc_words_of_its_own():
+    missing = set(server.PyChatProtocol.LINES) - set(server.IrcProtocol.RENDERERS)
+    assert not missing, f"events IRC users would get only as notices: {sorted(e.__name__ for e in missing)}"
