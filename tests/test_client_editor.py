@@ -285,10 +285,11 @@ def test_escape_sequences_name_the_cursor_keys(sequence, name):
     assert names(client.KeyDecoder().feed(sequence)) == [name]
 
 
-def test_lone_escape_is_dropped_on_flush_and_unknown_sequences_ignored():
+def test_lone_escape_is_the_escape_key_on_flush_and_unknown_sequences_ignored():
     decoder = client.KeyDecoder()
     assert decoder.feed(b"\x1b") == []
-    assert decoder.flush() == []
+    assert decoder.waiting
+    assert names(decoder.flush()) == ["escape"]
     assert not decoder.waiting
     assert names(decoder.feed(b"\x1b[15~x\x1bfy")) == ["xy"]
 
@@ -357,24 +358,30 @@ def test_mention_of_me_by_someone_else_only():
 NOON = datetime.datetime(2026, 11, 26, 12, 0, 5)
 
 
+def painted(message, painter, me: str = "me") -> str:
+    """The message without its timestamp, painted, on one row."""
+    spans, _ = client.render_body(message, painter, me)
+    return "".join(painter.paint(span.text, span.style) for span in spans)
+
+
 def test_render_without_colour_is_plain_with_timestamp():
     painter = client.Painter(colour=False)
     line = client.render(client.classify("bob: hi"), painter, "me", now=NOON)
-    assert line == "[12:00:05] bob: hi"
+    assert client.layout(line, 80, painter) == ["[12:00:05] bob: hi"]
 
 
 def test_render_history_uses_original_time_in_local_zone():
     painter = client.Painter(colour=False)
     message = client.classify("[history 2026-11-26T17:04:51Z] bob: earlier")
     local = message.time.astimezone().strftime("%H:%M:%S")
-    assert client.render(message, painter, "me", now=NOON) == f"[{local}] bob: earlier"
+    assert client.render(message, painter, "me", now=NOON).plain == f"[{local}] bob: earlier"
 
 
 def test_render_colours_each_kind_differently():
     painter = client.Painter(colour=True)
     lines = ["*** bob joined #lobby", "-- reply", "!! error", "[pm from bob] x",
              "*** Topic of #lobby: plans"]
-    rendered = {client.render_body(client.classify(line), painter, "me") for line in lines}
+    rendered = {painted(client.classify(line), painter) for line in lines}
     styles = {text.split("m", 1)[0] for text in rendered}
     assert len(styles) == len(lines)
 
@@ -387,5 +394,4 @@ def test_nick_colour_is_stable_and_ignores_case():
 
 def test_render_highlights_mention():
     painter = client.Painter(colour=True)
-    body = client.render_body(client.classify("bob: hi me!"), painter, "me")
-    assert "\x1b[1;7mme\x1b[0m" in body
+    assert "\x1b[1;7mme\x1b[0m" in painted(client.classify("bob: hi me!"), painter)
