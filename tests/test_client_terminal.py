@@ -13,6 +13,7 @@ import pathlib
 import re
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -279,6 +280,75 @@ def run_client():
     yield start
     for client in started:
         client.close()
+
+
+class FakeServer:
+    """A real listening socket on 127.0.0.1 (port 0) that plays a server from a script.
+
+    For what the real server cannot be made to do (hostile lines) or does
+    not do yet. Tests send it lines to write and wait for the lines the
+    client writes, each wait with a deadline.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.host, self.port = self.listener.getsockname()[:2]
+        self.sock: socket.socket | None = None
+        self.buffer = b""
+        self.heard: list[str] = []
+
+    def accept(self, timeout: float = TIMEOUT) -> None:
+        self.listener.settimeout(timeout)
+        try:
+            self.sock, _ = self.listener.accept()
+        except socket.timeout:
+            pytest.fail(f"the client did not connect within {timeout} s")
+        self.buffer = b""
+
+    def send(self, *lines: str) -> None:
+        self.sock.sendall("".join(line + "\n" for line in lines).encode("utf-8"))
+
+    def expect(self, pattern: str, timeout: float = TIMEOUT) -> str:
+        """The next line from the client that matches pattern (from its start)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\n", 1)
+                line = raw.decode("utf-8")
+                self.heard.append(line)
+                if re.match(pattern, line):
+                    return line
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"the client never sent a line matching {pattern!r}; it sent {self.heard[-10:]}")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                pytest.fail(f"the client closed the connection; it sent {self.heard[-10:]}")
+            self.buffer += data
+
+    def sign_in(self, nick: str = "alice", greeting: str = "*** pyChat 1.0.0: 1 online.") -> None:
+        """Accept the client and take it through the greeting and the nickname to #lobby."""
+        self.accept()
+        self.send(greeting, "*** Choose a nickname:")
+        self.expect(re.escape(nick) + "$")
+        self.send(f"*** Welcome, {nick}! Type /help for the commands.",
+                  "*** You are in #lobby, alone for now.")
+
+    def close(self) -> None:
+        if self.sock:
+            self.sock.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def fake_server():
+    server = FakeServer()
+    yield server
+    server.close()
 
 
 def signed_in(run_client, server, nick: str = "alice", bell: bool = False, **size) -> ClientInPty:
