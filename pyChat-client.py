@@ -1650,6 +1650,7 @@ class ChatClient:
         if self.interactive:   # learn who was already here, for Tab completion
             self.outgoing.appendleft("/online")
             self.asked_online = True
+        self._send_queued()
         self._update_prompt()
         self._register_input()
 

@@ -48,7 +48,7 @@ def test_a_senseless_flood_limit_in_the_greeting_is_ignored_not_a_crash(fake_ser
         assert [fake_server.expect("line ") for _ in range(30)] == [f"line {n}" for n in range(30)]
         fake_server.expect("/quit$")
         fake_server.send("*** Bye.")
-        fake_server.sock.close()
+        fake_server.hang_up()
         client.wait(timeout=10)
         errors = client.stderr.read()
     finally:

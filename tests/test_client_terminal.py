@@ -330,6 +330,20 @@ class FakeServer:
                 pytest.fail(f"the client closed the connection; it sent {self.heard[-10:]}")
             self.buffer += data
 
+    def hang_up(self, timeout: float = TIMEOUT) -> None:
+        """Close the connection as a server does: everything sent arrives first (a close with
+        unread input would be a reset, which can overtake it)."""
+        self.sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                if not self.sock.recv(65536):
+                    break
+            except (socket.timeout, OSError):
+                break
+        self.sock.close()
+
     def sign_in(self, nick: str = "alice", greeting: str = "*** pyChat 1.0.0: 1 online.") -> None:
         """Accept the client and take it through the greeting and the nickname to #lobby."""
         self.accept()

@@ -1,0 +1,118 @@
+"""Rooms in the client (issue 9): the prompt names the current room, lines from other rooms show
+theirs, unread activity beside the prompt, keys that switch, Tab for room names, and coming back
+to every room after a reconnect. A scripted server on a real socket plays the rooms protocol."""
+from __future__ import annotations
+
+from test_client_terminal import fake_server, run_client  # noqa: F401 (fixtures)
+
+ALT = "\x1b"
+CTRL_N, CTRL_P = "\x0e", "\x10"
+
+
+def in_three_rooms(fake_server, run_client, **size):
+    """alice, signed in to the scripted server, in #lobby, #dev and #ops, with #lobby current."""
+    alice = run_client(fake_server, "--nick", "alice", **size)
+    fake_server.sign_in("alice")
+    fake_server.send("*** You are in #dev with bob.", "*** You are in #ops, alone for now.",
+                     "*** Now talking in #lobby.")
+    alice.wait_for_input_line("alice #lobby> ")
+    return alice
+
+
+def test_lines_from_other_rooms_show_their_room_styled_and_count_as_unread(fake_server, run_client):
+    alice = in_three_rooms(fake_server, run_client)
+    fake_server.send("#dev bob: build is red", "#dev * bob sighs", "#ops carol: alice, can you look?",
+                     "#dev *** dave joined #dev", "bob: in the lobby")
+    alice.wait_for_row(r"\] bob: in the lobby$")
+    alice.wait_for_row(r"\] #dev bob: build is red$")
+    alice.wait_for_row(r"\] #dev \* bob sighs$")
+    alice.wait_for_row(r"\] #ops carol: alice, can you look\?$")
+    alice.wait_for_row(r"\] #dev \*\*\* dave joined #dev$")
+    assert b"\x1b[1;4m#dev\x1b[0m" in alice.output       # the room stands apart from the line
+    alice.wait_for_input_line("[#dev 2 #ops 1!] alice #lobby> ")
+
+
+def test_switching_keys_send_join_and_the_prompt_follows_only_the_server(fake_server, run_client):
+    alice = in_three_rooms(fake_server, run_client)
+    fake_server.send("#dev bob: one", "#ops carol: two")
+    alice.wait_for_input_line("[#dev 1 #ops 1] alice #lobby> ")
+    alice.type(ALT + "2")
+    fake_server.expect(r"/join #dev$")
+    fake_server.send("bob: still the lobby, in flight")
+    alice.wait_for_row(r"\] bob: still the lobby, in flight$")
+    alice.wait_for_input_line("[#dev 1 #ops 1] alice #lobby> ")     # not yet: the server has not said
+    fake_server.send("*** Now talking in #dev.")
+    alice.wait_for_input_line("[#ops 1] alice #dev> ")
+    alice.type(CTRL_N)
+    fake_server.expect(r"/join #ops$")
+    fake_server.send("*** Now talking in #ops.")
+    alice.wait_for_input_line("alice #ops> ")
+    alice.type(CTRL_P)
+    fake_server.expect(r"/join #dev$")
+    alice.type(CTRL_N + CTRL_N)      # from #ops (the server has not moved me): #lobby, twice
+    fake_server.expect(r"/join #lobby$")
+    fake_server.expect(r"/join #lobby$")
+    alice.type(ALT + "9")            # no ninth room: nothing is sent
+    alice.type("said in ops\r")
+    assert fake_server.expect(r"(?!/online)") == "said in ops"
+
+
+def test_tab_completes_room_names_after_room_commands(fake_server, run_client):
+    alice = in_three_rooms(fake_server, run_client)
+    fake_server.send("-- 4 rooms: #lobby (2), #dev (2), #ops (1), #design (3)")
+    alice.wait_for_row(r"#design \(3\)")
+    alice.type("/join #o\t")
+    alice.wait_for_input_line("alice #lobby> /join #ops ")
+    alice.type("\x15/leave de")
+    alice.type("\t")
+    alice.wait_for_input_line("alice #lobby> /leave #de")
+    alice.wait_for_row(r"-!- #design  #dev$")
+    alice.type("v\t")
+    alice.wait_for_input_line("alice #lobby> /leave #dev ")
+    alice.type("\x15/msg #d\t")
+    alice.wait_for_input_line("alice #lobby> /msg #de")
+
+
+def test_prompt_and_activity_fit_30_columns_with_wide_room_names(fake_server, run_client):
+    alice = run_client(fake_server, "--nick", "alice", cols=30)
+    fake_server.sign_in("alice")
+    fake_server.send("*** You are in #開発 with 太郎.", "*** You are in #ops, alone for now.",
+                     "*** Now talking in #lobby.", "#開発 太郎: 漢字", "#ops x: alice?")
+    alice.wait_for(lambda screen: screen.cursor_line == "[2!] #lobby>",
+                   "the prompt naming the room, with the activity in short")
+    alice.type("漢字")
+    alice.wait_for_input_line("[2!] #lobby> 漢字")
+    rows = [alice.screen.line(row) for row in range(alice.screen.rows)]
+    assert any(row.startswith("[") and row.endswith("#開発 太郎: 漢字") for row in rows), alice.screen.dump()
+    alice.type(ALT + "2")
+    fake_server.expect(r"/join #開発$")
+    fake_server.send("*** Now talking in #開発.")
+    alice.wait_for_input_line("[1!] #開発> 漢字")
+
+
+def test_a_reconnect_goes_back_to_every_room_with_its_key_and_the_same_current_room(fake_server, run_client):
+    alice = in_three_rooms(fake_server, run_client)
+    alice.type("/join #vault sesame\r")
+    fake_server.expect(r"/join #vault sesame$")
+    fake_server.send("*** You are in #vault, alone for now.", "*** Now talking in #dev.")
+    alice.wait_for_input_line("alice #dev> ")
+    alice.type("half typed")
+    fake_server.hang_up()
+    alice.wait_for_row(r"-!- connecting again in 1 s")
+    fake_server.sign_in("alice")
+    assert [fake_server.expect(r"/join ") for _ in range(3)] == \
+        ["/join #ops", "/join #vault sesame", "/join #dev"]
+    fake_server.send("*** You are in #ops.", "*** You are in #vault.", "*** You are in #dev with bob.")
+    alice.wait_for_input_line("alice #dev> half typed")
+    alice.type("\r")
+    assert fake_server.expect(r"(?!/)") == "half typed"
+
+
+def test_a_reconnect_leaves_the_default_room_again_if_i_had_left_it(fake_server, run_client):
+    alice = in_three_rooms(fake_server, run_client)
+    fake_server.send("*** You left #lobby.", "*** Now talking in #ops.")
+    alice.wait_for_input_line("alice #ops> ")
+    fake_server.hang_up()
+    fake_server.sign_in("alice")
+    lines = [fake_server.expect(r"/(join|leave) ") for _ in range(3)]
+    assert lines == ["/join #dev", "/join #ops", "/leave #lobby"], lines
