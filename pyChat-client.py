@@ -1971,13 +1971,12 @@ def parse_options(argv: Optional[list[str]], environment: Optional[dict[str, str
     environment = os.environ if environment is None else environment
     path = config_path(environment)
     parser = argparse.ArgumentParser(
-        prog="pyChat-client.py",
-        description="Terminal client for a pyChat server. With standard input from a "
+        prog="pyChat-client.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Terminal client for a pyChat server. With standard input from a\n"
                     "pipe or a file, each line is sent as a message, then the client leaves.",
-        epilog=f"Settings are read from {path} when it exists: an INI file with a "
-               f"[{CONFIG_SECTION}] section holding any of host, port, nick, tls, cafile, insecure, "
-               "color and bell (as in \"port = 25000\" or \"tls = yes\"). Options given "
-               "here win over it.")
+        epilog=f"settings file (read when it exists; options given here win):\n  {path}\n"
+               f"an INI file with a [{CONFIG_SECTION}] section holding any of host, port, nick, tls,\n"
+               "cafile, insecure, color and bell, as in \"port = 25000\" or \"tls = yes\".")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"server to connect to (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
