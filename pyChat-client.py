@@ -708,12 +708,19 @@ class LineEditor:
         self.set_text(self.history[self._recalled] if self._recalled < len(self.history)
                       else self._draft)
 
+    def remember(self, line: str) -> None:
+        """Add a line to the history (not a blank one, nor the last one again)."""
+        if line.strip() and (not self.history or self.history[-1] != line):
+            self.history.append(line)
+            del self.history[:-self.history_size]
+        self._recalled = len(self.history)
+        self._draft = ""
+
     def submit(self, remember: bool = True) -> str:
         """Enter: empty the line and return it, remembering it in history unless told not to."""
         line = self.text
-        if remember and line.strip() and (not self.history or self.history[-1] != line):
-            self.history.append(line)
-            del self.history[:-self.history_size]
+        if remember:
+            self.remember(line)
         self._recalled = len(self.history)
         self._draft = ""
         self.set_text("")
@@ -859,7 +866,7 @@ class Painter:
         key = nick.casefold()
         if key not in self.worn:
             taken = set(self.worn.values())
-            first = zlib.crc32(key.encode("utf-8")) % len(NICK_COLOURS)
+            first = NICK_COLOURS.index(nick_colour(nick))
             order = NICK_COLOURS[first:] + NICK_COLOURS[:first]
             self.worn[key] = next((colour for colour in order if colour not in taken), order[0])
         return self.worn[key]
@@ -1344,7 +1351,6 @@ class ChatClient:
         self.rejoin_due = False           # signed in again: go back once the first room is entered
         self.retries = 0
         self.retry_at = 0.0               # when to try to connect again; 0 when not waiting
-        self.attempt: Optional[threading.Thread] = None
         self.attempt_result: Optional[socket.socket | str] = None
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.exit_code: Optional[int] = None
@@ -1537,8 +1543,7 @@ class ChatClient:
             with contextlib.suppress(OSError):
                 self.wake_writer.send(b".")
 
-        self.attempt = threading.Thread(target=attempt, name="connect", daemon=True)
-        self.attempt.start()
+        threading.Thread(target=attempt, name="connect", daemon=True).start()
 
     def _on_attempt_done(self, _mask: int) -> None:
         self.wake_reader.recv(64)
@@ -1851,9 +1856,7 @@ class ChatClient:
         paste, self.pending_paste = self.pending_paste, None
         if send:
             for line in paste.lines:
-                self.editor.history.append(line)
-            del self.editor.history[:-self.editor.history_size]
-            self.editor.submit(remember=False)
+                self.editor.remember(line)
             self.editor.set_text(paste.rest, paste.rest_cursor)
             self.outgoing.extend(paste.lines)
             self._send_queued()
