@@ -107,7 +107,8 @@ ENTERED_ROOM = re.compile(r"\*\*\* You are in #([^\s,]+?)(?:,| with |\.?$)")
 NOW_TALKING = re.compile(r"\*\*\* Now talking in #([^\s,]+?)\.?$")
 LEFT_ROOM = re.compile(r"\*\*\* You left #([^\s,]+?)\.?$")
 KICKED_FROM_ROOM = re.compile(r"\*\*\* You were kicked from #([^\s,]+?)(?: by |:|\.?$)")
-KICKED_OFF = re.compile(r"\*\*\* You were kicked by ")     # off the server: no reconnecting
+# The server put me out on purpose (an operator, or a limit I broke): no coming back by myself.
+PUT_OUT = re.compile(r"\*\*\* You were (?:kicked|disconnected) by (.+?)\.?$|!! Disconnected: (.+?)\.?$")
 ROOM_MENTION = re.compile(r"(?<![\w#])#([^\s,.:;()!?#]+)")
 ROOM_COMMANDS = ("/join", "/leave", "/part", "/who", "/names", "/topic", "/invite", "/rooms")
 
@@ -1338,7 +1339,7 @@ class ChatClient:
         self.refusal = ""                 # the last error line while signing in
         self.asked_online = False         # /online sent on arrival; its reply is not shown
         self.greeting_deadline = time.monotonic() + GREETING_TIMEOUT   # 0 once heard or warned
-        self.kicked_off = False           # the server put me out: do not come back by myself
+        self.put_out = ""                 # why the server put me out: then I do not come back
         self.outgoing: collections.deque[str] = collections.deque()   # to send, paced
         self.pacer: Optional[Pacer] = None   # the server's flood limit, from its greeting
         self.pending_paste: Optional[PendingPaste] = None
@@ -1510,8 +1511,8 @@ class ChatClient:
         if self.leaving:
             self.exit_code = 0
             return
-        if not self.interactive or not self.me or self.kicked_off or self.reconnect is None:
-            self._finish("disconnected: " + why, 1)
+        if not self.interactive or not self.me or self.put_out or self.reconnect is None:
+            self._finish("disconnected: " + (self.put_out or why), 1)
             return
         if self.online or self.rejoin is None:
             self.rejoin = [room for room in self.rooms.joined
@@ -1612,8 +1613,9 @@ class ChatClient:
             renamed = RENAMED.match(line)
             if renamed and renamed.group(1).casefold() == self.me.casefold():
                 self.me = renamed.group(2)
-            if KICKED_OFF.match(line):
-                self.kicked_off = True
+            put_out = PUT_OUT.match(line)
+            if put_out:
+                self.put_out = put_out.group(2) or f"by {put_out.group(1)}"
         mentioned = mentions(message, self.me)
         if self.rooms.learn(message, mentioned) or message.room:
             if self.rejoin_due and self.rooms.current:

@@ -66,13 +66,6 @@ def test_a_history_time_past_what_the_local_zone_can_show_is_no_crash(fake_serve
     assert alice.process.poll() is None
 
 
-def test_a_silent_server_gets_a_hint_about_tls(fake_server, run_client):
-    alice = run_client(fake_server, "--nick", "alice", cols=120)
-    fake_server.accept()
-    alice.wait_for_row(rf"-!- no greeting from {fake_server.host}:{fake_server.port} after 4 s; "
-                       "if it uses TLS, try --tls", timeout=10)
-
-
 def test_plain_client_at_a_tls_server_says_the_server_may_need_tls(tls_server):
     client = subprocess.Popen(
         [sys.executable, str(CLIENT), "--host", tls_server.host, "--port", str(tls_server.port),

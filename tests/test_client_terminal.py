@@ -570,6 +570,29 @@ def test_leaving_while_waiting_to_connect_again_exits_at_once_showing_what_was_n
     assert any(row.endswith("-!- not sent: half a thought") for row in rows), alice.screen.dump()
 
 
+def test_kicked_by_an_operator_the_client_does_not_come_back(start_server, connect, run_client):
+    server = start_server("--op-password", "letmein")
+    bob = connect(server, "bob")
+    alice = signed_in(run_client, server)
+    bob.send("/op letmein")
+    bob.send("/kick alice enough")
+    assert alice.wait_exit() == 1
+    rows = [alice.screen.line(row) for row in range(alice.screen.rows)]
+    assert any(re.search(r"-!- disconnected: by bob: enough$", row) for row in rows), alice.screen.dump()
+    assert not any("connecting again" in row for row in rows), alice.screen.dump()
+
+
+def test_put_out_for_a_reason_the_client_says_it_and_does_not_come_back(fake_server, run_client):
+    alice = run_client(fake_server, "--nick", "alice")
+    fake_server.sign_in("alice")
+    alice.wait_for_input_line("alice #lobby> ")
+    fake_server.send("!! Disconnected: sending too fast.")
+    fake_server.hang_up()
+    assert alice.wait_exit() == 1
+    rows = [alice.screen.line(row) for row in range(alice.screen.rows)]
+    assert any(row.endswith("-!- disconnected: sending too fast") for row in rows), alice.screen.dump()
+
+
 @pytest.mark.parametrize("keys", [CTRL_D, CTRL_C + CTRL_C, "/quit\r"])
 def test_leaving_exits_zero_and_restores_terminal(server, run_client, keys):
     alice = signed_in(run_client, server)
