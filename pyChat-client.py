@@ -92,7 +92,7 @@ JOINED = re.compile(r"\*\*\* (\S+) joined #\S+$")
 QUIT = re.compile(r"\*\*\* (\S+) quit(?: \(.*\))?$")
 RENAMED = re.compile(r"\*\*\* (\S+) is now known as (\S+)$")
 ONLINE = re.compile(r"-- \d+ online: (.*)$")
-ONLINE_ENTRY = re.compile(r"([^\s,()]+) \(#")
+ONLINE_DETAILS = re.compile(r" \([^)]*\)")   # "(#lobby, away)" after a nickname in /online
 HELP_ENTRY = re.compile(r"-- /([^\s/]+)")
 TOPIC_NOTICE = re.compile(r"\*\*\* (Topic\b|\S+ (set|changed|cleared) the topic\b)")
 HISTORY_PREFIX = re.compile(r"\[history (\S+)\] ")
@@ -257,8 +257,8 @@ class Roster:
             match = ONLINE.match(line)
             if match:
                 self.nicknames.clear()
-                for nick in ONLINE_ENTRY.findall(match.group(1)):
-                    self.add(nick)
+                for nick in ONLINE_DETAILS.sub("", match.group(1)).split(", "):
+                    self.add(nick.strip())
             match = HELP_ENTRY.match(line)
             if match:
                 self.commands.add(match.group(1).lower())

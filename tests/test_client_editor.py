@@ -331,13 +331,13 @@ def test_roster_follows_welcome_online_joins_quits_and_renames():
     roster = client.Roster()
     learn(roster,
           "*** Welcome, me! Type /help for the commands.",
-          "-- 3 online: me (#lobby), alice (#lobby, away), 漢字 (#dev)",
+          "-- 5 online: me (#lobby), alice (#lobby, away), 漢字 (#dev), hidden, frank (away)",
           "*** carol joined #lobby",
           "*** alice quit (gone)",
           "*** 漢字 is now known as kanji",
           "dave: hi",
           "*** eve left #lobby")
-    assert roster.others("ME") == ["carol", "dave", "kanji"]
+    assert roster.others("ME") == ["carol", "dave", "frank", "hidden", "kanji"]
 
 
 def test_roster_learns_commands_from_help():
