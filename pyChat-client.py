@@ -311,11 +311,15 @@ class Rooms:
         """Remember a room name for Tab completion."""
         self.seen.setdefault(room.casefold(), room)
 
-    def learn(self, message: Message, mentioned: bool) -> bool:
-        """Follow one server line; returns whether the current room or the activity changed."""
+    def learn(self, message: Message, mentioned: bool, me: str = "") -> bool:
+        """Follow one server line; returns whether the current room or the activity changed.
+
+        My own lines in another room (said with /msg #ROOM) are not unread.
+        """
         if message.room:
             self.see(message.room)
-            if message.kind in (CHAT, ACTION) and message.room.casefold() != self.current.casefold():
+            if (message.kind in (CHAT, ACTION) and message.room.casefold() != self.current.casefold()
+                    and message.nick.casefold() != me.casefold()):
                 key = message.room.casefold()
                 self.unread[key] = self.unread.get(key, 0) + 1
                 if mentioned:
@@ -1617,7 +1621,7 @@ class ChatClient:
             if put_out:
                 self.put_out = put_out.group(2) or f"by {put_out.group(1)}"
         mentioned = mentions(message, self.me)
-        if self.rooms.learn(message, mentioned) or message.room:
+        if self.rooms.learn(message, mentioned, self.me) or message.room:
             if self.rejoin_due and self.rooms.current:
                 self._go_back_to_rooms()
             self._update_prompt(draw=False)

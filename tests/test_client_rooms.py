@@ -3,6 +3,9 @@ theirs, unread activity beside the prompt, keys that switch, Tab for room names,
 to every room after a reconnect. A scripted server on a real socket plays the rooms protocol."""
 from __future__ import annotations
 
+import pytest
+
+from conftest import SERVER_SCRIPT
 from test_client_terminal import fake_server, run_client  # noqa: F401 (fixtures)
 
 ALT = "\x1b"
@@ -116,3 +119,50 @@ def test_a_reconnect_leaves_the_default_room_again_if_i_had_left_it(fake_server,
     fake_server.sign_in("alice")
     lines = [fake_server.expect(r"/(join|leave) ") for _ in range(3)]
     assert lines == ["/join #dev", "/join #ops", "/leave #lobby"], lines
+
+
+# -- against the real server ------------------------------------------------------------
+
+@pytest.mark.skipif("Now talking in" not in SERVER_SCRIPT.read_text(encoding="utf-8"),
+                    reason="this server keeps everyone in one room at a time")
+def test_one_client_in_three_rooms_talks_in_each_and_sees_where_every_line_is_from(server, connect, run_client):
+    from test_client_terminal import signed_in
+    bob = connect(server, "bob")
+    carol = connect(server, "carol")
+    carol.send("/join #dev")
+    carol.expect(r"\*\*\* You are in #dev")
+    dave = connect(server, "dave")
+    dave.send("/join #ops")
+    dave.expect(r"\*\*\* You are in #ops")
+    alice = signed_in(run_client, server)
+    alice.type("/join #dev\r")
+    alice.wait_for_input_line("alice #dev> ")
+    alice.type("/join #ops\r")
+    alice.wait_for_input_line("alice #ops> ")
+    alice.type(ALT + "1")
+    alice.wait_for_input_line("alice #lobby> ")
+
+    alice.type("hi lobby\r")
+    assert bob.expect("^alice: ") == "alice: hi lobby"
+    carol.send("the build is red")
+    dave.send("alice: can you look at ops?")
+    alice.wait_for_row(r"\] #dev carol: the build is red$")
+    alice.wait_for_row(r"\] #ops dave: alice: can you look at ops\?$")
+    alice.wait_for_input_line("[#dev 1 #ops 1!] alice #lobby> ")
+
+    alice.type(ALT + "2")
+    alice.wait_for_input_line("[#ops 1!] alice #dev> ")
+    alice.type("on it\r")
+    assert carol.expect("^alice: ") == "alice: on it"
+    bob.send("lunch?")
+    alice.wait_for_row(r"\] #lobby bob: lunch\?$")
+
+    alice.type(CTRL_N)
+    alice.wait_for_input_line("[#lobby 1] alice #ops> ")
+    alice.type("looking\r")
+    assert dave.expect("^alice: ") == "alice: looking"
+    alice.type("/msg #lobby yes, lunch\r")
+    assert bob.expect("^alice: ") == "alice: yes, lunch"
+    alice.wait_for_row(r"\] #lobby alice: yes, lunch$")
+    alice.wait_for_input_line("[#lobby 1] alice #ops> ")     # my own line is not unread
+    assert not [line for line in bob.seen if line.startswith("#")], "bob, in one room only, saw a room tag"
