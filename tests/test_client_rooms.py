@@ -9,7 +9,7 @@ from conftest import SERVER_SCRIPT
 from test_client_terminal import fake_server, run_client  # noqa: F401 (fixtures)
 
 ALT = "\x1b"
-CTRL_N, CTRL_P = "\x0e", "\x10"
+CTRL_N, CTRL_P, CTRL_U = "\x0e", "\x10", "\x15"
 
 
 def in_three_rooms(fake_server, run_client, **size):
@@ -166,3 +166,30 @@ def test_one_client_in_three_rooms_talks_in_each_and_sees_where_every_line_is_fr
     alice.wait_for_row(r"\] #lobby alice: yes, lunch$")
     alice.wait_for_input_line("[#lobby 1] alice #ops> ")     # my own line is not unread
     assert not [line for line in bob.seen if line.startswith("#")], "bob, in one room only, saw a room tag"
+
+
+@pytest.mark.skipif("Now talking in" not in SERVER_SCRIPT.read_text(encoding="utf-8"),
+                    reason="this server keeps everyone in one room at a time")
+def test_after_a_server_restart_the_client_is_back_in_its_rooms_with_the_same_current_one(
+        start_server, connect, run_client):
+    from test_client_terminal import signed_in
+    server = start_server()
+    alice = signed_in(run_client, server)
+    for room in ("dev", "ops"):
+        alice.type(f"/join #{room}\r")
+        alice.wait_for_input_line(f"alice #{room}> ")
+    alice.type(ALT + "2")
+    alice.wait_for_input_line("alice #dev> ")
+    alice.type("draft")
+    server.stop()
+    alice.wait_for_row(r"-!- connecting again in 1 s")
+    again = start_server("--port", str(server.port))
+    carol = connect(again, "carol")
+    carol.send("/join #ops")
+    carol.expect(r"\*\*\* (alice joined #ops$|You are in #ops with (.*, )?alice\b)", timeout=15)
+    alice.wait_for_input_line("alice #dev> draft", timeout=15)
+    alice.type(CTRL_U + "/who\r")
+    alice.wait_for_row(r"-- .*\balice\b")
+    carol.send("anyone?")
+    alice.wait_for_row(r"\] #ops carol: anyone\?$")
+    alice.wait_for_input_line("[#ops 1] alice #dev> ")
