@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
 """pyChat terminal client.
 
-Connects to a pyChat server and keeps what you are typing on the bottom line
-of the terminal: when a message arrives, the half-typed line is cleared, the
-message is printed above it with a timestamp, and the line is drawn again with
-the cursor where it was. When standard input is not a terminal, each input
-line is sent as a message and the client leaves at the end of the input.
+Connects to a pyChat server and keeps what you are typing on the bottom row
+of the terminal: messages scroll by in the rows above it (a scroll region),
+each with a timestamp, wrapped at words under the start of their text, and
+the input row is drawn again with the cursor where it was. Lines of rooms
+other than the current one show their room; the prompt names the current
+room and counts unread lines elsewhere. Everything sent is paced to the
+server's flood limit; a lost connection is tried again. When standard input
+is not a terminal, each input line is sent as a message and the client
+leaves at the end of the input.
 
 The file reads top to bottom: options and defaults; the protocol (what kind
-of line the server sent, who is online); the terminal; the line editor;
-rendering; the loop that ties the server and the keyboard together; main().
+of line the server sent, who is online, which rooms I am in); the terminal;
+the line editor; rendering; the connection; the loop that ties the server and
+the keyboard together; main() with the command line and the settings file.
 """
 from __future__ import annotations
 
