@@ -1586,8 +1586,8 @@ class ChatClient:
                           "dropped")
                 connection.dropped = 0
         if connection.closed and self.connection is connection:
-            why = (self.refusal if self.refusal and not self.online
-                   else "the server closed the connection")
+            why = self.put_out or (self.refusal if self.refusal and not self.online
+                                   else "the server closed the connection")
             self._lost(why)
 
     def on_server_line(self, raw: str) -> None:
@@ -1622,9 +1622,10 @@ class ChatClient:
             renamed = RENAMED.match(line)
             if renamed and renamed.group(1).casefold() == self.me.casefold():
                 self.me = renamed.group(2)
-            put_out = PUT_OUT.match(line)
-            if put_out:
-                self.put_out = put_out.group(2) or f"by {put_out.group(1)}"
+                self._update_prompt(draw=False)
+        put_out = PUT_OUT.match(line)
+        if put_out:
+            self.put_out = put_out.group(2) or f"by {put_out.group(1)}"
         mentioned = mentions(message, self.me)
         if self.rooms.learn(message, mentioned, self.me) or message.room:
             if self.rejoin_due and self.rooms.current:

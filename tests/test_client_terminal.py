@@ -672,3 +672,9 @@ def test_sigterm_restores_terminal_and_exits_with_signal_status(server, run_clie
     alice.process.send_signal(signal.SIGTERM)
     assert alice.wait_exit() == 128 + signal.SIGTERM
     assert termios.tcgetattr(alice.slave) == alice.mode_before
+
+
+def test_prompt_follows_my_new_nickname(server, run_client):
+    alice = signed_in(run_client, server)
+    alice.type("/nick alicia\r")
+    alice.wait_for_input_line("alicia #lobby> ")
