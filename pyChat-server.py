@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
+import errno
 import hmac
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -63,6 +66,7 @@ DEFAULT_ROOM = "lobby"
 ANNOUNCE_LIMIT = 200              # rooms bigger than this do not announce every join and leave
 QUIT = "quit"                     # the leave reason of someone who said /quit without a message
 PASSWORD_TRIES = 3                # wrong server passwords before the connection is closed
+TLS_HANDSHAKE = b"\x16"            # the first byte of every TLS connection: a handshake record
 MAX_TLS_REFUSALS = 8              # TLS handshakes at once just to say "the server is full"
 DRAIN_SECONDS = 1.0               # time allowed to send what is queued to someone who is leaving
 SHUTDOWN_SECONDS = 3.0            # time allowed for every connection to close at shutdown
@@ -73,6 +77,32 @@ RECEIVE_SIZE = 65536
 # call anyway, so a longer interval costs no latency.
 SWITCH_INTERVAL = 0.05
 KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeeping
+MAX_SECONDS = 1_000_000           # the longest timeout: poll() takes at most about 24 days, in milliseconds
+MAX_KEEPALIVE = 32767             # the longest --keepalive: the most Linux takes for TCP_KEEPIDLE
+
+
+def number(kind: type, low: float, high: float | None = None, above: bool = False):
+    """An argparse type: a finite KIND (int or float) of at least LOW (more than LOW if ABOVE), at most HIGH."""
+    def shown(bound: float) -> str:
+        return f"{bound:.0f}" if bound == int(bound) else f"{bound:g}"
+
+    if above:
+        bounds = f"more than {shown(low)}" + (f" and at most {shown(high)}" if high is not None else "")
+    else:
+        bounds = f"from {shown(low)} to {shown(high)}" if high is not None else f"of {shown(low)} or more"
+    wanted = f"{'a whole number' if kind is int else 'a number'} {bounds}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is not None and math.isfinite(value) and (value > low if above else value >= low) \
+                and (high is None or value <= high):
+            return value
+        raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+    parse.__name__ = kind.__name__          # argparse names the type in some messages
+    return parse
 
 
 def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,35 +113,37 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--version", action="version", version=f"pyChat server {VERSION}")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on; '::' for IPv6 (default: all IPv4 interfaces)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=number(int, 0, 65535), default=DEFAULT_PORT,
                         help=f"TCP port; 0 picks a free one and logs it (default: {DEFAULT_PORT})")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (every command)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    count, seconds = number(int, 0), number(float, 0, MAX_SECONDS)
+    positive_seconds = number(float, 0, MAX_SECONDS, above=True)
     limits = parser.add_argument_group("limits (see README, 'Running it on the internet')")
-    limits.add_argument("--max-clients", type=int, default=MAX_CLIENTS, metavar="N",
+    limits.add_argument("--max-clients", type=count, default=MAX_CLIENTS, metavar="N",
                         help=f"connections allowed at once, 0 for no limit (default: {MAX_CLIENTS})")
-    limits.add_argument("--max-per-ip", type=int, default=MAX_PER_IP, metavar="N",
+    limits.add_argument("--max-per-ip", type=count, default=MAX_PER_IP, metavar="N",
                         help=f"connections allowed from one address, 0 for no limit (default: {MAX_PER_IP})")
-    limits.add_argument("--rate", type=float, default=RATE, metavar="LINES",
+    limits.add_argument("--rate", type=number(float, 0), default=RATE, metavar="LINES",
                         help=f"lines per second one person may send, 0 to turn flood control off "
                              f"(default: {RATE:g})")
-    limits.add_argument("--burst", type=int, default=BURST, metavar="LINES",
+    limits.add_argument("--burst", type=count, default=BURST, metavar="LINES",
                         help=f"lines one person may send in a burst before --rate applies (default: {BURST})")
-    limits.add_argument("--nick-timeout", type=float, default=NICKNAME_TIMEOUT, metavar="SECONDS",
+    limits.add_argument("--nick-timeout", type=positive_seconds, default=NICKNAME_TIMEOUT, metavar="SECONDS",
                         help=f"time a new connection has to sign in (default: {NICKNAME_TIMEOUT:g})")
-    limits.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="SECONDS",
+    limits.add_argument("--idle-timeout", type=seconds, default=IDLE_TIMEOUT, metavar="SECONDS",
                         help="disconnect people who send nothing for this long, 0 for never (default: 0)")
-    limits.add_argument("--keepalive", type=int, default=KEEPALIVE, metavar="SECONDS",
+    limits.add_argument("--keepalive", type=number(int, 1, MAX_KEEPALIVE), default=KEEPALIVE, metavar="SECONDS",
                         help=f"quiet time before TCP keepalive probes look for vanished peers "
                              f"(default: {KEEPALIVE})")
-    limits.add_argument("--max-queue", type=int, default=MAX_QUEUED_OUTPUT, metavar="BYTES",
+    limits.add_argument("--max-queue", type=number(int, 0, above=True), default=MAX_QUEUED_OUTPUT, metavar="BYTES",
                         help=f"output waiting for one slow reader before it is disconnected "
                              f"(default: {MAX_QUEUED_OUTPUT})")
-    limits.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT, metavar="SECONDS",
+    limits.add_argument("--stall-timeout", type=positive_seconds, default=STALL_TIMEOUT, metavar="SECONDS",
                         help=f"time a reader may accept no data before it is disconnected "
                              f"(default: {STALL_TIMEOUT:g})")
     history = parser.add_argument_group("history")
-    history.add_argument("--history", type=int, default=HISTORY_LINES, metavar="N",
+    history.add_argument("--history", type=count, default=HISTORY_LINES, metavar="N",
                          help=f"lines of a room shown to newcomers, 0 for none (default: {HISTORY_LINES})")
     history.add_argument("--history-file", metavar="PATH",
                          help="keep room history in this file (JSON lines) so it survives restarts")
@@ -127,12 +159,6 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if bool(options.tls_cert) != bool(options.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    for name in ("max_clients", "max_per_ip", "rate", "burst", "idle_timeout", "history"):
-        if getattr(options, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} cannot be negative")
-    for name in ("nick_timeout", "keepalive", "max_queue", "stall_timeout"):
-        if getattr(options, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be more than 0")
     return options
 
 
@@ -145,6 +171,8 @@ class LineReader:
 
     feed() returns the complete lines it found, as text; a line longer than
     the limit comes out as None, once, and its bytes are dropped as they arrive.
+    The limit holds for the text as it will be sent on: an invalid byte
+    becomes U+FFFD, and counts as the three bytes that takes in UTF-8.
     """
 
     def __init__(self, max_bytes: int = MAX_LINE_BYTES) -> None:
@@ -167,26 +195,72 @@ class LineReader:
             for raw in complete:
                 if raw.endswith(b"\r"):
                     raw = raw[:-1]
-                lines.append(raw.decode("utf-8", "replace") if len(raw) <= self.max_bytes else None)
+                lines.append(self.decode(raw))
         if len(self.partial) > self.max_bytes:
             self.partial.clear()
             self.discarding = True
             lines.append(None)
         return lines
 
+    def decode(self, raw: bytes) -> str | None:
+        """The text of one line, or None if it is too long once invalid bytes are replaced."""
+        if len(raw) > self.max_bytes:
+            return None
+        text = raw.decode("utf-8", "replace")
+        if "\ufffd" in text and len(text.encode("utf-8")) > self.max_bytes:
+            return None
+        return text
+
 
 # Control characters move cursors, change colours and clear screens; direction
 # overrides make text read differently from what was sent. None of them may
 # reach another person's terminal.
 _INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_SPACES = re.compile("[\t\u2028\u2029]")
+# What shows as blank space (tabs, Unicode spaces, line separators, the braille
+# blank, Hangul fillers), and what shows as nothing at all (zero-width spaces
+# and joiners, soft hyphen, variation selectors, tags).
+_BLANKS = ("\t \u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200b)))
+           + "\u2028\u2029\u202f\u205f\u3000\u2800\u115f\u1160\u3164\uffa0")
+_BLANK = re.escape(_BLANKS)
+_NOTHING = ("\u00ad\u034f\u17b4\u17b5\u180b-\u180f\u200b-\u200d\u2060-\u2064\ufe00-\ufe0f\ufeff"
+            "\U000e0000-\U000e007f\U000e0100-\U000e01ef")
+_SHOWS_AS_NOTHING = re.compile(f"[{_NOTHING}]")
+_INDENT = re.compile(f"[{_BLANK}{_NOTHING}]+")
+# Two blanks or more in a row (with nothing-characters between them, or not).
+# Pasted code keeps its indentation, but inside a line a run of spaces serves
+# only to push text to the start of the next row on someone's terminal, where
+# it would pass for a line of its own.
+_BLANK_RUN = re.compile(f"[{_BLANK}](?:[{_NOTHING}]*[{_BLANK}])+[{_NOTHING}]*")
+_TO_SPACE = str.maketrans("\t\u2028\u2029", "   ")
+TAB_WIDTH = 4                     # columns of indentation a leading tab stands for
+MAX_INDENT = 32                   # leading spaces kept at most
 
 
 def clean_text(text: str) -> str:
-    """Remove control characters and direction overrides; tabs and line separators become spaces."""
+    """Make untrusted text safe to show: no control characters or direction overrides, and one space
+    between words; leading indentation stays (tabs as spaces, up to MAX_INDENT), trailing blanks go.
+
+    Linear in the length of TEXT, so it may run on anything a client sends.
+    """
     if not text.isprintable():
-        text = _INVISIBLE.sub("", _SPACES.sub(" ", text))
-    return text.strip()
+        text = _INVISIBLE.sub("", text)
+    indent = 0
+    leading = _INDENT.match(text)
+    if leading:
+        for ch in leading.group():
+            if ch == "\t":
+                indent += TAB_WIDTH - indent % TAB_WIDTH
+            elif not _SHOWS_AS_NOTHING.match(ch):
+                indent += 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+            if indent >= MAX_INDENT:
+                break
+        text = text[leading.end():]
+    text = _BLANK_RUN.sub(" ", text).translate(_TO_SPACE).rstrip(_BLANKS)
+    indent = min(indent, MAX_INDENT)
+    if leading and indent > len(leading.group()):
+        # Tabs made the line longer: it must still fit the line limit.
+        indent = max(0, min(indent, MAX_LINE_BYTES - len(text.encode("utf-8"))))
+    return " " * indent + text if text else ""
 
 
 RESERVED_NAMES = ("server", "pychat", "system", "admin", "administrator", "operator", "op",
@@ -212,41 +286,161 @@ _LOOKALIKES = str.maketrans({
     "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "l", "κ": "k", "μ": "u", "ν": "v", "ο": "o",
     "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ζ": "z", "γ": "y",
 })
+# Kana and ideographs that are drawn alike.
+_LOOKALIKES_CJK = str.maketrans("ロカエタトハニーヘᅳ", "口力工夕卜八二一へ一")
 # Characters that show as nothing: a name made of them, or ending in one, would
 # pass for an empty name or for someone else's.
 _INVISIBLE_IN_NAMES = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u3164\ufe00-\ufe0f\uffa0"
                                   "\U000e0100-\U000e01ef]")
-_SCRIPT_FAMILIES = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "HANGUL": "CJK", "CJK": "CJK"}
+
+# The nickname rule, from Unicode's own data (the names and categories of
+# characters in unicodedata), so that it covers whole classes, not examples.
+# A name uses the letters of one of these scripts, by the first word of each
+# letter's Unicode name. Left out: scripts whose letters read as Latin, Greek
+# or Cyrillic capitals (Lisu, Cherokee, Canadian syllabics, Coptic, Runic,
+# Tifinagh, Vai, Osage...), historic scripts, and symbols of every kind.
+_NAME_SCRIPTS = {
+    **{word: word.title() for word in (
+        "LATIN", "GREEK", "CYRILLIC", "ARMENIAN", "GEORGIAN", "HEBREW", "ARABIC", "SYRIAC", "THAANA",
+        "DEVANAGARI", "BENGALI", "GURMUKHI", "GUJARATI", "ORIYA", "TAMIL", "TELUGU", "KANNADA", "MALAYALAM",
+        "SINHALA", "THAI", "LAO", "TIBETAN", "MYANMAR", "KHMER", "ETHIOPIC", "MONGOLIAN")},
+    "ARABIC-INDIC": "Arabic", "EXTENDED ARABIC-INDIC": "Arabic",
+    # Japanese mixes kanji and kana, and Korean may mix hangul and hanja: one family.
+    **{word: "CJK" for word in ("CJK", "HIRAGANA", "KATAKANA", "KATAKANA-HIRAGANA", "IDEOGRAPHIC", "HANGUL",
+                                "BOPOMOFO")},
+}
+# Within Latin, Greek and Cyrillic, the letters of living alphabets, with any
+# accent or hook; not small capitals, turned, reversed or IPA-only letters,
+# nor the clicks and glottal stops that read as punctuation (ǃ ǀ ʔ).
+_LATIN_LETTER = re.compile(r"LATIN (?:SMALL|CAPITAL) (?:LETTER|LIGATURE) (?:[A-Z]|AE|OE|SHARP S|ETH|THORN|ENG|"
+                           r"SCHWA|OPEN E|OPEN O|EZH|ESH|KRA|DOTLESS I|DOTLESS J|GAMMA|UPSILON)(?: WITH .*)?")
+_GREEK_LETTER = re.compile(r"GREEK (?:SMALL|CAPITAL) LETTER (?:ALPHA|BETA|GAMMA|DELTA|EPSILON|ZETA|ETA|THETA|IOTA|"
+                           r"KAPPA|LAMDA|MU|NU|XI|OMICRON|PI|RHO|SIGMA|FINAL SIGMA|TAU|UPSILON|PHI|CHI|PSI|OMEGA)"
+                           r"(?: WITH .*)?")
+# In any script, letters drawn as another letter turned over or mirrored, and
+# the glottal stops and clicks that read as ? and !.
+_MISLEADING_LETTER = re.compile(r"\b(?:TURNED|REVERSED|INVERTED|GLOTTAL STOP|CLICK)\b")
+_CYRILLIC_LETTER = re.compile(r"CYRILLIC (?:SMALL|CAPITAL) LETTER ")
+_CYRILLIC_END = 0x0530            # past here: Old Church Slavonic and other historic letters
+# In the other scripts, what Unicode names a letter, syllable or character
+# (Thai, Lao), or Khmer's independent vowels; not signs and marks such as
+# Devanagari's avagraha (ऽ), which reads as an S.
+_OTHER_LETTER = re.compile(r"[A-Z-]+ (?:(?:SMALL |CAPITAL )?LETTER|SYLLABLE|CHARACTER|INDEPENDENT VOWEL) ")
+# Modifier letters read as punctuation (ʼ ː ˈ) or as part of another letter
+# (ᵃ ʰ); these few are part of ordinary words: 々 ゝ ゞ ー ヽ ヾ, Thai ๆ, Lao ໆ.
+_WORD_MODIFIERS = "\u3005\u309d\u309e\u30fc\u30fd\u30fe\u0e46\u0ec6"
+MAX_MARKS = 3                     # combining marks on one letter (Hebrew points need three)
+
+
+def _name_character(ch: str) -> tuple[str | None, str | None]:
+    """(the script CH counts for, or None for one every script may use; why it cannot be in a name, or None)."""
+    if ch in "_-" or "0" <= ch <= "9":
+        return None, None
+    if _INVISIBLE_IN_NAMES.match(ch):
+        return None, f"the invisible character U+{ord(ch):04X}"
+    category = unicodedata.category(ch)
+    shown = repr(ch if ch.isprintable() else f"U+{ord(ch):04X}")
+    unicode_name = unicodedata.name(ch, "")
+    if "SMALL CAPITAL" in unicode_name:
+        return None, f"the small capital {shown}, which reads as a capital letter"
+    if category == "Nd":
+        script = _NAME_SCRIPTS.get(unicode_name.split(" DIGIT ")[0])
+        return script, None if script else f"the digit {shown}"
+    if category[0] == "M":
+        if category == "Me":
+            return None, f"the enclosing mark {shown}"
+        first = unicode_name.split(" ")[0]
+        if first == "COMBINING":
+            return None, None
+        script = _NAME_SCRIPTS.get(first)
+        return script, None if script else f"the mark {shown}"
+    if category[0] != "L":
+        return None, f"{shown}"
+    if category == "Lm" and ch not in _WORD_MODIFIERS:
+        return None, f"the modifier letter {shown}, which reads as punctuation or as part of a letter"
+    script = _NAME_SCRIPTS.get(unicode_name.split(" ")[0])
+    if _MISLEADING_LETTER.search(unicode_name.split(" WITH ")[0]):
+        allowed = False
+    elif script == "Latin":
+        allowed = bool(_LATIN_LETTER.fullmatch(unicode_name))
+    elif script == "Greek":
+        allowed = bool(_GREEK_LETTER.fullmatch(unicode_name))
+    elif script == "Cyrillic":
+        allowed = bool(_CYRILLIC_LETTER.match(unicode_name)) and ord(ch) < _CYRILLIC_END
+    else:
+        allowed = script == "CJK" or category == "Lm" or (script is not None and _OTHER_LETTER.match(unicode_name))
+    if not allowed:
+        return None, f"{shown} ({unicode_name.lower() or 'unnamed'})"
+    return script, None
+
+
+def _plain_letter(ch: str) -> str:
+    """CH without what a glance would miss: any script's digit as 0-9, a letter WITH a stroke or hook as the letter."""
+    if ch < "\x80":
+        return ch
+    digit = unicodedata.decimal(ch, None)
+    if digit is not None:
+        return str(digit)
+    unicode_name = unicodedata.name(ch, "")
+    if " WITH " in unicode_name:
+        try:
+            return unicodedata.lookup(unicode_name.split(" WITH ")[0])
+        except KeyError:
+            pass
+    return ch
+
+
+def normal_name(name: str) -> str:
+    """NAME as the server keeps it (NFKC: fullwidth and styled letters become plain ones).
+
+    A name longer than any name can be comes back as it is: it will be refused for
+    its length, and normalising it first would take time that grows with the square
+    of its length (combining marks are sorted by insertion). Cheap enough to call
+    under a lock, but better called outside it.
+    """
+    return name if len(name) > MAX_NICKNAME_LENGTH else unicodedata.normalize("NFKC", name)
 
 
 def name_key(name: str) -> str:
-    """The form two names share when they would look the same: case, accents and look-alikes folded."""
-    decomposed = unicodedata.normalize("NFKD", name.translate(_CAPITAL_LOOKALIKES).casefold())
-    folded = "".join(ch for ch in decomposed if unicodedata.category(ch)[0] != "M").translate(_LOOKALIKES)
+    """The form two names share when they would look the same: case, accents, digits and look-alikes folded.
+
+    A name too long to be anyone's gets a key no real name has, without any work.
+    """
+    if len(name) > MAX_NICKNAME_LENGTH:
+        return "\0"
+    plain = "".join(map(_plain_letter, name)).translate(_CAPITAL_LOOKALIKES).casefold()
+    decomposed = unicodedata.normalize("NFKD", plain)
+    folded = "".join(ch for ch in decomposed if unicodedata.category(ch)[0] != "M")
+    folded = folded.translate(_LOOKALIKES).translate(_LOOKALIKES_CJK)
     return folded.replace("rn", "m").replace("vv", "w").replace("_", "-")
 
 
 def name_problem(name: str, what: str = "Nickname") -> str | None:
-    """Why NAME cannot be a nickname or room name, or None when it can."""
+    """Why NAME (as normal_name() gives it) cannot be a nickname or room name, or None when it can.
+
+    The rule: 1 to 20 characters; letters of one script, digits of that script
+    or 0-9, '_' and '-'; starting with a letter; not like a reserved name.
+    """
     if not name:
         return f"{what} cannot be empty."
     if len(name) > MAX_NICKNAME_LENGTH:
         return f"{what} is too long (at most {MAX_NICKNAME_LENGTH} characters)."
     scripts = set()
+    marks = 0
     for ch in name:
-        if _INVISIBLE_IN_NAMES.match(ch):
-            return f"{what} cannot contain the invisible character U+{ord(ch):04X}."
-        category = unicodedata.category(ch)
-        if category[0] == "L":
-            script = unicodedata.name(ch, "UNKNOWN").split()[0]
-            scripts.add(_SCRIPT_FAMILIES.get(script, script))
-        elif category not in ("Nd", "Mn", "Mc") and ch not in "_-":
-            shown = ch if ch.isprintable() else f"U+{ord(ch):04X}"
-            return f"{what} cannot contain {shown!r}: use letters, digits, '_' and '-'."
-    if unicodedata.category(name[0])[0] != "L":
+        script, problem = _name_character(ch)
+        if problem:
+            return f"{what} cannot contain {problem}: use letters of one alphabet, digits, '_' and '-'."
+        marks = marks + 1 if unicodedata.category(ch)[0] == "M" else 0
+        if marks > MAX_MARKS:
+            return f"{what} has more than {MAX_MARKS} marks on one letter."
+        if script:
+            scripts.add(script)
+    first = unicodedata.category(name[0])
+    if first[0] != "L" or first == "Lm":
         return f"{what} must start with a letter."
     if len(scripts) > 1:
-        return f"{what} mixes alphabets ({', '.join(sorted(scripts)).lower()}); use one."
+        return f"{what} mixes alphabets ({', '.join(sorted(scripts))}); use one."
     if name_key(name) in _RESERVED_KEYS:
         return f"{what} {name!r} is reserved."
     return None
@@ -597,6 +791,23 @@ class ClientConnection(socketserver.BaseRequestHandler):
                 return
 
     def start_tls(self) -> None:
+        """Shake hands; someone who speaks plain text to this port is told, in plain text, how to connect."""
+        self.wait_for_input(self.server.options.nick_timeout)       # the sign-in clock
+        try:
+            first = self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            first = TLS_HANDSHAKE               # nothing after all: let the handshake wait for it
+        except OSError as problem:
+            raise Disconnect(f"connection lost ({problem.strerror or problem})") from None
+        if not first:
+            raise Disconnect("connection closed")
+        if first != TLS_HANDSHAKE:
+            with contextlib.suppress(OSError):
+                self.sock.recv(RECEIVE_SIZE)    # read what was said, so that closing does not reset the answer
+            port = self.server.server_address[1]
+            self.send_line(error(f"This port speaks TLS, not plain text. Connect with "
+                                 f"pyChat-client.py --tls --port {port}, or openssl s_client -connect HOST:{port}."))
+            raise Disconnect("spoke plain text to the TLS port")
         try:
             self.sock = self.server.tls.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             while True:
@@ -853,7 +1064,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def sign_in(self, connection: ClientConnection, nick: str) -> str | None:
         """Give CONNECTION the nickname and put it in the default room, or say why not."""
-        nick = unicodedata.normalize("NFKC", nick)
+        nick = normal_name(nick)
         with self.lock:
             problem = self.nickname_problem(nick, connection)
             if problem:
@@ -1118,7 +1329,7 @@ class Context:
     def rename(self, new_nick: str) -> None:
         """Change the caller's nickname, by the same rules as signing in; the room is told."""
         caller = self._caller
-        new_nick = unicodedata.normalize("NFKC", new_nick)
+        new_nick = normal_name(new_nick)
         with self._server.lock:
             problem = self._server.nickname_problem(new_nick, caller)
             if problem:
@@ -1141,7 +1352,7 @@ class Context:
 
     def join(self, room_name: str) -> None:
         """Move the caller to ROOM, creating it if needed; both rooms are told."""
-        room_name = unicodedata.normalize("NFKC", room_name.removeprefix("#"))
+        room_name = normal_name(room_name.removeprefix("#"))
         problem = name_problem(room_name, "Room name")
         if problem:
             raise commands.CommandError(problem)
@@ -1229,7 +1440,7 @@ class Context:
 
     def _find(self, nick: str) -> ClientConnection:
         """The connection of NICK (spelt any look-alike way); the lock is held."""
-        found = self._server.people.get(name_key(unicodedata.normalize("NFKC", nick)))
+        found = self._server.people.get(name_key(normal_name(nick)))
         if found is None:
             raise commands.CommandError(f"No one called {nick} is online. /online lists who is.")
         return found
@@ -1262,16 +1473,81 @@ def raise_file_limit(wanted: int) -> None:
                     "raise it with ulimit -n", soft, wanted)
 
 
+def tls_files_problem(cert: str, key: str) -> str | None:
+    """What is wrong with the TLS certificate and key, in words that say which file and what to do; None if nothing."""
+    contents = {}
+    for path, what, option in ((cert, "certificate", "--tls-cert"), (key, "key", "--tls-key")):
+        where = f"the TLS {what} file {path} ({option})"
+        try:
+            with open(path, "rb") as file:
+                contents[what] = file.read(1 << 20)
+        except FileNotFoundError:
+            return f"{where} does not exist; give the path of the PEM file"
+        except IsADirectoryError:
+            return f"{where} is a directory; give the path of the PEM file in it"
+        except PermissionError:
+            return f"{where} cannot be read (permission denied); let this user read it"
+        except OSError as problem:
+            return f"{where} cannot be read ({problem.strerror or problem})"
+    has_certificate = b"-----BEGIN CERTIFICATE-----" in contents["certificate"]
+    has_key = b"PRIVATE KEY-----" in contents["key"]
+    if not has_certificate and not has_key and b"PRIVATE KEY-----" in contents["certificate"] \
+            and b"-----BEGIN CERTIFICATE-----" in contents["key"]:
+        return f"--tls-cert and --tls-key are swapped: {cert} holds a private key and {key} a certificate"
+    if not has_certificate:
+        return f"the TLS certificate file {cert} (--tls-cert) holds no PEM certificate (no BEGIN CERTIFICATE line)"
+    if not has_key:
+        return f"the TLS key file {key} (--tls-key) holds no PEM private key (no BEGIN ... PRIVATE KEY line)"
+    if b"ENCRYPTED" in contents["key"]:
+        return (f"the TLS key file {key} (--tls-key) is protected by a passphrase, which the server cannot ask "
+                f"for; decrypt it with: openssl pkey -in {key} -out server-plain.key")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as problem:
+        if "KEY_VALUES_MISMATCH" in str(problem):
+            return (f"the key in {key} (--tls-key) does not belong to the certificate in {cert} (--tls-cert); "
+                    f"give the key the certificate was made for")
+        return f"cannot use {cert} and {key} for TLS ({problem.reason or problem}); check that both are PEM files"
+    return None
+
+
+def listen_problem(problem: OSError, host: str, port: int) -> str:
+    """Why the server cannot listen on HOST:PORT, and what to do about it."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(problem, socket.gaierror):
+        return (f"--host {host!r} is neither an address of this machine nor a name that resolves "
+                f"({problem.strerror}); use an address such as 0.0.0.0 (all IPv4), :: (all IPv6) or 127.0.0.1")
+    if problem.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: the port is in use by another program (another pyChat server?); "
+                f"stop it, or choose another --port (0 picks a free one)")
+    if problem.errno == errno.EACCES and 0 < port < 1024:
+        return (f"cannot listen on {where}: permission denied, since ports below 1024 need root or the "
+                f"CAP_NET_BIND_SERVICE capability; use --port 1024 or higher")
+    if problem.errno == errno.EADDRNOTAVAIL:
+        return (f"cannot listen on {where}: {host} is not an address of this machine; use one it has "
+                f"(ip address lists them), or 0.0.0.0 for all")
+    return f"cannot listen on {where}: {problem.strerror or problem}"
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
     logging.basicConfig(level=logging.DEBUG if options.verbose else logging.WARNING if options.quiet
                         else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     raise_file_limit(options.max_clients + 64 if options.max_clients else 0)
     sys.setswitchinterval(SWITCH_INTERVAL)
+    problem = options.tls_cert and tls_files_problem(options.tls_cert, options.tls_key)
+    if problem:
+        log.error("cannot start: %s", problem)
+        return 1
     try:
         command_table = commands.load_commands()
         server = ChatServer(options, command_table)
-    except (commands.CommandLoadError, OSError, ssl.SSLError) as problem:
+    except OSError as problem:
+        # A file names itself; otherwise it was listening that failed.
+        log.error("cannot start: %s", f"{problem.filename}: {problem.strerror}" if problem.filename
+                  else listen_problem(problem, options.host, options.port))
+        return 1
+    except (commands.CommandLoadError, ssl.SSLError) as problem:
         log.error("cannot start: %s", problem)
         return 1
     host, port = server.server_address[:2]
