@@ -88,13 +88,14 @@ def test_input_row_is_the_bottom_row_from_the_start_after_ctrl_l_and_after_a_res
     assert alice.screen.row == 23 and alice.screen.line(22).endswith("bob: one"), alice.screen.dump()
     alice.screen = Screen(24, 80)     # forget what was seen: Ctrl-L must draw it all again
     alice.type(CTRL_L)
-    alice.wait_for_input_line("alice #lobby> draft")
-    assert alice.screen.row == 23 and alice.screen.line(22).endswith("bob: one"), alice.screen.dump()
+    alice.wait_for(lambda screen: screen.row == 23 and screen.cursor_text == "alice #lobby> draft"
+                   and screen.line(22).endswith("bob: one"), "the screen drawn again after Ctrl-L")
     assert any("Welcome, alice!" in row for row in rows_of(alice)), alice.screen.dump()
     set_window_size(alice.slave, 16, 30)
     alice.screen = Screen(16, 30)
-    alice.wait_for_input_line("alice #lobby> draft")
-    assert alice.screen.row == 15 and alice.screen.line(14).endswith("bob: one"), alice.screen.dump()
+    alice.wait_for(lambda screen: screen.row == 15 and screen.cursor_text == "alice #lobby> draft"
+                   and screen.line(14).endswith("bob: one"),
+                   "the screen drawn again for 16 rows: the input row at the bottom, the last line above it")
     bob.send(WORDS + " end")
     alice.wait_for_row(r" end$")
     alice.wait_for_input_line("alice #lobby> draft")

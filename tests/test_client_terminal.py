@@ -127,9 +127,9 @@ class Screen:
             self.row = max(0, self.row - count)
         elif final == "B":
             self.row = min(self.rows - 1, self.row + count)
-        elif final == "H":
-            self.row = max(1, numbers[0]) - 1
-            self.col = (max(1, numbers[1]) - 1) if len(numbers) > 1 else 0
+        elif final == "H":   # a terminal keeps the cursor on the screen, whatever it is told
+            self.row = min(max(1, numbers[0]), self.rows) - 1
+            self.col = min(max(1, numbers[1]), self.cols) - 1 if len(numbers) > 1 else 0
         elif final == "r":
             self.top = max(1, numbers[0]) - 1
             self.bottom = (numbers[1] if len(numbers) > 1 and numbers[1] else self.rows) - 1
