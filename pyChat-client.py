@@ -77,8 +77,8 @@ RECONNECT_DELAYS = (1, 2, 4, 8, 15, 30, 60)   # seconds before each try, the las
 # Commands every pyChat server has; names seen in /help replies are added.
 STANDARD_COMMANDS = (
     "help", "online", "quit", "nick", "msg", "w", "reply", "me", "join",
-    "leave", "rooms", "who", "names", "away", "back", "ignore", "unignore",
-    "op", "kick", "mute", "unmute", "topic",
+    "leave", "part", "rooms", "who", "names", "away", "back", "ignore", "unignore",
+    "op", "kick", "mute", "unmute", "topic", "invite", "mode", "disconnect",
 )
 
 # ---------------------------------------------------------------------------
