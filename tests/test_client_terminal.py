@@ -545,6 +545,8 @@ def test_server_restart_signs_in_again_and_keeps_the_half_typed_line(start_serve
     alice.wait_for_row(r"-!- disconnected: ")
     alice.wait_for_row(r"-!- connecting again in 1 s \(Ctrl-C twice, Ctrl-D or /quit leaves")
     alice.wait_for_input_line("offline alice #lobby> half a tho")
+    alice.wait_for_row(rf"-!- cannot connect to {server.host}:{server.port}: ")
+    alice.wait_for_row(r"-!- connecting again in 2 s")      # the delay grows while no one answers
     again = start_server("--port", str(server.port))
     alice.wait_for_row(rf"-!- connected to {server.host}:{server.port} again; signing in as alice",
                        timeout=15)
