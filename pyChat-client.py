@@ -1843,8 +1843,16 @@ class ChatClient:
             self.keys.paste_dropped = 0
         pieces = [sanitize(piece.expandtabs(PASTE_TAB_SIZE))
                   for piece in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
-        if len(pieces) == 1 or self.answering:
+        if len(pieces) == 1:
             self.editor.insert(pieces[0])
+            return
+        if self.answering:   # one line answers the question; a newline after it is Enter
+            self.editor.insert(pieces[0])
+            more = sum(1 for piece in pieces[1:] if piece.strip())
+            if more:
+                self._say(f"the {self.answering} is one line: {more} more pasted line(s) left out")
+            else:
+                self.send_typed(self.editor.submit(remember=False))
             return
         before = "".join(self.editor.characters[:self.editor.cursor])
         after = "".join(self.editor.characters[self.editor.cursor:])

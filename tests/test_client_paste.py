@@ -104,3 +104,18 @@ def test_one_ctrl_c_on_an_empty_line_only_warns_and_two_leave(server, connect, r
     alice.type(CTRL_C + CTRL_C)
     assert alice.wait_exit() == 0
     bob.expect(r"^\*\*\* alice quit")
+
+
+def test_a_pasted_nickname_with_its_newline_answers_the_question(server, run_client):
+    client = run_client(server)
+    client.wait_for_input_line("nickname: ")
+    paste(client, "carol\n")
+    client.wait_for_input_line("carol #lobby> ")
+
+
+def test_more_than_one_pasted_line_at_the_nickname_question_says_what_was_left_out(server, run_client):
+    client = run_client(server)
+    client.wait_for_input_line("nickname: ")
+    paste(client, "carol\nsecond line\n")
+    client.wait_for_row(r"-!- the nickname is one line: 1 more pasted line\(s\) left out$")
+    client.wait_for_input_line("nickname: carol")
