@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import SERVER_SCRIPT
-from test_client_terminal import fake_server, run_client  # noqa: F401 (fixtures)
+from test_client_terminal import fake_server, run_client, signed_in  # noqa: F401 (fixtures)
 
 ALT = "\x1b"
 CTRL_N, CTRL_P, CTRL_U = "\x0e", "\x10", "\x15"
@@ -126,7 +126,6 @@ def test_a_reconnect_leaves_the_default_room_again_if_i_had_left_it(fake_server,
 @pytest.mark.skipif("Now talking in" not in SERVER_SCRIPT.read_text(encoding="utf-8"),
                     reason="this server keeps everyone in one room at a time")
 def test_one_client_in_three_rooms_talks_in_each_and_sees_where_every_line_is_from(server, connect, run_client):
-    from test_client_terminal import signed_in
     bob = connect(server, "bob")
     carol = connect(server, "carol")
     carol.send("/join #dev")
@@ -172,7 +171,6 @@ def test_one_client_in_three_rooms_talks_in_each_and_sees_where_every_line_is_fr
                     reason="this server keeps everyone in one room at a time")
 def test_after_a_server_restart_the_client_is_back_in_its_rooms_with_the_same_current_one(
         start_server, connect, run_client):
-    from test_client_terminal import signed_in
     server = start_server()
     alice = signed_in(run_client, server)
     for room in ("dev", "ops"):

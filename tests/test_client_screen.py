@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from test_client_terminal import CTRL_C, Screen, fake_server, run_client, set_window_size, signed_in  # noqa: F401
+from test_client_terminal import Screen, cell_width, fake_server, run_client, set_window_size, signed_in  # noqa: F401
 
 CTRL_L = "\x0c"
 WORDS = ("the build is green and the release notes are written, so I will tag it after "
@@ -28,7 +28,6 @@ def message_rows(client, first_pattern: str) -> list[str]:
 
 
 def cells(text: str) -> int:
-    from test_client_terminal import cell_width
     return sum(cell_width(char) for char in text)
 
 
