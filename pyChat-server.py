@@ -16,23 +16,34 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import errno
+import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import re
+import secrets
 import select
 import selectors
 import signal
 import socket
 import socketserver
 import ssl
+import stat
 import sys
 import threading
 import time
 import unicodedata
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+try:
+    import fcntl
+except ImportError:     # Windows: the data directory is not locked against a second server
+    fcntl = None
 
 import commands
 
@@ -73,6 +84,35 @@ RECEIVE_SIZE = 65536
 # call anyway, so a longer interval costs no latency.
 SWITCH_INTERVAL = 0.05
 KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeeping
+OUT_OF_DESCRIPTORS_PAUSE = 0.5    # seconds the accepting thread waits when the process has no file descriptor left
+OPERATOR_TRIES = 3                # wrong /op secrets before the connection is closed
+ADDRESS_GUESSES = 10              # wrong secrets of any kind from one address (IPv6: /64) before it must wait
+GUESS_WINDOW = 600.0              # ... and how long it waits, in seconds since its last wrong guess
+
+# What the data directory (--data-dir) keeps, and its bounds; README, "The data directory".
+MAX_RECORD_BYTES = 16 * 1024      # one line of a data file; a longer one is skipped with a log line
+MAX_KEY_LENGTH = 400              # a record's key: a name_key(), which NFKD can make longer than the name
+MAX_ACCOUNTS = 10000              # registered nicknames
+MAX_OPERATORS = 100               # accounts made operators with /oper (--operator names are not counted)
+MAX_INVITATIONS = 1000            # one-time codes for --private waiting to be used
+INVITATION_SECONDS = 7 * 86400    # how long an invitation code works
+MAX_BANS = 1000
+MAX_BAN_SECONDS = 3650 * 86400    # the longest ban with a duration; longer is "permanent"
+MAX_REASON_LENGTH = 200           # characters of a ban's reason
+MAX_ROOM_SETTINGS = 1000          # rooms with a topic or modes kept
+MAX_OFFLINE_PER_RECIPIENT = 20    # offline messages waiting for one account
+MAX_OFFLINE_PER_SENDER = 10       # offline messages one person may have waiting, for everyone together
+MAX_OFFLINE_TOTAL = 2000          # offline messages waiting, for everyone
+COMPACT_SLACK = 64                # a file is rewritten when it holds twice its live records and this many more
+COMPACT_SLACK_HISTORY = 1000      # the same, for the history file
+DAMAGED_LINES_LOGGED = 20         # damaged lines named in the log, per file
+LATEST_TIME_AHEAD = 86400.0       # a time read from disk may be this far ahead of the clock, no further
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1      # 16 MiB and about 50 ms of one core per check
+SCRYPT_LENGTH = 32                # bytes of hash kept
+SCRYPT_SALT_BYTES = 16            # a new random salt for each account and each password change
+MIN_PASSWORD_LENGTH = 8
+MIN_PASSWORD_DISTINCT = 4         # different characters a password must have
+MAX_PASSWORD_BYTES = 256
 
 
 def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,7 +154,15 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     history.add_argument("--history", type=int, default=HISTORY_LINES, metavar="N",
                          help=f"lines of a room shown to newcomers, 0 for none (default: {HISTORY_LINES})")
     history.add_argument("--history-file", metavar="PATH",
-                         help="keep room history in this file (JSON lines) so it survives restarts")
+                         help="keep room history in this file (JSON lines) so it survives restarts; "
+                              "with --data-dir, history is kept there instead")
+    data = parser.add_argument_group("what lasts (see README, 'The data directory')")
+    data.add_argument("--data-dir", metavar="DIR",
+                      help="keep accounts, operators, bans, room topics, offline messages and history in DIR "
+                           "(created if needed, readable by this user only) so they survive restarts; "
+                           "without it they last until the server stops")
+    data.add_argument("--operator", action="append", default=[], metavar="NAME",
+                      help="the registered account NAME is an operator (repeatable)")
     security = parser.add_argument_group("security")
     security.add_argument("--password", default=os.environ.get("PYCHAT_PASSWORD"),
                           help="password everyone must give to join; prefer the environment "
@@ -127,6 +175,13 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if bool(options.tls_cert) != bool(options.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if options.data_dir and options.history_file:
+        parser.error("--history-file and --data-dir do not go together: with --data-dir, "
+                     "history is kept in DIR/history.jsonl")
+    for name in options.operator:
+        problem = name_problem(unicodedata.normalize("NFKC", name))
+        if problem:
+            parser.error(f"--operator {name}: {problem}")
     for name in ("max_clients", "max_per_ip", "rate", "burst", "idle_timeout", "history"):
         if getattr(options, name) < 0:
             parser.error(f"--{name.replace('_', '-')} cannot be negative")
@@ -256,6 +311,11 @@ _RESERVED_KEYS = {name_key(name) for name in RESERVED_NAMES}
 
 PROMPT_NICKNAME = "*** Choose a nickname:"
 PROMPT_PASSWORD = "*** Password:"
+
+
+def same_secret(given: str, secret: str) -> bool:
+    """Compare two secrets in a time that does not depend on where they differ."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), secret.encode("utf-8", "replace"))
 
 
 def notice(text: str) -> str:
@@ -420,6 +480,10 @@ class Disconnect(Exception):
     """Ends a connection; the message is the reason given to the log and to the room."""
 
 
+class TooManyGuesses(Exception):
+    """An address guessed wrong too often; the message says for how long it must wait."""
+
+
 class ClientConnection(socketserver.BaseRequestHandler):
     """One person's connection: the socket and its buffers, then the person's place in the chat.
 
@@ -440,6 +504,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.room: Room | None = None
         self.away: str | None = None
         self.operator = False
+        self.operator_failures = 0
         self.muted = False
         self.ignoring: set[str] = set()
         self.last_private_from: ClientConnection | None = None
@@ -510,8 +575,13 @@ class ClientConnection(socketserver.BaseRequestHandler):
         for _ in range(PASSWORD_TRIES):
             self.send_line(PROMPT_PASSWORD)
             given = next(lines) or ""
-            if self.server.check_secret(self, given, self.server.options.password, "server password"):
-                return
+            try:
+                if self.server.check_secret(self, "server password",
+                                            lambda: same_secret(given, self.server.options.password)):
+                    return
+            except TooManyGuesses as refusal:
+                self.send_line(error(str(refusal)))
+                raise Disconnect("too many wrong passwords from the address") from None
             self.send_line(error("Wrong password."))
         raise Disconnect("wrong password")
 
@@ -694,6 +764,924 @@ def wait_until_writable(sock: socket.socket, timeout: float) -> None:
 
 
 # ---------------------------------------------------------------------------
+# What lasts: the data directory
+# ---------------------------------------------------------------------------
+#
+# Each kind of record lives in its own file of JSON lines in the data directory
+# (--data-dir): accounts, operators, bans, invitations, room settings, offline
+# messages and room history. A change is appended to its file; a change that
+# someone is told was saved is fsync'ed first. So a kill -9 at any moment
+# loses nothing that was confirmed (nor does a power cut, for the fsync'ed
+# kinds), and can at worst leave half a line at the end of a file, which the
+# next start reports and skips. At start, and whenever a file holds more dead
+# lines than live ones, it is rewritten from memory into a temporary file that
+# is fsync'ed and renamed over it.
+#
+# Nothing in a file is trusted: every line is bounded in size, every field is
+# checked as if it came from a stranger, and a line that fails a check is
+# logged with its file and line number and skipped.
+#
+# Locks: each store has its own, taken after the server's lock when both are
+# held; a store never calls back into the server.
+
+class StorageError(Exception):
+    """A data file or directory cannot be used; the message says which and why."""
+
+
+class StoreFull(Exception):
+    """A limit of the data directory was reached; the message is for the person who asked."""
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def open_data_file(path: str, flags: int) -> int:
+    """Open PATH for the data directory: never through a symbolic link, never anything but a regular file.
+
+    O_NONBLOCK keeps a FIFO planted at PATH from hanging the open.
+    """
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0), 0o600)
+    except FileNotFoundError:
+        raise
+    except OSError as problem:
+        if problem.errno == errno.ELOOP:
+            raise StorageError(f"{path} is a symbolic link; give the path of a regular file") from None
+        if problem.errno == errno.ENXIO:
+            raise StorageError(f"{path} is not a regular file") from None
+        raise StorageError(f"cannot open {path}: {problem.strerror or problem}") from None
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
+        os.close(fd)
+        raise StorageError(f"{path} is not a regular file")
+    if status.st_mode & 0o077 and status.st_uid == os.geteuid():
+        os.fchmod(fd, 0o600)
+    return fd
+
+
+def fsync_directory(directory: str) -> None:
+    """Make a rename or a new file in DIRECTORY survive a power cut."""
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY | _CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass        # some file systems cannot sync a directory; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def write_file_atomically(path: str, data: bytes) -> None:
+    """Replace PATH with DATA so that a crash leaves either the old file or the new one, whole.
+
+    The temporary file is PATH.tmp, created exclusively (O_EXCL: an existing
+    file or symbolic link there is removed, never written through), readable
+    by the server's user only.
+    """
+    temporary = f"{path}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+    try:
+        try:
+            fd = os.open(temporary, flags, 0o600)
+        except FileExistsError:     # left by a crash, or planted: unlink removes a link, not its target
+            os.unlink(temporary)
+            fd = os.open(temporary, flags, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError as problem:
+        raise StorageError(f"cannot write {path}: {problem.strerror or problem}") from None
+    fsync_directory(os.path.dirname(path))
+
+
+def encode_record(record: dict) -> bytes:
+    """One line of a data file. Text that cannot be UTF-8 (a lone surrogate) is replaced, never fatal."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8", "replace") + b"\n"
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
+
+
+def decode_record(raw: bytes) -> dict:
+    """The record on one line of a data file, or ValueError saying what is wrong with it."""
+    if not raw.endswith(b"\n"):
+        raise ValueError("cut short (the end of a write that did not finish)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    try:
+        record = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as problem:
+        raise ValueError(f"not JSON ({problem})") from None
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    return record
+
+
+def checked_text(record: dict, field: str, most: int, optional: bool = False) -> str | None:
+    """The text in FIELD of a record read from disk, or ValueError: a string, valid Unicode, at most MOST characters."""
+    value = record.get(field)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{field!r} is not text")
+    if len(value) > most:
+        raise ValueError(f"{field!r} is longer than {most} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{field!r} holds a lone surrogate, which is not text") from None
+    return value
+
+
+def checked_time(record: dict, field: str, optional: bool = False,
+                 ahead: float = LATEST_TIME_AHEAD) -> float | None:
+    """A time in FIELD of a record read from disk: seconds since 1970, finite, at most AHEAD seconds from now."""
+    value = record.get(field)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field!r} is not a number")
+    if not math.isfinite(value) or not 0 <= value <= time.time() + ahead:
+        raise ValueError(f"{field!r} is not a time this server could have written ({value!r})")
+    return float(value)
+
+
+class RecordFile:
+    """One file of JSON lines in the data directory: read once at start, then appended to and compacted."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.fd: int | None = None
+        self.lines = 0                  # lines in the file now, live or dead
+        self.skipped = 0
+
+    def read(self) -> Iterator[tuple[int, dict]]:
+        """Each sound record with its line number; damaged lines are logged and skipped."""
+        try:
+            fd = open_data_file(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        with os.fdopen(fd, "rb") as file:
+            for number in itertools.count(1):
+                raw = file.readline(MAX_RECORD_BYTES + 1)
+                if not raw:
+                    return
+                if len(raw) > MAX_RECORD_BYTES:
+                    while raw and not raw.endswith(b"\n"):
+                        raw = file.readline(RECEIVE_SIZE)
+                    self.damaged(number, f"longer than {MAX_RECORD_BYTES} bytes")
+                    continue
+                if not raw.strip():
+                    continue
+                try:
+                    yield number, decode_record(raw)
+                except ValueError as problem:
+                    self.damaged(number, str(problem))
+
+    def damaged(self, number: int, why: str) -> None:
+        """Say which line of which file was left out, and why."""
+        self.skipped += 1
+        if self.skipped <= DAMAGED_LINES_LOGGED:
+            log.warning("%s line %d: %s; skipped", self.path, number, why)
+        elif self.skipped == DAMAGED_LINES_LOGGED + 1:
+            log.warning("%s: more damaged lines; only the first %d are named", self.path, DAMAGED_LINES_LOGGED)
+
+    def rewrite(self, records: Iterable[dict]) -> None:
+        """Replace the file with exactly RECORDS, atomically, and append to the new file from now on."""
+        lines = [encode_record(record) for record in records]
+        with self.lock:
+            write_file_atomically(self.path, b"".join(lines))
+            if self.fd is not None:
+                os.close(self.fd)
+            self.fd = open_data_file(self.path, os.O_WRONLY | os.O_APPEND)
+            self.lines = len(lines)
+
+    def append(self, records: list[dict], durable: bool) -> None:
+        """Add RECORDS at the end; with DURABLE, return only once they are on the disk. OSError if not."""
+        data = b"".join(encode_record(record) for record in records)
+        with self.lock:
+            if self.fd is None:
+                raise OSError(errno.EBADF, "the file is closed")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            if durable:
+                os.fsync(self.fd)
+            self.lines += len(records)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+
+class KeyedStore:
+    """Records by key, in memory and, with a file, on disk: every kind the data directory keeps but history.
+
+    The file is a journal of {"key": K, "value": V} and {"key": K, "deleted":
+    true} lines; the last line about a key wins. CHECK turns a value read from
+    disk into the value kept, or raises ValueError saying what is wrong.
+    """
+
+    def __init__(self, file: RecordFile | None, check: Callable[[str, dict], dict], most: int) -> None:
+        self.file = file
+        self.check = check
+        self.most = most
+        self.lock = threading.Lock()
+        self.records: dict[str, dict] = {}
+        if file is not None:
+            self._load()
+
+    def _load(self) -> None:
+        for number, record in self.file.read():
+            key = record.get("key")
+            if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+                self.file.damaged(number, "no key, or a key that is not short text")
+                continue
+            if record.get("deleted") is True:
+                self.records.pop(key, None)
+                continue
+            value = record.get("value")
+            try:
+                if not isinstance(value, dict):
+                    raise ValueError("the value is not a JSON object")
+                value = self.check(key, value)
+            except ValueError as problem:
+                self.file.damaged(number, str(problem))
+                continue
+            if key not in self.records and len(self.records) >= self.most:
+                self.file.damaged(number, f"more than {self.most} records")
+                continue
+            self.records[key] = value
+        self.file.rewrite(self._journal())
+
+    def _journal(self) -> list[dict]:
+        return [{"key": key, "value": value} for key, value in self.records.items()]
+
+    def get(self, key: str) -> dict | None:
+        with self.lock:
+            return self.records.get(key)
+
+    def items(self) -> list[tuple[str, dict]]:
+        with self.lock:
+            return list(self.records.items())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def put(self, key: str, value: dict) -> None:
+        """Keep VALUE under KEY, on disk before this returns; StoreFull past the limit, StorageError if the disk fails."""
+        with self.lock:
+            if key not in self.records and len(self.records) >= self.most:
+                raise StoreFull(f"the server keeps at most {self.most} of these")
+            self._write({"key": key, "value": value})
+            self.records[key] = value
+            self._compact_if_worth_it()
+
+    def delete(self, key: str) -> bool:
+        """Forget KEY, on disk before this returns; False if there was nothing to forget."""
+        with self.lock:
+            if key not in self.records:
+                return False
+            self._write({"key": key, "deleted": True})
+            del self.records[key]
+            self._compact_if_worth_it()
+            return True
+
+    def _write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        if len(encode_record(record)) > MAX_RECORD_BYTES:
+            raise StoreFull(f"that is more than the {MAX_RECORD_BYTES} bytes a record may take")
+        try:
+            self.file.append([record], durable=True)
+        except OSError as problem:
+            log.error("%s: %s", self.file.path, problem.strerror or problem)
+            raise StorageError(f"could not save it ({problem.strerror or problem})") from None
+
+    def _compact_if_worth_it(self) -> None:
+        if self.file is None or self.file.lines <= 2 * len(self.records) + COMPACT_SLACK:
+            return
+        try:
+            self.file.rewrite(self._journal())
+        except StorageError as problem:     # the change itself is on disk already
+            log.error("%s", problem)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class HistoryLog:
+    """The last lines of each room, appended to a file as they are said and read back at start.
+
+    It keeps its own copy of each room's last lines (the same strings the rooms
+    hold), so that it can compact its file by itself: when the file holds
+    twice the lines kept plus COMPACT_SLACK_HISTORY, it is rewritten. Rooms are
+    ordered by last use, and only the MAX_ROOMS most recently used are kept;
+    the default room always is.
+    """
+
+    def __init__(self, file: RecordFile | None, limit: int, keep: str) -> None:
+        self.file = file
+        self.limit = max(limit, 1)
+        self.keep = keep
+        self.lock = threading.Lock()
+        self.rooms: collections.OrderedDict[str, tuple[str, collections.deque]] = collections.OrderedDict()
+        self.kept = 0
+        if file is not None:
+            self._load()
+
+    def _load(self) -> None:
+        for number, record in self.file.read():
+            try:
+                when = checked_time(record, "time")
+                room = checked_text(record, "room", MAX_NICKNAME_LENGTH)
+                line = clean_text(checked_text(record, "line", MAX_LINE_BYTES))
+                problem = name_problem(room, "Room name")
+                if problem:
+                    raise ValueError(problem)
+                if not line:
+                    raise ValueError("an empty line")
+            except ValueError as problem:
+                self.file.damaged(number, str(problem))
+                continue
+            self._add(room, when, line)
+        if self.file.skipped:
+            log.warning("history file %s: skipped %d damaged line(s)", self.file.path, self.file.skipped)
+        self.file.rewrite(self._records())
+        log.info("history: %d line(s) in %d room(s) from %s", self.kept, len(self.rooms), self.file.path)
+
+    def _add(self, room: str, when: float, line: str) -> None:
+        key = name_key(room)
+        found = self.rooms.get(key)
+        if found is None:
+            found = self.rooms[key] = (room, collections.deque(maxlen=self.limit))
+            if len(self.rooms) > MAX_ROOMS:
+                oldest = next(k for k in self.rooms if k != self.keep)
+                self.kept -= len(self.rooms.pop(oldest)[1])
+        else:
+            self.rooms.move_to_end(key)
+        lines = found[1]
+        self.kept += len(lines) < lines.maxlen
+        lines.append((when, line))
+
+    def _records(self) -> list[dict]:
+        return [{"time": when, "room": room, "line": line}
+                for room, lines in self.rooms.values() for when, line in lines]
+
+    def rooms_and_lines(self) -> list[tuple[str, list[tuple[float, str]]]]:
+        """Every room kept, least recently used first, with its lines."""
+        with self.lock:
+            return [(room, list(lines)) for room, lines in self.rooms.values()]
+
+    def append(self, room: str, when: float, line: str) -> None:
+        """Keep a line just said in ROOM; a file that fails is logged and given up, never fatal."""
+        with self.lock:
+            self._add(room, when, line)
+            if self.file is None:
+                return
+            try:
+                self.file.append([{"time": when, "room": room, "line": line}], durable=False)
+                if self.file.lines > 2 * self.kept + COMPACT_SLACK_HISTORY:
+                    self.file.rewrite(self._records())
+            except (OSError, StorageError) as problem:      # a full disk must not silence the chat
+                log.error("history file %s: %s; history is kept in memory only from now on",
+                          self.file.path, getattr(problem, "strerror", None) or problem)
+                self.file.close()
+                self.file = None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+# -- accounts, operators, invitations ------------------------------------------
+
+# One hash at a time per core: each takes SCRYPT_MEMORY, and a crowd signing in at once
+# must queue for the CPU rather than take the memory of all of them together.
+_SCRYPT_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+
+
+def hash_password(password: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
+    """The scrypt hash of PASSWORD with SALT; with the default parameters, tens of milliseconds of one core."""
+    with _SCRYPT_SLOTS:
+        return hashlib.scrypt(password.encode("utf-8", "replace"), salt=salt, n=n, r=r, p=p,
+                              maxmem=2 * 128 * r * n + 1024 * 1024, dklen=SCRYPT_LENGTH)
+
+
+def password_problem(password: str, nick: str) -> str | None:
+    """Why PASSWORD is too weak or too long for NICK's account, or None."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"Password too short: use at least {MIN_PASSWORD_LENGTH} characters."
+    if len(password.encode("utf-8", "replace")) > MAX_PASSWORD_BYTES:
+        return f"Password too long: at most {MAX_PASSWORD_BYTES} bytes."
+    if name_key(nick) in name_key(password):
+        return "Password too easy to guess: it contains your nickname."
+    if len(set(password)) < MIN_PASSWORD_DISTINCT:
+        return f"Password too easy to guess: use at least {MIN_PASSWORD_DISTINCT} different characters."
+    return None
+
+
+def _check_hex(record: dict, field: str, low: int, high: int) -> str:
+    value = checked_text(record, field, 2 * high)
+    if not re.fullmatch(r"[0-9a-f]+", value) or not 2 * low <= len(value) <= 2 * high or len(value) % 2:
+        raise ValueError(f"{field!r} is not {low} to {high} bytes of hexadecimal")
+    return value
+
+
+def _check_integer(record: dict, field: str, low: int, high: int) -> int:
+    value = record.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{field!r} is not a whole number from {low} to {high}")
+    return value
+
+
+def _check_name(key: str, record: dict, field: str = "name") -> str:
+    """A nickname or room name read from disk: valid, and filed under its own key."""
+    name = checked_text(record, field, MAX_NICKNAME_LENGTH)
+    problem = name_problem(name) if field != "room" else name_problem(name, "Room name")
+    if problem and "reserved" not in problem:
+        raise ValueError(problem)
+    if name_key(name) != key.split("/")[0]:
+        raise ValueError(f"{name!r} is filed under the key of another name ({key!r})")
+    return name
+
+
+class Accounts:
+    """Registered nicknames, by name_key(): each with a scrypt hash of its password and its own salt."""
+
+    def __init__(self, store_file: RecordFile | None) -> None:
+        self.store = KeyedStore(store_file, self._check, MAX_ACCOUNTS)
+
+    @staticmethod
+    def _check(key: str, record: dict) -> dict:
+        n = _check_integer(record, "n", 2 ** 10, 2 ** 20)
+        if n & (n - 1):
+            raise ValueError("'n' is not a power of two")
+        return {"name": _check_name(key, record), "salt": _check_hex(record, "salt", 16, 64),
+                "hash": _check_hex(record, "hash", SCRYPT_LENGTH, SCRYPT_LENGTH), "n": n,
+                "r": _check_integer(record, "r", 1, 32), "p": _check_integer(record, "p", 1, 16),
+                "since": checked_time(record, "since")}
+
+    def name(self, nick: str) -> str | None:
+        """The registered spelling of NICK's account (any look-alike finds it), or None for a guest's name."""
+        record = self.store.get(name_key(nick))
+        return record["name"] if record else None
+
+    def names(self) -> list[str]:
+        return sorted((record["name"] for _, record in self.store.items()), key=str.casefold)
+
+    def _record(self, nick: str, password: str, since: float | None = None) -> dict:
+        salt = secrets.token_bytes(SCRYPT_SALT_BYTES)
+        return {"name": nick, "salt": salt.hex(), "hash": hash_password(password, salt).hex(),
+                "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "since": since or time.time()}
+
+    def register(self, nick: str, password: str) -> None:
+        """Reserve NICK (and its look-alikes) for whoever knows PASSWORD; StoreFull if it cannot be."""
+        key = name_key(nick)
+        if key in self.store:
+            raise StoreFull(f"{self.store.get(key)['name']} is registered already.")
+        self.store.put(key, self._record(nick, password))
+
+    def verify(self, nick: str, password: str) -> bool:
+        """True if PASSWORD is NICK's; the comparison takes the same time wherever the hashes differ."""
+        record = self.store.get(name_key(nick))
+        if record is None:
+            return False
+        given = hash_password(password, bytes.fromhex(record["salt"]), record["n"], record["r"], record["p"])
+        return hmac.compare_digest(given, bytes.fromhex(record["hash"]))
+
+    def set_password(self, nick: str, password: str) -> None:
+        record = self.store.get(name_key(nick))
+        self.store.put(name_key(nick), self._record(record["name"], password, record["since"]))
+
+    def remove(self, nick: str) -> bool:
+        return self.store.delete(name_key(nick))
+
+
+class Operators:
+    """The accounts that are operators: those named by --operator, and those made so with /oper."""
+
+    def __init__(self, store_file: RecordFile | None, named_at_start: Iterable[str]) -> None:
+        self.store = KeyedStore(store_file, self._check, MAX_OPERATORS)
+        self.named_at_start = {name_key(name): name for name in named_at_start}
+
+    @staticmethod
+    def _check(key: str, record: dict) -> dict:
+        return {"name": _check_name(key, record), "by": checked_text(record, "by", MAX_NICKNAME_LENGTH),
+                "since": checked_time(record, "since")}
+
+    def __contains__(self, nick: str) -> bool:
+        key = name_key(nick)
+        return key in self.named_at_start or key in self.store
+
+    def names(self) -> list[str]:
+        names = set(self.named_at_start.values()) | {record["name"] for _, record in self.store.items()}
+        return sorted(names, key=str.casefold)
+
+    def add(self, nick: str, by: str) -> None:
+        self.store.put(name_key(nick), {"name": nick, "by": by, "since": time.time()})
+
+    def remove(self, nick: str) -> bool:
+        return self.store.delete(name_key(nick))
+
+
+class Invitations:
+    """One-time codes that let a named person into a --private server to choose their password."""
+
+    def __init__(self, store_file: RecordFile | None) -> None:
+        self.store = KeyedStore(store_file, self._check, MAX_INVITATIONS)
+
+    @staticmethod
+    def _check(key: str, record: dict) -> dict:
+        return {"name": _check_name(key, record), "code": _check_hex(record, "code", 32, 32),
+                "by": checked_text(record, "by", MAX_NICKNAME_LENGTH),
+                "expires": checked_time(record, "expires", ahead=INVITATION_SECONDS + LATEST_TIME_AHEAD)}
+
+    def create(self, nick: str, by: str) -> str:
+        """A new code for NICK, replacing any earlier one; it works once, within INVITATION_SECONDS."""
+        code = "-".join(secrets.token_hex(3) for _ in range(3))
+        self.store.put(name_key(nick), {"name": nick, "code": hashlib.sha256(code.encode()).hexdigest(),
+                                        "by": by, "expires": time.time() + INVITATION_SECONDS})
+        return code
+
+    def waiting(self, nick: str) -> bool:
+        record = self.store.get(name_key(nick))
+        return record is not None and record["expires"] > time.time()
+
+    def redeem(self, nick: str, code: str) -> bool:
+        """True (and the code is used up) if CODE is NICK's invitation."""
+        record = self.store.get(name_key(nick))
+        if record is None or record["expires"] <= time.time():
+            return False
+        given = hashlib.sha256(code.strip().lower().encode("utf-8", "replace")).hexdigest()
+        if not hmac.compare_digest(given, record["code"]):
+            return False
+        self.store.delete(name_key(nick))
+        return True
+
+    def remove(self, nick: str) -> bool:
+        return self.store.delete(name_key(nick))
+
+
+# -- bans ----------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d{1,7})([smhdw])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+PERMANENT_WORDS = ("permanent", "perm", "forever")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a duration such as 30s, 10m, 2h, 7d, 2w or 1h30m; None for 'permanent'. ValueError if neither."""
+    word = text.strip().lower()
+    if word in PERMANENT_WORDS:
+        return None
+    parts = _DURATION_PART.findall(word)
+    if not parts or "".join(number + unit for number, unit in parts) != word:
+        raise ValueError(f"{text!r} is not a duration: use a number and s, m, h, d or w (10m, 2h, 7d), "
+                         f"or 'permanent'")
+    seconds = sum(int(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    if not 0 < seconds <= MAX_BAN_SECONDS:
+        raise ValueError(f"A duration must be more than 0 and at most {MAX_BAN_SECONDS // 86400} days.")
+    return float(seconds)
+
+
+def describe_duration(seconds: float) -> str:
+    """A short human form of a duration: 45s, 12m, 3h 20m, 6d 4h."""
+    seconds = max(1, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{value}{unit}" for value, unit in ((days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")) if value]
+    return " ".join(parts[:2])
+
+
+def utc_text(when: float) -> str:
+    return datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a connection comes from, an IPv4 address mapped into IPv6 read as IPv4; None if not one."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def address_bucket(address: str) -> str:
+    """What --max-per-ip and wrong-guess counting count by: the address, or for IPv6 its /64 network.
+
+    An IPv6 host is usually given a whole /64, so counting single addresses
+    would let it take every place by cycling through them.
+    """
+    ip = ip_of(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip) if ip is not None else address
+
+
+class Ban(NamedTuple):
+    """One ban: of an account (or a guest's nickname), an address or a network."""
+
+    kind: str                   # "account", "address" or "network"
+    target: str                 # name_key() of an account, or an address or network as ipaddress spells it
+    shown: str                  # the target as people see it: the nickname as spelt
+    reason: str | None
+    by: str
+    since: float
+    expires: float | None       # None: until someone lifts it
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.target}"
+
+    def active(self, now: float) -> bool:
+        return self.expires is None or self.expires > now
+
+    def how_long(self, now: float) -> str:
+        if self.expires is None:
+            return "permanently"
+        return f"until {utc_text(self.expires)} ({describe_duration(self.expires - now)} left)"
+
+    def refusal(self, now: float) -> str:
+        """What the banned person is told."""
+        return (f"You are banned from this server {self.how_long(now)}"
+                + (f": {self.reason}" if self.reason else "") + ".")
+
+
+def ban_target(text: str) -> tuple[str, str] | None:
+    """('address', ADDRESS) or ('network', NETWORK) if TEXT is one; None if it should be a nickname."""
+    if not re.fullmatch(r"[0-9A-Fa-f:.]+(/\d{1,3})?", text) or not re.search(r"[.:]", text):
+        return None
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an address or a network (such as 203.0.113.7, "
+                         f"203.0.113.0/24 or 2001:db8::/48).") from None
+    if network.num_addresses == 1:
+        ip = ip_of(str(network.network_address))
+        return "address", str(ip)
+    if network.prefixlen < (8 if network.version == 4 else 16):
+        raise ValueError(f"{text} is too wide a network to ban (at most /8 for IPv4, /16 for IPv6).")
+    return "network", str(network)
+
+
+class Bans:
+    """Every ban, with indexes so that the door can look up an address without a scan of the file."""
+
+    def __init__(self, store_file: RecordFile | None) -> None:
+        self.store = KeyedStore(store_file, self._check, MAX_BANS)
+        self.lock = threading.Lock()
+        self._index()
+
+    @staticmethod
+    def _check(key: str, record: dict) -> dict:
+        kind = record.get("kind")
+        target = checked_text(record, "target", MAX_KEY_LENGTH)
+        if kind == "account":
+            if name_key(target) != target:
+                raise ValueError(f"{target!r} is not an account's key")
+        elif kind in ("address", "network"):
+            try:
+                found = ban_target(target)
+            except ValueError as problem:
+                raise ValueError(str(problem)) from None
+            if found != (kind, target):
+                raise ValueError(f"{target!r} is not an {kind}")
+        else:
+            raise ValueError(f"'kind' is not account, address or network ({kind!r})")
+        if key != f"{kind}:{target}":
+            raise ValueError(f"filed under {key!r}, not under its target")
+        return {"kind": kind, "target": target, "shown": checked_text(record, "shown", 64),
+                "reason": checked_text(record, "reason", MAX_REASON_LENGTH, optional=True),
+                "by": checked_text(record, "by", MAX_NICKNAME_LENGTH), "since": checked_time(record, "since"),
+                "expires": checked_time(record, "expires", optional=True, ahead=MAX_BAN_SECONDS + LATEST_TIME_AHEAD)}
+
+    def _index(self) -> None:
+        bans = [Ban(**record) for _, record in self.store.items()]
+        with self.lock:
+            self.by_key = {ban.key: ban for ban in bans}
+            self.networks = [(ipaddress.ip_network(ban.target), ban) for ban in bans if ban.kind == "network"]
+
+    def add(self, ban: Ban) -> None:
+        self.store.put(ban.key, ban._asdict())
+        self._index()
+
+    def remove(self, key: str) -> Ban | None:
+        ban = self.by_key.get(key)
+        if ban is not None and self.store.delete(key):
+            self._index()
+        return ban
+
+    def for_address(self, address: str, now: float) -> Ban | None:
+        """The ban that keeps ADDRESS out, if one does; quick, for the accepting thread."""
+        ip = ip_of(address)
+        if ip is None:
+            return None
+        with self.lock:
+            found = self.by_key.get(f"address:{ip}")
+            if found is None or not found.active(now):
+                found = next((ban for network, ban in self.networks
+                              if ip.version == network.version and ip in network and ban.active(now)), None)
+        return found
+
+    def for_account(self, nick: str, now: float) -> Ban | None:
+        found = self.by_key.get(f"account:{name_key(nick)}")
+        return found if found is not None and found.active(now) else None
+
+    def all(self, now: float) -> list[Ban]:
+        """Every ban still in force, soonest to end first; those that ended are dropped."""
+        with self.lock:
+            bans = list(self.by_key.values())
+        ended = [ban.key for ban in bans if not ban.active(now)]
+        if ended:
+            for key in ended:
+                self.store.delete(key)
+            self._index()
+        return sorted((ban for ban in bans if ban.active(now)),
+                      key=lambda ban: (ban.expires is None, ban.expires or 0, ban.shown))
+
+
+# -- rooms and offline messages ------------------------------------------------
+
+class RoomSettings(NamedTuple):
+    """What an operator set for a room and what outlasts a restart: its topic and its modes."""
+
+    topic: str | None
+    modes: tuple[str, ...]
+
+
+class RoomSettingsStore:
+    """Topics and modes of rooms, by the room's name_key(). The rooms core calls load() and save()."""
+
+    def __init__(self, store_file: RecordFile | None) -> None:
+        self.store = KeyedStore(store_file, self._check, MAX_ROOM_SETTINGS)
+
+    @staticmethod
+    def _check(key: str, record: dict) -> dict:
+        modes = record.get("modes", [])
+        if not isinstance(modes, list) or len(modes) > 16 or not all(
+                isinstance(mode, str) and re.fullmatch(r"[a-z-]{1,20}", mode) for mode in modes):
+            raise ValueError("'modes' is not a list of a few short lowercase words")
+        return {"name": _check_name(key, record, "room"),
+                "topic": checked_text(record, "topic", MAX_LINE_BYTES, optional=True), "modes": modes}
+
+    def load(self, room: str) -> RoomSettings | None:
+        """The settings saved for ROOM, or None if there are none."""
+        record = self.store.get(name_key(room))
+        return RoomSettings(record["topic"], tuple(record["modes"])) if record else None
+
+    def save(self, room: str, topic: str | None, modes: Iterable[str] = ()) -> None:
+        """Keep ROOM's topic and modes across restarts; nothing set means nothing kept."""
+        modes = sorted(set(modes))
+        if topic is None and not modes:
+            self.store.delete(name_key(room))
+        else:
+            self.store.put(name_key(room), {"room": room, "topic": topic, "modes": modes})
+
+
+class OfflineMessage(NamedTuple):
+    sender: str
+    when: float
+    text: str
+
+
+class OfflineMessages:
+    """Private messages kept for accounts that are offline, until they next sign in.
+
+    One record a message, under RECIPIENT_KEY/NUMBER; bounded per recipient,
+    per sender and in total.
+    """
+
+    def __init__(self, store_file: RecordFile | None) -> None:
+        self.store = KeyedStore(store_file, self._check, MAX_OFFLINE_TOTAL)
+        self.lock = threading.Lock()
+        self.numbers = itertools.count(int(time.time() * 1000))
+
+    @staticmethod
+    def _check(key: str, record: dict) -> dict:
+        recipient, slash, number = key.partition("/")
+        if not slash or not number.isdigit():
+            raise ValueError(f"{key!r} is not RECIPIENT/NUMBER")
+        sender = checked_text(record, "from", MAX_NICKNAME_LENGTH)
+        return {"to": _check_name(key, record, "to"), "from": sender,
+                "from_key": checked_text(record, "from_key", MAX_KEY_LENGTH),
+                "time": checked_time(record, "time"), "text": clean_text(checked_text(record, "text", MAX_LINE_BYTES))}
+
+    def leave(self, sender: str, recipient: str, text: str) -> None:
+        """Keep TEXT for RECIPIENT; StoreFull (saying which limit) if it cannot be kept."""
+        recipient_key, sender_key = name_key(recipient), name_key(sender)
+        with self.lock:
+            waiting = self.store.items()
+            if sum(key.startswith(recipient_key + "/") for key, _ in waiting) >= MAX_OFFLINE_PER_RECIPIENT:
+                raise StoreFull(f"{recipient} has {MAX_OFFLINE_PER_RECIPIENT} messages waiting already; "
+                                "no more can be kept.")
+            if sum(record["from_key"] == sender_key for _, record in waiting) >= MAX_OFFLINE_PER_SENDER:
+                raise StoreFull(f"You have {MAX_OFFLINE_PER_SENDER} messages waiting for people already; "
+                                "no more can be kept until they are read.")
+            try:
+                self.store.put(f"{recipient_key}/{next(self.numbers)}",
+                               {"to": recipient, "from": sender, "from_key": sender_key, "time": time.time(),
+                                "text": text})
+            except StoreFull:
+                raise StoreFull("The server holds as many offline messages as it can; try later.") from None
+
+    def take(self, recipient: str) -> list[OfflineMessage]:
+        """Every message kept for RECIPIENT, oldest first; they are no longer kept."""
+        prefix = name_key(recipient) + "/"
+        with self.lock:
+            found = sorted(((key, record) for key, record in self.store.items() if key.startswith(prefix)),
+                           key=lambda item: (item[1]["time"], int(item[0].rpartition("/")[2])))
+            for key, _ in found:
+                self.store.delete(key)
+        return [OfflineMessage(record["from"], record["time"], record["text"]) for _, record in found]
+
+    def forget(self, recipient: str) -> None:
+        self.take(recipient)
+
+
+# -- the directory --------------------------------------------------------------
+
+class DataDirectory:
+    """Everything the server keeps across restarts: one file per kind in --data-dir, or memory only without it.
+
+    Files: accounts.jsonl, operators.jsonl, invitations.jsonl, bans.jsonl,
+    rooms.jsonl, offline.jsonl, history.jsonl; and `lock`, which keeps a second
+    server from using the same directory.
+    """
+
+    def __init__(self, directory: str | None, history_file: str | None, history_limit: int,
+                 operators: Iterable[str] = ()) -> None:
+        self.directory = directory
+        self.lock_fd: int | None = None
+        if directory:
+            self._prepare(directory)
+
+        def file(name: str) -> RecordFile | None:
+            return RecordFile(os.path.join(directory, name)) if directory else None
+
+        self.accounts = Accounts(file("accounts.jsonl"))
+        self.operators = Operators(file("operators.jsonl"), operators)
+        self.invitations = Invitations(file("invitations.jsonl"))
+        self.bans = Bans(file("bans.jsonl"))
+        self.rooms = RoomSettingsStore(file("rooms.jsonl"))
+        self.offline = OfflineMessages(file("offline.jsonl"))
+        history_path = os.path.join(directory, "history.jsonl") if directory else history_file
+        self.history = HistoryLog(RecordFile(history_path) if history_path else None, history_limit,
+                                  name_key(DEFAULT_ROOM))
+        if directory:
+            log.info("data directory %s: %d account(s), %d ban(s), %d offline message(s)", directory,
+                     len(self.accounts.store), len(self.bans.store), len(self.offline.store))
+
+    def _prepare(self, directory: str) -> None:
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            status = os.stat(directory)
+        except OSError as problem:
+            raise StorageError(f"cannot use {directory} as the data directory: {problem.strerror}") from None
+        if not stat.S_ISDIR(status.st_mode):
+            raise StorageError(f"{directory} is not a directory")
+        if status.st_mode & 0o077 and status.st_uid == os.geteuid():
+            os.chmod(directory, 0o700)
+        self.lock_fd = open_data_file(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT)
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise StorageError(f"{directory} is in use by another pyChat server") from None
+
+    def close(self) -> None:
+        for store in (self.accounts.store, self.operators.store, self.invitations.store, self.bans.store,
+                      self.rooms.store, self.offline.store, self.history):
+            store.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+# ---------------------------------------------------------------------------
 # The server object: who is here, rooms, and every broadcast
 # ---------------------------------------------------------------------------
 
@@ -741,18 +1729,21 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.people: dict[str, ClientConnection] = {}           # signed in, by name_key()
         self.rooms: dict[str, Room] = {}                        # by name_key()
         self.connections: set[ClientConnection] = set()         # everyone, signed in or not
-        self.per_address: collections.Counter[str] = collections.Counter()
+        self.per_address: collections.Counter[str] = collections.Counter()   # by address_bucket()
         self.admitted = 0                                       # connections given a thread
         self.refusing = 0                                       # TLS refusals under way
-        self.failures: collections.Counter[str] = collections.Counter()   # wrong secrets, by address
+        self.failures: dict[str, tuple[int, float]] = {}        # wrong secrets and the last one's time, by bucket
+        self.out_of_descriptors = False                         # accept() failed for want of one; logged once
+        self.spare_descriptor: int | None = None                # given up to accept a newcomer just to tell them
         self.ignored: collections.Counter[str] = collections.Counter()    # how many ignore each name_key()
         self.stopping = False
         self.stop_signal, self.stop_trigger = socket.socketpair()
         self.tls = self.make_tls_context() if options.tls_cert else None
-        self.history_file = None
-        if options.history_file:
-            self.load_history(options.history_file)
+        self.data = DataDirectory(options.data_dir, options.history_file, options.history, options.operator)
+        for room_name, lines in self.data.history.rooms_and_lines():
+            self.room_named(room_name).history.extend(lines)
         self.room_named(DEFAULT_ROOM)
+        self.spare_descriptor = os.open(os.devnull, os.O_RDONLY | _CLOEXEC)
         self.pump = OutputPump(options.max_queue, options.stall_timeout)
         super().__init__((options.host, options.port), ClientConnection)
         self.pump.start()
@@ -765,33 +1756,93 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- admission ------------------------------------------------------------
 
+    def get_request(self) -> tuple[socket.socket, tuple]:
+        """Accept a newcomer. Out of file descriptors, tell them so with the spare one, and log it once."""
+        try:
+            request = super().get_request()
+        except OSError as problem:
+            if problem.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self.turn_away_for_want_of_descriptors(problem)
+            raise
+        if self.out_of_descriptors:
+            self.out_of_descriptors = False
+            log.warning("file descriptors are available again; newcomers are let in")
+        return request
+
+    def turn_away_for_want_of_descriptors(self, problem: OSError) -> None:
+        """Without a descriptor the newcomer stays in the listen queue and accept() fails at once, again and
+        again: free the spare descriptor to take the newcomer and tell them, or wait a little."""
+        if not self.out_of_descriptors:
+            self.out_of_descriptors = True
+            log.error("cannot accept connections: %s; newcomers are told to try again later "
+                      "(raise the open-file limit with ulimit -n, or lower --max-clients)", problem.strerror)
+        told = False
+        if self.spare_descriptor is not None:
+            os.close(self.spare_descriptor)
+            self.spare_descriptor = None
+            try:
+                newcomer, _ = self.socket.accept()
+                newcomer.setblocking(False)
+                try:
+                    newcomer.send(f"{error('The server is out of resources. Try again later.')}\n".encode())
+                finally:
+                    newcomer.close()
+                told = True
+            except OSError:
+                pass
+            try:
+                self.spare_descriptor = os.open(os.devnull, os.O_RDONLY | _CLOEXEC)
+            except OSError:
+                pass
+        if not told:
+            time.sleep(OUT_OF_DESCRIPTORS_PAUSE)
+
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
-        """Give a newcomer a thread of its own, or turn it away when the server or its address is full."""
-        address = client_address[0]
+        """Give a newcomer a thread of its own, or turn it away when it is banned, or the server or its address is full.
+
+        Every count taken here is given back in release(), on every path.
+        """
+        address, bucket = client_address[0], address_bucket(client_address[0])
         options = self.options
+        now = time.time()
+        ban = self.data.bans.for_address(address, now)
         with self.lock:
-            if options.max_clients and self.admitted >= options.max_clients:
+            if ban is not None:
+                refusal = ban.refusal(now)
+            elif options.max_clients and self.admitted >= options.max_clients:
                 refusal = f"The server is full ({options.max_clients} connections). Try again later."
-            elif options.max_per_ip and self.per_address[address] >= options.max_per_ip:
+            elif options.max_per_ip and self.per_address[bucket] >= options.max_per_ip:
                 refusal = f"Too many connections from your address (at most {options.max_per_ip})."
             else:
-                self.per_address[address] += 1
+                self.per_address[bucket] += 1
                 self.admitted += 1
                 refusal = None
+        if refusal is None:
+            try:
+                super().process_request(request, client_address)
+                return
+            except (RuntimeError, MemoryError, OSError) as problem:    # out of threads, memory or processes
+                self.release(bucket)
+                log.error("cannot start a thread for %s: %s", address, problem)
+                refusal = "The server is out of resources. Try again later."
+        with self.lock:
             # Over TLS the refusal needs a handshake first: a thread, but only a few at a time.
-            explain = refusal and (self.tls is None or self.refusing < MAX_TLS_REFUSALS)
+            explain = self.tls is None or self.refusing < MAX_TLS_REFUSALS
             if explain and self.tls is not None:
                 self.refusing += 1
-        if refusal is None:
-            super().process_request(request, client_address)
-            return
         log.warning("refused %s: %s", address, refusal)
         if not explain:
             self.shutdown_request(request)
         elif self.tls is None:
             self.refuse(request, refusal)
         else:
-            threading.Thread(target=self.refuse, args=(request, refusal), daemon=True).start()
+            try:
+                threading.Thread(target=self.refuse, args=(request, refusal), daemon=True).start()
+            except (RuntimeError, MemoryError):
+                with self.lock:
+                    self.refusing -= 1
+                self.shutdown_request(request)
 
     def refuse(self, request: socket.socket, refusal: str) -> None:
         """Tell a newcomer why it cannot come in, and close the connection."""
@@ -812,11 +1863,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self.lock:
-                self.admitted -= 1
-                self.per_address[client_address[0]] -= 1
-                if not self.per_address[client_address[0]]:
-                    del self.per_address[client_address[0]]
+            self.release(address_bucket(client_address[0]))
+
+    def release(self, bucket: str) -> None:
+        """Give back what process_request() counted for a newcomer from BUCKET."""
+        with self.lock:
+            self.admitted -= 1
+            self.per_address[bucket] -= 1
+            if not self.per_address[bucket]:
+                del self.per_address[bucket]
 
     def handle_error(self, request: socket.socket, client_address: tuple) -> None:
         log.exception("connection from %s failed", client_address[0])
@@ -834,19 +1889,38 @@ class ChatServer(socketserver.ThreadingTCPServer):
                          f"then {self.options.rate:g} a second.")
         return greeting
 
-    def check_secret(self, connection: ClientConnection, given: str, secret: str, what: str) -> bool:
-        """Compare in constant time; every wrong try from an address makes the next answer slower."""
-        if hmac.compare_digest(given.encode("utf-8"), secret.encode("utf-8")):
-            with self.lock:
-                self.failures.pop(connection.address, None)
-            return True
+    def check_secret(self, connection: ClientConnection, what: str, is_right: Callable[[], bool]) -> bool:
+        """Run IS_RIGHT, a check of a secret someone gave, within the limits on guessing.
+
+        Every wrong try from an address (IPv6: its /64) makes the next answer
+        slower, up to five seconds; after ADDRESS_GUESSES of them the address
+        must wait GUESS_WINDOW before trying again (TooManyGuesses). A try is
+        counted before it is checked, so guesses sent at once over many
+        connections are counted too.
+        """
+        bucket = address_bucket(connection.address)
+        now = time.monotonic()
         with self.lock:
-            if len(self.failures) > 10000:
-                self.failures.clear()
-            self.failures[connection.address] += 1
-            delay = min(self.failures[connection.address], 5)
-        log.warning("wrong %s from %r (%d in a row)", what, connection, self.failures[connection.address])
-        time.sleep(delay)
+            wrong, last = self.failures.get(bucket, (0, 0.0))
+            if now - last >= GUESS_WINDOW:
+                wrong = 0
+            if wrong >= ADDRESS_GUESSES:
+                wait = GUESS_WINDOW - (now - last)
+            else:
+                wait = 0.0
+                if len(self.failures) > 10000:
+                    self.failures = {b: f for b, f in self.failures.items() if now - f[1] < GUESS_WINDOW}
+                self.failures[bucket] = (wrong + 1, now)
+        if wait:
+            log.warning("refused a try at the %s from %r: %d wrong in a row", what, connection, wrong)
+            raise TooManyGuesses(f"Too many wrong passwords from your address; try again in "
+                                 f"{describe_duration(wait)}.")
+        if is_right():
+            with self.lock:
+                self.failures.pop(bucket, None)
+            return True
+        log.warning("wrong %s from %r (%d in a row)", what, connection, wrong + 1)
+        time.sleep(min(wrong + 1, 5))
         return False
 
     # -- people and rooms -------------------------------------------------------
@@ -899,7 +1973,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if not empty:
                     raise commands.CommandError("Too many rooms; join one of those in /rooms.")
                 del self.rooms[name_key(min(empty, key=lambda r: r.last_used).name)]
-            room = self.rooms[key] = Room(name, history=collections.deque(maxlen=self.options.history or 1))
+            settings = self.data.rooms.load(name)
+            room = self.rooms[key] = Room(name, topic=settings.topic if settings else None,
+                                          history=collections.deque(maxlen=self.options.history or 1))
         return room
 
     def _enter(self, connection: ClientConnection, room: Room) -> None:
@@ -956,52 +2032,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if self.options.history:
                 when = time.time()
                 room.history.append((when, line))
-                if self.history_file:
-                    # On disk before anyone sees it, so whatever was seen survives a crash.
-                    record = json.dumps({"time": when, "room": room.name, "line": line}, ensure_ascii=False)
-                    try:
-                        self.history_file.write(record + "\n")
-                    except OSError as problem:      # a full disk must not silence the chat
-                        log.error("history file: %s; history is kept in memory only from now on", problem)
-                        self.history_file = None
+                # In the file before anyone sees it, so whatever was seen survives a kill -9.
+                self.data.history.append(room.name, when, line)
             self._to_room(room, line, sender=connection)
-
-    # -- history on disk ---------------------------------------------------------
-
-    def load_history(self, path: str) -> None:
-        """Load room history from PATH, skipping damaged lines, and rewrite it compactly."""
-        kept: dict[str, collections.deque] = {}
-        skipped = 0
-        limit = self.options.history or 1
-        try:
-            with open(path, encoding="utf-8", errors="replace") as file:
-                for raw in file:
-                    try:
-                        record = json.loads(raw)
-                        entry = (float(record["time"]), clean_text(str(record["line"])))
-                        room_name = str(record["room"])
-                    except (ValueError, KeyError, TypeError):
-                        skipped += 1
-                        continue
-                    if name_problem(room_name, "Room") is None:
-                        kept.setdefault(room_name, collections.deque(maxlen=limit)).append(entry)
-        except FileNotFoundError:
-            pass
-        if skipped:
-            log.warning("history file %s: skipped %d damaged line(s)", path, skipped)
-        records = []
-        for room_name, entries in list(kept.items())[-MAX_ROOMS:]:
-            room = self.room_named(room_name)
-            room.history.extend(entries)
-            records += [json.dumps({"time": when, "room": room_name, "line": line}, ensure_ascii=False)
-                        for when, line in entries]
-        # Rewriting leaves no half-written line behind for the next append to glue onto.
-        temporary = f"{path}.tmp"
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write("".join(record + "\n" for record in records))
-        os.replace(temporary, path)
-        self.history_file = open(path, "a", encoding="utf-8", buffering=1)
-        log.info("history: %d line(s) in %d room(s) from %s", len(records), len(kept), path)
 
     # -- shutting down -------------------------------------------------------------
 
@@ -1021,8 +2054,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             time.sleep(0.05)
         self.pump.stop()
         self.server_close()
-        if self.history_file:
-            self.history_file.close()
+        self.data.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1185,13 +2217,27 @@ class Context:
             return target.nick
 
     def become_operator(self, secret: str) -> None:
-        """Make the caller an operator if SECRET is the server's operator password."""
+        """Make the caller an operator if SECRET is the server's operator password.
+
+        Three wrong tries close the connection; an address that tried too often must wait.
+        """
+        caller = self._caller
         expected = self._server.options.op_password
         if not expected:
             raise commands.CommandError("This server has no operator password, so no one can be an operator.")
-        if not self._server.check_secret(self._caller, secret, expected, "operator password"):
+        try:
+            right = self._server.check_secret(caller, "operator password", lambda: same_secret(secret, expected))
+        except TooManyGuesses as refusal:
+            caller.disconnect("too many wrong operator passwords from the address")
+            raise commands.CommandError(f"{refusal} Closing the connection.") from None
+        if not right:
+            caller.operator_failures += 1
+            if caller.operator_failures >= OPERATOR_TRIES:
+                caller.disconnect("too many wrong operator passwords")
+                raise commands.CommandError(f"Wrong operator password, {OPERATOR_TRIES} times: "
+                                            "closing the connection.")
             raise commands.CommandError("Wrong operator password.")
-        self._caller.operator = True
+        caller.operator = True
         log.warning("%r is now an operator", self._caller)
 
     def kick(self, nick: str, reason: str | None) -> str:
@@ -1271,7 +2317,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command_table = commands.load_commands()
         server = ChatServer(options, command_table)
-    except (commands.CommandLoadError, OSError, ssl.SSLError) as problem:
+    except (commands.CommandLoadError, StorageError, OSError, ssl.SSLError) as problem:
         log.error("cannot start: %s", problem)
         return 1
     host, port = server.server_address[:2]
