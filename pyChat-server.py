@@ -929,8 +929,8 @@ class RecordFile:
         self.lines = 0                  # lines in the file now, live or dead
         self.skipped = 0
 
-    def read(self) -> Iterator[tuple[int, dict]]:
-        """Each sound record with its line number; damaged lines are logged and skipped."""
+    def read(self, report: bool = True) -> Iterator[tuple[int, dict]]:
+        """Each sound record with its line number; damaged lines are logged (with REPORT) and skipped."""
         try:
             fd = open_data_file(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -943,14 +943,16 @@ class RecordFile:
                 if len(raw) > MAX_RECORD_BYTES:
                     while raw and not raw.endswith(b"\n"):
                         raw = file.readline(RECEIVE_SIZE)
-                    self.damaged(number, f"longer than {MAX_RECORD_BYTES} bytes")
+                    if report:
+                        self.damaged(number, f"longer than {MAX_RECORD_BYTES} bytes")
                     continue
                 if not raw.strip():
                     continue
                 try:
                     yield number, decode_record(raw)
                 except ValueError as problem:
-                    self.damaged(number, str(problem))
+                    if report:
+                        self.damaged(number, str(problem))
 
     def damaged(self, number: int, why: str) -> None:
         """Say which line of which file was left out, and why."""
@@ -1111,35 +1113,56 @@ class HistoryLog:
             self._load()
 
     def _load(self) -> None:
+        # The rooms to keep are the last used, known only at the end of the file: a first reading finds
+        # them holding nothing but their keys, and the second keeps their lines and no others.
+        recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        for _, record in self.file.read(report=False):
+            try:
+                key = name_key(self._entry(record)[0])
+            except ValueError:
+                continue
+            recent[key] = None
+            recent.move_to_end(key)
+            if len(recent) > MAX_ROOMS:
+                del recent[next(k for k in recent if k != self.keep)]
+        self.rooms.update((key, ("", collections.deque(maxlen=self.limit))) for key in recent)
         for number, record in self.file.read():
             try:
-                when = checked_time(record, "time")
-                room = checked_text(record, "room", MAX_NICKNAME_LENGTH)
-                line = clean_text(checked_text(record, "line", MAX_LINE_BYTES))
-                problem = name_problem(room, "Room name")
-                if problem:
-                    raise ValueError(problem)
-                if not line:
-                    raise ValueError("an empty line")
+                room, when, line = self._entry(record)
             except ValueError as problem:
                 self.file.damaged(number, str(problem))
                 continue
-            self._add(room, when, line)
+            if name_key(room) in recent:
+                self._add(room, when, line, arrange=False)
         if self.file.skipped:
             log.warning("history file %s: skipped %d damaged line(s)", self.file.path, self.file.skipped)
         self.file.rewrite(self._records())
         log.info("history: %d line(s) in %d room(s) from %s", self.kept, len(self.rooms), self.file.path)
 
-    def _add(self, room: str, when: float, line: str) -> None:
+    @staticmethod
+    def _entry(record: dict) -> tuple[str, float, str]:
+        """The room, time and line of a history record read from disk, or ValueError."""
+        when = checked_time(record, "time")
+        room = checked_text(record, "room", MAX_NICKNAME_LENGTH)
+        line = clean_text(checked_text(record, "line", MAX_LINE_BYTES))
+        problem = name_problem(room, "Room name")
+        if problem:
+            raise ValueError(problem)
+        if not line:
+            raise ValueError("an empty line")
+        return room, when, line
+
+    def _add(self, room: str, when: float, line: str, arrange: bool = True) -> None:
+        """Keep a line of ROOM; with ARRANGE, ROOM becomes the last used and the least used may go."""
         key = name_key(room)
         found = self.rooms.get(key)
-        if found is None:
-            found = self.rooms[key] = (room, collections.deque(maxlen=self.limit))
+        if found is None or not found[0]:
+            found = self.rooms[key] = (room, found[1] if found else collections.deque(maxlen=self.limit))
+        if arrange:
+            self.rooms.move_to_end(key)
             if len(self.rooms) > MAX_ROOMS:
                 oldest = next(k for k in self.rooms if k != self.keep)
                 self.kept -= len(self.rooms.pop(oldest)[1])
-        else:
-            self.rooms.move_to_end(key)
         lines = found[1]
         self.kept += len(lines) < lines.maxlen
         lines.append((when, line))
