@@ -1549,8 +1549,8 @@ class Bans:
 
 # -- rooms and offline messages ------------------------------------------------
 
-class RoomSettings(NamedTuple):
-    """What an operator set for a room and what outlasts a restart: its topic and its modes."""
+class SavedRoom(NamedTuple):
+    """What outlasts a restart of a room's settings: its topic and its modes."""
 
     topic: str | None
     modes: tuple[str, ...]
@@ -1571,10 +1571,10 @@ class RoomSettingsStore:
         return {"name": _check_name(key, record, "room"),
                 "topic": checked_text(record, "topic", MAX_LINE_BYTES, optional=True), "modes": modes}
 
-    def load(self, room: str) -> RoomSettings | None:
+    def load(self, room: str) -> SavedRoom | None:
         """The settings saved for ROOM, or None if there are none."""
         record = self.store.get(name_key(room))
-        return RoomSettings(record["topic"], tuple(record["modes"])) if record else None
+        return SavedRoom(record["topic"], tuple(record["modes"])) if record else None
 
     def save(self, room: str, topic: str | None, modes: Iterable[str] = ()) -> None:
         """Keep ROOM's topic and modes across restarts; nothing set means nothing kept."""
