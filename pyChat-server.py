@@ -580,7 +580,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
                                             lambda: same_secret(given, self.server.options.password)):
                     return
             except TooManyGuesses as refusal:
-                self.send_line(error(str(refusal)))
+                self.send_line(error(f"{refusal}."))
                 raise Disconnect("too many wrong passwords from the address") from None
             self.send_line(error("Wrong password."))
         raise Disconnect("wrong password")
@@ -1937,7 +1937,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if wait:
             log.warning("refused a try at the %s from %r: %d wrong in a row", what, connection, wrong)
             raise TooManyGuesses(f"Too many wrong passwords from your address; try again in "
-                                 f"{describe_duration(wait)}.")
+                                 f"{describe_duration(wait)}")
         if is_right():
             with self.lock:
                 self.failures.pop(bucket, None)
@@ -2252,7 +2252,7 @@ class Context:
             right = self._server.check_secret(caller, "operator password", lambda: same_secret(secret, expected))
         except TooManyGuesses as refusal:
             caller.disconnect("too many wrong operator passwords from the address")
-            raise commands.CommandError(f"{refusal} Closing the connection.") from None
+            raise commands.CommandError(f"{refusal}. Closing the connection.") from None
         if not right:
             caller.operator_failures += 1
             if caller.operator_failures >= OPERATOR_TRIES:
