@@ -93,7 +93,8 @@ GUESS_WINDOW = 600.0              # ... and how long it waits, in seconds since 
 MAX_RECORD_BYTES = 16 * 1024      # one line of a data file; a longer one is skipped with a log line
 MAX_KEY_LENGTH = 400              # a record's key: a name_key(), which NFKD can make longer than the name
 MAX_ACCOUNTS = 10000              # registered nicknames
-MAX_OPERATORS = 100               # accounts made operators with /oper (--operator names are not counted)
+MAX_OPERATORS = 100               # operators made with /oper add
+MAX_NAMED_OPERATORS = 100         # ... and more room in the file for names given with --operator
 MAX_INVITATIONS = 1000            # one-time codes for --private waiting to be used
 INVITATION_SECONDS = 7 * 86400    # how long an invitation code works
 MAX_BANS = 1000
@@ -103,6 +104,8 @@ MAX_ROOM_SETTINGS = 1000          # rooms with a topic or modes kept
 MAX_OFFLINE_PER_RECIPIENT = 20    # offline messages waiting for one account
 MAX_OFFLINE_PER_SENDER = 10       # offline messages one person may have waiting, for everyone together
 MAX_OFFLINE_TOTAL = 2000          # offline messages waiting, for everyone
+MAX_MOTD_BYTES = 4096             # of the --motd file that is shown
+MAX_MOTD_LINES = 40
 COMPACT_SLACK = 64                # a file is rewritten when it holds twice its live records and this many more
 COMPACT_SLACK_HISTORY = 1000      # the same, for the history file
 DAMAGED_LINES_LOGGED = 20         # damaged lines named in the log, per file
@@ -111,6 +114,7 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1      # 16 MiB and about 50 ms of on
 SCRYPT_LENGTH = 32                # bytes of hash kept
 SCRYPT_SALT_BYTES = 16            # a new random salt for each account and each password change
 MIN_PASSWORD_LENGTH = 8
+MAX_IGNORED = 100                 # names an account's /ignore list keeps for messages left while offline
 MIN_PASSWORD_DISTINCT = 4         # different characters a password must have
 MAX_PASSWORD_BYTES = 256
 
@@ -1260,10 +1264,14 @@ class Accounts:
         n = _check_integer(record, "n", 2 ** 10, 2 ** 20)
         if n & (n - 1):
             raise ValueError("'n' is not a power of two")
+        ignoring = record.get("ignoring", [])
+        if not isinstance(ignoring, list) or len(ignoring) > MAX_IGNORED or not all(
+                isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH for key in ignoring):
+            raise ValueError(f"'ignoring' is not a list of at most {MAX_IGNORED} names")
         return {"name": _check_name(key, record), "salt": _check_hex(record, "salt", 16, 64),
                 "hash": _check_hex(record, "hash", SCRYPT_LENGTH, SCRYPT_LENGTH), "n": n,
                 "r": _check_integer(record, "r", 1, 32), "p": _check_integer(record, "p", 1, 16),
-                "since": checked_time(record, "since")}
+                "since": checked_time(record, "since"), "ignoring": ignoring}
 
     def name(self, nick: str) -> str | None:
         """The registered spelling of NICK's account (any look-alike finds it), or None for a guest's name."""
@@ -1273,10 +1281,11 @@ class Accounts:
     def names(self) -> list[str]:
         return sorted((record["name"] for _, record in self.store.items()), key=str.casefold)
 
-    def _record(self, nick: str, password: str, since: float | None = None) -> dict:
+    def _record(self, nick: str, password: str, since: float | None = None, ignoring: list | None = None) -> dict:
         salt = secrets.token_bytes(SCRYPT_SALT_BYTES)
         return {"name": nick, "salt": salt.hex(), "hash": hash_password(password, salt).hex(),
-                "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "since": since or time.time()}
+                "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "since": since or time.time(),
+                "ignoring": ignoring or []}
 
     def register(self, nick: str, password: str) -> None:
         """Reserve NICK (and its look-alikes) for whoever knows PASSWORD; StoreFull if it cannot be."""
@@ -1295,18 +1304,36 @@ class Accounts:
 
     def set_password(self, nick: str, password: str) -> None:
         record = self.store.get(name_key(nick))
-        self.store.put(name_key(nick), self._record(record["name"], password, record["since"]))
+        self.store.put(name_key(nick), self._record(record["name"], password, record["since"], record["ignoring"]))
+
+    def ignoring(self, nick: str) -> list[str]:
+        """The name keys NICK's owner ignores (kept from their last /ignore), [] for a guest's name."""
+        record = self.store.get(name_key(nick))
+        return list(record["ignoring"]) if record else []
+
+    def set_ignoring(self, nick: str, keys: Iterable[str]) -> None:
+        record = self.store.get(name_key(nick))
+        if record is not None:
+            self.store.put(name_key(nick), dict(record, ignoring=sorted(keys)[:MAX_IGNORED]))
 
     def remove(self, nick: str) -> bool:
         return self.store.delete(name_key(nick))
 
 
 class Operators:
-    """The accounts that are operators: those named by --operator, and those made so with /oper."""
+    """The names whose accounts are operators: made so with /oper add, or by --operator at a start.
+
+    A name is an operator's only once someone signs in to its account (or
+    registers it); --operator names that have no account yet may, on a
+    --private server, choose their password at their first sign-in.
+    """
 
     def __init__(self, store_file: RecordFile | None, named_at_start: Iterable[str]) -> None:
-        self.store = KeyedStore(store_file, self._check, MAX_OPERATORS)
+        self.store = KeyedStore(store_file, self._check, MAX_OPERATORS + MAX_NAMED_OPERATORS)
         self.named_at_start = {name_key(name): name for name in named_at_start}
+        for key, name in self.named_at_start.items():
+            if key not in self.store:
+                self.store.put(key, {"name": name, "by": "--operator", "since": time.time()})
 
     @staticmethod
     def _check(key: str, record: dict) -> dict:
@@ -1314,14 +1341,14 @@ class Operators:
                 "since": checked_time(record, "since")}
 
     def __contains__(self, nick: str) -> bool:
-        key = name_key(nick)
-        return key in self.named_at_start or key in self.store
+        return name_key(nick) in self.store
 
     def names(self) -> list[str]:
-        names = set(self.named_at_start.values()) | {record["name"] for _, record in self.store.items()}
-        return sorted(names, key=str.casefold)
+        return sorted((record["name"] for _, record in self.store.items()), key=str.casefold)
 
     def add(self, nick: str, by: str) -> None:
+        if len(self.store) >= MAX_OPERATORS:
+            raise StoreFull(f"There are {MAX_OPERATORS} operators already.")
         self.store.put(name_key(nick), {"name": nick, "by": by, "since": time.time()})
 
     def remove(self, nick: str) -> bool:
@@ -1351,16 +1378,13 @@ class Invitations:
         record = self.store.get(name_key(nick))
         return record is not None and record["expires"] > time.time()
 
-    def redeem(self, nick: str, code: str) -> bool:
-        """True (and the code is used up) if CODE is NICK's invitation."""
+    def check(self, nick: str, code: str) -> bool:
+        """True if CODE is NICK's invitation; it works until remove(), which comes once the account is made."""
         record = self.store.get(name_key(nick))
         if record is None or record["expires"] <= time.time():
             return False
         given = hashlib.sha256(code.strip().lower().encode("utf-8", "replace")).hexdigest()
-        if not hmac.compare_digest(given, record["code"]):
-            return False
-        self.store.delete(name_key(nick))
-        return True
+        return hmac.compare_digest(given, record["code"])
 
     def remove(self, nick: str) -> bool:
         return self.store.delete(name_key(nick))
@@ -1370,13 +1394,12 @@ class Invitations:
 
 _DURATION_PART = re.compile(r"(\d{1,7})([smhdw])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-PERMANENT_WORDS = ("permanent", "perm", "forever")
 
 
 def parse_duration(text: str) -> float | None:
     """Seconds in a duration such as 30s, 10m, 2h, 7d, 2w or 1h30m; None for 'permanent'. ValueError if neither."""
     word = text.strip().lower()
-    if word in PERMANENT_WORDS:
+    if word == "permanent":
         return None
     parts = _DURATION_PART.findall(word)
     if not parts or "".join(number + unit for number, unit in parts) != word:
@@ -1587,6 +1610,7 @@ class RoomSettingsStore:
 
 class OfflineMessage(NamedTuple):
     sender: str
+    sender_key: str
     when: float
     text: str
 
@@ -1639,10 +1663,70 @@ class OfflineMessages:
                            key=lambda item: (item[1]["time"], int(item[0].rpartition("/")[2])))
             for key, _ in found:
                 self.store.delete(key)
-        return [OfflineMessage(record["from"], record["time"], record["text"]) for _, record in found]
+        return [OfflineMessage(record["from"], record["from_key"], record["time"], record["text"])
+                for _, record in found]
 
     def forget(self, recipient: str) -> None:
         self.take(recipient)
+
+
+# -- the message of the day ------------------------------------------------------
+
+class MessageOfTheDay:
+    """The lines of the --motd file, read again whenever the file changes (its time, size or inode).
+
+    Bounded (MAX_MOTD_BYTES, MAX_MOTD_LINES) and cleaned like chat text; a
+    file that is missing or not a regular file is logged once and shows as
+    no message.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.version: tuple | None = None
+        self.text: list[str] = []
+        self.complained = False
+
+    def lines(self) -> list[str]:
+        if not self.path:
+            return []
+        try:
+            status = os.stat(self.path)
+            version = (status.st_mtime_ns, status.st_size, status.st_ino)
+        except OSError as problem:
+            self._complain(f"cannot read the message of the day {self.path}: {problem.strerror}")
+            return []
+        with self.lock:
+            if version != self.version:
+                self.text, self.version = self._read(), version
+            return list(self.text)
+
+    def _read(self) -> list[str]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+        except OSError as problem:
+            self._complain(f"cannot read the message of the day {self.path}: {problem.strerror}")
+            return []
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self._complain(f"the message of the day {self.path} is not a regular file")
+                return []
+            data = os.read(fd, MAX_MOTD_BYTES + 1)
+        except OSError as problem:
+            self._complain(f"cannot read the message of the day {self.path}: {problem.strerror}")
+            return []
+        finally:
+            os.close(fd)
+        if len(data) > MAX_MOTD_BYTES:
+            log.warning("message of the day %s: only its first %d bytes are shown", self.path, MAX_MOTD_BYTES)
+        self.complained = False
+        lines = (clean_text(line) for line in data[:MAX_MOTD_BYTES].decode("utf-8", "replace").splitlines())
+        return [line for line in lines if line][:MAX_MOTD_LINES]
+
+    def _complain(self, problem: str) -> None:
+        if not self.complained:
+            self.complained = True
+            log.warning("%s", problem)
 
 
 # -- the directory --------------------------------------------------------------

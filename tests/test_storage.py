@@ -283,21 +283,22 @@ def test_an_account_record_edited_by_hand_is_refused_with_its_line(tmp_path, cap
         assert f"line {line}: {why}" in caplog.text
 
 
-def test_an_invitation_code_works_once_for_its_name(tmp_path):
+def test_an_invitation_code_works_for_its_name_until_it_is_used(tmp_path):
     invitations = server.Invitations(server.RecordFile(str(tmp_path / "invitations.jsonl")))
     code = invitations.create("dave", by="alice")
     assert invitations.waiting("dave") and not invitations.waiting("erin")
-    assert not invitations.redeem("erin", code)
-    assert not invitations.redeem("dave", code + "x")
-    assert invitations.redeem("dave", f" {code.upper()} ")
-    assert not invitations.redeem("dave", code) and not invitations.waiting("dave")
+    assert not invitations.check("erin", code)
+    assert not invitations.check("dave", code + "x")
+    assert invitations.check("dave", f" {code.upper()} ")
+    assert invitations.remove("dave")
+    assert not invitations.check("dave", code) and not invitations.waiting("dave")
 
 
 # -- bans ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, seconds", [
     ("10m", 600), ("2h", 7200), ("7d", 604800), ("1w", 604800), ("1h30m", 5400), ("45s", 45),
-    ("permanent", None), ("forever", None),
+    ("permanent", None), ("PERMANENT", None),
 ])
 def test_durations_parse(text, seconds):
     assert server.parse_duration(text) == seconds
@@ -405,3 +406,23 @@ def test_offline_messages_are_bounded_per_recipient_and_per_sender_and_delivered
     taken = server.OfflineMessages(server.RecordFile(path)).take("ALICE")
     assert [m.text for m in taken[:3]] == ["message 0", "message 1", "message 2"] and len(taken) == 20
     assert server.OfflineMessages(server.RecordFile(path)).take("alice") == []
+
+
+def test_operators_named_at_start_are_kept_like_those_added_and_can_be_removed(tmp_path):
+    path = str(tmp_path / "operators.jsonl")
+    operators = server.Operators(server.RecordFile(path), ["Alice"])
+    operators.add("bob", by="Alice")
+    assert "alice" in operators and "BOB" in operators and "carol" not in operators
+    again = server.Operators(server.RecordFile(path), [])
+    assert again.names() == ["Alice", "bob"]
+    assert again.remove("alice") and again.names() == ["bob"]
+
+
+def test_an_account_keeps_its_ignore_list_through_a_password_change(tmp_path):
+    path = str(tmp_path / "accounts.jsonl")
+    accounts = server.Accounts(server.RecordFile(path))
+    accounts.register("alice", "correct horse")
+    accounts.set_ignoring("alice", ["mallory", "troll"])
+    accounts.set_password("alice", "another horse")
+    assert server.Accounts(server.RecordFile(path)).ignoring("ALICE") == ["mallory", "troll"]
+    assert accounts.ignoring("bob") == []
