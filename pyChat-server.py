@@ -1099,11 +1099,13 @@ class KeyedStore:
 class HistoryLog:
     """The last lines of each room, appended to a file as they are said and read back at start.
 
-    It keeps its own copy of each room's last lines (the same strings the rooms
-    hold), so that it can compact its file by itself: when the file holds
-    twice the lines kept plus COMPACT_SLACK_HISTORY, it is rewritten. Rooms are
-    ordered by last use, and only the MAX_ROOMS most recently used are kept;
-    the default room always is.
+    With a file, it keeps its own copy of each room's last lines (the same
+    strings the rooms hold), so that it can compact the file by itself: when
+    the file holds twice the lines kept plus COMPACT_SLACK_HISTORY, it is
+    rewritten. Rooms are ordered by last use, and only the MAX_ROOMS most
+    recently used are kept; the default room always is. A room the server
+    forgets is forgotten here too, and in the file by a record saying so.
+    Without a file it keeps nothing.
     """
 
     def __init__(self, file: RecordFile | None, limit: int, keep: str) -> None:
@@ -1122,8 +1124,12 @@ class HistoryLog:
         recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         for _, record in self.file.read(report=False):
             try:
-                key = name_key(self._entry(record)[0])
+                room, when, _ = self._entry(record)
             except ValueError:
+                continue
+            key = name_key(room)
+            if when is None:
+                recent.pop(key, None)
                 continue
             recent[key] = None
             recent.move_to_end(key)
@@ -1136,7 +1142,13 @@ class HistoryLog:
             except ValueError as problem:
                 self.file.damaged(number, str(problem))
                 continue
-            if name_key(room) in recent:
+            if name_key(room) not in recent:
+                continue
+            if when is None:
+                lines = self.rooms[name_key(room)][1]
+                self.kept -= len(lines)
+                lines.clear()
+            else:
                 self._add(room, when, line, arrange=False)
         if self.file.skipped:
             log.warning("history file %s: skipped %d damaged line(s)", self.file.path, self.file.skipped)
@@ -1144,10 +1156,13 @@ class HistoryLog:
         log.info("history: %d line(s) in %d room(s) from %s", self.kept, len(self.rooms), self.file.path)
 
     @staticmethod
-    def _entry(record: dict) -> tuple[str, float, str]:
-        """The room, time and line of a history record read from disk, or ValueError."""
-        when = checked_time(record, "time")
+    def _entry(record: dict) -> tuple[str, float | None, str]:
+        """The room, time and line of a history record read from disk, or ValueError; a record that
+        forgets its room's lines so far has no time."""
         room = checked_text(record, "room", MAX_NICKNAME_LENGTH)
+        if record.get("forget") is True:
+            return room, None, ""
+        when = checked_time(record, "time")
         line = clean_text(checked_text(record, "line", MAX_LINE_BYTES))
         problem = name_problem(room, "Room name")
         if problem:
@@ -1181,20 +1196,31 @@ class HistoryLog:
             return [(room, list(lines)) for room, lines in self.rooms.values()]
 
     def append(self, room: str, when: float, line: str) -> None:
-        """Keep a line just said in ROOM; a file that fails is logged and given up, never fatal."""
+        """Keep a line just said in ROOM."""
         with self.lock:
-            self._add(room, when, line)
-            if self.file is None:
-                return
-            try:
-                self.file.append([{"time": when, "room": room, "line": line}], durable=False)
-                if self.file.lines > 2 * self.kept + COMPACT_SLACK_HISTORY:
-                    self.file.rewrite(self._records())
-            except (OSError, StorageError) as problem:      # a full disk must not silence the chat
-                log.error("history file %s: %s; history is kept in memory only from now on",
-                          self.file.path, getattr(problem, "strerror", None) or problem)
-                self.file.close()
-                self.file = None
+            if self.file is not None:
+                self._add(room, when, line)
+                self._write({"time": when, "room": room, "line": line})
+
+    def forget(self, room: str) -> None:
+        """Drop ROOM's lines: the server no longer keeps the room, or it was private and emptied."""
+        with self.lock:
+            found = self.rooms.pop(name_key(room), None)
+            if found is not None and self.file is not None:
+                self.kept -= len(found[1])
+                self._write({"room": room, "forget": True})
+
+    def _write(self, record: dict) -> None:
+        """Append RECORD, compacting when it is time; a file that fails is logged and given up, never fatal."""
+        try:
+            self.file.append([record], durable=False)
+            if self.file.lines > 2 * self.kept + COMPACT_SLACK_HISTORY:
+                self.file.rewrite(self._records())
+        except (OSError, StorageError) as problem:      # a full disk must not silence the chat
+            log.error("history file %s: %s; history is kept in memory only from now on",
+                      self.file.path, getattr(problem, "strerror", None) or problem)
+            self.file.close()
+            self.file = None
 
     def close(self) -> None:
         if self.file is not None:
@@ -1534,6 +1560,10 @@ class Bans:
     def add(self, ban: Ban) -> None:
         self.store.put(ban.key, ban._asdict())
         self._index()
+
+    def get(self, key: str) -> Ban | None:
+        with self.lock:
+            return self.by_key.get(key)
 
     def remove(self, key: str) -> Ban | None:
         ban = self.by_key.get(key)
@@ -2079,7 +2109,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 empty = [r for r in self.rooms.values() if not r.members and name_key(r.name) != DEFAULT_ROOM]
                 if not empty:
                     raise commands.CommandError("Too many rooms; join one of those in /rooms.")
-                del self.rooms[name_key(min(empty, key=lambda r: r.last_used).name)]
+                forgotten = min(empty, key=lambda r: r.last_used)
+                del self.rooms[name_key(forgotten.name)]
+                self.data.history.forget(forgotten.name)
             settings = self.data.rooms.load(name)
             room = self.rooms[key] = Room(name, topic=settings.topic if settings else None,
                                           history=collections.deque(maxlen=self.options.history or 1))

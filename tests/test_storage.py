@@ -426,3 +426,20 @@ def test_an_account_keeps_its_ignore_list_through_a_password_change(tmp_path):
     accounts.set_password("alice", "another horse")
     assert server.Accounts(server.RecordFile(path)).ignoring("ALICE") == ["mallory", "troll"]
     assert accounts.ignoring("bob") == []
+
+
+def test_a_forgotten_room_stays_forgotten_across_a_reopen_and_without_a_file_nothing_is_kept(tmp_path):
+    path = tmp_path / "history.jsonl"
+    history = server.HistoryLog(server.RecordFile(str(path)), limit=5, keep="lobby")
+    history.append("secret", 1_700_000_000.0, "alice: the plan")
+    history.append("lobby", 1_700_000_001.0, "alice: hi")
+    history.forget("secret")
+    history.append("secret", 1_700_000_002.0, "bob: new start")
+    history.close()
+    reread = server.HistoryLog(server.RecordFile(str(path)), limit=5, keep="lobby")
+    assert dict(reread.rooms_and_lines()) == {"lobby": [(1_700_000_001.0, "alice: hi")],
+                                              "secret": [(1_700_000_002.0, "bob: new start")]}
+    assert "the plan" not in path.read_text()
+    memory_only = server.HistoryLog(None, limit=5, keep="lobby")
+    memory_only.append("lobby", 1_700_000_000.0, "alice: hi")
+    assert memory_only.rooms_and_lines() == []
