@@ -2,19 +2,20 @@
 
 A command is a function in a module of this package, marked with `@command`:
 
-    @command("online", usage="/online")
-    def online(ctx):
-        \"\"\"Show who is online.\"\"\"
+    @command("kick", "[#ROOM] NICK [REASON...]")
+    def kick(ctx, room, nick, reason):
+        \"\"\"Put NICK out of a room.\"\"\"
         ctx.reply(...)
 
 The decorator only attaches metadata; `load_commands()` imports every module
 of a package, collects the marked functions and checks that no two claim the
 same name. Nothing else lists the commands, so adding one is adding a file.
 
-The usage string is also the argument specification. After the command name
-it may hold, in this order:
+The usage string (the arguments, without the command's name) is also the
+argument specification. It may hold, in this order:
 
-    WORD        one required word          /kick NICK
+    [#ROOM]     a room, taken only if the word starts with '#'   /topic [#ROOM] TEXT...
+    WORD        one required word          /ignore NICK
     [WORD]      one optional word          /help [COMMAND]
     TEXT...     the rest of the line       /msg NICK TEXT...
     [TEXT...]   the rest of the line, optional   /away [REASON...]
@@ -22,7 +23,8 @@ it may hold, in this order:
 The registry splits the arguments accordingly and calls `handler(ctx, *args)`
 with one string per element (None for a missing optional one). Wrong use is
 answered from here with the usage, so no command re-implements that check.
-A handler refuses a request by raising `CommandError("why")`.
+A handler refuses a request by raising `CommandError("why")`. All it may
+touch is the `Context` it is given; the interface is defined below.
 """
 from __future__ import annotations
 
@@ -32,12 +34,12 @@ import inspect
 import logging
 import pkgutil
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 log = logging.getLogger("pychat.commands")
 
 _MARK = "pychat_command"
-_PARAMETER = re.compile(r"^(\[)?([A-Z][A-Z0-9_-]*)(\.\.\.)?(\])?$")
+_PARAMETER = re.compile(r"^(\[)?(#)?([A-Z][A-Z0-9_-]*)(\.\.\.)?(\])?$")
 
 
 class CommandError(Exception):
@@ -55,6 +57,7 @@ class Parameter:
     name: str
     optional: bool
     rest_of_line: bool
+    room: bool = False          # [#ROOM]: present only if the next word starts with '#'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,14 @@ class Command:
         values: list[str | None] = []
         rest = text.strip()
         for parameter in self.parameters:
+            if parameter.room:
+                if rest.startswith("#"):
+                    value, _, rest = rest.partition(" ")
+                    rest = rest.lstrip()
+                else:
+                    value = None
+                values.append(value)
+                continue
             if parameter.rest_of_line:
                 value, rest = rest, ""
             else:
@@ -89,13 +100,12 @@ class Command:
         return values
 
 
-def command(name: str, *, usage: str | None = None, aliases: tuple[str, ...] | list[str] = (),
+def command(name: str, usage: str = "", *, aliases: tuple[str, ...] | list[str] = (),
             operator: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Mark a function as the slash-command /NAME; the function's docstring is its help."""
+    """Mark a function as the slash-command /NAME taking the arguments USAGE; its docstring is its help."""
 
     def mark(handler: Callable[..., Any]) -> Callable[..., Any]:
-        setattr(handler, _MARK, {"name": name, "usage": usage or f"/{name}",
-                                 "aliases": tuple(aliases), "operator": operator})
+        setattr(handler, _MARK, {"name": name, "usage": usage, "aliases": tuple(aliases), "operator": operator})
         return handler
 
     return mark
@@ -103,17 +113,21 @@ def command(name: str, *, usage: str | None = None, aliases: tuple[str, ...] | l
 
 def _parse_usage(name: str, usage: str, source: str) -> tuple[Parameter, ...]:
     words = usage.split()
-    if not words or words[0] != f"/{name}":
-        raise CommandLoadError(f"{source}: usage {usage!r} must start with /{name}")
-    parameters = []
-    for word in words[1:]:
+    if words and words[0].lower() == f"/{name}":
+        raise CommandLoadError(f"{source}: /{name}: usage {usage!r} repeats the command's name; "
+                               "give only its arguments")
+    parameters: list[Parameter] = []
+    for word in words:
         match = _PARAMETER.match(word)
-        if not match or bool(match.group(1)) != bool(match.group(4)):
-            raise CommandLoadError(f"{source}: /{name}: cannot read {word!r} in usage {usage!r}")
-        parameter = Parameter(match.group(2), bool(match.group(1)), bool(match.group(3)))
+        if not match or bool(match.group(1)) != bool(match.group(5)) or (
+                match.group(2) and not (match.group(1) and not match.group(4) and not parameters)):
+            raise CommandLoadError(f"{source}: /{name}: cannot read {word!r} in usage {usage!r}"
+                                   + (" ([#ROOM] must be optional and come first)" if match and match.group(2)
+                                      else ""))
+        parameter = Parameter(match.group(3), bool(match.group(1)), bool(match.group(4)), bool(match.group(2)))
         if parameters and parameters[-1].rest_of_line:
             raise CommandLoadError(f"{source}: /{name}: only the last argument may take the rest of the line")
-        if parameters and parameters[-1].optional and not parameter.optional:
+        if parameters and parameters[-1].optional and not parameters[-1].room and not parameter.optional:
             raise CommandLoadError(f"{source}: /{name}: a required argument cannot follow an optional one")
         parameters.append(parameter)
     return tuple(parameters)
@@ -133,9 +147,95 @@ def _make_command(handler: Callable[..., Any], source: str) -> Command:
         raise CommandLoadError(
             f"{source}: /{name} takes ctx plus {len(parameters)} argument(s) by its usage "
             f"{meta['usage']!r}, but the function's signature does not match") from None
-    return Command(name=name, handler=handler, usage=meta["usage"], summary=summary.strip(),
+    usage = f"/{name} {meta['usage']}".rstrip()
+    return Command(name=name, handler=handler, usage=usage, summary=summary.strip(),
                    details=details.strip(), aliases=meta["aliases"], operator=meta["operator"],
                    source=source, parameters=parameters)
+
+
+class PersonInfo(NamedTuple):
+    """What a command may know about someone: a snapshot, not a live object."""
+
+    nick: str
+    room: Optional[str]         # their current room; None when it is a private room you are not in
+    away: Optional[str]
+    operator: bool              # an operator of the server
+    muted: bool
+    room_operator: bool         # an operator of the room it was listed for (by room_members)
+
+
+class RoomInfo(NamedTuple):
+    """What a command may know about a room."""
+
+    name: str
+    people: int
+    topic: Optional[str]
+    yours: bool                 # the caller is in it
+    current: bool               # it is the caller's current room
+    private: bool               # it has a key or is invite-only
+
+
+class RoomSettings(NamedTuple):
+    """A room's settings, for /mode."""
+
+    name: str
+    topic: Optional[str]
+    has_key: bool
+    invite_only: bool
+    topic_by_everyone: bool
+    operators: tuple[str, ...]
+
+
+class Context(Protocol):
+    """All a command can see and do. The server gives each command call one of these.
+
+    Every verb takes the server's lock itself and acts through the server;
+    one that cannot do what was asked raises CommandError, which the caller
+    sees as an error line. ROOM arguments take a name with or without '#';
+    None means the caller's current room.
+    """
+
+    nick: str                   # the caller's nickname
+    room: str                   # the caller's current room
+    is_operator: bool           # the caller is an operator of the server
+    away: Optional[str]         # the caller's away reason, or None
+    command_table: CommandTable
+
+    # -- answering the caller
+    def reply(self, text: str) -> None: ...
+    def error(self, text: str) -> None: ...
+
+    # -- talking
+    def say(self, text: str, room: Optional[str] = None) -> None: ...
+    def act(self, text: str, room: Optional[str] = None) -> None: ...
+    def send_private(self, nick: str, text: str) -> None: ...
+    def last_private_sender(self) -> str: ...
+
+    # -- rooms
+    def join(self, room: str, key: Optional[str] = None) -> None: ...
+    def leave(self, room: Optional[str] = None) -> None: ...
+    def invite(self, nick: str, room: Optional[str] = None) -> str: ...
+    def kick(self, nick: str, reason: Optional[str], room: Optional[str] = None) -> str: ...
+    def set_topic(self, text: str, room: Optional[str] = None) -> None: ...
+    def set_mode(self, setting: str, value: str, room: Optional[str] = None) -> None: ...
+    def room_settings(self, room: Optional[str] = None) -> RoomSettings: ...
+
+    # -- about the caller
+    def rename(self, new_nick: str) -> None: ...
+    def set_away(self, reason: Optional[str]) -> None: ...
+    def ignore(self, nick: str, ignoring: bool = True) -> str: ...
+    def ignored(self) -> list[str]: ...
+    def become_operator(self, secret: str) -> None: ...
+    def quit(self, message: Optional[str] = None) -> None: ...
+
+    # -- server operators
+    def set_muted(self, nick: str, muted: bool) -> str: ...
+    def disconnect(self, nick: str, reason: Optional[str]) -> str: ...
+
+    # -- lists (each costs its length from the caller's listing budget)
+    def online(self) -> list[PersonInfo]: ...
+    def room_members(self, room: Optional[str] = None) -> tuple[str, list[PersonInfo]]: ...
+    def rooms(self) -> list[RoomInfo]: ...
 
 
 class CommandTable:

@@ -2,7 +2,7 @@
 from commands import CommandError, command
 
 
-@command("help", usage="/help [COMMAND]")
+@command("help", "[COMMAND]")
 def show_help(ctx, name):
     """Show the commands, or how to use one of them.
 

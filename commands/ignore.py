@@ -2,7 +2,7 @@
 from commands import command
 
 
-@command("ignore", usage="/ignore [NICK]")
+@command("ignore", "[NICK]")
 def ignore(ctx, nick):
     """Stop seeing NICK's lines and private messages; without NICK, list whom you ignore."""
     if nick is None:
@@ -12,7 +12,7 @@ def ignore(ctx, nick):
     ctx.reply(f"You now ignore {ctx.ignore(nick)}. /unignore to see them again.")
 
 
-@command("unignore", usage="/unignore NICK")
+@command("unignore", "NICK")
 def unignore(ctx, nick):
     """See NICK's lines again after /ignore."""
     ctx.reply(f"You see {ctx.ignore(nick, ignoring=False)} again.")

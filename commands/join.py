@@ -1,12 +1,15 @@
-"""/join: move to another room."""
+"""/join: enter a room, or switch to one you are in."""
 from commands import command
 
 
-@command("join", usage="/join ROOM")
-def join_room(ctx, room):
-    """Move to ROOM (the # is optional), creating it if no one is there yet.
+@command("join", "ROOM [KEY]")
+def join_room(ctx, room, key):
+    """Enter ROOM (the # is optional), creating it if no one is there yet; it becomes your current room.
 
-    Room names follow the nickname rules. The room you leave and the one you
-    enter are both told; you see who is there, the topic and recent lines.
+    You stay in your other rooms and see their lines tagged with their name.
+    The room is told; you see who is there, the topic and the lines you
+    missed. Joining a room you are in only makes it current. A room with a
+    key needs it (/join ROOM KEY); an invite-only one needs an /invite.
+    Whoever opens a room is its operator (see /mode).
     """
-    ctx.join(room)
+    ctx.join(room, key)

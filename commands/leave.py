@@ -1,8 +1,12 @@
-"""/leave: back to the default room."""
+"""/leave: leave a room."""
 from commands import command
 
 
-@command("leave", usage="/leave", aliases=("part",))
-def leave_room(ctx):
-    """Leave this room and go back to the lobby."""
-    ctx.join(ctx.default_room)
+@command("leave", "[ROOM]", aliases=("part",))
+def leave_room(ctx, room):
+    """Leave ROOM, or your current room; leaving your last room takes you back to #lobby.
+
+    Your current room becomes the last one you joined of those you are still
+    in. #lobby cannot be left when it is your only room: /quit leaves the chat.
+    """
+    ctx.leave(room)

@@ -2,7 +2,7 @@
 from commands import command
 
 
-@command("me", usage="/me TEXT...")
+@command("me", "TEXT...")
 def action(ctx, text):
     """Describe what you are doing: /me waves shows '* you waves' to the room."""
     ctx.act(text)

@@ -1,14 +1,20 @@
-"""/mute and /unmute: stop someone from talking in rooms."""
+"""/mute and /unmute: stop someone from putting words in front of others."""
 from commands import command
 
 
-@command("mute", usage="/mute NICK", operator=True)
+@command("mute", "NICK", operator=True)
 def mute(ctx, nick):
-    """Stop NICK from talking in rooms; private messages still work."""
+    """Stop NICK from talking in rooms, and from anything that shows their words to others.
+
+    A muted person still reads, joins and leaves rooms (unannounced), and
+    sends private messages. They cannot talk, act, change nickname, set a
+    topic, invite, run a room, or have their away status or /quit message
+    shown.
+    """
     ctx.reply(f"Muted {ctx.set_muted(nick, True)}.")
 
 
-@command("unmute", usage="/unmute NICK", operator=True)
+@command("unmute", "NICK", operator=True)
 def unmute(ctx, nick):
     """Let NICK talk in rooms again."""
     ctx.reply(f"Unmuted {ctx.set_muted(nick, False)}.")

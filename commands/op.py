@@ -1,13 +1,14 @@
-"""/op: become an operator."""
+"""/op: become an operator of the server."""
 from commands import command
 
 
-@command("op", usage="/op SECRET...")
+@command("op", "SECRET...")
 def become_operator(ctx, secret):
-    """Become an operator with the server's operator password.
+    """Become an operator of the server with its operator password.
 
-    Operators may /kick, /mute, /unmute and set the /topic. Wrong passwords
-    are logged and each one makes the next answer slower.
+    Server operators may /disconnect, /mute and /unmute anyone, and run every
+    room as its operators do (/kick, /topic, /mode, joining private rooms).
+    Wrong passwords are logged and each one makes the next answer slower.
     """
     ctx.become_operator(secret)
     ctx.reply("You are now an operator.")

@@ -2,7 +2,7 @@
 from commands import command
 
 
-@command("quit", usage="/quit [MESSAGE...]", aliases=("exit", "bye"))
+@command("quit", "[MESSAGE...]", aliases=("exit", "bye"))
 def quit_chat(ctx, message):
     """Leave the chat, with an optional goodbye that the room sees."""
     ctx.quit(message)

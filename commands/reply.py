@@ -2,7 +2,7 @@
 from commands import command
 
 
-@command("reply", usage="/reply TEXT...", aliases=("r",))
+@command("reply", "TEXT...", aliases=("r",))
 def reply_private(ctx, text):
     """Answer the last person who sent you a private message."""
     ctx.send_private(ctx.last_private_sender(), text)

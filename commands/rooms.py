@@ -2,9 +2,16 @@
 from commands import command
 
 
-@command("rooms", usage="/rooms")
+@command("rooms")
 def list_rooms(ctx):
-    """List the rooms with how many people are in each."""
+    """List the rooms with how many are in each and their topics, marking yours and your current one.
+
+    Private rooms (with a key, or invite-only) are listed only to the people
+    in them.
+    """
     rooms = ctx.rooms()
-    described = ", ".join(f"#{room.name} ({room.people})" for room in rooms)
-    ctx.reply(f"{len(rooms)} room{'s' * (len(rooms) != 1)}: {described}")
+    ctx.reply(f"{len(rooms)} room{'s' * (len(rooms) != 1)}:")
+    for room in rooms:
+        marks = ["current" if room.current else "yours"] * room.yours + ["private"] * room.private
+        details = ", ".join([str(room.people), *marks])
+        ctx.reply(f"#{room.name} ({details})" + (f": {room.topic}" if room.topic else ""))

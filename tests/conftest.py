@@ -347,3 +347,44 @@ def chat(server, connect):
         return clients
 
     return sign_in
+
+
+ROOM_TAG = re.compile(r"#(\S+) (.*)$")
+ENTERED = re.compile(r"\*\*\* (?:You are in|Now talking in) #([^\s,.]+)")
+
+
+class RoomReader:
+    """Reads a client's lines as an nc user would: every line gets its room, from its tag, or else from the
+    last `*** You are in #ROOM` / `*** Now talking in #ROOM.` read (the wire protocol's rule)."""
+
+    def __init__(self, client: LineClient, current: str = "lobby") -> None:
+        self.client = client
+        self.current = current
+        self.read = 0
+
+    def next(self, timeout: float = TIMEOUT) -> tuple[str, str]:
+        """The next line as (room, line without its tag); lines that change the current room say so first."""
+        if self.read == len(self.client.seen):
+            self.client.recv_line(timeout)
+        line = self.client.seen[self.read]
+        self.read += 1
+        tagged = ROOM_TAG.match(line)
+        if tagged:
+            return tagged.group(1), tagged.group(2)
+        entered = ENTERED.match(line)
+        if entered:
+            self.current = entered.group(1)
+        return self.current, line
+
+    def until(self, room: str, pattern: str, timeout: float = TIMEOUT) -> list[tuple[str, str]]:
+        """Every (room, line) up to the first line of ROOM matching PATTERN."""
+        deadline = time.monotonic() + timeout
+        lines = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"no line of #{room} matching {pattern!r}; got {shown([f'{r}| {l}' for r, l in lines])}")
+            where, line = self.next(remaining)
+            lines.append((where, line))
+            if where == room and re.match(pattern, line):
+                return lines

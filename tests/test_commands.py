@@ -95,7 +95,7 @@ def test_reply_to_someone_who_left(chat):
     bob.send("/quit")
     alice.expect(r"\*\*\* bob quit")
     alice.send("/reply come back")
-    assert alice.recv_line() == "!! bob has left."
+    assert alice.recv_line() == "!! The last person who sent you a private message has left."
 
 
 # -- /me --------------------------------------------------------------------------------------------
@@ -109,13 +109,12 @@ def test_me_is_an_action_line(chat):
     assert alice.recv_line() == "!! Usage: /me TEXT..."
 
 
-# -- rooms ------------------------------------------------------------------------------------------
+# -- rooms (more in test_rooms.py) ----------------------------------------------------------------
 
 def test_rooms_keep_their_talk_to_themselves(chat):
     alice, bob, carol = chat("alice", "bob", "carol")
     bob.send("/join #dev")
     assert bob.expect(r"\*\*\* You are in") == "*** You are in #dev, alone for now."
-    assert alice.expect(r"\*\*\* bob") == "*** bob left #lobby"
     carol.send("/join dev")
     assert carol.expect(r"\*\*\* You are in") == "*** You are in #dev with bob."
     assert bob.expect(r"\*\*\* carol") == "*** carol joined #dev"
@@ -125,6 +124,7 @@ def test_rooms_keep_their_talk_to_themselves(chat):
     assert carol.expect("bob: ") == "bob: secret plans"
     alice.send("lobby talk")
     assert alice.expect(r"\w+: |\* ") == "alice: lobby talk", "nothing said in #dev reached the lobby"
+    assert bob.expect(r"#lobby ") == "#lobby alice: lobby talk", "bob is still in #lobby, tagged"
 
 
 def test_rooms_lists_rooms_and_who_lists_your_room(chat):
@@ -132,24 +132,26 @@ def test_rooms_lists_rooms_and_who_lists_your_room(chat):
     bob.send("/join dev")
     bob.expect(r"\*\*\* You are in #dev")
     alice.send("/rooms")
-    assert alice.expect("-- ") == "-- 2 rooms: #dev (1), #lobby (2)"
+    assert alice.lines_until(r"-- #lobby")[-3:] == ["-- 2 rooms:", "-- #dev (1)", "-- #lobby (3, current)"]
     alice.send("/who")
-    assert alice.expect("-- ") == "-- 2 in #lobby: alice, carol"
+    assert alice.expect("-- ") == "-- 3 in #lobby: alice, bob, carol"
     bob.send("/names")
-    assert bob.expect("-- ") == "-- 1 in #dev: bob"
+    assert bob.expect("-- ") == "-- 1 in #dev: bob (operator)"
     alice.send("/online")
     assert alice.expect("-- ") == "-- 3 online: alice (#lobby), bob (#dev), carol (#lobby)"
 
 
-def test_leave_returns_to_the_lobby(chat):
+def test_leave_goes_back_to_the_last_room_and_the_lobby_is_never_left_alone(chat):
     alice, bob = chat("alice", "bob")
+    bob.send("/leave")
+    assert bob.recv_line() == "!! #lobby is your only room; /quit leaves the chat."
     bob.send("/join dev")
     bob.expect(r"\*\*\* You are in #dev")
     bob.send("/leave")
-    assert bob.expect(r"\*\*\* You are in") == "*** You are in #lobby with alice."
-    assert alice.expect(r"\*\*\* bob joined") == "*** bob joined #lobby"
-    bob.send("/leave")
-    assert bob.recv_line() == "!! You are already in #lobby."
+    assert bob.recv_line() == "*** You left #dev."
+    assert bob.recv_line() == "*** Now talking in #lobby."
+    bob.send("/leave lobby")
+    assert bob.recv_line() == "!! #lobby is your only room; /quit leaves the chat."
 
 
 def test_room_names_follow_the_nickname_rules(chat):
@@ -157,7 +159,7 @@ def test_room_names_follow_the_nickname_rules(chat):
     alice.send("/join bad:room")
     assert alice.recv_line().startswith("!! Room name cannot contain ':'")
     alice.send("/join")
-    assert alice.recv_line() == "!! Usage: /join ROOM"
+    assert alice.recv_line() == "!! Usage: /join ROOM [KEY]"
     alice.send("/join LOBBY")
     assert alice.recv_line() == "!! You are already in #lobby."
 
@@ -168,6 +170,7 @@ def test_away_is_shown_and_answers_private_messages(chat):
     alice, bob = chat("alice", "bob")
     bob.send("/away lunch")
     assert bob.recv_line() == "-- You are marked away (lunch). /back when you return."
+    assert alice.expect(r"\*\*\* bob") == "*** bob is away (lunch)"
     alice.send("/online")
     assert alice.expect("-- ") == "-- 2 online: alice (#lobby), bob (#lobby, away)"
     alice.send("/msg bob are you there?")
@@ -175,6 +178,7 @@ def test_away_is_shown_and_answers_private_messages(chat):
     assert alice.recv_line() == "-- bob is away: lunch"
     bob.send("/back")
     assert bob.expect("-- ") == "-- Welcome back."
+    assert alice.expect(r"\*\*\* bob") == "*** bob is back"
     bob.send("/back")
     assert bob.recv_line() == "!! You are not away."
     alice.send("/who")
@@ -241,10 +245,13 @@ def make_operator(client: LineClient) -> None:
 def test_operator_commands_are_refused_to_others(op_server, connect):
     alice = connect(op_server, "alice")
     connect(op_server, "bob")
-    for line in ("/kick bob", "/mute bob", "/unmute bob", "/topic hello"):
+    for line in ("/disconnect bob", "/mute bob", "/unmute bob"):
         alice.send(line)
         name = line.split()[0]
         assert alice.expect("!! ") == f"!! {name}: not allowed; only operators may use it."
+    for line in ("/kick bob", "/topic hello", "/mode topic everyone"):
+        alice.send(line)
+        assert alice.expect("!! ") == "!! Only operators of #lobby may do that."
 
 
 def test_a_wrong_operator_password_is_refused_slowly_and_logged(op_server, connect):
@@ -262,19 +269,19 @@ def test_op_without_a_configured_password(chat):
     assert alice.recv_line() == "!! This server has no operator password, so no one can be an operator."
 
 
-def test_an_operator_can_kick_with_a_reason(op_server, connect):
+def test_a_server_operator_can_disconnect_someone_with_a_reason(op_server, connect):
     alice = connect(op_server, "alice")
     bob = connect(op_server, "bob")
     carol = connect(op_server, "carol")
     make_operator(alice)
-    alice.send("/kick bob enough")
-    assert alice.expect("-- ") == "-- Kicked bob."
-    assert bob.wait_closed()[-1] == "*** You were kicked by alice: enough."
-    assert carol.expect(r"\*\*\* bob") == "*** bob quit (kicked by alice: enough)"
-    alice.send("/kick ghost")
+    alice.send("/disconnect bob enough")
+    assert alice.expect("-- ") == "-- Disconnected bob."
+    assert bob.wait_closed()[-1] == "*** You were disconnected by alice: enough."
+    assert carol.expect(r"\*\*\* bob") == "*** bob quit (disconnected by alice: enough)"
+    alice.send("/kill ghost")
     assert alice.expect("!! ").startswith("!! No one called ghost")
-    alice.send("/kick")
-    assert alice.expect("!! ") == "!! Usage: /kick NICK [REASON...]"
+    alice.send("/disconnect")
+    assert alice.expect("!! ") == "!! Usage: /disconnect NICK [REASON...]"
 
 
 def test_a_muted_user_cannot_talk_in_rooms_until_unmuted(op_server, connect):
@@ -314,17 +321,18 @@ def test_operator_commands_are_marked_in_help(chat):
     (alice,) = chat("alice")
     alice.send("/help")
     lines = alice.lines_until("-- Type /help COMMAND")
-    for name in ("kick", "mute", "unmute", "topic"):
+    for name in ("disconnect", "mute", "unmute"):
         assert any(line.startswith(f"-- /{name} ") and line.endswith("(operators)") for line in lines), name
-    assert not any(line.startswith("-- /msg ") and line.endswith("(operators)") for line in lines)
-    alice.send("/help kick")
+    assert not any(line.startswith(("-- /msg ", "-- /kick ")) and line.endswith("(operators)") for line in lines)
+    alice.send("/help disconnect")
     assert alice.lines_until("-- Only operators")[-1] == "-- Only operators may use it (see /op)."
 
 
 def test_help_command_shows_the_longer_description(chat):
     (alice,) = chat("alice")
     alice.send("/help msg")
-    assert alice.recv_line() == "-- /msg NICK TEXT...  Send a private message that only NICK sees."
+    assert alice.recv_line() == ("-- /msg NICK TEXT...  Send a private message that only NICK sees; "
+                                 "/msg #ROOM TEXT says TEXT in a room of yours.")
     assert alice.recv_line() == "-- Also: /w, /tell"
     assert alice.recv_line().startswith("-- You get a copy marked [pm to NICK]")
 

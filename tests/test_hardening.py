@@ -770,7 +770,7 @@ def test_text_relayed_by_commands_keeps_its_sender_and_loses_its_control_charact
     bob.send(f"/op {OP_PASSWORD}")
     assert bob.expect("-- |!! ") == "-- You are now an operator."
     relayed = ("* bob ", "[pm from bob] ", "*** bob set the topic of #lobby: ", "[pm to bob] ping",
-               "-- bob is away: ")
+               "-- bob is away: ", "*** bob is away (", "*** bob is back")
     inline = [disguise.rstrip(b"\n") for disguise in DISGUISES if disguise.count(b"\n") == 1]
     for n, disguise in enumerate(inline):
         start = len(alice.seen)
@@ -783,7 +783,7 @@ def test_text_relayed_by_commands_keeps_its_sender_and_loses_its_control_charact
         bob.send(f"end {n}")
         alice.expect(f"bob: end {n}$")
         received = alice.seen[start:-1]
-        assert len(received) == 5, f"{disguise!r} relayed by /me, /msg, /topic and /away arrived as {received}"
+        assert len(received) == 7, f"{disguise!r} relayed by /me, /msg, /topic and /away arrived as {received}"
         for line in received:
             assert line.startswith(relayed), f"{disguise!r} relayed by a command arrived as {line!r}"
             assert not TERMINAL_CONTROL.search(line), f"{disguise!r} arrived with control characters: {line!r}"

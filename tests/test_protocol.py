@@ -37,7 +37,7 @@ def test_line_reader_replaces_invalid_utf8():
     ("tab\there", "tab here"),
     ("\u202eevil\u202c \u2066isolate\u2069", "evil isolate"),
     ("line\u2028separator", "line separator"),
-    ("  padded  ", "padded"),
+    ("  padded  ", "  padded"),
     ("emoji 👍🏽 and 👨‍👩‍👧 stay", "emoji 👍🏽 and 👨‍👩‍👧 stay"),
 ])
 def test_clean_text_removes_what_could_act_on_a_terminal(dirty, clean):

@@ -1,6 +1,8 @@
 """The command registry: usage strings as argument specs, discovery of new files, and load-time errors."""
 from __future__ import annotations
 
+import inspect
+import re
 import shutil
 import subprocess
 import sys
@@ -9,8 +11,9 @@ import uuid
 
 import pytest
 
+import commands
 from commands import Command, CommandError, CommandLoadError, load_commands
-from conftest import ROOT, LineClient
+from conftest import ROOT, SERVER_SCRIPT, LineClient, import_script
 
 
 def make_package(tmp_path, monkeypatch, files: dict[str, str]) -> str:
@@ -30,7 +33,7 @@ HELLO = '''
     from commands import command
 
 
-    @command("hello", usage="/hello [NAME]", aliases=("hi",))
+    @command("hello", "[NAME]", aliases=("hi",))
     def hello(ctx, name):
         """Say hello to someone, or to yourself."""
         ctx.reply(f"Hello, {name or ctx.nick}!")
@@ -46,7 +49,7 @@ def test_a_new_file_in_a_package_becomes_a_command(tmp_path, monkeypatch):
 
 
 def test_two_files_claiming_one_name_are_refused_naming_both(tmp_path, monkeypatch):
-    clash = HELLO.replace('"hello", usage="/hello [NAME]", aliases=("hi",)', '"hi", usage="/hi"').replace(
+    clash = HELLO.replace('"hello", "[NAME]", aliases=("hi",)', '"hi"').replace(
         "def hello(ctx, name)", "def hi(ctx, name=None)")
     package = make_package(tmp_path, monkeypatch, {"hello.py": HELLO, "zz_hi.py": clash})
     with pytest.raises(CommandLoadError, match=r"/hi is claimed twice: by .*/hello\.py and by .*/zz_hi\.py"):
@@ -54,11 +57,13 @@ def test_two_files_claiming_one_name_are_refused_naming_both(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("decorator, signature, problem", [
-    ('"x", usage="/y"', "(ctx)", "must start with /x"),
-    ('"x", usage="/x [A] B"', "(ctx, a, b)", "required argument cannot follow an optional"),
-    ('"x", usage="/x A... B"', "(ctx, a, b)", "only the last argument"),
-    ('"x", usage="/x lower"', "(ctx, a)", "cannot read 'lower'"),
-    ('"x", usage="/x A B"', "(ctx, a)", "signature does not match"),
+    ('"x", "/x A"', "(ctx, a)", "repeats the command's name"),
+    ('"x", "[A] B"', "(ctx, a, b)", "required argument cannot follow an optional"),
+    ('"x", "A... B"', "(ctx, a, b)", "only the last argument"),
+    ('"x", "lower"', "(ctx, a)", "cannot read 'lower'"),
+    ('"x", "A B"', "(ctx, a)", "signature does not match"),
+    ('"x", "A [#ROOM]"', "(ctx, a, b)", r"\[#ROOM\] must be optional and come first"),
+    ('"x", "#ROOM"', "(ctx, a)", r"\[#ROOM\] must be optional and come first"),
 ])
 def test_a_malformed_command_file_is_refused_at_load_time(tmp_path, monkeypatch, decorator, signature, problem):
     source = f'''
@@ -86,33 +91,38 @@ def test_a_command_without_a_docstring_is_refused(tmp_path, monkeypatch):
         load_commands(make_package(tmp_path, monkeypatch, {"x.py": source}))
 
 
-def spec(usage: str) -> Command:
+def spec(arguments: str) -> Command:
     from commands import _parse_usage
 
-    return Command(name="t", handler=print, usage=usage, summary="", details="", aliases=(), operator=False,
-                   source="t.py", parameters=_parse_usage("t", usage, "t.py"))
+    return Command(name="t", handler=print, usage=f"/t {arguments}".rstrip(), summary="", details="", aliases=(),
+                   operator=False, source="t.py", parameters=_parse_usage("t", arguments, "t.py"))
 
 
 @pytest.mark.parametrize("usage, text, expected", [
-    ("/t", "", []),
-    ("/t [NAME]", "", [None]),
-    ("/t [NAME]", "  bob  ", ["bob"]),
-    ("/t NICK TEXT...", "bob  hello   there ", ["bob", "hello   there"]),
-    ("/t NICK [REASON...]", "bob", ["bob", None]),
-    ("/t A B", "x y", ["x", "y"]),
+    ("", "", []),
+    ("[NAME]", "", [None]),
+    ("[NAME]", "  bob  ", ["bob"]),
+    ("NICK TEXT...", "bob  hello   there ", ["bob", "hello   there"]),
+    ("NICK [REASON...]", "bob", ["bob", None]),
+    ("A B", "x y", ["x", "y"]),
+    ("[#ROOM] NICK [REASON...]", "bob go away", [None, "bob", "go away"]),
+    ("[#ROOM] NICK [REASON...]", "#dev bob go away", ["#dev", "bob", "go away"]),
+    ("[#ROOM] [TEXT...]", "#dev", ["#dev", None]),
+    ("[#ROOM] [TEXT...]", "", [None, None]),
 ])
 def test_arguments_are_split_as_the_usage_says(usage, text, expected):
     assert spec(usage).split_arguments(text) == expected
 
 
 @pytest.mark.parametrize("usage, text, message", [
-    ("/t NICK", "", "Usage: /t NICK"),
-    ("/t NICK TEXT...", "bob", "Usage: /t NICK TEXT..."),
-    ("/t", "extra", "Too many arguments. Usage: /t"),
-    ("/t A", "x y", "Too many arguments. Usage: /t A"),
+    ("NICK", "", "Usage: /t NICK"),
+    ("NICK TEXT...", "bob", "Usage: /t NICK TEXT..."),
+    ("", "extra", "Too many arguments. Usage: /t"),
+    ("A", "x y", "Too many arguments. Usage: /t A"),
+    ("[#ROOM] NICK", "#dev", "Usage: /t [#ROOM] NICK"),
 ])
 def test_wrong_arguments_are_refused_with_the_usage(usage, text, message):
-    with pytest.raises(CommandError, match=message.replace(".", r"\.")):
+    with pytest.raises(CommandError, match=re.escape(message)):
         spec(usage).split_arguments(text)
 
 
@@ -199,3 +209,17 @@ def test_the_readme_example_command_works_as_printed(server_copy, start_server):
     client.send("/help roll")
     assert client.recv_line().startswith("-- /roll [SIDES]  Roll a die")
     client.close()
+
+
+def test_the_servers_context_has_every_verb_of_the_context_interface_with_its_parameters():
+    server_context = import_script(SERVER_SCRIPT, "pychat_server").Context
+    interface = commands.Context
+    verbs = [name for name, value in vars(interface).items() if inspect.isfunction(value) and not name.startswith("_")]
+    assert len(verbs) > 20, verbs
+    for name in verbs:
+        assert hasattr(server_context, name), f"the server's Context has no {name}()"
+        wanted = list(inspect.signature(getattr(interface, name)).parameters)
+        given = list(inspect.signature(getattr(server_context, name)).parameters)
+        assert given == wanted, f"{name}: the interface takes {wanted}, the server's Context {given}"
+    for name in interface.__annotations__:
+        assert isinstance(getattr(server_context, name, None), property), f"the server's Context has no .{name}"

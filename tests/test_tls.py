@@ -102,25 +102,16 @@ def test_a_verifying_client_signs_in_and_chats_over_tls(tls_server, tls_connect)
     assert bob.expect(r"\*\*\* alice quit") == "*** alice quit"
 
 
-def test_a_plain_tcp_client_cannot_talk_to_a_tls_server_which_keeps_serving(tls_server, tls_connect):
+def test_a_plain_tcp_client_is_told_in_plain_text_that_the_port_speaks_tls_and_the_server_keeps_serving(
+        tls_server, tls_connect):
     silent = socket.create_connection((tls_server.host, tls_server.port), timeout=TIMEOUT)  # never says a word
-    plain = socket.create_connection((tls_server.host, tls_server.port), timeout=TIMEOUT)
+    plain = LineClient(tls_server.host, tls_server.port)
     try:
-        plain.sendall(b"mallory\nhello in the clear\n")
-        received = b""
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                data = plain.recv(65536)
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                break
-            received += data
-        else:
-            pytest.fail(f"the TLS server kept a plain-text client connected; it got {received!r}")
-        assert b"pyChat" not in received and b"nickname" not in received, \
-            f"a plain-text client was answered in plain text: {received!r}"
+        plain.send_raw(b"mallory\nhello in the clear\n")
+        received = plain.wait_closed()
+        assert received == [f"!! This port speaks TLS, not plain text. Connect with pyChat-client.py --tls "
+                            f"--port {tls_server.port}, or openssl s_client -connect HOST:{tls_server.port}."], \
+            f"a plain-text client was not told, in one line, that the port speaks TLS: {received}"
         # The server goes on serving TLS users, while the silent plain connection is still open.
         alice = tls_connect(tls_server, "alice")
         bob = tls_connect(tls_server, "bob")
@@ -128,7 +119,7 @@ def test_a_plain_tcp_client_cannot_talk_to_a_tls_server_which_keeps_serving(tls_
         assert alice.expect("bob: ") == "bob: still serving"
         alice.send("/online")
         assert alice.expect("-- ") == "-- 2 online: alice (#lobby), bob (#lobby)", "the plain client got in"
-        tls_server.wait_for_log(r"TLS handshake failed")
+        tls_server.wait_for_log(r"closed: spoke plain text to the TLS port")
     finally:
         silent.close()
         plain.close()

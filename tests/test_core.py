@@ -1,0 +1,356 @@
+"""The server's core in process: a connection's output and its end (over socket pairs), the output pump's
+wake-up, and the server object's tables; then the defects a review found, each over real sockets."""
+from __future__ import annotations
+
+import gc
+import resource
+import socket
+import threading
+import time
+import tracemalloc
+
+import pytest
+
+import commands
+from conftest import SERVER_SCRIPT, TIMEOUT, LineClient, import_script, read_until
+
+pychat = import_script(SERVER_SCRIPT, "pychat_server")
+
+
+def socket_pair() -> tuple[socket.socket, socket.socket]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.settimeout(TIMEOUT)
+    return ours, theirs
+
+
+@pytest.fixture
+def pump():
+    """An output pump that runs, stopped at the end."""
+    running = pychat.OutputPump(max_queue=256 * 1024, stall_timeout=30)
+    running.start()
+    yield running
+    running.stop()
+    running.join(TIMEOUT)
+
+
+@pytest.fixture
+def chat_server(monkeypatch):
+    """A ChatServer object on a loopback port, not serving: its methods are called directly."""
+
+    def make(*args: str):
+        options = pychat.parse_options(["--host", "127.0.0.1", "--port", "0", *args])
+        server = pychat.ChatServer(options, commands.load_commands())
+        made.append(server)
+        return server
+
+    made = []
+    yield make
+    for server in made:
+        server.pump.stop()
+        server.server_close()
+
+
+# -- Output: one owner for a connection's outbox and its end ---------------------------------------------
+
+def test_output_sends_events_in_order_and_the_first_reason_to_end_wins(pump):
+    ours, theirs = socket_pair()
+    output = pychat.Output(ours, pump)
+    output.send(pychat.Notice("one"))
+    output.send(pychat.Said("lobby", "bob", "two"))
+    assert output.end("first reason", pychat.Bye()) is True
+    assert output.end("second reason", pychat.Farewell("never sent")) is False
+    output.send(pychat.Notice("queued after the end"))
+    output.close()
+    received = read_until(theirs, b"*** Bye.\n")
+    assert received == b"*** one\nbob: two\n*** Bye.\n"
+    assert theirs.recv(100) == b"", "the socket was not closed"
+    assert output.reason == "first reason"
+
+
+def test_a_closed_output_is_a_no_op(pump):
+    ours, theirs = socket_pair()
+    output = pychat.Output(ours, pump)
+    output.close()
+    assert output.end("late", pychat.Bye()) is False
+    output.send(pychat.Notice("late"))
+    output.close()
+    assert output.flush() is False
+    assert theirs.recv(100) == b""
+
+
+def test_the_close_happens_even_when_draining_fails(pump, monkeypatch):
+    ours, theirs = socket_pair()
+    output = pychat.Output(ours, pump)
+    pump.watched.add(output)            # as if the pump watched it for writability
+    pump.selector.register(ours, pychat.selectors.EVENT_WRITE, output)
+
+    def broken_flush():
+        raise RuntimeError("draining failed")
+
+    monkeypatch.setattr(output, "flush", broken_flush)
+    output.close()
+    assert output.closed and ours.fileno() == -1, "the socket was left open"
+    assert output not in pump.watched, "the pump still watches a closed socket"
+
+
+def test_a_reader_who_is_cut_off_is_told_why_when_its_socket_can_take_it(pump):
+    ours, theirs = socket_pair()
+    output = pychat.Output(ours, pump)
+    with output.outbox_lock:
+        output.outbox += b"x" * 1000     # output that will never be sent
+    output.end("not reading", pychat.Farewell("not reading what the server sends"), drop_output=True)
+    output.close()
+    assert read_until(theirs, b"\n") == b"!! Disconnected: not reading what the server sends.\n"
+    assert theirs.recv(100) == b""
+
+
+def test_an_output_that_takes_nothing_is_seen_as_stalled(pump):
+    ours, theirs = socket_pair()
+    output = pychat.Output(ours, pump)
+    with output.outbox_lock:
+        output.outbox += b"y" * (4 * 1024 * 1024)
+    assert output.flush() is True, "a 4 MiB outbox went into a socket that is not read"
+    assert output.flush() is True
+    assert output.stalled_longer_than(0.5, time.monotonic() + 1)
+    assert not output.stalled_longer_than(5, time.monotonic())
+    output.close()
+
+
+def test_the_pump_never_sleeps_through_a_queued_line(pump):
+    """Lines queued the moment the pump goes to sleep, from several threads, each arrive at once, not when
+    the pump's sleep runs out."""
+    pump.sleep_seconds = 10.0
+    pump.wake_writer.send(b"\0")         # start a sleep of the new length
+    pairs = [socket_pair() for _ in range(4)]
+    outputs = [pychat.Output(ours, pump) for ours, _ in pairs]
+    slowest = 0.0
+    for n in range(100):
+        deadline = time.monotonic() + TIMEOUT
+        while True:                         # wait until the pump is asleep (or about to be)
+            with pump.state_lock:
+                if pump.sleeping:
+                    break
+            assert time.monotonic() < deadline, "the pump never slept"
+            time.sleep(0.001)
+        started = time.monotonic()
+        threads = [threading.Thread(target=pump.queue, args=((output,), b"%d\n" % n)) for output in outputs]
+        for thread in threads:
+            thread.start()
+        for _, theirs in pairs:
+            assert read_until(theirs, b"%d\n" % n) .endswith(b"%d\n" % n)
+        slowest = max(slowest, time.monotonic() - started)
+        for thread in threads:
+            thread.join()
+    assert slowest < 5, f"a queued line waited {slowest:.2f} s for the pump to wake"
+    for output in outputs:
+        output.close()
+
+
+# -- the server object's tables ----------------------------------------------------------------------------
+
+def test_the_default_room_is_never_forgotten_however_it_is_spelt(chat_server, monkeypatch):
+    monkeypatch.setattr(pychat, "DEFAULT_ROOM", "Lobby")
+    monkeypatch.setattr(pychat, "MAX_ROOMS", 3)
+    server = chat_server()
+    with server.lock:
+        for name in ("one", "two", "three", "four", "five"):
+            server.room_named(name)
+    assert pychat.name_key("Lobby") in server.rooms, f"the default room was evicted: {sorted(server.rooms)}"
+
+
+def test_a_failure_on_the_way_in_leaves_no_half_signed_in_person(chat_server, monkeypatch):
+    server = chat_server()
+    ours, theirs = socket_pair()
+
+    class Newcomer:
+        address = "127.0.0.1"
+        person = None
+        output = pychat.Output(ours, server.pump)
+
+    def failing_enter(person, room):
+        raise RuntimeError("entering the room failed")
+
+    monkeypatch.setattr(server, "_enter", failing_enter)
+    with pytest.raises(RuntimeError):
+        server.sign_in(Newcomer, "alice")
+    assert not server.people and not server.by_serial, "alice stayed in the tables, half signed in"
+    assert Newcomer.person is None
+    monkeypatch.undo()
+    assert server.sign_in(Newcomer, "alice") is None, "the nickname of the failed sign-in stayed taken"
+
+
+# -- over real sockets ---------------------------------------------------------------------------------
+
+def test_a_slow_reader_who_quits_past_descriptor_1023_is_still_closed(start_server, connect):
+    """With more than 1,023 descriptors in use, the last output of a leaving slow reader is waited for with
+    poll(): select() would fail, and the connection would never be closed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the open-file limit ({hard}) is too low for 1,040 connections")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    server = start_server("--max-clients", "0", "--max-per-ip", "0", "--rate", "0")
+    idle = []
+    try:
+        for _ in range(1040):
+            idle.append(socket.create_connection((server.host, server.port), timeout=TIMEOUT))
+        for sock in idle:
+            read_until(sock, b"Choose a nickname:", timeout=30)
+        speaker = connect(server, "speaker")
+        slow = LineClient.__new__(LineClient)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(TIMEOUT)
+        sock.connect((server.host, server.port))
+        slow.sock, slow.buffer, slow.seen, slow.nick = sock, b"", [], None
+        slow.login("slow")
+        speaker.expect(r"\*\*\* slow joined")
+        for n in range(300):
+            speaker.send(f"{n} " + "z" * 1000)
+        speaker.expect("speaker: 299 ", timeout=15)       # all of it is queued to slow by now
+        slow.send("/quit")
+        server.wait_for_log(r"slow@127\.0\.0\.1 left: quit", timeout=10)
+        assert speaker.expect(r"\*\*\* slow quit") == "*** slow quit"
+        slow.wait_closed(timeout=15)        # reads what is left, then the close
+        speaker.send("still here")
+        assert speaker.expect("speaker: still") == "speaker: still here"
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+# -- every disconnect says why (for nc users too) ---------------------------------------------------------
+
+def test_no_nickname_in_time_is_told_before_the_close(start_server, connect):
+    server = start_server("--nick-timeout", "1")
+    client = connect(server)
+    assert client.wait_closed()[-1] == "!! Disconnected: no nickname within 1 s."
+
+
+def test_idle_is_told_before_the_close(start_server, connect):
+    server = start_server("--idle-timeout", "1")
+    client = connect(server, "sleepy")
+    assert client.wait_closed()[-1] == "!! Disconnected: idle for 1 s."
+
+
+def test_flooding_is_told_before_the_close(server, connect):
+    client = connect(server, "flooder")
+    client.send_raw(b"spam\n" * 200)
+    assert client.wait_closed()[-1] == "!! Disconnected: flooding (more than 4 lines a second)."
+
+
+def test_three_wrong_passwords_are_told_before_the_close(start_server, connect):
+    server = start_server("--password", "right")
+    client = connect(server)
+    client.send_raw(b"wrong\n" * 3)
+    lines = client.wait_closed(timeout=15)
+    assert lines[-2:] == ["!! Wrong password.", "!! Disconnected: 3 wrong passwords."], lines
+
+
+def test_shutting_down_is_told_before_the_close(server, connect):
+    client = connect(server, "alice")
+    server.stop()
+    assert client.wait_closed()[-1] == "*** Server shutting down."
+
+
+# -- issue 14: what leavers leave behind, and lists that cost -----------------------------------------------
+
+def test_chains_of_leavers_who_sent_private_messages_are_not_kept_alive():
+    """Each link opens a room, fills its history, sends the next link a private message and leaves; then
+    500 fresh rooms push those rooms out of the table. Nothing of the links may stay reachable: the memory
+    Python holds (traced, so that the allocator's own caching does not count) returns to what it was."""
+    options = pychat.parse_options(["--host", "127.0.0.1", "--port", "0", "--rate", "0", "--max-per-ip", "0"])
+    server = pychat.ChatServer(options, commands.load_commands())
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    host, port = server.server_address[:2]
+    text = "m" * 4000
+    opened = []
+
+    def chain(links: int, first: int) -> None:
+        previous = None
+        for n in range(first, first + links):
+            link = LineClient(host, port)
+            opened.append(link)
+            link.login(f"link{n}")
+            link.send_raw("".join(f"/join room{n}\n" if i == 0 else f"{i} {text}\n" for i in range(17)).encode())
+            link.expect(f"link{n}: 16 ", timeout=10)
+            if previous is not None:
+                previous.send(f"/msg link{n} hi")
+                leave(previous)
+            previous = link
+        leave(previous)
+
+    def leave(link: LineClient) -> None:
+        link.send("/quit")
+        link.wait_closed()
+        link.close()
+        opened.remove(link)         # what the test itself read must not count
+
+    def sweep(first: int) -> None:
+        sweeper.send_raw("".join(f"/join sweep{first + n}\n/leave\n" for n in range(500)).encode())
+        sweeper.expect(rf"\*\*\* You left #sweep{first + 499}\.", timeout=30)
+
+    def held_by_python() -> int:
+        deadline = time.monotonic() + TIMEOUT
+        while server.connections and len(server.connections) > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)            # the last link's thread is finishing
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0]
+
+    tracemalloc.start()
+    try:
+        sweeper = LineClient(host, port)
+        opened.append(sweeper)
+        sweeper.login("sweeper")
+        chain(10, 0)
+        sweep(0)
+        before = held_by_python()
+        chain(100, 1000)                   # 100 x 16 x 4 kB: 6.4 MB if the links stayed reachable
+        sweep(1000)
+        grown = held_by_python() - before
+    finally:
+        tracemalloc.stop()
+        for client in opened:
+            client.close()
+        server.stop()
+    assert grown < 1024 * 1024, f"Python holds {grown / 1e6:.1f} MB more after the leavers left"
+
+
+def test_hundreds_asking_for_online_cannot_slow_the_chat(start_server, connect):
+    server = start_server("--max-per-ip", "0", "--max-clients", "0")
+    crowd = [socket.create_connection((server.host, server.port), timeout=TIMEOUT) for _ in range(300)]
+    try:
+        for n, sock in enumerate(crowd):
+            sock.sendall(f"crowd{n}\n".encode())
+        alice, bob = connect(server, "alice"), connect(server, "bob")
+        for sock in crowd:
+            read_until(sock, b"*** You are in #lobby", timeout=30)
+            sock.setblocking(False)
+        refused = 0
+        slowest = 0.0
+        for n in range(20):
+            for sock in crowd:
+                try:
+                    sock.sendall(b"/online\n/online\n")
+                except BlockingIOError:
+                    pass
+            started = time.monotonic()
+            alice.send(f"ping {n}")
+            bob.expect(f"alice: ping {n}$", timeout=10)
+            slowest = max(slowest, time.monotonic() - started)
+            try:
+                while True:
+                    data = crowd[n].recv(65536)
+                    refused += data.count(b"!! /online lists")
+                    if not data:
+                        break
+            except BlockingIOError:
+                pass
+        assert slowest < 1.0, f"a chat line took {slowest:.2f} s while 300 people asked for /online"
+        assert refused, "no /online was refused: the listing budget did not apply"
+        alice.send("/online")
+        assert alice.expect("-- |!! ").startswith("-- 302 online: "), "a person who asks rarely is answered"
+    finally:
+        for sock in crowd:
+            sock.close()
