@@ -205,7 +205,11 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
                            "(created if needed, readable by this user only) so they survive restarts; "
                            "without it they last until the server stops")
     data.add_argument("--operator", action="append", default=[], metavar="NAME",
-                      help="the registered account NAME is an operator (repeatable)")
+                      help="make the account NAME an operator of the server, as /oper add does (repeatable)")
+    data.add_argument("--private", action="store_true",
+                      help="only accounts may sign in; operators let people in with /invite-account")
+    data.add_argument("--motd", metavar="FILE",
+                      help="show FILE after sign-in and on /motd (read again whenever it changes)")
     security = parser.add_argument_group("security")
     security.add_argument("--password", default=os.environ.get("PYCHAT_PASSWORD"),
                           help="password everyone must give to join; prefer the environment "
@@ -693,6 +697,29 @@ class Farewell(NamedTuple):
     reason: str
 
 
+class AccountPrompt(NamedTuple):
+    """Asking a newcomer for a secret of the account NICK: "password", "code" (an invitation) or "new password"."""
+    nick: str
+    asking_for: str
+
+
+class OfflinePrivate(NamedTuple):
+    """A private message left for you while you were offline."""
+    when: float
+    nick: str
+    text: str
+
+
+class Banned(NamedTuple):
+    by: str
+    how_long: str               # "permanently", or "until 2026-12-01 14:00 UTC (2h left)"
+    reason: str | None
+
+
+class SignedInElsewhere(NamedTuple):
+    pass
+
+
 def _because(reason: str | None) -> str:
     return f": {reason}" if reason else ""
 
@@ -756,6 +783,12 @@ class PyChatProtocol:
         ShuttingDown: lambda e: "*** Server shutting down.",
         DisconnectedBy: lambda e: f"*** You were disconnected by {e.by}{_because(e.reason)}.",
         Farewell: lambda e: f"!! Disconnected: {e.reason}.",
+        AccountPrompt: lambda e: {"password": f"*** Password for {e.nick}:",
+                                  "code": f"*** Invitation code for {e.nick}:",
+                                  "new password": f"*** Choose a password for {e.nick}:"}[e.asking_for],
+        OfflinePrivate: lambda e: f"[offline {_utc(e.when)} from {e.nick}] {e.text}",
+        Banned: lambda e: f"*** You were banned by {e.by} {e.how_long}{_because(e.reason)}.",
+        SignedInElsewhere: lambda e: "*** You signed in again somewhere else; this connection is closed.",
     }
 
     def line(self, event: Any) -> str:
@@ -1061,6 +1094,10 @@ class TooManyGuesses(Exception):
     """An address guessed wrong too often; the message says for how long it must wait."""
 
 
+class Problem(str):
+    """Why a sign-in step refused; the empty Problem means going back to the nickname prompt quietly."""
+
+
 class Disconnect(Exception):
     """Ends a connection: REASON for the log and the rooms, FAREWELL (an event) for the person."""
 
@@ -1154,11 +1191,80 @@ class ClientConnection(socketserver.BaseRequestHandler):
         while True:
             self.output.send(Prompt("nickname"))
             wanted = next(lines)
-            problem = (f"Nickname is too long (at most {MAX_NICKNAME_LENGTH} characters)."
-                       if wanted is None else self.server.sign_in(self, wanted.strip()))
+            if wanted is None:
+                problem = f"Nickname is too long (at most {MAX_NICKNAME_LENGTH} characters)."
+            else:
+                account = self.prove_name(wanted.strip(), lines)
+                problem = account if isinstance(account, Problem) else self.server.sign_in(
+                    self, account or wanted.strip(), account)
             if problem is None:
                 return
+            if problem:
+                self.output.send(Error(problem))
+
+    def prove_name(self, nick: str, lines: Iterator[str | None]) -> str | Problem | None:
+        """The account NICK belongs to, once its password is given; None for a guest's name.
+
+        A registered name (or a look-alike of one) asks for its password: three
+        wrong ones close the connection, an empty answer goes back to choosing
+        a nickname (Problem("")). On a --private server a name without an
+        account needs an invitation code, and then a new password.
+        """
+        data, now = self.server.data, time.time()
+        registered = data.accounts.name(nick)
+        if registered is None:
+            return self.accept_invitation(normal_name(nick), lines) if self.server.options.private else None
+        ban = data.bans.for_account(registered, now)
+        if ban is not None:
+            self.output.send(Error(ban.refusal(now)))
+            raise Disconnect(f"banned account {registered}")
+        if not self.ask_secret(lines, registered, "password", lambda given: data.accounts.verify(registered, given)):
+            return Problem("")
+        return registered
+
+    def ask_secret(self, lines: Iterator[str | None], nick: str, what: str, is_right: Callable[[str], bool]) -> bool:
+        """Ask for NICK's WHAT ("password" or "code") until it is right (True) or the answer is empty (False).
+
+        Wrong answers count as guesses (ChatServer.check_secret); the third closes the connection.
+        """
+        words = {"password": "password", "code": "invitation code"}[what]
+        for tries in range(1, PASSWORD_TRIES + 1):
+            self.output.send(AccountPrompt(nick, what))
+            given = clean_text(next(lines) or "").strip()     # read as a command's argument would be
+            if not given:
+                return False
+            try:
+                if self.server.check_secret(self, f"{words} for {nick}", lambda: is_right(given)):
+                    return True
+            except TooManyGuesses as refusal:
+                raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
+            if tries < PASSWORD_TRIES:
+                self.output.send(Error(f"Wrong {words} for {nick}."))
+        raise Disconnect(f"wrong {words} for {nick}", Farewell(f"{PASSWORD_TRIES} wrong {words}s for {nick}"))
+
+    def accept_invitation(self, nick: str, lines: Iterator[str | None]) -> str | Problem:
+        """On a --private server: NICK's invitation code, then their new password; returns the new account."""
+        data = self.server.data
+        named = name_key(nick) in data.operators.named_at_start      # may choose their password at once
+        if not named and not data.invitations.waiting(nick):
+            return Problem("This server is private: only people with an account may sign in. "
+                           "An operator can invite you with /invite-account.")
+        if not named and not self.ask_secret(lines, nick, "code", lambda given: data.invitations.check(nick, given)):
+            return Problem("")
+        while True:
+            self.output.send(AccountPrompt(nick, "new password"))
+            password = clean_text(next(lines) or "").strip()
+            problem = password_problem(password, nick)
+            if problem is None:
+                break
             self.output.send(Error(problem))
+        try:
+            data.accounts.register(nick, password)
+        except (StoreFull, StorageError) as problem:
+            return Problem(str(problem))
+        data.invitations.remove(nick)
+        log.info("%s registered at their first sign-in, from %s", nick, self.address)
+        return nick
 
     def on_line(self, line: str | None) -> None:
         """One line from a signed-in person: a command, or something to say to their current room."""
@@ -2356,6 +2462,9 @@ class Person:
         self.away: str | None = None
         self.operator = False
         self.operator_failures = 0              # wrong /op secrets on this connection
+        self.account: str | None = None         # the account signed in to (its registered spelling)
+        self.since = time.time()                # signed in at
+        self.last_spoke = time.monotonic()      # for /whois: last chat, action or private line
         self.muted = False
         self.ignoring: set[str] = set()         # name keys
         self.last_private_from: int | None = None   # a serial: nothing of a sender who left stays reachable
@@ -2436,6 +2545,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.stop_signal, self.stop_trigger = socket.socketpair()
         self.tls = self.make_tls_context() if options.tls_cert else None
         self.data = DataDirectory(options.data_dir, options.history_file, options.history, options.operator)
+        self.motd = MessageOfTheDay(options.motd)
+        self.started = time.time()
+        self.most_people = 0
         self.lobby: Room | None = None
         self.lobby = self.room_named(DEFAULT_ROOM)      # everyone's first room, never forgotten
         for room_name, lines in self.data.history.rooms_and_lines():
@@ -2627,36 +2739,81 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- signing in and out ----------------------------------------------------------
 
-    def sign_in(self, connection: ClientConnection, nick: str) -> str | None:
+    def sign_in(self, connection: ClientConnection, nick: str, account: str | None = None) -> str | None:
         """Make CONNECTION a person called NICK in the default room, or say why not.
 
-        Either all of it happens or none: a failure on the way in takes the
-        person out again through the same door as leaving.
+        ACCOUNT is the account whose password they gave: its owner takes the
+        name over from a connection that still holds it. Either all of it
+        happens or none: a failure on the way in takes the person out again
+        through the same door as leaving.
         """
         nick = normal_name(nick)
+        motd = self.motd.lines()
+        ignoring = self.data.accounts.ignoring(account) if account else []
         with self.lock:
-            problem = self.nickname_problem(nick)
+            taken = self.people.get(name_key(nick))
+            if taken is not None and account is not None and taken.key == name_key(account):
+                taken.output.end("signed in again somewhere else", SignedInElsewhere())
+                self._leave_chat(taken, "signed in again somewhere else")
+                log.info("%r: its owner signed in again from %s", taken, connection.address)
+            problem = self.nickname_problem(nick, account=account)
             if problem:
                 return problem
             person = Person(nick, connection.output, connection.address, next(self.serials))
+            person.account = account
+            person.operator = account is not None and account in self.data.operators
             person.output.send(Welcome(nick))
+            for line in motd:
+                person.output.send(Notice(line))
+            if person.operator:
+                person.output.send(Notice("You are an operator of this server."))
             self.people[person.key] = person
             self.by_serial[person.serial] = person
+            for key in ignoring:
+                person.ignoring.add(key)
+                self._count_ignorer(key, person, True)
             try:
                 self._enter(person, self.lobby)
             except BaseException:
                 self._forget(person)
                 raise
             connection.person = person
-        log.info("%r signed in", person)
+            self.most_people = max(self.most_people, len(self.people))
+        log.info("%r signed in%s", person, f" to the account {account}" if account else "")
+        if account:
+            self.deliver_offline_messages(person)
         return None
 
-    def nickname_problem(self, nick: str, claimant: Person | None = None) -> str | None:
-        """Why CLAIMANT (or a newcomer) cannot be called NICK (already NFKC-normalised), or None. Lock held."""
+    def nickname_problem(self, nick: str, claimant: Person | None = None, account: str | None = None) -> str | None:
+        """Why CLAIMANT (or a newcomer signed in to ACCOUNT) cannot be called NICK (already NFKC-normalised),
+        or None. Lock held."""
         taken = self.people.get(name_key(nick))
         if taken is not None and taken is not claimant:
             return f"Nickname {nick!r} is taken (or looks too much like {taken.nick!r})."
-        return name_problem(nick)
+        problem = name_problem(nick)
+        if problem:
+            return problem
+        registered = self.data.accounts.name(nick)
+        account = claimant.account if claimant is not None else account
+        if registered is not None and (account is None or name_key(account) != name_key(registered)):
+            return f"{registered} is registered: sign in as {registered} with its password to use it."
+        return None
+
+    def deliver_offline_messages(self, person: Person) -> None:
+        """Show PERSON what was left for their account while they were away, but what came from people they ignore."""
+        try:
+            messages = self.data.offline.take(person.account)
+        except StorageError as problem:
+            log.error("offline messages for %s: %s", person.account, problem)
+            return
+        shown = [m for m in messages if m.sender_key not in person.ignoring]
+        if not shown:
+            return
+        person.output.send(Notice("1 message was left for you while you were away:" if len(shown) == 1
+                                  else f"{len(shown)} messages were left for you while you were away:"))
+        for message in shown:
+            person.output.send(OfflinePrivate(message.when, message.sender, message.text))
+        person.output.send(Notice("End of messages left for you."))
 
     def remove(self, connection: ClientConnection, reason: str) -> None:
         """Take someone out of the chat; everyone who shares a room with them is told, once."""
@@ -2666,17 +2823,21 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if person is None or self.people.get(person.key) is not person:
                 log.info("%r closed: %s", connection, reason)
                 return
-            receivers = set()
-            for room in person.rooms.values():
-                if len(room.members) <= ANNOUNCE_LIMIT:
-                    receivers |= room.members
-            receivers.discard(person)
-            self._forget(person)
-            if not self.stopping:
-                # A muted person's own words (their /quit message) are not shown.
-                shown = None if reason == QUIT or (person.muted and person.quit_message) else reason
-                self._to_people(receivers, Quit(person.nick, shown))
+            self._leave_chat(person, reason)
         log.info("%r left: %s", person, reason)
+
+    def _leave_chat(self, person: Person, reason: str) -> None:
+        """Take PERSON out of the chat; everyone who shares a room with them is told, once. Lock held."""
+        receivers = set()
+        for room in person.rooms.values():
+            if len(room.members) <= ANNOUNCE_LIMIT:
+                receivers |= room.members
+        receivers.discard(person)
+        self._forget(person)
+        if not self.stopping:
+            # A muted person's own words (their /quit message) are not shown.
+            shown = None if reason == QUIT or (person.muted and person.quit_message) else reason
+            self._to_people(receivers, Quit(person.nick, shown))
 
     def _forget(self, person: Person) -> None:
         """Take PERSON out of every room and table, so that nothing of them stays reachable. Lock held."""
@@ -2864,6 +3025,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused("You are muted; you cannot set the topic.")
             room.topic = topic
             self._to_room(room, TopicChanged(room.name, by.nick, topic))
+            saved = self._room_to_save(room)
+        self._save_room(*saved)
 
     def set_mode(self, by: Person, setting: str, value: str, name: str | None = None) -> None:
         """Change one of ROOM_SETTINGS of the room NAME (or BY's current one); the room is told."""
@@ -2894,6 +3057,23 @@ class ChatServer(socketserver.ThreadingTCPServer):
             else:
                 raise Refused(f"There is no setting {setting!r}; there are {', '.join(ROOM_SETTINGS)}.")
             self._to_room(room, ModeChanged(room.name, by.nick, setting, shown))
+            saved = self._room_to_save(room)
+        self._save_room(*saved)
+
+    def _room_to_save(self, room: Room) -> tuple[str, str | None, list[str]]:
+        """What of ROOM outlasts a restart: the topic and who may set it, unless the room is private, since a
+        private room forgets everything once it empties, and every room is empty at a start; its lines
+        already in the history file are forgotten there. Lock held."""
+        if room.private:
+            self.data.history.forget(room.name)
+            return room.name, None, []
+        return room.name, room.topic, ["topic-by-everyone"] if room.topic_by_everyone else []
+
+    def _save_room(self, name: str, topic: str | None, modes: list[str]) -> None:
+        try:
+            self.data.rooms.save(name, topic, modes)
+        except (StoreFull, StorageError) as problem:
+            log.error("could not keep the settings of #%s: %s", name, problem)
 
     def room_settings(self, viewer: Person, name: str | None = None) -> commands.RoomSettings:
         """The settings of the room NAME (or VIEWER's current one)."""
@@ -2932,6 +3112,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 person.output.send(Error("You are muted; the room does not hear you."))
                 return
             room = self._member_room(person, name)
+            person.last_spoke = time.monotonic()
             event = kind(room.name, person.nick, text)
             if self.options.history:
                 when = time.time()
@@ -2944,9 +3125,19 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._to_room(room, event, sender=person)
 
     def send_private(self, person: Person, nick: str, text: str) -> None:
-        """TEXT to NICK alone; PERSON gets a copy, and the away message if there is one."""
+        """TEXT to NICK alone; PERSON gets a copy, and the away message if there is one.
+
+        To a registered account that is offline, the message is kept until its next sign-in.
+        """
         with self.lock:
-            target = self._find(nick)
+            person.last_spoke = time.monotonic()
+            target = self.people.get(name_key(normal_name(nick)))
+        if target is None:
+            self.leave_offline_message(person, nick, text)
+            return
+        with self.lock:
+            if self.people.get(target.key) is not target:
+                raise Refused(f"{target.nick} has just left.")
             if target is person:
                 raise Refused("That is you.")
             if person.key not in target.ignoring:
@@ -2955,6 +3146,21 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person.output.send(PrivateTo(target.nick, text))
             if target.away:
                 person.output.send(Reply(f"{target.nick} is away: {target.away}"))
+
+    def leave_offline_message(self, person: Person, nick: str, text: str) -> None:
+        """Keep TEXT for the offline account NICK, unless its owner ignores PERSON (who is told it was kept
+        either way, as an ignored sender online sees their copy)."""
+        registered = self.data.accounts.name(normal_name(nick))
+        if registered is None:
+            raise Refused(f"No one called {nick} is online. /online lists who is.")
+        if person.key not in self.data.accounts.ignoring(registered):
+            try:
+                self.data.offline.leave(person.nick, registered, text)
+            except (StoreFull, StorageError) as problem:
+                raise Refused(str(problem)) from None
+        person.output.send(PrivateTo(registered, text))
+        person.output.send(Reply(f"{registered} is offline; the message is kept for them and shown when they "
+                                 "next sign in."))
 
     def last_private_sender(self, person: Person) -> str:
         """The nickname of the last person who sent PERSON a private message, if they are still here."""
@@ -3008,7 +3214,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return receivers
 
     def ignore(self, person: Person, nick: str, ignoring: bool = True) -> str:
-        """Stop (or start again) showing PERSON NICK's lines; returns NICK as they spell it."""
+        """Stop (or start again) showing PERSON NICK's lines; returns NICK as they spell it.
+
+        An account keeps the list, so that it applies to messages left while its owner is offline.
+        """
         with self.lock:
             target = self._find(nick)
             if target is person:
@@ -3021,7 +3230,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self._count_ignorer(target.key, person, False)
             elif not ignoring:
                 raise Refused(f"You are not ignoring {target.nick}.")
-            return target.nick
+            account, keys = person.account, list(person.ignoring)
+        if account:
+            try:
+                self.data.accounts.set_ignoring(account, keys)
+            except (StoreFull, StorageError) as problem:
+                log.error("could not keep %s's /ignore list: %s", account, problem)
+        return target.nick
 
     def ignored_by(self, person: Person) -> list[str]:
         """Nicknames PERSON ignores that are online now."""
@@ -3090,6 +3305,280 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if person.output.end(message or QUIT, Bye()):
             with self.lock:
                 person.quit_message = message is not None
+
+    # -- accounts -------------------------------------------------------------------------
+    # Hashing a password and writing to the data directory are slow: they happen outside the lock.
+
+    def register_account(self, person: Person, password: str) -> str:
+        """Make PERSON's nickname their account, with PASSWORD."""
+        if person.account:
+            raise Refused(f"You are signed in to the account {person.account} already; "
+                          "/passwd OLD NEW changes its password.")
+        nick = person.nick
+        problem = password_problem(password, nick)
+        if problem:
+            raise Refused(problem)
+        try:
+            self.data.accounts.register(nick, password)
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem)) from None
+        with self.lock:
+            person.account = nick
+            made_operator = not person.operator and nick in self.data.operators
+            person.operator = person.operator or made_operator
+            keys = list(person.ignoring)
+        if keys:
+            self.data.accounts.set_ignoring(nick, keys)
+        if made_operator:
+            person.output.send(Notice("You are an operator of this server."))
+        log.info("%r registered", person)
+        lasting = "" if self.data.directory else \
+            " This server keeps no data directory: the account lasts until it stops."
+        return (f"Registered {nick}. From now on, signing in as {nick} (or a name that looks like it) "
+                f"asks for this password.{lasting}")
+
+    def _check_own_password(self, person: Person, password: str) -> str:
+        """PERSON's account, if PASSWORD is its password; refused (as a wrong guess) otherwise."""
+        account = person.account
+        if account is None:
+            raise Refused(f"You are a guest: /register PASSWORD makes {person.nick} your account.")
+        try:
+            right = self.check_secret(person, f"password for {account}",
+                                      lambda: self.data.accounts.verify(account, password))
+        except TooManyGuesses as refusal:
+            raise Refused(f"{refusal}.") from None
+        if not right:
+            raise Refused(f"Wrong password for {account}.")
+        return account
+
+    def change_password(self, person: Person, old: str, new: str) -> None:
+        if person.account is not None:
+            problem = password_problem(new, person.account)
+            if problem:
+                raise Refused(problem)
+        account = self._check_own_password(person, old)
+        try:
+            self.data.accounts.set_password(account, new)
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem)) from None
+        log.info("%r changed the password of %s", person, account)
+
+    def unregister(self, person: Person, password: str) -> str:
+        """Give up PERSON's account; on a --private server that also ends their connection."""
+        account = self._check_own_password(person, password)
+        was_operator = account in self.data.operators
+        if was_operator and len(self.data.operators.names()) == 1:
+            raise Refused(f"{account} is the last operator; make another with /oper add first.")
+        try:
+            self.data.accounts.remove(account)
+            self.data.operators.remove(account)
+            self.data.offline.forget(account)
+        except StorageError as problem:
+            raise Refused(str(problem)) from None
+        with self.lock:
+            person.account = None
+            person.operator = person.operator and not was_operator
+        log.info("%r gave up the account %s", person, account)
+        if self.options.private:
+            person.output.end("gave up their account", Farewell("this server is private, and you have no account now"))
+        return f"{account} is no longer registered; anyone may use the name."
+
+    def invite_account(self, by: Person, nick: str) -> str:
+        """A one-time code that lets NICK into a --private server and choose their password."""
+        nick = normal_name(nick)
+        if not self.options.private:
+            raise Refused("This server is not private: anyone may sign in and /register. (--private changes that.)")
+        problem = name_problem(nick)
+        if problem:
+            raise Refused(problem)
+        registered = self.data.accounts.name(nick)
+        if registered is not None:
+            raise Refused(f"{registered} has an account already.")
+        try:
+            code = self.data.invitations.create(nick, by.nick)
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem)) from None
+        log.warning("%r invited %s", by, nick)
+        return (f"Invitation for {nick}: {code} (it works once, for {INVITATION_SECONDS // 86400} days). "
+                f"They sign in as {nick} and give it when asked.")
+
+    def remove_account(self, by: Person, nick: str) -> str:
+        """Take NICK's account (or invitation) away; on a --private server they are disconnected."""
+        registered = self.data.accounts.name(nick)
+        if registered is None:
+            if self.data.invitations.remove(nick):
+                return f"Removed the invitation for {nick}."
+            raise Refused(f"{nick} has no account and no invitation.")
+        if registered in self.data.operators:
+            raise Refused(f"{registered} is an operator; /oper remove {registered} first.")
+        try:
+            self.data.accounts.remove(registered)
+            self.data.offline.forget(registered)
+        except StorageError as problem:
+            raise Refused(str(problem)) from None
+        with self.lock:
+            owners = [p for p in self.people.values() if p.account and name_key(p.account) == name_key(registered)]
+            for owner in owners:
+                owner.account = None
+        for owner in owners:
+            if self.options.private:
+                owner.output.end(f"account removed by {by.nick}", DisconnectedBy(by.nick, "your account was removed"))
+            else:
+                owner.output.send(Notice(f"{by.nick} removed your account; you are a guest now."))
+        log.warning("%r removed the account %s", by, registered)
+        return f"Removed the account {registered}."
+
+    # -- operators by account ---------------------------------------------------------------
+
+    def operator_names(self) -> list[str]:
+        return self.data.operators.names()
+
+    def set_operator(self, by: Person, nick: str, operator: bool) -> str:
+        """Make the account NICK an operator of the server, or no longer one; whoever is signed in to it is told."""
+        registered = self.data.accounts.name(nick)
+        if registered is None:
+            raise Refused(f"{nick} is not a registered account.")
+        operators = self.data.operators
+        if operator == (registered in operators):
+            raise Refused(f"{registered} is {'already' if operator else 'not'} an operator.")
+        if not operator and len(operators.names()) == 1:
+            raise Refused(f"{registered} is the last operator; make another with /oper add first.")
+        try:
+            operators.add(registered, by.nick) if operator else operators.remove(registered)
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem)) from None
+        with self.lock:
+            for person in self.people.values():
+                if person.account and name_key(person.account) == name_key(registered):
+                    person.operator = operator
+                    person.output.send(Notice(f"{by.nick} made you an operator of this server." if operator
+                                              else f"{by.nick} took away your operator rights."))
+        log.warning("%r %s %s", by, "made an operator:" if operator else "took operator rights from", registered)
+        return (f"{registered} is now an operator of the server." if operator
+                else f"{registered} is no longer an operator of the server.")
+
+    # -- bans ---------------------------------------------------------------------------------
+
+    def ban(self, by: Person, target: str, duration: str | None, reason: str | None) -> str:
+        """Ban TARGET (a nickname, an address or a network) for DURATION (None: permanently), disconnecting
+        whoever it keeps out."""
+        now = time.time()
+        try:
+            seconds = parse_duration(duration) if duration else None
+            found = ban_target(target)
+        except ValueError as problem:
+            raise Refused(str(problem)) from None
+        if reason is not None and len(reason) > MAX_REASON_LENGTH:
+            raise Refused(f"The reason is too long (at most {MAX_REASON_LENGTH} characters).")
+        with self.lock:
+            if found is None:
+                kind, value, shown, what = self._ban_of_nick(by, target)
+            else:
+                (kind, value), shown = found, found[1]
+                what = f"the {kind} {value}"
+                network = ipaddress.ip_network(value)
+                if self._banned_by(network, by):
+                    raise Refused(f"That would ban you too: you connect from {ip_of(by.address)}.")
+            ban = Ban(kind, value, shown, reason, by.nick, now, None if seconds is None else now + seconds)
+            for person in self.people.values():
+                if self._bans(ban, person) and person.operator:
+                    raise Refused(f"That would ban {person.nick}, an operator of the server.")
+        try:
+            self.data.bans.add(ban)
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem)) from None
+        with self.lock:
+            banned = [person for person in self.people.values() if self._bans(ban, person)]
+        how_long = ban.how_long(time.time())
+        for person in banned:
+            person.output.end(f"banned by {by.nick}" + (f": {reason}" if reason else ""),
+                              Banned(by.nick, how_long, reason))
+        log.warning("%r banned %s %s%s", by, what, how_long, f": {reason}" if reason else "")
+        return (f"Banned {what} " + (f"for {describe_duration(seconds)}" if seconds else "permanently")
+                + (f": {reason}" if reason else "") + "."
+                + (f" Disconnected {', '.join(p.nick for p in banned)}." if banned else ""))
+
+    def _ban_of_nick(self, by: Person, nick: str) -> tuple[str, str, str, str]:
+        """What banning the nickname NICK bans: its account, or the address of the guest using it. Lock held."""
+        registered = self.data.accounts.name(normal_name(nick))
+        online = self.people.get(name_key(normal_name(nick))) if registered is None else None
+        if registered is not None:
+            if by.account and name_key(by.account) == name_key(registered) or by.key == name_key(registered):
+                raise Refused("You cannot ban yourself.")
+            if registered in self.data.operators:
+                raise Refused(f"{registered} is an operator; /oper remove {registered} first.")
+            return "account", name_key(registered), registered, f"the account {registered}"
+        if online is None:
+            raise Refused(f"No one called {nick} is online, and no account has that name; "
+                          "ban an address or a network instead.")
+        if online is by:
+            raise Refused("You cannot ban yourself.")
+        address = str(ip_of(online.address))
+        if ip_of(by.address) == ip_of(online.address):
+            raise Refused(f"That would ban you too: you connect from {address}.")
+        return "address", address, f"{address} ({online.nick})", f"{online.nick}'s address {address}"
+
+    @staticmethod
+    def _banned_by(network: ipaddress.IPv4Network | ipaddress.IPv6Network, person: Person) -> bool:
+        ip = ip_of(person.address)
+        return ip is not None and ip.version == network.version and ip in network
+
+    def _bans(self, ban: Ban, person: Person) -> bool:
+        """Whether BAN keeps PERSON out. Lock held."""
+        if ban.kind == "account":
+            return person.account is not None and name_key(person.account) == ban.target
+        return self._banned_by(ipaddress.ip_network(ban.target), person)
+
+    def unban(self, by: Person, target: str) -> str:
+        """Lift the ban on TARGET: an address, a network, an account, or a guest's nickname as /bans shows it."""
+        try:
+            found = ban_target(target)
+        except ValueError as problem:
+            raise Refused(str(problem)) from None
+        now = time.time()
+        if found is not None:
+            key = f"{found[0]}:{found[1]}"
+        else:
+            # An account, or a guest's address, which /bans shows as "ADDRESS (NICK)".
+            key = f"account:{name_key(normal_name(target))}"
+            if self.data.bans.get(key) is None:
+                key = next((ban.key for ban in self.data.bans.all(now)
+                            if ban.shown.lower().endswith(f"({target.lower()})")), key)
+        try:
+            lifted = self.data.bans.remove(key)
+        except StorageError as problem:
+            raise Refused(str(problem)) from None
+        if lifted is None:
+            raise Refused(f"There is no ban on {target}. /bans lists them.")
+        log.warning("%r lifted the ban on %s %s", by, lifted.kind, lifted.shown)
+        return f"Lifted the ban on the {lifted.kind} {lifted.shown}."
+
+    def ban_lines(self) -> list[str]:
+        now = time.time()
+        try:
+            bans = self.data.bans.all(now)
+        except StorageError as problem:
+            raise Refused(str(problem)) from None
+        return [f"{ban.kind} {ban.shown} by {ban.by}, {ban.how_long(now)}" + (f": {ban.reason}" if ban.reason else "")
+                for ban in bans]
+
+    # -- knowing who is who ---------------------------------------------------------------------
+
+    def whois(self, viewer: Person, nick: str) -> commands.PersonDetails:
+        """What VIEWER may know about NICK; the address only if VIEWER is an operator of the server."""
+        with self.lock:
+            target = self._find(nick)
+            return commands.PersonDetails(
+                target.nick, target.account, target.operator, utc_text(target.since),
+                describe_duration(time.monotonic() - target.last_spoke),
+                tuple(room.name for room in target.rooms.values() if self._may_see(viewer, room)), target.away,
+                str(ip_of(target.address) or target.address) if viewer.operator else None)
+
+    def server_details(self) -> commands.ServerDetails:
+        with self.lock:
+            people, rooms = len(self.people), sum(1 for room in self.rooms.values() if room.members)
+        return commands.ServerDetails(VERSION, utc_text(self.started), describe_duration(time.time() - self.started),
+                                      people, rooms, self.most_people)
 
     # -- lists: what commands may know, paid for from each person's listing budget ----------
 
@@ -3294,6 +3783,47 @@ class Context:
 
     def rooms(self) -> list[commands.RoomInfo]:
         return self._server.room_list(self._caller)
+
+    # -- accounts and moderation
+
+    def register(self, password: str) -> str:
+        return self._server.register_account(self._caller, password)
+
+    def change_password(self, old: str, new: str) -> None:
+        self._server.change_password(self._caller, old, new)
+
+    def unregister(self, password: str) -> str:
+        return self._server.unregister(self._caller, password)
+
+    def operators(self) -> list[str]:
+        return self._server.operator_names()
+
+    def set_operator(self, nick: str, operator: bool) -> str:
+        return self._server.set_operator(self._caller, nick, operator)
+
+    def ban(self, target: str, duration: str | None, reason: str | None) -> str:
+        return self._server.ban(self._caller, target, duration, reason)
+
+    def unban(self, target: str) -> str:
+        return self._server.unban(self._caller, target)
+
+    def bans(self) -> list[str]:
+        return self._server.ban_lines()
+
+    def invite_account(self, nick: str) -> str:
+        return self._server.invite_account(self._caller, nick)
+
+    def remove_account(self, nick: str) -> str:
+        return self._server.remove_account(self._caller, nick)
+
+    def whois(self, nick: str) -> commands.PersonDetails:
+        return self._server.whois(self._caller, nick)
+
+    def motd(self) -> list[str]:
+        return self._server.motd.lines()
+
+    def server_info(self) -> commands.ServerDetails:
+        return self._server.server_details()
 
 
 # ---------------------------------------------------------------------------

@@ -4,30 +4,17 @@ from __future__ import annotations
 import os
 import re
 import socket
-import threading
 import time
 
 import pytest
 
-from conftest import TIMEOUT, LineClient, shown
+from conftest import ClientFrom, TIMEOUT, LineClient, shown
 
 resource = pytest.importorskip("resource")
 NICKNAME_PROMPT = "*** Choose a nickname:"
 OP_SECRET = "the operators' own secret"
 
 
-class ClientFrom(LineClient):
-    """A line client connecting from SOURCE, another loopback address."""
-
-    def __init__(self, host: str, port: int, source: str) -> None:
-        family = socket.AF_INET6 if ":" in source else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.bind((source, 0))
-        self.sock.connect((host, port))
-        self.buffer = b""
-        self.seen: list[str] = []
-        self.nick = None
 
 
 def vm_size(pid: int) -> int:

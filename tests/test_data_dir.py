@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import SERVER_SCRIPT, TIMEOUT, LineClient, shown
+from conftest import ClientFrom, SERVER_SCRIPT, TIMEOUT, LineClient, shown
 
 HISTORY_LINE = re.compile(r"\[history (\S+)\] (.*)")
 
@@ -201,14 +201,6 @@ def write_bans(data, *bans: dict) -> None:
             file.write(json.dumps({"key": f"{value['kind']}:{value['target']}", "value": value}) + "\n")
 
 
-class ClientFrom(LineClient):
-    """A line client connecting from SOURCE, another loopback address."""
-
-    def __init__(self, host: str, port: int, source: str) -> None:
-        self.sock = socket.create_connection((host, port), timeout=TIMEOUT, source_address=(source, 0))
-        self.buffer = b""
-        self.seen: list[str] = []
-        self.nick = None
 
 
 def test_banned_addresses_and_networks_are_refused_at_the_door_with_the_reason_and_the_expiry(
