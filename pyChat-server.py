@@ -101,6 +101,8 @@ GUESS_WINDOW = 600.0              # ... and how long it waits, in seconds since 
 MAX_RECORD_BYTES = 16 * 1024      # one line of a data file; a longer one is skipped with a log line
 MAX_KEY_LENGTH = 400              # a record's key: a name_key(), which NFKD can make longer than the name
 MAX_ACCOUNTS = 10000              # registered nicknames
+REGISTRATIONS_PER_ADDRESS = 5     # accounts one address (IPv6: /64) may register ...
+REGISTRATION_WINDOW = 3600.0      # ... in this many seconds, so that no one fills the table for others
 MAX_OPERATORS = 100               # operators made with /oper add
 MAX_NAMED_OPERATORS = 100         # ... and more room in the file for names given with --operator
 MAX_INVITATIONS = 1000            # one-time codes for --private waiting to be used
@@ -2548,6 +2550,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.motd = MessageOfTheDay(options.motd)
         self.started = time.time()
         self.most_people = 0
+        self.registrations: dict[str, list[float]] = {}         # when accounts were registered, by address_bucket()
         self.lobby: Room | None = None
         self.lobby = self.room_named(DEFAULT_ROOM)      # everyone's first room, never forgotten
         for room_name, lines in self.data.history.rooms_and_lines():
@@ -3318,6 +3321,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
         problem = password_problem(password, nick)
         if problem:
             raise Refused(problem)
+        bucket, now = address_bucket(person.address), time.monotonic()
+        with self.lock:
+            recent = [when for when in self.registrations.get(bucket, ()) if now - when < REGISTRATION_WINDOW]
+            if len(recent) >= REGISTRATIONS_PER_ADDRESS:
+                raise Refused(f"{REGISTRATIONS_PER_ADDRESS} accounts were registered from your address in the last "
+                              f"{REGISTRATION_WINDOW / 3600:g} hour; try again later.")
+            if len(self.registrations) > 10000:
+                self.registrations = {b: t for b, t in self.registrations.items() if now - t[-1] < REGISTRATION_WINDOW}
+            self.registrations[bucket] = recent + [now]      # counted before the slow part, so that tries at once count
         try:
             self.data.accounts.register(nick, password)
         except (StoreFull, StorageError) as problem:

@@ -14,5 +14,5 @@ def invite_account(ctx, name):
 
 @command("remove-account", "NAME", operator=True)
 def remove_account(ctx, name):
-    """Take NAME's account (or their unused invitation) away; if they are online, they are disconnected."""
+    """Take NAME's account (or their unused invitation) away; on a --private server they are disconnected."""
     ctx.reply(ctx.remove_account(name))

@@ -6,6 +6,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -608,3 +609,39 @@ def test_a_private_room_s_lines_never_reach_the_history_file(start_server, conne
     bob.send("anyone?")
     lines = bob.lines_until("bob: anyone?")
     assert not [line for line in lines if line.startswith("[history")], shown(lines)
+
+
+def test_one_address_cannot_register_accounts_without_end(start_server, connect):
+    server = start_server("--rate", "0", "--max-per-ip", "0")
+    clients = [ClientFrom(server.host, server.port, "127.0.0.2") for _ in range(6)]
+    answers = []
+    for n, client in enumerate(clients):
+        client.login(f"sock{n}")
+        answers.append(register(client))
+    assert all(answer.startswith("-- Registered") for answer in answers[:5]), answers
+    assert answers[5] == ("!! 5 accounts were registered from your address in the last 1 hour; "
+                          "try again later."), answers[5]
+    other = ClientFrom(server.host, server.port, "127.0.0.3")
+    other.login("someone")
+    assert register(other).startswith("-- Registered"), "another address was refused too"
+    for client in clients + [other]:
+        client.close()
+
+
+def test_bans_hold_for_ipv6_addresses_too(start_server, connect, data):
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    server = start_server("--host", "::", "--data-dir", str(data), "--operator", "alice")
+    alice = ClientFrom("127.0.0.1", server.port, "127.0.0.1")
+    alice.login("alice")
+    register_as_operator(alice)
+    troll = ClientFrom("::1", server.port, "::1")
+    troll.login("troll6")
+    alice.send("/ban troll6 10m")
+    assert alice.expect("-- Banned|!! ").startswith("-- Banned troll6's address ::1 for 10m."), alice.seen[-1]
+    troll.wait_closed()
+    again = ClientFrom("::1", server.port, "::1").wait_closed()
+    assert len(again) == 1 and again[0].startswith("!! You are banned from this server until "), again
+    alice.close()
