@@ -1,26 +1,38 @@
-"""The load generator: many chat clients driven by one single-threaded selector loop.
+"""The load generator: many chat clients, spread over a few processes, each one a selector loop.
 
-Every client is a non-blocking socket in one `selectors` loop. Input is read
-in large chunks, cut at the last newline, and parsed a whole chunk at a time
-with one compiled regular expression and a few C-level passes (bytes.count,
-zip, dict, Counter); Python code runs per chunk and per sender in a chunk,
-never per byte.
+A Swarm starts `processes` worker processes (fork) and deals the clients out
+round-robin; it gives orders (connect, settle, set up traffic, start, stop,
+report) over a pipe to each, and combines their answers. The processes talk
+to each other over socket pairs only for what must be known across them: when
+every receiver has a line (the window of the max scenario) and how many lines
+each sender sent in all (the drain).
+
+In each process, every client is a non-blocking socket in one `selectors`
+loop. Input is read in large chunks, cut at the last newline, and parsed a
+whole chunk at a time with one compiled regular expression and a few C-level
+passes (bytes.count, zip, dict, Counter); Python code runs per chunk and per
+sender in a chunk, never per byte.
 
 Each chat line carries a token `|SENDER.SEQ.SENT_US|`: the sender's id (which
 is also in its nickname `bSENDER`), its own sequence number (1, 2, 3...) and
-the send time in microseconds on this process's monotonic clock. A delivery is
-the token arriving at a client other than its sender, in a line of the right
-shape (pyChat: `bSENDER: TOKEN...`, IRC: `:bSENDER!... PRIVMSG #bench :TOKEN...`).
+the send time in microseconds on the monotonic clock, counted from an epoch
+all the processes share. A delivery is the token arriving at a client other
+than its sender, in a line of the right shape (pyChat: `bSENDER: TOKEN...`,
+IRC: `:bSENDER!... PRIVMSG #bench :TOKEN...`).
 """
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import re
+import resource
 import selectors
 import socket
 import time
+import traceback
 from array import array
 from collections import Counter, deque
+from typing import Callable, NamedTuple
 
 HOST = "127.0.0.1"
 CHANNEL = b"#bench"
@@ -131,6 +143,7 @@ class Client:
         self.signed_in_ns = 0
         self.failure = ""
         self.receiver_index = -1  # its column in Traffic.progress, if it is measured
+        self.rcvbuf: int | None = None  # SO_RCVBUF to set before connecting
         self.stall_after_sign_in = False
 
     @property
@@ -185,58 +198,55 @@ class Client:
 
 
 class LoadGenerator:
-    """All simulated clients of one run, and the loop that drives them."""
+    """One process's clients and the selector loop that drives them."""
 
-    def __init__(self, protocol_name: str, port: int):
+    def __init__(self, protocol_name: str, port: int, epoch_ns: int):
         self.protocol = PROTOCOLS[protocol_name]
         self.port = port
         self.selector = selectors.DefaultSelector()
-        self.clients: list[Client] = []
+        self.clients: dict[int, Client] = {}
+        self.waiting: deque[Client] = deque()  # added, not yet opened
+        self.in_flight = 1  # sign-ins at once
         self.signing_in = 0
         self.bytes_received = 0
         self.traffic: Traffic | None = None
-        self.epoch_ns = time.perf_counter_ns()
+        self.epoch_ns = epoch_ns  # shared by every process of a Swarm: tokens carry times against it
 
     def now_us(self) -> int:
         return (time.perf_counter_ns() - self.epoch_ns) // 1000
 
-    def connect(self, count: int, in_flight: int, timeout_s: float, rcvbuf: int | None = None,
-                stall: bool = False, server_alive=lambda: True) -> list[Client]:
-        """Open `count` clients, at most `in_flight` signing in at once; return them all.
+    def add_clients(self, idents: list[int], in_flight: int, rcvbuf: int | None, stall: bool) -> list[Client]:
+        """Line up new clients; the loop opens them, at most in_flight signing in at once."""
+        clients = [Client(self, ident) for ident in idents]
+        for client in clients:
+            client.rcvbuf = rcvbuf
+            client.stall_after_sign_in = stall
+            self.clients[client.ident] = client
+        self.waiting.extend(clients)
+        self.in_flight = max(1, in_flight)
+        return clients
 
-        Returns when every one is signed in or has failed, after timeout_s, or
-        as soon as server_alive() says the server is gone (the stragglers are
-        then marked failed).
-        """
-        waiting = deque(Client(self, len(self.clients) + i) for i in range(count))
-        started = list(waiting)
-        self.clients.extend(started)
-        deadline = time.monotonic() + timeout_s
-        next_check = 0.0
-        while (waiting or self.signing_in) and time.monotonic() < deadline:
-            if time.monotonic() >= next_check:
-                if not server_alive():
-                    break
-                next_check = time.monotonic() + 0.5
-            while waiting and self.signing_in < in_flight:
-                self.open(waiting.popleft(), rcvbuf, stall)
-            self.tick(0.05)
-        for client in started:
+    def connecting(self) -> bool:
+        """Whether some added client is not yet signed in (nor failed)."""
+        return bool(self.waiting or self.signing_in)
+
+    def give_up(self, clients: list[Client]) -> None:
+        """Mark those of clients still on their way in as failed."""
+        for client in clients:
             if client.state in (CONNECTING, SIGNING_IN):
                 client.fail("sign-in timed out")
             elif client.state == NEW:
                 client.state, client.failure = FAILED, "never started"
-        return started
+        self.waiting = deque(client for client in self.waiting if client.state == NEW)
 
-    def open(self, client: Client, rcvbuf: int | None, stall: bool) -> None:
+    def open(self, client: Client) -> None:
         client.sock = sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf:
+        if client.rcvbuf:
             # Must precede connect(): the window scale is agreed in the handshake.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, client.rcvbuf)
         # The generator's own sends must not wait for ACKs (Nagle): its latency is not the server's.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
-        client.stall_after_sign_in = stall
         client.state = CONNECTING
         client.started_ns = time.perf_counter_ns()
         self.signing_in += 1
@@ -260,10 +270,26 @@ class LoadGenerator:
             pass
         client.sock.close()
 
+    def tick(self, longest_wait_s: float) -> None:
+        """Open waiting clients, send what the traffic has due, then handle socket events."""
+        while self.waiting and self.signing_in < self.in_flight:
+            self.open(self.waiting.popleft())
+        wait = longest_wait_s
+        if self.traffic is not None:
+            wait = min(wait, self.traffic.pump())
+        self.step(max(wait, 0.0))
+
     def step(self, timeout_s: float) -> None:
-        """Wait up to timeout_s for socket events and handle all that came."""
+        """Wait up to timeout_s for socket events and handle all that came.
+
+        A registered object that is not a Client is a callable taking the events
+        (the process's orders, a link to another generator process).
+        """
         for key, events in self.selector.select(timeout_s):
             client = key.data
+            if type(client) is not Client:
+                client(events)
+                continue
             if events & selectors.EVENT_WRITE:
                 self.writable(client)
             if events & selectors.EVENT_READ and client.state in (SIGNING_IN, READY):
@@ -327,74 +353,128 @@ class LoadGenerator:
         if self.traffic is not None and client.receiver_index >= 0:
             self.traffic.receive(client, complete, now_ns)
 
-    def run(self, seconds: float, done=None) -> None:
-        """Drive the loop (and the traffic, if any) for `seconds`, or until done() is true."""
-        deadline = time.perf_counter() + seconds
-        while True:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0 or (done is not None and done()):
-                return
-            self.tick(remaining)
-
-    def settle(self, quiet_s: float, longest_s: float) -> None:
-        """Keep reading until nothing has arrived for quiet_s (at most longest_s)."""
-        deadline = time.perf_counter() + longest_s
-        while time.perf_counter() < deadline:
-            before = self.bytes_received
-            self.run(quiet_s)
-            if self.bytes_received == before:
-                return
-
-    def tick(self, longest_wait_s: float) -> None:
-        """Send what the traffic has due, then handle socket events."""
-        wait = longest_wait_s
-        if self.traffic is not None:
-            wait = min(wait, self.traffic.pump())
-        self.step(max(wait, 0.0))
-
     def close_all(self) -> None:
-        for client in self.clients:
+        for client in self.clients.values():
             if client.sock is not None:
                 client.close()
-        self.selector.close()
+        self.waiting.clear()
+        self.traffic = None
+
+
+class PeerLink:
+    """A socket to another generator process of the same Swarm.
+
+    Carries two kinds of news, one line each, latest value per sender only:
+    `C SENDER SEQ` (every receiver of mine has that sender's lines up to SEQ;
+    the window needs it) and `F SENDER COUNT` (that sender sent COUNT lines in
+    all; the drain needs it).
+    """
+
+    def __init__(self, generator: LoadGenerator, peer: int, sock: socket.socket):
+        self.generator = generator
+        self.peer = peer
+        self.sock = sock
+        sock.setblocking(False)
+        self.inbox = b""
+        self.outbox = bytearray()
+        self.news: dict[tuple[bytes, int], int] = {}
+        generator.selector.register(sock, selectors.EVENT_READ, self.on_events)
+
+    def tell(self, kind: bytes, sender: int, value: int) -> None:
+        self.news[(kind, sender)] = value
+
+    def flush(self) -> None:
+        """Send the news gathered since the last flush (the loop calls this after every tick)."""
+        if self.news:
+            self.outbox += b"".join(b"%s %d %d\n" % (kind, sender, value)
+                                    for (kind, sender), value in self.news.items())
+            self.news.clear()
+        if not self.outbox:
+            return
+        try:
+            sent = self.sock.send(self.outbox)
+        except BlockingIOError:
+            sent = 0
+        del self.outbox[:sent]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox else 0)
+        self.generator.selector.modify(self.sock, events, self.on_events)
+
+    def on_events(self, events: int) -> None:
+        if events & selectors.EVENT_WRITE:
+            self.flush()
+        if not events & selectors.EVENT_READ:
+            return
+        data = self.sock.recv(RECV_SIZE)
+        if not data:
+            self.generator.selector.unregister(self.sock)
+            return
+        lines = (self.inbox + data).split(b"\n")
+        self.inbox = lines.pop()
+        traffic = self.generator.traffic
+        if traffic is None:
+            return
+        for line in lines:
+            kind, sender, value = line.split()
+            traffic.peer_news(self.peer, kind, int(sender), int(value))
 
 
 class Traffic:
-    """Who sends what and when, and the ledger of every delivery.
+    """Who sends what and when, and the ledger of every delivery, in one generator process.
 
-    Two ways to pace the senders:
-    - rate: `rate` lines per second in total, round-robin over the senders;
+    Senders and receivers may be spread over several processes; each process
+    sends for its own senders and keeps the ledger of its own receivers. Two
+    ways to pace the senders:
+    - rate: `rate` lines per second in total, round-robin over the senders
+      (each process takes its share of the rate for its share of the senders);
     - window: each sender keeps at most `window` of its own lines in flight,
-      a line being in flight until every other measured client has received it.
+      a line being in flight until every other receiver, in every process, has
+      it (the processes tell each other over their PeerLinks).
 
     The ledger works a chunk at a time: per chunk, one regex pass, a few
     C-level passes over its columns, and Python code only per sender present.
     """
 
-    def __init__(self, generator: LoadGenerator, senders: list[Client], receivers: list[Client],
-                 rate: float = 0.0, window: int = 0):
+    def __init__(self, generator: LoadGenerator, me: int, senders: list[int],
+                 receivers_by_process: list[list[int]], owner: dict[int, int],
+                 links: dict[int, PeerLink], rate: float = 0.0, window: int = 0):
         self.generator = generator
         self.say = generator.protocol.say
         self.delivery = generator.protocol.delivery
         self.line_end = generator.protocol.line_end
-        self.senders = senders
-        self.sender_by_ident = {client.ident: client for client in senders}
-        self.rate = rate
+        self.me = me
+        self.links = links
+        self.owner = owner
+        self.all_senders = senders
+        self.senders = [generator.clients[ident] for ident in senders if owner[ident] == me]
+        self.sender_by_ident = {client.ident: client for client in self.senders}
+        self.rate = rate * len(self.senders) / len(senders)
         self.window = window
-        self.fanout = len(receivers) - 1  # every line goes to all receivers but its sender
+        self.fanout = sum(map(len, receivers_by_process)) - 1  # every line goes to all receivers but its sender
+        receivers = [generator.clients[ident] for ident in receivers_by_process[me]]
         for index, client in enumerate(receivers):
             client.receiver_index = index
-        ids = max(client.ident for client in generator.clients) + 1
+        ids = max(senders) + 1
         # progress[sender][receiver_index]: the last sequence number that receiver
         # has from that sender; a sender's own column is never its minimum.
         self.progress = [[0] * len(receivers) for _ in range(ids)]
         for client in receivers:
-            self.progress[client.ident][client.receiver_index] = NEVER_SLOWEST
-        self.completed = [0] * ids  # per sender: every other receiver has up to this one
-        self.slowest = [self.fanout] * ids  # per sender: receivers still at `completed`
+            if client.ident < ids:
+                self.progress[client.ident][client.receiver_index] = NEVER_SLOWEST
+        # Per sender and process: every receiver of that process has up to this one
+        # (NEVER_SLOWEST when that process has no receiver but the sender itself).
+        self.known = [[0] * ids for _ in receivers_by_process]
+        for process, idents in enumerate(receivers_by_process):
+            members = set(idents)
+            for sender in senders:
+                if not members - {sender}:
+                    self.known[process][sender] = NEVER_SLOWEST
+        self.completed = self.known[me]  # this process's own entry, kept up to date here
+        # Per sender: how many of my receivers are still at `completed`.
+        self.slowest = [sum(1 for value in row if value != NEVER_SLOWEST) for row in self.progress]
+        self.final_sent: dict[int, int] = {}
         self.sent = [0] * ids
         self.ready_senders = set(self.sender_by_ident)
-        self.message_times: list[int] = []  # send time of every line, microseconds
+        self.message_times: list[int] = []  # send time of every line of my senders, microseconds
         self.batches: list[tuple[int, array]] = []  # (receive time, send times) per chunk
         self.delivered = 0
         self.malformed = 0
@@ -402,17 +482,36 @@ class Traffic:
         self.gaps = 0
         self.sending = False
         self.start_us = 0
+        self.stop_us = 0
         self.total_sent = 0
 
-    def start(self) -> None:
+    def start(self, start_us: int) -> None:
+        """Begin sending at start_us (on the shared clock), so that every process starts together."""
+        self.start_us = start_us
         self.sending = True
-        self.start_us = self.generator.now_us()
 
     def stop(self) -> None:
+        """Stop sending, and tell the other processes how many lines my senders sent."""
         self.sending = False
+        self.stop_us = self.generator.now_us()
+        for ident in self.sender_by_ident:
+            self.final_sent[ident] = self.sent[ident]
+            for link in self.links.values():
+                link.tell(b"F", ident, self.sent[ident])
 
     def all_delivered(self) -> bool:
-        return self.delivered >= self.total_sent * self.fanout
+        """Whether every receiver of this process has every line of every sender (known once stopped)."""
+        if len(self.final_sent) < len(self.all_senders):
+            return False
+        completed = self.completed
+        return all(completed[sender] >= count for sender, count in self.final_sent.items())
+
+    def peer_news(self, peer: int, kind: bytes, sender: int, value: int) -> None:
+        if kind == b"F":
+            self.final_sent[sender] = value
+        else:
+            self.known[peer][sender] = value
+            self.ready_senders.add(sender)
 
     def send(self, sender: Client, count: int) -> None:
         now = self.generator.now_us()
@@ -426,16 +525,20 @@ class Traffic:
 
     def pump(self) -> float:
         """Send whatever is due now; return how long the loop may sleep before the next send."""
-        if not self.sending:
+        if not self.sending or not self.senders:
             return 0.05
+        now_us = self.generator.now_us()
+        if now_us < self.start_us:
+            return (self.start_us - now_us) / 1e6
         if self.window:
             for ident in self.ready_senders:
-                room = self.window - (self.sent[ident] - self.completed[ident])
+                completed = min(known[ident] for known in self.known)
+                room = self.window - (self.sent[ident] - completed)
                 if room > 0:
                     self.send(self.sender_by_ident[ident], room)
             self.ready_senders.clear()
             return 0.05
-        elapsed = (self.generator.now_us() - self.start_us) / 1e6
+        elapsed = (now_us - self.start_us) / 1e6
         due = int(elapsed * self.rate) + 1
         senders = self.senders
         while self.total_sent < due:
@@ -478,7 +581,15 @@ class Traffic:
                     low = min(row)
                     self.completed[sender] = low
                     self.slowest[sender] = row.count(low)
-                    self.ready_senders.add(sender)
+                    self.completed_changed(sender, low)
+
+    def completed_changed(self, sender: int, completed: int) -> None:
+        """My receivers all have sender's lines up to completed: free its window (wherever it is)."""
+        owner = self.owner[sender]
+        if owner == self.me:
+            self.ready_senders.add(sender)
+        elif self.window:
+            self.links[owner].tell(b"C", sender, completed)
 
     def check_order(self, sender_text: bytes, previous: int, matches: list) -> int:
         """Count duplicates and gaps in one sender's lines of a chunk; return its last sequence number."""
@@ -494,16 +605,297 @@ class Traffic:
             previous = seq
         return previous
 
-    def summary(self, start_us: int, end_us: int) -> dict:
-        """Deliveries, losses and latency for the lines sent in [start_us, end_us)."""
-        latencies = []
+    def ledger(self, start_us: int, end_us: int) -> dict:
+        """This process's share of the summary of the lines sent in [start_us, end_us)."""
+        latencies = array("q")
         for received, sent_times in self.batches:
             if start_us <= min(sent_times) and max(sent_times) < end_us:
-                latencies += map(received.__sub__, sent_times)
+                latencies.extend(map(received.__sub__, sent_times))
             else:
-                latencies += [received - sent for sent in sent_times if start_us <= sent < end_us]
-        latencies.sort()
-        lines = sum(1 for sent in self.message_times if start_us <= sent < end_us)
+                latencies.extend(received - sent for sent in sent_times if start_us <= sent < end_us)
+        return {
+            "latencies_us": latencies,
+            "lines_sent": sum(1 for sent in self.message_times if start_us <= sent < end_us),
+            "delivered": self.delivered,
+            "malformed": self.malformed,
+            "duplicates": self.duplicates,
+            "gaps": self.gaps,
+        }
+
+
+class ClientRecord(NamedTuple):
+    """What the Swarm's owner learns about one client."""
+
+    ident: int
+    nick: str
+    local_port: int
+    state: str
+    failure: str
+    sign_in_s: float | None  # None: it never signed in
+
+    @classmethod
+    def of(cls, client: Client) -> ClientRecord:
+        return cls(client.ident, client.nick.decode(), client.local_port, client.state, client.failure,
+                   client.sign_in_seconds if client.signed_in_ns else None)
+
+
+class Task(NamedTuple):
+    """An order a worker is carrying out: its reply is sent once done() or at the deadline."""
+
+    done: Callable[[], bool]
+    deadline: float
+    finish: Callable[[], object]
+
+
+class Worker:
+    """One generator process: its clients, its share of the traffic, and its orders from the Swarm."""
+
+    def __init__(self, index: int, orders, links: dict[int, socket.socket], protocol_name: str,
+                 port: int, epoch_ns: int, server_pid: int):
+        self.index = index
+        self.orders = orders
+        self.generator = LoadGenerator(protocol_name, port, epoch_ns)
+        self.links = {peer: PeerLink(self.generator, peer, sock) for peer, sock in links.items()}
+        self.server_pid = server_pid
+        self.task: Task | None = None
+        self.serving = True
+        self.next_server_check = 0.0
+        self.server_gone = False
+        self.generator.selector.register(orders, selectors.EVENT_READ, self.on_order)
+
+    def serve(self) -> None:
+        while self.serving:
+            self.generator.tick(0.05)
+            for link in self.links.values():
+                link.flush()
+            task = self.task
+            if task is not None and (time.monotonic() >= task.deadline or task.done()):
+                self.task = None
+                self.reply(task.finish())
+
+    def reply(self, value) -> None:
+        self.orders.send(("ok", value))
+
+    def on_order(self, events: int) -> None:
+        try:
+            name, arguments = self.orders.recv()
+        except EOFError:  # the Swarm's owner is gone
+            self.serving = False
+            return
+        try:
+            result = getattr(self, f"order_{name}")(**arguments)
+        except Exception:  # reported to the owner, who raises it
+            self.orders.send(("error", traceback.format_exc()))
+            return
+        if result is not PENDING:
+            self.reply(result)
+
+    def server_alive(self) -> bool:
+        if time.monotonic() >= self.next_server_check:
+            self.next_server_check = time.monotonic() + 0.5
+            self.server_gone = process_gone(self.server_pid)
+        return not self.server_gone
+
+    def order_connect(self, idents: list[int], in_flight: int, timeout_s: float,
+                      rcvbuf: int | None = None, stall: bool = False):
+        """Sign these clients in; reply with their records once all are in or failed, or at timeout_s."""
+        clients = self.generator.add_clients(idents, in_flight, rcvbuf, stall)
+
+        def finish() -> list[ClientRecord]:
+            self.generator.give_up(clients)
+            return [ClientRecord.of(client) for client in clients]
+
+        done = lambda: not self.generator.connecting() or not self.server_alive()
+        self.task = Task(done, time.monotonic() + timeout_s, finish)
+        return PENDING
+
+    def order_settle(self, quiet_s: float, longest_s: float):
+        """Reply once nothing has arrived for quiet_s (at most longest_s)."""
+        last = [self.generator.bytes_received, time.monotonic()]
+
+        def quiet() -> bool:
+            if self.generator.bytes_received != last[0]:
+                last[:] = [self.generator.bytes_received, time.monotonic()]
+            return time.monotonic() - last[1] >= quiet_s
+
+        self.task = Task(quiet, time.monotonic() + longest_s, lambda: None)
+        return PENDING
+
+    def order_traffic(self, **setup) -> None:
+        self.generator.traffic = Traffic(self.generator, self.index, links=self.links, **setup)
+
+    def order_start(self, start_us: int) -> None:
+        self.generator.traffic.start(start_us)
+
+    def order_stop(self, drain_timeout_s: float):
+        """Stop sending; reply with the stop time once my receivers have every line, or at the timeout."""
+        traffic = self.generator.traffic
+        traffic.stop()
+        self.task = Task(traffic.all_delivered, time.monotonic() + drain_timeout_s, lambda: traffic.stop_us)
+        return PENDING
+
+    def order_ledger(self, start_us: int, end_us: int) -> dict:
+        return self.generator.traffic.ledger(start_us, end_us)
+
+    def order_records(self) -> list[ClientRecord]:
+        return [ClientRecord.of(client) for client in self.generator.clients.values()]
+
+    def order_close(self) -> None:
+        self.generator.close_all()
+
+    def order_exit(self) -> None:
+        self.generator.close_all()
+        self.serving = False
+
+
+PENDING = object()  # an order's reply comes later, when its Task is done
+
+
+def run_worker(index: int, orders, inherited: list, pairs: dict, *settings) -> None:
+    """The body of a generator process."""
+    for connection in inherited:  # other workers' order pipes, copied by fork: not ours
+        connection.close()
+    links = {}
+    for (first, second), (a, b) in pairs.items():
+        if first == index:
+            links[second] = a
+            b.close()
+        elif second == index:
+            links[first] = b
+            a.close()
+        else:
+            a.close()
+            b.close()
+    raise_file_limit()
+    Worker(index, orders, links, *settings).serve()
+
+
+def raise_file_limit() -> None:
+    """Let this process open as many sockets as the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+class Swarm:
+    """The whole load generator: `processes` worker processes, each with a share of the clients.
+
+    Clients are dealt round-robin over the processes by their ident (0, 1, 2...).
+    Every order goes to every process concerned, and the answers are combined
+    here; use it as a context manager so that the processes always end.
+    """
+
+    ORDER_MARGIN_S = 30.0  # beyond an order's own timeout, before a silent process is an error
+
+    def __init__(self, protocol_name: str, port: int, processes: int, server_pid: int):
+        context = multiprocessing.get_context("fork")
+        self.epoch_ns = time.perf_counter_ns()
+        self.size = max(1, processes)
+        pairs = {(i, j): socket.socketpair() for i in range(self.size) for j in range(i + 1, self.size)}
+        self.orders = []
+        self.processes = []
+        for index in range(self.size):
+            mine, theirs = context.Pipe()
+            process = context.Process(target=run_worker, name=f"loadgen-{index}", daemon=True,
+                                      args=(index, theirs, list(self.orders), pairs, protocol_name,
+                                            port, self.epoch_ns, server_pid))
+            process.start()
+            theirs.close()
+            self.orders.append(mine)
+            self.processes.append(process)
+        for a, b in pairs.values():
+            a.close()
+            b.close()
+        self.next_ident = 0
+        self.owner: dict[int, int] = {}
+        self.fanout = 0
+
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def now_us(self) -> int:
+        return (time.perf_counter_ns() - self.epoch_ns) // 1000
+
+    def ask(self, orders: dict[int, tuple[str, dict]], timeout_s: float = 10.0) -> dict[int, object]:
+        """Give each process in orders its order; return their answers by process."""
+        for index, order in orders.items():
+            self.orders[index].send(order)
+        deadline = time.monotonic() + timeout_s + self.ORDER_MARGIN_S
+        answers = {}
+        for index in orders:
+            if not self.orders[index].poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"generator process {index} did not answer {orders[index][0]}")
+            status, value = self.orders[index].recv()
+            if status == "error":
+                raise RuntimeError(f"generator process {index} failed: {value}")
+            answers[index] = value
+        return answers
+
+    def ask_all(self, name: str, timeout_s: float = 10.0, **arguments) -> list:
+        return list(self.ask({index: (name, arguments) for index in range(self.size)}, timeout_s).values())
+
+    def connect(self, count: int, in_flight: int, timeout_s: float, rcvbuf: int | None = None,
+                stall: bool = False) -> list[ClientRecord]:
+        """Sign in count new clients, at most in_flight at once in all; return their records.
+
+        Returns when every one is signed in or has failed, after timeout_s, or
+        as soon as the server is gone (the stragglers are then marked failed).
+        """
+        idents = list(range(self.next_ident, self.next_ident + count))
+        self.next_ident += count
+        orders = {}
+        for index in range(self.size):
+            share = [ident for ident in idents if ident % self.size == index]
+            if share:
+                self.owner.update(dict.fromkeys(share, index))
+                flight = in_flight // self.size + (index < in_flight % self.size)
+                orders[index] = ("connect", {"idents": share, "in_flight": flight, "timeout_s": timeout_s,
+                                             "rcvbuf": rcvbuf, "stall": stall})
+        answers = self.ask(orders, timeout_s)
+        return sorted((record for records in answers.values() for record in records), key=lambda r: r.ident)
+
+    def settle(self, quiet_s: float, longest_s: float) -> None:
+        """Return once no process has received anything for quiet_s (at most longest_s)."""
+        self.ask_all("settle", longest_s, quiet_s=quiet_s, longest_s=longest_s)
+
+    def set_traffic(self, senders: list[int], receivers: list[int], rate: float = 0.0, window: int = 0) -> None:
+        """Set up (not start) traffic from senders to receivers (idents of signed-in clients)."""
+        receivers_by_process = [[ident for ident in receivers if self.owner[ident] == index]
+                                for index in range(self.size)]
+        self.fanout = len(receivers) - 1
+        self.ask_all("traffic", senders=senders, receivers_by_process=receivers_by_process,
+                     owner={ident: self.owner[ident] for ident in senders}, rate=rate, window=window)
+
+    def start_traffic(self) -> int:
+        """Start every process's senders at one moment a little ahead; return it (shared clock, µs)."""
+        start_us = self.now_us() + 20_000
+        self.ask_all("start", start_us=start_us)
+        return start_us
+
+    def stop_traffic(self, drain_timeout_s: float) -> int:
+        """Stop sending, wait until everything sent has arrived (at most drain_timeout_s); return the stop time."""
+        return min(self.ask_all("stop", drain_timeout_s, drain_timeout_s=drain_timeout_s))
+
+    def summary(self, start_us: int, end_us: int) -> dict:
+        """Deliveries, losses, latency and the checks on every line, for the lines sent in [start_us, end_us)."""
+        ledgers = self.ask_all("ledger", start_us=start_us, end_us=end_us)
+        latencies = sorted(latency for ledger in ledgers for latency in ledger["latencies_us"])
+        lines = sum(ledger["lines_sent"] for ledger in ledgers)
         expected = lines * self.fanout
         seconds = max(end_us - start_us, 1) / 1e6
         return {
@@ -514,7 +906,32 @@ class Traffic:
             "deliveries_per_s": len(latencies) / seconds,
             "lines_per_s": lines / seconds,
             "latency_ms": latency_profile(latencies),
+            **{key: sum(ledger[key] for ledger in ledgers)
+               for key in ("delivered", "malformed", "duplicates", "gaps")},
         }
+
+    def records(self) -> list[ClientRecord]:
+        return sorted((record for records in self.ask_all("records") for record in records),
+                      key=lambda r: r.ident)
+
+    def close_clients(self) -> None:
+        self.ask_all("close")
+
+    def shutdown(self) -> None:
+        """End every process (asked first, then killed if it lingers)."""
+        for index, process in enumerate(self.processes):
+            if process.is_alive():
+                try:
+                    self.orders[index].send(("exit", {}))
+                except OSError:
+                    pass
+        for process in self.processes:
+            process.join(5.0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for orders in self.orders:
+            orders.close()
 
 
 def percentile(sorted_values: list, fraction: float):

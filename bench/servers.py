@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -17,8 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -55,61 +58,125 @@ PAM = no
 
 @dataclass
 class ServerKind:
-    """One server we know how to run: its protocol and how to start it."""
+    """One server we know how to run: its protocol, how to start it, and what exactly it is.
+
+    `start(kind, port, workdir)` returns the command line that makes it serve
+    the benchmark's protocol on 127.0.0.1:port; `missing()` says why it cannot
+    run here (None when it can); `describe()` names its version.
+    """
 
     name: str
-    protocol: str  # "pychat" or "irc"
+    protocol: str  # the load the generator speaks to it: "pychat" or "irc"
     install_hint: str
+    start: Callable[[ServerKind, int, Path], list[str]]
+    missing: Callable[[], str | None]
+    describe: Callable[[], str]
     notes: list[str] = field(default_factory=list)
 
-    def missing(self) -> str | None:
-        """Why this server cannot run here, or None when it can."""
-        if self.name == "pychat":
-            return None if PYCHAT_SERVER.exists() else f"{PYCHAT_SERVER} not found"
-        if self.name == "ngircd":
-            return None if ngircd_binary() else "ngircd not installed"
-        if self.name == "miniircd":
-            return None if miniircd_command() else "miniircd not installed"
-        return f"unknown server {self.name}"
+    def command(self, port: int, workdir: Path) -> list[str]:
+        return self.start(self, port, workdir)
 
     def version(self) -> str:
-        """What exactly is measured: the program's version, or pyChat's last commit."""
-        if self.name == "pychat":
-            try:
-                log = subprocess.run(["git", "log", "-1", "--format=%h %cd", "--date=format:%Y-%m-%d %H:%M",
-                                      "--", PYCHAT_SERVER.name], cwd=REPO, capture_output=True, text=True)
-                dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", PYCHAT_SERVER.name],
-                                       cwd=REPO, capture_output=True)
-            except OSError:
-                return "pyChat-server.py (no git here)"
-            commit = log.stdout.strip() or "not in git"
-            return f"pyChat-server.py {commit}" + (" + uncommitted changes" if dirty.returncode else "")
-        if self.name == "ngircd":
-            result = subprocess.run([ngircd_binary(), "--version"], capture_output=True, text=True)
-            return result.stdout.splitlines()[0].split("-")[0] if result.stdout else "ngircd"
-        result = subprocess.run([*miniircd_command(), "--version"], capture_output=True, text=True)
-        return f"miniircd {(result.stdout + result.stderr).strip()}"
-
-    def command(self, port: int, workdir: Path) -> list[str]:
-        """The command line that starts this server on 127.0.0.1:port."""
-        if self.name == "pychat":
-            return [sys.executable, str(PYCHAT_SERVER), "--host", HOST, "--port", str(port),
-                    *pychat_options(self.notes)]
-        if self.name == "ngircd":
-            config = workdir / "ngircd.conf"
-            config.write_text(ngircd_config(port))
-            return [ngircd_binary(), "-n", "-f", str(config)]
-        command = [*miniircd_command(), "--ports", str(port), "--listen", HOST, "--verbose"]
-        if os.geteuid() == 0:
-            command += ["--setuid", "nobody"]
-        return command
+        return self.describe()
 
 
-SERVER_KINDS = {
-    "pychat": ServerKind("pychat", "pychat", "it is pyChat-server.py at the top of this repository"),
-    "ngircd": ServerKind("ngircd", "irc", "apt-get update && apt-get install -y ngircd"),
-    "miniircd": ServerKind("miniircd", "irc", "python3 -m pip install miniircd"),
-}
+def pychat_missing() -> str | None:
+    return None if PYCHAT_SERVER.exists() else f"{PYCHAT_SERVER} not found"
+
+
+def pychat_irc_missing() -> str | None:
+    """pyChat's IRC port is measured once the server lists --irc-port in its --help."""
+    return pychat_missing() or (None if "--irc-port" in pychat_help() else
+                                "this pyChat-server.py has no --irc-port yet")
+
+
+def pychat_version() -> str:
+    """pyChat's last commit, and whether the file has changed since."""
+    try:
+        log = subprocess.run(["git", "log", "-1", "--format=%h %cd", "--date=format:%Y-%m-%d %H:%M",
+                              "--", PYCHAT_SERVER.name], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", PYCHAT_SERVER.name],
+                               cwd=REPO, capture_output=True)
+    except OSError:
+        return "pyChat-server.py (no git here)"
+    commit = log.stdout.strip() or "not in git"
+    version = f"pyChat-server.py {commit}" + (" + uncommitted changes" if dirty.returncode else "")
+    if PYCHAT_CONSTANTS:
+        version += " with " + ", ".join(f"{name}={value!r}" for name, value in PYCHAT_CONSTANTS.items())
+    return version
+
+
+def pychat_start(kind: ServerKind, port: int, workdir: Path) -> list[str]:
+    return [*pychat_interpreter(), "--host", HOST, "--port", str(port), *pychat_options(kind.notes)]
+
+
+def pychat_irc_start(kind: ServerKind, port: int, workdir: Path) -> list[str]:
+    """pyChat with its IRC port on `port` (the load goes there); its own port is any free one."""
+    return [*pychat_interpreter(), "--host", HOST, "--port", "0", "--irc-port", str(port),
+            *pychat_options(kind.notes)]
+
+
+def ngircd_start(kind: ServerKind, port: int, workdir: Path) -> list[str]:
+    config = workdir / "ngircd.conf"
+    config.write_text(ngircd_config(port))
+    return [ngircd_binary(), "-n", "-f", str(config)]
+
+
+def ngircd_version() -> str:
+    result = subprocess.run([ngircd_binary(), "--version"], capture_output=True, text=True)
+    return result.stdout.splitlines()[0].split("-")[0] if result.stdout else "ngircd"
+
+
+def miniircd_start(kind: ServerKind, port: int, workdir: Path) -> list[str]:
+    command = [*miniircd_command(), "--ports", str(port), "--listen", HOST, "--verbose"]
+    if os.geteuid() == 0:
+        command += ["--setuid", "nobody"]
+    return command
+
+
+def miniircd_version() -> str:
+    result = subprocess.run([*miniircd_command(), "--version"], capture_output=True, text=True)
+    return f"miniircd {(result.stdout + result.stderr).strip()}"
+
+
+SERVER_KINDS = {kind.name: kind for kind in (
+    ServerKind("pychat", "pychat", "it is pyChat-server.py at the top of this repository",
+               pychat_start, pychat_missing, pychat_version),
+    ServerKind("ngircd", "irc", "apt-get update && apt-get install -y ngircd",
+               ngircd_start, lambda: None if ngircd_binary() else "ngircd not installed", ngircd_version),
+    ServerKind("miniircd", "irc", "python3 -m pip install miniircd",
+               miniircd_start, lambda: None if miniircd_command() else "miniircd not installed",
+               miniircd_version),
+    # pyChat's own IRC front door, driven with exactly the load ngircd and miniircd get.
+    ServerKind("pychat-irc", "irc", "it comes with a pyChat-server.py that has --irc-port",
+               pychat_irc_start, pychat_irc_missing, pychat_version),
+)}
+
+# Module constants of pyChat-server.py to override for a run (bench.py --pychat-constant),
+# to measure what a setting does without editing the server.
+PYCHAT_CONSTANTS: dict[str, object] = {}
+
+# Loads pyChat-server.py as a module, overrides its constants, and runs its main().
+PYCHAT_LAUNCHER = """\
+import ast, importlib.util, sys
+path, constants = sys.argv[1], ast.literal_eval(sys.argv[2])
+sys.path.insert(0, path.rsplit("/", 1)[0])
+spec = importlib.util.spec_from_file_location("pychat_server", path)
+server = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(server)
+for name, value in constants.items():
+    if not hasattr(server, name):
+        sys.exit(f"pyChat-server.py has no constant {name}")
+    setattr(server, name, value)
+sys.exit(server.main(sys.argv[3:]))
+"""
+
+
+def pychat_interpreter() -> list[str]:
+    """How to start pyChat-server.py: directly, or through the launcher when constants are overridden."""
+    if not PYCHAT_CONSTANTS:
+        return [sys.executable, str(PYCHAT_SERVER)]
+    return [sys.executable, "-c", PYCHAT_LAUNCHER, str(PYCHAT_SERVER), repr(PYCHAT_CONSTANTS)]
 
 
 def machine() -> str:
@@ -170,16 +237,21 @@ def ngircd_config(port: int) -> str:
 _pychat_help: str | None = None
 
 
-def pychat_options(notes: list[str]) -> list[str]:
-    """PYCHAT_OPTIONS, less any option this pyChat-server.py does not list in --help (noted)."""
+def pychat_help() -> str:
+    """pyChat-server.py --help, asked once."""
     global _pychat_help
     if _pychat_help is None:
         result = subprocess.run([sys.executable, str(PYCHAT_SERVER), "--help"],
                                 capture_output=True, text=True, timeout=30)
         _pychat_help = result.stdout + result.stderr
+    return _pychat_help
+
+
+def pychat_options(notes: list[str]) -> list[str]:
+    """PYCHAT_OPTIONS, less any option this pyChat-server.py does not list in --help (noted)."""
     options = []
     for name, value in PYCHAT_OPTIONS.items():
-        if name in _pychat_help:
+        if name in pychat_help():
             options += [name] if value is None else [name, value]
         elif f"server has no {name}" not in notes:
             notes.append(f"server has no {name}")
@@ -304,6 +376,60 @@ def process_status(pid: int) -> dict[str, int | None]:
     except OSError:
         pass
     return result
+
+
+MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ (\S+) \S+ \S+ \d+ *(.*)$")
+
+
+def memory_map(pid: int) -> dict[str, int]:
+    """A process's resident memory by kind, from /proc/PID/smaps (bytes; empty once it is gone).
+
+    "stacks": thread stacks, recognised as the anonymous read-write mappings of
+    the one size that at least half the threads have (glibc gives each thread
+    one, behind a guard page); "anonymous": the heap and every other anonymous
+    mapping (Python objects, malloc arenas, buffers); "files": the interpreter,
+    libraries and other mapped files. Also "stack_count" and "stack_size".
+    """
+    mappings = []
+    try:
+        with open(f"/proc/{pid}/smaps") as smaps:
+            for line in smaps:
+                header = MAPPING.match(line)
+                if header:
+                    mappings.append([header.group(1), header.group(2), 0, 0])
+                elif line.startswith("Size:"):
+                    mappings[-1][2] = int(line.split()[1]) * 1024
+                elif line.startswith("Rss:"):
+                    mappings[-1][3] = int(line.split()[1]) * 1024
+        threads = process_status(pid)["threads"] or 1
+    except OSError:
+        return {}
+    if not mappings:  # a zombie: nothing left to count
+        return {}
+    anonymous = [(size, rss) for perms, path, size, rss in mappings
+                 if perms.startswith("rw") and (not path or path == "[heap]")]
+    sizes = Counter(size for size, _ in anonymous)
+    stack_size, count = sizes.most_common(1)[0] if sizes else (0, 0)
+    if count < max(8, threads // 2):
+        stack_size, count = 0, 0
+    stacks = sum(rss for size, rss in anonymous if size == stack_size)
+    return {
+        "stacks": stacks,
+        "stack_count": count,
+        "stack_size": stack_size,
+        "anonymous": sum(rss for _, rss in anonymous) - stacks,
+        "files": sum(rss for perms, path, size, rss in mappings if path.startswith("/")),
+    }
+
+
+def kernel_memory() -> int:
+    """Kernel slab plus TCP buffer memory, machine-wide (bytes): where a socket's kernel side lives."""
+    with open("/proc/meminfo") as meminfo:
+        slab = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("Slab:"))
+    with open("/proc/net/sockstat") as sockstat:
+        fields = next(line.split() for line in sockstat if line.startswith("TCP:"))
+    pages = int(fields[fields.index("mem") + 1])
+    return slab + pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def listen_overflows() -> int:

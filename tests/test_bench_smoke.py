@@ -1,8 +1,10 @@
 """The benchmark's smoke run (`bench/bench.py --quick`) still works against the real server.
 
 It runs in CI so that the benchmark cannot rot: a few seconds, pyChat only,
-small numbers. It proves the generator, the server launcher and the ledger,
-not the server's speed.
+small numbers, the clients spread over two generator processes as in a full
+run. It proves the generator, the server launcher and the ledger, not the
+server's speed. The ledger's checks are also fed broken input directly, to
+prove that each of them can fail.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "bench.py"
 SMOKE_TIMEOUT_S = 60
+sys.path.insert(0, str(BENCH.parent))
+
+from loadgen import PADDING, LoadGenerator, Traffic  # noqa: E402  (bench/ is not a package)
 
 
 def run_quick_benchmark() -> tuple[subprocess.CompletedProcess, list[dict]]:
@@ -45,9 +50,14 @@ def test_quick_benchmark_delivers_every_line_to_pychat_clients(quick_run, scenar
     result = mine[0]
     assert "error" not in result, f"{scenario} failed: {result['error']}"
     assert result["lost"] == 0, f"{scenario} lost {result['lost']} deliveries: {result}"
+    for check in ("malformed", "duplicates", "gaps"):
+        assert result[check] == 0, f"{scenario}: {check} {result[check]}: {result}"
     if scenario != "slow":
         assert result["deliveries"] > 0, f"{scenario} counted no deliveries: {result}"
-        assert result["malformed"] == 0, f"{scenario} saw malformed lines: {result}"
+    assert result["server_cpu_s_per_m"], f"{scenario} has no server CPU per million deliveries: {result}"
+    shares = result["generator_cpu_pct"]
+    assert len(shares) == 2 and all(share is not None for share in shares), \
+        f"{scenario}: expected the CPU of two generator processes, got {shares}"
 
 
 def test_quick_benchmark_signs_everyone_in(quick_run):
@@ -55,3 +65,44 @@ def test_quick_benchmark_signs_everyone_in(quick_run):
     connect = [r for r in results if r["server"] == "pychat" and r["scenario"] == "connect"]
     assert connect, f"no JSON result for pychat connect:\n{completed.stdout[-2000:]}"
     assert connect[0]["signed_in"] == connect[0]["clients"], f"not everyone signed in: {connect[0]}"
+
+
+def test_quick_benchmark_prints_the_targets_and_the_memory_per_connection(quick_run):
+    completed, _ = quick_run
+    assert "== targets (pyChat) ==" in completed.stdout, completed.stdout[-2000:]
+    assert "connect 50 clients: memory per idle connection" in completed.stdout, completed.stdout[-2000:]
+    assert "PASS  fanout 10x10: nothing lost, malformed, duplicated or out of order" in completed.stdout, \
+        completed.stdout[-2000:]
+
+
+def ledger_for_one_receiver() -> tuple[Traffic, object]:
+    """A Traffic with senders 0 and 1 and receivers 0, 1, 2 in one process, no sockets; and receiver 2."""
+    generator = LoadGenerator("pychat", 0, 0)
+    generator.add_clients([0, 1, 2], 1, None, False)
+    traffic = Traffic(generator, 0, senders=[0, 1], receivers_by_process=[[0, 1, 2]],
+                      owner={0: 0, 1: 0}, links={})
+    return traffic, generator.clients[2]
+
+
+def chat(*tokens: tuple[int, int]) -> bytes:
+    """pyChat lines as receivers see them, each `bSENDER: |SENDER.SEQ.TIME| PADDING`."""
+    return b"".join(b"\nb%d: |%d.%d.0|%s" % (sender, sender, seq, PADDING) for sender, seq in tokens) + b"\n"
+
+
+def test_ledger_counts_in_order_lines_as_deliveries_and_nothing_else():
+    traffic, receiver = ledger_for_one_receiver()
+    traffic.receive(receiver, chat((0, 1), (1, 1), (0, 2)), 0)
+    traffic.receive(receiver, chat((1, 2)), 0)
+    assert (traffic.delivered, traffic.duplicates, traffic.gaps, traffic.malformed) == (4, 0, 0, 0)
+
+
+def test_ledger_counts_duplicates_gaps_and_malformed_lines():
+    traffic, receiver = ledger_for_one_receiver()
+    traffic.receive(receiver, chat((0, 1), (0, 1)), 0)
+    assert traffic.duplicates == 1, "a repeated sequence number is a duplicate"
+    traffic.receive(receiver, chat((0, 3)), 0)
+    assert traffic.gaps == 1, "a skipped sequence number is a gap"
+    traffic.receive(receiver, b"\nb1: |0.4.0|" + PADDING + b"\n", 0)
+    assert traffic.malformed == 1, "a token under another sender's nickname is malformed"
+    traffic.receive(receiver, b"\nb1: |1.1.0| cut short\n", 0)
+    assert traffic.malformed == 2, "a line whose padding does not end it is malformed"

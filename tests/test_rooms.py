@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 
 import pytest
 
@@ -66,23 +65,11 @@ def test_a_line_said_while_someone_switches_rooms_is_never_misattributed(start_s
     reader = RoomReader(alice)
     reader.read = len(alice.seen)
     reader.current = "dev"
-    stop = threading.Event()
-
-    def talk(speaker: LineClient) -> None:
-        for n in range(300):
-            if stop.is_set():
-                return
-            speaker.send(f"{n}")
-
-    talkers = [threading.Thread(target=talk, args=(s,), daemon=True) for s in (dev_speaker, lobby_speaker)]
-    for talker in talkers:
-        talker.start()
-    for n in range(20):     # each switch once the last one is read, so that they fall among the lines
+    for n in range(20):     # lines in both rooms, then a switch, while the lines are still on their way
+        dev_speaker.send_raw("".join(f"{n * 15 + k}\n" for k in range(15)).encode())
+        lobby_speaker.send_raw("".join(f"{n * 15 + k}\n" for k in range(15)).encode())
         alice.send(f"/join {'lobby' if n % 2 == 0 else 'dev'}")
         alice.expect(r"\*\*\* Now talking in")
-    for talker in talkers:
-        talker.join(10)
-    stop.set()
     lobby_speaker.send("done")
     lines = reader.until("lobby", "lobbyer: done$", timeout=15)
     dev_speaker.send("done")
@@ -94,6 +81,10 @@ def test_a_line_said_while_someone_switches_rooms_is_never_misattributed(start_s
     switches = [n for n, (_, line) in enumerate(lines) if line.startswith("*** Now talking in")]
     assert len(switches) == 20, switches
     assert switches[-1] - switches[0] > 40, "the switches did not fall among the lines; the test proved nothing"
+    for speaker, room in (("dever", "dev"), ("lobbyer", "lobby")):
+        assert any(line.startswith(f"{speaker}: ") for line in alice.seen) and \
+            any(line.startswith(f"#{room} {speaker}: ") for line in alice.seen), \
+            f"{speaker}'s lines never came both tagged and untagged: the switching proved nothing"
 
 
 def test_msg_to_a_room_you_are_not_in_is_refused(chat):
