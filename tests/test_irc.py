@@ -6,13 +6,14 @@ NOT arrive, someone sends a later line and the test checks that it comes first.
 """
 from __future__ import annotations
 
+import base64
 import re
 import ssl
 import time
 
 import pytest
 
-from conftest import SERVER_SCRIPT, import_script, shown
+from conftest import SERVER_SCRIPT, IrcClient, import_script, shown
 from test_tls import certificates  # noqa: F401 (a fixture: a throwaway authority and a server certificate)
 
 server = import_script(SERVER_SCRIPT, "pychat_server")
@@ -527,3 +528,72 @@ def test_the_irc_port_speaks_tls_when_the_server_has_a_certificate(start_server,
     alice.register("alice")
     alice.send("PRIVMSG pyChat :online")
     alice.expect("NOTICE alice :1 online")
+
+
+# -- accounts: SASL PLAIN -------------------------------------------------------------------------------
+
+ACCOUNT_PASSWORD = "a long pass phrase 7"
+
+
+def sasl(client: IrcClient, nick: str, account: str, password: str) -> list[str]:
+    """Ask for sasl, authenticate with PLAIN, and end the negotiation; returns what came until 001."""
+    start = len(client.seen)
+    client.send("CAP LS 302")
+    client.send(f"NICK {nick}")
+    client.send(f"USER {nick} 0 * :{nick}")
+    assert "sasl=PLAIN" in params(client.expect(r"CAP \* LS "))[-1].split()
+    client.send("CAP REQ :sasl")
+    client.expect(r"CAP \S+ ACK :?sasl")
+    client.send("AUTHENTICATE PLAIN")
+    client.expect(r"AUTHENTICATE \+")
+    client.send("AUTHENTICATE " + base64.b64encode(f"\0{account}\0{password}".encode()).decode())
+    client.expect(r"(903|904) ", timeout=10)
+    client.send("CAP END")
+    return client.seen[start:]
+
+
+@pytest.fixture
+def account_server(start_server, connect, tmp_path):
+    """A server with a data directory, where alice registered her nickname from pyChat's client."""
+    server = start_server("--irc-port", "0", "--data-dir", str(tmp_path / "data"))
+    alice = connect(server, "alice")
+    alice.send(f"/register {ACCOUNT_PASSWORD}")
+    alice.expect(r"-- Registered ", timeout=10)
+    alice.send("/quit")
+    alice.wait_closed()
+    server.wait_for_log(r"alice@127\.0\.0\.1 left")
+    return server
+
+
+def test_sasl_plain_signs_in_to_an_account_whatever_nick_was_asked_for(account_server, irc_connect, connect):
+    bob = connect(account_server, "bob")
+    client = irc_connect(account_server)
+    lines = sasl(client, "somebody", "alice", ACCOUNT_PASSWORD)
+    assert any(numeric_of(line) == "900" and params(line)[2] == "alice" for line in lines), lines
+    assert numeric_of(lines[-1]) == "903"
+    client.expect("001 alice ")
+    bob.expect(re.escape("*** alice joined #lobby"))
+    bob.send("/whois alice")
+    assert "alice" in bob.expect(r"-- .*alice")
+    client.nick = "alice"
+    client.send("WHOIS alice")
+    assert params(client.expect("330 alice alice "))[2] == "alice"
+
+
+def test_a_wrong_sasl_password_gets_904_and_a_registered_name_is_not_given_without_it(
+        account_server, irc_connect):
+    client = irc_connect(account_server)
+    lines = sasl(client, "alice", "alice", "not the password")
+    assert numeric_of(lines[-1]) == "904"
+    text = params(client.expect("433 \\* alice "))[-1]
+    assert "registered" in text and "SASL" in text
+    client.send("NICK alice2")
+    client.expect("001 alice2 ")
+    account_server.wait_for_log("wrong password for alice")
+
+
+def test_a_look_alike_of_a_registered_name_is_refused_too(account_server, irc_connect):
+    client = irc_connect(account_server)
+    client.send("NICK ALICE")
+    client.send("USER x 0 * :x")
+    assert "registered" in client.expect("433 ")
