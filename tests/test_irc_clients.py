@@ -104,12 +104,17 @@ def _quote(part: str) -> str:
     return "'" + part.replace("'", "'\\''") + "'"
 
 
-def irssi(workdir: Path, port: int, nick: str) -> TmuxSession:
-    """irssi signing in as NICK, with a home of its own: no reconnecting, no user mode, no logs, and
-    sending as fast as the server's flood limit allows."""
+def irssi(workdir: Path, port: int, nick: str, sasl: tuple[str, str] | None = None) -> TmuxSession:
+    """irssi signing in as NICK (to the account SASL, a name and a password, if given), with a home of
+    its own: no reconnecting, no user mode, no logs, and sending as fast as the server's flood limit allows."""
     home = workdir / "irssi"
     home.mkdir()
+    # The network "pychat": its one server, and the account to sign in to.
+    account = (f' sasl_mechanism = "PLAIN"; sasl_username = "{sasl[0]}"; sasl_password = "{sasl[1]}";'
+               if sasl else "")
     (home / "config").write_text(
+        f'chatnets = {{ pychat = {{ type = "IRC";{account} }}; }};\n'
+        f'servers = ( {{ address = "127.0.0.1"; port = "{port}"; chatnet = "pychat"; use_tls = "no"; }} );\n'
         'settings = {\n'
         f'  core = {{ real_name = "{nick} in irssi"; user_name = "{nick}"; nick = "{nick}";\n'
         '           settings_autosave = "no"; server_reconnect_time = "-1"; };\n'
@@ -119,8 +124,7 @@ def irssi(workdir: Path, port: int, nick: str) -> TmuxSession:
         # Keys typed quickly are typed, not a paste (which would show Ctrl-U as text).
         '  "fe-text" = { paste_detect_time = "0"; };\n'
         '};\n')
-    return TmuxSession([require("irssi"), f"--home={home}", "-c", "127.0.0.1", "-p", str(port), "-n", nick],
-                       workdir)
+    return TmuxSession([require("irssi"), f"--home={home}", "-c", "pychat", "-n", nick], workdir)
 
 
 # WeeChat waits 2 s between the messages a person types; the options are named so before WeeChat 4,
@@ -128,10 +132,12 @@ def irssi(workdir: Path, port: int, nick: str) -> TmuxSession:
 WEECHAT_PACING = ("anti_flood_prio_high", "anti_flood_prio_low", "anti_flood")
 
 
-def weechat(workdir: Path, port: int, nick: str) -> TmuxSession:
-    """WeeChat signing in as NICK, with a home of its own and only its IRC plugin: no reconnecting,
-    no autojoin, no TLS, no pacing (options that this version does not have are refused, harmlessly:
-    TLS is 'ssl' before WeeChat 4 and 'tls' after)."""
+def weechat(workdir: Path, port: int, nick: str, sasl: tuple[str, str] | None = None) -> TmuxSession:
+    """WeeChat signing in as NICK (to the account SASL, a name and a password, if given), with a home of
+    its own and only its IRC plugin: no reconnecting, no autojoin, no TLS, no pacing (options that this
+    version does not have are refused, harmlessly: TLS is 'ssl' before WeeChat 4 and 'tls' after)."""
+    account = ([f"/set irc.server.pychat.sasl_mechanism plain", f"/set irc.server.pychat.sasl_username {sasl[0]}",
+                f"/set irc.server.pychat.sasl_password {sasl[1]}"] if sasl else [])
     home = workdir / "weechat"
     commands = "; ".join([
         f"/set irc.server_default.nicks {nick}", f"/set irc.server_default.username {nick}",
@@ -139,7 +145,7 @@ def weechat(workdir: Path, port: int, nick: str) -> TmuxSession:
         f"/server add pychat 127.0.0.1/{port}", "/set irc.server.pychat.tls off",
         "/set irc.server.pychat.ssl off", *(f"/set irc.server_default.{name} 0" for name in WEECHAT_PACING),
         "/set weechat.look.paste_max_lines -1",        # lines typed quickly are typed, not a paste to confirm
-        "/connect pychat"])
+        *account, "/connect pychat"])
     return TmuxSession([require("weechat"), "--dir", str(home), "--plugins", "irc", "--run-command", commands],
                        workdir)
 
@@ -152,10 +158,10 @@ def run_irc_client(tmp_path):
     """A factory: run_irc_client("irssi", port, nick) starts that client in tmux; all are closed at the end."""
     sessions: list[TmuxSession] = []
 
-    def start(kind: str, port: int, nick: str) -> TmuxSession:
+    def start(kind: str, port: int, nick: str, sasl: tuple[str, str] | None = None) -> TmuxSession:
         workdir = tmp_path / f"{kind}-{nick}"
         workdir.mkdir()
-        session = CLIENTS[kind](workdir, port, nick)
+        session = CLIENTS[kind](workdir, port, nick, sasl)
         sessions.append(session)
         return session
 
@@ -267,3 +273,23 @@ def test_a_real_irc_client_talks_in_two_rooms_with_pychat_and_nc_users(start_ser
         dave.expect(re.escape("*** ircuser2 quit (see you)"))
     finally:
         dave.close()
+
+
+ACCOUNT_PASSWORD = "a long pass phrase 7"
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_a_real_irc_client_signs_in_to_an_account_with_sasl(start_server, connect, run_irc_client, tmp_path, kind):
+    server = start_server("--irc-port", "0", "--data-dir", str(tmp_path / "data"))
+    owner = connect(server, "alice")
+    owner.send(f"/register {ACCOUNT_PASSWORD}")
+    owner.expect(r"-- Registered ", timeout=10)
+    owner.send("/quit")
+    owner.wait_closed()
+    server.wait_for_log(r"alice@127\.0\.0\.1 left")
+    bob = connect(server, "bob")
+    client = run_irc_client(kind, irc_port(server), "alice", sasl=("alice", ACCOUNT_PASSWORD))
+    bob.expect(re.escape("*** alice joined #lobby"))
+    client.switch_until(SWITCH[kind].format(window="1"), r"SASL authentication succe")
+    client.type("/whois alice")
+    client.wait_for(r"is logged in as|account\W+alice")
