@@ -136,7 +136,7 @@ def weechat(workdir: Path, port: int, nick: str, sasl: tuple[str, str] | None = 
     """WeeChat signing in as NICK (to the account SASL, a name and a password, if given), with a home of
     its own and only its IRC plugin: no reconnecting, no autojoin, no TLS, no pacing (options that this
     version does not have are refused, harmlessly: TLS is 'ssl' before WeeChat 4 and 'tls' after)."""
-    account = ([f"/set irc.server.pychat.sasl_mechanism plain", f"/set irc.server.pychat.sasl_username {sasl[0]}",
+    account = (["/set irc.server.pychat.sasl_mechanism plain", f"/set irc.server.pychat.sasl_username {sasl[0]}",
                 f"/set irc.server.pychat.sasl_password {sasl[1]}"] if sasl else [])
     home = workdir / "weechat"
     commands = "; ".join([
