@@ -1,21 +1,27 @@
 #!/usr/bin/env python3
 """pyChat terminal client.
 
-Connects to a pyChat server and keeps what you are typing on the bottom line
-of the terminal: when a message arrives, the half-typed line is cleared, the
-message is printed above it with a timestamp, and the line is drawn again with
-the cursor where it was. When standard input is not a terminal, each input
-line is sent as a message and the client leaves at the end of the input.
+Connects to a pyChat server and keeps what you are typing on the bottom row
+of the terminal: messages scroll by in the rows above it (a scroll region),
+each with a timestamp, wrapped at words under the start of their text, and
+the input row is drawn again with the cursor where it was. Lines of rooms
+other than the current one show their room; the prompt names the current
+room and counts unread lines elsewhere. Everything sent is paced to the
+server's flood limit; a lost connection is tried again. When standard input
+is not a terminal, each input line is sent as a message and the client
+leaves at the end of the input.
 
 The file reads top to bottom: options and defaults; the protocol (what kind
-of line the server sent, who is online); the terminal; the line editor;
-rendering; the loop that ties the server and the keyboard together; main().
+of line the server sent, who is online, which rooms I am in); the terminal;
+the line editor; rendering; the connection; the loop that ties the server and
+the keyboard together; main() with the command line and the settings file.
 """
 from __future__ import annotations
 
 import argparse
 import codecs
 import collections
+import configparser
 import contextlib
 import datetime
 import os
@@ -53,17 +59,26 @@ DEFAULT_HOST = "localhost"          # --host
 DEFAULT_PORT = 25000                # --port
 PASSWORD_ENVIRONMENT = "PYCHAT_PASSWORD"  # default for --password
 CONNECT_TIMEOUT = 10.0              # seconds to reach the server (and finish TLS)
+GREETING_TIMEOUT = 4.0              # seconds without a word from the server before suggesting --tls
 QUIT_TIMEOUT = 5.0                  # seconds to wait for the server to close after /quit
 ESCAPE_TIMEOUT = 0.05               # a lone ESC this old is the Esc key, not a sequence
 HISTORY_SIZE = 500                  # sent lines remembered for Up/Down
 READ_SIZE = 65536                   # bytes per read from the server or the keyboard
-PIPED_BACKLOG = 1000                # piped lines read ahead of what the flood limit lets us send
+READS_PER_WAKE = 16                 # reads from the server before the keyboard gets a turn
+MAX_LINE_BYTES = 16384              # a longer line from the server is dropped as it streams in
+OUTGOING_BACKLOG = 1000             # piped lines read ahead of what the flood limit lets us send
+PASTE_CONFIRM_LINES = 5             # a paste of more lines than this asks before it is sent
+PASTE_LIMIT = 1_000_000             # characters of one paste; more is dropped, and the user told
+PASTE_TAB_SIZE = 4                  # a pasted Tab becomes spaces up to the next multiple of this
+PASTE_TIMEOUT = 1.0                 # a paste whose end marker has not come in this long is over
+QUIT_AGAIN_SECONDS = 2.0            # Ctrl-C on an empty line twice within this leaves
+RECONNECT_DELAYS = (1, 2, 4, 8, 15, 30, 60)   # seconds before each try, the last one repeating
 
 # Commands every pyChat server has; names seen in /help replies are added.
 STANDARD_COMMANDS = (
     "help", "online", "quit", "nick", "msg", "w", "reply", "me", "join",
-    "leave", "rooms", "who", "names", "away", "back", "ignore", "unignore",
-    "op", "kick", "mute", "unmute", "topic",
+    "leave", "part", "rooms", "who", "names", "away", "back", "ignore", "unignore",
+    "op", "kick", "mute", "unmute", "topic", "invite", "mode", "disconnect",
 )
 
 # ---------------------------------------------------------------------------
@@ -82,13 +97,25 @@ JOINED = re.compile(r"\*\*\* (\S+) joined #\S+$")
 QUIT = re.compile(r"\*\*\* (\S+) quit(?: \(.*\))?$")
 RENAMED = re.compile(r"\*\*\* (\S+) is now known as (\S+)$")
 ONLINE = re.compile(r"-- \d+ online: (.*)$")
-ONLINE_ENTRY = re.compile(r"([^\s,()]+) \(#")
+ONLINE_DETAILS = re.compile(r" \([^)]*\)")   # "(#lobby, away)" after a nickname in /online
 HELP_ENTRY = re.compile(r"-- /([^\s/]+)")
 TOPIC_NOTICE = re.compile(r"\*\*\* (Topic\b|\S+ (set|changed|cleared) the topic\b)")
 HISTORY_PREFIX = re.compile(r"\[history (\S+)\] ")
-FLOOD_LIMIT = re.compile(r"Flood limit: (\d+) lines at once, then ([\d.]+) a second")
+FLOOD_LIMIT = re.compile(r"Flood limit: (\d{1,6}) lines at once, then (\d{1,6}(?:\.\d{1,6})?) a second")
 PRIVATE_PREFIX = re.compile(r"\[pm (from|to) ([^\]\s]+)\] ")
 CHAT_PREFIX = re.compile(r"([^\s:]+): ")
+HELP_COLUMNS = re.compile(r"(-- /\S.*?)( {2,})(\S.*)$")   # a /help row: usage, padding, summary
+
+# Rooms (see "The rooms wire protocol" in the README). ROOM never holds spaces or commas.
+ROOM_TAG = re.compile(r"#([^\s#]+) ")        # a line from a room other than the current one
+ENTERED_ROOM = re.compile(r"\*\*\* You are in #([^\s,]+?)(?:,| with |\.?$)")
+NOW_TALKING = re.compile(r"\*\*\* Now talking in #([^\s,]+?)\.?$")
+LEFT_ROOM = re.compile(r"\*\*\* You left #([^\s,]+?)\.?$")
+KICKED_FROM_ROOM = re.compile(r"\*\*\* You were kicked from #([^\s,]+?)(?: by |:|\.?$)")
+# The server put me out on purpose (an operator, or a limit I broke): no coming back by myself.
+PUT_OUT = re.compile(r"\*\*\* You were (?:kicked|disconnected) by (.+?)\.?$|!! Disconnected: (.+?)\.?$")
+ROOM_MENTION = re.compile(r"(?<![\w#])#([^\s,.:;()!?#]+)")
+ROOM_COMMANDS = ("/join", "/leave", "/part", "/who", "/names", "/topic", "/invite", "/rooms")
 
 # C0 and C1 controls (a tab is turned into a space first), line and paragraph
 # separators, and the marks that reorder bidirectional text.
@@ -112,14 +139,25 @@ class Message:
     outgoing: bool = False    # private: the copy of one you sent
     time: Optional[datetime.datetime] = None  # history: when it was said
     said: Optional["Message"] = None  # history: the original chat or action line
+    room: str = ""            # the room of a tagged line (one not from the current room)
 
 
 def classify(line: str) -> Message:
-    """Tell what kind of line the server sent, and pick out its parts."""
+    """Tell what kind of line the server sent, and pick out its parts (text is without a room tag)."""
+    match = ROOM_TAG.match(line)
+    if match:
+        message = classify_untagged(line[match.end():])
+        message.room = match.group(1)
+        return message
+    return classify_untagged(line)
+
+
+def classify_untagged(line: str) -> Message:
+    """The kind and parts of a line that carries no room tag."""
     if line.startswith("[history "):
         match = HISTORY_PREFIX.match(line)
         if match:
-            said = classify(line[match.end():])
+            said = classify_untagged(line[match.end():])
             try:
                 time = datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%SZ")
             except ValueError:
@@ -141,6 +179,21 @@ def classify(line: str) -> Message:
     if match:
         return Message(CHAT, line, match.group(1), line[match.end():])
     return Message(CHAT, line, body=line)
+
+
+def flood_limit(line: str) -> Optional[tuple[int, float]]:
+    """The burst and rate a greeting announces, or None if it announces none that makes sense.
+
+    A server could say anything here; a rate of zero or a burst of zero would
+    stall the client, so only positive figures count, kept within reason.
+    """
+    match = FLOOD_LIMIT.search(line)
+    if not match:
+        return None
+    burst, rate = int(match.group(1)), float(match.group(2))
+    if burst < 1 or rate <= 0:
+        return None
+    return min(burst, 1000), min(max(rate, 0.2), 1000.0)
 
 
 class Pacer:
@@ -209,8 +262,8 @@ class Roster:
             match = ONLINE.match(line)
             if match:
                 self.nicknames.clear()
-                for nick in ONLINE_ENTRY.findall(match.group(1)):
-                    self.add(nick)
+                for nick in ONLINE_DETAILS.sub("", match.group(1)).split(", "):
+                    self.add(nick.strip())
             match = HELP_ENTRY.match(line)
             if match:
                 self.commands.add(match.group(1).lower())
@@ -219,6 +272,102 @@ class Roster:
         """Nicknames online other than me, sorted."""
         return sorted((nick for key, nick in self.nicknames.items() if key != me.casefold()),
                       key=str.casefold)
+
+
+class Rooms:
+    """The rooms I am in, which one is current, unread lines in the others, and room names seen.
+
+    The current room changes only when the server says so ("You are in",
+    "Now talking in"), never when /join is sent: lines already on their way
+    belong to the room that was current when the server queued them.
+    """
+
+    def __init__(self) -> None:
+        self.joined: list[str] = []        # as the server spells them, in the order I entered
+        self.current = ""
+        self.unread: dict[str, int] = {}   # casefolded room -> chat and action lines not seen there
+        self.mentioned: set[str] = set()   # casefolded rooms where someone named me
+        self.seen: dict[str, str] = {}     # every room name met, for Tab: casefolded -> as written
+        self.keys: dict[str, str] = {}     # keys given with /join, to come back after a reconnect
+
+    def _index(self, room: str) -> int:
+        keys = [name.casefold() for name in self.joined]
+        return keys.index(room.casefold()) if room.casefold() in keys else -1
+
+    def enter(self, room: str) -> None:
+        """The server made room current (adding it to mine if I was not in it)."""
+        if self._index(room) < 0:
+            self.joined.append(room)
+        self.current = room
+        self.unread.pop(room.casefold(), None)
+        self.mentioned.discard(room.casefold())
+        self.see(room)
+
+    def leave(self, room: str) -> None:
+        """I am no longer in room."""
+        index = self._index(room)
+        if index >= 0:
+            del self.joined[index]
+        self.unread.pop(room.casefold(), None)
+        self.mentioned.discard(room.casefold())
+        self.keys.pop(room.casefold(), None)
+
+    def see(self, room: str) -> None:
+        """Remember a room name for Tab completion."""
+        self.seen.setdefault(room.casefold(), room)
+
+    def learn(self, message: Message, mentioned: bool, me: str = "") -> bool:
+        """Follow one server line; returns whether the current room or the activity changed.
+
+        My own lines in another room (said with /msg #ROOM) are not unread.
+        """
+        if message.room:
+            self.see(message.room)
+            if (message.kind in (CHAT, ACTION) and message.room.casefold() != self.current.casefold()
+                    and message.nick.casefold() != me.casefold()):
+                key = message.room.casefold()
+                self.unread[key] = self.unread.get(key, 0) + 1
+                if mentioned:
+                    self.mentioned.add(key)
+                return True
+            return False
+        if message.kind not in (NOTICE, REPLY):
+            return False
+        for room in ROOM_MENTION.findall(message.text):
+            self.see(room)
+        for pattern in (ENTERED_ROOM, NOW_TALKING):
+            match = pattern.match(message.text)
+            if match:
+                self.enter(match.group(1))
+                return True
+        for pattern in (LEFT_ROOM, KICKED_FROM_ROOM):
+            match = pattern.match(message.text)
+            if match:
+                self.leave(match.group(1))
+                return True
+        return False
+
+    def neighbour(self, step: int) -> Optional[str]:
+        """The room step places after the current one in my list, going round; None if I am in one."""
+        if len(self.joined) < 2:
+            return None
+        index = max(self._index(self.current), 0)
+        return self.joined[(index + step) % len(self.joined)]
+
+    def numbered(self, number: int) -> Optional[str]:
+        """My room number `number` (from 1), as Alt-1..9 pick them."""
+        return self.joined[number - 1] if 0 < number <= len(self.joined) else None
+
+    def activity(self) -> list[tuple[str, int, bool]]:
+        """(room, unread lines, mentioned) for each of my rooms with unread lines, in my order."""
+        return [(room, self.unread[room.casefold()], room.casefold() in self.mentioned)
+                for room in self.joined if self.unread.get(room.casefold())]
+
+    def names(self) -> list[str]:
+        """Every room name known, mine first, for Tab completion."""
+        mine = {room.casefold() for room in self.joined}
+        return self.joined + sorted((name for key, name in self.seen.items() if key not in mine),
+                                    key=str.casefold)
 
 
 def mentions(message: Message, me: str) -> bool:
@@ -263,7 +412,7 @@ def keyboard_mode(fd: int) -> Iterator[None]:
 
 
 class Key(NamedTuple):
-    """One key press: an editing key by name, or text to insert."""
+    """One key press: an editing key by name, or text to insert, or a paste."""
 
     name: str
     text: str = ""
@@ -272,56 +421,105 @@ class Key(NamedTuple):
 CONTROL_KEYS = {
     "\r": "enter", "\n": "enter", "\t": "tab", "\x7f": "backspace", "\x08": "backspace",
     "\x01": "home", "\x05": "end", "\x02": "left", "\x06": "right",
-    "\x10": "up", "\x0e": "down", "\x04": "ctrl-d", "\x03": "ctrl-c",
+    "\x10": "previous-room", "\x0e": "next-room", "\x04": "ctrl-d", "\x03": "ctrl-c",
     "\x0b": "kill-to-end", "\x15": "kill-to-start", "\x17": "kill-word", "\x0c": "refresh",
 }
 # The final character of ESC [ ... or ESC O sequences; "~" ones go by number.
 SEQUENCE_KEYS = {"A": "up", "B": "down", "C": "right", "D": "left", "H": "home", "F": "end"}
 TILDE_KEYS = {"1": "home", "7": "home", "4": "end", "8": "end", "3": "delete"}
 ESC = "\x1b"
+# Bracketed paste: the terminal wraps pasted text in these, so it is text, not keys.
+PASTE_ON, PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 
 
 class KeyDecoder:
     """Turns keyboard bytes into keys.
 
-    A read may end anywhere: inside a UTF-8 character or an escape sequence.
-    The rest waits for the next read; a lone ESC is the Esc key once
-    flush() is called after ESCAPE_TIMEOUT without more input.
+    A read may end anywhere: inside a UTF-8 character, an escape sequence or
+    a paste. The rest waits for the next read; a lone ESC is the Esc key
+    once flush() is called after ESCAPE_TIMEOUT without more input. Pasted
+    text comes out whole as one Key("paste", text), up to PASTE_LIMIT
+    characters (the rest is counted in `paste_dropped`).
     """
 
     def __init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
+        self._paste: Optional[list[str]] = None   # the paste so far, while inside one
+        self._pasted = 0
+        self.paste_dropped = 0
 
     @property
     def waiting(self) -> bool:
-        """Whether an unfinished escape sequence is held back."""
-        return bool(self._pending)
+        """Whether an unfinished escape sequence is held back (not a paste: that waits for its end)."""
+        return bool(self._pending) and self._paste is None
+
+    @property
+    def pasting(self) -> bool:
+        """Whether a paste has started and not ended yet."""
+        return self._paste is not None
 
     def feed(self, data: bytes) -> list[Key]:
         """Keys completed by these bytes."""
         return self._parse(self._pending + self._utf8.decode(data))
 
     def flush(self) -> list[Key]:
-        """Give up waiting: the held-back ESC was the Esc key, which does nothing."""
+        """Give up waiting: the held-back ESC was the Esc key; a paste that never ended ends now."""
+        if self._paste is not None:
+            self._add_to_paste(self._pending)
+            self._pending = ""
+            return [self._end_paste()]
         rest, self._pending = self._pending[1:], ""
-        return self._parse(rest)
+        return [Key("escape")] + self._parse(rest)
+
+    def _add_to_paste(self, chars: str) -> None:
+        room = max(0, PASTE_LIMIT - self._pasted)
+        self._paste.append(chars[:room])
+        self._pasted += min(room, len(chars))
+        self.paste_dropped += max(0, len(chars) - room)
+
+    def _end_paste(self) -> Key:
+        text = "".join(self._paste)
+        self._paste, self._pasted = None, 0
+        return Key("paste", text)
 
     def _parse(self, chars: str) -> list[Key]:
         keys: list[Key] = []
         text: list[str] = []
 
-        def emit(key: Key) -> None:
+        def end_text() -> None:
             if text:
                 keys.append(Key("text", "".join(text)))
                 text.clear()
+
+        def emit(key: Key) -> None:
+            end_text()
             keys.append(key)
 
         self._pending = ""
         index = 0
         while index < len(chars):
+            if self._paste is not None:
+                end = chars.find(PASTE_END, index)
+                if end < 0:
+                    # Keep a tail that could be the start of the end marker.
+                    keep = next((n for n in range(len(PASTE_END) - 1, 0, -1)
+                                 if chars.endswith(PASTE_END[:n])), 0)
+                    self._add_to_paste(chars[index:len(chars) - keep])
+                    self._pending = chars[len(chars) - keep:]
+                    break
+                self._add_to_paste(chars[index:end])
+                emit(self._end_paste())
+                index = end + len(PASTE_END)
+                continue
             char = chars[index]
             if char == ESC:
+                if chars.startswith(PASTE_START, index):
+                    end_text()
+                    self._paste = []
+                    index += len(PASTE_START)
+                    continue
                 length, name = escape_sequence(chars, index)
                 if length == 0:
                     self._pending = chars[index:]
@@ -336,8 +534,7 @@ class KeyDecoder:
                 if not UNSAFE_CHARACTERS.match(char):
                     text.append(char)
                 index += 1
-        if text:
-            keys.append(Key("text", "".join(text)))
+        end_text()
         return keys
 
 
@@ -353,7 +550,7 @@ def escape_sequence(chars: str, start: int) -> tuple[int, str]:
             return 0, ""
         return 3, SEQUENCE_KEYS.get(chars[start + 2], "")
     if kind != "[":
-        return 2, ""   # Alt+key: nothing bound
+        return 2, f"alt-{kind}" if kind in "123456789" else ""   # Alt+key: only Alt-digit is bound
     end = start + 2
     while end < len(chars) and "\x20" <= chars[end] <= "\x3f":
         end += 1
@@ -521,23 +718,31 @@ class LineEditor:
         self.set_text(self.history[self._recalled] if self._recalled < len(self.history)
                       else self._draft)
 
+    def remember(self, line: str) -> None:
+        """Add a line to the history (not a blank one, nor the last one again)."""
+        if line.strip() and (not self.history or self.history[-1] != line):
+            self.history.append(line)
+            del self.history[:-self.history_size]
+        self._recalled = len(self.history)
+        self._draft = ""
+
     def submit(self, remember: bool = True) -> str:
         """Enter: empty the line and return it, remembering it in history unless told not to."""
         line = self.text
-        if remember and line.strip() and (not self.history or self.history[-1] != line):
-            self.history.append(line)
-            del self.history[:-self.history_size]
+        if remember:
+            self.remember(line)
         self._recalled = len(self.history)
         self._draft = ""
         self.set_text("")
         self.scroll = 0
         return line
 
-    def complete(self, commands: Iterable[str], nicknames: Iterable[str]) -> list[str]:
+    def complete(self, commands: Iterable[str], nicknames: Iterable[str],
+                 rooms: Iterable[str] = ()) -> list[str]:
         """Tab: complete the word before the cursor; returns the choices when there are several."""
         before = "".join(self.characters[:self.cursor])
         after = "".join(self.characters[self.cursor:])
-        completed, choices = complete_word(before, commands, nicknames)
+        completed, choices = complete_word(before, commands, nicknames, rooms)
         self.set_text(completed + after, len(split_characters(completed)))
         return choices
 
@@ -566,19 +771,28 @@ class LineEditor:
         return "".join(shown), sum(widths[self.scroll:self.cursor])
 
 
-def complete_word(before: str, commands: Iterable[str], nicknames: Iterable[str]
-                  ) -> tuple[str, list[str]]:
-    """Complete the last word of `before`: a /command as the first word, else a nickname.
+def complete_word(before: str, commands: Iterable[str], nicknames: Iterable[str],
+                  rooms: Iterable[str] = ()) -> tuple[str, list[str]]:
+    """Complete the last word of `before`: a /command, a #room, or a nickname.
 
-    One match is completed, followed by ": " for a nickname that starts the
-    line (as IRC clients do) and " " otherwise. Several matches are completed
-    as far as they agree and returned as choices. An empty word is left
-    alone: its choices are every nickname.
+    The first word is a command when it starts with "/"; a word that starts
+    with "#", or the word after /join, /leave, /who and the like, is a room
+    (rooms are given without their "#"); anything else is a nickname. One
+    match is completed, followed by ": " for a nickname that starts the line
+    (as IRC clients do) and " " otherwise. Several matches are completed as
+    far as they agree and returned as choices. An empty word is left alone:
+    its choices are every name that could be meant.
     """
     start = before.rfind(" ") + 1
-    word, line_start = before[start:], not before[:start].strip()
+    word, earlier = before[start:], before[:start].split()
+    line_start = not earlier
     if line_start and word.startswith("/"):
         candidates, suffix = sorted({"/" + name for name in commands}), " "
+    elif word.startswith("#") or (len(earlier) == 1 and earlier[0].lower() in ROOM_COMMANDS):
+        candidates, suffix = sorted({"#" + room for room in rooms}, key=str.casefold), " "
+        if word and not word.startswith("#"):
+            word = "#" + word
+            before = before[:start] + word
     else:
         candidates, suffix = sorted(set(nicknames), key=str.casefold), (": " if line_start else " ")
     matches = [name for name in candidates if name.casefold().startswith(word.casefold())]
@@ -598,150 +812,317 @@ def complete_word(before: str, commands: Iterable[str], nicknames: Iterable[str]
 
 
 # ---------------------------------------------------------------------------
-# Rendering: timestamps, colours, the bottom line
+# Rendering: timestamps, colours, word wrapping, the screen
 # ---------------------------------------------------------------------------
 
 STYLES = {
     "time": "2", "notice": "36", "topic": "1;33", "reply": "32", "error": "1;31",
     "private": "1;35", "action": "3", "history": "2", "mention": "1;7", "local": "33",
-    "prompt": "1",
+    "prompt": "1", "room": "1;4", "activity": "1",
 }
-NICK_COLOURS = ("31", "32", "33", "34", "35", "36", "91", "92", "93", "94", "95", "96")
+# Nickname colours, from the terminal's 256-colour palette: each has a contrast of at least
+# 3:1 on a black and on a white background, and none is near the hue of a style above
+# (cyan notices, green replies, red errors, magenta private messages, yellow topics).
+NICK_COLOURS = tuple(f"38;5;{number}" for number in
+                     (166, 130, 94, 64, 29, 25, 33, 69, 62, 98, 135, 168, 162))
 LOCAL_MARKER = "-!- "   # lines from the client itself, not from the server
+STAMP_WIDTH = len("[00:00:00] ")
+
+
+class Span(NamedTuple):
+    """A piece of a shown line, all in one style (a name in STYLES, an SGR code, or "")."""
+
+    text: str
+    style: str = ""
+
+
+class Rendered(NamedTuple):
+    """A line as it will be shown: its spans, and the column its continuation rows start at.
+
+    `narrow` is the same line laid out for a terminal too narrow for `indent`
+    (a /help row gives up its table column), or None.
+    """
+
+    spans: list[Span]
+    indent: int
+    narrow: Optional["Rendered"] = None
+
+    @property
+    def plain(self) -> str:
+        """The line without styles or wrapping."""
+        return "".join(span.text for span in self.spans)
 
 
 class Painter:
-    """Wraps text in ANSI colour codes, or leaves it alone when colour is off."""
+    """Styles as ANSI codes, or none when colour is off; gives each nickname its colour.
+
+    A nickname's colour comes from a CRC of it, so it is the same in every
+    run; when that colour is already worn by someone else seen in this
+    session, the next free one is taken instead, so two people rarely share one.
+    """
 
     def __init__(self, colour: bool) -> None:
         self.colour = colour
+        self.worn: dict[str, str] = {}    # casefolded nickname -> its colour in this session
 
     def paint(self, text: str, style: str) -> str:
         """text in a style from STYLES, or an SGR code."""
-        if not self.colour or not text:
+        if not self.colour or not text or not style:
             return text
         return f"\x1b[{STYLES.get(style, style)}m{text}\x1b[0m"
 
-    def nick(self, nick: str) -> str:
-        """nick in its own colour, the same in every run and for every case of it."""
-        return self.paint(nick, nick_colour(nick))
+    def nick_style(self, nick: str) -> str:
+        """The colour of nick (the same for every case of it)."""
+        key = nick.casefold()
+        if key not in self.worn:
+            taken = set(self.worn.values())
+            first = NICK_COLOURS.index(nick_colour(nick))
+            order = NICK_COLOURS[first:] + NICK_COLOURS[:first]
+            self.worn[key] = next((colour for colour in order if colour not in taken), order[0])
+        return self.worn[key]
+
+    def forget(self, nick: str) -> None:
+        """nick has gone: its colour is free for someone else."""
+        self.worn.pop(nick.casefold(), None)
 
 
 def nick_colour(nick: str) -> str:
-    """The SGR colour code of a nickname (a CRC of it, not Python's per-run hash())."""
+    """The colour a nickname has when no one else is seen: a CRC of it, not Python's per-run hash()."""
     return NICK_COLOURS[zlib.crc32(nick.casefold().encode("utf-8")) % len(NICK_COLOURS)]
 
 
+def local_time(when: datetime.datetime) -> datetime.datetime:
+    """when in the local time zone, or as it is when that cannot be shown (year 9999 east of UTC)."""
+    try:
+        return when.astimezone()
+    except (OverflowError, ValueError, OSError):
+        return when
+
+
 def render(message: Message, painter: Painter, me: str,
-           now: Optional[datetime.datetime] = None) -> str:
-    """The line as shown: [HH:MM:SS], then the message in the style of its kind."""
+           now: Optional[datetime.datetime] = None) -> Rendered:
+    """The line as shown: [HH:MM:SS], the room if it is not the current one, then the message."""
     when = now or datetime.datetime.now()
     if message.kind == HISTORY and message.time:
-        when = message.time.astimezone()
-    stamp = painter.paint(when.strftime("[%H:%M:%S]"), "time")
-    return f"{stamp} {render_body(message, painter, me)}"
+        when = local_time(message.time)
+    head = [Span(when.strftime("[%H:%M:%S]"), "time"), Span(" ")]
+    if message.room:
+        head += [Span("#" + message.room, "room"), Span(" ")]
+    width = sum(text_width(span.text) for span in head)
+    body, offset = render_body(message, painter, me)
+    narrow = None
+    help_row = HELP_COLUMNS.match(message.text) if message.kind == REPLY else None
+    if help_row:   # a /help row: the summary wraps under its column, or under the usage if narrow
+        usage, padding, summary = help_row.groups()
+        body = [Span(usage + padding + summary, "reply")]
+        narrow = Rendered(head + [Span(usage + "  " + summary, "reply")], width + 3)
+        offset = text_width(usage + padding)
+    return Rendered(head + body, width + offset, narrow)
 
 
-def render_body(message: Message, painter: Painter, me: str) -> str:
-    """The message without its timestamp."""
+def render_body(message: Message, painter: Painter, me: str) -> tuple[list[Span], int]:
+    """The message without its timestamp, and the column its text starts at."""
     kind, text = message.kind, message.text
     if kind == HISTORY:
-        return painter.paint(message.said.text if message.said else text, "history")
+        said = message.said or classify_untagged(text)
+        return [Span(said.text, "history")], said_offset(said)
     if kind == NOTICE:
-        return painter.paint(text, "topic" if TOPIC_NOTICE.match(text) else "notice")
+        return [Span(text, "topic" if TOPIC_NOTICE.match(text) else "notice")], 4
     if kind in (REPLY, ERROR):
-        return painter.paint(text, kind)
-    said = highlight(message.body, painter, me if mentions(message, me) else "", kind)
+        return [Span(text, kind)], 3
+    said = highlight(message.body, me if mentions(message, me) else "", kind)
     if kind == ACTION:
-        return painter.paint("* ", "action") + painter.nick(message.nick) + " " + said
-    if kind == PRIVATE:
-        tag = f"[pm {'to' if message.outgoing else 'from'} {message.nick}]"
-        return painter.paint(tag, "private") + " " + said
-    if message.nick:
-        return painter.nick(message.nick) + ": " + said
-    return said
+        spans = [Span("* ", "action"), Span(message.nick, painter.nick_style(message.nick)), Span(" ")]
+    elif kind == PRIVATE:
+        spans = [Span(f"[pm {'to' if message.outgoing else 'from'} {message.nick}]", "private"), Span(" ")]
+    elif message.nick:
+        spans = [Span(message.nick, painter.nick_style(message.nick)), Span(": ")]
+    else:
+        spans = []
+    return spans + said, sum(text_width(span.text) for span in spans)
 
 
-def highlight(body: str, painter: Painter, me: str, kind: str) -> str:
+def said_offset(message: Message) -> int:
+    """Where the text starts in a chat or action line (for the indent of a history line)."""
+    if message.kind == ACTION:
+        return text_width(f"* {message.nick} ")
+    if message.kind == CHAT and message.nick:
+        return text_width(message.nick) + 2
+    return 0
+
+
+def highlight(body: str, me: str, kind: str) -> list[Span]:
     """body in the style of its kind, with each mention of `me` (if any) standing out."""
     style = "action" if kind == ACTION else ""
     if not me:
-        return painter.paint(body, style) if style else body
+        return [Span(body, style)]
     pieces = mention_pattern(me).split(body)
     names = mention_pattern(me).findall(body)
-    out = [painter.paint(pieces[0], style) if style else pieces[0]]
+    spans = [Span(pieces[0], style)]
     for name, piece in zip(names, pieces[1:]):
-        out.append(painter.paint(name, "mention"))
-        out.append(painter.paint(piece, style) if style else piece)
-    return "".join(out)
+        spans += [Span(name, "mention"), Span(piece, style)]
+    return [span for span in spans if span.text]
 
 
-def render_local(text: str, painter: Painter) -> str:
+def render_local(text: str, now: Optional[datetime.datetime] = None) -> Rendered:
     """A line from the client itself (completions, warnings), timestamped like the rest."""
-    stamp = painter.paint(datetime.datetime.now().strftime("[%H:%M:%S]"), "time")
-    return f"{stamp} {painter.paint(LOCAL_MARKER + text, 'local')}"
+    stamp = (now or datetime.datetime.now()).strftime("[%H:%M:%S]")
+    return Rendered([Span(stamp, "time"), Span(" "), Span(LOCAL_MARKER + text, "local")],
+                    STAMP_WIDTH + len(LOCAL_MARKER))
+
+
+def wrap(spans: list[Span], width: int, indent: int) -> list[list[Span]]:
+    """Break a line into rows of at most width cells, at spaces where it can.
+
+    Every row after the first starts `indent` cells in (the caller adds the
+    spaces), so a continuation can never be taken for a line of its own.
+    Spaces where a row breaks are dropped; a word longer than a row is cut.
+    """
+    cells = [(char, span.style) for span in spans for char in split_characters(span.text)]
+    rows: list[list[tuple[str, str]]] = [[]]
+    used, capacity = 0, width
+    index = 0
+    while index < len(cells):
+        space = cells[index][0] == " "
+        end = index
+        while end < len(cells) and (cells[end][0] == " ") == space:
+            end += 1
+        token, index = cells[index:end], end
+        token_width = sum(char_width(char) for char, _ in token)
+        if space:
+            if used + token_width <= capacity and (used or len(rows) == 1):
+                rows[-1] += token
+                used += token_width
+            elif used:
+                rows.append([])
+                used, capacity = 0, width - indent
+            continue
+        if used and used + token_width > capacity and token_width <= width - indent:
+            rows.append([])
+            used, capacity = 0, width - indent
+        for cell in token:
+            cell_width = char_width(cell[0])
+            if used and used + cell_width > capacity:
+                rows.append([])
+                used, capacity = 0, width - indent
+            rows[-1].append(cell)
+            used += cell_width
+    result = []
+    for row in rows:
+        while row and row[-1][0] == " ":
+            row.pop()
+        spans_of_row: list[Span] = []
+        for char, style in row:
+            if spans_of_row and spans_of_row[-1].style == style:
+                spans_of_row[-1] = Span(spans_of_row[-1].text + char, style)
+            else:
+                spans_of_row.append(Span(char, style))
+        result.append(spans_of_row)
+    return result
+
+
+def layout(rendered: Rendered, width: int, painter: Painter) -> list[str]:
+    """The rows a line takes on a terminal `width` cells wide, painted.
+
+    The continuation rows hang under the start of the text (after the
+    nickname, or under the /help summary column) when that leaves room
+    enough to read; else under the end of the timestamp; else two cells in.
+    """
+    width = max(width, 8)
+    least_text = min(20, width // 2)
+    if rendered.narrow and rendered.indent > width - least_text:
+        rendered = rendered.narrow
+    indent = next(column for column in (rendered.indent, STAMP_WIDTH, 2)
+                  if 0 < column <= width - least_text or column == 2)
+    rows = wrap(rendered.spans, width, indent)
+    return [(" " * indent if number else "") + "".join(painter.paint(span.text, span.style) for span in row)
+            for number, row in enumerate(rows)]
 
 
 class TerminalDisplay:
-    """The screen of an interactive session: messages scroll up, the input stays on the bottom row."""
+    """The screen of an interactive session: messages scroll up, the input stays on the bottom row.
+
+    The rows above the bottom one are a scroll region, so a message printed
+    at its foot moves only them up; the input row never moves. The last
+    RECENT_LINES lines are kept, so that Ctrl-L and a resize can draw them
+    again, wrapped for the new width.
+    """
+
+    RECENT_LINES = 500
 
     def __init__(self, out: TextIO, editor: LineEditor, painter: Painter) -> None:
         self.out = out
         self.editor = editor
         self.painter = painter
-        self.prompt = "> "
+        self.prompts: list[list[Span]] = [[Span("> ")]]
         self.secret = False       # typing a password: show nothing of it
-        self.drawn_cursor = 0     # the cursor's column when the input line was last drawn
+        self.recent: collections.deque[Rendered] = collections.deque(maxlen=self.RECENT_LINES)
+        self.rows, self.cols = self.size()
 
-    def columns(self) -> int:
-        """The terminal's width now (it may have been resized)."""
+    def size(self) -> tuple[int, int]:
+        """The terminal's rows and columns now (it may have been resized)."""
         try:
-            return os.get_terminal_size(self.out.fileno()).columns
+            size = os.get_terminal_size(self.out.fileno())
+            return max(size.lines, 2), max(size.columns, 2)
         except (OSError, ValueError):
-            return 80
+            return 24, 80
 
-    def set_prompt(self, prompt: str, secret: bool = False) -> None:
-        """Change the text before the input line, and redraw."""
-        self.prompt, self.secret = prompt, secret
+    def start(self) -> None:
+        """Take the screen: bracketed paste on, the scroll region above the input row."""
+        self.out.write(PASTE_ON)
+        self._set_region()
+        self.out.write(f"\x1b[{self.rows - 1};1H")
         self.redraw()
 
-    def show(self, line: str, bell: bool = False) -> None:
-        """Print a line above the input line, then draw the input line again."""
-        self.out.write("\r\x1b[J" + line + "\r\n" + ("\a" if bell else ""))
+    def _set_region(self) -> None:
+        self.rows, self.cols = self.size()
+        self.out.write(f"\x1b[1;{self.rows - 1}r")
+
+    def set_prompt(self, prompts: list[list[Span]], secret: bool = False, draw: bool = True) -> None:
+        """Change the text before the input line (the first of prompts that fits), and redraw."""
+        self.prompts, self.secret = prompts or [[Span("> ")]], secret
+        if draw:
+            self.redraw()
+
+    def show(self, rendered: Rendered, bell: bool = False) -> None:
+        """Print a line at the foot of the scroll region, then draw the input row again."""
+        self.recent.append(rendered)
+        rows = layout(rendered, self.cols, self.painter)
+        self.out.write(f"\x1b[{self.rows - 1};1H" + "".join("\n\r\x1b[K" + row for row in rows)
+                       + ("\a" if bell else ""))
         self.redraw()
 
-    def resized(self) -> None:
-        """SIGWINCH: draw the input line again for the new width.
-
-        Most terminals (tmux, VTE, iTerm2, Windows Terminal) re-wrap a row that
-        no longer fits, so after a shrink the old input line may span several
-        rows with the cursor on a lower one: go up to the first before drawing.
-        """
-        rows_above = self.drawn_cursor // self.columns()
-        if rows_above:
-            self.out.write(f"\x1b[{rows_above}A")
+    def repaint(self) -> None:
+        """Ctrl-L and resizes: clear the screen and draw the recent lines and the input row again."""
+        self._set_region()
+        rows: list[str] = []
+        for rendered in reversed(self.recent):
+            rows[:0] = layout(rendered, self.cols, self.painter)
+            if len(rows) >= self.rows - 1:
+                break
+        rows = rows[-(self.rows - 1):]
+        top = self.rows - len(rows)
+        self.out.write("\x1b[2J" + "".join(f"\x1b[{top + number};1H{row}"
+                                           for number, row in enumerate(rows)))
         self.redraw()
 
     def redraw(self) -> None:
-        """Draw the prompt and the visible part of the input, and put the cursor back."""
-        columns = self.columns()
-        prompt = self.prompt if text_width(self.prompt) <= columns // 2 else "> "
-        room = columns - text_width(prompt) - 1   # the last column stays empty: no wrap
+        """Draw the prompt and the visible part of the input on the bottom row, cursor in place."""
+        columns = self.cols
+        prompt = next((spans for spans in self.prompts
+                       if sum(text_width(span.text) for span in spans) <= columns // 2),
+                      [Span("> ")])
+        prompt_width = sum(text_width(span.text) for span in prompt)
+        room = columns - prompt_width - 1   # the last column stays empty: no wrap
         shown, cursor = ("", 0) if self.secret else self.editor.view(room)
-        column = text_width(prompt) + cursor
-        self.out.write("\r\x1b[J" + self.painter.paint(prompt, "prompt") + shown + "\r"
-                       + (f"\x1b[{column}C" if column else ""))
+        painted = "".join(self.painter.paint(span.text, span.style or "prompt") for span in prompt)
+        self.out.write(f"\x1b[{self.rows};1H\x1b[K" + painted + shown
+                       + f"\x1b[{self.rows};{prompt_width + cursor + 1}H")
         self.out.flush()
-        self.drawn_cursor = column
-
-    def clear_screen(self) -> None:
-        """Ctrl-L: clear the screen and start again at the top."""
-        self.out.write("\x1b[H\x1b[2J")
-        self.redraw()
 
     def close(self) -> None:
-        """Remove the input line, leaving the cursor at the start of an empty row."""
-        self.out.write("\r\x1b[J")
+        """Give the screen back: no scroll region, no bracketed paste, the cursor on an empty bottom row."""
+        self.out.write(f"\x1b[r\x1b[{self.rows};1H\x1b[K" + PASTE_OFF)
         self.out.flush()
 
 
@@ -751,13 +1132,16 @@ class PlainDisplay:
     def __init__(self, out: TextIO) -> None:
         self.out = out
 
-    def set_prompt(self, prompt: str, secret: bool = False) -> None:
+    def set_prompt(self, prompts: list[list[Span]], secret: bool = False, draw: bool = True) -> None:
         """There is no input line to label."""
 
-    def show(self, line: str, bell: bool = False) -> None:
+    def show(self, rendered: Rendered, bell: bool = False) -> None:
         """Print the line."""
-        self.out.write(line + "\n")
+        self.out.write(rendered.plain + "\n")
         self.out.flush()
+
+    def redraw(self) -> None:
+        """There is no input line to draw."""
 
 
 # ---------------------------------------------------------------------------
@@ -768,9 +1152,38 @@ class ConnectError(Exception):
     """The server could not be reached; the message says why, in one line."""
 
 
-def connect(host: str, port: int, tls: bool, cafile: Optional[str], insecure: bool
-            ) -> socket.socket:
-    """Open the connection (TLS verified unless insecure), as a non-blocking socket."""
+class OptionError(Exception):
+    """An option or setting cannot be used; the message says which and why, in one line."""
+
+
+def tls_context(cafile: Optional[str], insecure: bool) -> ssl.SSLContext:
+    """The TLS settings for every connection: the system's authorities, or the one in cafile."""
+    context = ssl.create_default_context()
+    if cafile:
+        try:
+            context.load_verify_locations(cafile=cafile)
+        except FileNotFoundError:
+            raise OptionError(f"--cafile {cafile}: no such file") from None
+        except IsADirectoryError:
+            raise OptionError(f"--cafile {cafile}: is a directory, not a certificate file") from None
+        except PermissionError:
+            raise OptionError(f"--cafile {cafile}: cannot be read (permission denied)") from None
+        except (ssl.SSLError, ValueError, OSError):
+            raise OptionError(f"--cafile {cafile}: holds no PEM certificate "
+                              "(it should start with -----BEGIN CERTIFICATE-----)") from None
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# What OpenSSL says when the other end answers a TLS hello with something else.
+NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                   "HTTP_REQUEST", "UNKNOWN_PROTOCOL")
+
+
+def connect(host: str, port: int, tls: Optional[ssl.SSLContext]) -> socket.socket:
+    """Open the connection (over TLS when given its settings), as a non-blocking socket."""
     try:
         sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
     except socket.gaierror as error:
@@ -778,20 +1191,23 @@ def connect(host: str, port: int, tls: bool, cafile: Optional[str], insecure: bo
     except OSError as error:
         raise ConnectError(f"cannot connect to {host}:{port}: "
                            f"{error.strerror or error or 'timed out'}") from None
-    if tls:
-        context = ssl.create_default_context(cafile=cafile)
-        if insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
+    if tls is not None:
         try:
-            sock = context.wrap_socket(sock, server_hostname=host)
+            sock = tls.wrap_socket(sock, server_hostname=host)
         except ssl.SSLCertVerificationError as error:
             sock.close()
             raise ConnectError(f"cannot trust {host}:{port}: {error.verify_message} "
                                "(see --cafile and --insecure)") from None
-        except (ssl.SSLError, OSError) as error:
+        except ssl.SSLError as error:
             sock.close()
-            raise ConnectError(f"TLS with {host}:{port} failed: {error}") from None
+            if error.reason in NOT_TLS_REASONS:
+                raise ConnectError(f"{host}:{port} does not speak TLS: it answered in plain "
+                                   "text (try without --tls)") from None
+            raise ConnectError(f"TLS with {host}:{port} failed: {error.reason or error}") from None
+        except OSError as error:
+            sock.close()
+            raise ConnectError(f"TLS with {host}:{port} failed: "
+                               f"{error.strerror or error or 'the server closed the connection'}") from None
     sock.setblocking(False)
     return sock
 
@@ -800,13 +1216,20 @@ WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLW
 
 
 class Connection:
-    """The server socket and its buffers: lines out, lines in."""
+    """The server socket and its buffers: lines out, lines in.
+
+    A line from the server is at most MAX_LINE_BYTES: a longer one is dropped
+    as it streams in, never held whole, and counted in `dropped`.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.inbox = bytearray()
+        self.inbox = bytearray()   # the start of a line whose newline has not come yet
         self.outbox = bytearray()
         self.closed = False
+        self.more = False          # receive() stopped before the socket was empty
+        self.discarding = False    # inside a line that is too long: drop up to its newline
+        self.dropped = 0           # lines dropped as too long, not yet reported
 
     def send_line(self, line: str) -> None:
         """Queue a line for the server and send what the socket takes now."""
@@ -827,7 +1250,9 @@ class Connection:
 
     def receive(self) -> list[str]:
         """The complete lines that have arrived; sets closed when the server has hung up."""
-        while True:
+        lines: list[bytes] = []
+        self.more = False
+        for _ in range(READS_PER_WAKE):
             try:
                 data = self.sock.recv(READ_SIZE)
             except WOULD_BLOCK:
@@ -836,13 +1261,34 @@ class Connection:
                 data = b""
             if not data:
                 self.closed = True
+                if self.inbox and not self.discarding:
+                    lines.append(bytes(self.inbox))
+                self.inbox.clear()
                 break
-            self.inbox += data
-        *lines, rest = self.inbox.split(b"\n")
-        self.inbox = bytearray(rest)
-        if self.closed and rest:
-            lines.append(rest)
+            self._split(data, lines)
+        else:
+            self.more = True
         return [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
+
+    def _split(self, data: bytes, lines: list[bytes]) -> None:
+        start = 0
+        while True:
+            newline = data.find(b"\n", start)
+            piece = data[start:] if newline < 0 else data[start:newline]
+            if self.discarding:
+                self.discarding = newline < 0
+            elif len(self.inbox) + len(piece) > MAX_LINE_BYTES:
+                self.inbox.clear()
+                self.dropped += 1
+                self.discarding = newline < 0
+            elif newline < 0:
+                self.inbox += piece
+            else:
+                lines.append(bytes(self.inbox + piece))
+                self.inbox.clear()
+            if newline < 0:
+                return
+            start = newline + 1
 
     def close(self) -> None:
         """Close the socket."""
@@ -850,34 +1296,73 @@ class Connection:
             self.sock.close()
 
 
+QUIT_COMMANDS = ("/quit", "/exit", "/bye")
+
+
+class PendingPaste(NamedTuple):
+    """A paste of many lines, waiting for the user to say whether to send it."""
+
+    lines: list[str]          # what would be sent
+    typed: str                # the input line before the paste, given back on cancel
+    typed_cursor: int
+    rest: str                 # the input line after the paste (its last, unfinished line)
+    rest_cursor: int
+
+
 class ChatClient:
-    """Ties the server, the keyboard (or piped input) and the screen together in one selectors loop."""
+    """Ties the server, the keyboard (or piped input) and the screen together in one selectors loop.
+
+    Everything sent after signing in goes through one queue, paced to the
+    flood limit the server announced, so no typed, pasted or piped line is
+    dropped as too fast. In a terminal, a lost connection is tried again
+    with a growing delay; on return the client signs in with the same name
+    and goes back to the rooms it was in, the current one last.
+    """
 
     def __init__(self, connection: Connection, display: TerminalDisplay | PlainDisplay,
                  editor: LineEditor, painter: Painter, *,
                  interactive: bool, nick: Optional[str], password: Optional[str],
-                 bell: bool, keyboard: Optional[socket.socket] = None) -> None:
-        self.connection = connection
+                 bell: bool, keyboard: Optional[socket.socket] = None,
+                 reconnect: Optional[Callable[[], socket.socket]] = None,
+                 where: str = "the server", tls: bool = False) -> None:
+        self.connection: Optional[Connection] = connection
         self.display = display
         self.editor = editor
         self.painter = painter
         self.interactive = interactive
         self.nick_to_send = nick
+        self.password = password
         self.password_to_send = password
         self.bell = bell
         self.keyboard = keyboard          # the Windows seam, else standard input is read
+        self.reconnect = reconnect        # opens a new socket to the same server, or None
+        self.where = where                # host:port, for messages
+        self.tls = tls
         self.keys = KeyDecoder()
+        self.keys_read_at = 0.0
         self.roster = Roster()
+        self.rooms = Rooms()
         self.me = ""                      # my nickname once the server has welcomed me
+        self.online = False               # signed in on the present connection
         self.answering = ""               # "password" or "nickname" while the server asks
         self.refusal = ""                 # the last error line while signing in
         self.asked_online = False         # /online sent on arrival; its reply is not shown
-        self.piped_input = bytearray()
-        self.piped_lines: collections.deque[str] = collections.deque()   # read, not yet sent
-        self.piped_ended = False
+        self.greeting_deadline = time.monotonic() + GREETING_TIMEOUT   # 0 once heard or warned
+        self.put_out = ""                 # why the server put me out: then I do not come back
+        self.outgoing: collections.deque[str] = collections.deque()   # to send, paced
         self.pacer: Optional[Pacer] = None   # the server's flood limit, from its greeting
+        self.pending_paste: Optional[PendingPaste] = None
+        self.quit_armed_until = 0.0       # a Ctrl-C on an empty line before this leaves
+        self.piped_input = bytearray()
+        self.piped_ended = False
         self.leaving = False              # /quit sent or Ctrl-D pressed: the server will close
         self.leave_deadline = 0.0
+        self.rejoin: Optional[list[str]] = None    # my rooms when the connection was lost, current last
+        self.rejoin_due = False           # signed in again: go back once the first room is entered
+        self.retries = 0
+        self.retry_at = 0.0               # when to try to connect again; 0 when not waiting
+        self.attempt_result: Optional[socket.socket | str] = None
+        self.wake_reader, self.wake_writer = socket.socketpair()
         self.exit_code: Optional[int] = None
         self.selector = selectors.SelectSelector() if os.name == "nt" else selectors.PollSelector()
         self.input_registered = False
@@ -887,38 +1372,69 @@ class ChatClient:
     def run(self) -> int:
         """Run until the server closes or the user leaves; returns the exit status."""
         signals = self._watch_signals() if self.interactive else None
-        self.selector.register(self.connection.sock, selectors.EVENT_READ, self._on_server)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ, self._on_attempt_done)
+        self._attach(self.connection)
         if self.interactive:
             self._register_input()
         try:
             while self.exit_code is None:
-                mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.connection.outbox else 0)
-                self.selector.modify(self.connection.sock, mask, self._on_server)
-                events = self.selector.select(self._timeout())
-                if not events and self.keys.waiting:
-                    self._on_keys(self.keys.flush())
-                for key, events_mask in events:
-                    key.data(events_mask)
-                if self.piped_lines and self.exit_code is None:
-                    self._send_piped()
-                if self.leaving and self.exit_code is None and time.monotonic() > self.leave_deadline:
-                    self._finish("the server did not close the connection after /quit",
-                                 0 if self.interactive else 1)
+                if self.connection:
+                    mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.connection.outbox else 0)
+                    self.selector.modify(self.connection.sock, mask, self._on_server)
+                for key, events_mask in self.selector.select(self._timeout()):
+                    if self.exit_code is None:
+                        key.data(events_mask)
+                if self.connection and self.connection.more and self.exit_code is None:
+                    self._on_server(selectors.EVENT_READ)
+                if self.exit_code is None:
+                    self._on_time()
         finally:
             if signals:
                 signals()
             self.selector.close()
-            self.connection.close()
+            if self.connection:
+                self.connection.close()
+            self.wake_reader.close()
+            self.wake_writer.close()
         return self.exit_code
 
-    def _timeout(self) -> Optional[float]:
+    def _deadlines(self) -> Iterator[float]:
         if self.keys.waiting:
-            return ESCAPE_TIMEOUT
-        if self.piped_lines and self.pacer:
-            return self.pacer.wait()
+            yield self.keys_read_at + ESCAPE_TIMEOUT
+        if self.keys.pasting:
+            yield self.keys_read_at + PASTE_TIMEOUT
+        if self.outgoing and self.online and self.pacer:
+            yield time.monotonic() + self.pacer.wait()
         if self.leaving:
-            return max(0.0, self.leave_deadline - time.monotonic())
-        return None
+            yield self.leave_deadline
+        if self.greeting_deadline and self.connection:
+            yield self.greeting_deadline
+        if self.retry_at:
+            yield self.retry_at
+
+    def _timeout(self) -> Optional[float]:
+        if self.connection and self.connection.more:
+            return 0
+        soonest = min(self._deadlines(), default=None)
+        return None if soonest is None else max(0.0, soonest - time.monotonic())
+
+    def _on_time(self) -> None:
+        """What is due whether or not anything arrived: held keys, paced lines, timeouts, retries."""
+        now = time.monotonic()
+        if self.keys.waiting and now >= self.keys_read_at + ESCAPE_TIMEOUT:
+            self._on_keys(self.keys.flush())
+        if self.keys.pasting and now >= self.keys_read_at + PASTE_TIMEOUT:
+            self._on_keys(self.keys.flush())
+        self._send_queued()
+        if self.leaving and self.exit_code is None and now > self.leave_deadline:
+            self._finish("the server did not close the connection after /quit",
+                         0 if self.interactive else 1)
+        if self.greeting_deadline and self.connection and now >= self.greeting_deadline:
+            self.greeting_deadline = 0
+            hint = ("; if it uses TLS, try --tls" if not self.tls else "")
+            self._say(f"no greeting from {self.where} after {GREETING_TIMEOUT:g} s{hint}")
+        if self.retry_at and now >= self.retry_at:
+            self._try_again()
 
     def _register_input(self) -> None:
         if not self.input_registered:
@@ -946,7 +1462,7 @@ class ChatClient:
         def on_signal(_mask: int) -> None:
             for number in os.read(reader, 64):
                 if number == signal.SIGWINCH:
-                    self.display.resized()
+                    self.display.repaint()
                 else:
                     self._finish(f"stopped by signal {signal.Signals(number).name}", 128 + number)
 
@@ -961,42 +1477,132 @@ class ChatClient:
 
         return restore
 
+    def _say(self, text: str) -> None:
+        """A line from the client itself: on the screen, or on standard error when piped."""
+        if self.interactive:
+            self.display.show(render_local(text))
+        else:
+            print(f"pyChat: {text}", file=sys.stderr, flush=True)
+
     def _finish(self, reason: str, code: int) -> None:
-        """Stop the loop; a reason is shown unless the user simply left."""
+        """Stop the loop; a reason is shown unless the user simply left, and so is what was not sent."""
         if reason:
-            if self.interactive:
-                self.display.show(render_local(reason, self.painter))
-                if self.editor.text.strip() and not self.answering:
-                    self.display.show(render_local("not sent: " + self.editor.text, self.painter))
-            else:
-                print(f"pyChat: {reason}", file=sys.stderr, flush=True)
+            self._say(reason)
+        if self.interactive:
+            unsent = list(self.outgoing) + ([self.editor.text] if self.editor.text.strip()
+                                            and not self.answering else [])
+            if self.pending_paste:
+                unsent += self.pending_paste.lines
+            for line in unsent[:5]:
+                self._say("not sent: " + line)
+            if len(unsent) > 5:
+                self._say(f"not sent: {len(unsent) - 5} more lines")
         self.exit_code = code
+
+    # -- the connection ----------------------------------------------------
+
+    def _attach(self, connection: Connection) -> None:
+        """Start talking on a new connection: the server will greet and ask who I am."""
+        self.connection = connection
+        self.selector.register(connection.sock, selectors.EVENT_READ, self._on_server)
+        self.online = False
+        self.answering = self.refusal = ""
+        self.pacer = None
+        self.asked_online = False
+        self.leaving = False
+        self.greeting_deadline = time.monotonic() + GREETING_TIMEOUT
+
+    def _lost(self, why: str) -> None:
+        """The connection ended: leave, or (in a terminal, once signed in) wait and try again."""
+        connection, self.connection = self.connection, None
+        self.selector.unregister(connection.sock)
+        connection.close()
+        if self.leaving:
+            self.exit_code = 0
+            return
+        if not self.interactive or not self.me or self.put_out or self.reconnect is None:
+            self._finish("disconnected: " + (self.put_out or why), 1)
+            return
+        if self.online or self.rejoin is None:
+            self.rejoin = [room for room in self.rooms.joined
+                           if room.casefold() != self.rooms.current.casefold()] + [self.rooms.current]
+        self.online = False
+        self._say(f"disconnected: {why}")
+        self._wait_to_retry()
+
+    def _wait_to_retry(self) -> None:
+        delay = RECONNECT_DELAYS[min(self.retries, len(RECONNECT_DELAYS) - 1)]
+        self.retries += 1
+        self.retry_at = time.monotonic() + delay
+        self._say(f"connecting again in {delay} s (Ctrl-C twice, Ctrl-D or /quit leaves; "
+                  "what you type is kept)")
+        self._update_prompt()
+
+    def _try_again(self) -> None:
+        """Connect in a thread, so that keys still work while it takes its time."""
+        self.retry_at = 0.0
+
+        def attempt() -> None:
+            try:
+                result: socket.socket | str = self.reconnect()
+            except ConnectError as error:
+                result = str(error)
+            except Exception as error:   # anything at all: the loop must hear back
+                result = f"cannot connect: {error}"
+            self.attempt_result = result
+            with contextlib.suppress(OSError):
+                self.wake_writer.send(b".")
+
+        threading.Thread(target=attempt, name="connect", daemon=True).start()
+
+    def _on_attempt_done(self, _mask: int) -> None:
+        self.wake_reader.recv(64)
+        result, self.attempt_result = self.attempt_result, None
+        if result is None:
+            return
+        if isinstance(result, str):
+            self._say(result)
+            self._wait_to_retry()
+            return
+        self.nick_to_send = self.me
+        self.password_to_send = self.password
+        self.rooms.joined, self.rooms.current = [], ""
+        self._attach(Connection(result))
+        self._say(f"connected to {self.where} again; signing in as {self.me}")
 
     # -- the server --------------------------------------------------------
 
     def _on_server(self, mask: int) -> None:
+        connection = self.connection
         if mask & selectors.EVENT_WRITE:
-            self.connection.flush()
+            connection.flush()
         if mask & selectors.EVENT_READ:
-            for line in self.connection.receive():
+            for line in connection.receive():
                 self.on_server_line(line)
-                if self.exit_code is not None:
+                if self.exit_code is not None or self.connection is not connection:
                     return
-            if self.connection.closed:
-                if self.leaving:
-                    self.exit_code = 0
-                else:
-                    why = self.refusal if self.refusal and not self.me else "the server closed the connection"
-                    self._finish("disconnected: " + why, 1)
+            if connection.dropped:
+                self._say(f"{connection.dropped} line(s) from the server over {MAX_LINE_BYTES} bytes "
+                          "dropped")
+                connection.dropped = 0
+        if connection.closed and self.connection is connection:
+            why = self.put_out or (self.refusal if self.refusal and not self.online
+                                   else "the server closed the connection")
+            self._lost(why)
 
     def on_server_line(self, raw: str) -> None:
         """Handle one line from the server: sign-in prompts, then messages to show."""
+        self.greeting_deadline = 0
         line = sanitize(raw)
         message = classify(line)
         self.roster.learn(message)
-        limit = FLOOD_LIMIT.search(line) if not self.me else None
+        if message.kind == NOTICE:
+            gone = QUIT.match(message.text) or RENAMED.match(message.text)
+            if gone:
+                self.painter.forget(gone.group(1))
+        limit = flood_limit(line) if not self.online else None
         if limit:
-            self.pacer = Pacer(int(limit.group(1)), float(limit.group(2)))
+            self.pacer = Pacer(*limit)
         if self.asked_online and ONLINE.match(line):
             self.asked_online = False
             return
@@ -1006,7 +1612,7 @@ class ChatClient:
         if line.rstrip() == NICKNAME_PROMPT:
             self._answer("nickname")
             return
-        if not self.me:
+        if not self.online:
             welcome = WELCOME.match(line)
             if welcome:
                 self._signed_in(welcome.group(1))
@@ -1016,19 +1622,26 @@ class ChatClient:
             renamed = RENAMED.match(line)
             if renamed and renamed.group(1).casefold() == self.me.casefold():
                 self.me = renamed.group(2)
-                self.display.set_prompt(self.me + "> ")
+                self._update_prompt(draw=False)
+        put_out = PUT_OUT.match(line)
+        if put_out:
+            self.put_out = put_out.group(2) or f"by {put_out.group(1)}"
+        mentioned = mentions(message, self.me)
+        if self.rooms.learn(message, mentioned, self.me) or message.room:
+            if self.rejoin_due and self.rooms.current:
+                self._go_back_to_rooms()
+            self._update_prompt(draw=False)
         if line == FAREWELL:
             self.leaving = True
             self.leave_deadline = time.monotonic() + QUIT_TIMEOUT
-        ring = self.bell and (mentions(message, self.me)
-                              or (message.kind == PRIVATE and not message.outgoing))
+        ring = self.bell and (mentioned or (message.kind == PRIVATE and not message.outgoing))
         self.display.show(render(message, self.painter, self.me), bell=ring)
 
     def _answer(self, question: str) -> None:
         """The server asks for the password or a nickname: answer from the options, else ask."""
         given = self.password_to_send if question == "password" else self.nick_to_send
         if given:
-            self.connection.send_line(given)
+            self._send_now(given)
             if question == "password":
                 self.password_to_send = None
             else:
@@ -1043,16 +1656,61 @@ class ChatClient:
             self._finish(reason, 1)
             return
         self.answering = question
-        self.display.set_prompt(f"{question}: ", secret=question == "password")
+        self._update_prompt()
 
     def _signed_in(self, nick: str) -> None:
         self.me = nick
-        if self.interactive:   # learn who was already here, for Tab completion
-            self.connection.send_line("/online")
-            self.asked_online = True
+        self.online = True
         self.answering = ""
-        self.display.set_prompt(nick + "> ")
+        self.retries = 0
+        self.rejoin_due = self.rejoin is not None
+        if self.interactive:   # learn who was already here, for Tab completion
+            self.outgoing.appendleft("/online")
+            self.asked_online = True
+        self._send_queued()
+        self._update_prompt()
         self._register_input()
+
+    def _go_back_to_rooms(self) -> None:
+        """After signing in again: join the rooms I was in (with their keys), the current one last."""
+        home = self.rooms.current   # where the server put me on signing in
+        wanted = [room for room in self.rejoin or [] if room]
+        self.rejoin, self.rejoin_due = None, False
+        lines = []
+        for number, room in enumerate(wanted, 1):
+            if room.casefold() != home.casefold() or number == len(wanted) > 1:
+                key = self.rooms.keys.get(room.casefold())
+                lines.append(f"/join #{room}" + (f" {key}" if key else ""))
+        if home.casefold() not in {room.casefold() for room in wanted}:
+            lines.append(f"/leave #{home}")
+        self.outgoing.extendleft(reversed(lines))
+
+    def _send_queued(self) -> None:
+        """Send queued lines as fast as the server's flood limit allows; show how many wait."""
+        waiting = len(self.outgoing)
+        while (self.outgoing and self.online and self.connection and not self.leaving
+               and (self.pacer is None or self.pacer.take())):
+            self._send_now(self.outgoing.popleft())
+        if not self.interactive:
+            # Read no further ahead than the backlog: a long file is not loaded whole.
+            if len(self.outgoing) > OUTGOING_BACKLOG:
+                self._unregister_input()
+            elif not self.piped_ended:
+                self._register_input()
+            if self.piped_ended and not self.outgoing and self.online:
+                self._leave()
+        elif len(self.outgoing) != waiting:
+            self._update_prompt()
+
+    def _send_now(self, line: str) -> None:
+        words = line.split()
+        if words and words[0].lower() in QUIT_COMMANDS and self.online:
+            self.leaving = True
+            self.leave_deadline = time.monotonic() + QUIT_TIMEOUT
+        if len(words) >= 3 and words[0].lower() == "/join":
+            self.rooms.keys[words[1].lstrip("#").casefold()] = words[2]
+        if self.connection:
+            self.connection.send_line(line)
 
     # -- the keyboard or piped input ---------------------------------------
 
@@ -1070,6 +1728,7 @@ class ChatClient:
             if not data:
                 self._leave()
                 return
+            self.keys_read_at = time.monotonic()
             self._on_keys(self.keys.feed(data))
         else:
             self._on_piped(data)
@@ -1083,30 +1742,18 @@ class ChatClient:
             rest = b""
             self.piped_ended = True
         self.piped_input = bytearray(rest)
-        self.piped_lines.extend(text for text in (line.decode("utf-8", "replace").rstrip("\r") for line in lines)
-                                if text.strip())
-        self._send_piped()
-
-    def _send_piped(self) -> None:
-        """Send queued piped lines as fast as the server's flood limit allows."""
-        while self.piped_lines and (self.pacer is None or self.pacer.take()):
-            self.send_typed(self.piped_lines.popleft())
-        # Read no further ahead than a screenful of lines: a long file is not loaded whole.
-        if len(self.piped_lines) > PIPED_BACKLOG:
-            self._unregister_input()
-        elif not self.piped_ended:
-            self._register_input()
-        if self.piped_ended and not self.piped_lines:
-            self._leave()
+        self.outgoing.extend(text for text in (line.decode("utf-8", "replace").rstrip("\r")
+                                               for line in lines) if text.strip())
+        self._send_queued()
 
     def _leave(self) -> None:
-        """Say /quit (once) and wait for the server to close the connection."""
-        if not self.me:   # still signing in: "/quit" would be taken for a nickname or password
+        """Say /quit (after what waits to be sent) and wait for the server to close the connection."""
+        if not self.online:   # signing in or offline: "/quit" would be taken for a nickname or password
             self.exit_code = 0
-        elif not self.leaving:
-            self.connection.send_line("/quit")
-            self.leaving = True
-            self.leave_deadline = time.monotonic() + QUIT_TIMEOUT
+        elif not self.leaving and not any(line.split()[0].lower() in QUIT_COMMANDS
+                                          for line in self.outgoing):
+            self.outgoing.append("/quit")
+            self._send_queued()
 
     def send_typed(self, line: str) -> None:
         """Send a line the user typed: the answer to a sign-in question, or a message or command."""
@@ -1114,11 +1761,12 @@ class ChatClient:
             return
         if self.answering:
             self.answering = ""
-            self.display.set_prompt("> ")
-        elif line.split()[0].lower() == "/quit":
-            self.leaving = True
-            self.leave_deadline = time.monotonic() + QUIT_TIMEOUT
-        self.connection.send_line(line)
+            self._send_now(line)
+        elif not self.online and line.split()[0].lower() in QUIT_COMMANDS:
+            self.exit_code = 0
+        else:
+            self.outgoing.append(line)
+            self._send_queued()
 
     def _on_keys(self, keys: list[Key]) -> None:
         editor = self.editor
@@ -1130,29 +1778,149 @@ class ChatClient:
             "up": editor.history_back, "down": editor.history_forward,
         }
         for key in keys:
-            if key.name == "text":
+            if self.exit_code is not None:
+                return
+            if self.pending_paste:
+                if key.name == "enter":
+                    self._paste_answered(True)
+                elif key.name in ("escape", "ctrl-c"):
+                    self._paste_answered(False)
+            elif key.name == "text":
                 editor.insert(key.text)
+            elif key.name == "paste":
+                self._on_paste(key.text)
             elif key.name in actions:
                 actions[key.name]()
             elif key.name == "enter":
                 self.send_typed(editor.submit(remember=not self.answering))
             elif key.name == "tab" and not self.answering:
-                choices = editor.complete(self.roster.commands, self.roster.others(self.me))
+                choices = editor.complete(self.roster.commands, self.roster.others(self.me),
+                                          self.rooms.names())
                 if choices:
-                    self.display.show(render_local("  ".join(choices), self.painter))
+                    self._say("  ".join(choices))
             elif key.name == "ctrl-d":
                 if editor.characters:
                     editor.delete()
                 else:
                     self._leave()
             elif key.name == "ctrl-c":
-                if self.leaving:
-                    self.exit_code = 0
-                    return
-                self._leave()
+                self._on_ctrl_c()
             elif key.name == "refresh":
-                self.display.clear_screen()
-        self.display.redraw()
+                self.display.repaint()
+            elif key.name in ("next-room", "previous-room"):
+                self._switch_to(self.rooms.neighbour(1 if key.name == "next-room" else -1))
+            elif key.name.startswith("alt-"):
+                self._switch_to(self.rooms.numbered(int(key.name[4:])))
+        if self.exit_code is None:
+            self._update_prompt()
+
+    def _on_ctrl_c(self) -> None:
+        """Ctrl-C clears a typed line (Up brings it back); on an empty line, twice within 2 s leaves."""
+        if self.editor.text:
+            self.editor.submit(remember=not self.answering)
+            if not self.answering:
+                self._say("line cleared; Up brings it back")
+        elif self.leaving or not self.online or time.monotonic() < self.quit_armed_until:
+            if self.online and not self.leaving:
+                self._send_now("/quit")
+            else:
+                self._finish("", 0)
+        else:
+            self.quit_armed_until = time.monotonic() + QUIT_AGAIN_SECONDS
+            self._say(f"press Ctrl-C again within {QUIT_AGAIN_SECONDS:g} s to leave (or Ctrl-D, /quit)")
+
+    def _switch_to(self, room: Optional[str]) -> None:
+        """Ask the server to make room current; the prompt changes when it says it did."""
+        if room and self.online and room.casefold() != self.rooms.current.casefold():
+            self.outgoing.append(f"/join #{room}")
+            self._send_queued()
+
+    def _on_paste(self, text: str) -> None:
+        """Pasted text is text: Tabs become spaces, each newline ends a line to send."""
+        if self.keys.paste_dropped:
+            self._say(f"the paste was longer than {PASTE_LIMIT} characters; "
+                      f"its last {self.keys.paste_dropped} were left out")
+            self.keys.paste_dropped = 0
+        pieces = [sanitize(piece.expandtabs(PASTE_TAB_SIZE))
+                  for piece in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+        if len(pieces) == 1:
+            self.editor.insert(pieces[0])
+            return
+        if self.answering:   # one line answers the question; a newline after it is Enter
+            self.editor.insert(pieces[0])
+            more = sum(1 for piece in pieces[1:] if piece.strip())
+            if more:
+                self._say(f"the {self.answering} is one line: {more} more pasted line(s) left out")
+            else:
+                self.send_typed(self.editor.submit(remember=False))
+            return
+        before = "".join(self.editor.characters[:self.editor.cursor])
+        after = "".join(self.editor.characters[self.editor.cursor:])
+        lines = [line for line in [before + pieces[0]] + pieces[1:-1] if line.strip()]
+        paste = PendingPaste(lines, self.editor.text, self.editor.cursor, pieces[-1] + after,
+                             len(split_characters(pieces[-1])))
+        if len(lines) <= PASTE_CONFIRM_LINES:
+            self.pending_paste = paste
+            self._paste_answered(True)
+            return
+        self.pending_paste = paste
+        self.editor.set_text("")
+        seconds = 0.0
+        if self.pacer:
+            seconds = max(0.0, len(lines) + len(self.outgoing) - self.pacer.tokens) / self.pacer.rate
+        self._say(f"you pasted {len(lines)} lines: Enter sends them"
+                  + (f" (over about {seconds:.0f} s, the server's flood limit)" if seconds >= 1 else "")
+                  + ", Esc or Ctrl-C cancels")
+
+    def _paste_answered(self, send: bool) -> None:
+        paste, self.pending_paste = self.pending_paste, None
+        if send:
+            for line in paste.lines:
+                self.editor.remember(line)
+            self.editor.set_text(paste.rest, paste.rest_cursor)
+            self.outgoing.extend(paste.lines)
+            self._send_queued()
+        else:
+            self.editor.set_text(paste.typed, paste.typed_cursor)
+            if len(paste.lines) > PASTE_CONFIRM_LINES:
+                self._say(f"paste of {len(paste.lines)} lines cancelled; nothing of it was sent")
+
+    # -- the prompt --------------------------------------------------------
+
+    def _update_prompt(self, draw: bool = True) -> None:
+        """The input row's label: room activity, lines waiting, who and where I am."""
+        if self.pending_paste:
+            count = len(self.pending_paste.lines)
+            prompts = [[Span(f"send {count} pasted lines? (Enter/Esc) ")], [Span(f"send {count}? ")]]
+        elif self.answering:
+            prompts = [[Span(f"{self.answering}: ")]]
+        else:
+            prompts = [self._prompt(nick, long_activity, long_waiting)
+                       for nick, long_activity, long_waiting in ((self.me, True, True), ("", True, True),
+                                                                 ("", False, True), ("", False, False))]
+            prompts.append([Span(f"#{self.rooms.current}> " if self.rooms.current else "> ")])
+        if isinstance(self.display, TerminalDisplay):
+            self.display.set_prompt(prompts, secret=self.answering == "password", draw=draw)
+
+    def _prompt(self, nick: str, long_activity: bool, long_waiting: bool) -> list[Span]:
+        spans = []
+        if self.me and not self.online:
+            spans.append(Span("offline ", "error"))
+        activity = self.rooms.activity()
+        if activity:
+            if long_activity:
+                text = " ".join(f"#{room} {count}{'!' if mentioned else ''}"
+                                for room, count, mentioned in activity)
+            else:
+                text = f"{len(activity)}{'!' if any(m for _, _, m in activity) else ''}"
+            spans.append(Span(f"[{text}] ", "activity"))
+        if self.outgoing:
+            spans.append(Span(f"({len(self.outgoing)} waiting) " if long_waiting
+                              else f"({len(self.outgoing)}) ", "local"))
+        name = " ".join(part for part in (nick, "#" + self.rooms.current if self.rooms.current else "")
+                        if part)
+        spans.append(Span(name + "> " if name else "> ", "prompt"))
+        return spans
 
 
 # ---------------------------------------------------------------------------
@@ -1166,12 +1934,72 @@ def port_number(text: str) -> int:
     return int(text)
 
 
-def parse_options(argv: Optional[list[str]]) -> argparse.Namespace:
-    """The command line."""
+CONFIG_SECTION = "pychat"
+CONFIG_TEXT_SETTINGS = ("host", "nick", "cafile")
+CONFIG_YES_NO_SETTINGS = ("tls", "insecure", "color", "bell")
+
+
+def config_path(environment: dict[str, str]) -> str:
+    """Where the settings file is: $XDG_CONFIG_HOME/pychat/config, or ~/.config/pychat/config."""
+    base = environment.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "pychat", "config")
+
+
+def load_settings(path: str) -> dict[str, object]:
+    """The settings in the file at path (none if there is no file), as option defaults.
+
+    The file is an INI file with one [pychat] section; a setting that is not
+    known, or a value that does not fit, is an error that names it.
+    """
+    parser = configparser.ConfigParser(interpolation=None, default_section="no default section")
+    try:
+        with open(path, encoding="utf-8") as file:
+            parser.read_file(file)
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, configparser.Error) as error:
+        message = getattr(error, "message", None) or getattr(error, "strerror", None) or str(error)
+        raise OptionError(f"settings file {path}: {' '.join(str(message).split())}") from None
+    others = [name for name in parser.sections() if name != CONFIG_SECTION]
+    if others:
+        raise OptionError(f"settings file {path}: unknown section [{others[0]}] "
+                          f"(the settings go in [{CONFIG_SECTION}])")
+    settings: dict[str, object] = {}
+    if not parser.has_section(CONFIG_SECTION):
+        return settings
+    known = CONFIG_TEXT_SETTINGS + CONFIG_YES_NO_SETTINGS + ("port",)
+    for name, value in parser.items(CONFIG_SECTION):
+        if name not in known:
+            raise OptionError(f"settings file {path}: unknown setting {name!r} "
+                              f"(known: {', '.join(known)})")
+        if name == "port":
+            try:
+                settings[name] = port_number(value)
+            except argparse.ArgumentTypeError as error:
+                raise OptionError(f"settings file {path}: port: {error}") from None
+        elif name in CONFIG_YES_NO_SETTINGS:
+            try:
+                settings[name] = parser.getboolean(CONFIG_SECTION, name)
+            except ValueError:
+                raise OptionError(f"settings file {path}: {name} must be yes or no, "
+                                  f"not {value!r}") from None
+        else:
+            settings[name] = value
+    return settings
+
+
+def parse_options(argv: Optional[list[str]], environment: Optional[dict[str, str]] = None
+                  ) -> argparse.Namespace:
+    """The command line, over the settings file."""
+    environment = os.environ if environment is None else environment
+    path = config_path(environment)
     parser = argparse.ArgumentParser(
-        prog="pyChat-client.py",
-        description="Terminal client for a pyChat server. With standard input from a "
-                    "pipe or a file, each line is sent as a message, then the client leaves.")
+        prog="pyChat-client.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Terminal client for a pyChat server. With standard input from a\n"
+                    "pipe or a file, each line is sent as a message, then the client leaves.",
+        epilog=f"settings file (read when it exists; options given here win):\n  {path}\n"
+               f"an INI file with a [{CONFIG_SECTION}] section holding any of host, port, nick, tls,\n"
+               "cafile, insecure, color and bell, as in \"port = 25000\" or \"tls = yes\".")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"server to connect to (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
@@ -1179,22 +2007,26 @@ def parse_options(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--nick",
                         help="nickname to sign in with, instead of being asked; required "
                              "when standard input is not a terminal")
-    parser.add_argument("--password", default=os.environ.get(PASSWORD_ENVIRONMENT) or None,
+    parser.add_argument("--password", default=environment.get(PASSWORD_ENVIRONMENT) or None,
                         help="server password, sent when the server asks for one (default: "
                              f"${PASSWORD_ENVIRONMENT}, which keeps it out of the process list)")
-    parser.add_argument("--no-color", action="store_true",
-                        help="no colours (also when $NO_COLOR is set to anything)")
-    parser.add_argument("--bell", action="store_true",
+    parser.add_argument("--color", action=argparse.BooleanOptionalAction,
+                        help="colours (on in a terminal unless $NO_COLOR is set)")
+    parser.add_argument("--bell", action=argparse.BooleanOptionalAction, default=False,
                         help="ring the terminal bell when someone mentions your nickname "
                              "or sends you a private message")
-    parser.add_argument("--tls", action="store_true",
+    parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=False,
                         help="use TLS, checking the server's certificate and host name")
     parser.add_argument("--cafile", metavar="FILE",
                         help="trust the certificate authority in FILE (PEM) for TLS; implies --tls")
-    parser.add_argument("--insecure", action="store_true",
+    parser.add_argument("--insecure", action=argparse.BooleanOptionalAction, default=False,
                         help="TLS without checking the certificate (anyone in between can read "
                              "the chat); implies --tls")
     parser.add_argument("--version", action="version", version=f"pyChat client {VERSION}")
+    try:
+        parser.set_defaults(**load_settings(path))
+    except OptionError as error:
+        parser.error(str(error))
     return parser.parse_args(argv)
 
 
@@ -1205,8 +2037,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not interactive and not options.nick:
         print("pyChat: --nick is needed when not run in a terminal", file=sys.stderr)
         return 2
-    colour = (sys.stdout.isatty() and not options.no_color
-              and not os.environ.get("NO_COLOR"))
+    colour = sys.stdout.isatty() and (options.color if options.color is not None
+                                      else not os.environ.get("NO_COLOR"))
     if os.name == "nt" and colorama is not None:
         # The input line is drawn with ANSI cursor moves, with or without colour.
         if hasattr(colorama, "just_fix_windows_console"):
@@ -1216,11 +2048,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     with contextlib.suppress(AttributeError):
         sys.stdout.reconfigure(errors="replace")
     tls = options.tls or options.insecure or bool(options.cafile)
+    try:
+        context = tls_context(options.cafile, options.insecure) if tls else None
+    except OptionError as error:
+        print(f"pyChat: {error}", file=sys.stderr)
+        return 2
     if options.insecure:
         print("pyChat: warning: --insecure: the server's certificate is not checked",
               file=sys.stderr)
+
+    def open_socket() -> socket.socket:
+        return connect(options.host, options.port, context)
+
     try:
-        sock = connect(options.host, options.port, tls, options.cafile, options.insecure)
+        sock = open_socket()
     except ConnectError as error:
         print(f"pyChat: {error}", file=sys.stderr)
         return 1
@@ -1230,12 +2071,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     keyboard = windows_keyboard_socket(interactive) if os.name == "nt" else None
     client = ChatClient(Connection(sock), display, editor, painter, interactive=interactive,
                         nick=options.nick, password=options.password, bell=options.bell,
-                        keyboard=keyboard)
+                        keyboard=keyboard, reconnect=open_socket,
+                        where=f"{options.host}:{options.port}", tls=tls)
     if not interactive:
         return client.run()
     with keyboard_mode(sys.stdin.fileno()):
         try:
-            display.redraw()
+            display.start()
             return client.run()
         finally:
             display.close()

@@ -20,24 +20,33 @@ import collections
 import contextlib
 import datetime
 import errno
+import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
 import math
 import os
 import re
+import secrets
 import select
 import selectors
 import signal
 import socket
 import socketserver
 import ssl
+import stat
 import sys
 import threading
 import time
 import unicodedata
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+try:
+    import fcntl
+except ImportError:     # Windows: the data directory is not locked against a second server
+    fcntl = None
 
 import commands
 
@@ -92,6 +101,42 @@ THREAD_STACK_SIZE = 512 * 1024    # bytes; 0 keeps the platform default
 CLIENTS_WITHOUT_LIMIT = 10_000    # open files are asked for this many connections when --max-clients is 0
 SPARE_FILES = 64                  # open files besides the connections: listening socket, logs, wake-ups
 KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeeping
+OUT_OF_DESCRIPTORS_PAUSE = 0.5    # seconds the accepting thread waits when the process has no file descriptor left
+OPERATOR_TRIES = 3                # wrong /op secrets before the connection is closed
+ADDRESS_GUESSES = 10              # wrong secrets of any kind from one address (IPv6: /64) before it must wait
+GUESS_WINDOW = 600.0              # ... and how long it waits, in seconds since its last wrong guess
+
+# What the data directory (--data-dir) keeps, and its bounds; README, "The data directory".
+MAX_RECORD_BYTES = 16 * 1024      # one line of a data file; a longer one is skipped with a log line
+MAX_KEY_LENGTH = 400              # a record's key: a name_key(), which NFKD can make longer than the name
+MAX_ACCOUNTS = 10000              # registered nicknames
+REGISTRATIONS_PER_ADDRESS = 5     # accounts one address (IPv6: /64) may register ...
+REGISTRATION_WINDOW = 3600.0      # ... in this many seconds, so that no one fills the table for others
+MAX_OPERATORS = 100               # operators made with /oper add
+MAX_NAMED_OPERATORS = 100         # ... and more room in the file for names given with --operator
+MAX_INVITATIONS = 1000            # one-time codes for --private waiting to be used
+INVITATION_SECONDS = 7 * 86400    # how long an invitation code works
+MAX_BANS = 1000
+MAX_BAN_SECONDS = 3650 * 86400    # the longest ban with a duration; longer is "permanent"
+MAX_REASON_LENGTH = 200           # characters of a ban's reason
+MAX_ROOM_SETTINGS = 1000          # rooms with a topic or modes kept
+MAX_OFFLINE_PER_RECIPIENT = 20    # offline messages waiting for one account
+MAX_OFFLINE_PER_SENDER = 10       # offline messages one person may have waiting, for everyone together
+MAX_OFFLINE_TOTAL = 2000          # offline messages waiting, for everyone
+MAX_MOTD_BYTES = 4096             # of the --motd file that is shown
+MAX_MOTD_LINES = 40
+COMPACT_SLACK = 64                # a file is rewritten when it holds twice its live records and this many more
+COMPACT_SLACK_HISTORY = 1000      # the same, for the history file
+DAMAGED_LINES_LOGGED = 20         # damaged lines named in the log, per file
+LATEST_TIME_AHEAD = 86400.0       # a time read from disk may be this far ahead of the clock, no further
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1      # 16 MiB and about 50 ms of one core per check
+SCRYPT_LENGTH = 32                # bytes of hash kept
+SCRYPT_SALT_BYTES = 16            # a new random salt for each account and each password change
+MIN_PASSWORD_LENGTH = 8
+MAX_IGNORED = 100                 # names an account's /ignore list keeps for messages left while offline
+MIN_PASSWORD_DISTINCT = 4         # different characters a password must have
+MAX_PASSWORD_BYTES = 256
+
 MAX_SECONDS = 1_000_000           # the longest timeout: poll() takes at most about 24 days, in milliseconds
 MAX_KEEPALIVE = 32767             # the longest --keepalive: the most Linux takes for TCP_KEEPIDLE
 
@@ -163,7 +208,19 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     history.add_argument("--history", type=count, default=HISTORY_LINES, metavar="N",
                          help=f"lines of a room shown to newcomers, 0 for none (default: {HISTORY_LINES})")
     history.add_argument("--history-file", metavar="PATH",
-                         help="keep room history in this file (JSON lines) so it survives restarts")
+                         help="keep room history in this file (JSON lines) so it survives restarts; "
+                              "with --data-dir, history is kept there instead")
+    data = parser.add_argument_group("what lasts (see README, 'The data directory')")
+    data.add_argument("--data-dir", metavar="DIR",
+                      help="keep accounts, operators, bans, room topics, offline messages and history in DIR "
+                           "(created if needed, readable by this user only) so they survive restarts; "
+                           "without it they last until the server stops")
+    data.add_argument("--operator", action="append", default=[], metavar="NAME",
+                      help="make the account NAME an operator of the server, as /oper add does (repeatable)")
+    data.add_argument("--private", action="store_true",
+                      help="only accounts may sign in; operators let people in with /invite-account")
+    data.add_argument("--motd", metavar="FILE",
+                      help="show FILE after sign-in and on /motd (read again whenever it changes)")
     security = parser.add_argument_group("security")
     security.add_argument("--password", default=os.environ.get("PYCHAT_PASSWORD"),
                           help="password everyone must give to join; prefer the environment "
@@ -176,6 +233,13 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if bool(options.tls_cert) != bool(options.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if options.data_dir and options.history_file:
+        parser.error("--history-file and --data-dir do not go together: with --data-dir, "
+                     "history is kept in DIR/history.jsonl")
+    for name in options.operator:
+        problem = name_problem(unicodedata.normalize("NFKC", name))
+        if problem:
+            parser.error(f"--operator {name}: {problem}")
     return options
 
 
@@ -465,6 +529,11 @@ def name_problem(name: str, what: str = "Nickname") -> str | None:
 
 _RESERVED_KEYS = {name_key(name) for name in RESERVED_NAMES}
 
+def same_secret(given: str, secret: str) -> bool:
+    """Compare two secrets in a time that does not depend on where they differ."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), secret.encode("utf-8", "replace"))
+
+
 class TokenBucket:
     """Flood control: RATE a second on average, BURST at once (of lines, or of whatever allow() is given)."""
 
@@ -639,6 +708,29 @@ class Farewell(NamedTuple):
     reason: str
 
 
+class AccountPrompt(NamedTuple):
+    """Asking a newcomer for a secret of the account NICK: "password", "code" (an invitation) or "new password"."""
+    nick: str
+    asking_for: str
+
+
+class OfflinePrivate(NamedTuple):
+    """A private message left for you while you were offline."""
+    when: float
+    nick: str
+    text: str
+
+
+class Banned(NamedTuple):
+    by: str
+    how_long: str               # "permanently", or "until 2026-12-01 14:00 UTC (2h left)"
+    reason: str | None
+
+
+class SignedInElsewhere(NamedTuple):
+    pass
+
+
 def _because(reason: str | None) -> str:
     return f": {reason}" if reason else ""
 
@@ -702,6 +794,12 @@ class PyChatProtocol:
         ShuttingDown: lambda e: "*** Server shutting down.",
         DisconnectedBy: lambda e: f"*** You were disconnected by {e.by}{_because(e.reason)}.",
         Farewell: lambda e: f"!! Disconnected: {e.reason}.",
+        AccountPrompt: lambda e: {"password": f"*** Password for {e.nick}:",
+                                  "code": f"*** Invitation code for {e.nick}:",
+                                  "new password": f"*** Choose a password for {e.nick}:"}[e.asking_for],
+        OfflinePrivate: lambda e: f"[offline {_utc(e.when)} from {e.nick}] {e.text}",
+        Banned: lambda e: f"*** You were banned by {e.by} {e.how_long}{_because(e.reason)}.",
+        SignedInElsewhere: lambda e: "*** You signed in again somewhere else; this connection is closed.",
     }
 
     def line(self, event: Any) -> str:
@@ -1046,6 +1144,14 @@ class OutputPump(threading.Thread):
 # The connection handler: one thread per person
 # ---------------------------------------------------------------------------
 
+class TooManyGuesses(Exception):
+    """An address guessed wrong too often; the message says for how long it must wait."""
+
+
+class Problem(str):
+    """Why a sign-in step refused; the empty Problem means going back to the nickname prompt quietly."""
+
+
 class Disconnect(Exception):
     """Ends a connection: REASON for the log and the rooms, FAREWELL (an event) for the person."""
 
@@ -1126,8 +1232,12 @@ class ClientConnection(socketserver.BaseRequestHandler):
         for _ in range(PASSWORD_TRIES):
             self.output.send(Prompt("password"))
             given = next(lines) or ""
-            if self.server.check_secret(self, given, self.server.options.password, "server password"):
-                return
+            try:
+                if self.server.check_secret(self, "server password",
+                                            lambda: same_secret(given, self.server.options.password)):
+                    return
+            except TooManyGuesses as refusal:
+                raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
             self.output.send(Error("Wrong password."))
         raise Disconnect("wrong password", Farewell(f"{PASSWORD_TRIES} wrong passwords"))
 
@@ -1135,11 +1245,80 @@ class ClientConnection(socketserver.BaseRequestHandler):
         while True:
             self.output.send(Prompt("nickname"))
             wanted = next(lines)
-            problem = (f"Nickname is too long (at most {MAX_NICKNAME_LENGTH} characters)."
-                       if wanted is None else self.server.sign_in(self, wanted.strip()))
+            if wanted is None:
+                problem = f"Nickname is too long (at most {MAX_NICKNAME_LENGTH} characters)."
+            else:
+                account = self.prove_name(wanted.strip(), lines)
+                problem = account if isinstance(account, Problem) else self.server.sign_in(
+                    self, account or wanted.strip(), account)
             if problem is None:
                 return
+            if problem:
+                self.output.send(Error(problem))
+
+    def prove_name(self, nick: str, lines: Iterator[str | None]) -> str | Problem | None:
+        """The account NICK belongs to, once its password is given; None for a guest's name.
+
+        A registered name (or a look-alike of one) asks for its password: three
+        wrong ones close the connection, an empty answer goes back to choosing
+        a nickname (Problem("")). On a --private server a name without an
+        account needs an invitation code, and then a new password.
+        """
+        data, now = self.server.data, time.time()
+        registered = data.accounts.name(nick)
+        if registered is None:
+            return self.accept_invitation(normal_name(nick), lines) if self.server.options.private else None
+        ban = data.bans.for_account(registered, now)
+        if ban is not None:
+            self.output.send(Error(ban.refusal(now)))
+            raise Disconnect(f"banned account {registered}")
+        if not self.ask_secret(lines, registered, "password", lambda given: data.accounts.verify(registered, given)):
+            return Problem("")
+        return registered
+
+    def ask_secret(self, lines: Iterator[str | None], nick: str, what: str, is_right: Callable[[str], bool]) -> bool:
+        """Ask for NICK's WHAT ("password" or "code") until it is right (True) or the answer is empty (False).
+
+        Wrong answers count as guesses (ChatServer.check_secret); the third closes the connection.
+        """
+        words = {"password": "password", "code": "invitation code"}[what]
+        for tries in range(1, PASSWORD_TRIES + 1):
+            self.output.send(AccountPrompt(nick, what))
+            given = clean_text(next(lines) or "").strip()     # read as a command's argument would be
+            if not given:
+                return False
+            try:
+                if self.server.check_secret(self, f"{words} for {nick}", lambda: is_right(given)):
+                    return True
+            except TooManyGuesses as refusal:
+                raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
+            if tries < PASSWORD_TRIES:
+                self.output.send(Error(f"Wrong {words} for {nick}."))
+        raise Disconnect(f"wrong {words} for {nick}", Farewell(f"{PASSWORD_TRIES} wrong {words}s for {nick}"))
+
+    def accept_invitation(self, nick: str, lines: Iterator[str | None]) -> str | Problem:
+        """On a --private server: NICK's invitation code, then their new password; returns the new account."""
+        data = self.server.data
+        named = name_key(nick) in data.operators.named_at_start      # may choose their password at once
+        if not named and not data.invitations.waiting(nick):
+            return Problem("This server is private: only people with an account may sign in. "
+                           "An operator can invite you with /invite-account.")
+        if not named and not self.ask_secret(lines, nick, "code", lambda given: data.invitations.check(nick, given)):
+            return Problem("")
+        while True:
+            self.output.send(AccountPrompt(nick, "new password"))
+            password = clean_text(next(lines) or "").strip()
+            problem = password_problem(password, nick)
+            if problem is None:
+                break
             self.output.send(Error(problem))
+        try:
+            data.accounts.register(nick, password)
+        except (StoreFull, StorageError) as problem:
+            return Problem(str(problem))
+        data.invitations.remove(nick)
+        log.info("%s registered at their first sign-in, from %s", nick, self.address)
+        return nick
 
     def on_line(self, line: str | None) -> None:
         """One line from a signed-in person: a command, or something to say to their current room."""
@@ -1266,6 +1445,1057 @@ class InputWaiter:
 
 
 # ---------------------------------------------------------------------------
+# What lasts: the data directory
+# ---------------------------------------------------------------------------
+#
+# Each kind of record lives in its own file of JSON lines in the data directory
+# (--data-dir): accounts, operators, bans, invitations, room settings, offline
+# messages and room history. A change is appended to its file; a change that
+# someone is told was saved is fsync'ed first. So a kill -9 at any moment
+# loses nothing that was confirmed (nor does a power cut, for the fsync'ed
+# kinds), and can at worst leave half a line at the end of a file, which the
+# next start reports and skips. At start, and whenever a file holds more dead
+# lines than live ones, it is rewritten from memory into a temporary file that
+# is fsync'ed and renamed over it.
+#
+# Nothing in a file is trusted: every line is bounded in size, every field is
+# checked as if it came from a stranger, and a line that fails a check is
+# logged with its file and line number and skipped.
+#
+# Locks: each store has its own, taken after the server's lock when both are
+# held; a store never calls back into the server.
+
+class StorageError(Exception):
+    """A data file or directory cannot be used; the message says which and why."""
+
+
+class StoreFull(Exception):
+    """A limit of the data directory was reached; the message is for the person who asked."""
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def open_data_file(path: str, flags: int) -> int:
+    """Open PATH for the data directory: never through a symbolic link, never anything but a regular file.
+
+    O_NONBLOCK keeps a FIFO planted at PATH from hanging the open.
+    """
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0), 0o600)
+    except FileNotFoundError:
+        raise
+    except OSError as problem:
+        if problem.errno == errno.ELOOP:
+            raise StorageError(f"{path} is a symbolic link; give the path of a regular file") from None
+        if problem.errno == errno.ENXIO:
+            raise StorageError(f"{path} is not a regular file") from None
+        raise StorageError(f"cannot open {path}: {problem.strerror or problem}") from None
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
+        os.close(fd)
+        raise StorageError(f"{path} is not a regular file")
+    if status.st_mode & 0o077 and status.st_uid == os.geteuid():
+        os.fchmod(fd, 0o600)
+    return fd
+
+
+def fsync_directory(directory: str) -> None:
+    """Make a rename or a new file in DIRECTORY survive a power cut."""
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY | _CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass        # some file systems cannot sync a directory; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def write_file_atomically(path: str, data: bytes) -> None:
+    """Replace PATH with DATA so that a crash leaves either the old file or the new one, whole.
+
+    The temporary file is PATH.tmp, created exclusively (O_EXCL: an existing
+    file or symbolic link there is removed, never written through), readable
+    by the server's user only.
+    """
+    temporary = f"{path}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+    try:
+        try:
+            fd = os.open(temporary, flags, 0o600)
+        except FileExistsError:     # left by a crash, or planted: unlink removes a link, not its target
+            os.unlink(temporary)
+            fd = os.open(temporary, flags, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError as problem:
+        raise StorageError(f"cannot write {path}: {problem.strerror or problem}") from None
+    fsync_directory(os.path.dirname(path))
+
+
+def encode_record(record: dict) -> bytes:
+    """One line of a data file. Text that cannot be UTF-8 (a lone surrogate) is replaced, never fatal."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8", "replace") + b"\n"
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
+
+
+def decode_record(raw: bytes) -> dict:
+    """The record on one line of a data file, or ValueError saying what is wrong with it."""
+    if not raw.endswith(b"\n"):
+        raise ValueError("cut short (the end of a write that did not finish)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    try:
+        record = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as problem:
+        raise ValueError(f"not JSON ({problem})") from None
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    return record
+
+
+def checked_text(record: dict, field: str, most: int, optional: bool = False) -> str | None:
+    """The text in FIELD of a record read from disk, or ValueError: a string, valid Unicode, at most MOST characters."""
+    value = record.get(field)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{field!r} is not text")
+    if len(value) > most:
+        raise ValueError(f"{field!r} is longer than {most} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{field!r} holds a lone surrogate, which is not text") from None
+    return value
+
+
+def checked_time(record: dict, field: str, optional: bool = False,
+                 ahead: float = LATEST_TIME_AHEAD) -> float | None:
+    """A time in FIELD of a record read from disk: seconds since 1970, finite, at most AHEAD seconds from now."""
+    value = record.get(field)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field!r} is not a number")
+    if not math.isfinite(value) or not 0 <= value <= time.time() + ahead:
+        raise ValueError(f"{field!r} is not a time this server could have written ({value!r})")
+    return float(value)
+
+
+class RecordFile:
+    """One file of JSON lines in the data directory: read once at start, then appended to and compacted."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.fd: int | None = None
+        self.lines = 0                  # lines in the file now, live or dead
+        self.skipped = 0
+
+    def read(self, report: bool = True) -> Iterator[tuple[int, dict]]:
+        """Each sound record with its line number; damaged lines are logged (with REPORT) and skipped."""
+        try:
+            fd = open_data_file(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        with os.fdopen(fd, "rb") as file:
+            for number in itertools.count(1):
+                raw = file.readline(MAX_RECORD_BYTES + 1)
+                if not raw:
+                    return
+                if len(raw) > MAX_RECORD_BYTES:
+                    while raw and not raw.endswith(b"\n"):
+                        raw = file.readline(RECEIVE_SIZE)
+                    if report:
+                        self.damaged(number, f"longer than {MAX_RECORD_BYTES} bytes")
+                    continue
+                if not raw.strip():
+                    continue
+                try:
+                    yield number, decode_record(raw)
+                except ValueError as problem:
+                    if report:
+                        self.damaged(number, str(problem))
+
+    def damaged(self, number: int, why: str) -> None:
+        """Say which line of which file was left out, and why."""
+        self.skipped += 1
+        if self.skipped <= DAMAGED_LINES_LOGGED:
+            log.warning("%s line %d: %s; skipped", self.path, number, why)
+        elif self.skipped == DAMAGED_LINES_LOGGED + 1:
+            log.warning("%s: more damaged lines; only the first %d are named", self.path, DAMAGED_LINES_LOGGED)
+
+    def rewrite(self, records: Iterable[dict]) -> None:
+        """Replace the file with exactly RECORDS, atomically, and append to the new file from now on."""
+        lines = [encode_record(record) for record in records]
+        with self.lock:
+            write_file_atomically(self.path, b"".join(lines))
+            if self.fd is not None:
+                os.close(self.fd)
+            self.fd = open_data_file(self.path, os.O_WRONLY | os.O_APPEND)
+            self.lines = len(lines)
+
+    def append(self, records: list[dict], durable: bool) -> None:
+        """Add RECORDS at the end; with DURABLE, return only once they are on the disk. OSError if not."""
+        data = b"".join(encode_record(record) for record in records)
+        with self.lock:
+            if self.fd is None:
+                raise OSError(errno.EBADF, "the file is closed")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            if durable:
+                os.fsync(self.fd)
+            self.lines += len(records)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+
+class KeyedStore:
+    """Records by key, in memory and, with a file, on disk: every kind the data directory keeps but history.
+
+    The file is a journal of {"key": K, "value": V} and {"key": K, "deleted":
+    true} lines; the last line about a key wins. CHECK turns a value read from
+    disk into the value kept, or raises ValueError saying what is wrong.
+    """
+
+    def __init__(self, file: RecordFile | None, check: Callable[[str, dict], dict], most: int) -> None:
+        self.file = file
+        self.check = check
+        self.most = most
+        self.lock = threading.Lock()
+        self.records: dict[str, dict] = {}
+        if file is not None:
+            self._load()
+
+    def _load(self) -> None:
+        for number, record in self.file.read():
+            key = record.get("key")
+            if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+                self.file.damaged(number, "no key, or a key that is not short text")
+                continue
+            if record.get("deleted") is True:
+                self.records.pop(key, None)
+                continue
+            value = record.get("value")
+            try:
+                if not isinstance(value, dict):
+                    raise ValueError("the value is not a JSON object")
+                value = self.check(key, value)
+            except ValueError as problem:
+                self.file.damaged(number, str(problem))
+                continue
+            if key not in self.records and len(self.records) >= self.most:
+                self.file.damaged(number, f"more than {self.most} records")
+                continue
+            self.records[key] = value
+        self.file.rewrite(self._journal())
+
+    def _journal(self) -> list[dict]:
+        return [{"key": key, "value": value} for key, value in self.records.items()]
+
+    def get(self, key: str) -> dict | None:
+        with self.lock:
+            return self.records.get(key)
+
+    def items(self) -> list[tuple[str, dict]]:
+        with self.lock:
+            return list(self.records.items())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def put(self, key: str, value: dict) -> None:
+        """Keep VALUE under KEY, on disk before this returns; StoreFull past the limit, StorageError if the disk fails."""
+        with self.lock:
+            if key not in self.records and len(self.records) >= self.most:
+                raise StoreFull(f"the server keeps at most {self.most} of these")
+            self._write({"key": key, "value": value})
+            self.records[key] = value
+            self._compact_if_worth_it()
+
+    def delete(self, key: str) -> bool:
+        """Forget KEY, on disk before this returns; False if there was nothing to forget."""
+        with self.lock:
+            if key not in self.records:
+                return False
+            self._write({"key": key, "deleted": True})
+            del self.records[key]
+            self._compact_if_worth_it()
+            return True
+
+    def _write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        if len(encode_record(record)) > MAX_RECORD_BYTES:
+            raise StoreFull(f"that is more than the {MAX_RECORD_BYTES} bytes a record may take")
+        try:
+            self.file.append([record], durable=True)
+        except OSError as problem:
+            log.error("%s: %s", self.file.path, problem.strerror or problem)
+            raise StorageError(f"could not save it ({problem.strerror or problem})") from None
+
+    def _compact_if_worth_it(self) -> None:
+        if self.file is None or self.file.lines <= 2 * len(self.records) + COMPACT_SLACK:
+            return
+        try:
+            self.file.rewrite(self._journal())
+        except StorageError as problem:     # the change itself is on disk already
+            log.error("%s", problem)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class HistoryLog:
+    """The last lines of each room, appended to a file as they are said and read back at start.
+
+    With a file, it keeps its own copy of each room's last lines (the same
+    strings the rooms hold), so that it can compact the file by itself: when
+    the file holds twice the lines kept plus COMPACT_SLACK_HISTORY, it is
+    rewritten. Rooms are ordered by last use, and only the MAX_ROOMS most
+    recently used are kept; the default room always is. A room the server
+    forgets is forgotten here too, and in the file by a record saying so.
+    Without a file it keeps nothing.
+    """
+
+    def __init__(self, file: RecordFile | None, limit: int, keep: str) -> None:
+        self.file = file
+        self.limit = max(limit, 1)
+        self.keep = keep
+        self.lock = threading.Lock()
+        self.rooms: collections.OrderedDict[str, tuple[str, collections.deque]] = collections.OrderedDict()
+        self.kept = 0
+        if file is not None:
+            self._load()
+
+    def _load(self) -> None:
+        # The rooms to keep are the last used, known only at the end of the file: a first reading finds
+        # them holding nothing but their keys, and the second keeps their lines and no others.
+        recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        for _, record in self.file.read(report=False):
+            try:
+                room, when, _ = self._entry(record)
+            except ValueError:
+                continue
+            key = name_key(room)
+            if when is None:
+                recent.pop(key, None)
+                continue
+            recent[key] = None
+            recent.move_to_end(key)
+            if len(recent) > MAX_ROOMS:
+                del recent[next(k for k in recent if k != self.keep)]
+        self.rooms.update((key, ("", collections.deque(maxlen=self.limit))) for key in recent)
+        for number, record in self.file.read():
+            try:
+                room, when, line = self._entry(record)
+            except ValueError as problem:
+                self.file.damaged(number, str(problem))
+                continue
+            if name_key(room) not in recent:
+                continue
+            if when is None:
+                lines = self.rooms[name_key(room)][1]
+                self.kept -= len(lines)
+                lines.clear()
+            else:
+                self._add(room, when, line, arrange=False)
+        if self.file.skipped:
+            log.warning("history file %s: skipped %d damaged line(s)", self.file.path, self.file.skipped)
+        self.file.rewrite(self._records())
+        log.info("history: %d line(s) in %d room(s) from %s", self.kept, len(self.rooms), self.file.path)
+
+    @staticmethod
+    def _entry(record: dict) -> tuple[str, float | None, str]:
+        """The room, time and line of a history record read from disk, or ValueError; a record that
+        forgets its room's lines so far has no time."""
+        room = checked_text(record, "room", MAX_NICKNAME_LENGTH)
+        if record.get("forget") is True:
+            return room, None, ""
+        when = checked_time(record, "time")
+        line = clean_text(checked_text(record, "line", MAX_LINE_BYTES))
+        problem = name_problem(room, "Room name")
+        if problem:
+            raise ValueError(problem)
+        if not line:
+            raise ValueError("an empty line")
+        return room, when, line
+
+    def _add(self, room: str, when: float, line: str, arrange: bool = True) -> None:
+        """Keep a line of ROOM; with ARRANGE, ROOM becomes the last used and the least used may go."""
+        key = name_key(room)
+        found = self.rooms.get(key)
+        if found is None or not found[0]:
+            found = self.rooms[key] = (room, found[1] if found else collections.deque(maxlen=self.limit))
+        if arrange:
+            self.rooms.move_to_end(key)
+            if len(self.rooms) > MAX_ROOMS:
+                oldest = next(k for k in self.rooms if k != self.keep)
+                self.kept -= len(self.rooms.pop(oldest)[1])
+        lines = found[1]
+        self.kept += len(lines) < lines.maxlen
+        lines.append((when, line))
+
+    def _records(self) -> list[dict]:
+        return [{"time": when, "room": room, "line": line}
+                for room, lines in self.rooms.values() for when, line in lines]
+
+    def rooms_and_lines(self) -> list[tuple[str, list[tuple[float, str]]]]:
+        """Every room kept, least recently used first, with its lines."""
+        with self.lock:
+            return [(room, list(lines)) for room, lines in self.rooms.values()]
+
+    def append(self, room: str, when: float, line: str) -> None:
+        """Keep a line just said in ROOM."""
+        with self.lock:
+            if self.file is not None:
+                self._add(room, when, line)
+                self._write({"time": when, "room": room, "line": line})
+
+    def forget(self, room: str) -> None:
+        """Drop ROOM's lines: the server no longer keeps the room, or it was private and emptied."""
+        with self.lock:
+            found = self.rooms.pop(name_key(room), None)
+            if found is not None and self.file is not None:
+                self.kept -= len(found[1])
+                self._write({"room": room, "forget": True})
+
+    def _write(self, record: dict) -> None:
+        """Append RECORD, compacting when it is time; a file that fails is logged and given up, never fatal."""
+        try:
+            self.file.append([record], durable=False)
+            if self.file.lines > 2 * self.kept + COMPACT_SLACK_HISTORY:
+                self.file.rewrite(self._records())
+        except (OSError, StorageError) as problem:      # a full disk must not silence the chat
+            log.error("history file %s: %s; history is kept in memory only from now on",
+                      self.file.path, getattr(problem, "strerror", None) or problem)
+            self.file.close()
+            self.file = None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+# -- accounts, operators, invitations ------------------------------------------
+
+# One hash at a time per core: each takes SCRYPT_MEMORY, and a crowd signing in at once
+# must queue for the CPU rather than take the memory of all of them together.
+_SCRYPT_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+
+
+def hash_password(password: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
+    """The scrypt hash of PASSWORD with SALT; with the default parameters, tens of milliseconds of one core."""
+    with _SCRYPT_SLOTS:
+        return hashlib.scrypt(password.encode("utf-8", "replace"), salt=salt, n=n, r=r, p=p,
+                              maxmem=2 * 128 * r * n + 1024 * 1024, dklen=SCRYPT_LENGTH)
+
+
+def password_problem(password: str, nick: str) -> str | None:
+    """Why PASSWORD is too weak or too long for NICK's account, or None."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"Password too short: use at least {MIN_PASSWORD_LENGTH} characters."
+    if len(password.encode("utf-8", "replace")) > MAX_PASSWORD_BYTES:
+        return f"Password too long: at most {MAX_PASSWORD_BYTES} bytes."
+    if name_key(nick) in name_key(password):
+        return "Password too easy to guess: it contains your nickname."
+    if len(set(password)) < MIN_PASSWORD_DISTINCT:
+        return f"Password too easy to guess: use at least {MIN_PASSWORD_DISTINCT} different characters."
+    return None
+
+
+def _check_hex(record: dict, field: str, low: int, high: int) -> str:
+    value = checked_text(record, field, 2 * high)
+    if not re.fullmatch(r"[0-9a-f]+", value) or not 2 * low <= len(value) <= 2 * high or len(value) % 2:
+        raise ValueError(f"{field!r} is not {low} to {high} bytes of hexadecimal")
+    return value
+
+
+def _check_integer(record: dict, field: str, low: int, high: int) -> int:
+    value = record.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{field!r} is not a whole number from {low} to {high}")
+    return value
+
+
+def _check_name(key: str, record: dict, field: str = "name") -> str:
+    """A nickname or room name read from disk: valid, and filed under its own key."""
+    name = checked_text(record, field, MAX_NICKNAME_LENGTH)
+    problem = name_problem(name) if field != "room" else name_problem(name, "Room name")
+    if problem and "reserved" not in problem:
+        raise ValueError(problem)
+    if name_key(name) != key.split("/")[0]:
+        raise ValueError(f"{name!r} is filed under the key of another name ({key!r})")
+    return name
+
+
+class Accounts:
+    """Registered nicknames, by name_key(): each with a scrypt hash of its password and its own salt."""
+
+    def __init__(self, store_file: RecordFile | None) -> None:
+        self.store = KeyedStore(store_file, self._check, MAX_ACCOUNTS)
+
+    @staticmethod
+    def _check(key: str, record: dict) -> dict:
+        n = _check_integer(record, "n", 2 ** 10, 2 ** 20)
+        if n & (n - 1):
+            raise ValueError("'n' is not a power of two")
+        ignoring = record.get("ignoring", [])
+        if not isinstance(ignoring, list) or len(ignoring) > MAX_IGNORED or not all(
+                isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH for key in ignoring):
+            raise ValueError(f"'ignoring' is not a list of at most {MAX_IGNORED} names")
+        return {"name": _check_name(key, record), "salt": _check_hex(record, "salt", 16, 64),
+                "hash": _check_hex(record, "hash", SCRYPT_LENGTH, SCRYPT_LENGTH), "n": n,
+                "r": _check_integer(record, "r", 1, 32), "p": _check_integer(record, "p", 1, 16),
+                "since": checked_time(record, "since"), "ignoring": ignoring}
+
+    def name(self, nick: str) -> str | None:
+        """The registered spelling of NICK's account (any look-alike finds it), or None for a guest's name."""
+        record = self.store.get(name_key(nick))
+        return record["name"] if record else None
+
+    def names(self) -> list[str]:
+        return sorted((record["name"] for _, record in self.store.items()), key=str.casefold)
+
+    def _record(self, nick: str, password: str, since: float | None = None, ignoring: list | None = None) -> dict:
+        salt = secrets.token_bytes(SCRYPT_SALT_BYTES)
+        return {"name": nick, "salt": salt.hex(), "hash": hash_password(password, salt).hex(),
+                "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "since": since or time.time(),
+                "ignoring": ignoring or []}
+
+    def register(self, nick: str, password: str) -> None:
+        """Reserve NICK (and its look-alikes) for whoever knows PASSWORD; StoreFull if it cannot be."""
+        key = name_key(nick)
+        if key in self.store:
+            raise StoreFull(f"{self.store.get(key)['name']} is registered already.")
+        self.store.put(key, self._record(nick, password))
+
+    def verify(self, nick: str, password: str) -> bool:
+        """True if PASSWORD is NICK's; the comparison takes the same time wherever the hashes differ."""
+        record = self.store.get(name_key(nick))
+        if record is None:
+            return False
+        given = hash_password(password, bytes.fromhex(record["salt"]), record["n"], record["r"], record["p"])
+        return hmac.compare_digest(given, bytes.fromhex(record["hash"]))
+
+    def set_password(self, nick: str, password: str) -> None:
+        record = self.store.get(name_key(nick))
+        self.store.put(name_key(nick), self._record(record["name"], password, record["since"], record["ignoring"]))
+
+    def ignoring(self, nick: str) -> list[str]:
+        """The name keys NICK's owner ignores (kept from their last /ignore), [] for a guest's name."""
+        record = self.store.get(name_key(nick))
+        return list(record["ignoring"]) if record else []
+
+    def set_ignoring(self, nick: str, keys: Iterable[str]) -> None:
+        record = self.store.get(name_key(nick))
+        if record is not None:
+            self.store.put(name_key(nick), dict(record, ignoring=sorted(keys)[:MAX_IGNORED]))
+
+    def remove(self, nick: str) -> bool:
+        return self.store.delete(name_key(nick))
+
+
+class Operators:
+    """The names whose accounts are operators: made so with /oper add, or by --operator at a start.
+
+    A name is an operator's only once someone signs in to its account (or
+    registers it); --operator names that have no account yet may, on a
+    --private server, choose their password at their first sign-in.
+    """
+
+    def __init__(self, store_file: RecordFile | None, named_at_start: Iterable[str]) -> None:
+        self.store = KeyedStore(store_file, self._check, MAX_OPERATORS + MAX_NAMED_OPERATORS)
+        self.named_at_start = {name_key(name): name for name in named_at_start}
+        for key, name in self.named_at_start.items():
+            if key not in self.store:
+                self.store.put(key, {"name": name, "by": "--operator", "since": time.time()})
+
+    @staticmethod
+    def _check(key: str, record: dict) -> dict:
+        return {"name": _check_name(key, record), "by": checked_text(record, "by", MAX_NICKNAME_LENGTH),
+                "since": checked_time(record, "since")}
+
+    def __contains__(self, nick: str) -> bool:
+        return name_key(nick) in self.store
+
+    def names(self) -> list[str]:
+        return sorted((record["name"] for _, record in self.store.items()), key=str.casefold)
+
+    def add(self, nick: str, by: str) -> None:
+        if len(self.store) >= MAX_OPERATORS:
+            raise StoreFull(f"There are {MAX_OPERATORS} operators already.")
+        self.store.put(name_key(nick), {"name": nick, "by": by, "since": time.time()})
+
+    def remove(self, nick: str) -> bool:
+        return self.store.delete(name_key(nick))
+
+
+class Invitations:
+    """One-time codes that let a named person into a --private server to choose their password."""
+
+    def __init__(self, store_file: RecordFile | None) -> None:
+        self.store = KeyedStore(store_file, self._check, MAX_INVITATIONS)
+
+    @staticmethod
+    def _check(key: str, record: dict) -> dict:
+        return {"name": _check_name(key, record), "code": _check_hex(record, "code", 32, 32),
+                "by": checked_text(record, "by", MAX_NICKNAME_LENGTH),
+                "expires": checked_time(record, "expires", ahead=INVITATION_SECONDS + LATEST_TIME_AHEAD)}
+
+    def create(self, nick: str, by: str) -> str:
+        """A new code for NICK, replacing any earlier one; it works once, within INVITATION_SECONDS."""
+        code = "-".join(secrets.token_hex(3) for _ in range(3))
+        self.store.put(name_key(nick), {"name": nick, "code": hashlib.sha256(code.encode()).hexdigest(),
+                                        "by": by, "expires": time.time() + INVITATION_SECONDS})
+        return code
+
+    def waiting(self, nick: str) -> bool:
+        record = self.store.get(name_key(nick))
+        return record is not None and record["expires"] > time.time()
+
+    def check(self, nick: str, code: str) -> bool:
+        """True if CODE is NICK's invitation; it works until remove(), which comes once the account is made."""
+        record = self.store.get(name_key(nick))
+        if record is None or record["expires"] <= time.time():
+            return False
+        given = hashlib.sha256(code.strip().lower().encode("utf-8", "replace")).hexdigest()
+        return hmac.compare_digest(given, record["code"])
+
+    def remove(self, nick: str) -> bool:
+        return self.store.delete(name_key(nick))
+
+
+# -- bans ----------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d{1,7})([smhdw])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a duration such as 30s, 10m, 2h, 7d, 2w or 1h30m; None for 'permanent'. ValueError if neither."""
+    word = text.strip().lower()
+    if word == "permanent":
+        return None
+    parts = _DURATION_PART.findall(word)
+    if not parts or "".join(number + unit for number, unit in parts) != word:
+        raise ValueError(f"{text!r} is not a duration: use a number and s, m, h, d or w (10m, 2h, 7d), "
+                         f"or 'permanent'")
+    seconds = sum(int(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    if not 0 < seconds <= MAX_BAN_SECONDS:
+        raise ValueError(f"A duration must be more than 0 and at most {MAX_BAN_SECONDS // 86400} days.")
+    return float(seconds)
+
+
+def describe_duration(seconds: float) -> str:
+    """A short human form of a duration: 45s, 12m, 3h 20m, 6d 4h."""
+    seconds = max(1, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{value}{unit}" for value, unit in ((days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")) if value]
+    return " ".join(parts[:2])
+
+
+def utc_text(when: float) -> str:
+    return datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a connection comes from, an IPv4 address mapped into IPv6 read as IPv4; None if not one."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def address_bucket(address: str) -> str:
+    """What --max-per-ip and wrong-guess counting count by: the address, or for IPv6 its /64 network.
+
+    An IPv6 host is usually given a whole /64, so counting single addresses
+    would let it take every place by cycling through them.
+    """
+    ip = ip_of(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip) if ip is not None else address
+
+
+class Ban(NamedTuple):
+    """One ban: of an account (or a guest's nickname), an address or a network."""
+
+    kind: str                   # "account", "address" or "network"
+    target: str                 # name_key() of an account, or an address or network as ipaddress spells it
+    shown: str                  # the target as people see it: the nickname as spelt
+    reason: str | None
+    by: str
+    since: float
+    expires: float | None       # None: until someone lifts it
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.target}"
+
+    def active(self, now: float) -> bool:
+        return self.expires is None or self.expires > now
+
+    def how_long(self, now: float) -> str:
+        if self.expires is None:
+            return "permanently"
+        return f"until {utc_text(self.expires)} ({describe_duration(self.expires - now)} left)"
+
+    def refusal(self, now: float) -> str:
+        """What the banned person is told."""
+        return (f"You are banned from this server {self.how_long(now)}"
+                + (f": {self.reason}" if self.reason else "") + ".")
+
+
+def ban_target(text: str) -> tuple[str, str] | None:
+    """('address', ADDRESS) or ('network', NETWORK) if TEXT is one; None if it should be a nickname."""
+    if not re.fullmatch(r"[0-9A-Fa-f:.]+(/\d{1,3})?", text) or not re.search(r"[.:]", text):
+        return None
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an address or a network (such as 203.0.113.7, "
+                         f"203.0.113.0/24 or 2001:db8::/48).") from None
+    if network.num_addresses == 1:
+        ip = ip_of(str(network.network_address))
+        return "address", str(ip)
+    if network.prefixlen < (8 if network.version == 4 else 16):
+        raise ValueError(f"{text} is too wide a network to ban (at most /8 for IPv4, /16 for IPv6).")
+    return "network", str(network)
+
+
+class Bans:
+    """Every ban, with indexes so that the door can look up an address without a scan of the file."""
+
+    def __init__(self, store_file: RecordFile | None) -> None:
+        self.store = KeyedStore(store_file, self._check, MAX_BANS)
+        self.lock = threading.Lock()
+        self._index()
+
+    @staticmethod
+    def _check(key: str, record: dict) -> dict:
+        kind = record.get("kind")
+        target = checked_text(record, "target", MAX_KEY_LENGTH)
+        if kind == "account":
+            if name_key(target) != target:
+                raise ValueError(f"{target!r} is not an account's key")
+        elif kind in ("address", "network"):
+            try:
+                found = ban_target(target)
+            except ValueError as problem:
+                raise ValueError(str(problem)) from None
+            if found != (kind, target):
+                raise ValueError(f"{target!r} is not an {kind}")
+        else:
+            raise ValueError(f"'kind' is not account, address or network ({kind!r})")
+        if key != f"{kind}:{target}":
+            raise ValueError(f"filed under {key!r}, not under its target")
+        return {"kind": kind, "target": target, "shown": checked_text(record, "shown", 64),
+                "reason": checked_text(record, "reason", MAX_REASON_LENGTH, optional=True),
+                "by": checked_text(record, "by", MAX_NICKNAME_LENGTH), "since": checked_time(record, "since"),
+                "expires": checked_time(record, "expires", optional=True, ahead=MAX_BAN_SECONDS + LATEST_TIME_AHEAD)}
+
+    def _index(self) -> None:
+        bans = [Ban(**record) for _, record in self.store.items()]
+        with self.lock:
+            self.by_key = {ban.key: ban for ban in bans}
+            self.networks = [(ipaddress.ip_network(ban.target), ban) for ban in bans if ban.kind == "network"]
+
+    def add(self, ban: Ban) -> None:
+        self.store.put(ban.key, ban._asdict())
+        self._index()
+
+    def get(self, key: str) -> Ban | None:
+        with self.lock:
+            return self.by_key.get(key)
+
+    def remove(self, key: str) -> Ban | None:
+        ban = self.by_key.get(key)
+        if ban is not None and self.store.delete(key):
+            self._index()
+        return ban
+
+    def for_address(self, address: str, now: float) -> Ban | None:
+        """The ban that keeps ADDRESS out, if one does; quick, for the accepting thread."""
+        ip = ip_of(address)
+        if ip is None:
+            return None
+        with self.lock:
+            found = self.by_key.get(f"address:{ip}")
+            if found is None or not found.active(now):
+                found = next((ban for network, ban in self.networks
+                              if ip.version == network.version and ip in network and ban.active(now)), None)
+        return found
+
+    def for_account(self, nick: str, now: float) -> Ban | None:
+        found = self.by_key.get(f"account:{name_key(nick)}")
+        return found if found is not None and found.active(now) else None
+
+    def all(self, now: float) -> list[Ban]:
+        """Every ban still in force, soonest to end first; those that ended are dropped."""
+        with self.lock:
+            bans = list(self.by_key.values())
+        ended = [ban.key for ban in bans if not ban.active(now)]
+        if ended:
+            for key in ended:
+                self.store.delete(key)
+            self._index()
+        return sorted((ban for ban in bans if ban.active(now)),
+                      key=lambda ban: (ban.expires is None, ban.expires or 0, ban.shown))
+
+
+# -- rooms and offline messages ------------------------------------------------
+
+class SavedRoom(NamedTuple):
+    """What outlasts a restart of a room's settings: its topic and its modes."""
+
+    topic: str | None
+    modes: tuple[str, ...]
+
+
+class RoomSettingsStore:
+    """Topics and modes of rooms, by the room's name_key(). The rooms core calls load() and save()."""
+
+    def __init__(self, store_file: RecordFile | None) -> None:
+        self.store = KeyedStore(store_file, self._check, MAX_ROOM_SETTINGS)
+
+    @staticmethod
+    def _check(key: str, record: dict) -> dict:
+        modes = record.get("modes", [])
+        if not isinstance(modes, list) or len(modes) > 16 or not all(
+                isinstance(mode, str) and re.fullmatch(r"[a-z-]{1,20}", mode) for mode in modes):
+            raise ValueError("'modes' is not a list of a few short lowercase words")
+        return {"name": _check_name(key, record, "room"),
+                "topic": checked_text(record, "topic", MAX_LINE_BYTES, optional=True), "modes": modes}
+
+    def load(self, room: str) -> SavedRoom | None:
+        """The settings saved for ROOM, or None if there are none."""
+        record = self.store.get(name_key(room))
+        return SavedRoom(record["topic"], tuple(record["modes"])) if record else None
+
+    def save(self, room: str, topic: str | None, modes: Iterable[str] = ()) -> None:
+        """Keep ROOM's topic and modes across restarts; nothing set means nothing kept."""
+        modes = sorted(set(modes))
+        if topic is None and not modes:
+            self.store.delete(name_key(room))
+        else:
+            self.store.put(name_key(room), {"room": room, "topic": topic, "modes": modes})
+
+
+class OfflineMessage(NamedTuple):
+    sender: str
+    sender_key: str
+    when: float
+    text: str
+
+
+class OfflineMessages:
+    """Private messages kept for accounts that are offline, until they next sign in.
+
+    One record a message, under RECIPIENT_KEY/NUMBER; bounded per recipient,
+    per sender and in total.
+    """
+
+    def __init__(self, store_file: RecordFile | None) -> None:
+        self.store = KeyedStore(store_file, self._check, MAX_OFFLINE_TOTAL)
+        self.lock = threading.Lock()
+        self.numbers = itertools.count(int(time.time() * 1000))
+
+    @staticmethod
+    def _check(key: str, record: dict) -> dict:
+        recipient, slash, number = key.partition("/")
+        if not slash or not number.isdigit():
+            raise ValueError(f"{key!r} is not RECIPIENT/NUMBER")
+        sender = checked_text(record, "from", MAX_NICKNAME_LENGTH)
+        return {"to": _check_name(key, record, "to"), "from": sender,
+                "from_key": checked_text(record, "from_key", MAX_KEY_LENGTH),
+                "time": checked_time(record, "time"), "text": clean_text(checked_text(record, "text", MAX_LINE_BYTES))}
+
+    def leave(self, sender: str, recipient: str, text: str) -> None:
+        """Keep TEXT for RECIPIENT; StoreFull (saying which limit) if it cannot be kept."""
+        recipient_key, sender_key = name_key(recipient), name_key(sender)
+        with self.lock:
+            waiting = self.store.items()
+            if sum(key.startswith(recipient_key + "/") for key, _ in waiting) >= MAX_OFFLINE_PER_RECIPIENT:
+                raise StoreFull(f"{recipient} has {MAX_OFFLINE_PER_RECIPIENT} messages waiting already; "
+                                "no more can be kept.")
+            if sum(record["from_key"] == sender_key for _, record in waiting) >= MAX_OFFLINE_PER_SENDER:
+                raise StoreFull(f"You have {MAX_OFFLINE_PER_SENDER} messages waiting for people already; "
+                                "no more can be kept until they are read.")
+            try:
+                self.store.put(f"{recipient_key}/{next(self.numbers)}",
+                               {"to": recipient, "from": sender, "from_key": sender_key, "time": time.time(),
+                                "text": text})
+            except StoreFull:
+                raise StoreFull("The server holds as many offline messages as it can; try later.") from None
+
+    def take(self, recipient: str) -> list[OfflineMessage]:
+        """Every message kept for RECIPIENT, oldest first; they are no longer kept."""
+        prefix = name_key(recipient) + "/"
+        with self.lock:
+            found = sorted(((key, record) for key, record in self.store.items() if key.startswith(prefix)),
+                           key=lambda item: (item[1]["time"], int(item[0].rpartition("/")[2])))
+            for key, _ in found:
+                self.store.delete(key)
+        return [OfflineMessage(record["from"], record["from_key"], record["time"], record["text"])
+                for _, record in found]
+
+    def forget(self, recipient: str) -> None:
+        self.take(recipient)
+
+
+# -- the message of the day ------------------------------------------------------
+
+class MessageOfTheDay:
+    """The lines of the --motd file, read again whenever the file changes (its time, size or inode).
+
+    Bounded (MAX_MOTD_BYTES, MAX_MOTD_LINES) and cleaned like chat text; a
+    file that is missing or not a regular file is logged once and shows as
+    no message.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.version: tuple | None = None
+        self.text: list[str] = []
+        self.complained = False
+
+    def lines(self) -> list[str]:
+        if not self.path:
+            return []
+        try:
+            status = os.stat(self.path)
+            version = (status.st_mtime_ns, status.st_size, status.st_ino)
+        except OSError as problem:
+            self._complain(f"cannot read the message of the day {self.path}: {problem.strerror}")
+            return []
+        with self.lock:
+            if version != self.version:
+                self.text, self.version = self._read(), version
+            return list(self.text)
+
+    def _read(self) -> list[str]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+        except OSError as problem:
+            self._complain(f"cannot read the message of the day {self.path}: {problem.strerror}")
+            return []
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self._complain(f"the message of the day {self.path} is not a regular file")
+                return []
+            data = os.read(fd, MAX_MOTD_BYTES + 1)
+        except OSError as problem:
+            self._complain(f"cannot read the message of the day {self.path}: {problem.strerror}")
+            return []
+        finally:
+            os.close(fd)
+        if len(data) > MAX_MOTD_BYTES:
+            log.warning("message of the day %s: only its first %d bytes are shown", self.path, MAX_MOTD_BYTES)
+        self.complained = False
+        lines = (clean_text(line) for line in data[:MAX_MOTD_BYTES].decode("utf-8", "replace").splitlines())
+        return [line for line in lines if line][:MAX_MOTD_LINES]
+
+    def _complain(self, problem: str) -> None:
+        if not self.complained:
+            self.complained = True
+            log.warning("%s", problem)
+
+
+# -- the directory --------------------------------------------------------------
+
+class DataDirectory:
+    """Everything the server keeps across restarts: one file per kind in --data-dir, or memory only without it.
+
+    Files: accounts.jsonl, operators.jsonl, invitations.jsonl, bans.jsonl,
+    rooms.jsonl, offline.jsonl, history.jsonl; and `lock`, which keeps a second
+    server from using the same directory.
+    """
+
+    def __init__(self, directory: str | None, history_file: str | None, history_limit: int,
+                 operators: Iterable[str] = ()) -> None:
+        self.directory = directory
+        self.lock_fd: int | None = None
+        if directory:
+            self._prepare(directory)
+
+        def file(name: str) -> RecordFile | None:
+            return RecordFile(os.path.join(directory, name)) if directory else None
+
+        self.accounts = Accounts(file("accounts.jsonl"))
+        self.operators = Operators(file("operators.jsonl"), operators)
+        self.invitations = Invitations(file("invitations.jsonl"))
+        self.bans = Bans(file("bans.jsonl"))
+        self.rooms = RoomSettingsStore(file("rooms.jsonl"))
+        self.offline = OfflineMessages(file("offline.jsonl"))
+        history_path = os.path.join(directory, "history.jsonl") if directory else history_file
+        self.history = HistoryLog(RecordFile(history_path) if history_path else None, history_limit,
+                                  name_key(DEFAULT_ROOM))
+        if directory:
+            log.info("data directory %s: %d account(s), %d ban(s), %d offline message(s)", directory,
+                     len(self.accounts.store), len(self.bans.store), len(self.offline.store))
+
+    def _prepare(self, directory: str) -> None:
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            status = os.stat(directory)
+        except OSError as problem:
+            raise StorageError(f"cannot use {directory} as the data directory: {problem.strerror}") from None
+        if not stat.S_ISDIR(status.st_mode):
+            raise StorageError(f"{directory} is not a directory")
+        if status.st_mode & 0o077 and status.st_uid == os.geteuid():
+            os.chmod(directory, 0o700)
+        self.lock_fd = open_data_file(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT)
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise StorageError(f"{directory} is in use by another pyChat server") from None
+
+    def close(self) -> None:
+        for store in (self.accounts.store, self.operators.store, self.invitations.store, self.bans.store,
+                      self.rooms.store, self.offline.store, self.history):
+            store.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+# ---------------------------------------------------------------------------
 # The server object: who is here, rooms, and every change to them
 # ---------------------------------------------------------------------------
 
@@ -1285,6 +2515,10 @@ class Person:
         self.current: Room | None = None        # where plain lines go
         self.away: str | None = None
         self.operator = False
+        self.operator_failures = 0              # wrong /op secrets on this connection
+        self.account: str | None = None         # the account signed in to (its registered spelling)
+        self.since = time.time()                # signed in at
+        self.last_spoke = time.monotonic()      # for /whois: last chat, action or private line
         self.muted = False
         self.ignoring: set[str] = set()         # name keys
         self.last_private_from: int | None = None   # a serial: nothing of a sender who left stays reachable
@@ -1354,19 +2588,31 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.rooms: dict[str, Room] = {}                        # by name_key()
         self.said = 0                                           # lines kept in history so far, all rooms
         self.connections: set[ClientConnection] = set()         # everyone, signed in or not
-        self.per_address: collections.Counter[str] = collections.Counter()
+        self.per_address: collections.Counter[str] = collections.Counter()   # by address_bucket()
         self.admitted = 0                                       # connections given a thread
         self.refusing = 0                                       # TLS refusals under way
-        self.failures: collections.Counter[str] = collections.Counter()   # wrong secrets, by address
+        self.failures: dict[str, tuple[int, float]] = {}        # wrong secrets and the last one's time, by bucket
+        self.out_of_descriptors = False                         # accept() failed for want of one; logged once
+        self.spare_descriptor: int | None = None                # given up to accept a newcomer just to tell them
         self.ignorers: dict[str, set[Person]] = {}              # who ignores each name_key(), if anyone
         self.stopping = False
         self.stop_signal, self.stop_trigger = socket.socketpair()
         self.tls = self.make_tls_context() if options.tls_cert else None
-        self.history_file = None
+        self.data = DataDirectory(options.data_dir, options.history_file, options.history, options.operator)
+        self.motd = MessageOfTheDay(options.motd)
+        self.started = time.time()
+        self.most_people = 0
+        self.registrations: dict[str, list[float]] = {}         # when accounts were registered, by address_bucket()
         self.lobby: Room | None = None
         self.lobby = self.room_named(DEFAULT_ROOM)      # everyone's first room, never forgotten
-        if options.history_file:
-            self.load_history(options.history_file)
+        for room_name, lines in self.data.history.rooms_and_lines():
+            room = self.room_named(room_name)
+            for when, line in lines:
+                event = PYCHAT.chat_event(room.name, line)
+                if event is not None:
+                    self.said += 1
+                    room.history.append((self.said, when, event))
+        self.spare_descriptor = os.open(os.devnull, os.O_RDONLY | _CLOEXEC)
         self.pump = OutputPump(options.max_queue, options.stall_timeout)
         super().__init__((options.host, options.port), ClientConnection)
         self.pump.start()
@@ -1379,33 +2625,93 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- admission ------------------------------------------------------------
 
+    def get_request(self) -> tuple[socket.socket, tuple]:
+        """Accept a newcomer. Out of file descriptors, tell them so with the spare one, and log it once."""
+        try:
+            request = super().get_request()
+        except OSError as problem:
+            if problem.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self.turn_away_for_want_of_descriptors(problem)
+            raise
+        if self.out_of_descriptors:
+            self.out_of_descriptors = False
+            log.warning("file descriptors are available again; newcomers are let in")
+        return request
+
+    def turn_away_for_want_of_descriptors(self, problem: OSError) -> None:
+        """Without a descriptor the newcomer stays in the listen queue and accept() fails at once, again and
+        again: free the spare descriptor to take the newcomer and tell them, or wait a little."""
+        if not self.out_of_descriptors:
+            self.out_of_descriptors = True
+            log.error("cannot accept connections: %s; newcomers are told to try again later "
+                      "(raise the open-file limit with ulimit -n, or lower --max-clients)", problem.strerror)
+        told = False
+        if self.spare_descriptor is not None:
+            os.close(self.spare_descriptor)
+            self.spare_descriptor = None
+            try:
+                newcomer, _ = self.socket.accept()
+                newcomer.setblocking(False)
+                try:
+                    newcomer.send(PYCHAT.encode(Error("The server is out of resources. Try again later.")))
+                finally:
+                    newcomer.close()
+                told = True
+            except OSError:
+                pass
+            try:
+                self.spare_descriptor = os.open(os.devnull, os.O_RDONLY | _CLOEXEC)
+            except OSError:
+                pass
+        if not told:
+            time.sleep(OUT_OF_DESCRIPTORS_PAUSE)
+
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
-        """Give a newcomer a thread of its own, or turn it away when the server or its address is full."""
-        address = client_address[0]
+        """Give a newcomer a thread of its own, or turn it away when it is banned, or the server or its address is full.
+
+        Every count taken here is given back in release(), on every path.
+        """
+        address, bucket = client_address[0], address_bucket(client_address[0])
         options = self.options
+        now = time.time()
+        ban = self.data.bans.for_address(address, now)
         with self.lock:
-            if options.max_clients and self.admitted >= options.max_clients:
+            if ban is not None:
+                refusal = ban.refusal(now)
+            elif options.max_clients and self.admitted >= options.max_clients:
                 refusal = f"The server is full ({options.max_clients} connections). Try again later."
-            elif options.max_per_ip and self.per_address[address] >= options.max_per_ip:
+            elif options.max_per_ip and self.per_address[bucket] >= options.max_per_ip:
                 refusal = f"Too many connections from your address (at most {options.max_per_ip})."
             else:
-                self.per_address[address] += 1
+                self.per_address[bucket] += 1
                 self.admitted += 1
                 refusal = None
+        if refusal is None:
+            try:
+                super().process_request(request, client_address)
+                return
+            except (RuntimeError, MemoryError, OSError) as problem:    # out of threads, memory or processes
+                self.release(bucket)
+                log.error("cannot start a thread for %s: %s", address, problem)
+                refusal = "The server is out of resources. Try again later."
+        with self.lock:
             # Over TLS the refusal needs a handshake first: a thread, but only a few at a time.
-            explain = refusal and (self.tls is None or self.refusing < MAX_TLS_REFUSALS)
+            explain = self.tls is None or self.refusing < MAX_TLS_REFUSALS
             if explain and self.tls is not None:
                 self.refusing += 1
-        if refusal is None:
-            super().process_request(request, client_address)
-            return
         log.warning("refused %s: %s", address, refusal)
         if not explain:
             self.shutdown_request(request)
         elif self.tls is None:
             self.refuse(request, refusal)
         else:
-            threading.Thread(target=self.refuse, args=(request, refusal), daemon=True).start()
+            try:
+                threading.Thread(target=self.refuse, args=(request, refusal), daemon=True).start()
+            except (RuntimeError, MemoryError):
+                with self.lock:
+                    self.refusing -= 1
+                self.shutdown_request(request)
 
     def refuse(self, request: socket.socket, refusal: str) -> None:
         """Tell a newcomer why it cannot come in, and close the connection."""
@@ -1426,11 +2732,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self.lock:
-                self.admitted -= 1
-                self.per_address[client_address[0]] -= 1
-                if not self.per_address[client_address[0]]:
-                    del self.per_address[client_address[0]]
+            self.release(address_bucket(client_address[0]))
+
+    def release(self, bucket: str) -> None:
+        """Give back what process_request() counted for a newcomer from BUCKET."""
+        with self.lock:
+            self.admitted -= 1
+            self.per_address[bucket] -= 1
+            if not self.per_address[bucket]:
+                del self.per_address[bucket]
 
     def handle_error(self, request: socket.socket, client_address: tuple) -> None:
         log.exception("connection from %s failed", client_address[0])
@@ -1448,53 +2758,117 @@ class ChatServer(socketserver.ThreadingTCPServer):
                          f"then {self.options.rate:g} a second.")
         return greeting
 
-    def check_secret(self, connection: ClientConnection | Person, given: str, secret: str, what: str) -> bool:
-        """Compare in constant time; every wrong try from an address makes the next answer slower."""
-        if hmac.compare_digest(given.encode("utf-8"), secret.encode("utf-8")):
-            with self.lock:
-                self.failures.pop(connection.address, None)
-            return True
+    def check_secret(self, connection: ClientConnection | Person, what: str, is_right: Callable[[], bool]) -> bool:
+        """Run IS_RIGHT, a check of a secret someone gave, within the limits on guessing.
+
+        Every wrong try from an address (IPv6: its /64) makes the next answer
+        slower, up to five seconds; after ADDRESS_GUESSES of them the address
+        must wait GUESS_WINDOW before trying again (TooManyGuesses). A try is
+        counted before it is checked, so guesses sent at once over many
+        connections are counted too.
+        """
+        bucket = address_bucket(connection.address)
+        now = time.monotonic()
         with self.lock:
-            if len(self.failures) > 10000:
-                self.failures.clear()
-            self.failures[connection.address] += 1
-            delay = min(self.failures[connection.address], 5)
-        log.warning("wrong %s from %r (%d in a row)", what, connection, self.failures[connection.address])
-        time.sleep(delay)
+            wrong, last = self.failures.get(bucket, (0, 0.0))
+            if now - last >= GUESS_WINDOW:
+                wrong = 0
+            if wrong >= ADDRESS_GUESSES:
+                wait = GUESS_WINDOW - (now - last)
+            else:
+                wait = 0.0
+                if len(self.failures) > 10000:
+                    self.failures = {b: f for b, f in self.failures.items() if now - f[1] < GUESS_WINDOW}
+                self.failures[bucket] = (wrong + 1, now)
+        if wait:
+            log.warning("refused a try at the %s from %r: %d wrong in a row", what, connection, wrong)
+            raise TooManyGuesses(f"Too many wrong passwords from your address; try again in "
+                                 f"{describe_duration(wait)}")
+        if is_right():
+            with self.lock:
+                self.failures.pop(bucket, None)
+            return True
+        log.warning("wrong %s from %r (%d in a row)", what, connection, wrong + 1)
+        time.sleep(min(wrong + 1, 5))
         return False
 
     # -- signing in and out ----------------------------------------------------------
 
-    def sign_in(self, connection: ClientConnection, nick: str) -> str | None:
+    def sign_in(self, connection: ClientConnection, nick: str, account: str | None = None) -> str | None:
         """Make CONNECTION a person called NICK in the default room, or say why not.
 
-        Either all of it happens or none: a failure on the way in takes the
-        person out again through the same door as leaving.
+        ACCOUNT is the account whose password they gave: its owner takes the
+        name over from a connection that still holds it. Either all of it
+        happens or none: a failure on the way in takes the person out again
+        through the same door as leaving.
         """
         nick = normal_name(nick)
+        motd = self.motd.lines()
+        ignoring = self.data.accounts.ignoring(account) if account else []
         with self.lock:
-            problem = self.nickname_problem(nick)
+            taken = self.people.get(name_key(nick))
+            if taken is not None and account is not None and taken.key == name_key(account):
+                taken.output.end("signed in again somewhere else", SignedInElsewhere())
+                self._leave_chat(taken, "signed in again somewhere else")
+                log.info("%r: its owner signed in again from %s", taken, connection.address)
+            problem = self.nickname_problem(nick, account=account)
             if problem:
                 return problem
             person = Person(nick, connection.output, connection.address, next(self.serials))
+            person.account = account
+            person.operator = account is not None and account in self.data.operators
             person.output.send(Welcome(nick))
+            for line in motd:
+                person.output.send(Notice(line))
+            if person.operator:
+                person.output.send(Notice("You are an operator of this server."))
             self.people[person.key] = person
             self.by_serial[person.serial] = person
+            for key in ignoring:
+                person.ignoring.add(key)
+                self._count_ignorer(key, person, True)
             try:
                 self._enter(person, self.lobby)
             except BaseException:
                 self._forget(person)
                 raise
             connection.person = person
-        log.info("%r signed in", person)
+            self.most_people = max(self.most_people, len(self.people))
+        log.info("%r signed in%s", person, f" to the account {account}" if account else "")
+        if account:
+            self.deliver_offline_messages(person)
         return None
 
-    def nickname_problem(self, nick: str, claimant: Person | None = None) -> str | None:
-        """Why CLAIMANT (or a newcomer) cannot be called NICK (already NFKC-normalised), or None. Lock held."""
+    def nickname_problem(self, nick: str, claimant: Person | None = None, account: str | None = None) -> str | None:
+        """Why CLAIMANT (or a newcomer signed in to ACCOUNT) cannot be called NICK (already NFKC-normalised),
+        or None. Lock held."""
         taken = self.people.get(name_key(nick))
         if taken is not None and taken is not claimant:
             return f"Nickname {nick!r} is taken (or looks too much like {taken.nick!r})."
-        return name_problem(nick)
+        problem = name_problem(nick)
+        if problem:
+            return problem
+        registered = self.data.accounts.name(nick)
+        account = claimant.account if claimant is not None else account
+        if registered is not None and (account is None or name_key(account) != name_key(registered)):
+            return f"{registered} is registered: sign in as {registered} with its password to use it."
+        return None
+
+    def deliver_offline_messages(self, person: Person) -> None:
+        """Show PERSON what was left for their account while they were away, but what came from people they ignore."""
+        try:
+            messages = self.data.offline.take(person.account)
+        except StorageError as problem:
+            log.error("offline messages for %s: %s", person.account, problem)
+            return
+        shown = [m for m in messages if m.sender_key not in person.ignoring]
+        if not shown:
+            return
+        person.output.send(Notice("1 message was left for you while you were away:" if len(shown) == 1
+                                  else f"{len(shown)} messages were left for you while you were away:"))
+        for message in shown:
+            person.output.send(OfflinePrivate(message.when, message.sender, message.text))
+        person.output.send(Notice("End of messages left for you."))
 
     def remove(self, connection: ClientConnection, reason: str) -> None:
         """Take someone out of the chat; everyone who shares a room with them is told, once."""
@@ -1504,17 +2878,21 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if person is None or self.people.get(person.key) is not person:
                 log.info("%r closed: %s", connection, reason)
                 return
-            receivers = set()
-            for room in person.rooms.values():
-                if len(room.members) <= ANNOUNCE_LIMIT:
-                    receivers |= room.members
-            receivers.discard(person)
-            self._forget(person)
-            if not self.stopping:
-                # A muted person's own words (their /quit message) are not shown.
-                shown = None if reason == QUIT or (person.muted and person.quit_message) else reason
-                self._to_people(receivers, Quit(person.nick, shown))
+            self._leave_chat(person, reason)
         log.info("%r left: %s", person, reason)
+
+    def _leave_chat(self, person: Person, reason: str) -> None:
+        """Take PERSON out of the chat; everyone who shares a room with them is told, once. Lock held."""
+        receivers = set()
+        for room in person.rooms.values():
+            if len(room.members) <= ANNOUNCE_LIMIT:
+                receivers |= room.members
+        receivers.discard(person)
+        self._forget(person)
+        if not self.stopping:
+            # A muted person's own words (their /quit message) are not shown.
+            shown = None if reason == QUIT or (person.muted and person.quit_message) else reason
+            self._to_people(receivers, Quit(person.nick, shown))
 
     def _forget(self, person: Person) -> None:
         """Take PERSON out of every room and table, so that nothing of them stays reachable. Lock held."""
@@ -1538,8 +2916,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 empty = [r for r in self.rooms.values() if not r.members and r is not self.lobby]
                 if not empty:
                     raise Refused("Too many rooms; join one of those in /rooms.")
-                del self.rooms[min(empty, key=lambda r: r.last_used).key]
+                forgotten = min(empty, key=lambda r: r.last_used)
+                del self.rooms[forgotten.key]
+                self.data.history.forget(forgotten.name)
             room = self.rooms[key] = Room(name, self.options.history)
+            saved = self.data.rooms.load(name)
+            if saved is not None:
+                room.topic = saved.topic
+                room.topic_by_everyone = "topic-by-everyone" in saved.modes
         return room
 
     def _enter(self, person: Person, room: Room) -> None:
@@ -1581,6 +2965,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             # A private room that empties forgets everything, so the next to open it sees nothing of it.
             room.password, room.invite_only, room.topic = None, False, None
             room.history.clear()
+            self.data.history.forget(room.name)
         if event is not None and len(room.members) <= ANNOUNCE_LIMIT:
             self._to_room(room, event)
         if person.current is room:
@@ -1695,6 +3080,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused("You are muted; you cannot set the topic.")
             room.topic = topic
             self._to_room(room, TopicChanged(room.name, by.nick, topic))
+            saved = self._room_to_save(room)
+        self._save_room(*saved)
 
     def set_mode(self, by: Person, setting: str, value: str, name: str | None = None) -> None:
         """Change one of ROOM_SETTINGS of the room NAME (or BY's current one); the room is told."""
@@ -1725,6 +3112,23 @@ class ChatServer(socketserver.ThreadingTCPServer):
             else:
                 raise Refused(f"There is no setting {setting!r}; there are {', '.join(ROOM_SETTINGS)}.")
             self._to_room(room, ModeChanged(room.name, by.nick, setting, shown))
+            saved = self._room_to_save(room)
+        self._save_room(*saved)
+
+    def _room_to_save(self, room: Room) -> tuple[str, str | None, list[str]]:
+        """What of ROOM outlasts a restart: the topic and who may set it, unless the room is private, since a
+        private room forgets everything once it empties, and every room is empty at a start; its lines
+        already in the history file are forgotten there. Lock held."""
+        if room.private:
+            self.data.history.forget(room.name)
+            return room.name, None, []
+        return room.name, room.topic, ["topic-by-everyone"] if room.topic_by_everyone else []
+
+    def _save_room(self, name: str, topic: str | None, modes: list[str]) -> None:
+        try:
+            self.data.rooms.save(name, topic, modes)
+        except (StoreFull, StorageError) as problem:
+            log.error("could not keep the settings of #%s: %s", name, problem)
 
     def room_settings(self, viewer: Person, name: str | None = None) -> commands.RoomSettings:
         """The settings of the room NAME (or VIEWER's current one)."""
@@ -1763,20 +3167,32 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 person.output.send(Error("You are muted; the room does not hear you."))
                 return
             room = self._member_room(person, name)
+            person.last_spoke = time.monotonic()
             event = kind(room.name, person.nick, text)
             if self.options.history:
                 when = time.time()
                 self.said += 1
                 room.history.append((self.said, when, event))
-                if self.history_file:
-                    # On disk before anyone sees it, so whatever was seen survives a crash.
-                    self.save_history(when, room.name, PYCHAT.line(event))
+                if not room.private:
+                    # In the file before anyone sees it, so whatever was seen survives a kill -9. A private
+                    # room's lines are never written: it forgets them when it empties, as it would at a restart.
+                    self.data.history.append(room.name, when, PYCHAT.line(event))
             self._to_room(room, event, sender=person)
 
     def send_private(self, person: Person, nick: str, text: str) -> None:
-        """TEXT to NICK alone; PERSON gets a copy, and the away message if there is one."""
+        """TEXT to NICK alone; PERSON gets a copy, and the away message if there is one.
+
+        To a registered account that is offline, the message is kept until its next sign-in.
+        """
         with self.lock:
-            target = self._find(nick)
+            person.last_spoke = time.monotonic()
+            target = self.people.get(name_key(normal_name(nick)))
+        if target is None:
+            self.leave_offline_message(person, nick, text)
+            return
+        with self.lock:
+            if self.people.get(target.key) is not target:
+                raise Refused(f"{target.nick} has just left.")
             if target is person:
                 raise Refused("That is you.")
             if person.key not in target.ignoring:
@@ -1785,6 +3201,21 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person.output.send(PrivateTo(target.nick, text))
             if target.away:
                 person.output.send(Reply(f"{target.nick} is away: {target.away}"))
+
+    def leave_offline_message(self, person: Person, nick: str, text: str) -> None:
+        """Keep TEXT for the offline account NICK, unless its owner ignores PERSON (who is told it was kept
+        either way, as an ignored sender online sees their copy)."""
+        registered = self.data.accounts.name(normal_name(nick))
+        if registered is None:
+            raise Refused(f"No one called {nick} is online. /online lists who is.")
+        if person.key not in self.data.accounts.ignoring(registered):
+            try:
+                self.data.offline.leave(person.nick, registered, text)
+            except (StoreFull, StorageError) as problem:
+                raise Refused(str(problem)) from None
+        person.output.send(PrivateTo(registered, text))
+        person.output.send(Reply(f"{registered} is offline; the message is kept for them and shown when they "
+                                 "next sign in."))
 
     def last_private_sender(self, person: Person) -> str:
         """The nickname of the last person who sent PERSON a private message, if they are still here."""
@@ -1838,7 +3269,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return receivers
 
     def ignore(self, person: Person, nick: str, ignoring: bool = True) -> str:
-        """Stop (or start again) showing PERSON NICK's lines; returns NICK as they spell it."""
+        """Stop (or start again) showing PERSON NICK's lines; returns NICK as they spell it.
+
+        An account keeps the list, so that it applies to messages left while its owner is offline.
+        """
         with self.lock:
             target = self._find(nick)
             if target is person:
@@ -1851,7 +3285,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self._count_ignorer(target.key, person, False)
             elif not ignoring:
                 raise Refused(f"You are not ignoring {target.nick}.")
-            return target.nick
+            account, keys = person.account, list(person.ignoring)
+        if account:
+            try:
+                self.data.accounts.set_ignoring(account, keys)
+            except (StoreFull, StorageError) as problem:
+                log.error("could not keep %s's /ignore list: %s", account, problem)
+        return target.nick
 
     def ignored_by(self, person: Person) -> list[str]:
         """Nicknames PERSON ignores that are online now."""
@@ -1872,11 +3312,24 @@ class ChatServer(socketserver.ThreadingTCPServer):
     # -- operators of the server -----------------------------------------------------------
 
     def become_operator(self, person: Person, secret: str) -> None:
-        """Make PERSON a server operator if SECRET is the server's operator password."""
+        """Make PERSON a server operator if SECRET is the server's operator password.
+
+        Three wrong tries close the connection; an address that tried too often must wait.
+        """
         expected = self.options.op_password
         if not expected:
             raise Refused("This server has no operator password, so no one can be an operator.")
-        if not self.check_secret(person, secret, expected, "operator password"):
+        try:
+            right = self.check_secret(person, "operator password", lambda: same_secret(secret, expected))
+        except TooManyGuesses as refusal:
+            person.output.end("too many wrong operator passwords from the address", Farewell(str(refusal)))
+            raise Refused(f"{refusal}. Closing the connection.") from None
+        if not right:
+            person.operator_failures += 1
+            if person.operator_failures >= OPERATOR_TRIES:
+                person.output.end("too many wrong operator passwords",
+                                  Farewell(f"{OPERATOR_TRIES} wrong operator passwords"))
+                raise Refused(f"Wrong operator password, {OPERATOR_TRIES} times: closing the connection.")
             raise Refused("Wrong operator password.")
         with self.lock:
             person.operator = True
@@ -1907,6 +3360,289 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if person.output.end(message or QUIT, Bye()):
             with self.lock:
                 person.quit_message = message is not None
+
+    # -- accounts -------------------------------------------------------------------------
+    # Hashing a password and writing to the data directory are slow: they happen outside the lock.
+
+    def register_account(self, person: Person, password: str) -> str:
+        """Make PERSON's nickname their account, with PASSWORD."""
+        if person.account:
+            raise Refused(f"You are signed in to the account {person.account} already; "
+                          "/passwd OLD NEW changes its password.")
+        nick = person.nick
+        problem = password_problem(password, nick)
+        if problem:
+            raise Refused(problem)
+        bucket, now = address_bucket(person.address), time.monotonic()
+        with self.lock:
+            recent = [when for when in self.registrations.get(bucket, ()) if now - when < REGISTRATION_WINDOW]
+            if len(recent) >= REGISTRATIONS_PER_ADDRESS:
+                raise Refused(f"{REGISTRATIONS_PER_ADDRESS} accounts were registered from your address in the last "
+                              f"{REGISTRATION_WINDOW / 3600:g} hour; try again later.")
+            if len(self.registrations) > 10000:
+                self.registrations = {b: t for b, t in self.registrations.items() if now - t[-1] < REGISTRATION_WINDOW}
+            self.registrations[bucket] = recent + [now]      # counted before the slow part, so that tries at once count
+        try:
+            self.data.accounts.register(nick, password)
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem)) from None
+        with self.lock:
+            person.account = nick
+            made_operator = not person.operator and nick in self.data.operators
+            person.operator = person.operator or made_operator
+            keys = list(person.ignoring)
+        if keys:
+            self.data.accounts.set_ignoring(nick, keys)
+        if made_operator:
+            person.output.send(Notice("You are an operator of this server."))
+        log.info("%r registered", person)
+        lasting = "" if self.data.directory else \
+            " This server keeps no data directory: the account lasts until it stops."
+        return (f"Registered {nick}. From now on, signing in as {nick} (or a name that looks like it) "
+                f"asks for this password.{lasting}")
+
+    def _check_own_password(self, person: Person, password: str) -> str:
+        """PERSON's account, if PASSWORD is its password; refused (as a wrong guess) otherwise."""
+        account = person.account
+        if account is None:
+            raise Refused(f"You are a guest: /register PASSWORD makes {person.nick} your account.")
+        try:
+            right = self.check_secret(person, f"password for {account}",
+                                      lambda: self.data.accounts.verify(account, password))
+        except TooManyGuesses as refusal:
+            raise Refused(f"{refusal}.") from None
+        if not right:
+            raise Refused(f"Wrong password for {account}.")
+        return account
+
+    def change_password(self, person: Person, old: str, new: str) -> None:
+        if person.account is not None:
+            problem = password_problem(new, person.account)
+            if problem:
+                raise Refused(problem)
+        account = self._check_own_password(person, old)
+        try:
+            self.data.accounts.set_password(account, new)
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem)) from None
+        log.info("%r changed the password of %s", person, account)
+
+    def unregister(self, person: Person, password: str) -> str:
+        """Give up PERSON's account; on a --private server that also ends their connection."""
+        account = self._check_own_password(person, password)
+        was_operator = account in self.data.operators
+        if was_operator and len(self.data.operators.names()) == 1:
+            raise Refused(f"{account} is the last operator; make another with /oper add first.")
+        try:
+            self.data.accounts.remove(account)
+            self.data.operators.remove(account)
+            self.data.offline.forget(account)
+        except StorageError as problem:
+            raise Refused(str(problem)) from None
+        with self.lock:
+            person.account = None
+            person.operator = person.operator and not was_operator
+        log.info("%r gave up the account %s", person, account)
+        if self.options.private:
+            person.output.end("gave up their account", Farewell("this server is private, and you have no account now"))
+        return f"{account} is no longer registered; anyone may use the name."
+
+    def invite_account(self, by: Person, nick: str) -> str:
+        """A one-time code that lets NICK into a --private server and choose their password."""
+        nick = normal_name(nick)
+        if not self.options.private:
+            raise Refused("This server is not private: anyone may sign in and /register. (--private changes that.)")
+        problem = name_problem(nick)
+        if problem:
+            raise Refused(problem)
+        registered = self.data.accounts.name(nick)
+        if registered is not None:
+            raise Refused(f"{registered} has an account already.")
+        try:
+            code = self.data.invitations.create(nick, by.nick)
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem)) from None
+        log.warning("%r invited %s", by, nick)
+        return (f"Invitation for {nick}: {code} (it works once, for {INVITATION_SECONDS // 86400} days). "
+                f"They sign in as {nick} and give it when asked.")
+
+    def remove_account(self, by: Person, nick: str) -> str:
+        """Take NICK's account (or invitation) away; on a --private server they are disconnected."""
+        registered = self.data.accounts.name(nick)
+        if registered is None:
+            if self.data.invitations.remove(nick):
+                return f"Removed the invitation for {nick}."
+            raise Refused(f"{nick} has no account and no invitation.")
+        if registered in self.data.operators:
+            raise Refused(f"{registered} is an operator; /oper remove {registered} first.")
+        try:
+            self.data.accounts.remove(registered)
+            self.data.offline.forget(registered)
+        except StorageError as problem:
+            raise Refused(str(problem)) from None
+        with self.lock:
+            owners = [p for p in self.people.values() if p.account and name_key(p.account) == name_key(registered)]
+            for owner in owners:
+                owner.account = None
+        for owner in owners:
+            if self.options.private:
+                owner.output.end(f"account removed by {by.nick}", DisconnectedBy(by.nick, "your account was removed"))
+            else:
+                owner.output.send(Notice(f"{by.nick} removed your account; you are a guest now."))
+        log.warning("%r removed the account %s", by, registered)
+        return f"Removed the account {registered}."
+
+    # -- operators by account ---------------------------------------------------------------
+
+    def operator_names(self) -> list[str]:
+        return self.data.operators.names()
+
+    def set_operator(self, by: Person, nick: str, operator: bool) -> str:
+        """Make the account NICK an operator of the server, or no longer one; whoever is signed in to it is told."""
+        registered = self.data.accounts.name(nick)
+        if registered is None:
+            raise Refused(f"{nick} is not a registered account.")
+        operators = self.data.operators
+        if operator == (registered in operators):
+            raise Refused(f"{registered} is {'already' if operator else 'not'} an operator.")
+        if not operator and len(operators.names()) == 1:
+            raise Refused(f"{registered} is the last operator; make another with /oper add first.")
+        try:
+            operators.add(registered, by.nick) if operator else operators.remove(registered)
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem)) from None
+        with self.lock:
+            for person in self.people.values():
+                if person.account and name_key(person.account) == name_key(registered):
+                    person.operator = operator
+                    person.output.send(Notice(f"{by.nick} made you an operator of this server." if operator
+                                              else f"{by.nick} took away your operator rights."))
+        log.warning("%r %s %s", by, "made an operator:" if operator else "took operator rights from", registered)
+        return (f"{registered} is now an operator of the server." if operator
+                else f"{registered} is no longer an operator of the server.")
+
+    # -- bans ---------------------------------------------------------------------------------
+
+    def ban(self, by: Person, target: str, duration: str | None, reason: str | None) -> str:
+        """Ban TARGET (a nickname, an address or a network) for DURATION (None: permanently), disconnecting
+        whoever it keeps out."""
+        now = time.time()
+        try:
+            seconds = parse_duration(duration) if duration else None
+            found = ban_target(target)
+        except ValueError as problem:
+            raise Refused(str(problem)) from None
+        if reason is not None and len(reason) > MAX_REASON_LENGTH:
+            raise Refused(f"The reason is too long (at most {MAX_REASON_LENGTH} characters).")
+        with self.lock:
+            if found is None:
+                kind, value, shown, what = self._ban_of_nick(by, target)
+            else:
+                (kind, value), shown = found, found[1]
+                what = f"the {kind} {value}"
+                network = ipaddress.ip_network(value)
+                if self._banned_by(network, by):
+                    raise Refused(f"That would ban you too: you connect from {ip_of(by.address)}.")
+            ban = Ban(kind, value, shown, reason, by.nick, now, None if seconds is None else now + seconds)
+            for person in self.people.values():
+                if self._bans(ban, person) and person.operator:
+                    raise Refused(f"That would ban {person.nick}, an operator of the server.")
+        try:
+            self.data.bans.add(ban)
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem)) from None
+        with self.lock:
+            banned = [person for person in self.people.values() if self._bans(ban, person)]
+        how_long = ban.how_long(time.time())
+        for person in banned:
+            person.output.end(f"banned by {by.nick}" + (f": {reason}" if reason else ""),
+                              Banned(by.nick, how_long, reason))
+        log.warning("%r banned %s %s%s", by, what, how_long, f": {reason}" if reason else "")
+        return (f"Banned {what} " + (f"for {describe_duration(seconds)}" if seconds else "permanently")
+                + (f": {reason}" if reason else "") + "."
+                + (f" Disconnected {', '.join(p.nick for p in banned)}." if banned else ""))
+
+    def _ban_of_nick(self, by: Person, nick: str) -> tuple[str, str, str, str]:
+        """What banning the nickname NICK bans: its account, or the address of the guest using it. Lock held."""
+        registered = self.data.accounts.name(normal_name(nick))
+        online = self.people.get(name_key(normal_name(nick))) if registered is None else None
+        if registered is not None:
+            if by.account and name_key(by.account) == name_key(registered) or by.key == name_key(registered):
+                raise Refused("You cannot ban yourself.")
+            if registered in self.data.operators:
+                raise Refused(f"{registered} is an operator; /oper remove {registered} first.")
+            return "account", name_key(registered), registered, f"the account {registered}"
+        if online is None:
+            raise Refused(f"No one called {nick} is online, and no account has that name; "
+                          "ban an address or a network instead.")
+        if online is by:
+            raise Refused("You cannot ban yourself.")
+        address = str(ip_of(online.address))
+        if ip_of(by.address) == ip_of(online.address):
+            raise Refused(f"That would ban you too: you connect from {address}.")
+        return "address", address, f"{address} ({online.nick})", f"{online.nick}'s address {address}"
+
+    @staticmethod
+    def _banned_by(network: ipaddress.IPv4Network | ipaddress.IPv6Network, person: Person) -> bool:
+        ip = ip_of(person.address)
+        return ip is not None and ip.version == network.version and ip in network
+
+    def _bans(self, ban: Ban, person: Person) -> bool:
+        """Whether BAN keeps PERSON out. Lock held."""
+        if ban.kind == "account":
+            return person.account is not None and name_key(person.account) == ban.target
+        return self._banned_by(ipaddress.ip_network(ban.target), person)
+
+    def unban(self, by: Person, target: str) -> str:
+        """Lift the ban on TARGET: an address, a network, an account, or a guest's nickname as /bans shows it."""
+        try:
+            found = ban_target(target)
+        except ValueError as problem:
+            raise Refused(str(problem)) from None
+        now = time.time()
+        if found is not None:
+            key = f"{found[0]}:{found[1]}"
+        else:
+            # An account, or a guest's address, which /bans shows as "ADDRESS (NICK)".
+            key = f"account:{name_key(normal_name(target))}"
+            if self.data.bans.get(key) is None:
+                key = next((ban.key for ban in self.data.bans.all(now)
+                            if ban.shown.lower().endswith(f"({target.lower()})")), key)
+        try:
+            lifted = self.data.bans.remove(key)
+        except StorageError as problem:
+            raise Refused(str(problem)) from None
+        if lifted is None:
+            raise Refused(f"There is no ban on {target}. /bans lists them.")
+        log.warning("%r lifted the ban on %s %s", by, lifted.kind, lifted.shown)
+        return f"Lifted the ban on the {lifted.kind} {lifted.shown}."
+
+    def ban_lines(self) -> list[str]:
+        now = time.time()
+        try:
+            bans = self.data.bans.all(now)
+        except StorageError as problem:
+            raise Refused(str(problem)) from None
+        return [f"{ban.kind} {ban.shown} by {ban.by}, {ban.how_long(now)}" + (f": {ban.reason}" if ban.reason else "")
+                for ban in bans]
+
+    # -- knowing who is who ---------------------------------------------------------------------
+
+    def whois(self, viewer: Person, nick: str) -> commands.PersonDetails:
+        """What VIEWER may know about NICK; the address only if VIEWER is an operator of the server."""
+        with self.lock:
+            target = self._find(nick)
+            return commands.PersonDetails(
+                target.nick, target.account, target.operator, utc_text(target.since),
+                describe_duration(time.monotonic() - target.last_spoke),
+                tuple(room.name for room in target.rooms.values() if self._may_see(viewer, room)), target.away,
+                str(ip_of(target.address) or target.address) if viewer.operator else None)
+
+    def server_details(self) -> commands.ServerDetails:
+        with self.lock:
+            people, rooms = len(self.people), sum(1 for room in self.rooms.values() if room.members)
+        return commands.ServerDetails(VERSION, utc_text(self.started), describe_duration(time.time() - self.started),
+                                      people, rooms, self.most_people)
 
     # -- lists: what commands may know, paid for from each person's listing budget ----------
 
@@ -1982,56 +3718,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(f"No one called {nick} is online. /online lists who is.")
         return found
 
-    # -- history on disk ---------------------------------------------------------
-
-    def save_history(self, when: float, room: str, line: str) -> None:
-        """Append one line of a room's history to the file; a failing disk turns the file off, not the chat."""
-        record = json.dumps({"time": when, "room": room, "line": line}, ensure_ascii=False)
-        try:
-            self.history_file.write(record + "\n")
-        except OSError as problem:      # a full disk must not silence the chat
-            log.error("history file: %s; history is kept in memory only from now on", problem)
-            self.history_file = None
-
-    def load_history(self, path: str) -> None:
-        """Load room history from PATH, skipping damaged lines, and rewrite it compactly."""
-        kept: dict[str, collections.deque] = {}
-        skipped = 0
-        limit = self.options.history or 1
-        try:
-            with open(path, encoding="utf-8", errors="replace") as file:
-                for raw in file:
-                    try:
-                        record = json.loads(raw)
-                        entry = (float(record["time"]), clean_text(str(record["line"])))
-                        room_name = str(record["room"])
-                    except (ValueError, KeyError, TypeError):
-                        skipped += 1
-                        continue
-                    if name_problem(room_name, "Room") is None:
-                        kept.setdefault(room_name, collections.deque(maxlen=limit)).append(entry)
-        except FileNotFoundError:
-            pass
-        if skipped:
-            log.warning("history file %s: skipped %d damaged line(s)", path, skipped)
-        records = []
-        for room_name, entries in list(kept.items())[-MAX_ROOMS:]:
-            room = self.room_named(room_name)
-            for when, line in entries:
-                event = PYCHAT.chat_event(room.name, line)
-                if event is not None:
-                    self.said += 1
-                    room.history.append((self.said, when, event))
-            records += [json.dumps({"time": when, "room": room_name, "line": line}, ensure_ascii=False)
-                        for when, line in entries]
-        # Rewriting leaves no half-written line behind for the next append to glue onto.
-        temporary = f"{path}.tmp"
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write("".join(record + "\n" for record in records))
-        os.replace(temporary, path)
-        self.history_file = open(path, "a", encoding="utf-8", buffering=1)
-        log.info("history: %d line(s) in %d room(s) from %s", len(records), len(kept), path)
-
     # -- shutting down -------------------------------------------------------------
 
     def stop(self) -> None:
@@ -2051,8 +3737,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             time.sleep(0.05)
         self.pump.stop()
         self.server_close()
-        if self.history_file:
-            self.history_file.close()
+        self.data.close()
 
 
 def room_name(name: str) -> str:
@@ -2163,6 +3848,47 @@ class Context:
     def rooms(self) -> list[commands.RoomInfo]:
         return self._server.room_list(self._caller)
 
+    # -- accounts and moderation
+
+    def register(self, password: str) -> str:
+        return self._server.register_account(self._caller, password)
+
+    def change_password(self, old: str, new: str) -> None:
+        self._server.change_password(self._caller, old, new)
+
+    def unregister(self, password: str) -> str:
+        return self._server.unregister(self._caller, password)
+
+    def operators(self) -> list[str]:
+        return self._server.operator_names()
+
+    def set_operator(self, nick: str, operator: bool) -> str:
+        return self._server.set_operator(self._caller, nick, operator)
+
+    def ban(self, target: str, duration: str | None, reason: str | None) -> str:
+        return self._server.ban(self._caller, target, duration, reason)
+
+    def unban(self, target: str) -> str:
+        return self._server.unban(self._caller, target)
+
+    def bans(self) -> list[str]:
+        return self._server.ban_lines()
+
+    def invite_account(self, nick: str) -> str:
+        return self._server.invite_account(self._caller, nick)
+
+    def remove_account(self, nick: str) -> str:
+        return self._server.remove_account(self._caller, nick)
+
+    def whois(self, nick: str) -> commands.PersonDetails:
+        return self._server.whois(self._caller, nick)
+
+    def motd(self) -> list[str]:
+        return self._server.motd.lines()
+
+    def server_info(self) -> commands.ServerDetails:
+        return self._server.server_details()
+
 
 # ---------------------------------------------------------------------------
 # main
@@ -2268,7 +3994,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", f"{problem.filename}: {problem.strerror}" if problem.filename
                   else listen_problem(problem, options.host, options.port))
         return 1
-    except (commands.CommandLoadError, ssl.SSLError) as problem:
+    except (commands.CommandLoadError, StorageError, ssl.SSLError) as problem:
         log.error("cannot start: %s", problem)
         return 1
     host, port = server.server_address[:2]

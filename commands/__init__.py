@@ -186,6 +186,30 @@ class RoomSettings(NamedTuple):
     operators: tuple[str, ...]
 
 
+class PersonDetails(NamedTuple):
+    """What /whois shows about someone online."""
+
+    nick: str
+    account: Optional[str]      # the account they signed in to; None for a guest
+    operator: bool              # an operator of the server
+    since: str                  # when they signed in, as "2026-12-01 11:05 UTC"
+    idle: str                   # how long since they last said anything, as "3m 10s"
+    rooms: tuple[str, ...]      # their rooms that the caller may know of
+    away: Optional[str]
+    address: Optional[str]      # where they connect from: for operators of the server only
+
+
+class ServerDetails(NamedTuple):
+    """What /uptime shows."""
+
+    version: str
+    started: str                # as "2026-12-01 09:00 UTC"
+    up: str                     # for how long, as "2h 5m"
+    people: int
+    rooms: int                  # rooms with people in them
+    most_people: int            # the most signed in at once since the start
+
+
 class Context(Protocol):
     """All a command can see and do. The server gives each command call one of these.
 
@@ -236,6 +260,25 @@ class Context(Protocol):
     def online(self) -> list[PersonInfo]: ...
     def room_members(self, room: Optional[str] = None) -> tuple[str, list[PersonInfo]]: ...
     def rooms(self) -> list[RoomInfo]: ...
+
+    # -- accounts (the caller's own)
+    def register(self, password: str) -> str: ...
+    def change_password(self, old: str, new: str) -> None: ...
+    def unregister(self, password: str) -> str: ...
+
+    # -- moderation (server operators; each returns the reply to show)
+    def operators(self) -> list[str]: ...
+    def set_operator(self, nick: str, operator: bool) -> str: ...
+    def ban(self, target: str, duration: Optional[str], reason: Optional[str]) -> str: ...
+    def unban(self, target: str) -> str: ...
+    def bans(self) -> list[str]: ...
+    def invite_account(self, nick: str) -> str: ...
+    def remove_account(self, nick: str) -> str: ...
+
+    # -- knowing who is who
+    def whois(self, nick: str) -> PersonDetails: ...
+    def motd(self) -> list[str]: ...
+    def server_info(self) -> ServerDetails: ...
 
 
 class CommandTable:

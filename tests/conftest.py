@@ -190,6 +190,25 @@ class LineClient:
         self.sock.close()
 
 
+class ClientFrom(LineClient):
+    """A line client whose connection comes from SOURCE: another loopback address (127.0.0.2, ::1...),
+    to stand for another person's machine."""
+
+    def __init__(self, host: str, port: int, source: str) -> None:
+        # Not LineClient.__init__: that would open a second connection, from 127.0.0.1.
+        self.sock = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(TIMEOUT)
+        try:
+            self.sock.bind((source, 0))
+            self.sock.connect((host, port))
+        except BaseException:
+            self.sock.close()
+            raise
+        self.buffer = b""
+        self.seen: list[str] = []
+        self.nick: str | None = None
+
+
 def watch_for(client: LineClient, pattern: str, timeout: float) -> str | None:
     """The first line matching PATTERN within TIMEOUT, or None if none came and the connection is still open."""
     deadline = time.monotonic() + timeout

@@ -285,10 +285,11 @@ def test_escape_sequences_name_the_cursor_keys(sequence, name):
     assert names(client.KeyDecoder().feed(sequence)) == [name]
 
 
-def test_lone_escape_is_dropped_on_flush_and_unknown_sequences_ignored():
+def test_lone_escape_is_the_escape_key_on_flush_and_unknown_sequences_ignored():
     decoder = client.KeyDecoder()
     assert decoder.feed(b"\x1b") == []
-    assert decoder.flush() == []
+    assert decoder.waiting
+    assert names(decoder.flush()) == ["escape"]
     assert not decoder.waiting
     assert names(decoder.feed(b"\x1b[15~x\x1bfy")) == ["xy"]
 
@@ -330,13 +331,13 @@ def test_roster_follows_welcome_online_joins_quits_and_renames():
     roster = client.Roster()
     learn(roster,
           "*** Welcome, me! Type /help for the commands.",
-          "-- 3 online: me (#lobby), alice (#lobby, away), 漢字 (#dev)",
+          "-- 5 online: me (#lobby), alice (#lobby, away), 漢字 (#dev), hidden, frank (away)",
           "*** carol joined #lobby",
           "*** alice quit (gone)",
           "*** 漢字 is now known as kanji",
           "dave: hi",
           "*** eve left #lobby")
-    assert roster.others("ME") == ["carol", "dave", "kanji"]
+    assert roster.others("ME") == ["carol", "dave", "frank", "hidden", "kanji"]
 
 
 def test_roster_learns_commands_from_help():
@@ -357,24 +358,30 @@ def test_mention_of_me_by_someone_else_only():
 NOON = datetime.datetime(2026, 11, 26, 12, 0, 5)
 
 
+def painted(message, painter, me: str = "me") -> str:
+    """The message without its timestamp, painted, on one row."""
+    spans, _ = client.render_body(message, painter, me)
+    return "".join(painter.paint(span.text, span.style) for span in spans)
+
+
 def test_render_without_colour_is_plain_with_timestamp():
     painter = client.Painter(colour=False)
     line = client.render(client.classify("bob: hi"), painter, "me", now=NOON)
-    assert line == "[12:00:05] bob: hi"
+    assert client.layout(line, 80, painter) == ["[12:00:05] bob: hi"]
 
 
 def test_render_history_uses_original_time_in_local_zone():
     painter = client.Painter(colour=False)
     message = client.classify("[history 2026-11-26T17:04:51Z] bob: earlier")
     local = message.time.astimezone().strftime("%H:%M:%S")
-    assert client.render(message, painter, "me", now=NOON) == f"[{local}] bob: earlier"
+    assert client.render(message, painter, "me", now=NOON).plain == f"[{local}] bob: earlier"
 
 
 def test_render_colours_each_kind_differently():
     painter = client.Painter(colour=True)
     lines = ["*** bob joined #lobby", "-- reply", "!! error", "[pm from bob] x",
              "*** Topic of #lobby: plans"]
-    rendered = {client.render_body(client.classify(line), painter, "me") for line in lines}
+    rendered = {painted(client.classify(line), painter) for line in lines}
     styles = {text.split("m", 1)[0] for text in rendered}
     assert len(styles) == len(lines)
 
@@ -387,5 +394,229 @@ def test_nick_colour_is_stable_and_ignores_case():
 
 def test_render_highlights_mention():
     painter = client.Painter(colour=True)
-    body = client.render_body(client.classify("bob: hi me!"), painter, "me")
-    assert "\x1b[1;7mme\x1b[0m" in body
+    assert "\x1b[1;7mme\x1b[0m" in painted(client.classify("bob: hi me!"), painter)
+
+
+# -- the flood limit a greeting announces ------------------------------------------
+
+@pytest.mark.parametrize("greeting, limit", [
+    ("*** pyChat 1.0.0: 1 online. Flood limit: 20 lines at once, then 4 a second.", (20, 4.0)),
+    ("*** x. Flood limit: 5 lines at once, then 0.5 a second.", (5, 0.5)),
+    ("*** x. Flood limit: 20 lines at once, then . a second.", None),
+    ("*** x. Flood limit: 20 lines at once, then 0 a second.", None),
+    ("*** x. Flood limit: 0 lines at once, then 4 a second.", None),
+    ("*** x. Flood limit: 20 lines at once, then 0.000001 a second.", (20, 0.2)),
+    ("*** x. Flood limit: 99999999999 lines at once, then 4 a second.", None),
+    ("*** no limit announced", None),
+])
+def test_flood_limit_is_read_defensively(greeting, limit):
+    assert client.flood_limit(greeting) == limit
+
+
+def test_history_time_that_cannot_be_shown_locally_is_shown_as_sent():
+    message = client.classify("[history 9999-12-31T23:59:59Z] bob: hi")
+    shown = client.render(message, client.Painter(colour=False), "me", now=NOON).plain
+    assert shown.endswith("bob: hi") and shown.startswith("[")
+
+
+# -- wrapping ----------------------------------------------------------------------
+
+def rows_of(line: str, width: int, me: str = "me") -> list[str]:
+    painter = client.Painter(colour=False)
+    return client.layout(client.render(client.classify(line), painter, me, now=NOON), width, painter)
+
+
+def test_wrap_breaks_at_words_and_hangs_under_the_text():
+    rows = rows_of("bob: " + "lorem ipsum dolor sit amet " * 3, 40)
+    assert rows == ["[12:00:05] bob: lorem ipsum dolor sit",
+                    "                amet lorem ipsum dolor",
+                    "                sit amet lorem ipsum",
+                    "                dolor sit amet"]
+
+
+def test_wrap_cuts_a_word_longer_than_a_row_and_never_splits_a_wide_character():
+    rows = rows_of("bob: " + "漢" * 30, 30)
+    assert all(client.text_width(row) <= 30 for row in rows), rows
+    assert "".join(row.strip() for row in rows).endswith("漢" * 30)
+    assert all(row.startswith(" " * 11) for row in rows[1:]), rows
+
+
+def test_continuation_rows_of_a_line_full_of_spaces_cannot_pass_for_lines_of_their_own():
+    fake = "[12:00:09] *** alice quit (Ping timeout)"
+    for width in (40, 80, 100):
+        for padding in range(1, 120, 7):
+            rows = rows_of("mallory: hi" + " " * padding + fake, width)
+            assert all(row.startswith(" ") for row in rows[1:]), rows
+            assert not any(row.startswith("[12:00:09]") for row in rows), rows
+
+
+def test_help_rows_wrap_under_their_summary_column_or_give_it_up_when_narrow():
+    line = "-- /ignore [NICK]          Stop seeing someone's lines, or list whom you ignore."
+    wide = rows_of(line, 60)
+    column = wide[0].index("Stop")
+    assert len(wide) > 1 and all(row[:column].strip() == "" and row[column] != " " for row in wide[1:]), wide
+    narrow = rows_of(line, 30)
+    assert narrow[0].startswith("[12:00:05] -- /ignore [NICK]"), narrow
+    assert all(len(row) <= 30 for row in narrow) and not any(row.endswith(" l") for row in narrow), narrow
+    assert " ".join(row.strip() for row in narrow).endswith("list whom you ignore."), narrow
+
+
+def test_wrap_keeps_leading_spaces_of_the_first_row():
+    assert rows_of("bob:     indented", 80) == ["[12:00:05] bob:     indented"]
+
+
+# -- nickname colours --------------------------------------------------------------
+
+def xterm_rgb(number: int) -> tuple[int, int, int]:
+    levels = (0, 95, 135, 175, 215, 255)
+    number -= 16
+    return levels[number // 36], levels[number // 6 % 6], levels[number % 6]
+
+
+def luminance(rgb: tuple[int, int, int]) -> float:
+    def linear(channel: int) -> float:
+        value = channel / 255
+        return value / 12.92 if value <= 0.03928 else ((value + 0.055) / 1.055) ** 2.4
+    red, green, blue = (linear(channel) for channel in rgb)
+    return 0.2126 * red + 0.7152 * green + 0.0722 * blue
+
+
+def test_nick_colours_read_on_black_and_on_white_and_keep_away_from_the_line_styles():
+    import colorsys
+    for code in client.NICK_COLOURS:
+        number = int(code.rsplit(";", 1)[1])
+        assert 16 <= number < 232, code
+        rgb = xterm_rgb(number)
+        light = luminance(rgb)
+        assert (light + 0.05) / 0.05 >= 3, f"{code} is too dark on black"
+        assert 1.05 / (light + 0.05) >= 3, f"{code} is too light on white"
+        hue = colorsys.rgb_to_hls(*(channel / 255 for channel in rgb))[0] * 360
+        for name, style_hue in (("red errors", 0), ("yellow topics", 60), ("green replies", 120),
+                                ("cyan notices", 180), ("magenta private messages", 300)):
+            distance = min(abs(hue - style_hue), 360 - abs(hue - style_hue))
+            assert distance >= 15, f"{code} looks like the {name}"
+    assert len(set(client.NICK_COLOURS)) == len(client.NICK_COLOURS)
+
+
+def test_people_seen_together_get_different_colours_until_the_palette_runs_out():
+    painter = client.Painter(colour=True)
+    nicks = [f"user{n}" for n in range(len(client.NICK_COLOURS))]
+    assert len({painter.nick_style(nick) for nick in nicks}) == len(nicks)
+    assert painter.nick_style("USER3") == painter.nick_style("user3")
+    first = client.Painter(colour=True)
+    assert first.nick_style("alice") == client.nick_colour("alice")   # alone, the CRC decides
+
+
+def test_a_colour_is_free_again_when_its_wearer_leaves():
+    painter = client.Painter(colour=True)
+    worn = {nick: painter.nick_style(nick) for nick in (f"user{n}" for n in range(len(client.NICK_COLOURS)))}
+    painter.forget("user5")
+    assert painter.nick_style("newcomer") == worn["user5"]
+
+
+# -- rooms ---------------------------------------------------------------------------
+
+def test_classify_room_tag_keeps_the_room_and_the_line_as_it_would_be():
+    message = client.classify("#dev bob: hi #lobby")
+    assert (message.room, message.kind, message.nick, message.body, message.text) == \
+        ("dev", "chat", "bob", "hi #lobby", "bob: hi #lobby")
+    notice = client.classify("#dev *** carol joined #dev")
+    assert (notice.room, notice.kind, notice.text) == ("dev", "notice", "*** carol joined #dev")
+    assert client.classify("bob: #dev is here").room == ""
+
+
+def follow(rooms, *lines, me="me"):
+    for line in lines:
+        message = client.classify(line)
+        rooms.learn(message, client.mentions(message, me))
+
+
+def test_rooms_follow_the_server_and_count_unread_lines_elsewhere():
+    rooms = client.Rooms()
+    follow(rooms, "*** You are in #lobby, alone for now.", "*** You are in #dev with bob.",
+           "*** You are in #ops, alone for now.", "*** Now talking in #lobby.",
+           "#dev bob: one", "#dev * bob waves at me", "#dev *** carol joined #dev", "#ops x: me?")
+    assert rooms.joined == ["lobby", "dev", "ops"] and rooms.current == "lobby"
+    assert rooms.activity() == [("dev", 2, True), ("ops", 1, True)]
+    follow(rooms, "*** Now talking in #dev.")
+    assert rooms.activity() == [("ops", 1, True)]
+    follow(rooms, "*** You left #ops.", "*** You were kicked from #dev by op: spam.",
+           "*** Now talking in #lobby.")
+    assert (rooms.joined, rooms.current, rooms.activity()) == (["lobby"], "lobby", [])
+
+
+def test_rooms_cycle_and_number_in_the_order_entered():
+    rooms = client.Rooms()
+    follow(rooms, "*** You are in #lobby.", "*** You are in #dev.", "*** You are in #ops.")
+    assert (rooms.neighbour(1), rooms.neighbour(-1), rooms.numbered(2), rooms.numbered(4)) == \
+        ("lobby", "dev", "dev", None)
+
+
+@pytest.mark.parametrize("before, completed", [
+    ("/join #d", "/join #dev "), ("/join d", "/join #dev "), ("/leave #o", "/leave #ops "),
+    ("/msg #d", "/msg #dev "), ("/who o", "/who #ops "), ("/msg d", "/msg dave "),
+])
+def test_complete_room_names_after_room_commands(before, completed):
+    assert client.complete_word(before, ["join"], ["dave"], ["dev", "ops"]) == (completed, [])
+
+
+# -- bracketed paste -----------------------------------------------------------------
+
+def test_bracketed_paste_is_one_key_with_tabs_newlines_and_escapes_as_text():
+    decoder = client.KeyDecoder()
+    keys = decoder.feed(b"ab\x1b[200~x\ty\r\n\x1b[A\x03z\x1b[20")
+    assert keys == [client.Key("text", "ab")] and decoder.pasting and not decoder.waiting
+    keys = decoder.feed(b"1~cd")
+    assert keys == [client.Key("paste", "x\ty\r\n\x1b[A\x03z"), client.Key("text", "cd")]
+    assert not decoder.pasting
+
+
+def test_a_paste_beyond_the_limit_is_cut_and_the_rest_counted(monkeypatch):
+    monkeypatch.setattr(client, "PASTE_LIMIT", 10)
+    decoder = client.KeyDecoder()
+    assert decoder.feed(b"\x1b[200~" + b"x" * 25 + b"\x1b[201~") == [client.Key("paste", "x" * 10)]
+    assert decoder.paste_dropped == 15
+
+
+# -- the settings file ---------------------------------------------------------------
+
+def write_settings(tmp_path, text: str) -> dict:
+    folder = tmp_path / "pychat"
+    folder.mkdir(exist_ok=True)
+    (folder / "config").write_text(text)
+    return {"XDG_CONFIG_HOME": str(tmp_path)}
+
+
+def test_settings_file_gives_defaults_and_the_command_line_wins(tmp_path):
+    environment = write_settings(tmp_path, "[pychat]\nhost = chat.example.org\nport = 6000\n"
+                                           "nick = alice\ntls = yes\ncolor = no\nbell = on\n")
+    options = client.parse_options([], environment)
+    assert (options.host, options.port, options.nick, options.tls, options.color, options.bell) == \
+        ("chat.example.org", 6000, "alice", True, False, True)
+    options = client.parse_options(["--port", "7000", "--no-tls", "--color", "--nick", "bob"], environment)
+    assert (options.host, options.port, options.nick, options.tls, options.color) == \
+        ("chat.example.org", 7000, "bob", False, True)
+
+
+def test_settings_path_follows_xdg_config_home_or_falls_back_to_dot_config(tmp_path, monkeypatch):
+    assert client.config_path({"XDG_CONFIG_HOME": "/x"}) == "/x/pychat/config"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert client.config_path({}) == f"{tmp_path}/.config/pychat/config"
+    assert client.parse_options([], {"XDG_CONFIG_HOME": str(tmp_path / "none")}).port == 25000
+
+
+@pytest.mark.parametrize("text, complaint", [
+    ("[pychat]\ncolour = no\n", "unknown setting 'colour'"),
+    ("[pychat]\ntls = maybe\n", "tls must be yes or no"),
+    ("[pychat]\nport = 99999\n", "port: '99999' is not a port number"),
+    ("[client]\nhost = x\n", "unknown section [client]"),
+    ("host = x\n", "settings file"),
+])
+def test_a_bad_settings_file_is_one_line_naming_the_file_and_the_setting(tmp_path, capsys, text, complaint):
+    environment = write_settings(tmp_path, text)
+    with pytest.raises(SystemExit) as stopped:
+        client.parse_options([], environment)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert complaint in error and str(tmp_path / "pychat" / "config") in error, error
+    assert "Traceback" not in error

@@ -204,3 +204,25 @@ def test_control_characters_from_a_careless_server_are_removed():
     shown = output.decode()
     assert re.search(r"\] evil: \[2J\]0;ownedhignp\.exe\n", shown), repr(shown)
     assert not re.search("[\x00-\x08\x0b-\x1f\x7f\u202e]", shown), repr(shown)
+
+
+# -- the settings file ---------------------------------------------------------------
+
+def test_help_says_where_the_settings_file_is(tmp_path):
+    result = subprocess.run([sys.executable, str(CLIENT), "--help"], capture_output=True, timeout=15,
+                            env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path)})
+    assert result.returncode == 0
+    assert str(tmp_path / "pychat" / "config") in " ".join(result.stdout.decode().split())
+
+
+def test_settings_file_is_used_and_the_command_line_wins(server, connect, tmp_path):
+    (tmp_path / "pychat").mkdir()
+    (tmp_path / "pychat" / "config").write_text(f"[pychat]\nnick = fromfile\nport = {server.port}\n")
+    bob = connect(server, "bob")
+    environment = {"XDG_CONFIG_HOME": str(tmp_path)}
+    result = run_piped(server, "hello\n", env=environment)
+    assert result.returncode == 0, result.stderr.decode()
+    assert bob.expect("^fromfile: ") == "fromfile: hello"
+    result = run_piped(server, "again\n", "--nick", "fromline", env=environment)
+    assert result.returncode == 0, result.stderr.decode()
+    assert bob.expect("^fromline: ") == "fromline: again"

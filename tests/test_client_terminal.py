@@ -13,6 +13,7 @@ import pathlib
 import re
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def cell_width(char: str) -> int:
 
 
 class Screen:
-    """rows x cols cells; understands CR, LF, BS and the CSI sequences K, J, A-D, G, H, m."""
+    """rows x cols cells; understands CR, LF, BS and the CSI sequences K, J, A-D, G, H, m, r (a
+    scroll region) and the private modes ?N h / l (kept in `modes`)."""
 
     CSI = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z@])")
 
@@ -48,6 +50,8 @@ class Screen:
         self.rows, self.cols = rows, cols
         self.cells = [[" "] * cols for _ in range(rows)]
         self.row = self.col = 0
+        self.top, self.bottom = 0, rows - 1    # the scroll region
+        self.modes: set[str] = set()
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.unparsed = ""
 
@@ -94,13 +98,19 @@ class Screen:
             self.col += width
 
     def line_feed(self) -> None:
-        if self.row == self.rows - 1:
-            self.cells.pop(0)
-            self.cells.append([" "] * self.cols)
-        else:
+        if self.row == self.bottom:
+            del self.cells[self.top]
+            self.cells.insert(self.bottom, [" "] * self.cols)
+        elif self.row < self.rows - 1:
             self.row += 1
 
     def control(self, parameters: str, final: str) -> None:
+        if parameters.startswith("?"):
+            if final == "h":
+                self.modes.add(parameters)
+            elif final == "l":
+                self.modes.discard(parameters)
+            return
         numbers = [int(part) if part.isdigit() else 0 for part in parameters.split(";")]
         count = max(1, numbers[0])
         if final == "K":
@@ -117,9 +127,13 @@ class Screen:
             self.row = max(0, self.row - count)
         elif final == "B":
             self.row = min(self.rows - 1, self.row + count)
-        elif final == "H":
-            self.row = max(1, numbers[0]) - 1
-            self.col = (max(1, numbers[1]) - 1) if len(numbers) > 1 else 0
+        elif final == "H":   # a terminal keeps the cursor on the screen, whatever it is told
+            self.row = min(max(1, numbers[0]), self.rows) - 1
+            self.col = min(max(1, numbers[1]), self.cols) - 1 if len(numbers) > 1 else 0
+        elif final == "r":
+            self.top = max(1, numbers[0]) - 1
+            self.bottom = (numbers[1] if len(numbers) > 1 and numbers[1] else self.rows) - 1
+            self.row = self.col = 0
         elif final == "J" and numbers[0] == 2:
             self.cells = [[" "] * self.cols for _ in range(self.rows)]
         elif final == "J":
@@ -153,6 +167,15 @@ def test_screen_model_plays_wide_characters_erase_and_cursor_moves():
     assert [screen.line(1), screen.line(2)] == ["0123456789", "ab"]
     screen.feed(b"\x1b[1A\x1b[3G\x1b[J")
     assert [screen.line(0), screen.line(1), screen.line(2)] == ["xy z", "01", ""]
+
+
+def test_screen_model_scrolls_only_its_scroll_region():
+    screen = Screen(4, 10)
+    screen.feed(b"\x1b[?2004h\x1b[1;3r\x1b[4;1Hinput\x1b[1;1Hone\r\ntwo\r\nthree\r\nfour")
+    assert [screen.line(row) for row in range(4)] == ["two", "three", "four", "input"]
+    assert screen.modes == {"?2004"}
+    screen.feed(b"\x1b[r\x1b[?2004l")
+    assert (screen.top, screen.bottom, screen.modes) == (0, 3, set())
 
 
 # -- the client in a pseudo-terminal ------------------------------------------------
@@ -259,9 +282,92 @@ def run_client():
         client.close()
 
 
+class FakeServer:
+    """A real listening socket on 127.0.0.1 (port 0) that plays a server from a script.
+
+    For what the real server cannot be made to do (hostile lines) or does
+    not do yet. Tests send it lines to write and wait for the lines the
+    client writes, each wait with a deadline.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.host, self.port = self.listener.getsockname()[:2]
+        self.sock: socket.socket | None = None
+        self.buffer = b""
+        self.heard: list[str] = []
+
+    def accept(self, timeout: float = TIMEOUT) -> None:
+        self.listener.settimeout(timeout)
+        try:
+            self.sock, _ = self.listener.accept()
+        except socket.timeout:
+            pytest.fail(f"the client did not connect within {timeout} s")
+        self.buffer = b""
+
+    def send(self, *lines: str) -> None:
+        self.sock.sendall("".join(line + "\n" for line in lines).encode("utf-8"))
+
+    def expect(self, pattern: str, timeout: float = TIMEOUT) -> str:
+        """The next line from the client that matches pattern (from its start)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\n", 1)
+                line = raw.decode("utf-8")
+                self.heard.append(line)
+                if re.match(pattern, line):
+                    return line
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"the client never sent a line matching {pattern!r}; it sent {self.heard[-10:]}")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                pytest.fail(f"the client closed the connection; it sent {self.heard[-10:]}")
+            self.buffer += data
+
+    def hang_up(self, timeout: float = TIMEOUT) -> None:
+        """Close the connection as a server does: everything sent arrives first (a close with
+        unread input would be a reset, which can overtake it)."""
+        self.sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                if not self.sock.recv(65536):
+                    break
+            except (socket.timeout, OSError):
+                break
+        self.sock.close()
+
+    def sign_in(self, nick: str = "alice", greeting: str = "*** pyChat 1.0.0: 1 online.") -> None:
+        """Accept the client and take it through the greeting and the nickname to #lobby."""
+        self.accept()
+        self.send(greeting, "*** Choose a nickname:")
+        self.expect(re.escape(nick) + "$")
+        self.send(f"*** Welcome, {nick}! Type /help for the commands.",
+                  "*** You are in #lobby, alone for now.")
+
+    def close(self) -> None:
+        if self.sock:
+            self.sock.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def fake_server():
+    server = FakeServer()
+    yield server
+    server.close()
+
+
 def signed_in(run_client, server, nick: str = "alice", bell: bool = False, **size) -> ClientInPty:
     client = run_client(server, "--nick", nick, *(["--bell"] if bell else []), **size)
-    client.wait_for_input_line(f"{nick}> ")
+    client.wait_for_input_line(f"{nick} #lobby> ")
     return client
 
 
@@ -271,10 +377,10 @@ def test_incoming_message_is_printed_above_the_half_typed_line(server, connect, 
     bob = connect(server, "bob")
     alice = signed_in(run_client, server)
     alice.type("hello wor")
-    alice.wait_for_input_line("alice> hello wor")
+    alice.wait_for_input_line("alice #lobby> hello wor")
     bob.send("good morning")
     row = alice.wait_for_row(r"^\[\d\d:\d\d:\d\d\] bob: good morning$")
-    alice.wait_for_input_line("alice> hello wor")
+    alice.wait_for_input_line("alice #lobby> hello wor")
     assert row == alice.screen.row - 1, alice.screen.dump()
     alice.type("ld\r")
     assert bob.expect(r"^alice: ") == "alice: hello world"
@@ -284,11 +390,11 @@ def test_cjk_half_typed_line_survives_and_is_sent_intact(server, connect, run_cl
     bob = connect(server, "bob")
     alice = signed_in(run_client, server)
     alice.type("你好世")
-    alice.wait_for_input_line("alice> 你好世")
-    assert alice.screen.col == len("alice> ") + 6
+    alice.wait_for_input_line("alice #lobby> 你好世")
+    assert alice.screen.col == len("alice #lobby> ") + 6
     bob.send("こんにちは")
     alice.wait_for_row(r"bob: こんにちは$")
-    alice.wait_for_input_line("alice> 你好世")
+    alice.wait_for_input_line("alice #lobby> 你好世")
     alice.type(f"界{LEFT}{LEFT}{BACKSPACE}🙂\r")
     assert bob.expect(r"^alice: ") == "alice: 你🙂世界"
 
@@ -306,8 +412,8 @@ def test_narrow_terminal_scrolls_long_input_sideways_on_one_row(server, connect,
     alice.wait_for(lambda screen: screen.cursor_line.endswith("0123456789"), "input redrawn")
     assert row == alice.screen.row - 1, alice.screen.dump()
     alice.type(HOME)
-    alice.wait_for(lambda screen: screen.cursor_line.startswith("alice> the quick")
-                   and screen.col == len("alice> "), "start of the input after Home")
+    alice.wait_for(lambda screen: screen.cursor_line.startswith("alice #lobby> the quick")
+                   and screen.col == len("alice #lobby> "), "start of the input after Home")
     alice.type("\r")
     assert bob.expect(r"^alice: ") == f"alice: {text}"
 
@@ -326,7 +432,7 @@ def test_wide_input_in_narrow_terminal_never_splits_a_character(server, connect,
 def test_resize_redraws_input_for_new_width_without_a_key_press(server, run_client):
     alice = signed_in(run_client, server)
     alice.type("x" * 40 + "END")
-    alice.wait_for_input_line("alice> " + "x" * 40 + "END")
+    alice.wait_for_input_line("alice #lobby> " + "x" * 40 + "END")
     set_window_size(alice.slave, 24, 20)   # the client gets SIGWINCH
     alice.screen = Screen(24, 20)          # the model of the new, narrower terminal
     alice.wait_for(lambda screen: screen.cursor_line.endswith("xxEND")
@@ -361,11 +467,11 @@ def test_history_recalls_sent_lines_with_up_and_down(server, connect, run_client
     bob.expect("^alice: second$")
     alice.type("draft")
     alice.type(UP + UP)
-    alice.wait_for_input_line("alice> first")
+    alice.wait_for_input_line("alice #lobby> first")
     alice.type(DOWN)
-    alice.wait_for_input_line("alice> second")
+    alice.wait_for_input_line("alice #lobby> second")
     alice.type(DOWN)
-    alice.wait_for_input_line("alice> draft")
+    alice.wait_for_input_line("alice #lobby> draft")
     alice.type(UP + UP + " again\r")
     assert bob.expect(r"^alice: ") == "alice: first again"
 
@@ -373,7 +479,7 @@ def test_history_recalls_sent_lines_with_up_and_down(server, connect, run_client
 def test_tab_completes_a_command(server, run_client):
     alice = signed_in(run_client, server)
     alice.type("/onl\t")
-    alice.wait_for_input_line("alice> /online ")
+    alice.wait_for_input_line("alice #lobby> /online ")
 
 
 def test_tab_completes_a_nickname_seen_joining(server, connect, run_client):
@@ -381,7 +487,7 @@ def test_tab_completes_a_nickname_seen_joining(server, connect, run_client):
     bob = connect(server, "bob")
     alice.wait_for_row(r"\*\*\* bob joined")
     alice.type("bo\t")
-    alice.wait_for_input_line("alice> bob: ")
+    alice.wait_for_input_line("alice #lobby> bob: ")
     alice.type("lunch?\r")
     assert bob.expect(r"^alice: ") == "alice: bob: lunch?"
 
@@ -393,12 +499,12 @@ def test_tab_completes_a_nickname_that_was_online_before_me(server, connect, run
     # The client learns who is here from a reply it cannot be seen waiting for:
     # press Tab until it completes (once completed, another Tab changes nothing).
     deadline = time.monotonic() + TIMEOUT
-    while alice.screen.cursor_line != "alice> /msg bob":
+    while alice.screen.cursor_line != "alice #lobby> /msg bob":
         if time.monotonic() > deadline:
             pytest.fail(f"Tab never completed the nickname; the screen shows:\n{alice.screen.dump()}")
         alice.type("\t")
         alice.read(0.3)
-    alice.wait_for_input_line("alice> /msg bob ")
+    alice.wait_for_input_line("alice #lobby> /msg bob ")
     alice.type("psst\r")
     assert bob.expect(r"^\[pm from alice\] ") == "[pm from alice] psst"
     assert b"online:" not in alice.output   # the roster was learnt quietly
@@ -417,7 +523,7 @@ def test_without_nick_the_nickname_is_typed_on_the_input_line(server, run_client
     client = run_client(server)
     client.wait_for_input_line("nickname: ")
     client.type("carol\r")
-    client.wait_for_input_line("carol> ")
+    client.wait_for_input_line("carol #lobby> ")
 
 
 def test_refused_nick_on_a_terminal_asks_again(server, run_client):
@@ -425,25 +531,73 @@ def test_refused_nick_on_a_terminal_asks_again(server, run_client):
     client.wait_for_row(r"!! ")
     client.wait_for_input_line("nickname: ")
     client.type("dave\r")
-    client.wait_for_input_line("dave> ")
+    client.wait_for_input_line("dave #lobby> ")
 
 
 # -- leaving ---------------------------------------------------------------------------
 
-def test_server_shutdown_while_typing_exits_nonzero_and_restores_terminal(server, run_client):
+def test_server_restart_signs_in_again_and_keeps_the_half_typed_line(start_server, connect, run_client):
+    server = start_server()
     alice = signed_in(run_client, server)
     alice.type("half a tho")
-    alice.wait_for_input_line("alice> half a tho")
-    assert termios.tcgetattr(alice.slave) != alice.mode_before
+    alice.wait_for_input_line("alice #lobby> half a tho")
     server.stop()
-    assert alice.wait_exit() != 0
+    alice.wait_for_row(r"-!- disconnected: ")
+    alice.wait_for_row(r"-!- connecting again in 1 s \(Ctrl-C twice, Ctrl-D or /quit leaves")
+    alice.wait_for_input_line("offline alice #lobby> half a tho")
+    alice.wait_for_row(rf"-!- cannot connect to {server.host}:{server.port}: ")
+    alice.wait_for_row(r"-!- connecting again in 2 s")      # the delay grows while no one answers
+    again = start_server("--port", str(server.port))
+    alice.wait_for_row(rf"-!- connected to {server.host}:{server.port} again; signing in as alice",
+                       timeout=15)
+    alice.wait_for_input_line("alice #lobby> half a tho")
+    bob = connect(again, "bob")
+    alice.type("ught\r")
+    assert bob.expect(r"^alice: ") == "alice: half a thought"
+    assert alice.process.poll() is None
+
+
+def test_leaving_while_waiting_to_connect_again_exits_at_once_showing_what_was_not_sent(server, run_client):
+    alice = signed_in(run_client, server)
+    alice.type("half a tho")
+    alice.wait_for_input_line("alice #lobby> half a tho")
+    server.stop()
+    alice.wait_for_row(r"-!- connecting again in")
+    alice.type("ught\r")
+    alice.wait_for_input_line("offline (1 waiting) alice #lobby> ")
+    alice.type(CTRL_C)
+    assert alice.wait_exit() == 0
     assert termios.tcgetattr(alice.slave) == alice.mode_before
     rows = [alice.screen.line(row) for row in range(alice.screen.rows)]
-    assert any("disconnected" in row for row in rows), alice.screen.dump()
-    assert any(row.endswith("not sent: half a tho") for row in rows), alice.screen.dump()
+    assert any(row.endswith("-!- not sent: half a thought") for row in rows), alice.screen.dump()
 
 
-@pytest.mark.parametrize("keys", [CTRL_D, CTRL_C, "/quit\r"])
+def test_put_out_by_an_operator_the_client_does_not_come_back(start_server, connect, run_client):
+    server = start_server("--op-password", "letmein")
+    bob = connect(server, "bob")
+    alice = signed_in(run_client, server)
+    bob.send("/op letmein")
+    bob.send("/help disconnect")      # a server with rooms disconnects with /disconnect, an older one with /kick
+    command = "/kick" if bob.expect(r"-- /disconnect|!! .*disconnect").startswith("!! ") else "/disconnect"
+    bob.send(f"{command} alice enough")
+    assert alice.wait_exit() == 1
+    rows = [alice.screen.line(row) for row in range(alice.screen.rows)]
+    assert any(re.search(r"-!- disconnected: by bob: enough$", row) for row in rows), alice.screen.dump()
+    assert not any("connecting again" in row for row in rows), alice.screen.dump()
+
+
+def test_put_out_for_a_reason_the_client_says_it_and_does_not_come_back(fake_server, run_client):
+    alice = run_client(fake_server, "--nick", "alice")
+    fake_server.sign_in("alice")
+    alice.wait_for_input_line("alice #lobby> ")
+    fake_server.send("!! Disconnected: sending too fast.")
+    fake_server.hang_up()
+    assert alice.wait_exit() == 1
+    rows = [alice.screen.line(row) for row in range(alice.screen.rows)]
+    assert any(row.endswith("-!- disconnected: sending too fast") for row in rows), alice.screen.dump()
+
+
+@pytest.mark.parametrize("keys", [CTRL_D, CTRL_C + CTRL_C, "/quit\r"])
 def test_leaving_exits_zero_and_restores_terminal(server, run_client, keys):
     alice = signed_in(run_client, server)
     alice.type(keys)
@@ -481,7 +635,7 @@ def test_password_typed_on_the_terminal_is_not_shown(start_server, run_client):
     client.type("sesa")
     client.wait_for(lambda screen: screen.cursor_line == "password:", "nothing shown of the password")
     client.type("me\r")
-    client.wait_for_input_line("erin> ")
+    client.wait_for_input_line("erin #lobby> ")
     assert b"sesame" not in client.output
 
 
@@ -516,7 +670,13 @@ def test_history_replay_shows_time_in_local_zone_without_the_prefix(server, conn
 def test_sigterm_restores_terminal_and_exits_with_signal_status(server, run_client):
     alice = signed_in(run_client, server)
     alice.type("typing")
-    alice.wait_for_input_line("alice> typing")
+    alice.wait_for_input_line("alice #lobby> typing")
     alice.process.send_signal(signal.SIGTERM)
     assert alice.wait_exit() == 128 + signal.SIGTERM
     assert termios.tcgetattr(alice.slave) == alice.mode_before
+
+
+def test_prompt_follows_my_new_nickname(server, run_client):
+    alice = signed_in(run_client, server)
+    alice.type("/nick alicia\r")
+    alice.wait_for_input_line("alicia #lobby> ")

@@ -1,0 +1,32 @@
+"""/ban, /unban and /bans: keeping people out of the server."""
+from commands import command
+
+
+@command("ban", "TARGET [DURATION] [REASON...]", operator=True)
+def ban(ctx, target, duration, reason):
+    """Keep TARGET out: a nickname, an address (203.0.113.7) or a network (203.0.113.0/24, 2001:db8::/48).
+
+    A registered nickname bans the account; a guest's nickname bans their
+    address. DURATION is a number with s, m, h, d or w (10m, 2h, 7d, 1h30m),
+    or "permanent", which is also what no duration means. Anyone online who
+    is banned is disconnected with the reason.
+    """
+    if duration is not None and not (duration[0].isdigit() or duration.lower() == "permanent"):
+        duration, reason = None, f"{duration} {reason or ''}".strip()
+    ctx.reply(ctx.ban(target, duration, reason))
+
+
+@command("unban", "TARGET", operator=True)
+def unban(ctx, target):
+    """Lift the ban on TARGET, written as /bans shows it."""
+    ctx.reply(ctx.unban(target))
+
+
+@command("bans", operator=True)
+def bans(ctx):
+    """List the bans in force, with the time each has left."""
+    found = ctx.bans()
+    if not found:
+        ctx.reply("No bans.")
+    for line in found:
+        ctx.reply(line)
