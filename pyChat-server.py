@@ -863,11 +863,19 @@ PYCHAT = PyChatProtocol()
 # ChatServer.lock guards people and rooms (every Person and Room field); lines
 # are queued while it is held, so everyone sees a room's lines in one order.
 # Output.io_lock is held around each system call on a socket (a TLS socket's
-# reads and writes must never overlap); Output.outbox_lock only around changes
-# to an outbox, so queueing a line never waits for a send. OutputPump.state_lock
+# reads and writes must never overlap); Output.outbox_lock around taking lines
+# out of an output's `pending` and changing its `outbox`, so queueing a line
+# never waits for a send. Queueing a line takes no lock at all: it appends to a
+# deque, which is safe from any thread (see Output). OutputPump.state_lock
 # guards what the pump watches and whether it sleeps. Nothing slow (file
 # writes aside, see ChatServer.save_history) happens under ChatServer.lock, and
 # no thread holding one of the later locks ever asks for an earlier one.
+#
+# Chunks that may wait in an output's `pending` before the thread that queues
+# one more counts what waits (moving them to `outbox`) and checks --max-queue.
+# The pump keeps a reader who reads well near zero, so only a reader who falls
+# behind is ever counted; at most this many lines past --max-queue are kept.
+PENDING_BEFORE_COUNT = 64
 
 def wait_until_writable(sock: socket.socket, timeout: float) -> None:
     """Wait until SOCK can take more output, or TIMEOUT runs out."""
@@ -879,14 +887,26 @@ def wait_until_writable(sock: socket.socket, timeout: float) -> None:
         select.select((), (sock,), (), max(0.0, timeout))
 
 
+def take(chunks: collections.deque[bytes], count: int) -> bytes:
+    """The first COUNT of CHUNKS, taken off and joined, while other threads may append to them."""
+    if count == 1:
+        return chunks.popleft()
+    # starmap calls popleft COUNT times in C: no Python code runs per chunk.
+    return b"".join(itertools.starmap(chunks.popleft, itertools.repeat((), count)))
+
+
 class Output:
     """One connection's output and the one way the connection ends.
 
-    Lines are appended to `outbox` by whoever produces them and written by the
-    pump. end() is the one way a connection ends: the first reason wins, later
-    ones change nothing, and the reading thread is woken to finish. close()
-    drains what it can and always closes the socket; after it, everything is a
-    no-op.
+    Lines are appended to `pending` by whoever produces them, from any thread
+    and without a lock: a deque's append and popleft are atomic, so appends
+    keep their order and none is lost while the pump takes chunks off the
+    other end. The pump takes everything pending at once and writes it in one
+    system call; what the socket did not take waits in `outbox`, in front of
+    anything pending. end() is the one way a connection ends: the first reason
+    wins, later ones change nothing, and the reading thread is woken to finish.
+    close() drains what it can and always closes the socket; after it,
+    everything is a no-op.
     """
 
     def __init__(self, sock: socket.socket, pump: OutputPump, protocol: PyChatProtocol = PYCHAT,
@@ -897,8 +917,12 @@ class Output:
         self.name = name                    # who this is, for the log
         self.io_lock = threading.Lock()
         self.outbox_lock = threading.Lock()
-        self.outbox = bytearray()
-        self.ready_for_pump = False         # in the pump's line of outputs to write
+        self.pending: collections.deque[bytes] = collections.deque()   # queued, not yet taken by the pump
+        self.outbox = bytearray()           # taken or counted, not yet sent: older than all of `pending`
+        # Neither in the pump's line of outputs to write nor watched until its socket takes more: the
+        # next line queued lines it up. The pump sets it before it takes what is pending, so a line
+        # queued after that lines the output up again.
+        self.idle = True
         self.stalled_since: float | None = None
         self.reason: str | None = None      # why the connection ends, once it does
         self.dropped = False                # ended with its queued output thrown away
@@ -928,10 +952,10 @@ class Output:
             if drop_output:
                 self.dropped = True
                 self.outbox.clear()
+                self.pending.clear()
             elif data:
-                self.outbox += data
-                line_up = not self.ready_for_pump and self.stalled_since is None
-                self.ready_for_pump = self.ready_for_pump or line_up
+                self.pending.append(data)
+                line_up, self.idle = self.idle, False
         if drop_output:
             log.warning("cutting off %r: %s", self, reason)
             if data:
@@ -954,26 +978,42 @@ class Output:
         except (OSError, ValueError):
             pass        # it could not take even this: it will not be told
 
+    def waiting(self) -> int:
+        """Move what is pending to the outbox; the bytes that wait to be sent."""
+        with self.outbox_lock:
+            if self.pending:
+                self.outbox += take(self.pending, len(self.pending))
+            return len(self.outbox)
+
     def flush(self) -> bool:
-        """Write as much of the outbox as the socket takes now; True if some is left."""
+        """Write the outbox and everything pending, as much as the socket takes now, in one system call;
+        True if some is left."""
         with self.io_lock:
             with self.outbox_lock:
-                self.ready_for_pump = False
-                if self.closed or not self.outbox:
+                self.idle = True
+                pending = self.pending
+                count = len(pending)
+                if self.closed or not (count or self.outbox):
                     return False
-                pending, self.outbox = self.outbox, bytearray()
+                if self.outbox:
+                    if count:
+                        self.outbox += take(pending, count)
+                    data, self.outbox = self.outbox, bytearray()
+                else:
+                    data = take(pending, count)
             try:
-                sent = self.sock.send(pending)
+                sent = self.sock.send(data)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 sent = 0
             except OSError:
                 return False        # the reading thread will find the connection gone
-            if sent == len(pending) and self.stalled_since is None:
+            if sent == len(data) and self.stalled_since is None:
                 return False        # the usual case: all of it went, and nothing was waiting before
             with self.outbox_lock:
-                if sent < len(pending):
-                    # Back in front of whatever was queued during the send.
-                    self.outbox[:0] = memoryview(pending)[sent:]
+                if sent < len(data):
+                    # In front of whatever was counted during the send; the pump watches the socket now.
+                    self.outbox[:0] = memoryview(data)[sent:]
+                    self.idle = False
                 if sent:
                     self.stalled_since = None
                 if self.outbox and self.stalled_since is None:
@@ -998,7 +1038,9 @@ class Output:
         finally:
             with self.io_lock, self.outbox_lock:
                 self.closed = self.refusing = True
+                self.idle = False
                 self.outbox.clear()
+                self.pending.clear()
             try:
                 self.pump.forget(self)      # after `closed`, so the pump cannot watch it again
             finally:
@@ -1030,31 +1072,31 @@ class OutputPump(threading.Thread):
         self.running = True
 
     def queue(self, outputs: Iterable[Output], data: bytes) -> None:
-        """Append DATA to each output's outbox, and line up the ones to write.
+        """Append DATA to each output's pending chunks, and line up the ones to write.
 
         This runs for every line and every receiver, so it does as little as it
-        can. A receiver whose outbox grows past --max-queue is cut off.
+        can, and takes no lock. A receiver who has fallen PENDING_BEFORE_COUNT
+        lines behind is counted, and cut off past --max-queue.
         """
         if not data:
             return
         newly_ready = []
-        overflowing = []
-        limit = self.max_queue
+        behind = []
         for output in outputs:
-            with output.outbox_lock:
-                if output.refusing:
-                    continue
-                outbox = output.outbox
-                outbox += data
-                if len(outbox) > limit:
-                    overflowing.append((output, len(outbox)))
-                elif not output.ready_for_pump and output.stalled_since is None:
-                    # Otherwise the pump has it in line already, or watches until its socket takes more.
-                    output.ready_for_pump = True
-                    newly_ready.append(output)
-        for output, size in overflowing:
-            output.end(f"not reading: {size} bytes waiting", Farewell("not reading what the server sends"),
-                       drop_output=True)
+            if output.refusing:
+                continue
+            pending = output.pending
+            pending.append(data)
+            if output.idle:
+                output.idle = False
+                newly_ready.append(output)
+            if len(pending) > PENDING_BEFORE_COUNT:
+                behind.append(output)
+        for output in behind:
+            size = output.waiting()
+            if size > self.max_queue:
+                output.end(f"not reading: {size} bytes waiting", Farewell("not reading what the server sends"),
+                           drop_output=True)
         if newly_ready:
             self.mark_ready(newly_ready)
 
@@ -1093,10 +1135,13 @@ class OutputPump(threading.Thread):
                     self.wake_reader.recv(4096)
                 else:
                     self.ready.append(key.data)     # writable again
-            while self.ready:
-                output = self.ready.popleft()
+            ready, watched = self.ready, self.watched
+            while ready:
+                output = ready.popleft()
                 try:
-                    self.write(output)
+                    more = output.flush()
+                    if more or output in watched:     # the usual case is neither: all of it went at once
+                        self.watch(output, more)
                 except Exception:       # one broken connection must not silence everyone
                     log.exception("writing to %r failed", output)
                     output.end("could not write to it", drop_output=True)
@@ -1104,10 +1149,8 @@ class OutputPump(threading.Thread):
                 next_check = time.monotonic() + 1.0
                 self.cut_off_stalled()
 
-    def write(self, output: Output) -> None:
-        more = output.flush()
-        if not more and output not in self.watched:
-            return
+    def watch(self, output: Output, more: bool) -> None:
+        """Watch OUTPUT's socket until it takes more if MORE is waiting for it, and stop watching if not."""
         with self.state_lock:
             if more and output not in self.watched and not output.closed:
                 self.selector.register(output.sock, selectors.EVENT_WRITE, output)

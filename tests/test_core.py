@@ -24,6 +24,15 @@ def socket_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
+def read_until_all(sock: socket.socket, markers: list[bytes]) -> bytes:
+    """Bytes from SOCK until every one of MARKERS has come, in whatever order."""
+    data = b""
+    for marker in markers:
+        if marker not in data:
+            data += read_until(sock, marker)
+    return data
+
+
 @pytest.fixture
 def pump():
     """An output pump that runs, stopped at the end."""
@@ -32,6 +41,16 @@ def pump():
     yield running
     running.stop()
     running.join(TIMEOUT)
+
+
+@pytest.fixture
+def idle_pump():
+    """An output pump whose thread never runs: what is queued stays queued until a test flushes it."""
+    standing = pychat.OutputPump(max_queue=10_000, stall_timeout=30)
+    yield standing
+    standing.selector.close()
+    standing.wake_reader.close()
+    standing.wake_writer.close()
 
 
 @pytest.fixture
@@ -145,6 +164,73 @@ def test_the_pump_never_sleeps_through_a_queued_line(pump):
     assert slowest < 5, f"a queued line waited {slowest:.2f} s for the pump to wake"
     for output in outputs:
         output.close()
+
+
+def test_everything_queued_while_the_pump_is_busy_leaves_in_one_write(idle_pump):
+    ours, theirs = socket_pair()
+    output = pychat.Output(ours, idle_pump)
+    expected = b""
+    for n in range(20):
+        line = b"bob: line %d\n" % n
+        idle_pump.queue((output,), line)
+        output.send(pychat.Notice(f"personal {n}"))
+        expected += line + b"*** personal %d\n" % n
+    assert list(idle_pump.ready) == [output], "an output was lined up for the pump more than once"
+    assert output.flush() is False, "lines were left over after one write to a socket with room for them"
+    assert read_until(theirs, b"*** personal 19\n") == expected
+    output.close()
+
+
+def test_lines_from_several_threads_reach_each_receiver_in_the_order_each_thread_queued_them(pump):
+    """Queueing takes no lock: four threads queue to the same receivers at once, one of them alternating
+    room lines with personal lines to the first receiver. Nothing is lost, doubled or reordered."""
+    pairs = [socket_pair() for _ in range(3)]
+    outputs = [pychat.Output(ours, pump) for ours, _ in pairs]
+    count = 3000
+
+    def speak(thread: int) -> None:
+        for n in range(count):
+            pump.queue(outputs, b"t%d %d\n" % (thread, n))
+            if thread == 0:
+                outputs[0].send(pychat.Notice(f"personal {n}"))
+
+    threads = [threading.Thread(target=speak, args=(thread,)) for thread in range(4)]
+    for thread in threads:
+        thread.start()
+    last_lines = [b"t%d %d\n" % (thread, count - 1) for thread in range(4)]
+    received = [read_until_all(theirs, last_lines + [b"*** personal %d\n" % (count - 1)] * (which == 0))
+                for which, (_, theirs) in enumerate(pairs)]
+    for thread in threads:
+        thread.join(TIMEOUT)
+    for which, data in enumerate(received):
+        lines = data.decode().splitlines()
+        for thread in range(4):
+            own = [line for line in lines if line.startswith(f"t{thread} ")]
+            assert own == [f"t{thread} {n}" for n in range(count)], \
+                f"receiver {which} got thread {thread}'s lines lost, doubled or out of order"
+        if which == 0:
+            mine = [line for line in lines if line.startswith(("t0 ", "*** personal"))]
+            assert mine == [text for n in range(count) for text in (f"t0 {n}", f"*** personal {n}")], \
+                "a personal line overtook, or fell behind, a room line queued before or after it"
+    for output in outputs:
+        output.close()
+
+
+def test_a_reader_who_falls_behind_is_cut_off_soon_after_max_queue(idle_pump):
+    ours, theirs = socket_pair()
+    output = pychat.Output(ours, idle_pump)
+    line = b"x" * 99 + b"\n"
+    for n in range(1000):
+        idle_pump.queue((output,), line)
+        if output.reason:
+            break
+    assert output.reason and output.reason.startswith("not reading: "), f"never cut off: {output.reason}"
+    waiting = int(output.reason.split()[2])
+    allowed = idle_pump.max_queue + (pychat.PENDING_BEFORE_COUNT + 1) * len(line)
+    assert idle_pump.max_queue < waiting <= allowed, f"cut off with {waiting} bytes waiting, limit {allowed}"
+    assert output.dropped and not output.pending and not output.outbox, "a cut-off reader's output was kept"
+    assert read_until(theirs, b"\n") == b"!! Disconnected: not reading what the server sends.\n"
+    output.close()
 
 
 # -- the server object's tables ----------------------------------------------------------------------------
