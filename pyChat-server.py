@@ -7,21 +7,26 @@ the events the core produces and the one class that turns them into lines);
 a connection's output and the pump that writes to every socket; the
 connection handler (one thread per connection); the server object, which
 owns people and rooms and every change to them; the context that
-slash-commands act through; main().
+slash-commands act through; then the IRC front door (README, "IRC clients"):
+reading and writing IRC messages, the IRC protocol object that puts the
+core's events in IRC's words, and the IRC connection and its listener; main().
 
-A line becomes a broadcast in two hops: ClientConnection.on_line() hands it to
-ChatServer.say(), which renders the event once per audience of the room
-(PyChatProtocol.encode) and queues the bytes to each member's output.
+A line becomes a broadcast in two hops: ClientConnection.on_line() (or, from
+an IRC client, IrcConnection.irc_privmsg()) hands it to ChatServer.say(),
+which renders the event once per audience of the room (PyChatProtocol.encode,
+IrcProtocol.encode) and queues the bytes to each member's output.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import contextlib
 import datetime
 import errno
 import hashlib
 import hmac
+import inspect
 import ipaddress
 import itertools
 import json
@@ -139,6 +144,8 @@ MAX_PASSWORD_BYTES = 256
 
 MAX_SECONDS = 1_000_000           # the longest timeout: poll() takes at most about 24 days, in milliseconds
 MAX_KEEPALIVE = 32767             # the longest --keepalive: the most Linux takes for TCP_KEEPIDLE
+IRC_PORT = None                   # --irc-port: a second port, for IRC clients (None: no IRC)
+IRC_PING_INTERVAL = 120.0         # --irc-ping: seconds of silence before an IRC client is sent PING
 
 
 def number(kind: type, low: float, high: float | None = None, above: bool = False):
@@ -230,6 +237,13 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
                                "environment variable PYCHAT_OP_PASSWORD")
     security.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
     security.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM)")
+    irc = parser.add_argument_group("IRC (see README, 'IRC clients')")
+    irc.add_argument("--irc-port", type=number(int, 0, 65535), default=IRC_PORT, metavar="PORT",
+                     help="also let IRC clients in on this port, TLS too with --tls-cert; 0 picks a free "
+                          "one and logs it (default: no IRC)")
+    irc.add_argument("--irc-ping", type=positive_seconds, default=IRC_PING_INTERVAL, metavar="SECONDS",
+                     help=f"silence before an IRC client is sent PING; as long again without an answer "
+                          f"disconnects it (default: {IRC_PING_INTERVAL:g})")
     options = parser.parse_args(argv)
     if bool(options.tls_cert) != bool(options.tls_key):
         parser.error("--tls-cert and --tls-key go together")
@@ -317,14 +331,15 @@ TAB_WIDTH = 4                     # columns of indentation a leading tab stands 
 MAX_INDENT = 32                   # leading spaces kept at most
 
 
-def clean_text(text: str) -> str:
-    """Make untrusted text safe to show: no control characters or direction overrides, and one space
-    between words; leading indentation stays (tabs as spaces, up to MAX_INDENT), trailing blanks go.
+def clean_text(text: str, invisible: re.Pattern = _INVISIBLE) -> str:
+    """Make untrusted text safe to show: no control characters or direction overrides (those INVISIBLE
+    matches), and one space between words; leading indentation stays (tabs as spaces, up to
+    MAX_INDENT), trailing blanks go.
 
     Linear in the length of TEXT, so it may run on anything a client sends.
     """
     if not text.isprintable():
-        text = _INVISIBLE.sub("", text)
+        text = invisible.sub("", text)
     indent = 0
     leading = _INDENT.match(text)
     if leading:
@@ -640,10 +655,12 @@ class Welcome(NamedTuple):
 
 
 class Entered(NamedTuple):
-    """You are now in ROOM (and it is current), with these others."""
+    """You are now in ROOM (and it is current), with these others. MEMBERS (everyone, with whether they
+    run the room) only for a protocol that lists members on entering (IRC's NAMES)."""
     room: str
     others: tuple[str, ...]
     more: int
+    members: tuple[tuple[str, bool], ...] = ()
 
 
 class Topic(NamedTuple):
@@ -750,6 +767,12 @@ def _mode_words(event: ModeChanged) -> str:
     return f"*** {event.nick} {words}"
 
 
+def plain(text: str) -> str:
+    """Text as pyChat and nc users read it: what IRC users say may hold IRC's formatting codes, and
+    nothing else that is not printable."""
+    return text if text.isprintable() else strip_irc_formatting(text)
+
+
 def _utc(when: float) -> str:
     return datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -762,9 +785,12 @@ class PyChatProtocol:
     starts with `#`.
     """
 
+    name = "pyChat"
+    lists_members = False
+
     LINES: dict[type, Callable[[Any], str]] = {
-        Said: lambda e: f"{e.nick}: {e.text}",
-        Acted: lambda e: f"* {e.nick} {e.text}",
+        Said: lambda e: f"{e.nick}: {plain(e.text)}",
+        Acted: lambda e: f"* {e.nick} {plain(e.text)}",
         Joined: lambda e: f"*** {e.nick} joined #{e.room}",
         Left: lambda e: f"*** {e.nick} left #{e.room}",
         Kicked: lambda e: f"*** {e.nick} was kicked from #{e.room} by {e.by}{_because(e.reason)}",
@@ -788,8 +814,8 @@ class PyChatProtocol:
         YouLeft: lambda e: f"*** You left #{e.room}.",
         YouWereKicked: lambda e: f"*** You were kicked from #{e.room} by {e.by}{_because(e.reason)}.",
         Invited: lambda e: f"*** {e.by} invites you to #{e.room}. Type /join #{e.room} to accept.",
-        PrivateFrom: lambda e: f"[pm from {e.nick}] {e.text}",
-        PrivateTo: lambda e: f"[pm to {e.nick}] {e.text}",
+        PrivateFrom: lambda e: f"[pm from {e.nick}] {plain(e.text)}",
+        PrivateTo: lambda e: f"[pm to {e.nick}] {plain(e.text)}",
         Bye: lambda e: "*** Bye.",
         ShuttingDown: lambda e: "*** Server shutting down.",
         DisconnectedBy: lambda e: f"*** You were disconnected by {e.by}{_because(e.reason)}.",
@@ -1052,6 +1078,8 @@ class OutputPump(threading.Thread):
         can, and takes no lock. A receiver who has fallen PENDING_BEFORE_COUNT
         lines behind is counted, and cut off past --max-queue.
         """
+        if not data:
+            return
         newly_ready = []
         behind = []
         for output in outputs:
@@ -1201,6 +1229,11 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
     def __repr__(self) -> str:
         return f"{self.person.nick if self.person else '(signing in)'}@{self.address}"
+
+    @staticmethod
+    def refusal(reason: str) -> bytes:
+        """What a newcomer turned away at the door reads before the connection closes."""
+        return PYCHAT.encode(Error(reason))
 
     # -- the story of a connection -----------------------------------------
 
@@ -2499,7 +2532,16 @@ class DataDirectory:
 # The server object: who is here, rooms, and every change to them
 # ---------------------------------------------------------------------------
 
-Refused = commands.CommandError     # a request the core turns down; the caller sees the message
+class Refused(commands.CommandError):
+    """A request the core turns down. The message is for the person; KIND says which refusal it is,
+    and ROOM and NICK what it is about, for protocols that have a code for each (IRC's numerics)."""
+
+    def __init__(self, message: str, kind: str | None = None, room: str | None = None,
+                 nick: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.room = room
+        self.nick = nick
 
 
 class Person:
@@ -2529,6 +2571,20 @@ class Person:
 
     def __repr__(self) -> str:
         return f"{self.nick}@{self.address}"
+
+
+class Whois(NamedTuple):
+    """What may be known of someone online, for /whois and IRC's WHOIS."""
+
+    nick: str
+    account: str | None                     # None for a guest
+    rooms: tuple[tuple[str, bool], ...]     # the rooms the asker may see, and whether they run each
+    away: str | None
+    operator: bool
+    since: float                            # when they signed in, a time.time()
+    idle: float                             # seconds since they last said something
+    protocol: str                           # the name of the protocol they came in with
+    address: str | None                     # for operators of the server only
 
 
 class Room:
@@ -2597,6 +2653,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.ignorers: dict[str, set[Person]] = {}              # who ignores each name_key(), if anyone
         self.stopping = False
         self.stop_signal, self.stop_trigger = socket.socketpair()
+        self.started = time.time()
         self.tls = self.make_tls_context() if options.tls_cert else None
         self.data = DataDirectory(options.data_dir, options.history_file, options.history, options.operator)
         self.motd = MessageOfTheDay(options.motd)
@@ -2615,6 +2672,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.spare_descriptor = os.open(os.devnull, os.O_RDONLY | _CLOEXEC)
         self.pump = OutputPump(options.max_queue, options.stall_timeout)
         super().__init__((options.host, options.port), ClientConnection)
+        self.irc = IrcListener(self) if options.irc_port is not None else None
         self.pump.start()
 
     def make_tls_context(self) -> ssl.SSLContext:
@@ -2668,7 +2726,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
             time.sleep(OUT_OF_DESCRIPTORS_PAUSE)
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
-        """Give a newcomer a thread of its own, or turn it away when it is banned, or the server or its address is full.
+        self.admit(request, client_address, ClientConnection)
+
+    def admit(self, request: socket.socket, client_address: tuple, protocol: type[ClientConnection]) -> None:
+        """Give a newcomer a thread of its own, speaking PROTOCOL, or turn it away when it is banned, or the
+        server or its address is full; the limits count every port alike.
 
         Every count taken here is given back in release(), on every path.
         """
@@ -2689,7 +2751,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 refusal = None
         if refusal is None:
             try:
-                super().process_request(request, client_address)
+                threading.Thread(target=self.process_request_thread, args=(request, client_address, protocol),
+                                 daemon=True).start()
                 return
             except (RuntimeError, MemoryError, OSError) as problem:    # out of threads, memory or processes
                 self.release(bucket)
@@ -2704,22 +2767,22 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if not explain:
             self.shutdown_request(request)
         elif self.tls is None:
-            self.refuse(request, refusal)
+            self.refuse(request, protocol.refusal(refusal))
         else:
             try:
-                threading.Thread(target=self.refuse, args=(request, refusal), daemon=True).start()
+                threading.Thread(target=self.refuse, args=(request, protocol.refusal(refusal)), daemon=True).start()
             except (RuntimeError, MemoryError):
                 with self.lock:
                     self.refusing -= 1
                 self.shutdown_request(request)
 
-    def refuse(self, request: socket.socket, refusal: str) -> None:
+    def refuse(self, request: socket.socket, refusal: bytes) -> None:
         """Tell a newcomer why it cannot come in, and close the connection."""
         try:
             if self.tls is not None:
                 request.settimeout(2.0)
                 request = self.tls.wrap_socket(request, server_side=True)
-            request.sendall(PYCHAT.encode(Error(refusal)))
+            request.sendall(refusal)
         except (OSError, ssl.SSLError):
             pass
         finally:
@@ -2728,10 +2791,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 with self.lock:
                     self.refusing -= 1
 
-    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+    def process_request_thread(self, request: socket.socket, client_address: tuple,
+                               protocol: type[ClientConnection]) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            protocol(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
+            self.shutdown_request(request)
             self.release(address_bucket(client_address[0]))
 
     def release(self, bucket: str) -> None:
@@ -2939,7 +3006,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if not person.muted and len(room.members) <= ANNOUNCE_LIMIT:
             self._to_room(room, Joined(room.name, person.nick), skip=person)
         others = [m.nick for m in itertools.islice(room.members, 16) if m is not person][:15]
-        person.output.send(Entered(room.name, tuple(others), len(room.members) - len(others) - 1))
+        # A protocol that lists members gets them all, up to ANNOUNCE_LIMIT: past that, joins and leaves
+        # are not announced, so a longer list would not stay true, and every newcomer would pay for it.
+        members = (tuple((m.nick, m in room.operators) for m in itertools.islice(room.members, ANNOUNCE_LIMIT))
+                   if person.output.protocol.lists_members else ())
+        person.output.send(Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members))
         if room.topic:
             person.output.send(Topic(room.name, room.topic))
         if self.options.history:
@@ -2991,7 +3062,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             return person.current
         room = person.rooms.get(name_key(room_name(name)))
         if room is None:
-            raise Refused(f"You are not in #{room_name(name)}.")
+            raise Refused(f"You are not in #{room_name(name)}.", "not-in-room", room=room_name(name))
         return room
 
     def _visible_room(self, viewer: Person, name: str) -> Room:
@@ -2999,7 +3070,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         room = self.rooms.get(name_key(room_name(name)))
         if room is None or not room.members or (room.private and viewer not in room.members
                                                 and not viewer.operator):
-            raise Refused(f"No one is in #{room_name(name)}. /rooms lists the rooms.")
+            raise Refused(f"No one is in #{room_name(name)}. /rooms lists the rooms.", "no-such-room",
+                          room=room_name(name))
         return room
 
     def join(self, person: Person, name: str, password: str | None = None) -> None:
@@ -3007,25 +3079,27 @@ class ChatServer(socketserver.ThreadingTCPServer):
         name = room_name(name)
         problem = name_problem(name, "Room name")
         if problem:
-            raise Refused(problem)
+            raise Refused(problem, "no-such-room", room=name)
         with self.lock:
             room = self.rooms.get(name_key(name))
             if room is not None and room.key in person.rooms:
                 if room is person.current:
-                    raise Refused(f"You are already in #{room.name}.")
+                    raise Refused(f"You are already in #{room.name}.", "already-in-room", room=room.name)
                 self._make_current(person, room)
                 person.output.send(NowTalking(room.name))
                 return
             limit = self.options.rooms_per_person
             if limit and len(person.rooms) >= limit:
-                raise Refused(f"You are in {len(person.rooms)} rooms, the most one may be in; /leave one first.")
+                raise Refused(f"You are in {len(person.rooms)} rooms, the most one may be in; /leave one first.",
+                              "too-many-rooms", room=name)
             if room is not None and room.members and not person.operator and room.key not in person.invited_to:
                 if room.invite_only:
-                    raise Refused(f"#{room.name} is invite-only; one of its operators can /invite you.")
+                    raise Refused(f"#{room.name} is invite-only; one of its operators can /invite you.",
+                                  "invite-only", room=room.name)
                 if room.password is not None and not hmac.compare_digest(
                         (password or "").encode("utf-8"), room.password.encode("utf-8")):
                     raise Refused(f"#{room.name} needs a key: /join #{room.name} KEY." if password is None
-                                  else f"Wrong key for #{room.name}.")
+                                  else f"Wrong key for #{room.name}.", "bad-key", room=room.name)
             self._enter(person, room or self.room_named(name))
 
     def leave(self, person: Person, name: str | None = None) -> None:
@@ -3044,9 +3118,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._check_runs(by, room)
             target = self._find(nick)
             if target not in room.members:
-                raise Refused(f"{target.nick} is not in #{room.name}.")
+                raise Refused(f"{target.nick} is not in #{room.name}.", "they-are-not-in-room", room.name, target.nick)
             if target.operator and not by.operator:
-                raise Refused(f"{target.nick} is a server operator; a room operator cannot kick them.")
+                raise Refused(f"{target.nick} is a server operator; a room operator cannot kick them.",
+                              "not-room-operator", room=room.name)
             if len(target.rooms) == 1 and room is self.lobby:
                 raise Refused(f"#{room.name} is {target.nick}'s only room; a server operator can /disconnect them.")
             target.output.send(YouWereKicked(room.name, by.nick, reason))
@@ -3064,7 +3139,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self._check_runs(by, room)
             target = self._find(nick)
             if target in room.members:
-                raise Refused(f"{target.nick} is already in #{room.name}.")
+                raise Refused(f"{target.nick} is already in #{room.name}.", "they-are-in-room", room.name,
+                              target.nick)
             target.invited_to.add(room.key)
             if by.key not in target.ignoring:
                 target.output.send(Invited(room.name, by.nick))
@@ -3103,7 +3179,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             elif setting in ("op", "deop"):
                 target = self._find(value)
                 if target not in room.members:
-                    raise Refused(f"{target.nick} is not in #{room.name}.")
+                    raise Refused(f"{target.nick} is not in #{room.name}.", "they-are-not-in-room", room.name, target.nick)
                 if (setting == "op") == (target in room.operators):
                     raise Refused(f"{target.nick} is {'already' if setting == 'op' else 'not'} an operator "
                                   f"of #{room.name}.")
@@ -3141,7 +3217,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def _check_runs(self, person: Person, room: Room) -> None:
         """Refuse unless PERSON may run ROOM (an operator of it, or of the server) and is not muted."""
         if not (person.operator or person in room.operators):
-            raise Refused(f"Only operators of #{room.name} may do that.")
+            raise Refused(f"Only operators of #{room.name} may do that.", "not-room-operator",
+                          room=room.name)
         if person.muted:
             raise Refused("You are muted; you cannot run a room.")
 
@@ -3153,15 +3230,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- talking ----------------------------------------------------------------------
 
-    def say(self, person: Person, text: str, name: str | None = None) -> None:
-        """A chat line from PERSON to the room NAME, or to their current room."""
-        self._speak(person, Said, text, name)
+    def say(self, person: Person, text: str, name: str | None = None, echo: bool = True) -> None:
+        """A chat line from PERSON to the room NAME, or to their current room; with ECHO false, PERSON is
+        not sent it back (IRC clients show their own lines themselves)."""
+        self._speak(person, Said, text, name, echo)
 
-    def act(self, person: Person, text: str, name: str | None = None) -> None:
+    def act(self, person: Person, text: str, name: str | None = None, echo: bool = True) -> None:
         """An action line, '* nick waves', to the room NAME or the current one."""
-        self._speak(person, Acted, text, name)
+        self._speak(person, Acted, text, name, echo)
 
-    def _speak(self, person: Person, kind: type, text: str, name: str | None) -> None:
+    def _speak(self, person: Person, kind: type, text: str, name: str | None, echo: bool = True) -> None:
         with self.lock:
             if person.muted:
                 person.output.send(Error("You are muted; the room does not hear you."))
@@ -3177,7 +3255,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     # In the file before anyone sees it, so whatever was seen survives a kill -9. A private
                     # room's lines are never written: it forgets them when it empties, as it would at a restart.
                     self.data.history.append(room.name, when, PYCHAT.line(event))
-            self._to_room(room, event, sender=person)
+            self._to_room(room, event, skip=None if echo else person, sender=person)
 
     def send_private(self, person: Person, nick: str, text: str) -> None:
         """TEXT to NICK alone; PERSON gets a copy, and the away message if there is one.
@@ -3207,7 +3285,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         either way, as an ignored sender online sees their copy)."""
         registered = self.data.accounts.name(normal_name(nick))
         if registered is None:
-            raise Refused(f"No one called {nick} is online. /online lists who is.")
+            raise Refused(f"No one called {nick} is online. /online lists who is.", "no-such-person", nick=nick)
         if person.key not in self.data.accounts.ignoring(registered):
             try:
                 self.data.offline.leave(person.nick, registered, text)
@@ -3237,9 +3315,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused("You are muted; you cannot change your nickname.")
             problem = self.nickname_problem(new_nick, person)
             if problem:
-                raise Refused(problem)
+                raise Refused(problem, "nickname-taken", nick=new_nick)
             if new_nick == person.nick:
-                raise Refused(f"You are already {new_nick}.")
+                raise Refused(f"You are already {new_nick}.", "same-nickname", nick=new_nick)
             old_nick, old_key, new_key = person.nick, person.key, name_key(new_nick)
             del self.people[old_key]
             person.nick, person.key = new_nick, new_key
@@ -3629,14 +3707,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
     # -- knowing who is who ---------------------------------------------------------------------
 
     def whois(self, viewer: Person, nick: str) -> commands.PersonDetails:
-        """What VIEWER may know about NICK; the address only if VIEWER is an operator of the server."""
-        with self.lock:
-            target = self._find(nick)
-            return commands.PersonDetails(
-                target.nick, target.account, target.operator, utc_text(target.since),
-                describe_duration(time.monotonic() - target.last_spoke),
-                tuple(room.name for room in target.rooms.values() if self._may_see(viewer, room)), target.away,
-                str(ip_of(target.address) or target.address) if viewer.operator else None)
+        """What VIEWER may know about NICK, for /whois; the address only if VIEWER is an operator of the server."""
+        found = self.person_details(viewer, nick)
+        if found is None:
+            raise Refused(f"No one called {nick} is online. /online lists who is.", "no-such-person", nick=nick)
+        return commands.PersonDetails(found.nick, found.account, found.operator, utc_text(found.since),
+                                      describe_duration(found.idle), tuple(room for room, _ in found.rooms),
+                                      found.away, found.address)
 
     def server_details(self) -> commands.ServerDetails:
         with self.lock:
@@ -3673,6 +3750,42 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._charge(viewer, len(rooms), "/rooms")      # finding them is cheap: the table is bounded
         return sorted(rooms, key=lambda r: r.name.casefold())
 
+    def rooms_of(self, person: Person) -> list[str]:
+        """The rooms PERSON is in, in the order joined."""
+        with self.lock:
+            return [room.name for room in person.rooms.values()]
+
+    def person_details(self, viewer: Person, nick: str) -> Whois | None:
+        """What VIEWER may know of NICK (the rooms they may see; the address only if VIEWER is an operator
+        of the server), or None if no one is called that."""
+        if len(nick) > MAX_NICKNAME_LENGTH:
+            return None             # no one's, and not worth normalising
+        with self.lock:
+            person = self.people.get(name_key(normal_name(nick)))
+            if person is None:
+                return None
+            rooms = tuple((room.name, person in room.operators) for room in person.rooms.values()
+                          if self._may_see(viewer, room))
+            address = str(ip_of(person.address) or person.address) if viewer.operator else None
+            return Whois(person.nick, person.account, rooms, person.away, person.operator, person.since,
+                         time.monotonic() - person.last_spoke, person.output.protocol.name, address)
+
+    def look_up(self, nicks: list[str]) -> list[commands.PersonInfo | None]:
+        """Each of NICKS (a few) as a PersonInfo if they are online, else None."""
+        keys = [name_key(unicodedata.normalize("NFKC", nick)) for nick in nicks
+                if len(nick) <= MAX_NICKNAME_LENGTH]        # longer is no one's, and not worth normalising
+        with self.lock:
+            found = [self.people.get(key) for key in keys]
+            return [commands.PersonInfo(p.nick, None, p.away, p.operator, p.muted, False) if p else None
+                    for p in found]
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """People signed in, how many are operators, connections still signing in, and rooms with people."""
+        with self.lock:
+            people = len(self.people)
+            return (people, sum(p.operator for p in self.people.values()), len(self.connections) - people,
+                    sum(1 for room in self.rooms.values() if room.members))
+
     @staticmethod
     def _may_see(viewer: Person, room: Room | None) -> bool:
         return room is not None and (not room.private or viewer.operator or room.key in viewer.rooms)
@@ -3684,15 +3797,17 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if not person.listing.allow(max(entries, 1)):
             wait = (min(entries, LISTING_BURST) - person.listing.tokens) / LISTING_RATE
             raise Refused(f"{what} lists {entries} entries, more than you may ask for now; "
-                          f"try again in {max(1, math.ceil(wait))} s.")
+                          f"try again in {max(1, math.ceil(wait))} s.", "try-again")
 
     # -- delivery: events to the outputs of their receivers ----------------------------------
 
     def _to_room(self, room: Room, event: Any, skip: Person | None = None, sender: Person | None = None) -> None:
         """Queue EVENT to everyone in ROOM (but SKIP, and those ignoring SENDER), rendered once per
         audience. Lock held."""
-        if skip is None and (sender is None or sender.key not in self.ignorers):
+        if sender is None or sender.key not in self.ignorers:
             for (protocol, tagged), outputs in room.audiences.items():
+                if skip is not None and skip.output in outputs:
+                    outputs = outputs - {skip.output}     # a set difference: no Python work per member
                 if outputs:
                     self.pump.queue(outputs, protocol.encode(event, tagged))
             return
@@ -3715,7 +3830,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """The person called NICK (spelt any look-alike way); the lock is held."""
         found = self.people.get(name_key(normal_name(nick)))
         if found is None:
-            raise Refused(f"No one called {nick} is online. /online lists who is.")
+            raise Refused(f"No one called {nick} is online. /online lists who is.", "no-such-person",
+                          nick=nick)
         return found
 
     # -- shutting down -------------------------------------------------------------
@@ -3723,6 +3839,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def stop(self) -> None:
         """Tell everyone, close every connection, and wait a little for them to go."""
         self.shutdown()
+        if self.irc is not None:
+            self.irc.shutdown()
         with self.lock:
             self.stopping = True
             connections = list(self.connections)
@@ -3737,6 +3855,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             time.sleep(0.05)
         self.pump.stop()
         self.server_close()
+        if self.irc is not None:
+            self.irc.server_close()
         self.data.close()
 
 
@@ -3891,6 +4011,1394 @@ class Context:
 
 
 # ---------------------------------------------------------------------------
+# The IRC protocol: messages, numerics, capabilities, text, registration
+# ---------------------------------------------------------------------------
+# The IRC port speaks the client protocol of modern.ircdocs.horse with the
+# IRCv3 extensions listed in IRC_CAPABILITIES. Everything in this section is
+# pure: it reads and writes IRC text and knows nothing about sockets or rooms.
+
+IRC_SERVER_NAME = "pychat.server"       # the source of the server's own messages
+IRC_NETWORK = "pyChat"
+IRC_SERVICE_NICK = "pyChat"             # /msg pyChat help: pyChat's slash-commands (a reserved name)
+IRC_MAX_BODY_BYTES = 510                # a message without its tags and CR LF (RFC 1459: 512 with CR LF)
+IRC_MAX_TAG_BYTES = 8191                # the tag section, its '@' and the space after it included (IRCv3)
+IRC_MAX_PARAMS = 15
+IRC_MAX_USERNAME = 10
+IRC_MAX_REALNAME = 50
+# Formatting codes (bold, colour, hex colour, reset, monospace, reverse, italic, strike, underline) are
+# the IRC clients' business: they pass between IRC users and are taken out for everyone else.
+IRC_FORMATTING = "\x02\x03\x04\x0f\x11\x16\x1d\x1e\x1f"
+CTCP = "\x01"
+
+
+class IrcMessage(NamedTuple):
+    """One IRC message: COMMAND (upper case, or three digits) and its parameters, the last of them
+    the one that may hold spaces; a source and tags when the sender gave them."""
+
+    command: str
+    params: list[str]
+    source: str | None = None
+    tags: dict[str, str] | None = None
+
+
+class IrcLineError(ValueError):
+    """A line that is not an IRC message we can take: the numeric that says so, and why."""
+
+    def __init__(self, numeric: str, why: str) -> None:
+        super().__init__(why)
+        self.numeric = numeric
+
+
+_TAG_ESCAPES = {";": "\\:", " ": "\\s", "\\": "\\\\", "\r": "\\r", "\n": "\\n"}
+_TAG_ESCAPING = str.maketrans(_TAG_ESCAPES)
+_TAG_UNESCAPES = {escaped[1]: raw for raw, escaped in _TAG_ESCAPES.items()}
+
+
+def escape_tag_value(value: str) -> str:
+    return value.translate(_TAG_ESCAPING)
+
+
+def unescape_tag_value(value: str) -> str:
+    """A tag value as the sender meant it: known escapes undone, a lone backslash before anything
+    else dropped (as the message-tags specification says)."""
+    if "\\" not in value:
+        return value
+    out, pieces = [], iter(value)
+    for ch in pieces:
+        if ch == "\\":
+            following = next(pieces, "")
+            out.append(_TAG_UNESCAPES.get(following, following))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def parse_irc_tags(text: str) -> dict[str, str]:
+    tags = {}
+    for item in text.split(";"):
+        key, _, value = item.partition("=")
+        if key:
+            tags[key] = unescape_tag_value(value)
+    return tags
+
+
+def format_irc_tags(tags: dict[str, str]) -> str:
+    return ";".join(f"{key}={escape_tag_value(value)}" if value else key for key, value in tags.items())
+
+
+def parse_irc_message(line: str) -> IrcMessage | None:
+    """Read one line from an IRC client (without CR LF); None for an empty line (IRC ignores those).
+
+    Raises IrcLineError for a line over IRC's limits or without a command.
+    """
+    rest = line
+    tags = None
+    if rest.startswith("@"):
+        tag_text, _, rest = rest.partition(" ")
+        if len(tag_text.encode("utf-8")) + 1 > IRC_MAX_TAG_BYTES:
+            raise IrcLineError("ERR_INPUTTOOLONG", "Input line was too long (its tags are over 8191 bytes)")
+        tags = parse_irc_tags(tag_text[1:])
+        rest = rest.lstrip(" ")
+    if len(rest.encode("utf-8")) > IRC_MAX_BODY_BYTES:
+        raise IrcLineError("ERR_INPUTTOOLONG",
+                           f"Input line was too long (over {IRC_MAX_BODY_BYTES} bytes besides tags)")
+    source = None
+    if rest.startswith(":"):
+        source, _, rest = rest[1:].partition(" ")
+        rest = rest.lstrip(" ")
+    command, _, rest = rest.partition(" ")
+    if not command:
+        if tags is None and source is None:
+            return None
+        raise IrcLineError("ERR_UNKNOWNCOMMAND", "A message needs a command")
+    params: list[str] = []
+    while rest:
+        rest = rest.lstrip(" ")
+        if rest.startswith(":") or (rest and len(params) == IRC_MAX_PARAMS - 1):
+            params.append(rest[1:] if rest.startswith(":") else rest)
+            break
+        if rest:
+            param, _, rest = rest.partition(" ")
+            params.append(param)
+    return IrcMessage(command.upper(), params, source, tags)
+
+
+_IRC_BREAKS = str.maketrans("", "", "\r\n\0")
+
+
+def format_irc_message(command: str, params: Iterable[str] = (), source: str | None = IRC_SERVER_NAME,
+                       tags: dict[str, str] | None = None) -> str:
+    """One IRC message as text without CR LF; the last parameter is sent as a trailing one when it
+    has to be (spaces, a leading ':', empty), so it may hold any text. CR, LF and NUL never go out."""
+    parts = []
+    if tags:
+        parts.append("@" + format_irc_tags(tags))
+    if source:
+        parts.append(":" + source)
+    parts.append(command)
+    params = list(params)
+    if params:
+        *middle, last = params
+        parts += middle
+        last = last.translate(_IRC_BREAKS)
+        parts.append(":" + last if not last or " " in last or last.startswith(":") else last)
+    return " ".join(parts)
+
+
+def split_utf8(text: str, limit: int) -> list[str]:
+    """TEXT in pieces of at most LIMIT bytes of UTF-8 each, never inside a character.
+
+    A piece ends at the last space that leaves it at least half full, and that
+    space is left out; otherwise it is cut between two characters and nothing
+    is left out. Joined with spaces where they were cut at spaces, the pieces
+    are the text again.
+    """
+    encoded = text.encode("utf-8")
+    limit = max(limit, 4)       # room for the widest character, so every piece holds something
+    pieces = []
+    while len(encoded) > limit:
+        cut = limit
+        while encoded[cut] & 0xC0 == 0x80:      # a continuation byte: inside a character
+            cut -= 1
+        space = encoded.rfind(b" ", limit // 2, cut + 1)
+        if space > 0:
+            pieces.append(encoded[:space].decode("utf-8"))
+            encoded = encoded[space + 1:]
+        else:
+            pieces.append(encoded[:cut].decode("utf-8"))
+            encoded = encoded[cut:]
+    pieces.append(encoded.decode("utf-8"))
+    return pieces
+
+
+def irc_text_messages(command: str, target: str, text: str, source: str, tags: dict[str, str] | None = None,
+                      wrap: tuple[str, str] = ("", "")) -> list[str]:
+    """PRIVMSG or NOTICE of TEXT to TARGET, as as many messages as IRC's line limit needs: a long
+    pyChat line reaches an IRC user in pieces, never cut short. WRAP goes around each piece
+    (a CTCP ACTION's markers)."""
+    head = format_irc_message(command, (target,), source) + " :"
+    before, after = wrap
+    room = IRC_MAX_BODY_BYTES - len((head + before + after).encode("utf-8"))
+    pieces = split_utf8(text.translate(_IRC_BREAKS), room)
+    prefix = "@" + format_irc_tags(tags) + " " if tags else ""
+    return [f"{prefix}{head}{before}{piece}{after}" for piece in pieces]
+
+
+# The numerics the server sends: name -> (code, the usual closing text, or None when the
+# parameters are all there is). A caller may give a more helpful text than the usual one.
+IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
+    "RPL_WELCOME": ("001", None),
+    "RPL_YOURHOST": ("002", None),
+    "RPL_CREATED": ("003", None),
+    "RPL_MYINFO": ("004", None),
+    "RPL_ISUPPORT": ("005", "are supported by this server"),
+    "RPL_UMODEIS": ("221", None),
+    "RPL_LUSERCLIENT": ("251", None),
+    "RPL_LUSEROP": ("252", "operator(s) online"),
+    "RPL_LUSERUNKNOWN": ("253", "unknown connection(s)"),
+    "RPL_LUSERCHANNELS": ("254", "channels formed"),
+    "RPL_LUSERME": ("255", None),
+    "RPL_TRYAGAIN": ("263", "Please wait a while and try again."),
+    "RPL_AWAY": ("301", None),
+    "RPL_USERHOST": ("302", None),
+    "RPL_ISON": ("303", None),
+    "RPL_UNAWAY": ("305", "You are no longer marked as being away"),
+    "RPL_NOWAWAY": ("306", "You have been marked as being away"),
+    "RPL_WHOISUSER": ("311", None),
+    "RPL_WHOISSERVER": ("312", None),
+    "RPL_WHOISOPERATOR": ("313", "is an IRC operator"),
+    "RPL_ENDOFWHO": ("315", "End of WHO list"),
+    "RPL_WHOISIDLE": ("317", "seconds idle, signon time"),
+    "RPL_ENDOFWHOIS": ("318", "End of /WHOIS list"),
+    "RPL_WHOISCHANNELS": ("319", None),
+    "RPL_WHOISSPECIAL": ("320", None),
+    "RPL_LISTSTART": ("321", "Users  Name"),
+    "RPL_LIST": ("322", None),
+    "RPL_LISTEND": ("323", "End of /LIST"),
+    "RPL_CHANNELMODEIS": ("324", None),
+    "RPL_CREATIONTIME": ("329", None),
+    "RPL_WHOISACCOUNT": ("330", "is logged in as"),
+    "RPL_NOTOPIC": ("331", "No topic is set"),
+    "RPL_TOPIC": ("332", None),
+    "RPL_TOPICWHOTIME": ("333", None),
+    "RPL_WHOISACTUALLY": ("338", "is connecting from"),
+    "RPL_INVITING": ("341", None),
+    "RPL_INVITELIST": ("346", None),
+    "RPL_ENDOFINVITELIST": ("347", "End of channel invite list"),
+    "RPL_EXCEPTLIST": ("348", None),
+    "RPL_ENDOFEXCEPTLIST": ("349", "End of channel exception list"),
+    "RPL_VERSION": ("351", None),
+    "RPL_WHOREPLY": ("352", None),
+    "RPL_NAMREPLY": ("353", None),
+    "RPL_ENDOFNAMES": ("366", "End of /NAMES list"),
+    "RPL_BANLIST": ("367", None),
+    "RPL_ENDOFBANLIST": ("368", "End of channel ban list"),
+    "RPL_ENDOFWHOWAS": ("369", "End of WHOWAS"),
+    "RPL_MOTD": ("372", None),
+    "RPL_MOTDSTART": ("375", None),
+    "RPL_ENDOFMOTD": ("376", "End of /MOTD command."),
+    "RPL_YOUREOPER": ("381", "You are now an IRC operator"),
+    "RPL_TIME": ("391", None),
+    "ERR_NOSUCHNICK": ("401", "No such nick/channel"),
+    "ERR_NOSUCHSERVER": ("402", "No such server"),
+    "ERR_NOSUCHCHANNEL": ("403", "No such channel"),
+    "ERR_CANNOTSENDTOCHAN": ("404", "Cannot send to channel"),
+    "ERR_TOOMANYCHANNELS": ("405", "You have joined too many channels"),
+    "ERR_WASNOSUCHNICK": ("406", "There was no such nickname"),
+    "ERR_NOORIGIN": ("409", "No origin specified"),
+    "ERR_INVALIDCAPCMD": ("410", "Invalid CAP command"),
+    "ERR_NORECIPIENT": ("411", "No recipient given"),
+    "ERR_NOTEXTTOSEND": ("412", "No text to send"),
+    "ERR_INPUTTOOLONG": ("417", "Input line was too long"),
+    "ERR_UNKNOWNCOMMAND": ("421", "Unknown command"),
+    "ERR_NOMOTD": ("422", "MOTD File is missing"),
+    "ERR_NONICKNAMEGIVEN": ("431", "No nickname given"),
+    "ERR_ERRONEUSNICKNAME": ("432", "Erroneous nickname"),
+    "ERR_NICKNAMEINUSE": ("433", "Nickname is already in use"),
+    "ERR_USERNOTINCHANNEL": ("441", "They aren't on that channel"),
+    "ERR_NOTONCHANNEL": ("442", "You're not on that channel"),
+    "ERR_USERONCHANNEL": ("443", "is already on channel"),
+    "ERR_NOTREGISTERED": ("451", "You have not registered"),
+    "ERR_NEEDMOREPARAMS": ("461", "Not enough parameters"),
+    "ERR_ALREADYREGISTERED": ("462", "You may not reregister"),
+    "ERR_PASSWDMISMATCH": ("464", "Password incorrect"),
+    "ERR_YOUREBANNEDCREEP": ("465", "You are banned from this server"),
+    "ERR_CHANNELISFULL": ("471", "Cannot join channel (+l)"),
+    "ERR_UNKNOWNMODE": ("472", "is unknown mode char to me"),
+    "ERR_INVITEONLYCHAN": ("473", "Cannot join channel (+i)"),
+    "ERR_BANNEDFROMCHAN": ("474", "Cannot join channel (+b)"),
+    "ERR_BADCHANNELKEY": ("475", "Cannot join channel (+k)"),
+    "ERR_BADCHANMASK": ("476", "Bad Channel Mask"),
+    "ERR_NOPRIVILEGES": ("481", "Permission Denied- You're not an IRC operator"),
+    "ERR_CHANOPRIVSNEEDED": ("482", "You're not channel operator"),
+    "ERR_UMODEUNKNOWNFLAG": ("501", "Unknown MODE flag"),
+    "ERR_USERSDONTMATCH": ("502", "Can't change mode for other users"),
+    "RPL_LOGGEDIN": ("900", None),
+    "RPL_SASLSUCCESS": ("903", "SASL authentication successful"),
+    "ERR_SASLFAIL": ("904", "SASL authentication failed"),
+    "ERR_SASLTOOLONG": ("905", "SASL message too long"),
+    "ERR_SASLABORTED": ("906", "SASL authentication aborted"),
+    "ERR_SASLALREADY": ("907", "You have already authenticated using SASL"),
+    "RPL_SASLMECHS": ("908", "are available SASL mechanisms"),
+}
+
+
+def irc_numeric(name: str, target: str, *params: str, text: str | None = None) -> str:
+    """The numeric NAME to TARGET (a nickname, or '*' before there is one), with PARAMS and a closing
+    text: TEXT if given, else the usual one of the table."""
+    code, usual = IRC_NUMERICS[name]
+    closing = text if text is not None else usual
+    return format_irc_message(code, (target, *params) + ((closing,) if closing is not None else ()))
+
+
+# Capabilities offered, with their values for CAP LS 302. A cheap one is offered only when it
+# is honoured everywhere: server-time on every message, echo-message for every PRIVMSG/NOTICE.
+IRC_CAPABILITIES: dict[str, str | None] = {
+    "away-notify": None,
+    "echo-message": None,
+    "multi-prefix": None,
+    "sasl": "PLAIN",
+    "server-time": None,
+}
+
+
+class IrcCapabilities:
+    """One connection's capability negotiation (CAP LS, LIST, REQ, END) and what it enabled.
+
+    While `negotiating`, registration waits, as IRCv3 asks: a client that sent
+    CAP LS or CAP REQ before registering is registered only after CAP END.
+    """
+
+    def __init__(self, offered: dict[str, str | None]) -> None:
+        self.offered = offered
+        self.enabled: set[str] = set()
+        self.version = 0
+        self.negotiating = False
+
+    def handle(self, nick: str, params: list[str], registered: bool) -> list[str]:
+        """The replies to CAP PARAMS from the client called NICK ('*' until it has one)."""
+        if not params:
+            return [irc_numeric("ERR_NEEDMOREPARAMS", nick, "CAP")]
+        subcommand = params[0].upper()
+        if subcommand == "LS":
+            if len(params) > 1 and params[1].isdigit():
+                self.version = max(self.version, int(params[1]))
+            self.negotiating = not registered
+            offered = [name if value is None or self.version < 302 else f"{name}={value}"
+                       for name, value in self.offered.items()]
+            return self._listing(nick, "LS", offered)
+        if subcommand == "LIST":
+            return self._listing(nick, "LIST", sorted(self.enabled))
+        if subcommand == "REQ":
+            self.negotiating = not registered
+            wanted = (params[1] if len(params) > 1 else "").split()
+            names = [name.removeprefix("-") for name in wanted]
+            if not wanted or any(name not in self.offered for name in names):
+                return [format_irc_message("CAP", (nick, "NAK", " ".join(wanted)))]
+            for name in wanted:
+                if name.startswith("-"):
+                    self.enabled.discard(name[1:])
+                else:
+                    self.enabled.add(name)
+            return [format_irc_message("CAP", (nick, "ACK", " ".join(wanted)))]
+        if subcommand == "END":
+            self.negotiating = False
+            return []
+        return [irc_numeric("ERR_INVALIDCAPCMD", nick, params[0])]
+
+    def _listing(self, nick: str, subcommand: str, names: list[str]) -> list[str]:
+        """CAP LS or LIST replies, over several lines marked with '*' when they do not fit in one."""
+        head = len(format_irc_message("CAP", (nick, subcommand, "*", ":")).encode("utf-8"))
+        lines: list[list[str]] = [[]]
+        for name in names:
+            if lines[-1] and head + len(" ".join(lines[-1] + [name]).encode("utf-8")) > IRC_MAX_BODY_BYTES:
+                lines.append([])
+            lines[-1].append(name)
+        continued = ["*"] if self.version >= 302 else []
+        return [format_irc_message("CAP", (nick, subcommand, *(continued if n < len(lines) - 1 else []),
+                                           " ".join(line)))
+                for n, line in enumerate(lines)]
+
+
+# Control characters other than IRC's formatting codes, and direction overrides: removed from
+# what IRC users say, as clean_text does for everyone else. Tabs become spaces first.
+_INVISIBLE_ON_IRC = re.compile("[\x00\x01\x05-\x08\x0a-\x0e\x10\x12-\x15\x17-\x1c\x7f-\x9f"
+                               "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_IRC_FORMATTING_CODES = re.compile("\x03(?:[0-9]{1,2}(?:,[0-9]{1,2})?)?"
+                                   "|\x04(?:[0-9a-fA-F]{6}(?:,[0-9a-fA-F]{6})?)?"
+                                   "|[\x02\x0f\x11\x16\x1d\x1e\x1f]")
+
+
+def clean_irc_text(text: str) -> str:
+    """What an IRC user said, for other IRC users: formatting codes kept, every other control
+    character and direction override removed, as clean_text does."""
+    return clean_text(text, _INVISIBLE_ON_IRC)
+
+
+def strip_irc_formatting(text: str) -> str:
+    """IRC text without its formatting codes (a colour's numbers too), for pyChat and nc users."""
+    return clean_text(_IRC_FORMATTING_CODES.sub("", text))
+
+
+def parse_ctcp(text: str) -> tuple[str, str] | None:
+    """('ACTION', 'waves') for '\\x01ACTION waves\\x01', or None when TEXT is not a CTCP message."""
+    if not text.startswith(CTCP):
+        return None
+    body = text[1:].removesuffix(CTCP)
+    command, _, argument = body.partition(" ")
+    return command.upper(), argument
+
+
+def irc_server_time(when: float) -> str:
+    """The server-time tag's value: UTC with milliseconds."""
+    moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def irc_username(wanted: str) -> str:
+    """The user name shown in NICK!USER@HOST: what the client gave, letters, digits and '_.-' only,
+    short, with the '~' that says no ident server vouched for it."""
+    kept = "".join(ch for ch in wanted if ch.isascii() and (ch.isalnum() or ch in "_.-"))
+    return "~" + (kept[:IRC_MAX_USERNAME - 1] or "user")
+
+
+class IrcRegistration:
+    """What an IRC client says about itself before it is in the chat: PASS, NICK, USER and CAP, in
+    any order. handle() returns the replies; `ready` is true once there is enough to sign in with.
+
+    Only the name's own rules are checked here (432); whether it is taken (433)
+    is the server's to say when the person signs in.
+    """
+
+    def __init__(self, capabilities: IrcCapabilities) -> None:
+        self.capabilities = capabilities
+        self.password: str | None = None
+        self.nick: str | None = None
+        self.username: str | None = None
+        self.realname = ""
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.nick and self.username) and not self.capabilities.negotiating
+
+    @property
+    def target(self) -> str:
+        """How numerics address the client: its nickname, or '*' while it has none."""
+        return self.nick or "*"
+
+    def handle(self, message: IrcMessage) -> list[str]:
+        command, params = message.command, message.params
+        if command == "CAP":
+            return self.capabilities.handle(self.target, params, registered=False)
+        if command == "PASS":
+            if not params:
+                return [irc_numeric("ERR_NEEDMOREPARAMS", self.target, "PASS")]
+            self.password = params[0]
+            return []
+        if command == "NICK":
+            if not params or not params[0]:
+                return [irc_numeric("ERR_NONICKNAMEGIVEN", self.target)]
+            wanted = params[0]
+            problem = irc_nickname_problem(wanted)
+            if problem:
+                return [irc_numeric("ERR_ERRONEUSNICKNAME", self.target, wanted, text=problem)]
+            self.nick = unicodedata.normalize("NFKC", wanted)
+            return []
+        if command == "USER":
+            if len(params) < 4 or not params[0]:
+                return [irc_numeric("ERR_NEEDMOREPARAMS", self.target, "USER")]
+            if self.username is not None:
+                return [irc_numeric("ERR_ALREADYREGISTERED", self.target)]
+            self.username = irc_username(params[0])
+            self.realname = clean_text(params[3])[:IRC_MAX_REALNAME]
+            return []
+        if command == "PING":
+            return [irc_pong(params)]
+        if command == "PONG":
+            return []
+        return [irc_numeric("ERR_NOTREGISTERED", self.target)]
+
+
+class IrcSasl:
+    """SASL PLAIN over AUTHENTICATE (IRCv3 sasl-3.1): what to answer, and the credentials once the
+    client has sent them all. Checking them is the accounts' business, not this class's.
+
+    The client names the mechanism, the server answers '+', the client sends
+    base64 of 'authzid NUL authcid NUL password' in pieces of 400 bytes (a
+    shorter piece, or '+', ends it); '*' aborts.
+    """
+
+    MECHANISMS = ("PLAIN",)
+    PIECE = 400
+    MOST = 4 * 400                  # more than any account name and password need
+
+    def __init__(self) -> None:
+        self.mechanism: str | None = None
+        self.received = ""
+
+    def handle(self, nick: str, argument: str) -> tuple[list[str], tuple[str, str] | None]:
+        """The replies to AUTHENTICATE ARGUMENT, and (account, password) when they are complete."""
+        if argument == "*":
+            self.__init__()
+            return [irc_numeric("ERR_SASLABORTED", nick)], None
+        if self.mechanism is None:
+            if argument.upper() not in self.MECHANISMS:
+                return [irc_numeric("RPL_SASLMECHS", nick, ",".join(self.MECHANISMS)),
+                        irc_numeric("ERR_SASLFAIL", nick)], None
+            self.mechanism = argument.upper()
+            return [format_irc_message("AUTHENTICATE", ("+",), source=None)], None
+        if len(argument) > self.PIECE or len(self.received) + len(argument) > self.MOST:
+            self.__init__()
+            return [irc_numeric("ERR_SASLTOOLONG", nick)], None
+        if argument != "+":
+            self.received += argument
+        if len(argument) == self.PIECE:
+            return [], None                 # more to come
+        received, self.mechanism, self.received = self.received, None, ""
+        try:
+            authorization, account, password = base64.b64decode(received, validate=True).decode("utf-8").split("\0")
+        except (ValueError, UnicodeDecodeError):
+            return [irc_numeric("ERR_SASLFAIL", nick)], None
+        if authorization and authorization != account:
+            return [irc_numeric("ERR_SASLFAIL", nick, text="SASL authentication failed: "
+                                                           "one may only sign in as oneself")], None
+        return [], (account, password)
+
+
+def irc_nickname_problem(wanted: str) -> str | None:
+    """Why WANTED cannot be anyone's nickname, by pyChat's rules, or None when it can."""
+    if len(wanted) > MAX_NICKNAME_LENGTH:      # before normalising, which costs more the longer the name
+        return f"Nickname is too long (at most {MAX_NICKNAME_LENGTH} characters)."
+    return name_problem(unicodedata.normalize("NFKC", wanted))
+
+
+def irc_pong(params: list[str]) -> str:
+    if not params or not params[0]:
+        return irc_numeric("ERR_NOORIGIN", "*")
+    return format_irc_message("PONG", (IRC_SERVER_NAME, params[0]))
+
+
+class IrcPingClock:
+    """When to PING a quiet IRC client, and when to give up on one that does not answer.
+
+    Anything the client sends shows it is there. After INTERVAL seconds of
+    silence the server sends PING; after INTERVAL more without a word, the
+    connection ends with "Ping timeout".
+    """
+
+    def __init__(self, interval: float, now: float) -> None:
+        self.interval = interval
+        self.last_heard = now
+        self.ping_sent_at: float | None = None
+
+    def heard(self, now: float) -> None:
+        self.last_heard = now
+        self.ping_sent_at = None
+
+    def deadline(self) -> float:
+        """When next to act if nothing is heard before then."""
+        return (self.last_heard if self.ping_sent_at is None else self.ping_sent_at) + self.interval
+
+    def due(self, now: float) -> str | None:
+        """'ping' when a PING should go out now, 'timeout' when the client should be let go, else None."""
+        if now < self.deadline():
+            return None
+        if self.ping_sent_at is None:
+            self.ping_sent_at = now
+            return "ping"
+        return "timeout"
+
+
+# ---------------------------------------------------------------------------
+# The IRC protocol object: the core's events in IRC's words
+# ---------------------------------------------------------------------------
+
+IRC_USER_HOST = "~user@pychat"      # everyone is NICK!~user@pychat: pyChat never shows an address
+IRC_SERVICE_SOURCE = f"{IRC_SERVICE_NICK}!{IRC_SERVICE_NICK}@{IRC_SERVER_NAME}"
+IRC_SERVICE_KEY = name_key(IRC_SERVICE_NICK)
+IRC_MAX_REASON = 390                # the longest topic, away message, kick or quit reason taken from IRC
+IRC_USER_MODES = "o"                # o: an operator of the server (pyChat's /op, IRC's OPER)
+IRC_CHANNEL_MODES = "iknot"         # i invite-only, k key, n only members talk (always), o room operator,
+                                    # t only operators set the topic
+# Capabilities that change the bytes a connection is sent. They are fixed when the person
+# signs in, since rooms group their audiences by them (see IrcProtocol).
+IRC_RENDERING_CAPABILITIES = frozenset({"away-notify", "echo-message", "server-time"})
+
+
+def irc_reason(text: str) -> str:
+    """A topic, away message or reason from IRC, as the core keeps it: plain text, bounded."""
+    return strip_irc_formatting(text)[:IRC_MAX_REASON]
+
+
+def irc_source(nick: str) -> str:
+    return f"{nick}!{IRC_USER_HOST}"
+
+
+def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
+    """What 005 says about this server: only what is true of it."""
+    # CASEMAPPING: names compare as pyChat compares them, ignoring case (ASCII's and more) and look-alikes.
+    tokens = [f"AWAYLEN={IRC_MAX_REASON}", "CASEMAPPING=ascii", "CHANMODES=,k,,int",
+              f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}", "CHANTYPES=#", f"KICKLEN={IRC_MAX_REASON}",
+              f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(o)@", "SAFELIST",
+              "TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:4,PART:,PRIVMSG:4,WHOIS:1", f"TOPICLEN={IRC_MAX_REASON}",
+              "UTF8ONLY"]
+    if options.rooms_per_person:
+        tokens.append(f"CHANLIMIT=#:{options.rooms_per_person}")
+    return sorted(tokens)
+
+
+class IrcProtocol:
+    """IRC's words for the core's events, for one IRC connection.
+
+    A room's line is rendered once for each group of its audience that gets
+    the same bytes (see Room.audiences, keyed by protocol object). Two IRC
+    protocol objects with the same rendering capabilities are equal, so every
+    IRC connection with those capabilities is in one group, and the room's
+    events are rendered by whichever of their objects the room holds: those
+    renderings use nothing of the receiver. Events sent to one person alone
+    (numerics, your own JOIN, private messages) name the receiver, and are
+    rendered by that person's own object.
+    """
+
+    name = "IRC"
+    lists_members = True            # Entered carries everyone in the room, for NAMES
+
+    def __init__(self, connection: IrcConnection, capabilities: frozenset[str] = frozenset()) -> None:
+        self.connection = connection
+        self.capabilities = capabilities & IRC_RENDERING_CAPABILITIES
+        self.server_time = "server-time" in capabilities
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IrcProtocol) and other.capabilities == self.capabilities
+
+    def __hash__(self) -> int:
+        return hash((IrcProtocol, self.capabilities))
+
+    @property
+    def me(self) -> str:
+        """The receiver's nickname: events sent to one person alone are sent under the server's lock."""
+        return self.connection.nick
+
+    def encode(self, event: Any, tagged: bool = False) -> bytes:
+        """EVENT as IRC messages (b"" when IRC has nothing to say of it); TAGGED does not matter to IRC,
+        whose every channel message names its channel."""
+        lines = self.RENDERERS.get(type(event), IrcProtocol.in_pychats_words)(self, event)
+        if not lines:
+            return b""
+        if self.server_time:
+            said = event.when if isinstance(event, (Replayed, OfflinePrivate)) else time.time()
+            stamp = f"@time={irc_server_time(said)} "
+            return "".join(f"{stamp}{line}\r\n" for line in lines).encode("utf-8")
+        return "".join(f"{line}\r\n" for line in lines).encode("utf-8")
+
+    # -- room events: nothing of the receiver --------------------------------------------
+
+    def said(self, event: Said, prefix: str = "") -> list[str]:
+        return irc_text_messages("PRIVMSG", f"#{event.room}", prefix + event.text, irc_source(event.nick))
+
+    def acted(self, event: Acted, prefix: str = "") -> list[str]:
+        return irc_text_messages("PRIVMSG", f"#{event.room}", prefix + event.text, irc_source(event.nick),
+                                 wrap=(CTCP + "ACTION ", CTCP))
+
+    def joined(self, event: Joined) -> list[str]:
+        return [format_irc_message("JOIN", (f"#{event.room}",), irc_source(event.nick))]
+
+    def left(self, event: Left) -> list[str]:
+        return [format_irc_message("PART", (f"#{event.room}",), irc_source(event.nick))]
+
+    def kicked(self, event: Kicked) -> list[str]:
+        return [format_irc_message("KICK", (f"#{event.room}", event.nick, event.reason or event.by),
+                                   irc_source(event.by))]
+
+    def topic_changed(self, event: TopicChanged) -> list[str]:
+        return [format_irc_message("TOPIC", (f"#{event.room}", event.topic), irc_source(event.nick))]
+
+    def mode_changed(self, event: ModeChanged) -> list[str]:
+        change = {("key", "off"): ("-k", "*"), ("key", "on"): ("+k", "*"), ("invite-only", "on"): ("+i",),
+                  ("invite-only", "off"): ("-i",), ("topic", "operators"): ("+t",),
+                  ("topic", "everyone"): ("-t",)}.get((event.setting, event.value))
+        if change is None:      # op and deop name the person
+            change = ("+o" if event.setting == "op" else "-o", event.value)
+        return [format_irc_message("MODE", (f"#{event.room}", *change), irc_source(event.nick))]
+
+    # -- about a person, told once to each who shares a room: nothing of the receiver either ---
+
+    def quit(self, event: Quit) -> list[str]:
+        return [format_irc_message("QUIT", (f"Quit: {event.reason}" if event.reason else "Quit",),
+                                   irc_source(event.nick))]
+
+    def renamed(self, event: Renamed) -> list[str]:
+        return [format_irc_message("NICK", (event.new,), irc_source(event.old))]
+
+    def away_changed(self, event: AwayChanged) -> list[str]:
+        if "away-notify" not in self.capabilities:
+            return []
+        return [format_irc_message("AWAY", (event.reason,) if event.reason else (), irc_source(event.nick))]
+
+    # -- to one person: these name the receiver --------------------------------------------------
+
+    def entered(self, event: Entered) -> list[str]:
+        channel = f"#{event.room}"
+        names = [("@" if operator else "") + nick for nick, operator in event.members]
+        return [format_irc_message("JOIN", (channel,), irc_source(self.me)),
+                *irc_names_replies(self.me, channel, names)]
+
+    def topic(self, event: Topic) -> list[str]:
+        return [irc_numeric("RPL_TOPIC", self.me, f"#{event.room}", text=event.topic)]
+
+    def replayed(self, event: Replayed) -> list[str]:
+        prefix = "" if self.server_time else f"[history {_utc(event.when)}] "
+        return self.RENDERERS[type(event.line)](self, event.line, prefix)
+
+    def history_end(self, event: HistoryEnd) -> list[str]:
+        return [format_irc_message("NOTICE", (f"#{event.room}", f"End of #{event.room} history."))]
+
+    def you_left(self, event: YouLeft) -> list[str]:
+        return [format_irc_message("PART", (f"#{event.room}",), irc_source(self.me))]
+
+    def you_were_kicked(self, event: YouWereKicked) -> list[str]:
+        return [format_irc_message("KICK", (f"#{event.room}", self.me, event.reason or event.by),
+                                   irc_source(event.by))]
+
+    def invited(self, event: Invited) -> list[str]:
+        return [format_irc_message("INVITE", (self.me, f"#{event.room}"), irc_source(event.by))]
+
+    def private_from(self, event: PrivateFrom) -> list[str]:
+        return irc_text_messages("PRIVMSG", self.me, event.text, irc_source(event.nick))
+
+    def offline_private(self, event: OfflinePrivate) -> list[str]:
+        """A message left for you while you were away, from its sender, at its time (or saying when)."""
+        prefix = "" if self.server_time else f"[offline {_utc(event.when)}] "
+        return irc_text_messages("PRIVMSG", self.me, prefix + event.text, irc_source(event.nick))
+
+    def private_to(self, event: PrivateTo) -> list[str]:
+        if "echo-message" not in self.capabilities:
+            return []
+        return irc_text_messages("PRIVMSG", event.nick, event.text, irc_source(self.me))
+
+    def notice(self, event: Notice) -> list[str]:
+        return irc_text_messages("NOTICE", self.me, event.text, IRC_SERVER_NAME)
+
+    def reply(self, event: Reply | Error) -> list[str]:
+        """Replies and errors come from the commands, so from the service that runs them."""
+        return irc_text_messages("NOTICE", self.me, event.text, IRC_SERVICE_SOURCE)
+
+    def welcome(self, event: Welcome) -> list[str]:
+        return self.connection.welcome_burst(event.nick)
+
+    def closing(self, event: Any) -> list[str]:
+        """Bye, ShuttingDown, DisconnectedBy, Banned, SignedInElsewhere or Farewell: ERROR, with why."""
+        why = {Bye: lambda e: "Quit", ShuttingDown: lambda e: "Server shutting down",
+               DisconnectedBy: lambda e: f"Disconnected by {e.by}{_because(e.reason)}",
+               Banned: lambda e: f"Banned by {e.by} {e.how_long}{_because(e.reason)}",
+               SignedInElsewhere: lambda e: "Signed in again somewhere else",
+               Farewell: lambda e: e.reason[:1].upper() + e.reason[1:]}[type(event)](event)
+        return [format_irc_message("ERROR", (f"Closing link: {self.me} ({why})",), source=None)]
+
+    def in_pychats_words(self, event: Any) -> list[str]:
+        """An event IRC has no words of its own for: pyChat's line for it, as a notice from the server."""
+        return irc_text_messages("NOTICE", self.me, PYCHAT.line(event), IRC_SERVER_NAME)
+
+    def nothing(self, event: Any) -> list[str]:
+        """Events IRC has no words for: pyChat's prompts (IRC clients sign in with NICK, PASS and SASL),
+        and the current room, which IRC does not have."""
+        return []
+
+    RENDERERS: dict[type, Callable[..., list[str]]] = {
+        Said: said, Acted: acted, Joined: joined, Left: left, Kicked: kicked, TopicChanged: topic_changed,
+        ModeChanged: mode_changed, Quit: quit, Renamed: renamed, AwayChanged: away_changed,
+        Entered: entered, Topic: topic, Replayed: replayed, HistoryEnd: history_end, YouLeft: you_left,
+        YouWereKicked: you_were_kicked, Invited: invited, PrivateFrom: private_from, PrivateTo: private_to,
+        Notice: notice, Reply: reply, Error: reply, Welcome: welcome, Bye: closing, ShuttingDown: closing,
+        DisconnectedBy: closing, Banned: closing, SignedInElsewhere: closing, Farewell: closing,
+        OfflinePrivate: offline_private, Prompt: nothing, AccountPrompt: nothing, NowTalking: nothing,
+    }
+
+
+def irc_names_replies(me: str, channel: str, names: list[str]) -> list[str]:
+    """353 (as many as the names need) and 366 for CHANNEL."""
+    room = IRC_MAX_BODY_BYTES - len(irc_numeric("RPL_NAMREPLY", me, "=", channel, text="").encode("utf-8"))
+    lines, line, size = [], [], 0
+    for name in names:
+        width = len(name.encode("utf-8")) + bool(line)      # and the space before it
+        if line and size + width > room:
+            lines.append(line)
+            line, size, width = [], 0, width - 1
+        line.append(name)
+        size += width
+    if line:
+        lines.append(line)
+    return [*(irc_numeric("RPL_NAMREPLY", me, "=", channel, text=" ".join(line)) for line in lines),
+            irc_numeric("RPL_ENDOFNAMES", me, channel)]
+
+
+# ---------------------------------------------------------------------------
+# The IRC connection and its listener
+# ---------------------------------------------------------------------------
+
+# What a refusal of the core is in IRC's numerics, and what the numeric names: the person, the room,
+# or both. The text is always the core's own. A refusal IRC has no numeric for is a notice.
+IRC_REFUSALS = {
+    "no-such-person": ("ERR_NOSUCHNICK", "nick"), "no-such-room": ("ERR_NOSUCHCHANNEL", "room"),
+    "not-in-room": ("ERR_NOTONCHANNEL", "room"), "too-many-rooms": ("ERR_TOOMANYCHANNELS", "room"),
+    "invite-only": ("ERR_INVITEONLYCHAN", "room"), "bad-key": ("ERR_BADCHANNELKEY", "room"),
+    "not-room-operator": ("ERR_CHANOPRIVSNEEDED", "room"), "cannot-send": ("ERR_CANNOTSENDTOCHAN", "room"),
+    "they-are-not-in-room": ("ERR_USERNOTINCHANNEL", "both"), "they-are-in-room": ("ERR_USERONCHANNEL", "both"),
+    "try-again": ("RPL_TRYAGAIN", "command"),
+}
+
+
+class IrcCommand(NamedTuple):
+    """A command of IRC's: its handler, the parameters without which the answer is 461, and how many it
+    reads (IRC lets a client send more; they are ignored)."""
+
+    handler: Callable[..., None]
+    needs: int
+    takes: int
+
+
+def irc_command(handler: Callable[..., None], needs: int = 0) -> IrcCommand:
+    parameters = list(inspect.signature(handler).parameters.values())[1:]
+    takes = IRC_MAX_PARAMS if any(p.kind is p.VAR_POSITIONAL for p in parameters) else len(parameters)
+    return IrcCommand(handler, needs, takes)
+
+
+class IrcConnection(ClientConnection):
+    """One IRC client: the socket, buffers and limits of every connection, with IRC's registration and
+    commands. What it reads becomes calls on the core; what the core says comes back through its
+    IrcProtocol."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.lines = LineReader(IRC_MAX_TAG_BYTES + IRC_MAX_BODY_BYTES)
+        self.capabilities = IrcCapabilities(IRC_CAPABILITIES)
+        self.sasl = IrcSasl()
+        self.account: str | None = None
+        self.output.protocol = IrcProtocol(self)
+        self.signing_in_as: str | None = None
+        self.realname = ""
+        self.ping_clock = IrcPingClock(self.server.options.irc_ping, self.connected)
+        self.last_active = self.connected       # the last message other than PING and PONG
+
+    @property
+    def nick(self) -> str:
+        """Who numerics are addressed to: the person's nickname, or '*' before there is one."""
+        return self.person.nick if self.person else self.signing_in_as or "*"
+
+    def handle(self) -> None:
+        log.info("IRC connection from %s:%s", *self.client_address[:2])
+        try:
+            if self.server.tls is not None:
+                self.start_tls()
+            self.send_irc(format_irc_message("NOTICE", ("*", f"*** {self.server.greeting()}")))
+            messages = self.read_messages()
+            self.register(messages)
+            self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)  # a full burst to start
+            for message in messages:
+                self.on_message(message)
+                if self.output.reason is not None:      # QUIT, or ended from elsewhere
+                    return
+        except Disconnect as why:
+            self.output.end(why.reason, why.farewell)
+
+    @staticmethod
+    def refusal(reason: str) -> bytes:
+        return (format_irc_message("ERROR", (f"Closing link: {reason}",), source=None) + "\r\n").encode("utf-8")
+
+    # -- input ----------------------------------------------------------------
+
+    def read_messages(self) -> Iterator[IrcMessage]:
+        """The messages this client sends, as they come; a line that is no message is answered here."""
+        for line in self.read_lines():
+            self.ping_clock.heard(self.last_heard)
+            if line is None:
+                self.send_irc(irc_numeric("ERR_INPUTTOOLONG", self.nick))
+                continue
+            try:
+                message = parse_irc_message(line)
+            except IrcLineError as problem:
+                params = ("*",) if problem.numeric == "ERR_UNKNOWNCOMMAND" else ()
+                self.send_irc(irc_numeric(problem.numeric, self.nick, *params, text=str(problem)))
+                continue
+            if message is None:
+                continue
+            if message.command not in ("PING", "PONG"):
+                self.last_active = self.last_heard
+            yield message
+
+    def wait_for_input(self, timeout: float) -> None:
+        """Wait for input; once signed in, PING a quiet client and let go of one that does not answer.
+
+        --idle-timeout counts from the last message other than PING and PONG:
+        answering pings is not saying anything.
+        """
+        if not self.person:
+            super().wait_for_input(timeout)
+            return
+        while True:
+            if self.server.stopping:
+                raise Disconnect("server shutting down", ShuttingDown())
+            deadline = self.ping_clock.deadline()
+            if timeout:
+                deadline = min(deadline, self.last_active + timeout)
+            if self.input_waiter.wait(max(0.0, deadline - time.monotonic())):
+                return
+            if timeout and time.monotonic() >= self.last_active + timeout:
+                raise Disconnect("timed out", Farewell(f"nothing said for {timeout:g} s"))
+            due = self.ping_clock.due(time.monotonic())
+            if due == "ping":
+                self.send_irc(format_irc_message("PING", (IRC_SERVER_NAME,)))
+            elif due == "timeout":
+                why = f"Ping timeout: {time.monotonic() - self.ping_clock.last_heard:.0f} seconds"
+                raise Disconnect(why, Farewell(why))
+
+    # -- registration ---------------------------------------------------------------
+
+    def register(self, messages: Iterator[IrcMessage]) -> None:
+        """Read PASS, NICK, USER, CAP and AUTHENTICATE until the client can sign in; the core then
+        welcomes it.
+
+        A registered name is signed in to with SASL PLAIN (the account's name and
+        password); the person then has the account's name, whatever NICK said.
+        Anyone else takes a name nobody registered, as on the pyChat port; on a
+        --private server only accounts come in.
+        """
+        registration = IrcRegistration(self.capabilities)
+        password_checked = not self.server.options.password
+        for message in messages:
+            if message.command == "QUIT":
+                raise Disconnect("quit before signing in", Bye())
+            if message.command == "AUTHENTICATE":
+                self.authenticate(registration.target, message.params[0] if message.params else "")
+                continue
+            for reply in registration.handle(message):
+                self.send_irc(reply)
+            if not registration.ready:
+                continue
+            if not password_checked:
+                self.prove(registration.target, "server password",
+                           lambda: same_secret(registration.password or "", self.server.options.password))
+                password_checked = True
+            nick, problem = self.name_for(registration.nick)
+            if problem is None:
+                self.realname = registration.realname
+                self.signing_in_as = nick
+                self.output.protocol = IrcProtocol(self, frozenset(self.capabilities.enabled))
+                problem = self.server.sign_in(self, nick, self.account)
+                if problem is None:
+                    return
+                self.signing_in_as = None
+            self.send_irc(irc_numeric("ERR_NICKNAMEINUSE", "*", registration.nick, text=problem))
+            registration.nick = None
+
+    def name_for(self, wanted: str) -> tuple[str, str | None]:
+        """The nickname to sign in with, or why WANTED cannot be had."""
+        if self.account is not None:
+            return self.account, None
+        registered = self.server.data.accounts.name(wanted)
+        if registered is not None:
+            return wanted, (f"{registered} is a registered name: sign in to it with SASL (PLAIN, the account's "
+                            f"name and password), or choose another nickname.")
+        if self.server.options.private:
+            self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", "*", text="This server is private: sign in to your "
+                                                                       "account with SASL (PLAIN)."))
+            raise Disconnect("private server, no account", Farewell("this server is private"))
+        return wanted, None
+
+    def authenticate(self, nick: str, argument: str) -> None:
+        """AUTHENTICATE: SASL PLAIN against the server's accounts, under the limits on guessing."""
+        if self.account is not None:
+            self.send_irc(irc_numeric("ERR_SASLALREADY", nick))
+            return
+        replies, credentials = self.sasl.handle(nick, argument)
+        for reply in replies:
+            self.send_irc(reply)
+        if credentials is None:
+            return
+        accounts, now = self.server.data.accounts, time.time()
+        account = accounts.name(credentials[0])
+        try:
+            right = self.server.check_secret(self, f"password for {account or credentials[0]}",
+                                             lambda: account is not None and accounts.verify(account, credentials[1]))
+        except TooManyGuesses as refusal:
+            self.send_irc(irc_numeric("ERR_SASLFAIL", nick, text=str(refusal)))
+            raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
+        if not right:
+            self.send_irc(irc_numeric("ERR_SASLFAIL", nick))
+            return
+        ban = self.server.data.bans.for_account(account, now)
+        if ban is not None:
+            self.send_irc(irc_numeric("ERR_SASLFAIL", nick, text=ban.refusal(now)))
+            raise Disconnect(f"banned account {account}", Farewell(ban.refusal(now)))
+        self.account = account
+        self.send_irc(irc_numeric("RPL_LOGGEDIN", nick, irc_source(nick), account,
+                                  text=f"You are now logged in as {account}"))
+        self.send_irc(irc_numeric("RPL_SASLSUCCESS", nick))
+
+    def prove(self, nick: str, what: str, is_right: Callable[[], bool]) -> None:
+        """Check a secret the client gave, under the limits on guessing; a wrong one ends the connection."""
+        try:
+            if self.server.check_secret(self, what, is_right):
+                return
+        except TooManyGuesses as refusal:
+            self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", nick, text=str(refusal)))
+            raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
+        self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", nick))
+        raise Disconnect(f"wrong {what}", Farewell(f"wrong {what}"))
+
+    def welcome_burst(self, nick: str) -> list[str]:
+        """001 to 005 and the message of the day: what a client waits for before it does anything."""
+        version = f"pyChat-{VERSION}"
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.server.started))
+        tokens = irc_isupport_tokens(self.server.options)
+        return [irc_numeric("RPL_WELCOME", nick,
+                            text=f"Welcome to the {IRC_NETWORK} IRC network, {irc_source(nick)}"),
+                irc_numeric("RPL_YOURHOST", nick,
+                            text=f"Your host is {IRC_SERVER_NAME}, running version {version}"),
+                irc_numeric("RPL_CREATED", nick, text=f"This server was created {started}"),
+                # The modes that take a parameter: k (the key) and o (who).
+                irc_numeric("RPL_MYINFO", nick, IRC_SERVER_NAME, version, IRC_USER_MODES, IRC_CHANNEL_MODES,
+                            "ko"),
+                *(irc_numeric("RPL_ISUPPORT", nick, *tokens[n:n + 12]) for n in range(0, len(tokens), 12)),
+                *self.motd(nick)]
+
+    def motd(self, nick: str) -> list[str]:
+        flood = (f"Flood limit: {self.server.options.burst} lines at once, then {self.server.options.rate:g} "
+                 f"a second." if self.server.options.rate else "")
+        lines = [f"pyChat {VERSION}, where IRC and pyChat clients meet. {flood}".strip(),
+                 "Rooms are channels: everyone starts in #lobby; /join #dev makes or joins #dev.",
+                 f"pyChat's own commands: /msg {IRC_SERVICE_NICK} help"]
+        return [irc_numeric("RPL_MOTDSTART", nick, text=f"- {IRC_SERVER_NAME} Message of the day - "),
+                *(irc_numeric("RPL_MOTD", nick, text=f"- {line}") for line in lines),
+                irc_numeric("RPL_ENDOFMOTD", nick)]
+
+    # -- commands -----------------------------------------------------------------
+
+    def on_message(self, message: IrcMessage) -> None:
+        """One message from a signed-in client: where IRC becomes calls on the core."""
+        command = self.COMMANDS.get(message.command)
+        log.debug("%r: %s", self, message.command)
+        if command is None:
+            if self.server.commands.find(message.command.lower()) is not None:
+                # irssi sends commands it does not know as they are: /online reaches pyChat's /online.
+                self.run_command(f"/{message.command.lower()} {' '.join(message.params)}")
+            else:
+                self.send_irc(irc_numeric("ERR_UNKNOWNCOMMAND", self.nick, message.command))
+            return
+        if len(message.params) < command.needs:
+            self.send_irc(irc_numeric("ERR_NEEDMOREPARAMS", self.nick, message.command))
+            return
+        try:
+            command.handler(self, *message.params[:command.takes])
+        except Refused as refusal:
+            self.refused(refusal, message.command)
+
+    def refused(self, refusal: Refused, command: str) -> None:
+        """The core said no: the numeric for why, with the core's own words; a notice when IRC has none."""
+        numeric, names = IRC_REFUSALS.get(refusal.kind, (None, None))
+        if numeric is None:
+            self.send_irc(format_irc_message("NOTICE", (self.nick, str(refusal)), IRC_SERVICE_SOURCE))
+            return
+        room = f"#{refusal.room}" if refusal.room else "*"
+        params = {"nick": (refusal.nick or "*",), "room": (room,), "both": (refusal.nick or "*", room),
+                  "command": (command,)}[names]
+        self.send_irc(irc_numeric(numeric, self.nick, *params, text=str(refusal)))
+
+    def run_command(self, line: str) -> None:
+        """A pyChat slash-command, as if typed in pyChat's client; its replies come from the service."""
+        self.server.commands.run(Context(self.server, self.person), clean_text(line))
+
+    def irc_privmsg(self, targets: str = "", text: str = "", notice: bool = False) -> None:
+        """PRIVMSG (and NOTICE) to channels, people and the service; NOTICE is never answered with an error."""
+        if not targets:
+            if not notice:
+                self.send_irc(irc_numeric("ERR_NORECIPIENT", self.nick, text="No recipient given (PRIVMSG)"))
+            return
+        if not text:
+            if not notice:
+                self.send_irc(irc_numeric("ERR_NOTEXTTOSEND", self.nick))
+            return
+        for target in targets.split(",")[:4]:
+            try:
+                self.deliver(target, text, notice)
+            except Refused as refusal:
+                if not notice:
+                    # Not in the channel: IRC's word is that you cannot send to it.
+                    kind = "cannot-send" if refusal.kind == "not-in-room" else refusal.kind
+                    self.refused(Refused(str(refusal), kind, refusal.room, refusal.nick), "PRIVMSG")
+
+    def deliver(self, target: str, text: str, notice: bool) -> None:
+        person = self.person
+        if len(target) > MAX_NICKNAME_LENGTH + 1:       # no name is that long: not worth normalising
+            raise Refused(f"No one is called {target[:30]}...", "no-such-person", nick=target[:30])
+        ctcp = parse_ctcp(text)
+        if not target.startswith("#") and name_key(target) == IRC_SERVICE_KEY:
+            if ctcp is not None:
+                self.answer_ctcp(*ctcp)
+            elif not notice:
+                self.run_command(text if text.startswith("/") else f"/{text}")
+            return
+        if ctcp is not None and ctcp[0] != "ACTION":
+            self.send_irc(format_irc_message("NOTICE", (self.nick, f"pyChat passes on no CTCP {ctcp[0]}; "
+                                                         "only ACTION (/me)."), IRC_SERVICE_SOURCE))
+            return
+        words = clean_irc_text(ctcp[1] if ctcp else text)
+        if not words:
+            return
+        echo = "echo-message" in self.capabilities.enabled
+        if target.startswith("#"):
+            (self.server.act if ctcp else self.server.say)(person, words, target, echo=echo)
+        elif ctcp:
+            self.server.send_private(person, target, f"* {person.nick} {words}")
+        else:
+            self.server.send_private(person, target, words)
+
+    def answer_ctcp(self, command: str, argument: str) -> None:
+        answers = {"VERSION": f"pyChat {VERSION}", "PING": argument,
+                   "TIME": time.strftime("%a %b %d %H:%M:%S %Y UTC", time.gmtime())}
+        if command in answers:
+            self.send_irc(format_irc_message("NOTICE", (self.nick, f"{CTCP}{command} {answers[command]}{CTCP}"),
+                                             IRC_SERVICE_SOURCE))
+
+    def irc_notice(self, targets: str = "", text: str = "") -> None:
+        self.irc_privmsg(targets, text, notice=True)
+
+    def irc_join(self, channels: str, keys: str = "") -> None:
+        if channels == "0":
+            self.leave_every_room()
+            return
+        for channel, key in itertools.zip_longest(channels.split(","), keys.split(",") if keys else ()):
+            if not channel.startswith("#"):
+                self.send_irc(irc_numeric("ERR_NOSUCHCHANNEL", self.nick, channel,
+                                          text="Channel names start with #"))
+                continue
+            try:
+                self.server.join(self.person, channel, key or None)
+            except Refused as refusal:
+                if refusal.kind != "already-in-room":     # IRC says nothing to a JOIN of a channel you are in
+                    self.refused(refusal, "JOIN")
+
+    def leave_every_room(self) -> None:
+        for room in self.server.rooms_of(self.person):
+            try:
+                self.server.leave(self.person, room)
+            except Refused:
+                pass            # the lobby, when it is the last: no one is in no room
+
+    def irc_part(self, channels: str, reason: str = "") -> None:
+        for channel in channels.split(","):
+            try:
+                self.server.leave(self.person, channel)
+            except Refused as refusal:
+                self.refused(refusal, "PART")
+
+    def irc_topic(self, channel: str, topic: str | None = None) -> None:
+        if topic is None:
+            settings = self.server.room_settings(self.person, channel)
+            if settings.topic:
+                self.send_irc(irc_numeric("RPL_TOPIC", self.nick, f"#{settings.name}", text=settings.topic))
+            else:
+                self.send_irc(irc_numeric("RPL_NOTOPIC", self.nick, f"#{settings.name}"))
+        else:
+            self.server.set_topic(self.person, irc_reason(topic), channel)
+
+    def irc_names(self, channels: str = "") -> None:
+        for channel in channels.split(",")[:1] if channels else ():
+            try:
+                room, people = self.server.room_members(self.person, channel)
+            except Refused as refusal:
+                if refusal.kind == "try-again":
+                    raise
+                self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, channel))
+                continue
+            for line in irc_names_replies(self.nick, f"#{room}", [("@" if p.room_operator else "") + p.nick
+                                                            for p in people]):
+                self.send_irc(line)
+        if not channels:
+            self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, "*"))
+
+    def irc_list(self, *ignored: str) -> None:
+        rooms = self.server.room_list(self.person)
+        self.send_irc(irc_numeric("RPL_LISTSTART", self.nick, "Channel"))
+        for room in rooms:
+            self.send_irc(irc_numeric("RPL_LIST", self.nick, f"#{room.name}", str(room.people),
+                                      text=room.topic or ""))
+        self.send_irc(irc_numeric("RPL_LISTEND", self.nick))
+
+    def irc_who(self, mask: str = "*", *ignored: str) -> None:
+        if mask.startswith("#"):
+            try:
+                room, people = self.server.room_members(self.person, mask)
+            except Refused as refusal:
+                if refusal.kind == "try-again":
+                    raise
+                people, room = [], None
+            for p in people:
+                self.send_irc(self.who_reply(f"#{room}", p.nick, p.away, p.operator, p.room_operator))
+        else:
+            found = self.server.person_details(self.person, mask) if mask != "*" else None
+            if found is not None:
+                channel = f"#{found.rooms[0][0]}" if found.rooms else "*"
+                self.send_irc(self.who_reply(channel, found.nick, found.away, found.operator, False))
+        self.send_irc(irc_numeric("RPL_ENDOFWHO", self.nick, mask))
+
+    def who_reply(self, channel: str, nick: str, away: str | None, operator: bool, room_operator: bool) -> str:
+        """352: H(ere) or G(one), * for a server operator, @ for a room operator; hops 0, the nick as real name."""
+        flags = ("G" if away else "H") + ("*" if operator else "") + ("@" if room_operator else "")
+        return irc_numeric("RPL_WHOREPLY", self.nick, channel, "~user", "pychat", IRC_SERVER_NAME, nick, flags,
+                           text=f"0 {nick}")
+
+    def irc_whois(self, *targets: str) -> None:
+        nick = targets[-1].split(",")[0]
+        found = self.server.person_details(self.person, nick)
+        if found is None:
+            self.send_irc(irc_numeric("ERR_NOSUCHNICK", self.nick, nick))
+            return
+        me, them = self.nick, found.nick
+        lines = [irc_numeric("RPL_WHOISUSER", me, them, "~user", "pychat", "*",
+                             text=f"connected with {found.protocol}")]
+        if found.rooms:
+            rooms = " ".join(("@" if operator else "") + f"#{room}" for room, operator in found.rooms)
+            lines.append(irc_numeric("RPL_WHOISCHANNELS", me, them, text=rooms))
+        lines.append(irc_numeric("RPL_WHOISSERVER", me, them, IRC_SERVER_NAME, text=f"pyChat {VERSION}"))
+        if found.away:
+            lines.append(irc_numeric("RPL_AWAY", me, them, text=found.away))
+        if found.operator:
+            lines.append(irc_numeric("RPL_WHOISOPERATOR", me, them))
+        if found.account:
+            lines.append(irc_numeric("RPL_WHOISACCOUNT", me, them, found.account))
+        if found.address:
+            lines.append(irc_numeric("RPL_WHOISACTUALLY", me, them, found.address))
+        lines += [irc_numeric("RPL_WHOISIDLE", me, them, str(int(found.idle)), str(int(found.since))),
+                  irc_numeric("RPL_ENDOFWHOIS", me, them)]
+        for line in lines:
+            self.send_irc(line)
+
+    def irc_whowas(self, nick: str, *ignored: str) -> None:
+        self.send_irc(irc_numeric("ERR_WASNOSUCHNICK", self.nick, nick))
+        self.send_irc(irc_numeric("RPL_ENDOFWHOWAS", self.nick, nick))
+
+    def irc_away(self, reason: str = "") -> None:
+        reason = irc_reason(reason)
+        try:
+            self.server.set_away(self.person, reason or None)
+        except Refused:
+            pass            # back when not away: IRC says 305 all the same
+        self.send_irc(irc_numeric("RPL_NOWAWAY" if reason else "RPL_UNAWAY", self.nick))
+
+    def irc_nick(self, wanted: str) -> None:
+        problem = irc_nickname_problem(wanted)
+        if problem:
+            self.send_irc(irc_numeric("ERR_ERRONEUSNICKNAME", self.nick, wanted, text=problem))
+            return
+        try:
+            self.server.rename(self.person, wanted)
+        except Refused as refusal:
+            if refusal.kind == "nickname-taken":
+                self.send_irc(irc_numeric("ERR_NICKNAMEINUSE", self.nick, wanted, text=str(refusal)))
+            elif refusal.kind != "same-nickname":       # IRC says nothing to a NICK of the name you have
+                raise
+
+    def irc_kick(self, channel: str, nicks: str, reason: str = "") -> None:
+        nick = nicks.split(",")[0]
+        self.server.kick(self.person, nick, irc_reason(reason) or None, channel)
+
+    def irc_invite(self, nick: str, channel: str) -> None:
+        invited = self.server.invite(self.person, nick, channel)
+        self.send_irc(irc_numeric("RPL_INVITING", self.nick, invited, channel))
+
+    def irc_mode(self, target: str, changes: str = "", *arguments: str) -> None:
+        if not target.startswith("#"):
+            self.user_mode(target, changes)
+        elif not changes:
+            room = self.server.room_settings(self.person, target)
+            modes = "+n" + "i" * room.invite_only + "k" * room.has_key + "t" * (not room.topic_by_everyone)
+            self.send_irc(irc_numeric("RPL_CHANNELMODEIS", self.nick, f"#{room.name}", modes,
+                                      *(["*"] if room.has_key else [])))     # the key itself is not shown
+        elif changes.lstrip("+-") in ("b", "e", "I"):
+            end = {"b": "RPL_ENDOFBANLIST", "e": "RPL_ENDOFEXCEPTLIST", "I": "RPL_ENDOFINVITELIST"}
+            self.send_irc(irc_numeric(end[changes.lstrip("+-")], self.nick, target))
+        else:
+            self.channel_modes(target, changes, list(arguments))
+
+    def channel_modes(self, channel: str, changes: str, arguments: list[str]) -> None:
+        """+k KEY, -k, +i, -i, +t, -t, +o NICK, -o NICK, in any number, as one MODE message gives them."""
+        adding = True
+        for letter in changes:
+            if letter in "+-":
+                adding = letter == "+"
+                continue
+            if letter in "ko" and not (letter == "k" and not adding) and not arguments:
+                self.send_irc(irc_numeric("ERR_NEEDMOREPARAMS", self.nick, "MODE"))
+                return
+            argument = arguments.pop(0) if letter == "o" or (letter == "k" and (adding or arguments)) else None
+            setting = {"k": ("key", argument if adding else "off"),
+                       "i": ("invite-only", "on" if adding else "off"),
+                       "t": ("topic", "operators" if adding else "everyone"),
+                       "o": ("op" if adding else "deop", argument)}.get(letter)
+            if letter == "n":
+                continue        # every room hears only its members: +n always holds
+            if setting is None:
+                self.send_irc(irc_numeric("ERR_UNKNOWNMODE", self.nick, letter))
+                continue
+            try:
+                self.server.set_mode(self.person, *setting, channel)
+            except Refused as refusal:
+                self.refused(refusal, "MODE")
+
+    def user_mode(self, target: str, changes: str) -> None:
+        if name_key(target) != self.person.key:
+            self.send_irc(irc_numeric("ERR_USERSDONTMATCH", self.nick))
+        elif changes.strip("+-"):
+            self.send_irc(irc_numeric("ERR_UMODEUNKNOWNFLAG", self.nick,
+                                      text="Unknown MODE flag: pyChat has no user modes to set; "
+                                           f"/msg {IRC_SERVICE_NICK} op SECRET makes you an operator"))
+        else:
+            self.send_irc(irc_numeric("RPL_UMODEIS", self.nick, "+o" if self.person.operator else "+"))
+
+    def irc_oper(self, name: str, secret: str) -> None:
+        try:
+            self.server.become_operator(self.person, secret)
+        except Refused as refusal:
+            self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", self.nick, text=str(refusal)))
+            return
+        self.send_irc(irc_numeric("RPL_YOUREOPER", self.nick))
+
+    def irc_ison(self, *nicks: str) -> None:
+        wanted = " ".join(nicks).split()[:50]
+        found = self.server.look_up(wanted)
+        self.send_irc(irc_numeric("RPL_ISON", self.nick, text=" ".join(p.nick for p in found if p)))
+
+    def irc_userhost(self, *nicks: str) -> None:
+        found = [p for p in self.server.look_up(list(nicks[:5])) if p]
+        replies = [f"{p.nick}{'*' if p.operator else ''}={'-' if p.away else '+'}{IRC_USER_HOST}" for p in found]
+        self.send_irc(irc_numeric("RPL_USERHOST", self.nick, text=" ".join(replies)))
+
+    def irc_lusers(self, *ignored: str) -> None:
+        people, operators, signing_in, rooms = self.server.counts()
+        me = self.nick
+        for line in (irc_numeric("RPL_LUSERCLIENT", me,
+                                 text=f"There are {people} users and 0 invisible on 1 servers"),
+                     irc_numeric("RPL_LUSEROP", me, str(operators)),
+                     irc_numeric("RPL_LUSERUNKNOWN", me, str(signing_in)),
+                     irc_numeric("RPL_LUSERCHANNELS", me, str(rooms)),
+                     irc_numeric("RPL_LUSERME", me, text=f"I have {people + signing_in} clients and 0 servers")):
+            self.send_irc(line)
+
+    def irc_motd(self, *ignored: str) -> None:
+        for line in self.motd(self.nick):
+            self.send_irc(line)
+
+    def irc_version(self, *ignored: str) -> None:
+        self.send_irc(irc_numeric("RPL_VERSION", self.nick, f"pyChat-{VERSION}", IRC_SERVER_NAME,
+                                  text="an IRC front door to pyChat"))
+
+    def irc_time(self, *ignored: str) -> None:
+        self.send_irc(irc_numeric("RPL_TIME", self.nick, IRC_SERVER_NAME,
+                                  text=time.strftime("%A %B %d %Y -- %H:%M:%S UTC", time.gmtime())))
+
+    def irc_ping(self, token: str = "") -> None:
+        self.send_irc(irc_pong([token]))
+
+    def irc_pong(self, *ignored: str) -> None:
+        pass                    # what counts is that something came: read_messages told the ping clock
+
+    def irc_cap(self, *params: str) -> None:
+        changes = [name.lstrip("-") for name in (params[1] if len(params) > 1 else "").split()]
+        if params and params[0].upper() == "REQ" and IRC_RENDERING_CAPABILITIES & set(changes):
+            # They shape the bytes of every line to this connection, and are fixed once it has signed in.
+            self.send_irc(format_irc_message("CAP", (self.nick, "NAK", params[1])))
+            return
+        for reply in self.capabilities.handle(self.nick, list(params), registered=True):
+            self.send_irc(reply)
+
+    def irc_quit(self, message: str = "") -> None:
+        self.server.quit(self.person, irc_reason(message) or None)
+
+    def irc_authenticate(self, *ignored: str) -> None:
+        self.send_irc(irc_numeric("ERR_SASLALREADY" if self.account else "ERR_ALREADYREGISTERED", self.nick,
+                                  text=None if self.account else "SASL is for signing in: you are in already"))
+
+    def irc_registered_already(self, *ignored: str) -> None:
+        self.send_irc(irc_numeric("ERR_ALREADYREGISTERED", self.nick))
+
+    # Each command's handler, and how many parameters it cannot do without.
+    COMMANDS: dict[str, IrcCommand] = {name: irc_command(handler, needs) for name, handler, needs in (
+        ("PRIVMSG", irc_privmsg, 0), ("NOTICE", irc_notice, 0), ("JOIN", irc_join, 1), ("PART", irc_part, 1),
+        ("TOPIC", irc_topic, 1), ("NAMES", irc_names, 0), ("LIST", irc_list, 0), ("WHO", irc_who, 0),
+        ("WHOIS", irc_whois, 1), ("WHOWAS", irc_whowas, 1), ("AWAY", irc_away, 0), ("NICK", irc_nick, 1),
+        ("KICK", irc_kick, 2), ("INVITE", irc_invite, 2), ("MODE", irc_mode, 1), ("OPER", irc_oper, 2),
+        ("ISON", irc_ison, 1), ("USERHOST", irc_userhost, 1), ("LUSERS", irc_lusers, 0), ("MOTD", irc_motd, 0),
+        ("VERSION", irc_version, 0), ("TIME", irc_time, 0), ("PING", irc_ping, 0), ("PONG", irc_pong, 0),
+        ("CAP", irc_cap, 1), ("QUIT", irc_quit, 0), ("USER", irc_registered_already, 0),
+        ("AUTHENTICATE", irc_authenticate, 0),
+        ("PASS", irc_registered_already, 0),
+    )}
+
+    # -- output ---------------------------------------------------------------
+
+    def send_irc(self, line: str) -> None:
+        """One IRC message for this connection alone, from this connection's own thread."""
+        self.server.pump.queue((self.output,), line.encode("utf-8") + b"\r\n")
+
+
+class IrcListener(socketserver.TCPServer):
+    """The IRC port. Its newcomers are admitted by the chat server under the same limits as
+    everyone else's, and speak IRC."""
+
+    allow_reuse_address = True
+    request_queue_size = 4096
+
+    def __init__(self, chat: ChatServer) -> None:
+        self.chat = chat
+        self.address_family = chat.address_family
+        super().__init__((chat.options.host, chat.options.irc_port), IrcConnection)
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        self.chat.admit(request, client_address, IrcConnection)
+
+
+# ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
 
@@ -4000,6 +5508,10 @@ def main(argv: list[str] | None = None) -> int:
     host, port = server.server_address[:2]
     # Printed even with -q: scripts and tests started with --port 0 read the port from it.
     print(f"pyChat {VERSION} listening on {host}:{port}", file=sys.stderr, flush=True)
+    if server.irc is not None:
+        irc_host, irc_port = server.irc.server_address[:2]
+        print(f"pyChat {VERSION} listening for IRC on {irc_host}:{irc_port}", file=sys.stderr, flush=True)
+        threading.Thread(target=server.irc.serve_forever, name="accept-irc", daemon=True).start()
 
     stop_requested = threading.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):

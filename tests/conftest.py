@@ -407,3 +407,78 @@ class RoomReader:
             lines.append((where, line))
             if where == room and re.match(pattern, line):
                 return lines
+
+
+# -- IRC ----------------------------------------------------------------------------------------------
+
+def irc_port(server: ServerProcess) -> int:
+    """The IRC port of a server started with --irc-port 0."""
+    return int(server.wait_for_log(r"listening for IRC on \S+:(\d+)").group(1))
+
+
+class IrcClient(LineClient):
+    """A raw IRC client over a socket: messages end in CR LF, and lines are read without them.
+    SOURCE is the loopback address to connect from (127.0.0.2 stands for someone else's address)."""
+
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None, source: str | None = None) -> None:
+        self.sock = socket.create_connection((host, port), timeout=TIMEOUT,
+                                             source_address=(source, 0) if source else None)
+        if tls is not None:
+            try:
+                self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
+            except BaseException:
+                self.sock.close()
+                raise
+        self.buffer = b""
+        self.seen: list[str] = []
+        self.nick: str | None = None
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.encode("utf-8") + b"\r\n")
+
+    def recv_line(self, timeout: float = TIMEOUT) -> str:
+        line = super().recv_line(timeout).removesuffix("\r")
+        self.seen[-1] = line
+        return line
+
+    def expect(self, pattern: str, timeout: float = TIMEOUT) -> str:
+        """Read messages until one matches PATTERN, searched after any tags and source; return the whole line."""
+        return super().expect(r"(?:@\S+ )?(?::\S+ )?" + pattern, timeout)
+
+    def register(self, nick: str, capabilities: tuple[str, ...] = (), password: str | None = None) -> list[str]:
+        """Sign in as NICK, asking for CAPABILITIES; returns what came up to the end of the lobby's names."""
+        start = len(self.seen)
+        if capabilities:
+            self.send("CAP LS 302")
+        if password is not None:
+            self.send(f"PASS :{password}")
+        self.send(f"NICK {nick}")
+        self.send(f"USER {nick} 0 * :{nick} the tester")
+        if capabilities:
+            self.expect(r"CAP \* LS ")
+            self.send(f"CAP REQ :{' '.join(capabilities)}")
+            self.expect(r"CAP \S+ ACK ")
+            self.send("CAP END")
+        self.expect(rf"001 {re.escape(nick)} ")
+        self.expect(r"366 \S+ #lobby ")
+        self.nick = nick
+        return self.seen[start:]
+
+
+@pytest.fixture
+def irc_connect():
+    """A factory: irc_connect(server, nick=None, capabilities=()) opens a raw IRC client to SERVER's IRC
+    port, registered as NICK if given."""
+    opened: list[IrcClient] = []
+
+    def open_client(server: ServerProcess, nick: str | None = None, capabilities: tuple[str, ...] = (),
+                    source: str | None = None, tls: ssl.SSLContext | None = None) -> IrcClient:
+        client = IrcClient(server.host, irc_port(server), tls, source)
+        opened.append(client)
+        if nick is not None:
+            client.register(nick, capabilities)
+        return client
+
+    yield open_client
+    for client in opened:
+        client.close()
