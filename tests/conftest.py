@@ -103,8 +103,10 @@ class LineClient:
     """A raw TCP client that speaks the protocol line by line, as nc would."""
 
     def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None,
-                 server_hostname: str = "localhost") -> None:
-        self.sock = socket.create_connection((host, port), timeout=TIMEOUT)
+                 server_hostname: str = "localhost", source: str | None = None) -> None:
+        # SOURCE: the loopback address to connect from (127.0.0.2, ::1...), standing for another person's machine.
+        self.sock = socket.create_connection((host, port), timeout=TIMEOUT,
+                                             source_address=(source, 0) if source else None)
         if tls is not None:
             try:
                 self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname)
@@ -195,18 +197,7 @@ class ClientFrom(LineClient):
     to stand for another person's machine."""
 
     def __init__(self, host: str, port: int, source: str) -> None:
-        # Not LineClient.__init__: that would open a second connection, from 127.0.0.1.
-        self.sock = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        try:
-            self.sock.bind((source, 0))
-            self.sock.connect((host, port))
-        except BaseException:
-            self.sock.close()
-            raise
-        self.buffer = b""
-        self.seen: list[str] = []
-        self.nick: str | None = None
+        super().__init__(host, port, source=source)
 
 
 def watch_for(client: LineClient, pattern: str, timeout: float) -> str | None:
@@ -421,17 +412,7 @@ class IrcClient(LineClient):
     SOURCE is the loopback address to connect from (127.0.0.2 stands for someone else's address)."""
 
     def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None, source: str | None = None) -> None:
-        self.sock = socket.create_connection((host, port), timeout=TIMEOUT,
-                                             source_address=(source, 0) if source else None)
-        if tls is not None:
-            try:
-                self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
-            except BaseException:
-                self.sock.close()
-                raise
-        self.buffer = b""
-        self.seen: list[str] = []
-        self.nick: str | None = None
+        super().__init__(host, port, tls, source=source)
 
     def send(self, text: str) -> None:
         self.sock.sendall(text.encode("utf-8") + b"\r\n")
