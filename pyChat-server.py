@@ -55,7 +55,7 @@ except ImportError:     # Windows: the data directory is not locked against a se
 
 import commands
 
-VERSION = "1.0.0"
+VERSION = "2.0.0"
 log = logging.getLogger("pychat")
 
 # ---------------------------------------------------------------------------

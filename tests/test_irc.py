@@ -470,7 +470,7 @@ def test_ison_userhost_lusers_version_time_and_motd_answer(irc_server, irc_conne
     assert "There are 2 users" in alice.expect("251 ")
     alice.expect("255 ")
     alice.send("VERSION")
-    assert params(alice.expect("351 "))[1] == "pyChat-1.0.0"
+    assert params(alice.expect("351 "))[1] == f"pyChat-{server.VERSION}"
     alice.send("TIME")
     alice.expect("391 ")
     alice.send("MOTD")
