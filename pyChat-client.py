@@ -124,8 +124,11 @@ ENTERED_ROOM = re.compile(r"\*\*\* You are in #([^\s,]+?)(?:,| with |\.?$)")
 NOW_TALKING = re.compile(r"\*\*\* Now talking in #([^\s,]+?)\.?$")
 LEFT_ROOM = re.compile(r"\*\*\* You left #([^\s,]+?)\.?$")
 KICKED_FROM_ROOM = re.compile(r"\*\*\* You were kicked from #([^\s,]+?)(?: by |:|\.?$)")
-# The server put me out on purpose (an operator, or a limit I broke): no coming back by myself.
-PUT_OUT = re.compile(r"\*\*\* You were (?:kicked|disconnected) by (.+?)\.?$|!! Disconnected: (.+?)\.?$")
+# The server put me out on purpose (an operator, a ban, a limit I broke, or my account signed in
+# elsewhere, which coming back would take from that other connection): no coming back by myself.
+PUT_OUT = re.compile(r"\*\*\* You were (?P<how>kicked|disconnected|banned) by (?P<by>.+?)\.?$"
+                     r"|!! Disconnected: (?P<why>.+?)\.?$|!! (?P<door>You are banned from this server .+?)\.?$"
+                     r"|\*\*\* (?P<elsewhere>You signed in again somewhere else); this connection is closed\.$")
 ROOM_MENTION = re.compile(r"(?<![\w#])#([^\s,.:;()!?#]+)")
 ROOM_COMMANDS = ("/join", "/leave", "/part", "/who", "/names", "/topic", "/invite", "/rooms")
 
@@ -133,6 +136,16 @@ ROOM_COMMANDS = ("/join", "/leave", "/part", "/who", "/names", "/topic", "/invit
 # separators, and the marks that reorder bidirectional text.
 UNSAFE_CHARACTERS = re.compile(
     "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def put_out_reason(line: str) -> str:
+    """Why the server put me out on purpose, if this line says it did ("by bob: enough"); else ""."""
+    match = PUT_OUT.match(line)
+    if not match:
+        return ""
+    if match["by"]:
+        return ("banned " if match["how"] == "banned" else "") + f"by {match['by']}"
+    return match["why"] or match["door"] or match["elsewhere"].lower()
 
 
 def sanitize(line: str) -> str:
@@ -1711,9 +1724,7 @@ class ChatClient:
             if renamed and renamed.group(1).casefold() == self.me.casefold():
                 self.me = renamed.group(2)
                 self._update_prompt(draw=False)
-        put_out = PUT_OUT.match(line)
-        if put_out:
-            self.put_out = put_out.group(2) or f"by {put_out.group(1)}"
+        self.put_out = put_out_reason(line) or self.put_out
         mentioned = mentions(message, self.me)
         if self.rooms.learn(message, mentioned, self.me) or message.room:
             if self.rejoin_due and self.rooms.current:
