@@ -36,6 +36,16 @@ def screen_rows(client) -> list[str]:
     return [client.screen.line(row) for row in range(client.screen.rows)]
 
 
+def type_hidden(client, keys: str, prompt: str) -> None:
+    """Type KEYS at a secret prompt, and wait until the client has drawn its input row again after
+    them: nothing of them may be on it (it still shows only PROMPT, the cursor right after it)."""
+    drawn = len(client.output)
+    client.type(keys)
+    client.wait_for(lambda screen: len(client.output) > drawn, "the input row drawn again after the keys")
+    client.wait_for_input_line(prompt)
+    assert client.screen.cursor_line == prompt.rstrip(), client.screen.dump()
+
+
 def assert_password_never_shown(client, *secrets: str) -> None:
     for secret in secrets or (PASSWORD,):
         assert secret.encode() not in client.output, f"{secret!r} reached the screen:\n{client.screen.dump()}"
@@ -47,9 +57,7 @@ def test_a_registered_name_asks_for_its_password_hidden_and_up_never_recalls_it(
     registered(server, connect)
     alice = run_client(server, "--nick", "alice")
     alice.wait_for_input_line("password for alice: ")
-    alice.type(PASSWORD[:7])
-    alice.wait_for(lambda screen: screen.cursor_line == "password for alice:"
-                   and screen.cursor_text == "password for alice: ", "nothing drawn of the password")
+    type_hidden(alice, PASSWORD[:7], "password for alice: ")
     alice.type(PASSWORD[7:] + "\r")
     alice.wait_for_input_line("alice #lobby> ")
     alice.type(UP + UP + "x")
@@ -193,9 +201,11 @@ def test_a_private_server_invitation_code_and_new_password_are_typed_hidden(star
     code = re.match(r"-- Invitation for dave: (\S+) ", owner.expect("-- ")).group(1)
     dave = run_client(server, "--nick", "dave")
     dave.wait_for_input_line("invitation code for dave: ")
-    dave.type(code + "\r")
+    type_hidden(dave, code[:6], "invitation code for dave: ")
+    dave.type(code[6:] + "\r")
     dave.wait_for_input_line("choose a password for dave: ", timeout=10)
-    dave.type("paper staple 9\r")
+    type_hidden(dave, "paper ", "choose a password for dave: ")
+    dave.type("staple 9\r")
     dave.wait_for_input_line("dave #lobby> ", timeout=10)
     assert_password_never_shown(dave, code, "paper staple 9")
 
