@@ -99,6 +99,8 @@ INVITATION_PROMPT = re.compile(r"\*\*\* Invitation code for \S+:$")
 # Lines that carry a secret: never kept for Up/Down, masked wherever the client shows them.
 SECRET_COMMANDS = ("/register", "/passwd", "/unregister", "/op")
 SECRET_MASK = "********"
+# The replies that confirm /register PASSWORD and /passwd OLD NEW: the new password is the account's.
+PASSWORD_CONFIRMED = ("-- Registered ", "-- Password changed.")
 FAREWELL = "*** Bye."
 
 WELCOME = re.compile(r"\*\*\* Welcome, ([^\s!]+)!")
@@ -1435,6 +1437,7 @@ class ChatClient:
             "account password": account_password, "invitation code": invitation_code}
         self.unused: dict[str, Optional[str]] = {}
         self.typed_answers: dict[str, str] = {}   # typed at this connection's prompts, by Question.answer
+        self.new_account_password: Optional[str] = None   # sent with /register or /passwd, not yet confirmed
         self.bell = bell
         self.keyboard = keyboard          # the Windows seam, else standard input is read
         self.reconnect = reconnect        # opens a new socket to the same server, or None
@@ -1724,6 +1727,8 @@ class ChatClient:
             if renamed and renamed.group(1).casefold() == self.me.casefold():
                 self.me = renamed.group(2)
                 self._update_prompt(draw=False)
+            if line.startswith(PASSWORD_CONFIRMED) and self.new_account_password:
+                self.answers["account password"], self.new_account_password = self.new_account_password, None
         self.put_out = put_out_reason(line) or self.put_out
         mentioned = mentions(message, self.me)
         if self.rooms.learn(message, mentioned, self.me) or message.room:
@@ -1810,6 +1815,10 @@ class ChatClient:
             self.leave_deadline = time.monotonic() + QUIT_TIMEOUT
         if len(words) >= 3 and words[0].lower() == "/join":
             self.rooms.keys[words[1].lstrip("#").casefold()] = words[2]
+        if self.online and len(words) >= 2 and words[0].lower() == "/register":
+            self.new_account_password = line.split(None, 1)[1]
+        elif self.online and len(words) == 3 and words[0].lower() == "/passwd":
+            self.new_account_password = words[2]
         if self.connection:
             self.connection.send_line(line)
 

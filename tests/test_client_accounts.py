@@ -15,7 +15,7 @@ from test_client_terminal import CTRL_C, UP, run_client  # noqa: F401 (fixture)
 
 PASSWORD = "correct horse"
 ACCOUNT_VARIABLE = "PYCHAT_ACCOUNT_PASSWORD"
-RECONNECT_PORT = 41731     # a fixed port, so that a restarted server is found where the client left it
+RECONNECT_PORT = 41731     # fixed ports, so that a restarted server is found where the client left it
 
 
 @pytest.fixture
@@ -90,6 +90,18 @@ def test_the_password_in_the_environment_signs_in_without_asking(start_server, c
     assert PASSWORD not in " ".join(alice.process.args)
 
 
+def signs_in_again_without_asking(start_server, server, alice, data, port: tuple[str, str]) -> None:
+    """Restart SERVER on its port: the client connects again and signs in without asking for the password."""
+    asked = alice.output.count(b"password for alice: ")
+    server.stop()
+    alice.wait_for_row(r"-!- connecting again in")
+    start_server("--data-dir", str(data), *port)
+    alice.wait_for_row(r"-!- connected to .* again; signing in as alice$", timeout=15)
+    alice.wait_for_input_line("alice #lobby> ", timeout=10)
+    assert alice.output.count(b"password for alice: ") == asked, "the password was asked for again"
+    assert_password_never_shown(alice)
+
+
 def test_reconnecting_answers_the_typed_password_again_without_asking(start_server, connect, run_client,
                                                                      data):
     port = ("--port", str(RECONNECT_PORT))
@@ -99,14 +111,22 @@ def test_reconnecting_answers_the_typed_password_again_without_asking(start_serv
     alice.wait_for_input_line("password for alice: ")
     alice.type(PASSWORD + "\r")
     alice.wait_for_input_line("alice #lobby> ")
-    asked = alice.output.count(b"password for alice: ")
-    server.stop()
-    alice.wait_for_row(r"-!- connecting again in")
-    again = start_server("--data-dir", str(data), *port)
-    alice.wait_for_row(r"-!- connected to .* again; signing in as alice$", timeout=15)
-    alice.wait_for_input_line("alice #lobby> ", timeout=10)
-    assert alice.output.count(b"password for alice: ") == asked, "the password was asked for again"
-    assert_password_never_shown(alice)
+    signs_in_again_without_asking(start_server, server, alice, data, port)
+
+
+def test_reconnecting_after_register_and_passwd_answers_with_the_new_password(start_server, run_client, data):
+    port = ("--port", str(RECONNECT_PORT + 1))
+    server = start_server("--data-dir", str(data), *port)
+    alice = run_client(server, "--nick", "alice")
+    alice.wait_for_input_line("alice #lobby> ")
+    alice.type("/register first-secret-1\r")
+    alice.wait_for_row(r"-- Registered alice\.", timeout=10)
+    alice.type("/passwd first-secret-1 second-secret-2\r")
+    alice.wait_for_row(r"-- Password changed\.", timeout=10)
+    alice.type("/passwd wrong-old-one third-secret-3\r")         # refused: the password stays the second
+    alice.wait_for_row(r"!! Wrong password for alice\.", timeout=10)
+    signs_in_again_without_asking(start_server, server, alice, data, port)
+    assert_password_never_shown(alice, "first-secret-1", "second-secret-2", "third-secret-3")
 
 
 def test_signed_in_somewhere_else_the_client_does_not_take_the_name_back(start_server, connect, run_client,
