@@ -57,7 +57,9 @@ except ImportError:  # only Windows consoles need it; POSIX terminals speak ANSI
 VERSION = "2.0.0"
 DEFAULT_HOST = "localhost"          # --host
 DEFAULT_PORT = 25000                # --port
-PASSWORD_ENVIRONMENT = "PYCHAT_PASSWORD"  # default for --password
+PASSWORD_ENVIRONMENT = "PYCHAT_PASSWORD"  # default for --password (the server's password)
+ACCOUNT_PASSWORD_ENVIRONMENT = "PYCHAT_ACCOUNT_PASSWORD"  # default for --account-password
+INVITATION_ENVIRONMENT = "PYCHAT_INVITATION_CODE"         # default for --invitation-code
 CONNECT_TIMEOUT = 10.0              # seconds to reach the server (and finish TLS)
 GREETING_TIMEOUT = 4.0              # seconds without a word from the server before suggesting --tls
 QUIT_TIMEOUT = 5.0                  # seconds to wait for the server to close after /quit
@@ -85,11 +87,20 @@ STANDARD_COMMANDS = (
 # The protocol: kinds of server lines, sign-in prompts, who is online
 # ---------------------------------------------------------------------------
 
-CHAT, ACTION, NOTICE, REPLY, ERROR, PRIVATE, HISTORY = (
-    "chat", "action", "notice", "reply", "error", "private", "history")
+CHAT, ACTION, NOTICE, REPLY, ERROR, PRIVATE, HISTORY, OFFLINE = (
+    "chat", "action", "notice", "reply", "error", "private", "history", "offline")
 
 PASSWORD_PROMPT = "*** Password:"
 NICKNAME_PROMPT = "*** Choose a nickname:"
+# Before the welcome, every "*** ...:" line is a prompt, and all but the nickname one ask for a secret.
+SIGN_IN_PROMPT = re.compile(r"\*\*\* (\S.*):$")
+ACCOUNT_PROMPT = re.compile(r"\*\*\* (?:Password|Choose a password) for \S+:$")
+INVITATION_PROMPT = re.compile(r"\*\*\* Invitation code for \S+:$")
+# Lines that carry a secret: never kept for Up/Down, masked wherever the client shows them.
+SECRET_COMMANDS = ("/register", "/passwd", "/unregister", "/op")
+SECRET_MASK = "********"
+# The replies that confirm /register PASSWORD and /passwd OLD NEW: the new password is the account's.
+PASSWORD_CONFIRMED = ("-- Registered ", "-- Password changed.")
 FAREWELL = "*** Bye."
 
 WELCOME = re.compile(r"\*\*\* Welcome, ([^\s!]+)!")
@@ -101,6 +112,9 @@ ONLINE_DETAILS = re.compile(r" \([^)]*\)")   # "(#lobby, away)" after a nickname
 HELP_ENTRY = re.compile(r"-- /([^\s/]+)")
 TOPIC_NOTICE = re.compile(r"\*\*\* (Topic\b|\S+ (set|changed|cleared) the topic\b)")
 HISTORY_PREFIX = re.compile(r"\[history (\S+)\] ")
+OFFLINE_PREFIX = re.compile(r"\[offline (\S+) from ([^\]\s]+)\] ")
+OFFLINE_NOTICE = re.compile(r"\*\*\* (?:\d+ messages? (?:was|were) left for you while you were away:"
+                            r"|End of messages left for you\.)$")
 FLOOD_LIMIT = re.compile(r"Flood limit: (\d{1,6}) lines at once, then (\d{1,6}(?:\.\d{1,6})?) a second")
 PRIVATE_PREFIX = re.compile(r"\[pm (from|to) ([^\]\s]+)\] ")
 CHAT_PREFIX = re.compile(r"([^\s:]+): ")
@@ -112,8 +126,11 @@ ENTERED_ROOM = re.compile(r"\*\*\* You are in #([^\s,]+?)(?:,| with |\.?$)")
 NOW_TALKING = re.compile(r"\*\*\* Now talking in #([^\s,]+?)\.?$")
 LEFT_ROOM = re.compile(r"\*\*\* You left #([^\s,]+?)\.?$")
 KICKED_FROM_ROOM = re.compile(r"\*\*\* You were kicked from #([^\s,]+?)(?: by |:|\.?$)")
-# The server put me out on purpose (an operator, or a limit I broke): no coming back by myself.
-PUT_OUT = re.compile(r"\*\*\* You were (?:kicked|disconnected) by (.+?)\.?$|!! Disconnected: (.+?)\.?$")
+# The server put me out on purpose (an operator, a ban, a limit I broke, or my account signed in
+# elsewhere, which coming back would take from that other connection): no coming back by myself.
+PUT_OUT = re.compile(r"\*\*\* You were (?P<how>kicked|disconnected|banned) by (?P<by>.+?)\.?$"
+                     r"|!! Disconnected: (?P<why>.+?)\.?$|!! (?P<door>You are banned from this server .+?)\.?$"
+                     r"|\*\*\* (?P<elsewhere>You signed in again somewhere else); this connection is closed\.$")
 ROOM_MENTION = re.compile(r"(?<![\w#])#([^\s,.:;()!?#]+)")
 ROOM_COMMANDS = ("/join", "/leave", "/part", "/who", "/names", "/topic", "/invite", "/rooms")
 
@@ -123,9 +140,71 @@ UNSAFE_CHARACTERS = re.compile(
     "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
+def put_out_reason(line: str) -> str:
+    """Why the server put me out on purpose, if this line says it did ("by bob: enough"); else ""."""
+    match = PUT_OUT.match(line)
+    if not match:
+        return ""
+    if match["by"]:
+        return ("banned " if match["how"] == "banned" else "") + f"by {match['by']}"
+    return match["why"] or match["door"] or match["elsewhere"].lower()
+
+
 def sanitize(line: str) -> str:
     """Remove what could move the cursor, change colours or reorder text."""
     return UNSAFE_CHARACTERS.sub("", line.replace("\t", " "))
+
+
+def carries_secret(line: str) -> bool:
+    """Whether a typed line is a command whose arguments are a secret (/register PASSWORD...).
+
+    A line that starts with a space is said, never a command, so it is no secret.
+    """
+    return line.startswith("/") and line.split(None, 1)[0].lower() in SECRET_COMMANDS
+
+
+def masked(line: str) -> str:
+    """A typed line as it may be shown: the arguments of a secret command hidden."""
+    if not carries_secret(line):
+        return line
+    words = line.split(None, 1)
+    return words[0] + (" " + SECRET_MASK if len(words) > 1 else "")
+
+
+class Question(NamedTuple):
+    """A sign-in prompt: what it asks (for the input row), which given answer fits, and whether it is a secret."""
+
+    label: str       # "nickname", "password", "password for alice", "invitation code for dave"...
+    answer: str      # the key of the answer that fits in ChatClient.answers ("" when none can)
+    secret: bool
+
+
+def sign_in_question(line: str) -> Optional[Question]:
+    """The question a line before the welcome asks, or None if it is not a prompt."""
+    if line == NICKNAME_PROMPT:
+        return Question("nickname", "nickname", False)
+    match = SIGN_IN_PROMPT.match(line)
+    if not match:
+        return None
+    asked = match.group(1)
+    if line == PASSWORD_PROMPT:
+        answer = "server password"
+    elif ACCOUNT_PROMPT.match(line):
+        answer = "account password"
+    elif INVITATION_PROMPT.match(line):
+        answer = "invitation code"
+    else:
+        answer = ""
+    return Question(asked[:1].lower() + asked[1:], answer, True)
+
+
+def utc_time(text: str) -> Optional[datetime.datetime]:
+    """A time the server wrote as 2026-11-26T17:04:51Z, or None if it is not one."""
+    try:
+        when = datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return None
+    return when.replace(tzinfo=datetime.timezone.utc)
 
 
 @dataclass
@@ -137,7 +216,7 @@ class Message:
     nick: str = ""            # who spoke (chat, action, private, history)
     body: str = ""            # what they said, or the text after the marker
     outgoing: bool = False    # private: the copy of one you sent
-    time: Optional[datetime.datetime] = None  # history: when it was said
+    time: Optional[datetime.datetime] = None  # history: when it was said; offline: when it was left
     said: Optional["Message"] = None  # history: the original chat or action line
     room: str = ""            # the room of a tagged line (one not from the current room)
 
@@ -158,13 +237,11 @@ def classify_untagged(line: str) -> Message:
         match = HISTORY_PREFIX.match(line)
         if match:
             said = classify_untagged(line[match.end():])
-            try:
-                time = datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%SZ")
-            except ValueError:
-                time = None
-            else:
-                time = time.replace(tzinfo=datetime.timezone.utc)
-            return Message(HISTORY, line, said.nick, said.body, time=time, said=said)
+            return Message(HISTORY, line, said.nick, said.body, time=utc_time(match.group(1)), said=said)
+    if line.startswith("[offline "):
+        match = OFFLINE_PREFIX.match(line)
+        if match:
+            return Message(OFFLINE, line, match.group(2), line[match.end():], time=utc_time(match.group(1)))
     for marker, kind in (("*** ", NOTICE), ("-- ", REPLY), ("!! ", ERROR)):
         if line.startswith(marker):
             return Message(kind, line, body=line[len(marker):])
@@ -719,8 +796,8 @@ class LineEditor:
                       else self._draft)
 
     def remember(self, line: str) -> None:
-        """Add a line to the history (not a blank one, nor the last one again)."""
-        if line.strip() and (not self.history or self.history[-1] != line):
+        """Add a line to the history (not a blank one, nor the last one again, nor one with a secret)."""
+        if line.strip() and not carries_secret(line) and (not self.history or self.history[-1] != line):
             self.history.append(line)
             del self.history[:-self.history_size]
         self._recalled = len(self.history)
@@ -746,6 +823,14 @@ class LineEditor:
         self.set_text(completed + after, len(split_characters(completed)))
         return choices
 
+    def shown_characters(self) -> list[str]:
+        """The characters as drawn: after a secret command (/register, /passwd...), a * for each but spaces."""
+        if not carries_secret(self.text):
+            return self.characters
+        command = len(split_characters(self.text.split(None, 1)[0]))
+        return self.characters[:command] + [char if char.isspace() else "*"
+                                            for char in self.characters[command:]]
+
     def view(self, columns: int) -> tuple[str, int]:
         """What fits in `columns` cells, and the cursor's cell in it.
 
@@ -753,7 +838,8 @@ class LineEditor:
         cursor in view, and one cell is always left for the cursor.
         """
         columns = max(columns, 2)
-        widths = [text_width(char) for char in self.characters]
+        characters = self.shown_characters()
+        widths = [text_width(char) for char in characters]
         if self.cursor < self.scroll:   # left of the window: jump back, keeping some context
             self.scroll = self.cursor
             while self.scroll > 0 and sum(widths[self.scroll - 1:self.cursor]) <= columns // 3:
@@ -763,7 +849,7 @@ class LineEditor:
         while self.scroll > 0 and sum(widths[self.scroll - 1:]) <= columns - 1:
             self.scroll -= 1
         shown, used = [], 0
-        for char, width in zip(self.characters[self.scroll:], widths[self.scroll:]):
+        for char, width in zip(characters[self.scroll:], widths[self.scroll:]):
             if used + width > columns:
                 break
             shown.append(char)
@@ -818,7 +904,7 @@ def complete_word(before: str, commands: Iterable[str], nicknames: Iterable[str]
 STYLES = {
     "time": "2", "notice": "36", "topic": "1;33", "reply": "32", "error": "1;31",
     "private": "1;35", "action": "3", "history": "2", "mention": "1;7", "local": "33",
-    "prompt": "1", "room": "1;4", "activity": "1",
+    "prompt": "1", "room": "1;4", "activity": "1", "offline": "3;35",
 }
 # Nickname colours, from the terminal's 256-colour palette: each has a contrast of at least
 # 3:1 on a black and on a white background, and none is near the hue of a style above
@@ -926,7 +1012,13 @@ def render_body(message: Message, painter: Painter, me: str) -> tuple[list[Span]
     if kind == HISTORY:
         said = message.said or classify_untagged(text)
         return [Span(said.text, "history")], said_offset(said)
+    if kind == OFFLINE:   # apart from live private messages: who left it, and when (in my time zone)
+        left = f", left {local_time(message.time):%Y-%m-%d %H:%M}" if message.time else ""
+        label = f"[offline from {message.nick}{left}] "
+        return [Span(label, "offline"), Span(message.body, "offline")], text_width(label)
     if kind == NOTICE:
+        if OFFLINE_NOTICE.match(text):
+            return [Span(text, "offline")], 4
         return [Span(text, "topic" if TOPIC_NOTICE.match(text) else "notice")], 4
     if kind in (REPLY, ERROR):
         return [Span(text, kind)], 3
@@ -1297,6 +1389,12 @@ class Connection:
 
 
 QUIT_COMMANDS = ("/quit", "/exit", "/bye")
+# Where a sign-in answer can be given instead of typed: the option, and the variable it defaults to.
+ANSWER_SOURCES = {
+    "server password": ("--password", PASSWORD_ENVIRONMENT),
+    "account password": ("--account-password", ACCOUNT_PASSWORD_ENVIRONMENT),
+    "invitation code": ("--invitation-code", INVITATION_ENVIRONMENT),
+}
 
 
 class PendingPaste(NamedTuple):
@@ -1322,7 +1420,8 @@ class ChatClient:
     def __init__(self, connection: Connection, display: TerminalDisplay | PlainDisplay,
                  editor: LineEditor, painter: Painter, *,
                  interactive: bool, nick: Optional[str], password: Optional[str],
-                 bell: bool, keyboard: Optional[socket.socket] = None,
+                 bell: bool, account_password: Optional[str] = None,
+                 invitation_code: Optional[str] = None, keyboard: Optional[socket.socket] = None,
                  reconnect: Optional[Callable[[], socket.socket]] = None,
                  where: str = "the server", tls: bool = False) -> None:
         self.connection: Optional[Connection] = connection
@@ -1330,9 +1429,15 @@ class ChatClient:
         self.editor = editor
         self.painter = painter
         self.interactive = interactive
-        self.nick_to_send = nick
-        self.password = password
-        self.password_to_send = password
+        # What answers the sign-in prompts without asking, by Question.answer; each goes once per
+        # connection (a wrong one is asked for again), from `unused`. An account password typed at
+        # its prompt joins them once it let me in, so that signing in again needs no one.
+        self.answers: dict[str, Optional[str]] = {
+            "nickname": nick, "server password": password,
+            "account password": account_password, "invitation code": invitation_code}
+        self.unused: dict[str, Optional[str]] = {}
+        self.typed_answers: dict[str, str] = {}   # typed at this connection's prompts, by Question.answer
+        self.new_account_password: Optional[str] = None   # sent with /register or /passwd, not yet confirmed
         self.bell = bell
         self.keyboard = keyboard          # the Windows seam, else standard input is read
         self.reconnect = reconnect        # opens a new socket to the same server, or None
@@ -1344,7 +1449,7 @@ class ChatClient:
         self.rooms = Rooms()
         self.me = ""                      # my nickname once the server has welcomed me
         self.online = False               # signed in on the present connection
-        self.answering = ""               # "password" or "nickname" while the server asks
+        self.answering: Optional[Question] = None   # what the server asks, while it waits for my answer
         self.refusal = ""                 # the last error line while signing in
         self.asked_online = False         # /online sent on arrival; its reply is not shown
         self.greeting_deadline = time.monotonic() + GREETING_TIMEOUT   # 0 once heard or warned
@@ -1494,7 +1599,7 @@ class ChatClient:
             if self.pending_paste:
                 unsent += self.pending_paste.lines
             for line in unsent[:5]:
-                self._say("not sent: " + line)
+                self._say("not sent: " + masked(line))
             if len(unsent) > 5:
                 self._say(f"not sent: {len(unsent) - 5} more lines")
         self.exit_code = code
@@ -1506,7 +1611,9 @@ class ChatClient:
         self.connection = connection
         self.selector.register(connection.sock, selectors.EVENT_READ, self._on_server)
         self.online = False
-        self.answering = self.refusal = ""
+        self.answering, self.refusal = None, ""
+        self.unused = dict(self.answers)
+        self.typed_answers = {}
         self.pacer = None
         self.asked_online = False
         self.leaving = False
@@ -1564,8 +1671,7 @@ class ChatClient:
             self._say(result)
             self._wait_to_retry()
             return
-        self.nick_to_send = self.me
-        self.password_to_send = self.password
+        self.answers["nickname"] = self.me
         self.rooms.joined, self.rooms.current = [], ""
         self._attach(Connection(result))
         self._say(f"connected to {self.where} again; signing in as {self.me}")
@@ -1606,11 +1712,9 @@ class ChatClient:
         if self.asked_online and ONLINE.match(line):
             self.asked_online = False
             return
-        if line.rstrip() == PASSWORD_PROMPT:
-            self._answer("password")
-            return
-        if line.rstrip() == NICKNAME_PROMPT:
-            self._answer("nickname")
+        question = sign_in_question(line.rstrip()) if not self.online else None
+        if question:
+            self._answer(question)
             return
         if not self.online:
             welcome = WELCOME.match(line)
@@ -1623,9 +1727,9 @@ class ChatClient:
             if renamed and renamed.group(1).casefold() == self.me.casefold():
                 self.me = renamed.group(2)
                 self._update_prompt(draw=False)
-        put_out = PUT_OUT.match(line)
-        if put_out:
-            self.put_out = put_out.group(2) or f"by {put_out.group(1)}"
+            if line.startswith(PASSWORD_CONFIRMED) and self.new_account_password:
+                self.answers["account password"], self.new_account_password = self.new_account_password, None
+        self.put_out = put_out_reason(line) or self.put_out
         mentioned = mentions(message, self.me)
         if self.rooms.learn(message, mentioned, self.me) or message.room:
             if self.rejoin_due and self.rooms.current:
@@ -1637,22 +1741,22 @@ class ChatClient:
         ring = self.bell and (mentioned or (message.kind == PRIVATE and not message.outgoing))
         self.display.show(render(message, self.painter, self.me), bell=ring)
 
-    def _answer(self, question: str) -> None:
-        """The server asks for the password or a nickname: answer from the options, else ask."""
-        given = self.password_to_send if question == "password" else self.nick_to_send
+    def _answer(self, question: Question) -> None:
+        """The server asks a sign-in question: answer from the options (once), else ask the user."""
+        given = self.unused.pop(question.answer, None)
         if given:
             self._send_now(given)
-            if question == "password":
-                self.password_to_send = None
-            else:
-                self.nick_to_send = None
             return
         if not self.interactive:
-            if question == "password":
-                reason = (f"password refused: {self.refusal}" if self.refusal
-                          else "the server wants a password (--password or $PYCHAT_PASSWORD)")
+            if self.refusal:
+                reason = f"{question.label} refused: {self.refusal}"
+            elif question.answer in ANSWER_SOURCES:
+                option, variable = ANSWER_SOURCES[question.answer]
+                reason = f"the server asks for the {question.label} ({option} or ${variable})"
+            elif question.secret:
+                reason = f"the server asks for the {question.label}, which only a terminal can answer"
             else:
-                reason = f"nickname refused: {self.refusal}" if self.refusal else "no nickname"
+                reason = "no nickname"
             self._finish(reason, 1)
             return
         self.answering = question
@@ -1661,7 +1765,9 @@ class ChatClient:
     def _signed_in(self, nick: str) -> None:
         self.me = nick
         self.online = True
-        self.answering = ""
+        self.answering = None
+        self.answers.update(self.typed_answers)
+        self.answers.pop("invitation code", None)   # it worked once, and it works only once
         self.retries = 0
         self.rejoin_due = self.rejoin is not None
         if self.interactive:   # learn who was already here, for Tab completion
@@ -1709,6 +1815,10 @@ class ChatClient:
             self.leave_deadline = time.monotonic() + QUIT_TIMEOUT
         if len(words) >= 3 and words[0].lower() == "/join":
             self.rooms.keys[words[1].lstrip("#").casefold()] = words[2]
+        if self.online and len(words) >= 2 and words[0].lower() == "/register":
+            self.new_account_password = line.split(None, 1)[1]
+        elif self.online and len(words) == 3 and words[0].lower() == "/passwd":
+            self.new_account_password = words[2]
         if self.connection:
             self.connection.send_line(line)
 
@@ -1760,7 +1870,9 @@ class ChatClient:
         if not line.strip():
             return
         if self.answering:
-            self.answering = ""
+            if self.answering.answer:
+                self.typed_answers[self.answering.answer] = line
+            self.answering = None
             self._send_now(line)
         elif not self.online and line.split()[0].lower() in QUIT_COMMANDS:
             self.exit_code = 0
@@ -1817,8 +1929,9 @@ class ChatClient:
     def _on_ctrl_c(self) -> None:
         """Ctrl-C clears a typed line (Up brings it back); on an empty line, twice within 2 s leaves."""
         if self.editor.text:
+            remembered = not self.answering and not carries_secret(self.editor.text)
             self.editor.submit(remember=not self.answering)
-            if not self.answering:
+            if remembered:
                 self._say("line cleared; Up brings it back")
         elif self.leaving or not self.online or time.monotonic() < self.quit_armed_until:
             if self.online and not self.leaving:
@@ -1850,7 +1963,7 @@ class ChatClient:
             self.editor.insert(pieces[0])
             more = sum(1 for piece in pieces[1:] if piece.strip())
             if more:
-                self._say(f"the {self.answering} is one line: {more} more pasted line(s) left out")
+                self._say(f"the {self.answering.label} is one line: {more} more pasted line(s) left out")
             else:
                 self.send_typed(self.editor.submit(remember=False))
             return
@@ -1893,14 +2006,16 @@ class ChatClient:
             count = len(self.pending_paste.lines)
             prompts = [[Span(f"send {count} pasted lines? (Enter/Esc) ")], [Span(f"send {count}? ")]]
         elif self.answering:
-            prompts = [[Span(f"{self.answering}: ")]]
+            label = self.answering.label
+            short = "password" if "password" in label else label.split()[0]
+            prompts = [[Span(f"{label}: ")], [Span(f"{short}: ")]]
         else:
             prompts = [self._prompt(nick, long_activity, long_waiting)
                        for nick, long_activity, long_waiting in ((self.me, True, True), ("", True, True),
                                                                  ("", False, True), ("", False, False))]
             prompts.append([Span(f"#{self.rooms.current}> " if self.rooms.current else "> ")])
         if isinstance(self.display, TerminalDisplay):
-            self.display.set_prompt(prompts, secret=self.answering == "password", draw=draw)
+            self.display.set_prompt(prompts, secret=bool(self.answering and self.answering.secret), draw=draw)
 
     def _prompt(self, nick: str, long_activity: bool, long_waiting: bool) -> list[Span]:
         spans = []
@@ -2010,6 +2125,15 @@ def parse_options(argv: Optional[list[str]], environment: Optional[dict[str, str
     parser.add_argument("--password", default=environment.get(PASSWORD_ENVIRONMENT) or None,
                         help="server password, sent when the server asks for one (default: "
                              f"${PASSWORD_ENVIRONMENT}, which keeps it out of the process list)")
+    parser.add_argument("--account-password", metavar="PASSWORD",
+                        default=environment.get(ACCOUNT_PASSWORD_ENVIRONMENT) or None,
+                        help="password of the registered nickname you sign in with (or choose for a "
+                             f"new account), sent when the server asks (default: "
+                             f"${ACCOUNT_PASSWORD_ENVIRONMENT}; else it is asked for, hidden)")
+    parser.add_argument("--invitation-code", metavar="CODE",
+                        default=environment.get(INVITATION_ENVIRONMENT) or None,
+                        help="one-time code an operator gave you to sign in to a private server "
+                             f"(default: ${INVITATION_ENVIRONMENT})")
     parser.add_argument("--color", action=argparse.BooleanOptionalAction,
                         help="colours (on in a terminal unless $NO_COLOR is set)")
     parser.add_argument("--bell", action=argparse.BooleanOptionalAction, default=False,
@@ -2071,6 +2195,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     keyboard = windows_keyboard_socket(interactive) if os.name == "nt" else None
     client = ChatClient(Connection(sock), display, editor, painter, interactive=interactive,
                         nick=options.nick, password=options.password, bell=options.bell,
+                        account_password=options.account_password,
+                        invitation_code=options.invitation_code,
                         keyboard=keyboard, reconnect=open_socket,
                         where=f"{options.host}:{options.port}", tls=tls)
     if not interactive:
