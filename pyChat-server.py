@@ -5,8 +5,10 @@ The protocol is described in README.md ("Wire protocol"). This file reads top
 to bottom: options and limits; the protocol (framing, cleaning text, names,
 the events the core produces and the one class that turns them into lines);
 a connection's output and the pump that writes to every socket; the
-connection handler (one thread per connection); the server object, which
-owns people and rooms and every change to them; the context that
+connection handler (one thread per connection); what lasts across restarts
+(the data directory: accounts, operators, bans, room settings, offline
+messages, history); the server object, which owns people and rooms and every
+change to them; the context that
 slash-commands act through; then the IRC front door (README, "IRC clients"):
 reading and writing IRC messages, the IRC protocol object that puts the
 core's events in IRC's words, and the IRC connection and its listener; main().
