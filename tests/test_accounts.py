@@ -441,11 +441,7 @@ def test_messages_to_an_offline_account_wait_for_its_next_sign_in_even_across_a_
     server.stop(signal.SIGKILL)
     again = start_server("--data-dir", str(data))
     alice = connect(again)
-    alice.expect(re.escape(NICKNAME_PROMPT))
-    alice.send("alice")
-    alice.expect(password_prompt("alice"))
-    alice.send(PASSWORD)
-    lines = alice.lines_until(re.escape("*** End of messages left for you."), timeout=10)
+    lines = sign_in(alice, "alice") + alice.lines_until(re.escape("*** End of messages left for you."), timeout=10)
     assert "*** 2 messages were left for you while you were away:" in lines
     kept = [HISTORY.match(line).groups()[1:] for line in lines if HISTORY.match(line)]
     assert kept == [("bob", "are you there?"), ("bob", "second one")]
@@ -473,11 +469,7 @@ def test_offline_messages_from_someone_the_recipient_ignores_are_not_shown(start
     bob.send("/msg alice lunch?")
     bob.expect("-- alice is offline")
     alice = connect(server)
-    alice.expect(re.escape(NICKNAME_PROMPT))
-    alice.send("alice")
-    alice.expect(password_prompt("alice"))
-    alice.send(PASSWORD)
-    lines = alice.lines_until(re.escape("*** End of messages left for you."), timeout=10)
+    lines = sign_in(alice, "alice") + alice.lines_until(re.escape("*** End of messages left for you."), timeout=10)
     assert [HISTORY.match(line).group(2) for line in lines if HISTORY.match(line)] == ["bob"]
 
 
@@ -575,11 +567,7 @@ def test_after_a_kill_9_the_server_knows_every_account_operator_ban_topic_and_of
     refused = ClientFrom(again.host, again.port, "127.0.0.2").wait_closed()
     assert refused and refused[0].startswith("!! You are banned from this server") and "trolling" in refused[0]
     alice = connect(again)
-    alice.expect(re.escape(NICKNAME_PROMPT))
-    alice.send("alice")
-    alice.expect(password_prompt("alice"))
-    alice.send(PASSWORD)
-    lines = alice.lines_until(re.escape("*** End of messages left for you."), timeout=10)
+    lines = sign_in(alice, "alice") + alice.lines_until(re.escape("*** End of messages left for you."), timeout=10)
     assert "*** You are an operator of this server." in lines
     assert "*** Topic of #lobby: welcome, be nice" in lines
     assert [HISTORY.match(line).groups()[1:] for line in lines if HISTORY.match(line)] == [
