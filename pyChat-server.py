@@ -431,6 +431,7 @@ _WORD_MODIFIERS = "\u3005\u309d\u309e\u30fc\u30fd\u30fe\u0e46\u0ec6"
 MAX_MARKS = 3                     # combining marks on one letter (Hebrew points need three)
 
 
+@functools.lru_cache(maxsize=4096)
 def _name_character(ch: str) -> tuple[str | None, str | None]:
     """(the script CH counts for, or None for one every script may use; why it cannot be in a name, or None)."""
     if ch in "_-" or "0" <= ch <= "9":
@@ -500,6 +501,7 @@ def normal_name(name: str) -> str:
     return name if len(name) > MAX_NICKNAME_LENGTH else unicodedata.normalize("NFKC", name)
 
 
+@functools.lru_cache(maxsize=4096)     # a sign-in asks for the same name's key several times
 def name_key(name: str) -> str:
     """The form two names share when they would look the same: case, accents, digits and look-alikes folded.
 
@@ -507,10 +509,13 @@ def name_key(name: str) -> str:
     """
     if len(name) > MAX_NICKNAME_LENGTH:
         return "\0"
-    plain = "".join(map(_plain_letter, name)).translate(_CAPITAL_LOOKALIKES).casefold()
-    decomposed = unicodedata.normalize("NFKD", plain)
-    folded = "".join(ch for ch in decomposed if unicodedata.category(ch)[0] != "M")
-    folded = folded.translate(_LOOKALIKES).translate(_LOOKALIKES_CJK)
+    if name.isascii():      # nothing to decompose: no accents, marks, other scripts' digits or letters
+        folded = name.translate(_CAPITAL_LOOKALIKES).casefold().translate(_LOOKALIKES)
+    else:
+        plain = "".join(map(_plain_letter, name)).translate(_CAPITAL_LOOKALIKES).casefold()
+        decomposed = unicodedata.normalize("NFKD", plain)
+        folded = "".join(ch for ch in decomposed if unicodedata.category(ch)[0] != "M")
+        folded = folded.translate(_LOOKALIKES).translate(_LOOKALIKES_CJK)
     return folded.replace("rn", "m").replace("vv", "w").replace("_", "-")
 
 
@@ -933,6 +938,7 @@ class Output:
         self.closed = False
         self.refusing = False               # ending or closed: nothing more is queued
         self.reader = reader                # the connection, once the switchboard reads it
+        self.owner: int | None = None       # the thread that signs the connection in, while it does
         self.reading = False                # the switchboard reads the socket now; its state_lock
         self.listening = 0                  # the selector events the switchboard waits for; its state_lock
 
@@ -941,7 +947,21 @@ class Output:
 
     def send(self, event: Any) -> None:
         """Queue one event for this connection alone."""
-        self.switchboard.queue((self,), self.protocol.encode(event))
+        self.send_bytes(self.protocol.encode(event))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Queue DATA for this connection alone.
+
+        While a connection signs in, its own thread writes what it queues
+        itself, before it waits for the next answer (ClientConnection.read_lines):
+        that saves waking the switchboard for each of the lines of a sign-in.
+        """
+        if self.owner == threading.get_ident():
+            if data and not self.refusing:
+                self.pending.append(data)
+                self.idle = False       # lined up by no one: the owner writes it
+        else:
+            self.switchboard.queue((self,), data)
 
     def end(self, reason: str, farewell: Any = None, drop_output: bool = False) -> bool:
         """End the connection for REASON, telling the person FAREWELL; False if it was ending already.
@@ -1340,6 +1360,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.address = self.client_address[0]
         self.person: Person | None = None
         self.output = Output(self.sock, self.server.switchboard, PYCHAT, name=self.__repr__, reader=self)
+        self.output.owner = threading.get_ident()
         self.lines = LineReader()
         self.unread: collections.deque[str | None] = collections.deque()    # read, not yet taken
         self.backlog: collections.deque[str | None] = collections.deque()   # for the connection's own thread
@@ -1396,8 +1417,15 @@ class ClientConnection(socketserver.BaseRequestHandler):
         """Signed in: from now on the switchboard reads this connection, and this thread ends."""
         self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)   # a full burst to start
         self.input_waiter = None
+        self.output.owner = None
+        self.write_own_output()
         self.adopted = True
         self.server.switchboard.adopt(self)
+
+    def write_own_output(self) -> None:
+        """(sign-in thread) Write what waits; what the socket does not take now, the switchboard writes."""
+        if self.output.flush():
+            self.server.switchboard.mark_ready([self.output])
 
     def finish(self) -> None:
         if not self.adopted:
@@ -1619,6 +1647,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
                 # Every line counts against the rate, whatever it is and whenever it comes.
                 if self.within_rate():
                     yield line
+            self.write_own_output()
             # Wait first: after a read the socket is nearly always empty, and trying it costs a system call.
             if not self.has_buffered_input():
                 self.wait_for_input(self.server.options.nick_timeout)
@@ -5614,7 +5643,7 @@ class IrcConnection(ClientConnection):
 
     def send_irc(self, line: str) -> None:
         """One IRC message for this connection alone."""
-        self.server.switchboard.queue((self.output,), line.encode("utf-8") + b"\r\n")
+        self.output.send_bytes(line.encode("utf-8") + b"\r\n")
 
 
 class IrcListener(socketserver.TCPServer):
