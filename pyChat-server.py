@@ -13,10 +13,16 @@ slash-commands act through; then the IRC front door (README, "IRC clients"):
 reading and writing IRC messages, the IRC protocol object that puts the
 core's events in IRC's words, and the IRC connection and its listener; main().
 
-A line becomes a broadcast in two hops: ClientConnection.on_line() (or, from
-an IRC client, IrcConnection.irc_privmsg()) hands it to ChatServer.say(),
-which renders the event once per audience of the room (PyChatProtocol.encode,
-IrcProtocol.encode) and queues the bytes to each member's output.
+A line becomes a broadcast in two hops: the switchboard reads it and
+ClientConnection.on_line() (or, from an IRC client, IrcConnection.on_line()
+and irc_privmsg()) hands it to ChatServer.say(), which renders the event once
+per audience of the room (PyChatProtocol.encode, IrcProtocol.encode) and
+queues the bytes to each member's output, which the switchboard writes.
+
+Threads: a connection signs in on a thread of its own; from then on the one
+switchboard thread reads it and writes to it, and each command it sends runs
+on a thread of its own (Switchboard). Two more threads accept connections,
+one per port.
 """
 from __future__ import annotations
 
@@ -94,17 +100,17 @@ MAX_TLS_REFUSALS = 8              # TLS handshakes at once just to say "the serv
 DRAIN_SECONDS = 1.0               # time allowed to send what is queued to someone who is leaving
 SHUTDOWN_SECONDS = 3.0            # time allowed for every connection to close at shutdown
 RECEIVE_SIZE = 65536
-# Every thread waiting for the interpreter lock wakes up once per interval. When
-# 10,000 people leave at once, all their threads wait together: at the default
-# 5 ms the server then burned both cores for 20 s, at 50 ms for 5 to 20 s, at
-# 0.5 s it is done in 3 s, which is the leaving itself (bench/README.md). Our
-# threads give the lock up at every system call, so the long interval should cost
-# no latency: fan-out latency at 0.05 and 0.5 s was within run-to-run noise.
-SWITCH_INTERVAL = 0.5
-# A connection's thread touches about 12 KiB of its stack. The platform default
-# reserves 8 MiB of address space each (80 GiB for 10,000 people, which a system
-# that does not overcommit refuses); 512 KiB measured the same for CPU and
-# memory at 10,000 sign-ins and leaves, and leaves room for deep C calls (TLS).
+# How long a thread may keep the interpreter lock while another waits for it.
+# The switchboard does all the chatting on one thread, so it must get the lock
+# back quickly from a thread running a long command or a sign-in: Python's
+# default, 5 ms. (With a thread per connection, 10,000 people leaving at once
+# needed 0.5 s here; the switchboard now does that leaving alone, in about a
+# second, at any interval: bench/README.md.)
+SWITCH_INTERVAL = 0.005
+# Threads are for signing in and for commands, a few at a time. A thread touches
+# about 12 KiB of its stack; the platform default reserves 8 MiB of address
+# space for each, which a system that does not overcommit may refuse when many
+# sign in at once. 512 KiB leaves room for deep C calls (TLS).
 THREAD_STACK_SIZE = 512 * 1024    # bytes; 0 keeps the platform default
 CLIENTS_WITHOUT_LIMIT = 10_000    # open files are asked for this many connections when --max-clients is 0
 SPARE_FILES = 64                  # open files besides the connections: listening socket, logs, wake-ups
