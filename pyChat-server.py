@@ -1321,7 +1321,8 @@ class Switchboard(threading.Thread):
     def check_clocks(self) -> None:
         """Let go of connections that stayed silent too long, and ping the IRC clients that are quiet."""
         now = time.monotonic()
-        for connection in [c for c in self.readers if c.clock_is_due(now)]:
+        # Not someone whose command runs now: they are not idle, and their person must stay until it ends.
+        for connection in [c for c in self.readers if c.output.reading and c.clock_is_due(now)]:
             self.run_lines(connection, functools.partial(connection.check_clock, now))
 
     # -- writing ---------------------------------------------------------------
