@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import select
@@ -112,6 +113,7 @@ SWITCH_INTERVAL = 0.005
 # space for each, which a system that does not overcommit may refuse when many
 # sign in at once. 512 KiB leaves room for deep C calls (TLS).
 THREAD_STACK_SIZE = 512 * 1024    # bytes; 0 keeps the platform default
+IDLE_WORKERS = 16                 # finished worker threads kept waiting for the next sign-in or command
 CLIENTS_WITHOUT_LIMIT = 10_000    # open files are asked for this many connections when --max-clients is 0
 SPARE_FILES = 64                  # open files besides the connections: listening socket, logs, wake-ups
 KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeeping
@@ -1119,6 +1121,44 @@ class Output:
                 self.sock.close()
 
 
+class Workers:
+    """Threads for work that may wait: signing a newcomer in, running a command, draining a last output.
+
+    A task goes to an idle worker if there is one, and otherwise to a new
+    thread, so a slow task (a password check, a pause after a wrong guess)
+    never holds up another. Up to KEEP_IDLE finished workers wait for the next
+    task instead of ending: starting a thread costs more than most tasks.
+    """
+
+    def __init__(self, keep_idle: int = IDLE_WORKERS) -> None:
+        self.keep_idle = keep_idle
+        self.lock = threading.Lock()
+        self.idle = 0                   # workers waiting in tasks.get(), or about to; lock
+        self.tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def run(self, task: Callable[[], None]) -> None:
+        """Run TASK on a worker; raises RuntimeError (or MemoryError) when no thread can start."""
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+                self.tasks.put(task)
+                return
+        threading.Thread(target=self._work, args=(task,), daemon=True).start()
+
+    def _work(self, task: Callable[[], None]) -> None:
+        while True:
+            try:
+                task()
+            except Exception:       # a task that fails must not take the worker with it
+                log.exception("a task on a worker thread failed")
+            task = None             # nothing of the last task stays reachable while this one waits
+            with self.lock:
+                if self.idle >= self.keep_idle:
+                    return
+                self.idle += 1
+            task = self.tasks.get()
+
+
 class Switchboard(threading.Thread):
     """The one thread that reads what signed-in people send and writes every connection's output.
 
@@ -1138,10 +1178,11 @@ class Switchboard(threading.Thread):
     if it takes nothing for --stall-timeout.
     """
 
-    def __init__(self, max_queue: int, stall_timeout: float) -> None:
+    def __init__(self, max_queue: int, stall_timeout: float, workers: Workers) -> None:
         super().__init__(name="switchboard", daemon=True)
         self.max_queue = max_queue
         self.stall_timeout = stall_timeout
+        self.workers = workers              # where commands run
         self.ready: collections.deque[Output] = collections.deque()     # outputs with lines to write
         self.arrivals: collections.deque[ClientConnection] = collections.deque()  # to read from now on
         self.readers: set[ClientConnection] = set()     # the connections read here; this thread only
@@ -1305,7 +1346,7 @@ class Switchboard(threading.Thread):
             connection.output.reading = False
             self._listen(connection.output)
         try:
-            threading.Thread(target=connection.work_through_backlog, daemon=True).start()
+            self.workers.run(connection.work_through_backlog)
         except (RuntimeError, MemoryError) as problem:      # out of threads or memory
             log.error("cannot start a thread for %r: %s", connection, problem)
             connection.backlog.clear()
@@ -1482,7 +1523,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             try:
                 if self.adopted and self.output.flush():
                     # Some of it waits for the socket: not on the switchboard, which waits for no one.
-                    threading.Thread(target=self.output.close, daemon=True).start()
+                    self.server.workers.run(self.output.close)
                 else:
                     self.output.close()
             except (RuntimeError, MemoryError):
@@ -2968,7 +3009,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     self.said += 1
                     room.history.append((self.said, when, event))
         self.spare_descriptor = os.open(os.devnull, os.O_RDONLY | _CLOEXEC)
-        self.switchboard = Switchboard(options.max_queue, options.stall_timeout)
+        self.workers = Workers()
+        self.switchboard = Switchboard(options.max_queue, options.stall_timeout, self.workers)
         super().__init__((options.host, options.port), ClientConnection)
         self.irc = IrcListener(self) if options.irc_port is not None else None
         self.switchboard.start()
@@ -3049,8 +3091,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 refusal = None
         if refusal is None:
             try:
-                threading.Thread(target=self.process_request_thread, args=(request, client_address, protocol),
-                                 daemon=True).start()
+                self.workers.run(functools.partial(self.process_request_thread, request, client_address, protocol))
                 return
             except (RuntimeError, MemoryError, OSError) as problem:    # out of threads, memory or processes
                 self.release(bucket)
@@ -3068,7 +3109,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self.refuse(request, protocol.refusal(refusal))
         else:
             try:
-                threading.Thread(target=self.refuse, args=(request, protocol.refusal(refusal)), daemon=True).start()
+                self.workers.run(functools.partial(self.refuse, request, protocol.refusal(refusal)))
             except (RuntimeError, MemoryError):
                 with self.lock:
                     self.refusing -= 1

@@ -36,7 +36,7 @@ def read_until_all(sock: socket.socket, markers: list[bytes]) -> bytes:
 @pytest.fixture
 def switchboard():
     """A switchboard that runs, stopped at the end."""
-    running = pychat.Switchboard(max_queue=256 * 1024, stall_timeout=30)
+    running = pychat.Switchboard(max_queue=256 * 1024, stall_timeout=30, workers=pychat.Workers())
     running.start()
     yield running
     running.stop()
@@ -46,7 +46,7 @@ def switchboard():
 @pytest.fixture
 def idle_switchboard():
     """A switchboard whose thread never runs: what is queued stays queued until a test flushes it."""
-    standing = pychat.Switchboard(max_queue=10_000, stall_timeout=30)
+    standing = pychat.Switchboard(max_queue=10_000, stall_timeout=30, workers=pychat.Workers())
     yield standing
     standing.selector.close()
     standing.wake_reader.close()
