@@ -1330,7 +1330,7 @@ class Switchboard(threading.Thread):
             connection.output.end(why.reason, why.farewell)
         except Exception:       # one broken connection must not silence everyone
             log.exception("reading from %r failed", connection)
-            connection.output.end("server error")
+            connection.output.end("server error", Farewell("a server error (it was logged)"))
         if connection.output.reason is not None:
             self.finish(connection)
             return False
@@ -1680,7 +1680,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             self.output.end(why.reason, why.farewell)
         except Exception:
             log.exception("handling a line from %r failed", self)
-            self.output.end("server error")
+            self.output.end("server error", Farewell("a server error (it was logged)"))
         finally:
             self.backlog.clear()
             self.server.switchboard.adopt(self)

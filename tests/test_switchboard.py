@@ -105,3 +105,14 @@ def test_someone_who_leaves_during_their_command_is_let_go(start_server, connect
         newcomer.login("alice")                     # the name is free again
     finally:
         newcomer.close()
+
+
+def test_an_irc_clients_messages_around_a_command_keep_their_order(start_server, connect, irc_connect):
+    server = start_server("--irc-port", "0")
+    bob = connect(server, "bob")
+    alice = irc_connect(server, "alice")
+    bob.expect(re.escape("*** alice joined #lobby"))
+    alice.sock.sendall(b"PRIVMSG #lobby :before\r\nWHOIS bob\r\nPRIVMSG #lobby :after\r\nPING :token\r\n")
+    alice.expect(r"311 alice bob ")
+    alice.expect(r"PONG \S+ :?token$")
+    assert [bob.expect(r"^alice: "), bob.expect(r"^alice: ")] == ["alice: before", "alice: after"]
