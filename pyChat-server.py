@@ -944,6 +944,9 @@ class Output:
         self.stalled_since: float | None = None
         self.reason: str | None = None      # why the connection ends, once it does
         self.dropped = False                # ended with its queued output thrown away
+        # The farewell while it waits in `pending`; b"" once taken. A producer that saw the output open an
+        # instant before it ended may still append a line: whatever comes after the farewell is dropped.
+        self.last_words: bytes | None = None
         self.closed = False
         self.refusing = False               # ending or closed: nothing more is queued
         self.reader = reader                # the connection, once the switchboard reads it
@@ -991,6 +994,7 @@ class Output:
                 self.pending.clear()
             elif data:
                 self.pending.append(data)
+                self.last_words = data
                 line_up, self.idle = self.idle, False
         if drop_output:
             log.warning("cutting off %r: %s", self, reason)
@@ -1018,8 +1022,22 @@ class Output:
         """Move what is pending to the outbox; the bytes that wait to be sent."""
         with self.io_lock:
             if self.pending:
-                self.outbox += take(self.pending, len(self.pending))
+                self.outbox += self._take_pending()
             return len(self.outbox)
+
+    def _take_pending(self) -> bytes:
+        """Everything pending, taken off, up to the farewell if there is one; io_lock held."""
+        if self.last_words is None:
+            return take(self.pending, len(self.pending))
+        taken = []
+        while self.pending and self.last_words:
+            chunk = self.pending.popleft()
+            taken.append(chunk)
+            if chunk is self.last_words:
+                self.last_words = b""
+        if not self.last_words:
+            self.pending.clear()
+        return b"".join(taken)
 
     def flush(self) -> bool:
         """Write the outbox and everything pending, as much as the socket takes now, in one system call;
@@ -1031,7 +1049,7 @@ class Output:
         with self.io_lock:
             self.idle = True        # before taking: a line queued from now on lines the output up again
             pending = self.pending
-            if self.outbox or self.closed:
+            if self.outbox or self.closed or self.last_words is not None:
                 return self._flush_behind()
             count = len(pending)
             if not count:
@@ -1073,11 +1091,13 @@ class Output:
         return True
 
     def _flush_behind(self) -> bool:
-        """flush() when output waited from before; io_lock held."""
+        """flush() when output waited from before, or the connection is ending; io_lock held."""
         if self.closed:
             return False
         if self.pending:
-            self.outbox += take(self.pending, len(self.pending))
+            self.outbox += self._take_pending()
+        if not self.outbox:
+            return False
         data, self.outbox = self.outbox, bytearray()
         try:
             sent = self.sock.send(data)

@@ -87,6 +87,18 @@ def test_output_sends_events_in_order_and_the_first_reason_to_end_wins(switchboa
     assert output.reason == "first reason"
 
 
+def test_a_line_queued_in_the_instant_the_connection_ended_never_follows_the_farewell(idle_switchboard):
+    ours, theirs = socket_pair()
+    output = pychat.Output(ours, idle_switchboard)
+    output.send(pychat.Notice("before"))
+    output.end("kicked", pychat.Farewell("kicked"))
+    # A producer that found the output open just before it ended appends after the check, without a lock.
+    output.pending.append(b"bob: a line that lost the race\n")
+    output.close()
+    assert theirs.recv(4096) == b"*** before\n!! Disconnected: kicked.\n"
+    assert theirs.recv(100) == b"", "the socket was not closed"
+
+
 def test_a_closed_output_is_a_no_op(switchboard):
     ours, theirs = socket_pair()
     output = pychat.Output(ours, switchboard)
