@@ -5229,7 +5229,7 @@ class IrcConnection(ClientConnection):
 
     def on_line(self, line: str | None, on_switchboard: bool = False) -> bool:
         """One line from a signed-in client. On the switchboard only what waits for nothing is done (PING,
-        PONG and messages to channels); anything else is left (False) for the connection's own thread."""
+        PONG and messages to channels); anything else is left (False) for a worker."""
         message = self.message_of(line)
         if message is None:
             return True
