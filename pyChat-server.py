@@ -2716,6 +2716,7 @@ class OfflineMessage(NamedTuple):
     sender_key: str
     when: float
     text: str
+    key: str = ""                           # where it is kept, until it has been shown
 
 
 class OfflineMessages:
@@ -2758,16 +2759,25 @@ class OfflineMessages:
             except StoreFull:
                 raise StoreFull("The server holds as many offline messages as it can; try later.") from None
 
-    def take(self, recipient: str) -> list[OfflineMessage]:
-        """Every message kept for RECIPIENT, oldest first; they are no longer kept."""
+    def waiting(self, recipient: str) -> list[OfflineMessage]:
+        """Every message kept for RECIPIENT, oldest first; they stay kept until remove()."""
         prefix = name_key(recipient) + "/"
         with self.lock:
             found = sorted(((key, record) for key, record in self.store.items() if key.startswith(prefix)),
                            key=lambda item: (item[1]["time"], int(item[0].rpartition("/")[2])))
-            for key, _ in found:
-                self.store.delete(key)
-        return [OfflineMessage(record["from"], record["from_key"], record["time"], record["text"])
-                for _, record in found]
+        return [OfflineMessage(record["from"], record["from_key"], record["time"], record["text"], key)
+                for key, record in found]
+
+    def remove(self, messages: Iterable[OfflineMessage]) -> None:
+        with self.lock:
+            for message in messages:
+                self.store.delete(message.key)
+
+    def take(self, recipient: str) -> list[OfflineMessage]:
+        """Every message kept for RECIPIENT, oldest first; they are no longer kept."""
+        messages = self.waiting(recipient)
+        self.remove(messages)
+        return messages
 
     def forget(self, recipient: str) -> None:
         self.take(recipient)
@@ -3284,20 +3294,31 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return None
 
     def deliver_offline_messages(self, person: Person) -> None:
-        """Show PERSON what was left for their account while they were away, but what came from people they ignore."""
+        """Show PERSON what was left for their account while they were away, but what came from people they ignore.
+
+        They stay kept until the socket has taken them, so that a kill -9 in
+        between loses none: the next sign-in would show them again. Called on
+        the thread that signs PERSON in, which writes its own output.
+        """
         try:
-            messages = self.data.offline.take(person.account)
+            messages = self.data.offline.waiting(person.account)
         except StorageError as problem:
             log.error("offline messages for %s: %s", person.account, problem)
             return
         shown = [m for m in messages if m.sender_key not in person.ignoring]
-        if not shown:
-            return
-        person.output.send(Notice("1 message was left for you while you were away:" if len(shown) == 1
-                                  else f"{len(shown)} messages were left for you while you were away:"))
-        for message in shown:
-            person.output.send(OfflinePrivate(message.when, message.sender, message.text))
-        person.output.send(Notice("End of messages left for you."))
+        if shown:
+            person.output.send(Notice("1 message was left for you while you were away:" if len(shown) == 1
+                                      else f"{len(shown)} messages were left for you while you were away:"))
+            for message in shown:
+                person.output.send(OfflinePrivate(message.when, message.sender, message.text))
+            person.output.send(Notice("End of messages left for you."))
+            if person.output.flush():
+                self.switchboard.mark_ready([person.output])     # the socket took only part: keep them
+                return
+        try:
+            self.data.offline.remove(messages)
+        except StorageError as problem:
+            log.error("offline messages for %s: %s", person.account, problem)
 
     def remove(self, connection: ClientConnection, reason: str) -> None:
         """Take someone out of the chat; everyone who shares a room with them is told, once."""
