@@ -100,6 +100,7 @@ TLS_HANDSHAKE = b"\x16"            # the first byte of every TLS connection: a h
 MAX_TLS_REFUSALS = 8              # TLS handshakes at once just to say "the server is full"
 DRAIN_SECONDS = 1.0               # time allowed to send what is queued to someone who is leaving
 SHUTDOWN_SECONDS = 3.0            # time allowed for every connection to close at shutdown
+ACCEPT_POLL_SECONDS = 0.1         # how soon an accepting thread notices that the server stops
 RECEIVE_SIZE = 65536
 # How long a thread may keep the interpreter lock while another waits for it.
 # The switchboard does all the chatting on one thread, so it must get the lock
@@ -5900,12 +5901,13 @@ def main(argv: list[str] | None = None) -> int:
     if server.irc is not None:
         irc_host, irc_port = server.irc.server_address[:2]
         print(f"pyChat {VERSION} listening for IRC on {irc_host}:{irc_port}", file=sys.stderr, flush=True)
-        threading.Thread(target=server.irc.serve_forever, name="accept-irc", daemon=True).start()
+        threading.Thread(target=server.irc.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept-irc",
+                         daemon=True).start()
 
     stop_requested = threading.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signal_number, lambda number, frame: stop_requested.set())
-    serving = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
+    serving = threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept", daemon=True)
     serving.start()
     while not stop_requested.wait(1.0):
         pass
