@@ -4,8 +4,8 @@
 The protocol is described in README.md ("Wire protocol"). This file reads top
 to bottom: options and limits; the protocol (framing, cleaning text, names,
 the events the core produces and the one class that turns them into lines);
-a connection's output and the pump that writes to every socket; the
-connection handler (one thread per connection); what lasts across restarts
+a connection's output and the switchboard, the one thread that reads every
+signed-in connection and writes to every socket; the connection handler; what lasts across restarts
 (the data directory: accounts, operators, bans, room settings, offline
 messages, history); the server object, which owns people and rooms and every
 change to them; the context that
@@ -13,10 +13,16 @@ slash-commands act through; then the IRC front door (README, "IRC clients"):
 reading and writing IRC messages, the IRC protocol object that puts the
 core's events in IRC's words, and the IRC connection and its listener; main().
 
-A line becomes a broadcast in two hops: ClientConnection.on_line() (or, from
-an IRC client, IrcConnection.irc_privmsg()) hands it to ChatServer.say(),
-which renders the event once per audience of the room (PyChatProtocol.encode,
-IrcProtocol.encode) and queues the bytes to each member's output.
+A line becomes a broadcast in two hops: the switchboard reads it and
+ClientConnection.on_line() (or, from an IRC client, IrcConnection.on_line()
+and irc_privmsg()) hands it to ChatServer.say(), which renders the event once
+per audience of the room (PyChatProtocol.encode, IrcProtocol.encode) and
+queues the bytes to each member's output, which the switchboard writes.
+
+Threads: a connection signs in on a worker thread of its own; from then on
+the one switchboard thread reads it and writes to it, and each command it
+sends runs on a worker (Workers, Switchboard). Two more threads accept
+connections, one per port.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import collections
 import contextlib
 import datetime
 import errno
+import functools
 import hashlib
 import hmac
 import inspect
@@ -35,6 +42,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import select
@@ -92,22 +100,29 @@ TLS_HANDSHAKE = b"\x16"            # the first byte of every TLS connection: a h
 MAX_TLS_REFUSALS = 8              # TLS handshakes at once just to say "the server is full"
 DRAIN_SECONDS = 1.0               # time allowed to send what is queued to someone who is leaving
 SHUTDOWN_SECONDS = 3.0            # time allowed for every connection to close at shutdown
+ACCEPT_POLL_SECONDS = 0.1         # how soon an accepting thread notices that the server stops
 RECEIVE_SIZE = 65536
-# Every thread waiting for the interpreter lock wakes up once per interval. When
-# 10,000 people leave at once, all their threads wait together: at the default
-# 5 ms the server then burned both cores for 20 s, at 50 ms for 5 to 20 s, at
-# 0.5 s it is done in 3 s, which is the leaving itself (bench/README.md). Our
-# threads give the lock up at every system call, so the long interval should cost
-# no latency: fan-out latency at 0.05 and 0.5 s was within run-to-run noise.
-SWITCH_INTERVAL = 0.5
-# A connection's thread touches about 12 KiB of its stack. The platform default
-# reserves 8 MiB of address space each (80 GiB for 10,000 people, which a system
-# that does not overcommit refuses); 512 KiB measured the same for CPU and
-# memory at 10,000 sign-ins and leaves, and leaves room for deep C calls (TLS).
+# How long a thread may keep the interpreter lock while another waits for it.
+# The switchboard does all the chatting on one thread, so it must get the lock
+# back quickly from a thread running a long command or a sign-in: Python's
+# default, 5 ms. (With a thread per connection, 10,000 people leaving at once
+# needed 0.5 s here; the switchboard now does that leaving alone, in about a
+# second, at any interval: bench/README.md.)
+SWITCH_INTERVAL = 0.005
+# Threads are for signing in and for commands, a few at a time. A thread touches
+# about 12 KiB of its stack; the platform default reserves 8 MiB of address
+# space for each, which a system that does not overcommit may refuse when many
+# sign in at once. 512 KiB leaves room for deep C calls (TLS).
 THREAD_STACK_SIZE = 512 * 1024    # bytes; 0 keeps the platform default
+IDLE_WORKERS = 16                 # finished worker threads kept waiting for the next sign-in or command
 CLIENTS_WITHOUT_LIMIT = 10_000    # open files are asked for this many connections when --max-clients is 0
 SPARE_FILES = 64                  # open files besides the connections: listening socket, logs, wake-ups
 KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeeping
+# Each line leaves at once rather than waiting, under Nagle's algorithm, for the
+# peer to acknowledge the one before (up to its delayed-ACK time, 40 ms here).
+# Without it the bench measured CPU per delivery 5-10% lower at 50x50, with a
+# worse p99 and a third fewer deliveries a second when everyone sends at once.
+TCP_NO_DELAY = True
 OUT_OF_DESCRIPTORS_PAUSE = 0.5    # seconds the accepting thread waits when the process has no file descriptor left
 OPERATOR_TRIES = 3                # wrong /op secrets before the connection is closed
 ADDRESS_GUESSES = 10              # wrong secrets of any kind from one address (IPv6: /64) before it must wait
@@ -430,6 +445,7 @@ _WORD_MODIFIERS = "\u3005\u309d\u309e\u30fc\u30fd\u30fe\u0e46\u0ec6"
 MAX_MARKS = 3                     # combining marks on one letter (Hebrew points need three)
 
 
+@functools.lru_cache(maxsize=4096)
 def _name_character(ch: str) -> tuple[str | None, str | None]:
     """(the script CH counts for, or None for one every script may use; why it cannot be in a name, or None)."""
     if ch in "_-" or "0" <= ch <= "9":
@@ -499,6 +515,7 @@ def normal_name(name: str) -> str:
     return name if len(name) > MAX_NICKNAME_LENGTH else unicodedata.normalize("NFKC", name)
 
 
+@functools.lru_cache(maxsize=4096)     # a sign-in asks for the same name's key several times
 def name_key(name: str) -> str:
     """The form two names share when they would look the same: case, accents, digits and look-alikes folded.
 
@@ -506,10 +523,13 @@ def name_key(name: str) -> str:
     """
     if len(name) > MAX_NICKNAME_LENGTH:
         return "\0"
-    plain = "".join(map(_plain_letter, name)).translate(_CAPITAL_LOOKALIKES).casefold()
-    decomposed = unicodedata.normalize("NFKD", plain)
-    folded = "".join(ch for ch in decomposed if unicodedata.category(ch)[0] != "M")
-    folded = folded.translate(_LOOKALIKES).translate(_LOOKALIKES_CJK)
+    if name.isascii():      # nothing to decompose: no accents, marks, other scripts' digits or letters
+        folded = name.translate(_CAPITAL_LOOKALIKES).casefold().translate(_LOOKALIKES)
+    else:
+        plain = "".join(map(_plain_letter, name)).translate(_CAPITAL_LOOKALIKES).casefold()
+        decomposed = unicodedata.normalize("NFKD", plain)
+        folded = "".join(ch for ch in decomposed if unicodedata.category(ch)[0] != "M")
+        folded = folded.translate(_LOOKALIKES).translate(_LOOKALIKES_CJK)
     return folded.replace("rn", "m").replace("vv", "w").replace("_", "-")
 
 
@@ -855,28 +875,29 @@ PYCHAT = PyChatProtocol()
 
 
 # ---------------------------------------------------------------------------
-# Output: a connection's outbox and its end, and the pump that writes them all
+# Output: a connection's outbox and its end, and the switchboard that reads and writes
 # ---------------------------------------------------------------------------
 #
 # The locks, in the only order in which one may be taken while holding another:
 #
-#   ChatServer.lock  ->  Output.io_lock  ->  Output.outbox_lock  ->  OutputPump.state_lock
+#   ChatServer.lock  ->  Output.io_lock  ->  Switchboard.state_lock
 #
 # ChatServer.lock guards people and rooms (every Person and Room field); lines
 # are queued while it is held, so everyone sees a room's lines in one order.
 # Output.io_lock is held around each system call on a socket (a TLS socket's
-# reads and writes must never overlap); Output.outbox_lock around taking lines
-# out of an output's `pending` and changing its `outbox`, so queueing a line
-# never waits for a send. Queueing a line takes no lock at all: it appends to a
-# deque, which is safe from any thread (see Output). OutputPump.state_lock
-# guards what the pump watches and whether it sleeps. Nothing slow (file
-# writes aside, see ChatServer.save_history) happens under ChatServer.lock, and
-# no thread holding one of the later locks ever asks for an earlier one.
+# reads and writes must never overlap), and around taking lines out of an
+# output's `pending` and changing its `outbox`. Sockets are non-blocking, so it
+# is never held for long. Queueing a line takes no lock at all: it appends to a
+# deque, which is safe from any thread (see Output). Switchboard.state_lock
+# guards what the switchboard waits for and whether it sleeps. Nothing slow
+# (file writes aside, see ChatServer.save_history) happens under
+# ChatServer.lock, and no thread holding one of the later locks ever asks for
+# an earlier one.
 #
 # Chunks that may wait in an output's `pending` before the thread that queues
 # one more counts what waits (moving them to `outbox`) and checks --max-queue.
-# The pump keeps a reader who reads well near zero, so only a reader who falls
-# behind is ever counted; at most this many lines past --max-queue are kept.
+# The switchboard keeps a reader who reads well near zero, so only a reader who
+# falls behind is ever counted; at most this many lines past --max-queue are kept.
 PENDING_BEFORE_COUNT = 64
 
 def wait_until_writable(sock: socket.socket, timeout: float) -> None:
@@ -902,41 +923,62 @@ class Output:
 
     Lines are appended to `pending` by whoever produces them, from any thread
     and without a lock: a deque's append and popleft are atomic, so appends
-    keep their order and none is lost while the pump takes chunks off the
-    other end. The pump takes everything pending at once and writes it in one
+    keep their order and none is lost while the switchboard takes chunks off
+    the other end. It takes everything pending at once and writes it in one
     system call; what the socket did not take waits in `outbox`, in front of
     anything pending. end() is the one way a connection ends: the first reason
-    wins, later ones change nothing, and the reading thread is woken to finish.
+    wins, later ones change nothing, and whoever reads the connection (its
+    sign-in thread, or the switchboard) sees the end and finishes it.
     close() drains what it can and always closes the socket; after it,
     everything is a no-op.
     """
 
-    def __init__(self, sock: socket.socket, pump: OutputPump, protocol: PyChatProtocol = PYCHAT,
-                 name: Callable[[], str] = lambda: "?") -> None:
+    def __init__(self, sock: socket.socket, switchboard: Switchboard, protocol: PyChatProtocol = PYCHAT,
+                 name: Callable[[], str] = lambda: "?", reader: ClientConnection | None = None) -> None:
         self.sock = sock
-        self.pump = pump
+        self.switchboard = switchboard
         self.protocol = protocol
         self.name = name                    # who this is, for the log
         self.io_lock = threading.Lock()
-        self.outbox_lock = threading.Lock()
-        self.pending: collections.deque[bytes] = collections.deque()   # queued, not yet taken by the pump
+        self.pending: collections.deque[bytes] = collections.deque()   # queued, not yet taken to be written
         self.outbox = bytearray()           # taken or counted, not yet sent: older than all of `pending`
-        # Neither in the pump's line of outputs to write nor watched until its socket takes more: the
-        # next line queued lines it up. The pump sets it before it takes what is pending, so a line
+        # Neither in the switchboard's line of outputs to write nor watched until its socket takes more:
+        # the next line queued lines it up. The switchboard sets it before it takes what is pending, so a line
         # queued after that lines the output up again.
         self.idle = True
         self.stalled_since: float | None = None
         self.reason: str | None = None      # why the connection ends, once it does
         self.dropped = False                # ended with its queued output thrown away
+        # The farewell while it waits in `pending`; b"" once taken. A producer that saw the output open an
+        # instant before it ended may still append a line: whatever comes after the farewell is dropped.
+        self.last_words: bytes | None = None
         self.closed = False
         self.refusing = False               # ending or closed: nothing more is queued
+        self.reader = reader                # the connection, once the switchboard reads it
+        self.owner: int | None = None       # the thread that signs the connection in, while it does
+        self.reading = False                # the switchboard reads the socket now; its state_lock
+        self.listening = 0                  # the selector events the switchboard waits for; its state_lock
 
     def __repr__(self) -> str:
         return self.name()
 
     def send(self, event: Any) -> None:
         """Queue one event for this connection alone."""
-        self.pump.queue((self,), self.protocol.encode(event))
+        self.send_bytes(self.protocol.encode(event))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Queue DATA for this connection alone.
+
+        While a connection signs in, its own thread writes what it queues
+        itself, before it waits for the next answer (ClientConnection.read_lines):
+        that saves waking the switchboard for each of the lines of a sign-in.
+        """
+        if self.owner == threading.get_ident():
+            if data and not self.refusing:
+                self.pending.append(data)
+                self.idle = False       # lined up by no one: the owner writes it
+        else:
+            self.switchboard.queue((self,), data)
 
     def end(self, reason: str, farewell: Any = None, drop_output: bool = False) -> bool:
         """End the connection for REASON, telling the person FAREWELL; False if it was ending already.
@@ -946,7 +988,7 @@ class Output:
         thrown away and the farewell is written only if the socket takes it at once.
         """
         data = b"" if farewell is None else self.protocol.encode(farewell)
-        with self.outbox_lock:
+        with self.io_lock:
             if self.reason is not None or self.closed:
                 return False
             self.reason = reason
@@ -957,17 +999,18 @@ class Output:
                 self.pending.clear()
             elif data:
                 self.pending.append(data)
+                self.last_words = data
                 line_up, self.idle = self.idle, False
         if drop_output:
             log.warning("cutting off %r: %s", self, reason)
             if data:
                 self._try_to_write(data)
         elif data and line_up:
-            self.pump.mark_ready([self])
+            self.switchboard.mark_ready([self])
         try:
             # The plain socket method: on a TLS socket the ssl module's shutdown() would also drop the
-            # TLS state, which the reading thread may be using at this moment. Shutting the reading side
-            # wakes that thread, which then finishes the connection.
+            # TLS state, which its reader may be using at this moment. Shutting the reading side wakes
+            # whoever reads it (its sign-in thread or the switchboard), which then finishes the connection.
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR if drop_output else socket.SHUT_RD)
         except OSError:
             pass
@@ -982,45 +1025,99 @@ class Output:
 
     def waiting(self) -> int:
         """Move what is pending to the outbox; the bytes that wait to be sent."""
-        with self.outbox_lock:
+        with self.io_lock:
             if self.pending:
-                self.outbox += take(self.pending, len(self.pending))
+                self.outbox += self._take_pending()
             return len(self.outbox)
+
+    def _take_pending(self) -> bytes:
+        """Everything pending, taken off, up to the farewell if there is one; io_lock held."""
+        if self.last_words is None:
+            return take(self.pending, len(self.pending))
+        taken = []
+        while self.pending and self.last_words:
+            chunk = self.pending.popleft()
+            taken.append(chunk)
+            if chunk is self.last_words:
+                self.last_words = b""
+        if not self.last_words:
+            self.pending.clear()
+        return b"".join(taken)
 
     def flush(self) -> bool:
         """Write the outbox and everything pending, as much as the socket takes now, in one system call;
-        True if some is left."""
+        True if some is left.
+
+        This runs for every receiver of every line, so the usual case (nothing
+        waited from before, and the socket takes it all) is the short path.
+        """
         with self.io_lock:
-            with self.outbox_lock:
-                self.idle = True
-                pending = self.pending
-                count = len(pending)
-                if self.closed or not (count or self.outbox):
-                    return False
-                if self.outbox:
-                    if count:
-                        self.outbox += take(pending, count)
-                    data, self.outbox = self.outbox, bytearray()
-                else:
-                    data = take(pending, count)
+            self.idle = True        # before taking: a line queued from now on lines the output up again
+            pending = self.pending
+            if self.outbox or self.closed or self.last_words is not None:
+                return self._flush_behind()
+            count = len(pending)
+            if not count:
+                return False
+            data = pending.popleft() if count == 1 else take(pending, count)
             try:
                 sent = self.sock.send(data)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 sent = 0
             except OSError:
-                return False        # the reading thread will find the connection gone
-            if sent == len(data) and self.stalled_since is None:
-                return False        # the usual case: all of it went, and nothing was waiting before
-            with self.outbox_lock:
-                if sent < len(data):
-                    # In front of whatever was counted during the send; the pump watches the socket now.
-                    self.outbox[:0] = memoryview(data)[sent:]
-                    self.idle = False
-                if sent:
-                    self.stalled_since = None
-                if self.outbox and self.stalled_since is None:
-                    self.stalled_since = time.monotonic()
-                return bool(self.outbox)
+                return False        # whoever reads the connection will find it gone
+            if sent == len(data):
+                return False
+            # The socket took only part: the rest waits, and the switchboard watches the socket now.
+            self.outbox[:] = memoryview(data)[sent:]
+            self.idle = False
+            self.stalled_since = time.monotonic()
+            return True
+
+    def write_at_once(self, data: bytes) -> bool:
+        """(switchboard) Send DATA now, if nothing waits to go before it; False if it must be queued instead."""
+        if self.pending:
+            return False
+        with self.io_lock:
+            if self.outbox or self.closed:
+                return False
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return False
+            except OSError:
+                return True         # whoever reads the connection will find it gone
+            if sent < len(data):
+                # The rest waits, and the switchboard (this thread) watches the socket from its next flush.
+                self.outbox[:] = memoryview(data)[sent:]
+                self.stalled_since = time.monotonic()
+                self.idle = False
+                self.switchboard.ready.append(self)
+        return True
+
+    def _flush_behind(self) -> bool:
+        """flush() when output waited from before, or the connection is ending; io_lock held."""
+        if self.closed:
+            return False
+        if self.pending:
+            self.outbox += self._take_pending()
+        if not self.outbox:
+            return False
+        data, self.outbox = self.outbox, bytearray()
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            sent = 0
+        except OSError:
+            return False
+        if sent < len(data):
+            self.outbox[:0] = memoryview(data)[sent:]
+            self.idle = False
+        if sent:
+            self.stalled_since = None
+        if self.outbox and self.stalled_since is None:
+            self.stalled_since = time.monotonic()
+        return bool(self.outbox)
 
     def stalled_longer_than(self, seconds: float, now: float) -> bool:
         """True if the socket has taken nothing for SECONDS while output waited."""
@@ -1038,39 +1135,91 @@ class Output:
         except Exception:
             log.exception("sending the last output to %r failed", self)
         finally:
-            with self.io_lock, self.outbox_lock:
+            with self.io_lock:
                 self.closed = self.refusing = True
                 self.idle = False
                 self.outbox.clear()
                 self.pending.clear()
             try:
-                self.pump.forget(self)      # after `closed`, so the pump cannot watch it again
+                self.switchboard.forget(self)   # after `closed`, so the switchboard cannot watch it again
             finally:
                 self.sock.close()
 
 
-class OutputPump(threading.Thread):
-    """One thread that writes queued output to the sockets.
+class Workers:
+    """Threads for work that may wait: signing a newcomer in, running a command, draining a last output.
 
-    The thread that produces a line only appends it to each receiver's outbox,
-    so a receiver that stops reading never blocks anyone. Under load many lines
-    wait in an outbox by the time the pump reaches it, and go out in one system
-    call. A socket that cannot take more is watched until it can.
+    A task goes to an idle worker if there is one, and otherwise to a new
+    thread, so a slow task (a password check, a pause after a wrong guess)
+    never holds up another. Up to KEEP_IDLE finished workers wait for the next
+    task instead of ending: starting a thread costs more than most tasks.
     """
 
-    def __init__(self, max_queue: int, stall_timeout: float) -> None:
-        super().__init__(name="output-pump", daemon=True)
+    def __init__(self, keep_idle: int = IDLE_WORKERS) -> None:
+        self.keep_idle = keep_idle
+        self.lock = threading.Lock()
+        self.idle = 0                   # workers waiting in tasks.get(), or about to; lock
+        self.tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def run(self, task: Callable[[], None]) -> None:
+        """Run TASK on a worker; raises RuntimeError (or MemoryError) when no thread can start."""
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+                self.tasks.put(task)
+                return
+        threading.Thread(target=self._work, args=(task,), daemon=True).start()
+
+    def _work(self, task: Callable[[], None]) -> None:
+        while True:
+            try:
+                task()
+            except Exception:       # a task that fails must not take the worker with it
+                log.exception("a task on a worker thread failed")
+            task = None             # nothing of the last task stays reachable while this one waits
+            with self.lock:
+                if self.idle >= self.keep_idle:
+                    return
+                self.idle += 1
+            task = self.tasks.get()
+
+
+class Switchboard(threading.Thread):
+    """The one thread that reads what signed-in people send and writes every connection's output.
+
+    A connection signs in on a worker thread, where prompts may wait for
+    answers and passwords take time to check; then it is handed to the
+    switchboard (adopt()). Chat lines are handled here as they are read. Any
+    other line, a command, goes with whatever that connection sent after it to
+    a worker thread, and the switchboard stops reading that connection until
+    the worker is done: a slow command holds no one else up, and a person's
+    lines keep their order.
+
+    Lines are queued to outputs from any thread without a lock (see Output).
+    Once per pass, after everything that was readable has been read, each
+    output with lines waiting is written in one system call: under load the
+    lines for one receiver leave together, and at light load each leaves at
+    once (in a quiet pass, as it is queued: see queue()). A socket that cannot take more is watched until it can, and cut off
+    if it takes nothing for --stall-timeout.
+    """
+
+    def __init__(self, max_queue: int, stall_timeout: float, workers: Workers) -> None:
+        super().__init__(name="switchboard", daemon=True)
         self.max_queue = max_queue
         self.stall_timeout = stall_timeout
-        self.ready: collections.deque[Output] = collections.deque()
+        self.workers = workers              # where commands run
+        self.ready: collections.deque[Output] = collections.deque()     # outputs with lines to write
+        self.arrivals: collections.deque[ClientConnection] = collections.deque()  # to read from now on
+        self.readers: set[ClientConnection] = set()     # the connections read here; this thread only
         self.selector = selectors.DefaultSelector()
-        self.watched: set[Output] = set()
+        self.watched: set[Output] = set()       # waiting until their sockets take more
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
         self.selector.register(self.wake_reader, selectors.EVENT_READ)
         self.state_lock = threading.Lock()
-        self.sleeping = False       # the pump waits in select() for more than a moment; state_lock
-        self.sleep_seconds = 1.0    # the longest wait: stalled readers are looked for once a second
+        self.sleeping = False       # the switchboard waits in select() for more than a moment; state_lock
+        self.sleep_seconds = 1.0    # the longest wait: stalled readers and idle clocks are looked at once a second
+        self.quiet = False          # this pass of the switchboard handles one event; this thread only
         self.running = True
 
     def queue(self, outputs: Iterable[Output], data: bytes) -> None:
@@ -1078,14 +1227,20 @@ class OutputPump(threading.Thread):
 
         This runs for every line and every receiver, so it does as little as it
         can, and takes no lock. A receiver who has fallen PENDING_BEFORE_COUNT
-        lines behind is counted, and cut off past --max-queue.
+        lines behind is counted, and cut off past --max-queue. In a quiet pass
+        of the switchboard (one connection had something to say), the
+        switchboard sends a line at once to each receiver with nothing waiting:
+        there is nothing for it to go out with, and it saves lining them up.
         """
         if not data:
             return
         newly_ready = []
         behind = []
+        at_once = self.quiet and threading.get_ident() == self.ident
         for output in outputs:
             if output.refusing:
+                continue
+            if at_once and output.idle and output.write_at_once(data):
                 continue
             pending = output.pending
             pending.append(data)
@@ -1103,9 +1258,17 @@ class OutputPump(threading.Thread):
             self.mark_ready(newly_ready)
 
     def mark_ready(self, outputs: list[Output]) -> None:
-        """Line OUTPUTS up for writing, waking the pump if it sleeps."""
+        """Line OUTPUTS up for writing, waking the switchboard if it sleeps."""
         with self.state_lock:
             self.ready.extend(outputs)
+            wake, self.sleeping = self.sleeping, False
+        if wake:
+            self.wake_writer.send(b"\0")
+
+    def adopt(self, connection: ClientConnection) -> None:
+        """Read CONNECTION here from now on (again, after a worker ran its commands)."""
+        with self.state_lock:
+            self.arrivals.append(connection)
             wake, self.sleeping = self.sleeping, False
         if wake:
             self.wake_writer.send(b"\0")
@@ -1113,9 +1276,9 @@ class OutputPump(threading.Thread):
     def forget(self, output: Output) -> None:
         """Stop watching an output before its socket is closed."""
         with self.state_lock:
-            if output in self.watched:
-                self.watched.discard(output)
-                self.selector.unregister(output.sock)
+            self.watched.discard(output)
+            output.reading = False
+            self._listen(output)
 
     def stop(self) -> None:
         self.running = False
@@ -1125,19 +1288,29 @@ class OutputPump(threading.Thread):
         next_check = time.monotonic() + 1.0
         while self.running:
             with self.state_lock:
-                # Decided under the lock that mark_ready() takes: a line queued after this sees
-                # `sleeping` and rings, so the select() below returns at once.
-                self.sleeping = not self.ready
+                # Decided under the lock that mark_ready() and adopt() take: whatever comes after this
+                # sees `sleeping` and rings, so the select() below returns at once.
+                self.sleeping = not (self.ready or self.arrivals)
                 timeout = self.sleep_seconds if self.sleeping else 0
             events = self.selector.select(timeout)
             with self.state_lock:
                 self.sleeping = False
-            for key, _ in events:
-                if key.fileobj is self.wake_reader:
+            ready = self.ready
+            self.quiet = len(events) == 1 and not ready
+            for key, mask in events:
+                output = key.data
+                if output is None:
                     self.wake_reader.recv(4096)
-                else:
-                    self.ready.append(key.data)     # writable again
-            ready, watched = self.ready, self.watched
+                    continue
+                if mask & selectors.EVENT_WRITE:
+                    ready.append(output)                # writable again
+                if mask & selectors.EVENT_READ and output.reading:
+                    self.read(output.reader)
+            self.quiet = False
+            arrivals = self.arrivals
+            while arrivals:
+                self.welcome(arrivals.popleft())
+            watched = self.watched
             while ready:
                 output = ready.popleft()
                 try:
@@ -1150,16 +1323,99 @@ class OutputPump(threading.Thread):
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 1.0
                 self.cut_off_stalled()
+                self.check_clocks()
+
+    # -- reading ---------------------------------------------------------------
+
+    def welcome(self, connection: ClientConnection) -> None:
+        """Start (or go back to) reading CONNECTION: first what it sent while it signed in or ran a command."""
+        if connection.output.reason is not None:
+            self.finish(connection)
+            return
+        self.readers.add(connection)
+        if not self.run_lines(connection, connection.take_unread_lines):
+            return
+        with self.state_lock:
+            connection.output.reading = True
+            self._listen(connection.output)
+        if connection.has_buffered_input():
+            self.read(connection)
+
+    def read(self, connection: ClientConnection) -> None:
+        """CONNECTION's socket has something: read and handle it."""
+        self.run_lines(connection, connection.on_readable)
+
+    def run_lines(self, connection: ClientConnection, step: Callable[[], None]) -> bool:
+        """Run STEP, which reads or handles CONNECTION's lines; a command it left in the backlog goes to a
+        worker, and the end of the connection is finished here. True if the
+        switchboard goes on reading it."""
+        try:
+            step()
+        except Disconnect as why:
+            connection.output.end(why.reason, why.farewell)
+        except Exception:       # one broken connection must not silence everyone
+            log.exception("reading from %r failed", connection)
+            connection.output.end("server error", Farewell("a server error (it was logged)"))
+        if connection.output.reason is not None:
+            self.finish(connection)
+            return False
+        if connection.backlog:
+            self.hand_over(connection)
+            return False
+        return True
+
+    def hand_over(self, connection: ClientConnection) -> None:
+        """Stop reading CONNECTION while a worker works through its backlog; it comes back
+        through adopt()."""
+        with self.state_lock:
+            connection.output.reading = False
+            self._listen(connection.output)
+        try:
+            self.workers.run(connection.work_through_backlog)
+        except (RuntimeError, MemoryError) as problem:      # out of threads or memory
+            log.error("cannot start a thread for %r: %s", connection, problem)
+            connection.backlog.clear()
+            connection.output.send(Error("The server is out of resources: your command was not run. "
+                                         "Try again later."))
+            self.welcome(connection)
+
+    def finish(self, connection: ClientConnection) -> None:
+        """The connection has ended: stop reading it and let it go."""
+        self.readers.discard(connection)
+        connection.leave()
+
+    def check_clocks(self) -> None:
+        """Let go of connections that stayed silent too long, and ping the IRC clients that are quiet."""
+        now = time.monotonic()
+        # Not someone whose command runs now: they are not idle, and their person must stay until it ends.
+        for connection in [c for c in self.readers if c.output.reading and c.clock_is_due(now)]:
+            self.run_lines(connection, functools.partial(connection.check_clock, now))
+
+    # -- writing ---------------------------------------------------------------
 
     def watch(self, output: Output, more: bool) -> None:
         """Watch OUTPUT's socket until it takes more if MORE is waiting for it, and stop watching if not."""
         with self.state_lock:
             if more and output not in self.watched and not output.closed:
-                self.selector.register(output.sock, selectors.EVENT_WRITE, output)
                 self.watched.add(output)
+                self._listen(output)
             elif not more and output in self.watched:
                 self.watched.discard(output)
-                self.selector.unregister(output.sock)
+                self._listen(output)
+
+    def _listen(self, output: Output) -> None:
+        """Make the selector wait for what OUTPUT's socket is read or watched for; state_lock held."""
+        events = ((selectors.EVENT_READ if output.reading else 0)
+                  | (selectors.EVENT_WRITE if output in self.watched else 0))
+        if events == output.listening:
+            return
+        if not output.listening:
+            self.selector.register(output.sock, events, output)
+        elif not events:
+            self.selector.unregister(output.sock)
+        else:
+            self.selector.modify(output.sock, events, output)
+        output.listening = events
 
     def cut_off_stalled(self) -> None:
         now = time.monotonic()
@@ -1171,7 +1427,7 @@ class OutputPump(threading.Thread):
 
 
 # ---------------------------------------------------------------------------
-# The connection handler: one thread per person
+# The connection handler: signing in on a worker thread, then read by the switchboard
 # ---------------------------------------------------------------------------
 
 class TooManyGuesses(Exception):
@@ -1194,8 +1450,11 @@ class Disconnect(Exception):
 class ClientConnection(socketserver.BaseRequestHandler):
     """One connection: reading its lines (the nickname prompt, then chatting) and handing them to the server.
 
-    The socket is non-blocking: this thread waits for input with poll(); the
-    output and the end of the connection belong to `output`.
+    It signs in on a worker thread (see Workers), which waits for input with
+    poll(); then the switchboard reads it (adopt()), handles its chat lines,
+    and hands its other lines, in order, to a worker (work_through_backlog()).
+    The socket is non-blocking; the output and the end of the connection
+    belong to `output`.
     """
 
     server: ChatServer
@@ -1204,8 +1463,13 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.sock: socket.socket = self.request
         self.address = self.client_address[0]
         self.person: Person | None = None
-        self.output = Output(self.sock, self.server.pump, PYCHAT, name=self.__repr__)
+        self.output = Output(self.sock, self.server.switchboard, PYCHAT, name=self.__repr__, reader=self)
+        self.output.owner = threading.get_ident()
         self.lines = LineReader()
+        self.unread: collections.deque[str | None] = collections.deque()    # read, not yet taken
+        self.backlog: collections.deque[str | None] = collections.deque()   # for a worker: a command, and what came after it
+        self.adopted = False                # signed in: the switchboard reads it
+        self.left = False
         self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)
         self.flood_excess = 0.0
         self.flood_warned = False
@@ -1217,7 +1481,8 @@ class ClientConnection(socketserver.BaseRequestHandler):
             # A fixed kernel buffer: left to itself, Linux grows it to megabytes for a reader that has
             # stopped, and that output would wait out of sight of --max-queue.
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if TCP_NO_DELAY:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             keepalive = self.server.options.keepalive
             interval, probes = max(1, keepalive // 4), 4
@@ -1249,19 +1514,48 @@ class ClientConnection(socketserver.BaseRequestHandler):
             if self.server.options.password:
                 self.ask_password(lines)
             self.ask_nickname(lines)
-            self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)   # a full burst to start
-            for line in lines:
-                self.on_line(line)
-                if self.output.reason is not None:      # /quit, or ended from elsewhere
-                    return
+            self.hand_to_switchboard()
         except Disconnect as why:
             self.output.end(why.reason, why.farewell)
 
+    def hand_to_switchboard(self) -> None:
+        """Signed in: from now on the switchboard reads this connection, and this thread is free."""
+        self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)   # a full burst to start
+        self.input_waiter = None
+        self.output.owner = None
+        self.write_own_output()
+        self.adopted = True
+        self.server.switchboard.adopt(self)
+
+    def write_own_output(self) -> None:
+        """(sign-in thread) Write what waits; what the socket does not take now, the switchboard writes."""
+        if self.output.flush():
+            self.server.switchboard.mark_ready([self.output])
+
     def finish(self) -> None:
+        if not self.adopted:
+            self.leave()
+
+    def leave(self) -> None:
+        """Reading is over (on the sign-in thread, or the switchboard): take the person out, send what is
+        left, close the socket, and give back what admission counted."""
+        if self.left:
+            return
+        self.left = True
         try:
             self.server.remove(self, self.output.reason or "connection lost")
         finally:
-            self.output.close()
+            try:
+                if self.adopted and self.output.flush():
+                    # Some of it waits for the socket: not on the switchboard, which waits for no one.
+                    self.server.workers.run(self.output.close)
+                else:
+                    self.output.close()
+            except (RuntimeError, MemoryError):
+                self.output.end("out of threads", drop_output=True)
+                self.output.close()
+            finally:
+                self.server.release(address_bucket(self.address))
 
     def ask_password(self, lines: Iterator[str | None]) -> None:
         for _ in range(PASSWORD_TRIES):
@@ -1355,21 +1649,81 @@ class ClientConnection(socketserver.BaseRequestHandler):
         log.info("%s registered at their first sign-in, from %s", nick, self.address)
         return nick
 
-    def on_line(self, line: str | None) -> None:
-        """One line from a signed-in person: a command, or something to say to their current room."""
+    def on_line(self, line: str | None, on_switchboard: bool = False) -> bool:
+        """One line from a signed-in person: a command, or something to say to their current room.
+
+        On the switchboard only what waits for nothing is done: a command is
+        left (False) for a worker.
+        """
         if line is None:
             self.output.send(Error(f"Line too long (over {MAX_LINE_BYTES} bytes); it was not sent."))
-            return
+            return True
         text = clean_text(line)
         if not text:
-            return
+            return True
         if text.startswith("//"):
             self.server.say(self.person, text[1:])
         elif text.startswith("/"):
+            if on_switchboard:
+                return False
             log.debug("%r: %s", self, text.split(" ", 1)[0])
             self.server.commands.run(Context(self.server, self.person), text)
         else:
             self.server.say(self.person, text)
+        return True
+
+    # -- read by the switchboard ------------------------------------------------
+
+    def on_readable(self) -> None:
+        """(switchboard) Read what came and handle it; raises Disconnect when the connection is over."""
+        while True:
+            if self.output.reason is not None:      # ended from elsewhere
+                raise Disconnect(self.output.reason)
+            if not self.receive():
+                return
+            self.take_unread_lines()
+            if self.backlog or not self.has_buffered_input():
+                return
+
+    def take_unread_lines(self) -> None:
+        """(switchboard) Handle what was read, in order: chat lines now; from the first command on, every
+        line waits in the backlog for a worker."""
+        unread, backlog = self.unread, self.backlog
+        while unread and self.output.reason is None:
+            line = unread.popleft()
+            if not self.within_rate():
+                continue
+            if backlog or not self.on_line(line, on_switchboard=True):
+                backlog.append(line)
+
+    def work_through_backlog(self) -> None:
+        """(a worker) Handle the lines the switchboard left, then give the connection back."""
+        try:
+            while self.backlog and self.output.reason is None:
+                self.on_line(self.backlog.popleft())
+        except Disconnect as why:
+            self.output.end(why.reason, why.farewell)
+        except Exception:
+            log.exception("handling a line from %r failed", self)
+            self.output.end("server error", Farewell("a server error (it was logged)"))
+        finally:
+            self.backlog.clear()
+            self.server.switchboard.adopt(self)
+
+    def has_buffered_input(self) -> bool:
+        """True if input was read off the socket but not yet given to us (TLS decrypts whole records)."""
+        return self.server.tls is not None and self.sock.pending() > 0
+
+    def clock_is_due(self, now: float) -> bool:
+        """(switchboard, once a second) True if check_clock() has something to do."""
+        timeout = self.server.options.idle_timeout
+        return bool(timeout) and now - self.last_heard >= timeout
+
+    def check_clock(self, now: float) -> None:
+        """(switchboard) Let go of someone silent for --idle-timeout."""
+        timeout = self.server.options.idle_timeout
+        if timeout and now - self.last_heard >= timeout:
+            raise Disconnect("timed out", Farewell(f"idle for {timeout:g} s"))
 
     def within_rate(self) -> bool:
         """Flood control: refuse lines over the rate, and disconnect someone who keeps at it."""
@@ -1390,40 +1744,48 @@ class ClientConnection(socketserver.BaseRequestHandler):
     # -- input --------------------------------------------------------------
 
     def read_lines(self) -> Iterator[str | None]:
-        """The lines this person sends, as they come; raises Disconnect on timeouts and closes."""
-        options = self.server.options
+        """(sign-in thread) The lines this person sends, as they come; raises Disconnect on timeouts and
+        closes. What was read and not yet taken when they sign in stays in `unread` for the switchboard."""
         while True:
-            # Wait first: after a read the socket is nearly always empty, and trying it costs a system call.
-            # TLS may hold decrypted bytes that poll() cannot see.
-            if not (self.server.tls and self.sock.pending()):
-                self.wait_for_input(options.idle_timeout if self.person else options.nick_timeout)
-            try:
-                with self.output.io_lock:
-                    data = self.sock.recv(RECEIVE_SIZE)
-            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                continue
-            except OSError as problem:
-                raise Disconnect(f"connection lost ({problem.strerror or problem})") from None
-            if not data:
-                if self.server.stopping:
-                    raise Disconnect("server shutting down", ShuttingDown())
-                raise Disconnect("connection closed")
-            self.last_heard = time.monotonic()
-            for line in self.lines.feed(data):
+            while self.unread:
+                line = self.unread.popleft()
                 # Every line counts against the rate, whatever it is and whenever it comes.
                 if self.within_rate():
                     yield line
+            self.write_own_output()
+            # Wait first: after a read the socket is nearly always empty, and trying it costs a system call.
+            if not self.has_buffered_input():
+                self.wait_for_input(self.server.options.nick_timeout)
+            self.receive()
+
+    def receive(self) -> bool:
+        """Read what has come into `unread`; False if nothing had.
+
+        Raises Disconnect when the connection is lost or closed.
+        """
+        try:
+            with self.output.io_lock:
+                data = self.sock.recv(RECEIVE_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except OSError as problem:
+            raise Disconnect(f"connection lost ({problem.strerror or problem})") from None
+        if not data:
+            if self.server.stopping:
+                raise Disconnect("server shutting down", ShuttingDown())
+            raise Disconnect("connection closed")
+        self.last_heard = time.monotonic()
+        self.unread.extend(self.lines.feed(data))
+        return True
 
     def wait_for_input(self, timeout: float) -> None:
-        # Signing in is timed from the connection; afterwards, silence is timed from the last input.
-        deadline = None if not timeout else (self.last_heard if self.person else self.connected) + timeout
+        """(sign-in thread) Wait for input; signing in is timed from the connection."""
+        deadline = None if not timeout else self.connected + timeout
         while True:
             if self.server.stopping:
                 raise Disconnect("server shutting down", ShuttingDown())
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                if self.person:
-                    raise Disconnect("timed out", Farewell(f"idle for {timeout:g} s"))
                 raise Disconnect("did not sign in in time", Farewell(f"no nickname within {timeout:g} s"))
             if self.input_waiter.wait(remaining):
                 return
@@ -2355,6 +2717,7 @@ class OfflineMessage(NamedTuple):
     sender_key: str
     when: float
     text: str
+    key: str = ""                           # where it is kept, until it has been shown
 
 
 class OfflineMessages:
@@ -2397,16 +2760,25 @@ class OfflineMessages:
             except StoreFull:
                 raise StoreFull("The server holds as many offline messages as it can; try later.") from None
 
-    def take(self, recipient: str) -> list[OfflineMessage]:
-        """Every message kept for RECIPIENT, oldest first; they are no longer kept."""
+    def waiting(self, recipient: str) -> list[OfflineMessage]:
+        """Every message kept for RECIPIENT, oldest first; they stay kept until remove()."""
         prefix = name_key(recipient) + "/"
         with self.lock:
             found = sorted(((key, record) for key, record in self.store.items() if key.startswith(prefix)),
                            key=lambda item: (item[1]["time"], int(item[0].rpartition("/")[2])))
-            for key, _ in found:
-                self.store.delete(key)
-        return [OfflineMessage(record["from"], record["from_key"], record["time"], record["text"])
-                for _, record in found]
+        return [OfflineMessage(record["from"], record["from_key"], record["time"], record["text"], key)
+                for key, record in found]
+
+    def remove(self, messages: Iterable[OfflineMessage]) -> None:
+        with self.lock:
+            for message in messages:
+                self.store.delete(message.key)
+
+    def take(self, recipient: str) -> list[OfflineMessage]:
+        """Every message kept for RECIPIENT, oldest first; they are no longer kept."""
+        messages = self.waiting(recipient)
+        self.remove(messages)
+        return messages
 
     def forget(self, recipient: str) -> None:
         self.take(recipient)
@@ -2672,10 +3044,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     self.said += 1
                     room.history.append((self.said, when, event))
         self.spare_descriptor = os.open(os.devnull, os.O_RDONLY | _CLOEXEC)
-        self.pump = OutputPump(options.max_queue, options.stall_timeout)
+        self.workers = Workers()
+        self.switchboard = Switchboard(options.max_queue, options.stall_timeout, self.workers)
         super().__init__((options.host, options.port), ClientConnection)
         self.irc = IrcListener(self) if options.irc_port is not None else None
-        self.pump.start()
+        self.switchboard.start()
 
     def make_tls_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -2731,7 +3104,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.admit(request, client_address, ClientConnection)
 
     def admit(self, request: socket.socket, client_address: tuple, protocol: type[ClientConnection]) -> None:
-        """Give a newcomer a thread of its own, speaking PROTOCOL, or turn it away when it is banned, or the
+        """Give a newcomer a thread of its own to sign in, speaking PROTOCOL, or turn it away when it is banned, or the
         server or its address is full; the limits count every port alike.
 
         Every count taken here is given back in release(), on every path.
@@ -2753,8 +3126,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 refusal = None
         if refusal is None:
             try:
-                threading.Thread(target=self.process_request_thread, args=(request, client_address, protocol),
-                                 daemon=True).start()
+                self.workers.run(functools.partial(self.process_request_thread, request, client_address, protocol))
                 return
             except (RuntimeError, MemoryError, OSError) as problem:    # out of threads, memory or processes
                 self.release(bucket)
@@ -2772,7 +3144,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self.refuse(request, protocol.refusal(refusal))
         else:
             try:
-                threading.Thread(target=self.refuse, args=(request, protocol.refusal(refusal)), daemon=True).start()
+                self.workers.run(functools.partial(self.refuse, request, protocol.refusal(refusal)))
             except (RuntimeError, MemoryError):
                 with self.lock:
                     self.refusing -= 1
@@ -2795,13 +3167,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def process_request_thread(self, request: socket.socket, client_address: tuple,
                                protocol: type[ClientConnection]) -> None:
+        """Sign a newcomer in on this thread; the switchboard reads them after that. The connection gives
+        back what admit() counted when it leaves (ClientConnection.leave)."""
         try:
             protocol(request, client_address, self)
         except Exception:
             self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-            self.release(address_bucket(client_address[0]))
 
     def release(self, bucket: str) -> None:
         """Give back what process_request() counted for a newcomer from BUCKET."""
@@ -2924,20 +3295,31 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return None
 
     def deliver_offline_messages(self, person: Person) -> None:
-        """Show PERSON what was left for their account while they were away, but what came from people they ignore."""
+        """Show PERSON what was left for their account while they were away, but what came from people they ignore.
+
+        They stay kept until the socket has taken them, so that a kill -9 in
+        between loses none: the next sign-in would show them again. Called on
+        the thread that signs PERSON in, which writes its own output.
+        """
         try:
-            messages = self.data.offline.take(person.account)
+            messages = self.data.offline.waiting(person.account)
         except StorageError as problem:
             log.error("offline messages for %s: %s", person.account, problem)
             return
         shown = [m for m in messages if m.sender_key not in person.ignoring]
-        if not shown:
-            return
-        person.output.send(Notice("1 message was left for you while you were away:" if len(shown) == 1
-                                  else f"{len(shown)} messages were left for you while you were away:"))
-        for message in shown:
-            person.output.send(OfflinePrivate(message.when, message.sender, message.text))
-        person.output.send(Notice("End of messages left for you."))
+        if shown:
+            person.output.send(Notice("1 message was left for you while you were away:" if len(shown) == 1
+                                      else f"{len(shown)} messages were left for you while you were away:"))
+            for message in shown:
+                person.output.send(OfflinePrivate(message.when, message.sender, message.text))
+            person.output.send(Notice("End of messages left for you."))
+            if person.output.flush():
+                self.switchboard.mark_ready([person.output])     # the socket took only part: keep them
+                return
+        try:
+            self.data.offline.remove(messages)
+        except StorageError as problem:
+            log.error("offline messages for %s: %s", person.account, problem)
 
     def remove(self, connection: ClientConnection, reason: str) -> None:
         """Take someone out of the chat; everyone who shares a room with them is told, once."""
@@ -3811,14 +4193,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if skip is not None and skip.output in outputs:
                     outputs = outputs - {skip.output}     # a set difference: no Python work per member
                 if outputs:
-                    self.pump.queue(outputs, protocol.encode(event, tagged))
+                    self.switchboard.queue(outputs, protocol.encode(event, tagged))
             return
         groups: dict[tuple[PyChatProtocol, bool], list[Output]] = {}
         for member in room.members:
             if member is not skip and not (sender is not None and sender.key in member.ignoring):
                 groups.setdefault((member.output.protocol, member.current is not room), []).append(member.output)
         for (protocol, tagged), outputs in groups.items():
-            self.pump.queue(outputs, protocol.encode(event, tagged))
+            self.switchboard.queue(outputs, protocol.encode(event, tagged))
 
     def _to_people(self, people: Iterable[Person], event: Any) -> None:
         """Queue EVENT (not a room's) to each of PEOPLE, rendered once per protocol. Lock held."""
@@ -3826,7 +4208,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         for person in people:
             groups.setdefault(person.output.protocol, []).append(person.output)
         for protocol, outputs in groups.items():
-            self.pump.queue(outputs, protocol.encode(event))
+            self.switchboard.queue(outputs, protocol.encode(event))
 
     def _find(self, nick: str) -> Person:
         """The person called NICK (spelt any look-alike way); the lock is held."""
@@ -3855,7 +4237,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if not self.connections:
                     break
             time.sleep(0.05)
-        self.pump.stop()
+        self.switchboard.stop()
         self.server_close()
         if self.irc is not None:
             self.irc.server_close()
@@ -4833,13 +5215,8 @@ class IrcConnection(ClientConnection):
             if self.server.tls is not None:
                 self.start_tls()
             self.send_irc(format_irc_message("NOTICE", ("*", f"*** {self.server.greeting()}")))
-            messages = self.read_messages()
-            self.register(messages)
-            self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)  # a full burst to start
-            for message in messages:
-                self.on_message(message)
-                if self.output.reason is not None:      # QUIT, or ended from elsewhere
-                    return
+            self.register(self.read_messages())
+            self.hand_to_switchboard()
         except Disconnect as why:
             self.output.end(why.reason, why.farewell)
 
@@ -4850,49 +5227,60 @@ class IrcConnection(ClientConnection):
     # -- input ----------------------------------------------------------------
 
     def read_messages(self) -> Iterator[IrcMessage]:
-        """The messages this client sends, as they come; a line that is no message is answered here."""
+        """(sign-in thread) The messages this client sends, as they come."""
         for line in self.read_lines():
-            self.ping_clock.heard(self.last_heard)
-            if line is None:
-                self.send_irc(irc_numeric("ERR_INPUTTOOLONG", self.nick))
-                continue
-            try:
-                message = parse_irc_message(line)
-            except IrcLineError as problem:
-                params = ("*",) if problem.numeric == "ERR_UNKNOWNCOMMAND" else ()
-                self.send_irc(irc_numeric(problem.numeric, self.nick, *params, text=str(problem)))
-                continue
-            if message is None:
-                continue
-            if message.command not in ("PING", "PONG"):
-                self.last_active = self.last_heard
-            yield message
+            message = self.message_of(line)
+            if message is not None:
+                yield message
 
-    def wait_for_input(self, timeout: float) -> None:
-        """Wait for input; once signed in, PING a quiet client and let go of one that does not answer.
+    def message_of(self, line: str | None) -> IrcMessage | None:
+        """The message LINE holds; a line that holds none is answered here (None)."""
+        self.ping_clock.heard(self.last_heard)
+        if line is None:
+            self.send_irc(irc_numeric("ERR_INPUTTOOLONG", self.nick))
+            return None
+        try:
+            message = parse_irc_message(line)
+        except IrcLineError as problem:
+            params = ("*",) if problem.numeric == "ERR_UNKNOWNCOMMAND" else ()
+            self.send_irc(irc_numeric(problem.numeric, self.nick, *params, text=str(problem)))
+            return None
+        if message is not None and message.command not in ("PING", "PONG"):
+            self.last_active = self.last_heard
+        return message
+
+    def on_line(self, line: str | None, on_switchboard: bool = False) -> bool:
+        """One line from a signed-in client. On the switchboard only what waits for nothing is done (PING,
+        PONG and messages to channels); anything else is left (False) for a worker."""
+        message = self.message_of(line)
+        if message is None:
+            return True
+        if on_switchboard and not (message.command in ("PING", "PONG") or (
+                message.command in ("PRIVMSG", "NOTICE") and message.params
+                and all(target.startswith("#") for target in message.params[0].split(",")))):
+            return False
+        self.on_message(message)
+        return True
+
+    def clock_is_due(self, now: float) -> bool:
+        timeout = self.server.options.idle_timeout
+        return now >= self.ping_clock.deadline() or bool(timeout) and now >= self.last_active + timeout
+
+    def check_clock(self, now: float) -> None:
+        """(switchboard) PING a quiet client and let go of one that does not answer.
 
         --idle-timeout counts from the last message other than PING and PONG:
         answering pings is not saying anything.
         """
-        if not self.person:
-            super().wait_for_input(timeout)
-            return
-        while True:
-            if self.server.stopping:
-                raise Disconnect("server shutting down", ShuttingDown())
-            deadline = self.ping_clock.deadline()
-            if timeout:
-                deadline = min(deadline, self.last_active + timeout)
-            if self.input_waiter.wait(max(0.0, deadline - time.monotonic())):
-                return
-            if timeout and time.monotonic() >= self.last_active + timeout:
-                raise Disconnect("timed out", Farewell(f"nothing said for {timeout:g} s"))
-            due = self.ping_clock.due(time.monotonic())
-            if due == "ping":
-                self.send_irc(format_irc_message("PING", (IRC_SERVER_NAME,)))
-            elif due == "timeout":
-                why = f"Ping timeout: {time.monotonic() - self.ping_clock.last_heard:.0f} seconds"
-                raise Disconnect(why, Farewell(why))
+        timeout = self.server.options.idle_timeout
+        if timeout and now >= self.last_active + timeout:
+            raise Disconnect("timed out", Farewell(f"nothing said for {timeout:g} s"))
+        due = self.ping_clock.due(now)
+        if due == "ping":
+            self.send_irc(format_irc_message("PING", (IRC_SERVER_NAME,)))
+        elif due == "timeout":
+            why = f"Ping timeout: {now - self.ping_clock.last_heard:.0f} seconds"
+            raise Disconnect(why, Farewell(why))
 
     # -- registration ---------------------------------------------------------------
 
@@ -5380,8 +5768,8 @@ class IrcConnection(ClientConnection):
     # -- output ---------------------------------------------------------------
 
     def send_irc(self, line: str) -> None:
-        """One IRC message for this connection alone, from this connection's own thread."""
-        self.server.pump.queue((self.output,), line.encode("utf-8") + b"\r\n")
+        """One IRC message for this connection alone."""
+        self.output.send_bytes(line.encode("utf-8") + b"\r\n")
 
 
 class IrcListener(socketserver.TCPServer):
@@ -5513,12 +5901,13 @@ def main(argv: list[str] | None = None) -> int:
     if server.irc is not None:
         irc_host, irc_port = server.irc.server_address[:2]
         print(f"pyChat {VERSION} listening for IRC on {irc_host}:{irc_port}", file=sys.stderr, flush=True)
-        threading.Thread(target=server.irc.serve_forever, name="accept-irc", daemon=True).start()
+        threading.Thread(target=server.irc.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept-irc",
+                         daemon=True).start()
 
     stop_requested = threading.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signal_number, lambda number, frame: stop_requested.set())
-    serving = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
+    serving = threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept", daemon=True)
     serving.start()
     while not stop_requested.wait(1.0):
         pass

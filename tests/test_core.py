@@ -1,4 +1,4 @@
-"""The server's core in process: a connection's output and its end (over socket pairs), the output pump's
+"""The server's core in process: a connection's output and its end (over socket pairs), the switchboard's
 wake-up, and the server object's tables; then the defects a review found, each over real sockets."""
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def read_until_all(sock: socket.socket, markers: list[bytes]) -> bytes:
 
 
 @pytest.fixture
-def pump():
-    """An output pump that runs, stopped at the end."""
-    running = pychat.OutputPump(max_queue=256 * 1024, stall_timeout=30)
+def switchboard():
+    """A switchboard that runs, stopped at the end."""
+    running = pychat.Switchboard(max_queue=256 * 1024, stall_timeout=30, workers=pychat.Workers())
     running.start()
     yield running
     running.stop()
@@ -44,9 +44,9 @@ def pump():
 
 
 @pytest.fixture
-def idle_pump():
-    """An output pump whose thread never runs: what is queued stays queued until a test flushes it."""
-    standing = pychat.OutputPump(max_queue=10_000, stall_timeout=30)
+def idle_switchboard():
+    """A switchboard whose thread never runs: what is queued stays queued until a test flushes it."""
+    standing = pychat.Switchboard(max_queue=10_000, stall_timeout=30, workers=pychat.Workers())
     yield standing
     standing.selector.close()
     standing.wake_reader.close()
@@ -66,15 +66,15 @@ def chat_server(monkeypatch):
     made = []
     yield make
     for server in made:
-        server.pump.stop()
+        server.switchboard.stop()
         server.server_close()
 
 
 # -- Output: one owner for a connection's outbox and its end ---------------------------------------------
 
-def test_output_sends_events_in_order_and_the_first_reason_to_end_wins(pump):
+def test_output_sends_events_in_order_and_the_first_reason_to_end_wins(switchboard):
     ours, theirs = socket_pair()
-    output = pychat.Output(ours, pump)
+    output = pychat.Output(ours, switchboard)
     output.send(pychat.Notice("one"))
     output.send(pychat.Said("lobby", "bob", "two"))
     assert output.end("first reason", pychat.Bye()) is True
@@ -87,9 +87,21 @@ def test_output_sends_events_in_order_and_the_first_reason_to_end_wins(pump):
     assert output.reason == "first reason"
 
 
-def test_a_closed_output_is_a_no_op(pump):
+def test_a_line_queued_in_the_instant_the_connection_ended_never_follows_the_farewell(idle_switchboard):
     ours, theirs = socket_pair()
-    output = pychat.Output(ours, pump)
+    output = pychat.Output(ours, idle_switchboard)
+    output.send(pychat.Notice("before"))
+    output.end("kicked", pychat.Farewell("kicked"))
+    # A producer that found the output open just before it ended appends after the check, without a lock.
+    output.pending.append(b"bob: a line that lost the race\n")
+    output.close()
+    assert theirs.recv(4096) == b"*** before\n!! Disconnected: kicked.\n"
+    assert theirs.recv(100) == b"", "the socket was not closed"
+
+
+def test_a_closed_output_is_a_no_op(switchboard):
+    ours, theirs = socket_pair()
+    output = pychat.Output(ours, switchboard)
     output.close()
     assert output.end("late", pychat.Bye()) is False
     output.send(pychat.Notice("late"))
@@ -98,11 +110,10 @@ def test_a_closed_output_is_a_no_op(pump):
     assert theirs.recv(100) == b""
 
 
-def test_the_close_happens_even_when_draining_fails(pump, monkeypatch):
+def test_the_close_happens_even_when_draining_fails(switchboard, monkeypatch):
     ours, theirs = socket_pair()
-    output = pychat.Output(ours, pump)
-    pump.watched.add(output)            # as if the pump watched it for writability
-    pump.selector.register(ours, pychat.selectors.EVENT_WRITE, output)
+    output = pychat.Output(ours, switchboard)
+    switchboard.watch(output, True)     # as if its socket had not taken everything
 
     def broken_flush():
         raise RuntimeError("draining failed")
@@ -110,13 +121,13 @@ def test_the_close_happens_even_when_draining_fails(pump, monkeypatch):
     monkeypatch.setattr(output, "flush", broken_flush)
     output.close()
     assert output.closed and ours.fileno() == -1, "the socket was left open"
-    assert output not in pump.watched, "the pump still watches a closed socket"
+    assert output not in switchboard.watched, "the switchboard still watches a closed socket"
 
 
-def test_a_reader_who_is_cut_off_is_told_why_when_its_socket_can_take_it(pump):
+def test_a_reader_who_is_cut_off_is_told_why_when_its_socket_can_take_it(switchboard):
     ours, theirs = socket_pair()
-    output = pychat.Output(ours, pump)
-    with output.outbox_lock:
+    output = pychat.Output(ours, switchboard)
+    with output.io_lock:
         output.outbox += b"x" * 1000     # output that will never be sent
     output.end("not reading", pychat.Farewell("not reading what the server sends"), drop_output=True)
     output.close()
@@ -124,10 +135,10 @@ def test_a_reader_who_is_cut_off_is_told_why_when_its_socket_can_take_it(pump):
     assert theirs.recv(100) == b""
 
 
-def test_an_output_that_takes_nothing_is_seen_as_stalled(pump):
+def test_an_output_that_takes_nothing_is_seen_as_stalled(switchboard):
     ours, theirs = socket_pair()
-    output = pychat.Output(ours, pump)
-    with output.outbox_lock:
+    output = pychat.Output(ours, switchboard)
+    with output.io_lock:
         output.outbox += b"y" * (4 * 1024 * 1024)
     assert output.flush() is True, "a 4 MiB outbox went into a socket that is not read"
     assert output.flush() is True
@@ -136,24 +147,24 @@ def test_an_output_that_takes_nothing_is_seen_as_stalled(pump):
     output.close()
 
 
-def test_the_pump_never_sleeps_through_a_queued_line(pump):
-    """Lines queued the moment the pump goes to sleep, from several threads, each arrive at once, not when
-    the pump's sleep runs out."""
-    pump.sleep_seconds = 10.0
-    pump.wake_writer.send(b"\0")         # start a sleep of the new length
+def test_the_switchboard_never_sleeps_through_a_queued_line(switchboard):
+    """Lines queued the moment the switchboard goes to sleep, from several threads, each arrive at once, not when
+    the switchboard's sleep runs out."""
+    switchboard.sleep_seconds = 10.0
+    switchboard.wake_writer.send(b"\0")         # start a sleep of the new length
     pairs = [socket_pair() for _ in range(4)]
-    outputs = [pychat.Output(ours, pump) for ours, _ in pairs]
+    outputs = [pychat.Output(ours, switchboard) for ours, _ in pairs]
     slowest = 0.0
     for n in range(100):
         deadline = time.monotonic() + TIMEOUT
-        while True:                         # wait until the pump is asleep (or about to be)
-            with pump.state_lock:
-                if pump.sleeping:
+        while True:                         # wait until the switchboard is asleep (or about to be)
+            with switchboard.state_lock:
+                if switchboard.sleeping:
                     break
-            assert time.monotonic() < deadline, "the pump never slept"
+            assert time.monotonic() < deadline, "the switchboard never slept"
             time.sleep(0.001)
         started = time.monotonic()
-        threads = [threading.Thread(target=pump.queue, args=((output,), b"%d\n" % n)) for output in outputs]
+        threads = [threading.Thread(target=switchboard.queue, args=((output,), b"%d\n" % n)) for output in outputs]
         for thread in threads:
             thread.start()
         for _, theirs in pairs:
@@ -161,36 +172,36 @@ def test_the_pump_never_sleeps_through_a_queued_line(pump):
         slowest = max(slowest, time.monotonic() - started)
         for thread in threads:
             thread.join()
-    assert slowest < 5, f"a queued line waited {slowest:.2f} s for the pump to wake"
+    assert slowest < 5, f"a queued line waited {slowest:.2f} s for the switchboard to wake"
     for output in outputs:
         output.close()
 
 
-def test_everything_queued_while_the_pump_is_busy_leaves_in_one_write(idle_pump):
+def test_everything_queued_while_the_switchboard_is_busy_leaves_in_one_write(idle_switchboard):
     ours, theirs = socket_pair()
-    output = pychat.Output(ours, idle_pump)
+    output = pychat.Output(ours, idle_switchboard)
     expected = b""
     for n in range(20):
         line = b"bob: line %d\n" % n
-        idle_pump.queue((output,), line)
+        idle_switchboard.queue((output,), line)
         output.send(pychat.Notice(f"personal {n}"))
         expected += line + b"*** personal %d\n" % n
-    assert list(idle_pump.ready) == [output], "an output was lined up for the pump more than once"
+    assert list(idle_switchboard.ready) == [output], "an output was lined up for the switchboard more than once"
     assert output.flush() is False, "lines were left over after one write to a socket with room for them"
     assert read_until(theirs, b"*** personal 19\n") == expected
     output.close()
 
 
-def test_lines_from_several_threads_reach_each_receiver_in_the_order_each_thread_queued_them(pump):
+def test_lines_from_several_threads_reach_each_receiver_in_the_order_each_thread_queued_them(switchboard):
     """Queueing takes no lock: four threads queue to the same receivers at once, one of them alternating
     room lines with personal lines to the first receiver. Nothing is lost, doubled or reordered."""
     pairs = [socket_pair() for _ in range(3)]
-    outputs = [pychat.Output(ours, pump) for ours, _ in pairs]
+    outputs = [pychat.Output(ours, switchboard) for ours, _ in pairs]
     count = 3000
 
     def speak(thread: int) -> None:
         for n in range(count):
-            pump.queue(outputs, b"t%d %d\n" % (thread, n))
+            switchboard.queue(outputs, b"t%d %d\n" % (thread, n))
             if thread == 0:
                 outputs[0].send(pychat.Notice(f"personal {n}"))
 
@@ -216,18 +227,18 @@ def test_lines_from_several_threads_reach_each_receiver_in_the_order_each_thread
         output.close()
 
 
-def test_a_reader_who_falls_behind_is_cut_off_soon_after_max_queue(idle_pump):
+def test_a_reader_who_falls_behind_is_cut_off_soon_after_max_queue(idle_switchboard):
     ours, theirs = socket_pair()
-    output = pychat.Output(ours, idle_pump)
+    output = pychat.Output(ours, idle_switchboard)
     line = b"x" * 99 + b"\n"
     for n in range(1000):
-        idle_pump.queue((output,), line)
+        idle_switchboard.queue((output,), line)
         if output.reason:
             break
     assert output.reason and output.reason.startswith("not reading: "), f"never cut off: {output.reason}"
     waiting = int(output.reason.split()[2])
-    allowed = idle_pump.max_queue + (pychat.PENDING_BEFORE_COUNT + 1) * len(line)
-    assert idle_pump.max_queue < waiting <= allowed, f"cut off with {waiting} bytes waiting, limit {allowed}"
+    allowed = idle_switchboard.max_queue + (pychat.PENDING_BEFORE_COUNT + 1) * len(line)
+    assert idle_switchboard.max_queue < waiting <= allowed, f"cut off with {waiting} bytes waiting, limit {allowed}"
     assert output.dropped and not output.pending and not output.outbox, "a cut-off reader's output was kept"
     assert read_until(theirs, b"\n") == b"!! Disconnected: not reading what the server sends.\n"
     output.close()
@@ -252,7 +263,7 @@ def test_a_failure_on_the_way_in_leaves_no_half_signed_in_person(chat_server, mo
     class Newcomer:
         address = "127.0.0.1"
         person = None
-        output = pychat.Output(ours, server.pump)
+        output = pychat.Output(ours, server.switchboard)
 
     def failing_enter(person, room):
         raise RuntimeError("entering the room failed")
