@@ -68,7 +68,7 @@ def test_a_registered_name_asks_for_its_password_hidden_and_up_never_recalls_it(
 
 def test_a_wrong_password_is_asked_for_again_and_the_right_one_lets_me_in(start_server, connect,
                                                                         run_client, data):
-    server = start_server("--data-dir", str(data))
+    server = start_server("--data-dir", str(data), "--guess-delay", "0.05")
     registered(server, connect)
     alice = run_client(server, "--nick", "alice", env={ACCOUNT_VARIABLE: "not the password"})
     alice.wait_for_row(r"!! Wrong password for alice\.$", timeout=10)
@@ -116,7 +116,7 @@ def test_reconnecting_answers_the_typed_password_again_without_asking(start_serv
 
 def test_reconnecting_after_register_and_passwd_answers_with_the_new_password(start_server, run_client, data):
     port = ("--port", str(RECONNECT_PORT + 1))
-    server = start_server("--data-dir", str(data), *port)
+    server = start_server("--data-dir", str(data), "--guess-delay", "0.05", *port)
     alice = run_client(server, "--nick", "alice")
     alice.wait_for_input_line("alice #lobby> ")
     alice.type("/register first-secret-1\r")
@@ -232,7 +232,7 @@ def test_a_private_server_invitation_code_and_new_password_are_typed_hidden(star
 
 def test_piped_the_account_password_comes_from_the_environment_or_the_client_says_how(start_server, connect,
                                                                                     data):
-    server = start_server("--data-dir", str(data))
+    server = start_server("--data-dir", str(data), "--guess-delay", "0.05")
     registered(server, connect)
     bob = connect(server, "bob")
     result = run_piped(server, "deploy done\n", "--nick", "alice", env={ACCOUNT_VARIABLE: PASSWORD})

@@ -98,7 +98,7 @@ def test_password_from_environment_is_sent_when_asked(start_server):
 
 
 def test_wrong_password_piped_exits_nonzero_with_the_reason(start_server):
-    server = start_server("--password", "sesame")
+    server = start_server("--password", "sesame", "--guess-delay", "0.05")
     result = run_piped(server, "in\n", "--nick", "ci", "--password", "guess")
     assert result.returncode == 1
     assert result.stderr.decode() == "pyChat: password refused: !! Wrong password.\n"

@@ -326,7 +326,7 @@ def test_flooding_is_told_before_the_close(server, connect):
 
 
 def test_three_wrong_passwords_are_told_before_the_close(start_server, connect):
-    server = start_server("--password", "right")
+    server = start_server("--password", "right", "--guess-delay", "0.05")
     client = connect(server)
     client.send_raw(b"wrong\n" * 3)
     lines = client.wait_closed(timeout=15)

@@ -23,7 +23,7 @@ OP_PASSWORD = "let me run it 4"
 
 @pytest.fixture
 def irc_server(start_server):
-    return start_server("--irc-port", "0", "--op-password", OP_PASSWORD)
+    return start_server("--irc-port", "0", "--op-password", OP_PASSWORD, "--guess-delay", "0.05")
 
 
 def params(line: str) -> list[str]:
@@ -103,7 +103,7 @@ def test_a_nickname_taken_or_looking_like_one_gets_433_and_another_may_be_chosen
 
 
 def test_the_server_password_is_given_with_pass(start_server, irc_connect):
-    server = start_server("--irc-port", "0", "--password", PASSWORD)
+    server = start_server("--irc-port", "0", "--password", PASSWORD, "--guess-delay", "0.05")
     right = irc_connect(server)
     right.register("alice", password=PASSWORD)
     wrong = irc_connect(server)
@@ -555,7 +555,7 @@ def sasl(client: IrcClient, nick: str, account: str, password: str) -> list[str]
 @pytest.fixture
 def account_server(start_server, connect, tmp_path):
     """A server with a data directory, where alice registered her nickname from pyChat's client."""
-    server = start_server("--irc-port", "0", "--data-dir", str(tmp_path / "data"))
+    server = start_server("--irc-port", "0", "--data-dir", str(tmp_path / "data"), "--guess-delay", "0.05")
     alice = connect(server, "alice")
     alice.send(f"/register {ACCOUNT_PASSWORD}")
     alice.expect(r"-- Registered ", timeout=10)

@@ -288,7 +288,7 @@ def test_server_help_explains_every_option():
     assert result.returncode == 0
     for option in ("--host", "--port", "--max-clients", "--max-per-ip", "--rate", "--burst", "--history",
                    "--history-file", "--password", "--op-password", "--tls-cert", "--tls-key",
-                   "--nick-timeout", "--idle-timeout", "--max-queue", "-v", "-q", "--version"):
+                   "--nick-timeout", "--idle-timeout", "--max-queue", "--guess-delay", "-v", "-q", "--version"):
         assert option in result.stdout, option
 
 
