@@ -158,17 +158,17 @@ def test_a_newcomer_past_a_connection_limit_gets_one_error_line_and_others_chat_
 
 @pytest.mark.parametrize("password", [None, PASSWORD], ids=["at-the-nickname-prompt", "at-the-password-prompt"])
 def test_a_connection_that_never_signs_in_is_closed_after_the_nickname_timeout(start_server, connect, password):
-    server = start_server("--nick-timeout", "1", env=environment(password))
+    server = start_server("--nick-timeout", "0.5", env=environment(password))
     client = connect(server)
     client.expect(re.escape(PASSWORD_PROMPT if password else NICKNAME_PROMPT))
     started = time.monotonic()
     client.wait_closed(timeout=5)
     waited = time.monotonic() - started
-    assert 0.7 <= waited <= 3, f"closed after {waited:.1f} s, expected about 1 s (--nick-timeout 1)"
+    assert 0.35 <= waited <= 3, f"closed after {waited:.2f} s, expected about 0.5 s (--nick-timeout 0.5)"
     server.wait_for_log(r"did not sign in in time")
 
 
-@pytest.mark.server_options("--nick-timeout", "1")
+@pytest.mark.server_options("--nick-timeout", "0.5")
 def test_a_connection_dribbling_a_nickname_byte_by_byte_is_still_closed_after_the_timeout(server):
     sock = socket.create_connection((server.host, server.port), timeout=TIMEOUT)
     try:
@@ -177,8 +177,8 @@ def test_a_connection_dribbling_a_nickname_byte_by_byte_is_still_closed_after_th
     finally:
         sock.close()
     assert took is not None, \
-        "a connection sending one byte of its nickname every 0.3 s was never closed (--nick-timeout 1)"
-    assert took <= 3, f"closed only after {took:.1f} s (--nick-timeout 1)"
+        "a connection sending one byte of its nickname every 0.3 s was never closed (--nick-timeout 0.5)"
+    assert took <= 3, f"closed only after {took:.1f} s (--nick-timeout 0.5)"
 
 
 @pytest.mark.server_options("--max-per-ip", "0", "--nick-timeout", "30")
@@ -378,7 +378,7 @@ def test_while_one_user_floods_other_users_lines_arrive_within_a_second(server, 
 
 # -- dead peers -------------------------------------------------------------------------------------
 
-@pytest.mark.server_options("--idle-timeout", "1.5")
+@pytest.mark.server_options("--idle-timeout", "0.75")
 def test_a_silent_user_is_removed_after_the_idle_timeout_and_the_room_is_told(server, connect):
     bob = connect(server, "bob")
     signed_in = time.monotonic()
@@ -389,10 +389,10 @@ def test_a_silent_user_is_removed_after_the_idle_timeout_and_the_room_is_told(se
         if quit_line:
             break
     else:
-        pytest.fail("the silent user was never removed (--idle-timeout 1.5)")
+        pytest.fail("the silent user was never removed (--idle-timeout 0.75)")
     waited = time.monotonic() - signed_in
     assert quit_line == "*** bob quit (timed out)"
-    assert 1.2 <= waited <= 4, f"the silent user was removed after {waited:.1f} s (--idle-timeout 1.5)"
+    assert 0.6 <= waited <= 4, f"the silent user was removed after {waited:.2f} s (--idle-timeout 0.75)"
     bob.wait_closed()
     assert online_line(alice) == "-- 1 online: alice (#lobby)"
 

@@ -116,11 +116,11 @@ def test_the_server_password_is_given_with_pass(start_server, irc_connect):
 
 
 def test_a_connection_that_never_registers_is_closed_with_an_error(start_server, irc_connect):
-    server = start_server("--irc-port", "0", "--nick-timeout", "1")
+    server = start_server("--irc-port", "0", "--nick-timeout", "0.5")
     client = irc_connect(server)
     client.send("NICK alice")
     closing = client.wait_closed(timeout=5)
-    assert any(line.startswith("ERROR :Closing link") and "within 1 s" in line for line in closing), closing
+    assert any(line.startswith("ERROR :Closing link") and "within 0.5 s" in line for line in closing), closing
 
 
 def test_quit_ends_with_error_and_the_rooms_hear_the_reason(irc_server, irc_connect, connect):
