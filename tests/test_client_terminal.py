@@ -247,6 +247,15 @@ class ClientInPty:
     def type(self, keys: str) -> None:
         os.write(self.master, keys.encode("utf-8"))
 
+    def type_hidden(self, keys: str, prompt: str) -> None:
+        """Type KEYS at a secret prompt, and wait until the client has drawn its input row again after
+        them: nothing of them may be on it (it still shows only PROMPT, the cursor right after it)."""
+        drawn = len(self.output)
+        self.type(keys)
+        self.wait_for(lambda screen: len(self.output) > drawn, "the input row drawn again after the keys")
+        self.wait_for_input_line(prompt)
+        assert self.screen.cursor_line == prompt.rstrip(), self.screen.dump()
+
     def wait_exit(self, timeout: float = TIMEOUT) -> int:
         """Wait for the client to exit, still reading what it prints."""
         deadline = time.monotonic() + timeout
@@ -632,11 +641,10 @@ def test_password_typed_on_the_terminal_is_not_shown(start_server, run_client):
     server = start_server("--password", "sesame")
     client = run_client(server, "--nick", "erin")
     client.wait_for_input_line("password: ")
-    client.type("sesa")
-    client.wait_for(lambda screen: screen.cursor_line == "password:", "nothing shown of the password")
+    client.type_hidden("sesa", "password: ")
     client.type("me\r")
     client.wait_for_input_line("erin #lobby> ")
-    assert b"sesame" not in client.output
+    assert b"sesa" not in client.output
 
 
 def test_bell_rings_when_someone_mentions_me(server, connect, run_client):
