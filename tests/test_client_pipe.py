@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from conftest import script_command
+
 CLIENT = pathlib.Path(__file__).resolve().parent.parent / "pyChat-client.py"
 
 
@@ -23,8 +25,8 @@ def run_piped(server, text: str, *args: str, host: str | None = None,
                    if name not in ("PYCHAT_PASSWORD", "NO_COLOR")}
     environment.update(env or {})
     return subprocess.run(
-        [sys.executable, str(CLIENT), "--host", host or server.host, "--port", str(server.port),
-         *args], input=text.encode(), capture_output=True, timeout=15, env=environment)
+        script_command(CLIENT, "--host", host or server.host, "--port", str(server.port), *args),
+        input=text.encode(), capture_output=True, timeout=15, env=environment)
 
 
 def test_piped_line_is_sent_and_client_exits_zero(server, connect):

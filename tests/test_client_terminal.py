@@ -16,12 +16,13 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import termios
 import time
 import unicodedata
 
 import pytest
+
+from conftest import script_command
 
 CLIENT = pathlib.Path(__file__).resolve().parent.parent / "pyChat-client.py"
 TIMEOUT = 5.0
@@ -203,7 +204,7 @@ class ClientInPty:
         environment = {name: value for name, value in os.environ.items() if name != "NO_COLOR"}
         environment.update(TERM="xterm", **(env or {}))
         self.process = subprocess.Popen(
-            [sys.executable, str(CLIENT), *args], stdin=self.slave, stdout=self.slave,
+            script_command(CLIENT, *args), stdin=self.slave, stdout=self.slave,
             stderr=self.slave, preexec_fn=become_session_leader_of_tty, env=environment)
 
     def read(self, timeout: float) -> bool:
