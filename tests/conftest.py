@@ -338,6 +338,57 @@ def server(start_server, request) -> ServerProcess:
     return start_server(*(marker.args if marker else ()))
 
 
+def wait_until_nobody_is_online(server: ServerProcess, timeout: float = TIMEOUT) -> None:
+    """Wait until SERVER's greeting says that no one is signed in: those a test signed in have left
+    (their sockets are closed at its end, and the server takes them out a moment later)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(1000):
+        probe = LineClient(server.host, server.port)
+        try:
+            greeting = probe.recv_line()
+        finally:
+            probe.close()
+        if ": 0 online." in greeting:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)        # polling: the server says nothing to anyone when the last person is gone
+    pytest.fail(f"people signed in by the test before were still online after {timeout} s: {greeting!r}")
+
+
+@pytest.fixture(scope="module")
+def module_servers():
+    """A factory: module_servers(*options) is the server with OPTIONS that the module's tests share,
+    started at the first call; each call waits until the people of the test before have left.
+
+    For tests that change nothing on the server but who is signed in (parametrized cases above all,
+    which would each start a server of their own): no operators, rooms or settings left behind, a
+    wrong guess or two at most (ten from one address lock it out), and what comes after signing in
+    read with expect(), since the lobby's history grows. Stopped at the module's end, which fails if
+    a server logged a traceback.
+    """
+    servers: dict[tuple[str, ...], ServerProcess] = {}
+
+    def shared(*options: str) -> ServerProcess:
+        if options not in servers:
+            servers[options] = ServerProcess(options)
+        else:
+            wait_until_nobody_is_online(servers[options])
+        return servers[options]
+
+    yield shared
+    for server in servers.values():
+        server.kill()
+    for server in servers.values():
+        assert "Traceback" not in server.log(), f"a server thread died with a traceback:\n{server.log()[-3000:]}"
+
+
+@pytest.fixture
+def shared_server(module_servers) -> ServerProcess:
+    """The module's shared server with the default options (see module_servers)."""
+    return module_servers()
+
+
 @pytest.fixture
 def connect():
     """A factory: connect(server, nick=None, tls=None) opens a raw client (over TLS with an SSLContext),

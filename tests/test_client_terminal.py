@@ -461,9 +461,9 @@ def test_resize_redraws_input_for_new_width_without_a_key_press(server, run_clie
     (f"abxc{LEFT}{LEFT}{DELETE}{RIGHT}!", "abc!"),
     (f"ab{CTRL_A}{CTRL_D}", "b"),
 ])
-def test_editing_keys_change_the_line_that_is_sent(server, connect, run_client, keys, sent):
-    bob = connect(server, "bob")
-    alice = signed_in(run_client, server)
+def test_editing_keys_change_the_line_that_is_sent(shared_server, connect, run_client, keys, sent):
+    bob = connect(shared_server, "bob")
+    alice = signed_in(run_client, shared_server)
     alice.type(keys + "\r")
     assert bob.expect(r"^alice: ") == f"alice: {sent}"
 
@@ -608,8 +608,8 @@ def test_put_out_for_a_reason_the_client_says_it_and_does_not_come_back(fake_ser
 
 
 @pytest.mark.parametrize("keys", [CTRL_D, CTRL_C + CTRL_C, "/quit\r"])
-def test_leaving_exits_zero_and_restores_terminal(server, run_client, keys):
-    alice = signed_in(run_client, server)
+def test_leaving_exits_zero_and_restores_terminal(shared_server, run_client, keys):
+    alice = signed_in(run_client, shared_server)
     alice.type(keys)
     assert alice.wait_exit() == 0
     assert termios.tcgetattr(alice.slave) == alice.mode_before

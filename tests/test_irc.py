@@ -21,9 +21,18 @@ PASSWORD = "open sesame 9"
 OP_PASSWORD = "let me run it 4"
 
 
+IRC_SERVER = ("--irc-port", "0", "--op-password", OP_PASSWORD, "--guess-delay", "0.05")
+
+
 @pytest.fixture
 def irc_server(start_server):
-    return start_server("--irc-port", "0", "--op-password", OP_PASSWORD, "--guess-delay", "0.05")
+    return start_server(*IRC_SERVER)
+
+
+@pytest.fixture
+def shared_irc_server(module_servers):
+    """An irc_server that the module's tests which change nothing on it share (see module_servers)."""
+    return module_servers(*IRC_SERVER)
 
 
 def params(line: str) -> list[str]:
@@ -81,8 +90,9 @@ def test_cap_ls_302_holds_registration_until_cap_end(irc_server, irc_connect):
     ("JOIN #dev", "451"), ("PRIVMSG #lobby :hi", "451"), ("NICK", "431"), ("NICK 9lives", "432"),
     ("NICK pyChat", "432"), ("NICK al!ce", "432"), ("USER alice 0 *", "461"), ("CAP FLY", "410"),
 ])
-def test_mistakes_while_registering_get_their_numeric_and_the_connection_stays(irc_server, irc_connect, line, numeric):
-    client = irc_connect(irc_server)
+def test_mistakes_while_registering_get_their_numeric_and_the_connection_stays(shared_irc_server, irc_connect,
+                                                                               line, numeric):
+    client = irc_connect(shared_irc_server)
     client.send(line)
     answer = client.expect(r"\d\d\d ")
     assert numeric_of(answer) == numeric, answer
@@ -482,8 +492,9 @@ def test_ison_userhost_lusers_version_time_and_motd_answer(irc_server, irc_conne
     ("FLY away", "421"), ("JOIN", "461"), ("KICK #lobby", "461"), ("INVITE bob", "461"), ("TOPIC", "461"),
     ("USER a 0 * :again", "462"), ("OPER me wrong", "464"),
 ])
-def test_every_mistake_gets_its_numeric_and_the_connection_carries_on(irc_server, irc_connect, line, numeric):
-    alice = irc_connect(irc_server, "alice")
+def test_every_mistake_gets_its_numeric_and_the_connection_carries_on(shared_irc_server, irc_connect, line,
+                                                                      numeric):
+    alice = irc_connect(shared_irc_server, "alice")
     alice.send(line)
     assert numeric_of(alice.expect(r"\d\d\d ", timeout=10)) == numeric
     alice.send("PING :alive")
