@@ -218,7 +218,7 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="SECONDS",
                         help=f"wait before answering a wrong password, operator secret or invitation code; "
                              f"each wrong one in a row from an address waits this much longer, up to "
-                             f"{GUESS_DELAY_STEPS} times it (default: {GUESS_DELAY:g})")
+                             f"{GUESS_DELAY_STEPS} times it, 0 for no wait (default: {GUESS_DELAY:g})")
     limits.add_argument("--rooms-per-person", type=count, default=ROOMS_PER_PERSON, metavar="N",
                         help=f"rooms one person may be in at once, 0 for no limit (default: {ROOMS_PER_PERSON})")
     history = parser.add_argument_group("history")
