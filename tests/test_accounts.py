@@ -82,7 +82,7 @@ def test_a_lookalike_of_a_registered_name_asks_for_the_same_password(start_serve
 
 def test_wrong_passwords_are_refused_a_second_slower_each_and_the_third_closes_the_connection(start_server,
                                                                                               connect, data):
-    """The one test of the default --guess-delay (1 s): the others start their servers with a shorter one."""
+    """The one test of the default --guess-delay (1 s): other tests of wrong secrets use a shorter one."""
     server = start_server("--data-dir", str(data))
     alice = connect(server, "alice")
     register(alice)

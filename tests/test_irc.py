@@ -19,9 +19,7 @@ from test_tls import certificates  # noqa: F401 (a fixture: a throwaway authorit
 server = import_script(SERVER_SCRIPT, "pychat_server")
 PASSWORD = "open sesame 9"
 OP_PASSWORD = "let me run it 4"
-
-
-IRC_SERVER = ("--irc-port", "0", "--op-password", OP_PASSWORD, "--guess-delay", "0.05")
+IRC_SERVER = ("--irc-port", "0", "--op-password", OP_PASSWORD, "--guess-delay", "0.05")     # irc_server's options
 
 
 @pytest.fixture
