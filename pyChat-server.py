@@ -127,6 +127,9 @@ OUT_OF_DESCRIPTORS_PAUSE = 0.5    # seconds the accepting thread waits when the 
 OPERATOR_TRIES = 3                # wrong /op secrets before the connection is closed
 ADDRESS_GUESSES = 10              # wrong secrets of any kind from one address (IPv6: /64) before it must wait
 GUESS_WINDOW = 600.0              # ... and how long it waits, in seconds since its last wrong guess
+GUESS_DELAY = 1.0                 # --guess-delay: seconds the answer to a wrong secret waits, once per wrong one
+GUESS_DELAY_STEPS = 5             # ... in a row from the address: 1, 2, 3, 4, then 5 times it at most
+MAX_GUESS_DELAY = 60.0            # the longest --guess-delay
 
 # What the data directory (--data-dir) keeps, and its bounds; README, "The data directory".
 MAX_RECORD_BYTES = 16 * 1024      # one line of a data file; a longer one is skipped with a log line
@@ -226,6 +229,11 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     limits.add_argument("--stall-timeout", type=positive_seconds, default=STALL_TIMEOUT, metavar="SECONDS",
                         help=f"time a reader may accept no data before it is disconnected "
                              f"(default: {STALL_TIMEOUT:g})")
+    limits.add_argument("--guess-delay", type=number(float, 0, MAX_GUESS_DELAY), default=GUESS_DELAY,
+                        metavar="SECONDS",
+                        help=f"wait before answering a wrong password, operator secret or invitation code; "
+                             f"each wrong one in a row from an address waits this much longer, up to "
+                             f"{GUESS_DELAY_STEPS} times it, 0 for no wait (default: {GUESS_DELAY:g})")
     limits.add_argument("--rooms-per-person", type=count, default=ROOMS_PER_PERSON, metavar="N",
                         help=f"rooms one person may be in at once, 0 for no limit (default: {ROOMS_PER_PERSON})")
     history = parser.add_argument_group("history")
@@ -3202,7 +3210,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Run IS_RIGHT, a check of a secret someone gave, within the limits on guessing.
 
         Every wrong try from an address (IPv6: its /64) makes the next answer
-        slower, up to five seconds; after ADDRESS_GUESSES of them the address
+        slower by --guess-delay, up to GUESS_DELAY_STEPS times it (five
+        seconds by default); after ADDRESS_GUESSES of them the address
         must wait GUESS_WINDOW before trying again (TooManyGuesses). A try is
         counted before it is checked, so guesses sent at once over many
         connections are counted too.
@@ -3229,7 +3238,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self.failures.pop(bucket, None)
             return True
         log.warning("wrong %s from %r (%d in a row)", what, connection, wrong + 1)
-        time.sleep(min(wrong + 1, 5))
+        time.sleep(self.options.guess_delay * min(wrong + 1, GUESS_DELAY_STEPS))
         return False
 
     # -- signing in and out ----------------------------------------------------------

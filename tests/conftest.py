@@ -6,15 +6,18 @@ first: that needs no guess about how long to wait.
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import re
 import select
+import shutil
 import signal
 import socket
 import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,6 +27,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_SCRIPT = ROOT / "pyChat-server.py"
 TIMEOUT = 5.0
+BYTECODE_CACHE = tempfile.mkdtemp(prefix="pychat-test-bytecode-")
+atexit.register(shutil.rmtree, BYTECODE_CACHE, ignore_errors=True)
+
+
+def script_command(script: Path, *args: str) -> list[str]:
+    """The command that runs SCRIPT with ARGS as `python3 SCRIPT ARGS` does, without compiling SCRIPT anew
+    each time (tests/run_script.py): a third of what starting a server costs.
+
+    Python starts without site-packages (-S), which also shows that the scripts need nothing outside the
+    standard library (on Linux: the client's colorama is for Windows), and makes them start sooner.
+    """
+    return [sys.executable, "-S", str(ROOT / "tests" / "run_script.py"), BYTECODE_CACHE, str(script), *args]
 
 
 def import_script(path: Path, name: str):
@@ -46,7 +61,7 @@ class ServerProcess:
     """A pyChat server started as a separate process; its log is collected as it is written."""
 
     def __init__(self, args: tuple[str, ...], script: Path = SERVER_SCRIPT, env: dict | None = None) -> None:
-        self.command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0", *args]
+        self.command = script_command(script, "--host", "127.0.0.1", "--port", "0", *args)
         self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True, env=env)
         self._log: list[str] = []
@@ -325,6 +340,57 @@ def server(start_server, request) -> ServerProcess:
     """A server with the default options, or those of a @pytest.mark.server_options(...) marker."""
     marker = request.node.get_closest_marker("server_options")
     return start_server(*(marker.args if marker else ()))
+
+
+def wait_until_nobody_is_online(server: ServerProcess, timeout: float = TIMEOUT) -> None:
+    """Wait until SERVER's greeting says that no one is signed in: those a test signed in have left
+    (their sockets are closed at its end, and the server takes them out a moment later)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(1000):
+        probe = LineClient(server.host, server.port)
+        try:
+            greeting = probe.recv_line()
+        finally:
+            probe.close()
+        if ": 0 online." in greeting:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)        # polling: the server says nothing to anyone when the last person is gone
+    pytest.fail(f"people signed in by the test before were still online after {timeout} s: {greeting!r}")
+
+
+@pytest.fixture(scope="module")
+def module_servers():
+    """A factory: module_servers(*options) is the server with OPTIONS that the module's tests share,
+    started at the first call; each call waits until the people of the test before have left.
+
+    For tests that change nothing on the server but who is signed in (parametrized cases above all,
+    which would each start a server of their own): no operators, rooms or settings left behind, a
+    wrong guess or two at most (ten from one address lock it out), and what comes after signing in
+    read with expect(), since the lobby's history grows. Stopped at the module's end, which fails if
+    a server logged a traceback.
+    """
+    servers: dict[tuple[str, ...], ServerProcess] = {}
+
+    def shared(*options: str) -> ServerProcess:
+        if options not in servers:
+            servers[options] = ServerProcess(options)
+        else:
+            wait_until_nobody_is_online(servers[options])
+        return servers[options]
+
+    yield shared
+    for server in servers.values():
+        server.kill()
+    for server in servers.values():
+        assert "Traceback" not in server.log(), f"a server thread died with a traceback:\n{server.log()[-3000:]}"
+
+
+@pytest.fixture
+def shared_server(module_servers) -> ServerProcess:
+    """The module's shared server with the default options (see module_servers)."""
+    return module_servers()
 
 
 @pytest.fixture

@@ -105,7 +105,7 @@ def test_out_of_descriptors_the_server_tells_newcomers_logs_once_and_does_not_sp
 
 
 def test_three_wrong_operator_passwords_close_the_connection(start_server, connect):
-    server = start_server("--op-password", OP_SECRET)
+    server = start_server("--op-password", OP_SECRET, "--guess-delay", "0.05")
     guesser = ClientFrom(server.host, server.port, "127.0.0.3")
     guesser.login("guesser")
     for n in range(1, 4):
@@ -119,7 +119,8 @@ def test_three_wrong_operator_passwords_close_the_connection(start_server, conne
 
 
 def test_an_address_that_guessed_wrong_too_often_is_refused_without_a_check(start_server):
-    server = start_server("--op-password", OP_SECRET, "--max-per-ip", "0", "--rate", "0")
+    # A wrong guess checked now would wait 5 x 0.3 s: longer than the refusal may take.
+    server = start_server("--op-password", OP_SECRET, "--max-per-ip", "0", "--rate", "0", "--guess-delay", "0.3")
     guessers = [ClientFrom(server.host, server.port, "127.0.0.2") for _ in range(10)]
     try:
         for n, guesser in enumerate(guessers):

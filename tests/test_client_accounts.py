@@ -15,7 +15,6 @@ from test_client_terminal import CTRL_C, UP, run_client  # noqa: F401 (fixture)
 
 PASSWORD = "correct horse"
 ACCOUNT_VARIABLE = "PYCHAT_ACCOUNT_PASSWORD"
-RECONNECT_PORT = 41731     # fixed ports, so that a restarted server is found where the client left it
 
 
 @pytest.fixture
@@ -36,16 +35,6 @@ def screen_rows(client) -> list[str]:
     return [client.screen.line(row) for row in range(client.screen.rows)]
 
 
-def type_hidden(client, keys: str, prompt: str) -> None:
-    """Type KEYS at a secret prompt, and wait until the client has drawn its input row again after
-    them: nothing of them may be on it (it still shows only PROMPT, the cursor right after it)."""
-    drawn = len(client.output)
-    client.type(keys)
-    client.wait_for(lambda screen: len(client.output) > drawn, "the input row drawn again after the keys")
-    client.wait_for_input_line(prompt)
-    assert client.screen.cursor_line == prompt.rstrip(), client.screen.dump()
-
-
 def assert_password_never_shown(client, *secrets: str) -> None:
     for secret in secrets or (PASSWORD,):
         assert secret.encode() not in client.output, f"{secret!r} reached the screen:\n{client.screen.dump()}"
@@ -57,7 +46,7 @@ def test_a_registered_name_asks_for_its_password_hidden_and_up_never_recalls_it(
     registered(server, connect)
     alice = run_client(server, "--nick", "alice")
     alice.wait_for_input_line("password for alice: ")
-    type_hidden(alice, PASSWORD[:7], "password for alice: ")
+    alice.type_hidden(PASSWORD[:7], "password for alice: ")
     alice.type(PASSWORD[7:] + "\r")
     alice.wait_for_input_line("alice #lobby> ")
     alice.type(UP + UP + "x")
@@ -68,7 +57,7 @@ def test_a_registered_name_asks_for_its_password_hidden_and_up_never_recalls_it(
 
 def test_a_wrong_password_is_asked_for_again_and_the_right_one_lets_me_in(start_server, connect,
                                                                         run_client, data):
-    server = start_server("--data-dir", str(data))
+    server = start_server("--data-dir", str(data), "--guess-delay", "0.05")
     registered(server, connect)
     alice = run_client(server, "--nick", "alice", env={ACCOUNT_VARIABLE: "not the password"})
     alice.wait_for_row(r"!! Wrong password for alice\.$", timeout=10)
@@ -90,12 +79,12 @@ def test_the_password_in_the_environment_signs_in_without_asking(start_server, c
     assert PASSWORD not in " ".join(alice.process.args)
 
 
-def signs_in_again_without_asking(start_server, server, alice, data, port: tuple[str, str]) -> None:
+def signs_in_again_without_asking(start_server, server, alice, data) -> None:
     """Restart SERVER on its port: the client connects again and signs in without asking for the password."""
     asked = alice.output.count(b"password for alice: ")
     server.stop()
     alice.wait_for_row(r"-!- connecting again in")
-    start_server("--data-dir", str(data), *port)
+    start_server("--data-dir", str(data), "--port", str(server.port))
     alice.wait_for_row(r"-!- connected to .* again; signing in as alice$", timeout=15)
     alice.wait_for_input_line("alice #lobby> ", timeout=10)
     assert alice.output.count(b"password for alice: ") == asked, "the password was asked for again"
@@ -104,19 +93,17 @@ def signs_in_again_without_asking(start_server, server, alice, data, port: tuple
 
 def test_reconnecting_answers_the_typed_password_again_without_asking(start_server, connect, run_client,
                                                                      data):
-    port = ("--port", str(RECONNECT_PORT))
-    server = start_server("--data-dir", str(data), *port)
+    server = start_server("--data-dir", str(data))
     registered(server, connect)
     alice = run_client(server, "--nick", "alice")
     alice.wait_for_input_line("password for alice: ")
     alice.type(PASSWORD + "\r")
     alice.wait_for_input_line("alice #lobby> ")
-    signs_in_again_without_asking(start_server, server, alice, data, port)
+    signs_in_again_without_asking(start_server, server, alice, data)
 
 
 def test_reconnecting_after_register_and_passwd_answers_with_the_new_password(start_server, run_client, data):
-    port = ("--port", str(RECONNECT_PORT + 1))
-    server = start_server("--data-dir", str(data), *port)
+    server = start_server("--data-dir", str(data), "--guess-delay", "0.05")
     alice = run_client(server, "--nick", "alice")
     alice.wait_for_input_line("alice #lobby> ")
     alice.type("/register first-secret-1\r")
@@ -125,7 +112,7 @@ def test_reconnecting_after_register_and_passwd_answers_with_the_new_password(st
     alice.wait_for_row(r"-- Password changed\.", timeout=10)
     alice.type("/passwd wrong-old-one third-secret-3\r")         # refused: the password stays the second
     alice.wait_for_row(r"!! Wrong password for alice\.", timeout=10)
-    signs_in_again_without_asking(start_server, server, alice, data, port)
+    signs_in_again_without_asking(start_server, server, alice, data)
     assert_password_never_shown(alice, "first-secret-1", "second-secret-2", "third-secret-3")
 
 
@@ -221,10 +208,10 @@ def test_a_private_server_invitation_code_and_new_password_are_typed_hidden(star
     code = re.match(r"-- Invitation for dave: (\S+) ", owner.expect("-- ")).group(1)
     dave = run_client(server, "--nick", "dave")
     dave.wait_for_input_line("invitation code for dave: ")
-    type_hidden(dave, code[:6], "invitation code for dave: ")
+    dave.type_hidden(code[:6], "invitation code for dave: ")
     dave.type(code[6:] + "\r")
     dave.wait_for_input_line("choose a password for dave: ", timeout=10)
-    type_hidden(dave, "paper ", "choose a password for dave: ")
+    dave.type_hidden("paper ", "choose a password for dave: ")
     dave.type("staple 9\r")
     dave.wait_for_input_line("dave #lobby> ", timeout=10)
     assert_password_never_shown(dave, code, "paper staple 9")
@@ -232,7 +219,7 @@ def test_a_private_server_invitation_code_and_new_password_are_typed_hidden(star
 
 def test_piped_the_account_password_comes_from_the_environment_or_the_client_says_how(start_server, connect,
                                                                                     data):
-    server = start_server("--data-dir", str(data))
+    server = start_server("--data-dir", str(data), "--guess-delay", "0.05")
     registered(server, connect)
     bob = connect(server, "bob")
     result = run_piped(server, "deploy done\n", "--nick", "alice", env={ACCOUNT_VARIABLE: PASSWORD})

@@ -97,9 +97,9 @@ def test_tls_client_at_a_plain_server_says_so_in_words(server):
     (lambda folder: (folder / "notes.txt").write_text("not a certificate") and folder / "notes.txt",
      "holds no PEM certificate"),
 ])
-def test_a_wrong_cafile_is_one_line_naming_the_file(server, tmp_path, make, complaint):
+def test_a_wrong_cafile_is_one_line_naming_the_file(shared_server, tmp_path, make, complaint):
     path = make(tmp_path)
-    result = run_piped(server, "hi\n", "--nick", "ci", "--cafile", str(path))
+    result = run_piped(shared_server, "hi\n", "--nick", "ci", "--cafile", str(path))
     stderr = result.stderr.decode()
     assert result.returncode == 2
     assert stderr.startswith(f"pyChat: --cafile {path}: {complaint}") and stderr.count("\n") == 1, stderr

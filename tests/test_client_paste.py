@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 import termios
 
+import pytest
+
 from test_client_terminal import CTRL_C, UP, fake_server, run_client, signed_in  # noqa: F401 (fixtures)
 
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
@@ -51,6 +53,7 @@ def test_a_paste_of_a_few_lines_sends_each_line_and_keeps_the_unfinished_last_on
     assert bob.expect("^alice: ") == "alice: four and more"
 
 
+@pytest.mark.server_options("--rate", "20", "--burst", "5")     # 25 lines to pace: 1.25 s
 def test_a_long_paste_asks_first_then_arrives_whole_paced_to_the_flood_limit(server, connect, run_client):
     bob = connect(server, "bob")
     alice = signed_in(run_client, server)

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from conftest import script_command
+
 CLIENT = pathlib.Path(__file__).resolve().parent.parent / "pyChat-client.py"
 
 
@@ -23,8 +25,8 @@ def run_piped(server, text: str, *args: str, host: str | None = None,
                    if name not in ("PYCHAT_PASSWORD", "NO_COLOR")}
     environment.update(env or {})
     return subprocess.run(
-        [sys.executable, str(CLIENT), "--host", host or server.host, "--port", str(server.port),
-         *args], input=text.encode(), capture_output=True, timeout=15, env=environment)
+        script_command(CLIENT, "--host", host or server.host, "--port", str(server.port), *args),
+        input=text.encode(), capture_output=True, timeout=15, env=environment)
 
 
 def test_piped_line_is_sent_and_client_exits_zero(server, connect):
@@ -47,10 +49,10 @@ def test_piped_lines_arrive_in_order_including_last_line_without_newline(server,
 @pytest.mark.server_options("--rate", "20", "--burst", "5")
 def test_piped_lines_beyond_the_burst_are_paced_to_the_flood_limit_and_none_is_dropped(server, connect):
     bob = connect(server, "bob")
-    result = run_piped(server, "".join(f"line {n}\n" for n in range(40)), "--nick", "ci")
+    result = run_piped(server, "".join(f"line {n}\n" for n in range(25)), "--nick", "ci")
     assert result.returncode == 0, result.stderr.decode()
     assert "!! " not in result.stdout.decode(), "the server refused lines as too fast"
-    assert [bob.expect(r"^ci: ") for _ in range(40)] == [f"ci: line {n}" for n in range(40)]
+    assert [bob.expect(r"^ci: ") for _ in range(25)] == [f"ci: line {n}" for n in range(25)]
 
 
 def test_piped_refused_nick_exits_nonzero_with_the_reason(server):
@@ -98,7 +100,7 @@ def test_password_from_environment_is_sent_when_asked(start_server):
 
 
 def test_wrong_password_piped_exits_nonzero_with_the_reason(start_server):
-    server = start_server("--password", "sesame")
+    server = start_server("--password", "sesame", "--guess-delay", "0.05")
     result = run_piped(server, "in\n", "--nick", "ci", "--password", "guess")
     assert result.returncode == 1
     assert result.stderr.decode() == "pyChat: password refused: !! Wrong password.\n"

@@ -16,12 +16,13 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import termios
 import time
 import unicodedata
 
 import pytest
+
+from conftest import script_command
 
 CLIENT = pathlib.Path(__file__).resolve().parent.parent / "pyChat-client.py"
 TIMEOUT = 5.0
@@ -203,7 +204,7 @@ class ClientInPty:
         environment = {name: value for name, value in os.environ.items() if name != "NO_COLOR"}
         environment.update(TERM="xterm", **(env or {}))
         self.process = subprocess.Popen(
-            [sys.executable, str(CLIENT), *args], stdin=self.slave, stdout=self.slave,
+            script_command(CLIENT, *args), stdin=self.slave, stdout=self.slave,
             stderr=self.slave, preexec_fn=become_session_leader_of_tty, env=environment)
 
     def read(self, timeout: float) -> bool:
@@ -246,6 +247,15 @@ class ClientInPty:
 
     def type(self, keys: str) -> None:
         os.write(self.master, keys.encode("utf-8"))
+
+    def type_hidden(self, keys: str, prompt: str) -> None:
+        """Type KEYS at a secret prompt, and wait until the client has drawn its input row again after
+        them: nothing of them may be on it (it still shows only PROMPT, the cursor right after it)."""
+        drawn = len(self.output)
+        self.type(keys)
+        self.wait_for(lambda screen: len(self.output) > drawn, "the input row drawn again after the keys")
+        self.wait_for_input_line(prompt)
+        assert self.screen.cursor_line == prompt.rstrip(), self.screen.dump()
 
     def wait_exit(self, timeout: float = TIMEOUT) -> int:
         """Wait for the client to exit, still reading what it prints."""
@@ -451,9 +461,9 @@ def test_resize_redraws_input_for_new_width_without_a_key_press(server, run_clie
     (f"abxc{LEFT}{LEFT}{DELETE}{RIGHT}!", "abc!"),
     (f"ab{CTRL_A}{CTRL_D}", "b"),
 ])
-def test_editing_keys_change_the_line_that_is_sent(server, connect, run_client, keys, sent):
-    bob = connect(server, "bob")
-    alice = signed_in(run_client, server)
+def test_editing_keys_change_the_line_that_is_sent(shared_server, connect, run_client, keys, sent):
+    bob = connect(shared_server, "bob")
+    alice = signed_in(run_client, shared_server)
     alice.type(keys + "\r")
     assert bob.expect(r"^alice: ") == f"alice: {sent}"
 
@@ -598,8 +608,8 @@ def test_put_out_for_a_reason_the_client_says_it_and_does_not_come_back(fake_ser
 
 
 @pytest.mark.parametrize("keys", [CTRL_D, CTRL_C + CTRL_C, "/quit\r"])
-def test_leaving_exits_zero_and_restores_terminal(server, run_client, keys):
-    alice = signed_in(run_client, server)
+def test_leaving_exits_zero_and_restores_terminal(shared_server, run_client, keys):
+    alice = signed_in(run_client, shared_server)
     alice.type(keys)
     assert alice.wait_exit() == 0
     assert termios.tcgetattr(alice.slave) == alice.mode_before
@@ -632,11 +642,10 @@ def test_password_typed_on_the_terminal_is_not_shown(start_server, run_client):
     server = start_server("--password", "sesame")
     client = run_client(server, "--nick", "erin")
     client.wait_for_input_line("password: ")
-    client.type("sesa")
-    client.wait_for(lambda screen: screen.cursor_line == "password:", "nothing shown of the password")
+    client.type_hidden("sesa", "password: ")
     client.type("me\r")
     client.wait_for_input_line("erin #lobby> ")
-    assert b"sesame" not in client.output
+    assert b"sesa" not in client.output
 
 
 def test_bell_rings_when_someone_mentions_me(server, connect, run_client):

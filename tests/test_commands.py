@@ -234,7 +234,7 @@ def test_ignore_follows_a_nick_change(chat):
 @pytest.fixture
 def op_server(start_server):
     env = dict(os.environ, PYCHAT_OP_PASSWORD=OP_SECRET)
-    return start_server(env=env)
+    return start_server("--guess-delay", "0.05", env=env)
 
 
 def make_operator(client: LineClient) -> None:

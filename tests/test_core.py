@@ -319,15 +319,15 @@ def test_a_slow_reader_who_quits_past_descriptor_1023_is_still_closed(start_serv
 # -- every disconnect says why (for nc users too) ---------------------------------------------------------
 
 def test_no_nickname_in_time_is_told_before_the_close(start_server, connect):
-    server = start_server("--nick-timeout", "1")
+    server = start_server("--nick-timeout", "0.5")
     client = connect(server)
-    assert client.wait_closed()[-1] == "!! Disconnected: no nickname within 1 s."
+    assert client.wait_closed()[-1] == "!! Disconnected: no nickname within 0.5 s."
 
 
 def test_idle_is_told_before_the_close(start_server, connect):
-    server = start_server("--idle-timeout", "1")
+    server = start_server("--idle-timeout", "0.5")
     client = connect(server, "sleepy")
-    assert client.wait_closed()[-1] == "!! Disconnected: idle for 1 s."
+    assert client.wait_closed()[-1] == "!! Disconnected: idle for 0.5 s."
 
 
 def test_flooding_is_told_before_the_close(server, connect):
@@ -337,7 +337,7 @@ def test_flooding_is_told_before_the_close(server, connect):
 
 
 def test_three_wrong_passwords_are_told_before_the_close(start_server, connect):
-    server = start_server("--password", "right")
+    server = start_server("--password", "right", "--guess-delay", "0.05")
     client = connect(server)
     client.send_raw(b"wrong\n" * 3)
     lines = client.wait_closed(timeout=15)

@@ -158,17 +158,17 @@ def test_a_newcomer_past_a_connection_limit_gets_one_error_line_and_others_chat_
 
 @pytest.mark.parametrize("password", [None, PASSWORD], ids=["at-the-nickname-prompt", "at-the-password-prompt"])
 def test_a_connection_that_never_signs_in_is_closed_after_the_nickname_timeout(start_server, connect, password):
-    server = start_server("--nick-timeout", "1", env=environment(password))
+    server = start_server("--nick-timeout", "0.5", env=environment(password))
     client = connect(server)
     client.expect(re.escape(PASSWORD_PROMPT if password else NICKNAME_PROMPT))
     started = time.monotonic()
     client.wait_closed(timeout=5)
     waited = time.monotonic() - started
-    assert 0.7 <= waited <= 3, f"closed after {waited:.1f} s, expected about 1 s (--nick-timeout 1)"
+    assert 0.35 <= waited <= 3, f"closed after {waited:.2f} s, expected about 0.5 s (--nick-timeout 0.5)"
     server.wait_for_log(r"did not sign in in time")
 
 
-@pytest.mark.server_options("--nick-timeout", "1")
+@pytest.mark.server_options("--nick-timeout", "0.5")
 def test_a_connection_dribbling_a_nickname_byte_by_byte_is_still_closed_after_the_timeout(server):
     sock = socket.create_connection((server.host, server.port), timeout=TIMEOUT)
     try:
@@ -177,8 +177,8 @@ def test_a_connection_dribbling_a_nickname_byte_by_byte_is_still_closed_after_th
     finally:
         sock.close()
     assert took is not None, \
-        "a connection sending one byte of its nickname every 0.3 s was never closed (--nick-timeout 1)"
-    assert took <= 3, f"closed only after {took:.1f} s (--nick-timeout 1)"
+        "a connection sending one byte of its nickname every 0.3 s was never closed (--nick-timeout 0.5)"
+    assert took <= 3, f"closed only after {took:.1f} s (--nick-timeout 0.5)"
 
 
 @pytest.mark.server_options("--max-per-ip", "0", "--nick-timeout", "30")
@@ -378,7 +378,7 @@ def test_while_one_user_floods_other_users_lines_arrive_within_a_second(server, 
 
 # -- dead peers -------------------------------------------------------------------------------------
 
-@pytest.mark.server_options("--idle-timeout", "1.5")
+@pytest.mark.server_options("--idle-timeout", "0.75")
 def test_a_silent_user_is_removed_after_the_idle_timeout_and_the_room_is_told(server, connect):
     bob = connect(server, "bob")
     signed_in = time.monotonic()
@@ -389,10 +389,10 @@ def test_a_silent_user_is_removed_after_the_idle_timeout_and_the_room_is_told(se
         if quit_line:
             break
     else:
-        pytest.fail("the silent user was never removed (--idle-timeout 1.5)")
+        pytest.fail("the silent user was never removed (--idle-timeout 0.75)")
     waited = time.monotonic() - signed_in
     assert quit_line == "*** bob quit (timed out)"
-    assert 1.2 <= waited <= 4, f"the silent user was removed after {waited:.1f} s (--idle-timeout 1.5)"
+    assert 0.6 <= waited <= 4, f"the silent user was removed after {waited:.2f} s (--idle-timeout 0.75)"
     bob.wait_closed()
     assert online_line(alice) == "-- 1 online: alice (#lobby)"
 
@@ -585,14 +585,14 @@ def test_the_password_and_the_nickname_may_come_in_one_write(start_server, conne
 
 
 def test_a_wrong_password_is_refused_after_a_delay_logged_and_asked_again(start_server, connect):
-    server = start_server(env=environment(PASSWORD))
+    server = start_server("--guess-delay", "0.2", env=environment(PASSWORD))
     client = connect(server)
     client.expect(re.escape(PASSWORD_PROMPT))
     client.send("guess-one")
     sent = time.monotonic()
     assert client.recv_line() == "!! Wrong password."
     delay = time.monotonic() - sent
-    assert delay >= 0.5, f"a wrong password was answered after only {delay:.2f} s"
+    assert delay >= 0.2, f"a wrong password was answered after only {delay:.2f} s, not --guess-delay's 0.2 s"
     assert client.recv_line() == PASSWORD_PROMPT
     client.send(PASSWORD)
     assert client.recv_line() == NICKNAME_PROMPT
@@ -601,12 +601,14 @@ def test_a_wrong_password_is_refused_after_a_delay_logged_and_asked_again(start_
 
 
 def test_three_wrong_passwords_close_the_connection_without_slowing_anyone_else(start_server, connect):
-    server = start_server(env=environment(PASSWORD))
+    # The guesses wait 0.5, 1 and 1.5 s; a round trip of alice's may take 0.8 s at most meanwhile, so a
+    # wait that held up anyone else would show.
+    server = start_server("--guess-delay", "0.5", "--rate", "0", env=environment(PASSWORD))
     guesser = ClientFrom(server.host, server.port, "127.0.0.2")
     try:
         guesser.expect(re.escape(PASSWORD_PROMPT))
         guesser.send_raw(b"guess-1\nguess-2\nguess-3\n" + b"mallory\n")
-        # Meanwhile someone who knows the password comes straight in.
+        # Meanwhile someone who knows the password comes straight in, and talks until the guesser is let go.
         started = time.monotonic()
         alice = connect(server)
         alice.expect(re.escape(PASSWORD_PROMPT))
@@ -614,6 +616,20 @@ def test_three_wrong_passwords_close_the_connection_without_slowing_anyone_else(
         alice.login("alice")
         took = time.monotonic() - started
         assert took < 1, f"signing in took {took:.1f} s while someone else was guessing"
+        for n in range(200):
+            alice.send(f"round trip {n}")
+            sent = time.monotonic()
+            alice.expect(f"alice: round trip {n}$", timeout=5)
+            took = time.monotonic() - sent
+            assert took < 0.8, f"a line took {took:.1f} s to come back while someone else was guessing"
+            readable, _, _ = select.select([guesser.sock], [], [], 0.05)
+            if readable:
+                data = guesser.sock.recv(65536)
+                if not data:
+                    break
+                guesser.buffer += data
+        else:
+            pytest.fail(f"the guesser was never let go; it was sent {guesser.buffer!r}")
         lines = guesser.wait_closed(timeout=15)
         assert lines.count("!! Wrong password.") == 3, f"expected three refusals; got {lines}"
         assert NICKNAME_PROMPT not in lines, f"the guesser reached the nickname prompt: {lines}"
@@ -632,14 +648,14 @@ def test_passwords_from_the_environment_are_not_on_the_command_line_nor_in_the_l
 
 
 def test_a_wrong_operator_password_is_refused_after_a_delay_and_logged_without_the_guess(start_server, connect):
-    server = start_server(env=environment(None, OP_PASSWORD))
+    server = start_server("--guess-delay", "0.2", env=environment(None, OP_PASSWORD))
     alice = connect(server, "alice")
     alice.send("/op guess-op")
     sent = time.monotonic()
     refusal = alice.expect("!! |-- ")
     delay = time.monotonic() - sent
     assert refusal.startswith("!! Wrong operator password"), refusal
-    assert delay >= 0.5, f"a wrong operator password was answered after only {delay:.2f} s"
+    assert delay >= 0.2, f"a wrong operator password was answered after only {delay:.2f} s, not 0.2 s"
     server.wait_for_log(r"wrong operator password from .*alice")
     assert "guess-op" not in server.log(), "the guessed operator password was written to the log"
     alice.send("/kick alice")

@@ -19,11 +19,18 @@ from test_tls import certificates  # noqa: F401 (a fixture: a throwaway authorit
 server = import_script(SERVER_SCRIPT, "pychat_server")
 PASSWORD = "open sesame 9"
 OP_PASSWORD = "let me run it 4"
+IRC_SERVER = ("--irc-port", "0", "--op-password", OP_PASSWORD, "--guess-delay", "0.05")     # irc_server's options
 
 
 @pytest.fixture
 def irc_server(start_server):
-    return start_server("--irc-port", "0", "--op-password", OP_PASSWORD)
+    return start_server(*IRC_SERVER)
+
+
+@pytest.fixture
+def shared_irc_server(module_servers):
+    """An irc_server that the module's tests which change nothing on it share (see module_servers)."""
+    return module_servers(*IRC_SERVER)
 
 
 def params(line: str) -> list[str]:
@@ -81,8 +88,9 @@ def test_cap_ls_302_holds_registration_until_cap_end(irc_server, irc_connect):
     ("JOIN #dev", "451"), ("PRIVMSG #lobby :hi", "451"), ("NICK", "431"), ("NICK 9lives", "432"),
     ("NICK pyChat", "432"), ("NICK al!ce", "432"), ("USER alice 0 *", "461"), ("CAP FLY", "410"),
 ])
-def test_mistakes_while_registering_get_their_numeric_and_the_connection_stays(irc_server, irc_connect, line, numeric):
-    client = irc_connect(irc_server)
+def test_mistakes_while_registering_get_their_numeric_and_the_connection_stays(shared_irc_server, irc_connect,
+                                                                               line, numeric):
+    client = irc_connect(shared_irc_server)
     client.send(line)
     answer = client.expect(r"\d\d\d ")
     assert numeric_of(answer) == numeric, answer
@@ -103,7 +111,7 @@ def test_a_nickname_taken_or_looking_like_one_gets_433_and_another_may_be_chosen
 
 
 def test_the_server_password_is_given_with_pass(start_server, irc_connect):
-    server = start_server("--irc-port", "0", "--password", PASSWORD)
+    server = start_server("--irc-port", "0", "--password", PASSWORD, "--guess-delay", "0.05")
     right = irc_connect(server)
     right.register("alice", password=PASSWORD)
     wrong = irc_connect(server)
@@ -116,11 +124,11 @@ def test_the_server_password_is_given_with_pass(start_server, irc_connect):
 
 
 def test_a_connection_that_never_registers_is_closed_with_an_error(start_server, irc_connect):
-    server = start_server("--irc-port", "0", "--nick-timeout", "1")
+    server = start_server("--irc-port", "0", "--nick-timeout", "0.5")
     client = irc_connect(server)
     client.send("NICK alice")
     closing = client.wait_closed(timeout=5)
-    assert any(line.startswith("ERROR :Closing link") and "within 1 s" in line for line in closing), closing
+    assert any(line.startswith("ERROR :Closing link") and "within 0.5 s" in line for line in closing), closing
 
 
 def test_quit_ends_with_error_and_the_rooms_hear_the_reason(irc_server, irc_connect, connect):
@@ -482,8 +490,9 @@ def test_ison_userhost_lusers_version_time_and_motd_answer(irc_server, irc_conne
     ("FLY away", "421"), ("JOIN", "461"), ("KICK #lobby", "461"), ("INVITE bob", "461"), ("TOPIC", "461"),
     ("USER a 0 * :again", "462"), ("OPER me wrong", "464"),
 ])
-def test_every_mistake_gets_its_numeric_and_the_connection_carries_on(irc_server, irc_connect, line, numeric):
-    alice = irc_connect(irc_server, "alice")
+def test_every_mistake_gets_its_numeric_and_the_connection_carries_on(shared_irc_server, irc_connect, line,
+                                                                      numeric):
+    alice = irc_connect(shared_irc_server, "alice")
     alice.send(line)
     assert numeric_of(alice.expect(r"\d\d\d ", timeout=10)) == numeric
     alice.send("PING :alive")
@@ -555,7 +564,7 @@ def sasl(client: IrcClient, nick: str, account: str, password: str) -> list[str]
 @pytest.fixture
 def account_server(start_server, connect, tmp_path):
     """A server with a data directory, where alice registered her nickname from pyChat's client."""
-    server = start_server("--irc-port", "0", "--data-dir", str(tmp_path / "data"))
+    server = start_server("--irc-port", "0", "--data-dir", str(tmp_path / "data"), "--guess-delay", "0.05")
     alice = connect(server, "alice")
     alice.send(f"/register {ACCOUNT_PASSWORD}")
     alice.expect(r"-- Registered ", timeout=10)

@@ -41,7 +41,7 @@ def test_the_connection_limits_count_both_ports_and_an_irc_newcomer_past_them_ge
 
 
 def test_a_client_dribbling_registration_byte_by_byte_is_closed_after_the_sign_in_timeout(start_server):
-    server = start_server("--irc-port", "0", "--nick-timeout", "1")
+    server = start_server("--irc-port", "0", "--nick-timeout", "0.5")
     sock = raw_irc(server)
     started = time.monotonic()
     data = b""

@@ -59,8 +59,8 @@ def test_crlf_line_endings_are_accepted(chat):
     ("*star", "cannot contain '\\*'"),
     ("pаypal", "mixes alphabets"),          # Cyrillic "а" among Latin letters
 ])
-def test_bad_nicknames_are_refused_with_a_reason_and_asked_again(server, connect, bad, why):
-    client = connect(server)
+def test_bad_nicknames_are_refused_with_a_reason_and_asked_again(shared_server, connect, bad, why):
+    client = connect(shared_server)
     client.expect(re.escape("*** Choose a nickname:"))
     client.send(bad)
     refusal = client.recv_line()
@@ -71,9 +71,9 @@ def test_bad_nicknames_are_refused_with_a_reason_and_asked_again(server, connect
 
 
 @pytest.mark.parametrize("lookalike", ["ALICE", "Alice", "aIice", "a1ice", "аӏісе"])   # the last all Cyrillic
-def test_a_nickname_taken_in_any_case_or_lookalike_spelling_is_refused(chat, connect, server, lookalike):
-    chat("alice")
-    client = connect(server)
+def test_a_nickname_taken_in_any_case_or_lookalike_spelling_is_refused(connect, shared_server, lookalike):
+    connect(shared_server, "alice")
+    client = connect(shared_server)
     client.expect(re.escape("*** Choose a nickname:"))
     client.send(lookalike)
     assert re.match(r"!! Nickname .* is taken", client.recv_line())
@@ -288,7 +288,7 @@ def test_server_help_explains_every_option():
     assert result.returncode == 0
     for option in ("--host", "--port", "--max-clients", "--max-per-ip", "--rate", "--burst", "--history",
                    "--history-file", "--password", "--op-password", "--tls-cert", "--tls-key",
-                   "--nick-timeout", "--idle-timeout", "--max-queue", "-v", "-q", "--version"):
+                   "--nick-timeout", "--idle-timeout", "--max-queue", "--guess-delay", "-v", "-q", "--version"):
         assert option in result.stdout, option
 
 

@@ -49,6 +49,7 @@ def only_line(result: subprocess.CompletedProcess) -> str:
     ("--max-queue", "0"), ("--max-queue", "-1"),
     ("--stall-timeout", "0"), ("--stall-timeout", "nan"), ("--stall-timeout", "1e300"),
     ("--history", "-1"), ("--history", "ten"),
+    ("--guess-delay", "-0.1"), ("--guess-delay", "61"), ("--guess-delay", "nan"), ("--guess-delay", "inf"),
 ])
 def test_a_numeric_option_out_of_range_is_refused_by_name_with_its_range(option, value, capsys):
     with pytest.raises(SystemExit) as exit_status:
@@ -69,6 +70,7 @@ def test_the_server_refuses_a_port_out_of_range_in_one_line_without_a_traceback(
 @pytest.mark.parametrize("option, value", [
     ("--port", "65535"), ("--max-clients", "0"), ("--rate", "0"), ("--rate", "0.5"), ("--burst", "0"),
     ("--nick-timeout", "0.5"), ("--idle-timeout", "0"), ("--keepalive", "32767"), ("--history", "0"),
+    ("--guess-delay", "0"), ("--guess-delay", "60"),
 ])
 def test_numeric_options_at_the_edges_of_their_range_are_accepted(option, value):
     assert getattr(server_module.parse_options([option, value]), option[2:].replace("-", "_")) == float(value)

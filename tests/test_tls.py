@@ -165,7 +165,7 @@ def test_a_tls_newcomer_past_the_connection_limit_is_told_the_server_is_full(sta
 def test_a_connection_that_never_finishes_the_tls_handshake_is_closed_after_the_nickname_timeout(
         start_server, tls_connect, certificates, dribble):
     server = start_server("--tls-cert", str(certificates.cert), "--tls-key", str(certificates.key),
-                          "--nick-timeout", "1")
+                          "--nick-timeout", "0.5")
     hello = client_hello(certificates)
     sock = socket.create_connection((server.host, server.port), timeout=TIMEOUT)
     try:
@@ -175,8 +175,9 @@ def test_a_connection_that_never_finishes_the_tls_handshake_is_closed_after_the_
         took = seconds_until_closed(sock, hello[:-1] if dribble else b"", most=4.5)
     finally:
         sock.close()
-    assert took is not None, "a connection that never finished its TLS handshake was never closed (--nick-timeout 1)"
-    assert took <= 3, f"an unfinished TLS handshake was closed only after {took:.1f} s (--nick-timeout 1)"
+    assert took is not None, \
+        "a connection that never finished its TLS handshake was never closed (--nick-timeout 0.5)"
+    assert took <= 3, f"an unfinished TLS handshake was closed only after {took:.1f} s (--nick-timeout 0.5)"
 
 
 def test_a_stalled_tls_reader_does_not_delay_others_and_is_cut_off(start_server, tls_connect, certificates):
