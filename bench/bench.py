@@ -64,9 +64,9 @@ class Plan:
 
 
 QUICK_PLAN = Plan(runs={"connect": 1, "fanout": 1, "max": 1, "slow": 1}, connect_sizes=(50,),
-                  quiet_watch_s=0.5, idle_window_s=0.5, fanout_cases=((10, 10),), fanout_rate=200.0,
-                  traffic_seconds=1.0, drain_timeout_s=3.0, max_clients=10,
-                  slow_before_s=1.0, slow_with_s=1.5, slow_with_max_s=1.5)
+                  quiet_watch_s=0.25, idle_window_s=0.25, fanout_cases=((10, 10),), fanout_rate=200.0,
+                  traffic_seconds=0.5, drain_timeout_s=3.0, max_clients=10,
+                  slow_before_s=0.5, slow_with_s=0.75, slow_with_max_s=0.75)
 
 # Figures where any run's bad news must show: summed over runs, not a median.
 SUMMED = {"lost", "malformed", "duplicates", "gaps", "failed", "dropped", "expected", "deliveries"}
