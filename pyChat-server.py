@@ -1313,11 +1313,18 @@ class Switchboard(threading.Thread):
                 if mask & selectors.EVENT_WRITE:
                     ready.append(output)                # writable again
                 if mask & selectors.EVENT_READ and output.reading:
-                    self.read(output.reader)
+                    try:
+                        self.read(output.reader)
+                    except Exception:   # one broken connection must not silence everyone
+                        self.broke(output, "reading from")
             self.quiet = False
             arrivals = self.arrivals
             while arrivals:
-                self.welcome(arrivals.popleft())
+                connection = arrivals.popleft()
+                try:
+                    self.welcome(connection)
+                except Exception:
+                    self.broke(connection.output, "starting to read")
             watched = self.watched
             while ready:
                 output = ready.popleft()
@@ -1330,8 +1337,21 @@ class Switchboard(threading.Thread):
                     output.end("could not write to it", drop_output=True)
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 1.0
-                self.cut_off_stalled()
-                self.check_clocks()
+                try:
+                    self.cut_off_stalled()
+                    self.check_clocks()
+                except Exception:
+                    log.exception("checking the connections' clocks failed")
+
+    def broke(self, output: Output, what: str) -> None:
+        """Something unexpected failed for one connection: log it, end that connection, and carry on."""
+        log.exception("%s %r failed", what, output)
+        output.end("server error", Farewell("a server error (it was logged)"), drop_output=True)
+        if output.reader is not None and output.reader.adopted:
+            try:
+                self.finish(output.reader)
+            except Exception:
+                log.exception("letting %r go failed", output)
 
     # -- reading ---------------------------------------------------------------
 
