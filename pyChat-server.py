@@ -86,6 +86,7 @@ ROOM_SETTINGS = ("key", "invite-only", "topic", "op", "deop")    # what /mode ch
 LISTING_BURST = 500               # entries of lists (/online, /who, /rooms) one person may ask for at once,
 LISTING_RATE = 50.0               # and then a second: long lists asked for by hundreds must not slow the chat
 ANNOUNCE_LIMIT = 200              # rooms bigger than this do not announce every join and leave
+WHOWAS_KEPT = 200                 # names given up lately (by leaving or renaming), for IRC's WHOWAS
 QUIT = "quit"                     # the leave reason of someone who said /quit without a message
 PASSWORD_TRIES = 3                # wrong server passwords before the connection is closed
 TLS_HANDSHAKE = b"\x16"            # the first byte of every TLS connection: a handshake record
@@ -577,22 +578,44 @@ class TokenBucket:
 # -- what happened: the core's events ----------------------------------------------
 # The core (ChatServer) says what happened with these; a protocol object turns
 # each into its own words. An event that has a `room` belongs to that room.
+#
+# A chat line has an id, the same for every receiver (IRC's msgid), and may carry
+# client tags: what the sender's client attached for other clients of its kind
+# (IRC's client-only tags, such as +draft/reply). The core passes them on as they
+# are; a protocol that has no use for them leaves them out.
+ClientTags = tuple[tuple[str, str], ...]
+
 
 class Said(NamedTuple):
     room: str
     nick: str
     text: str
+    line_id: str = ""
+    client_tags: ClientTags = ()
 
 
 class Acted(NamedTuple):
     room: str
     nick: str
     text: str
+    line_id: str = ""
+    client_tags: ClientTags = ()
+
+
+class TagMessage(NamedTuple):
+    """Client tags alone, with no text (IRC's TAGMSG: someone is typing, a reaction...), from NICK to TARGET
+    (a nickname, or #ROOM); ROOM is None for one sent to a person."""
+    room: str | None
+    nick: str
+    target: str
+    line_id: str
+    client_tags: ClientTags
 
 
 class Joined(NamedTuple):
     room: str
     nick: str
+    account: str | None = None
 
 
 class Left(NamedTuple):
@@ -634,6 +657,12 @@ class Renamed(NamedTuple):
 class AwayChanged(NamedTuple):
     nick: str
     reason: str | None          # None: back
+
+
+class AccountChanged(NamedTuple):
+    """NICK registered an account (ACCOUNT, their nickname) or gave it up (None)."""
+    nick: str
+    account: str | None
 
 
 class Notice(NamedTuple):
@@ -702,11 +731,15 @@ class Invited(NamedTuple):
 class PrivateFrom(NamedTuple):
     nick: str
     text: str
+    line_id: str = ""
+    client_tags: ClientTags = ()
 
 
 class PrivateTo(NamedTuple):
     nick: str
     text: str
+    line_id: str = ""
+    client_tags: ClientTags = ()
 
 
 class Bye(NamedTuple):
@@ -830,12 +863,18 @@ class PyChatProtocol:
         SignedInElsewhere: lambda e: "*** You signed in again somewhere else; this connection is closed.",
     }
 
+    # Events pyChat's lines have no words for: client tags with no text, and accounts changing (the
+    # person is told in a reply; the others have no need to know).
+    UNSAID = frozenset({TagMessage, AccountChanged})
+
     def line(self, event: Any) -> str:
         """EVENT as a line of text, as it reads in the receiver's current room."""
         return self.LINES[type(event)](event)
 
     def encode(self, event: Any, tagged: bool = False) -> bytes:
         """EVENT as bytes to send; TAGGED for a room event of a room that is not the receiver's current one."""
+        if type(event) in self.UNSAID:
+            return b""
         text = self.LINES[type(event)](event)
         if tagged:
             text = f"#{event.room} {text}"
@@ -2589,6 +2628,27 @@ class Whois(NamedTuple):
     address: str | None                     # for operators of the server only
 
 
+class Departed(NamedTuple):
+    """A name someone gave up lately, by leaving or by renaming, for IRC's WHOWAS. No address is kept."""
+
+    nick: str
+    key: str                                # name_key(nick)
+    account: str | None
+    when: float                             # a time.time()
+
+
+class WhoEntry(NamedTuple):
+    """One person as a WHO list shows them."""
+
+    nick: str
+    room: str | None                        # the room asked about, or the first of theirs the asker may see
+    account: str | None
+    away: bool
+    operator: bool
+    room_operator: bool
+    idle: float                             # seconds since they last said something
+
+
 class Room:
     """A room: its members (grouped by how lines reach them), settings, operators and last lines."""
 
@@ -2662,6 +2722,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.started = time.time()
         self.most_people = 0
         self.registrations: dict[str, list[float]] = {}         # when accounts were registered, by address_bucket()
+        self.line_ids = itertools.count(1)                      # chat lines and tag messages, for their ids
+        self.line_id_prefix = f"{int(self.started * 1000):x}-"  # ids differ from a server run's to the next's
+        self.departed: collections.deque[Departed] = collections.deque(maxlen=WHOWAS_KEPT)   # newest last
         self.lobby: Room | None = None
         self.lobby = self.room_named(DEFAULT_ROOM)      # everyone's first room, never forgotten
         for room_name, lines in self.data.history.rooms_and_lines():
@@ -2958,6 +3021,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 receivers |= room.members
         receivers.discard(person)
         self._forget(person)
+        self.departed.append(Departed(person.nick, person.key, person.account, time.time()))
         if not self.stopping:
             # A muted person's own words (their /quit message) are not shown.
             shown = None if reason == QUIT or (person.muted and person.quit_message) else reason
@@ -3006,7 +3070,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         room.last_used = time.monotonic()
         self._make_current(person, room)
         if not person.muted and len(room.members) <= ANNOUNCE_LIMIT:
-            self._to_room(room, Joined(room.name, person.nick), skip=person)
+            self._to_room(room, Joined(room.name, person.nick, person.account), skip=person)
         others = [m.nick for m in itertools.islice(room.members, 16) if m is not person][:15]
         # A protocol that lists members gets them all, up to ANNOUNCE_LIMIT: past that, joins and leaves
         # are not announced, so a longer list would not stay true, and every newcomer would pay for it.
@@ -3232,23 +3296,30 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- talking ----------------------------------------------------------------------
 
-    def say(self, person: Person, text: str, name: str | None = None, echo: bool = True) -> None:
+    def say(self, person: Person, text: str, name: str | None = None, echo: bool = True,
+            client_tags: ClientTags = ()) -> None:
         """A chat line from PERSON to the room NAME, or to their current room; with ECHO false, PERSON is
-        not sent it back (IRC clients show their own lines themselves)."""
-        self._speak(person, Said, text, name, echo)
+        not sent it back (IRC clients show their own lines themselves). CLIENT_TAGS go along with it."""
+        self._speak(person, Said, text, name, echo, client_tags)
 
-    def act(self, person: Person, text: str, name: str | None = None, echo: bool = True) -> None:
+    def act(self, person: Person, text: str, name: str | None = None, echo: bool = True,
+            client_tags: ClientTags = ()) -> None:
         """An action line, '* nick waves', to the room NAME or the current one."""
-        self._speak(person, Acted, text, name, echo)
+        self._speak(person, Acted, text, name, echo, client_tags)
 
-    def _speak(self, person: Person, kind: type, text: str, name: str | None, echo: bool = True) -> None:
+    def _next_line_id(self) -> str:
+        """A new id for a chat line, the same for all who get the line. Lock held."""
+        return f"{self.line_id_prefix}{next(self.line_ids)}"
+
+    def _speak(self, person: Person, kind: type, text: str, name: str | None, echo: bool = True,
+               client_tags: ClientTags = ()) -> None:
         with self.lock:
             if person.muted:
                 person.output.send(Error("You are muted; the room does not hear you."))
                 return
             room = self._member_room(person, name)
             person.last_spoke = time.monotonic()
-            event = kind(room.name, person.nick, text)
+            event = kind(room.name, person.nick, text, self._next_line_id(), client_tags)
             if self.options.history:
                 when = time.time()
                 self.said += 1
@@ -3259,7 +3330,29 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     self.data.history.append(room.name, when, PYCHAT.line(event))
             self._to_room(room, event, skip=None if echo else person, sender=person)
 
-    def send_private(self, person: Person, nick: str, text: str) -> None:
+    def send_tags(self, person: Person, target: str, client_tags: ClientTags, echo: bool = False) -> None:
+        """CLIENT_TAGS with no text (someone is typing, a reaction) to the room TARGET ('#ROOM') or the person
+        TARGET; PERSON gets them back only with ECHO. Nothing is kept: not in the history, not for
+        someone offline. A muted person's are dropped, as their typing would be."""
+        with self.lock:
+            if target.startswith("#"):
+                room = self._member_room(person, target)
+                if not person.muted:
+                    event = TagMessage(room.name, person.nick, f"#{room.name}", self._next_line_id(), client_tags)
+                    self._to_room(room, event, skip=None if echo else person, sender=person)
+                return
+            found = self._find(target)
+            if found is person:
+                raise Refused("That is you.")
+            if person.muted:
+                return
+            event = TagMessage(None, person.nick, found.nick, self._next_line_id(), client_tags)
+            if person.key not in found.ignoring:
+                found.output.send(event)
+            if echo:
+                person.output.send(event)
+
+    def send_private(self, person: Person, nick: str, text: str, client_tags: ClientTags = ()) -> None:
         """TEXT to NICK alone; PERSON gets a copy, and the away message if there is one.
 
         To a registered account that is offline, the message is kept until its next sign-in.
@@ -3275,10 +3368,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused(f"{target.nick} has just left.")
             if target is person:
                 raise Refused("That is you.")
+            line_id = self._next_line_id()
             if person.key not in target.ignoring:
-                target.output.send(PrivateFrom(person.nick, text))
+                target.output.send(PrivateFrom(person.nick, text, line_id, client_tags))
                 target.last_private_from = person.serial
-            person.output.send(PrivateTo(target.nick, text))
+            person.output.send(PrivateTo(target.nick, text, line_id, client_tags))
             if target.away:
                 person.output.send(Reply(f"{target.nick} is away: {target.away}"))
 
@@ -3321,6 +3415,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if new_nick == person.nick:
                 raise Refused(f"You are already {new_nick}.", "same-nickname", nick=new_nick)
             old_nick, old_key, new_key = person.nick, person.key, name_key(new_nick)
+            self.departed.append(Departed(old_nick, old_key, person.account, time.time()))
             del self.people[old_key]
             person.nick, person.key = new_nick, new_key
             self.people[new_key] = person
@@ -3339,6 +3434,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person.away = reason
             if not person.muted:
                 self._to_people(self._sharers(person), AwayChanged(person.nick, reason))
+
+    def change_protocol(self, person: Person, protocol: PyChatProtocol, first: bytes = b"") -> None:
+        """Render what PERSON is sent with PROTOCOL from now on (an IRC client enabled a capability), after
+        FIRST, which says so. Every room regroups them, so that no line to them is rendered the old way
+        once FIRST is queued."""
+        with self.lock:
+            self.pump.queue((person.output,), first)
+            for room in person.rooms.values():
+                room.stop_hearing(person)
+            person.output.protocol = protocol
+            for room in person.rooms.values():
+                room.hear(person, current=room is person.current)
 
     def _sharers(self, person: Person) -> set[Person]:
         """Everyone who shares at least one room with PERSON, but PERSON. Lock held."""
@@ -3471,6 +3578,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             made_operator = not person.operator and nick in self.data.operators
             person.operator = person.operator or made_operator
             keys = list(person.ignoring)
+            self._to_people(self._sharers(person) | {person}, AccountChanged(person.nick, nick))
         if keys:
             self.data.accounts.set_ignoring(nick, keys)
         if made_operator:
@@ -3522,6 +3630,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             person.account = None
             person.operator = person.operator and not was_operator
+            self._to_people(self._sharers(person) | {person}, AccountChanged(person.nick, None))
         log.info("%r gave up the account %s", person, account)
         if self.options.private:
             person.output.end("gave up their account", Farewell("this server is private, and you have no account now"))
@@ -3743,12 +3852,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
                       for p in room.members]
         return room.name, sorted(people, key=lambda p: p.nick.casefold())
 
-    def room_list(self, viewer: Person) -> list[commands.RoomInfo]:
-        """Every room with people in it that VIEWER may know of, sorted by name."""
+    def room_list(self, viewer: Person, wanted: Callable[[commands.RoomInfo], bool] | None = None
+                  ) -> list[commands.RoomInfo]:
+        """Every room with people in it that VIEWER may know of (and WANTED keeps), sorted by name."""
         with self.lock:
             rooms = [commands.RoomInfo(r.name, len(r.members), r.topic, r.key in viewer.rooms, r is viewer.current,
                                        r.private)
                      for r in self.rooms.values() if r.members and self._may_see(viewer, r)]
+            if wanted is not None:
+                rooms = [room for room in rooms if wanted(room)]
             self._charge(viewer, len(rooms), "/rooms")      # finding them is cheap: the table is bounded
         return sorted(rooms, key=lambda r: r.name.casefold())
 
@@ -3771,6 +3883,47 @@ class ChatServer(socketserver.ThreadingTCPServer):
             address = str(ip_of(person.address) or person.address) if viewer.operator else None
             return Whois(person.nick, person.account, rooms, person.away, person.operator, person.since,
                          time.monotonic() - person.last_spoke, person.output.protocol.name, address)
+
+    def who(self, viewer: Person, mask: str) -> list[WhoEntry]:
+        """The people of the room '#ROOM', or those whose nickname fits MASK (a nickname, or a pattern in
+        which * stands for any letters and ? for one), as VIEWER may know them, sorted by nickname."""
+        if mask.startswith("#"):
+            with self.lock:
+                room = self._visible_room(viewer, mask)
+                self._charge(viewer, len(room.members), "WHO")
+                found = [self._who_entry(p, room) for p in room.members]
+        elif not any(wild in mask for wild in "*?"):
+            if len(mask) > MAX_NICKNAME_LENGTH:
+                return []               # no one's, and not worth normalising
+            key = name_key(normal_name(mask))
+            with self.lock:
+                person = self.people.get(key)
+                found = [self._who_entry(person, self._first_visible_room(viewer, person))] if person else []
+        else:
+            pattern = mask.casefold()
+            with self.lock:
+                people = [p for p in self.people.values() if fits_pattern(pattern, p.nick.casefold())]
+                self._charge(viewer, len(people), "WHO")
+                found = [self._who_entry(p, self._first_visible_room(viewer, p)) for p in people]
+        return sorted(found, key=lambda entry: entry.nick.casefold())
+
+    def _first_visible_room(self, viewer: Person, person: Person) -> Room | None:
+        return next((room for room in person.rooms.values() if self._may_see(viewer, room)), None)
+
+    @staticmethod
+    def _who_entry(person: Person, room: Room | None) -> WhoEntry:
+        return WhoEntry(person.nick, room.name if room else None, person.account, person.away is not None,
+                        person.operator, room is not None and person in room.operators,
+                        time.monotonic() - person.last_spoke)
+
+    def whowas(self, nick: str, most: int = 0) -> list[Departed]:
+        """Who went by NICK lately (or by a look-alike of it), newest first; at most MOST of them (0: all kept)."""
+        if len(nick) > MAX_NICKNAME_LENGTH:
+            return []
+        key = name_key(normal_name(nick))
+        with self.lock:
+            found = [gone for gone in reversed(self.departed) if gone.key == key]
+        return found[:most] if most > 0 else found
 
     def look_up(self, nicks: list[str]) -> list[commands.PersonInfo | None]:
         """Each of NICKS (a few) as a PersonInfo if they are online, else None."""
@@ -3860,6 +4013,25 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if self.irc is not None:
             self.irc.server_close()
         self.data.close()
+
+
+def fits_pattern(pattern: str, text: str) -> bool:
+    """Whether TEXT fits PATTERN, in which * stands for any characters and ? for one; in time proportional
+    to their lengths multiplied, however many stars (a regular expression could take exponential time)."""
+    p = t = 0
+    star, resume = -1, 0            # the last star seen, and where in TEXT its match ends for now
+    while t < len(text):
+        if p < len(pattern) and pattern[p] == "*":
+            star, resume = p, t
+            p += 1
+        elif p < len(pattern) and pattern[p] in ("?", text[t]):
+            p, t = p + 1, t + 1
+        elif star >= 0:             # let the last star take one more character, and try again after it
+            resume += 1
+            p, t = star + 1, resume
+        else:
+            return False
+    return pattern[p:].strip("*") == ""
 
 
 def room_name(name: str) -> str:
@@ -4207,6 +4379,7 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "RPL_UNAWAY": ("305", "You are no longer marked as being away"),
     "RPL_NOWAWAY": ("306", "You have been marked as being away"),
     "RPL_WHOISUSER": ("311", None),
+    "RPL_WHOWASUSER": ("314", None),
     "RPL_WHOISSERVER": ("312", None),
     "RPL_WHOISOPERATOR": ("313", "is an IRC operator"),
     "RPL_ENDOFWHO": ("315", "End of WHO list"),
@@ -4231,6 +4404,7 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "RPL_ENDOFEXCEPTLIST": ("349", "End of channel exception list"),
     "RPL_VERSION": ("351", None),
     "RPL_WHOREPLY": ("352", None),
+    "RPL_WHOSPCRPL": ("354", None),
     "RPL_NAMREPLY": ("353", None),
     "RPL_ENDOFNAMES": ("366", "End of /NAMES list"),
     "RPL_BANLIST": ("367", None),
@@ -4294,14 +4468,36 @@ def irc_numeric(name: str, target: str, *params: str, text: str | None = None) -
 
 
 # Capabilities offered, with their values for CAP LS 302. A cheap one is offered only when it
-# is honoured everywhere: server-time on every message, echo-message for every PRIVMSG/NOTICE.
+# is honoured everywhere: server-time on every message, echo-message for every PRIVMSG/NOTICE/TAGMSG.
+# cap-notify promises CAP NEW and DEL when the offer changes; this server's never does.
 IRC_CAPABILITIES: dict[str, str | None] = {
+    "account-notify": None,
     "away-notify": None,
+    "cap-notify": None,
     "echo-message": None,
+    "extended-join": None,
+    "message-tags": None,
     "multi-prefix": None,
     "sasl": "PLAIN",
     "server-time": None,
+    "userhost-in-names": None,
 }
+IRC_MAX_CLIENT_TAG_BYTES = 4094         # of tag data a client may send, without the '@' and the space (IRCv3)
+_CLIENT_TAG_KEY = re.compile(r"\+(?:[A-Za-z0-9.-]+/)?[A-Za-z0-9-]+")
+_TAG_VALUE_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def irc_client_tags(tags: dict[str, str] | None) -> ClientTags:
+    """The client-only tags ('+' keys: +typing, +draft/reply...) of a message from a client, to pass on
+    to other clients; its other tags are the server's to give, and are dropped. Control characters
+    are taken out of the values. Raises IrcLineError when the client sent more tag data than IRC lets it."""
+    if not tags:
+        return ()
+    if len(format_irc_tags(tags).encode("utf-8")) > IRC_MAX_CLIENT_TAG_BYTES:
+        raise IrcLineError("ERR_INPUTTOOLONG", f"Input line was too long (its tags are over "
+                                               f"{IRC_MAX_CLIENT_TAG_BYTES} bytes)")
+    return tuple((key, _TAG_VALUE_CONTROLS.sub("", value)) for key, value in tags.items()
+                 if _CLIENT_TAG_KEY.fullmatch(key))
 
 
 class IrcCapabilities:
@@ -4555,16 +4751,19 @@ class IrcPingClock:
 # The IRC protocol object: the core's events in IRC's words
 # ---------------------------------------------------------------------------
 
-IRC_USER_HOST = "~user@pychat"      # everyone is NICK!~user@pychat: pyChat never shows an address
+IRC_USER, IRC_HOST = "~user", "pychat"
+IRC_USER_HOST = f"{IRC_USER}@{IRC_HOST}"    # everyone is NICK!~user@pychat: pyChat never shows an address
 IRC_SERVICE_SOURCE = f"{IRC_SERVICE_NICK}!{IRC_SERVICE_NICK}@{IRC_SERVER_NAME}"
 IRC_SERVICE_KEY = name_key(IRC_SERVICE_NICK)
 IRC_MAX_REASON = 390                # the longest topic, away message, kick or quit reason taken from IRC
 IRC_USER_MODES = "o"                # o: an operator of the server (pyChat's /op, IRC's OPER)
 IRC_CHANNEL_MODES = "iknot"         # i invite-only, k key, n only members talk (always), o room operator,
                                     # t only operators set the topic
-# Capabilities that change the bytes a connection is sent. They are fixed when the person
-# signs in, since rooms group their audiences by them (see IrcProtocol).
-IRC_RENDERING_CAPABILITIES = frozenset({"away-notify", "echo-message", "server-time"})
+# Capabilities that change the bytes a connection is sent. Rooms group their audiences by them (see
+# IrcProtocol), so a change to them once the person is in goes through ChatServer.change_protocol.
+IRC_RENDERING_CAPABILITIES = frozenset({"account-notify", "away-notify", "echo-message", "extended-join",
+                                        "message-tags", "server-time", "userhost-in-names"})
+IRC_CHAT_EVENTS = (Said, Acted, PrivateFrom, PrivateTo, TagMessage)     # with a line id and client tags
 
 
 def irc_reason(text: str) -> str:
@@ -4582,8 +4781,8 @@ def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
     tokens = [f"AWAYLEN={IRC_MAX_REASON}", "CASEMAPPING=ascii", "CHANMODES=,k,,int",
               f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}", "CHANTYPES=#", f"KICKLEN={IRC_MAX_REASON}",
               f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(o)@", "SAFELIST",
-              "TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:4,PART:,PRIVMSG:4,WHOIS:1", f"TOPICLEN={IRC_MAX_REASON}",
-              "UTF8ONLY"]
+              "TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:4,PART:,PRIVMSG:4,TAGMSG:4,WHOIS:1",
+              f"TOPICLEN={IRC_MAX_REASON}", "UTF8ONLY", "ELIST=MNU", "WHOX"]
     if options.rooms_per_person:
         tokens.append(f"CHANLIMIT=#:{options.rooms_per_person}")
     return sorted(tokens)
@@ -4609,6 +4808,7 @@ class IrcProtocol:
         self.connection = connection
         self.capabilities = capabilities & IRC_RENDERING_CAPABILITIES
         self.server_time = "server-time" in capabilities
+        self.message_tags = "message-tags" in capabilities
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, IrcProtocol) and other.capabilities == self.capabilities
@@ -4627,11 +4827,22 @@ class IrcProtocol:
         lines = self.RENDERERS.get(type(event), IrcProtocol.in_pychats_words)(self, event)
         if not lines:
             return b""
+        tags = {}
         if self.server_time:
-            said = event.when if isinstance(event, (Replayed, OfflinePrivate)) else time.time()
-            stamp = f"@time={irc_server_time(said)} "
-            return "".join(f"{stamp}{line}\r\n" for line in lines).encode("utf-8")
-        return "".join(f"{line}\r\n" for line in lines).encode("utf-8")
+            tags["time"] = irc_server_time(event.when if isinstance(event, (Replayed, OfflinePrivate))
+                                           else time.time())
+        chat = event.line if isinstance(event, Replayed) else event
+        if self.message_tags and isinstance(chat, IRC_CHAT_EVENTS):
+            tags.update(chat.client_tags)
+            if chat.line_id:
+                # A long line goes out in pieces: each has an id of its own, the same for every receiver.
+                return "".join(self._tagged(line, {**tags, "msgid": chat.line_id + (f"-{n}" if n else "")})
+                               for n, line in enumerate(lines)).encode("utf-8")
+        return "".join(self._tagged(line, tags) for line in lines).encode("utf-8")
+
+    @staticmethod
+    def _tagged(line: str, tags: dict[str, str]) -> str:
+        return f"@{format_irc_tags(tags)} {line}\r\n" if tags else f"{line}\r\n"
 
     # -- room events: nothing of the receiver --------------------------------------------
 
@@ -4643,7 +4854,19 @@ class IrcProtocol:
                                  wrap=(CTCP + "ACTION ", CTCP))
 
     def joined(self, event: Joined) -> list[str]:
-        return [format_irc_message("JOIN", (f"#{event.room}",), irc_source(event.nick))]
+        return [self._join(event.room, event.nick, event.account)]
+
+    def _join(self, room: str, nick: str, account: str | None) -> str:
+        """JOIN; with extended-join, with the account ('*' for none) and the real name (pyChat has none
+        but the nickname)."""
+        extended = (account or "*", nick) if "extended-join" in self.capabilities else ()
+        return format_irc_message("JOIN", (f"#{room}", *extended), irc_source(nick))
+
+    def tag_message(self, event: TagMessage) -> list[str]:
+        """TAGMSG, only to those who take message tags; its tags are put on by encode()."""
+        if not self.message_tags:
+            return []
+        return [format_irc_message("TAGMSG", (event.target,), irc_source(event.nick))]
 
     def left(self, event: Left) -> list[str]:
         return [format_irc_message("PART", (f"#{event.room}",), irc_source(event.nick))]
@@ -4677,13 +4900,24 @@ class IrcProtocol:
             return []
         return [format_irc_message("AWAY", (event.reason,) if event.reason else (), irc_source(event.nick))]
 
+    def account_changed(self, event: AccountChanged) -> list[str]:
+        if "account-notify" not in self.capabilities:
+            return []
+        return [format_irc_message("ACCOUNT", (event.account or "*",), irc_source(event.nick))]
+
     # -- to one person: these name the receiver --------------------------------------------------
 
     def entered(self, event: Entered) -> list[str]:
         channel = f"#{event.room}"
-        names = [("@" if operator else "") + nick for nick, operator in event.members]
-        return [format_irc_message("JOIN", (channel,), irc_source(self.me)),
+        names = [self.name_in_names(nick, operator) for nick, operator in event.members]
+        person = self.connection.person         # None while signing in: their account is the one of SASL
+        return [self._join(event.room, self.me, person.account if person else self.connection.account),
                 *irc_names_replies(self.me, channel, names)]
+
+    def name_in_names(self, nick: str, operator: bool) -> str:
+        """One entry of a NAMES list: the nickname, with '@' for a room operator; with userhost-in-names,
+        the whole NICK!USER@HOST."""
+        return ("@" if operator else "") + (irc_source(nick) if "userhost-in-names" in self.capabilities else nick)
 
     def topic(self, event: Topic) -> list[str]:
         return [irc_numeric("RPL_TOPIC", self.me, f"#{event.room}", text=event.topic)]
@@ -4754,7 +4988,47 @@ class IrcProtocol:
         Notice: notice, Reply: reply, Error: reply, Welcome: welcome, Bye: closing, ShuttingDown: closing,
         DisconnectedBy: closing, Banned: closing, SignedInElsewhere: closing, Farewell: closing,
         OfflinePrivate: offline_private, Prompt: nothing, AccountPrompt: nothing, NowTalking: nothing,
+        TagMessage: tag_message, AccountChanged: account_changed,
     }
+
+
+def irc_who_flags(entry: WhoEntry) -> str:
+    """H(ere) or G(one), * for a server operator, @ for a room operator."""
+    return ("G" if entry.away else "H") + ("*" if entry.operator else "") + ("@" if entry.room_operator else "")
+
+
+WHOX_FIELDS = "tcuihsnfdlaor"           # WHOX's fields, in the order a 354 gives them
+
+
+def irc_whox_fields(argument: str) -> tuple[str, str]:
+    """WHO's '%FIELDS[,TOKEN]': the letters known, in WHOX's order, and the token (1 to 3 digits; if it is
+    not, t is dropped)."""
+    letters, _, token = argument[1:].partition(",")
+    if not (token.isdigit() and len(token) <= 3):
+        letters, token = letters.replace("t", ""), ""
+    return "".join(letter for letter in WHOX_FIELDS if letter in letters), token
+
+
+def irc_list_wanted(argument: str) -> Callable[[commands.RoomInfo], bool] | None:
+    """LIST's filter: channels or masks (#dev, #dev*) of which a room must fit one, !MASK that it must not
+    fit, and >N or <N people; None when there is none."""
+    masks, unwanted, counts = [], [], []
+    for item in (item for item in argument.casefold().split(",") if item):
+        if item[0] in "<>" and item[1:].isdigit():
+            counts.append((item[0], int(item[1:])))
+        elif item.startswith("!"):
+            unwanted.append(item[1:])
+        else:
+            masks.append(item)
+    if not (masks or unwanted or counts):
+        return None
+
+    def wanted(room: commands.RoomInfo) -> bool:
+        name = f"#{room.name.casefold()}"
+        return ((not masks or any(fits_pattern(mask, name) for mask in masks))
+                and not any(fits_pattern(mask, name) for mask in unwanted)
+                and all(room.people > n if sign == ">" else room.people < n for sign, n in counts))
+    return wanted
 
 
 def irc_names_replies(me: str, channel: str, names: list[str]) -> list[str]:
@@ -4809,6 +5083,8 @@ class IrcConnection(ClientConnection):
     """One IRC client: the socket, buffers and limits of every connection, with IRC's registration and
     commands. What it reads becomes calls on the core; what the core says comes back through its
     IrcProtocol."""
+
+    tags_given: dict[str, str] | None = None     # the tags of the message being handled
 
     def setup(self) -> None:
         super().setup()
@@ -5030,10 +5306,13 @@ class IrcConnection(ClientConnection):
         if len(message.params) < command.needs:
             self.send_irc(irc_numeric("ERR_NEEDMOREPARAMS", self.nick, message.command))
             return
+        self.tags_given = message.tags       # for PRIVMSG, NOTICE and TAGMSG, which pass on client tags
         try:
             command.handler(self, *message.params[:command.takes])
         except Refused as refusal:
             self.refused(refusal, message.command)
+        except IrcLineError as problem:
+            self.send_irc(irc_numeric(problem.numeric, self.nick, text=str(problem)))
 
     def refused(self, refusal: Refused, command: str) -> None:
         """The core said no: the numeric for why, with the core's own words; a notice when IRC has none."""
@@ -5060,19 +5339,22 @@ class IrcConnection(ClientConnection):
             if not notice:
                 self.send_irc(irc_numeric("ERR_NOTEXTTOSEND", self.nick))
             return
+        client_tags = irc_client_tags(self.tags_given)
         for target in targets.split(",")[:4]:
             try:
-                self.deliver(target, text, notice)
+                self.deliver(target, text, notice, client_tags)
             except Refused as refusal:
                 if not notice:
-                    # Not in the channel: IRC's word is that you cannot send to it.
-                    kind = "cannot-send" if refusal.kind == "not-in-room" else refusal.kind
-                    self.refused(Refused(str(refusal), kind, refusal.room, refusal.nick), "PRIVMSG")
+                    self.cannot_send(refusal, "PRIVMSG")
 
-    def deliver(self, target: str, text: str, notice: bool) -> None:
+    def cannot_send(self, refusal: Refused, command: str) -> None:
+        # Not in the channel: IRC's word is that you cannot send to it.
+        kind = "cannot-send" if refusal.kind == "not-in-room" else refusal.kind
+        self.refused(Refused(str(refusal), kind, refusal.room, refusal.nick), command)
+
+    def deliver(self, target: str, text: str, notice: bool, client_tags: ClientTags = ()) -> None:
         person = self.person
-        if len(target) > MAX_NICKNAME_LENGTH + 1:       # no name is that long: not worth normalising
-            raise Refused(f"No one is called {target[:30]}...", "no-such-person", nick=target[:30])
+        self.check_target(target)
         ctcp = parse_ctcp(text)
         if not target.startswith("#") and name_key(target) == IRC_SERVICE_KEY:
             if ctcp is not None:
@@ -5089,11 +5371,32 @@ class IrcConnection(ClientConnection):
             return
         echo = "echo-message" in self.capabilities.enabled
         if target.startswith("#"):
-            (self.server.act if ctcp else self.server.say)(person, words, target, echo=echo)
+            (self.server.act if ctcp else self.server.say)(person, words, target, echo=echo,
+                                                           client_tags=client_tags)
         elif ctcp:
-            self.server.send_private(person, target, f"* {person.nick} {words}")
+            self.server.send_private(person, target, f"* {person.nick} {words}", client_tags)
         else:
-            self.server.send_private(person, target, words)
+            self.server.send_private(person, target, words, client_tags)
+
+    @staticmethod
+    def check_target(target: str) -> None:
+        if len(target) > MAX_NICKNAME_LENGTH + 1:       # no name is that long: not worth normalising
+            raise Refused(f"No one is called {target[:30]}...", "no-such-person", nick=target[:30])
+
+    def irc_tagmsg(self, targets: str) -> None:
+        """TAGMSG: client tags alone (typing, reactions), to channels and people who take message tags."""
+        client_tags = irc_client_tags(self.tags_given)
+        if not client_tags:
+            return              # nothing a client could show
+        echo = "echo-message" in self.capabilities.enabled
+        for target in targets.split(",")[:4]:
+            if not target.startswith("#") and name_key(target) == IRC_SERVICE_KEY:
+                continue        # the service does not type back
+            try:
+                self.check_target(target)
+                self.server.send_tags(self.person, target, client_tags, echo)
+            except Refused as refusal:
+                self.cannot_send(refusal, "TAGMSG")
 
     def answer_ctcp(self, command: str, argument: str) -> None:
         answers = {"VERSION": f"pyChat {VERSION}", "PING": argument,
@@ -5153,42 +5456,67 @@ class IrcConnection(ClientConnection):
                     raise
                 self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, channel))
                 continue
-            for line in irc_names_replies(self.nick, f"#{room}", [("@" if p.room_operator else "") + p.nick
-                                                            for p in people]):
+            names = [self.output.protocol.name_in_names(p.nick, p.room_operator) for p in people]
+            for line in irc_names_replies(self.nick, f"#{room}", names):
                 self.send_irc(line)
         if not channels:
             self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, "*"))
 
-    def irc_list(self, *ignored: str) -> None:
-        rooms = self.server.room_list(self.person)
+    def irc_list(self, channels: str = "", *ignored: str) -> None:
+        rooms = self.server.room_list(self.person, irc_list_wanted(channels))
         self.send_irc(irc_numeric("RPL_LISTSTART", self.nick, "Channel"))
         for room in rooms:
             self.send_irc(irc_numeric("RPL_LIST", self.nick, f"#{room.name}", str(room.people),
                                       text=room.topic or ""))
         self.send_irc(irc_numeric("RPL_LISTEND", self.nick))
 
-    def irc_who(self, mask: str = "*", *ignored: str) -> None:
-        if mask.startswith("#"):
-            try:
-                room, people = self.server.room_members(self.person, mask)
-            except Refused as refusal:
-                if refusal.kind == "try-again":
-                    raise
-                people, room = [], None
-            for p in people:
-                self.send_irc(self.who_reply(f"#{room}", p.nick, p.away, p.operator, p.room_operator))
-        else:
-            found = self.server.person_details(self.person, mask) if mask != "*" else None
-            if found is not None:
-                channel = f"#{found.rooms[0][0]}" if found.rooms else "*"
-                self.send_irc(self.who_reply(channel, found.nick, found.away, found.operator, False))
+    def irc_who(self, mask: str = "*", fields: str = "", *ignored: str) -> None:
+        """WHO #CHANNEL, WHO NICK, or WHO with a mask (of nicknames, NICK!USER@HOST, or a host or server);
+        with WHOX's %FIELDS[,TOKEN], the fields asked for, as 354."""
+        try:
+            found = self.who_fits(mask)
+        except Refused as refusal:
+            if refusal.kind == "try-again":
+                raise
+            found = []          # a channel not there, or not for you to see: an empty list
+        whox = irc_whox_fields(fields) if fields.startswith("%") else None
+        for entry in found:
+            self.send_irc(self.who_reply(entry) if whox is None else self.whox_reply(entry, *whox))
         self.send_irc(irc_numeric("RPL_ENDOFWHO", self.nick, mask))
 
-    def who_reply(self, channel: str, nick: str, away: str | None, operator: bool, room_operator: bool) -> str:
-        """352: H(ere) or G(one), * for a server operator, @ for a room operator; hops 0, the nick as real name."""
-        flags = ("G" if away else "H") + ("*" if operator else "") + ("@" if room_operator else "")
-        return irc_numeric("RPL_WHOREPLY", self.nick, channel, "~user", "pychat", IRC_SERVER_NAME, nick, flags,
-                           text=f"0 {nick}")
+    def who_fits(self, mask: str) -> list[WhoEntry]:
+        """Who fits MASK: everyone is NICK!~user@pychat on this server, so a mask of a user or host either
+        fits all of them or none."""
+        if mask.startswith("#"):
+            return self.server.who(self.person, mask)
+        pattern = mask.casefold()
+        if pattern in ("", "0"):
+            pattern = "*"
+        if "!" in pattern or "@" in pattern:
+            nick, _, rest = pattern.partition("!") if "!" in pattern else ("*", "", pattern)
+            user, _, host = rest.rpartition("@") if "@" in rest else (rest, "", "*")
+            if not (fits_pattern(user or "*", IRC_USER) and fits_pattern(host or "*", IRC_HOST)):
+                return []
+            pattern = nick or "*"
+        elif "." in pattern:        # no nickname has a dot: a host or the server
+            if not any(fits_pattern(pattern, name) for name in (IRC_HOST, IRC_SERVER_NAME)):
+                return []
+            pattern = "*"
+        return self.server.who(self.person, pattern)
+
+    def who_reply(self, entry: WhoEntry) -> str:
+        """352: the channel, user, host, server, nick, flags, and hops 0 before the real name (the nick)."""
+        return irc_numeric("RPL_WHOREPLY", self.nick, f"#{entry.room}" if entry.room else "*", IRC_USER, IRC_HOST,
+                           IRC_SERVER_NAME, entry.nick, irc_who_flags(entry), text=f"0 {entry.nick}")
+
+    def whox_reply(self, entry: WhoEntry, letters: str, token: str) -> str:
+        """354 with the fields LETTERS asks for, in WHOX's own order whatever the order asked; the
+        address is never shown."""
+        values = {"t": token, "c": f"#{entry.room}" if entry.room else "*", "u": IRC_USER,
+                  "i": "255.255.255.255", "h": IRC_HOST, "s": IRC_SERVER_NAME, "n": entry.nick,
+                  "f": irc_who_flags(entry), "d": "0", "l": str(int(entry.idle)), "a": entry.account or "0",
+                  "o": "n/a", "r": entry.nick}
+        return irc_numeric("RPL_WHOSPCRPL", self.nick, *(values[letter] for letter in letters))
 
     def irc_whois(self, *targets: str) -> None:
         nick = targets[-1].split(",")[0]
@@ -5216,8 +5544,20 @@ class IrcConnection(ClientConnection):
         for line in lines:
             self.send_irc(line)
 
-    def irc_whowas(self, nick: str, *ignored: str) -> None:
-        self.send_irc(irc_numeric("ERR_WASNOSUCHNICK", self.nick, nick))
+    def irc_whowas(self, nicks: str, count: str = "", *ignored: str) -> None:
+        """Who had the nickname lately (they left, or took another), newest first; COUNT of them at most."""
+        nick = nicks.split(",")[0]
+        gone = self.server.whowas(nick, int(count) if count.isdigit() else 0)
+        if not gone:
+            self.send_irc(irc_numeric("ERR_WASNOSUCHNICK", self.nick, nick))
+        for them in gone:
+            self.send_irc(irc_numeric("RPL_WHOWASUSER", self.nick, them.nick, IRC_USER, IRC_HOST, "*",
+                                      text=them.nick))
+            if them.account:
+                self.send_irc(irc_numeric("RPL_WHOISACCOUNT", self.nick, them.nick, them.account,
+                                          text="was logged in as"))
+            self.send_irc(irc_numeric("RPL_WHOISSERVER", self.nick, them.nick, IRC_SERVER_NAME,
+                                      text=time.strftime("%a %b %d %H:%M:%S %Y UTC", time.gmtime(them.when))))
         self.send_irc(irc_numeric("RPL_ENDOFWHOWAS", self.nick, nick))
 
     def irc_away(self, reason: str = "") -> None:
@@ -5346,12 +5686,15 @@ class IrcConnection(ClientConnection):
         pass                    # what counts is that something came: read_messages told the ping clock
 
     def irc_cap(self, *params: str) -> None:
-        changes = [name.lstrip("-") for name in (params[1] if len(params) > 1 else "").split()]
-        if params and params[0].upper() == "REQ" and IRC_RENDERING_CAPABILITIES & set(changes):
-            # They shape the bytes of every line to this connection, and are fixed once it has signed in.
-            self.send_irc(format_irc_message("CAP", (self.nick, "NAK", params[1])))
+        before = self.capabilities.enabled & IRC_RENDERING_CAPABILITIES
+        replies = self.capabilities.handle(self.nick, list(params), registered=True)
+        enabled = frozenset(self.capabilities.enabled)
+        if enabled & IRC_RENDERING_CAPABILITIES != before:
+            # They shape every line this connection is sent, and rooms group their audiences by them.
+            acknowledged = "".join(f"{reply}\r\n" for reply in replies).encode("utf-8")
+            self.server.change_protocol(self.person, IrcProtocol(self, enabled), first=acknowledged)
             return
-        for reply in self.capabilities.handle(self.nick, list(params), registered=True):
+        for reply in replies:
             self.send_irc(reply)
 
     def irc_quit(self, message: str = "") -> None:
@@ -5366,7 +5709,8 @@ class IrcConnection(ClientConnection):
 
     # Each command's handler, and how many parameters it cannot do without.
     COMMANDS: dict[str, IrcCommand] = {name: irc_command(handler, needs) for name, handler, needs in (
-        ("PRIVMSG", irc_privmsg, 0), ("NOTICE", irc_notice, 0), ("JOIN", irc_join, 1), ("PART", irc_part, 1),
+        ("PRIVMSG", irc_privmsg, 0), ("NOTICE", irc_notice, 0), ("TAGMSG", irc_tagmsg, 1),
+        ("JOIN", irc_join, 1), ("PART", irc_part, 1),
         ("TOPIC", irc_topic, 1), ("NAMES", irc_names, 0), ("LIST", irc_list, 0), ("WHO", irc_who, 0),
         ("WHOIS", irc_whois, 1), ("WHOWAS", irc_whowas, 1), ("AWAY", irc_away, 0), ("NICK", irc_nick, 1),
         ("KICK", irc_kick, 2), ("INVITE", irc_invite, 2), ("MODE", irc_mode, 1), ("OPER", irc_oper, 2),
