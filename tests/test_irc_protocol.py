@@ -2,6 +2,8 @@
 capabilities, formatting codes, registration and the ping clock."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from conftest import SERVER_SCRIPT, import_script
@@ -440,3 +442,137 @@ def test_an_event_irc_has_no_words_for_arrives_as_pychat_says_it_in_a_notice():
 def test_every_event_the_core_has_today_has_irc_words_of_its_own():
     missing = set(server.PyChatProtocol.LINES) - set(server.IrcProtocol.RENDERERS)
     assert not missing, f"events IRC users would get only as notices: {sorted(e.__name__ for e in missing)}"
+
+
+# -- what modern clients, bots and bridges rely on ------------------------------------------------------
+
+class Receiver:
+    """What IrcProtocol asks of its connection: the receiver's nickname, person and account."""
+
+    def __init__(self, nick: str = "alice", account: str | None = None) -> None:
+        self.nick, self.person, self.account = nick, None, account
+
+
+def rendered(event, *capabilities: str, receiver: Receiver | None = None) -> list[server.IrcMessage]:
+    written = server.IrcProtocol(receiver or Receiver(), frozenset(capabilities)).encode(event)
+    return [server.parse_irc_message(line) for line in written.decode().split("\r\n") if line]
+
+
+@pytest.mark.parametrize("pattern, text, fits", [
+    ("*", "", True), ("*", "alice", True), ("a*", "alice", True), ("*e", "alice", True), ("a?ice", "alice", True),
+    ("a?ice", "alce", False), ("*li*", "alice", True), ("*x*", "alice", False), ("alic", "alice", False),
+    ("alice*", "alice", True), ("**a**", "a", True), ("?", "", False),
+])
+def test_masks_fit_with_star_and_question_mark(pattern, text, fits):
+    assert server.fits_pattern(pattern, text) is fits
+
+
+def test_a_mask_of_many_stars_is_checked_in_no_time():
+    pattern = "*a" * 200 + "*b"
+    started = time.monotonic()
+    assert not server.fits_pattern(pattern, "a" * 500)
+    assert time.monotonic() - started < 0.5, "the mask took exponential time"
+
+
+def test_only_client_tags_with_well_formed_keys_are_passed_on_and_their_values_cleaned():
+    tags = {"+typing": "active", "+draft/reply": "x1", "+example.org/emoji": "w\x1b[2Jave", "time": "forged",
+            "msgid": "forged", "+bad key": "1", "+": "no name", "+a/b/c": "two slashes"}
+    assert server.irc_client_tags(tags) == (("+typing", "active"), ("+draft/reply", "x1"),
+                                           ("+example.org/emoji", "w[2Jave"))
+    assert server.irc_client_tags(None) == ()
+
+
+def test_more_client_tag_data_than_4094_bytes_is_refused_with_417():
+    assert server.irc_client_tags({"+a": "x" * (4094 - 3)})       # '+a=' and the value: 4094 bytes
+    with pytest.raises(server.IrcLineError) as refused:
+        server.irc_client_tags({"+a": "x" * (4094 - 2)})
+    assert refused.value.numeric == "ERR_INPUTTOOLONG"
+
+
+def test_a_chat_line_carries_its_id_and_client_tags_only_to_those_who_take_message_tags():
+    said = server.Said("dev", "bob", "hello", "abc-7", (("+draft/reply", "abc-3"),))
+    [tagged] = rendered(said, "message-tags")
+    assert tagged.tags == {"+draft/reply": "abc-3", "msgid": "abc-7"}
+    assert tagged.command == "PRIVMSG" and tagged.params == ["#dev", "hello"]
+    [plain] = rendered(said, "server-time")
+    assert list(plain.tags) == ["time"]
+    [bare] = rendered(said)
+    assert bare.tags is None
+
+
+def test_every_piece_of_a_long_line_has_an_id_of_its_own():
+    said = server.Said("dev", "bob", "word " * 300, "abc-7")
+    ids = [message.tags["msgid"] for message in rendered(said, "message-tags")]
+    assert len(ids) > 1 and ids[0] == "abc-7" and len(set(ids)) == len(ids)
+
+
+def test_a_replayed_line_keeps_its_id_and_its_time():
+    replayed = server.Replayed(1_700_000_000.0, server.Said("dev", "bob", "old", "abc-1"))
+    [line] = rendered(replayed, "message-tags", "server-time")
+    assert line.tags == {"time": "2023-11-14T22:13:20.000Z", "msgid": "abc-1"}
+    assert line.params == ["#dev", "old"]
+
+
+def test_tagmsg_goes_only_to_those_who_take_message_tags_and_pychat_has_no_words_for_it():
+    event = server.TagMessage("dev", "bob", "#dev", "abc-9", (("+typing", "active"),))
+    [line] = rendered(event, "message-tags")
+    assert (line.command, line.params, line.source) == ("TAGMSG", ["#dev"], "bob!~user@pychat")
+    assert line.tags == {"+typing": "active", "msgid": "abc-9"}
+    assert rendered(event, "server-time", "echo-message") == []
+    assert server.PYCHAT.encode(event) == b"" and server.PYCHAT.encode(event, tagged=True) == b""
+
+
+def test_account_news_goes_to_those_who_asked_for_it():
+    [line] = rendered(server.AccountChanged("bob", "bob"), "account-notify")
+    assert (line.source, line.command, line.params) == ("bob!~user@pychat", "ACCOUNT", ["bob"])
+    [line] = rendered(server.AccountChanged("bob", None), "account-notify")
+    assert line.params == ["*"]
+    assert rendered(server.AccountChanged("bob", "bob")) == []
+    assert server.PYCHAT.encode(server.AccountChanged("bob", "bob")) == b""
+
+
+def test_extended_join_names_the_account_and_userhost_in_names_the_whole_mask():
+    [join] = rendered(server.Joined("dev", "bob", "bob"), "extended-join")
+    assert join.params == ["#dev", "bob", "bob"]
+    [join] = rendered(server.Joined("dev", "bob"), "extended-join")
+    assert join.params == ["#dev", "*", "bob"]
+    [join] = rendered(server.Joined("dev", "bob", "bob"))
+    assert join.params == ["#dev"]
+    entered = server.Entered("dev", ("bob",), 0, (("alice", False), ("bob", True)))
+    own_join, names, _ = rendered(entered, "userhost-in-names", "extended-join", receiver=Receiver("alice", "alice"))
+    assert own_join.params == ["#dev", "alice", "alice"]
+    assert names.params[-1] == "alice!~user@pychat @bob!~user@pychat"
+
+
+def test_protocols_differ_by_every_capability_that_changes_what_is_sent():
+    receiver = Receiver()
+    plain = server.IrcProtocol(receiver)
+    for capability in sorted(server.IRC_RENDERING_CAPABILITIES):
+        assert server.IrcProtocol(receiver, frozenset({capability})) != plain, capability
+    assert server.IrcProtocol(receiver, frozenset({"sasl", "multi-prefix", "cap-notify"})) == plain
+
+
+@pytest.mark.parametrize("argument, letters, token", [
+    ("%tcnuhraf,42", "tcuhnfar", "42"), ("%na", "na", ""), ("%tn,1234", "n", ""), ("%tn", "n", ""),
+    ("%zzn", "n", ""), ("%", "", ""),
+])
+def test_whox_fields_come_in_whox_order_with_a_token_of_up_to_three_digits(argument, letters, token):
+    assert server.irc_whox_fields(argument) == (letters, token)
+
+
+@pytest.mark.parametrize("argument, kept", [
+    ("", None), ("#dev", ["dev"]), ("#DEV,#ops", ["dev", "ops"]), ("#dev*", ["dev", "devops"]),
+    (">1", ["dev", "lobby"]), ("<2", ["devops", "ops"]), ("!#dev*", ["lobby", "ops"]),
+    ("#dev*,>1", ["dev"]), (">x", []),
+])
+def test_list_filters_by_channel_mask_negated_mask_and_people(argument, kept):
+    rooms = [server.commands.RoomInfo(name, people, None, False, False, False)
+             for name, people in (("dev", 2), ("devops", 1), ("lobby", 5), ("ops", 1))]
+    wanted = server.irc_list_wanted(argument)
+    assert (wanted if wanted is None else [room.name for room in rooms if wanted(room)]) == kept
+
+
+def test_isupport_says_which_who_and_list_forms_are_understood():
+    tokens = server.irc_isupport_tokens(server.parse_options(["--irc-port", "0"]))
+    assert "WHOX" in tokens and "ELIST=MNU" in tokens
+    assert any(token.startswith("TARGMAX=") and "TAGMSG:4" in token for token in tokens)
