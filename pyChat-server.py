@@ -582,7 +582,8 @@ class TokenBucket:
 # A chat line has an id, the same for every receiver (IRC's msgid), and may carry
 # client tags: what the sender's client attached for other clients of its kind
 # (IRC's client-only tags, such as +draft/reply). The core passes them on as they
-# are; a protocol that has no use for them leaves them out.
+# are; a protocol that has no use for them leaves them out. It names the account
+# of its sender, if they are signed in to one (IRC's account-tag).
 ClientTags = tuple[tuple[str, str], ...]
 
 
@@ -592,6 +593,7 @@ class Said(NamedTuple):
     text: str
     line_id: str = ""
     client_tags: ClientTags = ()
+    account: str | None = None
 
 
 class Acted(NamedTuple):
@@ -600,6 +602,7 @@ class Acted(NamedTuple):
     text: str
     line_id: str = ""
     client_tags: ClientTags = ()
+    account: str | None = None
 
 
 class TagMessage(NamedTuple):
@@ -610,6 +613,7 @@ class TagMessage(NamedTuple):
     target: str
     line_id: str
     client_tags: ClientTags
+    account: str | None = None
 
 
 class Joined(NamedTuple):
@@ -733,13 +737,16 @@ class PrivateFrom(NamedTuple):
     text: str
     line_id: str = ""
     client_tags: ClientTags = ()
+    account: str | None = None
 
 
 class PrivateTo(NamedTuple):
+    """Your copy of a private message to NICK (ACCOUNT is yours, as a chat line names its sender's)."""
     nick: str
     text: str
     line_id: str = ""
     client_tags: ClientTags = ()
+    account: str | None = None
 
 
 class Bye(NamedTuple):
@@ -3319,7 +3326,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 return
             room = self._member_room(person, name)
             person.last_spoke = time.monotonic()
-            event = kind(room.name, person.nick, text, self._next_line_id(), client_tags)
+            event = kind(room.name, person.nick, text, self._next_line_id(), client_tags, person.account)
             if self.options.history:
                 when = time.time()
                 self.said += 1
@@ -3338,7 +3345,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if target.startswith("#"):
                 room = self._member_room(person, target)
                 if not person.muted:
-                    event = TagMessage(room.name, person.nick, f"#{room.name}", self._next_line_id(), client_tags)
+                    event = TagMessage(room.name, person.nick, f"#{room.name}", self._next_line_id(), client_tags,
+                                       person.account)
                     self._to_room(room, event, skip=None if echo else person, sender=person)
                 return
             found = self._find(target)
@@ -3346,7 +3354,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused("That is you.")
             if person.muted:
                 return
-            event = TagMessage(None, person.nick, found.nick, self._next_line_id(), client_tags)
+            event = TagMessage(None, person.nick, found.nick, self._next_line_id(), client_tags, person.account)
             if person.key not in found.ignoring:
                 found.output.send(event)
             if echo:
@@ -3370,9 +3378,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused("That is you.")
             line_id = self._next_line_id()
             if person.key not in target.ignoring:
-                target.output.send(PrivateFrom(person.nick, text, line_id, client_tags))
+                target.output.send(PrivateFrom(person.nick, text, line_id, client_tags, person.account))
                 target.last_private_from = person.serial
-            person.output.send(PrivateTo(target.nick, text, line_id, client_tags))
+            person.output.send(PrivateTo(target.nick, text, line_id, client_tags, person.account))
             if target.away:
                 person.output.send(Reply(f"{target.nick} is away: {target.away}"))
 
@@ -4472,6 +4480,7 @@ def irc_numeric(name: str, target: str, *params: str, text: str | None = None) -
 # cap-notify promises CAP NEW and DEL when the offer changes; this server's never does.
 IRC_CAPABILITIES: dict[str, str | None] = {
     "account-notify": None,
+    "account-tag": None,
     "away-notify": None,
     "cap-notify": None,
     "echo-message": None,
@@ -4761,7 +4770,7 @@ IRC_CHANNEL_MODES = "iknot"         # i invite-only, k key, n only members talk 
                                     # t only operators set the topic
 # Capabilities that change the bytes a connection is sent. Rooms group their audiences by them (see
 # IrcProtocol), so a change to them once the person is in goes through ChatServer.change_protocol.
-IRC_RENDERING_CAPABILITIES = frozenset({"account-notify", "away-notify", "echo-message", "extended-join",
+IRC_RENDERING_CAPABILITIES = frozenset({"account-notify", "account-tag", "away-notify", "echo-message", "extended-join",
                                         "message-tags", "server-time", "userhost-in-names"})
 IRC_CHAT_EVENTS = (Said, Acted, PrivateFrom, PrivateTo, TagMessage)     # with a line id and client tags
 
@@ -4832,13 +4841,18 @@ class IrcProtocol:
             tags["time"] = irc_server_time(event.when if isinstance(event, (Replayed, OfflinePrivate))
                                            else time.time())
         chat = event.line if isinstance(event, Replayed) else event
-        if self.message_tags and isinstance(chat, IRC_CHAT_EVENTS):
-            tags.update(chat.client_tags)
-            if chat.line_id:
-                # A long line goes out in pieces: each has an id of its own, the same for every receiver.
-                return "".join(self._tagged(line, {**tags, "msgid": chat.line_id + (f"-{n}" if n else "")})
-                               for n, line in enumerate(lines)).encode("utf-8")
-        return "".join(self._tagged(line, tags) for line in lines).encode("utf-8")
+        line_id = ""
+        if isinstance(chat, IRC_CHAT_EVENTS):
+            if chat.account and "account-tag" in self.capabilities:
+                tags["account"] = chat.account
+            if self.message_tags:
+                tags.update(chat.client_tags)
+                line_id = chat.line_id
+        if not line_id:
+            return "".join(self._tagged(line, tags) for line in lines).encode("utf-8")
+        # A long line goes out in pieces: each has an id of its own, the same for every receiver.
+        return "".join(self._tagged(line, {**tags, "msgid": line_id + (f"-{n}" if n else "")})
+                       for n, line in enumerate(lines)).encode("utf-8")
 
     @staticmethod
     def _tagged(line: str, tags: dict[str, str]) -> str:

@@ -311,3 +311,13 @@ def test_whowas_gives_the_newest_first_and_as_many_as_asked(irc_server, irc_conn
     alice.send("WHOWAS dave 2")
     lines = alice.lines_until(r"369 ")
     assert sum(" 314 " in line for line in lines) == 2
+
+
+def test_account_tag_names_the_account_of_whoever_speaks(irc_server, irc_connect, connect):
+    alice = irc_connect(irc_server, "alice", ("account-tag",))
+    bob, carol = connect(irc_server, "bob"), connect(irc_server, "carol")
+    register_account(bob)
+    bob.send("signed in")
+    assert message(alice.expect(r":bob!\S+ PRIVMSG #lobby :signed in")).tags == {"account": "bob"}
+    carol.send("a guest")
+    assert not message(alice.expect(r":carol!\S+ PRIVMSG #lobby :a guest")).tags

@@ -576,3 +576,13 @@ def test_isupport_says_which_who_and_list_forms_are_understood():
     tokens = server.irc_isupport_tokens(server.parse_options(["--irc-port", "0"]))
     assert "WHOX" in tokens and "ELIST=MNU" in tokens
     assert any(token.startswith("TARGMAX=") and "TAGMSG:4" in token for token in tokens)
+
+
+def test_account_tag_names_the_senders_account_to_those_who_asked_for_it():
+    said = server.Said("dev", "bob", "hello", "abc-7", (), "bob")
+    [line] = rendered(said, "account-tag")
+    assert line.tags == {"account": "bob"}
+    [line] = rendered(server.Said("dev", "carol", "hello", "abc-8"), "account-tag")
+    assert line.tags is None, "a guest has no account to name"
+    [line] = rendered(server.PrivateFrom("bob", "psst", "abc-9", (), "bob"), "account-tag", "message-tags")
+    assert line.tags == {"account": "bob", "msgid": "abc-9"}
