@@ -5493,7 +5493,9 @@ class IrcConnection(ClientConnection):
             if refusal.kind == "try-again":
                 raise
             found = []          # a channel not there, or not for you to see: an empty list
-        whox = irc_whox_fields(fields) if fields.startswith("%") else None
+        # WHOX: '%FIELDS,TOKEN', perhaps after letters saying what to match ('n%...': the nickname), which
+        # is all this server matches.
+        whox = irc_whox_fields(fields[fields.index("%"):]) if "%" in fields else None
         for entry in found:
             self.send_irc(self.who_reply(entry) if whox is None else self.whox_reply(entry, *whox))
         self.send_irc(irc_numeric("RPL_ENDOFWHO", self.nick, mask))

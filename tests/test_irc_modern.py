@@ -205,6 +205,10 @@ def test_whox_gives_the_fields_asked_for_in_its_own_order_with_the_token_and_acc
     assert replies["alice"][6] == "0", "a guest's account is 0"
     alice.send("WHO bob %na")
     assert message(alice.expect(r"354 ")).params[1:] == ["bob", "bob"]
+    alice.send("WHO #lobby %chtsunfra,152")          # as HexChat asks on joining
+    assert message(alice.expect(r"354 alice 152 #lobby ~user pychat pychat.server bob ")).params[-2:] == ["bob", "bob"]
+    alice.send("WHO bob n%tna,7")                    # as Quassel asks: match the nickname only
+    assert message(alice.expect(r"354 ")).params[1:] == ["7", "bob", "bob"], "the token was lost"
     alice.send("WHO bob %ni,1234")        # a token of four digits is no token
     assert message(alice.expect(r"354 ")).params[1:] == ["255.255.255.255", "bob"], "an address was shown"
 
