@@ -3330,7 +3330,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if self.options.history:
                 when = time.time()
                 self.said += 1
-                room.history.append((self.said, when, event))
+                # Kept without its client tags (up to 4 KiB a line), so that history costs what its text does.
+                room.history.append((self.said, when, event._replace(client_tags=()) if client_tags else event))
                 if not room.private:
                     # In the file before anyone sees it, so whatever was seen survives a kill -9. A private
                     # room's lines are never written: it forgets them when it empties, as it would at a restart.

@@ -159,14 +159,14 @@ def test_more_tag_data_than_a_client_may_send_is_417_and_nothing_is_sent(irc_ser
     assert bob.expect(r"PRIVMSG #lobby :").endswith(":fits"), "the message with too many tags was sent"
 
 
-def test_history_replays_with_the_lines_own_ids(irc_server, irc_connect):
+def test_history_replays_a_line_with_its_own_id_but_not_its_client_tags(irc_server, irc_connect):
     alice = irc_connect(irc_server, "alice", TAGS)
     joined(alice, "#dev")
-    alice.send("PRIVMSG #dev :remember me")
+    alice.send("@+draft/reply=x1 PRIVMSG #dev :remember me")
     first_id = message(alice.expect(r"PRIVMSG #dev :remember me")).tags["msgid"]
     bob = irc_connect(irc_server, "bob", ("message-tags",))
     bob.send("JOIN #dev")
-    assert message(bob.expect(r"PRIVMSG #dev :.*remember me")).tags["msgid"] == first_id
+    assert message(bob.expect(r"PRIVMSG #dev :.*remember me")).tags == {"msgid": first_id}
 
 
 # -- who is who: WHO, WHOX, accounts ---------------------------------------------------------------------------
@@ -325,3 +325,4 @@ def test_account_tag_names_the_account_of_whoever_speaks(irc_server, irc_connect
     assert message(alice.expect(r":bob!\S+ PRIVMSG #lobby :signed in")).tags == {"account": "bob"}
     carol.send("a guest")
     assert not message(alice.expect(r":carol!\S+ PRIVMSG #lobby :a guest")).tags
+
