@@ -620,6 +620,7 @@ class Joined(NamedTuple):
     room: str
     nick: str
     account: str | None = None
+    realname: str = ""          # what an IRC client gave as the person's real name; "" for others
 
 
 class Left(NamedTuple):
@@ -2607,6 +2608,7 @@ class Person:
         self.operator = False
         self.operator_failures = 0              # wrong /op secrets on this connection
         self.account: str | None = None         # the account signed in to (its registered spelling)
+        self.realname = ""                      # the real name an IRC client gave (USER); "" from pyChat's
         self.since = time.time()                # signed in at
         self.last_spoke = time.monotonic()      # for /whois: last chat, action or private line
         self.muted = False
@@ -2641,6 +2643,7 @@ class Departed(NamedTuple):
     nick: str
     key: str                                # name_key(nick)
     account: str | None
+    realname: str
     when: float                             # a time.time()
 
 
@@ -2650,6 +2653,7 @@ class WhoEntry(NamedTuple):
     nick: str
     room: str | None                        # the room asked about, or the first of theirs the asker may see
     account: str | None
+    realname: str
     away: bool
     operator: bool
     room_operator: bool
@@ -2933,8 +2937,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- signing in and out ----------------------------------------------------------
 
-    def sign_in(self, connection: ClientConnection, nick: str, account: str | None = None) -> str | None:
-        """Make CONNECTION a person called NICK in the default room, or say why not.
+    def sign_in(self, connection: ClientConnection, nick: str, account: str | None = None,
+                realname: str = "") -> str | None:
+        """Make CONNECTION a person called NICK (with the REALNAME an IRC client gave) in the default room,
+        or say why not.
 
         ACCOUNT is the account whose password they gave: its owner takes the
         name over from a connection that still holds it. Either all of it
@@ -2955,6 +2961,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 return problem
             person = Person(nick, connection.output, connection.address, next(self.serials))
             person.account = account
+            person.realname = realname
             person.operator = account is not None and account in self.data.operators
             person.output.send(Welcome(nick))
             for line in motd:
@@ -3028,7 +3035,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 receivers |= room.members
         receivers.discard(person)
         self._forget(person)
-        self.departed.append(Departed(person.nick, person.key, person.account, time.time()))
+        self.departed.append(Departed(person.nick, person.key, person.account, person.realname, time.time()))
         if not self.stopping:
             # A muted person's own words (their /quit message) are not shown.
             shown = None if reason == QUIT or (person.muted and person.quit_message) else reason
@@ -3077,7 +3084,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         room.last_used = time.monotonic()
         self._make_current(person, room)
         if not person.muted and len(room.members) <= ANNOUNCE_LIMIT:
-            self._to_room(room, Joined(room.name, person.nick, person.account), skip=person)
+            self._to_room(room, Joined(room.name, person.nick, person.account, person.realname), skip=person)
         others = [m.nick for m in itertools.islice(room.members, 16) if m is not person][:15]
         # A protocol that lists members gets them all, up to ANNOUNCE_LIMIT: past that, joins and leaves
         # are not announced, so a longer list would not stay true, and every newcomer would pay for it.
@@ -3424,7 +3431,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if new_nick == person.nick:
                 raise Refused(f"You are already {new_nick}.", "same-nickname", nick=new_nick)
             old_nick, old_key, new_key = person.nick, person.key, name_key(new_nick)
-            self.departed.append(Departed(old_nick, old_key, person.account, time.time()))
+            self.departed.append(Departed(old_nick, old_key, person.account, person.realname, time.time()))
             del self.people[old_key]
             person.nick, person.key = new_nick, new_key
             self.people[new_key] = person
@@ -3921,7 +3928,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     @staticmethod
     def _who_entry(person: Person, room: Room | None) -> WhoEntry:
-        return WhoEntry(person.nick, room.name if room else None, person.account, person.away is not None,
+        return WhoEntry(person.nick, room.name if room else None, person.account, person.realname,
+                        person.away is not None,
                         person.operator, room is not None and person in room.operators,
                         time.monotonic() - person.last_spoke)
 
@@ -4869,12 +4877,12 @@ class IrcProtocol:
                                  wrap=(CTCP + "ACTION ", CTCP))
 
     def joined(self, event: Joined) -> list[str]:
-        return [self._join(event.room, event.nick, event.account)]
+        return [self._join(event.room, event.nick, event.account, event.realname)]
 
-    def _join(self, room: str, nick: str, account: str | None) -> str:
-        """JOIN; with extended-join, with the account ('*' for none) and the real name (pyChat has none
-        but the nickname)."""
-        extended = (account or "*", nick) if "extended-join" in self.capabilities else ()
+    def _join(self, room: str, nick: str, account: str | None, realname: str) -> str:
+        """JOIN; with extended-join, with the account ('*' for none) and the real name (the nickname for
+        someone who gave none)."""
+        extended = (account or "*", realname or nick) if "extended-join" in self.capabilities else ()
         return format_irc_message("JOIN", (f"#{room}", *extended), irc_source(nick))
 
     def tag_message(self, event: TagMessage) -> list[str]:
@@ -4926,7 +4934,9 @@ class IrcProtocol:
         channel = f"#{event.room}"
         names = [self.name_in_names(nick, operator) for nick, operator in event.members]
         person = self.connection.person         # None while signing in: their account is the one of SASL
-        return [self._join(event.room, self.me, person.account if person else self.connection.account),
+        account, realname = (person.account, person.realname) if person else (self.connection.account,
+                                                                              self.connection.realname)
+        return [self._join(event.room, self.me, account, realname),
                 *irc_names_replies(self.me, channel, names)]
 
     def name_in_names(self, nick: str, operator: bool) -> str:
@@ -5217,7 +5227,7 @@ class IrcConnection(ClientConnection):
                 self.realname = registration.realname
                 self.signing_in_as = nick
                 self.output.protocol = IrcProtocol(self, frozenset(self.capabilities.enabled))
-                problem = self.server.sign_in(self, nick, self.account)
+                problem = self.server.sign_in(self, nick, self.account, registration.realname)
                 if problem is None:
                     return
                 self.signing_in_as = None
@@ -5524,7 +5534,7 @@ class IrcConnection(ClientConnection):
     def who_reply(self, entry: WhoEntry) -> str:
         """352: the channel, user, host, server, nick, flags, and hops 0 before the real name (the nick)."""
         return irc_numeric("RPL_WHOREPLY", self.nick, f"#{entry.room}" if entry.room else "*", IRC_USER, IRC_HOST,
-                           IRC_SERVER_NAME, entry.nick, irc_who_flags(entry), text=f"0 {entry.nick}")
+                           IRC_SERVER_NAME, entry.nick, irc_who_flags(entry), text=f"0 {entry.realname or entry.nick}")
 
     def whox_reply(self, entry: WhoEntry, letters: str, token: str) -> str:
         """354 with the fields LETTERS asks for, in WHOX's own order whatever the order asked; the
@@ -5532,7 +5542,7 @@ class IrcConnection(ClientConnection):
         values = {"t": token, "c": f"#{entry.room}" if entry.room else "*", "u": IRC_USER,
                   "i": "255.255.255.255", "h": IRC_HOST, "s": IRC_SERVER_NAME, "n": entry.nick,
                   "f": irc_who_flags(entry), "d": "0", "l": str(int(entry.idle)), "a": entry.account or "0",
-                  "o": "n/a", "r": entry.nick}
+                  "o": "n/a", "r": entry.realname or entry.nick}
         return irc_numeric("RPL_WHOSPCRPL", self.nick, *(values[letter] for letter in letters))
 
     def irc_whois(self, *targets: str) -> None:
@@ -5569,7 +5579,7 @@ class IrcConnection(ClientConnection):
             self.send_irc(irc_numeric("ERR_WASNOSUCHNICK", self.nick, nick))
         for them in gone:
             self.send_irc(irc_numeric("RPL_WHOWASUSER", self.nick, them.nick, IRC_USER, IRC_HOST, "*",
-                                      text=them.nick))
+                                      text=them.realname or them.nick))
             if them.account:
                 self.send_irc(irc_numeric("RPL_WHOISACCOUNT", self.nick, them.nick, them.account,
                                           text="was logged in as"))

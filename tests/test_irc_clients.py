@@ -181,8 +181,8 @@ SERVICE_WINDOW = {"irssi": "pyChat", "weechat": "1"}
 
 def has_joined(nick: str, channel: str) -> str:
     """How both show NICK joining CHANNEL: WeeChat, given extended-join, puts the real name before the
-    address ('bob (bob) (~user@pychat) has joined #dev')."""
-    return rf"{re.escape(nick)} \S+( \S+)? has joined {re.escape(channel)}"
+    address ('bob (Bob B.) (~user@pychat) has joined #dev'); irssi does not ('bob [~user@pychat] has joined')."""
+    return rf"{re.escape(nick)} (\(.*\) )?\S+ has joined {re.escape(channel)}"
 
 
 class NcUser:

@@ -203,6 +203,12 @@ def test_whox_gives_the_fields_asked_for_in_its_own_order_with_the_token_and_acc
     replies = {message(line).params[5]: message(line).params[1:] for line in lines if " 354 " in line}
     assert replies["bob"] == ["42", "#lobby", "~user", "pychat", "bob", "H", "bob", "bob"]
     assert replies["alice"][6] == "0", "a guest's account is 0"
+    carol = irc_connect(irc_server, "carol")        # her real name: "carol the tester"
+    alice.send("WHO carol %nr")
+    assert message(alice.expect(r"354 ")).params[1:] == ["carol", "carol the tester"]
+    alice.send("WHO carol")
+    assert message(alice.expect(r"352 ")).params[-1] == "0 carol the tester"
+    carol.close()
     alice.send("WHO bob %na")
     assert message(alice.expect(r"354 ")).params[1:] == ["bob", "bob"]
     alice.send("WHO #lobby %chtsunfra,152")          # as HexChat asks on joining
@@ -235,7 +241,7 @@ def test_account_news_and_extended_join_and_userhost_in_names(irc_server, irc_co
     alice.send("JOIN #dev")
     lines = alice.lines_until(r"366 alice #dev ")
     own_join = message(next(line for line in lines if " JOIN " in line))
-    assert own_join.source == "alice!~user@pychat" and own_join.params == ["#dev", "*", "alice"]
+    assert own_join.source == "alice!~user@pychat" and own_join.params == ["#dev", "*", "alice the tester"]
     names = message(next(line for line in lines if " 353 " in line)).params[-1].split()
     assert sorted(names) == ["@bob!~user@pychat", "alice!~user@pychat"]
     alice.send("NAMES #dev")
@@ -258,7 +264,7 @@ def test_a_sasl_account_shows_in_its_own_extended_join(start_server, irc_connect
     alice.send("AUTHENTICATE " + base64.b64encode(f"\0alice\0{ACCOUNT_PASSWORD}".encode()).decode())
     alice.expect(r"903 ", timeout=10)
     alice.send("CAP END")
-    assert message(alice.expect(r":alice!~user@pychat JOIN #lobby")).params == ["#lobby", "alice", "alice"]
+    assert message(alice.expect(r":alice!~user@pychat JOIN #lobby")).params == ["#lobby", "alice", "Alice"]
 
 
 # -- LIST and WHOWAS --------------------------------------------------------------------------------------------
@@ -299,7 +305,7 @@ def test_whowas_remembers_who_left_and_who_renamed_and_shows_no_address(irc_serv
     assert any(" 330 alice bob bob " in line for line in lines), "the account was not said"
     assert not any("127.0.0.1" in line for line in lines)
     alice.send("WHOWAS CAROL")
-    assert message(alice.expect(r"314 ")).params[1] == "carol"
+    assert message(alice.expect(r"314 ")).params[1::4] == ["carol", "carol the tester"]
     alice.send("WHOWAS nobody")
     alice.expect(r"406 alice nobody ")
     alice.expect(r"369 alice nobody ")

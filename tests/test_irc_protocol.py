@@ -447,10 +447,10 @@ def test_every_event_the_core_has_today_has_irc_words_of_its_own():
 # -- what modern clients, bots and bridges rely on ------------------------------------------------------
 
 class Receiver:
-    """What IrcProtocol asks of its connection: the receiver's nickname, person and account."""
+    """What IrcProtocol asks of its connection: the receiver's nickname, person, account and real name."""
 
-    def __init__(self, nick: str = "alice", account: str | None = None) -> None:
-        self.nick, self.person, self.account = nick, None, account
+    def __init__(self, nick: str = "alice", account: str | None = None, realname: str = "") -> None:
+        self.nick, self.person, self.account, self.realname = nick, None, account, realname
 
 
 def rendered(event, *capabilities: str, receiver: Receiver | None = None) -> list[server.IrcMessage]:
@@ -532,15 +532,16 @@ def test_account_news_goes_to_those_who_asked_for_it():
 
 
 def test_extended_join_names_the_account_and_userhost_in_names_the_whole_mask():
-    [join] = rendered(server.Joined("dev", "bob", "bob"), "extended-join")
-    assert join.params == ["#dev", "bob", "bob"]
+    [join] = rendered(server.Joined("dev", "bob", "bob", "Bob Builder"), "extended-join")
+    assert join.params == ["#dev", "bob", "Bob Builder"]
     [join] = rendered(server.Joined("dev", "bob"), "extended-join")
     assert join.params == ["#dev", "*", "bob"]
     [join] = rendered(server.Joined("dev", "bob", "bob"))
     assert join.params == ["#dev"]
     entered = server.Entered("dev", ("bob",), 0, (("alice", False), ("bob", True)))
-    own_join, names, _ = rendered(entered, "userhost-in-names", "extended-join", receiver=Receiver("alice", "alice"))
-    assert own_join.params == ["#dev", "alice", "alice"]
+    own_join, names, _ = rendered(entered, "userhost-in-names", "extended-join",
+                                  receiver=Receiver("alice", "alice", "Alice L."))
+    assert own_join.params == ["#dev", "alice", "Alice L."]
     assert names.params[-1] == "alice!~user@pychat @bob!~user@pychat"
 
 
