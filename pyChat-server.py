@@ -594,6 +594,7 @@ class Said(NamedTuple):
     line_id: str = ""
     client_tags: ClientTags = ()
     account: str | None = None
+    notice: bool = False        # IRC's NOTICE: a line no program should answer (pyChat shows it as any other)
 
 
 class Acted(NamedTuple):
@@ -739,6 +740,7 @@ class PrivateFrom(NamedTuple):
     line_id: str = ""
     client_tags: ClientTags = ()
     account: str | None = None
+    notice: bool = False
 
 
 class PrivateTo(NamedTuple):
@@ -748,6 +750,7 @@ class PrivateTo(NamedTuple):
     line_id: str = ""
     client_tags: ClientTags = ()
     account: str | None = None
+    notice: bool = False
 
 
 class Bye(NamedTuple):
@@ -3311,10 +3314,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
     # -- talking ----------------------------------------------------------------------
 
     def say(self, person: Person, text: str, name: str | None = None, echo: bool = True,
-            client_tags: ClientTags = ()) -> None:
+            client_tags: ClientTags = (), notice: bool = False) -> None:
         """A chat line from PERSON to the room NAME, or to their current room; with ECHO false, PERSON is
-        not sent it back (IRC clients show their own lines themselves). CLIENT_TAGS go along with it."""
-        self._speak(person, Said, text, name, echo, client_tags)
+        not sent it back (IRC clients show their own lines themselves). CLIENT_TAGS go along with it; a
+        NOTICE is a line that programs must not answer."""
+        self._speak(person, Said, text, name, echo, client_tags, **({"notice": True} if notice else {}))
 
     def act(self, person: Person, text: str, name: str | None = None, echo: bool = True,
             client_tags: ClientTags = ()) -> None:
@@ -3326,14 +3330,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return f"{self.line_id_prefix}{next(self.line_ids)}"
 
     def _speak(self, person: Person, kind: type, text: str, name: str | None, echo: bool = True,
-               client_tags: ClientTags = ()) -> None:
+               client_tags: ClientTags = (), **more: Any) -> None:
         with self.lock:
             if person.muted:
                 person.output.send(Error("You are muted; the room does not hear you."))
                 return
             room = self._member_room(person, name)
             person.last_spoke = time.monotonic()
-            event = kind(room.name, person.nick, text, self._next_line_id(), client_tags, person.account)
+            event = kind(room.name, person.nick, text, self._next_line_id(), client_tags, person.account, **more)
             if self.options.history:
                 when = time.time()
                 self.said += 1
@@ -3368,15 +3372,19 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if echo:
                 person.output.send(event)
 
-    def send_private(self, person: Person, nick: str, text: str, client_tags: ClientTags = ()) -> None:
+    def send_private(self, person: Person, nick: str, text: str, client_tags: ClientTags = (),
+                     notice: bool = False) -> None:
         """TEXT to NICK alone; PERSON gets a copy, and the away message if there is one.
 
-        To a registered account that is offline, the message is kept until its next sign-in.
+        To a registered account that is offline, the message is kept until its next sign-in. A NOTICE
+        (which no program answers) is neither kept nor answered with the away message.
         """
         with self.lock:
             person.last_spoke = time.monotonic()
             target = self.people.get(name_key(normal_name(nick)))
         if target is None:
+            if notice:
+                raise Refused(f"No one called {nick} is online.", "no-such-person", nick=nick)
             self.leave_offline_message(person, nick, text)
             return
         with self.lock:
@@ -3386,10 +3394,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused("That is you.")
             line_id = self._next_line_id()
             if person.key not in target.ignoring:
-                target.output.send(PrivateFrom(person.nick, text, line_id, client_tags, person.account))
+                target.output.send(PrivateFrom(person.nick, text, line_id, client_tags, person.account, notice))
                 target.last_private_from = person.serial
-            person.output.send(PrivateTo(target.nick, text, line_id, client_tags, person.account))
-            if target.away:
+            person.output.send(PrivateTo(target.nick, text, line_id, client_tags, person.account, notice))
+            if target.away and not notice:
                 person.output.send(Reply(f"{target.nick} is away: {target.away}"))
 
     def leave_offline_message(self, person: Person, nick: str, text: str) -> None:
@@ -4870,7 +4878,8 @@ class IrcProtocol:
     # -- room events: nothing of the receiver --------------------------------------------
 
     def said(self, event: Said, prefix: str = "") -> list[str]:
-        return irc_text_messages("PRIVMSG", f"#{event.room}", prefix + event.text, irc_source(event.nick))
+        return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", f"#{event.room}", prefix + event.text,
+                                 irc_source(event.nick))
 
     def acted(self, event: Acted, prefix: str = "") -> list[str]:
         return irc_text_messages("PRIVMSG", f"#{event.room}", prefix + event.text, irc_source(event.nick),
@@ -4965,7 +4974,8 @@ class IrcProtocol:
         return [format_irc_message("INVITE", (self.me, f"#{event.room}"), irc_source(event.by))]
 
     def private_from(self, event: PrivateFrom) -> list[str]:
-        return irc_text_messages("PRIVMSG", self.me, event.text, irc_source(event.nick))
+        return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", self.me, event.text,
+                                 irc_source(event.nick))
 
     def offline_private(self, event: OfflinePrivate) -> list[str]:
         """A message left for you while you were away, from its sender, at its time (or saying when)."""
@@ -4975,7 +4985,8 @@ class IrcProtocol:
     def private_to(self, event: PrivateTo) -> list[str]:
         if "echo-message" not in self.capabilities:
             return []
-        return irc_text_messages("PRIVMSG", event.nick, event.text, irc_source(self.me))
+        return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", event.nick, event.text,
+                                 irc_source(self.me))
 
     def notice(self, event: Notice) -> list[str]:
         return irc_text_messages("NOTICE", self.me, event.text, IRC_SERVER_NAME)
@@ -5388,20 +5399,22 @@ class IrcConnection(ClientConnection):
                 self.run_command(text if text.startswith("/") else f"/{text}")
             return
         if ctcp is not None and ctcp[0] != "ACTION":
-            self.send_irc(format_irc_message("NOTICE", (self.nick, f"pyChat passes on no CTCP {ctcp[0]}; "
-                                                         "only ACTION (/me)."), IRC_SERVICE_SOURCE))
+            if not notice:              # a CTCP reply is a NOTICE, and nothing answers a notice
+                self.send_irc(format_irc_message("NOTICE", (self.nick, f"pyChat passes on no CTCP {ctcp[0]}; "
+                                                             "only ACTION (/me)."), IRC_SERVICE_SOURCE))
             return
         words = clean_irc_text(ctcp[1] if ctcp else text)
         if not words:
             return
         echo = "echo-message" in self.capabilities.enabled
-        if target.startswith("#"):
-            (self.server.act if ctcp else self.server.say)(person, words, target, echo=echo,
-                                                           client_tags=client_tags)
+        if target.startswith("#") and ctcp:
+            self.server.act(person, words, target, echo=echo, client_tags=client_tags)
+        elif target.startswith("#"):
+            self.server.say(person, words, target, echo=echo, client_tags=client_tags, notice=notice)
         elif ctcp:
             self.server.send_private(person, target, f"* {person.nick} {words}", client_tags)
         else:
-            self.server.send_private(person, target, words, client_tags)
+            self.server.send_private(person, target, words, client_tags, notice)
 
     @staticmethod
     def check_target(target: str) -> None:

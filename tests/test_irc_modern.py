@@ -332,3 +332,46 @@ def test_account_tag_names_the_account_of_whoever_speaks(irc_server, irc_connect
     carol.send("a guest")
     assert not message(alice.expect(r":carol!\S+ PRIVMSG #lobby :a guest")).tags
 
+
+
+# -- notices ------------------------------------------------------------------------------------------------
+
+def test_a_notice_stays_a_notice_for_irc_users_and_is_a_line_for_pychat_users(irc_server, irc_connect, connect):
+    alice, bob = irc_connect(irc_server, "alice", ("echo-message",)), irc_connect(irc_server, "bob")
+    dave = connect(irc_server, "dave")
+    alice.send("NOTICE #lobby :a bot's answer")
+    assert bob.expect(r":alice!\S+ (NOTICE|PRIVMSG) #lobby ").startswith(":alice!~user@pychat NOTICE #lobby ")
+    assert " NOTICE #lobby " in alice.expect(r":alice!\S+ (NOTICE|PRIVMSG) #lobby "), "the echo is no notice"
+    assert dave.expect(r"alice: ") == "alice: a bot's answer"
+    alice.send("NOTICE bob :just for you")
+    assert bob.expect(r":alice!\S+ (NOTICE|PRIVMSG) bob ").startswith(":alice!~user@pychat NOTICE bob ")
+
+
+def test_a_notice_is_not_answered_with_an_away_message_nor_kept_for_someone_offline(
+        irc_server, irc_connect, connect):
+    alice, bob = irc_connect(irc_server, "alice"), irc_connect(irc_server, "bob")
+    bob.send("AWAY :lunch")
+    bob.expect(r"306 ")
+
+    def answers_to(*lines: str) -> list[str]:
+        for line in lines:
+            alice.send(line)
+        alice.send("PING :sync")
+        return [line for line in alice.lines_until(r"PONG ") if " NOTICE alice " in line]
+
+    answers = answers_to("NOTICE bob :no answer wanted", "PRIVMSG bob :an answer wanted")
+    assert len(answers) == 1 and "bob is away: lunch" in answers[0], answers
+    owner = connect(irc_server, "carol")
+    register_account(owner)
+    owner.send("/quit")
+    owner.wait_closed()
+    answers = answers_to("NOTICE carol :keep this?", "PRIVMSG carol :keep this")
+    assert len(answers) == 1 and "kept for them" in answers[0], answers
+    owner = connect(irc_server)
+    owner.send("carol")
+    owner.expect(r"\*\*\* Password for carol:")
+    owner.send(ACCOUNT_PASSWORD)
+    owner.expect(r"\[offline \S+ from alice\] keep this$")
+    owner.send("/quit")
+    owner.wait_closed()
+    assert not any("keep this?" in line for line in owner.seen), "the notice was kept"

@@ -587,3 +587,14 @@ def test_account_tag_names_the_senders_account_to_those_who_asked_for_it():
     assert line.tags is None, "a guest has no account to name"
     [line] = rendered(server.PrivateFrom("bob", "psst", "abc-9", (), "bob"), "account-tag", "message-tags")
     assert line.tags == {"account": "bob", "msgid": "abc-9"}
+
+
+def test_a_notice_is_rendered_as_a_notice_to_irc_users_and_as_a_line_to_pychat_users():
+    said = server.Said("dev", "bot", "an answer", notice=True)
+    [line] = rendered(said)
+    assert (line.command, line.params) == ("NOTICE", ["#dev", "an answer"])
+    assert server.PYCHAT.encode(said) == server.PYCHAT.encode(server.Said("dev", "bot", "an answer"))
+    [line] = rendered(server.PrivateFrom("bot", "psst", notice=True))
+    assert (line.command, line.params) == ("NOTICE", ["alice", "psst"])
+    [line] = rendered(server.PrivateTo("bob", "psst", notice=True), "echo-message")
+    assert (line.command, line.source) == ("NOTICE", "alice!~user@pychat")
