@@ -622,6 +622,7 @@ class Joined(NamedTuple):
     nick: str
     account: str | None = None
     realname: str = ""          # what an IRC client gave as the person's real name; "" for others
+    away: str | None = None     # their away message, if they come in away
 
 
 class Left(NamedTuple):
@@ -3087,7 +3088,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         room.last_used = time.monotonic()
         self._make_current(person, room)
         if not person.muted and len(room.members) <= ANNOUNCE_LIMIT:
-            self._to_room(room, Joined(room.name, person.nick, person.account, person.realname), skip=person)
+            self._to_room(room, Joined(room.name, person.nick, person.account, person.realname, person.away),
+                          skip=person)
         others = [m.nick for m in itertools.islice(room.members, 16) if m is not person][:15]
         # A protocol that lists members gets them all, up to ANNOUNCE_LIMIT: past that, joins and leaves
         # are not announced, so a longer list would not stay true, and every newcomer would pay for it.
@@ -4886,7 +4888,11 @@ class IrcProtocol:
                                  wrap=(CTCP + "ACTION ", CTCP))
 
     def joined(self, event: Joined) -> list[str]:
-        return [self._join(event.room, event.nick, event.account, event.realname)]
+        """JOIN, and AWAY after it for someone who comes in away (to those who asked for away-notify)."""
+        lines = [self._join(event.room, event.nick, event.account, event.realname)]
+        if event.away:
+            lines += self.away_changed(AwayChanged(event.nick, event.away))
+        return lines
 
     def _join(self, room: str, nick: str, account: str | None, realname: str) -> str:
         """JOIN; with extended-join, with the account ('*' for none) and the real name (the nickname for

@@ -375,3 +375,14 @@ def test_a_notice_is_not_answered_with_an_away_message_nor_kept_for_someone_offl
     owner.send("/quit")
     owner.wait_closed()
     assert not any("keep this?" in line for line in owner.seen), "the notice was kept"
+
+
+def test_someone_who_joins_while_away_is_shown_away_to_away_notify_clients(irc_server, irc_connect, connect):
+    alice = irc_connect(irc_server, "alice", ("away-notify",))
+    joined(alice, "#dev")
+    bob = connect(irc_server, "bob")
+    bob.send("/away lunch")
+    bob.expect(r"-- |\*\*\* ")
+    bob.send("/join #dev")
+    alice.expect(r":bob!\S+ JOIN #dev")
+    assert alice.recv_line() == ":bob!~user@pychat AWAY lunch"

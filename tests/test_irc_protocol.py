@@ -598,3 +598,12 @@ def test_a_notice_is_rendered_as_a_notice_to_irc_users_and_as_a_line_to_pychat_u
     assert (line.command, line.params) == ("NOTICE", ["alice", "psst"])
     [line] = rendered(server.PrivateTo("bob", "psst", notice=True), "echo-message")
     assert (line.command, line.source) == ("NOTICE", "alice!~user@pychat")
+
+
+def test_someone_who_joins_away_is_said_to_be_away_to_those_who_asked_for_away_notify():
+    event = server.Joined("dev", "bob", None, "", "lunch")
+    join, away = rendered(event, "away-notify")
+    assert join.command == "JOIN" and (away.command, away.params, away.source) == ("AWAY", ["lunch"],
+                                                                                     "bob!~user@pychat")
+    assert [line.command for line in rendered(event)] == ["JOIN"]
+    assert [line.command for line in rendered(server.Joined("dev", "bob"), "away-notify")] == ["JOIN"]
