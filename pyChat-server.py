@@ -87,6 +87,7 @@ LISTING_BURST = 500               # entries of lists (/online, /who, /rooms) one
 LISTING_RATE = 50.0               # and then a second: long lists asked for by hundreds must not slow the chat
 ANNOUNCE_LIMIT = 200              # rooms bigger than this do not announce every join and leave
 WHOWAS_KEPT = 200                 # names given up lately (by leaving or renaming), for IRC's WHOWAS
+WATCH_LIMIT = 100                 # names one person may watch coming and going (IRC's MONITOR)
 QUIT = "quit"                     # the leave reason of someone who said /quit without a message
 PASSWORD_TRIES = 3                # wrong server passwords before the connection is closed
 TLS_HANDSHAKE = b"\x16"            # the first byte of every TLS connection: a handshake record
@@ -672,6 +673,16 @@ class AccountChanged(NamedTuple):
     account: str | None
 
 
+class CameOnline(NamedTuple):
+    """NICK, whom you watch for, signed in or took that name."""
+    nick: str
+
+
+class WentOffline(NamedTuple):
+    """NICK, whom you watch for, left or took another name."""
+    nick: str
+
+
 class Notice(NamedTuple):
     text: str
 
@@ -875,9 +886,9 @@ class PyChatProtocol:
         SignedInElsewhere: lambda e: "*** You signed in again somewhere else; this connection is closed.",
     }
 
-    # Events pyChat's lines have no words for: client tags with no text, and accounts changing (the
-    # person is told in a reply; the others have no need to know).
-    UNSAID = frozenset({TagMessage, AccountChanged})
+    # Events pyChat's lines have no words for: client tags with no text, accounts changing (the person
+    # is told in a reply; the others have no need to know), and the comings and goings of watched names.
+    UNSAID = frozenset({TagMessage, AccountChanged, CameOnline, WentOffline})
 
     def line(self, event: Any) -> str:
         """EVENT as a line of text, as it reads in the receiver's current room."""
@@ -2622,6 +2633,7 @@ class Person:
         self.seen: dict[str, int] = {}          # room key -> history position when they left it
         self.listing = TokenBucket(LISTING_RATE, LISTING_BURST)
         self.quit_message = False               # they left with /quit and words of their own
+        self.watching: dict[str, str] = {}      # name keys watched for coming and going -> the name as asked
 
     def __repr__(self) -> str:
         return f"{self.nick}@{self.address}"
@@ -2728,6 +2740,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.out_of_descriptors = False                         # accept() failed for want of one; logged once
         self.spare_descriptor: int | None = None                # given up to accept a newcomer just to tell them
         self.ignorers: dict[str, set[Person]] = {}              # who ignores each name_key(), if anyone
+        self.watchers: dict[str, set[Person]] = {}              # who watches for each name_key(), if anyone
         self.stopping = False
         self.stop_signal, self.stop_trigger = socket.socketpair()
         self.started = time.time()
@@ -2984,6 +2997,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise
             connection.person = person
             self.most_people = max(self.most_people, len(self.people))
+            self._to_people(self.watchers.get(person.key, ()), CameOnline(person.nick))
         log.info("%r signed in%s", person, f" to the account {account}" if account else "")
         if account:
             self.deliver_offline_messages(person)
@@ -3039,6 +3053,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 receivers |= room.members
         receivers.discard(person)
         self._forget(person)
+        self._to_people(self.watchers.get(person.key, ()), WentOffline(person.nick))
         self.departed.append(Departed(person.nick, person.key, person.account, person.realname, time.time()))
         if not self.stopping:
             # A muted person's own words (their /quit message) are not shown.
@@ -3055,6 +3070,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         for key in person.ignoring:
             self._count_ignorer(key, person, False)
         person.ignoring.clear()
+        self._stop_watching(person, list(person.watching))
 
     # -- rooms: the one way in and the one way out -----------------------------------
 
@@ -3450,6 +3466,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 someone.ignoring.add(new_key)
                 self._count_ignorer(new_key, someone, True)
             self._to_people(self._sharers(person) | {person}, Renamed(old_nick, new_nick))
+            self._to_people(self.watchers.get(old_key, ()), WentOffline(old_nick))
+            self._to_people(self.watchers.get(new_key, ()), CameOnline(new_nick))
         log.info("%s@%s is now known as %s", old_nick, person.address, new_nick)
 
     def set_away(self, person: Person, reason: str | None) -> None:
@@ -3480,6 +3498,47 @@ class ChatServer(socketserver.ThreadingTCPServer):
             receivers |= room.members
         receivers.discard(person)
         return receivers
+
+    def watch(self, person: Person, nicks: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
+        """Tell PERSON from now on whenever each of NICKS signs in or leaves (IRC's MONITOR), up to WATCH_LIMIT
+        names. Returns each name now watched with who has it (their nickname, or None when no one
+        does), and the names past the limit, which are not watched."""
+        watched, refused = [], []
+        with self.lock:
+            for nick in nicks:
+                if len(nick) > MAX_NICKNAME_LENGTH:
+                    continue            # no one's, and not worth normalising
+                key = name_key(normal_name(nick))
+                if key not in person.watching and len(person.watching) >= WATCH_LIMIT:
+                    refused.append(nick)
+                    continue
+                person.watching.setdefault(key, nick)
+                self.watchers.setdefault(key, set()).add(person)
+                found = self.people.get(key)
+                watched.append((nick, found.nick if found else None))
+        return watched, refused
+
+    def stop_watching(self, person: Person, nicks: list[str] | None = None) -> None:
+        """Stop watching NICKS, or every name PERSON watches."""
+        with self.lock:
+            keys = (list(person.watching) if nicks is None else
+                    [name_key(normal_name(nick)) for nick in nicks if len(nick) <= MAX_NICKNAME_LENGTH])
+            self._stop_watching(person, keys)
+
+    def _stop_watching(self, person: Person, keys: list[str]) -> None:
+        """Lock held."""
+        for key in keys:
+            if person.watching.pop(key, None) is not None:
+                watchers = self.watchers[key]
+                watchers.discard(person)
+                if not watchers:
+                    del self.watchers[key]
+
+    def watched(self, person: Person) -> list[tuple[str, str | None]]:
+        """The names PERSON watches, as asked, each with who has it now (or None)."""
+        with self.lock:
+            return [(asked, self.people[key].nick if key in self.people else None)
+                    for key, asked in person.watching.items()]
 
     def ignore(self, person: Person, nick: str, ignoring: bool = True) -> str:
         """Stop (or start again) showing PERSON NICK's lines; returns NICK as they spell it.
@@ -4476,6 +4535,11 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "ERR_CHANOPRIVSNEEDED": ("482", "You're not channel operator"),
     "ERR_UMODEUNKNOWNFLAG": ("501", "Unknown MODE flag"),
     "ERR_USERSDONTMATCH": ("502", "Can't change mode for other users"),
+    "RPL_MONONLINE": ("730", None),
+    "RPL_MONOFFLINE": ("731", None),
+    "RPL_MONLIST": ("732", None),
+    "RPL_ENDOFMONLIST": ("733", "End of MONITOR list"),
+    "ERR_MONLISTFULL": ("734", "Monitor list is full."),
     "RPL_LOGGEDIN": ("900", None),
     "RPL_SASLSUCCESS": ("903", "SASL authentication successful"),
     "ERR_SASLFAIL": ("904", "SASL authentication failed"),
@@ -4810,7 +4874,7 @@ def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
               f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}", "CHANTYPES=#", f"KICKLEN={IRC_MAX_REASON}",
               f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(o)@", "SAFELIST",
               "TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:4,PART:,PRIVMSG:4,TAGMSG:4,WHOIS:1",
-              f"TOPICLEN={IRC_MAX_REASON}", "UTF8ONLY", "ELIST=MNU", "WHOX"]
+              f"TOPICLEN={IRC_MAX_REASON}", "UTF8ONLY", "ELIST=MNU", "WHOX", f"MONITOR={WATCH_LIMIT}"]
     if options.rooms_per_person:
         tokens.append(f"CHANLIMIT=#:{options.rooms_per_person}")
     return sorted(tokens)
@@ -4938,6 +5002,12 @@ class IrcProtocol:
             return []
         return [format_irc_message("AWAY", (event.reason,) if event.reason else (), irc_source(event.nick))]
 
+    def came_online(self, event: CameOnline) -> list[str]:
+        return [irc_numeric("RPL_MONONLINE", self.me, text=irc_source(event.nick))]
+
+    def went_offline(self, event: WentOffline) -> list[str]:
+        return [irc_numeric("RPL_MONOFFLINE", self.me, text=event.nick)]
+
     def account_changed(self, event: AccountChanged) -> list[str]:
         if "account-notify" not in self.capabilities:
             return []
@@ -5030,7 +5100,8 @@ class IrcProtocol:
         Notice: notice, Reply: reply, Error: reply, Welcome: welcome, Bye: closing, ShuttingDown: closing,
         DisconnectedBy: closing, Banned: closing, SignedInElsewhere: closing, Farewell: closing,
         OfflinePrivate: offline_private, Prompt: nothing, AccountPrompt: nothing, NowTalking: nothing,
-        TagMessage: tag_message, AccountChanged: account_changed,
+        TagMessage: tag_message, AccountChanged: account_changed, CameOnline: came_online,
+        WentOffline: went_offline,
     }
 
 
@@ -5071,6 +5142,21 @@ def irc_list_wanted(argument: str) -> Callable[[commands.RoomInfo], bool] | None
                 and not any(fits_pattern(mask, name) for mask in unwanted)
                 and all(room.people > n if sign == ">" else room.people < n for sign, n in counts))
     return wanted
+
+
+def irc_comma_lists(name: str, me: str, items: list[str], *params: str) -> list[str]:
+    """The numeric NAME with ITEMS as a comma-separated closing text, over as many messages as they need."""
+    room = IRC_MAX_BODY_BYTES - len(irc_numeric(name, me, *params, text="").encode("utf-8"))
+    lines: list[list[str]] = []
+    size = room
+    for item in items:
+        width = len(item.encode("utf-8")) + 1
+        if size + width > room + 1:     # the first item of a line has no comma before it
+            lines.append([])
+            size = 0
+        lines[-1].append(item)
+        size += width
+    return [irc_numeric(name, me, *params, text=",".join(line)) for line in lines]
 
 
 def irc_names_replies(me: str, channel: str, names: list[str]) -> list[str]:
@@ -5743,6 +5829,34 @@ class IrcConnection(ClientConnection):
         for reply in replies:
             self.send_irc(reply)
 
+    def irc_monitor(self, action: str, targets: str = "") -> None:
+        """MONITOR + NICKS, - NICKS, C (clear), L (list), S (status): news of names signing in and leaving."""
+        action, nicks = action.upper(), [nick for nick in targets.split(",") if nick]
+        if action in ("+", "-") and not nicks:
+            self.send_irc(irc_numeric("ERR_NEEDMOREPARAMS", self.nick, "MONITOR"))
+        elif action == "+":
+            watched, refused = self.server.watch(self.person, nicks)
+            self.send_status(watched)
+            if refused:
+                self.send_irc(irc_numeric("ERR_MONLISTFULL", self.nick, str(WATCH_LIMIT), ",".join(refused)))
+        elif action in ("-", "C"):
+            self.server.stop_watching(self.person, nicks if action == "-" else None)
+        elif action == "L":
+            for line in irc_comma_lists("RPL_MONLIST", self.nick, [asked for asked, _ in
+                                                                   self.server.watched(self.person)]):
+                self.send_irc(line)
+            self.send_irc(irc_numeric("RPL_ENDOFMONLIST", self.nick))
+        elif action == "S":
+            self.send_status(self.server.watched(self.person))
+
+    def send_status(self, watched: list[tuple[str, str | None]]) -> None:
+        """730 for the names someone has now, 731 for the others."""
+        online = [irc_source(nick) for _, nick in watched if nick is not None]
+        offline = [asked for asked, nick in watched if nick is None]
+        for line in (irc_comma_lists("RPL_MONONLINE", self.nick, online)
+                     + irc_comma_lists("RPL_MONOFFLINE", self.nick, offline)):
+            self.send_irc(line)
+
     def irc_quit(self, message: str = "") -> None:
         self.server.quit(self.person, irc_reason(message) or None)
 
@@ -5762,7 +5876,8 @@ class IrcConnection(ClientConnection):
         ("KICK", irc_kick, 2), ("INVITE", irc_invite, 2), ("MODE", irc_mode, 1), ("OPER", irc_oper, 2),
         ("ISON", irc_ison, 1), ("USERHOST", irc_userhost, 1), ("LUSERS", irc_lusers, 0), ("MOTD", irc_motd, 0),
         ("VERSION", irc_version, 0), ("TIME", irc_time, 0), ("PING", irc_ping, 0), ("PONG", irc_pong, 0),
-        ("CAP", irc_cap, 1), ("QUIT", irc_quit, 0), ("USER", irc_registered_already, 0),
+        ("CAP", irc_cap, 1), ("MONITOR", irc_monitor, 1), ("QUIT", irc_quit, 0),
+        ("USER", irc_registered_already, 0),
         ("AUTHENTICATE", irc_authenticate, 0),
         ("PASS", irc_registered_already, 0),
     )}

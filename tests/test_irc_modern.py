@@ -386,3 +386,47 @@ def test_someone_who_joins_while_away_is_shown_away_to_away_notify_clients(irc_s
     bob.send("/join #dev")
     alice.expect(r":bob!\S+ JOIN #dev")
     assert alice.recv_line() == ":bob!~user@pychat AWAY lunch"
+
+
+# -- MONITOR ------------------------------------------------------------------------------------------------
+
+def news(client) -> tuple[str, str]:
+    """The next MONITOR news: 730 (online) or 731 (offline), and the names it gives."""
+    got = message(client.expect(r"73[01] "))
+    return got.command, got.params[-1]
+
+
+def test_monitor_says_who_is_online_now_and_whenever_they_come_and_go(irc_server, irc_connect, connect):
+    alice = irc_connect(irc_server, "alice")
+    connect(irc_server, "bob")
+    alice.send("MONITOR + bob,Carol,dave")
+    assert message(alice.expect(r"730 ")).params == ["alice", "bob!~user@pychat"]
+    assert message(alice.expect(r"731 ")).params[-1].split(",") == ["Carol", "dave"]
+    carol = connect(irc_server, "carol")
+    assert news(alice) == ("730", "carol!~user@pychat")
+    carol.send("/nick dave")
+    assert news(alice) == ("731", "carol")
+    assert news(alice) == ("730", "dave!~user@pychat")
+    carol.send("/quit")
+    assert news(alice) == ("731", "dave")
+    alice.send("MONITOR - carol")
+    alice.send("MONITOR L")
+    assert message(alice.expect(r"732 ")).params[-1].split(",") == ["bob", "dave"]
+    alice.expect(r"733 alice ")
+    alice.send("MONITOR S")
+    assert news(alice) == ("730", "bob!~user@pychat")
+    assert news(alice) == ("731", "dave")
+    alice.send("MONITOR C")
+    alice.send("MONITOR L")
+    assert message(alice.expect(r"73[23] ")).command == "733", "the list was not cleared"
+
+
+def test_monitor_holds_a_limited_number_of_names(irc_server, irc_connect):
+    alice = irc_connect(irc_server, "alice")
+    names = [f"n{n}" for n in range(server.WATCH_LIMIT + 2)]
+    alice.send("MONITOR + " + ",".join(names[:60]))
+    alice.send("MONITOR + " + ",".join(names[60:]))
+    full = message(alice.expect(r"734 "))
+    assert full.params[1:3] == [str(server.WATCH_LIMIT), f"{names[-2]},{names[-1]}"]
+    alice.send("MONITOR")
+    alice.expect(r"461 alice MONITOR ")

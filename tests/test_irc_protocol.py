@@ -607,3 +607,20 @@ def test_someone_who_joins_away_is_said_to_be_away_to_those_who_asked_for_away_n
                                                                                      "bob!~user@pychat")
     assert [line.command for line in rendered(event)] == ["JOIN"]
     assert [line.command for line in rendered(server.Joined("dev", "bob"), "away-notify")] == ["JOIN"]
+
+
+def test_comma_lists_are_spread_over_messages_that_fit_and_lose_no_one():
+    items = [f"someone{n:03d}!~user@pychat" for n in range(100)]
+    lines = server.irc_comma_lists("RPL_MONONLINE", "alice", items)
+    assert all(len(line.encode()) <= 510 for line in lines)
+    assert [item for line in lines for item in server.parse_irc_message(line).params[-1].split(",")] == items
+    assert len(lines) == 5, "the lines are not as full as they could be"     # 20 of 24 bytes in each
+    assert server.irc_comma_lists("RPL_MONONLINE", "alice", []) == []
+
+
+def test_watched_names_coming_and_going_are_730_and_731_and_nothing_to_pychat_users():
+    [online] = rendered(server.CameOnline("bob"))
+    assert (online.command, online.params) == ("730", ["alice", "bob!~user@pychat"])
+    [offline] = rendered(server.WentOffline("bob"))
+    assert (offline.command, offline.params) == ("731", ["alice", "bob"])
+    assert server.PYCHAT.encode(server.CameOnline("bob")) == b"" == server.PYCHAT.encode(server.WentOffline("bob"))
