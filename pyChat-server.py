@@ -3937,15 +3937,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
                       for p in room.members]
         return room.name, sorted(people, key=lambda p: p.nick.casefold())
 
-    def room_list(self, viewer: Person, wanted: Callable[[commands.RoomInfo], bool] | None = None
-                  ) -> list[commands.RoomInfo]:
-        """Every room with people in it that VIEWER may know of (and WANTED keeps), sorted by name."""
+    def room_list(self, viewer: Person) -> list[commands.RoomInfo]:
+        """Every room with people in it that VIEWER may know of, sorted by name."""
         with self.lock:
             rooms = [commands.RoomInfo(r.name, len(r.members), r.topic, r.key in viewer.rooms, r is viewer.current,
                                        r.private)
                      for r in self.rooms.values() if r.members and self._may_see(viewer, r)]
-            if wanted is not None:
-                rooms = [room for room in rooms if wanted(room)]
             self._charge(viewer, len(rooms), "/rooms")      # finding them is cheap: the table is bounded
         return sorted(rooms, key=lambda r: r.name.casefold())
 
@@ -3985,9 +3982,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 person = self.people.get(key)
                 found = [self._who_entry(person, self._first_visible_room(viewer, person))] if person else []
         else:
-            pattern = mask.casefold()
+            pattern = re.sub(r"\*+", "*", mask.casefold())
+            if len(pattern.replace("*", "")) > MAX_NICKNAME_LENGTH:
+                return []               # more letters than any nickname has
             with self.lock:
-                people = [p for p in self.people.values() if fits_pattern(pattern, p.nick.casefold())]
+                everyone = list(self.people.values())
+            # Matched outside the lock, which a mask against thousands of names would hold too long.
+            fitting = [p for p in everyone if fits_pattern(pattern, p.nick.casefold())]
+            with self.lock:
+                people = [p for p in fitting if self.people.get(p.key) is p]        # still here
                 self._charge(viewer, len(people), "WHO")
                 found = [self._who_entry(p, self._first_visible_room(viewer, p)) for p in people]
         return sorted(found, key=lambda entry: entry.nick.casefold())
@@ -5111,6 +5114,7 @@ def irc_who_flags(entry: WhoEntry) -> str:
 
 
 WHOX_FIELDS = "tcuihsnfdlaor"           # WHOX's fields, in the order a 354 gives them
+LIST_FILTERS = 20                       # of one LIST, so that matching stays cheap against many rooms
 
 
 def irc_whox_fields(argument: str) -> tuple[str, str]:
@@ -5124,9 +5128,9 @@ def irc_whox_fields(argument: str) -> tuple[str, str]:
 
 def irc_list_wanted(argument: str) -> Callable[[commands.RoomInfo], bool] | None:
     """LIST's filter: channels or masks (#dev, #dev*) of which a room must fit one, !MASK that it must not
-    fit, and >N or <N people; None when there is none."""
+    fit, and >N or <N people (the first LIST_FILTERS of them); None when there is none."""
     masks, unwanted, counts = [], [], []
-    for item in (item for item in argument.casefold().split(",") if item):
+    for item in [item for item in argument.casefold().split(",") if item][:LIST_FILTERS]:
         if item[0] in "<>" and item[1:].isdigit():
             counts.append((item[0], int(item[1:])))
         elif item.startswith("!"):
@@ -5593,7 +5597,8 @@ class IrcConnection(ClientConnection):
             self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, "*"))
 
     def irc_list(self, channels: str = "", *ignored: str) -> None:
-        rooms = self.server.room_list(self.person, irc_list_wanted(channels))
+        wanted = irc_list_wanted(channels)
+        rooms = [room for room in self.server.room_list(self.person) if wanted is None or wanted(room)]
         self.send_irc(irc_numeric("RPL_LISTSTART", self.nick, "Channel"))
         for room in rooms:
             self.send_irc(irc_numeric("RPL_LIST", self.nick, f"#{room.name}", str(room.people),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 
 import pytest
 
@@ -430,3 +431,14 @@ def test_monitor_holds_a_limited_number_of_names(irc_server, irc_connect):
     assert full.params[1:3] == [str(server.WATCH_LIMIT), f"{names[-2]},{names[-1]}"]
     alice.send("MONITOR")
     alice.expect(r"461 alice MONITOR ")
+
+
+def test_a_who_mask_made_to_be_slow_is_answered_at_once_and_finds_no_one(irc_server, irc_connect):
+    alice = irc_connect(irc_server, "alice")
+    for mask in ("*a" * 200 + "*b", "a" * 21 + "*", "?" * 30):
+        started = time.monotonic()
+        alice.send(f"WHO {mask}")
+        lines = alice.lines_until(r"315 ")
+        assert not any(" 352 " in line for line in lines) and time.monotonic() - started < 1.0, mask[:20]
+    alice.send("WHO " + "*" * 400 + "e")        # stars run together: alice fits
+    assert message(alice.expect(r"352 ")).params[5] == "alice"

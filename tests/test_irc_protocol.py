@@ -624,3 +624,9 @@ def test_watched_names_coming_and_going_are_730_and_731_and_nothing_to_pychat_us
     [offline] = rendered(server.WentOffline("bob"))
     assert (offline.command, offline.params) == ("731", ["alice", "bob"])
     assert server.PYCHAT.encode(server.CameOnline("bob")) == b"" == server.PYCHAT.encode(server.WentOffline("bob"))
+
+
+def test_a_list_takes_its_first_twenty_filters_only():
+    rooms = [server.commands.RoomInfo(f"r{n}", 1, None, False, False, False) for n in range(30)]
+    wanted = server.irc_list_wanted(",".join(f"#r{n}" for n in range(30)))
+    assert [room.name for room in rooms if wanted(room)] == [f"r{n}" for n in range(server.LIST_FILTERS)]
