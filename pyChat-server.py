@@ -746,6 +746,13 @@ class Invited(NamedTuple):
     by: str
 
 
+class InvitedSomeone(NamedTuple):
+    """BY invited NICK to ROOM: news for the room's members."""
+    room: str
+    by: str
+    nick: str
+
+
 class PrivateFrom(NamedTuple):
     nick: str
     text: str
@@ -887,8 +894,9 @@ class PyChatProtocol:
     }
 
     # Events pyChat's lines have no words for: client tags with no text, accounts changing (the person
-    # is told in a reply; the others have no need to know), and the comings and goings of watched names.
-    UNSAID = frozenset({TagMessage, AccountChanged, CameOnline, WentOffline})
+    # is told in a reply; the others have no need to know), the comings and goings of watched names, and
+    # invitations seen by the room (IRC's invite-notify; the invited person is told with Invited).
+    UNSAID = frozenset({TagMessage, AccountChanged, CameOnline, WentOffline, InvitedSomeone})
 
     def line(self, event: Any) -> str:
         """EVENT as a line of text, as it reads in the receiver's current room."""
@@ -3245,6 +3253,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             target.invited_to.add(room.key)
             if by.key not in target.ignoring:
                 target.output.send(Invited(room.name, by.nick))
+            self._to_room(room, InvitedSomeone(room.name, by.nick, target.nick), skip=by)
             return target.nick
 
     def set_topic(self, by: Person, topic: str, name: str | None = None) -> None:
@@ -4571,6 +4580,7 @@ IRC_CAPABILITIES: dict[str, str | None] = {
     "cap-notify": None,
     "echo-message": None,
     "extended-join": None,
+    "invite-notify": None,
     "message-tags": None,
     "multi-prefix": None,
     "sasl": "PLAIN",
@@ -4857,7 +4867,7 @@ IRC_CHANNEL_MODES = "iknot"         # i invite-only, k key, n only members talk 
 # Capabilities that change the bytes a connection is sent. Rooms group their audiences by them (see
 # IrcProtocol), so a change to them once the person is in goes through ChatServer.change_protocol.
 IRC_RENDERING_CAPABILITIES = frozenset({"account-notify", "account-tag", "away-notify", "echo-message", "extended-join",
-                                        "message-tags", "server-time", "userhost-in-names"})
+                                        "invite-notify", "message-tags", "server-time", "userhost-in-names"})
 IRC_CHAT_EVENTS = (Said, Acted, PrivateFrom, PrivateTo, TagMessage)     # with a line id and client tags
 
 
@@ -5005,6 +5015,11 @@ class IrcProtocol:
             return []
         return [format_irc_message("AWAY", (event.reason,) if event.reason else (), irc_source(event.nick))]
 
+    def invited_someone(self, event: InvitedSomeone) -> list[str]:
+        if "invite-notify" not in self.capabilities:
+            return []
+        return [format_irc_message("INVITE", (event.nick, f"#{event.room}"), irc_source(event.by))]
+
     def came_online(self, event: CameOnline) -> list[str]:
         return [irc_numeric("RPL_MONONLINE", self.me, text=irc_source(event.nick))]
 
@@ -5104,7 +5119,7 @@ class IrcProtocol:
         DisconnectedBy: closing, Banned: closing, SignedInElsewhere: closing, Farewell: closing,
         OfflinePrivate: offline_private, Prompt: nothing, AccountPrompt: nothing, NowTalking: nothing,
         TagMessage: tag_message, AccountChanged: account_changed, CameOnline: came_online,
-        WentOffline: went_offline,
+        WentOffline: went_offline, InvitedSomeone: invited_someone,
     }
 
 

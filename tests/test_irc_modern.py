@@ -442,3 +442,16 @@ def test_a_who_mask_made_to_be_slow_is_answered_at_once_and_finds_no_one(irc_ser
         assert not any(" 352 " in line for line in lines) and time.monotonic() - started < 1.0, mask[:20]
     alice.send("WHO " + "*" * 400 + "e")        # stars run together: alice fits
     assert message(alice.expect(r"352 ")).params[5] == "alice"
+
+
+def test_the_room_sees_an_invitation_with_invite_notify(irc_server, irc_connect, connect):
+    alice, carol = irc_connect(irc_server, "alice"), irc_connect(irc_server, "carol", ("invite-notify",))
+    dave = irc_connect(irc_server, "dave")
+    for client in (alice, carol, dave):
+        joined(client, "#dev")
+    connect(irc_server, "bob")
+    alice.send("INVITE bob #dev")
+    alice.expect(r"341 alice bob #dev")
+    assert carol.expect(r":alice!\S+ INVITE ") == ":alice!~user@pychat INVITE bob #dev"
+    alice.send("PRIVMSG #dev :after the invitation")
+    assert "INVITE" not in dave.expect(r":alice!\S+ (INVITE|PRIVMSG) "), "dave never asked for invite-notify"

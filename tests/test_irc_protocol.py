@@ -630,3 +630,10 @@ def test_a_list_takes_its_first_twenty_filters_only():
     rooms = [server.commands.RoomInfo(f"r{n}", 1, None, False, False, False) for n in range(30)]
     wanted = server.irc_list_wanted(",".join(f"#r{n}" for n in range(30)))
     assert [room.name for room in rooms if wanted(room)] == [f"r{n}" for n in range(server.LIST_FILTERS)]
+
+
+def test_an_invitation_is_news_for_the_rooms_invite_notify_clients_only():
+    event = server.InvitedSomeone("dev", "alice", "bob")
+    [line] = rendered(event, "invite-notify")
+    assert (line.source, line.command, line.params) == ("alice!~user@pychat", "INVITE", ["bob", "#dev"])
+    assert rendered(event) == [] and server.PYCHAT.encode(event) == b""
