@@ -2642,6 +2642,7 @@ class Person:
         self.listing = TokenBucket(LISTING_RATE, LISTING_BURST)
         self.quit_message = False               # they left with /quit and words of their own
         self.watching: dict[str, str] = {}      # name keys watched for coming and going -> the name as asked
+        self.bot = False                        # they say they are a program (IRC's user mode +B)
 
     def __repr__(self) -> str:
         return f"{self.nick}@{self.address}"
@@ -2659,6 +2660,7 @@ class Whois(NamedTuple):
     idle: float                             # seconds since they last said something
     protocol: str                           # the name of the protocol they came in with
     address: str | None                     # for operators of the server only
+    bot: bool = False                       # they say they are a program
 
 
 class Departed(NamedTuple):
@@ -2682,6 +2684,7 @@ class WhoEntry(NamedTuple):
     operator: bool
     room_operator: bool
     idle: float                             # seconds since they last said something
+    bot: bool
 
 
 class Room:
@@ -3479,6 +3482,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._to_people(self.watchers.get(new_key, ()), CameOnline(new_nick))
         log.info("%s@%s is now known as %s", old_nick, person.address, new_nick)
 
+    def set_bot(self, person: Person, bot: bool) -> None:
+        """Mark PERSON as a program (a bot or a bridge), or not, for who-is-who lists."""
+        with self.lock:
+            person.bot = bot
+
     def set_away(self, person: Person, reason: str | None) -> None:
         """Mark PERSON away with REASON, or back with None; the people who share a room with them are told."""
         with self.lock:
@@ -3973,7 +3981,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                           if self._may_see(viewer, room))
             address = str(ip_of(person.address) or person.address) if viewer.operator else None
             return Whois(person.nick, person.account, rooms, person.away, person.operator, person.since,
-                         time.monotonic() - person.last_spoke, person.output.protocol.name, address)
+                         time.monotonic() - person.last_spoke, person.output.protocol.name, address, person.bot)
 
     def who(self, viewer: Person, mask: str) -> list[WhoEntry]:
         """The people of the room '#ROOM', or those whose nickname fits MASK (a nickname, or a pattern in
@@ -4012,7 +4020,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return WhoEntry(person.nick, room.name if room else None, person.account, person.realname,
                         person.away is not None,
                         person.operator, room is not None and person in room.operators,
-                        time.monotonic() - person.last_spoke)
+                        time.monotonic() - person.last_spoke, person.bot)
 
     def whowas(self, nick: str, most: int = 0) -> list[Departed]:
         """Who went by NICK lately (or by a look-alike of it), newest first; at most MOST of them (0: all kept)."""
@@ -4477,6 +4485,7 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "RPL_UNAWAY": ("305", "You are no longer marked as being away"),
     "RPL_NOWAWAY": ("306", "You have been marked as being away"),
     "RPL_WHOISUSER": ("311", None),
+    "RPL_WHOISBOT": ("335", None),
     "RPL_WHOWASUSER": ("314", None),
     "RPL_WHOISSERVER": ("312", None),
     "RPL_WHOISOPERATOR": ("313", "is an IRC operator"),
@@ -4861,7 +4870,7 @@ IRC_USER_HOST = f"{IRC_USER}@{IRC_HOST}"    # everyone is NICK!~user@pychat: pyC
 IRC_SERVICE_SOURCE = f"{IRC_SERVICE_NICK}!{IRC_SERVICE_NICK}@{IRC_SERVER_NAME}"
 IRC_SERVICE_KEY = name_key(IRC_SERVICE_NICK)
 IRC_MAX_REASON = 390                # the longest topic, away message, kick or quit reason taken from IRC
-IRC_USER_MODES = "o"                # o: an operator of the server (pyChat's /op, IRC's OPER)
+IRC_USER_MODES = "Bo"               # B: a bot (set by the bot), o: an operator of the server (/op, OPER)
 IRC_CHANNEL_MODES = "iknot"         # i invite-only, k key, n only members talk (always), o room operator,
                                     # t only operators set the topic
 # Capabilities that change the bytes a connection is sent. Rooms group their audiences by them (see
@@ -4887,7 +4896,7 @@ def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
               f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}", "CHANTYPES=#", f"KICKLEN={IRC_MAX_REASON}",
               f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(o)@", "SAFELIST",
               "TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:4,PART:,PRIVMSG:4,TAGMSG:4,WHOIS:1",
-              f"TOPICLEN={IRC_MAX_REASON}", "UTF8ONLY", "ELIST=MNU", "WHOX", f"MONITOR={WATCH_LIMIT}"]
+              f"TOPICLEN={IRC_MAX_REASON}", "UTF8ONLY", "ELIST=MNU", "WHOX", f"MONITOR={WATCH_LIMIT}", "BOT=B"]
     if options.rooms_per_person:
         tokens.append(f"CHANLIMIT=#:{options.rooms_per_person}")
     return sorted(tokens)
@@ -5124,8 +5133,9 @@ class IrcProtocol:
 
 
 def irc_who_flags(entry: WhoEntry) -> str:
-    """H(ere) or G(one), * for a server operator, @ for a room operator."""
-    return ("G" if entry.away else "H") + ("*" if entry.operator else "") + ("@" if entry.room_operator else "")
+    """H(ere) or G(one), * for a server operator, B for a bot, @ for a room operator."""
+    return ("G" if entry.away else "H") + ("*" if entry.operator else "") + ("B" if entry.bot else "") + \
+        ("@" if entry.room_operator else "")
 
 
 WHOX_FIELDS = "tcuihsnfdlaor"           # WHOX's fields, in the order a 354 gives them
@@ -5687,6 +5697,8 @@ class IrcConnection(ClientConnection):
             lines.append(irc_numeric("RPL_AWAY", me, them, text=found.away))
         if found.operator:
             lines.append(irc_numeric("RPL_WHOISOPERATOR", me, them))
+        if found.bot:
+            lines.append(irc_numeric("RPL_WHOISBOT", me, them, text=f"is a bot on {IRC_NETWORK}"))
         if found.account:
             lines.append(irc_numeric("RPL_WHOISACCOUNT", me, them, found.account))
         if found.address:
@@ -5781,14 +5793,25 @@ class IrcConnection(ClientConnection):
                 self.refused(refusal, "MODE")
 
     def user_mode(self, target: str, changes: str) -> None:
+        """MODE NICK: your modes; MODE NICK +B or -B: say you are a bot, or not. Operators are made with OPER."""
         if name_key(target) != self.person.key:
             self.send_irc(irc_numeric("ERR_USERSDONTMATCH", self.nick))
-        elif changes.strip("+-"):
-            self.send_irc(irc_numeric("ERR_UMODEUNKNOWNFLAG", self.nick,
-                                      text="Unknown MODE flag: pyChat has no user modes to set; "
-                                           f"/msg {IRC_SERVICE_NICK} op SECRET makes you an operator"))
+            return
+        adding = True
+        for letter in changes:
+            if letter in "+-":
+                adding = letter == "+"
+            elif letter == "B":
+                self.server.set_bot(self.person, adding)
+            else:
+                self.send_irc(irc_numeric("ERR_UMODEUNKNOWNFLAG", self.nick,
+                                          text=f"Unknown MODE flag {letter}: the one user mode to set is B (a bot); "
+                                               f"/msg {IRC_SERVICE_NICK} op SECRET makes you an operator"))
+                return
+        if changes.strip("+-"):
+            self.send_irc(format_irc_message("MODE", (self.nick, changes), irc_source(self.nick)))
         else:
-            self.send_irc(irc_numeric("RPL_UMODEIS", self.nick, "+o" if self.person.operator else "+"))
+            self.send_irc(irc_numeric("RPL_UMODEIS", self.nick, "+" + "B" * self.person.bot + "o" * self.person.operator))
 
     def irc_oper(self, name: str, secret: str) -> None:
         try:

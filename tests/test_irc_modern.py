@@ -455,3 +455,25 @@ def test_the_room_sees_an_invitation_with_invite_notify(irc_server, irc_connect,
     assert carol.expect(r":alice!\S+ INVITE ") == ":alice!~user@pychat INVITE bob #dev"
     alice.send("PRIVMSG #dev :after the invitation")
     assert "INVITE" not in dave.expect(r":alice!\S+ (INVITE|PRIVMSG) "), "dave never asked for invite-notify"
+
+
+# -- bots ---------------------------------------------------------------------------------------------------
+
+def test_a_bot_says_so_with_user_mode_b_and_shows_as_one_in_who_and_whois(irc_server, irc_connect):
+    alice, bot = irc_connect(irc_server, "alice"), irc_connect(irc_server, "sopel")
+    isupport = " ".join(line for line in bot.seen if " 005 " in line)
+    assert " BOT=B " in isupport
+    bot.send("MODE sopel +B")
+    assert message(bot.expect(r":sopel!\S+ MODE sopel")).params == ["sopel", "+B"]
+    bot.send("MODE sopel")
+    assert message(bot.expect(r"221 ")).params[1] == "+B"
+    alice.send("WHO sopel")
+    assert message(alice.expect(r"352 ")).params[6] == "HB"
+    alice.send("WHOIS sopel")
+    assert any(" 335 alice sopel " in line for line in alice.lines_until(r"318 ")), "WHOIS does not say it is a bot"
+    bot.send("MODE sopel -B")
+    bot.expect(r":sopel!\S+ MODE sopel")
+    alice.send("WHO sopel")
+    assert message(alice.expect(r"352 ")).params[6] == "H"
+    bot.send("MODE sopel +x")
+    bot.expect(r"501 sopel ")
