@@ -1,6 +1,6 @@
 """The IRC port as bots, bridges and modern clients use it, spoken raw over real sockets: capabilities
 asked for after signing in, message tags and TAGMSG, message ids, WHO with masks and WHOX, account
-news, LIST's filters and WHOWAS.
+news, real names, invitations seen by the room, LIST's filters, WHOWAS, notices, MONITOR and bots.
 
 Each test starts a real server with --irc-port 0. To prove that something did
 NOT arrive, someone sends a later line and the test checks that it comes first.

@@ -1,5 +1,6 @@
 """The pure parts of the IRC front door, called directly: messages, tags, splitting, numerics,
-capabilities, formatting codes, registration and the ping clock."""
+capabilities, formatting codes, registration, the ping clock, and how IrcProtocol renders the core's
+events for each set of capabilities (message ids, client tags, accounts, joins, notices, MONITOR)."""
 from __future__ import annotations
 
 import time
