@@ -5667,7 +5667,7 @@ class IrcConnection(ClientConnection):
         return self.server.who(self.person, pattern)
 
     def who_reply(self, entry: WhoEntry) -> str:
-        """352: the channel, user, host, server, nick, flags, and hops 0 before the real name (the nick)."""
+        """352: the channel, user, host, server, nick, flags, and hops 0 before the real name (or the nick)."""
         return irc_numeric("RPL_WHOREPLY", self.nick, f"#{entry.room}" if entry.room else "*", IRC_USER, IRC_HOST,
                            IRC_SERVER_NAME, entry.nick, irc_who_flags(entry), text=f"0 {entry.realname or entry.nick}")
 
