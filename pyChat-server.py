@@ -2712,12 +2712,22 @@ class Room:
 
     def hear(self, person: Person, current: bool) -> None:
         """Put PERSON's output in the audience for their current room, or for their other rooms."""
-        self.audiences.get((person.output.protocol, current), set()).discard(person.output)
+        self._leave_audience(person, current)
         self.audiences.setdefault((person.output.protocol, not current), set()).add(person.output)
 
     def stop_hearing(self, person: Person) -> None:
         for tagged in (False, True):
-            self.audiences.get((person.output.protocol, tagged), set()).discard(person.output)
+            self._leave_audience(person, tagged)
+
+    def _leave_audience(self, person: Person, tagged: bool) -> None:
+        # An audience that empties goes, key and all: an IRC protocol object in a key holds its connection,
+        # which must not outlive the person.
+        key = (person.output.protocol, tagged)
+        outputs = self.audiences.get(key)
+        if outputs is not None:
+            outputs.discard(person.output)
+            if not outputs:
+                del self.audiences[key]
 
 
 class ChatServer(socketserver.ThreadingTCPServer):

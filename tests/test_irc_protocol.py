@@ -638,3 +638,24 @@ def test_an_invitation_is_news_for_the_rooms_invite_notify_clients_only():
     [line] = rendered(event, "invite-notify")
     assert (line.source, line.command, line.params) == ("alice!~user@pychat", "INVITE", ["bob", "#dev"])
     assert rendered(event) == [] and server.PYCHAT.encode(event) == b""
+
+
+def test_a_room_regroups_someone_whose_capabilities_change_and_keeps_no_empty_audience():
+    class Output:
+        def __init__(self, capabilities: frozenset) -> None:
+            self.protocol = server.IrcProtocol(Receiver(), capabilities)
+
+    room = server.Room("dev", 20)
+    alice = server.Person("alice", Output(frozenset()), "127.0.0.1", 1)
+    bob = server.Person("bob", Output(frozenset()), "127.0.0.2", 2)
+    for person in (alice, bob):
+        room.hear(person, current=True)
+    assert list(room.audiences.values()) == [{alice.output, bob.output}]
+    room.stop_hearing(alice)
+    alice.output.protocol = server.IrcProtocol(Receiver(), frozenset({"message-tags"}))
+    room.hear(alice, current=False)
+    assert room.audiences == {(bob.output.protocol, False): {bob.output},
+                              (alice.output.protocol, True): {alice.output}}
+    room.stop_hearing(alice)
+    room.stop_hearing(bob)
+    assert room.audiences == {}, "an emptied audience kept its key, and the connection in it"
