@@ -2720,14 +2720,17 @@ class Room:
             self._leave_audience(person, tagged)
 
     def _leave_audience(self, person: Person, tagged: bool) -> None:
-        # An audience that empties goes, key and all: an IRC protocol object in a key holds its connection,
-        # which must not outlive the person.
+        # The protocol object in an audience's key is its first member's, and an IRC one holds its
+        # connection, which must not outlive the person: the key is made again from a member who stays,
+        # and an audience that empties goes.
         key = (person.output.protocol, tagged)
         outputs = self.audiences.get(key)
-        if outputs is not None:
-            outputs.discard(person.output)
-            if not outputs:
-                del self.audiences[key]
+        if outputs is None or person.output not in outputs:
+            return
+        outputs.discard(person.output)
+        del self.audiences[key]
+        if outputs:
+            self.audiences[(next(iter(outputs)).protocol, tagged)] = outputs
 
 
 class ChatServer(socketserver.ThreadingTCPServer):

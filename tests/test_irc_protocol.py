@@ -656,6 +656,11 @@ def test_a_room_regroups_someone_whose_capabilities_change_and_keeps_no_empty_au
     room.hear(alice, current=False)
     assert room.audiences == {(bob.output.protocol, False): {bob.output},
                               (alice.output.protocol, True): {alice.output}}
+    carol = server.Person("carol", Output(frozenset()), "127.0.0.3", 3)
+    room.hear(carol, current=True)
+    room.stop_hearing(bob)          # the first of the group, whose protocol object is in its key
+    [(protocol, _)] = [key for key, outputs in room.audiences.items() if carol.output in outputs]
+    assert protocol is carol.output.protocol, "the audience's key still holds the connection of someone gone"
     room.stop_hearing(alice)
-    room.stop_hearing(bob)
+    room.stop_hearing(carol)
     assert room.audiences == {}, "an emptied audience kept its key, and the connection in it"
