@@ -2643,6 +2643,7 @@ class Person:
         self.quit_message = False               # they left with /quit and words of their own
         self.watching: dict[str, str] = {}      # name keys watched for coming and going -> the name as asked
         self.bot = False                        # they say they are a program (IRC's user mode +B)
+        self.invisible = False                  # left out of WHO masks by those who share no room (IRC's +i)
 
     def __repr__(self) -> str:
         return f"{self.nick}@{self.address}"
@@ -3495,10 +3496,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._to_people(self.watchers.get(new_key, ()), CameOnline(new_nick))
         log.info("%s@%s is now known as %s", old_nick, person.address, new_nick)
 
-    def set_bot(self, person: Person, bot: bool) -> None:
-        """Mark PERSON as a program (a bot or a bridge), or not, for who-is-who lists."""
+    def set_modes(self, person: Person, bot: bool | None = None, invisible: bool | None = None) -> None:
+        """Mark PERSON as a program (a bot or a bridge), or not; as invisible to searches by those who share
+        no room with them, or not. None leaves a mode as it is."""
         with self.lock:
-            person.bot = bot
+            person.bot = person.bot if bot is None else bot
+            person.invisible = person.invisible if invisible is None else invisible
 
     def set_away(self, person: Person, reason: str | None) -> None:
         """Mark PERSON away with REASON, or back with None; the people who share a room with them are told."""
@@ -4020,7 +4023,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
             # Matched outside the lock, which a mask against thousands of names would hold too long.
             fitting = [p for p in everyone if fits_pattern(pattern, p.nick.casefold())]
             with self.lock:
-                people = [p for p in fitting if self.people.get(p.key) is p]        # still here
+                people = [p for p in fitting if self.people.get(p.key) is p         # still here
+                          and (not p.invisible or p is viewer or viewer.operator
+                               or not viewer.rooms.keys().isdisjoint(p.rooms))]
                 self._charge(viewer, len(people), "WHO")
                 found = [self._who_entry(p, self._first_visible_room(viewer, p)) for p in people]
         return sorted(found, key=lambda entry: entry.nick.casefold())
@@ -4053,12 +4058,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
             return [commands.PersonInfo(p.nick, None, p.away, p.operator, p.muted, False) if p else None
                     for p in found]
 
-    def counts(self) -> tuple[int, int, int, int]:
-        """People signed in, how many are operators, connections still signing in, and rooms with people."""
+    def counts(self) -> tuple[int, int, int, int, int]:
+        """People signed in, how many are operators, connections still signing in, rooms with people, and
+        how many of the people are invisible."""
         with self.lock:
             people = len(self.people)
             return (people, sum(p.operator for p in self.people.values()), len(self.connections) - people,
-                    sum(1 for room in self.rooms.values() if room.members))
+                    sum(1 for room in self.rooms.values() if room.members),
+                    sum(p.invisible for p in self.people.values()))
 
     @staticmethod
     def _may_see(viewer: Person, room: Room | None) -> bool:
@@ -4883,7 +4890,8 @@ IRC_USER_HOST = f"{IRC_USER}@{IRC_HOST}"    # everyone is NICK!~user@pychat: pyC
 IRC_SERVICE_SOURCE = f"{IRC_SERVICE_NICK}!{IRC_SERVICE_NICK}@{IRC_SERVER_NAME}"
 IRC_SERVICE_KEY = name_key(IRC_SERVICE_NICK)
 IRC_MAX_REASON = 390                # the longest topic, away message, kick or quit reason taken from IRC
-IRC_USER_MODES = "Bo"               # B: a bot (set by the bot), o: an operator of the server (/op, OPER)
+IRC_USER_MODES = "Bio"              # B: a bot, i: invisible to WHO masks (both set by the person),
+                                    # o: an operator of the server (/op, OPER)
 IRC_CHANNEL_MODES = "iknot"         # i invite-only, k key, n only members talk (always), o room operator,
                                     # t only operators set the topic
 # Capabilities that change the bytes a connection is sent. Rooms group their audiences by them (see
@@ -5806,25 +5814,30 @@ class IrcConnection(ClientConnection):
                 self.refused(refusal, "MODE")
 
     def user_mode(self, target: str, changes: str) -> None:
-        """MODE NICK: your modes; MODE NICK +B or -B: say you are a bot, or not. Operators are made with OPER."""
+        """MODE NICK: your modes; MODE NICK +B, +i (or -): say you are a bot, hide from WHO masks of those
+        who share no room with you. Operators are made with OPER."""
         if name_key(target) != self.person.key:
             self.send_irc(irc_numeric("ERR_USERSDONTMATCH", self.nick))
             return
-        adding = True
+        adding, modes = True, {}
         for letter in changes:
             if letter in "+-":
                 adding = letter == "+"
-            elif letter == "B":
-                self.server.set_bot(self.person, adding)
+            elif letter in "Bi":
+                modes["bot" if letter == "B" else "invisible"] = adding
             else:
                 self.send_irc(irc_numeric("ERR_UMODEUNKNOWNFLAG", self.nick,
-                                          text=f"Unknown MODE flag {letter}: the one user mode to set is B (a bot); "
-                                               f"/msg {IRC_SERVICE_NICK} op SECRET makes you an operator"))
+                                          text=f"Unknown MODE flag {letter}: the user modes to set are B (a bot) "
+                                               f"and i (invisible); /msg {IRC_SERVICE_NICK} op SECRET makes you "
+                                               "an operator"))
                 return
-        if changes.strip("+-"):
+        if modes:
+            self.server.set_modes(self.person, **modes)
             self.send_irc(format_irc_message("MODE", (self.nick, changes), irc_source(self.nick)))
         else:
-            self.send_irc(irc_numeric("RPL_UMODEIS", self.nick, "+" + "B" * self.person.bot + "o" * self.person.operator))
+            person = self.person
+            self.send_irc(irc_numeric("RPL_UMODEIS", self.nick,
+                                      "+" + "B" * person.bot + "i" * person.invisible + "o" * person.operator))
 
     def irc_oper(self, name: str, secret: str) -> None:
         try:
@@ -5845,10 +5858,10 @@ class IrcConnection(ClientConnection):
         self.send_irc(irc_numeric("RPL_USERHOST", self.nick, text=" ".join(replies)))
 
     def irc_lusers(self, *ignored: str) -> None:
-        people, operators, signing_in, rooms = self.server.counts()
+        people, operators, signing_in, rooms, invisible = self.server.counts()
         me = self.nick
-        for line in (irc_numeric("RPL_LUSERCLIENT", me,
-                                 text=f"There are {people} users and 0 invisible on 1 servers"),
+        for line in (irc_numeric("RPL_LUSERCLIENT", me, text=f"There are {people - invisible} users and "
+                                                             f"{invisible} invisible on 1 servers"),
                      irc_numeric("RPL_LUSEROP", me, str(operators)),
                      irc_numeric("RPL_LUSERUNKNOWN", me, str(signing_in)),
                      irc_numeric("RPL_LUSERCHANNELS", me, str(rooms)),

@@ -477,3 +477,25 @@ def test_a_bot_says_so_with_user_mode_b_and_shows_as_one_in_who_and_whois(irc_se
     assert message(alice.expect(r"352 ")).params[6] == "H"
     bot.send("MODE sopel +x")
     bot.expect(r"501 sopel ")
+
+
+def test_user_mode_i_hides_from_who_masks_of_those_who_share_no_room(irc_server, irc_connect):
+    alice, carol, dave = (irc_connect(irc_server, nick) for nick in ("alice", "carol", "dave"))
+    carol.send("MODE carol +i")
+    assert message(carol.expect(r":carol!\S+ MODE carol")).params == ["carol", "+i"]
+    carol.send("MODE carol")
+    assert message(carol.expect(r"221 ")).params[1] == "+i"
+    for client in (carol, dave):        # in #dev only; alice stays in #lobby
+        joined(client, "#dev")
+        client.send("PART #lobby")
+        client.expect(r":\S+ PART #lobby")
+
+    def who(client, mask: str) -> list[str]:
+        client.send(f"WHO {mask}")
+        return sorted(message(line).params[5] for line in client.lines_until(r"315 ") if " 352 " in line)
+
+    assert who(alice, "*") == ["alice", "dave"], "an invisible person showed to someone sharing no room"
+    assert who(dave, "*") == ["alice", "carol", "dave"]
+    assert who(alice, "carol") == ["carol"], "asked for by name, an invisible person is found"
+    alice.send("LUSERS")
+    assert "2 users and 1 invisible" in alice.expect(r"251 ")
