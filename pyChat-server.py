@@ -596,6 +596,7 @@ class Said(NamedTuple):
     client_tags: ClientTags = ()
     account: str | None = None
     notice: bool = False        # IRC's NOTICE: a line no program should answer (pyChat shows it as any other)
+    bot: bool = False           # from someone who says they are a program
 
 
 class Acted(NamedTuple):
@@ -605,6 +606,7 @@ class Acted(NamedTuple):
     line_id: str = ""
     client_tags: ClientTags = ()
     account: str | None = None
+    bot: bool = False
 
 
 class TagMessage(NamedTuple):
@@ -616,6 +618,7 @@ class TagMessage(NamedTuple):
     line_id: str
     client_tags: ClientTags
     account: str | None = None
+    bot: bool = False
 
 
 class Joined(NamedTuple):
@@ -760,6 +763,7 @@ class PrivateFrom(NamedTuple):
     client_tags: ClientTags = ()
     account: str | None = None
     notice: bool = False
+    bot: bool = False
 
 
 class PrivateTo(NamedTuple):
@@ -770,6 +774,7 @@ class PrivateTo(NamedTuple):
     client_tags: ClientTags = ()
     account: str | None = None
     notice: bool = False
+    bot: bool = False
 
 
 class Bye(NamedTuple):
@@ -3381,7 +3386,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 return
             room = self._member_room(person, name)
             person.last_spoke = time.monotonic()
-            event = kind(room.name, person.nick, text, self._next_line_id(), client_tags, person.account, **more)
+            event = kind(room.name, person.nick, text, self._next_line_id(), client_tags, person.account,
+                         bot=person.bot, **more)
             if self.options.history:
                 when = time.time()
                 self.said += 1
@@ -3402,7 +3408,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 room = self._member_room(person, target)
                 if not person.muted:
                     event = TagMessage(room.name, person.nick, f"#{room.name}", self._next_line_id(), client_tags,
-                                       person.account)
+                                       person.account, person.bot)
                     self._to_room(room, event, skip=None if echo else person, sender=person)
                 return
             found = self._find(target)
@@ -3410,7 +3416,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused("That is you.")
             if person.muted:
                 return
-            event = TagMessage(None, person.nick, found.nick, self._next_line_id(), client_tags, person.account)
+            event = TagMessage(None, person.nick, found.nick, self._next_line_id(), client_tags, person.account,
+                               person.bot)
             if person.key not in found.ignoring:
                 found.output.send(event)
             if echo:
@@ -3438,9 +3445,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused("That is you.")
             line_id = self._next_line_id()
             if person.key not in target.ignoring:
-                target.output.send(PrivateFrom(person.nick, text, line_id, client_tags, person.account, notice))
+                target.output.send(PrivateFrom(person.nick, text, line_id, client_tags, person.account, notice,
+                                               person.bot))
                 target.last_private_from = person.serial
-            person.output.send(PrivateTo(target.nick, text, line_id, client_tags, person.account, notice))
+            person.output.send(PrivateTo(target.nick, text, line_id, client_tags, person.account, notice, person.bot))
             if target.away and not notice:
                 person.output.send(Reply(f"{target.nick} is away: {target.away}"))
 
@@ -4973,6 +4981,8 @@ class IrcProtocol:
                 tags["account"] = chat.account
             if self.message_tags:
                 tags.update(chat.client_tags)
+                if chat.bot:
+                    tags["bot"] = ""
                 line_id = chat.line_id
         if not line_id:
             return "".join(self._tagged(line, tags) for line in lines).encode("utf-8")

@@ -460,7 +460,7 @@ def test_the_room_sees_an_invitation_with_invite_notify(irc_server, irc_connect,
 # -- bots ---------------------------------------------------------------------------------------------------
 
 def test_a_bot_says_so_with_user_mode_b_and_shows_as_one_in_who_and_whois(irc_server, irc_connect):
-    alice, bot = irc_connect(irc_server, "alice"), irc_connect(irc_server, "sopel")
+    alice, bot = irc_connect(irc_server, "alice", ("message-tags",)), irc_connect(irc_server, "sopel")
     isupport = " ".join(line for line in bot.seen if " 005 " in line)
     assert " BOT=B " in isupport
     bot.send("MODE sopel +B")
@@ -471,10 +471,14 @@ def test_a_bot_says_so_with_user_mode_b_and_shows_as_one_in_who_and_whois(irc_se
     assert message(alice.expect(r"352 ")).params[6] == "HB"
     alice.send("WHOIS sopel")
     assert any(" 335 alice sopel " in line for line in alice.lines_until(r"318 ")), "WHOIS does not say it is a bot"
+    bot.send("PRIVMSG #lobby :beep")
+    assert "bot" in message(alice.expect(r":sopel!\S+ PRIVMSG #lobby :beep")).tags
     bot.send("MODE sopel -B")
     bot.expect(r":sopel!\S+ MODE sopel")
     alice.send("WHO sopel")
     assert message(alice.expect(r"352 ")).params[6] == "H"
+    bot.send("PRIVMSG #lobby :human again")
+    assert "bot" not in message(alice.expect(r":sopel!\S+ PRIVMSG #lobby :human")).tags
     bot.send("MODE sopel +x")
     bot.expect(r"501 sopel ")
 

@@ -664,3 +664,11 @@ def test_a_room_regroups_someone_whose_capabilities_change_and_keeps_no_empty_au
     room.stop_hearing(alice)
     room.stop_hearing(carol)
     assert room.audiences == {}, "an emptied audience kept its key, and the connection in it"
+
+
+def test_a_bots_lines_carry_the_bot_tag_to_those_who_take_message_tags():
+    said = server.Said("dev", "sopel", "beep", "abc-1", bot=True)
+    [line] = rendered(said, "message-tags")
+    assert line.tags == {"bot": "", "msgid": "abc-1"}
+    [line] = rendered(said)
+    assert line.tags is None
