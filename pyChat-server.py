@@ -670,6 +670,12 @@ class AwayChanged(NamedTuple):
     reason: str | None          # None: back
 
 
+class RealnameChanged(NamedTuple):
+    """NICK gave a new real name (IRC's SETNAME)."""
+    nick: str
+    realname: str
+
+
 class AccountChanged(NamedTuple):
     """NICK registered an account (ACCOUNT, their nickname) or gave it up (None)."""
     nick: str
@@ -899,9 +905,10 @@ class PyChatProtocol:
     }
 
     # Events pyChat's lines have no words for: client tags with no text, accounts changing (the person
-    # is told in a reply; the others have no need to know), the comings and goings of watched names, and
-    # invitations seen by the room (IRC's invite-notify; the invited person is told with Invited).
-    UNSAID = frozenset({TagMessage, AccountChanged, CameOnline, WentOffline, InvitedSomeone})
+    # is told in a reply; the others have no need to know), the comings and goings of watched names,
+    # invitations seen by the room (IRC's invite-notify; the invited person is told with Invited), and real
+    # names, which pyChat does not show.
+    UNSAID = frozenset({TagMessage, AccountChanged, CameOnline, WentOffline, InvitedSomeone, RealnameChanged})
 
     def line(self, event: Any) -> str:
         """EVENT as a line of text, as it reads in the receiver's current room."""
@@ -3504,6 +3511,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._to_people(self.watchers.get(new_key, ()), CameOnline(new_nick))
         log.info("%s@%s is now known as %s", old_nick, person.address, new_nick)
 
+    def set_realname(self, person: Person, realname: str) -> None:
+        """Give PERSON a new real name; those who share a room with them are told. Not while muted: it is
+        their own words."""
+        with self.lock:
+            if person.muted:
+                raise Refused("You are muted; you cannot change your real name.")
+            person.realname = realname
+            self._to_people(self._sharers(person) | {person}, RealnameChanged(person.nick, realname))
+
     def set_modes(self, person: Person, bot: bool | None = None, invisible: bool | None = None) -> None:
         """Mark PERSON as a program (a bot or a bridge), or not; as invisible to searches by those who share
         no room with them, or not. None leaves a mode as it is."""
@@ -4622,6 +4638,7 @@ IRC_CAPABILITIES: dict[str, str | None] = {
     "multi-prefix": None,
     "sasl": "PLAIN",
     "server-time": None,
+    "setname": None,
     "userhost-in-names": None,
 }
 IRC_MAX_CLIENT_TAG_BYTES = 4094         # of tag data a client may send, without the '@' and the space (IRCv3)
@@ -4905,7 +4922,8 @@ IRC_CHANNEL_MODES = "iknot"         # i invite-only, k key, n only members talk 
 # Capabilities that change the bytes a connection is sent. Rooms group their audiences by them (see
 # IrcProtocol), so a change to them once the person is in goes through ChatServer.change_protocol.
 IRC_RENDERING_CAPABILITIES = frozenset({"account-notify", "account-tag", "away-notify", "echo-message", "extended-join",
-                                        "invite-notify", "message-tags", "server-time", "userhost-in-names"})
+                                        "invite-notify", "message-tags", "server-time", "setname",
+                                        "userhost-in-names"})
 IRC_CHAT_EVENTS = (Said, Acted, PrivateFrom, PrivateTo, TagMessage)     # with a line id and client tags
 
 
@@ -4925,7 +4943,8 @@ def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
               f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}", "CHANTYPES=#", f"KICKLEN={IRC_MAX_REASON}",
               f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(o)@", "SAFELIST",
               "TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:4,PART:,PRIVMSG:4,TAGMSG:4,WHOIS:1",
-              f"TOPICLEN={IRC_MAX_REASON}", "UTF8ONLY", "ELIST=MNU", "WHOX", f"MONITOR={WATCH_LIMIT}", "BOT=B"]
+              f"TOPICLEN={IRC_MAX_REASON}", "UTF8ONLY", "ELIST=MNU", "WHOX", f"MONITOR={WATCH_LIMIT}", "BOT=B",
+              f"NAMELEN={IRC_MAX_REALNAME}"]
     if options.rooms_per_person:
         tokens.append(f"CHANLIMIT=#:{options.rooms_per_person}")
     return sorted(tokens)
@@ -5055,6 +5074,11 @@ class IrcProtocol:
             return []
         return [format_irc_message("AWAY", (event.reason,) if event.reason else (), irc_source(event.nick))]
 
+    def realname_changed(self, event: RealnameChanged) -> list[str]:
+        if "setname" not in self.capabilities:
+            return []
+        return [format_irc_message("SETNAME", (event.realname,), irc_source(event.nick))]
+
     def invited_someone(self, event: InvitedSomeone) -> list[str]:
         if "invite-notify" not in self.capabilities:
             return []
@@ -5159,7 +5183,7 @@ class IrcProtocol:
         DisconnectedBy: closing, Banned: closing, SignedInElsewhere: closing, Farewell: closing,
         OfflinePrivate: offline_private, Prompt: nothing, AccountPrompt: nothing, NowTalking: nothing,
         TagMessage: tag_message, AccountChanged: account_changed, CameOnline: came_online,
-        WentOffline: went_offline, InvitedSomeone: invited_someone,
+        WentOffline: went_offline, InvitedSomeone: invited_someone, RealnameChanged: realname_changed,
     }
 
 
@@ -5908,6 +5932,15 @@ class IrcConnection(ClientConnection):
         for reply in replies:
             self.send_irc(reply)
 
+    def irc_setname(self, realname: str) -> None:
+        """SETNAME: a new real name, cleaned as USER's is; FAIL (IRCv3's standard reply) for one too long."""
+        cleaned = clean_text(realname)
+        if not cleaned or len(cleaned) > IRC_MAX_REALNAME:
+            self.send_irc(format_irc_message("FAIL", ("SETNAME", "INVALID_REALNAME",
+                                                      f"A real name has 1 to {IRC_MAX_REALNAME} characters")))
+            return
+        self.server.set_realname(self.person, cleaned)
+
     def irc_monitor(self, action: str, targets: str = "") -> None:
         """MONITOR + NICKS, - NICKS, C (clear), L (list), S (status): news of names signing in and leaving."""
         action, nicks = action.upper(), [nick for nick in targets.split(",") if nick]
@@ -5955,7 +5988,7 @@ class IrcConnection(ClientConnection):
         ("KICK", irc_kick, 2), ("INVITE", irc_invite, 2), ("MODE", irc_mode, 1), ("OPER", irc_oper, 2),
         ("ISON", irc_ison, 1), ("USERHOST", irc_userhost, 1), ("LUSERS", irc_lusers, 0), ("MOTD", irc_motd, 0),
         ("VERSION", irc_version, 0), ("TIME", irc_time, 0), ("PING", irc_ping, 0), ("PONG", irc_pong, 0),
-        ("CAP", irc_cap, 1), ("MONITOR", irc_monitor, 1), ("QUIT", irc_quit, 0),
+        ("CAP", irc_cap, 1), ("MONITOR", irc_monitor, 1), ("SETNAME", irc_setname, 1), ("QUIT", irc_quit, 0),
         ("USER", irc_registered_already, 0),
         ("AUTHENTICATE", irc_authenticate, 0),
         ("PASS", irc_registered_already, 0),

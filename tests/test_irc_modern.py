@@ -503,3 +503,28 @@ def test_user_mode_i_hides_from_who_masks_of_those_who_share_no_room(irc_server,
     assert who(alice, "carol") == ["carol"], "asked for by name, an invisible person is found"
     alice.send("LUSERS")
     assert "2 users and 1 invisible" in alice.expect(r"251 ")
+
+
+def test_setname_gives_a_new_real_name_that_setname_clients_are_told_of(irc_server, irc_connect):
+    alice, bob = irc_connect(irc_server, "alice", ("setname",)), irc_connect(irc_server, "bob", ("setname",))
+    carol = irc_connect(irc_server, "carol")
+    alice.send("SETNAME :Alice Liddell")
+    for client in (alice, bob):
+        assert message(client.expect(r":alice!\S+ SETNAME ")).params == ["Alice Liddell"]
+    bob.send("WHO alice %nr")
+    assert message(bob.expect(r"354 ")).params[1:] == ["alice", "Alice Liddell"]
+    alice.send("SETNAME :" + "x" * 51)
+    assert message(alice.expect(r"FAIL ")).params[:2] == ["SETNAME", "INVALID_REALNAME"]
+    alice.send("PRIVMSG #lobby :after")
+    assert "SETNAME" not in carol.expect(r":alice!\S+ (SETNAME|PRIVMSG) "), "carol never asked for setname"
+
+
+def test_a_muted_person_keeps_their_real_name(start_server, irc_connect):
+    chat_server = start_server("--irc-port", "0", "--op-password", "let me run it 4")
+    op, alice = irc_connect(chat_server, "boss"), irc_connect(chat_server, "alice", ("setname",))
+    op.send("OPER boss :let me run it 4")
+    op.expect(r"381 ")
+    op.send("PRIVMSG pyChat :mute alice")
+    op.expect(r":pyChat!\S+ NOTICE boss ")
+    alice.send("SETNAME :Someone Else")
+    assert "muted" in alice.expect(r"(:pyChat!\S+ NOTICE alice|:alice!\S+ SETNAME) ")

@@ -672,3 +672,10 @@ def test_a_bots_lines_carry_the_bot_tag_to_those_who_take_message_tags():
     assert line.tags == {"bot": "", "msgid": "abc-1"}
     [line] = rendered(said)
     assert line.tags is None
+
+
+def test_a_new_real_name_is_told_to_setname_clients_only():
+    event = server.RealnameChanged("alice", "Alice Liddell")
+    [line] = rendered(event, "setname")
+    assert (line.source, line.command, line.params) == ("alice!~user@pychat", "SETNAME", ["Alice Liddell"])
+    assert rendered(event) == [] and server.PYCHAT.encode(event) == b""
