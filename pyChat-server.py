@@ -4025,7 +4025,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def who(self, viewer: Person, mask: str) -> list[WhoEntry]:
         """The people of the room '#ROOM', or those whose nickname fits MASK (a nickname, or a pattern in
-        which * stands for any letters and ? for one), as VIEWER may know them, sorted by nickname."""
+        which * stands for any letters and ? for one), as VIEWER may know them, sorted by nickname. A
+        pattern leaves out the invisible who share no room with VIEWER; a nickname finds them."""
         if mask.startswith("#"):
             with self.lock:
                 room = self._visible_room(viewer, mask)
