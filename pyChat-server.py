@@ -94,6 +94,8 @@ ROOM_SETTINGS = ("key", "invite-only", "topic", "op", "deop")    # what /mode ch
 LISTING_BURST = 500               # entries of lists (/online, /who, /rooms) one person may ask for at once,
 LISTING_RATE = 50.0               # and then a second: long lists asked for by hundreds must not slow the chat
 ANNOUNCE_LIMIT = 200              # rooms bigger than this do not announce every join and leave
+WHOWAS_KEPT = 200                 # names given up lately (by leaving or renaming), for IRC's WHOWAS
+WATCH_LIMIT = 100                 # names one person may watch coming and going (IRC's MONITOR)
 QUIT = "quit"                     # the leave reason of someone who said /quit without a message
 PASSWORD_TRIES = 3                # wrong server passwords before the connection is closed
 TLS_HANDSHAKE = b"\x16"            # the first byte of every TLS connection: a handshake record
@@ -605,22 +607,54 @@ class TokenBucket:
 # -- what happened: the core's events ----------------------------------------------
 # The core (ChatServer) says what happened with these; a protocol object turns
 # each into its own words. An event that has a `room` belongs to that room.
+#
+# A chat line has an id, the same for every receiver (IRC's msgid), and may carry
+# client tags: what the sender's client attached for other clients of its kind
+# (IRC's client-only tags, such as +draft/reply). The core passes them on as they
+# are; a protocol that has no use for them leaves them out. It names the account
+# of its sender, if they are signed in to one (IRC's account-tag).
+ClientTags = tuple[tuple[str, str], ...]
+
 
 class Said(NamedTuple):
     room: str
     nick: str
     text: str
+    line_id: str = ""
+    client_tags: ClientTags = ()
+    account: str | None = None
+    notice: bool = False        # IRC's NOTICE: a line no program should answer (pyChat shows it as any other)
+    bot: bool = False           # from someone who says they are a program
 
 
 class Acted(NamedTuple):
     room: str
     nick: str
     text: str
+    line_id: str = ""
+    client_tags: ClientTags = ()
+    account: str | None = None
+    bot: bool = False
+
+
+class TagMessage(NamedTuple):
+    """Client tags alone, with no text (IRC's TAGMSG: someone is typing, a reaction...), from NICK to TARGET
+    (a nickname, or #ROOM); ROOM is None for one sent to a person."""
+    room: str | None
+    nick: str
+    target: str
+    line_id: str
+    client_tags: ClientTags
+    account: str | None = None
+    bot: bool = False
 
 
 class Joined(NamedTuple):
     room: str
     nick: str
+    account: str | None = None
+    realname: str = ""          # what an IRC client gave as the person's real name; "" for others
+    away: str | None = None     # their away message, if they come in away
 
 
 class Left(NamedTuple):
@@ -662,6 +696,28 @@ class Renamed(NamedTuple):
 class AwayChanged(NamedTuple):
     nick: str
     reason: str | None          # None: back
+
+
+class RealnameChanged(NamedTuple):
+    """NICK gave a new real name (IRC's SETNAME)."""
+    nick: str
+    realname: str
+
+
+class AccountChanged(NamedTuple):
+    """NICK registered an account (ACCOUNT, their nickname) or gave it up (None)."""
+    nick: str
+    account: str | None
+
+
+class CameOnline(NamedTuple):
+    """NICK, whom you watch for, signed in or took that name."""
+    nick: str
+
+
+class WentOffline(NamedTuple):
+    """NICK, whom you watch for, left or took another name."""
+    nick: str
 
 
 class Notice(NamedTuple):
@@ -727,14 +783,32 @@ class Invited(NamedTuple):
     by: str
 
 
+class InvitedSomeone(NamedTuple):
+    """BY invited NICK to ROOM: news for the room's members."""
+    room: str
+    by: str
+    nick: str
+
+
 class PrivateFrom(NamedTuple):
     nick: str
     text: str
+    line_id: str = ""
+    client_tags: ClientTags = ()
+    account: str | None = None
+    notice: bool = False
+    bot: bool = False
 
 
 class PrivateTo(NamedTuple):
+    """Your copy of a private message to NICK (ACCOUNT is yours, as a chat line names its sender's)."""
     nick: str
     text: str
+    line_id: str = ""
+    client_tags: ClientTags = ()
+    account: str | None = None
+    notice: bool = False
+    bot: bool = False
 
 
 class Bye(NamedTuple):
@@ -858,12 +932,20 @@ class PyChatProtocol:
         SignedInElsewhere: lambda e: "*** You signed in again somewhere else; this connection is closed.",
     }
 
+    # Events pyChat's lines have no words for: client tags with no text, accounts changing (the person
+    # is told in a reply; the others have no need to know), the comings and goings of watched names,
+    # invitations seen by the room (IRC's invite-notify; the invited person is told with Invited), and real
+    # names, which pyChat does not show.
+    UNSAID = frozenset({TagMessage, AccountChanged, CameOnline, WentOffline, InvitedSomeone, RealnameChanged})
+
     def line(self, event: Any) -> str:
         """EVENT as a line of text, as it reads in the receiver's current room."""
         return self.LINES[type(event)](event)
 
     def encode(self, event: Any, tagged: bool = False) -> bytes:
         """EVENT as bytes to send; TAGGED for a room event of a room that is not the receiver's current one."""
+        if type(event) in self.UNSAID:
+            return b""
         text = self.LINES[type(event)](event)
         if tagged:
             text = f"#{event.room} {text}"
@@ -2961,6 +3043,7 @@ class Person:
         self.operator = False
         self.operator_failures = 0              # wrong /op secrets on this connection
         self.account: str | None = None         # the account signed in to (its registered spelling)
+        self.realname = ""                      # the real name an IRC client gave (USER); "" from pyChat's
         self.since = time.time()                # signed in at
         self.last_spoke = time.monotonic()      # for /whois: last chat, action or private line
         self.muted = False
@@ -2970,6 +3053,9 @@ class Person:
         self.seen: dict[str, int] = {}          # room key -> history position when they left it
         self.listing = TokenBucket(LISTING_RATE, LISTING_BURST)
         self.quit_message = False               # they left with /quit and words of their own
+        self.watching: dict[str, str] = {}      # name keys watched for coming and going -> the name as asked
+        self.bot = False                        # they say they are a program (IRC's user mode +B)
+        self.invisible = False                  # left out of WHO masks by those who share no room (IRC's +i)
 
     def __repr__(self) -> str:
         return f"{self.nick}@{self.address}"
@@ -2987,6 +3073,31 @@ class Whois(NamedTuple):
     idle: float                             # seconds since they last said something
     protocol: str                           # the name of the protocol they came in with
     address: str | None                     # for operators of the server only
+    bot: bool = False                       # they say they are a program
+
+
+class Departed(NamedTuple):
+    """A name someone gave up lately, by leaving or by renaming, for IRC's WHOWAS. No address is kept."""
+
+    nick: str
+    key: str                                # name_key(nick)
+    account: str | None
+    realname: str
+    when: float                             # a time.time()
+
+
+class WhoEntry(NamedTuple):
+    """One person as a WHO list shows them."""
+
+    nick: str
+    room: str | None                        # the room asked about, or the first of theirs the asker may see
+    account: str | None
+    realname: str
+    away: bool
+    operator: bool
+    room_operator: bool
+    idle: float                             # seconds since they last said something
+    bot: bool
 
 
 class Room:
@@ -3014,12 +3125,25 @@ class Room:
 
     def hear(self, person: Person, current: bool) -> None:
         """Put PERSON's output in the audience for their current room, or for their other rooms."""
-        self.audiences.get((person.output.protocol, current), set()).discard(person.output)
+        self._leave_audience(person, current)
         self.audiences.setdefault((person.output.protocol, not current), set()).add(person.output)
 
     def stop_hearing(self, person: Person) -> None:
         for tagged in (False, True):
-            self.audiences.get((person.output.protocol, tagged), set()).discard(person.output)
+            self._leave_audience(person, tagged)
+
+    def _leave_audience(self, person: Person, tagged: bool) -> None:
+        # The protocol object in an audience's key is its first member's, and an IRC one holds its
+        # connection, which must not outlive the person: the key is made again from a member who stays,
+        # and an audience that empties goes.
+        key = (person.output.protocol, tagged)
+        outputs = self.audiences.get(key)
+        if outputs is None or person.output not in outputs:
+            return
+        outputs.discard(person.output)
+        del self.audiences[key]
+        if outputs:
+            self.audiences[(next(iter(outputs)).protocol, tagged)] = outputs
 
 
 class ChatServer(socketserver.ThreadingTCPServer):
@@ -3053,6 +3177,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.out_of_descriptors = False                         # accept() failed for want of one; logged once
         self.spare_descriptor: int | None = None                # given up to accept a newcomer just to tell them
         self.ignorers: dict[str, set[Person]] = {}              # who ignores each name_key(), if anyone
+        self.watchers: dict[str, set[Person]] = {}              # who watches for each name_key(), if anyone
         self.stopping = False
         self.stop_signal, self.stop_trigger = socket.socketpair()
         self.started = time.time()
@@ -3062,6 +3187,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.started = time.time()
         self.most_people = 0
         self.registrations: dict[str, list[float]] = {}         # when accounts were registered, by address_bucket()
+        self.line_ids = itertools.count(1)                      # chat lines and tag messages, for their ids
+        self.line_id_prefix = f"{int(self.started * 1000):x}-"  # ids differ from a server run's to the next's
+        self.departed: collections.deque[Departed] = collections.deque(maxlen=WHOWAS_KEPT)   # newest last
         self.lobby: Room | None = None
         self.lobby = self.room_named(DEFAULT_ROOM)      # everyone's first room, never forgotten
         for room_name, lines in self.data.history.rooms_and_lines():
@@ -3263,8 +3391,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- signing in and out ----------------------------------------------------------
 
-    def sign_in(self, connection: ClientConnection, nick: str, account: str | None = None) -> str | None:
-        """Make CONNECTION a person called NICK in the default room, or say why not.
+    def sign_in(self, connection: ClientConnection, nick: str, account: str | None = None,
+                realname: str = "") -> str | None:
+        """Make CONNECTION a person called NICK (with the REALNAME an IRC client gave) in the default room,
+        or say why not.
 
         ACCOUNT is the account whose password they gave: its owner takes the
         name over from a connection that still holds it. Either all of it
@@ -3285,6 +3415,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 return problem
             person = Person(nick, connection.output, connection.address, next(self.serials))
             person.account = account
+            person.realname = realname
             person.operator = account is not None and account in self.data.operators
             person.output.send(Welcome(nick))
             for line in motd:
@@ -3303,6 +3434,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise
             connection.person = person
             self.most_people = max(self.most_people, len(self.people))
+            self._to_people(self.watchers.get(person.key, ()), CameOnline(person.nick))
         log.info("%r signed in%s", person, f" to the account {account}" if account else "")
         if account:
             self.deliver_offline_messages(person)
@@ -3369,6 +3501,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 receivers |= room.members
         receivers.discard(person)
         self._forget(person)
+        self._to_people(self.watchers.get(person.key, ()), WentOffline(person.nick))
+        self.departed.append(Departed(person.nick, person.key, person.account, person.realname, time.time()))
         if not self.stopping:
             # A muted person's own words (their /quit message) are not shown.
             shown = None if reason == QUIT or (person.muted and person.quit_message) else reason
@@ -3384,6 +3518,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         for key in person.ignoring:
             self._count_ignorer(key, person, False)
         person.ignoring.clear()
+        self._stop_watching(person, list(person.watching))
 
     # -- rooms: the one way in and the one way out -----------------------------------
 
@@ -3417,7 +3552,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         room.last_used = time.monotonic()
         self._make_current(person, room)
         if not person.muted and len(room.members) <= ANNOUNCE_LIMIT:
-            self._to_room(room, Joined(room.name, person.nick), skip=person)
+            self._to_room(room, Joined(room.name, person.nick, person.account, person.realname, person.away),
+                          skip=person)
         others = [m.nick for m in itertools.islice(room.members, 16) if m is not person][:15]
         # A protocol that lists members gets them all, up to ANNOUNCE_LIMIT: past that, joins and leaves
         # are not announced, so a longer list would not stay true, and every newcomer would pay for it.
@@ -3557,6 +3693,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             target.invited_to.add(room.key)
             if by.key not in target.ignoring:
                 target.output.send(Invited(room.name, by.nick))
+            self._to_room(room, InvitedSomeone(room.name, by.nick, target.nick), skip=by)
             return target.nick
 
     def set_topic(self, by: Person, topic: str, name: str | None = None) -> None:
@@ -3643,42 +3780,80 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- talking ----------------------------------------------------------------------
 
-    def say(self, person: Person, text: str, name: str | None = None, echo: bool = True) -> None:
+    def say(self, person: Person, text: str, name: str | None = None, echo: bool = True,
+            client_tags: ClientTags = (), notice: bool = False) -> None:
         """A chat line from PERSON to the room NAME, or to their current room; with ECHO false, PERSON is
-        not sent it back (IRC clients show their own lines themselves)."""
-        self._speak(person, Said, text, name, echo)
+        not sent it back (IRC clients show their own lines themselves). CLIENT_TAGS go along with it; a
+        NOTICE is a line that programs must not answer."""
+        self._speak(person, Said, text, name, echo, client_tags, **({"notice": True} if notice else {}))
 
-    def act(self, person: Person, text: str, name: str | None = None, echo: bool = True) -> None:
+    def act(self, person: Person, text: str, name: str | None = None, echo: bool = True,
+            client_tags: ClientTags = ()) -> None:
         """An action line, '* nick waves', to the room NAME or the current one."""
-        self._speak(person, Acted, text, name, echo)
+        self._speak(person, Acted, text, name, echo, client_tags)
 
-    def _speak(self, person: Person, kind: type, text: str, name: str | None, echo: bool = True) -> None:
+    def _next_line_id(self) -> str:
+        """A new id for a chat line, the same for all who get the line. Lock held."""
+        return f"{self.line_id_prefix}{next(self.line_ids)}"
+
+    def _speak(self, person: Person, kind: type, text: str, name: str | None, echo: bool = True,
+               client_tags: ClientTags = (), **more: Any) -> None:
         with self.lock:
             if person.muted:
                 person.output.send(Error("You are muted; the room does not hear you."))
                 return
             room = self._member_room(person, name)
             person.last_spoke = time.monotonic()
-            event = kind(room.name, person.nick, text)
+            event = kind(room.name, person.nick, text, self._next_line_id(), client_tags, person.account,
+                         bot=person.bot, **more)
             if self.options.history:
                 when = time.time()
                 self.said += 1
-                room.history.append((self.said, when, event))
+                # Kept without its client tags (up to 4 KiB a line), so that history costs what its text does.
+                room.history.append((self.said, when, event._replace(client_tags=()) if client_tags else event))
                 if not room.private:
                     # In the file before anyone sees it, so whatever was seen survives a kill -9. A private
                     # room's lines are never written: it forgets them when it empties, as it would at a restart.
                     self.data.history.append(room.name, when, PYCHAT.line(event))
             self._to_room(room, event, skip=None if echo else person, sender=person)
 
-    def send_private(self, person: Person, nick: str, text: str) -> None:
+    def send_tags(self, person: Person, target: str, client_tags: ClientTags, echo: bool = False) -> None:
+        """CLIENT_TAGS with no text (someone is typing, a reaction) to the room TARGET ('#ROOM') or the person
+        TARGET; PERSON gets them back only with ECHO. Nothing is kept: not in the history, not for
+        someone offline. A muted person's are dropped, as their typing would be."""
+        with self.lock:
+            if target.startswith("#"):
+                room = self._member_room(person, target)
+                if not person.muted:
+                    event = TagMessage(room.name, person.nick, f"#{room.name}", self._next_line_id(), client_tags,
+                                       person.account, person.bot)
+                    self._to_room(room, event, skip=None if echo else person, sender=person)
+                return
+            found = self._find(target)
+            if found is person:
+                raise Refused("That is you.")
+            if person.muted:
+                return
+            event = TagMessage(None, person.nick, found.nick, self._next_line_id(), client_tags, person.account,
+                               person.bot)
+            if person.key not in found.ignoring:
+                found.output.send(event)
+            if echo:
+                person.output.send(event)
+
+    def send_private(self, person: Person, nick: str, text: str, client_tags: ClientTags = (),
+                     notice: bool = False) -> None:
         """TEXT to NICK alone; PERSON gets a copy, and the away message if there is one.
 
-        To a registered account that is offline, the message is kept until its next sign-in.
+        To a registered account that is offline, the message is kept until its next sign-in. A NOTICE
+        (which no program answers) is neither kept nor answered with the away message.
         """
         with self.lock:
             person.last_spoke = time.monotonic()
             target = self.people.get(name_key(normal_name(nick)))
         if target is None:
+            if notice:
+                raise Refused(f"No one called {nick} is online.", "no-such-person", nick=nick)
             self.leave_offline_message(person, nick, text)
             return
         with self.lock:
@@ -3686,11 +3861,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused(f"{target.nick} has just left.")
             if target is person:
                 raise Refused("That is you.")
+            line_id = self._next_line_id()
             if person.key not in target.ignoring:
-                target.output.send(PrivateFrom(person.nick, text))
+                target.output.send(PrivateFrom(person.nick, text, line_id, client_tags, person.account, notice,
+                                               person.bot))
                 target.last_private_from = person.serial
-            person.output.send(PrivateTo(target.nick, text))
-            if target.away:
+            person.output.send(PrivateTo(target.nick, text, line_id, client_tags, person.account, notice, person.bot))
+            if target.away and not notice:
                 person.output.send(Reply(f"{target.nick} is away: {target.away}"))
 
     def leave_offline_message(self, person: Person, nick: str, text: str) -> None:
@@ -3732,6 +3909,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if new_nick == person.nick:
                 raise Refused(f"You are already {new_nick}.", "same-nickname", nick=new_nick)
             old_nick, old_key, new_key = person.nick, person.key, name_key(new_nick)
+            self.departed.append(Departed(old_nick, old_key, person.account, person.realname, time.time()))
             del self.people[old_key]
             person.nick, person.key = new_nick, new_key
             self.people[new_key] = person
@@ -3740,7 +3918,25 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 someone.ignoring.add(new_key)
                 self._count_ignorer(new_key, someone, True)
             self._to_people(self._sharers(person) | {person}, Renamed(old_nick, new_nick))
+            self._to_people(self.watchers.get(old_key, ()), WentOffline(old_nick))
+            self._to_people(self.watchers.get(new_key, ()), CameOnline(new_nick))
         log.info("%s@%s is now known as %s", old_nick, person.address, new_nick)
+
+    def set_realname(self, person: Person, realname: str) -> None:
+        """Give PERSON a new real name; those who share a room with them are told. Not while muted: it is
+        their own words."""
+        with self.lock:
+            if person.muted:
+                raise Refused("You are muted; you cannot change your real name.")
+            person.realname = realname
+            self._to_people(self._sharers(person) | {person}, RealnameChanged(person.nick, realname))
+
+    def set_modes(self, person: Person, bot: bool | None = None, invisible: bool | None = None) -> None:
+        """Mark PERSON as a program (a bot or a bridge), or not; as invisible to searches by those who share
+        no room with them, or not. None leaves a mode as it is."""
+        with self.lock:
+            person.bot = person.bot if bot is None else bot
+            person.invisible = person.invisible if invisible is None else invisible
 
     def set_away(self, person: Person, reason: str | None) -> None:
         """Mark PERSON away with REASON, or back with None; the people who share a room with them are told."""
@@ -3751,6 +3947,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if not person.muted:
                 self._to_people(self._sharers(person), AwayChanged(person.nick, reason))
 
+    def change_protocol(self, person: Person, protocol: PyChatProtocol, first: bytes = b"") -> None:
+        """Render what PERSON is sent with PROTOCOL from now on (an IRC client enabled a capability), after
+        FIRST, which says so. Every room regroups them, so that no line to them is rendered the old way
+        once FIRST is queued."""
+        with self.lock:
+            self.pump.queue((person.output,), first)
+            for room in person.rooms.values():
+                room.stop_hearing(person)
+            person.output.protocol = protocol
+            for room in person.rooms.values():
+                room.hear(person, current=room is person.current)
+
     def _sharers(self, person: Person) -> set[Person]:
         """Everyone who shares at least one room with PERSON, but PERSON. Lock held."""
         receivers: set[Person] = set()
@@ -3758,6 +3966,47 @@ class ChatServer(socketserver.ThreadingTCPServer):
             receivers |= room.members
         receivers.discard(person)
         return receivers
+
+    def watch(self, person: Person, nicks: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
+        """Tell PERSON from now on whenever each of NICKS signs in or leaves (IRC's MONITOR), up to WATCH_LIMIT
+        names. Returns each name now watched with who has it (their nickname, or None when no one
+        does), and the names past the limit, which are not watched."""
+        watched, refused = [], []
+        with self.lock:
+            for nick in nicks:
+                if len(nick) > MAX_NICKNAME_LENGTH:
+                    continue            # no one's, and not worth normalising
+                key = name_key(normal_name(nick))
+                if key not in person.watching and len(person.watching) >= WATCH_LIMIT:
+                    refused.append(nick)
+                    continue
+                person.watching.setdefault(key, nick)
+                self.watchers.setdefault(key, set()).add(person)
+                found = self.people.get(key)
+                watched.append((nick, found.nick if found else None))
+        return watched, refused
+
+    def stop_watching(self, person: Person, nicks: list[str] | None = None) -> None:
+        """Stop watching NICKS, or every name PERSON watches."""
+        with self.lock:
+            keys = (list(person.watching) if nicks is None else
+                    [name_key(normal_name(nick)) for nick in nicks if len(nick) <= MAX_NICKNAME_LENGTH])
+            self._stop_watching(person, keys)
+
+    def _stop_watching(self, person: Person, keys: list[str]) -> None:
+        """Lock held."""
+        for key in keys:
+            if person.watching.pop(key, None) is not None:
+                watchers = self.watchers[key]
+                watchers.discard(person)
+                if not watchers:
+                    del self.watchers[key]
+
+    def watched(self, person: Person) -> list[tuple[str, str | None]]:
+        """The names PERSON watches, as asked, each with who has it now (or None)."""
+        with self.lock:
+            return [(asked, self.people[key].nick if key in self.people else None)
+                    for key, asked in person.watching.items()]
 
     def ignore(self, person: Person, nick: str, ignoring: bool = True) -> str:
         """Stop (or start again) showing PERSON NICK's lines; returns NICK as they spell it.
@@ -3882,6 +4131,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             made_operator = not person.operator and nick in self.data.operators
             person.operator = person.operator or made_operator
             keys = list(person.ignoring)
+            self._to_people(self._sharers(person) | {person}, AccountChanged(person.nick, nick))
         if keys:
             self.data.accounts.set_ignoring(nick, keys)
         if made_operator:
@@ -3933,6 +4183,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             person.account = None
             person.operator = person.operator and not was_operator
+            self._to_people(self._sharers(person) | {person}, AccountChanged(person.nick, None))
         log.info("%r gave up the account %s", person, account)
         if self.options.private:
             person.output.end("gave up their account", Farewell("this server is private, and you have no account now"))
@@ -4181,7 +4432,58 @@ class ChatServer(socketserver.ThreadingTCPServer):
                           if self._may_see(viewer, room))
             address = str(ip_of(person.address) or person.address) if viewer.operator else None
             return Whois(person.nick, person.account, rooms, person.away, person.operator, person.since,
-                         time.monotonic() - person.last_spoke, person.output.protocol.name, address)
+                         time.monotonic() - person.last_spoke, person.output.protocol.name, address, person.bot)
+
+    def who(self, viewer: Person, mask: str) -> list[WhoEntry]:
+        """The people of the room '#ROOM', or those whose nickname fits MASK (a nickname, or a pattern in
+        which * stands for any letters and ? for one), as VIEWER may know them, sorted by nickname. A
+        pattern leaves out the invisible who share no room with VIEWER; a nickname finds them."""
+        if mask.startswith("#"):
+            with self.lock:
+                room = self._visible_room(viewer, mask)
+                self._charge(viewer, len(room.members), "WHO")
+                found = [self._who_entry(p, room) for p in room.members]
+        elif not any(wild in mask for wild in "*?"):
+            if len(mask) > MAX_NICKNAME_LENGTH:
+                return []               # no one's, and not worth normalising
+            key = name_key(normal_name(mask))
+            with self.lock:
+                person = self.people.get(key)
+                found = [self._who_entry(person, self._first_visible_room(viewer, person))] if person else []
+        else:
+            pattern = re.sub(r"\*+", "*", mask.casefold())
+            if len(pattern.replace("*", "")) > MAX_NICKNAME_LENGTH:
+                return []               # more letters than any nickname has
+            with self.lock:
+                everyone = list(self.people.values())
+            # Matched outside the lock, which a mask against thousands of names would hold too long.
+            fitting = [p for p in everyone if fits_pattern(pattern, p.nick.casefold())]
+            with self.lock:
+                people = [p for p in fitting if self.people.get(p.key) is p         # still here
+                          and (not p.invisible or p is viewer or viewer.operator
+                               or not viewer.rooms.keys().isdisjoint(p.rooms))]
+                self._charge(viewer, len(people), "WHO")
+                found = [self._who_entry(p, self._first_visible_room(viewer, p)) for p in people]
+        return sorted(found, key=lambda entry: entry.nick.casefold())
+
+    def _first_visible_room(self, viewer: Person, person: Person) -> Room | None:
+        return next((room for room in person.rooms.values() if self._may_see(viewer, room)), None)
+
+    @staticmethod
+    def _who_entry(person: Person, room: Room | None) -> WhoEntry:
+        return WhoEntry(person.nick, room.name if room else None, person.account, person.realname,
+                        person.away is not None,
+                        person.operator, room is not None and person in room.operators,
+                        time.monotonic() - person.last_spoke, person.bot)
+
+    def whowas(self, nick: str, most: int = 0) -> list[Departed]:
+        """Who went by NICK lately (or by a look-alike of it), newest first; at most MOST of them (0: all kept)."""
+        if len(nick) > MAX_NICKNAME_LENGTH:
+            return []
+        key = name_key(normal_name(nick))
+        with self.lock:
+            found = [gone for gone in reversed(self.departed) if gone.key == key]
+        return found[:most] if most > 0 else found
 
     def look_up(self, nicks: list[str]) -> list[commands.PersonInfo | None]:
         """Each of NICKS (a few) as a PersonInfo if they are online, else None."""
@@ -4192,12 +4494,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
             return [commands.PersonInfo(p.nick, None, p.away, p.operator, p.muted, False) if p else None
                     for p in found]
 
-    def counts(self) -> tuple[int, int, int, int]:
-        """People signed in, how many are operators, connections still signing in, and rooms with people."""
+    def counts(self) -> tuple[int, int, int, int, int]:
+        """People signed in, how many are operators, connections still signing in, rooms with people, and
+        how many of the people are invisible."""
         with self.lock:
             people = len(self.people)
             return (people, sum(p.operator for p in self.people.values()), len(self.connections) - people,
-                    sum(1 for room in self.rooms.values() if room.members))
+                    sum(1 for room in self.rooms.values() if room.members),
+                    sum(p.invisible for p in self.people.values()))
 
     @staticmethod
     def _may_see(viewer: Person, room: Room | None) -> bool:
@@ -4271,6 +4575,25 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if self.irc is not None:
             self.irc.server_close()
         self.data.close()
+
+
+def fits_pattern(pattern: str, text: str) -> bool:
+    """Whether TEXT fits PATTERN, in which * stands for any characters and ? for one; in time proportional
+    to their lengths multiplied, however many stars (a regular expression could take exponential time)."""
+    p = t = 0
+    star, resume = -1, 0            # the last star seen, and where in TEXT its match ends for now
+    while t < len(text):
+        if p < len(pattern) and pattern[p] == "*":
+            star, resume = p, t
+            p += 1
+        elif p < len(pattern) and pattern[p] in ("?", text[t]):
+            p, t = p + 1, t + 1
+        elif star >= 0:             # let the last star take one more character, and try again after it
+            resume += 1
+            p, t = star + 1, resume
+        else:
+            return False
+    return pattern[p:].strip("*") == ""
 
 
 def room_name(name: str) -> str:
@@ -4618,6 +4941,8 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "RPL_UNAWAY": ("305", "You are no longer marked as being away"),
     "RPL_NOWAWAY": ("306", "You have been marked as being away"),
     "RPL_WHOISUSER": ("311", None),
+    "RPL_WHOISBOT": ("335", None),
+    "RPL_WHOWASUSER": ("314", None),
     "RPL_WHOISSERVER": ("312", None),
     "RPL_WHOISOPERATOR": ("313", "is an IRC operator"),
     "RPL_ENDOFWHO": ("315", "End of WHO list"),
@@ -4642,6 +4967,7 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "RPL_ENDOFEXCEPTLIST": ("349", "End of channel exception list"),
     "RPL_VERSION": ("351", None),
     "RPL_WHOREPLY": ("352", None),
+    "RPL_WHOSPCRPL": ("354", None),
     "RPL_NAMREPLY": ("353", None),
     "RPL_ENDOFNAMES": ("366", "End of /NAMES list"),
     "RPL_BANLIST": ("367", None),
@@ -4686,6 +5012,11 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "ERR_CHANOPRIVSNEEDED": ("482", "You're not channel operator"),
     "ERR_UMODEUNKNOWNFLAG": ("501", "Unknown MODE flag"),
     "ERR_USERSDONTMATCH": ("502", "Can't change mode for other users"),
+    "RPL_MONONLINE": ("730", None),
+    "RPL_MONOFFLINE": ("731", None),
+    "RPL_MONLIST": ("732", None),
+    "RPL_ENDOFMONLIST": ("733", "End of MONITOR list"),
+    "ERR_MONLISTFULL": ("734", "Monitor list is full."),
     "RPL_LOGGEDIN": ("900", None),
     "RPL_SASLSUCCESS": ("903", "SASL authentication successful"),
     "ERR_SASLFAIL": ("904", "SASL authentication failed"),
@@ -4705,14 +5036,39 @@ def irc_numeric(name: str, target: str, *params: str, text: str | None = None) -
 
 
 # Capabilities offered, with their values for CAP LS 302. A cheap one is offered only when it
-# is honoured everywhere: server-time on every message, echo-message for every PRIVMSG/NOTICE.
+# is honoured everywhere: server-time on every message, echo-message for every PRIVMSG/NOTICE/TAGMSG.
+# cap-notify promises CAP NEW and DEL when the offer changes; this server's never does.
 IRC_CAPABILITIES: dict[str, str | None] = {
+    "account-notify": None,
+    "account-tag": None,
     "away-notify": None,
+    "cap-notify": None,
     "echo-message": None,
+    "extended-join": None,
+    "invite-notify": None,
+    "message-tags": None,
     "multi-prefix": None,
     "sasl": "PLAIN",
     "server-time": None,
+    "setname": None,
+    "userhost-in-names": None,
 }
+IRC_MAX_CLIENT_TAG_BYTES = 4094         # of tag data a client may send, without the '@' and the space (IRCv3)
+_CLIENT_TAG_KEY = re.compile(r"\+(?:[A-Za-z0-9.-]+/)?[A-Za-z0-9-]+")
+_TAG_VALUE_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def irc_client_tags(tags: dict[str, str] | None) -> ClientTags:
+    """The client-only tags ('+' keys: +typing, +draft/reply...) of a message from a client, to pass on
+    to other clients; its other tags are the server's to give, and are dropped. Control characters
+    are taken out of the values. Raises IrcLineError when the client sent more tag data than IRC lets it."""
+    if not tags:
+        return ()
+    if len(format_irc_tags(tags).encode("utf-8")) > IRC_MAX_CLIENT_TAG_BYTES:
+        raise IrcLineError("ERR_INPUTTOOLONG", f"Input line was too long (its tags are over "
+                                               f"{IRC_MAX_CLIENT_TAG_BYTES} bytes)")
+    return tuple((key, _TAG_VALUE_CONTROLS.sub("", value)) for key, value in tags.items()
+                 if _CLIENT_TAG_KEY.fullmatch(key))
 
 
 class IrcCapabilities:
@@ -4966,16 +5322,21 @@ class IrcPingClock:
 # The IRC protocol object: the core's events in IRC's words
 # ---------------------------------------------------------------------------
 
-IRC_USER_HOST = "~user@pychat"      # everyone is NICK!~user@pychat: pyChat never shows an address
+IRC_USER, IRC_HOST = "~user", "pychat"
+IRC_USER_HOST = f"{IRC_USER}@{IRC_HOST}"    # everyone is NICK!~user@pychat: pyChat never shows an address
 IRC_SERVICE_SOURCE = f"{IRC_SERVICE_NICK}!{IRC_SERVICE_NICK}@{IRC_SERVER_NAME}"
 IRC_SERVICE_KEY = name_key(IRC_SERVICE_NICK)
 IRC_MAX_REASON = 390                # the longest topic, away message, kick or quit reason taken from IRC
-IRC_USER_MODES = "o"                # o: an operator of the server (pyChat's /op, IRC's OPER)
+IRC_USER_MODES = "Bio"              # B: a bot, i: invisible to WHO masks (both set by the person),
+                                    # o: an operator of the server (/op, OPER)
 IRC_CHANNEL_MODES = "iknot"         # i invite-only, k key, n only members talk (always), o room operator,
                                     # t only operators set the topic
-# Capabilities that change the bytes a connection is sent. They are fixed when the person
-# signs in, since rooms group their audiences by them (see IrcProtocol).
-IRC_RENDERING_CAPABILITIES = frozenset({"away-notify", "echo-message", "server-time"})
+# Capabilities that change the bytes a connection is sent. Rooms group their audiences by them (see
+# IrcProtocol), so a change to them once the person is in goes through ChatServer.change_protocol.
+IRC_RENDERING_CAPABILITIES = frozenset({"account-notify", "account-tag", "away-notify", "echo-message", "extended-join",
+                                        "invite-notify", "message-tags", "server-time", "setname",
+                                        "userhost-in-names"})
+IRC_CHAT_EVENTS = (Said, Acted, PrivateFrom, PrivateTo, TagMessage)     # with a line id and client tags
 
 
 def irc_reason(text: str) -> str:
@@ -4993,8 +5354,9 @@ def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
     tokens = [f"AWAYLEN={IRC_MAX_REASON}", "CASEMAPPING=ascii", "CHANMODES=,k,,int",
               f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}", "CHANTYPES=#", f"KICKLEN={IRC_MAX_REASON}",
               f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(o)@", "SAFELIST",
-              "TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:4,PART:,PRIVMSG:4,WHOIS:1", f"TOPICLEN={IRC_MAX_REASON}",
-              "UTF8ONLY"]
+              "TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:4,PART:,PRIVMSG:4,TAGMSG:4,WHOIS:1",
+              f"TOPICLEN={IRC_MAX_REASON}", "UTF8ONLY", "ELIST=MNU", "WHOX", f"MONITOR={WATCH_LIMIT}", "BOT=B",
+              f"NAMELEN={IRC_MAX_REALNAME}"]
     if options.rooms_per_person:
         tokens.append(f"CHANLIMIT=#:{options.rooms_per_person}")
     return sorted(tokens)
@@ -5020,6 +5382,7 @@ class IrcProtocol:
         self.connection = connection
         self.capabilities = capabilities & IRC_RENDERING_CAPABILITIES
         self.server_time = "server-time" in capabilities
+        self.message_tags = "message-tags" in capabilities
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, IrcProtocol) and other.capabilities == self.capabilities
@@ -5038,23 +5401,58 @@ class IrcProtocol:
         lines = self.RENDERERS.get(type(event), IrcProtocol.in_pychats_words)(self, event)
         if not lines:
             return b""
+        tags = {}
         if self.server_time:
-            said = event.when if isinstance(event, (Replayed, OfflinePrivate)) else time.time()
-            stamp = f"@time={irc_server_time(said)} "
-            return "".join(f"{stamp}{line}\r\n" for line in lines).encode("utf-8")
-        return "".join(f"{line}\r\n" for line in lines).encode("utf-8")
+            tags["time"] = irc_server_time(event.when if isinstance(event, (Replayed, OfflinePrivate))
+                                           else time.time())
+        chat = event.line if isinstance(event, Replayed) else event
+        line_id = ""
+        if isinstance(chat, IRC_CHAT_EVENTS):
+            if chat.account and "account-tag" in self.capabilities:
+                tags["account"] = chat.account
+            if self.message_tags:
+                tags.update(chat.client_tags)
+                if chat.bot:
+                    tags["bot"] = ""
+                line_id = chat.line_id
+        if not line_id:
+            return "".join(self._tagged(line, tags) for line in lines).encode("utf-8")
+        # A long line goes out in pieces: each has an id of its own, the same for every receiver.
+        return "".join(self._tagged(line, {**tags, "msgid": line_id + (f"-{n}" if n else "")})
+                       for n, line in enumerate(lines)).encode("utf-8")
+
+    @staticmethod
+    def _tagged(line: str, tags: dict[str, str]) -> str:
+        return f"@{format_irc_tags(tags)} {line}\r\n" if tags else f"{line}\r\n"
 
     # -- room events: nothing of the receiver --------------------------------------------
 
     def said(self, event: Said, prefix: str = "") -> list[str]:
-        return irc_text_messages("PRIVMSG", f"#{event.room}", prefix + event.text, irc_source(event.nick))
+        return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", f"#{event.room}", prefix + event.text,
+                                 irc_source(event.nick))
 
     def acted(self, event: Acted, prefix: str = "") -> list[str]:
         return irc_text_messages("PRIVMSG", f"#{event.room}", prefix + event.text, irc_source(event.nick),
                                  wrap=(CTCP + "ACTION ", CTCP))
 
     def joined(self, event: Joined) -> list[str]:
-        return [format_irc_message("JOIN", (f"#{event.room}",), irc_source(event.nick))]
+        """JOIN, and AWAY after it for someone who comes in away (to those who asked for away-notify)."""
+        lines = [self._join(event.room, event.nick, event.account, event.realname)]
+        if event.away:
+            lines += self.away_changed(AwayChanged(event.nick, event.away))
+        return lines
+
+    def _join(self, room: str, nick: str, account: str | None, realname: str) -> str:
+        """JOIN; with extended-join, with the account ('*' for none) and the real name (the nickname for
+        someone who gave none)."""
+        extended = (account or "*", realname or nick) if "extended-join" in self.capabilities else ()
+        return format_irc_message("JOIN", (f"#{room}", *extended), irc_source(nick))
+
+    def tag_message(self, event: TagMessage) -> list[str]:
+        """TAGMSG, only to those who take message tags; its tags are put on by encode()."""
+        if not self.message_tags:
+            return []
+        return [format_irc_message("TAGMSG", (event.target,), irc_source(event.nick))]
 
     def left(self, event: Left) -> list[str]:
         return [format_irc_message("PART", (f"#{event.room}",), irc_source(event.nick))]
@@ -5088,13 +5486,42 @@ class IrcProtocol:
             return []
         return [format_irc_message("AWAY", (event.reason,) if event.reason else (), irc_source(event.nick))]
 
+    def realname_changed(self, event: RealnameChanged) -> list[str]:
+        if "setname" not in self.capabilities:
+            return []
+        return [format_irc_message("SETNAME", (event.realname,), irc_source(event.nick))]
+
+    def invited_someone(self, event: InvitedSomeone) -> list[str]:
+        if "invite-notify" not in self.capabilities:
+            return []
+        return [format_irc_message("INVITE", (event.nick, f"#{event.room}"), irc_source(event.by))]
+
+    def came_online(self, event: CameOnline) -> list[str]:
+        return [irc_numeric("RPL_MONONLINE", self.me, text=irc_source(event.nick))]
+
+    def went_offline(self, event: WentOffline) -> list[str]:
+        return [irc_numeric("RPL_MONOFFLINE", self.me, text=event.nick)]
+
+    def account_changed(self, event: AccountChanged) -> list[str]:
+        if "account-notify" not in self.capabilities:
+            return []
+        return [format_irc_message("ACCOUNT", (event.account or "*",), irc_source(event.nick))]
+
     # -- to one person: these name the receiver --------------------------------------------------
 
     def entered(self, event: Entered) -> list[str]:
         channel = f"#{event.room}"
-        names = [("@" if operator else "") + nick for nick, operator in event.members]
-        return [format_irc_message("JOIN", (channel,), irc_source(self.me)),
+        names = [self.name_in_names(nick, operator) for nick, operator in event.members]
+        person = self.connection.person         # None while signing in: their account is the one of SASL
+        account, realname = (person.account, person.realname) if person else (self.connection.account,
+                                                                              self.connection.realname)
+        return [self._join(event.room, self.me, account, realname),
                 *irc_names_replies(self.me, channel, names)]
+
+    def name_in_names(self, nick: str, operator: bool) -> str:
+        """One entry of a NAMES list: the nickname, with '@' for a room operator; with userhost-in-names,
+        the whole NICK!USER@HOST."""
+        return ("@" if operator else "") + (irc_source(nick) if "userhost-in-names" in self.capabilities else nick)
 
     def topic(self, event: Topic) -> list[str]:
         return [irc_numeric("RPL_TOPIC", self.me, f"#{event.room}", text=event.topic)]
@@ -5117,7 +5544,8 @@ class IrcProtocol:
         return [format_irc_message("INVITE", (self.me, f"#{event.room}"), irc_source(event.by))]
 
     def private_from(self, event: PrivateFrom) -> list[str]:
-        return irc_text_messages("PRIVMSG", self.me, event.text, irc_source(event.nick))
+        return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", self.me, event.text,
+                                 irc_source(event.nick))
 
     def offline_private(self, event: OfflinePrivate) -> list[str]:
         """A message left for you while you were away, from its sender, at its time (or saying when)."""
@@ -5127,7 +5555,8 @@ class IrcProtocol:
     def private_to(self, event: PrivateTo) -> list[str]:
         if "echo-message" not in self.capabilities:
             return []
-        return irc_text_messages("PRIVMSG", event.nick, event.text, irc_source(self.me))
+        return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", event.nick, event.text,
+                                 irc_source(self.me))
 
     def notice(self, event: Notice) -> list[str]:
         return irc_text_messages("NOTICE", self.me, event.text, IRC_SERVER_NAME)
@@ -5165,7 +5594,65 @@ class IrcProtocol:
         Notice: notice, Reply: reply, Error: reply, Welcome: welcome, Bye: closing, ShuttingDown: closing,
         DisconnectedBy: closing, Banned: closing, SignedInElsewhere: closing, Farewell: closing,
         OfflinePrivate: offline_private, Prompt: nothing, AccountPrompt: nothing, NowTalking: nothing,
+        TagMessage: tag_message, AccountChanged: account_changed, CameOnline: came_online,
+        WentOffline: went_offline, InvitedSomeone: invited_someone, RealnameChanged: realname_changed,
     }
+
+
+def irc_who_flags(entry: WhoEntry) -> str:
+    """H(ere) or G(one), * for a server operator, B for a bot, @ for a room operator."""
+    return ("G" if entry.away else "H") + ("*" if entry.operator else "") + ("B" if entry.bot else "") + \
+        ("@" if entry.room_operator else "")
+
+
+WHOX_FIELDS = "tcuihsnfdlaor"           # WHOX's fields, in the order a 354 gives them
+LIST_FILTERS = 20                       # of one LIST, so that matching stays cheap against many rooms
+
+
+def irc_whox_fields(argument: str) -> tuple[str, str]:
+    """WHO's '%FIELDS[,TOKEN]': the letters known, in WHOX's order, and the token (1 to 3 digits; if it is
+    not, t is dropped)."""
+    letters, _, token = argument[1:].partition(",")
+    if not (token.isdigit() and len(token) <= 3):
+        letters, token = letters.replace("t", ""), ""
+    return "".join(letter for letter in WHOX_FIELDS if letter in letters), token
+
+
+def irc_list_wanted(argument: str) -> Callable[[commands.RoomInfo], bool] | None:
+    """LIST's filter: channels or masks (#dev, #dev*) of which a room must fit one, !MASK that it must not
+    fit, and >N or <N people (the first LIST_FILTERS of them); None when there is none."""
+    masks, unwanted, counts = [], [], []
+    for item in [item for item in argument.casefold().split(",") if item][:LIST_FILTERS]:
+        if item[0] in "<>" and item[1:].isdigit():
+            counts.append((item[0], int(item[1:])))
+        elif item.startswith("!"):
+            unwanted.append(item[1:])
+        else:
+            masks.append(item)
+    if not (masks or unwanted or counts):
+        return None
+
+    def wanted(room: commands.RoomInfo) -> bool:
+        name = f"#{room.name.casefold()}"
+        return ((not masks or any(fits_pattern(mask, name) for mask in masks))
+                and not any(fits_pattern(mask, name) for mask in unwanted)
+                and all(room.people > n if sign == ">" else room.people < n for sign, n in counts))
+    return wanted
+
+
+def irc_comma_lists(name: str, me: str, items: list[str], *params: str) -> list[str]:
+    """The numeric NAME with ITEMS as a comma-separated closing text, over as many messages as they need."""
+    room = IRC_MAX_BODY_BYTES - len(irc_numeric(name, me, *params, text="").encode("utf-8"))
+    lines: list[list[str]] = []
+    size = room
+    for item in items:
+        width = len(item.encode("utf-8")) + 1
+        if size + width > room + 1:     # the first item of a line has no comma before it
+            lines.append([])
+            size = 0
+        lines[-1].append(item)
+        size += width
+    return [irc_numeric(name, me, *params, text=",".join(line)) for line in lines]
 
 
 def irc_names_replies(me: str, channel: str, names: list[str]) -> list[str]:
@@ -5220,6 +5707,8 @@ class IrcConnection(ClientConnection):
     """One IRC client: the socket, buffers and limits of every connection, with IRC's registration and
     commands. What it reads becomes calls on the core; what the core says comes back through its
     IrcProtocol."""
+
+    tags_given: dict[str, str] | None = None     # the tags of the message being handled
 
     def setup(self) -> None:
         super().setup()
@@ -5343,7 +5832,7 @@ class IrcConnection(ClientConnection):
                 self.realname = registration.realname
                 self.signing_in_as = nick
                 self.output.protocol = IrcProtocol(self, frozenset(self.capabilities.enabled))
-                problem = self.server.sign_in(self, nick, self.account)
+                problem = self.server.sign_in(self, nick, self.account, registration.realname)
                 if problem is None:
                     return
                 self.signing_in_as = None
@@ -5447,10 +5936,13 @@ class IrcConnection(ClientConnection):
         if len(message.params) < command.needs:
             self.send_irc(irc_numeric("ERR_NEEDMOREPARAMS", self.nick, message.command))
             return
+        self.tags_given = message.tags       # for PRIVMSG, NOTICE and TAGMSG, which pass on client tags
         try:
             command.handler(self, *message.params[:command.takes])
         except Refused as refusal:
             self.refused(refusal, message.command)
+        except IrcLineError as problem:
+            self.send_irc(irc_numeric(problem.numeric, self.nick, text=str(problem)))
 
     def refused(self, refusal: Refused, command: str) -> None:
         """The core said no: the numeric for why, with the core's own words; a notice when IRC has none."""
@@ -5477,19 +5969,22 @@ class IrcConnection(ClientConnection):
             if not notice:
                 self.send_irc(irc_numeric("ERR_NOTEXTTOSEND", self.nick))
             return
+        client_tags = irc_client_tags(self.tags_given)
         for target in targets.split(",")[:4]:
             try:
-                self.deliver(target, text, notice)
+                self.deliver(target, text, notice, client_tags)
             except Refused as refusal:
                 if not notice:
-                    # Not in the channel: IRC's word is that you cannot send to it.
-                    kind = "cannot-send" if refusal.kind == "not-in-room" else refusal.kind
-                    self.refused(Refused(str(refusal), kind, refusal.room, refusal.nick), "PRIVMSG")
+                    self.cannot_send(refusal, "PRIVMSG")
 
-    def deliver(self, target: str, text: str, notice: bool) -> None:
+    def cannot_send(self, refusal: Refused, command: str) -> None:
+        # Not in the channel: IRC's word is that you cannot send to it.
+        kind = "cannot-send" if refusal.kind == "not-in-room" else refusal.kind
+        self.refused(Refused(str(refusal), kind, refusal.room, refusal.nick), command)
+
+    def deliver(self, target: str, text: str, notice: bool, client_tags: ClientTags = ()) -> None:
         person = self.person
-        if len(target) > MAX_NICKNAME_LENGTH + 1:       # no name is that long: not worth normalising
-            raise Refused(f"No one is called {target[:30]}...", "no-such-person", nick=target[:30])
+        self.check_target(target)
         ctcp = parse_ctcp(text)
         if not target.startswith("#") and name_key(target) == IRC_SERVICE_KEY:
             if ctcp is not None:
@@ -5498,19 +5993,42 @@ class IrcConnection(ClientConnection):
                 self.run_command(text if text.startswith("/") else f"/{text}")
             return
         if ctcp is not None and ctcp[0] != "ACTION":
-            self.send_irc(format_irc_message("NOTICE", (self.nick, f"pyChat passes on no CTCP {ctcp[0]}; "
-                                                         "only ACTION (/me)."), IRC_SERVICE_SOURCE))
+            if not notice:              # a CTCP reply is a NOTICE, and nothing answers a notice
+                self.send_irc(format_irc_message("NOTICE", (self.nick, f"pyChat passes on no CTCP {ctcp[0]}; "
+                                                             "only ACTION (/me)."), IRC_SERVICE_SOURCE))
             return
         words = clean_irc_text(ctcp[1] if ctcp else text)
         if not words:
             return
         echo = "echo-message" in self.capabilities.enabled
-        if target.startswith("#"):
-            (self.server.act if ctcp else self.server.say)(person, words, target, echo=echo)
+        if target.startswith("#") and ctcp:
+            self.server.act(person, words, target, echo=echo, client_tags=client_tags)
+        elif target.startswith("#"):
+            self.server.say(person, words, target, echo=echo, client_tags=client_tags, notice=notice)
         elif ctcp:
-            self.server.send_private(person, target, f"* {person.nick} {words}")
+            self.server.send_private(person, target, f"* {person.nick} {words}", client_tags)
         else:
-            self.server.send_private(person, target, words)
+            self.server.send_private(person, target, words, client_tags, notice)
+
+    @staticmethod
+    def check_target(target: str) -> None:
+        if len(target) > MAX_NICKNAME_LENGTH + 1:       # no name is that long: not worth normalising
+            raise Refused(f"No one is called {target[:30]}...", "no-such-person", nick=target[:30])
+
+    def irc_tagmsg(self, targets: str) -> None:
+        """TAGMSG: client tags alone (typing, reactions), to channels and people who take message tags."""
+        client_tags = irc_client_tags(self.tags_given)
+        if not client_tags:
+            return              # nothing a client could show
+        echo = "echo-message" in self.capabilities.enabled
+        for target in targets.split(",")[:4]:
+            if not target.startswith("#") and name_key(target) == IRC_SERVICE_KEY:
+                continue        # the service does not type back
+            try:
+                self.check_target(target)
+                self.server.send_tags(self.person, target, client_tags, echo)
+            except Refused as refusal:
+                self.cannot_send(refusal, "TAGMSG")
 
     def answer_ctcp(self, command: str, argument: str) -> None:
         answers = {"VERSION": f"pyChat {VERSION}", "PING": argument,
@@ -5570,42 +6088,70 @@ class IrcConnection(ClientConnection):
                     raise
                 self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, channel))
                 continue
-            for line in irc_names_replies(self.nick, f"#{room}", [("@" if p.room_operator else "") + p.nick
-                                                            for p in people]):
+            names = [self.output.protocol.name_in_names(p.nick, p.room_operator) for p in people]
+            for line in irc_names_replies(self.nick, f"#{room}", names):
                 self.send_irc(line)
         if not channels:
             self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, "*"))
 
-    def irc_list(self, *ignored: str) -> None:
-        rooms = self.server.room_list(self.person)
+    def irc_list(self, channels: str = "", *ignored: str) -> None:
+        wanted = irc_list_wanted(channels)
+        rooms = [room for room in self.server.room_list(self.person) if wanted is None or wanted(room)]
         self.send_irc(irc_numeric("RPL_LISTSTART", self.nick, "Channel"))
         for room in rooms:
             self.send_irc(irc_numeric("RPL_LIST", self.nick, f"#{room.name}", str(room.people),
                                       text=room.topic or ""))
         self.send_irc(irc_numeric("RPL_LISTEND", self.nick))
 
-    def irc_who(self, mask: str = "*", *ignored: str) -> None:
-        if mask.startswith("#"):
-            try:
-                room, people = self.server.room_members(self.person, mask)
-            except Refused as refusal:
-                if refusal.kind == "try-again":
-                    raise
-                people, room = [], None
-            for p in people:
-                self.send_irc(self.who_reply(f"#{room}", p.nick, p.away, p.operator, p.room_operator))
-        else:
-            found = self.server.person_details(self.person, mask) if mask != "*" else None
-            if found is not None:
-                channel = f"#{found.rooms[0][0]}" if found.rooms else "*"
-                self.send_irc(self.who_reply(channel, found.nick, found.away, found.operator, False))
+    def irc_who(self, mask: str = "*", fields: str = "", *ignored: str) -> None:
+        """WHO #CHANNEL, WHO NICK, or WHO with a mask (of nicknames, NICK!USER@HOST, or a host or server);
+        with WHOX's %FIELDS[,TOKEN], the fields asked for, as 354."""
+        try:
+            found = self.who_fits(mask)
+        except Refused as refusal:
+            if refusal.kind == "try-again":
+                raise
+            found = []          # a channel not there, or not for you to see: an empty list
+        # WHOX: '%FIELDS,TOKEN', perhaps after letters saying what to match ('n%...': the nickname), which
+        # is all this server matches.
+        whox = irc_whox_fields(fields[fields.index("%"):]) if "%" in fields else None
+        for entry in found:
+            self.send_irc(self.who_reply(entry) if whox is None else self.whox_reply(entry, *whox))
         self.send_irc(irc_numeric("RPL_ENDOFWHO", self.nick, mask))
 
-    def who_reply(self, channel: str, nick: str, away: str | None, operator: bool, room_operator: bool) -> str:
-        """352: H(ere) or G(one), * for a server operator, @ for a room operator; hops 0, the nick as real name."""
-        flags = ("G" if away else "H") + ("*" if operator else "") + ("@" if room_operator else "")
-        return irc_numeric("RPL_WHOREPLY", self.nick, channel, "~user", "pychat", IRC_SERVER_NAME, nick, flags,
-                           text=f"0 {nick}")
+    def who_fits(self, mask: str) -> list[WhoEntry]:
+        """Who fits MASK: everyone is NICK!~user@pychat on this server, so a mask of a user or host either
+        fits all of them or none."""
+        if mask.startswith("#"):
+            return self.server.who(self.person, mask)
+        pattern = mask.casefold()
+        if pattern in ("", "0"):
+            pattern = "*"
+        if "!" in pattern or "@" in pattern:
+            nick, _, rest = pattern.partition("!") if "!" in pattern else ("*", "", pattern)
+            user, _, host = rest.rpartition("@") if "@" in rest else (rest, "", "*")
+            if not (fits_pattern(user or "*", IRC_USER) and fits_pattern(host or "*", IRC_HOST)):
+                return []
+            pattern = nick or "*"
+        elif "." in pattern:        # no nickname has a dot: a host or the server
+            if not any(fits_pattern(pattern, name) for name in (IRC_HOST, IRC_SERVER_NAME)):
+                return []
+            pattern = "*"
+        return self.server.who(self.person, pattern)
+
+    def who_reply(self, entry: WhoEntry) -> str:
+        """352: the channel, user, host, server, nick, flags, and hops 0 before the real name (or the nick)."""
+        return irc_numeric("RPL_WHOREPLY", self.nick, f"#{entry.room}" if entry.room else "*", IRC_USER, IRC_HOST,
+                           IRC_SERVER_NAME, entry.nick, irc_who_flags(entry), text=f"0 {entry.realname or entry.nick}")
+
+    def whox_reply(self, entry: WhoEntry, letters: str, token: str) -> str:
+        """354 with the fields LETTERS asks for, in WHOX's own order whatever the order asked; the
+        address is never shown."""
+        values = {"t": token, "c": f"#{entry.room}" if entry.room else "*", "u": IRC_USER,
+                  "i": "255.255.255.255", "h": IRC_HOST, "s": IRC_SERVER_NAME, "n": entry.nick,
+                  "f": irc_who_flags(entry), "d": "0", "l": str(int(entry.idle)), "a": entry.account or "0",
+                  "o": "n/a", "r": entry.realname or entry.nick}
+        return irc_numeric("RPL_WHOSPCRPL", self.nick, *(values[letter] for letter in letters))
 
     def irc_whois(self, *targets: str) -> None:
         nick = targets[-1].split(",")[0]
@@ -5624,6 +6170,8 @@ class IrcConnection(ClientConnection):
             lines.append(irc_numeric("RPL_AWAY", me, them, text=found.away))
         if found.operator:
             lines.append(irc_numeric("RPL_WHOISOPERATOR", me, them))
+        if found.bot:
+            lines.append(irc_numeric("RPL_WHOISBOT", me, them, text=f"is a bot on {IRC_NETWORK}"))
         if found.account:
             lines.append(irc_numeric("RPL_WHOISACCOUNT", me, them, found.account))
         if found.address:
@@ -5633,8 +6181,20 @@ class IrcConnection(ClientConnection):
         for line in lines:
             self.send_irc(line)
 
-    def irc_whowas(self, nick: str, *ignored: str) -> None:
-        self.send_irc(irc_numeric("ERR_WASNOSUCHNICK", self.nick, nick))
+    def irc_whowas(self, nicks: str, count: str = "", *ignored: str) -> None:
+        """Who had the nickname lately (they left, or took another), newest first; COUNT of them at most."""
+        nick = nicks.split(",")[0]
+        gone = self.server.whowas(nick, int(count) if count.isdigit() else 0)
+        if not gone:
+            self.send_irc(irc_numeric("ERR_WASNOSUCHNICK", self.nick, nick))
+        for them in gone:
+            self.send_irc(irc_numeric("RPL_WHOWASUSER", self.nick, them.nick, IRC_USER, IRC_HOST, "*",
+                                      text=them.realname or them.nick))
+            if them.account:
+                self.send_irc(irc_numeric("RPL_WHOISACCOUNT", self.nick, them.nick, them.account,
+                                          text="was logged in as"))
+            self.send_irc(irc_numeric("RPL_WHOISSERVER", self.nick, them.nick, IRC_SERVER_NAME,
+                                      text=time.strftime("%a %b %d %H:%M:%S %Y UTC", time.gmtime(them.when))))
         self.send_irc(irc_numeric("RPL_ENDOFWHOWAS", self.nick, nick))
 
     def irc_away(self, reason: str = "") -> None:
@@ -5706,14 +6266,30 @@ class IrcConnection(ClientConnection):
                 self.refused(refusal, "MODE")
 
     def user_mode(self, target: str, changes: str) -> None:
+        """MODE NICK: your modes; MODE NICK +B, +i (or -): say you are a bot, hide from WHO masks of those
+        who share no room with you. Operators are made with OPER."""
         if name_key(target) != self.person.key:
             self.send_irc(irc_numeric("ERR_USERSDONTMATCH", self.nick))
-        elif changes.strip("+-"):
-            self.send_irc(irc_numeric("ERR_UMODEUNKNOWNFLAG", self.nick,
-                                      text="Unknown MODE flag: pyChat has no user modes to set; "
-                                           f"/msg {IRC_SERVICE_NICK} op SECRET makes you an operator"))
+            return
+        adding, modes = True, {}
+        for letter in changes:
+            if letter in "+-":
+                adding = letter == "+"
+            elif letter in "Bi":
+                modes["bot" if letter == "B" else "invisible"] = adding
+            else:
+                self.send_irc(irc_numeric("ERR_UMODEUNKNOWNFLAG", self.nick,
+                                          text=f"Unknown MODE flag {letter}: the user modes to set are B (a bot) "
+                                               f"and i (invisible); /msg {IRC_SERVICE_NICK} op SECRET makes you "
+                                               "an operator"))
+                return
+        if modes:
+            self.server.set_modes(self.person, **modes)
+            self.send_irc(format_irc_message("MODE", (self.nick, changes), irc_source(self.nick)))
         else:
-            self.send_irc(irc_numeric("RPL_UMODEIS", self.nick, "+o" if self.person.operator else "+"))
+            person = self.person
+            self.send_irc(irc_numeric("RPL_UMODEIS", self.nick,
+                                      "+" + "B" * person.bot + "i" * person.invisible + "o" * person.operator))
 
     def irc_oper(self, name: str, secret: str) -> None:
         try:
@@ -5734,10 +6310,10 @@ class IrcConnection(ClientConnection):
         self.send_irc(irc_numeric("RPL_USERHOST", self.nick, text=" ".join(replies)))
 
     def irc_lusers(self, *ignored: str) -> None:
-        people, operators, signing_in, rooms = self.server.counts()
+        people, operators, signing_in, rooms, invisible = self.server.counts()
         me = self.nick
-        for line in (irc_numeric("RPL_LUSERCLIENT", me,
-                                 text=f"There are {people} users and 0 invisible on 1 servers"),
+        for line in (irc_numeric("RPL_LUSERCLIENT", me, text=f"There are {people - invisible} users and "
+                                                             f"{invisible} invisible on 1 servers"),
                      irc_numeric("RPL_LUSEROP", me, str(operators)),
                      irc_numeric("RPL_LUSERUNKNOWN", me, str(signing_in)),
                      irc_numeric("RPL_LUSERCHANNELS", me, str(rooms)),
@@ -5763,13 +6339,53 @@ class IrcConnection(ClientConnection):
         pass                    # what counts is that something came: read_messages told the ping clock
 
     def irc_cap(self, *params: str) -> None:
-        changes = [name.lstrip("-") for name in (params[1] if len(params) > 1 else "").split()]
-        if params and params[0].upper() == "REQ" and IRC_RENDERING_CAPABILITIES & set(changes):
-            # They shape the bytes of every line to this connection, and are fixed once it has signed in.
-            self.send_irc(format_irc_message("CAP", (self.nick, "NAK", params[1])))
+        before = self.capabilities.enabled & IRC_RENDERING_CAPABILITIES
+        replies = self.capabilities.handle(self.nick, list(params), registered=True)
+        enabled = frozenset(self.capabilities.enabled)
+        if enabled & IRC_RENDERING_CAPABILITIES != before:
+            # They shape every line this connection is sent, and rooms group their audiences by them.
+            acknowledged = "".join(f"{reply}\r\n" for reply in replies).encode("utf-8")
+            self.server.change_protocol(self.person, IrcProtocol(self, enabled), first=acknowledged)
             return
-        for reply in self.capabilities.handle(self.nick, list(params), registered=True):
+        for reply in replies:
             self.send_irc(reply)
+
+    def irc_setname(self, realname: str) -> None:
+        """SETNAME: a new real name, cleaned as USER's is; FAIL (IRCv3's standard reply) for one too long."""
+        cleaned = clean_text(realname)
+        if not cleaned or len(cleaned) > IRC_MAX_REALNAME:
+            self.send_irc(format_irc_message("FAIL", ("SETNAME", "INVALID_REALNAME",
+                                                      f"A real name has 1 to {IRC_MAX_REALNAME} characters")))
+            return
+        self.server.set_realname(self.person, cleaned)
+
+    def irc_monitor(self, action: str, targets: str = "") -> None:
+        """MONITOR + NICKS, - NICKS, C (clear), L (list), S (status): news of names signing in and leaving."""
+        action, nicks = action.upper(), [nick for nick in targets.split(",") if nick]
+        if action in ("+", "-") and not nicks:
+            self.send_irc(irc_numeric("ERR_NEEDMOREPARAMS", self.nick, "MONITOR"))
+        elif action == "+":
+            watched, refused = self.server.watch(self.person, nicks)
+            self.send_status(watched)
+            if refused:
+                self.send_irc(irc_numeric("ERR_MONLISTFULL", self.nick, str(WATCH_LIMIT), ",".join(refused)))
+        elif action in ("-", "C"):
+            self.server.stop_watching(self.person, nicks if action == "-" else None)
+        elif action == "L":
+            for line in irc_comma_lists("RPL_MONLIST", self.nick, [asked for asked, _ in
+                                                                   self.server.watched(self.person)]):
+                self.send_irc(line)
+            self.send_irc(irc_numeric("RPL_ENDOFMONLIST", self.nick))
+        elif action == "S":
+            self.send_status(self.server.watched(self.person))
+
+    def send_status(self, watched: list[tuple[str, str | None]]) -> None:
+        """730 for the names someone has now, 731 for the others."""
+        online = [irc_source(nick) for _, nick in watched if nick is not None]
+        offline = [asked for asked, nick in watched if nick is None]
+        for line in (irc_comma_lists("RPL_MONONLINE", self.nick, online)
+                     + irc_comma_lists("RPL_MONOFFLINE", self.nick, offline)):
+            self.send_irc(line)
 
     def irc_quit(self, message: str = "") -> None:
         self.server.quit(self.person, irc_reason(message) or None)
@@ -5783,13 +6399,15 @@ class IrcConnection(ClientConnection):
 
     # Each command's handler, and how many parameters it cannot do without.
     COMMANDS: dict[str, IrcCommand] = {name: irc_command(handler, needs) for name, handler, needs in (
-        ("PRIVMSG", irc_privmsg, 0), ("NOTICE", irc_notice, 0), ("JOIN", irc_join, 1), ("PART", irc_part, 1),
+        ("PRIVMSG", irc_privmsg, 0), ("NOTICE", irc_notice, 0), ("TAGMSG", irc_tagmsg, 1),
+        ("JOIN", irc_join, 1), ("PART", irc_part, 1),
         ("TOPIC", irc_topic, 1), ("NAMES", irc_names, 0), ("LIST", irc_list, 0), ("WHO", irc_who, 0),
         ("WHOIS", irc_whois, 1), ("WHOWAS", irc_whowas, 1), ("AWAY", irc_away, 0), ("NICK", irc_nick, 1),
         ("KICK", irc_kick, 2), ("INVITE", irc_invite, 2), ("MODE", irc_mode, 1), ("OPER", irc_oper, 2),
         ("ISON", irc_ison, 1), ("USERHOST", irc_userhost, 1), ("LUSERS", irc_lusers, 0), ("MOTD", irc_motd, 0),
         ("VERSION", irc_version, 0), ("TIME", irc_time, 0), ("PING", irc_ping, 0), ("PONG", irc_pong, 0),
-        ("CAP", irc_cap, 1), ("QUIT", irc_quit, 0), ("USER", irc_registered_already, 0),
+        ("CAP", irc_cap, 1), ("MONITOR", irc_monitor, 1), ("SETNAME", irc_setname, 1), ("QUIT", irc_quit, 0),
+        ("USER", irc_registered_already, 0),
         ("AUTHENTICATE", irc_authenticate, 0),
         ("PASS", irc_registered_already, 0),
     )}

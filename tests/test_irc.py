@@ -459,7 +459,7 @@ def test_channel_modes_answer_the_queries_clients_send_on_join_and_change_what_p
     founder.expect("472 founder z ")
     founder.send("MODE founder")
     founder.expect(r"221 founder \+")
-    founder.send("MODE founder +i")
+    founder.send("MODE founder +x")
     founder.expect("501 ")
     founder.send("MODE bob")
     founder.expect("502 ")

@@ -179,6 +179,12 @@ SWITCH = {"irssi": "/window goto {window}", "weechat": "/buffer {window}"}
 SERVICE_WINDOW = {"irssi": "pyChat", "weechat": "1"}
 
 
+def has_joined(nick: str, channel: str) -> str:
+    """How both show NICK joining CHANNEL: WeeChat, given extended-join, puts the real name before the
+    address ('bob (Bob B.) (~user@pychat) has joined #dev'); irssi does not ('bob [~user@pychat] has joined')."""
+    return rf"{re.escape(nick)} (\(.*\) )?\S+ has joined {re.escape(channel)}"
+
+
 class NcUser:
     """Someone on plain nc, on the pyChat port: what they type goes in, what they read is collected."""
 
@@ -238,10 +244,10 @@ def test_a_real_irc_client_talks_in_two_rooms_with_pychat_and_nc_users(start_ser
         dave.expect(r"\*\*\* ircuser joined #lobby")
         # Typing waits for the client to show the channel, since a client may switch to it meanwhile
         # (and WeeChat keeps a half-typed line per window).
-        client.switch_until(SWITCH[kind].format(window="#lobby"), r"ircuser \S+ has joined #lobby")
+        client.switch_until(SWITCH[kind].format(window="#lobby"), has_joined("ircuser", "#lobby"))
         client.type("/join #dev")
         bob.expect(re.escape("*** ircuser joined #dev"))
-        client.switch_until(SWITCH[kind].format(window="#dev"), r"ircuser \S+ has joined #dev")
+        client.switch_until(SWITCH[kind].format(window="#dev"), has_joined("ircuser", "#dev"))
         client.wait_for(says("bob", "said before you came"))          # the history of #dev
         client.type("hello dev")
         bob.expect(re.escape("ircuser: hello dev"))
@@ -293,3 +299,33 @@ def test_a_real_irc_client_signs_in_to_an_account_with_sasl(start_server, connec
     client.switch_until(SWITCH[kind].format(window="1"), r"SASL authentication succe")
     client.type("/whois alice")
     client.wait_for(r"is logged in as|account\W+alice")
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_a_real_irc_client_runs_a_room_it_opened_and_a_pychat_user_sees_it(start_server, connect, run_irc_client,
+                                                                            kind):
+    server = start_server("--irc-port", "0")
+    client = run_irc_client(kind, irc_port(server), "ircop")
+    bob = connect(server, "bob")
+    server.wait_for_log(r"ircop@127\.0\.0\.1 signed in", timeout=SLOW)
+    client.type("/join #ops")                   # whoever opens a room runs it
+    client.switch_until(SWITCH[kind].format(window="#ops"), has_joined("ircop", "#ops"))
+    bob.send("/join #ops")
+    bob.expect(r"\*\*\* You are in #ops")
+    client.wait_for(has_joined("bob", "#ops"))
+    client.type("/topic release on friday")
+    bob.expect(re.escape("*** ircop set the topic of #ops: release on friday"))
+    client.wait_for(r"release on friday")
+    client.type("/mode #ops +t")
+    bob.expect(re.escape("*** ircop let only operators of #ops set its topic"))
+    client.type("/mode #ops +o bob")
+    bob.expect(re.escape("*** ircop made bob an operator of #ops"))
+    client.type("/mode #ops -o bob")
+    bob.expect(re.escape("*** ircop took operator status in #ops from bob"))
+    client.type("/mode #ops +i")
+    bob.expect(re.escape("*** ircop made #ops invite-only"))
+    client.type("/kick bob too noisy")
+    bob.expect(re.escape("*** You were kicked from #ops by ircop: too noisy."))
+    client.wait_for(r"bob.*(was kicked|has kicked|kicked).*too noisy|ircop has kicked bob.*too noisy")
+    bob.send("/join #ops")
+    bob.expect(re.escape("!! #ops is invite-only; one of its operators can /invite you."))

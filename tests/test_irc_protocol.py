@@ -1,6 +1,9 @@
 """The pure parts of the IRC front door, called directly: messages, tags, splitting, numerics,
-capabilities, formatting codes, registration and the ping clock."""
+capabilities, formatting codes, registration, the ping clock, and how IrcProtocol renders the core's
+events for each set of capabilities (message ids, client tags, accounts, joins, notices, MONITOR)."""
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -440,3 +443,239 @@ def test_an_event_irc_has_no_words_for_arrives_as_pychat_says_it_in_a_notice():
 def test_every_event_the_core_has_today_has_irc_words_of_its_own():
     missing = set(server.PyChatProtocol.LINES) - set(server.IrcProtocol.RENDERERS)
     assert not missing, f"events IRC users would get only as notices: {sorted(e.__name__ for e in missing)}"
+
+
+# -- what modern clients, bots and bridges rely on ------------------------------------------------------
+
+class Receiver:
+    """What IrcProtocol asks of its connection: the receiver's nickname, person, account and real name."""
+
+    def __init__(self, nick: str = "alice", account: str | None = None, realname: str = "") -> None:
+        self.nick, self.person, self.account, self.realname = nick, None, account, realname
+
+
+def rendered(event, *capabilities: str, receiver: Receiver | None = None) -> list[server.IrcMessage]:
+    written = server.IrcProtocol(receiver or Receiver(), frozenset(capabilities)).encode(event)
+    return [server.parse_irc_message(line) for line in written.decode().split("\r\n") if line]
+
+
+@pytest.mark.parametrize("pattern, text, fits", [
+    ("*", "", True), ("*", "alice", True), ("a*", "alice", True), ("*e", "alice", True), ("a?ice", "alice", True),
+    ("a?ice", "alce", False), ("*li*", "alice", True), ("*x*", "alice", False), ("alic", "alice", False),
+    ("alice*", "alice", True), ("**a**", "a", True), ("?", "", False),
+])
+def test_masks_fit_with_star_and_question_mark(pattern, text, fits):
+    assert server.fits_pattern(pattern, text) is fits
+
+
+def test_a_mask_of_many_stars_is_checked_in_no_time():
+    pattern = "*a" * 200 + "*b"
+    started = time.monotonic()
+    assert not server.fits_pattern(pattern, "a" * 500)
+    assert time.monotonic() - started < 0.5, "the mask took exponential time"
+
+
+def test_only_client_tags_with_well_formed_keys_are_passed_on_and_their_values_cleaned():
+    tags = {"+typing": "active", "+draft/reply": "x1", "+example.org/emoji": "w\x1b[2Jave", "time": "forged",
+            "msgid": "forged", "+bad key": "1", "+": "no name", "+a/b/c": "two slashes"}
+    assert server.irc_client_tags(tags) == (("+typing", "active"), ("+draft/reply", "x1"),
+                                           ("+example.org/emoji", "w[2Jave"))
+    assert server.irc_client_tags(None) == ()
+
+
+def test_more_client_tag_data_than_4094_bytes_is_refused_with_417():
+    assert server.irc_client_tags({"+a": "x" * (4094 - 3)})       # '+a=' and the value: 4094 bytes
+    with pytest.raises(server.IrcLineError) as refused:
+        server.irc_client_tags({"+a": "x" * (4094 - 2)})
+    assert refused.value.numeric == "ERR_INPUTTOOLONG"
+
+
+def test_a_chat_line_carries_its_id_and_client_tags_only_to_those_who_take_message_tags():
+    said = server.Said("dev", "bob", "hello", "abc-7", (("+draft/reply", "abc-3"),))
+    [tagged] = rendered(said, "message-tags")
+    assert tagged.tags == {"+draft/reply": "abc-3", "msgid": "abc-7"}
+    assert tagged.command == "PRIVMSG" and tagged.params == ["#dev", "hello"]
+    [plain] = rendered(said, "server-time")
+    assert list(plain.tags) == ["time"]
+    [bare] = rendered(said)
+    assert bare.tags is None
+
+
+def test_every_piece_of_a_long_line_has_an_id_of_its_own():
+    said = server.Said("dev", "bob", "word " * 300, "abc-7")
+    ids = [message.tags["msgid"] for message in rendered(said, "message-tags")]
+    assert len(ids) > 1 and ids[0] == "abc-7" and len(set(ids)) == len(ids)
+
+
+def test_a_replayed_line_keeps_its_id_and_its_time():
+    replayed = server.Replayed(1_700_000_000.0, server.Said("dev", "bob", "old", "abc-1"))
+    [line] = rendered(replayed, "message-tags", "server-time")
+    assert line.tags == {"time": "2023-11-14T22:13:20.000Z", "msgid": "abc-1"}
+    assert line.params == ["#dev", "old"]
+
+
+def test_tagmsg_goes_only_to_those_who_take_message_tags_and_pychat_has_no_words_for_it():
+    event = server.TagMessage("dev", "bob", "#dev", "abc-9", (("+typing", "active"),))
+    [line] = rendered(event, "message-tags")
+    assert (line.command, line.params, line.source) == ("TAGMSG", ["#dev"], "bob!~user@pychat")
+    assert line.tags == {"+typing": "active", "msgid": "abc-9"}
+    assert rendered(event, "server-time", "echo-message") == []
+    assert server.PYCHAT.encode(event) == b"" and server.PYCHAT.encode(event, tagged=True) == b""
+
+
+def test_account_news_goes_to_those_who_asked_for_it():
+    [line] = rendered(server.AccountChanged("bob", "bob"), "account-notify")
+    assert (line.source, line.command, line.params) == ("bob!~user@pychat", "ACCOUNT", ["bob"])
+    [line] = rendered(server.AccountChanged("bob", None), "account-notify")
+    assert line.params == ["*"]
+    assert rendered(server.AccountChanged("bob", "bob")) == []
+    assert server.PYCHAT.encode(server.AccountChanged("bob", "bob")) == b""
+
+
+def test_extended_join_names_the_account_and_userhost_in_names_the_whole_mask():
+    [join] = rendered(server.Joined("dev", "bob", "bob", "Bob Builder"), "extended-join")
+    assert join.params == ["#dev", "bob", "Bob Builder"]
+    [join] = rendered(server.Joined("dev", "bob"), "extended-join")
+    assert join.params == ["#dev", "*", "bob"]
+    [join] = rendered(server.Joined("dev", "bob", "bob"))
+    assert join.params == ["#dev"]
+    entered = server.Entered("dev", ("bob",), 0, (("alice", False), ("bob", True)))
+    own_join, names, _ = rendered(entered, "userhost-in-names", "extended-join",
+                                  receiver=Receiver("alice", "alice", "Alice L."))
+    assert own_join.params == ["#dev", "alice", "Alice L."]
+    assert names.params[-1] == "alice!~user@pychat @bob!~user@pychat"
+
+
+def test_protocols_differ_by_every_capability_that_changes_what_is_sent():
+    receiver = Receiver()
+    plain = server.IrcProtocol(receiver)
+    for capability in sorted(server.IRC_RENDERING_CAPABILITIES):
+        assert server.IrcProtocol(receiver, frozenset({capability})) != plain, capability
+    assert server.IrcProtocol(receiver, frozenset({"sasl", "multi-prefix", "cap-notify"})) == plain
+
+
+@pytest.mark.parametrize("argument, letters, token", [
+    ("%tcnuhraf,42", "tcuhnfar", "42"), ("%na", "na", ""), ("%tn,1234", "n", ""), ("%tn", "n", ""),
+    ("%zzn", "n", ""), ("%", "", ""),
+])
+def test_whox_fields_come_in_whox_order_with_a_token_of_up_to_three_digits(argument, letters, token):
+    assert server.irc_whox_fields(argument) == (letters, token)
+
+
+@pytest.mark.parametrize("argument, kept", [
+    ("", None), ("#dev", ["dev"]), ("#DEV,#ops", ["dev", "ops"]), ("#dev*", ["dev", "devops"]),
+    (">1", ["dev", "lobby"]), ("<2", ["devops", "ops"]), ("!#dev*", ["lobby", "ops"]),
+    ("#dev*,>1", ["dev"]), (">x", []),
+])
+def test_list_filters_by_channel_mask_negated_mask_and_people(argument, kept):
+    rooms = [server.commands.RoomInfo(name, people, None, False, False, False)
+             for name, people in (("dev", 2), ("devops", 1), ("lobby", 5), ("ops", 1))]
+    wanted = server.irc_list_wanted(argument)
+    assert (wanted if wanted is None else [room.name for room in rooms if wanted(room)]) == kept
+
+
+def test_isupport_says_which_who_and_list_forms_are_understood():
+    tokens = server.irc_isupport_tokens(server.parse_options(["--irc-port", "0"]))
+    assert "WHOX" in tokens and "ELIST=MNU" in tokens
+    assert any(token.startswith("TARGMAX=") and "TAGMSG:4" in token for token in tokens)
+
+
+def test_account_tag_names_the_senders_account_to_those_who_asked_for_it():
+    said = server.Said("dev", "bob", "hello", "abc-7", (), "bob")
+    [line] = rendered(said, "account-tag")
+    assert line.tags == {"account": "bob"}
+    [line] = rendered(server.Said("dev", "carol", "hello", "abc-8"), "account-tag")
+    assert line.tags is None, "a guest has no account to name"
+    [line] = rendered(server.PrivateFrom("bob", "psst", "abc-9", (), "bob"), "account-tag", "message-tags")
+    assert line.tags == {"account": "bob", "msgid": "abc-9"}
+
+
+def test_a_notice_is_rendered_as_a_notice_to_irc_users_and_as_a_line_to_pychat_users():
+    said = server.Said("dev", "bot", "an answer", notice=True)
+    [line] = rendered(said)
+    assert (line.command, line.params) == ("NOTICE", ["#dev", "an answer"])
+    assert server.PYCHAT.encode(said) == server.PYCHAT.encode(server.Said("dev", "bot", "an answer"))
+    [line] = rendered(server.PrivateFrom("bot", "psst", notice=True))
+    assert (line.command, line.params) == ("NOTICE", ["alice", "psst"])
+    [line] = rendered(server.PrivateTo("bob", "psst", notice=True), "echo-message")
+    assert (line.command, line.source) == ("NOTICE", "alice!~user@pychat")
+
+
+def test_someone_who_joins_away_is_said_to_be_away_to_those_who_asked_for_away_notify():
+    event = server.Joined("dev", "bob", None, "", "lunch")
+    join, away = rendered(event, "away-notify")
+    assert join.command == "JOIN" and (away.command, away.params, away.source) == ("AWAY", ["lunch"],
+                                                                                     "bob!~user@pychat")
+    assert [line.command for line in rendered(event)] == ["JOIN"]
+    assert [line.command for line in rendered(server.Joined("dev", "bob"), "away-notify")] == ["JOIN"]
+
+
+def test_comma_lists_are_spread_over_messages_that_fit_and_lose_no_one():
+    items = [f"someone{n:03d}!~user@pychat" for n in range(100)]
+    lines = server.irc_comma_lists("RPL_MONONLINE", "alice", items)
+    assert all(len(line.encode()) <= 510 for line in lines)
+    assert [item for line in lines for item in server.parse_irc_message(line).params[-1].split(",")] == items
+    assert len(lines) == 5, "the lines are not as full as they could be"     # 20 of 24 bytes in each
+    assert server.irc_comma_lists("RPL_MONONLINE", "alice", []) == []
+
+
+def test_watched_names_coming_and_going_are_730_and_731_and_nothing_to_pychat_users():
+    [online] = rendered(server.CameOnline("bob"))
+    assert (online.command, online.params) == ("730", ["alice", "bob!~user@pychat"])
+    [offline] = rendered(server.WentOffline("bob"))
+    assert (offline.command, offline.params) == ("731", ["alice", "bob"])
+    assert server.PYCHAT.encode(server.CameOnline("bob")) == b"" == server.PYCHAT.encode(server.WentOffline("bob"))
+
+
+def test_a_list_takes_its_first_twenty_filters_only():
+    rooms = [server.commands.RoomInfo(f"r{n}", 1, None, False, False, False) for n in range(30)]
+    wanted = server.irc_list_wanted(",".join(f"#r{n}" for n in range(30)))
+    assert [room.name for room in rooms if wanted(room)] == [f"r{n}" for n in range(server.LIST_FILTERS)]
+
+
+def test_an_invitation_is_news_for_the_rooms_invite_notify_clients_only():
+    event = server.InvitedSomeone("dev", "alice", "bob")
+    [line] = rendered(event, "invite-notify")
+    assert (line.source, line.command, line.params) == ("alice!~user@pychat", "INVITE", ["bob", "#dev"])
+    assert rendered(event) == [] and server.PYCHAT.encode(event) == b""
+
+
+def test_a_room_regroups_someone_whose_capabilities_change_and_keeps_no_empty_audience():
+    class Output:
+        def __init__(self, capabilities: frozenset) -> None:
+            self.protocol = server.IrcProtocol(Receiver(), capabilities)
+
+    room = server.Room("dev", 20)
+    alice = server.Person("alice", Output(frozenset()), "127.0.0.1", 1)
+    bob = server.Person("bob", Output(frozenset()), "127.0.0.2", 2)
+    for person in (alice, bob):
+        room.hear(person, current=True)
+    assert list(room.audiences.values()) == [{alice.output, bob.output}]
+    room.stop_hearing(alice)
+    alice.output.protocol = server.IrcProtocol(Receiver(), frozenset({"message-tags"}))
+    room.hear(alice, current=False)
+    assert room.audiences == {(bob.output.protocol, False): {bob.output},
+                              (alice.output.protocol, True): {alice.output}}
+    carol = server.Person("carol", Output(frozenset()), "127.0.0.3", 3)
+    room.hear(carol, current=True)
+    room.stop_hearing(bob)          # the first of the group, whose protocol object is in its key
+    [(protocol, _)] = [key for key, outputs in room.audiences.items() if carol.output in outputs]
+    assert protocol is carol.output.protocol, "the audience's key still holds the connection of someone gone"
+    room.stop_hearing(alice)
+    room.stop_hearing(carol)
+    assert room.audiences == {}, "an emptied audience kept its key, and the connection in it"
+
+
+def test_a_bots_lines_carry_the_bot_tag_to_those_who_take_message_tags():
+    said = server.Said("dev", "sopel", "beep", "abc-1", bot=True)
+    [line] = rendered(said, "message-tags")
+    assert line.tags == {"bot": "", "msgid": "abc-1"}
+    [line] = rendered(said)
+    assert line.tags is None
+
+
+def test_a_new_real_name_is_told_to_setname_clients_only():
+    event = server.RealnameChanged("alice", "Alice Liddell")
+    [line] = rendered(event, "setname")
+    assert (line.source, line.command, line.params) == ("alice!~user@pychat", "SETNAME", ["Alice Liddell"])
+    assert rendered(event) == [] and server.PYCHAT.encode(event) == b""
