@@ -3952,7 +3952,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         FIRST, which says so. Every room regroups them, so that no line to them is rendered the old way
         once FIRST is queued."""
         with self.lock:
-            self.pump.queue((person.output,), first)
+            person.output.send_bytes(first)
             for room in person.rooms.values():
                 room.stop_hearing(person)
             person.output.protocol = protocol
