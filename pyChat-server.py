@@ -122,8 +122,9 @@ SPARE_FILES = 64                  # open files besides the connections: listenin
 KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeeping
 # Each line leaves at once rather than waiting, under Nagle's algorithm, for the
 # peer to acknowledge the one before (up to its delayed-ACK time, 40 ms here).
-# Without it the bench measured CPU per delivery 5-10% lower at 50x50, with a
-# worse p99 and a third fewer deliveries a second when everyone sends at once.
+# Without it the bench measured 10-12% less CPU per delivery in fan-out, but a
+# worse p99, and with everyone sending, 58% fewer deliveries a second at three
+# times the median latency (bench/README.md).
 TCP_NO_DELAY = True
 OUT_OF_DESCRIPTORS_PAUSE = 0.5    # seconds the accepting thread waits when the process has no file descriptor left
 OPERATOR_TRIES = 3                # wrong /op secrets before the connection is closed
