@@ -544,14 +544,16 @@ def test_the_irc_port_speaks_tls_when_the_server_has_a_certificate(start_server,
 ACCOUNT_PASSWORD = "a long pass phrase 7"
 
 
-def sasl(client: IrcClient, nick: str, account: str, password: str) -> list[str]:
-    """Ask for sasl, authenticate with PLAIN, and end the negotiation; returns what came until 001."""
+def sasl(client: IrcClient, nick: str, account: str, password: str, also: tuple[str, ...] = (),
+         realname: str | None = None) -> list[str]:
+    """Ask for sasl (and the capabilities ALSO), authenticate with PLAIN, and end the negotiation; returns
+    what came until 001."""
     start = len(client.seen)
     client.send("CAP LS 302")
     client.send(f"NICK {nick}")
-    client.send(f"USER {nick} 0 * :{nick}")
+    client.send(f"USER {nick} 0 * :{realname or nick}")
     assert "sasl=PLAIN" in params(client.expect(r"CAP \* LS "))[-1].split()
-    client.send("CAP REQ :sasl")
+    client.send(f"CAP REQ :{' '.join(('sasl', *also))}")
     client.expect(r"CAP \S+ ACK :?sasl")
     client.send("AUTHENTICATE PLAIN")
     client.expect(r"AUTHENTICATE \+")

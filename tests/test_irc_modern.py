@@ -7,13 +7,13 @@ NOT arrive, someone sends a later line and the test checks that it comes first.
 """
 from __future__ import annotations
 
-import base64
 import re
 import time
 
 import pytest
 
 from conftest import SERVER_SCRIPT, import_script
+from test_irc import sasl
 
 server = import_script(SERVER_SCRIPT, "pychat_server")
 ACCOUNT_PASSWORD = "correct horse 42"
@@ -255,16 +255,8 @@ def test_a_sasl_account_shows_in_its_own_extended_join(start_server, irc_connect
     chat_server = start_server("--irc-port", "0")
     register_account(connect(chat_server, "alice"))
     alice = irc_connect(chat_server)
-    alice.send("CAP LS 302")
-    alice.send("NICK alice")
-    alice.send("USER alice 0 * :Alice")
-    alice.send("CAP REQ :sasl extended-join")
-    alice.expect(r"CAP \S+ ACK ")
-    alice.send("AUTHENTICATE PLAIN")
-    alice.expect(r"AUTHENTICATE \+")
-    alice.send("AUTHENTICATE " + base64.b64encode(f"\0alice\0{ACCOUNT_PASSWORD}".encode()).decode())
-    alice.expect(r"903 ", timeout=10)
-    alice.send("CAP END")
+    assert any(" 903 " in line for line in sasl(alice, "alice", "alice", ACCOUNT_PASSWORD, also=("extended-join",),
+                                                   realname="Alice"))
     assert message(alice.expect(r":alice!~user@pychat JOIN #lobby")).params == ["#lobby", "alice", "Alice"]
 
 
