@@ -1150,7 +1150,7 @@ class Output:
             count = len(pending)
             if not count:
                 return False
-            data = pending.popleft() if count == 1 else take(pending, count)
+            data = take(pending, count)
             try:
                 sent = self.sock.send(data)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
