@@ -99,15 +99,15 @@ def test_mistakes_while_registering_get_their_numeric_and_the_connection_stays(s
 
 def test_a_nickname_taken_or_looking_like_one_gets_433_and_another_may_be_chosen(irc_server, irc_connect, connect):
     connect(irc_server, "alice")
-    for wanted in ("alice", "ALICE", "AIice", "аӏісе"):      # the last all Cyrillic
+    for n, wanted in enumerate(("alice", "ALICE", "AIice", "аӏісе"), start=2):      # the last all Cyrillic
         client = irc_connect(irc_server)
         client.send(f"NICK {wanted}")
         client.send("USER x 0 * :x")
         assert f" 433 * {wanted} " in client.expect(r"433 "), "a look-alike was let in"
-        client.send("NICK alice2")
-        client.expect("001 alice2 ")
+        # Another free name each time: the one before may not have been given up yet.
+        client.send(f"NICK alice{n}")
+        client.expect(f"001 alice{n} ")
         client.close()
-        irc_server.wait_for_log(r"alice2@127\.0\.0\.1 left")
 
 
 def test_the_server_password_is_given_with_pass(start_server, irc_connect):
