@@ -41,6 +41,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import queue
 import re
@@ -126,6 +127,13 @@ KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeepin
 # worse p99, and with everyone sending, 58% fewer deliveries a second at three
 # times the median latency (bench/README.md).
 TCP_NO_DELAY = True
+# A room whose lines were written out less than this many seconds ago has its
+# next lines held until the time is up, to leave together: one system call per
+# receiver for all of them instead of one per line, as Nagle's algorithm would
+# do, but bounded by our clock rather than the peer's acknowledgement. A room
+# that was quiet gets its line written at once, so at light load no line waits
+# (bench/README.md).
+HOLD_SECONDS = 0.002
 OUT_OF_DESCRIPTORS_PAUSE = 0.5    # seconds the accepting thread waits when the process has no file descriptor left
 OPERATOR_TRIES = 3                # wrong /op secrets before the connection is closed
 ADDRESS_GUESSES = 10              # wrong secrets of any kind from one address (IPv6: /64) before it must wait
@@ -991,6 +999,14 @@ PYCHAT = PyChatProtocol()
 # falls behind is ever counted; at most this many lines past --max-queue are kept.
 PENDING_BEFORE_COUNT = 64
 
+PENDING_OF = operator.attrgetter("pending")
+
+
+def append_to_each(outputs: Iterable[Output], data: bytes) -> None:
+    """Append DATA to the pending chunks of each of OUTPUTS, with no Python code run per output."""
+    collections.deque(map(collections.deque.append, map(PENDING_OF, outputs), itertools.repeat(data)), maxlen=0)
+
+
 def wait_until_writable(sock: socket.socket, timeout: float) -> None:
     """Wait until SOCK can take more output, or TIMEOUT runs out."""
     if hasattr(select, "poll"):        # select() cannot watch descriptors above 1023
@@ -1035,7 +1051,8 @@ class Output:
         self.outbox = bytearray()           # taken or counted, not yet sent: older than all of `pending`
         # Neither in the switchboard's line of outputs to write nor watched until its socket takes more:
         # the next line queued lines it up. The switchboard sets it before it takes what is pending, so a line
-        # queued after that lines the output up again.
+        # queued after that lines the output up again. (Lines the switchboard appends itself, it writes itself,
+        # with no lining up: Switchboard.queue.)
         self.idle = True
         self.stalled_since: float | None = None
         self.reason: str | None = None      # why the connection ends, once it does
@@ -1311,23 +1328,59 @@ class Switchboard(threading.Thread):
         self.sleeping = False       # the switchboard waits in select() for more than a moment; state_lock
         self.sleep_seconds = 1.0    # the longest wait: stalled readers and idle clocks are looked at once a second
         self.quiet = False          # this pass of the switchboard handles one event; this thread only
+        self.now = time.monotonic()         # when this pass began; this thread only
+        # Receivers of lines appended here, to write at the end of this pass; this thread only.
+        self.written: list[tuple[Output, ...]] = []
+        # Receivers of lines held for release_at, by room (see HOLD_SECONDS), and when each room's lines
+        # were last written; this thread only.
+        self.held: list[tuple[str, tuple[Output, ...]]] = []
+        self.release_at = 0.0
+        self.room_written: dict[str, float] = {}
         self.running = True
 
-    def queue(self, outputs: Iterable[Output], data: bytes) -> None:
-        """Append DATA to each output's pending chunks, and line up the ones to write.
+    def queue(self, outputs: Iterable[Output], data: bytes, room: str | None = None) -> None:
+        """Append DATA to each output's pending chunks, and see that they are written; ROOM names the
+        room whose line it is (its key).
 
-        This runs for every line and every receiver, so it does as little as it
-        can, and takes no lock. A receiver who has fallen PENDING_BEFORE_COUNT
-        lines behind is counted, and cut off past --max-queue. In a quiet pass
-        of the switchboard (one connection had something to say), the
-        switchboard sends a line at once to each receiver with nothing waiting:
-        there is nothing for it to go out with, and it saves lining them up.
+        This runs for every line and every receiver, and takes no lock. On the
+        switchboard, the line of a room written to less than HOLD_SECONDS ago
+        waits for the rest of that time; in a quiet pass (one connection had
+        something to say), any other line is sent at once to each receiver with
+        nothing waiting: there is nothing for it to go out with. Otherwise the
+        receivers are written at the end of the pass. Appending to them all
+        happens in C (append_to_each), so that a busy room's line costs little
+        Python per receiver.
         """
         if not data:
             return
+        if threading.get_ident() != self.ident:
+            self._line_up(outputs, data)
+        elif room is not None and self.now - HOLD_SECONDS < self.room_written.get(room, 0.0) < self.now:
+            # Written in an earlier pass, a moment ago. (A line's other audiences, and the room's other
+            # lines in this pass, go with the first.)
+            if not self.held:
+                self.release_at = self.now + HOLD_SECONDS
+            outputs = tuple(outputs)
+            append_to_each(outputs, data)
+            self.held.append((room, outputs))
+        else:
+            if room is not None:
+                self.room_written[room] = self.now
+            if self.quiet:
+                self._line_up(outputs, data, at_once=True)
+            else:
+                outputs = tuple(outputs)
+                append_to_each(outputs, data)
+                self.written.append(outputs)
+
+    def _line_up(self, outputs: Iterable[Output], data: bytes, at_once: bool = False) -> None:
+        """queue() from another thread, or AT_ONCE in a quiet pass: each output in turn.
+
+        A receiver who has fallen PENDING_BEFORE_COUNT lines behind is counted,
+        and cut off past --max-queue.
+        """
         newly_ready = []
         behind = []
-        at_once = self.quiet and threading.get_ident() == self.ident
         for output in outputs:
             if output.refusing:
                 continue
@@ -1341,12 +1394,16 @@ class Switchboard(threading.Thread):
             if len(pending) > PENDING_BEFORE_COUNT:
                 behind.append(output)
         for output in behind:
-            size = output.waiting()
-            if size > self.max_queue:
-                output.end(f"not reading: {size} bytes waiting", Farewell("not reading what the server sends"),
-                           drop_output=True)
+            self.check_size(output)
         if newly_ready:
             self.mark_ready(newly_ready)
+
+    def check_size(self, output: Output) -> None:
+        """Cut OUTPUT off if more than --max-queue bytes wait for it."""
+        size = output.waiting()
+        if size > self.max_queue:
+            output.end(f"not reading: {size} bytes waiting", Farewell("not reading what the server sends"),
+                       drop_output=True)
 
     def mark_ready(self, outputs: list[Output]) -> None:
         """Line OUTPUTS up for writing, waking the switchboard if it sleeps."""
@@ -1381,11 +1438,14 @@ class Switchboard(threading.Thread):
             with self.state_lock:
                 # Decided under the lock that mark_ready() and adopt() take: whatever comes after this
                 # sees `sleeping` and rings, so the select() below returns at once.
-                self.sleeping = not (self.ready or self.arrivals)
+                self.sleeping = not (self.ready or self.arrivals or self.written)
                 timeout = self.sleep_seconds if self.sleeping else 0
+            if timeout and self.held:
+                timeout = max(0.0, self.release_at - time.monotonic())
             events = self.selector.select(timeout)
             with self.state_lock:
                 self.sleeping = False
+            self.now = now = time.monotonic()
             ready = self.ready
             self.quiet = len(events) == 1 and not ready
             for key, mask in events:
@@ -1408,6 +1468,14 @@ class Switchboard(threading.Thread):
                     self.welcome(connection)
                 except Exception:
                     self.broke(connection.output, "starting to read")
+            if self.held and now >= self.release_at:
+                for room, outputs in self.held:
+                    self.room_written[room] = now
+                    self.written.append(outputs)
+                self.held = []
+            if self.written:
+                self.write_out(set().union(*self.written))
+                self.written = []
             watched = self.watched
             while ready:
                 output = ready.popleft()
@@ -1420,6 +1488,8 @@ class Switchboard(threading.Thread):
                     output.end("could not write to it", drop_output=True)
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 1.0
+                self.room_written = {room: when for room, when in self.room_written.items()
+                                     if when > now - HOLD_SECONDS}
                 try:
                     self.cut_off_stalled()
                     self.check_clocks()
@@ -1503,6 +1573,21 @@ class Switchboard(threading.Thread):
             self.run_lines(connection, functools.partial(connection.check_clock, now))
 
     # -- writing ---------------------------------------------------------------
+
+    def write_out(self, outputs: Iterable[Output]) -> None:
+        """Write each of OUTPUTS, which lines were appended to on this thread; one whose socket is full
+        only has what waits for it counted."""
+        watched = self.watched
+        for output in outputs:
+            try:
+                if output in watched:
+                    self.check_size(output)
+                elif output.flush():
+                    self.watch(output, True)
+                    self.check_size(output)
+            except Exception:       # one broken connection must not silence everyone
+                log.exception("writing to %r failed", output)
+                output.end("could not write to it", drop_output=True)
 
     def watch(self, output: Output, more: bool) -> None:
         """Watch OUTPUT's socket until it takes more if MORE is waiting for it, and stop watching if not."""
@@ -4535,14 +4620,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if skip is not None and skip.output in outputs:
                     outputs = outputs - {skip.output}     # a set difference: no Python work per member
                 if outputs:
-                    self.switchboard.queue(outputs, protocol.encode(event, tagged))
+                    self.switchboard.queue(outputs, protocol.encode(event, tagged), room.key)
             return
         groups: dict[tuple[PyChatProtocol, bool], list[Output]] = {}
         for member in room.members:
             if member is not skip and not (sender is not None and sender.key in member.ignoring):
                 groups.setdefault((member.output.protocol, member.current is not room), []).append(member.output)
         for (protocol, tagged), outputs in groups.items():
-            self.switchboard.queue(outputs, protocol.encode(event, tagged))
+            self.switchboard.queue(outputs, protocol.encode(event, tagged), room.key)
 
     def _to_people(self, people: Iterable[Person], event: Any) -> None:
         """Queue EVENT (not a room's) to each of PEOPLE, rendered once per protocol. Lock held."""

@@ -45,6 +45,23 @@ def test_a_slow_command_holds_up_no_one_else(server, chat):
     assert bob_arrived < 0.5, f"bob's line took {bob_arrived:.2f} s while alice's command waited"
 
 
+def test_a_line_held_to_go_out_with_others_still_goes_within_moments(start_server, connect):
+    # Each line is sent the moment the one before comes back: a room written to a moment ago holds its
+    # next line, to leave with whatever follows. Nothing else happens here, so only the end of the hold
+    # sends it; were it to wait for the switchboard's next look at its clocks (once a second), ten lines
+    # would take seconds.
+    server = start_server("--rate", "0")
+    alice, bob = connect(server, "alice"), connect(server, "bob")
+    alice.expect(re.escape("*** bob joined #lobby"))
+    started = time.monotonic()
+    for n in range(10):
+        alice.send(f"line {n}")
+        alice.expect(f"^alice: line {n}$")
+    took = time.monotonic() - started
+    assert took < 2.0, f"ten lines, each held a moment, took {took:.2f} s to come back"
+    assert bob.lines_until("^alice: line 9$")[-10:] == [f"alice: line {n}" for n in range(10)]
+
+
 def test_lines_sent_with_a_command_keep_their_order_and_their_room(server, chat):
     alice, bob, carol = chat("alice", "bob", "carol")
     carol.send("/join dev")
