@@ -1276,9 +1276,12 @@ class Workers:
                 self.idle -= 1
                 self.tasks.put(task)
                 return
-        threading.Thread(target=self._work, args=(task,), daemon=True).start()
+        threading.Thread(target=self._work, args=([task],), daemon=True).start()
 
-    def _work(self, task: Callable[[], None]) -> None:
+    def _work(self, first: list[Callable[[], None]]) -> None:
+        # Taken out of the list: a thread's arguments live as long as it does, and the task may hold a
+        # connection that has long left.
+        task = first.pop()
         while True:
             try:
                 task()
