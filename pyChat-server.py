@@ -127,13 +127,17 @@ KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeepin
 # worse p99, and with everyone sending, 58% fewer deliveries a second at three
 # times the median latency (bench/README.md).
 TCP_NO_DELAY = True
-# A room whose lines were written out less than this many seconds ago has its
-# next lines held until the time is up, to leave together: one system call per
-# receiver for all of them instead of one per line, as Nagle's algorithm would
-# do, but bounded by our clock rather than the peer's acknowledgement. A room
-# that was quiet gets its line written at once, so at light load no line waits
-# (bench/README.md).
-HOLD_SECONDS = 0.002
+# A room whose lines were written out a moment ago holds its next ones until
+# this many seconds for each of its members have gone by since (at most
+# MAX_HOLD_SECONDS), so that they leave together: one system call per receiver
+# for all of them instead of one per line, as Nagle's algorithm would do, but
+# bounded by our clock rather than the peer's acknowledgement. A call costs a
+# few microseconds, so even the busiest room takes a small share of the
+# switchboard's time. A room quiet for that long has its line written at once,
+# so at light load no line waits, and a room of a few people hardly ever
+# waits (bench/README.md).
+HOLD_PER_MEMBER = 40e-6
+MAX_HOLD_SECONDS = 0.01
 OUT_OF_DESCRIPTORS_PAUSE = 0.5    # seconds the accepting thread waits when the process has no file descriptor left
 OPERATOR_TRIES = 3                # wrong /op secrets before the connection is closed
 ADDRESS_GUESSES = 10              # wrong secrets of any kind from one address (IPv6: /64) before it must wait
@@ -1334,20 +1338,20 @@ class Switchboard(threading.Thread):
         self.now = time.monotonic()         # when this pass began; this thread only
         # Receivers of lines appended here, to write at the end of this pass; this thread only.
         self.written: list[tuple[Output, ...]] = []
-        # Receivers of lines held for release_at, by room (see HOLD_SECONDS), and when each room's lines
-        # were last written; this thread only.
-        self.held: list[tuple[str, tuple[Output, ...]]] = []
-        self.release_at = 0.0
+        # Receivers of lines held, with when and the room (see HOLD_PER_MEMBER); the first release due;
+        # when each room's lines were last written; this thread only.
+        self.held: list[tuple[float, str, tuple[Output, ...]]] = []
+        self.release_at = math.inf
         self.room_written: dict[str, float] = {}
         self.running = True
 
-    def queue(self, outputs: Iterable[Output], data: bytes, room: str | None = None) -> None:
-        """Append DATA to each output's pending chunks, and see that they are written; ROOM names the
-        room whose line it is (its key).
+    def queue(self, outputs: Iterable[Output], data: bytes, room: Room | None = None) -> None:
+        """Append DATA to each output's pending chunks, and see that they are written; ROOM is the room
+        whose line it is.
 
         This runs for every line and every receiver, and takes no lock. On the
-        switchboard, the line of a room written to less than HOLD_SECONDS ago
-        waits for the rest of that time; in a quiet pass (one connection had
+        switchboard, the line of a room written to a moment ago waits for the
+        rest of the room's hold (HOLD_PER_MEMBER); in a quiet pass (one connection had
         something to say), any other line is sent at once to each receiver with
         nothing waiting: there is nothing for it to go out with. Otherwise the
         receivers are written at the end of the pass. Appending to them all
@@ -1358,23 +1362,25 @@ class Switchboard(threading.Thread):
             return
         if threading.get_ident() != self.ident:
             self._line_up(outputs, data)
-        elif room is not None and self.now - HOLD_SECONDS < self.room_written.get(room, 0.0) < self.now:
-            # Written in an earlier pass, a moment ago. (A line's other audiences, and the room's other
+            return
+        if room is not None:
+            written = self.room_written.get(room.key, 0.0)
+            release = written + min(MAX_HOLD_SECONDS, len(room.members) * HOLD_PER_MEMBER)
+            # Written in an earlier pass, a moment ago? (A line's other audiences, and the room's other
             # lines in this pass, go with the first.)
-            if not self.held:
-                self.release_at = self.now + HOLD_SECONDS
-            outputs = tuple(outputs)
-            append_to_each(outputs, data)
-            self.held.append((room, outputs))
-        else:
-            if room is not None:
-                self.room_written[room] = self.now
-            if self.quiet:
-                self._line_up(outputs, data, at_once=True)
-            else:
+            if written < self.now < release:
                 outputs = tuple(outputs)
                 append_to_each(outputs, data)
-                self.written.append(outputs)
+                self.held.append((release, room.key, outputs))
+                self.release_at = min(self.release_at, release)
+                return
+            self.room_written[room.key] = self.now
+        if self.quiet:
+            self._line_up(outputs, data, at_once=True)
+        else:
+            outputs = tuple(outputs)
+            append_to_each(outputs, data)
+            self.written.append(outputs)
 
     def _line_up(self, outputs: Iterable[Output], data: bytes, at_once: bool = False) -> None:
         """queue() from another thread, or AT_ONCE in a quiet pass: each output in turn.
@@ -1444,7 +1450,7 @@ class Switchboard(threading.Thread):
                 self.sleeping = not (self.ready or self.arrivals or self.written)
                 timeout = self.sleep_seconds if self.sleeping else 0
             if timeout and self.held:
-                timeout = max(0.0, self.release_at - time.monotonic())
+                timeout = min(timeout, max(0.0, self.release_at - time.monotonic()))
             events = self.selector.select(timeout)
             with self.state_lock:
                 self.sleeping = False
@@ -1471,11 +1477,8 @@ class Switchboard(threading.Thread):
                     self.welcome(connection)
                 except Exception:
                     self.broke(connection.output, "starting to read")
-            if self.held and now >= self.release_at:
-                for room, outputs in self.held:
-                    self.room_written[room] = now
-                    self.written.append(outputs)
-                self.held = []
+            if now >= self.release_at:
+                self.release_held(now)
             if self.written:
                 self.write_out(set().union(*self.written))
                 self.written = []
@@ -1492,7 +1495,7 @@ class Switchboard(threading.Thread):
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 1.0
                 self.room_written = {room: when for room, when in self.room_written.items()
-                                     if when > now - HOLD_SECONDS}
+                                     if when > now - MAX_HOLD_SECONDS}
                 try:
                     self.cut_off_stalled()
                     self.check_clocks()
@@ -1576,6 +1579,19 @@ class Switchboard(threading.Thread):
             self.run_lines(connection, functools.partial(connection.check_clock, now))
 
     # -- writing ---------------------------------------------------------------
+
+    def release_held(self, now: float) -> None:
+        """Add the receivers of the held lines whose time has come to those written in this pass."""
+        waiting = []
+        for held in self.held:
+            release, room, outputs = held
+            if release <= now:
+                self.room_written[room] = now
+                self.written.append(outputs)
+            else:
+                waiting.append(held)
+        self.held = waiting
+        self.release_at = min((release for release, _, _ in waiting), default=math.inf)
 
     def write_out(self, outputs: Iterable[Output]) -> None:
         """Write each of OUTPUTS, which lines were appended to on this thread; one whose socket is full
@@ -4623,14 +4639,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if skip is not None and skip.output in outputs:
                     outputs = outputs - {skip.output}     # a set difference: no Python work per member
                 if outputs:
-                    self.switchboard.queue(outputs, protocol.encode(event, tagged), room.key)
+                    self.switchboard.queue(outputs, protocol.encode(event, tagged), room)
             return
         groups: dict[tuple[PyChatProtocol, bool], list[Output]] = {}
         for member in room.members:
             if member is not skip and not (sender is not None and sender.key in member.ignoring):
                 groups.setdefault((member.output.protocol, member.current is not room), []).append(member.output)
         for (protocol, tagged), outputs in groups.items():
-            self.switchboard.queue(outputs, protocol.encode(event, tagged), room.key)
+            self.switchboard.queue(outputs, protocol.encode(event, tagged), room)
 
     def _to_people(self, people: Iterable[Person], event: Any) -> None:
         """Queue EVENT (not a room's) to each of PEOPLE, rendered once per protocol. Lock held."""

@@ -46,20 +46,21 @@ def test_a_slow_command_holds_up_no_one_else(server, chat):
 
 
 def test_a_line_held_to_go_out_with_others_still_goes_within_moments(start_server, connect):
-    # Each line is sent the moment the one before comes back: a room written to a moment ago holds its
-    # next line, to leave with whatever follows. Nothing else happens here, so only the end of the hold
-    # sends it; were it to wait for the switchboard's next look at its clocks (once a second), ten lines
-    # would take seconds.
-    server = start_server("--rate", "0")
-    alice, bob = connect(server, "alice"), connect(server, "bob")
-    alice.expect(re.escape("*** bob joined #lobby"))
+    # Each line is sent the moment the one before comes back: a room of 40 written to a moment ago holds
+    # its next line (40 x 40 us), to leave with whatever follows. Nothing else happens here, so only the
+    # end of the hold sends it; were it to wait for the switchboard's next look at its clocks (once a
+    # second), ten lines would take seconds.
+    server = start_server("--rate", "0", "--max-per-ip", "0")
+    alice = connect(server, "alice")
+    others = [connect(server, f"p{n}") for n in range(39)]
+    alice.expect(re.escape("*** p38 joined #lobby"))
     started = time.monotonic()
     for n in range(10):
         alice.send(f"line {n}")
         alice.expect(f"^alice: line {n}$")
     took = time.monotonic() - started
     assert took < 2.0, f"ten lines, each held a moment, took {took:.2f} s to come back"
-    assert bob.lines_until("^alice: line 9$")[-10:] == [f"alice: line {n}" for n in range(10)]
+    assert others[-1].lines_until("^alice: line 9$")[-10:] == [f"alice: line {n}" for n in range(10)]
 
 
 def test_lines_sent_with_a_command_keep_their_order_and_their_room(server, chat):
