@@ -4680,9 +4680,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         deadline = time.monotonic() + SHUTDOWN_SECONDS
         while time.monotonic() < deadline:
             with self.lock:
-                if not self.connections:
+                # Taken out is not yet told: the farewell is written just after, and the process must
+                # not end in between.
+                if not self.connections and all(connection.output.closed for connection in connections):
                     break
-            time.sleep(0.05)
+            time.sleep(0.01)
         self.switchboard.stop()
         self.server_close()
         if self.irc is not None:
