@@ -3670,7 +3670,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         others = [m.nick for m in itertools.islice(room.members, 16) if m is not person][:15]
         # A protocol that lists members gets them all, up to ANNOUNCE_LIMIT: past that, joins and leaves
         # are not announced, so a longer list would not stay true, and every newcomer would pay for it.
-        members = (tuple((m.nick, m in room.operators) for m in itertools.islice(room.members, ANNOUNCE_LIMIT))
+        operators = room.operators
+        members = (tuple([(m.nick, m in operators) for m in itertools.islice(room.members, ANNOUNCE_LIMIT)])
                    if person.output.protocol.lists_members else ())
         person.output.send(Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members))
         if room.topic:
@@ -5627,17 +5628,19 @@ class IrcProtocol:
 
     def entered(self, event: Entered) -> list[str]:
         channel = f"#{event.room}"
-        names = [self.name_in_names(nick, operator) for nick, operator in event.members]
+        names = self.names_in_names(event.members)
         person = self.connection.person         # None while signing in: their account is the one of SASL
         account, realname = (person.account, person.realname) if person else (self.connection.account,
                                                                               self.connection.realname)
         return [self._join(event.room, self.me, account, realname),
                 *irc_names_replies(self.me, channel, names)]
 
-    def name_in_names(self, nick: str, operator: bool) -> str:
-        """One entry of a NAMES list: the nickname, with '@' for a room operator; with userhost-in-names,
-        the whole NICK!USER@HOST."""
-        return ("@" if operator else "") + (irc_source(nick) if "userhost-in-names" in self.capabilities else nick)
+    def names_in_names(self, members: Iterable[tuple[str, bool]]) -> list[str]:
+        """The entries of a NAMES list for MEMBERS, (nickname, whether a room operator): each nickname,
+        with '@' for a room operator; with userhost-in-names, the whole NICK!USER@HOST."""
+        if "userhost-in-names" in self.capabilities:
+            return [("@" if operator else "") + irc_source(nick) for nick, operator in members]
+        return [f"@{nick}" if operator else nick for nick, operator in members]
 
     def topic(self, event: Topic) -> list[str]:
         return [irc_numeric("RPL_TOPIC", self.me, f"#{event.room}", text=event.topic)]
@@ -5774,17 +5777,21 @@ def irc_comma_lists(name: str, me: str, items: list[str], *params: str) -> list[
 def irc_names_replies(me: str, channel: str, names: list[str]) -> list[str]:
     """353 (as many as the names need) and 366 for CHANNEL."""
     room = IRC_MAX_BODY_BYTES - len(irc_numeric("RPL_NAMREPLY", me, "=", channel, text="").encode("utf-8"))
-    lines, line, size = [], [], 0
-    for name in names:
-        width = len(name.encode("utf-8")) + bool(line)      # and the space before it
-        if line and size + width > room:
-            lines.append(line)
-            line, size, width = [], 0, width - 1
-        line.append(name)
-        size += width
-    if line:
-        lines.append(line)
-    return [*(irc_numeric("RPL_NAMREPLY", me, "=", channel, text=" ".join(line)) for line in lines),
+    # Cut the whole list at spaces, in bytes: a space never occurs inside another character's UTF-8, and
+    # this is one search per line, not a step per name, for the up to 200 names every newcomer gets.
+    rest = " ".join(names).encode("utf-8")
+    lines = []
+    while len(rest) > room:
+        cut = rest.rfind(b" ", 0, room + 1)
+        if cut <= 0:                # one name longer than a line: it goes alone
+            cut = rest.find(b" ")
+            if cut < 0:
+                break
+        lines.append(rest[:cut])
+        rest = rest[cut + 1:]
+    if rest:
+        lines.append(rest)
+    return [*(irc_numeric("RPL_NAMREPLY", me, "=", channel, text=line.decode("utf-8")) for line in lines),
             irc_numeric("RPL_ENDOFNAMES", me, channel)]
 
 
@@ -6204,7 +6211,7 @@ class IrcConnection(ClientConnection):
                     raise
                 self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, channel))
                 continue
-            names = [self.output.protocol.name_in_names(p.nick, p.room_operator) for p in people]
+            names = self.output.protocol.names_in_names((p.nick, p.room_operator) for p in people)
             for line in irc_names_replies(self.nick, f"#{room}", names):
                 self.send_irc(line)
         if not channels:
