@@ -1533,8 +1533,7 @@ class Switchboard(threading.Thread):
         self.run_lines(connection, connection.on_readable)
 
     def run_lines(self, connection: ClientConnection, step: Callable[[], None]) -> bool:
-        """Run STEP, which reads or handles CONNECTION's lines; a command it left in the backlog goes to a
-        worker, and the end of the connection is finished here. True if the
+        """Run STEP, which reads or handles CONNECTION's lines; a command it left goes to a worker, and the end of the connection is finished here. True if the
         switchboard goes on reading it."""
         try:
             step()
@@ -1546,22 +1545,22 @@ class Switchboard(threading.Thread):
         if connection.output.reason is not None:
             self.finish(connection)
             return False
-        if connection.backlog:
+        if connection.command is not None:
             self.hand_over(connection)
             return False
         return True
 
     def hand_over(self, connection: ClientConnection) -> None:
-        """Stop reading CONNECTION while a worker works through its backlog; it comes back
+        """Stop reading CONNECTION while a worker runs its command and what came after; it comes back
         through adopt()."""
         with self.state_lock:
             connection.output.reading = False
             self._listen(connection.output)
         try:
-            self.workers.run(connection.work_through_backlog)
+            self.workers.run(connection.run_waiting_command)
         except (RuntimeError, MemoryError) as problem:      # out of threads or memory
             log.error("cannot start a thread for %r: %s", connection, problem)
-            connection.backlog.clear()
+            connection.command, connection.unread = None, ()
             connection.output.send(Error("The server is out of resources: your command was not run. "
                                          "Try again later."))
             self.welcome(connection)
@@ -1667,7 +1666,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
     It signs in on a worker thread (see Workers), which waits for input with
     poll(); then the switchboard reads it (adopt()), handles its chat lines,
-    and hands its other lines, in order, to a worker (work_through_backlog()).
+    and hands its other lines, in order, to a worker (run_waiting_command()).
     The socket is non-blocking; the output and the end of the connection
     belong to `output`.
     """
@@ -1681,8 +1680,9 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.output = Output(self.sock, self.server.switchboard, PYCHAT, name=self.__repr__, reader=self)
         self.output.owner = threading.get_ident()
         self.lines = LineReader()
-        self.unread: collections.deque[str | None] = collections.deque()    # read, not yet taken
-        self.backlog: collections.deque[str | None] = collections.deque()   # for a worker: a command, and what came after it
+        # Read, not yet handled: a deque while there are any, so that an idle connection keeps none (0.7 KiB).
+        self.unread: collections.deque[str | None] | tuple = ()
+        self.command: str | None = None     # a command left for a worker; what came after it is still unread
         self.adopted = False                # signed in: the switchboard reads it
         self.left = False
         self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)
@@ -1897,32 +1897,34 @@ class ClientConnection(socketserver.BaseRequestHandler):
             if not self.receive():
                 return
             self.take_unread_lines()
-            if self.backlog or not self.has_buffered_input():
+            if self.command is not None or not self.has_buffered_input():
                 return
 
-    def take_unread_lines(self) -> None:
-        """(switchboard) Handle what was read, in order: chat lines now; from the first command on, every
-        line waits in the backlog for a worker."""
-        unread, backlog = self.unread, self.backlog
+    def take_unread_lines(self, on_switchboard: bool = True) -> None:
+        """Handle what was read, in order. On the switchboard, a command stops it: the command waits in
+        `command`, and what came after it stays unread, for a worker (run_waiting_command())."""
+        unread = self.unread
         while unread and self.output.reason is None:
             line = unread.popleft()
-            if not self.within_rate():
-                continue
-            if backlog or not self.on_line(line, on_switchboard=True):
-                backlog.append(line)
+            if self.within_rate() and not self.on_line(line, on_switchboard):
+                self.command = line
+                return
+        if not unread:
+            self.unread = ()
 
-    def work_through_backlog(self) -> None:
-        """(a worker) Handle the lines the switchboard left, then give the connection back."""
+    def run_waiting_command(self) -> None:
+        """(a worker) Run the command the switchboard left and handle what came after it, then give the
+        connection back."""
         try:
-            while self.backlog and self.output.reason is None:
-                self.on_line(self.backlog.popleft())
+            command, self.command = self.command, None
+            self.on_line(command)
+            self.take_unread_lines(on_switchboard=False)
         except Disconnect as why:
             self.output.end(why.reason, why.farewell)
         except Exception:
             log.exception("handling a line from %r failed", self)
             self.output.end("server error", Farewell("a server error (it was logged)"))
         finally:
-            self.backlog.clear()
             self.server.switchboard.adopt(self)
 
     def has_buffered_input(self) -> bool:
@@ -1990,7 +1992,11 @@ class ClientConnection(socketserver.BaseRequestHandler):
                 raise Disconnect("server shutting down", ShuttingDown())
             raise Disconnect("connection closed")
         self.last_heard = time.monotonic()
-        self.unread.extend(self.lines.feed(data))
+        lines = self.lines.feed(data)
+        if self.unread:
+            self.unread.extend(lines)
+        elif lines:
+            self.unread = collections.deque(lines)
         return True
 
     def wait_for_input(self, timeout: float) -> None:
