@@ -274,6 +274,7 @@ def test_lines_over_the_rate_are_refused_with_one_notice(chat):
     alice.send("marker")
     said = [line for line in alice.lines_until("alice: marker") if line.startswith("bob: ")]
     assert said == [f"bob: burst {n}" for n in range(5)], "only the burst of 5 should have been said"
+    bob.expect("alice: marker")             # so that bob.seen holds every answer to his burst, not just the first
     notices = [line for line in bob.seen if line.startswith("!! ")]
     assert len(notices) == 1, f"three refused lines should get one notice; bob got {notices}"
 
