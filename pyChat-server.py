@@ -6671,6 +6671,10 @@ def main(argv: list[str] | None = None) -> int:
     except (commands.CommandLoadError, StorageError, ssl.SSLError) as problem:
         log.error("cannot start: %s", problem)
         return 1
+    # Before anyone is served or told the port: a SIGTERM from then on is a clean shutdown that says so.
+    stop_requested = threading.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda number, frame: stop_requested.set())
     host, port = server.server_address[:2]
     # Printed even with -q: scripts and tests started with --port 0 read the port from it.
     print(f"pyChat {VERSION} listening on {host}:{port}", file=sys.stderr, flush=True)
@@ -6679,10 +6683,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyChat {VERSION} listening for IRC on {irc_host}:{irc_port}", file=sys.stderr, flush=True)
         threading.Thread(target=server.irc.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept-irc",
                          daemon=True).start()
-
-    stop_requested = threading.Event()
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signal_number, lambda number, frame: stop_requested.set())
     serving = threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept", daemon=True)
     serving.start()
     while not stop_requested.wait(1.0):

@@ -195,6 +195,7 @@ def test_ignore_hides_lines_and_private_messages_for_you_only(chat):
     bob.send("/msg alice spam in private")
     bob.send("/me spams")
     assert carol.expect("bob: ") == "bob: spam spam", "others still see bob"
+    bob.expect(r"\* bob spams")         # all three handled: whatever alice was sent of them comes before the marker
     say_marker(carol, alice, text="after the spam")
     assert not any("spam" in line for line in alice.seen[:-1])
     alice.send("/ignore")

@@ -6,6 +6,7 @@ tests send through a real server on loopback.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import socket
 import time
@@ -375,6 +376,10 @@ def holders():
         server.kill()
 
 
+# Each newcomer signs in under a name never used before: the one of the test before may not be given up yet.
+_newcomers = itertools.count()
+
+
 @pytest.mark.parametrize("how", ["at sign-in", "with /nick"])
 @pytest.mark.parametrize("name", ["bᴏb", "b੦b", "aǀice", "ꓢꓰꓣꓦꓰꓣ", "ꜱᴇʀᴠᴇʀ", "ᴀᴅᴍɪɴ", "ǃǃ", "ːː", "ʼʼʼ", "ᏚᎬᎡᏙᎬᎡ",
                                   "ᗩᒪIᑕE", "ʙᴏʙ", "ⲦⲞⲔⲨⲞ", "b٥b"])
@@ -386,7 +391,7 @@ def test_names_that_read_as_someone_elses_or_as_a_reserved_one_are_refused(holde
             client.send(name)
             answer = client.recv_line()
         else:
-            client.login(f"carol{len(name)}{ord(name[0])}")
+            client.login(f"carol{next(_newcomers)}")
             client.send(f"/nick {name}")
             answer = client.expect(r"!! |\*\*\* carol\d+ is now known as ")
     finally:
