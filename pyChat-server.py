@@ -1351,12 +1351,12 @@ class Switchboard(threading.Thread):
 
         This runs for every line and every receiver, and takes no lock. On the
         switchboard, the line of a room written to a moment ago waits for the
-        rest of the room's hold (HOLD_PER_MEMBER); in a quiet pass (one connection had
-        something to say), any other line is sent at once to each receiver with
-        nothing waiting: there is nothing for it to go out with. Otherwise the
-        receivers are written at the end of the pass. Appending to them all
-        happens in C (append_to_each), so that a busy room's line costs little
-        Python per receiver.
+        rest of the room's hold (HOLD_PER_MEMBER); in a quiet pass (one
+        connection had something to say), any other line is sent at once to
+        each receiver with nothing waiting: there is nothing for it to go out
+        with. Otherwise the receivers are written at the end of the pass.
+        Appending to them all happens in C (append_to_each), so that a busy
+        room's line costs little Python per receiver.
         """
         if not data:
             return
@@ -1533,7 +1533,8 @@ class Switchboard(threading.Thread):
         self.run_lines(connection, connection.on_readable)
 
     def run_lines(self, connection: ClientConnection, step: Callable[[], None]) -> bool:
-        """Run STEP, which reads or handles CONNECTION's lines; a command it left goes to a worker, and the end of the connection is finished here. True if the
+        """Run STEP, which reads or handles CONNECTION's lines; a command it left goes to a worker, and
+        the end of the connection is finished here. True if the
         switchboard goes on reading it."""
         try:
             step()
