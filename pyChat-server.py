@@ -1534,8 +1534,7 @@ class Switchboard(threading.Thread):
 
     def run_lines(self, connection: ClientConnection, step: Callable[[], None]) -> bool:
         """Run STEP, which reads or handles CONNECTION's lines; a command it left goes to a worker, and
-        the end of the connection is finished here. True if the
-        switchboard goes on reading it."""
+        the end of the connection is finished here. True if the switchboard goes on reading it."""
         try:
             step()
         except Disconnect as why:
