@@ -136,8 +136,8 @@ TCP_NO_DELAY = True
 # switchboard's time. A room quiet for that long has its line written at once,
 # so at light load no line waits, and a room of a few people hardly ever
 # waits (bench/README.md).
-HOLD_PER_MEMBER = 40e-6
-MAX_HOLD_SECONDS = 0.01
+HOLD_PER_MEMBER = 60e-6
+MAX_HOLD_SECONDS = 0.015
 OUT_OF_DESCRIPTORS_PAUSE = 0.5    # seconds the accepting thread waits when the process has no file descriptor left
 OPERATOR_TRIES = 3                # wrong /op secrets before the connection is closed
 ADDRESS_GUESSES = 10              # wrong secrets of any kind from one address (IPv6: /64) before it must wait

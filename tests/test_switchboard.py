@@ -47,7 +47,7 @@ def test_a_slow_command_holds_up_no_one_else(server, chat):
 
 def test_a_line_held_to_go_out_with_others_still_goes_within_moments(start_server, connect):
     # Each line is sent the moment the one before comes back: a room of 40 written to a moment ago holds
-    # its next line (40 x 40 us), to leave with whatever follows. Nothing else happens here, so only the
+    # its next line (40 x 60 us), to leave with whatever follows. Nothing else happens here, so only the
     # end of the hold sends it; were it to wait for the switchboard's next look at its clocks (once a
     # second), ten lines would take seconds.
     server = start_server("--rate", "0", "--max-per-ip", "0")
