@@ -1482,16 +1482,8 @@ class Switchboard(threading.Thread):
             if self.written:
                 self.write_out(set().union(*self.written))
                 self.written = []
-            watched = self.watched
             while ready:
-                output = ready.popleft()
-                try:
-                    more = output.flush()
-                    if more or output in watched:     # the usual case is neither: all of it went at once
-                        self.watch(output, more)
-                except Exception:       # one broken connection must not silence everyone
-                    log.exception("writing to %r failed", output)
-                    output.end("could not write to it", drop_output=True)
+                self.write(ready.popleft())
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 1.0
                 self.room_written = {room: when for room, when in self.room_written.items()
@@ -1597,15 +1589,22 @@ class Switchboard(threading.Thread):
         only has what waits for it counted."""
         watched = self.watched
         for output in outputs:
-            try:
-                if output in watched:
-                    self.check_size(output)
-                elif output.flush():
-                    self.watch(output, True)
-                    self.check_size(output)
-            except Exception:       # one broken connection must not silence everyone
-                log.exception("writing to %r failed", output)
-                output.end("could not write to it", drop_output=True)
+            if output in watched:
+                self.check_size(output)
+            else:
+                self.write(output)
+
+    def write(self, output: Output) -> None:
+        """Write what waits for OUTPUT, as much as its socket takes; watch the socket while some is left."""
+        try:
+            more = output.flush()
+            if more or output in self.watched:     # the usual case is neither: all of it went at once
+                self.watch(output, more)
+            if more:
+                self.check_size(output)
+        except Exception:       # one broken connection must not silence everyone
+            log.exception("writing to %r failed", output)
+            output.end("could not write to it", drop_output=True)
 
     def watch(self, output: Output, more: bool) -> None:
         """Watch OUTPUT's socket until it takes more if MORE is waiting for it, and stop watching if not."""
