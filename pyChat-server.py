@@ -51,6 +51,7 @@ import selectors
 import signal
 import socket
 import socketserver
+import sqlite3
 import ssl
 import stat
 import sys
@@ -94,6 +95,7 @@ DEFAULT_ROOM = "lobby"
 ROOM_SETTINGS = ("key", "invite-only", "topic", "op", "deop")    # what /mode changes
 LISTING_BURST = 500               # entries of lists (/online, /who, /rooms) one person may ask for at once,
 LISTING_RATE = 50.0               # and then a second: long lists asked for by hundreds must not slow the chat
+SEARCH_COST = 100                 # entries of lists one /search costs: a search reads far more than a list
 ANNOUNCE_LIMIT = 200              # rooms bigger than this do not announce every join and leave
 WHOWAS_KEPT = 200                 # names given up lately (by leaving or renaming), for IRC's WHOWAS
 WATCH_LIMIT = 100                 # names one person may watch coming and going (IRC's MONITOR)
@@ -147,8 +149,6 @@ GUESS_DELAY_STEPS = 5             # ... in a row from the address: 1, 2, 3, 4, t
 MAX_GUESS_DELAY = 60.0            # the longest --guess-delay
 
 # What the data directory (--data-dir) keeps, and its bounds; README, "The data directory".
-MAX_RECORD_BYTES = 16 * 1024      # one line of a data file; a longer one is skipped with a log line
-MAX_KEY_LENGTH = 400              # a record's key: a name_key(), which NFKD can make longer than the name
 MAX_ACCOUNTS = 10000              # registered nicknames
 REGISTRATIONS_PER_ADDRESS = 5     # accounts one address (IPv6: /64) may register ...
 REGISTRATION_WINDOW = 3600.0      # ... in this many seconds, so that no one fills the table for others
@@ -165,10 +165,6 @@ MAX_OFFLINE_PER_SENDER = 10       # offline messages one person may have waiting
 MAX_OFFLINE_TOTAL = 2000          # offline messages waiting, for everyone
 MAX_MOTD_BYTES = 4096             # of the --motd file that is shown
 MAX_MOTD_LINES = 40
-COMPACT_SLACK = 64                # a file is rewritten when it holds twice its live records and this many more
-COMPACT_SLACK_HISTORY = 1000      # the same, for the history file
-DAMAGED_LINES_LOGGED = 20         # damaged lines named in the log, per file
-LATEST_TIME_AHEAD = 86400.0       # a time read from disk may be this far ahead of the clock, no further
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1      # 16 MiB and about 50 ms of one core per check
 SCRYPT_LENGTH = 32                # bytes of hash kept
 SCRYPT_SALT_BYTES = 16            # a new random salt for each account and each password change
@@ -254,14 +250,25 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     history = parser.add_argument_group("history")
     history.add_argument("--history", type=count, default=HISTORY_LINES, metavar="N",
                          help=f"lines of a room shown to newcomers, 0 for none (default: {HISTORY_LINES})")
+    history.add_argument("--history-days", type=number(float, 0, 100 * 365), default=HISTORY_DAYS, metavar="DAYS",
+                         help=f"days chat lines are kept (and can be searched and paged back to), 0 to keep "
+                              f"none (default: {HISTORY_DAYS})")
+    history.add_argument("--history-max-mb", type=number(float, 0), default=None, metavar="MB",
+                         help=f"size of the database past which the oldest chat lines go (default: "
+                              f"{HISTORY_MAX_MB} with --data-dir, {HISTORY_MAX_MB_IN_MEMORY} in memory without)")
     history.add_argument("--history-file", metavar="PATH",
-                         help="keep room history in this file (JSON lines) so it survives restarts; "
-                              "with --data-dir, history is kept there instead")
+                         help="gone: history is kept in the database of --data-dir (README, 'The data directory')")
     data = parser.add_argument_group("what lasts (see README, 'The data directory')")
     data.add_argument("--data-dir", metavar="DIR",
-                      help="keep accounts, operators, bans, room topics, offline messages and history in DIR "
-                           "(created if needed, readable by this user only) so they survive restarts; "
-                           "without it they last until the server stops")
+                      help="keep accounts, operators, bans, room topics, offline messages and history in "
+                           "DIR/pychat.db, an SQLite database (DIR is created if needed, readable by this user "
+                           "only), so they survive restarts; without it they last until the server stops")
+    data.add_argument("--backup", metavar="FILE",
+                      help="with --data-dir: copy the database to the new file FILE, consistently, even while "
+                           "a server runs on it, then exit")
+    data.add_argument("--check", action="store_true",
+                      help="with --data-dir: check the database (PRAGMA integrity_check and every account), "
+                           "say what is wrong, then exit (1 if anything is)")
     data.add_argument("--operator", action="append", default=[], metavar="NAME",
                       help="make the account NAME an operator of the server, as /oper add does (repeatable)")
     data.add_argument("--private", action="store_true",
@@ -287,9 +294,11 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if bool(options.tls_cert) != bool(options.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    if options.data_dir and options.history_file:
-        parser.error("--history-file and --data-dir do not go together: with --data-dir, "
-                     "history is kept in DIR/history.jsonl")
+    if options.history_file:
+        parser.error("--history-file is gone: history is kept in the database of --data-dir DIR "
+                     "(a 2.0 history file in DIR is imported at the first start)")
+    if (options.backup or options.check) and not options.data_dir:
+        parser.error("--backup and --check need --data-dir DIR")
     for name in options.operator:
         problem = name_problem(unicodedata.normalize("NFKC", name))
         if problem:
@@ -1807,15 +1816,15 @@ class ClientConnection(socketserver.BaseRequestHandler):
         a nickname (Problem("")). On a --private server a name without an
         account needs an invitation code, and then a new password.
         """
-        data, now = self.server.data, time.time()
-        registered = data.accounts.name(nick)
+        storage, now = self.server.storage, time.time()
+        registered = storage.account_name(nick)
         if registered is None:
             return self.accept_invitation(normal_name(nick), lines) if self.server.options.private else None
-        ban = data.bans.for_account(registered, now)
+        ban = storage.ban_for_account(registered, now)
         if ban is not None:
             self.output.send(Error(ban.refusal(now)))
             raise Disconnect(f"banned account {registered}")
-        if not self.ask_secret(lines, registered, "password", lambda given: data.accounts.verify(registered, given)):
+        if not self.ask_secret(lines, registered, "password", lambda given: storage.verify_password(registered, given)):
             return Problem("")
         return registered
 
@@ -1841,12 +1850,12 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
     def accept_invitation(self, nick: str, lines: Iterator[str | None]) -> str | Problem:
         """On a --private server: NICK's invitation code, then their new password; returns the new account."""
-        data = self.server.data
-        named = name_key(nick) in data.operators.named_at_start      # may choose their password at once
-        if not named and not data.invitations.waiting(nick):
+        storage = self.server.storage
+        named = name_key(nick) in storage.named_operators      # may choose their password at once
+        if not named and not storage.invitation_waiting(nick):
             return Problem("This server is private: only people with an account may sign in. "
                            "An operator can invite you with /invite-account.")
-        if not named and not self.ask_secret(lines, nick, "code", lambda given: data.invitations.check(nick, given)):
+        if not named and not self.ask_secret(lines, nick, "code", lambda given: storage.invitation_matches(nick, given)):
             return Problem("")
         while True:
             self.output.send(AccountPrompt(nick, "new password"))
@@ -1856,10 +1865,10 @@ class ClientConnection(socketserver.BaseRequestHandler):
                 break
             self.output.send(Error(problem))
         try:
-            data.accounts.register(nick, password)
+            storage.register(nick, password)
         except (StoreFull, StorageError) as problem:
             return Problem(str(problem))
-        data.invitations.remove(nick)
+        storage.remove_invitation(nick)
         log.info("%s registered at their first sign-in, from %s", nick, self.address)
         return nick
 
@@ -2062,32 +2071,89 @@ class InputWaiter:
 
 
 # ---------------------------------------------------------------------------
-# What lasts: the data directory
+# What lasts: one SQLite database
 # ---------------------------------------------------------------------------
 #
-# Each kind of record lives in its own file of JSON lines in the data directory
-# (--data-dir): accounts, operators, bans, invitations, room settings, offline
-# messages and room history. A change is appended to its file; a change that
-# someone is told was saved is fsync'ed first. So a kill -9 at any moment
-# loses nothing that was confirmed (nor does a power cut, for the fsync'ed
-# kinds), and can at worst leave half a line at the end of a file, which the
-# next start reports and skips. At start, and whenever a file holds more dead
-# lines than live ones, it is rewritten from memory into a temporary file that
-# is fsync'ed and renamed over it.
+# Everything the server keeps across restarts is in one SQLite database:
+# DIR/pychat.db with --data-dir, or a database in memory without it, through
+# the same code. Storage is the only code that runs SQL; everyone else asks it
+# through its named methods.
 #
-# Nothing in a file is trusted: every line is bounded in size, every field is
-# checked as if it came from a stranger, and a line that fails a check is
-# logged with its file and line number and skipped.
+# The promises: a change someone is told was saved (an account, a ban, an
+# invitation...) is committed with synchronous=FULL before they are told, so a
+# kill -9 or a power cut loses nothing confirmed. A chat line is committed to
+# the write-ahead log before anyone is sent it, without waiting for the disk:
+# a kill -9 loses none, a power cut may lose the last moments of chat. A line
+# that cannot be written (a full disk) is kept in memory, retried every
+# second, and logged.
 #
-# Locks: each store has its own, taken after the server's lock when both are
-# held; a store never calls back into the server.
+# Nothing in the file is trusted: PRAGMA quick_check runs at every start (and
+# integrity_check with --check), and every value read is checked before use.
+#
+# Slow work runs on the storage's own thread (Storage.maintain) in small
+# batches: retention by age and size, the search index, checkpoints.
+#
+# Locks: Storage.lock is taken after the server's lock when both are held;
+# Storage never calls back into the server.
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE accounts (key TEXT PRIMARY KEY, name TEXT NOT NULL, salt BLOB NOT NULL, hash BLOB NOT NULL,
+    n INTEGER NOT NULL, r INTEGER NOT NULL, p INTEGER NOT NULL, since REAL NOT NULL,
+    ignoring TEXT NOT NULL DEFAULT '');
+CREATE TABLE operators (key TEXT PRIMARY KEY, name TEXT NOT NULL, by TEXT NOT NULL, since REAL NOT NULL);
+CREATE TABLE invitations (key TEXT PRIMARY KEY, name TEXT NOT NULL, code TEXT NOT NULL, by TEXT NOT NULL,
+    expires REAL NOT NULL);
+CREATE TABLE bans (key TEXT PRIMARY KEY, kind TEXT NOT NULL, target TEXT NOT NULL, shown TEXT NOT NULL,
+    reason TEXT, by TEXT NOT NULL, since REAL NOT NULL, expires REAL);
+CREATE TABLE rooms (key TEXT PRIMARY KEY, name TEXT NOT NULL, topic TEXT, modes TEXT NOT NULL DEFAULT '');
+CREATE TABLE offline (id INTEGER PRIMARY KEY, recipient TEXT NOT NULL, name TEXT NOT NULL, sender TEXT NOT NULL,
+    sender_id TEXT NOT NULL, time REAL NOT NULL, text TEXT NOT NULL);
+CREATE INDEX offline_by_recipient ON offline (recipient, id);
+CREATE TABLE messages (id INTEGER PRIMARY KEY, time INTEGER NOT NULL, target TEXT NOT NULL, nick TEXT NOT NULL,
+    account TEXT, kind INTEGER NOT NULL, text TEXT NOT NULL);
+CREATE INDEX messages_by_target ON messages (target, id);
+CREATE INDEX messages_by_time ON messages (time);
+"""
+# A message's target: '#' and a room's name_key(); '@' and the two accounts' keys of a private conversation,
+# sorted, with a newline between; '~' and the same where one of the two is a guest (the guest's key
+# followed by '/' and their serial), kept only while that guest is online.
+SEARCH_INDEX = "CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(text, content='messages', content_rowid='id')"
+TABLES = ("meta", "accounts", "operators", "invitations", "bans", "rooms", "offline", "messages")
+MESSAGE_KINDS = ("line", "action", "notice")      # a message's kind is its place here
+DATABASE_FILE = "pychat.db"
+HISTORY_DAYS = 365                # --history-days: days chat lines are kept (0: none are kept)
+HISTORY_MAX_MB = 1024             # --history-max-mb: the database's size past which the oldest lines go
+HISTORY_MAX_MB_IN_MEMORY = 64     # ... its default without --data-dir, where the database is in memory
+MAINTENANCE_SECONDS = 1.0         # how often the storage's thread looks for work
+RETENTION_BATCH = 2000            # lines removed at once: a short hold of the storage lock
+SEARCH_INDEX_BATCH = 5000         # lines added to the search index at once
+UNSAVED_LINES = 10_000            # chat lines that could not be written, kept in memory for another try
+SEARCH_RESULTS = 20               # lines /search shows at most
+SEARCH_SCAN_LINES = 200_000       # lines the search without an index looks through, the newest first
+HISTORY_PAGE = 500                # lines one history query returns at most
+PRIVATE_TARGETS = ("@", "~")
+
 
 class StorageError(Exception):
-    """A data file or directory cannot be used; the message says which and why."""
+    """The database cannot be used, or a change could not be saved; the message says which and why."""
 
 
 class StoreFull(Exception):
-    """A limit of the data directory was reached; the message is for the person who asked."""
+    """A limit of what the server keeps was reached; the message is for the person who asked."""
+
+
+class StoredMessage(NamedTuple):
+    """A chat line as the database keeps it."""
+
+    id: int
+    when: float                 # a time.time()
+    target: str                 # see SCHEMA
+    nick: str
+    account: str | None
+    kind: str                   # one of MESSAGE_KINDS
+    text: str
 
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -2118,410 +2184,33 @@ def open_data_file(path: str, flags: int) -> int:
     return fd
 
 
-def fsync_directory(directory: str) -> None:
-    """Make a rename or a new file in DIRECTORY survive a power cut."""
-    try:
-        fd = os.open(directory or ".", os.O_RDONLY | _CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass        # some file systems cannot sync a directory; the rename itself is still atomic
-    finally:
-        os.close(fd)
+def room_target(room: str) -> str:
+    """The target of a room's messages in the database."""
+    return "#" + name_key(room)
 
 
-def write_file_atomically(path: str, data: bytes) -> None:
-    """Replace PATH with DATA so that a crash leaves either the old file or the new one, whole.
-
-    The temporary file is PATH.tmp, created exclusively (O_EXCL: an existing
-    file or symbolic link there is removed, never written through), readable
-    by the server's user only.
-    """
-    temporary = f"{path}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
-    try:
-        try:
-            fd = os.open(temporary, flags, 0o600)
-        except FileExistsError:     # left by a crash, or planted: unlink removes a link, not its target
-            os.unlink(temporary)
-            fd = os.open(temporary, flags, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except OSError as problem:
-        raise StorageError(f"cannot write {path}: {problem.strerror or problem}") from None
-    fsync_directory(os.path.dirname(path))
+def private_target(one: str, other: str, guest: bool) -> str:
+    """The target of a private conversation between the identities ONE and OTHER (see SCHEMA)."""
+    return ("~" if guest else "@") + "\n".join(sorted((one, other)))
 
 
-def encode_record(record: dict) -> bytes:
-    """One line of a data file. Text that cannot be UTF-8 (a lone surrogate) is replaced, never fatal."""
-    return json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8", "replace") + b"\n"
+def may_read(target: str, identity: str) -> bool:
+    """Whether the person known as IDENTITY (an account's key, or a guest's) may read TARGET's lines."""
+    return target.startswith("#") or (target[:1] in PRIVATE_TARGETS and identity in target[1:].split("\n"))
 
 
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a number")
+def _why(problem: BaseException) -> str:
+    return str(problem) or type(problem).__name__
 
 
-def decode_record(raw: bytes) -> dict:
-    """The record on one line of a data file, or ValueError saying what is wrong with it."""
-    if not raw.endswith(b"\n"):
-        raise ValueError("cut short (the end of a write that did not finish)")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError("not UTF-8") from None
-    try:
-        record = json.loads(text, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-    except ValueError as problem:
-        raise ValueError(f"not JSON ({problem})") from None
-    if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
-    return record
+def _checked_row(row: tuple, *kinds: type | tuple[type, ...]) -> tuple:
+    """ROW as read from the database, or ValueError if a value is not of its kind: nothing read is trusted."""
+    if len(row) != len(kinds) or not all(isinstance(value, kind) for value, kind in zip(row, kinds)):
+        raise ValueError(f"a row holds values of the wrong kinds: {row!r:.200}")
+    return row
 
 
-def checked_text(record: dict, field: str, most: int, optional: bool = False) -> str | None:
-    """The text in FIELD of a record read from disk, or ValueError: a string, valid Unicode, at most MOST characters."""
-    value = record.get(field)
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"{field!r} is not text")
-    if len(value) > most:
-        raise ValueError(f"{field!r} is longer than {most} characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{field!r} holds a lone surrogate, which is not text") from None
-    return value
-
-
-def checked_time(record: dict, field: str, optional: bool = False,
-                 ahead: float = LATEST_TIME_AHEAD) -> float | None:
-    """A time in FIELD of a record read from disk: seconds since 1970, finite, at most AHEAD seconds from now."""
-    value = record.get(field)
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{field!r} is not a number")
-    if not math.isfinite(value) or not 0 <= value <= time.time() + ahead:
-        raise ValueError(f"{field!r} is not a time this server could have written ({value!r})")
-    return float(value)
-
-
-class RecordFile:
-    """One file of JSON lines in the data directory: read once at start, then appended to and compacted."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-        self.fd: int | None = None
-        self.lines = 0                  # lines in the file now, live or dead
-        self.skipped = 0
-
-    def read(self, report: bool = True) -> Iterator[tuple[int, dict]]:
-        """Each sound record with its line number; damaged lines are logged (with REPORT) and skipped."""
-        try:
-            fd = open_data_file(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return
-        with os.fdopen(fd, "rb") as file:
-            for number in itertools.count(1):
-                raw = file.readline(MAX_RECORD_BYTES + 1)
-                if not raw:
-                    return
-                if len(raw) > MAX_RECORD_BYTES:
-                    while raw and not raw.endswith(b"\n"):
-                        raw = file.readline(RECEIVE_SIZE)
-                    if report:
-                        self.damaged(number, f"longer than {MAX_RECORD_BYTES} bytes")
-                    continue
-                if not raw.strip():
-                    continue
-                try:
-                    yield number, decode_record(raw)
-                except ValueError as problem:
-                    if report:
-                        self.damaged(number, str(problem))
-
-    def damaged(self, number: int, why: str) -> None:
-        """Say which line of which file was left out, and why."""
-        self.skipped += 1
-        if self.skipped <= DAMAGED_LINES_LOGGED:
-            log.warning("%s line %d: %s; skipped", self.path, number, why)
-        elif self.skipped == DAMAGED_LINES_LOGGED + 1:
-            log.warning("%s: more damaged lines; only the first %d are named", self.path, DAMAGED_LINES_LOGGED)
-
-    def rewrite(self, records: Iterable[dict]) -> None:
-        """Replace the file with exactly RECORDS, atomically, and append to the new file from now on."""
-        lines = [encode_record(record) for record in records]
-        with self.lock:
-            write_file_atomically(self.path, b"".join(lines))
-            if self.fd is not None:
-                os.close(self.fd)
-            self.fd = open_data_file(self.path, os.O_WRONLY | os.O_APPEND)
-            self.lines = len(lines)
-
-    def append(self, records: list[dict], durable: bool) -> None:
-        """Add RECORDS at the end; with DURABLE, return only once they are on the disk. OSError if not."""
-        data = b"".join(encode_record(record) for record in records)
-        with self.lock:
-            if self.fd is None:
-                raise OSError(errno.EBADF, "the file is closed")
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view):]
-            if durable:
-                os.fsync(self.fd)
-            self.lines += len(records)
-
-    def close(self) -> None:
-        with self.lock:
-            if self.fd is not None:
-                os.close(self.fd)
-                self.fd = None
-
-
-class KeyedStore:
-    """Records by key, in memory and, with a file, on disk: every kind the data directory keeps but history.
-
-    The file is a journal of {"key": K, "value": V} and {"key": K, "deleted":
-    true} lines; the last line about a key wins. CHECK turns a value read from
-    disk into the value kept, or raises ValueError saying what is wrong.
-    """
-
-    def __init__(self, file: RecordFile | None, check: Callable[[str, dict], dict], most: int) -> None:
-        self.file = file
-        self.check = check
-        self.most = most
-        self.lock = threading.Lock()
-        self.records: dict[str, dict] = {}
-        if file is not None:
-            self._load()
-
-    def _load(self) -> None:
-        for number, record in self.file.read():
-            key = record.get("key")
-            if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
-                self.file.damaged(number, "no key, or a key that is not short text")
-                continue
-            if record.get("deleted") is True:
-                self.records.pop(key, None)
-                continue
-            value = record.get("value")
-            try:
-                if not isinstance(value, dict):
-                    raise ValueError("the value is not a JSON object")
-                value = self.check(key, value)
-            except ValueError as problem:
-                self.file.damaged(number, str(problem))
-                continue
-            if key not in self.records and len(self.records) >= self.most:
-                self.file.damaged(number, f"more than {self.most} records")
-                continue
-            self.records[key] = value
-        self.file.rewrite(self._journal())
-
-    def _journal(self) -> list[dict]:
-        return [{"key": key, "value": value} for key, value in self.records.items()]
-
-    def get(self, key: str) -> dict | None:
-        with self.lock:
-            return self.records.get(key)
-
-    def items(self) -> list[tuple[str, dict]]:
-        with self.lock:
-            return list(self.records.items())
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def put(self, key: str, value: dict) -> None:
-        """Keep VALUE under KEY, on disk before this returns; StoreFull past the limit, StorageError if the disk fails."""
-        with self.lock:
-            if key not in self.records and len(self.records) >= self.most:
-                raise StoreFull(f"the server keeps at most {self.most} of these")
-            self._write({"key": key, "value": value})
-            self.records[key] = value
-            self._compact_if_worth_it()
-
-    def delete(self, key: str) -> bool:
-        """Forget KEY, on disk before this returns; False if there was nothing to forget."""
-        with self.lock:
-            if key not in self.records:
-                return False
-            self._write({"key": key, "deleted": True})
-            del self.records[key]
-            self._compact_if_worth_it()
-            return True
-
-    def _write(self, record: dict) -> None:
-        if self.file is None:
-            return
-        if len(encode_record(record)) > MAX_RECORD_BYTES:
-            raise StoreFull(f"that is more than the {MAX_RECORD_BYTES} bytes a record may take")
-        try:
-            self.file.append([record], durable=True)
-        except OSError as problem:
-            log.error("%s: %s", self.file.path, problem.strerror or problem)
-            raise StorageError(f"could not save it ({problem.strerror or problem})") from None
-
-    def _compact_if_worth_it(self) -> None:
-        if self.file is None or self.file.lines <= 2 * len(self.records) + COMPACT_SLACK:
-            return
-        try:
-            self.file.rewrite(self._journal())
-        except StorageError as problem:     # the change itself is on disk already
-            log.error("%s", problem)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-class HistoryLog:
-    """The last lines of each room, appended to a file as they are said and read back at start.
-
-    With a file, it keeps its own copy of each room's last lines (the same
-    strings the rooms hold), so that it can compact the file by itself: when
-    the file holds twice the lines kept plus COMPACT_SLACK_HISTORY, it is
-    rewritten. Rooms are ordered by last use, and only the MAX_ROOMS most
-    recently used are kept; the default room always is. A room the server
-    forgets is forgotten here too, and in the file by a record saying so.
-    Without a file it keeps nothing.
-    """
-
-    def __init__(self, file: RecordFile | None, limit: int, keep: str) -> None:
-        self.file = file
-        self.limit = max(limit, 1)
-        self.keep = keep
-        self.lock = threading.Lock()
-        self.rooms: collections.OrderedDict[str, tuple[str, collections.deque]] = collections.OrderedDict()
-        self.kept = 0
-        if file is not None:
-            self._load()
-
-    def _load(self) -> None:
-        # The rooms to keep are the last used, known only at the end of the file: a first reading finds
-        # them holding nothing but their keys, and the second keeps their lines and no others.
-        recent: collections.OrderedDict[str, None] = collections.OrderedDict()
-        for _, record in self.file.read(report=False):
-            try:
-                room, when, _ = self._entry(record)
-            except ValueError:
-                continue
-            key = name_key(room)
-            if when is None:
-                recent.pop(key, None)
-                continue
-            recent[key] = None
-            recent.move_to_end(key)
-            if len(recent) > MAX_ROOMS:
-                del recent[next(k for k in recent if k != self.keep)]
-        self.rooms.update((key, ("", collections.deque(maxlen=self.limit))) for key in recent)
-        for number, record in self.file.read():
-            try:
-                room, when, line = self._entry(record)
-            except ValueError as problem:
-                self.file.damaged(number, str(problem))
-                continue
-            if name_key(room) not in recent:
-                continue
-            if when is None:
-                lines = self.rooms[name_key(room)][1]
-                self.kept -= len(lines)
-                lines.clear()
-            else:
-                self._add(room, when, line, arrange=False)
-        if self.file.skipped:
-            log.warning("history file %s: skipped %d damaged line(s)", self.file.path, self.file.skipped)
-        self.file.rewrite(self._records())
-        log.info("history: %d line(s) in %d room(s) from %s", self.kept, len(self.rooms), self.file.path)
-
-    @staticmethod
-    def _entry(record: dict) -> tuple[str, float | None, str]:
-        """The room, time and line of a history record read from disk, or ValueError; a record that
-        forgets its room's lines so far has no time."""
-        room = checked_text(record, "room", MAX_NICKNAME_LENGTH)
-        if record.get("forget") is True:
-            return room, None, ""
-        when = checked_time(record, "time")
-        line = clean_text(checked_text(record, "line", MAX_LINE_BYTES))
-        problem = name_problem(room, "Room name")
-        if problem:
-            raise ValueError(problem)
-        if not line:
-            raise ValueError("an empty line")
-        return room, when, line
-
-    def _add(self, room: str, when: float, line: str, arrange: bool = True) -> None:
-        """Keep a line of ROOM; with ARRANGE, ROOM becomes the last used and the least used may go."""
-        key = name_key(room)
-        found = self.rooms.get(key)
-        if found is None or not found[0]:
-            found = self.rooms[key] = (room, found[1] if found else collections.deque(maxlen=self.limit))
-        if arrange:
-            self.rooms.move_to_end(key)
-            if len(self.rooms) > MAX_ROOMS:
-                oldest = next(k for k in self.rooms if k != self.keep)
-                self.kept -= len(self.rooms.pop(oldest)[1])
-        lines = found[1]
-        self.kept += len(lines) < lines.maxlen
-        lines.append((when, line))
-
-    def _records(self) -> list[dict]:
-        return [{"time": when, "room": room, "line": line}
-                for room, lines in self.rooms.values() for when, line in lines]
-
-    def rooms_and_lines(self) -> list[tuple[str, list[tuple[float, str]]]]:
-        """Every room kept, least recently used first, with its lines."""
-        with self.lock:
-            return [(room, list(lines)) for room, lines in self.rooms.values()]
-
-    def append(self, room: str, when: float, line: str) -> None:
-        """Keep a line just said in ROOM."""
-        with self.lock:
-            if self.file is not None:
-                self._add(room, when, line)
-                self._write({"time": when, "room": room, "line": line})
-
-    def forget(self, room: str) -> None:
-        """Drop ROOM's lines: the server no longer keeps the room, or it was private and emptied."""
-        with self.lock:
-            found = self.rooms.pop(name_key(room), None)
-            if found is not None and self.file is not None:
-                self.kept -= len(found[1])
-                self._write({"room": room, "forget": True})
-
-    def _write(self, record: dict) -> None:
-        """Append RECORD, compacting when it is time; a file that fails is logged and given up, never fatal."""
-        try:
-            self.file.append([record], durable=False)
-            if self.file.lines > 2 * self.kept + COMPACT_SLACK_HISTORY:
-                self.file.rewrite(self._records())
-        except (OSError, StorageError) as problem:      # a full disk must not silence the chat
-            log.error("history file %s: %s; history is kept in memory only from now on",
-                      self.file.path, getattr(problem, "strerror", None) or problem)
-            self.file.close()
-            self.file = None
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-# -- accounts, operators, invitations ------------------------------------------
+# -- passwords ------------------------------------------------------------------------
 
 # One hash at a time per core: each takes SCRYPT_MEMORY, and a crowd signing in at once
 # must queue for the CPU rather than take the memory of all of them together.
@@ -2546,168 +2235,6 @@ def password_problem(password: str, nick: str) -> str | None:
     if len(set(password)) < MIN_PASSWORD_DISTINCT:
         return f"Password too easy to guess: use at least {MIN_PASSWORD_DISTINCT} different characters."
     return None
-
-
-def _check_hex(record: dict, field: str, low: int, high: int) -> str:
-    value = checked_text(record, field, 2 * high)
-    if not re.fullmatch(r"[0-9a-f]+", value) or not 2 * low <= len(value) <= 2 * high or len(value) % 2:
-        raise ValueError(f"{field!r} is not {low} to {high} bytes of hexadecimal")
-    return value
-
-
-def _check_integer(record: dict, field: str, low: int, high: int) -> int:
-    value = record.get(field)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{field!r} is not a whole number from {low} to {high}")
-    return value
-
-
-def _check_name(key: str, record: dict, field: str = "name") -> str:
-    """A nickname or room name read from disk: valid, and filed under its own key."""
-    name = checked_text(record, field, MAX_NICKNAME_LENGTH)
-    problem = name_problem(name) if field != "room" else name_problem(name, "Room name")
-    if problem and "reserved" not in problem:
-        raise ValueError(problem)
-    if name_key(name) != key.split("/")[0]:
-        raise ValueError(f"{name!r} is filed under the key of another name ({key!r})")
-    return name
-
-
-class Accounts:
-    """Registered nicknames, by name_key(): each with a scrypt hash of its password and its own salt."""
-
-    def __init__(self, store_file: RecordFile | None) -> None:
-        self.store = KeyedStore(store_file, self._check, MAX_ACCOUNTS)
-
-    @staticmethod
-    def _check(key: str, record: dict) -> dict:
-        n = _check_integer(record, "n", 2 ** 10, 2 ** 20)
-        if n & (n - 1):
-            raise ValueError("'n' is not a power of two")
-        ignoring = record.get("ignoring", [])
-        if not isinstance(ignoring, list) or len(ignoring) > MAX_IGNORED or not all(
-                isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH for key in ignoring):
-            raise ValueError(f"'ignoring' is not a list of at most {MAX_IGNORED} names")
-        return {"name": _check_name(key, record), "salt": _check_hex(record, "salt", 16, 64),
-                "hash": _check_hex(record, "hash", SCRYPT_LENGTH, SCRYPT_LENGTH), "n": n,
-                "r": _check_integer(record, "r", 1, 32), "p": _check_integer(record, "p", 1, 16),
-                "since": checked_time(record, "since"), "ignoring": ignoring}
-
-    def name(self, nick: str) -> str | None:
-        """The registered spelling of NICK's account (any look-alike finds it), or None for a guest's name."""
-        record = self.store.get(name_key(nick))
-        return record["name"] if record else None
-
-    def names(self) -> list[str]:
-        return sorted((record["name"] for _, record in self.store.items()), key=str.casefold)
-
-    def _record(self, nick: str, password: str, since: float | None = None, ignoring: list | None = None) -> dict:
-        salt = secrets.token_bytes(SCRYPT_SALT_BYTES)
-        return {"name": nick, "salt": salt.hex(), "hash": hash_password(password, salt).hex(),
-                "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "since": since or time.time(),
-                "ignoring": ignoring or []}
-
-    def register(self, nick: str, password: str) -> None:
-        """Reserve NICK (and its look-alikes) for whoever knows PASSWORD; StoreFull if it cannot be."""
-        key = name_key(nick)
-        if key in self.store:
-            raise StoreFull(f"{self.store.get(key)['name']} is registered already.")
-        self.store.put(key, self._record(nick, password))
-
-    def verify(self, nick: str, password: str) -> bool:
-        """True if PASSWORD is NICK's; the comparison takes the same time wherever the hashes differ."""
-        record = self.store.get(name_key(nick))
-        if record is None:
-            return False
-        given = hash_password(password, bytes.fromhex(record["salt"]), record["n"], record["r"], record["p"])
-        return hmac.compare_digest(given, bytes.fromhex(record["hash"]))
-
-    def set_password(self, nick: str, password: str) -> None:
-        record = self.store.get(name_key(nick))
-        self.store.put(name_key(nick), self._record(record["name"], password, record["since"], record["ignoring"]))
-
-    def ignoring(self, nick: str) -> list[str]:
-        """The name keys NICK's owner ignores (kept from their last /ignore), [] for a guest's name."""
-        record = self.store.get(name_key(nick))
-        return list(record["ignoring"]) if record else []
-
-    def set_ignoring(self, nick: str, keys: Iterable[str]) -> None:
-        record = self.store.get(name_key(nick))
-        if record is not None:
-            self.store.put(name_key(nick), dict(record, ignoring=sorted(keys)[:MAX_IGNORED]))
-
-    def remove(self, nick: str) -> bool:
-        return self.store.delete(name_key(nick))
-
-
-class Operators:
-    """The names whose accounts are operators: made so with /oper add, or by --operator at a start.
-
-    A name is an operator's only once someone signs in to its account (or
-    registers it); --operator names that have no account yet may, on a
-    --private server, choose their password at their first sign-in.
-    """
-
-    def __init__(self, store_file: RecordFile | None, named_at_start: Iterable[str]) -> None:
-        self.store = KeyedStore(store_file, self._check, MAX_OPERATORS + MAX_NAMED_OPERATORS)
-        self.named_at_start = {name_key(name): name for name in named_at_start}
-        for key, name in self.named_at_start.items():
-            if key not in self.store:
-                self.store.put(key, {"name": name, "by": "--operator", "since": time.time()})
-
-    @staticmethod
-    def _check(key: str, record: dict) -> dict:
-        return {"name": _check_name(key, record), "by": checked_text(record, "by", MAX_NICKNAME_LENGTH),
-                "since": checked_time(record, "since")}
-
-    def __contains__(self, nick: str) -> bool:
-        return name_key(nick) in self.store
-
-    def names(self) -> list[str]:
-        return sorted((record["name"] for _, record in self.store.items()), key=str.casefold)
-
-    def add(self, nick: str, by: str) -> None:
-        if len(self.store) >= MAX_OPERATORS:
-            raise StoreFull(f"There are {MAX_OPERATORS} operators already.")
-        self.store.put(name_key(nick), {"name": nick, "by": by, "since": time.time()})
-
-    def remove(self, nick: str) -> bool:
-        return self.store.delete(name_key(nick))
-
-
-class Invitations:
-    """One-time codes that let a named person into a --private server to choose their password."""
-
-    def __init__(self, store_file: RecordFile | None) -> None:
-        self.store = KeyedStore(store_file, self._check, MAX_INVITATIONS)
-
-    @staticmethod
-    def _check(key: str, record: dict) -> dict:
-        return {"name": _check_name(key, record), "code": _check_hex(record, "code", 32, 32),
-                "by": checked_text(record, "by", MAX_NICKNAME_LENGTH),
-                "expires": checked_time(record, "expires", ahead=INVITATION_SECONDS + LATEST_TIME_AHEAD)}
-
-    def create(self, nick: str, by: str) -> str:
-        """A new code for NICK, replacing any earlier one; it works once, within INVITATION_SECONDS."""
-        code = "-".join(secrets.token_hex(3) for _ in range(3))
-        self.store.put(name_key(nick), {"name": nick, "code": hashlib.sha256(code.encode()).hexdigest(),
-                                        "by": by, "expires": time.time() + INVITATION_SECONDS})
-        return code
-
-    def waiting(self, nick: str) -> bool:
-        record = self.store.get(name_key(nick))
-        return record is not None and record["expires"] > time.time()
-
-    def check(self, nick: str, code: str) -> bool:
-        """True if CODE is NICK's invitation; it works until remove(), which comes once the account is made."""
-        record = self.store.get(name_key(nick))
-        if record is None or record["expires"] <= time.time():
-            return False
-        given = hashlib.sha256(code.strip().lower().encode("utf-8", "replace")).hexdigest()
-        return hmac.compare_digest(given, record["code"])
-
-    def remove(self, nick: str) -> bool:
-        return self.store.delete(name_key(nick))
 
 
 # -- bans ----------------------------------------------------------------------
@@ -2815,88 +2342,6 @@ def ban_target(text: str) -> tuple[str, str] | None:
     return "network", str(network)
 
 
-class Bans:
-    """Every ban, with indexes so that the door can look up an address without a scan of the file."""
-
-    def __init__(self, store_file: RecordFile | None) -> None:
-        self.store = KeyedStore(store_file, self._check, MAX_BANS)
-        self.lock = threading.Lock()
-        self._index()
-
-    @staticmethod
-    def _check(key: str, record: dict) -> dict:
-        kind = record.get("kind")
-        target = checked_text(record, "target", MAX_KEY_LENGTH)
-        if kind == "account":
-            if name_key(target) != target:
-                raise ValueError(f"{target!r} is not an account's key")
-        elif kind in ("address", "network"):
-            try:
-                found = ban_target(target)
-            except ValueError as problem:
-                raise ValueError(str(problem)) from None
-            if found != (kind, target):
-                raise ValueError(f"{target!r} is not an {kind}")
-        else:
-            raise ValueError(f"'kind' is not account, address or network ({kind!r})")
-        if key != f"{kind}:{target}":
-            raise ValueError(f"filed under {key!r}, not under its target")
-        return {"kind": kind, "target": target, "shown": checked_text(record, "shown", 64),
-                "reason": checked_text(record, "reason", MAX_REASON_LENGTH, optional=True),
-                "by": checked_text(record, "by", MAX_NICKNAME_LENGTH), "since": checked_time(record, "since"),
-                "expires": checked_time(record, "expires", optional=True, ahead=MAX_BAN_SECONDS + LATEST_TIME_AHEAD)}
-
-    def _index(self) -> None:
-        bans = [Ban(**record) for _, record in self.store.items()]
-        with self.lock:
-            self.by_key = {ban.key: ban for ban in bans}
-            self.networks = [(ipaddress.ip_network(ban.target), ban) for ban in bans if ban.kind == "network"]
-
-    def add(self, ban: Ban) -> None:
-        self.store.put(ban.key, ban._asdict())
-        self._index()
-
-    def get(self, key: str) -> Ban | None:
-        with self.lock:
-            return self.by_key.get(key)
-
-    def remove(self, key: str) -> Ban | None:
-        ban = self.by_key.get(key)
-        if ban is not None and self.store.delete(key):
-            self._index()
-        return ban
-
-    def for_address(self, address: str, now: float) -> Ban | None:
-        """The ban that keeps ADDRESS out, if one does; quick, for the accepting thread."""
-        ip = ip_of(address)
-        if ip is None:
-            return None
-        with self.lock:
-            found = self.by_key.get(f"address:{ip}")
-            if found is None or not found.active(now):
-                found = next((ban for network, ban in self.networks
-                              if ip.version == network.version and ip in network and ban.active(now)), None)
-        return found
-
-    def for_account(self, nick: str, now: float) -> Ban | None:
-        found = self.by_key.get(f"account:{name_key(nick)}")
-        return found if found is not None and found.active(now) else None
-
-    def all(self, now: float) -> list[Ban]:
-        """Every ban still in force, soonest to end first; those that ended are dropped."""
-        with self.lock:
-            bans = list(self.by_key.values())
-        ended = [ban.key for ban in bans if not ban.active(now)]
-        if ended:
-            for key in ended:
-                self.store.delete(key)
-            self._index()
-        return sorted((ban for ban in bans if ban.active(now)),
-                      key=lambda ban: (ban.expires is None, ban.expires or 0, ban.shown))
-
-
-# -- rooms and offline messages ------------------------------------------------
-
 class SavedRoom(NamedTuple):
     """What outlasts a restart of a room's settings: its topic and its modes."""
 
@@ -2904,105 +2349,14 @@ class SavedRoom(NamedTuple):
     modes: tuple[str, ...]
 
 
-class RoomSettingsStore:
-    """Topics and modes of rooms, by the room's name_key(). The rooms core calls load() and save()."""
-
-    def __init__(self, store_file: RecordFile | None) -> None:
-        self.store = KeyedStore(store_file, self._check, MAX_ROOM_SETTINGS)
-
-    @staticmethod
-    def _check(key: str, record: dict) -> dict:
-        modes = record.get("modes", [])
-        if not isinstance(modes, list) or len(modes) > 16 or not all(
-                isinstance(mode, str) and re.fullmatch(r"[a-z-]{1,20}", mode) for mode in modes):
-            raise ValueError("'modes' is not a list of a few short lowercase words")
-        return {"name": _check_name(key, record, "room"),
-                "topic": checked_text(record, "topic", MAX_LINE_BYTES, optional=True), "modes": modes}
-
-    def load(self, room: str) -> SavedRoom | None:
-        """The settings saved for ROOM, or None if there are none."""
-        record = self.store.get(name_key(room))
-        return SavedRoom(record["topic"], tuple(record["modes"])) if record else None
-
-    def save(self, room: str, topic: str | None, modes: Iterable[str] = ()) -> None:
-        """Keep ROOM's topic and modes across restarts; nothing set means nothing kept."""
-        modes = sorted(set(modes))
-        if topic is None and not modes:
-            self.store.delete(name_key(room))
-        else:
-            self.store.put(name_key(room), {"room": room, "topic": topic, "modes": modes})
-
-
 class OfflineMessage(NamedTuple):
+    """A private message kept for an account that was offline, until it has been shown."""
+
     sender: str
     sender_key: str
     when: float
     text: str
-    key: str = ""                           # where it is kept, until it has been shown
-
-
-class OfflineMessages:
-    """Private messages kept for accounts that are offline, until they next sign in.
-
-    One record a message, under RECIPIENT_KEY/NUMBER; bounded per recipient,
-    per sender and in total.
-    """
-
-    def __init__(self, store_file: RecordFile | None) -> None:
-        self.store = KeyedStore(store_file, self._check, MAX_OFFLINE_TOTAL)
-        self.lock = threading.Lock()
-        self.numbers = itertools.count(int(time.time() * 1000))
-
-    @staticmethod
-    def _check(key: str, record: dict) -> dict:
-        recipient, slash, number = key.partition("/")
-        if not slash or not number.isdigit():
-            raise ValueError(f"{key!r} is not RECIPIENT/NUMBER")
-        sender = checked_text(record, "from", MAX_NICKNAME_LENGTH)
-        return {"to": _check_name(key, record, "to"), "from": sender,
-                "from_key": checked_text(record, "from_key", MAX_KEY_LENGTH),
-                "time": checked_time(record, "time"), "text": clean_text(checked_text(record, "text", MAX_LINE_BYTES))}
-
-    def leave(self, sender: str, recipient: str, text: str) -> None:
-        """Keep TEXT for RECIPIENT; StoreFull (saying which limit) if it cannot be kept."""
-        recipient_key, sender_key = name_key(recipient), name_key(sender)
-        with self.lock:
-            waiting = self.store.items()
-            if sum(key.startswith(recipient_key + "/") for key, _ in waiting) >= MAX_OFFLINE_PER_RECIPIENT:
-                raise StoreFull(f"{recipient} has {MAX_OFFLINE_PER_RECIPIENT} messages waiting already; "
-                                "no more can be kept.")
-            if sum(record["from_key"] == sender_key for _, record in waiting) >= MAX_OFFLINE_PER_SENDER:
-                raise StoreFull(f"You have {MAX_OFFLINE_PER_SENDER} messages waiting for people already; "
-                                "no more can be kept until they are read.")
-            try:
-                self.store.put(f"{recipient_key}/{next(self.numbers)}",
-                               {"to": recipient, "from": sender, "from_key": sender_key, "time": time.time(),
-                                "text": text})
-            except StoreFull:
-                raise StoreFull("The server holds as many offline messages as it can; try later.") from None
-
-    def waiting(self, recipient: str) -> list[OfflineMessage]:
-        """Every message kept for RECIPIENT, oldest first; they stay kept until remove()."""
-        prefix = name_key(recipient) + "/"
-        with self.lock:
-            found = sorted(((key, record) for key, record in self.store.items() if key.startswith(prefix)),
-                           key=lambda item: (item[1]["time"], int(item[0].rpartition("/")[2])))
-        return [OfflineMessage(record["from"], record["from_key"], record["time"], record["text"], key)
-                for key, record in found]
-
-    def remove(self, messages: Iterable[OfflineMessage]) -> None:
-        with self.lock:
-            for message in messages:
-                self.store.delete(message.key)
-
-    def take(self, recipient: str) -> list[OfflineMessage]:
-        """Every message kept for RECIPIENT, oldest first; they are no longer kept."""
-        messages = self.waiting(recipient)
-        self.remove(messages)
-        return messages
-
-    def forget(self, recipient: str) -> None:
-        self.take(recipient)
+    number: int = 0                         # where it is kept, until it has been shown
 
 
 # -- the message of the day ------------------------------------------------------
@@ -3064,40 +2418,284 @@ class MessageOfTheDay:
             log.warning("%s", problem)
 
 
-# -- the directory --------------------------------------------------------------
+# -- upgrading from pyChat 2.0's files of JSON lines ----------------------------------
+# pyChat 2.0 kept a journal of JSON lines per kind in the data directory: a
+# record {"key": K, "value": V} or {"key": K, "deleted": true}, the last word
+# about a key winning; history.jsonl held {"time", "room", "line"} and
+# {"room", "forget": true}. The first start of this version reads them all
+# into the database in one transaction and renames each to NAME.imported.
 
-class DataDirectory:
-    """Everything the server keeps across restarts: one file per kind in --data-dir, or memory only without it.
+VERSION_2_FILES = ("accounts.jsonl", "operators.jsonl", "invitations.jsonl", "bans.jsonl", "rooms.jsonl",
+                   "offline.jsonl", "history.jsonl")
+MAX_RECORD_BYTES = 16 * 1024      # one line of a 2.0 data file; a longer one is skipped with a log line
+LATEST_TIME_AHEAD = 86400.0       # a time read from a 2.0 file may be this far ahead of the clock, no further
 
-    Files: accounts.jsonl, operators.jsonl, invitations.jsonl, bans.jsonl,
-    rooms.jsonl, offline.jsonl, history.jsonl; and `lock`, which keeps a second
-    server from using the same directory.
+
+def _version_2_records(path: str) -> Iterator[tuple[int, dict]]:
+    """Each sound record of a 2.0 file with its line number; damaged lines are logged and skipped."""
+    try:
+        fd = open_data_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    with os.fdopen(fd, "rb") as file:
+        for number, raw in enumerate(iter(lambda: file.readline(MAX_RECORD_BYTES + 1), b""), 1):
+            try:
+                if len(raw) > MAX_RECORD_BYTES:
+                    while raw and not raw.endswith(b"\n"):
+                        raw = file.readline(RECEIVE_SIZE)
+                    raise ValueError(f"longer than {MAX_RECORD_BYTES} bytes")
+                if not raw.strip():
+                    continue
+                if not raw.endswith(b"\n"):
+                    raise ValueError("cut short (the end of a write that did not finish)")
+                record = json.loads(raw.decode("utf-8"), parse_constant=lambda name: 1 / 0)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, ZeroDivisionError, RecursionError) as problem:
+                log.warning("%s line %d: %s; skipped", path, number, _why(problem)[:200])
+                continue
+            yield number, record
+
+
+def _text(record: dict, field: str, most: int, optional: bool = False) -> str | None:
+    value = record.get(field)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or len(value) > most:
+        raise ValueError(f"{field!r} is not text of at most {most} characters")
+    value.encode("utf-8")       # a lone surrogate is not text: UnicodeEncodeError is a ValueError
+    return value
+
+
+def _time(record: dict, field: str, optional: bool = False, ahead: float = LATEST_TIME_AHEAD) -> float | None:
+    value = record.get(field)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= time.time() + ahead:
+        raise ValueError(f"{field!r} is not a time this server could have written ({value!r:.40})")
+    return float(value)
+
+
+def _whole(record: dict, field: str, low: int, high: int) -> int:
+    value = record.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{field!r} is not a whole number from {low} to {high}")
+    return value
+
+
+def _hex(record: dict, field: str, low: int, high: int) -> bytes:
+    value = _text(record, field, 2 * high)
+    if not re.fullmatch(r"(?:[0-9a-f]{2})+", value) or not low <= len(value) // 2 <= high:
+        raise ValueError(f"{field!r} is not {low} to {high} bytes of hexadecimal")
+    return bytes.fromhex(value)
+
+
+def _name(key: str, record: dict, field: str = "name") -> str:
+    name = _text(record, field, MAX_NICKNAME_LENGTH)
+    problem = name_problem(name, "Room name" if field == "room" else "Nickname")
+    if problem and "reserved" not in problem:
+        raise ValueError(problem)
+    if name_key(name) != key.split("/")[0]:
+        raise ValueError(f"{name!r} is filed under the key of another name ({key!r})")
+    return name
+
+
+def _account_row(key: str, v: dict) -> tuple:
+    n = _whole(v, "n", 2 ** 10, 2 ** 20)
+    if n & (n - 1):
+        raise ValueError("'n' is not a power of two")
+    ignoring = v.get("ignoring", [])
+    if not isinstance(ignoring, list) or len(ignoring) > MAX_IGNORED or not all(
+            isinstance(k, str) and 0 < len(k) <= MAX_NICKNAME_LENGTH * 4 and "\n" not in k for k in ignoring):
+        raise ValueError(f"'ignoring' is not a list of at most {MAX_IGNORED} names")
+    return ("INSERT INTO accounts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, _name(key, v), _hex(v, "salt", 16, 64), _hex(v, "hash", SCRYPT_LENGTH, SCRYPT_LENGTH), n,
+             _whole(v, "r", 1, 32), _whole(v, "p", 1, 16), _time(v, "since"), "\n".join(ignoring)))
+
+
+def _operator_row(key: str, v: dict) -> tuple:
+    return ("INSERT INTO operators VALUES (?, ?, ?, ?)",
+            (key, _name(key, v), _text(v, "by", MAX_NICKNAME_LENGTH), _time(v, "since")))
+
+
+def _invitation_row(key: str, v: dict) -> tuple:
+    return ("INSERT INTO invitations VALUES (?, ?, ?, ?, ?)",
+            (key, _name(key, v), _hex(v, "code", 32, 32).hex(), _text(v, "by", MAX_NICKNAME_LENGTH),
+             _time(v, "expires", ahead=INVITATION_SECONDS + LATEST_TIME_AHEAD)))
+
+
+def _ban_row(key: str, v: dict) -> tuple:
+    kind, target = v.get("kind"), _text(v, "target", 400)
+    if kind == "account" and name_key(target) != target or kind in ("address", "network") and \
+            ban_target(target) != (kind, target) or kind not in ("account", "address", "network"):
+        raise ValueError(f"{target!r} is not the target of a ban of kind {kind!r:.20}")
+    if key != f"{kind}:{target}":
+        raise ValueError(f"filed under {key!r}, not under its target")
+    return ("INSERT INTO bans VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, kind, target, _text(v, "shown", 64), _text(v, "reason", MAX_REASON_LENGTH, optional=True),
+             _text(v, "by", MAX_NICKNAME_LENGTH), _time(v, "since"),
+             _time(v, "expires", optional=True, ahead=MAX_BAN_SECONDS + LATEST_TIME_AHEAD)))
+
+
+def _room_row(key: str, v: dict) -> tuple:
+    modes = v.get("modes", [])
+    if not isinstance(modes, list) or len(modes) > 16 or not all(
+            isinstance(mode, str) and re.fullmatch(r"[a-z-]{1,20}", mode) for mode in modes):
+        raise ValueError("'modes' is not a list of a few short lowercase words")
+    # 2.0 read its rooms' name from "room" and, once it had rewritten the file, found "name": either is taken.
+    name = _name(key, v, "room" if "room" in v else "name")
+    return ("INSERT INTO rooms VALUES (?, ?, ?, ?)",
+            (key, name, _text(v, "topic", MAX_LINE_BYTES, optional=True), " ".join(sorted(set(modes)))))
+
+
+def _offline_row(key: str, v: dict) -> tuple:
+    recipient, slash, number = key.partition("/")
+    if not slash or not number.isdigit():
+        raise ValueError(f"{key!r} is not RECIPIENT/NUMBER")
+    sender = _text(v, "from", MAX_NICKNAME_LENGTH)
+    return ("INSERT INTO offline (recipient, name, sender, sender_id, time, text) VALUES (?, ?, ?, ?, ?, ?)",
+            (recipient, _name(key, v, "to"), sender, "account:" + _text(v, "from_key", 400),
+             _time(v, "time"), clean_text(_text(v, "text", MAX_LINE_BYTES))))
+
+
+VERSION_2_KINDS = {"accounts.jsonl": _account_row, "operators.jsonl": _operator_row,
+                   "invitations.jsonl": _invitation_row, "bans.jsonl": _ban_row, "rooms.jsonl": _room_row,
+                   "offline.jsonl": _offline_row}
+
+
+def version_2_changes(directory: str, first_id: int) -> tuple[list[tuple[str, tuple]], dict[str, int]]:
+    """The statements that put a 2.0 data directory's records in the database, and a count per file."""
+    statements: list[tuple[str, tuple]] = []
+    counts: dict[str, int] = {}
+    for file_name, row in VERSION_2_KINDS.items():
+        path = os.path.join(directory, file_name)
+        latest: dict[str, tuple[int, dict | None]] = {}
+        for number, record in _version_2_records(path):
+            key = record.get("key")
+            if not isinstance(key, str) or not key or len(key) > 400:
+                log.warning("%s line %d: no key, or a key that is not short text; skipped", path, number)
+            elif record.get("deleted") is True:
+                latest[key] = (number, None)
+            elif isinstance(record.get("value"), dict):
+                latest[key] = (number, record["value"])
+            else:
+                log.warning("%s line %d: the value is not a JSON object; skipped", path, number)
+        counts[file_name] = 0
+        for key, (number, value) in latest.items():
+            if value is None:
+                continue
+            try:
+                statements.append(row(key, value))
+                counts[file_name] += 1
+            except (ValueError, KeyError) as problem:
+                log.warning("%s line %d: %s; skipped", path, number, _why(problem)[:200])
+    path = os.path.join(directory, "history.jsonl")
+    lines: list[tuple] = []
+    for number, record in _version_2_records(path):
+        try:
+            room = _text(record, "room", MAX_NICKNAME_LENGTH)
+            if record.get("forget") is True:
+                lines = [line for line in lines if line[1] != room_target(room)]
+                continue
+            when, said = _time(record, "time"), clean_text(_text(record, "line", MAX_LINE_BYTES))
+            problem = name_problem(room, "Room name")
+            event = None if problem else PYCHAT.chat_event(room, said)
+            if event is None:
+                raise ValueError(problem or "not a chat line")
+        except ValueError as problem:
+            log.warning("%s line %d: %s; skipped", path, number, _why(problem)[:200])
+            continue
+        lines.append((int(when * 1000), room_target(room), event.nick, None,
+                      MESSAGE_KINDS.index("action" if isinstance(event, Acted) else "line"), event.text))
+    statements.extend(("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", (first_id + n, *line))
+                      for n, line in enumerate(lines))
+    counts["history.jsonl"] = len(lines)
+    return statements, counts
+
+
+# -- the storage ----------------------------------------------------------------------------
+
+class Storage:
+    """The one owner of what lasts: every SQL statement of the server is in this class.
+
+    Without a directory the database is in memory and lasts as long as the
+    server. Bans are also held in memory (they are few, and the door asks about
+    every newcomer); everything else is asked of the database when needed.
     """
 
-    def __init__(self, directory: str | None, history_file: str | None, history_limit: int,
-                 operators: Iterable[str] = ()) -> None:
+    def __init__(self, directory: str | None, history_days: float = HISTORY_DAYS,
+                 history_max_mb: float | None = None, operators: Iterable[str] = (), full_text: bool = True) -> None:
         self.directory = directory
+        self.lock = threading.RLock()
         self.lock_fd: int | None = None
+        self.history_days = history_days
+        in_memory_default = HISTORY_MAX_MB if directory else HISTORY_MAX_MB_IN_MEMORY
+        self.history_bytes = int((in_memory_default if history_max_mb is None else history_max_mb) * 1024 * 1024)
+        self.unsaved: collections.deque[tuple] = collections.deque(maxlen=UNSAVED_LINES)
+        self.unsaved_lost = 0                     # lines given up because even memory for them ran out
+        self.stopped = threading.Event()
+        self.maintenance: threading.Thread | None = None
         if directory:
+            self.path = os.path.join(directory, DATABASE_FILE)
+            new = not os.path.lexists(self.path)
             self._prepare(directory)
+        else:
+            self.path, new = ":memory:", False
+        try:
+            self.db = self._open(self.path)
+            self.full_text = full_text and self._search_index()
+            self._check_database()
+            self.newest_id = 0
+            if new:
+                self._import_version_2()
+            elif any(os.path.lexists(os.path.join(directory or "", name)) for name in VERSION_2_FILES):
+                log.warning("%s: pyChat 2.0's files of JSON lines beside the database are left alone; they "
+                            "were imported when the database was made", directory)
+            self.named_operators = {name_key(name): name for name in operators}
+            self._name_operators()
+            self.bans_by_key: dict[str, Ban] = {}
+            self.networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Ban]] = []
+            self._load_bans()
+            self.newest_id = self._first_message_id() - 1
+            self.message_ids = itertools.count(self.newest_id + 1)
+            self._forget_where("target >= '~' AND target < '\x7f'", ())     # guests' conversations
+        except sqlite3.Error as problem:
+            self.close()
+            raise StorageError(f"{self.path}: {_why(problem)}; run --check, or restore a backup "
+                               f"(README, 'The data directory')") from None
+        except BaseException:
+            self.close()
+            raise
 
-        def file(name: str) -> RecordFile | None:
-            return RecordFile(os.path.join(directory, name)) if directory else None
+    def _import_version_2(self) -> None:
+        """Bring a 2.0 data directory's files into the new database in one transaction, and rename them
+        NAME.imported; if that fails, the directory is left as it was (the new database goes) and the
+        start stops, saying why."""
+        present = [name for name in VERSION_2_FILES if os.path.lexists(os.path.join(self.directory, name))]
+        if not present:
+            return
+        try:
+            statements, counts = version_2_changes(self.directory, self._first_message_id())
+            self._change(*statements)
+            for name in present:
+                os.replace(os.path.join(self.directory, name), os.path.join(self.directory, name + ".imported"))
+        except (StorageError, OSError) as problem:
+            self.db.close()
+            self.db = None
+            for name in (DATABASE_FILE, DATABASE_FILE + "-wal", DATABASE_FILE + "-shm"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.directory, name))
+            raise StorageError(f"cannot import pyChat 2.0's files in {self.directory} "
+                               f"({getattr(problem, 'strerror', None) or problem}); "
+                               f"the directory is as it was") from None
+        log.info("imported pyChat 2.0's files in %s: %s; they are kept as NAME.imported", self.directory,
+                 ", ".join(f"{count} from {name}" for name, count in counts.items()))
 
-        self.accounts = Accounts(file("accounts.jsonl"))
-        self.operators = Operators(file("operators.jsonl"), operators)
-        self.invitations = Invitations(file("invitations.jsonl"))
-        self.bans = Bans(file("bans.jsonl"))
-        self.rooms = RoomSettingsStore(file("rooms.jsonl"))
-        self.offline = OfflineMessages(file("offline.jsonl"))
-        history_path = os.path.join(directory, "history.jsonl") if directory else history_file
-        self.history = HistoryLog(RecordFile(history_path) if history_path else None, history_limit,
-                                  name_key(DEFAULT_ROOM))
-        if directory:
-            log.info("data directory %s: %d account(s), %d ban(s), %d offline message(s)", directory,
-                     len(self.accounts.store), len(self.bans.store), len(self.offline.store))
+    # -- opening ------------------------------------------------------------------
 
     def _prepare(self, directory: str) -> None:
+        """Make DIRECTORY (readable by this user only) and lock it against a second server."""
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             status = os.stat(directory)
@@ -3113,11 +2711,700 @@ class DataDirectory:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 raise StorageError(f"{directory} is in use by another pyChat server") from None
+        # The database and SQLite's -wal and -shm files beside it: regular files of this user only.
+        for name in (DATABASE_FILE, DATABASE_FILE + "-wal", DATABASE_FILE + "-shm"):
+            try:
+                os.close(open_data_file(os.path.join(directory, name),
+                                        os.O_RDWR | (os.O_CREAT if name == DATABASE_FILE else 0)))
+            except FileNotFoundError:
+                pass
+
+    @staticmethod
+    def _open(path: str) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        db.execute("PRAGMA foreign_keys=OFF")
+        if path != ":memory:":
+            if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                raise sqlite3.OperationalError("the database cannot use a write-ahead log")
+            # Checkpoints run on the storage's own thread, never on the switchboard's insert.
+            db.execute("PRAGMA wal_autocheckpoint=0")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA trusted_schema=OFF")
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            db.executescript("BEGIN;" + SCHEMA + "COMMIT;")
+            db.execute("INSERT INTO meta VALUES ('schema', ?), ('written by', ?)", (str(SCHEMA_VERSION), VERSION))
+            return db
+        problem = Storage._schema_problem(db, tables)
+        if problem:
+            raise sqlite3.DatabaseError(problem)
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('written by', ?)", (VERSION,))
+        return db
+
+    @staticmethod
+    def _schema_problem(db: sqlite3.Connection, tables: set[str]) -> str | None:
+        """Why DB, holding TABLES, is not a database this server can use, or None."""
+        missing = [table for table in TABLES if table not in tables]
+        if missing:
+            return f"not a pyChat database, or a damaged one (no table {missing[0]})"
+        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None or not str(row[0]).isdigit():
+            return "the database does not say which version of pyChat wrote it"
+        if int(row[0]) > SCHEMA_VERSION:
+            return (f"the database was written by a newer pyChat (schema {row[0]}; this one reads up to "
+                    f"{SCHEMA_VERSION})")
+        return None
+
+    def _search_index(self) -> bool:
+        """Make the full-text index if this Python's SQLite has FTS5; False if it has not."""
+        try:
+            self.db.execute(SEARCH_INDEX)
+        except sqlite3.OperationalError:
+            return False
+        return True
+
+    def _check_database(self) -> None:
+        problems = [row[0] for row in self.db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("the database is damaged: " + "; ".join(map(str, problems[:5])))
+
+    def _first_message_id(self) -> int:
+        """The next message id: above every id given before, even those retention removed, and above this
+        moment in microseconds, so that a database in memory never gives an id twice either."""
+        newest = self.db.execute("SELECT max(id) FROM messages").fetchone()[0] or 0
+        floor = self.db.execute("SELECT value FROM meta WHERE key='removed up to'").fetchone()
+        floor = int(floor[0]) if floor and str(floor[0]).isdigit() else 0
+        return max(int(newest), floor, int(time.time() * 1_000_000)) + 1
+
+    # -- confirmed changes ---------------------------------------------------------
+
+    def _change(self, *statements: tuple[str, tuple]) -> None:
+        """Run STATEMENTS as one transaction, on the disk before this returns; StorageError if it is not."""
+        with self.lock:
+            try:
+                self.db.execute("PRAGMA synchronous=FULL")
+                try:
+                    self.db.execute("BEGIN IMMEDIATE")
+                    for sql, parameters in statements:
+                        self.db.execute(sql, parameters)
+                    self.db.execute("COMMIT")
+                finally:
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                    self.db.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.Error as problem:
+                log.error("%s: a change could not be saved: %s", self.path, _why(problem))
+                raise StorageError(f"It could not be saved ({_why(problem)}); try again later.") from None
+
+    def _query(self, sql: str, parameters: tuple = ()) -> list[tuple]:
+        with self.lock:
+            try:
+                return self.db.execute(sql, parameters).fetchall()
+            except sqlite3.Error as problem:
+                log.error("%s: %s", self.path, _why(problem))
+                raise StorageError(f"The server's database cannot be read ({_why(problem)}).") from None
+
+    # -- accounts -------------------------------------------------------------------
+
+    def _account(self, key: str) -> tuple | None:
+        """The row of the account KEY, checked, or None (with a log line if the row is damaged)."""
+        rows = self._query("SELECT name, salt, hash, n, r, p, since, ignoring FROM accounts WHERE key=?", (key,))
+        if not rows:
+            return None
+        try:
+            name, salt, hash_, n, r, p, since, ignoring = _checked_row(
+                rows[0], str, bytes, bytes, int, int, int, (int, float), str)
+            if name_key(name) != key or n < 2 or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16 \
+                    or len(hash_) != SCRYPT_LENGTH or not 16 <= len(salt) <= 64 or n > 2 ** 20:
+                raise ValueError("its name, hash or scrypt parameters are not ones this server writes")
+        except ValueError as problem:
+            log.warning("%s: the account %r is damaged (%s); it is left out", self.path, key, problem)
+            return None
+        return name, salt, hash_, n, r, p, float(since), [k for k in ignoring.split("\n") if k][:MAX_IGNORED]
+
+    def account_name(self, nick: str) -> str | None:
+        """The registered spelling of NICK's account (any look-alike finds it), or None for a guest's name."""
+        row = self._account(name_key(nick))
+        return row[0] if row else None
+
+    def account_names(self) -> list[str]:
+        return sorted((name for name, in self._query("SELECT name FROM accounts")), key=str.casefold)
+
+    def account_count(self) -> int:
+        return self._query("SELECT count(*) FROM accounts")[0][0]
+
+    @staticmethod
+    def _hashed(password: str) -> tuple[bytes, bytes]:
+        salt = secrets.token_bytes(SCRYPT_SALT_BYTES)
+        return salt, hash_password(password, salt)
+
+    def register(self, nick: str, password: str) -> None:
+        """Reserve NICK (and its look-alikes) for whoever knows PASSWORD; StoreFull if it cannot be."""
+        key = name_key(nick)
+        salt, hashed = self._hashed(password)       # tens of milliseconds: outside the lock
+        registered = self.account_name(nick)
+        if registered is not None:
+            raise StoreFull(f"{registered} is registered already.")
+        if self.account_count() >= MAX_ACCOUNTS:
+            raise StoreFull(f"the server keeps at most {MAX_ACCOUNTS} accounts")
+        try:
+            self._change(("INSERT INTO accounts VALUES (?, ?, ?, ?, ?, ?, ?, ?, '')",
+                          (key, nick, salt, hashed, SCRYPT_N, SCRYPT_R, SCRYPT_P, time.time())))
+        except StorageError:
+            if self.account_name(nick) is not None:     # registered by someone else in the meantime
+                raise StoreFull(f"{nick} is registered already.") from None
+            raise
+
+    def verify_password(self, nick: str, password: str) -> bool:
+        """True if PASSWORD is NICK's; the comparison takes the same time wherever the hashes differ."""
+        row = self._account(name_key(nick))
+        if row is None:
+            return False
+        _, salt, hashed, n, r, p, _, _ = row
+        return hmac.compare_digest(hash_password(password, salt, n, r, p), hashed)
+
+    def set_password(self, nick: str, password: str) -> None:
+        salt, hashed = self._hashed(password)
+        self._change(("UPDATE accounts SET salt=?, hash=?, n=?, r=?, p=? WHERE key=?",
+                      (salt, hashed, SCRYPT_N, SCRYPT_R, SCRYPT_P, name_key(nick))))
+
+    def ignoring(self, nick: str) -> list[str]:
+        """The name keys NICK's owner ignores (kept from their last /ignore), [] for a guest's name."""
+        row = self._account(name_key(nick))
+        return row[7] if row else []
+
+    def set_ignoring(self, nick: str, keys: Iterable[str]) -> None:
+        kept = [key for key in sorted(keys) if key and "\n" not in key][:MAX_IGNORED]
+        self._change(("UPDATE accounts SET ignoring=? WHERE key=?", ("\n".join(kept), name_key(nick))))
+
+    def remove_account(self, nick: str) -> None:
+        """Forget NICK's account, and with it its operator's rights, its invitation and what was left for it."""
+        key = name_key(nick)
+        self._change(("DELETE FROM accounts WHERE key=?", (key,)), ("DELETE FROM operators WHERE key=?", (key,)),
+                     ("DELETE FROM invitations WHERE key=?", (key,)), ("DELETE FROM offline WHERE recipient=?", (key,)))
+
+    # -- operators ------------------------------------------------------------------
+
+    def _name_operators(self) -> None:
+        """Keep the names given with --operator as operators, as /oper add would."""
+        for key, name in self.named_operators.items():
+            if not self._query("SELECT 1 FROM operators WHERE key=?", (key,)):
+                self._change(("INSERT INTO operators VALUES (?, ?, '--operator', ?)", (key, name, time.time())))
+
+    def is_operator(self, nick: str) -> bool:
+        return bool(self._query("SELECT 1 FROM operators WHERE key=?", (name_key(nick),)))
+
+    def operator_names(self) -> list[str]:
+        return sorted((name for name, in self._query("SELECT name FROM operators")), key=str.casefold)
+
+    def add_operator(self, nick: str, by: str) -> None:
+        if self._query("SELECT count(*) FROM operators WHERE by != '--operator'")[0][0] >= MAX_OPERATORS:
+            raise StoreFull(f"There are {MAX_OPERATORS} operators already.")
+        self._change(("INSERT OR REPLACE INTO operators VALUES (?, ?, ?, ?)", (name_key(nick), nick, by, time.time())))
+
+    def remove_operator(self, nick: str) -> None:
+        self._change(("DELETE FROM operators WHERE key=?", (name_key(nick),)))
+
+    # -- invitations ------------------------------------------------------------------
+
+    def invite(self, nick: str, by: str) -> str:
+        """A new code for NICK, replacing any earlier one; it works once, within INVITATION_SECONDS."""
+        if self._query("SELECT count(*) FROM invitations WHERE expires > ?", (time.time(),))[0][0] >= MAX_INVITATIONS:
+            raise StoreFull(f"There are {MAX_INVITATIONS} invitations waiting already.")
+        code = "-".join(secrets.token_hex(3) for _ in range(3))
+        self._change(("DELETE FROM invitations WHERE expires <= ?", (time.time(),)),
+                     ("INSERT OR REPLACE INTO invitations VALUES (?, ?, ?, ?, ?)",
+                      (name_key(nick), nick, hashlib.sha256(code.encode()).hexdigest(), by,
+                       time.time() + INVITATION_SECONDS)))
+        return code
+
+    def _invitation_code(self, nick: str) -> str | None:
+        rows = self._query("SELECT code, expires FROM invitations WHERE key=?", (name_key(nick),))
+        if not rows or not isinstance(rows[0][0], str) or not isinstance(rows[0][1], (int, float)):
+            return None
+        return rows[0][0] if rows[0][1] > time.time() else None
+
+    def invitation_waiting(self, nick: str) -> bool:
+        return self._invitation_code(nick) is not None
+
+    def invitation_matches(self, nick: str, code: str) -> bool:
+        """True if CODE is NICK's invitation; it works until remove_invitation(), once the account is made."""
+        kept = self._invitation_code(nick)
+        given = hashlib.sha256(code.strip().lower().encode("utf-8", "replace")).hexdigest()
+        return kept is not None and hmac.compare_digest(given, kept)
+
+    def remove_invitation(self, nick: str) -> bool:
+        found = bool(self._query("SELECT 1 FROM invitations WHERE key=?", (name_key(nick),)))
+        if found:
+            self._change(("DELETE FROM invitations WHERE key=?", (name_key(nick),)))
+        return found
+
+    # -- bans -------------------------------------------------------------------------
+
+    def _load_bans(self) -> None:
+        bans = []
+        for row in self._query("SELECT key, kind, target, shown, reason, by, since, expires FROM bans"):
+            try:
+                key, kind, target, shown, reason, by, since, expires = _checked_row(
+                    row, str, str, str, str, (str, type(None)), str, (int, float), (int, float, type(None)))
+                if kind == "account" and name_key(target) != target:
+                    raise ValueError(f"{target!r} is not an account's key")
+                if kind in ("address", "network") and ban_target(target) != (kind, target):
+                    raise ValueError(f"{target!r} is not an {kind}")
+                if kind not in ("account", "address", "network") or key != f"{kind}:{target}":
+                    raise ValueError(f"{key!r} is not a ban this server writes")
+            except ValueError as problem:
+                log.warning("%s: a ban is damaged (%s); it is left out", self.path, problem)
+                continue
+            bans.append(Ban(kind, target, shown, reason, by, float(since),
+                            None if expires is None else float(expires)))
+        self.bans_by_key = {ban.key: ban for ban in bans}
+        self.networks = [(ipaddress.ip_network(ban.target), ban) for ban in bans if ban.kind == "network"]
+
+    def ban(self, ban: Ban) -> None:
+        """Keep BAN (replacing one of the same target), on the disk before this returns."""
+        if ban.key not in self.bans_by_key and len(self.bans_by_key) >= MAX_BANS:
+            raise StoreFull(f"the server keeps at most {MAX_BANS} bans")
+        self._change(("INSERT OR REPLACE INTO bans VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (ban.key, *ban)))
+        with self.lock:
+            self._load_bans()
+
+    def find_ban(self, key: str) -> Ban | None:
+        return self.bans_by_key.get(key)
+
+    def lift_ban(self, key: str) -> Ban | None:
+        """Lift the ban KEY; the ban lifted, or None if there was none."""
+        ban = self.bans_by_key.get(key)
+        if ban is not None:
+            self._change(("DELETE FROM bans WHERE key=?", (key,)))
+            with self.lock:
+                self._load_bans()
+        return ban
+
+    def ban_for_address(self, address: str, now: float) -> Ban | None:
+        """The ban that keeps ADDRESS out, if one does; quick, for the accepting thread."""
+        ip = ip_of(address)
+        if ip is None:
+            return None
+        found = self.bans_by_key.get(f"address:{ip}")
+        if found is None or not found.active(now):
+            found = next((ban for network, ban in self.networks
+                          if ip.version == network.version and ip in network and ban.active(now)), None)
+        return found
+
+    def ban_for_account(self, nick: str, now: float) -> Ban | None:
+        found = self.bans_by_key.get(f"account:{name_key(nick)}")
+        return found if found is not None and found.active(now) else None
+
+    def bans(self, now: float) -> list[Ban]:
+        """Every ban still in force, soonest to end first; those that ended are dropped."""
+        bans = list(self.bans_by_key.values())
+        if any(not ban.active(now) for ban in bans):
+            with contextlib.suppress(StorageError):
+                self._change(("DELETE FROM bans WHERE expires IS NOT NULL AND expires <= ?", (now,)))
+                with self.lock:
+                    self._load_bans()
+        return sorted((ban for ban in bans if ban.active(now)),
+                      key=lambda ban: (ban.expires is None, ban.expires or 0, ban.shown))
+
+    # -- rooms and offline messages ---------------------------------------------------
+
+    def room_settings(self, room: str) -> SavedRoom | None:
+        """The settings saved for ROOM, or None if there are none."""
+        rows = self._query("SELECT name, topic, modes FROM rooms WHERE key=?", (name_key(room),))
+        try:
+            _, topic, modes = _checked_row(rows[0], str, (str, type(None)), str) if rows else (None, None, None)
+        except ValueError as problem:
+            log.warning("%s: the settings of #%s are damaged (%s); they are left out", self.path, room, problem)
+            return None
+        if modes is None:
+            return None
+        return SavedRoom(None if topic is None else clean_text(topic)[:MAX_LINE_BYTES],
+                         tuple(mode for mode in modes.split() if re.fullmatch(r"[a-z-]{1,20}", mode)))
+
+    def save_room_settings(self, room: str, topic: str | None, modes: Iterable[str] = ()) -> None:
+        """Keep ROOM's topic and modes across restarts; nothing set means nothing kept."""
+        modes = sorted(set(modes))
+        key = name_key(room)
+        if topic is None and not modes:
+            self._change(("DELETE FROM rooms WHERE key=?", (key,)))
+            return
+        if not self._query("SELECT 1 FROM rooms WHERE key=?", (key,)) and \
+                self._query("SELECT count(*) FROM rooms")[0][0] >= MAX_ROOM_SETTINGS:
+            raise StoreFull(f"the server keeps the settings of at most {MAX_ROOM_SETTINGS} rooms")
+        self._change(("INSERT OR REPLACE INTO rooms VALUES (?, ?, ?, ?)", (key, room, topic, " ".join(modes))))
+
+    def leave_offline(self, sender: str, sender_id: str, recipient: str, text: str) -> None:
+        """Keep TEXT from SENDER (counted by SENDER_ID: their account or address, never their nickname, which
+        they could change) for the account RECIPIENT; StoreFull, saying which limit, if it cannot be kept."""
+        key = name_key(recipient)
+        with self.lock:     # the counts and the insert at once, so that no one slips past a limit
+            if self._query("SELECT count(*) FROM offline WHERE recipient=?", (key,))[0][0] >= MAX_OFFLINE_PER_RECIPIENT:
+                raise StoreFull(f"{recipient} has {MAX_OFFLINE_PER_RECIPIENT} messages waiting already; "
+                                "no more can be kept.")
+            if self._query("SELECT count(*) FROM offline WHERE sender_id=?", (sender_id,))[0][0] >= MAX_OFFLINE_PER_SENDER:
+                raise StoreFull(f"You have {MAX_OFFLINE_PER_SENDER} messages waiting for people already; "
+                                "no more can be kept until they are read.")
+            if self._query("SELECT count(*) FROM offline")[0][0] >= MAX_OFFLINE_TOTAL:
+                raise StoreFull("The server holds as many offline messages as it can; try later.")
+            self._change(("INSERT INTO offline (recipient, name, sender, sender_id, time, text) VALUES (?, ?, ?, ?, ?, ?)",
+                          (key, recipient, sender, sender_id, time.time(), text)))
+
+    def offline_waiting(self, recipient: str) -> list[OfflineMessage]:
+        """Every message kept for RECIPIENT, oldest first; they stay kept until remove_offline()."""
+        found = []
+        for row in self._query("SELECT id, sender, time, text FROM offline WHERE recipient=? ORDER BY id",
+                               (name_key(recipient),)):
+            try:
+                number, sender, when, text = _checked_row(row, int, str, (int, float), str)
+            except ValueError as problem:
+                log.warning("%s: an offline message is damaged (%s); it is left out", self.path, problem)
+                continue
+            found.append(OfflineMessage(sender, name_key(sender), float(when), clean_text(text), number))
+        return found
+
+    def remove_offline(self, messages: Iterable[OfflineMessage]) -> None:
+        numbers = [message.number for message in messages]
+        if numbers:
+            self._change(*(("DELETE FROM offline WHERE id=?", (number,)) for number in numbers))
+
+    # -- chat lines -------------------------------------------------------------------
+
+    @property
+    def keeps_history(self) -> bool:
+        return self.history_days > 0
+
+    def next_message_id(self) -> int:
+        """A new message id: never given before by this database, and larger than every one before it."""
+        self.newest_id = number = next(self.message_ids)
+        return number
+
+    def add_message(self, message_id: int, when: float, target: str, nick: str, account: str | None, kind: str,
+                    text: str) -> None:
+        """Keep a chat line just said, before anyone is sent it. A line that cannot be written now is kept
+        for another try (maintain()), never given up at the first failure."""
+        if not self.keeps_history:
+            return
+        row = (message_id, int(when * 1000), target, nick, account, MESSAGE_KINDS.index(kind), text)
+        with self.lock:
+            if self.unsaved:
+                self._keep_unsaved(row)
+                return
+            try:
+                self.db.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            except sqlite3.Error as problem:
+                log.error("%s: chat lines cannot be written (%s); they are kept in memory and tried again "
+                          "every %g s", self.path, _why(problem), MAINTENANCE_SECONDS)
+                self._keep_unsaved(row)
+
+    def _keep_unsaved(self, row: tuple) -> None:
+        if len(self.unsaved) == self.unsaved.maxlen:
+            self.unsaved_lost += 1
+        self.unsaved.append(row)
+
+    def _save_unsaved(self) -> None:
+        """Try again to write the lines that could not be written. Lock held."""
+        if not self.unsaved:
+            return
+        rows = list(self.unsaved)
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self.db.execute("COMMIT")
+        except sqlite3.Error:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            return
+        self.unsaved.clear()
+        log.warning("%s: %d chat line(s) written after all%s", self.path, len(rows),
+                    f"; {self.unsaved_lost} more could not be kept" if self.unsaved_lost else "")
+        self.unsaved_lost = 0
+
+    def forget_target(self, target: str) -> None:
+        """Forget every line of TARGET: a guest's private conversation, once the guest has left."""
+        with self.lock:
+            self._forget_where("target=?", (target,))
+            self.unsaved = collections.deque((row for row in self.unsaved if row[2] != target), UNSAVED_LINES)
+
+    def _forget_where(self, where: str, parameters: tuple) -> None:
+        with self.lock:
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                self._drop_from_search_index(
+                    self.db.execute(f"SELECT id, text FROM messages WHERE {where}", parameters).fetchall())
+                self.db.execute(f"DELETE FROM messages WHERE {where}", parameters)
+                self.db.execute("COMMIT")
+            except sqlite3.Error as problem:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                log.error("%s: could not forget a conversation: %s", self.path, _why(problem))
+
+    def _messages(self, where: str, parameters: tuple, newest_first: bool, limit: int) -> list[StoredMessage]:
+        rows = self._query(f"SELECT id, time, target, nick, account, kind, text FROM messages WHERE {where} "
+                           f"ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT ?",
+                           (*parameters, max(0, min(limit, HISTORY_PAGE))))
+        found = []
+        for row in rows:
+            try:
+                number, when, target, nick, account, kind, text = _checked_row(
+                    row, int, int, str, str, (str, type(None)), int, str)
+                found.append(StoredMessage(number, when / 1000, target, nick, account, MESSAGE_KINDS[kind], text))
+            except (ValueError, IndexError) as problem:
+                log.warning("%s: a chat line is damaged (%s); it is left out", self.path, problem)
+        return found[::-1] if newest_first else found
+
+    def latest_messages(self, target: str, limit: int) -> list[StoredMessage]:
+        """The last LIMIT lines of TARGET, oldest first."""
+        return self._messages("target=?", (target,), True, limit)
+
+    def messages_before(self, target: str, before: int, limit: int) -> list[StoredMessage]:
+        """The LIMIT lines of TARGET just before the id BEFORE, oldest first."""
+        return self._messages("target=? AND id<?", (target, before), True, limit)
+
+    def messages_after(self, target: str, after: int, limit: int) -> list[StoredMessage]:
+        """The LIMIT lines of TARGET just after the id AFTER, oldest first."""
+        return self._messages("target=? AND id>?", (target, after), False, limit)
+
+    def messages_between(self, target: str, start: int, end: int, limit: int) -> list[StoredMessage]:
+        """Up to LIMIT lines of TARGET with ids strictly between START and END, from START's side, oldest first."""
+        if start <= end:
+            return self._messages("target=? AND id>? AND id<?", (target, start, end), False, limit)
+        return self._messages("target=? AND id<? AND id>?", (target, start, end), True, limit)
+
+    def messages_around(self, target: str, around: int, limit: int) -> list[StoredMessage]:
+        """About LIMIT lines of TARGET centred on the id AROUND (itself included), oldest first."""
+        before = self._messages("target=? AND id<?", (target, around), True, limit // 2)
+        return before + self._messages("target=? AND id>=?", (target, around), False, limit - len(before))
+
+    def message_id_at(self, when: float) -> int:
+        """The id of the first line said at or after WHEN (a time.time()), or the next id to be given."""
+        rows = self._query("SELECT min(id) FROM messages WHERE time >= ?", (int(when * 1000),))
+        return rows[0][0] if rows and rows[0][0] is not None else self.newest_id + 1
+
+    def targets_since(self, when: float, limit: int) -> list[tuple[str, float]]:
+        """The targets with lines said since WHEN, each with the time of its latest line, newest first."""
+        rows = self._query("SELECT target, max(time) FROM messages WHERE time >= ? GROUP BY target "
+                           "ORDER BY max(id) DESC LIMIT ?", (int(when * 1000), limit))
+        return [(target, last / 1000) for target, last in rows if isinstance(target, str) and isinstance(last, int)]
+
+    def search(self, words: str, identity: str, limit: int = SEARCH_RESULTS,
+               target: str | None = None) -> list[StoredMessage]:
+        """The newest lines, up to LIMIT, that hold every word of WORDS and that IDENTITY may read (in TARGET
+        alone if given), newest last. With FTS5 the whole history is searched; without, the newest
+        SEARCH_SCAN_LINES lines."""
+        terms = [term for term in words.split() if term][:16]
+        if not terms:
+            return []
+        found: list[StoredMessage] = []
+        readable = (lambda m: may_read(m.target, identity) and (target is None or m.target == target))
+        with self.lock:
+            self._index_for_search(None)       # the newest lines too
+        if self.full_text:
+            query = " ".join('"' + term.replace('"', '""') + '"' for term in terms)
+            rows = self._query("SELECT rowid FROM messages_text WHERE messages_text MATCH ? ORDER BY rowid DESC "
+                               "LIMIT ?", (query, SEARCH_SCAN_LINES))
+            for start in range(0, len(rows), 500):
+                numbers = [row[0] for row in rows[start:start + 500]]
+                batch = self._messages(f"id IN ({','.join('?' * len(numbers))})", tuple(numbers), True, len(numbers))
+                found.extend(m for m in reversed(batch) if readable(m))
+                if len(found) >= limit:
+                    break
+        else:
+            lowered = [term.casefold() for term in terms]
+            below = self.newest_id + 1
+            for _ in range(SEARCH_SCAN_LINES // HISTORY_PAGE):
+                batch = self._messages("id<?", (below,), True, HISTORY_PAGE)
+                found.extend(m for m in reversed(batch)
+                             if readable(m) and all(term in m.text.casefold() for term in lowered))
+                if len(batch) < HISTORY_PAGE or len(found) >= limit:
+                    break
+                below = batch[0].id
+        return found[:limit][::-1]
+
+    # -- the storage's own thread: retention, the search index, checkpoints ------------
+
+    def start_maintenance(self) -> None:
+        self.maintenance = threading.Thread(target=self._maintain_until_stopped, name="storage", daemon=True)
+        self.maintenance.start()
+
+    def _maintain_until_stopped(self) -> None:
+        while not self.stopped.wait(MAINTENANCE_SECONDS):
+            try:
+                self.maintain()
+            except Exception:       # never the end of the storage's thread
+                log.exception("%s: maintenance failed", self.path)
+
+    def maintain(self, now: float | None = None) -> None:
+        """One round of slow work, in batches that each hold the lock briefly."""
+        with self.lock:
+            self._save_unsaved()
+        while self.full_text:
+            with self.lock:
+                if not self._index_for_search(SEARCH_INDEX_BATCH):
+                    break
+        while self._remove_old_lines(time.time() if now is None else now):
+            pass
+        if self.path != ":memory:":
+            try:
+                checkpoint = sqlite3.connect(self.path, timeout=0.1)
+                try:
+                    checkpoint.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                finally:
+                    checkpoint.close()
+            except sqlite3.Error as problem:
+                log.debug("%s: checkpoint: %s", self.path, _why(problem))
+
+    def _remove_old_lines(self, now: float) -> bool:
+        """Remove one batch of the lines past --history-days, or past --history-max-mb the oldest; True if
+        there may be more to remove."""
+        with self.lock:
+            try:
+                oldest_kept = int((now - self.history_days * 86400) * 1000)
+                rows = self.db.execute("SELECT id, text FROM messages WHERE time < ? ORDER BY time LIMIT ?",
+                                       (oldest_kept, RETENTION_BATCH)).fetchall()
+                size = self._size() if not rows else 0
+                if size > self.history_bytes:
+                    # As many of the oldest as the excess is worth, at the average size of a line so far.
+                    count = self.db.execute("SELECT count(*) FROM messages").fetchone()[0]
+                    wanted = math.ceil((size - self.history_bytes) / (size / max(count, 1))) if count else 0
+                    rows = self.db.execute("SELECT id, text FROM messages ORDER BY id LIMIT ?",
+                                           (min(wanted, RETENTION_BATCH),)).fetchall()
+                if not rows:
+                    return False
+                last = max(row[0] for row in rows)
+                self.db.execute("BEGIN IMMEDIATE")
+                self._drop_from_search_index(rows)
+                self.db.executemany("DELETE FROM messages WHERE id=?", ((row[0],) for row in rows))
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('removed up to', max(?, coalesce("
+                                "(SELECT CAST(value AS INTEGER) FROM meta WHERE key='removed up to'), 0)))", (last,))
+                self.db.execute("COMMIT")
+            except sqlite3.Error as problem:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                log.error("%s: old lines could not be removed: %s", self.path, _why(problem))
+                return False
+        return len(rows) == RETENTION_BATCH or size > self.history_bytes
+
+    def _size(self) -> int:
+        """Bytes of the database in use. Lock held."""
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0] - self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        return pages * self.db.execute("PRAGMA page_size").fetchone()[0]
+
+    def _indexed_up_to(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key='searchable up to'").fetchone()
+        return int(row[0]) if row and str(row[0]).isdigit() else 0
+
+    def _index_for_search(self, batch: int | None) -> bool:
+        """Add up to BATCH lines (None: all) not yet in the search index; True if some were. Lock held."""
+        if not self.full_text:
+            return False
+        try:
+            done = self._indexed_up_to()
+            rows = self.db.execute("SELECT id, text FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+                                   (done, -1 if batch is None else batch)).fetchall()
+            if not rows:
+                return False
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("INSERT INTO messages_text (rowid, text) VALUES (?, ?)", rows)
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('searchable up to', ?)", (str(rows[-1][0]),))
+            self.db.execute("COMMIT")
+        except sqlite3.Error as problem:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            log.error("%s: the search index could not be brought up to date: %s", self.path, _why(problem))
+            return False
+        return True
+
+    def _drop_from_search_index(self, rows: list[tuple[int, str]]) -> None:
+        """Take lines about to be removed out of the search index. Lock held."""
+        if not self.full_text:
+            return
+        done = self._indexed_up_to()
+        self.db.executemany("INSERT INTO messages_text (messages_text, rowid, text) VALUES ('delete', ?, ?)",
+                            [row for row in rows if row[0] <= done])
+
+    # -- operations ---------------------------------------------------------------------
+
+    @staticmethod
+    def back_up(directory: str, path: str) -> None:
+        """Copy the database in DIRECTORY to PATH (a new file), consistently, even while a server writes to it."""
+        if os.path.lexists(path):
+            raise StorageError(f"{path} exists already; give the name of a new file")
+        source_path = os.path.join(directory, DATABASE_FILE)
+        if not os.path.isfile(source_path):
+            raise StorageError(f"{directory} holds no database ({DATABASE_FILE})")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600))
+            source, copy = sqlite3.connect(source_path, timeout=10.0), sqlite3.connect(path)
+            try:
+                source.backup(copy, pages=1024)     # a batch at a time: the server's writes go on between them
+                copy.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                source.close()
+                copy.close()
+        except (OSError, sqlite3.Error) as problem:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise StorageError(f"cannot back up to {path}: {getattr(problem, 'strerror', None) or _why(problem)}") \
+                from None
+
+    @classmethod
+    def problems(cls, directory: str) -> list[str]:
+        """Everything wrong with the database in DIRECTORY: what integrity_check finds, and rows whose values
+        are not of the kinds this server writes. Read only: it can run beside a server."""
+        path = os.path.join(directory, DATABASE_FILE)
+        if not os.path.isfile(path):
+            return [f"{directory} holds no database ({DATABASE_FILE})"]
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+            try:
+                found = [str(row[0]) for row in db.execute("PRAGMA integrity_check")]
+                found = [] if found == ["ok"] else found
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                found += [problem for problem in [cls._schema_problem(db, tables)] if problem and not found]
+                if not found:
+                    for table, wrong in cls.WRONG_KINDS.items():
+                        count = db.execute(f"SELECT count(*) FROM {table} WHERE {wrong}").fetchone()[0]
+                        if count:
+                            found.append(f"{count} row(s) of {table} hold values of the wrong kinds")
+            finally:
+                db.close()
+        except sqlite3.Error as problem:
+            found = [_why(problem)]
+        return found
+
+    # What no row of a table written by this server holds.
+    WRONG_KINDS = {
+        "accounts": "typeof(name)!='text' OR typeof(salt)!='blob' OR typeof(hash)!='blob' OR typeof(n)!='integer' "
+                    "OR typeof(r)!='integer' OR typeof(p)!='integer' OR typeof(ignoring)!='text' OR n < 2 "
+                    "OR (n & (n - 1)) != 0 OR r NOT BETWEEN 1 AND 32 OR p NOT BETWEEN 1 AND 16",
+        "bans": "typeof(kind)!='text' OR typeof(target)!='text' OR key != kind || ':' || target",
+        "messages": "typeof(time)!='integer' OR typeof(target)!='text' OR typeof(nick)!='text' "
+                    "OR typeof(kind)!='integer' OR typeof(text)!='text'",
+    }
+
+    def describe(self) -> str:
+        """What is kept, for the log at start."""
+        counts = {table: self._query(f"SELECT count(*) FROM {table}")[0][0]
+                  for table in ("accounts", "bans", "offline", "messages")}
+        return (f"{counts['accounts']} account(s), {counts['bans']} ban(s), {counts['offline']} offline "
+                f"message(s), {counts['messages']} chat line(s); search "
+                f"{'with the full-text index (FTS5)' if self.full_text else 'by scanning the newest lines'}")
 
     def close(self) -> None:
-        for store in (self.accounts.store, self.operators.store, self.invitations.store, self.bans.store,
-                      self.rooms.store, self.offline.store, self.history):
-            store.close()
+        """Write what is left and let go of the database and the directory's lock."""
+        self.stopped.set()
+        if self.maintenance is not None and self.maintenance is not threading.current_thread():
+            self.maintenance.join(5.0)
+        db = getattr(self, "db", None)
+        if db is not None:
+            with self.lock:
+                with contextlib.suppress(sqlite3.Error):
+                    self._save_unsaved()
+                    if self.path != ":memory:":
+                        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                db.close()
+            self.db = None
         if self.lock_fd is not None:
             os.close(self.lock_fd)
             self.lock_fd = None
@@ -3167,6 +3454,12 @@ class Person:
         self.watching: dict[str, str] = {}      # name keys watched for coming and going -> the name as asked
         self.bot = False                        # they say they are a program (IRC's user mode +B)
         self.invisible = False                  # left out of WHO masks by those who share no room (IRC's +i)
+        self.conversations: set[str] = set()    # a guest's private conversations kept while they are here
+
+    @property
+    def identity(self) -> str:
+        """Who they are to the database: their account's key, or for a guest one for this connection alone."""
+        return name_key(self.account) if self.account else f"guest/{self.serial}"
 
     def __repr__(self) -> str:
         return f"{self.nick}@{self.address}"
@@ -3286,7 +3579,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.by_serial: dict[int, Person] = {}                  # the same people, by Person.serial
         self.serials = itertools.count(1)
         self.rooms: dict[str, Room] = {}                        # by name_key()
-        self.said = 0                                           # lines kept in history so far, all rooms
         self.connections: set[ClientConnection] = set()         # everyone, signed in or not
         self.per_address: collections.Counter[str] = collections.Counter()   # by address_bucket()
         self.admitted = 0                                       # connections given a thread
@@ -3300,29 +3592,22 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.stop_signal, self.stop_trigger = socket.socketpair()
         self.started = time.time()
         self.tls = self.make_tls_context() if options.tls_cert else None
-        self.data = DataDirectory(options.data_dir, options.history_file, options.history, options.operator)
+        self.storage = Storage(options.data_dir, options.history_days, options.history_max_mb, options.operator)
         self.motd = MessageOfTheDay(options.motd)
         self.started = time.time()
         self.most_people = 0
         self.registrations: dict[str, list[float]] = {}         # when accounts were registered, by address_bucket()
-        self.line_ids = itertools.count(1)                      # chat lines and tag messages, for their ids
-        self.line_id_prefix = f"{int(self.started * 1000):x}-"  # ids differ from a server run's to the next's
         self.departed: collections.deque[Departed] = collections.deque(maxlen=WHOWAS_KEPT)   # newest last
         self.lobby: Room | None = None
         self.lobby = self.room_named(DEFAULT_ROOM)      # everyone's first room, never forgotten
-        for room_name, lines in self.data.history.rooms_and_lines():
-            room = self.room_named(room_name)
-            for when, line in lines:
-                event = PYCHAT.chat_event(room.name, line)
-                if event is not None:
-                    self.said += 1
-                    room.history.append((self.said, when, event))
+        log.info("%s: %s", options.data_dir or "in memory (no --data-dir)", self.storage.describe())
         self.spare_descriptor = os.open(os.devnull, os.O_RDONLY | _CLOEXEC)
         self.workers = Workers()
         self.switchboard = Switchboard(options.max_queue, options.stall_timeout, self.workers)
         super().__init__((options.host, options.port), ClientConnection)
         self.irc = IrcListener(self) if options.irc_port is not None else None
         self.switchboard.start()
+        self.storage.start_maintenance()
 
     def make_tls_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -3386,7 +3671,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         address, bucket = client_address[0], address_bucket(client_address[0])
         options = self.options
         now = time.time()
-        ban = self.data.bans.for_address(address, now)
+        ban = self.storage.ban_for_address(address, now)
         with self.lock:
             if ban is not None:
                 refusal = ban.refusal(now)
@@ -3521,7 +3806,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """
         nick = normal_name(nick)
         motd = self.motd.lines()
-        ignoring = self.data.accounts.ignoring(account) if account else []
+        ignoring = self.storage.ignoring(account) if account else []
         with self.lock:
             taken = self.people.get(name_key(nick))
             if taken is not None and account is not None and taken.key == name_key(account):
@@ -3534,7 +3819,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person = Person(nick, connection.output, connection.address, next(self.serials))
             person.account = account
             person.realname = realname
-            person.operator = account is not None and account in self.data.operators
+            person.operator = account is not None and self.storage.is_operator(account)
             person.output.send(Welcome(nick))
             for line in motd:
                 person.output.send(Notice(line))
@@ -3567,7 +3852,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         problem = name_problem(nick)
         if problem:
             return problem
-        registered = self.data.accounts.name(nick)
+        registered = self.storage.account_name(nick)
         account = claimant.account if claimant is not None else account
         if registered is not None and (account is None or name_key(account) != name_key(registered)):
             return f"{registered} is registered: sign in as {registered} with its password to use it."
@@ -3581,7 +3866,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         the thread that signs PERSON in, which writes its own output.
         """
         try:
-            messages = self.data.offline.waiting(person.account)
+            messages = self.storage.offline_waiting(person.account)
         except StorageError as problem:
             log.error("offline messages for %s: %s", person.account, problem)
             return
@@ -3596,7 +3881,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self.switchboard.mark_ready([person.output])     # the socket took only part: keep them
                 return
         try:
-            self.data.offline.remove(messages)
+            self.storage.remove_offline(messages)
         except StorageError as problem:
             log.error("offline messages for %s: %s", person.account, problem)
 
@@ -3637,6 +3922,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._count_ignorer(key, person, False)
         person.ignoring.clear()
         self._stop_watching(person, list(person.watching))
+        for conversation in person.conversations:
+            self.storage.forget_target(conversation)
+        person.conversations.clear()
 
     # -- rooms: the one way in and the one way out -----------------------------------
 
@@ -3651,12 +3939,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     raise Refused("Too many rooms; join one of those in /rooms.")
                 forgotten = min(empty, key=lambda r: r.last_used)
                 del self.rooms[forgotten.key]
-                self.data.history.forget(forgotten.name)
             room = self.rooms[key] = Room(name, self.options.history)
-            saved = self.data.rooms.load(name)
+            saved = self.storage.room_settings(name)
             if saved is not None:
                 room.topic = saved.topic
                 room.topic_by_everyone = "topic-by-everyone" in saved.modes
+            if self.options.history:
+                room.history.extend((m.id, m.when, chat_event(room.name, m)) for m in
+                                    self.storage.latest_messages(room_target(name), self.options.history))
         return room
 
     def _enter(self, person: Person, room: Room) -> None:
@@ -3697,14 +3987,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
         room.operators.discard(person)
         room.stop_hearing(person)
         if not leaving_the_chat:
-            person.seen[room.key] = self.said
+            person.seen[room.key] = room.history[-1][0] if room.history else 0
             while len(person.seen) > MAX_ROOMS:
                 del person.seen[next(iter(person.seen))]
         if not room.members and room.private:
             # A private room that empties forgets everything, so the next to open it sees nothing of it.
             room.password, room.invite_only, room.topic = None, False, None
             room.history.clear()
-            self.data.history.forget(room.name)
         if event is not None and len(room.members) <= ANNOUNCE_LIMIT:
             self._to_room(room, event)
         if person.current is room:
@@ -3862,16 +4151,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def _room_to_save(self, room: Room) -> tuple[str, str | None, list[str]]:
         """What of ROOM outlasts a restart: the topic and who may set it, unless the room is private, since a
-        private room forgets everything once it empties, and every room is empty at a start; its lines
-        already in the history file are forgotten there. Lock held."""
+        private room forgets everything once it empties, and every room is empty at a start. (What was said
+        in it while it was public stays kept: it was public.) Lock held."""
         if room.private:
-            self.data.history.forget(room.name)
             return room.name, None, []
         return room.name, room.topic, ["topic-by-everyone"] if room.topic_by_everyone else []
 
     def _save_room(self, name: str, topic: str | None, modes: list[str]) -> None:
         try:
-            self.data.rooms.save(name, topic, modes)
+            self.storage.save_room_settings(name, topic, modes)
         except (StoreFull, StorageError) as problem:
             log.error("could not keep the settings of #%s: %s", name, problem)
 
@@ -3912,8 +4200,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._speak(person, Acted, text, name, echo, client_tags)
 
     def _next_line_id(self) -> str:
-        """A new id for a chat line, the same for all who get the line. Lock held."""
-        return f"{self.line_id_prefix}{next(self.line_ids)}"
+        """A new id for a chat line, the same for all who get the line and in history, for ever. Lock held."""
+        return str(self.storage.next_message_id())
 
     def _speak(self, person: Person, kind: type, text: str, name: str | None, echo: bool = True,
                client_tags: ClientTags = (), **more: Any) -> None:
@@ -3923,17 +4211,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 return
             room = self._member_room(person, name)
             person.last_spoke = time.monotonic()
-            event = kind(room.name, person.nick, text, self._next_line_id(), client_tags, person.account,
+            number, when = self.storage.next_message_id(), time.time()
+            event = kind(room.name, person.nick, text, str(number), client_tags, person.account,
                          bot=person.bot, **more)
             if self.options.history:
-                when = time.time()
-                self.said += 1
                 # Kept without its client tags (up to 4 KiB a line), so that history costs what its text does.
-                room.history.append((self.said, when, event._replace(client_tags=()) if client_tags else event))
-                if not room.private:
-                    # In the file before anyone sees it, so whatever was seen survives a kill -9. A private
-                    # room's lines are never written: it forgets them when it empties, as it would at a restart.
-                    self.data.history.append(room.name, when, PYCHAT.line(event))
+                room.history.append((number, when, event._replace(client_tags=()) if client_tags else event))
+            if not room.private:
+                # In the database before anyone sees it, so whatever was seen survives a kill -9. A private
+                # room's lines are never written: it forgets them when it empties, as it would at a restart.
+                self.storage.add_message(number, when, room_target(room.name), person.nick, person.account,
+                                         "notice" if more.get("notice") else "action" if kind is Acted else "line",
+                                         text)
             self._to_room(room, event, skip=None if echo else person, sender=person)
 
     def send_tags(self, person: Person, target: str, client_tags: ClientTags, echo: bool = False) -> None:
@@ -3980,7 +4269,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused(f"{target.nick} has just left.")
             if target is person:
                 raise Refused("That is you.")
-            line_id = self._next_line_id()
+            number = self.storage.next_message_id()
+            line_id = str(number)
+            guest = person.account is None or target.account is None
+            conversation = private_target(person.identity, target.identity, guest)
+            for someone in (person, target):
+                if someone.account is None:
+                    someone.conversations.add(conversation)
+            self.storage.add_message(number, time.time(), conversation, person.nick, person.account,
+                                     "notice" if notice else "line", text)
             if person.key not in target.ignoring:
                 target.output.send(PrivateFrom(person.nick, text, line_id, client_tags, person.account, notice,
                                                person.bot))
@@ -3992,12 +4289,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def leave_offline_message(self, person: Person, nick: str, text: str) -> None:
         """Keep TEXT for the offline account NICK, unless its owner ignores PERSON (who is told it was kept
         either way, as an ignored sender online sees their copy)."""
-        registered = self.data.accounts.name(normal_name(nick))
+        registered = self.storage.account_name(normal_name(nick))
         if registered is None:
             raise Refused(f"No one called {nick} is online. /online lists who is.", "no-such-person", nick=nick)
-        if person.key not in self.data.accounts.ignoring(registered):
+        if person.key not in self.storage.ignoring(registered):
             try:
-                self.data.offline.leave(person.nick, registered, text)
+                sender = f"account:{name_key(person.account)}" if person.account else \
+                    f"address:{address_bucket(person.address)}"
+                self.storage.leave_offline(person.nick, sender, registered, text)
             except (StoreFull, StorageError) as problem:
                 raise Refused(str(problem)) from None
         person.output.send(PrivateTo(registered, text))
@@ -4147,7 +4446,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             account, keys = person.account, list(person.ignoring)
         if account:
             try:
-                self.data.accounts.set_ignoring(account, keys)
+                self.storage.set_ignoring(account, keys)
             except (StoreFull, StorageError) as problem:
                 log.error("could not keep %s's /ignore list: %s", account, problem)
         return target.nick
@@ -4242,21 +4541,21 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self.registrations = {b: t for b, t in self.registrations.items() if now - t[-1] < REGISTRATION_WINDOW}
             self.registrations[bucket] = recent + [now]      # counted before the slow part, so that tries at once count
         try:
-            self.data.accounts.register(nick, password)
+            self.storage.register(nick, password)
         except (StoreFull, StorageError) as problem:
             raise Refused(str(problem)) from None
         with self.lock:
             person.account = nick
-            made_operator = not person.operator and nick in self.data.operators
+            made_operator = not person.operator and self.storage.is_operator(nick)
             person.operator = person.operator or made_operator
             keys = list(person.ignoring)
             self._to_people(self._sharers(person) | {person}, AccountChanged(person.nick, nick))
         if keys:
-            self.data.accounts.set_ignoring(nick, keys)
+            self.storage.set_ignoring(nick, keys)
         if made_operator:
             person.output.send(Notice("You are an operator of this server."))
         log.info("%r registered", person)
-        lasting = "" if self.data.directory else \
+        lasting = "" if self.storage.directory else \
             " This server keeps no data directory: the account lasts until it stops."
         return (f"Registered {nick}. From now on, signing in as {nick} (or a name that looks like it) "
                 f"asks for this password.{lasting}")
@@ -4268,7 +4567,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(f"You are a guest: /register PASSWORD makes {person.nick} your account.")
         try:
             right = self.check_secret(person, f"password for {account}",
-                                      lambda: self.data.accounts.verify(account, password))
+                                      lambda: self.storage.verify_password(account, password))
         except TooManyGuesses as refusal:
             raise Refused(f"{refusal}.") from None
         if not right:
@@ -4282,7 +4581,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused(problem)
         account = self._check_own_password(person, old)
         try:
-            self.data.accounts.set_password(account, new)
+            self.storage.set_password(account, new)
         except (StoreFull, StorageError) as problem:
             raise Refused(str(problem)) from None
         log.info("%r changed the password of %s", person, account)
@@ -4290,13 +4589,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def unregister(self, person: Person, password: str) -> str:
         """Give up PERSON's account; on a --private server that also ends their connection."""
         account = self._check_own_password(person, password)
-        was_operator = account in self.data.operators
-        if was_operator and len(self.data.operators.names()) == 1:
+        was_operator = self.storage.is_operator(account)
+        if was_operator and len(self.storage.operator_names()) == 1:
             raise Refused(f"{account} is the last operator; make another with /oper add first.")
         try:
-            self.data.accounts.remove(account)
-            self.data.operators.remove(account)
-            self.data.offline.forget(account)
+            self.storage.remove_account(account)
         except StorageError as problem:
             raise Refused(str(problem)) from None
         with self.lock:
@@ -4316,11 +4613,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         problem = name_problem(nick)
         if problem:
             raise Refused(problem)
-        registered = self.data.accounts.name(nick)
+        registered = self.storage.account_name(nick)
         if registered is not None:
             raise Refused(f"{registered} has an account already.")
         try:
-            code = self.data.invitations.create(nick, by.nick)
+            code = self.storage.invite(nick, by.nick)
         except (StoreFull, StorageError) as problem:
             raise Refused(str(problem)) from None
         log.warning("%r invited %s", by, nick)
@@ -4329,16 +4626,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def remove_account(self, by: Person, nick: str) -> str:
         """Take NICK's account (or invitation) away; on a --private server they are disconnected."""
-        registered = self.data.accounts.name(nick)
+        registered = self.storage.account_name(nick)
         if registered is None:
-            if self.data.invitations.remove(nick):
+            if self.storage.remove_invitation(nick):
                 return f"Removed the invitation for {nick}."
             raise Refused(f"{nick} has no account and no invitation.")
-        if registered in self.data.operators:
+        if self.storage.is_operator(registered):
             raise Refused(f"{registered} is an operator; /oper remove {registered} first.")
         try:
-            self.data.accounts.remove(registered)
-            self.data.offline.forget(registered)
+            self.storage.remove_account(registered)
         except StorageError as problem:
             raise Refused(str(problem)) from None
         with self.lock:
@@ -4356,20 +4652,22 @@ class ChatServer(socketserver.ThreadingTCPServer):
     # -- operators by account ---------------------------------------------------------------
 
     def operator_names(self) -> list[str]:
-        return self.data.operators.names()
+        return self.storage.operator_names()
 
     def set_operator(self, by: Person, nick: str, operator: bool) -> str:
         """Make the account NICK an operator of the server, or no longer one; whoever is signed in to it is told."""
-        registered = self.data.accounts.name(nick)
+        registered = self.storage.account_name(nick)
         if registered is None:
             raise Refused(f"{nick} is not a registered account.")
-        operators = self.data.operators
-        if operator == (registered in operators):
+        if operator == self.storage.is_operator(registered):
             raise Refused(f"{registered} is {'already' if operator else 'not'} an operator.")
-        if not operator and len(operators.names()) == 1:
+        if not operator and len(self.storage.operator_names()) == 1:
             raise Refused(f"{registered} is the last operator; make another with /oper add first.")
         try:
-            operators.add(registered, by.nick) if operator else operators.remove(registered)
+            if operator:
+                self.storage.add_operator(registered, by.nick)
+            else:
+                self.storage.remove_operator(registered)
         except (StoreFull, StorageError) as problem:
             raise Refused(str(problem)) from None
         with self.lock:
@@ -4409,7 +4707,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if self._bans(ban, person) and person.operator:
                     raise Refused(f"That would ban {person.nick}, an operator of the server.")
         try:
-            self.data.bans.add(ban)
+            self.storage.ban(ban)
         except (StoreFull, StorageError) as problem:
             raise Refused(str(problem)) from None
         with self.lock:
@@ -4425,12 +4723,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def _ban_of_nick(self, by: Person, nick: str) -> tuple[str, str, str, str]:
         """What banning the nickname NICK bans: its account, or the address of the guest using it. Lock held."""
-        registered = self.data.accounts.name(normal_name(nick))
+        registered = self.storage.account_name(normal_name(nick))
         online = self.people.get(name_key(normal_name(nick))) if registered is None else None
         if registered is not None:
             if by.account and name_key(by.account) == name_key(registered) or by.key == name_key(registered):
                 raise Refused("You cannot ban yourself.")
-            if registered in self.data.operators:
+            if self.storage.is_operator(registered):
                 raise Refused(f"{registered} is an operator; /oper remove {registered} first.")
             return "account", name_key(registered), registered, f"the account {registered}"
         if online is None:
@@ -4466,11 +4764,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         else:
             # An account, or a guest's address, which /bans shows as "ADDRESS (NICK)".
             key = f"account:{name_key(normal_name(target))}"
-            if self.data.bans.get(key) is None:
-                key = next((ban.key for ban in self.data.bans.all(now)
+            if self.storage.find_ban(key) is None:
+                key = next((ban.key for ban in self.storage.bans(now)
                             if ban.shown.lower().endswith(f"({target.lower()})")), key)
         try:
-            lifted = self.data.bans.remove(key)
+            lifted = self.storage.lift_ban(key)
         except StorageError as problem:
             raise Refused(str(problem)) from None
         if lifted is None:
@@ -4481,7 +4779,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def ban_lines(self) -> list[str]:
         now = time.time()
         try:
-            bans = self.data.bans.all(now)
+            bans = self.storage.bans(now)
         except StorageError as problem:
             raise Refused(str(problem)) from None
         return [f"{ban.kind} {ban.shown} by {ban.by}, {ban.how_long(now)}" + (f": {ban.reason}" if ban.reason else "")
@@ -4502,7 +4800,26 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             people, rooms = len(self.people), sum(1 for room in self.rooms.values() if room.members)
         return commands.ServerDetails(VERSION, utc_text(self.started), describe_duration(time.time() - self.started),
-                                      people, rooms, self.most_people)
+                                      people, rooms, self.most_people,
+                                      "the full-text index" if self.storage.full_text else
+                                      f"the newest {SEARCH_SCAN_LINES:,} lines")
+
+    def search(self, viewer: Person, words: str, name: str | None = None) -> list[commands.FoundLine]:
+        """The latest lines holding every word of WORDS that VIEWER may read, in the room NAME or everywhere."""
+        with self.lock:
+            self._charge(viewer, SEARCH_COST, "/search")
+            identity = viewer.identity
+        target = room_target(room_name(name)) if name else None
+        found = self.storage.search(words, identity, SEARCH_RESULTS, target)
+        with self.lock:
+            return [commands.FoundLine(utc_text(m.when), "#" + self._shown_room(m.target) if m.target.startswith("#")
+                                       else "private", m.nick, m.text, m.kind == "action") for m in found]
+
+    def _shown_room(self, target: str) -> str:
+        """The name of the room of TARGET as people spell it, if the server knows it; its key otherwise. Lock
+        held."""
+        room = self.rooms.get(target[1:])
+        return room.name if room is not None else target[1:]
 
     # -- lists: what commands may know, paid for from each person's listing budget ----------
 
@@ -4695,7 +5012,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.server_close()
         if self.irc is not None:
             self.irc.server_close()
-        self.data.close()
+        self.storage.close()
 
 
 def fits_pattern(pattern: str, text: str) -> bool:
@@ -4715,6 +5032,14 @@ def fits_pattern(pattern: str, text: str) -> bool:
         else:
             return False
     return pattern[p:].strip("*") == ""
+
+
+def chat_event(room: str, message: StoredMessage) -> Said | Acted:
+    """The event a line of ROOM kept in the database was when it was said."""
+    if message.kind == "action":
+        return Acted(room, message.nick, message.text, str(message.id), (), message.account)
+    return Said(room, message.nick, message.text, str(message.id), (), message.account,
+                notice=message.kind == "notice")
 
 
 def room_name(name: str) -> str:
@@ -4859,6 +5184,9 @@ class Context:
 
     def whois(self, nick: str) -> commands.PersonDetails:
         return self._server.whois(self._caller, nick)
+
+    def search(self, words: str, room: str | None = None) -> list[commands.FoundLine]:
+        return self._server.search(self._caller, words, room)
 
     def motd(self) -> list[str]:
         return self._server.motd.lines()
@@ -5971,7 +6299,7 @@ class IrcConnection(ClientConnection):
         """The nickname to sign in with, or why WANTED cannot be had."""
         if self.account is not None:
             return self.account, None
-        registered = self.server.data.accounts.name(wanted)
+        registered = self.server.storage.account_name(wanted)
         if registered is not None:
             return wanted, (f"{registered} is a registered name: sign in to it with SASL (PLAIN, the account's "
                             f"name and password), or choose another nickname.")
@@ -5991,18 +6319,18 @@ class IrcConnection(ClientConnection):
             self.send_irc(reply)
         if credentials is None:
             return
-        accounts, now = self.server.data.accounts, time.time()
-        account = accounts.name(credentials[0])
+        storage, now = self.server.storage, time.time()
+        account = storage.account_name(credentials[0])
         try:
             right = self.server.check_secret(self, f"password for {account or credentials[0]}",
-                                             lambda: account is not None and accounts.verify(account, credentials[1]))
+                                             lambda: account is not None and storage.verify_password(account, credentials[1]))
         except TooManyGuesses as refusal:
             self.send_irc(irc_numeric("ERR_SASLFAIL", nick, text=str(refusal)))
             raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
         if not right:
             self.send_irc(irc_numeric("ERR_SASLFAIL", nick))
             return
-        ban = self.server.data.bans.for_account(account, now)
+        ban = self.server.storage.ban_for_account(account, now)
         if ban is not None:
             self.send_irc(irc_numeric("ERR_SASLFAIL", nick, text=ban.refusal(now)))
             raise Disconnect(f"banned account {account}", Farewell(ban.refusal(now)))
@@ -6651,6 +6979,21 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
     logging.basicConfig(level=logging.DEBUG if options.verbose else logging.WARNING if options.quiet
                         else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if options.backup:
+        try:
+            Storage.back_up(options.data_dir, options.backup)
+        except StorageError as problem:
+            log.error("%s", problem)
+            return 1
+        print(f"copied {os.path.join(options.data_dir, DATABASE_FILE)} to {options.backup}")
+        return 0
+    if options.check:
+        problems = Storage.problems(options.data_dir)
+        for problem in problems:
+            print(f"{os.path.join(options.data_dir, DATABASE_FILE)}: {problem}")
+        if not problems:
+            print(f"{os.path.join(options.data_dir, DATABASE_FILE)}: no problem found")
+        return 1 if problems else 0
     raise_file_limit((options.max_clients or CLIENTS_WITHOUT_LIMIT) + SPARE_FILES)
     sys.setswitchinterval(SWITCH_INTERVAL)
     if THREAD_STACK_SIZE:

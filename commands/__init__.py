@@ -208,6 +208,17 @@ class ServerDetails(NamedTuple):
     people: int
     rooms: int                  # rooms with people in them
     most_people: int            # the most signed in at once since the start
+    search: str                 # how /search searches: "the full-text index" or "the newest N lines"
+
+
+class FoundLine(NamedTuple):
+    """A line /search found."""
+
+    when: str                   # as "2026-12-01 11:05 UTC"
+    where: str                  # "#dev", or "private" for a private conversation
+    nick: str
+    text: str
+    action: bool                # said with /me
 
 
 class Context(Protocol):
@@ -260,6 +271,7 @@ class Context(Protocol):
     def online(self) -> list[PersonInfo]: ...
     def room_members(self, room: Optional[str] = None) -> tuple[str, list[PersonInfo]]: ...
     def rooms(self) -> list[RoomInfo]: ...
+    def search(self, words: str, room: Optional[str] = None) -> list[FoundLine]: ...
 
     # -- accounts (the caller's own)
     def register(self, password: str) -> str: ...

@@ -51,6 +51,16 @@ def import_script(path: Path, name: str):
     return sys.modules[name]
 
 
+def database_rows(data_dir: Path, query: str, parameters: tuple = ()) -> list[tuple]:
+    """Rows of the server's database in DATA_DIR (read only, beside a running server or after one)."""
+    import sqlite3
+    db = sqlite3.connect(f"file:{Path(data_dir) / 'pychat.db'}?mode=ro", uri=True, timeout=5.0)
+    try:
+        return db.execute(query, parameters).fetchall()
+    finally:
+        db.close()
+
+
 def shown(lines: list[str], most: int = 15, width: int = 160) -> str:
     """The last few lines, each cut short, for a failure message that stays readable."""
     cut = [line if len(line) <= width else line[:width] + f"...({len(line)} chars)" for line in lines[-most:]]

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from conftest import LineClient
+from conftest import database_rows, LineClient
 
 OP_SECRET = "correct horse battery staple"
 
@@ -380,9 +380,9 @@ def test_history_is_per_room_and_can_be_turned_off(start_server, connect):
     assert bob.expect(r"alice: |bob: |\[history") == "bob: after"
 
 
-def test_history_survives_a_restart_and_a_kill_9(start_server, connect, tmp_path):
-    path = tmp_path / "history.jsonl"
-    first = start_server("--history-file", str(path), "--history", "5")
+def test_history_survives_restarts_and_kill_9_with_its_message_ids(start_server, connect, tmp_path):
+    data = tmp_path / "data"
+    first = start_server("--data-dir", str(data), "--history", "5")
     alice = connect(first, "alice")
     alice.send("before the restart")
     alice.send("/join dev")
@@ -390,25 +390,23 @@ def test_history_survives_a_restart_and_a_kill_9(start_server, connect, tmp_path
     alice.expect("alice: in dev")
     assert first.stop() == 0
 
-    second = start_server("--history-file", str(path), "--history", "5")
+    second = start_server("--data-dir", str(data), "--history", "5")
     alice = connect(second, "alice")
     alice.send("before the crash")
     alice.expect("alice: before the crash")
     second.stop(signal.SIGKILL)
-    with open(path, "a", encoding="utf-8") as file:
-        file.write('{"time": 1, "room": "lobby", "li')        # as if the crash cut a line in half
+    ids = dict(database_rows(data, "SELECT text, id FROM messages"))
 
-    third = start_server("--history-file", str(path), "--history", "5")
-    third.wait_for_log(r"skipped 1 damaged line")
-    assert history_seen_by_newcomer(third, connect, "bob", r"\[history .*before the crash") == [
-        "alice: before the restart", "alice: before the crash"]
-    carol = connect(third, "carol")
-    carol.send("/join dev")
-    replay = carol.lines_until(r"\[history .*in dev")
-    assert HISTORY_LINE.match(replay[-1]).group(2) == "alice: in dev"
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    assert [r["line"] for r in records if r["room"] == "lobby"] == ["alice: before the restart",
-                                                                    "alice: before the crash"]
+    for restart in range(3):        # every record survives any number of restarts, clean or not
+        third = start_server("--data-dir", str(data), "--history", "5")
+        assert history_seen_by_newcomer(third, connect, f"bob{restart}", r"\[history .*before the crash") == [
+            "alice: before the restart", "alice: before the crash"]
+        carol = connect(third, f"carol{restart}")
+        carol.send("/join dev")
+        replay = carol.lines_until(r"\[history .*in dev")
+        assert HISTORY_LINE.match(replay[-1]).group(2) == "alice: in dev"
+        third.stop(signal.SIGKILL if restart % 2 else signal.SIGTERM)
+        assert dict(database_rows(data, "SELECT text, id FROM messages WHERE nick='alice'")) == ids
 
 
 def test_ignore_holds_when_the_ignored_one_comes_back_and_ends_with_the_ignorer(chat, server, connect):

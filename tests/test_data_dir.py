@@ -1,4 +1,5 @@
-"""What the server keeps across restarts, with real servers: the data directory and the history file."""
+"""What the server keeps across restarts, with real servers: the data directory's database, its upgrade from
+2.0's files, backups and checks, a full disk, and kill -9."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import ClientFrom, SERVER_SCRIPT, TIMEOUT, LineClient, shown
+from conftest import ClientFrom, SERVER_SCRIPT, TIMEOUT, LineClient, database_rows, shown
 
 HISTORY_LINE = re.compile(r"\[history (\S+)\] (.*)")
 
@@ -39,124 +40,16 @@ def record(room: str, line: str, when: object = 1_700_000_000) -> str:
     return f'{{"time": {when}, "room": {json.dumps(room)}, "line": {json.dumps(line)}}}\n'
 
 
-# -- the history file: what a damaged or hostile file cannot do -----------------------------------------
+# -- the database: what a damaged or hostile directory cannot do ------------------------------------------
 
-def test_history_times_that_cannot_be_shown_are_skipped_and_newcomers_come_in(start_server, connect, tmp_path):
-    path = tmp_path / "history.jsonl"
-    bad = ["NaN", "1e300", "-1", "Infinity"]
-    path.write_text(record("lobby", "bob: before") + "".join(record("lobby", f"bob: {when}", when) for when in bad)
-                    + record("lobby", "bob: after"))
-    server = start_server("--history-file", str(path))
-    for line in range(2, 2 + len(bad)):
-        server.wait_for_log(rf"{re.escape(str(path))} line {line}: (not JSON|'time' is not a time)")
-    alice = connect(server, "alice")
-    assert history_of(alice, "here") == ["bob: before", "bob: after"]
-    carol = connect(server, "carol")
-    carol.send("/join dev")
-    carol.send("/join lobby")
-    carol.expect(r"\*\*\* (You are in|Now talking in) #lobby")
-
-
-def test_a_lone_surrogate_in_the_history_file_does_not_stop_the_server(start_server, connect, tmp_path):
-    path = tmp_path / "history.jsonl"
-    path.write_text(record("lobby", "bob: fine") + '{"time": 1700000000, "room": "lobby", "line": "bob: \\ud800"}\n')
-    server = start_server("--history-file", str(path))
-    server.wait_for_log(r"line 2: 'line' holds a lone surrogate")
-    assert history_of(connect(server, "alice"), "here") == ["bob: fine"]
-    assert "\\ud800" not in path.read_text(encoding="utf-8")
-
-
-def test_a_history_of_many_rooms_is_read_in_bounded_memory(start_server, connect, tmp_path):
-    path = tmp_path / "history.jsonl"
-    baseline = start_server()
-    idle = memory_kib(baseline.process.pid)
-    text = "x" * 2000
-    with open(path, "w") as file:
-        file.writelines(record(f"room{n}", f"bob: {n} {text}") for n in range(15000))
-    server = start_server("--history-file", str(path))
-    grown = memory_kib(server.process.pid) - idle
-    # Holding all 15,000 rooms would take over 30 MiB; the 500 kept take about 1 MiB.
-    assert grown < 15 * 1024, f"the server took {grown // 1024} MiB more than an idle one to read 15,000 rooms"
-    alice = connect(server, "alice")
-    alice.send("/join room14999")
-    assert alice.expect(r"\[history ").endswith("bob: 14999 " + text)
-
-
-def test_throwaway_rooms_do_not_push_the_lobby_out_of_history_across_a_restart(start_server, connect, tmp_path):
-    path = tmp_path / "history.jsonl"
-    first = start_server("--history-file", str(path), "--rate", "0")
-    alice = connect(first, "alice")
-    alice.send("lobby line")
-    alice.send("/join dev")
-    alice.send("dev line")
-    alice.expect("alice: dev line")
-    troll = connect(first, "troll")
-    for n in range(500):
-        troll.send(f"/join spam{n}")
-        troll.send("spam")
-        troll.send("/leave")
-    troll.send("/join dev")
-    troll.send("dev again")
-    alice.expect("troll: dev again", timeout=30)
-    assert first.stop() == 0
-    second = start_server("--history-file", str(path))
-    newcomer = connect(second, "bob")
-    assert history_of(newcomer, "here") == ["alice: lobby line"]
-    newcomer.send("/join dev")
-    replay = newcomer.lines_until(r"\[history .*dev again")
-    assert [HISTORY_LINE.match(line).group(2) for line in replay if HISTORY_LINE.match(line)] == [
-        "alice: dev line", "troll: dev again"]
-
-
-def test_a_symlink_at_the_temporary_path_is_not_followed(start_server, connect, tmp_path):
-    path = tmp_path / "history.jsonl"
-    path.write_text(record("lobby", "bob: hi"))
-    victim = tmp_path / "victim"
-    victim.write_text("precious\n")
-    os.symlink(victim, f"{path}.tmp")
-    server = start_server("--history-file", str(path))
-    assert history_of(connect(server, "alice"), "here") == ["bob: hi"]
-    assert victim.read_text() == "precious\n", "the server wrote through a link planted at PATH.tmp"
-    assert not path.is_symlink() and stat.S_ISREG(os.lstat(path).st_mode)
-
-
-@pytest.mark.parametrize("option", ["--history-file", "--data-dir"])
-def test_a_fifo_in_place_of_a_data_file_is_refused_with_a_clear_error(tmp_path, option):
-    if option == "--history-file":
-        fifo = tmp_path / "history.jsonl"
-        target = fifo
-    else:
-        target = tmp_path / "data"
-        target.mkdir()
-        fifo = target / "accounts.jsonl"
-    os.mkfifo(fifo)
+def run_server(*args: str) -> subprocess.CompletedProcess:
+    """Run the server to its end (a refusal to start, --backup, --check), bounded in time."""
     try:
-        finished = subprocess.run([sys.executable, str(SERVER_SCRIPT), "--host", "127.0.0.1", "--port", "0",
-                                   option, str(target)], capture_output=True, text=True, timeout=10)
+        return subprocess.run([sys.executable, str(SERVER_SCRIPT), "--host", "127.0.0.1", "--port", "0", *args],
+                              capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
-        pytest.fail("the server hung on a FIFO instead of refusing it")
-    assert finished.returncode == 1
-    assert f"{fifo} is not a regular file" in finished.stderr, finished.stderr
-    assert "Traceback" not in finished.stderr and "listening" not in finished.stderr
+        pytest.fail(f"the server did not finish: {args}")
 
-
-def test_the_history_file_stays_bounded_while_the_server_runs(start_server, connect, tmp_path):
-    path = tmp_path / "history.jsonl"
-    server = start_server("--history-file", str(path), "--history", "3", "--rate", "0")
-    alice = connect(server, "alice")
-    said = 2500
-    for n in range(said):
-        alice.send(f"line {n}")
-    alice.expect(f"alice: line {said - 1}$", timeout=30)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    assert len(lines) <= 2 * 3 + 1000 + 1, f"{said} lines said, and the file holds {len(lines)} of them"
-    assert json.loads(lines[-1])["line"] == f"alice: line {said - 1}"
-    server.stop(signal.SIGKILL)
-    again = start_server("--history-file", str(path), "--history", "3")
-    assert history_of(connect(again, "bob"), "here") == [f"alice: line {n}" for n in range(said - 3, said)]
-
-
-# -- the data directory -------------------------------------------------------------------------------
 
 def test_the_data_directory_and_its_files_are_private_and_used_by_one_server_at_a_time(start_server, connect,
                                                                                         tmp_path):
@@ -167,29 +60,53 @@ def test_the_data_directory_and_its_files_are_private_and_used_by_one_server_at_
     alice.expect("alice: kept")
     assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
     files = sorted(os.listdir(data))
-    assert "history.jsonl" in files and "accounts.jsonl" in files, files
+    assert "pychat.db" in files and "lock" in files, files
     for name in files:
         assert stat.S_IMODE(os.lstat(data / name).st_mode) == 0o600, f"{name} is readable by others"
-    second = subprocess.run([sys.executable, str(SERVER_SCRIPT), "--host", "127.0.0.1", "--port", "0",
-                             "--data-dir", str(data)], capture_output=True, text=True, timeout=10)
+    second = run_server("--data-dir", str(data))
     assert second.returncode == 1 and "in use by another pyChat server" in second.stderr, second.stderr
 
 
-def test_history_file_and_data_directory_do_not_go_together(tmp_path):
-    finished = subprocess.run([sys.executable, str(SERVER_SCRIPT), "--data-dir", str(tmp_path / "d"),
-                               "--history-file", str(tmp_path / "h")], capture_output=True, text=True, timeout=10)
-    assert finished.returncode == 2 and "do not go together" in finished.stderr
+def test_the_history_file_option_is_gone_and_says_what_to_use_instead(tmp_path):
+    finished = run_server("--history-file", str(tmp_path / "h"))
+    assert finished.returncode == 2 and "--history-file is gone" in finished.stderr and "--data-dir" in finished.stderr
+    assert "gone" in run_server("--help").stdout.split("--history-file PATH", 2)[2][:120]
 
 
-def test_a_hand_edited_data_file_is_named_with_its_line_and_the_server_starts(start_server, connect, tmp_path):
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "fifo for 2.0"])
+def test_a_link_or_fifo_in_place_of_a_data_file_is_refused_with_a_clear_error(tmp_path, planted):
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
-    (data / "bans.jsonl").write_text('{"key": "address:127.0.0.2", "value": {"kind": "address"}}\n'
-                                     "{broken\n" + "[]" * 10000 + "\n")
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    if planted == "symlink":
+        os.symlink(victim, data / "pychat.db")
+        expected = "is a symbolic link"
+    else:
+        os.mkfifo(data / ("pychat.db" if planted == "fifo" else "accounts.jsonl"))
+        expected = "is not a regular file"
+    finished = run_server("--data-dir", str(data))
+    assert finished.returncode == 1 and expected in finished.stderr, finished.stderr
+    assert "Traceback" not in finished.stderr and "listening" not in finished.stderr
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_damaged_database_stops_the_start_with_one_line_and_check_names_what_is_wrong(start_server, connect,
+                                                                                        tmp_path):
+    data = tmp_path / "data"
     server = start_server("--data-dir", str(data))
-    for line in (1, 2, 3):
-        server.wait_for_log(rf"{re.escape(str(data / 'bans.jsonl'))} line {line}: ")
-    connect(server, "alice")
+    connect(server, "alice").send("a line")
+    assert server.stop() == 0
+    assert run_server("--data-dir", str(data), "--check").returncode == 0
+    path = data / "pychat.db"
+    raw = bytearray(path.read_bytes())
+    raw[4096:8192] = b"\xee" * 4096             # a page of the file overwritten
+    path.write_bytes(bytes(raw))
+    finished = run_server("--data-dir", str(data))
+    assert finished.returncode == 1 and "cannot start: " in finished.stderr and "--check" in finished.stderr
+    assert "Traceback" not in finished.stderr, finished.stderr
+    checked = run_server("--data-dir", str(data), "--check")
+    assert checked.returncode == 1 and "pychat.db: " in checked.stdout and "no problem" not in checked.stdout
 
 
 def write_bans(data, *bans: dict) -> None:

@@ -1,260 +1,546 @@
-"""The data directory's pieces, called directly: files, records, stores, history, accounts, bans, durations."""
+"""The storage, called directly: the database, accounts, bans, rooms, offline messages, history, search,
+retention, the 2.0 import, backups and checks; and durations and ban targets."""
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
+import sqlite3
 import stat
 import threading
 import time
-import tracemalloc
 
 import pytest
 
 from conftest import SERVER_SCRIPT, import_script
 
 server = import_script(SERVER_SCRIPT, "pychat_server")
-
-
-def write_lines(path, *lines: str | bytes) -> None:
-    with open(path, "wb") as file:
-        for line in lines:
-            file.write(line if isinstance(line, bytes) else line.encode("utf-8"))
-
-
-def history_record(room: str, line: str, when: float = 1_700_000_000.0) -> str:
-    return json.dumps({"time": when, "room": room, "line": line}) + "\n"
+PASSWORD = "correct horse"
 
 
 def mode(path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
-# -- files ---------------------------------------------------------------------------------------
+@pytest.fixture
+def open_storage(tmp_path):
+    """Open a Storage on a data directory (tmp_path/data unless told), closed at the end of the test."""
+    opened = []
 
-def test_an_atomic_write_does_not_follow_a_symlink_planted_at_the_temporary_path(tmp_path):
-    victim = tmp_path / "victim"
-    victim.write_text("precious")
-    target = tmp_path / "history.jsonl"
-    os.symlink(victim, f"{target}.tmp")
-    server.write_file_atomically(str(target), b"new\n")
-    assert victim.read_text() == "precious", "the write went through the planted link"
-    assert not target.is_symlink() and target.read_bytes() == b"new\n"
-    assert mode(target) == 0o600
-    assert not os.path.lexists(f"{target}.tmp")
+    def open_it(directory=None, **options):
+        storage = server.Storage(str(directory or tmp_path / "data"), **options)
+        opened.append(storage)
+        return storage
+
+    yield open_it
+    for storage in opened:
+        storage.close()
 
 
-@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
-def test_anything_but_a_regular_file_is_refused_at_once_with_a_clear_error(tmp_path, kind):
-    path = tmp_path / "history.jsonl"
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "directory":
-        path.mkdir()
+def reopen(storage, **options):
+    storage.close()
+    return server.Storage(storage.directory, **options)
+
+
+def said(storage, target: str, text: str, when: float | None = None, nick: str = "alice") -> int:
+    number = storage.next_message_id()
+    storage.add_message(number, time.time() if when is None else when, target, nick, None, "line", text)
+    return number
+
+
+# -- the database -------------------------------------------------------------------------------
+
+def test_the_directory_and_its_files_are_private_and_locked_against_a_second_server(open_storage, tmp_path):
+    data = tmp_path / "data"
+    storage = open_storage(data)
+    storage.register("alice", PASSWORD)
+    assert mode(data) == 0o700
+    assert {"pychat.db", "lock"} <= set(os.listdir(data))
+    for name in os.listdir(data):
+        assert mode(data / name) & 0o077 == 0, (name, oct(mode(data / name)))
+    with pytest.raises(server.StorageError, match="in use by another pyChat server"):
+        server.Storage(str(data))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "not ours", "newer"])
+def test_a_damaged_or_foreign_database_is_a_clear_line_never_a_traceback(open_storage, tmp_path, damage):
+    data = tmp_path / "data"
+    storage = open_storage(data)
+    storage.register("alice", PASSWORD)
+    storage.close()
+    path = data / "pychat.db"
+    if damage == "garbage":
+        path.write_bytes(b"this is not a database" * 100)
+    elif damage == "truncated":
+        raw = path.read_bytes()
+        path.write_bytes(raw[:len(raw) // 3] + b"\0" * 100 + raw[len(raw) // 3 + 100:])
+    elif damage == "not ours":
+        path.unlink()
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE something (x)")
+        db.close()
     else:
-        (tmp_path / "real").write_text("")
-        os.symlink(tmp_path / "real", path)
-    outcome: list = []
-    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(
-        server.StorageError, lambda: list(server.RecordFile(str(path)).read()))), daemon=True)
-    reader.start()
-    reader.join(5)
-    assert outcome, f"reading a {kind} hung"
-    message = str(outcome[0].value)
-    assert str(path) in message and ("not a regular file" in message or "symbolic link" in message), message
-
-
-def test_an_existing_file_readable_by_others_is_made_private(tmp_path):
-    path = tmp_path / "accounts.jsonl"
-    path.write_text("")
-    os.chmod(path, 0o644)
-    os.close(server.open_data_file(str(path), os.O_RDONLY))
-    assert mode(path) == 0o600
-
-
-def test_damaged_lines_are_named_by_file_and_line_and_the_rest_is_read(tmp_path, caplog):
-    path = tmp_path / "bans.jsonl"
-    write_lines(path, '{"key": "a", "value": {}}\n', "not json\n", "[1, 2]\n", b"\xff\xfe\n",
-                '{"time": NaN}\n', "x" * (server.MAX_RECORD_BYTES + 10) + "\n", '{"key": "b", "value": {}}\n',
-                '{"key": "c", "val')
-    with caplog.at_level(logging.WARNING, logger="pychat"):
-        records = list(server.RecordFile(str(path)).read())
-    assert [number for number, _ in records] == [1, 7]
-    for line, why in ((2, "not JSON"), (3, "not a JSON object"), (4, "not UTF-8"), (5, "not JSON (NaN is not a number)"),
-                      (6, "longer than"), (8, "cut short")):
-        assert f"{path} line {line}: {why}" in caplog.text, f"line {line} was not reported as {why!r}"
-
-
-def test_a_damaged_file_is_never_a_traceback_however_it_is_damaged(tmp_path):
-    path = tmp_path / "accounts.jsonl"
-    write_lines(path, "[" * 100000 + "\n", '{"key": 5, "value": 1}\n', '{"key": "k", "value": []}\n',
-                '{"key": "k", "value": {"name": 1}}\n', "1" * 5000 + "\n", '{"key": "\\ud800", "value": {}}\n')
-    accounts = server.Accounts(server.RecordFile(str(path)))
-    assert len(accounts.store) == 0
-
-
-# -- the keyed store ----------------------------------------------------------------------------
-
-def plain(key: str, value: dict) -> dict:
-    if not isinstance(value.get("n"), int):
-        raise ValueError("'n' is not a number")
-    return value
-
-
-def test_a_store_keeps_its_last_word_about_each_key_across_a_reopen(tmp_path):
-    path = str(tmp_path / "store.jsonl")
-    store = server.KeyedStore(server.RecordFile(path), plain, most=10)
-    store.put("a", {"n": 1})
-    store.put("b", {"n": 2})
-    store.put("a", {"n": 3})
-    assert store.delete("b") and not store.delete("b")
-    store.close()
-    again = server.KeyedStore(server.RecordFile(path), plain, most=10)
-    assert again.items() == [("a", {"n": 3})]
-    assert len(open(path).readlines()) == 1, "the file was not compacted at start"
-    assert mode(path) == 0o600
-
-
-def test_a_store_refuses_records_past_its_limit_and_a_file_that_holds_more_is_cut_to_it(tmp_path, caplog):
-    path = str(tmp_path / "store.jsonl")
-    store = server.KeyedStore(server.RecordFile(path), plain, most=3)
-    for key in "abc":
-        store.put(key, {"n": 0})
-    with pytest.raises(server.StoreFull):
-        store.put("d", {"n": 0})
-    store.put("a", {"n": 1})            # changing a record is not adding one
-    with open(path, "a") as file:
-        file.write(json.dumps({"key": "e", "value": {"n": 0}}) + "\n")
-    with caplog.at_level(logging.WARNING, logger="pychat"):
-        again = server.KeyedStore(server.RecordFile(path), plain, most=3)
-    assert sorted(key for key, _ in again.items()) == ["a", "b", "c"]
-    assert f"{path} line 5: more than 3 records" in caplog.text
-
-
-def test_a_store_file_stays_bounded_however_often_its_records_change(tmp_path):
-    path = str(tmp_path / "store.jsonl")
-    store = server.KeyedStore(server.RecordFile(path), plain, most=10)
-    for n in range(400):
-        store.put(f"k{n % 5}", {"n": n})
-        if n % 7 == 0:
-            store.delete(f"k{n % 5}")
-    lines = len(open(path).readlines())
-    assert lines <= 2 * len(store) + server.COMPACT_SLACK + 1, f"{lines} lines for {len(store)} records"
-    reopened = server.KeyedStore(server.RecordFile(path), plain, most=10)
-    assert reopened.items() == store.items()
-
-
-def test_a_record_too_big_to_keep_is_refused_not_written(tmp_path):
-    store = server.KeyedStore(server.RecordFile(str(tmp_path / "s.jsonl")), plain, most=10)
-    with pytest.raises(server.StoreFull):
-        store.put("a", {"n": 1, "text": "x" * server.MAX_RECORD_BYTES})
-    assert "a" not in store
-
-
-# -- history ---------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("when", ["NaN", "Infinity", "-Infinity", "1e300", "-5", '"noon"', "true"])
-def test_a_history_record_with_an_impossible_time_is_skipped(tmp_path, when, caplog):
-    path = tmp_path / "history.jsonl"
-    write_lines(path, history_record("lobby", "bob: kept"),
-                f'{{"time": {when}, "room": "lobby", "line": "bob: bad"}}\n')
-    with caplog.at_level(logging.WARNING, logger="pychat"):
-        history = server.HistoryLog(server.RecordFile(str(path)), limit=20, keep="lobby")
-    assert history.rooms_and_lines() == [("lobby", [(1_700_000_000.0, "bob: kept")])]
-    assert f"{path} line 2:" in caplog.text
-    for _, lines in history.rooms_and_lines():
-        for when_kept, _ in lines:      # every time kept can be shown as a date
-            datetime.datetime.fromtimestamp(when_kept, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def test_a_history_record_with_a_lone_surrogate_is_skipped_and_the_file_rewritten(tmp_path):
-    path = tmp_path / "history.jsonl"
-    write_lines(path, '{"time": 1700000000, "room": "lobby", "line": "bob: \\ud800"}\n',
-                '{"time": 1700000000, "room": "\\udc00", "line": "bob: x"}\n', history_record("lobby", "bob: ok"))
-    history = server.HistoryLog(server.RecordFile(str(path)), limit=20, keep="lobby")
-    assert [line for _, lines in history.rooms_and_lines() for _, line in lines] == ["bob: ok"]
-    assert path.read_text(encoding="utf-8") == history_record("lobby", "bob: ok")
-
-
-def test_reading_a_history_of_many_rooms_holds_only_the_rooms_it_keeps(tmp_path):
-    path = tmp_path / "history.jsonl"
-    rooms = 10 * server.MAX_ROOMS
-    with open(path, "w") as file:
-        file.writelines(history_record(f"r{n}", "bob: " + "x" * 40) for n in range(rooms))
-    tracemalloc.start()
+        db = sqlite3.connect(path)
+        db.execute("UPDATE meta SET value='99' WHERE key='schema'")
+        db.commit()
+        db.close()
     try:
-        history = server.HistoryLog(server.RecordFile(str(path)), limit=20, keep="lobby")
-        peak = tracemalloc.get_traced_memory()[1]
+        reopened = server.Storage(str(data))
+    except server.StorageError as problem:
+        assert str(data) in str(problem) and "Traceback" not in str(problem)
+        assert server.Storage.problems(str(data)) != []
+    else:       # damage SQLite does not see at once must still not take the server down
+        reopened.close()
+        assert damage == "truncated"
+
+
+def test_rows_edited_by_hand_are_left_out_with_a_log_line(open_storage, caplog):
+    storage = open_storage()
+    storage.register("alice", PASSWORD)
+    storage.register("bob", PASSWORD)
+    storage.ban(make_ban("address", "192.0.2.7"))
+    with storage.lock:
+        storage.db.execute("UPDATE accounts SET n=1000 WHERE key='bob'")
+        storage.db.execute("INSERT INTO bans VALUES ('address:x', 'address', 'x', 'x', NULL, 'a', 1, NULL)")
+    with caplog.at_level(logging.WARNING, logger="pychat"):
+        storage = reopen(storage)
+        assert storage.account_name("bob") is None and not storage.verify_password("bob", PASSWORD)
+        assert storage.account_name("alice") == "alice"
+        assert [ban.key for ban in storage.bans(time.time())] == ["address:192.0.2.7"]
+    assert "the account 'bob' is damaged" in caplog.text and "a ban is damaged" in caplog.text
+    storage.close()
+    assert any("accounts" in problem or "bans" in problem for problem in server.Storage.problems(storage.directory))
+
+
+def test_without_a_directory_the_same_code_keeps_everything_in_memory_and_writes_no_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    storage = server.Storage(None)
+    try:
+        storage.register("alice", PASSWORD)
+        said(storage, "#lobby", "hello")
+        assert storage.verify_password("alice", PASSWORD)
+        assert [m.text for m in storage.latest_messages("#lobby", 10)] == ["hello"]
+        assert os.listdir(tmp_path) == []
     finally:
-        tracemalloc.stop()
-    kept = history.rooms_and_lines()
-    assert len(kept) == server.MAX_ROOMS
-    assert kept[-1][0] == f"r{rooms - 1}"
-    # Holding every room would take over 5 MiB here (5,000 rooms of a deque each).
-    assert peak < 2 * 2 ** 20, f"reading took {peak / 2 ** 20:.1f} MiB at its peak"
+        storage.close()
 
 
-def test_the_rooms_kept_are_the_last_used_and_the_default_room_always(tmp_path):
-    path = tmp_path / "history.jsonl"
-    with open(path, "w") as file:
-        file.write(history_record("lobby", "alice: lobby line"))
-        file.write(history_record("dev", "alice: first dev line"))
-        file.writelines(history_record(f"spam{n}", "troll: x") for n in range(server.MAX_ROOMS))
-        file.write(history_record("dev", "alice: last dev line"))
-    history = server.HistoryLog(server.RecordFile(str(path)), limit=20, keep="lobby")
-    kept = dict(history.rooms_and_lines())
-    assert len(kept) == server.MAX_ROOMS
-    assert [line for _, line in kept["lobby"]] == ["alice: lobby line"]
-    assert [line for _, line in kept["dev"]] == ["alice: first dev line", "alice: last dev line"]
-    assert "spam0" not in kept and "spam1" not in kept
+# -- accounts, operators, invitations ------------------------------------------------------------
 
-
-def test_the_history_file_stays_bounded_while_lines_are_said(tmp_path):
-    path = tmp_path / "history.jsonl"
-    history = server.HistoryLog(server.RecordFile(str(path)), limit=5, keep="lobby")
-    for n in range(5000):
-        history.append("lobby" if n % 2 else "dev", time.time(), f"bob: {n}")
-    lines = path.read_text().splitlines()
-    assert len(lines) <= 2 * 10 + server.COMPACT_SLACK_HISTORY + 1, f"the file has {len(lines)} lines"
-    reread = server.HistoryLog(server.RecordFile(str(path)), limit=5, keep="lobby")
-    assert reread.rooms_and_lines() == history.rooms_and_lines()
-    assert [line for _, line in dict(reread.rooms_and_lines())["lobby"]] == [f"bob: {n}" for n in
-                                                                           range(4991, 5000, 2)]
-
-
-# -- accounts and passwords --------------------------------------------------------------------------
-
-def test_a_password_check_takes_tens_of_milliseconds_and_only_the_right_one_passes(tmp_path):
-    accounts = server.Accounts(server.RecordFile(str(tmp_path / "accounts.jsonl")))
-    accounts.register("alice", "correct horse")
+def test_a_password_check_takes_tens_of_milliseconds_and_only_the_right_one_passes(open_storage, tmp_path):
+    storage = open_storage()
+    storage.register("alice", PASSWORD)
     started = time.perf_counter()
-    assert accounts.verify("alice", "correct horse")
+    assert storage.verify_password("alice", PASSWORD)
     took = time.perf_counter() - started
-    assert not accounts.verify("alice", "correct horsf")
-    assert not accounts.verify("bob", "correct horse")
+    assert not storage.verify_password("alice", "correct horsf")
+    assert not storage.verify_password("bob", PASSWORD)
     assert 0.01 < took < 2, f"one scrypt check took {took * 1000:.0f} ms"
-    record = json.loads(open(tmp_path / "accounts.jsonl").read().splitlines()[-1])["value"]
-    assert "correct horse" not in json.dumps(record)
-    assert (record["n"], record["r"], record["p"]) == (2 ** 14, 8, 1) and len(bytes.fromhex(record["salt"])) == 16
+    storage.close()
+    assert PASSWORD.encode() not in (tmp_path / "data" / "pychat.db").read_bytes()
 
 
-def test_accounts_are_found_by_any_lookalike_and_each_has_its_own_salt(tmp_path):
-    path = str(tmp_path / "accounts.jsonl")
-    accounts = server.Accounts(server.RecordFile(path))
-    accounts.register("alice", "same password")
-    accounts.register("bob", "same password")
-    assert accounts.name("аlice") == "alice" and accounts.name("ALICE") == "alice"
+def test_accounts_are_found_by_any_lookalike_each_with_its_own_salt_across_a_reopen(open_storage):
+    storage = open_storage()
+    storage.register("alice", "same password")
+    storage.register("bob", "same password")
+    assert storage.account_name("аlice") == "alice" and storage.account_name("ALICE") == "alice"
     with pytest.raises(server.StoreFull):
-        accounts.register("Alice", "another one")
-    salts = {record["salt"] for _, record in accounts.store.items()}
-    hashes = {record["hash"] for _, record in accounts.store.items()}
-    assert len(salts) == 2 and len(hashes) == 2
-    accounts.set_password("alice", "new password")
-    reopened = server.Accounts(server.RecordFile(path))
-    assert reopened.verify("alice", "new password") and not reopened.verify("alice", "same password")
-    assert reopened.remove("alice") and reopened.name("alice") is None
+        storage.register("Alice", "another one")
+    with storage.lock:
+        salts = storage.db.execute("SELECT count(DISTINCT salt), count(DISTINCT hash) FROM accounts").fetchone()
+    assert salts == (2, 2)
+    storage.set_password("alice", "new password")
+    storage = reopen(storage)
+    try:
+        assert storage.verify_password("alice", "new password") and not storage.verify_password("alice", "same password")
+        assert storage.account_names() == ["alice", "bob"]
+        storage.remove_account("alice")
+        assert storage.account_name("alice") is None
+    finally:
+        storage.close()
 
+
+def test_an_account_keeps_its_ignore_list_through_a_password_change(open_storage):
+    storage = open_storage()
+    storage.register("alice", PASSWORD)
+    storage.set_ignoring("alice", ["troll", "mallory"])
+    storage.set_password("alice", "another horse")
+    storage = reopen(storage)
+    try:
+        assert storage.ignoring("ALICE") == ["mallory", "troll"] and storage.ignoring("bob") == []
+    finally:
+        storage.close()
+
+
+def test_an_invitation_code_works_for_its_name_until_it_is_used(open_storage):
+    storage = open_storage()
+    code = storage.invite("dave", by="alice")
+    assert storage.invitation_waiting("dave") and not storage.invitation_waiting("erin")
+    assert not storage.invitation_matches("erin", code)
+    assert not storage.invitation_matches("dave", code + "x")
+    assert storage.invitation_matches("dave", f" {code.upper()} ")
+    assert storage.remove_invitation("dave")
+    assert not storage.invitation_matches("dave", code) and not storage.invitation_waiting("dave")
+
+
+def test_operators_named_at_start_are_kept_like_those_added_and_can_be_removed(open_storage):
+    storage = open_storage(operators=["Alice"])
+    storage.add_operator("bob", by="Alice")
+    assert storage.is_operator("alice") and storage.is_operator("BOB") and not storage.is_operator("carol")
+    storage = reopen(storage)
+    try:
+        assert storage.operator_names() == ["Alice", "bob"]
+        storage.remove_operator("alice")
+        assert storage.operator_names() == ["bob"]
+    finally:
+        storage.close()
+
+
+# -- bans -------------------------------------------------------------------------------------------
+
+def make_ban(kind: str, target: str, expires: float | None = None) -> object:
+    return server.Ban(kind, target, target, "spam", "alice", time.time(), expires)
+
+
+def test_bans_match_addresses_networks_and_accounts_until_they_expire(open_storage):
+    storage = open_storage()
+    now = time.time()
+    storage.ban(make_ban("address", "192.0.2.7"))
+    storage.ban(make_ban("network", "198.51.100.0/24", now + 60))
+    storage.ban(make_ban("network", "2001:db8::/48"))
+    storage.ban(make_ban("account", "troll", now + 1))
+    assert storage.ban_for_address("192.0.2.7", now).target == "192.0.2.7"
+    assert storage.ban_for_address("::ffff:192.0.2.7", now) is not None
+    assert storage.ban_for_address("192.0.2.8", now) is None
+    assert storage.ban_for_address("198.51.100.200", now).target == "198.51.100.0/24"
+    assert storage.ban_for_address("198.51.100.200", now + 61) is None
+    assert storage.ban_for_address("2001:db8:0:ffff::1", now) is not None
+    assert storage.ban_for_address("2001:db9::1", now) is None
+    assert storage.ban_for_account("TROLL", now) is not None and storage.ban_for_account("troll", now + 2) is None
+    assert len(storage.bans(now + 2)) == 3, "the expired ban was still listed"
+    storage = reopen(storage)
+    try:
+        assert sorted(ban.key for ban in storage.bans(now)) == ["address:192.0.2.7", "network:198.51.100.0/24",
+                                                               "network:2001:db8::/48"]
+        assert storage.lift_ban("address:192.0.2.7") is not None
+        assert storage.ban_for_address("192.0.2.7", now) is None
+    finally:
+        storage.close()
+
+
+# -- rooms and offline messages -------------------------------------------------------------------------
+
+def test_room_settings_are_saved_and_forgotten_when_nothing_is_set(open_storage):
+    storage = open_storage()
+    storage.save_room_settings("Dev", "release friday", ["topic-by-everyone"])
+    storage = reopen(storage)
+    assert storage.room_settings("dev") == ("release friday", ("topic-by-everyone",))
+    storage.save_room_settings("Dev", None, [])
+    storage = reopen(storage)
+    try:
+        assert storage.room_settings("dev") is None
+    finally:
+        storage.close()
+
+
+def test_offline_messages_are_bounded_per_recipient_and_per_sender_whatever_the_sender_s_name(open_storage):
+    storage = open_storage()
+    for n in range(server.MAX_OFFLINE_PER_SENDER):
+        # One sender who renames between messages is still one sender.
+        storage.leave_offline(f"bob{n}", "address:192.0.2.7", "alice", f"message {n}")
+    with pytest.raises(server.StoreFull) as refusal:
+        storage.leave_offline("bobby", "address:192.0.2.7", "carol", "one too many")
+    assert "You have" in str(refusal.value)
+    for n in range(server.MAX_OFFLINE_PER_RECIPIENT - server.MAX_OFFLINE_PER_SENDER):
+        storage.leave_offline(f"guest{n}", f"address:192.0.2.{100 + n}", "alice", "hi")
+    with pytest.raises(server.StoreFull) as refusal:
+        storage.leave_offline("dave", "account:dave", "alice", "full")
+    assert "alice has" in str(refusal.value)
+    storage = reopen(storage)
+    try:
+        waiting = storage.offline_waiting("ALICE")
+        assert [m.text for m in waiting[:3]] == ["message 0", "message 1", "message 2"] and len(waiting) == 20
+        storage.remove_offline(waiting)
+        assert storage.offline_waiting("alice") == []
+    finally:
+        storage.close()
+
+
+# -- chat lines: ids, ranges, private conversations -----------------------------------------------------
+
+def test_message_ids_grow_across_restarts_even_after_retention_removed_every_line(open_storage):
+    storage = open_storage(history_days=1)
+    first = said(storage, "#lobby", "old", when=time.time() - 3 * 86400)
+    storage.maintain()
+    assert storage.latest_messages("#lobby", 10) == []
+    storage = reopen(storage, history_days=1)
+    try:
+        assert said(storage, "#lobby", "new") > first
+    finally:
+        storage.close()
+
+
+def test_history_is_read_by_range_before_after_around_and_between_ids(open_storage):
+    storage = open_storage()
+    numbers = [said(storage, "#dev", f"line {n}") for n in range(30)]
+    said(storage, "#ops", "elsewhere")
+    text = lambda found: [m.text for m in found]
+    assert text(storage.latest_messages("#dev", 3)) == ["line 27", "line 28", "line 29"]
+    assert text(storage.messages_before("#dev", numbers[10], 3)) == ["line 7", "line 8", "line 9"]
+    assert text(storage.messages_after("#dev", numbers[10], 2)) == ["line 11", "line 12"]
+    assert text(storage.messages_around("#dev", numbers[10], 4)) == ["line 8", "line 9", "line 10", "line 11"]
+    assert text(storage.messages_between("#dev", numbers[2], numbers[6], 10)) == ["line 3", "line 4", "line 5"]
+    assert text(storage.messages_between("#dev", numbers[6], numbers[2], 2)) == ["line 4", "line 5"]
+    assert storage.message_id_at(time.time() + 60) > numbers[-1]
+    assert [target for target, _ in storage.targets_since(time.time() - 60, 10)] == ["#ops", "#dev"]
+    storage = reopen(storage)
+    try:
+        assert [m.id for m in storage.latest_messages("#dev", 30)] == numbers
+    finally:
+        storage.close()
+
+
+def test_a_query_for_lines_before_an_id_in_a_room_of_a_million_uses_the_index(open_storage):
+    storage = open_storage(full_text=False)
+    base = storage.next_message_id()
+    with storage.lock:
+        storage.db.execute("BEGIN")
+        storage.db.executemany("INSERT INTO messages VALUES (?, ?, ?, 'alice', NULL, 0, 'hi')",
+                               ((base + n, 1_700_000_000_000 + n, "#big" if n % 10 else "#small")
+                                for n in range(1_000_000)))
+        storage.db.execute("COMMIT")
+        statements = []
+        storage.db.set_trace_callback(statements.append)
+    started = time.perf_counter()
+    found = storage.messages_before("#big", base + 500_000, 100)
+    took = time.perf_counter() - started
+    with storage.lock:
+        storage.db.set_trace_callback(None)
+        plan = " ".join(str(row) for row in storage.db.execute("EXPLAIN QUERY PLAN " + statements[-1]))
+    assert len(found) == 100 and found[-1].id == base + 499_999 and found[0].id < found[-1].id
+    assert "USING INDEX messages_by_target" in plan or "USING COVERING INDEX" in plan, plan
+    assert "SCAN" not in plan.replace("SCAN TABLE", "").split("USING")[0] or "SEARCH" in plan, plan
+    print(f"100 lines before an id in a room of 900,000: {took * 1000:.2f} ms")
+
+
+def test_a_guest_s_private_conversations_are_forgotten_at_the_next_start(open_storage):
+    storage = open_storage()
+    guest = server.private_target("alice", "guest/7", guest=True)
+    kept = server.private_target("bob", "alice", guest=False)
+    said(storage, guest, "to the guest")
+    said(storage, kept, "between accounts")
+    assert server.may_read(kept, "alice") and server.may_read(kept, "bob") and not server.may_read(kept, "carol")
+    assert server.may_read("#lobby", "guest/9") and not server.may_read(guest, "guest/8")
+    storage = reopen(storage)
+    try:
+        assert storage.latest_messages(guest, 10) == []
+        assert [m.text for m in storage.latest_messages(kept, 10)] == ["between accounts"]
+    finally:
+        storage.close()
+
+
+# -- search ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("full_text", [True, False], ids=["fts5", "scan"])
+def test_search_finds_every_word_in_what_the_asker_may_read_newest_last(open_storage, full_text):
+    storage = open_storage(full_text=full_text)
+    assert storage.full_text is full_text
+    said(storage, "#dev", "the release is on Friday", when=time.time() - 30 * 86400)
+    said(storage, "#dev", "friday it is: RELEASE")
+    said(storage, "#dev", "a release, some day")
+    said(storage, server.private_target("alice", "bob", False), "the secret release friday")
+    said(storage, "#ops", 'release "quoted" friday AND OR NEAR(')
+    found = storage.search("release friday", identity="carol")
+    assert [m.text for m in found] == ["the release is on Friday", "friday it is: RELEASE",
+                                       'release "quoted" friday AND OR NEAR(']
+    assert "the secret release friday" in [m.text for m in storage.search("release friday", identity="bob")]
+    assert [m.target for m in storage.search("friday", identity="carol", target="#ops")] == ["#ops"]
+    assert storage.search('NEAR( "', identity="carol") != [] and storage.search("   ", identity="carol") == []
+
+
+# -- retention ----------------------------------------------------------------------------------------------
+
+def test_retention_removes_lines_past_the_days_in_batches_and_keeps_the_rest(open_storage):
+    storage = open_storage(history_days=7)
+    now = time.time()
+    with storage.lock:
+        base = storage.next_message_id()
+        storage.db.executemany("INSERT INTO messages VALUES (?, ?, '#lobby', 'alice', NULL, 0, ?)",
+                               ((base + n, int((now - 10 * 86400) * 1000) + n, f"old {n}")
+                                for n in range(2 * server.RETENTION_BATCH + 5)))
+    for n in range(3):
+        said(storage, "#lobby", f"recent {n}", when=now - 86400)
+    assert storage._remove_old_lines(now) is True, "a batch at a time"
+    storage.maintain(now)
+    assert [m.text for m in storage.latest_messages("#lobby", 500)] == ["recent 0", "recent 1", "recent 2"]
+    assert storage.search("old", identity="alice") == [] and len(storage.search("recent", identity="x")) == 3
+
+
+def test_retention_by_size_removes_the_oldest_lines_until_the_database_fits(open_storage):
+    storage = open_storage(history_max_mb=1)
+    with storage.lock:
+        base = storage.next_message_id()
+        storage.db.executemany("INSERT INTO messages VALUES (?, ?, '#lobby', 'alice', NULL, 0, ?)",
+                               ((base + n, int(time.time() * 1000), f"{n:08d} " + "x" * 400) for n in range(8000)))
+    storage.maintain()
+    with storage.lock:
+        assert storage._size() <= 1024 * 1024
+    kept = storage.latest_messages("#lobby", 5)
+    assert kept and kept[-1].text.startswith("00007999")
+    assert storage.messages_after("#lobby", 0, 1)[0].id > base, "the oldest went first"
+
+
+def test_history_days_zero_keeps_no_line(open_storage):
+    storage = open_storage(history_days=0)
+    said(storage, "#lobby", "gone")
+    assert storage.latest_messages("#lobby", 10) == []
+
+
+# -- writing when the disk fails ------------------------------------------------------------------------------
+
+def test_a_line_that_cannot_be_written_is_kept_and_written_once_it_can_be(open_storage, caplog):
+    storage = open_storage()
+    with storage.lock:
+        storage.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages BEGIN "
+                           "SELECT RAISE(FAIL, 'database or disk is full'); END")
+    with caplog.at_level(logging.ERROR, logger="pychat"):
+        lost = [said(storage, "#lobby", f"while full {n}") for n in range(3)]
+    assert "chat lines cannot be written" in caplog.text
+    storage.maintain()
+    assert storage.latest_messages("#lobby", 10) == [], "still failing: still waiting"
+    with storage.lock:
+        storage.db.execute("DROP TRIGGER refuse")
+    storage.maintain()
+    assert [m.id for m in storage.latest_messages("#lobby", 10)] == lost
+    storage = reopen(storage)
+    try:
+        assert [m.text for m in storage.latest_messages("#lobby", 10)] == [f"while full {n}" for n in range(3)]
+    finally:
+        storage.close()
+
+
+def test_a_confirmed_change_that_fails_says_so_and_changes_nothing(open_storage):
+    storage = open_storage()
+    with storage.lock:
+        storage.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON accounts BEGIN "
+                           "SELECT RAISE(FAIL, 'database or disk is full'); END")
+    with pytest.raises(server.StorageError, match="could not be saved"):
+        storage.register("alice", PASSWORD)
+    assert storage.account_name("alice") is None
+
+
+# -- upgrading from 2.0's files -----------------------------------------------------------------------------
+
+def version_2_directory(data) -> dict:
+    """A data directory as pyChat 2.0 wrote it, with the damage a crash or a hand can leave."""
+    data.mkdir(mode=0o700)
+    (data / "lock").touch(mode=0o600)
+    key = server.name_key
+    salt = os.urandom(16)
+    account = {"name": "alice", "salt": salt.hex(), "hash": server.hash_password(PASSWORD, salt).hex(),
+               "n": 2 ** 14, "r": 8, "p": 1, "since": 1_700_000_000.0, "ignoring": ["troll"]}
+    now = time.time()
+    files = {
+        "accounts.jsonl": [{"key": key("alice"), "value": account},
+                           {"key": "bob", "value": dict(account, name="bob")},
+                           {"key": "bob", "deleted": True},
+                           {"key": "carol", "value": dict(account, name="carol", n=1000)}],
+        "operators.jsonl": [{"key": key("alice"), "value": {"name": "alice", "by": "--operator", "since": 1.0}}],
+        "invitations.jsonl": [{"key": "dave", "value": {"name": "dave", "code": "ab" * 32, "by": "alice",
+                                                        "expires": now + 3600}}],
+        "bans.jsonl": [{"key": "address:192.0.2.7", "value": {"kind": "address", "target": "192.0.2.7",
+                                                              "shown": "192.0.2.7", "reason": "spam", "by": "alice",
+                                                              "since": 1.0, "expires": None}},
+                       {"key": "address:x", "value": {"kind": "address"}}],
+        # 2.0 wrote "room" at first and "name" once it had rewritten the file: both are read.
+        "rooms.jsonl": [{"key": "lobby", "value": {"room": "lobby", "topic": "be nice", "modes": []}},
+                        {"key": "dev", "value": {"name": "dev", "topic": "ship it", "modes": ["topic-by-everyone"]}}],
+        "offline.jsonl": [{"key": key("alice") + "/1", "value": {"to": "alice", "from": "bob", "from_key": "bob",
+                                                       "time": 1_700_000_000.0, "text": "call me"}}],
+        "history.jsonl": [{"time": 1_700_000_000.0, "room": "lobby", "line": "alice: first"},
+                          {"time": 1_700_000_001.0, "room": "secret", "line": "alice: the plan"},
+                          {"room": "secret", "forget": True},
+                          {"time": 1_700_000_002.0, "room": "lobby", "line": "* bob waves"}],
+    }
+    for name, records in files.items():
+        with open(data / name, "w", encoding="utf-8") as file:
+            file.writelines(json.dumps(record) + "\n" for record in records)
+    with open(data / "history.jsonl", "ab") as file:
+        file.write(b'\xff\xfe not utf-8\n{"time": 1, "room": "lobby", "li')     # a crash's half line
+    return files
+
+
+def test_a_2_0_directory_is_imported_whole_once_and_its_files_kept_aside(open_storage, tmp_path, caplog):
+    data = tmp_path / "data"
+    files = version_2_directory(data)
+    with caplog.at_level(logging.INFO, logger="pychat"):
+        storage = open_storage(data)
+    assert "1 from accounts.jsonl" in caplog.text and "2 from history.jsonl" in caplog.text
+    assert "history.jsonl line 5: " in caplog.text and "accounts.jsonl line 4: " in caplog.text
+    for name in files:
+        assert not (data / name).exists() and (data / f"{name}.imported").exists()
+    for restart in range(3):
+        storage = reopen(storage)
+        assert storage.account_names() == ["alice"] and storage.verify_password("alice", PASSWORD)
+        assert storage.ignoring("alice") == ["troll"] and storage.operator_names() == ["alice"]
+        assert storage.invitation_waiting("dave") and storage.ban_for_address("192.0.2.7", time.time())
+        assert storage.room_settings("lobby").topic == "be nice"
+        assert storage.room_settings("dev") == ("ship it", ("topic-by-everyone",))
+        assert [m.text for m in storage.offline_waiting("alice")] == ["call me"]
+        lines = storage.latest_messages("#lobby", 10)
+        assert [(m.nick, m.kind, m.text) for m in lines] == [("alice", "line", "first"), ("bob", "action", "waves")]
+        assert storage.latest_messages("#secret", 10) == []
+    storage.close()
+
+
+def test_an_import_that_fails_leaves_the_directory_as_it_was_and_says_why(tmp_path):
+    data = tmp_path / "data"
+    version_2_directory(data)
+    (data / "rooms.jsonl").unlink()
+    (data / "rooms.jsonl").mkdir()      # not a file: the import cannot read it
+    before = sorted(os.listdir(data))
+    with pytest.raises(server.StorageError, match="cannot import pyChat 2.0's files .* the directory is as it was"):
+        server.Storage(str(data))
+    assert sorted(os.listdir(data)) == before
+
+
+# -- backups and checks ---------------------------------------------------------------------------------------
+
+def test_a_backup_made_while_lines_are_written_is_whole_and_opens(open_storage, tmp_path):
+    storage = open_storage()
+    storage.register("alice", PASSWORD)
+    stop = threading.Event()
+
+    def keep_talking() -> None:
+        for n in range(100_000):
+            if stop.is_set():
+                return
+            said(storage, "#lobby", f"line {n}")
+
+    talker = threading.Thread(target=keep_talking)
+    talker.start()
+    try:
+        while len(storage.latest_messages("#lobby", 500)) < 500:
+            time.sleep(0.01)
+        server.Storage.back_up(storage.directory, str(tmp_path / "copy.db"))
+    finally:
+        stop.set()
+        talker.join(10)
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    os.replace(tmp_path / "copy.db", restored / "pychat.db")
+    assert server.Storage.problems(str(restored)) == []
+    copy = open_storage(restored)
+    assert copy.verify_password("alice", PASSWORD)
+    texts = [m.text for m in copy.latest_messages("#lobby", 500)]
+    assert len(texts) == 500 and texts == [f"line {int(texts[0].split()[1]) + n}" for n in range(500)]
+    with pytest.raises(server.StorageError, match="exists already"):
+        server.Storage.back_up(storage.directory, str(restored / "pychat.db"))
+
+
+
+# -- passwords, durations and ban targets ----------------------------------------------------------------
 
 @pytest.mark.parametrize("password, why", [
     ("short", "too short"), ("x" * 300, "too long"), ("xxalicexx", "contains your nickname"),
@@ -265,36 +551,6 @@ def test_weak_or_overlong_passwords_are_refused_with_a_reason(password, why):
     assert problem is not None and why in problem, problem
     assert server.password_problem("correct horse", "alice") is None
 
-
-def test_an_account_record_edited_by_hand_is_refused_with_its_line(tmp_path, caplog):
-    path = tmp_path / "accounts.jsonl"
-    good = server.Accounts(server.RecordFile(str(path)))
-    good.register("alice", "correct horse")
-    good.store.close()
-    record = json.loads(path.read_text())
-    bad = [dict(record, key="bob"), {"key": "carol", "value": dict(record["value"], name="carol", n=1000)},
-           {"key": "dave", "value": dict(record["value"], name="dave", salt="zz")}]
-    with open(path, "a") as file:
-        file.writelines(json.dumps(line) + "\n" for line in bad)
-    with caplog.at_level(logging.WARNING, logger="pychat"):
-        accounts = server.Accounts(server.RecordFile(str(path)))
-    assert accounts.names() == ["alice"]
-    for line, why in ((2, "'alice' is filed under the key of another name"), (3, "'n' is not"), (4, "'salt' is not")):
-        assert f"line {line}: {why}" in caplog.text
-
-
-def test_an_invitation_code_works_for_its_name_until_it_is_used(tmp_path):
-    invitations = server.Invitations(server.RecordFile(str(tmp_path / "invitations.jsonl")))
-    code = invitations.create("dave", by="alice")
-    assert invitations.waiting("dave") and not invitations.waiting("erin")
-    assert not invitations.check("erin", code)
-    assert not invitations.check("dave", code + "x")
-    assert invitations.check("dave", f" {code.upper()} ")
-    assert invitations.remove("dave")
-    assert not invitations.check("dave", code) and not invitations.waiting("dave")
-
-
-# -- bans ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, seconds", [
     ("10m", 600), ("2h", 7200), ("7d", 604800), ("1w", 604800), ("1h30m", 5400), ("45s", 45),
@@ -344,34 +600,6 @@ def test_ipv6_addresses_are_counted_per_64_and_mapped_ipv4_as_ipv4():
     assert bucket("fe80::1%eth0") == "fe80::/64"
 
 
-def make_ban(kind: str, target: str, expires: float | None = None) -> object:
-    return server.Ban(kind, target, target, "spam", "alice", time.time(), expires)
-
-
-def test_bans_match_addresses_networks_and_accounts_until_they_expire(tmp_path):
-    path = str(tmp_path / "bans.jsonl")
-    bans = server.Bans(server.RecordFile(path))
-    now = time.time()
-    bans.add(make_ban("address", "192.0.2.7"))
-    bans.add(make_ban("network", "198.51.100.0/24", now + 60))
-    bans.add(make_ban("network", "2001:db8::/48"))
-    bans.add(make_ban("account", "troll", now + 1))
-    assert bans.for_address("192.0.2.7", now).target == "192.0.2.7"
-    assert bans.for_address("::ffff:192.0.2.7", now) is not None
-    assert bans.for_address("192.0.2.8", now) is None
-    assert bans.for_address("198.51.100.200", now).target == "198.51.100.0/24"
-    assert bans.for_address("198.51.100.200", now + 61) is None
-    assert bans.for_address("2001:db8:0:ffff::1", now) is not None
-    assert bans.for_address("2001:db9::1", now) is None
-    assert bans.for_account("TROLL", now) is not None and bans.for_account("troll", now + 2) is None
-    assert len(bans.all(now + 2)) == 3, "the expired ban was still listed"
-    reopened = server.Bans(server.RecordFile(path))
-    assert sorted(ban.key for ban in reopened.all(now)) == ["address:192.0.2.7", "network:198.51.100.0/24",
-                                                           "network:2001:db8::/48"]
-    assert reopened.remove("address:192.0.2.7") is not None
-    assert reopened.for_address("192.0.2.7", now) is None
-
-
 def test_a_ban_refusal_says_why_and_until_when():
     now = time.time()
     line = make_ban("address", "192.0.2.7", now + 7200).refusal(now)
@@ -379,67 +607,3 @@ def test_a_ban_refusal_says_why_and_until_when():
     assert "permanently" in make_ban("address", "192.0.2.7").refusal(now)
 
 
-# -- rooms and offline messages -------------------------------------------------------------------------
-
-def test_room_settings_are_saved_and_forgotten_when_nothing_is_set(tmp_path):
-    path = str(tmp_path / "rooms.jsonl")
-    rooms = server.RoomSettingsStore(server.RecordFile(path))
-    rooms.save("Dev", "release friday", ["invite-only"])
-    assert server.RoomSettingsStore(server.RecordFile(path)).load("dev") == ("release friday", ("invite-only",))
-    rooms.save("Dev", None, [])
-    assert server.RoomSettingsStore(server.RecordFile(path)).load("dev") is None
-
-
-def test_offline_messages_are_bounded_per_recipient_and_per_sender_and_delivered_once(tmp_path):
-    path = str(tmp_path / "offline.jsonl")
-    offline = server.OfflineMessages(server.RecordFile(path))
-    for n in range(server.MAX_OFFLINE_PER_SENDER):
-        offline.leave("bob", "alice", f"message {n}")
-    with pytest.raises(server.StoreFull) as refusal:
-        offline.leave("bob", "carol", "one too many")
-    assert "You have" in str(refusal.value)
-    for n in range(server.MAX_OFFLINE_PER_RECIPIENT - server.MAX_OFFLINE_PER_SENDER):
-        offline.leave(f"guest{n}", "alice", "hi")
-    with pytest.raises(server.StoreFull) as refusal:
-        offline.leave("dave", "alice", "full")
-    assert "alice has" in str(refusal.value)
-    taken = server.OfflineMessages(server.RecordFile(path)).take("ALICE")
-    assert [m.text for m in taken[:3]] == ["message 0", "message 1", "message 2"] and len(taken) == 20
-    assert server.OfflineMessages(server.RecordFile(path)).take("alice") == []
-
-
-def test_operators_named_at_start_are_kept_like_those_added_and_can_be_removed(tmp_path):
-    path = str(tmp_path / "operators.jsonl")
-    operators = server.Operators(server.RecordFile(path), ["Alice"])
-    operators.add("bob", by="Alice")
-    assert "alice" in operators and "BOB" in operators and "carol" not in operators
-    again = server.Operators(server.RecordFile(path), [])
-    assert again.names() == ["Alice", "bob"]
-    assert again.remove("alice") and again.names() == ["bob"]
-
-
-def test_an_account_keeps_its_ignore_list_through_a_password_change(tmp_path):
-    path = str(tmp_path / "accounts.jsonl")
-    accounts = server.Accounts(server.RecordFile(path))
-    accounts.register("alice", "correct horse")
-    accounts.set_ignoring("alice", ["mallory", "troll"])
-    accounts.set_password("alice", "another horse")
-    assert server.Accounts(server.RecordFile(path)).ignoring("ALICE") == ["mallory", "troll"]
-    assert accounts.ignoring("bob") == []
-
-
-def test_a_forgotten_room_stays_forgotten_across_a_reopen_and_without_a_file_nothing_is_kept(tmp_path):
-    path = tmp_path / "history.jsonl"
-    history = server.HistoryLog(server.RecordFile(str(path)), limit=5, keep="lobby")
-    history.append("secret", 1_700_000_000.0, "alice: the plan")
-    history.append("lobby", 1_700_000_001.0, "alice: hi")
-    history.forget("secret")
-    history.append("secret", 1_700_000_002.0, "bob: new start")
-    history.close()
-    reread = server.HistoryLog(server.RecordFile(str(path)), limit=5, keep="lobby")
-    assert dict(reread.rooms_and_lines()) == {"lobby": [(1_700_000_001.0, "alice: hi")],
-                                              "secret": [(1_700_000_002.0, "bob: new start")]}
-    assert "the plan" not in path.read_text()
-    memory_only = server.HistoryLog(None, limit=5, keep="lobby")
-    memory_only.append("lobby", 1_700_000_000.0, "alice: hi")
-    assert memory_only.rooms_and_lines() == []
