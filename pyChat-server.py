@@ -2132,7 +2132,7 @@ SEARCH_INDEX_BATCH = 5000         # lines added to the search index at once
 UNSAVED_LINES = 10_000            # chat lines that could not be written, kept in memory for another try
 SEARCH_RESULTS = 20               # lines /search shows at most
 SEARCH_SCAN_LINES = 200_000       # lines the search without an index looks through, the newest first
-HISTORY_PAGE = 500                # lines one history query returns at most
+SEARCH_PAGE = 500                 # lines the search without an index reads at once
 PRIVATE_TARGETS = ("@", "~")
 
 
@@ -3142,7 +3142,7 @@ class Storage:
     def _messages(self, where: str, parameters: tuple, newest_first: bool, limit: int) -> list[StoredMessage]:
         rows = self._query(f"SELECT id, time, target, nick, account, kind, text FROM messages WHERE {where} "
                            f"ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT ?",
-                           (*parameters, max(0, min(limit, HISTORY_PAGE))))
+                           (*parameters, max(0, limit)))
         found = []
         for row in rows:
             try:
@@ -3212,11 +3212,11 @@ class Storage:
         else:
             lowered = [term.casefold() for term in terms]
             below = self.newest_id + 1
-            for _ in range(SEARCH_SCAN_LINES // HISTORY_PAGE):
-                batch = self._messages("id<?", (below,), True, HISTORY_PAGE)
+            for _ in range(SEARCH_SCAN_LINES // SEARCH_PAGE):
+                batch = self._messages("id<?", (below,), True, SEARCH_PAGE)
                 found.extend(m for m in reversed(batch)
                              if readable(m) and all(term in m.text.casefold() for term in lowered))
-                if len(batch) < HISTORY_PAGE or len(found) >= limit:
+                if len(batch) < SEARCH_PAGE or len(found) >= limit:
                     break
                 below = batch[0].id
         return found[:limit][::-1]
