@@ -5179,6 +5179,12 @@ _CLIENT_TAG_KEY = re.compile(r"\+(?:[A-Za-z0-9.-]+/)?[A-Za-z0-9-]+")
 _TAG_VALUE_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
+def irc_number(text: str) -> int | None:
+    """TEXT as a whole number if it is written in ASCII digits, else None (str.isdigit() also takes
+    '²', which int() refuses)."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def irc_client_tags(tags: dict[str, str] | None) -> ClientTags:
     """The client-only tags ('+' keys: +typing, +draft/reply...) of a message from a client, to pass on
     to other clients; its other tags are the server's to give, and are dropped. Control characters
@@ -5211,8 +5217,9 @@ class IrcCapabilities:
             return [irc_numeric("ERR_NEEDMOREPARAMS", nick, "CAP")]
         subcommand = params[0].upper()
         if subcommand == "LS":
-            if len(params) > 1 and params[1].isdigit():
-                self.version = max(self.version, int(params[1]))
+            version = irc_number(params[1]) if len(params) > 1 else None
+            if version is not None:
+                self.version = max(self.version, version)
             self.negotiating = not registered
             offered = [name if value is None or self.version < 302 else f"{name}={value}"
                        for name, value in self.offered.items()]
@@ -5747,8 +5754,8 @@ def irc_list_wanted(argument: str) -> Callable[[commands.RoomInfo], bool] | None
     fit, and >N or <N people (the first LIST_FILTERS of them); None when there is none."""
     masks, unwanted, counts = [], [], []
     for item in [item for item in argument.casefold().split(",") if item][:LIST_FILTERS]:
-        if item[0] in "<>" and item[1:].isdigit():
-            counts.append((item[0], int(item[1:])))
+        if item[0] in "<>" and irc_number(item[1:]) is not None:
+            counts.append((item[0], irc_number(item[1:])))
         elif item.startswith("!"):
             unwanted.append(item[1:])
         else:
@@ -6172,7 +6179,9 @@ class IrcConnection(ClientConnection):
         if channels == "0":
             self.leave_every_room()
             return
-        for channel, key in itertools.zip_longest(channels.split(","), keys.split(",") if keys else ()):
+        names = channels.split(",")
+        # Keys past the last channel are for no channel: dropped, as other servers do.
+        for channel, key in itertools.zip_longest(names, keys.split(",")[:len(names)] if keys else ()):
             if not channel.startswith("#"):
                 self.send_irc(irc_numeric("ERR_NOSUCHCHANNEL", self.nick, channel,
                                           text="Channel names start with #"))
@@ -6312,7 +6321,7 @@ class IrcConnection(ClientConnection):
     def irc_whowas(self, nicks: str, count: str = "", *ignored: str) -> None:
         """Who had the nickname lately (they left, or took another), newest first; COUNT of them at most."""
         nick = nicks.split(",")[0]
-        gone = self.server.whowas(nick, int(count) if count.isdigit() else 0)
+        gone = self.server.whowas(nick, irc_number(count) or 0)
         if not gone:
             self.send_irc(irc_numeric("ERR_WASNOSUCHNICK", self.nick, nick))
         for them in gone:

@@ -230,3 +230,23 @@ def test_hundreds_of_irc_clients_register_at_once_and_chat_goes_on(start_server,
             sock.close()
     assert watch_for(bob, r"(?!)", 0.1) is None
     server.wait_for_log(rf"many{count - 1}@127\.0\.0\.1 left", timeout=10)
+
+
+@pytest.mark.parametrize("line", [
+    "JOIN #dev key1,key2",          # more keys than channels
+    "JOIN #dev,#ops k1,k2,k3,k4",
+    "WHOWAS somebody \u00b2",        # digits that are not 0-9: str.isdigit() says yes, int() says no
+    "LIST >\u00b2",
+    "CAP LS \u00b3\u00b2",
+])
+def test_odd_lists_and_numbers_in_irc_commands_get_answers_not_a_server_error(start_server, connect, irc_connect,
+                                                                             line):
+    server = start_server("--irc-port", "0")
+    bob = connect(server, "bob")
+    odd = irc_connect(server, "odd")
+    odd.send(line)
+    odd.send("PING :still-here")
+    odd.expect("PONG .*still-here")
+    odd.send("PRIVMSG #lobby :still talking")
+    bob.expect("odd: still talking")
+    assert not any(re.match(r"ERROR ", seen) for seen in odd.seen), f"{line!r} closed the link: {odd.seen[-5:]}"
