@@ -6680,9 +6680,19 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", problem)
         return 1
     # Before anyone is served or told the port: a SIGTERM from then on is a clean shutdown that says so.
-    stop_requested = threading.Event()
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signal_number, lambda number, frame: stop_requested.set())
+    # A SIGHUP (the terminal the server was started from closed, as at the end of an SSH session) is
+    # logged and otherwise ignored: by default it would kill the process at once, with no word to anyone.
+    # The handlers only note the signal; the main loop below acts on it, outside the signal handler.
+    signalled = threading.Event()
+    received: collections.deque[int] = collections.deque()
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+
+    def note_signal(number: int, frame: Any) -> None:
+        received.append(number)
+        signalled.set()
+
+    for signal_number in stop_signals + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()):
+        signal.signal(signal_number, note_signal)
     host, port = server.server_address[:2]
     # Printed even with -q: scripts and tests started with --port 0 read the port from it.
     print(f"pyChat {VERSION} listening on {host}:{port}", file=sys.stderr, flush=True)
@@ -6693,8 +6703,12 @@ def main(argv: list[str] | None = None) -> int:
                          daemon=True).start()
     serving = threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept", daemon=True)
     serving.start()
-    while not stop_requested.wait(1.0):
-        pass
+    while not any(number in stop_signals for number in received):
+        signalled.wait(1.0)
+        signalled.clear()
+        while received and received[0] not in stop_signals:
+            received.popleft()
+            log.warning("SIGHUP received: ignored; the server goes on (stop it with SIGTERM or Ctrl-C)")
     log.info("shutting down")
     server.stop()
     log.info("stopped")

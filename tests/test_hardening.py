@@ -13,6 +13,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -560,6 +561,18 @@ def test_sigterm_with_a_hundred_clients_some_stalled_exits_zero_within_seconds(s
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_sighup_is_logged_and_ignored_and_sigterm_still_stops_the_server(server, connect):
+    alice, bob = connect(server, "alice"), connect(server, "bob")
+    alice.expect(r"\*\*\* bob joined")
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"WARNING SIGHUP received: ignored")
+    bob.send("still here after the hangup")
+    alice.expect("bob: still here after the hangup")
+    assert server.process.poll() is None, f"the server exited on SIGHUP with {server.process.poll()}"
+    assert server.stop() == 0, "SIGTERM after a SIGHUP did not exit with status 0"
+    assert "*** Server shutting down." in alice.wait_closed(), "alice was not told of the shutdown"
 
 
 # -- the server password ------------------------------------------------------------------------
