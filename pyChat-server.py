@@ -4880,6 +4880,7 @@ IRC_SERVICE_NICK = "pyChat"             # /msg pyChat help: pyChat's slash-comma
 IRC_MAX_BODY_BYTES = 510                # a message without its tags and CR LF (RFC 1459: 512 with CR LF)
 IRC_MAX_TAG_BYTES = 8191                # the tag section, its '@' and the space after it included (IRCv3)
 IRC_MAX_PARAMS = 15
+IRC_MAX_TARGETS = 4                     # of one PRIVMSG, NOTICE or TAGMSG (005's TARGMAX)
 IRC_MAX_USERNAME = 10
 IRC_MAX_REALNAME = 50
 # Formatting codes (bold, colour, hex colour, reset, monospace, reverse, italic, strike, underline) are
@@ -5482,7 +5483,8 @@ def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
     tokens = [f"AWAYLEN={IRC_MAX_REASON}", "CASEMAPPING=ascii", "CHANMODES=,k,,int",
               f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}", "CHANTYPES=#", f"KICKLEN={IRC_MAX_REASON}",
               f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(o)@", "SAFELIST",
-              "TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:4,PART:,PRIVMSG:4,TAGMSG:4,WHOIS:1",
+              f"TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:{IRC_MAX_TARGETS},PART:,PRIVMSG:{IRC_MAX_TARGETS},"
+              f"TAGMSG:{IRC_MAX_TARGETS},WHOIS:1",
               f"TOPICLEN={IRC_MAX_REASON}", "UTF8ONLY", "ELIST=MNU", "WHOX", f"MONITOR={WATCH_LIMIT}", "BOT=B",
               f"NAMELEN={IRC_MAX_REALNAME}"]
     if options.rooms_per_person:
@@ -6105,12 +6107,27 @@ class IrcConnection(ClientConnection):
                 self.send_irc(irc_numeric("ERR_NOTEXTTOSEND", self.nick))
             return
         client_tags = irc_client_tags(self.tags_given)
-        for target in targets.split(",")[:4]:
+        for target in self.each_target(targets):
             try:
                 self.deliver(target, text, notice, client_tags)
             except Refused as refusal:
                 if not notice:
                     self.cannot_send(refusal, "PRIVMSG")
+
+    def each_target(self, targets: str) -> Iterator[str]:
+        """The targets of a PRIVMSG, NOTICE or TAGMSG (the first IRC_MAX_TARGETS), each once however it is
+        spelt. Each after the first costs a line of the flood allowance, as it would sent alone: a
+        line to four rooms is four lines; past the allowance the rest are dropped."""
+        seen: set[str] = set()
+        for target in targets.split(",")[:IRC_MAX_TARGETS]:
+            # A name too long to be anyone's is refused by deliver(), not worth normalising here.
+            key = target if len(target) > MAX_NICKNAME_LENGTH + 1 else name_key(normal_name(target))
+            if key in seen:
+                continue
+            if seen and not self.within_rate():
+                return
+            seen.add(key)
+            yield target
 
     def cannot_send(self, refusal: Refused, command: str) -> None:
         # Not in the channel: IRC's word is that you cannot send to it.
@@ -6156,7 +6173,7 @@ class IrcConnection(ClientConnection):
         if not client_tags:
             return              # nothing a client could show
         echo = "echo-message" in self.capabilities.enabled
-        for target in targets.split(",")[:4]:
+        for target in self.each_target(targets):
             if not target.startswith("#") and name_key(target) == IRC_SERVICE_KEY:
                 continue        # the service does not type back
             try:

@@ -82,6 +82,28 @@ def test_lines_over_the_rate_are_dropped_with_one_notice_and_a_flooder_is_discon
     bob.expect(re.escape("*** flooder quit (flooding)"))
 
 
+def test_each_target_of_a_privmsg_costs_a_line_of_the_allowance_and_a_repeated_one_is_sent_once(
+        start_server, connect, irc_connect):
+    # A burst of 6 that hardly refills: JOIN costs 1, the first PRIVMSG 3 (three rooms, one of them named
+    # twice), the second would cost 3 but has 2 left.
+    server = start_server("--irc-port", "0", "--rate", "0.01", "--burst", "6")
+    bob = connect(server, "bob")
+    for room in ("a", "b", "c"):
+        bob.send(f"/join {room}")
+        bob.expect(rf"\*\*\* You are in #{room}")
+    sender = irc_connect(server, "sender")
+    sender.send("JOIN #a,#b,#c")
+    sender.expect(r"366 sender #c ")
+    sender.send("PRIVMSG #a,#b,#A,#c :one")
+    sender.send("PRIVMSG #a,#b,#c :two")
+    sender.expect("NOTICE sender :You are sending too fast")
+    bob.send("marker")              # bob's own line comes back after everything queued to him before it
+    said = [line for line in bob.lines_until("bob: marker") if re.match(r"(#\w+ )?sender: (one|two)$", line)]
+    assert sorted(said) == sorted(["#a sender: one", "#b sender: one", "sender: one",
+                                   "#a sender: two", "#b sender: two"]), \
+        f"one line to four targets should cost four lines of the allowance, a repeated target once: {said}"
+
+
 def test_while_an_irc_user_floods_other_users_lines_arrive_within_a_second(start_server, connect):
     server = start_server("--irc-port", "0")
     alice = connect(server, "alice")
