@@ -3480,7 +3480,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         seconds by default); after ADDRESS_GUESSES of them the address
         must wait GUESS_WINDOW before trying again (TooManyGuesses). A try is
         counted before it is checked, so guesses sent at once over many
-        connections are counted too.
+        connections are counted too; a right one is then taken off the count,
+        and only it: a right password (the guesser's own, say) must not wipe
+        out the wrong ones made around it.
         """
         bucket = address_bucket(connection.address)
         now = time.monotonic()
@@ -3501,7 +3503,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
                                  f"{describe_duration(wait)}")
         if is_right():
             with self.lock:
-                self.failures.pop(bucket, None)
+                counted, counted_last = self.failures.get(bucket, (1, now))
+                if counted <= 1:
+                    self.failures.pop(bucket, None)
+                else:   # its own count undone, with the time of the last wrong one if no try came since
+                    self.failures[bucket] = (counted - 1, last if counted_last == now else counted_last)
             return True
         log.warning("wrong %s from %r (%d in a row)", what, connection, wrong + 1)
         time.sleep(self.options.guess_delay * min(wrong + 1, GUESS_DELAY_STEPS))
