@@ -1807,22 +1807,19 @@ class ClientConnection(socketserver.BaseRequestHandler):
         a nickname (Problem("")). On a --private server a name without an
         account needs an invitation code, and then a new password.
         """
-        data, now = self.server.data, time.time()
-        registered = data.accounts.name(nick)
+        registered = self.server.data.accounts.name(nick)
         if registered is None:
             return self.accept_invitation(normal_name(nick), lines) if self.server.options.private else None
-        ban = data.bans.for_account(registered, now)
-        if ban is not None:
-            self.output.send(Error(ban.refusal(now)))
-            raise Disconnect(f"banned account {registered}")
-        if not self.ask_secret(lines, registered, "password", lambda given: data.accounts.verify(registered, given)):
+        if not self.ask_secret(lines, registered, "password",
+                               lambda given: self.server.check_account(self, registered, given) is not None):
             return Problem("")
         return registered
 
-    def ask_secret(self, lines: Iterator[str | None], nick: str, what: str, is_right: Callable[[str], bool]) -> bool:
+    def ask_secret(self, lines: Iterator[str | None], nick: str, what: str, check: Callable[[str], bool]) -> bool:
         """Ask for NICK's WHAT ("password" or "code") until it is right (True) or the answer is empty (False).
 
-        Wrong answers count as guesses (ChatServer.check_secret); the third closes the connection.
+        CHECK says whether an answer is right, counting the wrong ones as guesses
+        (ChatServer.check_secret); the third closes the connection.
         """
         words = {"password": "password", "code": "invitation code"}[what]
         for tries in range(1, PASSWORD_TRIES + 1):
@@ -1831,7 +1828,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             if not given:
                 return False
             try:
-                if self.server.check_secret(self, f"{words} for {nick}", lambda: is_right(given)):
+                if check(given):
                     return True
             except TooManyGuesses as refusal:
                 raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
@@ -1846,7 +1843,8 @@ class ClientConnection(socketserver.BaseRequestHandler):
         if not named and not data.invitations.waiting(nick):
             return Problem("This server is private: only people with an account may sign in. "
                            "An operator can invite you with /invite-account.")
-        if not named and not self.ask_secret(lines, nick, "code", lambda given: data.invitations.check(nick, given)):
+        if not named and not self.ask_secret(lines, nick, "code", lambda given: self.server.check_secret(
+                self, f"invitation code for {nick}", lambda: data.invitations.check(nick, given))):
             return Problem("")
         while True:
             self.output.send(AccountPrompt(nick, "new password"))
@@ -3292,6 +3290,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.admitted = 0                                       # connections given a thread
         self.refusing = 0                                       # TLS refusals under way
         self.failures: dict[str, tuple[int, float]] = {}        # wrong secrets and the last one's time, by bucket
+        self.bans_made = 0                                      # bans made since the start (see sign_in)
         self.out_of_descriptors = False                         # accept() failed for want of one; logged once
         self.spare_descriptor: int | None = None                # given up to accept a newcomer just to tell them
         self.ignorers: dict[str, set[Person]] = {}              # who ignores each name_key(), if anyone
@@ -3513,6 +3512,30 @@ class ChatServer(socketserver.ThreadingTCPServer):
         time.sleep(self.options.guess_delay * min(wrong + 1, GUESS_DELAY_STEPS))
         return False
 
+    def check_account(self, connection: ClientConnection, name: str, password: str) -> str | None:
+        """The account NAME signs in to, if PASSWORD is its password; None if not (a wrong guess, also when
+        there is no such account).
+
+        The one order for every door: the password first, within the limits on
+        guessing (check_secret), and only then the ban (refuse_banned), so that
+        a ban and its reason are told only to whoever knows the password.
+        """
+        account = self.data.accounts.name(name)
+        if not self.check_secret(connection, f"password for {account or name}",
+                                 lambda: account is not None and self.data.accounts.verify(account, password)):
+            return None
+        self.refuse_banned(connection, account)
+        return account
+
+    def refuse_banned(self, connection: ClientConnection, account: str | None) -> None:
+        """Raise Disconnect, with the ban's words for the person, if a ban keeps out CONNECTION's address (or
+        a network it is in) or ACCOUNT."""
+        now = time.time()
+        bans = self.data.bans
+        ban = bans.for_address(connection.address, now) or (bans.for_account(account, now) if account else None)
+        if ban is not None:
+            raise Disconnect(f"banned ({ban.kind} {ban.shown})", Banned(ban.by, ban.how_long(now), ban.reason))
+
     # -- signing in and out ----------------------------------------------------------
 
     def sign_in(self, connection: ClientConnection, nick: str, account: str | None = None,
@@ -3524,11 +3547,20 @@ class ChatServer(socketserver.ThreadingTCPServer):
         name over from a connection that still holds it. Either all of it
         happens or none: a failure on the way in takes the person out again
         through the same door as leaving.
+
+        Bans are looked at here, at the moment of signing in, whichever door and
+        however long ago the connection was opened (raises Disconnect). A ban
+        made meanwhile either finds the person among people (ban()) or moved
+        `bans_made`, and is then looked for again, under the lock.
         """
         nick = normal_name(nick)
         motd = self.motd.lines()
         ignoring = self.data.accounts.ignoring(account) if account else []
+        bans_seen = self.bans_made
+        self.refuse_banned(connection, account)
         with self.lock:
+            if self.bans_made != bans_seen:
+                self.refuse_banned(connection, account)
             taken = self.people.get(name_key(nick))
             if taken is not None and account is not None and taken.key == name_key(account):
                 taken.output.end("signed in again somewhere else", SignedInElsewhere())
@@ -4419,6 +4451,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         except (StoreFull, StorageError) as problem:
             raise Refused(str(problem)) from None
         with self.lock:
+            self.bans_made += 1
             banned = [person for person in self.people.values() if self._bans(ban, person)]
         how_long = ban.how_long(time.time())
         for person in banned:
@@ -6006,21 +6039,14 @@ class IrcConnection(ClientConnection):
             self.send_irc(reply)
         if credentials is None:
             return
-        accounts, now = self.server.data.accounts, time.time()
-        account = accounts.name(credentials[0])
         try:
-            right = self.server.check_secret(self, f"password for {account or credentials[0]}",
-                                             lambda: account is not None and accounts.verify(account, credentials[1]))
+            account = self.server.check_account(self, credentials[0], credentials[1])
         except TooManyGuesses as refusal:
             self.send_irc(irc_numeric("ERR_SASLFAIL", nick, text=str(refusal)))
             raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
-        if not right:
+        if account is None:
             self.send_irc(irc_numeric("ERR_SASLFAIL", nick))
             return
-        ban = self.server.data.bans.for_account(account, now)
-        if ban is not None:
-            self.send_irc(irc_numeric("ERR_SASLFAIL", nick, text=ban.refusal(now)))
-            raise Disconnect(f"banned account {account}", Farewell(ban.refusal(now)))
         self.account = account
         self.send_irc(irc_numeric("RPL_LOGGEDIN", nick, irc_source(nick), account,
                                   text=f"You are now logged in as {account}"))
