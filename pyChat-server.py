@@ -3158,7 +3158,7 @@ class Person:
         self.muted = False
         self.ignoring: set[str] = set()         # name keys
         self.last_private_from: int | None = None   # a serial: nothing of a sender who left stays reachable
-        self.invited_to: set[str] = set()       # room keys
+        self.invited_to: dict[str, int] = {}    # room key -> the Room.life the invitation is for
         self.seen: dict[str, int] = {}          # room key -> history position when they left it
         self.listing = TokenBucket(LISTING_RATE, LISTING_BURST)
         self.quit_message = False               # they left with /quit and words of their own
@@ -3212,9 +3212,14 @@ class WhoEntry(NamedTuple):
 class Room:
     """A room: its members (grouped by how lines reach them), settings, operators and last lines."""
 
+    # Numbers each life of a room, from its opening until it empties, for every room: an invitation holds
+    # to the life it was made in (Person.invited_to). Drawn under the server's lock.
+    lives = itertools.count(1)
+
     def __init__(self, name: str, history_lines: int) -> None:
         self.name = name
         self.key = name_key(name)
+        self.life = next(Room.lives)
         self.members: set[Person] = set()
         # Members' outputs by (protocol, whether the room is not their current one): a line to the room
         # is rendered once per group, not once per member.
@@ -3704,7 +3709,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             room.operators.add(person)          # whoever opens a room runs it
         room.members.add(person)
         person.rooms[room.key] = room
-        person.invited_to.discard(room.key)
+        person.invited_to.pop(room.key, None)
         room.last_used = time.monotonic()
         self._make_current(person, room)
         if not person.muted and len(room.members) <= ANNOUNCE_LIMIT:
@@ -3738,6 +3743,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person.seen[room.key] = self.said
             while len(person.seen) > MAX_ROOMS:
                 del person.seen[next(iter(person.seen))]
+        if not room.members:
+            room.life = next(Room.lives)        # its invitations end with it
         if not room.members and room.private:
             # A private room that empties forgets everything, so the next to open it sees nothing of it.
             room.password, room.invite_only, room.topic = None, False, None
@@ -3798,7 +3805,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if limit and len(person.rooms) >= limit:
                 raise Refused(f"You are in {len(person.rooms)} rooms, the most one may be in; /leave one first.",
                               "too-many-rooms", room=name)
-            if room is not None and room.members and not person.operator and room.key not in person.invited_to:
+            invited = room is not None and person.invited_to.get(room.key) == room.life
+            if room is not None and room.members and not person.operator and not invited:
                 if room.invite_only:
                     raise Refused(f"#{room.name} is invite-only; one of its operators can /invite you.",
                                   "invite-only", room=room.name)
@@ -3847,7 +3855,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if target in room.members:
                 raise Refused(f"{target.nick} is already in #{room.name}.", "they-are-in-room", room.name,
                               target.nick)
-            target.invited_to.add(room.key)
+            target.invited_to[room.key] = room.life
             if by.key not in target.ignoring:
                 target.output.send(Invited(room.name, by.nick))
             self._to_room(room, InvitedSomeone(room.name, by.nick, target.nick), skip=by)
