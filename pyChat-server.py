@@ -3788,7 +3788,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return room
 
     def join(self, person: Person, name: str, password: str | None = None) -> None:
-        """Enter the room NAME (creating it), or make it current if PERSON is in it already."""
+        """Enter the room NAME (creating it), or make it current if PERSON is in it already.
+
+        PASSWORD is the key a private room needs; whoever opens a room with one
+        (no one is in it) sets it as the room's key, as IRC does, and runs the room.
+        """
         name = room_name(name)
         problem = name_problem(name, "Room name")
         if problem:
@@ -3814,7 +3818,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
                         (password or "").encode("utf-8"), room.password.encode("utf-8")):
                     raise Refused(f"#{room.name} needs a key: /join #{room.name} KEY." if password is None
                                   else f"Wrong key for #{room.name}.", "bad-key", room=room.name)
-            self._enter(person, room or self.room_named(name))
+            room = room or self.room_named(name)
+            opening = not room.members
+            self._enter(person, room)
+            if not opening or password is None:
+                return
+            if room is self.lobby:
+                person.output.send(Error(f"#{room.name} is open to everyone; it cannot have a key."))
+                return
+            room.password = password
+            self._to_room(room, ModeChanged(room.name, person.nick, "key", "on"))
+            saved = self._room_to_save(room)
+        self._save_room(*saved)
 
     def leave(self, person: Person, name: str | None = None) -> None:
         """Leave the room NAME, or the current one; leaving the last one goes back to the lobby."""

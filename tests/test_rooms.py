@@ -240,6 +240,20 @@ def test_an_invitation_ends_with_the_room_it_was_for_and_opens_no_later_room_of_
     assert join(bob, "vault")[-1] == "*** You are in #vault with carol.", "carol's own invitation did not work"
 
 
+def test_opening_a_room_with_a_key_sets_the_key(chat):
+    alice, bob = chat("alice", "bob")
+    join(alice, "hideout", "hunter2")
+    alice.send("/mode")
+    lines = alice.lines_until("-- ")
+    assert lines == ["*** alice set a key on #hideout",
+                     "-- #hideout: key; open to all; topic by operators; operators: alice"], \
+        f"the key given when opening the room was not set: {lines}"
+    assert join(bob, "hideout")[-1] == "!! #hideout needs a key: /join #hideout KEY."
+    assert join(bob, "hideout", "hunter2")[-1] == "*** You are in #hideout with alice."
+    alice.send("/join lobby ignored-key")         # alice is in the lobby already: it only becomes current
+    alice.expect(r"\*\*\* Now talking in #lobby")
+
+
 # -- room operators -------------------------------------------------------------------------------------
 
 def test_room_operators_and_their_limits(op_server, connect):
