@@ -3702,9 +3702,17 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 room.topic_by_everyone = "topic-by-everyone" in saved.modes
         return room
 
+    def _present(self, person: Person) -> None:
+        """Refuse anything more for PERSON once they were taken out of the chat (they left, or their account
+        signed in again elsewhere), so that a command still running for them cannot put them back in a
+        room or a table: they would stay there, a member no one sees leave. Lock held."""
+        if self.by_serial.get(person.serial) is not person:
+            raise Refused("You are no longer in the chat.")
+
     def _enter(self, person: Person, room: Room) -> None:
         """Put PERSON in ROOM and make it current: the room is told, they see who is there, the topic and
         what they missed. Lock held."""
+        self._present(person)
         if not room.members and room is not self.lobby:
             room.operators.add(person)          # whoever opens a room runs it
         room.members.add(person)
@@ -3771,6 +3779,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def _member_room(self, person: Person, name: str | None) -> Room:
         """The room NAME (or the current one) that PERSON is in; refused otherwise. Lock held."""
+        self._present(person)
         if name is None:
             return person.current
         room = person.rooms.get(name_key(room_name(name)))
@@ -4081,6 +4090,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Change PERSON's nickname, by the same rules as signing in."""
         new_nick = normal_name(new_nick)
         with self.lock:
+            self._present(person)
             if person.muted:
                 raise Refused("You are muted; you cannot change your nickname.")
             problem = self.nickname_problem(new_nick, person)
@@ -4153,6 +4163,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         does), and the names past the limit, which are not watched."""
         watched, refused = [], []
         with self.lock:
+            self._present(person)
             for nick in nicks:
                 if len(nick) > MAX_NICKNAME_LENGTH:
                     continue            # no one's, and not worth normalising
@@ -4194,6 +4205,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         An account keeps the list, so that it applies to messages left while its owner is offline.
         """
         with self.lock:
+            self._present(person)
             target = self._find(nick)
             if target is person:
                 raise Refused("You cannot ignore yourself.")
