@@ -4630,7 +4630,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def who(self, viewer: Person, mask: str) -> list[WhoEntry]:
         """The people of the room '#ROOM', or those whose nickname fits MASK (a nickname, or a pattern in
         which * stands for any letters and ? for one), as VIEWER may know them, sorted by nickname. A
-        pattern leaves out the invisible who share no room with VIEWER; a nickname finds them."""
+        pattern leaves out the invisible who share no room with VIEWER; a nickname finds them. A pattern is
+        paid for by the people it is matched against, not by the few it finds: the search is the cost."""
         if mask.startswith("#"):
             with self.lock:
                 room = self._visible_room(viewer, mask)
@@ -4648,6 +4649,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if len(pattern.replace("*", "")) > MAX_NICKNAME_LENGTH:
                 return []               # more letters than any nickname has
             with self.lock:
+                self._charge(viewer, len(self.people), "WHO with a pattern")
                 everyone = list(self.people.values())
             # Matched outside the lock, which a mask against thousands of names would hold too long.
             fitting = [p for p in everyone if fits_pattern(pattern, p.nick.casefold())]
@@ -4655,7 +4657,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 people = [p for p in fitting if self.people.get(p.key) is p         # still here
                           and (not p.invisible or p is viewer or viewer.operator
                                or not viewer.rooms.keys().isdisjoint(p.rooms))]
-                self._charge(viewer, len(people), "WHO")
                 found = [self._who_entry(p, self._first_visible_room(viewer, p)) for p in people]
         return sorted(found, key=lambda entry: entry.nick.casefold())
 
@@ -4706,7 +4707,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         a second, so that hundreds asking for long lists cannot slow the chat. Lock held."""
         if not person.listing.allow(max(entries, 1)):
             wait = (min(entries, LISTING_BURST) - person.listing.tokens) / LISTING_RATE
-            raise Refused(f"{what} lists {entries} entries, more than you may ask for now; "
+            raise Refused(f"{what} goes through {entries} entries, more than you may ask for now; "
                           f"try again in {max(1, math.ceil(wait))} s.", "try-again")
 
     # -- delivery: events to the outputs of their receivers ----------------------------------

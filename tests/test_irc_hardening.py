@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT, IrcClient, irc_port, talk_until_cut_off, watch_for
+from conftest import TIMEOUT, IrcClient, irc_port, online_line, talk_until_cut_off, watch_for
 from test_hardening import Drain, memory_kib
 
 
@@ -272,3 +272,58 @@ def test_odd_lists_and_numbers_in_irc_commands_get_answers_not_a_server_error(st
     odd.send("PRIVMSG #lobby :still talking")
     bob.expect("odd: still talking")
     assert not any(re.match(r"ERROR ", seen) for seen in odd.seen), f"{line!r} closed the link: {odd.seen[-5:]}"
+
+
+def test_a_who_pattern_is_paid_for_by_everyone_it_searches_and_chat_goes_on_meanwhile(start_server, connect,
+                                                                                      irc_connect):
+    server = start_server("--irc-port", "0", "--max-per-ip", "0")
+    crowd: list[socket.socket] = []
+    try:
+        for n in range(150):                # signed in, never reading: what they are sent waits in the kernel
+            sock = socket.create_connection((server.host, server.port), timeout=TIMEOUT)
+            sock.sendall(f"crowd{n}\n".encode())
+            crowd.append(sock)
+        alice, bob = connect(server, "alice"), connect(server, "bob")
+        deadline = time.monotonic() + 10
+        while not online_line(bob).startswith("-- 152 online"):
+            assert time.monotonic() < deadline, f"the crowd did not sign in: {bob.seen[-1][:80]}"
+        searchers = [irc_connect(server, f"searcher{n}") for n in range(4)]
+        # A pattern that fits no one, matched against the 156 people online: three such searches spend most
+        # of the 500 entries one may list at once.
+        for searcher in searchers:
+            searcher.send_raw(b"WHO zzz*\r\n" * 8)
+        for searcher in searchers:
+            answers = [searcher.expect(r"(315|263) ") for _ in range(8)]
+            done = [answer for answer in answers if " 315 " in answer]
+            assert len(done) <= 4, (f"{len(done)} searches of 156 people in a row were let through, "
+                                    f"as if they cost only what they found: {answers}")
+        alice_reader, bob_reader = Drain(alice.sock, rb"^bob: ping (\d+)$"), Drain(bob.sock)
+        alice_reader.start()
+        bob_reader.start()
+        stop = threading.Event()
+
+        def search() -> None:           # each searcher at 3 a second, within the flood limit
+            while not stop.wait(0.33):
+                for searcher in searchers:
+                    searcher.send_raw(b"WHO *zz*\r\n")
+
+        searching = threading.Thread(target=search, daemon=True)
+        searching.start()
+        try:
+            delays = []
+            for n in range(12):
+                stop.wait(0.15)
+                sent = time.monotonic()
+                bob.sock.sendall(f"ping {n}\n".encode())
+                arrived = alice_reader.arrival(str(n).encode(), timeout=3)
+                assert arrived is not None, f"bob's line {n} did not reach alice within 3 s during the searches"
+                delays.append(arrived - sent)
+            assert max(delays) < 1.0, f"bob's lines took up to {max(delays):.2f} s to reach alice during the searches"
+        finally:
+            stop.set()
+            searching.join(5)
+            alice_reader.stop()
+            bob_reader.stop()
+    finally:
+        for sock in crowd:
+            sock.close()
