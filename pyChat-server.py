@@ -308,15 +308,22 @@ class LineReader:
     the limit comes out as None, once, and its bytes are dropped as they arrive.
     The limit holds for the text as it will be sent on: an invalid byte
     becomes U+FFFD, and counts as the three bytes that takes in UTF-8.
+
+    A reader may be told to take MOST lines of what is fed at most: the
+    complete lines after those are dropped without being split or decoded
+    (64 KiB of bare newlines is 65,536 lines), and counted in `dropped`.
     """
 
     def __init__(self, max_bytes: int = MAX_LINE_BYTES) -> None:
         self.max_bytes = max_bytes
         self.partial = bytearray()
         self.discarding = False
+        self.dropped = 0                # complete lines the last feed() left out, past its MOST
 
-    def feed(self, data: bytes) -> list[str | None]:
+    def feed(self, data: bytes, most: int = -1) -> list[str | None]:
+        """The complete lines in what came so far with DATA, MOST of them at most (-1: all)."""
         lines: list[str | None] = []
+        self.dropped = 0
         if self.discarding:
             end = data.find(b"\n")
             if end < 0:
@@ -325,7 +332,11 @@ class LineReader:
             self.discarding = False
         self.partial += data
         if b"\n" in data:
-            *complete, rest = self.partial.split(b"\n")
+            *complete, rest = self.partial.split(b"\n", most)
+            if len(complete) == most and b"\n" in rest:
+                end = rest.rfind(b"\n") + 1
+                self.dropped = rest.count(b"\n", 0, end)
+                rest = rest[end:]
             self.partial = bytearray(rest)
             for raw in complete:
                 if raw.endswith(b"\r"):
@@ -1687,6 +1698,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)
         self.flood_excess = 0.0
         self.flood_warned = False
+        self.flooded = False                # sent far more lines at once than flood control lets through
         self.connected = self.last_heard = time.monotonic()
         self.server.register(self)
         self.sock.setblocking(False)
@@ -1908,6 +1920,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
                 return
         if not unread:
             self.unread = ()
+            self.end_if_flooded()
 
     def run_waiting_command(self) -> None:
         """(a worker) Run the command the switchboard left and handle what came after it, then give the
@@ -1947,13 +1960,38 @@ class ClientConnection(socketserver.BaseRequestHandler):
         now = time.monotonic()
         # Refused lines drain away at the allowed rate; a pile of them means a flood, not a paste.
         self.flood_excess = max(0.0, self.flood_excess - (now - self.bucket.updated) * self.bucket.rate) + 1
-        if self.flood_excess > 2 * self.bucket.burst + 10:
-            raise Disconnect("flooding", Farewell(f"flooding (more than {self.bucket.rate:g} lines a second)"))
+        if self.flood_excess > self.flood_margin():
+            self.flooded = True
+            self.end_if_flooded()
         if not self.flood_warned:
             self.flood_warned = True
             self.output.send(Error(f"You are sending too fast (limit {self.bucket.rate:g} lines a second); "
                                    "lines are being dropped."))
         return False
+
+    def end_if_flooded(self) -> None:
+        """Raise Disconnect if this connection flooded: refused lines piled up past the flood margin, or one
+        read held more lines than flood control would have taken (lines_allowed()). In that case the
+        lines it took are handled first, and this is called when they are."""
+        if self.flooded:
+            raise Disconnect("flooding", Farewell(f"flooding (more than {self.bucket.rate:g} lines a second)"))
+
+    def flood_margin(self) -> float:
+        """How many refused lines, draining away at the rate, make a flood rather than a paste."""
+        return 2 * self.bucket.burst + 10
+
+    def lines_allowed(self) -> int:
+        """How many lines flood control would take from this connection now before cutting it off: the
+        allowed ones, then the refused ones up to the flood margin; -1 without flood control. Lines that
+        come at once past these are not even split (LineReader): the switchboard's work for one
+        connection is bounded by what that connection is allowed."""
+        bucket = self.bucket
+        if not bucket.rate:
+            return -1
+        drained = (time.monotonic() - bucket.updated) * bucket.rate
+        tokens = min(bucket.burst, bucket.tokens + drained)
+        excess = max(0.0, self.flood_excess - drained)
+        return int(tokens) + int(max(0.0, self.flood_margin() - excess)) + 1
 
     # -- input --------------------------------------------------------------
 
@@ -1975,8 +2013,10 @@ class ClientConnection(socketserver.BaseRequestHandler):
     def receive(self) -> bool:
         """Read what has come into `unread`; False if nothing had.
 
-        Raises Disconnect when the connection is lost or closed.
+        Raises Disconnect when the connection is lost or closed, or sent far more
+        lines than flood control lets through (see lines_allowed()).
         """
+        self.end_if_flooded()
         try:
             with self.output.io_lock:
                 data = self.sock.recv(RECEIVE_SIZE)
@@ -1989,7 +2029,8 @@ class ClientConnection(socketserver.BaseRequestHandler):
                 raise Disconnect("server shutting down", ShuttingDown())
             raise Disconnect("connection closed")
         self.last_heard = time.monotonic()
-        lines = self.lines.feed(data)
+        lines = self.lines.feed(data, self.lines_allowed())
+        self.flooded = self.flooded or self.lines.dropped > 0
         if self.unread:
             self.unread.extend(lines)
         elif lines:
