@@ -1698,7 +1698,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)
         self.flood_excess = 0.0
         self.flood_warned = False
-        self.flooded = False                # sent far more lines at once than flood control lets through
+        self.flooded = False                # flood control cut it off; it ends once the lines it took are handled
         self.connected = self.last_heard = time.monotonic()
         self.server.register(self)
         self.sock.setblocking(False)
