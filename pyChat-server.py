@@ -4690,7 +4690,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if len(pattern.replace("*", "")) > MAX_NICKNAME_LENGTH:
                 return []               # more letters than any nickname has
             with self.lock:
-                self._charge(viewer, len(self.people), "WHO with a pattern")
+                self._charge(viewer, len(self.people), "WHO with a pattern (matched against everyone online)")
                 everyone = list(self.people.values())
             # Matched outside the lock, which a mask against thousands of names would hold too long.
             fitting = [p for p in everyone if fits_pattern(pattern, p.nick.casefold())]
@@ -4748,7 +4748,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         a second, so that hundreds asking for long lists cannot slow the chat. Lock held."""
         if not person.listing.allow(max(entries, 1)):
             wait = (min(entries, LISTING_BURST) - person.listing.tokens) / LISTING_RATE
-            raise Refused(f"{what} goes through {entries} entries, more than you may ask for now; "
+            raise Refused(f"{what} lists {entries} entries, more than you may ask for now; "
                           f"try again in {max(1, math.ceil(wait))} s.", "try-again")
 
     # -- delivery: events to the outputs of their receivers ----------------------------------
