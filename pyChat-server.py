@@ -317,15 +317,22 @@ class LineReader:
     the limit comes out as None, once, and its bytes are dropped as they arrive.
     The limit holds for the text as it will be sent on: an invalid byte
     becomes U+FFFD, and counts as the three bytes that takes in UTF-8.
+
+    A reader may be told to take MOST lines of what is fed at most: the
+    complete lines after those are dropped without being split or decoded
+    (64 KiB of bare newlines is 65,536 lines), and counted in `dropped`.
     """
 
     def __init__(self, max_bytes: int = MAX_LINE_BYTES) -> None:
         self.max_bytes = max_bytes
         self.partial = bytearray()
         self.discarding = False
+        self.dropped = 0                # complete lines the last feed() left out, past its MOST
 
-    def feed(self, data: bytes) -> list[str | None]:
+    def feed(self, data: bytes, most: int = -1) -> list[str | None]:
+        """The complete lines in what came so far with DATA, MOST of them at most (-1: all)."""
         lines: list[str | None] = []
+        self.dropped = 0
         if self.discarding:
             end = data.find(b"\n")
             if end < 0:
@@ -334,7 +341,11 @@ class LineReader:
             self.discarding = False
         self.partial += data
         if b"\n" in data:
-            *complete, rest = self.partial.split(b"\n")
+            *complete, rest = self.partial.split(b"\n", most)
+            if len(complete) == most and b"\n" in rest:
+                end = rest.rfind(b"\n") + 1
+                self.dropped = rest.count(b"\n", 0, end)
+                rest = rest[end:]
             self.partial = bytearray(rest)
             for raw in complete:
                 if raw.endswith(b"\r"):
@@ -1696,6 +1707,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.bucket = TokenBucket(self.server.options.rate, self.server.options.burst)
         self.flood_excess = 0.0
         self.flood_warned = False
+        self.flooded = False                # flood control cut it off; it ends once the lines it took are handled
         self.connected = self.last_heard = time.monotonic()
         self.server.register(self)
         self.sock.setblocking(False)
@@ -1816,22 +1828,19 @@ class ClientConnection(socketserver.BaseRequestHandler):
         a nickname (Problem("")). On a --private server a name without an
         account needs an invitation code, and then a new password.
         """
-        storage, now = self.server.storage, time.time()
-        registered = storage.account_name(nick)
+        registered = self.server.storage.account_name(nick)
         if registered is None:
             return self.accept_invitation(normal_name(nick), lines) if self.server.options.private else None
-        ban = storage.ban_for_account(registered, now)
-        if ban is not None:
-            self.output.send(Error(ban.refusal(now)))
-            raise Disconnect(f"banned account {registered}")
-        if not self.ask_secret(lines, registered, "password", lambda given: storage.verify_password(registered, given)):
+        if not self.ask_secret(lines, registered, "password",
+                               lambda given: self.server.check_account(self, registered, given) is not None):
             return Problem("")
         return registered
 
-    def ask_secret(self, lines: Iterator[str | None], nick: str, what: str, is_right: Callable[[str], bool]) -> bool:
+    def ask_secret(self, lines: Iterator[str | None], nick: str, what: str, check: Callable[[str], bool]) -> bool:
         """Ask for NICK's WHAT ("password" or "code") until it is right (True) or the answer is empty (False).
 
-        Wrong answers count as guesses (ChatServer.check_secret); the third closes the connection.
+        CHECK says whether an answer is right, counting the wrong ones as guesses
+        (ChatServer.check_secret); the third closes the connection.
         """
         words = {"password": "password", "code": "invitation code"}[what]
         for tries in range(1, PASSWORD_TRIES + 1):
@@ -1840,7 +1849,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             if not given:
                 return False
             try:
-                if self.server.check_secret(self, f"{words} for {nick}", lambda: is_right(given)):
+                if check(given):
                     return True
             except TooManyGuesses as refusal:
                 raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
@@ -1855,7 +1864,8 @@ class ClientConnection(socketserver.BaseRequestHandler):
         if not named and not storage.invitation_waiting(nick):
             return Problem("This server is private: only people with an account may sign in. "
                            "An operator can invite you with /invite-account.")
-        if not named and not self.ask_secret(lines, nick, "code", lambda given: storage.invitation_matches(nick, given)):
+        if not named and not self.ask_secret(lines, nick, "code", lambda given: self.server.check_secret(
+                self, f"invitation code for {nick}", lambda: storage.invitation_matches(nick, given))):
             return Problem("")
         while True:
             self.output.send(AccountPrompt(nick, "new password"))
@@ -1919,6 +1929,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
                 return
         if not unread:
             self.unread = ()
+            self.end_if_flooded()
 
     def run_waiting_command(self) -> None:
         """(a worker) Run the command the switchboard left and handle what came after it, then give the
@@ -1958,13 +1969,38 @@ class ClientConnection(socketserver.BaseRequestHandler):
         now = time.monotonic()
         # Refused lines drain away at the allowed rate; a pile of them means a flood, not a paste.
         self.flood_excess = max(0.0, self.flood_excess - (now - self.bucket.updated) * self.bucket.rate) + 1
-        if self.flood_excess > 2 * self.bucket.burst + 10:
-            raise Disconnect("flooding", Farewell(f"flooding (more than {self.bucket.rate:g} lines a second)"))
+        if self.flood_excess > self.flood_margin():
+            self.flooded = True
+            self.end_if_flooded()
         if not self.flood_warned:
             self.flood_warned = True
             self.output.send(Error(f"You are sending too fast (limit {self.bucket.rate:g} lines a second); "
                                    "lines are being dropped."))
         return False
+
+    def end_if_flooded(self) -> None:
+        """Raise Disconnect if this connection flooded: refused lines piled up past the flood margin, or one
+        read held more lines than flood control would have taken (lines_allowed()). In that case the
+        lines it took are handled first, and this is called when they are."""
+        if self.flooded:
+            raise Disconnect("flooding", Farewell(f"flooding (more than {self.bucket.rate:g} lines a second)"))
+
+    def flood_margin(self) -> float:
+        """How many refused lines, draining away at the rate, make a flood rather than a paste."""
+        return 2 * self.bucket.burst + 10
+
+    def lines_allowed(self) -> int:
+        """How many lines flood control would take from this connection now before cutting it off: the
+        allowed ones, then the refused ones up to the flood margin; -1 without flood control. Lines that
+        come at once past these are not even split (LineReader): the switchboard's work for one
+        connection is bounded by what that connection is allowed."""
+        bucket = self.bucket
+        if not bucket.rate:
+            return -1
+        drained = (time.monotonic() - bucket.updated) * bucket.rate
+        tokens = min(bucket.burst, bucket.tokens + drained)
+        excess = max(0.0, self.flood_excess - drained)
+        return int(tokens) + int(max(0.0, self.flood_margin() - excess)) + 1
 
     # -- input --------------------------------------------------------------
 
@@ -1986,8 +2022,10 @@ class ClientConnection(socketserver.BaseRequestHandler):
     def receive(self) -> bool:
         """Read what has come into `unread`; False if nothing had.
 
-        Raises Disconnect when the connection is lost or closed.
+        Raises Disconnect when the connection is lost or closed, or sent far more
+        lines than flood control lets through (see lines_allowed()).
         """
+        self.end_if_flooded()
         try:
             with self.output.io_lock:
                 data = self.sock.recv(RECEIVE_SIZE)
@@ -2000,7 +2038,8 @@ class ClientConnection(socketserver.BaseRequestHandler):
                 raise Disconnect("server shutting down", ShuttingDown())
             raise Disconnect("connection closed")
         self.last_heard = time.monotonic()
-        lines = self.lines.feed(data)
+        lines = self.lines.feed(data, self.lines_allowed())
+        self.flooded = self.flooded or self.lines.dropped > 0
         if self.unread:
             self.unread.extend(lines)
         elif lines:
@@ -3447,7 +3486,7 @@ class Person:
         self.muted = False
         self.ignoring: set[str] = set()         # name keys
         self.last_private_from: int | None = None   # a serial: nothing of a sender who left stays reachable
-        self.invited_to: set[str] = set()       # room keys
+        self.invited_to: dict[str, int] = {}    # room key -> the Room.life the invitation is for
         self.seen: dict[str, int] = {}          # room key -> history position when they left it
         self.listing = TokenBucket(LISTING_RATE, LISTING_BURST)
         self.quit_message = False               # they left with /quit and words of their own
@@ -3507,9 +3546,14 @@ class WhoEntry(NamedTuple):
 class Room:
     """A room: its members (grouped by how lines reach them), settings, operators and last lines."""
 
+    # Numbers each life of a room, from its opening until it empties, for every room: an invitation holds
+    # to the life it was made in (Person.invited_to). Drawn under the server's lock.
+    lives = itertools.count(1)
+
     def __init__(self, name: str, history_lines: int) -> None:
         self.name = name
         self.key = name_key(name)
+        self.life = next(Room.lives)
         self.members: set[Person] = set()
         # Members' outputs by (protocol, whether the room is not their current one): a line to the room
         # is rendered once per group, not once per member.
@@ -3584,6 +3628,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.admitted = 0                                       # connections given a thread
         self.refusing = 0                                       # TLS refusals under way
         self.failures: dict[str, tuple[int, float]] = {}        # wrong secrets and the last one's time, by bucket
+        self.bans_made = 0                                      # bans made since the start (see sign_in)
         self.out_of_descriptors = False                         # accept() failed for want of one; logged once
         self.spare_descriptor: int | None = None                # given up to accept a newcomer just to tell them
         self.ignorers: dict[str, set[Person]] = {}              # who ignores each name_key(), if anyone
@@ -3765,7 +3810,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         seconds by default); after ADDRESS_GUESSES of them the address
         must wait GUESS_WINDOW before trying again (TooManyGuesses). A try is
         counted before it is checked, so guesses sent at once over many
-        connections are counted too.
+        connections are counted too; a right one is then taken off the count,
+        and only it: a right password (the guesser's own, say) must not wipe
+        out the wrong ones made around it.
         """
         bucket = address_bucket(connection.address)
         now = time.monotonic()
@@ -3786,11 +3833,39 @@ class ChatServer(socketserver.ThreadingTCPServer):
                                  f"{describe_duration(wait)}")
         if is_right():
             with self.lock:
-                self.failures.pop(bucket, None)
+                counted, counted_last = self.failures.get(bucket, (1, now))
+                if counted <= 1:
+                    self.failures.pop(bucket, None)
+                else:   # its own count undone, with the time of the last wrong one if no try came since
+                    self.failures[bucket] = (counted - 1, last if counted_last == now else counted_last)
             return True
         log.warning("wrong %s from %r (%d in a row)", what, connection, wrong + 1)
         time.sleep(self.options.guess_delay * min(wrong + 1, GUESS_DELAY_STEPS))
         return False
+
+    def check_account(self, connection: ClientConnection, name: str, password: str) -> str | None:
+        """The account NAME signs in to, if PASSWORD is its password; None if not (a wrong guess, also when
+        there is no such account).
+
+        The one order for every door: the password first, within the limits on
+        guessing (check_secret), and only then the ban (refuse_banned), so that
+        a ban and its reason are told only to whoever knows the password.
+        """
+        account = self.storage.account_name(name)
+        if not self.check_secret(connection, f"password for {account or name}",
+                                 lambda: account is not None and self.storage.verify_password(account, password)):
+            return None
+        self.refuse_banned(connection, account)
+        return account
+
+    def refuse_banned(self, connection: ClientConnection, account: str | None) -> None:
+        """Raise Disconnect, with the ban's words for the person, if a ban keeps out CONNECTION's address (or
+        a network it is in) or ACCOUNT."""
+        now = time.time()
+        ban = self.storage.ban_for_address(connection.address, now) or \
+            (self.storage.ban_for_account(account, now) if account else None)
+        if ban is not None:
+            raise Disconnect(f"banned ({ban.kind} {ban.shown})", Banned(ban.by, ban.how_long(now), ban.reason))
 
     # -- signing in and out ----------------------------------------------------------
 
@@ -3803,11 +3878,20 @@ class ChatServer(socketserver.ThreadingTCPServer):
         name over from a connection that still holds it. Either all of it
         happens or none: a failure on the way in takes the person out again
         through the same door as leaving.
+
+        Bans are looked at here, at the moment of signing in, whichever door and
+        however long ago the connection was opened (raises Disconnect). A ban
+        made meanwhile either finds the person among people (ban()) or moved
+        `bans_made`, and is then looked for again, under the lock.
         """
         nick = normal_name(nick)
         motd = self.motd.lines()
         ignoring = self.storage.ignoring(account) if account else []
+        bans_seen = self.bans_made
+        self.refuse_banned(connection, account)
         with self.lock:
+            if self.bans_made != bans_seen:
+                self.refuse_banned(connection, account)
             taken = self.people.get(name_key(nick))
             if taken is not None and account is not None and taken.key == name_key(account):
                 taken.output.end("signed in again somewhere else", SignedInElsewhere())
@@ -3949,14 +4033,22 @@ class ChatServer(socketserver.ThreadingTCPServer):
                                     self.storage.latest_messages(room_target(name), self.options.history))
         return room
 
+    def _present(self, person: Person) -> None:
+        """Refuse anything more for PERSON once they were taken out of the chat (they left, or their account
+        signed in again elsewhere), so that a command still running for them cannot put them back in a
+        room or a table: they would stay there, a member no one sees leave. Lock held."""
+        if self.by_serial.get(person.serial) is not person:
+            raise Refused("You are no longer in the chat.")
+
     def _enter(self, person: Person, room: Room) -> None:
         """Put PERSON in ROOM and make it current: the room is told, they see who is there, the topic and
         what they missed. Lock held."""
+        self._present(person)
         if not room.members and room is not self.lobby:
             room.operators.add(person)          # whoever opens a room runs it
         room.members.add(person)
         person.rooms[room.key] = room
-        person.invited_to.discard(room.key)
+        person.invited_to.pop(room.key, None)
         room.last_used = time.monotonic()
         self._make_current(person, room)
         if not person.muted and len(room.members) <= ANNOUNCE_LIMIT:
@@ -3990,6 +4082,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person.seen[room.key] = room.history[-1][0] if room.history else 0
             while len(person.seen) > MAX_ROOMS:
                 del person.seen[next(iter(person.seen))]
+        if not room.members:
+            room.life = next(Room.lives)        # its invitations end with it
         if not room.members and room.private:
             # A private room that empties forgets everything, so the next to open it sees nothing of it.
             room.password, room.invite_only, room.topic = None, False, None
@@ -4015,6 +4109,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def _member_room(self, person: Person, name: str | None) -> Room:
         """The room NAME (or the current one) that PERSON is in; refused otherwise. Lock held."""
+        self._present(person)
         if name is None:
             return person.current
         room = person.rooms.get(name_key(room_name(name)))
@@ -4032,7 +4127,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return room
 
     def join(self, person: Person, name: str, password: str | None = None) -> None:
-        """Enter the room NAME (creating it), or make it current if PERSON is in it already."""
+        """Enter the room NAME (creating it), or make it current if PERSON is in it already.
+
+        PASSWORD is the key a private room needs; whoever opens a room with one
+        (no one is in it) sets it as the room's key, as IRC does, and runs the room.
+        """
         name = room_name(name)
         problem = name_problem(name, "Room name")
         if problem:
@@ -4049,7 +4148,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if limit and len(person.rooms) >= limit:
                 raise Refused(f"You are in {len(person.rooms)} rooms, the most one may be in; /leave one first.",
                               "too-many-rooms", room=name)
-            if room is not None and room.members and not person.operator and room.key not in person.invited_to:
+            invited = room is not None and person.invited_to.get(room.key) == room.life
+            if room is not None and room.members and not person.operator and not invited:
                 if room.invite_only:
                     raise Refused(f"#{room.name} is invite-only; one of its operators can /invite you.",
                                   "invite-only", room=room.name)
@@ -4057,7 +4157,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
                         (password or "").encode("utf-8"), room.password.encode("utf-8")):
                     raise Refused(f"#{room.name} needs a key: /join #{room.name} KEY." if password is None
                                   else f"Wrong key for #{room.name}.", "bad-key", room=room.name)
-            self._enter(person, room or self.room_named(name))
+            room = room or self.room_named(name)
+            opening = not room.members
+            self._enter(person, room)
+            if not opening or password is None:
+                return
+            if room is self.lobby:
+                person.output.send(Error(f"#{room.name} is open to everyone; it cannot have a key."))
+                return
+            room.password = password
+            self._to_room(room, ModeChanged(room.name, person.nick, "key", "on"))
+            saved = self._room_to_save(room)
+        self._save_room(*saved)
 
     def leave(self, person: Person, name: str | None = None) -> None:
         """Leave the room NAME, or the current one; leaving the last one goes back to the lobby."""
@@ -4098,7 +4209,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if target in room.members:
                 raise Refused(f"{target.nick} is already in #{room.name}.", "they-are-in-room", room.name,
                               target.nick)
-            target.invited_to.add(room.key)
+            target.invited_to[room.key] = room.life
             if by.key not in target.ignoring:
                 target.output.send(Invited(room.name, by.nick))
             self._to_room(room, InvitedSomeone(room.name, by.nick, target.nick), skip=by)
@@ -4319,6 +4430,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Change PERSON's nickname, by the same rules as signing in."""
         new_nick = normal_name(new_nick)
         with self.lock:
+            self._present(person)
             if person.muted:
                 raise Refused("You are muted; you cannot change your nickname.")
             problem = self.nickname_problem(new_nick, person)
@@ -4391,6 +4503,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         does), and the names past the limit, which are not watched."""
         watched, refused = [], []
         with self.lock:
+            self._present(person)
             for nick in nicks:
                 if len(nick) > MAX_NICKNAME_LENGTH:
                     continue            # no one's, and not worth normalising
@@ -4432,6 +4545,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         An account keeps the list, so that it applies to messages left while its owner is offline.
         """
         with self.lock:
+            self._present(person)
             target = self._find(nick)
             if target is person:
                 raise Refused("You cannot ignore yourself.")
@@ -4711,6 +4825,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         except (StoreFull, StorageError) as problem:
             raise Refused(str(problem)) from None
         with self.lock:
+            self.bans_made += 1
             banned = [person for person in self.people.values() if self._bans(ban, person)]
         how_long = ban.how_long(time.time())
         for person in banned:
@@ -4873,7 +4988,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def who(self, viewer: Person, mask: str) -> list[WhoEntry]:
         """The people of the room '#ROOM', or those whose nickname fits MASK (a nickname, or a pattern in
         which * stands for any letters and ? for one), as VIEWER may know them, sorted by nickname. A
-        pattern leaves out the invisible who share no room with VIEWER; a nickname finds them."""
+        pattern leaves out the invisible who share no room with VIEWER; a nickname finds them. A pattern is
+        paid for by the people it is matched against, not by the few it finds: the search is the cost."""
         if mask.startswith("#"):
             with self.lock:
                 room = self._visible_room(viewer, mask)
@@ -4891,6 +5007,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if len(pattern.replace("*", "")) > MAX_NICKNAME_LENGTH:
                 return []               # more letters than any nickname has
             with self.lock:
+                self._charge(viewer, len(self.people), "WHO with a pattern (matched against everyone online)")
                 everyone = list(self.people.values())
             # Matched outside the lock, which a mask against thousands of names would hold too long.
             fitting = [p for p in everyone if fits_pattern(pattern, p.nick.casefold())]
@@ -4898,7 +5015,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 people = [p for p in fitting if self.people.get(p.key) is p         # still here
                           and (not p.invisible or p is viewer or viewer.operator
                                or not viewer.rooms.keys().isdisjoint(p.rooms))]
-                self._charge(viewer, len(people), "WHO")
                 found = [self._who_entry(p, self._first_visible_room(viewer, p)) for p in people]
         return sorted(found, key=lambda entry: entry.nick.casefold())
 
@@ -5208,6 +5324,7 @@ IRC_SERVICE_NICK = "pyChat"             # /msg pyChat help: pyChat's slash-comma
 IRC_MAX_BODY_BYTES = 510                # a message without its tags and CR LF (RFC 1459: 512 with CR LF)
 IRC_MAX_TAG_BYTES = 8191                # the tag section, its '@' and the space after it included (IRCv3)
 IRC_MAX_PARAMS = 15
+IRC_MAX_TARGETS = 4                     # of one PRIVMSG, NOTICE or TAGMSG (005's TARGMAX)
 IRC_MAX_USERNAME = 10
 IRC_MAX_REALNAME = 50
 # Formatting codes (bold, colour, hex colour, reset, monospace, reverse, italic, strike, underline) are
@@ -5507,6 +5624,12 @@ _CLIENT_TAG_KEY = re.compile(r"\+(?:[A-Za-z0-9.-]+/)?[A-Za-z0-9-]+")
 _TAG_VALUE_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
+def irc_number(text: str) -> int | None:
+    """TEXT as a whole number if it is written in ASCII digits, else None (str.isdigit() also takes
+    '²', which int() refuses)."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def irc_client_tags(tags: dict[str, str] | None) -> ClientTags:
     """The client-only tags ('+' keys: +typing, +draft/reply...) of a message from a client, to pass on
     to other clients; its other tags are the server's to give, and are dropped. Control characters
@@ -5539,8 +5662,9 @@ class IrcCapabilities:
             return [irc_numeric("ERR_NEEDMOREPARAMS", nick, "CAP")]
         subcommand = params[0].upper()
         if subcommand == "LS":
-            if len(params) > 1 and params[1].isdigit():
-                self.version = max(self.version, int(params[1]))
+            version = irc_number(params[1]) if len(params) > 1 else None
+            if version is not None:
+                self.version = max(self.version, version)
             self.negotiating = not registered
             offered = [name if value is None or self.version < 302 else f"{name}={value}"
                        for name, value in self.offered.items()]
@@ -5803,7 +5927,8 @@ def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
     tokens = [f"AWAYLEN={IRC_MAX_REASON}", "CASEMAPPING=ascii", "CHANMODES=,k,,int",
               f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}", "CHANTYPES=#", f"KICKLEN={IRC_MAX_REASON}",
               f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(o)@", "SAFELIST",
-              "TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:4,PART:,PRIVMSG:4,TAGMSG:4,WHOIS:1",
+              f"TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:{IRC_MAX_TARGETS},PART:,PRIVMSG:{IRC_MAX_TARGETS},"
+              f"TAGMSG:{IRC_MAX_TARGETS},WHOIS:1",
               f"TOPICLEN={IRC_MAX_REASON}", "UTF8ONLY", "ELIST=MNU", "WHOX", f"MONITOR={WATCH_LIMIT}", "BOT=B",
               f"NAMELEN={IRC_MAX_REALNAME}"]
     if options.rooms_per_person:
@@ -6075,8 +6200,8 @@ def irc_list_wanted(argument: str) -> Callable[[commands.RoomInfo], bool] | None
     fit, and >N or <N people (the first LIST_FILTERS of them); None when there is none."""
     masks, unwanted, counts = [], [], []
     for item in [item for item in argument.casefold().split(",") if item][:LIST_FILTERS]:
-        if item[0] in "<>" and item[1:].isdigit():
-            counts.append((item[0], int(item[1:])))
+        if item[0] in "<>" and irc_number(item[1:]) is not None:
+            counts.append((item[0], irc_number(item[1:])))
         elif item.startswith("!"):
             unwanted.append(item[1:])
         else:
@@ -6319,21 +6444,14 @@ class IrcConnection(ClientConnection):
             self.send_irc(reply)
         if credentials is None:
             return
-        storage, now = self.server.storage, time.time()
-        account = storage.account_name(credentials[0])
         try:
-            right = self.server.check_secret(self, f"password for {account or credentials[0]}",
-                                             lambda: account is not None and storage.verify_password(account, credentials[1]))
+            account = self.server.check_account(self, credentials[0], credentials[1])
         except TooManyGuesses as refusal:
             self.send_irc(irc_numeric("ERR_SASLFAIL", nick, text=str(refusal)))
             raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
-        if not right:
+        if account is None:
             self.send_irc(irc_numeric("ERR_SASLFAIL", nick))
             return
-        ban = self.server.storage.ban_for_account(account, now)
-        if ban is not None:
-            self.send_irc(irc_numeric("ERR_SASLFAIL", nick, text=ban.refusal(now)))
-            raise Disconnect(f"banned account {account}", Farewell(ban.refusal(now)))
         self.account = account
         self.send_irc(irc_numeric("RPL_LOGGEDIN", nick, irc_source(nick), account,
                                   text=f"You are now logged in as {account}"))
@@ -6426,12 +6544,27 @@ class IrcConnection(ClientConnection):
                 self.send_irc(irc_numeric("ERR_NOTEXTTOSEND", self.nick))
             return
         client_tags = irc_client_tags(self.tags_given)
-        for target in targets.split(",")[:4]:
+        for target in self.each_target(targets):
             try:
                 self.deliver(target, text, notice, client_tags)
             except Refused as refusal:
                 if not notice:
                     self.cannot_send(refusal, "PRIVMSG")
+
+    def each_target(self, targets: str) -> Iterator[str]:
+        """The targets of a PRIVMSG, NOTICE or TAGMSG (the first IRC_MAX_TARGETS), each once however it is
+        spelt. Each after the first costs a line of the flood allowance, as it would sent alone: a
+        line to four rooms is four lines; past the allowance the rest are dropped."""
+        seen: set[str] = set()
+        for target in targets.split(",")[:IRC_MAX_TARGETS]:
+            # A name too long to be anyone's is refused by deliver(), not worth normalising here.
+            key = target if len(target) > MAX_NICKNAME_LENGTH + 1 else name_key(normal_name(target))
+            if key in seen:
+                continue
+            if seen and not self.within_rate():
+                return
+            seen.add(key)
+            yield target
 
     def cannot_send(self, refusal: Refused, command: str) -> None:
         # Not in the channel: IRC's word is that you cannot send to it.
@@ -6477,7 +6610,7 @@ class IrcConnection(ClientConnection):
         if not client_tags:
             return              # nothing a client could show
         echo = "echo-message" in self.capabilities.enabled
-        for target in targets.split(",")[:4]:
+        for target in self.each_target(targets):
             if not target.startswith("#") and name_key(target) == IRC_SERVICE_KEY:
                 continue        # the service does not type back
             try:
@@ -6500,7 +6633,9 @@ class IrcConnection(ClientConnection):
         if channels == "0":
             self.leave_every_room()
             return
-        for channel, key in itertools.zip_longest(channels.split(","), keys.split(",") if keys else ()):
+        names = channels.split(",")
+        # Keys past the last channel are for no channel: dropped, as other servers do.
+        for channel, key in itertools.zip_longest(names, keys.split(",")[:len(names)] if keys else ()):
             if not channel.startswith("#"):
                 self.send_irc(irc_numeric("ERR_NOSUCHCHANNEL", self.nick, channel,
                                           text="Channel names start with #"))
@@ -6640,7 +6775,7 @@ class IrcConnection(ClientConnection):
     def irc_whowas(self, nicks: str, count: str = "", *ignored: str) -> None:
         """Who had the nickname lately (they left, or took another), newest first; COUNT of them at most."""
         nick = nicks.split(",")[0]
-        gone = self.server.whowas(nick, int(count) if count.isdigit() else 0)
+        gone = self.server.whowas(nick, irc_number(count) or 0)
         if not gone:
             self.send_irc(irc_numeric("ERR_WASNOSUCHNICK", self.nick, nick))
         for them in gone:
@@ -7014,9 +7149,19 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", problem)
         return 1
     # Before anyone is served or told the port: a SIGTERM from then on is a clean shutdown that says so.
-    stop_requested = threading.Event()
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signal_number, lambda number, frame: stop_requested.set())
+    # A SIGHUP (the terminal the server was started from closed, as at the end of an SSH session) is
+    # logged and otherwise ignored: by default it would kill the process at once, with no word to anyone.
+    # The handlers only note the signal; the main loop below acts on it, outside the signal handler.
+    signalled = threading.Event()
+    received: collections.deque[int] = collections.deque()
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+
+    def note_signal(number: int, frame: Any) -> None:
+        received.append(number)
+        signalled.set()
+
+    for signal_number in stop_signals + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()):
+        signal.signal(signal_number, note_signal)
     host, port = server.server_address[:2]
     # Printed even with -q: scripts and tests started with --port 0 read the port from it.
     print(f"pyChat {VERSION} listening on {host}:{port}", file=sys.stderr, flush=True)
@@ -7027,8 +7172,12 @@ def main(argv: list[str] | None = None) -> int:
                          daemon=True).start()
     serving = threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept", daemon=True)
     serving.start()
-    while not stop_requested.wait(1.0):
-        pass
+    while not any(number in stop_signals for number in received):
+        signalled.wait(1.0)
+        signalled.clear()
+        while received and received[0] not in stop_signals:
+            received.popleft()
+            log.warning("SIGHUP received: ignored; the server goes on (stop it with SIGTERM or Ctrl-C)")
     log.info("shutting down")
     server.stop()
     log.info("stopped")

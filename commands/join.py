@@ -10,6 +10,7 @@ def join_room(ctx, room, key):
     The room is told; you see who is there, the topic and the lines you
     missed. Joining a room you are in only makes it current. A room with a
     key needs it (/join ROOM KEY); an invite-only one needs an /invite.
-    Whoever opens a room is its operator (see /mode).
+    Whoever opens a room is its operator (see /mode), and opening it with a
+    KEY sets that key, as /mode key KEY would.
     """
     ctx.join(room, key)

@@ -13,7 +13,9 @@ import os
 import re
 import select
 import shutil
+import signal
 import socket
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -343,9 +345,41 @@ def flood_chat_lines_and_come_back(host: str, port: int, stop: threading.Event) 
     return comebacks
 
 
-@pytest.mark.parametrize("flood", [stream_one_endless_line, flood_chat_lines_and_come_back],
-                         ids=["one-endless-line", "chat-lines-coming-back-when-cut-off"])
-def test_while_one_user_floods_other_users_lines_arrive_within_a_second(server, connect, flood):
+def newline_bombs_coming_back(host: str, port: int, stop: threading.Event) -> int:
+    """From 40 connections at once (over 3 addresses, within --max-per-ip), each signed in: 256 KiB of bare
+    newlines, as fast as the network takes them; when cut off, come back under a new name. Returns how
+    many bombs went off."""
+    bomb = b"\n" * (256 * 1024)
+    bombs = []
+
+    def bomber(number: int) -> None:
+        deadline = time.monotonic() + 30         # the pings end it sooner: 20 lines of up to 1 s
+        comebacks = 0
+        while not stop.is_set() and time.monotonic() < deadline and comebacks < 1000:
+            try:
+                with socket.create_connection((host, port), timeout=TIMEOUT,
+                                              source_address=(f"127.0.0.{2 + number % 3}", 0)) as sock:
+                    sock.sendall(f"bomber{number}x{comebacks}\n".encode())
+                    read_until(sock, b"*** You are in #")       # signed in: the switchboard reads it now
+                    sock.sendall(bomb)
+                    while sock.recv(65536):            # until the server hangs up on the flood
+                        pass
+            except (OSError, AssertionError):
+                pass
+            comebacks += 1
+        bombs.append(comebacks)
+
+    threads = [threading.Thread(target=bomber, args=(n,), daemon=True) for n in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    return sum(bombs)
+
+
+def delays_during(server: ServerProcess, connect, flood) -> list[float]:
+    """The seconds each of 20 lines from bob took to reach alice while FLOOD ran; fails if one took 3 s,
+    if the flood ended before the last line, or if it was too small to prove anything."""
     alice = connect(server, "alice")
     bob = connect(server, "bob")
     alice_reader = Drain(alice.sock, rb"^bob: ping (\d+)$")
@@ -357,7 +391,7 @@ def test_while_one_user_floods_other_users_lines_arrive_within_a_second(server, 
     flooding = threading.Thread(target=lambda: result.append(flood(server.host, server.port, stop)), daemon=True)
     flooding.start()
     try:
-        server.wait_for_log(r"flooder\d*@127\.0\.0\.1 signed in")
+        server.wait_for_log(r"(flooder|bomber)\S*@127\.0\.0\.\d+ signed in")
         delays = []
         for n in range(20):
             stop.wait(0.05)                      # spread the pings over the flood
@@ -368,13 +402,29 @@ def test_while_one_user_floods_other_users_lines_arrive_within_a_second(server, 
                                          + (" (alice was disconnected)" if alice_reader.closed else ""))
             delays.append(arrived - sent)
         assert flooding.is_alive(), f"the flood ended early, so it proved nothing: {result}"
-        assert max(delays) < 1.0, f"bob's lines took up to {max(delays):.2f} s to reach alice during the flood"
     finally:
         stop.set()
         flooding.join(5)
         alice_reader.stop()
         bob_reader.stop()
     assert result and result[0] > 1, f"the flood was too small to prove anything ({result})"
+    return delays
+
+
+@pytest.mark.parametrize("flood", [stream_one_endless_line, flood_chat_lines_and_come_back],
+                         ids=["one-endless-line", "chat-lines-coming-back-when-cut-off"])
+def test_while_one_user_floods_other_users_lines_arrive_within_a_second(server, connect, flood):
+    delays = delays_during(server, connect, flood)
+    assert max(delays) < 1.0, f"bob's lines took up to {max(delays):.2f} s to reach alice during the flood"
+
+
+def test_while_40_connections_send_newline_bombs_other_users_lines_arrive_within_a_second(server, connect):
+    # Each 64 KiB read of newlines is 65,536 lines; before, every one was split and decoded on the
+    # switchboard before flood control looked at any (40 bombers: a median of about 0.9 s here).
+    delays = delays_during(server, connect, newline_bombs_coming_back)
+    assert max(delays) < 1.0, f"bob's lines took up to {max(delays):.2f} s to reach alice during the bombs"
+    assert statistics.median(delays) < 0.3, \
+        f"bob's lines took {statistics.median(delays):.2f} s (median) to reach alice during the bombs"
 
 
 # -- dead peers -------------------------------------------------------------------------------------
@@ -560,6 +610,18 @@ def test_sigterm_with_a_hundred_clients_some_stalled_exits_zero_within_seconds(s
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_sighup_is_logged_and_ignored_and_sigterm_still_stops_the_server(server, connect):
+    alice, bob = connect(server, "alice"), connect(server, "bob")
+    alice.expect(r"\*\*\* bob joined")
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"WARNING SIGHUP received: ignored")
+    bob.send("still here after the hangup")
+    alice.expect("bob: still here after the hangup")
+    assert server.process.poll() is None, f"the server exited on SIGHUP with {server.process.poll()}"
+    assert server.stop() == 0, "SIGTERM after a SIGHUP did not exit with status 0"
+    assert "*** Server shutting down." in alice.wait_closed(), "alice was not told of the shutdown"
 
 
 # -- the server password ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT, IrcClient, irc_port, talk_until_cut_off, watch_for
+from conftest import TIMEOUT, IrcClient, irc_port, online_line, talk_until_cut_off, watch_for
 from test_hardening import Drain, memory_kib
 
 
@@ -80,6 +80,28 @@ def test_lines_over_the_rate_are_dropped_with_one_notice_and_a_flooder_is_discon
     closing = flooder.wait_closed()
     assert any(line.startswith("ERROR :Closing link: flooder (Flooding") for line in closing), closing
     bob.expect(re.escape("*** flooder quit (flooding)"))
+
+
+def test_each_target_of_a_privmsg_costs_a_line_of_the_allowance_and_a_repeated_one_is_sent_once(
+        start_server, connect, irc_connect):
+    # A burst of 6 that hardly refills: JOIN costs 1, the first PRIVMSG 3 (three rooms, one of them named
+    # twice), the second would cost 3 but has 2 left.
+    server = start_server("--irc-port", "0", "--rate", "0.01", "--burst", "6")
+    bob = connect(server, "bob")
+    for room in ("a", "b", "c"):
+        bob.send(f"/join {room}")
+        bob.expect(rf"\*\*\* You are in #{room}")
+    sender = irc_connect(server, "sender")
+    sender.send("JOIN #a,#b,#c")
+    sender.expect(r"366 sender #c ")
+    sender.send("PRIVMSG #a,#b,#A,#c :one")
+    sender.send("PRIVMSG #a,#b,#c :two")
+    sender.expect("NOTICE sender :You are sending too fast")
+    bob.send("marker")              # bob's own line comes back after everything queued to him before it
+    said = [line for line in bob.lines_until("bob: marker") if re.match(r"(#\w+ )?sender: (one|two)$", line)]
+    assert sorted(said) == sorted(["#a sender: one", "#b sender: one", "sender: one",
+                                   "#a sender: two", "#b sender: two"]), \
+        f"one line to four targets should cost four lines of the allowance, a repeated target once: {said}"
 
 
 def test_while_an_irc_user_floods_other_users_lines_arrive_within_a_second(start_server, connect):
@@ -230,3 +252,78 @@ def test_hundreds_of_irc_clients_register_at_once_and_chat_goes_on(start_server,
             sock.close()
     assert watch_for(bob, r"(?!)", 0.1) is None
     server.wait_for_log(rf"many{count - 1}@127\.0\.0\.1 left", timeout=10)
+
+
+@pytest.mark.parametrize("line", [
+    "JOIN #dev key1,key2",          # more keys than channels
+    "JOIN #dev,#ops k1,k2,k3,k4",
+    "WHOWAS somebody \u00b2",        # digits that are not 0-9: str.isdigit() says yes, int() says no
+    "LIST >\u00b2",
+    "CAP LS \u00b3\u00b2",
+])
+def test_odd_lists_and_numbers_in_irc_commands_get_answers_not_a_server_error(start_server, connect, irc_connect,
+                                                                             line):
+    server = start_server("--irc-port", "0")
+    bob = connect(server, "bob")
+    odd = irc_connect(server, "odd")
+    odd.send(line)
+    odd.send("PING :still-here")
+    odd.expect("PONG .*still-here")
+    odd.send("PRIVMSG #lobby :still talking")
+    bob.expect("odd: still talking")
+    assert not any(re.match(r"ERROR ", seen) for seen in odd.seen), f"{line!r} closed the link: {odd.seen[-5:]}"
+
+
+def test_a_who_pattern_is_paid_for_by_everyone_it_searches_and_chat_goes_on_meanwhile(start_server, connect,
+                                                                                      irc_connect):
+    server = start_server("--irc-port", "0", "--max-per-ip", "0")
+    crowd: list[socket.socket] = []
+    try:
+        for n in range(150):                # signed in, never reading: what they are sent waits in the kernel
+            sock = socket.create_connection((server.host, server.port), timeout=TIMEOUT)
+            sock.sendall(f"crowd{n}\n".encode())
+            crowd.append(sock)
+        alice, bob = connect(server, "alice"), connect(server, "bob")
+        deadline = time.monotonic() + 10
+        while not online_line(bob).startswith("-- 152 online"):
+            assert time.monotonic() < deadline, f"the crowd did not sign in: {bob.seen[-1][:80]}"
+        searchers = [irc_connect(server, f"searcher{n}") for n in range(4)]
+        # A pattern that fits no one, matched against the 156 people online: three such searches spend most
+        # of the 500 entries one may list at once.
+        for searcher in searchers:
+            searcher.send_raw(b"WHO zzz*\r\n" * 8)
+        for searcher in searchers:
+            answers = [searcher.expect(r"(315|263) ") for _ in range(8)]
+            done = [answer for answer in answers if " 315 " in answer]
+            assert len(done) <= 4, (f"{len(done)} searches of 156 people in a row were let through, "
+                                    f"as if they cost only what they found: {answers}")
+        alice_reader, bob_reader = Drain(alice.sock, rb"^bob: ping (\d+)$"), Drain(bob.sock)
+        alice_reader.start()
+        bob_reader.start()
+        stop = threading.Event()
+
+        def search() -> None:           # each searcher at 3 a second, within the flood limit
+            while not stop.wait(0.33):
+                for searcher in searchers:
+                    searcher.send_raw(b"WHO *zz*\r\n")
+
+        searching = threading.Thread(target=search, daemon=True)
+        searching.start()
+        try:
+            delays = []
+            for n in range(12):
+                stop.wait(0.15)
+                sent = time.monotonic()
+                bob.sock.sendall(f"ping {n}\n".encode())
+                arrived = alice_reader.arrival(str(n).encode(), timeout=3)
+                assert arrived is not None, f"bob's line {n} did not reach alice within 3 s during the searches"
+                delays.append(arrived - sent)
+            assert max(delays) < 1.0, f"bob's lines took up to {max(delays):.2f} s to reach alice during the searches"
+        finally:
+            stop.set()
+            searching.join(5)
+            alice_reader.stop()
+            bob_reader.stop()
+    finally:
+        for sock in crowd:
+            sock.close()

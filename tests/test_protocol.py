@@ -26,6 +26,15 @@ def test_line_reader_reports_an_overlong_line_once_and_holds_no_more_than_the_li
     assert reader.feed(b"y" * 11 + b"\n") == [None]
 
 
+def test_line_reader_takes_at_most_the_lines_it_is_told_and_drops_the_rest_unsplit():
+    reader = server.LineReader(max_bytes=10)
+    assert reader.feed(b"one\ntwo\n\n\n\nhalf", most=2) == ["one", "two"]
+    assert reader.dropped == 3 and reader.partial == b"half", "the lines past MOST were not dropped whole"
+    assert reader.feed(b"\n" * 65536, most=0) == [] and reader.dropped == 65536
+    assert reader.feed(b" done\n", most=5) == [" done"] and reader.dropped == 0
+    assert reader.feed(b"a\nb\n") == ["a", "b"], "without MOST every line comes out"
+
+
 def test_line_reader_replaces_invalid_utf8():
     assert server.LineReader().feed(b"\xff ok\n") == ["\ufffd ok"]
 

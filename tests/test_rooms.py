@@ -218,6 +218,42 @@ def test_a_private_room_forgets_everything_when_its_last_member_leaves(chat):
     assert bob.expect(r"\[history|bob: check") == "bob: check", "the old history was replayed"
 
 
+@pytest.mark.parametrize("setting, refusal", [
+    ("invite-only on", "!! #vault is invite-only; one of its operators can /invite you."),
+    ("key k2", "!! #vault needs a key: /join #vault KEY."),
+])
+def test_an_invitation_ends_with_the_room_it_was_for_and_opens_no_later_room_of_that_name(chat, setting, refusal):
+    alice, bob, carol = chat("alice", "bob", "carol")
+    join(alice, "vault")
+    alice.send("/mode invite-only on")
+    alice.expect(r"\*\*\* alice made #vault invite-only")
+    alice.send("/invite bob")
+    bob.expect(r"\*\*\* alice invites you to #vault")
+    alice.send("/leave vault")                  # the room empties: the invitation ends with it
+    alice.expect(r"\*\*\* You left #vault")
+    join(carol, "vault")
+    carol.send(f"/mode {setting}")
+    carol.expect(r"\*\*\* carol (made|set)")
+    assert join(bob, "vault")[-1] == refusal, "an invitation to an earlier #vault opened carol's"
+    carol.send("/invite bob")
+    bob.expect(r"\*\*\* carol invites you to #vault")
+    assert join(bob, "vault")[-1] == "*** You are in #vault with carol.", "carol's own invitation did not work"
+
+
+def test_opening_a_room_with_a_key_sets_the_key(chat):
+    alice, bob = chat("alice", "bob")
+    join(alice, "hideout", "hunter2")
+    alice.send("/mode")
+    lines = alice.lines_until("-- ")
+    assert lines == ["*** alice set a key on #hideout",
+                     "-- #hideout: key; open to all; topic by operators; operators: alice"], \
+        f"the key given when opening the room was not set: {lines}"
+    assert join(bob, "hideout")[-1] == "!! #hideout needs a key: /join #hideout KEY."
+    assert join(bob, "hideout", "hunter2")[-1] == "*** You are in #hideout with alice."
+    alice.send("/join lobby ignored-key")         # alice is in the lobby already: it only becomes current
+    alice.expect(r"\*\*\* Now talking in #lobby")
+
+
 # -- room operators -------------------------------------------------------------------------------------
 
 def test_room_operators_and_their_limits(op_server, connect):
