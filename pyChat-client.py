@@ -1395,6 +1395,9 @@ ANSWER_SOURCES = {
     "account password": ("--account-password", ACCOUNT_PASSWORD_ENVIRONMENT),
     "invitation code": ("--invitation-code", INVITATION_ENVIRONMENT),
 }
+# Prompts where an empty answer is an answer: the server goes back to asking for a nickname. (At the
+# server password's prompt it would count as a wrong guess, so there an empty line is not sent.)
+EMPTY_ANSWER_GOES_BACK = ("account password", "invitation code")
 
 
 class PendingPaste(NamedTuple):
@@ -1867,10 +1870,10 @@ class ChatClient:
 
     def send_typed(self, line: str) -> None:
         """Send a line the user typed: the answer to a sign-in question, or a message or command."""
-        if not line.strip():
+        if not line.strip() and not (self.answering and self.answering.answer in EMPTY_ANSWER_GOES_BACK):
             return
         if self.answering:
-            if self.answering.answer:
+            if self.answering.answer and line:
                 self.typed_answers[self.answering.answer] = line
             self.answering = None
             self._send_now(line)
