@@ -1426,7 +1426,7 @@ class ChatClient:
                  bell: bool, account_password: Optional[str] = None,
                  invitation_code: Optional[str] = None, keyboard: Optional[socket.socket] = None,
                  reconnect: Optional[Callable[[], socket.socket]] = None,
-                 where: str = "the server", tls: bool = False) -> None:
+                 where: str = "the server", tls: bool = False, quiet: bool = False) -> None:
         self.connection: Optional[Connection] = connection
         self.display = display
         self.editor = editor
@@ -1446,6 +1446,7 @@ class ChatClient:
         self.reconnect = reconnect        # opens a new socket to the same server, or None
         self.where = where                # host:port, for messages
         self.tls = tls
+        self.quiet = quiet                # show the server's errors only (piped, for a CI log)
         self.keys = KeyDecoder()
         self.keys_read_at = 0.0
         self.roster = Roster()
@@ -1741,6 +1742,8 @@ class ChatClient:
         if line == FAREWELL:
             self.leaving = True
             self.leave_deadline = time.monotonic() + QUIT_TIMEOUT
+        if self.quiet and message.kind != ERROR:
+            return
         ring = self.bell and (mentioned or (message.kind == PRIVATE and not message.outgoing))
         self.display.show(render(message, self.painter, self.me), bell=ring)
 
@@ -2137,6 +2140,9 @@ def parse_options(argv: Optional[list[str]], environment: Optional[dict[str, str
                         default=environment.get(INVITATION_ENVIRONMENT) or None,
                         help="one-time code an operator gave you to sign in to a private server "
                              f"(default: ${INVITATION_ENVIRONMENT})")
+    parser.add_argument("--quiet", action="store_true",
+                        help="with standard input from a pipe or a file: print nothing but errors "
+                             "(not the room's history, nor what others say)")
     parser.add_argument("--color", action=argparse.BooleanOptionalAction,
                         help="colours (on in a terminal unless $NO_COLOR is set)")
     parser.add_argument("--bell", action=argparse.BooleanOptionalAction, default=False,
@@ -2201,7 +2207,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         account_password=options.account_password,
                         invitation_code=options.invitation_code,
                         keyboard=keyboard, reconnect=open_socket,
-                        where=f"{options.host}:{options.port}", tls=tls)
+                        where=f"{options.host}:{options.port}", tls=tls,
+                        quiet=options.quiet and not interactive)
     if not interactive:
         return client.run()
     with keyboard_mode(sys.stdin.fileno()):

@@ -55,6 +55,19 @@ def test_piped_lines_beyond_the_burst_are_paced_to_the_flood_limit_and_none_is_d
     assert [bob.expect(r"^ci: ") for _ in range(25)] == [f"ci: line {n}" for n in range(25)]
 
 
+def test_piped_quiet_prints_the_servers_errors_and_nothing_of_the_room(server, connect):
+    bob = connect(server, "bob")
+    bob.send("bob: the launch code is 0000")
+    bob.expect("bob: bob: the launch code")          # said, so the room's history holds it
+    result = run_piped(server, "deploy done\n/nosuchcommand\n", "--nick", "ci", "--quiet")
+    assert result.returncode == 0, result.stderr.decode()
+    assert bob.expect(r"^ci: ") == "ci: deploy done"
+    printed = result.stdout.decode().splitlines()
+    assert [re.sub(r"^\[\d\d:\d\d:\d\d\] ", "", line) for line in printed] == \
+        ["!! Unknown command /nosuchcommand. Type /help for the list."], printed
+    assert result.stderr == b""
+
+
 def test_piped_refused_nick_exits_nonzero_with_the_reason(server):
     result = run_piped(server, "hi\n", "--nick", "admin")
     assert result.returncode != 0
