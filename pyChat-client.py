@@ -1249,7 +1249,7 @@ class OptionError(Exception):
 
 
 def tls_context(cafile: Optional[str], insecure: bool) -> ssl.SSLContext:
-    """The TLS settings for every connection: the system's authorities, or the one in cafile."""
+    """The TLS settings for a connection: the system's authorities, or the one in cafile as it is now."""
     context = ssl.create_default_context()
     if cafile:
         try:
@@ -1656,7 +1656,7 @@ class ChatClient:
         def attempt() -> None:
             try:
                 result: socket.socket | str = self.reconnect()
-            except ConnectError as error:
+            except (ConnectError, OptionError) as error:   # a --cafile being replaced, say
                 result = str(error)
             except Exception as error:   # anything at all: the loop must hear back
                 result = f"cannot connect: {error}"
@@ -2181,20 +2181,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     with contextlib.suppress(AttributeError):
         sys.stdout.reconfigure(errors="replace")
     tls = options.tls or options.insecure or bool(options.cafile)
-    try:
-        context = tls_context(options.cafile, options.insecure) if tls else None
-    except OptionError as error:
-        print(f"pyChat: {error}", file=sys.stderr)
-        return 2
     if options.insecure:
         print("pyChat: warning: --insecure: the server's certificate is not checked",
               file=sys.stderr)
 
     def open_socket() -> socket.socket:
-        return connect(options.host, options.port, context)
+        # The TLS settings are read for each connection: a --cafile replaced since the last one (a
+        # server's regenerated self-signed certificate, given again at the same path) is trusted.
+        return connect(options.host, options.port,
+                       tls_context(options.cafile, options.insecure) if tls else None)
 
     try:
         sock = open_socket()
+    except OptionError as error:
+        print(f"pyChat: {error}", file=sys.stderr)
+        return 2
     except ConnectError as error:
         print(f"pyChat: {error}", file=sys.stderr)
         return 1
