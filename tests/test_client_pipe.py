@@ -18,15 +18,15 @@ CLIENT = pathlib.Path(__file__).resolve().parent.parent / "pyChat-client.py"
 
 # -- piped input -----------------------------------------------------------------------
 
-def run_piped(server, text: str, *args: str, host: str | None = None,
-              env: dict | None = None) -> subprocess.CompletedProcess:
+def run_piped(server, text: str, *args: str, host: str | None = None, env: dict | None = None,
+              timeout: float = 15) -> subprocess.CompletedProcess:
     """Run the client with TEXT as its standard input; bounded in time."""
     environment = {name: value for name, value in os.environ.items()
                    if name not in ("PYCHAT_PASSWORD", "NO_COLOR")}
     environment.update(env or {})
     return subprocess.run(
         script_command(CLIENT, "--host", host or server.host, "--port", str(server.port), *args),
-        input=text.encode(), capture_output=True, timeout=15, env=environment)
+        input=text.encode(), capture_output=True, timeout=timeout, env=environment)
 
 
 def test_piped_line_is_sent_and_client_exits_zero(server, connect):
