@@ -4,6 +4,7 @@ anew (point 22)."""
 from __future__ import annotations
 
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -119,3 +120,19 @@ def test_a_reconnecting_client_trusts_the_servers_new_certificate_given_at_the_s
     alice.wait_for_row(r"-!- connected to localhost:\d+ again; signing in as alice$", timeout=15)
     alice.wait_for_input_line("alice #lobby> ", timeout=10)
     assert b"cannot trust" not in alice.output, alice.screen.dump()
+
+
+def test_a_cafile_missing_while_the_client_reconnects_is_said_and_tried_again(start_server, run_client, tmp_path):
+    certificate, key = self_signed_localhost(tmp_path)
+    server = start_server("--tls-cert", str(certificate), "--tls-key", str(key))
+    alice = run_client(server, "--nick", "alice", "--host", "localhost", "--cafile", str(certificate),
+                       cols=250)                  # wide enough for the file's path on one row
+    alice.wait_for_input_line("alice #lobby> ")
+    certificate.unlink()                          # being made anew, as a script might do it
+    server.stop()
+    alice.wait_for_row(rf"-!- --cafile {re.escape(str(certificate))}: no such file", timeout=10)
+    self_signed_localhost(tmp_path)
+    start_server("--tls-cert", str(certificate), "--tls-key", str(key), "--port", str(server.port))
+    alice.wait_for_row(r"-!- connected to localhost:\d+ again; signing in as alice$", timeout=15)
+    alice.wait_for_input_line("alice #lobby> ", timeout=10)
+    assert alice.process.poll() is None
