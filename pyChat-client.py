@@ -61,7 +61,8 @@ PASSWORD_ENVIRONMENT = "PYCHAT_PASSWORD"  # default for --password (the server's
 ACCOUNT_PASSWORD_ENVIRONMENT = "PYCHAT_ACCOUNT_PASSWORD"  # default for --account-password
 INVITATION_ENVIRONMENT = "PYCHAT_INVITATION_CODE"         # default for --invitation-code
 CONNECT_TIMEOUT = 10.0              # seconds to reach the server (and finish TLS)
-GREETING_TIMEOUT = 4.0              # seconds without a word from the server before suggesting --tls
+GREETING_TIMEOUT = 4.0              # seconds without a word from the server before asking whether it speaks TLS
+PIPED_GREETING_TIMEOUT = 10.0       # piped: seconds to wait for a pyChat server's first line, then give up
 QUIT_TIMEOUT = 5.0                  # seconds to wait for the server to close after /quit
 ESCAPE_TIMEOUT = 0.05               # a lone ESC this old is the Esc key, not a sequence
 HISTORY_SIZE = 500                  # sent lines remembered for Up/Down
@@ -102,6 +103,8 @@ SECRET_MASK = "********"
 # The replies that confirm /register PASSWORD and /passwd OLD NEW: the new password is the account's.
 PASSWORD_CONFIRMED = ("-- Registered ", "-- Password changed.")
 FAREWELL = "*** Bye."
+# A line that only an IRC server sends: ":server NOTICE * :...", ":server 451 ...", "PING :...".
+IRC_MESSAGE = re.compile(r"(?:@\S+ )?:\S+ (?:[A-Za-z]+|\d{3}) |(?:NOTICE|PING|ERROR) \S")
 
 WELCOME = re.compile(r"\*\*\* Welcome, ([^\s!]+)!")
 JOINED = re.compile(r"\*\*\* (\S+) joined #\S+$")
@@ -1249,7 +1252,7 @@ class OptionError(Exception):
 
 
 def tls_context(cafile: Optional[str], insecure: bool) -> ssl.SSLContext:
-    """The TLS settings for every connection: the system's authorities, or the one in cafile."""
+    """The TLS settings for a connection: the system's authorities, or the one in cafile as it is now."""
     context = ssl.create_default_context()
     if cafile:
         try:
@@ -1302,6 +1305,25 @@ def connect(host: str, port: int, tls: Optional[ssl.SSLContext]) -> socket.socke
                                f"{error.strerror or error or 'the server closed the connection'}") from None
     sock.setblocking(False)
     return sock
+
+
+def speaks_tls(host: str, port: int) -> bool:
+    """Whether host:port answers a TLS hello as a TLS server does (on a connection of its own).
+
+    Only the handshake counts, so the certificate is not checked; a server
+    that refuses the hello with a TLS alert speaks TLS too.
+    """
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=GREETING_TIMEOUT) as sock:
+            probe.wrap_socket(sock, server_hostname=host).close()
+    except ssl.SSLError as error:
+        return "ALERT" in (error.reason or "")
+    except OSError:
+        return False
+    return True
 
 
 WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -1395,6 +1417,9 @@ ANSWER_SOURCES = {
     "account password": ("--account-password", ACCOUNT_PASSWORD_ENVIRONMENT),
     "invitation code": ("--invitation-code", INVITATION_ENVIRONMENT),
 }
+# Prompts where an empty answer is an answer: the server goes back to asking for a nickname. (At the
+# server password's prompt it would count as a wrong guess, so there an empty line is not sent.)
+EMPTY_ANSWER_GOES_BACK = ("account password", "invitation code")
 
 
 class PendingPaste(NamedTuple):
@@ -1423,7 +1448,8 @@ class ChatClient:
                  bell: bool, account_password: Optional[str] = None,
                  invitation_code: Optional[str] = None, keyboard: Optional[socket.socket] = None,
                  reconnect: Optional[Callable[[], socket.socket]] = None,
-                 where: str = "the server", tls: bool = False) -> None:
+                 probe_tls: Optional[Callable[[], bool]] = None,
+                 where: str = "the server", tls: bool = False, quiet: bool = False) -> None:
         self.connection: Optional[Connection] = connection
         self.display = display
         self.editor = editor
@@ -1441,8 +1467,10 @@ class ChatClient:
         self.bell = bell
         self.keyboard = keyboard          # the Windows seam, else standard input is read
         self.reconnect = reconnect        # opens a new socket to the same server, or None
+        self.probe_tls = probe_tls        # whether the server's port speaks TLS, asked on a connection of its own
         self.where = where                # host:port, for messages
         self.tls = tls
+        self.quiet = quiet                # show the server's errors only (piped, for a CI log)
         self.keys = KeyDecoder()
         self.keys_read_at = 0.0
         self.roster = Roster()
@@ -1452,7 +1480,9 @@ class ChatClient:
         self.answering: Optional[Question] = None   # what the server asks, while it waits for my answer
         self.refusal = ""                 # the last error line while signing in
         self.asked_online = False         # /online sent on arrival; its reply is not shown
-        self.greeting_deadline = time.monotonic() + GREETING_TIMEOUT   # 0 once heard or warned
+        self.heard = False                # the server has sent a line on this connection
+        self.greeting_deadline = 0.0      # when to ask what a silent server is; 0 once heard or asked
+        self.piped_greeting_deadline = 0.0   # piped: when a server that has not greeted is given up on
         self.put_out = ""                 # why the server put me out: then I do not come back
         self.outgoing: collections.deque[str] = collections.deque()   # to send, paced
         self.pacer: Optional[Pacer] = None   # the server's flood limit, from its greeting
@@ -1466,8 +1496,8 @@ class ChatClient:
         self.rejoin_due = False           # signed in again: go back once the first room is entered
         self.retries = 0
         self.retry_at = 0.0               # when to try to connect again; 0 when not waiting
-        self.attempt_result: Optional[socket.socket | str] = None
-        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.finished_work: collections.deque[tuple[Callable[[object], None], object]] = collections.deque()
+        self.wake_reader, self.wake_writer = socket.socketpair()   # a thread's work is done
         self.exit_code: Optional[int] = None
         self.selector = selectors.SelectSelector() if os.name == "nt" else selectors.PollSelector()
         self.input_registered = False
@@ -1477,7 +1507,7 @@ class ChatClient:
     def run(self) -> int:
         """Run until the server closes or the user leaves; returns the exit status."""
         signals = self._watch_signals() if self.interactive else None
-        self.selector.register(self.wake_reader, selectors.EVENT_READ, self._on_attempt_done)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ, self._on_work_done)
         self._attach(self.connection)
         if self.interactive:
             self._register_input()
@@ -1514,6 +1544,8 @@ class ChatClient:
             yield self.leave_deadline
         if self.greeting_deadline and self.connection:
             yield self.greeting_deadline
+        if self.piped_greeting_deadline and self.connection:
+            yield self.piped_greeting_deadline
         if self.retry_at:
             yield self.retry_at
 
@@ -1536,8 +1568,10 @@ class ChatClient:
                          0 if self.interactive else 1)
         if self.greeting_deadline and self.connection and now >= self.greeting_deadline:
             self.greeting_deadline = 0
-            hint = ("; if it uses TLS, try --tls" if not self.tls else "")
-            self._say(f"no greeting from {self.where} after {GREETING_TIMEOUT:g} s{hint}")
+            self._on_no_greeting()
+        if self.piped_greeting_deadline and self.connection and now >= self.piped_greeting_deadline:
+            self._finish(f"no pyChat greeting from {self.where} within {PIPED_GREETING_TIMEOUT:g} s: "
+                         "is it a pyChat server? (see --host, --port and --tls)", 1)
         if self.retry_at and now >= self.retry_at:
             self._try_again()
 
@@ -1617,7 +1651,34 @@ class ChatClient:
         self.pacer = None
         self.asked_online = False
         self.leaving = False
+        self.heard = False
         self.greeting_deadline = time.monotonic() + GREETING_TIMEOUT
+        # In a terminal, the person waiting sees the hint and can leave; a CI job would hang.
+        self.piped_greeting_deadline = 0.0 if self.interactive else time.monotonic() + PIPED_GREETING_TIMEOUT
+
+    def _on_no_greeting(self) -> None:
+        """The server has said nothing for GREETING_TIMEOUT: if its port speaks TLS, say so and leave.
+
+        A TLS server waits for the client's hello, and the plain client for a
+        greeting, so each would wait for the other until the server's sign-in
+        timeout; a hello on a connection of its own asks without disturbing this one.
+        """
+        connection = self.connection
+
+        def answered(tls: object) -> None:
+            if self.connection is not connection or self.heard:
+                return
+            if tls is True:
+                self._finish(f"{self.where} speaks TLS: add --tls (and --cafile FILE if its certificate "
+                             "is your own)", 1)
+            elif self.interactive:
+                self._say(f"no greeting from {self.where} after {GREETING_TIMEOUT:g} s; "
+                          "is it a pyChat port? (see --port)")
+
+        if self.tls or self.probe_tls is None:
+            answered(False)
+        else:
+            self._in_background("probe", self.probe_tls, answered)
 
     def _lost(self, why: str) -> None:
         """The connection ended: leave, or (in a terminal, once signed in) wait and try again."""
@@ -1645,30 +1706,37 @@ class ChatClient:
                   "what you type is kept)")
         self._update_prompt()
 
-    def _try_again(self) -> None:
-        """Connect in a thread, so that keys still work while it takes its time."""
-        self.retry_at = 0.0
+    def _in_background(self, name: str, work: Callable[[], object], then: Callable[[object], None]) -> None:
+        """Run work() in a thread, so that keys still work while it takes its time; then the loop
+        calls then() with what it returned, or with the exception it raised."""
 
-        def attempt() -> None:
+        def run() -> None:
             try:
-                result: socket.socket | str = self.reconnect()
-            except ConnectError as error:
-                result = str(error)
+                result = work()
             except Exception as error:   # anything at all: the loop must hear back
-                result = f"cannot connect: {error}"
-            self.attempt_result = result
+                result = error
+            self.finished_work.append((then, result))
             with contextlib.suppress(OSError):
                 self.wake_writer.send(b".")
 
-        threading.Thread(target=attempt, name="connect", daemon=True).start()
+        threading.Thread(target=run, name=name, daemon=True).start()
 
-    def _on_attempt_done(self, _mask: int) -> None:
+    def _on_work_done(self, _mask: int) -> None:
         self.wake_reader.recv(64)
-        result, self.attempt_result = self.attempt_result, None
-        if result is None:
-            return
-        if isinstance(result, str):
-            self._say(result)
+        while self.finished_work and self.exit_code is None:
+            then, result = self.finished_work.popleft()
+            then(result)
+
+    def _try_again(self) -> None:
+        """Connect again, in the background."""
+        self.retry_at = 0.0
+        self._in_background("connect", self.reconnect, self._on_attempt_done)
+
+    def _on_attempt_done(self, result: object) -> None:
+        if isinstance(result, Exception):
+            # These two say why in words (an OptionError: a --cafile being replaced, say).
+            words = isinstance(result, (ConnectError, OptionError))
+            self._say(str(result) if words else f"cannot connect: {result}")
             self._wait_to_retry()
             return
         self.answers["nickname"] = self.me
@@ -1698,9 +1766,16 @@ class ChatClient:
 
     def on_server_line(self, raw: str) -> None:
         """Handle one line from the server: sign-in prompts, then messages to show."""
+        self.heard = True
         self.greeting_deadline = 0
+        if not self.online and IRC_MESSAGE.match(raw):
+            self._finish(f"{self.where} is an IRC port: use an IRC client there, or the server's "
+                         "pyChat port with this client", 1)
+            return
         line = sanitize(raw)
         message = classify(line)
+        if message.kind in (NOTICE, REPLY, ERROR):   # a pyChat server's line (a banner of another kind is not)
+            self.piped_greeting_deadline = 0.0
         self.roster.learn(message)
         if message.kind == NOTICE:
             gone = QUIT.match(message.text) or RENAMED.match(message.text)
@@ -1738,6 +1813,8 @@ class ChatClient:
         if line == FAREWELL:
             self.leaving = True
             self.leave_deadline = time.monotonic() + QUIT_TIMEOUT
+        if self.quiet and message.kind != ERROR:
+            return
         ring = self.bell and (mentioned or (message.kind == PRIVATE and not message.outgoing))
         self.display.show(render(message, self.painter, self.me), bell=ring)
 
@@ -1867,10 +1944,10 @@ class ChatClient:
 
     def send_typed(self, line: str) -> None:
         """Send a line the user typed: the answer to a sign-in question, or a message or command."""
-        if not line.strip():
+        if not line.strip() and not (self.answering and self.answering.answer in EMPTY_ANSWER_GOES_BACK):
             return
         if self.answering:
-            if self.answering.answer:
+            if self.answering.answer and line:
                 self.typed_answers[self.answering.answer] = line
             self.answering = None
             self._send_now(line)
@@ -2134,6 +2211,9 @@ def parse_options(argv: Optional[list[str]], environment: Optional[dict[str, str
                         default=environment.get(INVITATION_ENVIRONMENT) or None,
                         help="one-time code an operator gave you to sign in to a private server "
                              f"(default: ${INVITATION_ENVIRONMENT})")
+    parser.add_argument("--quiet", action="store_true",
+                        help="with standard input from a pipe or a file: print nothing but errors "
+                             "(not the room's history, nor what others say)")
     parser.add_argument("--color", action=argparse.BooleanOptionalAction,
                         help="colours (on in a terminal unless $NO_COLOR is set)")
     parser.add_argument("--bell", action=argparse.BooleanOptionalAction, default=False,
@@ -2172,20 +2252,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     with contextlib.suppress(AttributeError):
         sys.stdout.reconfigure(errors="replace")
     tls = options.tls or options.insecure or bool(options.cafile)
-    try:
-        context = tls_context(options.cafile, options.insecure) if tls else None
-    except OptionError as error:
-        print(f"pyChat: {error}", file=sys.stderr)
-        return 2
     if options.insecure:
         print("pyChat: warning: --insecure: the server's certificate is not checked",
               file=sys.stderr)
 
     def open_socket() -> socket.socket:
-        return connect(options.host, options.port, context)
+        # The TLS settings are read for each connection: a --cafile replaced since the last one (a
+        # server's regenerated self-signed certificate, given again at the same path) is trusted.
+        return connect(options.host, options.port,
+                       tls_context(options.cafile, options.insecure) if tls else None)
 
     try:
         sock = open_socket()
+    except OptionError as error:
+        print(f"pyChat: {error}", file=sys.stderr)
+        return 2
     except ConnectError as error:
         print(f"pyChat: {error}", file=sys.stderr)
         return 1
@@ -2198,7 +2279,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         account_password=options.account_password,
                         invitation_code=options.invitation_code,
                         keyboard=keyboard, reconnect=open_socket,
-                        where=f"{options.host}:{options.port}", tls=tls)
+                        probe_tls=lambda: speaks_tls(options.host, options.port),
+                        where=f"{options.host}:{options.port}", tls=tls,
+                        quiet=options.quiet and not interactive)
     if not interactive:
         return client.run()
     with keyboard_mode(sys.stdin.fileno()):

@@ -195,17 +195,9 @@ def test_offline_messages_are_shown_apart_with_their_sender_and_when_they_were_l
     alice.wait_for_input_line("alice #lobby> ")
 
 
-def test_a_private_server_invitation_code_and_new_password_are_typed_hidden(start_server, connect,
-                                                                          run_client, data):
+def test_a_private_server_invitation_code_and_new_password_are_typed_hidden(start_server, run_client, data):
     server = start_server("--data-dir", str(data), "--private", "--operator", "owner")
-    owner = connect(server)
-    owner.expect(re.escape("*** Choose a nickname:"))
-    owner.send("owner")
-    owner.expect(re.escape("*** Choose a password for owner:"))
-    owner.send(PASSWORD)
-    owner.expect(r"\*\*\* Welcome, owner", timeout=10)
-    owner.send("/invite-account dave")
-    code = re.match(r"-- Invitation for dave: (\S+) ", owner.expect("-- ")).group(1)
+    code = invited(server, "dave")
     dave = run_client(server, "--nick", "dave")
     dave.wait_for_input_line("invitation code for dave: ")
     dave.type_hidden(code[:6], "invitation code for dave: ")
@@ -215,6 +207,49 @@ def test_a_private_server_invitation_code_and_new_password_are_typed_hidden(star
     dave.type("staple 9\r")
     dave.wait_for_input_line("dave #lobby> ", timeout=10)
     assert_password_never_shown(dave, code, "paper staple 9")
+
+
+def test_an_empty_answer_at_the_password_prompt_goes_back_to_choosing_a_nickname(start_server, connect,
+                                                                                 run_client, data):
+    server = start_server("--data-dir", str(data))
+    registered(server, connect)
+    alice = run_client(server, "--nick", "alice")
+    alice.wait_for_input_line("password for alice: ")
+    alice.type("\r")
+    alice.wait_for_input_line("nickname: ")
+    alice.type("bob\r")
+    alice.wait_for_input_line("bob #lobby> ", timeout=10)
+    assert PASSWORD not in server.log() and "wrong password" not in server.log().lower(), server.log()
+
+
+def invited(server, nick: str) -> str:
+    """On a --private server whose operator is owner: sign owner in, invite NICK; returns the code."""
+    owner = LineClient(server.host, server.port)
+    try:
+        owner.expect(re.escape("*** Choose a nickname:"))
+        owner.send("owner")
+        owner.expect(re.escape("*** Choose a password for owner:"))
+        owner.send(PASSWORD)
+        owner.expect(r"\*\*\* Welcome, owner", timeout=10)
+        owner.send(f"/invite-account {nick}")
+        return re.match(rf"-- Invitation for {nick}: (\S+) ", owner.expect("-- ")).group(1)
+    finally:
+        owner.close()
+
+
+def test_an_empty_answer_at_the_invitation_code_prompt_goes_back_to_choosing_a_nickname(start_server,
+                                                                                       run_client, data):
+    server = start_server("--data-dir", str(data), "--private", "--operator", "owner")
+    code = invited(server, "dave")
+    dave = run_client(server, "--nick", "dave")
+    dave.wait_for_input_line("invitation code for dave: ")
+    dave.type("\r")
+    dave.wait_for_input_line("nickname: ")
+    dave.type("dave\r")                     # the code is still good: it was not used up, nor guessed
+    dave.wait_for_input_line("invitation code for dave: ")
+    dave.type(code + "\r")
+    dave.wait_for_input_line("choose a password for dave: ", timeout=10)
+    assert_password_never_shown(dave, code)
 
 
 def test_piped_the_account_password_comes_from_the_environment_or_the_client_says_how(start_server, connect,

@@ -6,11 +6,10 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
-from test_client_pipe import CLIENT, certificates, run_piped, tls_server  # noqa: F401 (fixtures)
+from test_client_pipe import CLIENT, run_piped
 from test_client_terminal import fake_server, run_client  # noqa: F401 (fixtures)
 
 
@@ -64,23 +63,6 @@ def test_a_history_time_past_what_the_local_zone_can_show_is_no_crash(fake_serve
     alice.wait_for_row(r"^\[23:59:59\] bob: from the end of time$")
     alice.wait_for_row(r"bob: now$")
     assert alice.process.poll() is None
-
-
-def test_plain_client_at_a_tls_server_says_the_server_may_need_tls(tls_server):
-    client = subprocess.Popen(
-        [sys.executable, str(CLIENT), "--host", tls_server.host, "--port", str(tls_server.port),
-         "--nick", "ci"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        line = b""
-        while b"try --tls" not in line and time.monotonic() < deadline:
-            line = client.stderr.readline()
-            if not line:
-                break
-        assert line.decode().startswith(f"pyChat: no greeting from {tls_server.host}:{tls_server.port}"), line
-    finally:
-        client.kill()
-        client.wait()
 
 
 def test_tls_client_at_a_plain_server_says_so_in_words(server):

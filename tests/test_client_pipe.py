@@ -18,15 +18,15 @@ CLIENT = pathlib.Path(__file__).resolve().parent.parent / "pyChat-client.py"
 
 # -- piped input -----------------------------------------------------------------------
 
-def run_piped(server, text: str, *args: str, host: str | None = None,
-              env: dict | None = None) -> subprocess.CompletedProcess:
+def run_piped(server, text: str, *args: str, host: str | None = None, env: dict | None = None,
+              timeout: float = 15) -> subprocess.CompletedProcess:
     """Run the client with TEXT as its standard input; bounded in time."""
     environment = {name: value for name, value in os.environ.items()
                    if name not in ("PYCHAT_PASSWORD", "NO_COLOR")}
     environment.update(env or {})
     return subprocess.run(
         script_command(CLIENT, "--host", host or server.host, "--port", str(server.port), *args),
-        input=text.encode(), capture_output=True, timeout=15, env=environment)
+        input=text.encode(), capture_output=True, timeout=timeout, env=environment)
 
 
 def test_piped_line_is_sent_and_client_exits_zero(server, connect):
@@ -53,6 +53,19 @@ def test_piped_lines_beyond_the_burst_are_paced_to_the_flood_limit_and_none_is_d
     assert result.returncode == 0, result.stderr.decode()
     assert "!! " not in result.stdout.decode(), "the server refused lines as too fast"
     assert [bob.expect(r"^ci: ") for _ in range(25)] == [f"ci: line {n}" for n in range(25)]
+
+
+def test_piped_quiet_prints_the_servers_errors_and_nothing_of_the_room(server, connect):
+    bob = connect(server, "bob")
+    bob.send("bob: the launch code is 0000")
+    bob.expect("bob: bob: the launch code")          # said, so the room's history holds it
+    result = run_piped(server, "deploy done\n/nosuchcommand\n", "--nick", "ci", "--quiet")
+    assert result.returncode == 0, result.stderr.decode()
+    assert bob.expect(r"^ci: ") == "ci: deploy done"
+    printed = result.stdout.decode().splitlines()
+    assert [re.sub(r"^\[\d\d:\d\d:\d\d\] ", "", line) for line in printed] == \
+        ["!! Unknown command /nosuchcommand. Type /help for the list."], printed
+    assert result.stderr == b""
 
 
 def test_piped_refused_nick_exits_nonzero_with_the_reason(server):
