@@ -425,7 +425,8 @@ def test_uptime_tells_the_version_age_and_most_people_at_once(chat):
     alice.expect(r"\*\*\* bob quit")
     alice.send("/uptime")
     assert re.match(r"-- pyChat \S+, up since \d{4}-\d\d-\d\d \d\d:\d\d UTC \(\d+s\); 1 online in 1 room\(s\) "
-                    r"now; at most 2 at once\.$", alice.expect("-- ")), alice.seen[-1]
+                    r"now; at most 2 at once; /search searches the full-text index\.$", alice.expect("-- ")), \
+        alice.seen[-1]
 
 
 # -- offline messages ------------------------------------------------------------------------------------

@@ -238,6 +238,7 @@ def test_a_10_mib_line_without_newline_is_refused_once_and_server_memory_stays_f
 
 
 @pytest.mark.server_options("--rate", "0")
+@pytest.mark.server_options("--history-days", "0")     # what history holds is bounded by --history-max-mb
 def test_output_for_a_client_that_never_reads_stays_bounded_in_server_memory(server, connect):
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
