@@ -237,8 +237,8 @@ def test_a_10_mib_line_without_newline_is_refused_once_and_server_memory_stays_f
     assert growth < 4096, f"server memory grew by {growth} KiB while reading one 10 MiB line"
 
 
-@pytest.mark.server_options("--rate", "0")
-@pytest.mark.server_options("--history-days", "0")     # what history holds is bounded by --history-max-mb
+# Without history, which --history-max-mb bounds on its own.
+@pytest.mark.server_options("--rate", "0", "--history-days", "0")
 def test_output_for_a_client_that_never_reads_stays_bounded_in_server_memory(server, connect):
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
