@@ -1825,12 +1825,15 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
         A registered name (or a look-alike of one) asks for its password: three
         wrong ones close the connection, an empty answer goes back to choosing
-        a nickname (Problem("")). On a --private server a name without an
-        account needs an invitation code, and then a new password.
+        a nickname (Problem("")). A name with an invitation waiting (on a
+        --private server, any name without an account) needs its invitation
+        code, and then a new password.
         """
-        registered = self.server.storage.account_name(nick)
+        storage = self.server.storage
+        registered = storage.account_name(nick)
         if registered is None:
-            return self.accept_invitation(normal_name(nick), lines) if self.server.options.private else None
+            invited = self.server.options.private or storage.invitation_waiting(nick)
+            return self.accept_invitation(normal_name(nick), lines) if invited else None
         if not self.ask_secret(lines, registered, "password",
                                lambda given: self.server.check_account(self, registered, given) is not None):
             return Problem("")
@@ -1860,16 +1863,17 @@ class ClientConnection(socketserver.BaseRequestHandler):
     def accept_invitation(self, nick: str, lines: Iterator[str | None]) -> str | Problem:
         """On a --private server: NICK's invitation code, then their new password; returns the new account."""
         storage = self.server.storage
-        named = name_key(nick) in storage.named_operators      # may choose their password at once
-        if not named and not storage.invitation_waiting(nick):
+        if not storage.invitation_waiting(nick):
             return Problem("This server is private: only people with an account may sign in. "
                            "An operator can invite you with /invite-account.")
-        if not named and not self.ask_secret(lines, nick, "code", lambda given: self.server.check_secret(
+        if not self.ask_secret(lines, nick, "code", lambda given: self.server.check_secret(
                 self, f"invitation code for {nick}", lambda: storage.invitation_matches(nick, given))):
             return Problem("")
         while True:
             self.output.send(AccountPrompt(nick, "new password"))
             password = clean_text(next(lines) or "").strip()
+            if not password:
+                return Problem("")      # back to choosing a nickname; the invitation still holds
             problem = password_problem(password, nick)
             if problem is None:
                 break
@@ -2925,10 +2929,18 @@ class Storage:
     # -- operators ------------------------------------------------------------------
 
     def _name_operators(self) -> None:
-        """Keep the names given with --operator as operators, as /oper add would."""
+        """One rule for --operator: a name is an operator's while it is named, and one dropped from the list
+        loses what the list gave it (an operator made with /oper add stays one until /oper remove)."""
+        for key, in self._query("SELECT key FROM operators WHERE by='--operator'"):
+            if key not in self.named_operators:
+                self._change(("DELETE FROM operators WHERE key=?", (key,)))
         for key, name in self.named_operators.items():
             if not self._query("SELECT 1 FROM operators WHERE key=?", (key,)):
                 self._change(("INSERT INTO operators VALUES (?, ?, '--operator', ?)", (key, name, time.time())))
+
+    def unclaimed_operators(self) -> list[str]:
+        """The names --operator gives that have no account yet."""
+        return [name for name in self.named_operators.values() if self.account_name(name) is None]
 
     def is_operator(self, nick: str) -> bool:
         return bool(self._query("SELECT 1 FROM operators WHERE key=?", (name_key(nick),)))
@@ -3646,6 +3658,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.lobby: Room | None = None
         self.lobby = self.room_named(DEFAULT_ROOM)      # everyone's first room, never forgotten
         log.info("%s: %s", options.data_dir or "in memory (no --data-dir)", self.storage.describe())
+        for name in self.storage.unclaimed_operators():
+            # Kept for its owner, who proves to be them with a code only the log shows, instead of being
+            # taken by whoever signs in as the name first. A new code at every start until it is used.
+            code = self.storage.invite(name, "--operator")
+            log.warning("--operator %s has no account yet: the name is kept for whoever signs in as %s with "
+                        "the invitation code %s (it works once, for %d days) and chooses a password",
+                        name, name, code, INVITATION_SECONDS // 86400)
         self.spare_descriptor = os.open(os.devnull, os.O_RDONLY | _CLOEXEC)
         self.workers = Workers()
         self.switchboard = Switchboard(options.max_queue, options.stall_timeout, self.workers)
@@ -3940,6 +3959,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         account = claimant.account if claimant is not None else account
         if registered is not None and (account is None or name_key(account) != name_key(registered)):
             return f"{registered} is registered: sign in as {registered} with its password to use it."
+        if registered is None and self.storage.invitation_waiting(nick):
+            return f"{nick} is kept for someone invited: sign in as {nick} with the invitation code."
         return None
 
     def deliver_offline_messages(self, person: Person) -> None:

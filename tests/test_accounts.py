@@ -31,11 +31,24 @@ def register(client: LineClient, password: str = PASSWORD) -> str:
     return client.expect(r"-- Registered |!! ", timeout=10)
 
 
-def register_as_operator(client: LineClient) -> None:
-    """Register CLIENT's nickname, which --operator named: the account is an operator's."""
-    client.send(f"/register {PASSWORD}")
-    lines = client.lines_until(r"-- Registered |!! ", timeout=10)
+def operator_code(server, nick: str) -> str:
+    """The one-time code the server logged at start for NICK, named by --operator and with no account yet."""
+    return server.wait_for_log(rf"--operator {nick} has no account yet: .* invitation code (\S+) ").group(1)
+
+
+def claim_operator(server, client: LineClient, nick: str = "alice", password: str = PASSWORD) -> LineClient:
+    """Sign CLIENT (connected, not signed in) in as NICK, which --operator named: with the code from the
+    server's log, then a new password. The account is an operator's."""
+    client.expect(re.escape(NICKNAME_PROMPT))
+    client.send(nick)
+    client.expect(re.escape(f"*** Invitation code for {nick}:"))
+    client.send(operator_code(server, nick))
+    client.expect(re.escape(f"*** Choose a password for {nick}:"))
+    client.send(password)
+    lines = client.lines_until(r"\*\*\* You are in #", timeout=10)
     assert "*** You are an operator of this server." in lines, shown(lines)
+    client.nick = nick
+    return client
 
 
 def sign_in(client: LineClient, nick: str, password: str = PASSWORD, registered: str | None = None) -> list[str]:
@@ -198,10 +211,13 @@ def test_without_a_data_directory_a_registration_says_it_lasts_until_a_restart(s
 
 def test_operators_are_accounts_named_at_start_or_made_by_another_and_kept(start_server, connect, data):
     server = start_server("--data-dir", str(data), "--operator", "alice")
-    alice = connect(server, "alice")
-    alice.send("/ban nobody-here")
-    assert alice.expect("!! ").startswith("!! /ban: not allowed"), "a guest named alice was an operator"
-    register_as_operator(alice)
+    stranger = connect(server)              # whoever comes first does not get the name, nor its rights
+    stranger.expect(re.escape(NICKNAME_PROMPT))
+    stranger.send("alice")
+    stranger.expect(re.escape("*** Invitation code for alice:"))
+    stranger.send("")
+    stranger.expect(re.escape(NICKNAME_PROMPT))
+    alice = claim_operator(server, connect(server))
     bob = connect(server, "bob")
     register(bob)
     alice.send("/oper add bob")
@@ -210,11 +226,18 @@ def test_operators_are_accounts_named_at_start_or_made_by_another_and_kept(start
     alice.send("/oper")
     assert alice.expect("-- |!! ") == "-- Operators: alice, bob"
     server.stop(signal.SIGKILL)
-    again = start_server("--data-dir", str(data))
+    again = start_server("--data-dir", str(data), "--operator", "alice")
     bob = connect(again)
     assert "*** You are an operator of this server." in sign_in(bob, "bob")
-    bob.send("/oper remove alice")
-    assert bob.expect("-- |!! ") == "-- alice is no longer an operator of the server."
+    bob.send("/oper")
+    assert bob.expect("-- |!! ") == "-- Operators: alice, bob"
+    again.stop(signal.SIGKILL)
+    # Dropped from --operator, alice is no operator of the server any more: one rule, whatever she did.
+    again = start_server("--data-dir", str(data))
+    bob = connect(again)
+    sign_in(bob, "bob")
+    bob.send("/oper")
+    assert bob.expect("-- |!! ") == "-- Operators: bob"
     bob.send("/oper remove bob")
     assert bob.expect("-- |!! ").startswith("!! bob is the last operator")
     bob.send("/oper add carol")
@@ -227,9 +250,7 @@ def test_operators_are_accounts_named_at_start_or_made_by_another_and_kept(start
 def moderated(start_server, connect, data):
     """A server with a data directory where alice is an operator by account."""
     server = start_server("--data-dir", str(data), "--operator", "alice")
-    alice = connect(server, "alice")
-    register_as_operator(alice)
-    return server, alice
+    return server, claim_operator(server, connect(server))
 
 
 def test_a_banned_guest_is_disconnected_with_the_reason_and_kept_out_under_any_nickname(moderated, connect):
@@ -336,7 +357,9 @@ def test_a_private_server_lets_in_only_accounts_and_people_invited_with_a_one_ti
                                       "An operator can invite you with /invite-account.")
     alice = connect(server)
     alice.expect(re.escape(NICKNAME_PROMPT))
-    alice.send("alice")             # named by --operator: chooses her password at her first sign-in
+    alice.send("alice")             # named by --operator: proves it with the code in the log, chooses a password
+    alice.expect(re.escape("*** Invitation code for alice:"))
+    alice.send(operator_code(server, "alice"))
     alice.expect(re.escape("*** Choose a password for alice:"))
     alice.send(PASSWORD)
     alice.expect(r"\*\*\* Welcome, alice")
@@ -501,8 +524,7 @@ def test_a_kill_9_at_a_random_moment_keeps_every_confirmed_registration_and_ban(
     seed = random.randrange(10 ** 6)
     moments = random.Random(seed)
     server = start_server("--data-dir", str(data), "--operator", "alice", "--rate", "0")
-    alice = connect(server, "alice")
-    register(alice)
+    alice = claim_operator(server, connect(server))
     confirmed_accounts, confirmed_bans = ["alice"], []
     kill_at = moments.randrange(2, 12)
     for n in range(30):
@@ -525,7 +547,7 @@ def test_a_kill_9_at_a_random_moment_keeps_every_confirmed_registration_and_ban(
             break
     server.process.wait(TIMEOUT)
     assert len(confirmed_accounts) >= 3, f"seed {seed}: too few registrations confirmed to prove anything"
-    again = start_server("--data-dir", str(data))
+    again = start_server("--data-dir", str(data), "--operator", "alice")
     for name in confirmed_accounts:
         client = connect(again)
         client.expect(re.escape(NICKNAME_PROMPT))
@@ -550,8 +572,7 @@ def test_after_a_kill_9_the_server_knows_every_account_operator_ban_topic_and_of
     """The README's story: alice registers and runs the server, bans a troll, sets a topic; bob leaves
     her a message; kill -9; everything is still there."""
     server = start_server("--data-dir", str(data), "--operator", "alice")
-    alice = connect(server, "alice")
-    register_as_operator(alice)
+    alice = claim_operator(server, connect(server))
     troll = ClientFrom(server.host, server.port, "127.0.0.2")
     troll.login("troll")
     alice.send("/ban troll 1d trolling")
@@ -565,7 +586,7 @@ def test_after_a_kill_9_the_server_knows_every_account_operator_ban_topic_and_of
     bob.expect("-- alice is offline")
     server.stop(signal.SIGKILL)
 
-    again = start_server("--data-dir", str(data))
+    again = start_server("--data-dir", str(data), "--operator", "alice")
     for spelling in ("alice", "аlice"):
         impostor = connect(again)
         impostor.expect(re.escape(NICKNAME_PROMPT))
@@ -632,9 +653,7 @@ def test_bans_hold_for_ipv6_addresses_too(start_server, connect, data):
     except OSError:
         pytest.skip("no IPv6 loopback")
     server = start_server("--host", "::", "--data-dir", str(data), "--operator", "alice")
-    alice = ClientFrom("127.0.0.1", server.port, "127.0.0.1")
-    alice.login("alice")
-    register_as_operator(alice)
+    alice = claim_operator(server, ClientFrom("127.0.0.1", server.port, "127.0.0.1"))
     troll = ClientFrom("::1", server.port, "::1")
     troll.login("troll6")
     alice.send("/ban troll6 10m")
@@ -643,3 +662,28 @@ def test_bans_hold_for_ipv6_addresses_too(start_server, connect, data):
     again = ClientFrom("::1", server.port, "::1").wait_closed()
     assert len(again) == 1 and again[0].startswith("!! You are banned from this server until "), again
     alice.close()
+
+
+def test_an_operator_name_without_an_account_is_kept_for_the_code_in_the_log_at_both_doors(start_server, connect,
+                                                                                            irc_connect, data):
+    server = start_server("--data-dir", str(data), "--operator", "alice", "--irc-port", "0", "--guess-delay", "0")
+    code = operator_code(server, "alice")
+    irc = irc_connect(server)
+    irc.send("NICK alice")
+    irc.send("USER alice 0 * :someone")
+    refusal = irc.expect(r":\S+ 433 ")
+    assert "kept for someone invited" in refusal, refusal
+    stranger = connect(server)
+    stranger.expect(re.escape(NICKNAME_PROMPT))
+    stranger.send("alice")
+    stranger.expect(re.escape("*** Invitation code for alice:"))
+    stranger.send("not-the-code")
+    assert stranger.expect("!! ") == "!! Wrong invitation code for alice."
+    stranger.expect(re.escape("*** Invitation code for alice:"))
+    stranger.send(code)
+    stranger.expect(re.escape("*** Choose a password for alice:"))
+    stranger.send("")                       # changed their mind: back to choosing a nickname, the code unspent
+    stranger.expect(re.escape(NICKNAME_PROMPT))
+    stranger.close()
+    claim_operator(server, connect(server))
+    assert code not in server.log().split("invitation code", 1)[1].split("\n", 1)[1], "the code was logged again"

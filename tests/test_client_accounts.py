@@ -10,6 +10,7 @@ import signal
 import pytest
 
 from conftest import LineClient
+from test_accounts import operator_code
 from test_client_pipe import run_piped
 from test_client_terminal import CTRL_C, UP, run_client  # noqa: F401 (fixture)
 
@@ -228,6 +229,8 @@ def invited(server, nick: str) -> str:
     try:
         owner.expect(re.escape("*** Choose a nickname:"))
         owner.send("owner")
+        owner.expect(re.escape("*** Invitation code for owner:"))
+        owner.send(operator_code(server, "owner"))
         owner.expect(re.escape("*** Choose a password for owner:"))
         owner.send(PASSWORD)
         owner.expect(r"\*\*\* Welcome, owner", timeout=10)

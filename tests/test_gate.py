@@ -14,7 +14,7 @@ import re
 import pytest
 
 from conftest import ClientFrom, IrcClient, irc_port, shown
-from test_accounts import register, register_as_operator
+from test_accounts import claim_operator, register
 
 NICKNAME_PROMPT = "*** Choose a nickname:"
 PASSWORD_PROMPT = "*** Password:"
@@ -65,8 +65,7 @@ def moderated(start_server, connect, tmp_path):
     has an account too (registered from 127.0.0.2)."""
     server = start_server("--data-dir", str(tmp_path / "data"), "--operator", "alice", "--irc-port", "0",
                           "--guess-delay", "0", "--max-per-ip", "0")
-    alice = connect(server, "alice")
-    register_as_operator(alice)
+    alice = claim_operator(server, connect(server))
     mallory = ClientFrom(server.host, server.port, "127.0.0.2")
     mallory.login("mallory")
     register(mallory, ACCOUNT_PASSWORD)
