@@ -54,6 +54,7 @@ import socketserver
 import sqlite3
 import ssl
 import stat
+import struct
 import sys
 import threading
 import time
@@ -62,8 +63,9 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 try:
     import fcntl
+    import termios
 except ImportError:     # Windows: the data directory is not locked against a second server
-    fcntl = None
+    fcntl = termios = None
 
 import commands
 
@@ -1041,6 +1043,31 @@ def wait_until_writable(sock: socket.socket, timeout: float) -> None:
         select.select((), (sock,), (), max(0.0, timeout))
 
 
+TCP_STILL_OPEN = (1, 8)                 # TCP_INFO's states ESTABLISHED and CLOSE_WAIT: what is sent may arrive
+ACKNOWLEDGED_POLL = 0.01                # seconds between looks at what the other end has not acknowledged yet
+
+
+def acknowledged(sock: socket.socket, deadline: float) -> bool:
+    """Whether the other end's TCP has acknowledged everything written to SOCK, waiting until DEADLINE (a
+    time.monotonic()). A socket the kernel has taken bytes for may still lose them: the other end may have
+    closed, and answers them with a reset. True where the system cannot tell (not Linux)."""
+    if termios is None or not hasattr(termios, "TIOCOUTQ") or not hasattr(socket, "TCP_INFO"):
+        return True
+    try:
+        while True:
+            unacknowledged = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+            if state not in TCP_STILL_OPEN or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                return False
+            if not unacknowledged:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(ACKNOWLEDGED_POLL)
+    except (OSError, ValueError):
+        return False
+
+
 def take(chunks: collections.deque[bytes], count: int) -> bytes:
     """The first COUNT of CHUNKS, taken off and joined, while other threads may append to them."""
     if count == 1:
@@ -1085,6 +1112,7 @@ class Output:
         # instant before it ended may still append a line: whatever comes after the farewell is dropped.
         self.last_words: bytes | None = None
         self.closed = False
+        self.broken = False                 # a write failed: the socket is gone, whatever it took before
         self.refusing = False               # ending or closed: nothing more is queued
         self.reader = reader                # the connection, once the switchboard reads it
         self.owner: int | None = None       # the thread that signs the connection in, while it does
@@ -1197,6 +1225,7 @@ class Output:
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 sent = 0
             except OSError:
+                self.broken = True
                 return False        # whoever reads the connection will find it gone
             if sent == len(data):
                 return False
@@ -1241,6 +1270,7 @@ class Output:
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             sent = 0
         except OSError:
+            self.broken = True
             return False
         if sent < len(data):
             self.outbox[:0] = memoryview(data)[sent:]
@@ -1250,6 +1280,16 @@ class Output:
         if self.outbox and self.stalled_since is None:
             self.stalled_since = time.monotonic()
         return bool(self.outbox)
+
+    def write_all(self, seconds: float) -> bool:
+        """(the thread that signs the connection in) Write everything queued, waiting up to SECONDS for the
+        other end to acknowledge it; True only if it did, with no write failing."""
+        deadline = time.monotonic() + seconds
+        while self.flush():
+            if time.monotonic() >= deadline:
+                return False
+            wait_until_writable(self.sock, deadline - time.monotonic())
+        return not self.broken and not self.closed and acknowledged(self.sock, deadline)
 
     def stalled_longer_than(self, seconds: float, now: float) -> bool:
         """True if the socket has taken nothing for SECONDS while output waited."""
@@ -3966,9 +4006,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def deliver_offline_messages(self, person: Person) -> None:
         """Show PERSON what was left for their account while they were away, but what came from people they ignore.
 
-        They stay kept until the socket has taken them, so that a kill -9 in
-        between loses none: the next sign-in would show them again. Called on
-        the thread that signs PERSON in, which writes its own output.
+        They stay kept until the socket has taken them all, so that a kill -9 in
+        between, a connection that fails, or one too slow to take them within
+        --stall-timeout loses none: the next sign-in shows them again. Called on
+        the thread that signs PERSON in, which writes its own output and may
+        wait for it.
         """
         try:
             messages = self.storage.offline_waiting(person.account)
@@ -3982,8 +4024,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             for message in shown:
                 person.output.send(OfflinePrivate(message.when, message.sender, message.text))
             person.output.send(Notice("End of messages left for you."))
-            if person.output.flush():
-                self.switchboard.mark_ready([person.output])     # the socket took only part: keep them
+            if not person.output.write_all(self.options.stall_timeout):
+                self.switchboard.mark_ready([person.output])     # what is left still goes; they stay kept
                 return
         try:
             self.storage.remove_offline(messages)

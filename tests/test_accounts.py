@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ClientFrom, TIMEOUT, LineClient, database_rows, shown
+from conftest import ClientFrom, TIMEOUT, LineClient, database_rows, reset, shown
 
 NICKNAME_PROMPT = "*** Choose a nickname:"
 PASSWORD = "correct horse"
@@ -687,3 +687,70 @@ def test_an_operator_name_without_an_account_is_kept_for_the_code_in_the_log_at_
     stranger.close()
     claim_operator(server, connect(server))
     assert code not in server.log().split("invitation code", 1)[1].split("\n", 1)[1], "the code was logged again"
+
+
+def leave_messages(server, connect, recipient: str, texts: list[str], senders: tuple[str, ...] = ("bob",)) -> None:
+    """Leave TEXTS for the offline account RECIPIENT, from guests each at an address of their own."""
+    for n, sender in enumerate(senders):
+        client = ClientFrom(server.host, server.port, f"127.0.0.{2 + n}")
+        client.login(sender)
+        for text in texts[n::len(senders)]:
+            client.send(f"/msg {recipient} {text}")
+            assert client.expect(r"-- |!! ").startswith(f"-- {recipient} is offline"), client.seen[-1]
+        client.close()
+
+
+def test_offline_messages_stay_kept_when_the_connection_fails_before_they_are_written(start_server, connect,
+                                                                                      data):
+    server = start_server("--data-dir", str(data), "--max-per-ip", "0")
+    alice = connect(server, "alice")
+    register(alice)
+    alice.send("/quit")
+    alice.wait_closed()
+    leave_messages(server, connect, "alice", ["are you there?"])
+    gone = LineClient(server.host, server.port)
+    gone.expect(re.escape(NICKNAME_PROMPT))
+    gone.send("alice")
+    gone.expect(password_prompt("alice"))
+    gone.send(PASSWORD)
+    time.sleep(0.01)            # the password is being checked (tens of milliseconds of scrypt) ...
+    reset(gone.sock)            # ... when the connection fails: what the server writes next is never read
+    server.wait_for_log(r"alice@127\.0\.0\.1 (left|closed)")
+    alice = connect(server)
+    lines = sign_in(alice, "alice") + alice.lines_until(re.escape("*** End of messages left for you."), timeout=10)
+    assert ("bob", "are you there?") in [HISTORY.match(line).groups()[1:] for line in lines if HISTORY.match(line)]
+
+
+def test_offline_messages_to_a_slow_reader_are_all_shown_once_and_then_no_longer_kept(start_server, connect,
+                                                                                      data):
+    server = start_server("--data-dir", str(data), "--max-per-ip", "0")
+    alice = connect(server, "alice")
+    register(alice)
+    alice.send("/quit")
+    alice.wait_closed()
+    texts = [f"{n} " + "x" * 3900 for n in range(20)]
+    leave_messages(server, connect, "alice", texts, ("bob", "carol"))
+    talker = connect(server, "talker")
+    for text in texts:          # the lobby's history, shown first: with the messages, more than sockets hold
+        talker.send(text)
+    talker.expect(f"talker: {texts[-1]}")
+    talker.close()
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect((server.host, server.port))
+    slow.sendall(b"alice\n" + PASSWORD.encode() + b"\n")
+    received = b""
+    deadline = time.monotonic() + 20
+    time.sleep(0.5)             # the slow link: nothing read for a while, then everything
+    while b"End of messages left for you." not in received and time.monotonic() < deadline:
+        slow.settimeout(deadline - time.monotonic())
+        received += slow.recv(1024)
+    assert received.count(b"[offline ") == 20, received[-300:]
+    slow.sendall(b"/quit\n")
+    slow.close()
+    server.wait_for_log(r"alice@127\.0\.0\.1 left")
+    again = connect(server)
+    sign_in(again, "alice")
+    again.send("here")
+    assert not any(HISTORY.match(line) for line in again.lines_until("alice: here")), \
+        "offline messages that were all shown were shown again"
