@@ -16,7 +16,10 @@ import time
 
 import pytest
 
-from conftest import ClientFrom, SERVER_SCRIPT, TIMEOUT, LineClient, database_rows, shown
+from conftest import ClientFrom, SERVER_SCRIPT, TIMEOUT, LineClient, database_rows, import_script, shown
+from test_accounts import PASSWORD, claim_operator, register, sign_in
+
+module = import_script(SERVER_SCRIPT, "pychat_server")
 
 HISTORY_LINE = re.compile(r"\[history (\S+)\] (.*)")
 
@@ -198,3 +201,212 @@ def test_a_kill_9_at_random_moments_loses_no_confirmed_line(start_server, tmp_pa
     missing = [line for line in confirmed if line not in kept]
     assert not missing, f"seed {seed}: {len(missing)} confirmed lines lost, such as {shown(missing, 3)}"
     client.close()
+
+
+# -- every kind of record, across restarts --------------------------------------------------------------------
+
+KINDS = ("accounts", "operators", "invitations", "bans", "rooms", "offline", "messages")
+
+
+def kept(data) -> dict:
+    """Every record of every kind in DATA's database; an invitation without its code, which a start remakes
+    for an --operator name that has no account yet."""
+    rows = {kind: sorted(database_rows(data, f"SELECT * FROM {kind}")) for kind in KINDS}
+    rows["invitations"] = [row[:2] + row[3:4] for row in rows["invitations"]]
+    return rows
+
+
+def test_a_record_of_every_kind_survives_three_restarts_clean_or_killed(start_server, connect, tmp_path):
+    data = tmp_path / "data"
+    options = ("--data-dir", str(data), "--operator", "alice", "--operator", "olga", "--guess-delay", "0",
+               "--max-per-ip", "0")
+    server = start_server(*options)
+    alice = claim_operator(server, connect(server))
+    bob = connect(server, "bob")
+    register(bob)
+    alice.send("/oper add bob")
+    alice.expect("-- bob is now an operator")
+    alice.send("/ban 127.0.0.3 1w spam")
+    alice.expect("-- Banned the address 127.0.0.3")
+    alice.send("/topic be nice")
+    alice.expect(r"\*\*\* alice set the topic")
+    alice.send("/join dev")
+    alice.send("/topic ship it")
+    alice.expect(r"\*\*\* alice set the topic of #dev")
+    alice.send("said in dev")
+    alice.expect("alice: said in dev")
+    bob.send("/quit")
+    bob.wait_closed()
+    alice.send("/msg bob while you were out")
+    alice.expect("-- bob is offline")
+    before = kept(data)
+    assert all(before[kind] for kind in KINDS), {kind: len(rows) for kind, rows in before.items()}
+    for restart in range(3):
+        server.stop(signal.SIGKILL if restart != 1 else signal.SIGTERM)
+        server = start_server(*options)
+        assert kept(data) == before, f"restart {restart + 1} changed what was kept"
+    refused = ClientFrom(server.host, server.port, "127.0.0.3").wait_closed()
+    assert refused and "spam" in refused[0]
+    bob = connect(server)
+    lines = sign_in(bob, "bob") + bob.lines_until(re.escape("*** End of messages left for you."), timeout=10)
+    assert "*** You are an operator of this server." in lines and "*** Topic of #lobby: be nice" in lines
+    assert any(line.endswith("from alice] while you were out") for line in lines), shown(lines)
+    bob.send("/join dev")
+    joined = bob.lines_until(r"\[history .*said in dev")
+    assert "*** Topic of #dev: ship it" in joined, shown(joined)
+    assert server.log().count("--operator olga has no account yet") == 1     # this start's own code
+
+
+# -- backups -----------------------------------------------------------------------------------------------------
+
+def test_a_backup_of_a_busy_server_is_whole_and_starts_a_server_of_its_own(start_server, connect, tmp_path):
+    data = tmp_path / "data"
+    server = start_server("--data-dir", str(data), "--rate", "0")
+    alice = connect(server, "alice")
+    register(alice)
+    talking = threading.Event()
+
+    def talk() -> None:
+        for n in range(100_000):
+            if talking.is_set():
+                return
+            alice.send(f"line {n}")
+            if n % 100 == 99:
+                alice.expect(f"alice: line {n}$", timeout=10)
+
+    talker = threading.Thread(target=talk)
+    talker.start()
+    try:
+        copy = tmp_path / "copy.db"
+        backup = run_server("--data-dir", str(data), "--backup", str(copy))
+    finally:
+        talking.set()
+        talker.join(20)
+    assert backup.returncode == 0 and f"copied {data / 'pychat.db'} to {copy}" in backup.stdout, backup.stderr
+    assert stat.S_IMODE(os.stat(copy).st_mode) == 0o600
+    restored = tmp_path / "restored"
+    restored.mkdir(mode=0o700)
+    os.replace(copy, restored / "pychat.db")
+    assert run_server("--data-dir", str(restored), "--check").returncode == 0
+    again = start_server("--data-dir", str(restored), "--history", "3")
+    bob = connect(again)
+    bob.expect(re.escape("*** Choose a nickname:"))
+    bob.send("bob")
+    bob.send("here")
+    replay = [HISTORY_LINE.match(line).group(2) for line in bob.lines_until("bob: here") if HISTORY_LINE.match(line)]
+    numbers = [int(line.rsplit(" ", 1)[1]) for line in replay]
+    assert len(numbers) == 3 and numbers == list(range(numbers[0], numbers[0] + 3)), replay
+    assert "*** Password for alice:" in sign_in_prompt(again, connect, "alice"), "the account was not copied"
+    assert run_server("--data-dir", str(data), "--backup", str(restored / "pychat.db")).returncode == 1
+
+
+def sign_in_prompt(server, connect, nick: str) -> list[str]:
+    client = connect(server)
+    client.expect(re.escape("*** Choose a nickname:"))
+    client.send(nick)
+    return [client.expect(r"\*\*\* |!! ")]
+
+
+# -- upgrading from 2.0 -------------------------------------------------------------------------------------------
+
+def test_a_2_0_data_directory_keeps_its_people_their_bans_topics_messages_and_a_month_of_history(
+        start_server, connect, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    salt = os.urandom(16)
+    month_ago = time.time() - 30 * 86400
+    records = {
+        "accounts.jsonl": [{"key": module.name_key("alice"), "value": {
+            "name": "alice", "salt": salt.hex(), "hash": module.hash_password(PASSWORD, salt).hex(), "n": 2 ** 14,
+            "r": 8, "p": 1, "since": month_ago, "ignoring": []}}],
+        "rooms.jsonl": [{"key": "lobby", "value": {"room": "lobby", "topic": "welcome back", "modes": []}}],
+        "offline.jsonl": [{"key": module.name_key("alice") + "/1", "value": {
+            "to": "alice", "from": "bob", "from_key": "bob", "time": month_ago, "text": "did you see it?"}}],
+        "history.jsonl": [{"time": month_ago, "room": "lobby", "line": "bob: the migration plan is ready"},
+                          {"time": month_ago + 1, "room": "lobby", "line": "* bob ships it"}],
+    }
+    for name, lines in records.items():
+        (data / name).write_text("".join(json.dumps(line) + "\n" for line in lines) + "{damaged\n")
+    write_bans(data, {"kind": "network", "target": "127.0.1.0/24"})
+    server = start_server("--data-dir", str(data))
+    server.wait_for_log(r"imported pyChat 2\.0's files in .*1 from accounts\.jsonl.*2 from history\.jsonl")
+    assert sorted(os.listdir(data)) == sorted(["lock", "pychat.db", "pychat.db-shm", "pychat.db-wal"]
+                                              + [f"{name}.imported" for name in [*records, "bans.jsonl"]])
+    assert ClientFrom(server.host, server.port, "127.0.1.7").wait_closed()[0].startswith("!! You are banned")
+    alice = connect(server)
+    lines = sign_in(alice, "alice") + alice.lines_until(re.escape("*** End of messages left for you."), timeout=10)
+    assert "*** Topic of #lobby: welcome back" in lines and any("did you see it?" in line for line in lines)
+    alice.send("/search migration")
+    found = alice.expect("-- ")
+    day = time.strftime("%Y-%m-%d", time.gmtime(month_ago))
+    assert found.startswith(f"-- [{day} ") and found.endswith("#lobby <bob> the migration plan is ready"), found
+
+
+# -- a full disk, a read-only directory -----------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A file system of 2 MiB of its own (tmpfs), mounted for the test: root only."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
+                             capture_output=True, text=True, timeout=10)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=10)
+
+
+def fill(path) -> None:
+    """Write PATH until the file system is full."""
+    with open(path, "wb") as file:
+        try:
+            for _ in range(10_000):
+                file.write(b"\0" * 65536)
+                file.flush()
+        except OSError:
+            return
+    pytest.fail(f"{path} never filled its file system")
+
+
+def test_a_full_disk_refuses_changes_with_a_line_keeps_the_chat_and_writes_its_lines_once_there_is_room(
+        small_disk, start_server, connect):
+    data = small_disk / "data"
+    server = start_server("--data-dir", str(data), "--rate", "0", "--history", "3")
+    alice = connect(server, "alice")
+    register(alice)
+    bob = connect(server, "bob")
+    fill(small_disk / "filler")
+    said = [f"while full {n} " + "x" * 1000 for n in range(300)]
+    for text in said:
+        alice.send(text)
+    bob.expect(re.escape(f"alice: {said[-1]}"), timeout=10)     # the chat goes on
+    server.wait_for_log(r"chat lines cannot be written \(database or disk is full\)")
+    bob.send(f"/register {PASSWORD}")
+    assert bob.expect("-- |!! ", timeout=10) == "!! It could not be saved (database or disk is full); try again later."
+    server.wait_for_log(r"a change could not be saved: database or disk is full")
+    os.unlink(small_disk / "filler")
+    server.wait_for_log(r"\d+ chat line\(s\) written after all", timeout=10)
+    server.stop(signal.SIGKILL)
+    again = start_server("--data-dir", str(data), "--history", "3")
+    carol = connect(again, "carol")
+    carol.send("here")
+    replay = [HISTORY_LINE.match(line).group(2) for line in carol.lines_until("carol: here") if HISTORY_LINE.match(line)]
+    assert replay == [f"alice: {text}" for text in said[-3:]]
+    assert "*** Password for alice:" in sign_in_prompt(again, connect, "alice")
+    assert sign_in_prompt(again, connect, "bob")[0].startswith("*** Welcome, bob"), "a refused registration was kept"
+
+
+def test_a_read_only_data_directory_stops_the_start_with_one_line(small_disk, start_server, connect):
+    data = small_disk / "data"
+    server = start_server("--data-dir", str(data))
+    connect(server, "alice")
+    assert server.stop() == 0
+    remounted = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True, text=True,
+                               timeout=10)
+    assert remounted.returncode == 0, remounted.stderr
+    finished = run_server("--data-dir", str(data))
+    assert finished.returncode == 1 and "cannot start: " in finished.stderr and "Read-only" in finished.stderr
+    assert "Traceback" not in finished.stderr
