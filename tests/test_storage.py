@@ -184,15 +184,17 @@ def test_an_invitation_code_works_for_its_name_until_it_is_used(open_storage):
     assert not storage.invitation_matches("dave", code) and not storage.invitation_waiting("dave")
 
 
-def test_operators_named_at_start_are_kept_like_those_added_and_can_be_removed(open_storage):
+def test_operators_named_at_start_are_operators_while_named_and_those_added_until_removed(open_storage):
     storage = open_storage(operators=["Alice"])
     storage.add_operator("bob", by="Alice")
     assert storage.is_operator("alice") and storage.is_operator("BOB") and not storage.is_operator("carol")
+    storage = reopen(storage, operators=["Alice"])
+    assert storage.operator_names() == ["Alice", "bob"] and storage.unclaimed_operators() == ["Alice"]
     storage = reopen(storage)
     try:
-        assert storage.operator_names() == ["Alice", "bob"]
-        storage.remove_operator("alice")
-        assert storage.operator_names() == ["bob"]
+        assert storage.operator_names() == ["bob"], "a name dropped from --operator kept its rights"
+        storage.remove_operator("bob")
+        assert storage.operator_names() == []
     finally:
         storage.close()
 
@@ -475,13 +477,13 @@ def test_a_2_0_directory_is_imported_whole_once_and_its_files_kept_aside(open_st
     data = tmp_path / "data"
     files = version_2_directory(data)
     with caplog.at_level(logging.INFO, logger="pychat"):
-        storage = open_storage(data)
+        storage = open_storage(data, operators=["alice"])
     assert "1 from accounts.jsonl" in caplog.text and "2 from history.jsonl" in caplog.text
     assert "history.jsonl line 5: " in caplog.text and "accounts.jsonl line 4: " in caplog.text
     for name in files:
         assert not (data / name).exists() and (data / f"{name}.imported").exists()
     for restart in range(3):
-        storage = reopen(storage)
+        storage = reopen(storage, operators=["alice"])
         assert storage.account_names() == ["alice"] and storage.verify_password("alice", PASSWORD)
         assert storage.ignoring("alice") == ["troll"] and storage.operator_names() == ["alice"]
         assert storage.invitation_waiting("dave") and storage.ban_for_address("192.0.2.7", time.time())
