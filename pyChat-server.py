@@ -1404,6 +1404,9 @@ class Switchboard(threading.Thread):
         self.release_at = math.inf
         self.room_written: dict[str, float] = {}
         self.running = True
+        # Called before chat lines are written to anyone (ChatServer sets it: Storage.commit_lines), so that
+        # they are in the database before anyone sees them.
+        self.before_writing: Callable[[], None] = lambda: None
 
     def queue(self, outputs: Iterable[Output], data: bytes, room: Room | None = None) -> None:
         """Append DATA to each output's pending chunks, and see that they are written; ROOM is the room
@@ -1436,6 +1439,7 @@ class Switchboard(threading.Thread):
                 return
             self.room_written[room.key] = self.now
         if self.quiet:
+            self.before_writing()
             self._line_up(outputs, data, at_once=True)
         else:
             outputs = tuple(outputs)
@@ -1537,6 +1541,8 @@ class Switchboard(threading.Thread):
                     self.welcome(connection)
                 except Exception:
                     self.broke(connection.output, "starting to read")
+            if now >= self.release_at or self.written or ready:
+                self.before_writing()       # only then: lines held for a room are committed together
             if now >= self.release_at:
                 self.release_held(now)
             if self.written:
@@ -1804,6 +1810,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
     def write_own_output(self) -> None:
         """(sign-in thread) Write what waits; what the socket does not take now, the switchboard writes."""
+        self.server.storage.commit_lines()
         if self.output.flush():
             self.server.switchboard.mark_ready([self.output])
 
@@ -1821,6 +1828,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             self.server.remove(self, self.output.reason or "connection lost")
         finally:
             try:
+                self.server.storage.commit_lines()
                 if self.adopted and self.output.flush():
                     # Some of it waits for the socket: not on the switchboard, which waits for no one.
                     self.server.workers.run(self.output.close)
@@ -2197,8 +2205,10 @@ CREATE INDEX offline_by_recipient ON offline (recipient, id);
 CREATE TABLE messages (id INTEGER PRIMARY KEY, time INTEGER NOT NULL, target TEXT NOT NULL, nick TEXT NOT NULL,
     account TEXT, kind INTEGER NOT NULL, text TEXT NOT NULL);
 CREATE INDEX messages_by_target ON messages (target, id);
-CREATE INDEX messages_by_time ON messages (time);
 """
+# A message's id is the moment it was said in microseconds since 1970 (one more than the last id when two
+# lines fall in the same microsecond, or the clock goes back): unique, growing, and a time is an id too, so
+# the primary key serves "since a time" and retention by age, with no index of its own.
 # A message's target: '#' and a room's name_key(); '@' and the two accounts' keys of a private conversation,
 # sorted, with a newline between; '~' and the same where one of the two is a guest (the guest's key
 # followed by '/' and their serial), kept only while that guest is online.
@@ -2647,7 +2657,7 @@ VERSION_2_KINDS = {"accounts.jsonl": _account_row, "operators.jsonl": _operator_
                    "offline.jsonl": _offline_row}
 
 
-def version_2_changes(directory: str, first_id: int) -> tuple[list[tuple[str, tuple]], dict[str, int]]:
+def version_2_changes(directory: str) -> tuple[list[tuple[str, tuple]], dict[str, int]]:
     """The statements that put a 2.0 data directory's records in the database, and a count per file."""
     statements: list[tuple[str, tuple]] = []
     counts: dict[str, int] = {}
@@ -2691,8 +2701,10 @@ def version_2_changes(directory: str, first_id: int) -> tuple[list[tuple[str, tu
             continue
         lines.append((int(when * 1000), room_target(room), event.nick, None,
                       MESSAGE_KINDS.index("action" if isinstance(event, Acted) else "line"), event.text))
-    statements.extend(("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", (first_id + n, *line))
-                      for n, line in enumerate(lines))
+    number = 0
+    for line in lines:
+        number = max(number + 1, line[0] * 1000)      # the id of a line is its time (see SCHEMA)
+        statements.append(("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", (number, *line)))
     counts["history.jsonl"] = len(lines)
     return statements, counts
 
@@ -2716,6 +2728,7 @@ class Storage:
         in_memory_default = HISTORY_MAX_MB if directory else HISTORY_MAX_MB_IN_MEMORY
         self.history_bytes = int((in_memory_default if history_max_mb is None else history_max_mb) * 1024 * 1024)
         self.unsaved: collections.deque[tuple] = collections.deque(maxlen=UNSAVED_LINES)
+        self.batch: list[tuple] = []            # chat lines said, written by the next commit_lines()
         self.unsaved_lost = 0                     # lines given up because even memory for them ran out
         self.stopped = threading.Event()
         self.maintenance: threading.Thread | None = None
@@ -2741,7 +2754,6 @@ class Storage:
             self.networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Ban]] = []
             self._load_bans()
             self.newest_id = self._first_message_id() - 1
-            self.message_ids = itertools.count(self.newest_id + 1)
             self._forget_where("target >= '~' AND target < '\x7f'", ())     # guests' conversations
         except sqlite3.Error as problem:
             self.close()
@@ -2759,7 +2771,7 @@ class Storage:
         if not present:
             return
         try:
-            statements, counts = version_2_changes(self.directory, self._first_message_id())
+            statements, counts = version_2_changes(self.directory)
             self._change(*statements)
             for name in present:
                 os.replace(os.path.join(self.directory, name), os.path.join(self.directory, name + ".imported"))
@@ -2864,6 +2876,7 @@ class Storage:
     def _change(self, *statements: tuple[str, tuple]) -> None:
         """Run STATEMENTS as one transaction, on the disk before this returns; StorageError if it is not."""
         with self.lock:
+            self._commit_lines()
             try:
                 self.db.execute("PRAGMA synchronous=FULL")
                 try:
@@ -2881,6 +2894,7 @@ class Storage:
 
     def _query(self, sql: str, parameters: tuple = ()) -> list[tuple]:
         with self.lock:
+            self._commit_lines()        # what was said is there to be read
             try:
                 return self.db.execute(sql, parameters).fetchall()
             except sqlite3.Error as problem:
@@ -3166,8 +3180,9 @@ class Storage:
         return self.history_days > 0
 
     def next_message_id(self) -> int:
-        """A new message id: never given before by this database, and larger than every one before it."""
-        self.newest_id = number = next(self.message_ids)
+        """A new message id (see SCHEMA): never given before by this database, larger than every one before."""
+        with self.lock:
+            self.newest_id = number = max(self.newest_id + 1, int(time.time() * 1_000_000))
         return number
 
     def add_message(self, message_id: int, when: float, target: str, nick: str, account: str | None, kind: str,
@@ -3178,15 +3193,43 @@ class Storage:
             return
         row = (message_id, int(when * 1000), target, nick, account, MESSAGE_KINDS.index(kind), text)
         with self.lock:
-            if self.unsaved:
-                self._keep_unsaved(row)
-                return
-            try:
-                self.db.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", row)
-            except sqlite3.Error as problem:
-                log.error("%s: chat lines cannot be written (%s); they are kept in memory and tried again "
-                          "every %g s", self.path, _why(problem), MAINTENANCE_SECONDS)
-                self._keep_unsaved(row)
+            (self._keep_unsaved if self.unsaved else self.batch.append)(row)
+
+    def commit_lines(self) -> None:
+        """Write the chat lines said since the last time, in one transaction: called before anyone is sent
+        them, once for all the lines of a pass of the switchboard, so that a busy room does not cost a
+        transaction a line."""
+        if self.batch:
+            with self.lock:
+                self._commit_lines()
+
+    def _commit_lines(self) -> None:
+        """commit_lines(), lock held; every other use of the database begins with it."""
+        if not self.batch:
+            return
+        rows, self.batch = self.batch, []
+        try:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as problem:
+            self._lines_not_written(problem, rows)
+
+    def _lines_not_written(self, problem: sqlite3.Error, rows: list[tuple]) -> None:
+        """Keep ROWS for another try (maintain()), and say why they could not be written. Lock held."""
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+        log.error("%s: chat lines cannot be written (%s); they are kept in memory and tried again "
+                  "every %g s", self.path, _why(problem), MAINTENANCE_SECONDS)
+        for row in rows:
+            self._keep_unsaved(row)
+
+    def add_messages(self, messages: Iterable[StoredMessage]) -> None:
+        """Keep many lines at once, in one transaction (lines said elsewhere and brought in, a generated
+        history for the benchmark); StorageError if they cannot be."""
+        self._change(*(("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (m.id, int(m.when * 1000), m.target, m.nick, m.account, MESSAGE_KINDS.index(m.kind), m.text))
+                       for m in messages))
 
     def _keep_unsaved(self, row: tuple) -> None:
         if len(self.unsaved) == self.unsaved.maxlen:
@@ -3197,6 +3240,7 @@ class Storage:
         """Try again to write the lines that could not be written. Lock held."""
         if not self.unsaved:
             return
+        self._commit_lines()
         rows = list(self.unsaved)
         try:
             self.db.execute("BEGIN IMMEDIATE")
@@ -3219,6 +3263,7 @@ class Storage:
 
     def _forget_where(self, where: str, parameters: tuple) -> None:
         with self.lock:
+            self._commit_lines()
             try:
                 self.db.execute("BEGIN IMMEDIATE")
                 self._drop_from_search_index(
@@ -3267,16 +3312,17 @@ class Storage:
         before = self._messages("target=? AND id<?", (target, around), True, limit // 2)
         return before + self._messages("target=? AND id>=?", (target, around), False, limit - len(before))
 
-    def message_id_at(self, when: float) -> int:
-        """The id of the first line said at or after WHEN (a time.time()), or the next id to be given."""
-        rows = self._query("SELECT min(id) FROM messages WHERE time >= ?", (int(when * 1000),))
-        return rows[0][0] if rows and rows[0][0] is not None else self.newest_id + 1
+    @staticmethod
+    def message_id_at(when: float) -> int:
+        """The id of a line said at WHEN (a time.time()): ranges by time are ranges by id."""
+        return int(when * 1_000_000)
 
     def targets_since(self, when: float, limit: int) -> list[tuple[str, float]]:
         """The targets with lines said since WHEN, each with the time of its latest line, newest first."""
-        rows = self._query("SELECT target, max(time) FROM messages WHERE time >= ? GROUP BY target "
-                           "ORDER BY max(id) DESC LIMIT ?", (int(when * 1000), limit))
-        return [(target, last / 1000) for target, last in rows if isinstance(target, str) and isinstance(last, int)]
+        rows = self._query("SELECT target, max(id) FROM messages WHERE id >= ? GROUP BY target "
+                           "ORDER BY max(id) DESC LIMIT ?", (self.message_id_at(when), limit))
+        return [(target, last / 1_000_000) for target, last in rows
+                if isinstance(target, str) and isinstance(last, int)]
 
     def search(self, words: str, identity: str, limit: int = SEARCH_RESULTS,
                target: str | None = None) -> list[StoredMessage]:
@@ -3349,10 +3395,11 @@ class Storage:
         """Remove one batch of the lines past --history-days, or past --history-max-mb the oldest; True if
         there may be more to remove."""
         with self.lock:
+            self._commit_lines()
             try:
-                oldest_kept = int((now - self.history_days * 86400) * 1000)
-                rows = self.db.execute("SELECT id, text FROM messages WHERE time < ? ORDER BY time LIMIT ?",
-                                       (oldest_kept, RETENTION_BATCH)).fetchall()
+                rows = self.db.execute("SELECT id, text FROM messages WHERE id < ? ORDER BY id LIMIT ?",
+                                       (self.message_id_at(now - self.history_days * 86400),
+                                        RETENTION_BATCH)).fetchall()
                 size = self._size() if not rows else 0
                 if size > self.history_bytes:
                     # As many of the oldest as the excess is worth, at the average size of a line so far.
@@ -3389,6 +3436,7 @@ class Storage:
         """Add up to BATCH lines (None: all) not yet in the search index; True if some were. Lock held."""
         if not self.full_text:
             return False
+        self._commit_lines()
         try:
             done = self._indexed_up_to()
             rows = self.db.execute("SELECT id, text FROM messages WHERE id > ? ORDER BY id LIMIT ?",
@@ -3491,6 +3539,7 @@ class Storage:
         if db is not None:
             with self.lock:
                 with contextlib.suppress(sqlite3.Error):
+                    self._commit_lines()
                     self._save_unsaved()
                     if self.path != ":memory:":
                         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -3708,6 +3757,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.spare_descriptor = os.open(os.devnull, os.O_RDONLY | _CLOEXEC)
         self.workers = Workers()
         self.switchboard = Switchboard(options.max_queue, options.stall_timeout, self.workers)
+        self.switchboard.before_writing = self.storage.commit_lines
         super().__init__((options.host, options.port), ClientConnection)
         self.irc = IrcListener(self) if options.irc_port is not None else None
         self.switchboard.start()
@@ -4013,6 +4063,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         wait for it.
         """
         try:
+            self.storage.commit_lines()
             messages = self.storage.offline_waiting(person.account)
         except StorageError as problem:
             log.error("offline messages for %s: %s", person.account, problem)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import random
 import re
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -61,12 +63,13 @@ class Plan:
     slow_with_max_s: float = 20.0  # ...and on until the server cuts it off, or this long
     slow_rcvbuf: int = 4096
     memory_sample_s: float = 0.25
+    history_lines: int = 1_000_000  # lines in the database the history queries are timed on
 
 
 QUICK_PLAN = Plan(runs={"connect": 1, "fanout": 1, "max": 1, "slow": 1}, connect_sizes=(50,),
                   quiet_watch_s=0.25, idle_window_s=0.25, fanout_cases=((10, 10),), fanout_rate=200.0,
                   traffic_seconds=0.5, drain_timeout_s=3.0, max_clients=10,
-                  slow_before_s=0.5, slow_with_s=0.75, slow_with_max_s=0.75)
+                  slow_before_s=0.5, slow_with_s=0.75, slow_with_max_s=0.75, history_lines=20_000)
 
 # Figures where any run's bad news must show: summed over runs, not a median.
 SUMMED = {"lost", "malformed", "duplicates", "gaps", "failed", "dropped", "expected", "deliveries"}
@@ -504,16 +507,16 @@ def saturation(*results) -> str:
     return f"  [generator saturated: {', '.join(marked)}]" if marked else ""
 
 
-def ratio_target(results, scenario, case, path, reference, factor, higher_is_better):
-    """pyChat's figure against factor x the reference server's, or n/a when one is missing."""
-    mine, theirs = find(results, scenario, "pychat", case), find(results, scenario, reference, case)
+def ratio_target(results, scenario, case, path, reference, factor, higher_is_better, server="pychat"):
+    """SERVER's figure (pyChat's) against factor x the reference server's, or n/a when one is missing."""
+    mine, theirs = find(results, scenario, server, case), find(results, scenario, reference, case)
     a = figure(mine, path) if mine else None
     b = figure(theirs, path) if theirs else None
     if a is None or b is None:
-        return None, f"pychat {show(a)}, {reference} {show(b)}"
+        return None, f"{server} {show(a)}, {reference} {show(b)}"
     ratio = a / b if b else float("inf")
     passed = a >= factor * b if higher_is_better else a <= factor * b
-    return passed, f"pychat {show(a)}, {reference} {show(b)} ({ratio:.2f}x)" + saturation(mine, theirs)
+    return passed, f"{server} {show(a)}, {reference} {show(b)} ({ratio:.2f}x)" + saturation(mine, theirs)
 
 
 def absolute_target(results, scenario, case, path, test, describe=show):
@@ -562,6 +565,9 @@ def targets(results: list[dict], plan: Plan) -> list[tuple[str, bool | str | Non
              *ratio_target(results, "fanout", case, "latency_ms.p99", "ngircd", 1.0, False)),
             (f"fanout {case}: nothing lost, malformed, duplicated or out of order",
              *absolute_target(results, "fanout", case, "", flawless, honesty)),
+            (f"fanout {case}: server CPU per delivery with history on <= 1.1x off",
+             *ratio_target(results, "fanout", case, "server_cpu_s_per_m", "pychat", 1.1, False,
+                           server="pychat-history")),
         ]
     rows += [
         ("max: deliveries/s >= 0.9x ngircd",
@@ -605,6 +611,44 @@ def print_targets(rows) -> None:
         print(f"{verdict}  {name.ljust(width)}  {figures}")
 
 
+def history_queries(lines: int, queries: int = 200) -> dict:
+    """Time the history queries on a database of LINES chat lines, nine in ten in one room, made with
+    pyChat's own Storage in a directory of its own: what /history and IRC's CHATHISTORY ask of it."""
+    storage_module = servers.pychat_module()
+    with tempfile.TemporaryDirectory(prefix="bench-history-") as directory:
+        storage = storage_module.Storage(directory, full_text=False)
+        try:
+            started = time.perf_counter()
+            first = storage.next_message_id()
+            for start in range(0, lines, 100_000):
+                storage.add_messages(storage_module.StoredMessage(
+                    first + n, 1_700_000_000 + n / 1000, "#big" if n % 10 else "#small", "alice", None, "line",
+                    f"line {n} of the generated history") for n in range(start, min(lines, start + 100_000)))
+            made_s = time.perf_counter() - started
+            chooser = random.Random(1)
+            timings = {"before_ms": [], "latest_ms": [], "after_ms": []}
+            for _ in range(queries):
+                ref = first + chooser.randrange(lines)
+                for name, query in (("before_ms", lambda: storage.messages_before("#big", ref, 100)),
+                                    ("after_ms", lambda: storage.messages_after("#big", ref, 100)),
+                                    ("latest_ms", lambda: storage.latest_messages("#big", 100))):
+                    started = time.perf_counter()
+                    query()
+                    timings[name].append((time.perf_counter() - started) * 1000)
+        finally:
+            storage.close()
+    return {"lines": lines, "made_s": made_s,
+            **{name: {"p50": percentile(sorted(values), 0.5), "p99": percentile(sorted(values), 0.99)}
+               for name, values in timings.items()}}
+
+
+def print_history(figures: dict) -> None:
+    print(f"\nhistory: queries for 100 lines of a room on a database of {figures['lines']:,} lines "
+          f"(made in {figures['made_s']:.1f} s)")
+    for name in ("before_ms", "after_ms", "latest_ms"):
+        print(f"  {name[:-3]:>7}: p50 {figures[name]['p50']:.3f} ms, p99 {figures[name]['p99']:.3f} ms")
+
+
 def parse_constant(text: str) -> tuple[str, object]:
     name, _, value = text.partition("=")
     if not name.isidentifier() or not value:
@@ -620,8 +664,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--servers", default=None,
                         help=f"comma-separated, from {','.join(SERVER_KINDS)} (default: all that are "
                              "installed; --quick: pychat)")
-    parser.add_argument("--scenarios", default="connect,fanout,max,slow",
-                        help="comma-separated, from connect,fanout,max,slow (default: all)")
+    parser.add_argument("--scenarios", default="connect,fanout,max,slow,history",
+                        help="comma-separated, from connect,fanout,max,slow,history (default: all)")
     parser.add_argument("--runs", type=int, default=None,
                         help="runs per case, the median is shown (default: 3 for fanout and max, 1 for connect and slow)")
     parser.add_argument("--generators", type=int, default=GENERATORS, metavar="N",
@@ -629,6 +673,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pychat-constant", type=parse_constant, action="append", default=[],
                         metavar="NAME=VALUE",
                         help="override a constant of pyChat-server.py for this run, e.g. SWITCH_INTERVAL=0.005")
+    parser.add_argument("--traffic-seconds", type=float, default=None, metavar="S",
+                        help="how long each fanout and max run sends (default 1.5; longer runs measure CPU "
+                             "in more clock ticks)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds, small sizes")
     parser.add_argument("--json", metavar="FILE", help="also write all results to FILE as a JSON list")
     args = parser.parse_args(argv)
@@ -638,7 +685,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name not in SERVER_KINDS:
             parser.error(f"unknown server {name!r}")
     for name in args.scenarios:
-        if name not in COLUMNS:
+        if name not in COLUMNS and name != "history":
             parser.error(f"unknown scenario {name!r}")
     if args.generators < 1:
         parser.error("--generators must be at least 1")
@@ -649,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = QUICK_PLAN if args.quick else Plan()
     plan.generators = args.generators
+    if args.traffic_seconds:
+        plan.traffic_seconds = args.traffic_seconds
     if args.runs:
         plan.runs = {scenario: args.runs for scenario in plan.runs}
     servers.PYCHAT_CONSTANTS.update(args.pychat_constant)
@@ -670,10 +719,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {version}")
     started = time.perf_counter()
     results = []
-    for scenario in args.scenarios:
+    for scenario in (name for name in args.scenarios if name in COLUMNS):
         scenario_results = []
         for case, run_once in cases(scenario, plan):
             for kind in kinds:
+                if kind.scenarios and scenario not in kind.scenarios:
+                    continue
                 print(f"[{time.perf_counter() - started:5.0f} s] {scenario} {case}: {kind.name}",
                       file=sys.stderr, flush=True)
                 runs = plan.runs[scenario]
@@ -685,7 +736,15 @@ def main(argv: list[str] | None = None) -> int:
                 scenario_results.append(result)
         print_scenario(scenario, scenario_results)
         results += scenario_results
-    print_targets([row for row in targets(results, plan) if row[0].split()[0].rstrip(":") in args.scenarios])
+    rows = [row for row in targets(results, plan) if row[0].split()[0].rstrip(":") in args.scenarios]
+    if "history" in args.scenarios:
+        figures = history_queries(plan.history_lines)
+        print_history(figures)
+        results.append({"scenario": "history", "case": f"{plan.history_lines:,} lines", "server": "pychat",
+                        "version": versions.get("pychat", "pyChat-server.py"), **figures})
+        rows.append((f"history: 100 lines before an id in a room of {plan.history_lines:,}, p99 < 5 ms",
+                     figures["before_ms"]["p99"] < 5, f"p99 {figures['before_ms']['p99']:.2f} ms"))
+    print_targets(rows)
     print(f"\n{len(results)} results in {time.perf_counter() - started:.0f} s; one JSON line each:")
     for result in results:
         print(json.dumps(result, sort_keys=True))

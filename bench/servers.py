@@ -7,6 +7,7 @@ open files) come from /proc, so they cost the server nothing.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import pwd
@@ -31,7 +32,9 @@ STOP_TIMEOUT_S = 3.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # No flood control, no connection limits, no history for newcomers, warnings only.
-PYCHAT_OPTIONS = {"--rate": "0", "--max-clients": "0", "--max-per-ip": "0", "--history": "0", "-q": None}
+# History off (--history-days 0 keeps no line); the kind pychat-history measures it on.
+PYCHAT_OPTIONS = {"--rate": "0", "--max-clients": "0", "--max-per-ip": "0", "--history": "0",
+                  "--history-days": "0", "-q": None}
 
 NGIRCD_CONFIG = """\
 [Global]
@@ -72,6 +75,7 @@ class ServerKind:
     missing: Callable[[], str | None]
     describe: Callable[[], str]
     notes: list[str] = field(default_factory=list)
+    scenarios: tuple[str, ...] = ()     # the only scenarios it is measured in; () for all
 
     def command(self, port: int, workdir: Path) -> list[str]:
         return self.start(self, port, workdir)
@@ -108,6 +112,12 @@ def pychat_version() -> str:
 
 def pychat_start(kind: ServerKind, port: int, workdir: Path) -> list[str]:
     return [*pychat_interpreter(), "--host", HOST, "--port", str(port), *pychat_options(kind.notes)]
+
+
+def pychat_history_start(kind: ServerKind, port: int, workdir: Path) -> list[str]:
+    """pyChat keeping every line in its database in a data directory of its own, as a community server
+    would (a year of history; none replayed, as for the others)."""
+    return [*pychat_start(kind, port, workdir), "--history-days", "365", "--data-dir", str(workdir / "data")]
 
 
 def pychat_irc_start(kind: ServerKind, port: int, workdir: Path) -> list[str]:
@@ -150,6 +160,11 @@ SERVER_KINDS = {kind.name: kind for kind in (
     # pyChat's own IRC front door, driven with exactly the load ngircd and miniircd get.
     ServerKind("pychat-irc", "irc", "it comes with a pyChat-server.py that has --irc-port",
                pychat_irc_start, pychat_irc_missing, pychat_version),
+    # pyChat with history on, beside pychat (history off), where the cost of keeping lines shows.
+    ServerKind("pychat-history", "pychat", "it comes with a pyChat-server.py that has --history-days",
+               pychat_history_start, lambda: pychat_missing() or (None if "--history-days" in pychat_help()
+                                                                   else "this pyChat-server.py keeps no history"),
+               pychat_version, scenarios=("fanout",)),
 )}
 
 # Module constants of pyChat-server.py to override for a run (bench.py --pychat-constant),
@@ -170,6 +185,16 @@ for name, value in constants.items():
     setattr(server, name, value)
 sys.exit(server.main(sys.argv[3:]))
 """
+
+
+def pychat_module():
+    """pyChat-server.py imported as a module, for what the benchmark measures without a server running."""
+    if "pychat_server" not in sys.modules:
+        sys.path.insert(0, str(PYCHAT_SERVER.parent))
+        spec = importlib.util.spec_from_file_location("pychat_server", PYCHAT_SERVER)
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["pychat_server"]
 
 
 def pychat_interpreter() -> list[str]:

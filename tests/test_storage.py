@@ -43,8 +43,11 @@ def reopen(storage, **options):
 
 
 def said(storage, target: str, text: str, when: float | None = None, nick: str = "alice") -> int:
-    number = storage.next_message_id()
+    """Keep a line as the server does when someone says it: its id, then the line, committed before anyone
+    would be sent it. A line said at WHEN, in the past, has the id of its time."""
+    number = storage.next_message_id() if when is None else server.Storage.message_id_at(when)
     storage.add_message(number, time.time() if when is None else when, target, nick, None, "line", text)
+    storage.commit_lines()
     return number
 
 
@@ -294,7 +297,8 @@ def test_history_is_read_by_range_before_after_around_and_between_ids(open_stora
     assert text(storage.messages_around("#dev", numbers[10], 4)) == ["line 8", "line 9", "line 10", "line 11"]
     assert text(storage.messages_between("#dev", numbers[2], numbers[6], 10)) == ["line 3", "line 4", "line 5"]
     assert text(storage.messages_between("#dev", numbers[6], numbers[2], 2)) == ["line 4", "line 5"]
-    assert storage.message_id_at(time.time() + 60) > numbers[-1]
+    assert storage.message_id_at(time.time() + 60) > numbers[-1] > numbers[0] > storage.message_id_at(time.time() - 60)
+    assert text(storage.messages_before("#dev", storage.message_id_at(time.time() + 60), 1)) == ["line 29"]
     assert [target for target, _ in storage.targets_since(time.time() - 60, 10)] == ["#ops", "#dev"]
     storage = reopen(storage)
     try:
@@ -366,13 +370,11 @@ def test_search_finds_every_word_in_what_the_asker_may_read_newest_last(open_sto
 def test_retention_removes_lines_past_the_days_in_batches_and_keeps_the_rest(open_storage):
     storage = open_storage(history_days=7)
     now = time.time()
-    with storage.lock:
-        base = storage.next_message_id()
-        storage.db.executemany("INSERT INTO messages VALUES (?, ?, '#lobby', 'alice', NULL, 0, ?)",
-                               ((base + n, int((now - 10 * 86400) * 1000) + n, f"old {n}")
-                                for n in range(2 * server.RETENTION_BATCH + 5)))
+    old = now - 10 * 86400
+    storage.add_messages(server.StoredMessage(server.Storage.message_id_at(old) + n, old, "#lobby", "alice", None,
+                                              "line", f"old {n}") for n in range(2 * server.RETENTION_BATCH + 5))
     for n in range(3):
-        said(storage, "#lobby", f"recent {n}", when=now - 86400)
+        said(storage, "#lobby", f"recent {n}", when=now - 86400 + n)
     assert storage._remove_old_lines(now) is True, "a batch at a time"
     storage.maintain(now)
     assert [m.text for m in storage.latest_messages("#lobby", 500)] == ["recent 0", "recent 1", "recent 2"]
