@@ -2210,8 +2210,8 @@ CREATE INDEX messages_by_target ON messages (target, id);
 # lines fall in the same microsecond, or the clock goes back): unique, growing, and a time is an id too, so
 # the primary key serves "since a time" and retention by age, with no index of its own.
 # A message's target: '#' and a room's name_key(); '@' and the two accounts' keys of a private conversation,
-# sorted, with a newline between; '~' and the same where one of the two is a guest (the guest's key
-# followed by '/' and their serial), kept only while that guest is online.
+# sorted, with a newline between; '~' and the same where one of the two is a guest ("guest/" and the
+# serial of their connection: Person.identity), kept only while that guest is online.
 SEARCH_INDEX = "CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(text, content='messages', content_rowid='id')"
 TABLES = ("meta", "accounts", "operators", "invitations", "bans", "rooms", "offline", "messages")
 MESSAGE_KINDS = ("line", "action", "notice")      # a message's kind is its place here
@@ -2770,12 +2770,17 @@ class Storage:
         present = [name for name in VERSION_2_FILES if os.path.lexists(os.path.join(self.directory, name))]
         if not present:
             return
+        renamed: list[str] = []
         try:
             statements, counts = version_2_changes(self.directory)
             self._change(*statements)
             for name in present:
                 os.replace(os.path.join(self.directory, name), os.path.join(self.directory, name + ".imported"))
+                renamed.append(name)
         except (StorageError, OSError) as problem:
+            for name in renamed:
+                with contextlib.suppress(OSError):
+                    os.replace(os.path.join(self.directory, name + ".imported"), os.path.join(self.directory, name))
             self.db.close()
             self.db = None
             for name in (DATABASE_FILE, DATABASE_FILE + "-wal", DATABASE_FILE + "-shm"):
