@@ -1006,6 +1006,7 @@ PYCHAT = PyChatProtocol()
 # The locks, in the only order in which one may be taken while holding another:
 #
 #   ChatServer.lock  ->  Output.io_lock  ->  Switchboard.state_lock
+#   ChatServer.lock  ->  Storage.lock          (Storage takes no other lock)
 #
 # ChatServer.lock guards people and rooms (every Person and Room field); lines
 # are queued while it is held, so everyone sees a room's lines in one order.
@@ -1015,9 +1016,12 @@ PYCHAT = PyChatProtocol()
 # is never held for long. Queueing a line takes no lock at all: it appends to a
 # deque, which is safe from any thread (see Output). Switchboard.state_lock
 # guards what the switchboard waits for and whether it sleeps. Nothing slow
-# (file writes aside, see ChatServer.save_history) happens under
-# ChatServer.lock, and no thread holding one of the later locks ever asks for
-# an earlier one.
+# happens under ChatServer.lock, and no thread holding one of the later locks
+# ever asks for an earlier one. Under it the storage is asked only quick
+# things: a message id, a chat line added to the batch the switchboard writes
+# before it sends, a lookup by key (which first writes that batch, without
+# waiting for the disk). Changes that wait for the disk, and the storage's
+# slow work (retention, the search index, checkpoints), run outside it.
 #
 # Chunks that may wait in an output's `pending` before the thread that queues
 # one more counts what waits (moving them to `outbox`) and checks --max-queue.
