@@ -410,3 +410,21 @@ def test_a_read_only_data_directory_stops_the_start_with_one_line(small_disk, st
     finished = run_server("--data-dir", str(data))
     assert finished.returncode == 1 and "cannot start: " in finished.stderr and "Read-only" in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+def test_a_server_killed_on_a_full_disk_starts_again_on_it_with_everything_confirmed(small_disk, start_server,
+                                                                                     connect):
+    data = small_disk / "data"
+    server = start_server("--data-dir", str(data))
+    alice = connect(server, "alice")
+    register(alice)
+    alice.send("/join dev")
+    alice.send("/topic kept through it all")
+    alice.expect(r"\*\*\* alice set the topic")
+    fill(small_disk / "filler")
+    server.stop(signal.SIGKILL)
+    again = start_server("--data-dir", str(data))       # nothing is rewritten at start: a full disk is no matter
+    assert "*** Password for alice:" in sign_in_prompt(again, connect, "alice")
+    bob = connect(again, "bob")
+    bob.send("/join dev")
+    bob.expect(re.escape("*** Topic of #dev: kept through it all"))
