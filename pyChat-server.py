@@ -2758,7 +2758,8 @@ class Storage:
             self.networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Ban]] = []
             self._load_bans()
             self.newest_id = self._first_message_id() - 1
-            self._forget_where("target >= '~' AND target < '\x7f'", ())     # guests' conversations
+            if self._query("SELECT 1 FROM messages WHERE target >= '~' AND target < '\x7f' LIMIT 1"):
+                self._forget_where("target >= '~' AND target < '\x7f'", ())     # guests' conversations
         except sqlite3.Error as problem:
             self.close()
             raise StorageError(f"{self.path}: {_why(problem)}; run --check, or restore a backup "
@@ -2842,7 +2843,9 @@ class Storage:
         problem = Storage._schema_problem(db, tables)
         if problem:
             raise sqlite3.DatabaseError(problem)
-        db.execute("INSERT OR REPLACE INTO meta VALUES ('written by', ?)", (VERSION,))
+        # Written only when it changes: a start writes nothing it need not, so that it can start on a full disk.
+        if db.execute("SELECT value FROM meta WHERE key='written by'").fetchone() != (VERSION,):
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('written by', ?)", (VERSION,))
         return db
 
     @staticmethod

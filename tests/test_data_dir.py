@@ -421,6 +421,9 @@ def test_a_server_killed_on_a_full_disk_starts_again_on_it_with_everything_confi
     alice.send("/join dev")
     alice.send("/topic kept through it all")
     alice.expect(r"\*\*\* alice set the topic")
+    deadline = time.monotonic() + TIMEOUT       # the topic is announced, then saved
+    while not database_rows(data, "SELECT topic FROM rooms WHERE key='dev'") and time.monotonic() < deadline:
+        time.sleep(0.01)
     fill(small_disk / "filler")
     server.stop(signal.SIGKILL)
     again = start_server("--data-dir", str(data))       # nothing is rewritten at start: a full disk is no matter
