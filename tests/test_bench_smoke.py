@@ -54,7 +54,8 @@ def test_quick_benchmark_delivers_every_line_to_pychat_clients(quick_run, scenar
         assert result[check] == 0, f"{scenario}: {check} {result[check]}: {result}"
     if scenario != "slow":
         assert result["deliveries"] > 0, f"{scenario} counted no deliveries: {result}"
-    assert result["server_cpu_s_per_m"], f"{scenario} has no server CPU per million deliveries: {result}"
+    # Counted in clock ticks of 10 ms: the smoke run's 100 lines may cost less than one, and 0.0 is a figure.
+    assert result.get("server_cpu_s_per_m") is not None, f"{scenario} has no server CPU per million deliveries: {result}"
     shares = result["generator_cpu_pct"]
     assert len(shares) == 2 and all(share is not None for share in shares), \
         f"{scenario}: expected the CPU of two generator processes, got {shares}"
