@@ -2885,20 +2885,32 @@ class Storage:
 
     # -- confirmed changes ---------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction, under the lock, after the chat lines said before it: committed at the end of
+        the block, rolled back if anything in it fails (the sqlite3.Error goes on to the caller)."""
+        with self.lock:
+            self._commit_lines()
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+
     def _change(self, *statements: tuple[str, tuple]) -> None:
         """Run STATEMENTS as one transaction, on the disk before this returns; StorageError if it is not."""
         with self.lock:
-            self._commit_lines()
+            self._commit_lines()        # without waiting for the disk, as ever
             try:
                 self.db.execute("PRAGMA synchronous=FULL")
                 try:
-                    self.db.execute("BEGIN IMMEDIATE")
-                    for sql, parameters in statements:
-                        self.db.execute(sql, parameters)
-                    self.db.execute("COMMIT")
+                    with self._transaction() as db:
+                        for sql, parameters in statements:
+                            db.execute(sql, parameters)
                 finally:
-                    if self.db.in_transaction:
-                        self.db.execute("ROLLBACK")
                     self.db.execute("PRAGMA synchronous=NORMAL")
             except sqlite3.Error as problem:
                 log.error("%s: a change could not be saved: %s", self.path, _why(problem))
@@ -3221,16 +3233,13 @@ class Storage:
             return
         rows, self.batch = self.batch, []
         try:
-            self.db.execute("BEGIN")
-            self.db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            self.db.execute("COMMIT")
+            with self._transaction() as db:
+                db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error as problem:
             self._lines_not_written(problem, rows)
 
     def _lines_not_written(self, problem: sqlite3.Error, rows: list[tuple]) -> None:
         """Keep ROWS for another try (maintain()), and say why they could not be written. Lock held."""
-        if self.db.in_transaction:
-            self.db.execute("ROLLBACK")
         log.error("%s: chat lines cannot be written (%s); they are kept in memory and tried again "
                   "every %g s", self.path, _why(problem), MAINTENANCE_SECONDS)
         for row in rows:
@@ -3252,15 +3261,11 @@ class Storage:
         """Try again to write the lines that could not be written. Lock held."""
         if not self.unsaved:
             return
-        self._commit_lines()
         rows = list(self.unsaved)
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            self.db.execute("COMMIT")
+            with self._transaction() as db:
+                db.executemany("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
             return
         self.unsaved.clear()
         log.warning("%s: %d chat line(s) written after all%s", self.path, len(rows),
@@ -3274,18 +3279,13 @@ class Storage:
             self.unsaved = collections.deque((row for row in self.unsaved if row[2] != target), UNSAVED_LINES)
 
     def _forget_where(self, where: str, parameters: tuple) -> None:
-        with self.lock:
-            self._commit_lines()
-            try:
-                self.db.execute("BEGIN IMMEDIATE")
+        try:
+            with self._transaction() as db:
                 self._drop_from_search_index(
-                    self.db.execute(f"SELECT id, text FROM messages WHERE {where}", parameters).fetchall())
-                self.db.execute(f"DELETE FROM messages WHERE {where}", parameters)
-                self.db.execute("COMMIT")
-            except sqlite3.Error as problem:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                log.error("%s: could not forget a conversation: %s", self.path, _why(problem))
+                    db.execute(f"SELECT id, text FROM messages WHERE {where}", parameters).fetchall())
+                db.execute(f"DELETE FROM messages WHERE {where}", parameters)
+        except sqlite3.Error as problem:
+            log.error("%s: could not forget a conversation: %s", self.path, _why(problem))
 
     def _messages(self, where: str, parameters: tuple, newest_first: bool, limit: int) -> list[StoredMessage]:
         rows = self._query(f"SELECT id, time, target, nick, account, kind, text FROM messages WHERE {where} "
@@ -3421,16 +3421,12 @@ class Storage:
                                            (min(wanted, RETENTION_BATCH),)).fetchall()
                 if not rows:
                     return False
-                last = max(row[0] for row in rows)
-                self.db.execute("BEGIN IMMEDIATE")
-                self._drop_from_search_index(rows)
-                self.db.executemany("DELETE FROM messages WHERE id=?", ((row[0],) for row in rows))
-                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('removed up to', max(?, coalesce("
-                                "(SELECT CAST(value AS INTEGER) FROM meta WHERE key='removed up to'), 0)))", (last,))
-                self.db.execute("COMMIT")
+                with self._transaction() as db:
+                    self._drop_from_search_index(rows)
+                    db.executemany("DELETE FROM messages WHERE id=?", ((row[0],) for row in rows))
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('removed up to', max(?, coalesce((SELECT "
+                               "CAST(value AS INTEGER) FROM meta WHERE key='removed up to'), 0)))", (rows[-1][0],))
             except sqlite3.Error as problem:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
                 log.error("%s: old lines could not be removed: %s", self.path, _why(problem))
                 return False
         return len(rows) == RETENTION_BATCH or size > self.history_bytes
@@ -3455,13 +3451,10 @@ class Storage:
                                    (done, -1 if batch is None else batch)).fetchall()
             if not rows:
                 return False
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany("INSERT INTO messages_text (rowid, text) VALUES (?, ?)", rows)
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('searchable up to', ?)", (str(rows[-1][0]),))
-            self.db.execute("COMMIT")
+            with self._transaction() as db:
+                db.executemany("INSERT INTO messages_text (rowid, text) VALUES (?, ?)", rows)
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('searchable up to', ?)", (str(rows[-1][0]),))
         except sqlite3.Error as problem:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
             log.error("%s: the search index could not be brought up to date: %s", self.path, _why(problem))
             return False
         return True

@@ -700,13 +700,19 @@ def leave_messages(server, connect, recipient: str, texts: list[str], senders: t
         client.close()
 
 
+def away_account(start_server, connect, data, nick: str = "alice"):
+    """A server with a data directory, where NICK has an account and is offline."""
+    server = start_server("--data-dir", str(data), "--max-per-ip", "0")
+    client = connect(server, nick)
+    register(client)
+    client.send("/quit")
+    client.wait_closed()
+    return server
+
+
 def test_offline_messages_stay_kept_when_the_connection_fails_before_they_are_written(start_server, connect,
                                                                                       data):
-    server = start_server("--data-dir", str(data), "--max-per-ip", "0")
-    alice = connect(server, "alice")
-    register(alice)
-    alice.send("/quit")
-    alice.wait_closed()
+    server = away_account(start_server, connect, data)
     leave_messages(server, connect, "alice", ["are you there?"])
     gone = LineClient(server.host, server.port)
     gone.expect(re.escape(NICKNAME_PROMPT))
@@ -723,11 +729,7 @@ def test_offline_messages_stay_kept_when_the_connection_fails_before_they_are_wr
 
 def test_offline_messages_to_a_slow_reader_are_all_shown_once_and_then_no_longer_kept(start_server, connect,
                                                                                       data):
-    server = start_server("--data-dir", str(data), "--max-per-ip", "0")
-    alice = connect(server, "alice")
-    register(alice)
-    alice.send("/quit")
-    alice.wait_closed()
+    server = away_account(start_server, connect, data)
     texts = [f"{n} " + "x" * 3900 for n in range(20)]
     leave_messages(server, connect, "alice", texts, ("bob", "carol"))
     talker = connect(server, "talker")
