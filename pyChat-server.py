@@ -6,8 +6,8 @@ to bottom: options and limits; the protocol (framing, cleaning text, names,
 the events the core produces and the one class that turns them into lines);
 a connection's output and the switchboard, the one thread that reads every
 signed-in connection and writes to every socket; the connection handler; what lasts across restarts
-(the data directory: accounts, operators, bans, room settings, offline
-messages, history); the server object, which owns people and rooms and every
+(Storage, the one owner of an SQLite database: accounts, operators, bans, room
+settings, offline messages, history); the server object, which owns people and rooms and every
 change to them; the context that
 slash-commands act through; then the IRC front door (README, "IRC clients"):
 reading and writing IRC messages, the IRC protocol object that puts the
