@@ -2546,13 +2546,17 @@ def _version_2_records(path: str) -> Iterator[tuple[int, dict]]:
                     continue
                 if not raw.endswith(b"\n"):
                     raise ValueError("cut short (the end of a write that did not finish)")
-                record = json.loads(raw.decode("utf-8"), parse_constant=lambda name: 1 / 0)
+                record = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
                 if not isinstance(record, dict):
                     raise ValueError("not a JSON object")
-            except (ValueError, ZeroDivisionError, RecursionError) as problem:
+            except (ValueError, RecursionError) as problem:
                 log.warning("%s line %d: %s; skipped", path, number, _why(problem)[:200])
                 continue
             yield number, record
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number")     # NaN and Infinity, which JSON does not have
 
 
 def _text(record: dict, field: str, most: int, optional: bool = False) -> str | None:
