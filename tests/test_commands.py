@@ -246,7 +246,8 @@ def make_operator(client: LineClient) -> None:
 def test_operator_commands_are_refused_to_others(op_server, connect):
     alice = connect(op_server, "alice")
     connect(op_server, "bob")
-    for line in ("/disconnect bob", "/mute bob", "/unmute bob"):
+    for line in ("/disconnect bob", "/mute bob", "/unmute bob", "/mutes", "/accounts", "/invitations",
+                 "/cancel-invitation bob", "/reset-password bob"):
         alice.send(line)
         name = line.split()[0]
         assert alice.expect("!! ") == f"!! {name}: not allowed; only operators may use it."
@@ -323,7 +324,8 @@ def test_operator_commands_are_marked_in_help(chat):
     (alice,) = chat("alice")
     alice.send("/help")
     lines = alice.lines_until("-- Type /help COMMAND")
-    for name in ("disconnect", "mute", "unmute"):
+    for name in ("disconnect", "mute", "unmute", "mutes", "accounts", "invitations", "cancel-invitation",
+                 "reset-password"):
         assert any(line.startswith(f"-- /{name} ") and line.endswith("(operators)") for line in lines), name
     assert not any(line.startswith(("-- /msg ", "-- /kick ")) and line.endswith("(operators)") for line in lines)
     alice.send("/help disconnect")
