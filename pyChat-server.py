@@ -1879,10 +1879,10 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
         A registered name (or a look-alike of one) asks for its password: three
         wrong ones close the connection, an empty answer goes back to choosing
-        a nickname (Problem("")). The code of a password reset (/reset-password)
-        given there instead leads to choosing a new password. A name with an invitation waiting (on a
-        --private server, any name without an account) needs its invitation
-        code, and then a new password.
+        a nickname (Problem("")). The code of a password reset (/reset-password),
+        given there instead, leads to choosing a new password. A name with an
+        invitation waiting (on a --private server, any name without an
+        account) needs its invitation code, and then a new password.
         """
         storage = self.server.storage
         registered = storage.account_name(nick)
@@ -1947,6 +1947,8 @@ class ClientConnection(socketserver.BaseRequestHandler):
         password = self.choose_password(account, lines)
         if isinstance(password, Problem):
             return password
+        if not self.server.storage.invitation_waiting(account, "password"):       # taken back meanwhile
+            return Problem(f"The password reset code for {account} no longer works; ask an operator for another.")
         try:
             self.server.storage.reset_password(account, password)
         except StorageError as problem:
@@ -3040,16 +3042,18 @@ class Storage:
         _, salt, hashed, n, r, p, _, _ = row
         return hmac.compare_digest(hash_password(password, salt, n, r, p), hashed)
 
-    def set_password(self, nick: str, password: str) -> None:
+    def _new_password(self, nick: str, password: str) -> tuple[str, tuple]:
+        """The statement that gives NICK's account PASSWORD (hashed here, outside the lock)."""
         salt, hashed = self._hashed(password)
-        self._change(("UPDATE accounts SET salt=?, hash=?, n=?, r=?, p=? WHERE key=?",
-                      (salt, hashed, SCRYPT_N, SCRYPT_R, SCRYPT_P, name_key(nick))))
+        return ("UPDATE accounts SET salt=?, hash=?, n=?, r=?, p=? WHERE key=?",
+                (salt, hashed, SCRYPT_N, SCRYPT_R, SCRYPT_P, name_key(nick)))
+
+    def set_password(self, nick: str, password: str) -> None:
+        self._change(self._new_password(nick, password))
 
     def reset_password(self, nick: str, password: str) -> None:
         """Give NICK's account PASSWORD, and let its password reset code go, in one transaction."""
-        salt, hashed = self._hashed(password)
-        self._change(("UPDATE accounts SET salt=?, hash=?, n=?, r=?, p=? WHERE key=?",
-                      (salt, hashed, SCRYPT_N, SCRYPT_R, SCRYPT_P, name_key(nick))),
+        self._change(self._new_password(nick, password),
                      ("DELETE FROM invitations WHERE key=? AND purpose='password'", (name_key(nick),)))
 
     def saw(self, nick: str) -> None:
