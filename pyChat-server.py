@@ -159,6 +159,8 @@ MAX_NAMED_OPERATORS = 100         # ... and more room in the file for names give
 MAX_INVITATIONS = 1000            # one-time codes for --private waiting to be used
 INVITATION_SECONDS = 7 * 86400    # how long an invitation code works
 MAX_BANS = 1000
+MAX_MUTES = 1000
+ACCOUNTS_LISTED = 200             # lines /accounts shows at most; a pattern narrows the list
 MAX_BAN_SECONDS = 3650 * 86400    # the longest ban with a duration; longer is "permanent"
 MAX_REASON_LENGTH = 200           # characters of a ban's reason
 MAX_ROOM_SETTINGS = 1000          # rooms with a topic or modes kept
@@ -1877,19 +1879,26 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
         A registered name (or a look-alike of one) asks for its password: three
         wrong ones close the connection, an empty answer goes back to choosing
-        a nickname (Problem("")). A name with an invitation waiting (on a
-        --private server, any name without an account) needs its invitation
-        code, and then a new password.
+        a nickname (Problem("")). The code of a password reset (/reset-password),
+        given there instead, leads to choosing a new password. A name with an
+        invitation waiting (on a --private server, any name without an
+        account) needs its invitation code, and then a new password.
         """
         storage = self.server.storage
         registered = storage.account_name(nick)
         if registered is None:
             invited = self.server.options.private or storage.invitation_waiting(nick)
             return self.accept_invitation(normal_name(nick), lines) if invited else None
-        if not self.ask_secret(lines, registered, "password",
-                               lambda given: self.server.check_account(self, registered, given) is not None):
+        proved: list[str] = []          # what the right answer was: "password", or a reset's "code"
+
+        def check(given: str) -> bool:
+            found = self.server.check_account(self, registered, given)
+            proved[:] = found[1:] if found else []
+            return found is not None
+
+        if not self.ask_secret(lines, registered, "password", check):
             return Problem("")
-        return registered
+        return self.reset_password(registered, lines) if proved == ["code"] else registered
 
     def ask_secret(self, lines: Iterator[str | None], nick: str, what: str, check: Callable[[str], bool]) -> bool:
         """Ask for NICK's WHAT ("password" or "code") until it is right (True) or the answer is empty (False).
@@ -1921,15 +1930,9 @@ class ClientConnection(socketserver.BaseRequestHandler):
         if not self.ask_secret(lines, nick, "code", lambda given: self.server.check_secret(
                 self, f"invitation code for {nick}", lambda: storage.invitation_matches(nick, given))):
             return Problem("")
-        while True:
-            self.output.send(AccountPrompt(nick, "new password"))
-            password = clean_text(next(lines) or "").strip()
-            if not password:
-                return Problem("")      # back to choosing a nickname; the invitation still holds
-            problem = password_problem(password, nick)
-            if problem is None:
-                break
-            self.output.send(Error(problem))
+        password = self.choose_password(nick, lines)
+        if isinstance(password, Problem):
+            return password
         try:
             storage.register(nick, password)
         except (StoreFull, StorageError) as problem:
@@ -1937,6 +1940,35 @@ class ClientConnection(socketserver.BaseRequestHandler):
         storage.remove_invitation(nick)
         log.info("%s registered at their first sign-in, from %s", nick, self.address)
         return nick
+
+    def reset_password(self, account: str, lines: Iterator[str | None]) -> str | Problem:
+        """The password reset code of ACCOUNT was given at its password prompt: a new password, and in."""
+        self.output.send(Notice(f"That is the password reset code for {account}: choose a new password."))
+        password = self.choose_password(account, lines)
+        if isinstance(password, Problem):
+            return password
+        if not self.server.storage.invitation_waiting(account, "password"):       # taken back meanwhile
+            return Problem(f"The password reset code for {account} no longer works; ask an operator for another.")
+        try:
+            self.server.storage.reset_password(account, password)
+        except StorageError as problem:
+            return Problem(str(problem))
+        self.output.send(Notice(f"The password of {account} is changed."))
+        log.warning("%s chose a new password with a reset code, from %s", account, self.address)
+        return account
+
+    def choose_password(self, nick: str, lines: Iterator[str | None]) -> str | Problem:
+        """A new password for NICK's account, asked until it is strong enough; an empty answer goes back to
+        choosing a nickname (Problem(""): the code that led here still holds)."""
+        while True:
+            self.output.send(AccountPrompt(nick, "new password"))
+            password = clean_text(next(lines) or "").strip()
+            if not password:
+                return Problem("")
+            problem = password_problem(password, nick)
+            if problem is None:
+                return password
+            self.output.send(Error(problem))
 
     def on_line(self, line: str | None, on_switchboard: bool = False) -> bool:
         """One line from a signed-in person: a command, or something to say to their current room.
@@ -2197,11 +2229,13 @@ SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE accounts (key TEXT PRIMARY KEY, name TEXT NOT NULL, salt BLOB NOT NULL, hash BLOB NOT NULL,
     n INTEGER NOT NULL, r INTEGER NOT NULL, p INTEGER NOT NULL, since REAL NOT NULL,
-    ignoring TEXT NOT NULL DEFAULT '');
+    ignoring TEXT NOT NULL DEFAULT '', last_seen REAL);
 CREATE TABLE operators (key TEXT PRIMARY KEY, name TEXT NOT NULL, by TEXT NOT NULL, since REAL NOT NULL);
 CREATE TABLE invitations (key TEXT PRIMARY KEY, name TEXT NOT NULL, code TEXT NOT NULL, by TEXT NOT NULL,
-    expires REAL NOT NULL);
+    expires REAL NOT NULL, purpose TEXT NOT NULL DEFAULT 'account');
 CREATE TABLE bans (key TEXT PRIMARY KEY, kind TEXT NOT NULL, target TEXT NOT NULL, shown TEXT NOT NULL,
+    reason TEXT, by TEXT NOT NULL, since REAL NOT NULL, expires REAL);
+CREATE TABLE mutes (key TEXT PRIMARY KEY, kind TEXT NOT NULL, target TEXT NOT NULL, shown TEXT NOT NULL,
     reason TEXT, by TEXT NOT NULL, since REAL NOT NULL, expires REAL);
 CREATE TABLE rooms (key TEXT PRIMARY KEY, name TEXT NOT NULL, topic TEXT, modes TEXT NOT NULL DEFAULT '');
 CREATE TABLE offline (id INTEGER PRIMARY KEY, recipient TEXT NOT NULL, name TEXT NOT NULL, sender TEXT NOT NULL,
@@ -2217,8 +2251,14 @@ CREATE INDEX messages_by_target ON messages (target, id);
 # A message's target: '#' and a room's name_key(); '@' and the two accounts' keys of a private conversation,
 # sorted, with a newline between; '~' and the same where one of the two is a guest ("guest/" and the
 # serial of their connection: Person.identity), kept only while that guest is online.
+# An account's last_seen: when its owner last signed in or out (NULL: not since it came from pyChat 2.0).
+# An invitation's purpose (INVITATION_PURPOSES): 'account', a code to make the account NAME and choose its
+# password; 'password', a code to choose a new password for the account NAME (/reset-password). Only a
+# SHA-256 of each code is kept.
+# A mute has a ban's shape (Ban): of an account, or of a guest's address.
 SEARCH_INDEX = "CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(text, content='messages', content_rowid='id')"
-TABLES = ("meta", "accounts", "operators", "invitations", "bans", "rooms", "offline", "messages")
+TABLES = ("meta", "accounts", "operators", "invitations", "bans", "mutes", "rooms", "offline", "messages")
+INVITATION_PURPOSES = ("account", "password")
 MESSAGE_KINDS = ("line", "action", "notice")      # a message's kind is its place here
 DATABASE_FILE = "pychat.db"
 HISTORY_DAYS = 365                # --history-days: days chat lines are kept (0: none are kept)
@@ -2440,6 +2480,23 @@ def ban_target(text: str) -> tuple[str, str] | None:
     return "network", str(network)
 
 
+class AccountRecord(NamedTuple):
+    """An account as /accounts lists it."""
+
+    name: str
+    since: float                # registered at, a time.time()
+    last_seen: float | None     # when its owner last signed in or out; None if not known
+
+
+class WaitingInvitation(NamedTuple):
+    """An invitation that still works, as /invitations lists it: never its code, which is not kept."""
+
+    name: str
+    purpose: str                # one of INVITATION_PURPOSES
+    by: str
+    expires: float
+
+
 class SavedRoom(NamedTuple):
     """What outlasts a restart of a room's settings: its topic and its modes."""
 
@@ -2611,7 +2668,7 @@ def _account_row(key: str, v: dict) -> tuple:
     if not isinstance(ignoring, list) or len(ignoring) > MAX_IGNORED or not all(
             isinstance(k, str) and 0 < len(k) <= MAX_NICKNAME_LENGTH * 4 and "\n" not in k for k in ignoring):
         raise ValueError(f"'ignoring' is not a list of at most {MAX_IGNORED} names")
-    return ("INSERT INTO accounts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    return ("INSERT INTO accounts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
             (key, _name(key, v), _hex(v, "salt", 16, 64), _hex(v, "hash", SCRYPT_LENGTH, SCRYPT_LENGTH), n,
              _whole(v, "r", 1, 32), _whole(v, "p", 1, 16), _time(v, "since"), "\n".join(ignoring)))
 
@@ -2622,7 +2679,7 @@ def _operator_row(key: str, v: dict) -> tuple:
 
 
 def _invitation_row(key: str, v: dict) -> tuple:
-    return ("INSERT INTO invitations VALUES (?, ?, ?, ?, ?)",
+    return ("INSERT INTO invitations VALUES (?, ?, ?, ?, ?, 'account')",
             (key, _name(key, v), _hex(v, "code", 32, 32).hex(), _text(v, "by", MAX_NICKNAME_LENGTH),
              _time(v, "expires", ahead=INVITATION_SECONDS + LATEST_TIME_AHEAD)))
 
@@ -2738,6 +2795,7 @@ class Storage:
         self.history_bytes = int((in_memory_default if history_max_mb is None else history_max_mb) * 1024 * 1024)
         self.unsaved: collections.deque[tuple] = collections.deque(maxlen=UNSAVED_LINES)
         self.batch: list[tuple] = []            # chat lines said, written by the next commit_lines()
+        self.seen: dict[str, float] = {}          # accounts' keys -> when seen (saw()), written with the batch
         self.unsaved_lost = 0                     # lines given up because even memory for them ran out
         self.stopped = threading.Event()
         self.maintenance: threading.Thread | None = None
@@ -2982,8 +3040,8 @@ class Storage:
         if self.account_count() >= MAX_ACCOUNTS:
             raise StoreFull(f"the server keeps at most {MAX_ACCOUNTS} accounts")
         try:
-            self._change(("INSERT INTO accounts VALUES (?, ?, ?, ?, ?, ?, ?, ?, '')",
-                          (key, nick, salt, hashed, SCRYPT_N, SCRYPT_R, SCRYPT_P, time.time())))
+            self._change(("INSERT INTO accounts VALUES (?, ?, ?, ?, ?, ?, ?, ?, '', ?)",
+                          (key, nick, salt, hashed, SCRYPT_N, SCRYPT_R, SCRYPT_P, time.time(), time.time())))
         except StorageError:
             if self.account_name(nick) is not None:     # registered by someone else in the meantime
                 raise StoreFull(f"{nick} is registered already.") from None
@@ -2997,10 +3055,37 @@ class Storage:
         _, salt, hashed, n, r, p, _, _ = row
         return hmac.compare_digest(hash_password(password, salt, n, r, p), hashed)
 
-    def set_password(self, nick: str, password: str) -> None:
+    def _new_password(self, nick: str, password: str) -> tuple[str, tuple]:
+        """The statement that gives NICK's account PASSWORD (hashed here, outside the lock)."""
         salt, hashed = self._hashed(password)
-        self._change(("UPDATE accounts SET salt=?, hash=?, n=?, r=?, p=? WHERE key=?",
-                      (salt, hashed, SCRYPT_N, SCRYPT_R, SCRYPT_P, name_key(nick))))
+        return ("UPDATE accounts SET salt=?, hash=?, n=?, r=?, p=? WHERE key=?",
+                (salt, hashed, SCRYPT_N, SCRYPT_R, SCRYPT_P, name_key(nick)))
+
+    def set_password(self, nick: str, password: str) -> None:
+        self._change(self._new_password(nick, password))
+
+    def reset_password(self, nick: str, password: str) -> None:
+        """Give NICK's account PASSWORD, and let its password reset code go, in one transaction."""
+        self._change(self._new_password(nick, password),
+                     ("DELETE FROM invitations WHERE key=? AND purpose='password'", (name_key(nick),)))
+
+    def saw(self, nick: str) -> None:
+        """Note that the owner of the account NICK signed in or out now. Written with the next chat lines, in
+        their transaction and without waiting for the disk: signing in and out costs no transaction of its own."""
+        with self.lock:
+            self.seen[name_key(nick)] = time.time()
+
+    def accounts(self) -> list[AccountRecord]:
+        """Every account: its name, when it was registered and last seen; sorted by name."""
+        found = []
+        for row in self._query("SELECT name, since, last_seen FROM accounts"):
+            try:
+                name, since, seen = _checked_row(row, str, (int, float), (int, float, type(None)))
+            except ValueError as problem:
+                log.warning("%s: an account is damaged (%s); it is left out", self.path, problem)
+                continue
+            found.append(AccountRecord(name, float(since), None if seen is None else float(seen)))
+        return sorted(found, key=lambda account: account.name.casefold())
 
     def ignoring(self, nick: str) -> list[str]:
         """The name keys NICK's owner ignores (kept from their last /ignore), [] for a guest's name."""
@@ -3049,43 +3134,64 @@ class Storage:
 
     # -- invitations ------------------------------------------------------------------
 
-    def invite(self, nick: str, by: str) -> str:
-        """A new code for NICK, replacing any earlier one; it works once, within INVITATION_SECONDS."""
+    def invite(self, nick: str, by: str, purpose: str = "account") -> str:
+        """A new code for NICK, replacing any earlier one; it works once, within INVITATION_SECONDS. PURPOSE (see
+        SCHEMA): "account" to make the account NICK, "password" to choose a new password for it."""
         if self._query("SELECT count(*) FROM invitations WHERE expires > ?", (time.time(),))[0][0] >= MAX_INVITATIONS:
             raise StoreFull(f"There are {MAX_INVITATIONS} invitations waiting already.")
         code = "-".join(secrets.token_hex(3) for _ in range(3))
         self._change(("DELETE FROM invitations WHERE expires <= ?", (time.time(),)),
-                     ("INSERT OR REPLACE INTO invitations VALUES (?, ?, ?, ?, ?)",
+                     ("INSERT OR REPLACE INTO invitations VALUES (?, ?, ?, ?, ?, ?)",
                       (name_key(nick), nick, hashlib.sha256(code.encode()).hexdigest(), by,
-                       time.time() + INVITATION_SECONDS)))
+                       time.time() + INVITATION_SECONDS, purpose)))
         return code
 
-    def _invitation_code(self, nick: str) -> str | None:
-        rows = self._query("SELECT code, expires FROM invitations WHERE key=?", (name_key(nick),))
+    def _invitation_code(self, nick: str, purpose: str) -> str | None:
+        rows = self._query("SELECT code, expires FROM invitations WHERE key=? AND purpose=?", (name_key(nick), purpose))
         if not rows or not isinstance(rows[0][0], str) or not isinstance(rows[0][1], (int, float)):
             return None
         return rows[0][0] if rows[0][1] > time.time() else None
 
-    def invitation_waiting(self, nick: str) -> bool:
-        return self._invitation_code(nick) is not None
+    def invitation_waiting(self, nick: str, purpose: str = "account") -> bool:
+        return self._invitation_code(nick, purpose) is not None
 
-    def invitation_matches(self, nick: str, code: str) -> bool:
-        """True if CODE is NICK's invitation; it works until remove_invitation(), once the account is made."""
-        kept = self._invitation_code(nick)
+    def invitation_matches(self, nick: str, code: str, purpose: str = "account") -> bool:
+        """True if CODE is NICK's invitation for PURPOSE; it works until it is used (remove_invitation(),
+        reset_password()), for INVITATION_SECONDS at most."""
+        kept = self._invitation_code(nick, purpose)
         given = hashlib.sha256(code.strip().lower().encode("utf-8", "replace")).hexdigest()
         return kept is not None and hmac.compare_digest(given, kept)
 
-    def remove_invitation(self, nick: str) -> bool:
-        found = bool(self._query("SELECT 1 FROM invitations WHERE key=?", (name_key(nick),)))
-        if found:
+    def remove_invitation(self, nick: str) -> str | None:
+        """Let NICK's invitation go; its purpose, or None if there was none."""
+        rows = self._query("SELECT purpose FROM invitations WHERE key=?", (name_key(nick),))
+        if rows:
             self._change(("DELETE FROM invitations WHERE key=?", (name_key(nick),)))
+        return str(rows[0][0]) if rows else None
+
+    def invitations(self, now: float) -> list[WaitingInvitation]:
+        """Every invitation that still works, soonest to end first (without its code, which is not kept)."""
+        found = []
+        for row in self._query("SELECT name, purpose, by, expires FROM invitations WHERE expires > ? "
+                               "ORDER BY expires", (now,)):
+            try:
+                name, purpose, by, expires = _checked_row(row, str, str, str, (int, float))
+                if purpose not in INVITATION_PURPOSES:
+                    raise ValueError(f"{purpose!r:.20} is not the purpose of an invitation")
+            except ValueError as problem:
+                log.warning("%s: an invitation is damaged (%s); it is left out", self.path, problem)
+                continue
+            found.append(WaitingInvitation(name, purpose, by, float(expires)))
         return found
 
-    # -- bans -------------------------------------------------------------------------
+    # -- bans and mutes ---------------------------------------------------------------
+    # Two tables of one shape (Ban). Bans are also held in memory: the door asks about every newcomer.
 
-    def _load_bans(self) -> None:
-        bans = []
-        for row in self._query("SELECT key, kind, target, shown, reason, by, since, expires FROM bans"):
+    def _rules(self, table: str, where: str = "", parameters: tuple = ()) -> list[Ban]:
+        """The bans or mutes (TABLE) kept, WHERE asks, checked; a damaged one is logged and left out."""
+        rules = []
+        for row in self._query(f"SELECT key, kind, target, shown, reason, by, since, expires FROM {table} {where}",
+                               parameters):
             try:
                 key, kind, target, shown, reason, by, since, expires = _checked_row(
                     row, str, str, str, str, (str, type(None)), str, (int, float), (int, float, type(None)))
@@ -3094,34 +3200,59 @@ class Storage:
                 if kind in ("address", "network") and ban_target(target) != (kind, target):
                     raise ValueError(f"{target!r} is not an {kind}")
                 if kind not in ("account", "address", "network") or key != f"{kind}:{target}":
-                    raise ValueError(f"{key!r} is not a ban this server writes")
+                    raise ValueError(f"{key!r} is not a {table[:-1]} this server writes")
             except ValueError as problem:
-                log.warning("%s: a ban is damaged (%s); it is left out", self.path, problem)
+                log.warning("%s: a %s is damaged (%s); it is left out", self.path, table[:-1], problem)
                 continue
-            bans.append(Ban(kind, target, shown, reason, by, float(since),
-                            None if expires is None else float(expires)))
+            rules.append(Ban(kind, target, shown, reason, by, float(since),
+                             None if expires is None else float(expires)))
+        return rules
+
+    def _load_bans(self) -> None:
+        bans = self._rules("bans")
         self.bans_by_key = {ban.key: ban for ban in bans}
         self.networks = [(ipaddress.ip_network(ban.target), ban) for ban in bans if ban.kind == "network"]
 
-    def ban(self, ban: Ban) -> None:
-        """Keep BAN (replacing one of the same target), on the disk before this returns."""
-        if ban.key not in self.bans_by_key and len(self.bans_by_key) >= MAX_BANS:
-            raise StoreFull(f"the server keeps at most {MAX_BANS} bans")
-        self._change(("INSERT OR REPLACE INTO bans VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (ban.key, *ban)))
-        with self.lock:
-            self._load_bans()
+    def _keep_rule(self, table: str, rule: Ban, most: int) -> None:
+        """Keep RULE in TABLE (replacing one of the same target), on the disk before this returns."""
+        with self.lock:     # the count and the insert at once
+            if not self._query(f"SELECT 1 FROM {table} WHERE key=?", (rule.key,)) and \
+                    self._query(f"SELECT count(*) FROM {table}")[0][0] >= most:
+                raise StoreFull(f"the server keeps at most {most} {table}")
+            self._change((f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (rule.key, *rule)))
+            if table == "bans":
+                self._load_bans()
 
-    def find_ban(self, key: str) -> Ban | None:
-        return self.bans_by_key.get(key)
+    def _lift_rule(self, table: str, key: str) -> Ban | None:
+        """Lift the ban or mute KEY; the one lifted, or None if there was none."""
+        with self.lock:
+            found = self._rules(table, "WHERE key=?", (key,))
+            if found:
+                self._change((f"DELETE FROM {table} WHERE key=?", (key,)))
+                if table == "bans":
+                    self._load_bans()
+        return found[0] if found else None
+
+    def _rules_in_force(self, table: str, now: float) -> list[Ban]:
+        """Every ban or mute still in force, soonest to end first; those that ended are dropped."""
+        rules = self._rules(table)
+        if any(not rule.active(now) for rule in rules):
+            with contextlib.suppress(StorageError):
+                self._change((f"DELETE FROM {table} WHERE expires IS NOT NULL AND expires <= ?", (now,)))
+                if table == "bans":
+                    with self.lock:
+                        self._load_bans()
+        return sorted((rule for rule in rules if rule.active(now)),
+                      key=lambda rule: (rule.expires is None, rule.expires or 0, rule.shown))
+
+    def ban(self, ban: Ban) -> None:
+        self._keep_rule("bans", ban, MAX_BANS)
 
     def lift_ban(self, key: str) -> Ban | None:
-        """Lift the ban KEY; the ban lifted, or None if there was none."""
-        ban = self.bans_by_key.get(key)
-        if ban is not None:
-            self._change(("DELETE FROM bans WHERE key=?", (key,)))
-            with self.lock:
-                self._load_bans()
-        return ban
+        return self._lift_rule("bans", key)
+
+    def bans(self, now: float) -> list[Ban]:
+        return self._rules_in_force("bans", now)
 
     def ban_for_address(self, address: str, now: float) -> Ban | None:
         """The ban that keeps ADDRESS out, if one does; quick, for the accepting thread."""
@@ -3138,16 +3269,21 @@ class Storage:
         found = self.bans_by_key.get(f"account:{name_key(nick)}")
         return found if found is not None and found.active(now) else None
 
-    def bans(self, now: float) -> list[Ban]:
-        """Every ban still in force, soonest to end first; those that ended are dropped."""
-        bans = list(self.bans_by_key.values())
-        if any(not ban.active(now) for ban in bans):
-            with contextlib.suppress(StorageError):
-                self._change(("DELETE FROM bans WHERE expires IS NOT NULL AND expires <= ?", (now,)))
-                with self.lock:
-                    self._load_bans()
-        return sorted((ban for ban in bans if ban.active(now)),
-                      key=lambda ban: (ban.expires is None, ban.expires or 0, ban.shown))
+    def mute(self, mute: Ban) -> None:
+        self._keep_rule("mutes", mute, MAX_MUTES)
+
+    def lift_mute(self, key: str) -> Ban | None:
+        return self._lift_rule("mutes", key)
+
+    def mutes(self, now: float) -> list[Ban]:
+        return self._rules_in_force("mutes", now)
+
+    def mute_for(self, account: str | None, address: str, now: float) -> Ban | None:
+        """The mute in force for the account ACCOUNT (None: a guest) or the ADDRESS, the longer if both are;
+        a lookup by key, quick enough under the server's lock."""
+        keys = (f"address:{ip_of(address) or address}", f"account:{name_key(account)}" if account else "")
+        found = [mute for mute in self._rules("mutes", "WHERE key IN (?, ?)", keys) if mute.active(now)]
+        return max(found, key=lambda mute: math.inf if mute.expires is None else mute.expires, default=None)
 
     # -- rooms and offline messages ---------------------------------------------------
 
@@ -3236,20 +3372,25 @@ class Storage:
         """Write the chat lines said since the last time, in one transaction: called before anyone is sent
         them, once for all the lines of a pass of the switchboard, so that a busy room does not cost a
         transaction a line."""
-        if self.batch:
+        if self.batch or self.seen:
             with self.lock:
                 self._commit_lines()
 
     def _commit_lines(self) -> None:
         """commit_lines(), lock held; every other use of the database begins with it."""
-        if not self.batch:
+        if not self.batch and not self.seen:
             return
         rows, self.batch = self.batch, []
+        seen, self.seen = self.seen, {}
         try:
             with self._transaction() as db:
                 db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                db.executemany("UPDATE accounts SET last_seen=? WHERE key=?", [(t, k) for k, t in seen.items()])
         except sqlite3.Error as problem:
-            self._lines_not_written(problem, rows)
+            for key, when in seen.items():      # tried again with the next lines
+                self.seen.setdefault(key, when)
+            if rows:
+                self._lines_not_written(problem, rows)
 
     def _lines_not_written(self, problem: sqlite3.Error, rows: list[tuple]) -> None:
         """Keep ROWS for another try (maintain()), and say why they could not be written. Lock held."""
@@ -3534,8 +3675,12 @@ class Storage:
     WRONG_KINDS = {
         "accounts": "typeof(name)!='text' OR typeof(salt)!='blob' OR typeof(hash)!='blob' OR typeof(n)!='integer' "
                     "OR typeof(r)!='integer' OR typeof(p)!='integer' OR typeof(ignoring)!='text' OR n < 2 "
-                    "OR (n & (n - 1)) != 0 OR r NOT BETWEEN 1 AND 32 OR p NOT BETWEEN 1 AND 16",
+                    "OR (n & (n - 1)) != 0 OR r NOT BETWEEN 1 AND 32 OR p NOT BETWEEN 1 AND 16 "
+                    "OR typeof(last_seen) NOT IN ('integer', 'real', 'null')",
+        "invitations": "typeof(code)!='text' OR typeof(expires) NOT IN ('integer', 'real') "
+                       f"OR purpose NOT IN {INVITATION_PURPOSES}",
         "bans": "typeof(kind)!='text' OR typeof(target)!='text' OR key != kind || ':' || target",
+        "mutes": "typeof(kind)!='text' OR typeof(target)!='text' OR key != kind || ':' || target",
         "messages": "typeof(time)!='integer' OR typeof(target)!='text' OR typeof(nick)!='text' "
                     "OR typeof(kind)!='integer' OR typeof(text)!='text'",
     }
@@ -3543,8 +3688,9 @@ class Storage:
     def describe(self) -> str:
         """What is kept, for the log at start."""
         counts = {table: self._query(f"SELECT count(*) FROM {table}")[0][0]
-                  for table in ("accounts", "bans", "offline", "messages")}
-        return (f"{counts['accounts']} account(s), {counts['bans']} ban(s), {counts['offline']} offline "
+                  for table in ("accounts", "bans", "mutes", "offline", "messages")}
+        return (f"{counts['accounts']} account(s), {counts['bans']} ban(s), {counts['mutes']} mute(s), "
+                f"{counts['offline']} offline "
                 f"message(s), {counts['messages']} chat line(s); search "
                 f"{'with the full-text index (FTS5)' if self.full_text else 'by scanning the newest lines'}")
 
@@ -3603,7 +3749,7 @@ class Person:
         self.realname = ""                      # the real name an IRC client gave (USER); "" from pyChat's
         self.since = time.time()                # signed in at
         self.last_spoke = time.monotonic()      # for /whois: last chat, action or private line
-        self.muted = False
+        self.mute: Ban | None = None            # the mute of their account or address, if one holds for them
         self.ignoring: set[str] = set()         # name keys
         self.last_private_from: int | None = None   # a serial: nothing of a sender who left stays reachable
         self.invited_to: dict[str, int] = {}    # room key -> the Room.life the invitation is for
@@ -3614,6 +3760,11 @@ class Person:
         self.bot = False                        # they say they are a program (IRC's user mode +B)
         self.invisible = False                  # left out of WHO masks by those who share no room (IRC's +i)
         self.conversations: set[str] = set()    # a guest's private conversations kept while they are here
+
+    @property
+    def muted(self) -> bool:
+        """A mute holds for them: it lapses by itself when its time is up."""
+        return self.mute is not None and self.mute.active(time.time())
 
     @property
     def identity(self) -> str:
@@ -3971,20 +4122,29 @@ class ChatServer(socketserver.ThreadingTCPServer):
         time.sleep(self.options.guess_delay * min(wrong + 1, GUESS_DELAY_STEPS))
         return False
 
-    def check_account(self, connection: ClientConnection, name: str, password: str) -> str | None:
-        """The account NAME signs in to, if PASSWORD is its password; None if not (a wrong guess, also when
-        there is no such account).
+    def check_account(self, connection: ClientConnection, name: str, secret: str) -> tuple[str, str] | None:
+        """The account NAME signs in to and what SECRET is to it: its "password", or the "code" of a password
+        reset waiting for it (/reset-password); None if neither (a wrong guess, also when there is no such
+        account).
 
         The one order for every door: the password first, within the limits on
         guessing (check_secret), and only then the ban (refuse_banned), so that
         a ban and its reason are told only to whoever knows the password.
         """
         account = self.storage.account_name(name)
-        if not self.check_secret(connection, f"password for {account or name}",
-                                 lambda: account is not None and self.storage.verify_password(account, password)):
+        proved: list[str] = []
+
+        def is_right() -> bool:
+            if account is not None and self.storage.verify_password(account, secret):
+                proved.append("password")
+            elif account is not None and self.storage.invitation_matches(account, secret, "password"):
+                proved.append("code")
+            return bool(proved)
+
+        if not self.check_secret(connection, f"password for {account or name}", is_right):
             return None
         self.refuse_banned(connection, account)
-        return account
+        return account, proved[0]
 
     def refuse_banned(self, connection: ClientConnection, account: str | None) -> None:
         """Raise Disconnect, with the ban's words for the person, if a ban keeps out CONNECTION's address (or
@@ -4032,11 +4192,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person.account = account
             person.realname = realname
             person.operator = account is not None and self.storage.is_operator(account)
+            person.mute = self.storage.mute_for(account, connection.address, time.time())
             person.output.send(Welcome(nick))
             for line in motd:
                 person.output.send(Notice(line))
             if person.operator:
                 person.output.send(Notice("You are an operator of this server."))
+            if person.mute is not None:
+                person.output.send(Notice(f"You are muted {person.mute.how_long(time.time())}"
+                                          f"{_because(person.mute.reason)}."))
             self.people[person.key] = person
             self.by_serial[person.serial] = person
             for key in ignoring:
@@ -4052,6 +4216,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._to_people(self.watchers.get(person.key, ()), CameOnline(person.nick))
         log.info("%r signed in%s", person, f" to the account {account}" if account else "")
         if account:
+            self.storage.saw(account)
             self.deliver_offline_messages(person)
         return None
 
@@ -4123,6 +4288,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._forget(person)
         self._to_people(self.watchers.get(person.key, ()), WentOffline(person.nick))
         self.departed.append(Departed(person.nick, person.key, person.account, person.realname, time.time()))
+        if person.account:
+            self.storage.saw(person.account)
         if not self.stopping:
             # A muted person's own words (their /quit message) are not shown.
             shown = None if reason == QUIT or (person.muted and person.quit_message) else reason
@@ -4740,17 +4907,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person.operator = True
         log.warning("%r is now an operator", person)
 
-    def set_muted(self, by: Person, nick: str, muted: bool) -> str:
-        """Mute or unmute NICK in every room; returns NICK as they spell it."""
-        with self.lock:
-            target = self._find(nick)
-            if target.muted == muted:
-                raise Refused(f"{target.nick} is already {'muted' if muted else 'not muted'}.")
-            target.muted = muted
-            target.output.send(Notice(f"You were {'muted' if muted else 'unmuted'} by {by.nick}."))
-        log.warning("%r %s by %s", target, "muted" if muted else "unmuted", by.nick)
-        return target.nick
-
     def disconnect(self, by: Person, nick: str, reason: str | None) -> str:
         """Close NICK's connection, telling them and their rooms who did it and why."""
         with self.lock:
@@ -4793,6 +4949,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(str(problem)) from None
         with self.lock:
             person.account = nick
+            person.mute = self.storage.mute_for(nick, person.address, time.time())
             made_operator = not person.operator and self.storage.is_operator(nick)
             person.operator = person.operator or made_operator
             keys = list(person.ignoring)
@@ -4929,20 +5086,32 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- bans ---------------------------------------------------------------------------------
 
-    def ban(self, by: Person, target: str, duration: str | None, reason: str | None) -> str:
-        """Ban TARGET (a nickname, an address or a network) for DURATION (None: permanently), disconnecting
-        whoever it keeps out."""
-        now = time.time()
+    # Bans and mutes are rules of one shape (Ban) on an account, an address or a network, kept by the
+    # storage; what a nickname names, durations and reasons are read here once for both.
+
+    @staticmethod
+    def _rule_seconds(duration: str | None, reason: str | None) -> float | None:
+        """The seconds of a ban's or mute's DURATION (None: until lifted), once its REASON is checked too."""
         try:
             seconds = parse_duration(duration) if duration else None
-            found = ban_target(target)
         except ValueError as problem:
             raise Refused(str(problem)) from None
         if reason is not None and len(reason) > MAX_REASON_LENGTH:
             raise Refused(f"The reason is too long (at most {MAX_REASON_LENGTH} characters).")
+        return seconds
+
+    def ban(self, by: Person, target: str, duration: str | None, reason: str | None) -> str:
+        """Ban TARGET (a nickname, an address or a network) for DURATION (None: permanently), disconnecting
+        whoever it keeps out."""
+        now = time.time()
+        seconds = self._rule_seconds(duration, reason)
+        try:
+            found = ban_target(target)
+        except ValueError as problem:
+            raise Refused(str(problem)) from None
         with self.lock:
             if found is None:
-                kind, value, shown, what = self._ban_of_nick(by, target)
+                kind, value, shown, what = self._rule_of_nick(by, target, "ban")
             else:
                 (kind, value), shown = found, found[1]
                 what = f"the {kind} {value}"
@@ -4950,16 +5119,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if self._banned_by(network, by):
                     raise Refused(f"That would ban you too: you connect from {ip_of(by.address)}.")
             ban = Ban(kind, value, shown, reason, by.nick, now, None if seconds is None else now + seconds)
-            for person in self.people.values():
-                if self._bans(ban, person) and person.operator:
-                    raise Refused(f"That would ban {person.nick}, an operator of the server.")
+            self._spare_operators(ban, "ban")
         try:
             self.storage.ban(ban)
         except (StoreFull, StorageError) as problem:
             raise Refused(str(problem)) from None
         with self.lock:
             self.bans_made += 1
-            banned = [person for person in self.people.values() if self._bans(ban, person)]
+            banned = [person for person in self.people.values() if self._applies(ban, person)]
         how_long = ban.how_long(time.time())
         for person in banned:
             person.output.end(f"banned by {by.nick}" + (f": {reason}" if reason else ""),
@@ -4969,54 +5136,69 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 + (f": {reason}" if reason else "") + "."
                 + (f" Disconnected {', '.join(p.nick for p in banned)}." if banned else ""))
 
-    def _ban_of_nick(self, by: Person, nick: str) -> tuple[str, str, str, str]:
-        """What banning the nickname NICK bans: its account, or the address of the guest using it. Lock held."""
+    def _rule_of_nick(self, by: Person, nick: str, verb: str) -> tuple[str, str, str, str]:
+        """What banning or muting (VERB) the nickname NICK holds for: its account, or the address of the guest
+        using it; as (kind, target, shown, words for the reply). Lock held."""
         registered = self.storage.account_name(normal_name(nick))
         online = self.people.get(name_key(normal_name(nick))) if registered is None else None
         if registered is not None:
             if by.account and name_key(by.account) == name_key(registered) or by.key == name_key(registered):
-                raise Refused("You cannot ban yourself.")
+                raise Refused(f"You cannot {verb} yourself.")
             if self.storage.is_operator(registered):
                 raise Refused(f"{registered} is an operator; /oper remove {registered} first.")
             return "account", name_key(registered), registered, f"the account {registered}"
         if online is None:
-            raise Refused(f"No one called {nick} is online, and no account has that name; "
-                          "ban an address or a network instead.")
+            raise Refused(f"No one called {nick} is online, and no account has that name"
+                          + ("; ban an address or a network instead." if verb == "ban" else "."))
         if online is by:
-            raise Refused("You cannot ban yourself.")
+            raise Refused(f"You cannot {verb} yourself.")
         address = str(ip_of(online.address))
         if ip_of(by.address) == ip_of(online.address):
-            raise Refused(f"That would ban you too: you connect from {address}.")
+            raise Refused(f"That would {verb} you too: you connect from {address}.")
         return "address", address, f"{address} ({online.nick})", f"{online.nick}'s address {address}"
+
+    def _spare_operators(self, rule: Ban, verb: str) -> None:
+        """Refuse a ban or mute (VERB) that would hold for an operator of the server online. Lock held."""
+        for person in self.people.values():
+            if self._applies(rule, person) and person.operator:
+                raise Refused(f"That would {verb} {person.nick}, an operator of the server.")
 
     @staticmethod
     def _banned_by(network: ipaddress.IPv4Network | ipaddress.IPv6Network, person: Person) -> bool:
         ip = ip_of(person.address)
         return ip is not None and ip.version == network.version and ip in network
 
-    def _bans(self, ban: Ban, person: Person) -> bool:
-        """Whether BAN keeps PERSON out. Lock held."""
-        if ban.kind == "account":
-            return person.account is not None and name_key(person.account) == ban.target
-        return self._banned_by(ipaddress.ip_network(ban.target), person)
+    def _applies(self, rule: Ban, person: Person) -> bool:
+        """Whether the ban or mute RULE holds for PERSON. Lock held."""
+        if rule.kind == "account":
+            return person.account is not None and name_key(person.account) == rule.target
+        return self._banned_by(ipaddress.ip_network(rule.target), person)
 
-    def unban(self, by: Person, target: str) -> str:
-        """Lift the ban on TARGET: an address, a network, an account, or a guest's nickname as /bans shows it."""
+    @staticmethod
+    def _rule_key(target: str, rules: list[Ban]) -> str:
+        """The key of the ban or mute TARGET names: an address, a network, an account, or a guest's nickname
+        as /bans and /mutes show it ("ADDRESS (NICK)")."""
         try:
             found = ban_target(target)
         except ValueError as problem:
             raise Refused(str(problem)) from None
-        now = time.time()
         if found is not None:
-            key = f"{found[0]}:{found[1]}"
-        else:
-            # An account, or a guest's address, which /bans shows as "ADDRESS (NICK)".
-            key = f"account:{name_key(normal_name(target))}"
-            if self.storage.find_ban(key) is None:
-                key = next((ban.key for ban in self.storage.bans(now)
-                            if ban.shown.lower().endswith(f"({target.lower()})")), key)
+            return f"{found[0]}:{found[1]}"
+        key = f"account:{name_key(normal_name(target))}"
+        if any(rule.key == key for rule in rules):
+            return key
+        return next((rule.key for rule in rules if rule.shown.lower().endswith(f"({target.lower()})")), key)
+
+    @staticmethod
+    def _rule_lines(rules: list[Ban]) -> list[str]:
+        now = time.time()
+        return [f"{rule.kind} {rule.shown} by {rule.by}, {rule.how_long(now)}" + _because(rule.reason)
+                for rule in rules]
+
+    def unban(self, by: Person, target: str) -> str:
+        """Lift the ban on TARGET: an address, a network, an account, or a guest's nickname as /bans shows it."""
         try:
-            lifted = self.storage.lift_ban(key)
+            lifted = self.storage.lift_ban(self._rule_key(target, self.storage.bans(time.time())))
         except StorageError as problem:
             raise Refused(str(problem)) from None
         if lifted is None:
@@ -5025,13 +5207,116 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return f"Lifted the ban on the {lifted.kind} {lifted.shown}."
 
     def ban_lines(self) -> list[str]:
-        now = time.time()
         try:
-            bans = self.storage.bans(now)
+            return self._rule_lines(self.storage.bans(time.time()))
         except StorageError as problem:
             raise Refused(str(problem)) from None
-        return [f"{ban.kind} {ban.shown} by {ban.by}, {ban.how_long(now)}" + (f": {ban.reason}" if ban.reason else "")
-                for ban in bans]
+
+    # -- mutes: a person who reads but puts no words in front of others ------------------------------
+    # A mute lasts like a ban and holds at every door: sign_in() looks for one, mute() and unmute() change
+    # those online it holds for, and Person.muted lets it lapse when its time is up.
+
+    def mute(self, by: Person, nick: str, duration: str | None, reason: str | None) -> str:
+        """Mute NICK's account (a guest: their address) for DURATION (None: until /unmute)."""
+        now = time.time()
+        seconds = self._rule_seconds(duration, reason)
+        with self.lock:
+            kind, value, shown, what = self._rule_of_nick(by, nick, "mute")
+            mute = Ban(kind, value, shown, reason, by.nick, now, None if seconds is None else now + seconds)
+            self._spare_operators(mute, "mute")
+        try:
+            self.storage.mute(mute)
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem)) from None
+        with self.lock:
+            muted = [person for person in self.people.values() if self._applies(mute, person)]
+            for person in muted:
+                person.mute = mute
+            self._to_people(muted, Notice(f"You were muted by {by.nick} {mute.how_long(time.time())}"
+                                          f"{_because(reason)}."))
+        log.warning("%r muted %s %s%s", by, what, mute.how_long(now), _because(reason))
+        return (f"Muted {what} " + (f"for {describe_duration(seconds)}" if seconds else "until /unmute")
+                + _because(reason) + ".")
+
+    def unmute(self, by: Person, target: str) -> str:
+        """Lift the mute on TARGET: an account, or a guest's nickname or address as /mutes shows it."""
+        now = time.time()
+        try:
+            lifted = self.storage.lift_mute(self._rule_key(target, self.storage.mutes(now)))
+        except StorageError as problem:
+            raise Refused(str(problem)) from None
+        if lifted is None:
+            raise Refused(f"{target} is not muted. /mutes lists who is.")
+        with self.lock:
+            for person in self.people.values():
+                if self._applies(lifted, person):
+                    person.mute = self.storage.mute_for(person.account, person.address, now)
+                    if person.mute is None:
+                        person.output.send(Notice(f"You were unmuted by {by.nick}."))
+        log.warning("%r lifted the mute on %s %s", by, lifted.kind, lifted.shown)
+        return f"Unmuted the {lifted.kind} {lifted.shown}."
+
+    def mute_lines(self) -> list[str]:
+        try:
+            return self._rule_lines(self.storage.mutes(time.time()))
+        except StorageError as problem:
+            raise Refused(str(problem)) from None
+
+    # -- an admin's lists: accounts and invitations ------------------------------------------------
+
+    def account_list(self, viewer: Person, pattern: str | None) -> tuple[list[commands.AccountInfo], int]:
+        """The accounts whose name fits PATTERN (a name, or * for any letters and ? for one), at most
+        ACCOUNTS_LISTED of them, and how many fit in all."""
+        now = time.time()
+        accounts = self.storage.accounts()
+        if pattern is not None:
+            wanted = re.sub(r"\*+", "*", pattern.casefold())
+            if any(wild in wanted for wild in "*?"):
+                accounts = [a for a in accounts if fits_pattern(wanted, a.name.casefold())]
+            else:
+                accounts = [a for a in accounts if name_key(a.name) == name_key(normal_name(pattern))]
+        shown = accounts[:ACCOUNTS_LISTED]
+        operators = {name_key(name) for name in self.storage.operator_names()}
+        bans = {ban.target: ban for ban in self.storage.bans(now) if ban.kind == "account"}
+        with self.lock:
+            self._charge(viewer, len(shown), "/accounts")
+            online = {name_key(p.account) for p in self.people.values() if p.account}
+        return [commands.AccountInfo(
+            a.name, utc_text(a.since), utc_text(a.last_seen) if a.last_seen else None, name_key(a.name) in online,
+            name_key(a.name) in operators,
+            bans[name_key(a.name)].how_long(now) if name_key(a.name) in bans else None) for a in shown], len(accounts)
+
+    def invitation_list(self) -> list[commands.InvitationInfo]:
+        now = time.time()
+        return [commands.InvitationInfo(i.name, i.purpose == "password", i.by, utc_text(i.expires),
+                                        describe_duration(i.expires - now)) for i in self.storage.invitations(now)]
+
+    def cancel_invitation(self, by: Person, nick: str) -> str:
+        """Let NICK's invitation, or the password reset waiting for their account, go unused."""
+        try:
+            purpose = self.storage.remove_invitation(normal_name(nick))
+        except StorageError as problem:
+            raise Refused(str(problem)) from None
+        if purpose is None:
+            raise Refused(f"No invitation is waiting for {nick}. /invitations lists them.")
+        what = "password reset" if purpose == "password" else "invitation"
+        log.warning("%r cancelled the %s for %s", by, what, nick)
+        return f"Cancelled the {what} for {nick}."
+
+    def reset_password(self, by: Person, nick: str) -> str:
+        """A one-time code that lets the owner of the account NICK choose a new password when they next sign
+        in; their password works as before until then."""
+        registered = self.storage.account_name(nick)
+        if registered is None:
+            raise Refused(f"{nick} has no account.")
+        try:
+            code = self.storage.invite(registered, by.nick, "password")
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem)) from None
+        log.warning("%r made a password reset code for %s", by, registered)
+        return (f"Password reset for {registered}: {code} (it works once, for {INVITATION_SECONDS // 86400} days). "
+                f"They sign in as {registered} with the pyChat client or nc and give it at the password prompt, "
+                f"then choose a new password; their old password works until then.")
 
     # -- knowing who is who ---------------------------------------------------------------------
 
@@ -5384,9 +5669,6 @@ class Context:
     def quit(self, message: str | None = None) -> None:
         self._server.quit(self._caller, message)
 
-    def set_muted(self, nick: str, muted: bool) -> str:
-        return self._server.set_muted(self._caller, nick, muted)
-
     def disconnect(self, nick: str, reason: str | None) -> str:
         return self._server.disconnect(self._caller, nick, reason)
 
@@ -5425,8 +5707,29 @@ class Context:
     def bans(self) -> list[str]:
         return self._server.ban_lines()
 
+    def mute(self, nick: str, duration: str | None, reason: str | None) -> str:
+        return self._server.mute(self._caller, nick, duration, reason)
+
+    def unmute(self, target: str) -> str:
+        return self._server.unmute(self._caller, target)
+
+    def mutes(self) -> list[str]:
+        return self._server.mute_lines()
+
     def invite_account(self, nick: str) -> str:
         return self._server.invite_account(self._caller, nick)
+
+    def accounts(self, pattern: str | None = None) -> tuple[list[commands.AccountInfo], int]:
+        return self._server.account_list(self._caller, pattern)
+
+    def invitations(self) -> list[commands.InvitationInfo]:
+        return self._server.invitation_list()
+
+    def cancel_invitation(self, nick: str) -> str:
+        return self._server.cancel_invitation(self._caller, nick)
+
+    def reset_password(self, nick: str) -> str:
+        return self._server.reset_password(self._caller, nick)
 
     def remove_account(self, nick: str) -> str:
         return self._server.remove_account(self._caller, nick)
@@ -6578,12 +6881,18 @@ class IrcConnection(ClientConnection):
         if credentials is None:
             return
         try:
-            account = self.server.check_account(self, credentials[0], credentials[1])
+            proved = self.server.check_account(self, credentials[0], credentials[1])
         except TooManyGuesses as refusal:
             self.send_irc(irc_numeric("ERR_SASLFAIL", nick, text=str(refusal)))
             raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
-        if account is None:
+        if proved is None:
             self.send_irc(irc_numeric("ERR_SASLFAIL", nick))
+            return
+        account, what = proved
+        if what == "code":
+            self.send_irc(irc_numeric("ERR_SASLFAIL", nick, text=(
+                f"That is the password reset code for {account}: choose a new password with the pyChat client "
+                f"or nc on the pyChat port (give the code at the password prompt), then sign in here with it")))
             return
         self.account = account
         self.send_irc(irc_numeric("RPL_LOGGEDIN", nick, irc_source(nick), account,

@@ -100,6 +100,14 @@ class Command:
         return values
 
 
+def duration_and_reason(duration: str | None, reason: str | None) -> tuple[str | None, str | None]:
+    """The DURATION and REASON of /ban and /mute: a first word that is no duration (it does not start with a
+    digit, and is not "permanent") begins the reason."""
+    if duration is not None and not (duration[0].isdigit() or duration.lower() == "permanent"):
+        return None, f"{duration} {reason or ''}".strip()
+    return duration, reason
+
+
 def command(name: str, usage: str = "", *, aliases: tuple[str, ...] | list[str] = (),
             operator: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Mark a function as the slash-command /NAME taking the arguments USAGE; its docstring is its help."""
@@ -211,6 +219,27 @@ class ServerDetails(NamedTuple):
     search: str                 # how /search searches: "the full-text index" or "the newest N lines"
 
 
+class AccountInfo(NamedTuple):
+    """An account, as /accounts lists it."""
+
+    name: str
+    registered: str             # as "2026-12-01 11:05 UTC"
+    last_seen: Optional[str]    # when its owner last signed in or out, or None if not known
+    online: bool                # its owner is signed in now
+    operator: bool              # an operator of the server
+    banned: Optional[str]       # how long the account is banned for ("until ... (2h left)"), or None
+
+
+class InvitationInfo(NamedTuple):
+    """A one-time code waiting to be used, as /invitations lists it (never the code itself)."""
+
+    name: str
+    new_password: bool          # a password reset for an account (/reset-password), not an invitation to make one
+    by: str
+    expires: str                # as "2026-12-01 11:05 UTC"
+    left: str                   # as "6d 23h"
+
+
 class FoundLine(NamedTuple):
     """A line /search found."""
 
@@ -264,7 +293,6 @@ class Context(Protocol):
     def quit(self, message: Optional[str] = None) -> None: ...
 
     # -- server operators
-    def set_muted(self, nick: str, muted: bool) -> str: ...
     def disconnect(self, nick: str, reason: Optional[str]) -> str: ...
 
     # -- lists (each costs its length from the caller's listing budget)
@@ -284,8 +312,15 @@ class Context(Protocol):
     def ban(self, target: str, duration: Optional[str], reason: Optional[str]) -> str: ...
     def unban(self, target: str) -> str: ...
     def bans(self) -> list[str]: ...
+    def mute(self, nick: str, duration: Optional[str], reason: Optional[str]) -> str: ...
+    def unmute(self, target: str) -> str: ...
+    def mutes(self) -> list[str]: ...
     def invite_account(self, nick: str) -> str: ...
     def remove_account(self, nick: str) -> str: ...
+    def accounts(self, pattern: Optional[str] = None) -> tuple[list[AccountInfo], int]: ...
+    def invitations(self) -> list[InvitationInfo]: ...
+    def cancel_invitation(self, nick: str) -> str: ...
+    def reset_password(self, nick: str) -> str: ...
 
     # -- knowing who is who
     def whois(self, nick: str) -> PersonDetails: ...

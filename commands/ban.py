@@ -1,5 +1,5 @@
 """/ban, /unban and /bans: keeping people out of the server."""
-from commands import command
+from commands import command, duration_and_reason
 
 
 @command("ban", "TARGET [DURATION] [REASON...]", operator=True)
@@ -11,9 +11,7 @@ def ban(ctx, target, duration, reason):
     or "permanent", which is also what no duration means. Anyone online who
     is banned is disconnected with the reason.
     """
-    if duration is not None and not (duration[0].isdigit() or duration.lower() == "permanent"):
-        duration, reason = None, f"{duration} {reason or ''}".strip()
-    ctx.reply(ctx.ban(target, duration, reason))
+    ctx.reply(ctx.ban(target, *duration_and_reason(duration, reason)))
 
 
 @command("unban", "TARGET", operator=True)

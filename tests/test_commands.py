@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from conftest import database_rows, LineClient
+from conftest import ClientFrom, database_rows, LineClient
 
 OP_SECRET = "correct horse battery staple"
 
@@ -246,7 +246,8 @@ def make_operator(client: LineClient) -> None:
 def test_operator_commands_are_refused_to_others(op_server, connect):
     alice = connect(op_server, "alice")
     connect(op_server, "bob")
-    for line in ("/disconnect bob", "/mute bob", "/unmute bob"):
+    for line in ("/disconnect bob", "/mute bob", "/unmute bob", "/mutes", "/accounts", "/invitations",
+                 "/cancel-invitation bob", "/reset-password bob"):
         alice.send(line)
         name = line.split()[0]
         assert alice.expect("!! ") == f"!! {name}: not allowed; only operators may use it."
@@ -287,23 +288,24 @@ def test_a_server_operator_can_disconnect_someone_with_a_reason(op_server, conne
 
 def test_a_muted_user_cannot_talk_in_rooms_until_unmuted(op_server, connect):
     alice = connect(op_server, "alice")
-    bob = connect(op_server, "bob")
+    bob = ClientFrom(op_server.host, op_server.port, "127.0.0.2")
+    bob.login("bob")
     make_operator(alice)
     alice.send("/mute bob")
-    assert alice.expect("-- ") == "-- Muted bob."
-    assert bob.expect(r"\*\*\* You were") == "*** You were muted by alice."
+    assert alice.expect("-- ") == "-- Muted bob's address 127.0.0.2 until /unmute."
+    assert bob.expect(r"\*\*\* You were") == "*** You were muted by alice permanently."
     bob.send("can you hear me")
     assert bob.recv_line() == "!! You are muted; the room does not hear you."
     bob.send("/me shouts")
     assert bob.recv_line() == "!! You are muted; the room does not hear you."
     bob.send("/msg alice but this works")
     assert alice.expect(r"\[pm from bob\]") == "[pm from bob] but this works"
-    alice.send("/mute bob")
-    assert alice.expect("!! ") == "!! bob is already muted."
     alice.send("/unmute bob")
-    assert alice.expect("-- ") == "-- Unmuted bob."
+    assert alice.expect("-- ") == "-- Unmuted the address 127.0.0.2 (bob)."
+    assert bob.expect(r"\*\*\* You were") == "*** You were unmuted by alice."
     bob.send("back on air")
     assert alice.expect("bob: ") == "bob: back on air"
+    bob.close()
 
 
 def test_topic_is_announced_and_shown_on_join(op_server, connect):
@@ -322,7 +324,8 @@ def test_operator_commands_are_marked_in_help(chat):
     (alice,) = chat("alice")
     alice.send("/help")
     lines = alice.lines_until("-- Type /help COMMAND")
-    for name in ("disconnect", "mute", "unmute"):
+    for name in ("disconnect", "mute", "unmute", "mutes", "accounts", "invitations", "cancel-invitation",
+                 "reset-password"):
         assert any(line.startswith(f"-- /{name} ") and line.endswith("(operators)") for line in lines), name
     assert not any(line.startswith(("-- /msg ", "-- /kick ")) and line.endswith("(operators)") for line in lines)
     alice.send("/help disconnect")

@@ -205,14 +205,14 @@ def test_a_kill_9_at_random_moments_loses_no_confirmed_line(start_server, tmp_pa
 
 # -- every kind of record, across restarts --------------------------------------------------------------------
 
-KINDS = ("accounts", "operators", "invitations", "bans", "rooms", "offline", "messages")
+KINDS = ("accounts", "operators", "invitations", "bans", "mutes", "rooms", "offline", "messages")
 
 
 def kept(data) -> dict:
     """Every record of every kind in DATA's database; an invitation without its code, which a start remakes
     for an --operator name that has no account yet."""
     rows = {kind: sorted(database_rows(data, f"SELECT * FROM {kind}")) for kind in KINDS}
-    rows["invitations"] = [row[:2] + row[3:4] for row in rows["invitations"]]
+    rows["invitations"] = [row[:2] + row[3:4] + row[5:] for row in rows["invitations"]]
     return rows
 
 
@@ -228,6 +228,12 @@ def test_a_record_of_every_kind_survives_three_restarts_clean_or_killed(start_se
     alice.expect("-- bob is now an operator")
     alice.send("/ban 127.0.0.3 1w spam")
     alice.expect("-- Banned the address 127.0.0.3")
+    carol = connect(server, "carol")
+    register(carol)
+    alice.send("/mute carol 1w shouting")
+    alice.expect("-- Muted the account carol")
+    alice.send("/reset-password carol")
+    alice.expect("-- Password reset for carol")
     alice.send("/topic be nice")
     alice.expect(r"\*\*\* alice set the topic")
     alice.send("/join dev")
@@ -254,6 +260,10 @@ def test_a_record_of_every_kind_survives_three_restarts_clean_or_killed(start_se
     bob.send("/join dev")
     joined = bob.lines_until(r"\[history .*said in dev")
     assert "*** Topic of #dev: ship it" in joined, shown(joined)
+    bob.send("/mutes")
+    assert bob.expect("-- ").startswith("-- account carol by alice, until "), "the mute was not kept"
+    bob.send("/invitations")
+    assert bob.expect("-- ").startswith("-- carol: a new password, by alice"), "the password reset was not kept"
     assert server.log().count("--operator olga has no account yet") == 1     # this start's own code
 
 

@@ -518,7 +518,8 @@ def test_setname_gives_a_new_real_name_that_setname_clients_are_told_of(irc_serv
 
 def test_a_muted_person_keeps_their_real_name(start_server, irc_connect):
     chat_server = start_server("--irc-port", "0", "--op-password", "let me run it 4")
-    op, alice = irc_connect(chat_server, "boss"), irc_connect(chat_server, "alice", ("setname",))
+    op = irc_connect(chat_server, "boss")
+    alice = irc_connect(chat_server, "alice", ("setname",), source="127.0.0.2")      # muted by her address
     op.send("OPER boss :let me run it 4")
     op.expect(r"381 ")
     op.send("PRIVMSG pyChat :mute alice")

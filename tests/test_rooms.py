@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import LineClient, RoomReader
+from conftest import ClientFrom, LineClient, RoomReader
 
 OP_SECRET = "rooms operator secret"
 
@@ -337,7 +337,9 @@ def test_nick_away_and_quit_are_told_once_to_someone_who_shares_two_rooms(chat):
 # -- muted ----------------------------------------------------------------------------------------------
 
 def test_a_muted_person_can_put_no_words_in_front_of_others(op_server, connect):
-    alice, bob = connect(op_server, "alice"), connect(op_server, "bob")
+    alice = connect(op_server, "alice")
+    bob = ClientFrom(op_server.host, op_server.port, "127.0.0.2")      # a guest, muted by their address
+    bob.login("bob")
     make_operator(alice)
     join(bob, "shop")
     alice.send("/mute bob")
@@ -358,3 +360,4 @@ def test_a_muted_person_can_put_no_words_in_front_of_others(op_server, connect):
     bob.send("/quit BUY PILLS")
     assert alice.expect(r"\*\*\* bob") == "*** bob quit"
     assert not [line for line in alice.seen if "PILLS" in line], alice.seen
+    bob.close()

@@ -105,12 +105,15 @@ def test_rows_edited_by_hand_are_left_out_with_a_log_line(open_storage, caplog):
     with storage.lock:
         storage.db.execute("UPDATE accounts SET n=1000 WHERE key='bob'")
         storage.db.execute("INSERT INTO bans VALUES ('address:x', 'address', 'x', 'x', NULL, 'a', 1, NULL)")
+        storage.db.execute("INSERT INTO mutes VALUES ('account:Bob', 'account', 'Bob', 'b', NULL, 'a', 1, NULL)")
     with caplog.at_level(logging.WARNING, logger="pychat"):
         storage = reopen(storage)
         assert storage.account_name("bob") is None and not storage.verify_password("bob", PASSWORD)
         assert storage.account_name("alice") == "alice"
         assert [ban.key for ban in storage.bans(time.time())] == ["address:192.0.2.7"]
+        assert storage.mutes(time.time()) == []
     assert "the account 'bob' is damaged" in caplog.text and "a ban is damaged" in caplog.text
+    assert "a mute is damaged" in caplog.text
     storage.close()
     assert any("accounts" in problem or "bans" in problem for problem in server.Storage.problems(storage.directory))
 
@@ -187,6 +190,43 @@ def test_an_invitation_code_works_for_its_name_until_it_is_used(open_storage):
     assert not storage.invitation_matches("dave", code) and not storage.invitation_waiting("dave")
 
 
+def test_a_password_reset_code_is_an_invitation_of_its_own_purpose_used_once_with_the_new_password(open_storage):
+    storage = open_storage()
+    storage.register("bob", PASSWORD)
+    code = storage.invite("bob", by="alice", purpose="password")
+    invitation = storage.invite("dave", by="alice")
+    assert storage.invitation_matches("bob", code, "password") and not storage.invitation_matches("bob", code)
+    assert not storage.invitation_waiting("bob"), "a reset is no invitation to make an account"
+    assert not storage.invitation_matches("dave", invitation, "password")
+    assert [(i.name, i.purpose, i.by) for i in storage.invitations(time.time())] == [
+        ("bob", "password", "alice"), ("dave", "account", "alice")]
+    storage.reset_password("bob", "new password")
+    assert storage.verify_password("bob", "new password") and not storage.verify_password("bob", PASSWORD)
+    assert not storage.invitation_matches("bob", code, "password"), "the code worked twice"
+    assert storage.remove_invitation("dave") == "account" and storage.remove_invitation("dave") is None
+    assert storage.invitations(time.time()) == []
+
+
+def test_last_seen_is_written_with_the_next_chat_lines_and_lasts(open_storage):
+    storage = open_storage()
+    storage.register("alice", PASSWORD)
+    registered = storage.accounts()[0]
+    assert registered.last_seen == pytest.approx(registered.since, abs=1)
+    with storage.lock:
+        storage.db.execute("UPDATE accounts SET last_seen=NULL")
+    storage.saw("ALICE")
+    assert storage.seen and storage.accounts()[0].last_seen is not None, "a read did not write it first"
+    storage.saw("alice")
+    said(storage, "#lobby", "hello")
+    assert not storage.seen, "the chat lines' commit did not take it along"
+    seen = storage.accounts()[0].last_seen
+    storage = reopen(storage)
+    try:
+        assert [tuple(a) for a in storage.accounts()] == [("alice", registered.since, seen)]
+    finally:
+        storage.close()
+
+
 def test_operators_named_at_start_are_operators_while_named_and_those_added_until_removed(open_storage):
     storage = open_storage(operators=["Alice"])
     storage.add_operator("bob", by="Alice")
@@ -230,6 +270,27 @@ def test_bans_match_addresses_networks_and_accounts_until_they_expire(open_stora
                                                                "network:2001:db8::/48"]
         assert storage.lift_ban("address:192.0.2.7") is not None
         assert storage.ban_for_address("192.0.2.7", now) is None
+    finally:
+        storage.close()
+
+
+def test_mutes_of_accounts_and_addresses_last_until_lifted_or_ended_and_the_longer_holds(open_storage):
+    storage = open_storage()
+    now = time.time()
+    storage.mute(make_ban("account", "troll", now + 60))
+    storage.mute(make_ban("address", "192.0.2.7", now + 1))
+    storage.ban(make_ban("address", "192.0.2.9"))
+    assert storage.mute_for("TROLL", "203.0.113.1", now).target == "troll"
+    assert storage.mute_for(None, "::ffff:192.0.2.7", now).target == "192.0.2.7"
+    assert storage.mute_for("troll", "192.0.2.7", now).target == "troll", "the longer mute does not hold"
+    assert storage.mute_for(None, "192.0.2.7", now + 2) is None and storage.mute_for(None, "192.0.2.9", now) is None
+    assert storage.ban_for_address("192.0.2.7", now) is None, "a mute kept someone out"
+    assert [mute.key for mute in storage.mutes(now + 2)] == ["account:troll"], "the ended mute was still listed"
+    storage = reopen(storage)
+    try:
+        assert [mute.key for mute in storage.mutes(now)] == ["account:troll"]
+        assert storage.lift_mute("account:troll").target == "troll" and storage.lift_mute("account:troll") is None
+        assert storage.mute_for("troll", "192.0.2.7", now) is None
     finally:
         storage.close()
 
