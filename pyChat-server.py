@@ -205,6 +205,14 @@ def number(kind: type, low: float, high: float | None = None, above: bool = Fals
     return parse
 
 
+def operator_name(name: str) -> str:
+    """An argparse type: a name that could be a nickname, for --operator."""
+    problem = name_problem(unicodedata.normalize("NFKC", name))
+    if problem:
+        raise argparse.ArgumentTypeError(f"{name}: {problem}")
+    return name
+
+
 def option_parser() -> argparse.ArgumentParser:
     """The command line's options; every option has a default that suits a small group."""
     parser = argparse.ArgumentParser(
@@ -278,7 +286,7 @@ def option_parser() -> argparse.ArgumentParser:
     data.add_argument("--check", action="store_true",
                       help="with --data-dir: check the database (PRAGMA integrity_check and every account), "
                            "say what is wrong, then exit (1 if anything is)")
-    data.add_argument("--operator", action="append", metavar="NAME",
+    data.add_argument("--operator", action="append", type=operator_name, metavar="NAME",
                       help="make the account NAME an operator of the server, as /oper add does (repeatable)")
     data.add_argument("--private", action="store_true",
                       help="only accounts may sign in; operators let people in with /invite-account")
@@ -422,10 +430,6 @@ def options_problem(options: argparse.Namespace) -> str | None:
                 "(a 2.0 history file in DIR is imported at the first start)")
     if (options.backup or options.check) and not options.data_dir:
         return "--backup and --check need --data-dir DIR"
-    for name in options.operator:
-        problem = name_problem(unicodedata.normalize("NFKC", name))
-        if problem:
-            return f"--operator {name}: {problem}"
     return None
 
 
@@ -2396,7 +2400,7 @@ SEARCH_INDEX = "CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(text
 TABLES = ("meta", "accounts", "operators", "invitations", "bans", "rooms", "offline", "messages")
 MESSAGE_KINDS = ("line", "action", "notice")      # a message's kind is its place here
 DATABASE_FILE = "pychat.db"
-HISTORY_DAYS = 365                # --history-days: days chat lines are kept (0: none are kept)
+HISTORY_DAYS = 365.0              # --history-days: days chat lines are kept (0: none are kept)
 HISTORY_MAX_MB = 1024             # --history-max-mb: the database's size past which the oldest lines go
 HISTORY_MAX_MB_IN_MEMORY = 16     # ... its default without --data-dir, where the database is in memory
 MAINTENANCE_SECONDS = 1.0         # how often the storage's thread looks for work
