@@ -3992,7 +3992,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     raise OptionsError(problem)
                 tls = self.make_tls_context(new) if new.tls_cert and not toggled else self.tls
                 log_handler = logging_handler(new)
-            except (OptionsError, OSError, ssl.SSLError) as problem:
+            except (OptionsError, OSError, ssl.SSLError, SystemExit) as problem:
+                # SystemExit: argparse refusing the command line, which it took at the start; never expected.
                 why = f"{problem.filename}: {problem.strerror}" if getattr(problem, "filename", None) else problem
                 log.error("reload (%s) failed; the settings stay as they were: %s", asked_by, why)
                 return [f"The reload failed; the settings stay as they were: {why}"]
