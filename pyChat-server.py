@@ -2,7 +2,8 @@
 """pyChat server: many people chatting in rooms over a plain line protocol.
 
 The protocol is described in README.md ("Wire protocol"). This file reads top
-to bottom: options and limits; the protocol (framing, cleaning text, names,
+to bottom: options and limits, the configuration file that may give them
+(--config) and the log; the protocol (framing, cleaning text, names,
 the events the core produces and the one class that turns them into lines);
 a connection's output and the switchboard, the one thread that reads every
 signed-in connection and writes to every socket; the connection handler; what lasts across restarts
@@ -11,7 +12,9 @@ settings, offline messages, history); the server object, which owns people and r
 change to them; the context that
 slash-commands act through; then the IRC front door (README, "IRC clients"):
 reading and writing IRC messages, the IRC protocol object that puts the
-core's events in IRC's words, and the IRC connection and its listener; main().
+core's events in IRC's words, and the IRC connection and its listener; main(),
+which stops on SIGTERM and reloads on SIGHUP (ChatServer.reload, which /rehash
+and IRC's REHASH call too).
 
 A line becomes a broadcast in two hops: the switchboard reads it and
 ClientConnection.on_line() (or, from an IRC client, IrcConnection.on_line()
@@ -1187,6 +1190,7 @@ PYCHAT = PyChatProtocol()
 #
 #   ChatServer.lock  ->  Output.io_lock  ->  Switchboard.state_lock
 #   ChatServer.lock  ->  Storage.lock          (Storage takes no other lock)
+#   ChatServer.reloading  ->  ChatServer.lock  (one reload at a time, which takes the others as above)
 #
 # ChatServer.lock guards people and rooms (every Person and Room field); lines
 # are queued while it is held, so everyone sees a room's lines in one order.
@@ -3945,8 +3949,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.lobby = self.room_named(DEFAULT_ROOM)      # everyone's first room, never forgotten
         log.info("%s: %s", options.data_dir or "in memory (no --data-dir)", self.storage.describe())
         self.keep_unclaimed_operators(self.storage.unclaimed_operators())
-        self.read_options = read_options                # what reload() reads again (main() gives the command line)
-        self.reloading = threading.Lock()               # one reload at a time, before self.lock in the lock order
+        # What reload() reads again: main() gives its command line and --config file; by default, the same options.
+        self.read_options: Callable[[], argparse.Namespace] = lambda: argparse.Namespace(**vars(options))
+        self.reloading = threading.Lock()               # one reload at a time (the lock order: see Output)
         self.spare_descriptor = os.open(os.devnull, os.O_RDONLY | _CLOEXEC)
         self.workers = Workers()
         self.switchboard = Switchboard(options.max_queue, options.stall_timeout, self.workers)
