@@ -447,8 +447,7 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
 
 # What a reload (SIGHUP, /rehash) cannot change while the server runs: they keep their value until a restart.
 # Everything else applies at once, to new connections for what is settled when one comes in (TLS, --rate).
-RESTART_OPTIONS = ("host", "port", "irc_port", "data_dir", "history_days", "history_max_mb", "history",
-                   "max_queue", "stall_timeout")
+RESTART_OPTIONS = ("host", "port", "irc_port", "data_dir", "history_days", "history_max_mb", "history")
 
 
 def shown_option(dest: str, value: Any) -> str:
@@ -1568,8 +1567,7 @@ class Switchboard(threading.Thread):
 
     def __init__(self, max_queue: int, stall_timeout: float, workers: Workers) -> None:
         super().__init__(name="switchboard", daemon=True)
-        self.max_queue = max_queue
-        self.stall_timeout = stall_timeout
+        self.set_limits(max_queue, stall_timeout)
         self.workers = workers              # where commands run
         self.ready: collections.deque[Output] = collections.deque()     # outputs with lines to write
         self.arrivals: collections.deque[ClientConnection] = collections.deque()  # to read from now on
@@ -1578,6 +1576,7 @@ class Switchboard(threading.Thread):
         self.watched: set[Output] = set()       # waiting until their sockets take more
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
+
         self.selector.register(self.wake_reader, selectors.EVENT_READ)
         self.state_lock = threading.Lock()
         self.sleeping = False       # the switchboard waits in select() for more than a moment; state_lock
@@ -1595,6 +1594,11 @@ class Switchboard(threading.Thread):
         # Called before chat lines are written to anyone (ChatServer sets it: Storage.commit_lines), so that
         # they are in the database before anyone sees them.
         self.before_writing: Callable[[], None] = lambda: None
+
+    def set_limits(self, max_queue: int, stall_timeout: float) -> None:
+        """--max-queue and --stall-timeout, from the start or a reload; each is read whole, by any thread."""
+        self.max_queue = max_queue
+        self.stall_timeout = stall_timeout
 
     def queue(self, outputs: Iterable[Output], data: bytes, room: Room | None = None) -> None:
         """Append DATA to each output's pending chunks, and see that they are written; ROOM is the room
@@ -4016,6 +4020,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             with self.lock:
                 self.options = new
                 self.tls = tls
+            self.switchboard.set_limits(new.max_queue, new.stall_timeout)
             use_logging_handler(log_handler, new)
             renamed = set(map(name_key, old.operator)) ^ set(map(name_key, new.operator))
             if renamed:

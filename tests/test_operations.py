@@ -205,9 +205,10 @@ def test_rehash_is_for_operators_and_says_what_changed_and_what_needs_a_restart(
     alice = connect(server, "alice")
     assert rehash(alice) == ["!! /rehash: not allowed; only operators may use it."]
     make_operator(alice)
-    write(config, "rate = 2\nhistory-days = 10\nidle-timeout = 3600\n")
+    write(config, "rate = 2\nhistory-days = 10\nidle-timeout = 3600\nstall-timeout = 20\n")
     said = rehash(alice)
-    assert said == [f"-- Reloaded {config}: changed rate 4.0 -> 2.0; idle-timeout 0.0 -> 3600.0.",
+    assert said == [f"-- Reloaded {config}: changed rate 4.0 -> 2.0; idle-timeout 0.0 -> 3600.0; "
+                    f"stall-timeout 30.0 -> 20.0.",
                         "-- Needs a restart: history-days 365.0 (after a restart: 10.0).",
                         "-- No message of the day."], shown(said)
     server.wait_for_log(r"WARNING reload \(/rehash by alice\): Reloaded .* Needs a restart: history-days")
