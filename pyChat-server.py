@@ -339,10 +339,15 @@ def read_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     commas, a switch takes yes or no. Raises OptionsError naming the file and the line.
     """
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except (OSError, UnicodeDecodeError) as problem:
-        raise OptionsError(f"{path}: cannot read it: {getattr(problem, 'strerror', None) or problem}") from None
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as problem:
+        raise OptionsError(f"{path}: cannot read it: {problem.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")         # -sig: the byte-order mark some editors write
+    except UnicodeDecodeError as problem:
+        line = data[:problem.start].count(b"\n") + 1
+        raise OptionsError(f"{path}, line {line}: not UTF-8 text") from None
     actions = config_actions(parser)
     values: dict[str, Any] = {}
     seen: dict[str, int] = {}

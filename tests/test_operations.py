@@ -128,16 +128,24 @@ def test_a_mistake_in_the_file_stops_the_start_with_one_line_naming_the_file_and
     assert f"{config}, line {line}: " in done.stderr and wrong in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("kind", ["missing", "directory", "not text"])
-def test_an_unreadable_file_stops_the_start_with_one_line_naming_it(tmp_path, kind):
+@pytest.mark.parametrize("kind, wrong", [("missing", ": cannot read it: No such file or directory"),
+                                         ("directory", ": cannot read it: Is a directory"),
+                                         ("not text", ", line 2: not UTF-8 text")])
+def test_an_unreadable_file_stops_the_start_with_one_line_naming_it(tmp_path, kind, wrong):
     config = tmp_path / "pychat.ini"
     if kind == "directory":
         config.mkdir()
     elif kind == "not text":
-        config.write_bytes(b"rate = \xff\xfe\n")
+        config.write_bytes(b"\xef\xbb\xbf[server]\nrate = \xff\xfe\n")
     done = run_server("--config", str(config))
     assert done.returncode == 2 and done.stderr.count("\n") == 1, (done.returncode, done.stderr)
-    assert f"{config}: cannot read it" in done.stderr, done.stderr
+    assert f"{config}{wrong}" in done.stderr, done.stderr
+
+
+def test_a_byte_order_mark_before_the_first_line_is_allowed(tmp_path):
+    config = tmp_path / "pychat.ini"
+    config.write_bytes(b"\xef\xbb\xbf[server]\nrate = 3\n")
+    assert printed_config("--config", str(config))["rate"] == "3.0"
 
 
 def test_a_combination_the_file_makes_impossible_is_named_with_the_file(tmp_path):
