@@ -1581,7 +1581,6 @@ class Switchboard(threading.Thread):
         self.watched: set[Output] = set()       # waiting until their sockets take more
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
-
         self.selector.register(self.wake_reader, selectors.EVENT_READ)
         self.state_lock = threading.Lock()
         self.sleeping = False       # the switchboard waits in select() for more than a moment; state_lock
@@ -4032,7 +4031,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self.storage.name_operators(new.operator)
                 self.keep_unclaimed_operators([name for name in self.storage.unclaimed_operators()
                                                if name_key(name) in renamed])
-                operators = {key: self.storage.is_operator(key) for key in renamed}
+                operators = {name_key(name): self.storage.is_operator(name) for name in old.operator + new.operator
+                             if name_key(name) in renamed}
                 with self.lock:
                     for person in self.people.values():
                         if person.account and name_key(person.account) in operators:
