@@ -351,9 +351,9 @@ def read_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     actions = config_actions(parser)
     values: dict[str, Any] = {}
     seen: dict[str, int] = {}
-    for number_, line in enumerate(text.splitlines(), 1):
-        where = f"{path}, line {number_}"
-        line = line.strip()
+    for line_number, text_line in enumerate(text.splitlines(), 1):
+        where = f"{path}, line {line_number}"
+        line = text_line.strip()
         if not line or line[0] in "#;":
             continue
         if line.startswith("["):
@@ -369,7 +369,7 @@ def read_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
             raise OptionsError(f"{where}: unknown key {key!r}{hint}")
         if key.lower() in seen:
             raise OptionsError(f"{where}: {key} is given already, on line {seen[key.lower()]}")
-        seen[key.lower()] = number_
+        seen[key.lower()] = line_number
         try:
             values[action.dest] = config_value(action, value)
         except (argparse.ArgumentTypeError, ValueError) as problem:
