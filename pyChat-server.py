@@ -2,7 +2,8 @@
 """pyChat server: many people chatting in rooms over a plain line protocol.
 
 The protocol is described in README.md ("Wire protocol"). This file reads top
-to bottom: options and limits; the protocol (framing, cleaning text, names,
+to bottom: options and limits, the configuration file that may give them
+(--config) and the log; the protocol (framing, cleaning text, names,
 the events the core produces and the one class that turns them into lines);
 a connection's output and the switchboard, the one thread that reads every
 signed-in connection and writes to every socket; the connection handler; what lasts across restarts
@@ -11,7 +12,9 @@ settings, offline messages, history); the server object, which owns people and r
 change to them; the context that
 slash-commands act through; then the IRC front door (README, "IRC clients"):
 reading and writing IRC messages, the IRC protocol object that puts the
-core's events in IRC's words, and the IRC connection and its listener; main().
+core's events in IRC's words, and the IRC connection and its listener; main(),
+which stops on SIGTERM and reloads on SIGHUP (ChatServer.reload, which /rehash
+and IRC's REHASH call too).
 
 A line becomes a broadcast in two hops: the switchboard reads it and
 ClientConnection.on_line() (or, from an IRC client, IrcConnection.on_line()
@@ -207,8 +210,16 @@ def number(kind: type, low: float, high: float | None = None, above: bool = Fals
     return parse
 
 
-def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
-    """Read the command line; every option has a default that suits a small group."""
+def operator_name(name: str) -> str:
+    """An argparse type: a name that could be a nickname, for --operator."""
+    problem = name_problem(unicodedata.normalize("NFKC", name))
+    if problem:
+        raise argparse.ArgumentTypeError(f"{name}: {problem}")
+    return name
+
+
+def option_parser() -> argparse.ArgumentParser:
+    """The command line's options; every option has a default that suits a small group."""
     parser = argparse.ArgumentParser(
         description="pyChat server: a chat for the terminal. Clients connect with "
                     "pyChat-client.py or any line-based TCP tool such as nc.")
@@ -217,6 +228,13 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
                         help="address to listen on; '::' for IPv6 (default: all IPv4 interfaces)")
     parser.add_argument("--port", type=number(int, 0, 65535), default=DEFAULT_PORT,
                         help=f"TCP port; 0 picks a free one and logs it (default: {DEFAULT_PORT})")
+    parser.add_argument("--config", metavar="FILE",
+                        help="read options from FILE, an INI file whose keys are the long option names "
+                             "(README, 'The configuration file'); options given here win; SIGHUP reads it again")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the configuration in effect as a file for --config (secrets left out), then exit")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="log to PATH instead of standard error; SIGHUP opens it again (for logrotate)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (every command)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     count, seconds = number(int, 0), number(float, 0, MAX_SECONDS)
@@ -273,7 +291,7 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--check", action="store_true",
                       help="with --data-dir: check the database (PRAGMA integrity_check and every account), "
                            "say what is wrong, then exit (1 if anything is)")
-    data.add_argument("--operator", action="append", default=[], metavar="NAME",
+    data.add_argument("--operator", action="append", type=operator_name, metavar="NAME",
                       help="make the account NAME an operator of the server, as /oper add does (repeatable)")
     data.add_argument("--private", action="store_true",
                       help="only accounts may sign in; operators let people in with /invite-account")
@@ -295,19 +313,188 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     irc.add_argument("--irc-ping", type=positive_seconds, default=IRC_PING_INTERVAL, metavar="SECONDS",
                      help=f"silence before an IRC client is sent PING; as long again without an answer "
                           f"disconnects it (default: {IRC_PING_INTERVAL:g})")
+    return parser
+
+
+class OptionsError(Exception):
+    """A configuration that cannot be used: the message names the file and the line where there is one."""
+
+
+# Options that do something once rather than configure the server, and so have no place in the file.
+NOT_IN_CONFIG = ("help", "version", "config", "print_config", "backup", "check", "history_file")
+SECRET_OPTIONS = ("password", "op_password")
+YES = ("yes", "true", "on", "1")
+NO = ("no", "false", "off", "0")
+
+
+def config_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The options a configuration file may set, by their key (the long option name without its dashes)."""
+    return {action.option_strings[-1][2:]: action for action in parser._actions
+            if action.dest not in NOT_IN_CONFIG and action.option_strings}
+
+
+def read_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """The options the file at PATH sets, by their dest, checked by the same argparse types as the command line.
+
+    The file is `key = value` lines, where the keys are the long option names; an optional [server]
+    header; whole-line comments starting with # or ;. A repeatable option takes a list separated by
+    commas, a switch takes yes or no. Raises OptionsError naming the file and the line.
+    """
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as problem:
+        raise OptionsError(f"{path}: cannot read it: {problem.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")         # -sig: the byte-order mark some editors write
+    except UnicodeDecodeError as problem:
+        line = data[:problem.start].count(b"\n") + 1
+        raise OptionsError(f"{path}, line {line}: not UTF-8 text") from None
+    actions = config_actions(parser)
+    values: dict[str, Any] = {}
+    seen: dict[str, int] = {}
+    for line_number, text_line in enumerate(text.splitlines(), 1):
+        where = f"{path}, line {line_number}"
+        line = text_line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            if line != "[server]":
+                raise OptionsError(f"{where}: unknown section {line} (the only section is [server])")
+            continue
+        key, equals, value = (part.strip() for part in line.partition("="))
+        if not equals or not key:
+            raise OptionsError(f"{where}: not 'key = value': {line!r}")
+        action = actions.get(key.lower())
+        if action is None:
+            hint = " (it is for the command line only)" if key.lower().replace("-", "_") in NOT_IN_CONFIG else ""
+            raise OptionsError(f"{where}: unknown key {key!r}{hint}")
+        if key.lower() in seen:
+            raise OptionsError(f"{where}: {key} is given already, on line {seen[key.lower()]}")
+        seen[key.lower()] = line_number
+        try:
+            values[action.dest] = config_value(action, value)
+        except (argparse.ArgumentTypeError, ValueError) as problem:
+            raise OptionsError(f"{where}: {key}: {problem}") from None
+    return values
+
+
+def config_value(action: argparse.Action, text: str) -> Any:
+    """TEXT from a configuration file as the value of ACTION's option, through the option's own type."""
+    if isinstance(action, argparse._StoreTrueAction):
+        if text.lower() not in YES + NO:
+            raise ValueError(f"{text!r} is not yes or no")
+        return text.lower() in YES
+    convert = action.type or str
+    if isinstance(action, argparse._AppendAction):
+        return [convert(item.strip()) for item in text.split(",") if item.strip()]
+    return convert(text)
+
+
+def config_text(options: argparse.Namespace) -> str:
+    """OPTIONS as a configuration file that gives them back; secrets are left out, with a word on where to put them."""
+    lines = [f"# pyChat {VERSION}: the configuration in effect (python3 pyChat-server.py --print-config)", "[server]"]
+    for key, action in config_actions(option_parser()).items():
+        value = getattr(options, action.dest)
+        if action.dest in SECRET_OPTIONS:
+            if value:
+                lines.append(f"# {key} = (set, not shown: write it here in a file of mode 0600, or give it with "
+                             f"PYCHAT_{action.dest.upper()})")
+            continue
+        if value is None:
+            lines.append(f"# {key} =")
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {'yes' if value else 'no'}")
+        elif isinstance(value, list):
+            lines.append(f"{key} = {', '.join(value)}" if value else f"# {key} =")
+        else:
+            lines.append(f"{key} = {value}")
+    return "\n".join(lines) + "\n"
+
+
+def read_options(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line over the --config file; raises OptionsError for a file or a combination that cannot be
+    used (argparse itself exits for a wrong command line)."""
+    parser = option_parser()
     options = parser.parse_args(argv)
-    if bool(options.tls_cert) != bool(options.tls_key):
-        parser.error("--tls-cert and --tls-key go together")
-    if options.history_file:
-        parser.error("--history-file is gone: history is kept in the database of --data-dir DIR "
-                     "(a 2.0 history file in DIR is imported at the first start)")
-    if (options.backup or options.check) and not options.data_dir:
-        parser.error("--backup and --check need --data-dir DIR")
-    for name in options.operator:
-        problem = name_problem(unicodedata.normalize("NFKC", name))
-        if problem:
-            parser.error(f"--operator {name}: {problem}")
+    if options.config:
+        file_values = read_config(parser, options.config)
+        repeated = {dest: value for dest, value in file_values.items() if dest == "operator"}
+        parser.set_defaults(**{dest: value for dest, value in file_values.items() if dest not in repeated})
+        options = parser.parse_args(argv)
+        if options.operator is None:        # a repeatable option given on the command line replaces the file's
+            options.operator = repeated.get("operator")
+    options.operator = options.operator or []
+    problem = options_problem(options)
+    if problem:
+        raise OptionsError(f"{options.config}: {problem}" if options.config else problem)
     return options
+
+
+def options_problem(options: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of options, if anything."""
+    if bool(options.tls_cert) != bool(options.tls_key):
+        return "--tls-cert and --tls-key go together"
+    if options.history_file:
+        return ("--history-file is gone: history is kept in the database of --data-dir DIR "
+                "(a 2.0 history file in DIR is imported at the first start)")
+    if (options.backup or options.check) and not options.data_dir:
+        return "--backup and --check need --data-dir DIR"
+    return None
+
+
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options in effect, or an exit with status 2 and one line that says what is wrong, as argparse does."""
+    try:
+        return read_options(argv)
+    except OptionsError as problem:
+        parser = option_parser()
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
+
+
+# What a reload (SIGHUP, /rehash) cannot change while the server runs: they keep their value until a restart.
+# Everything else applies at once, to new connections for what is settled when one comes in (TLS, --rate).
+RESTART_OPTIONS = ("host", "port", "irc_port", "data_dir", "history_days", "history_max_mb", "history")
+
+
+def shown_option(dest: str, value: Any) -> str:
+    """An option's value in a report of what a reload changed: a secret only as set or not."""
+    if dest in SECRET_OPTIONS:
+        return "(set)" if value else "(none)"
+    if isinstance(value, list):
+        return ", ".join(value) or "(none)"
+    return "(none)" if value is None else str(value)
+
+
+class LogFormat(logging.Formatter):
+    """One event a line, its time in UTC with the zone written: 2026-12-06T23:40:01Z WARNING what happened."""
+
+    converter = time.gmtime
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ")
+
+    def format(self, record: logging.LogRecord) -> str:
+        # A traceback, or a name with a newline in it, must not look like other events to whoever reads the log.
+        return super().format(record).replace("\r", " ").replace("\n", " | ")
+
+
+def logging_handler(options: argparse.Namespace) -> logging.Handler:
+    """Where OPTIONS send the log: --log-file, opened anew (for logrotate: the file at PATH now), or standard error."""
+    handler = (logging.FileHandler(options.log_file, encoding="utf-8") if options.log_file
+               else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(LogFormat())
+    return handler
+
+
+def use_logging_handler(handler: logging.Handler, options: argparse.Namespace) -> None:
+    """Log through HANDLER from now on, at the level OPTIONS give (-v, -q), and close the one before."""
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if options.verbose else logging.WARNING if options.quiet else logging.INFO)
+    for before in root.handlers[:-1]:
+        root.removeHandler(before)
+        before.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1009,6 +1196,7 @@ PYCHAT = PyChatProtocol()
 #
 #   ChatServer.lock  ->  Output.io_lock  ->  Switchboard.state_lock
 #   ChatServer.lock  ->  Storage.lock          (Storage takes no other lock)
+#   ChatServer.reloading  ->  ChatServer.lock  (one reload at a time, which takes the others as above)
 #
 # ChatServer.lock guards people and rooms (every Person and Room field); lines
 # are queued while it is held, so everyone sees a room's lines in one order.
@@ -1386,8 +1574,7 @@ class Switchboard(threading.Thread):
 
     def __init__(self, max_queue: int, stall_timeout: float, workers: Workers) -> None:
         super().__init__(name="switchboard", daemon=True)
-        self.max_queue = max_queue
-        self.stall_timeout = stall_timeout
+        self.set_limits(max_queue, stall_timeout)
         self.workers = workers              # where commands run
         self.ready: collections.deque[Output] = collections.deque()     # outputs with lines to write
         self.arrivals: collections.deque[ClientConnection] = collections.deque()  # to read from now on
@@ -1413,6 +1600,11 @@ class Switchboard(threading.Thread):
         # Called before chat lines are written to anyone (ChatServer sets it: Storage.commit_lines), so that
         # they are in the database before anyone sees them.
         self.before_writing: Callable[[], None] = lambda: None
+
+    def set_limits(self, max_queue: int, stall_timeout: float) -> None:
+        """--max-queue and --stall-timeout, from the start or a reload; each is read whole, by any thread."""
+        self.max_queue = max_queue
+        self.stall_timeout = stall_timeout
 
     def queue(self, outputs: Iterable[Output], data: bytes, room: Room | None = None) -> None:
         """Append DATA to each output's pending chunks, and see that they are written; ROOM is the room
@@ -2261,7 +2453,7 @@ TABLES = ("meta", "accounts", "operators", "invitations", "bans", "mutes", "room
 INVITATION_PURPOSES = ("account", "password")
 MESSAGE_KINDS = ("line", "action", "notice")      # a message's kind is its place here
 DATABASE_FILE = "pychat.db"
-HISTORY_DAYS = 365                # --history-days: days chat lines are kept (0: none are kept)
+HISTORY_DAYS = 365.0              # --history-days: days chat lines are kept (0: none are kept)
 HISTORY_MAX_MB = 1024             # --history-max-mb: the database's size past which the oldest lines go
 HISTORY_MAX_MB_IN_MEMORY = 16     # ... its default without --data-dir, where the database is in memory
 MAINTENANCE_SECONDS = 1.0         # how often the storage's thread looks for work
@@ -2566,6 +2758,12 @@ class MessageOfTheDay:
         self.complained = False
         lines = (clean_text(line) for line in data[:MAX_MOTD_BYTES].decode("utf-8", "replace").splitlines())
         return [line for line in lines if line][:MAX_MOTD_LINES]
+
+    def forget(self) -> None:
+        """Read the file again at the next look, even if it seems unchanged."""
+        with self.lock:
+            self.version = None
+            self.complained = False
 
     def _complain(self, problem: str) -> None:
         if not self.complained:
@@ -3113,6 +3311,12 @@ class Storage:
         for key, name in self.named_operators.items():
             if not self._query("SELECT 1 FROM operators WHERE key=?", (key,)):
                 self._change(("INSERT INTO operators VALUES (?, ?, '--operator', ?)", (key, name, time.time())))
+
+    def name_operators(self, names: list[str]) -> None:
+        """The --operator list is now NAMES (a reload of the configuration), by the same rule as at the start."""
+        with self.lock:
+            self.named_operators = {name_key(name): name for name in names}
+            self._name_operators()
 
     def unclaimed_operators(self) -> list[str]:
         """The names --operator gives that have no account yet."""
@@ -3907,7 +4111,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.stopping = False
         self.stop_signal, self.stop_trigger = socket.socketpair()
         self.started = time.time()
-        self.tls = self.make_tls_context() if options.tls_cert else None
+        self.tls = self.make_tls_context(options) if options.tls_cert else None
         self.storage = Storage(options.data_dir, options.history_days, options.history_max_mb, options.operator)
         self.motd = MessageOfTheDay(options.motd)
         self.started = time.time()
@@ -3917,13 +4121,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.lobby: Room | None = None
         self.lobby = self.room_named(DEFAULT_ROOM)      # everyone's first room, never forgotten
         log.info("%s: %s", options.data_dir or "in memory (no --data-dir)", self.storage.describe())
-        for name in self.storage.unclaimed_operators():
-            # Kept for its owner, who proves to be them with a code only the log shows, instead of being
-            # taken by whoever signs in as the name first. A new code at every start until it is used.
-            code = self.storage.invite(name, "--operator")
-            log.warning("--operator %s has no account yet: the name is kept for whoever signs in as %s with "
-                        "the invitation code %s (it works once, for %d days) and chooses a password",
-                        name, name, code, INVITATION_SECONDS // 86400)
+        self.keep_unclaimed_operators(self.storage.unclaimed_operators())
+        # What reload() reads again: main() gives its command line and --config file; by default, the same options.
+        self.read_options: Callable[[], argparse.Namespace] = lambda: argparse.Namespace(**vars(options))
+        self.reloading = threading.Lock()               # one reload at a time (the lock order: see Output)
         self.spare_descriptor = os.open(os.devnull, os.O_RDONLY | _CLOEXEC)
         self.workers = Workers()
         self.switchboard = Switchboard(options.max_queue, options.stall_timeout, self.workers)
@@ -3933,11 +4134,86 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.switchboard.start()
         self.storage.start_maintenance()
 
-    def make_tls_context(self) -> ssl.SSLContext:
+    @staticmethod
+    def make_tls_context(options: argparse.Namespace) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.options.tls_cert, self.options.tls_key)
+        context.load_cert_chain(options.tls_cert, options.tls_key)
         return context
+
+    def keep_unclaimed_operators(self, names: list[str]) -> None:
+        """Keep each name --operator gives that has no account yet for its owner, who proves to be them with a
+        code only the log shows, instead of letting whoever signs in as the name first take it. A new code at
+        every start (and reload that names it) until it is used."""
+        for name in names:
+            code = self.storage.invite(name, "--operator")
+            log.warning("--operator %s has no account yet: the name is kept for whoever signs in as %s with "
+                        "the invitation code %s (it works once, for %d days) and chooses a password",
+                        name, name, code, INVITATION_SECONDS // 86400)
+
+    # -- reloading ------------------------------------------------------------
+
+    def reload(self, asked_by: str) -> list[str]:
+        """Read the configuration file (if there is one), the TLS certificate and key and the message of the day
+        again, and apply what can change while the server runs; returns what changed and what needs a restart,
+        or why nothing did. The one reload, for SIGHUP, /rehash and REHASH; nobody is disconnected.
+
+        Everything that can fail (the file, the certificate, the log file) is read before anything changes.
+        """
+        with self.reloading:
+            old = self.options
+            try:
+                new = self.read_options()
+                toggled = bool(new.tls_cert) != bool(old.tls_cert)
+                problem = new.tls_cert and not toggled and tls_files_problem(new.tls_cert, new.tls_key)
+                if problem:
+                    raise OptionsError(problem)
+                tls = self.make_tls_context(new) if new.tls_cert and not toggled else self.tls
+                log_handler = logging_handler(new)
+            except (OptionsError, OSError, ssl.SSLError, SystemExit) as problem:
+                # SystemExit: argparse refusing the command line, which it took at the start; never expected.
+                why = f"{problem.filename}: {problem.strerror}" if getattr(problem, "filename", None) else problem
+                log.error("reload (%s) failed; the settings stay as they were: %s", asked_by, why)
+                return [f"The reload failed; the settings stay as they were: {why}"]
+            changed, later = [], []
+            for key, action in config_actions(option_parser()).items():
+                before, after = getattr(old, action.dest), getattr(new, action.dest)
+                if before == after:
+                    continue
+                if action.dest in RESTART_OPTIONS or (toggled and action.dest in ("tls_cert", "tls_key")):
+                    later.append(f"{key} {shown_option(action.dest, before)} (after a restart: "
+                                 f"{shown_option(action.dest, after)})")
+                    setattr(new, action.dest, before)
+                else:
+                    changed.append(f"{key} {shown_option(action.dest, before)} -> {shown_option(action.dest, after)}")
+            with self.lock:
+                self.options = new
+                self.tls = tls
+            self.switchboard.set_limits(new.max_queue, new.stall_timeout)
+            use_logging_handler(log_handler, new)
+            renamed = set(map(name_key, old.operator)) ^ set(map(name_key, new.operator))
+            if renamed:
+                self.storage.name_operators(new.operator)
+                self.keep_unclaimed_operators([name for name in self.storage.unclaimed_operators()
+                                               if name_key(name) in renamed])
+                operators = {name_key(name): self.storage.is_operator(name) for name in old.operator + new.operator
+                             if name_key(name) in renamed}
+                with self.lock:
+                    for person in self.people.values():
+                        if person.account and name_key(person.account) in operators:
+                            person.operator = operators[name_key(person.account)]
+            if new.motd != old.motd:
+                self.motd = MessageOfTheDay(new.motd)
+            self.motd.forget()
+            motd = len(self.motd.lines())
+            report = [f"Reloaded{' ' + new.config if new.config else ''}: "
+                      + (f"changed {'; '.join(changed)}." if changed else "no option changed."),
+                      *([f"Needs a restart: {'; '.join(later)}."] if later else []),
+                      (f"TLS certificate {new.tls_cert} read again for new connections. " if tls is not None else "")
+                      + (f"Message of the day: {motd} line(s) from {new.motd}." if new.motd
+                         else "No message of the day.")]
+            log.warning("reload (%s): %s", asked_by, " ".join(report))
+            return report
 
     # -- admission ------------------------------------------------------------
 
@@ -5672,6 +5948,9 @@ class Context:
     def disconnect(self, nick: str, reason: str | None) -> str:
         return self._server.disconnect(self._caller, nick, reason)
 
+    def reload(self) -> list[str]:
+        return self._server.reload(f"/rehash by {self._caller.nick}")
+
     def online(self) -> list[commands.PersonInfo]:
         return self._server.online(self._caller)
 
@@ -5979,6 +6258,7 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "RPL_MOTDSTART": ("375", None),
     "RPL_ENDOFMOTD": ("376", "End of /MOTD command."),
     "RPL_YOUREOPER": ("381", "You are now an IRC operator"),
+    "RPL_REHASHING": ("382", "Rehashing"),
     "RPL_TIME": ("391", None),
     "ERR_NOSUCHNICK": ("401", "No such nick/channel"),
     "ERR_NOSUCHSERVER": ("402", "No such server"),
@@ -7332,6 +7612,15 @@ class IrcConnection(ClientConnection):
             return
         self.send_irc(irc_numeric("RPL_YOUREOPER", self.nick))
 
+    def irc_rehash(self, *ignored: str) -> None:
+        """REHASH: the reload of /rehash and SIGHUP, for server operators; what changed comes as notices."""
+        if not self.person.operator:
+            self.send_irc(irc_numeric("ERR_NOPRIVILEGES", self.nick))
+            return
+        self.send_irc(irc_numeric("RPL_REHASHING", self.nick, self.server.options.config or "(no --config file)"))
+        for line in self.server.reload(f"REHASH by {self.nick}"):
+            self.send_irc(format_irc_message("NOTICE", (self.nick, line), IRC_SERVICE_SOURCE))
+
     def irc_ison(self, *nicks: str) -> None:
         wanted = " ".join(nicks).split()[:50]
         found = self.server.look_up(wanted)
@@ -7437,6 +7726,7 @@ class IrcConnection(ClientConnection):
         ("TOPIC", irc_topic, 1), ("NAMES", irc_names, 0), ("LIST", irc_list, 0), ("WHO", irc_who, 0),
         ("WHOIS", irc_whois, 1), ("WHOWAS", irc_whowas, 1), ("AWAY", irc_away, 0), ("NICK", irc_nick, 1),
         ("KICK", irc_kick, 2), ("INVITE", irc_invite, 2), ("MODE", irc_mode, 1), ("OPER", irc_oper, 2),
+        ("REHASH", irc_rehash, 0),
         ("ISON", irc_ison, 1), ("USERHOST", irc_userhost, 1), ("LUSERS", irc_lusers, 0), ("MOTD", irc_motd, 0),
         ("VERSION", irc_version, 0), ("TIME", irc_time, 0), ("PING", irc_ping, 0), ("PONG", irc_pong, 0),
         ("CAP", irc_cap, 1), ("MONITOR", irc_monitor, 1), ("SETNAME", irc_setname, 1), ("QUIT", irc_quit, 0),
@@ -7554,8 +7844,14 @@ def listen_problem(problem: OSError, host: str, port: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
-    logging.basicConfig(level=logging.DEBUG if options.verbose else logging.WARNING if options.quiet
-                        else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if options.print_config:
+        sys.stdout.write(config_text(options))
+        return 0
+    try:
+        use_logging_handler(logging_handler(options), options)
+    except OSError as problem:
+        print(f"cannot start: {problem.filename}: {problem.strerror}", file=sys.stderr)
+        return 1
     if options.backup:
         try:
             Storage.back_up(options.data_dir, options.backup)
@@ -7582,6 +7878,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command_table = commands.load_commands()
         server = ChatServer(options, command_table)
+        server.read_options = functools.partial(read_options, argv)
     except OSError as problem:
         # A file names itself; otherwise it was listening that failed.
         log.error("cannot start: %s", f"{problem.filename}: {problem.strerror}" if problem.filename
@@ -7591,8 +7888,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", problem)
         return 1
     # Before anyone is served or told the port: a SIGTERM from then on is a clean shutdown that says so.
-    # A SIGHUP (the terminal the server was started from closed, as at the end of an SSH session) is
-    # logged and otherwise ignored: by default it would kill the process at once, with no word to anyone.
+    # A SIGHUP (systemctl reload, logrotate, or the terminal the server was started from closing, as at the
+    # end of an SSH session) reloads: by default it would kill the process at once, with no word to anyone.
     # The handlers only note the signal; the main loop below acts on it, outside the signal handler.
     signalled = threading.Event()
     received: collections.deque[int] = collections.deque()
@@ -7619,7 +7916,7 @@ def main(argv: list[str] | None = None) -> int:
         signalled.clear()
         while received and received[0] not in stop_signals:
             received.popleft()
-            log.warning("SIGHUP received: ignored; the server goes on (stop it with SIGTERM or Ctrl-C)")
+            server.reload("SIGHUP")
     log.info("shutting down")
     server.stop()
     log.info("stopped")

@@ -613,11 +613,11 @@ def test_sigterm_with_a_hundred_clients_some_stalled_exits_zero_within_seconds(s
             sock.close()
 
 
-def test_sighup_is_logged_and_ignored_and_sigterm_still_stops_the_server(server, connect):
+def test_sighup_reloads_keeping_everyone_and_sigterm_still_stops_the_server(server, connect):
     alice, bob = connect(server, "alice"), connect(server, "bob")
     alice.expect(r"\*\*\* bob joined")
     server.process.send_signal(signal.SIGHUP)
-    server.wait_for_log(r"WARNING SIGHUP received: ignored")
+    server.wait_for_log(r"WARNING reload \(SIGHUP\): Reloaded: no option changed")
     bob.send("still here after the hangup")
     alice.expect("bob: still here after the hangup")
     assert server.process.poll() is None, f"the server exited on SIGHUP with {server.process.poll()}"
