@@ -54,7 +54,7 @@ except ImportError:  # only Windows consoles need it; POSIX terminals speak ANSI
 # Options and defaults
 # ---------------------------------------------------------------------------
 
-VERSION = "2.0.0"
+VERSION = "3.0.0.dev0"
 DEFAULT_HOST = "localhost"          # --host
 DEFAULT_PORT = 25000                # --port
 PASSWORD_ENVIRONMENT = "PYCHAT_PASSWORD"  # default for --password (the server's password)

@@ -72,7 +72,7 @@ except ImportError:     # Windows: the data directory is not locked against a se
 
 import commands
 
-VERSION = "2.0.0"
+VERSION = "3.0.0.dev0"
 log = logging.getLogger("pychat")
 
 # ---------------------------------------------------------------------------
