@@ -145,6 +145,10 @@ TCP_NO_DELAY = True
 # waits (bench/README.md).
 HOLD_PER_MEMBER = 60e-6
 MAX_HOLD_SECONDS = 0.015
+# With history kept, a busy room holds its lines at least this long, since they are also written to the
+# database together, before they are sent: a transaction costs about 75 us of CPU on the bench's machine
+# (about 13 system calls), and at 2,000 lines a second 6 ms makes a dozen lines of one (bench/README.md).
+HISTORY_HOLD_SECONDS = 0.006
 OUT_OF_DESCRIPTORS_PAUSE = 0.5    # seconds the accepting thread waits when the process has no file descriptor left
 OPERATOR_TRIES = 3                # wrong /op secrets before the connection is closed
 ADDRESS_GUESSES = 10              # wrong secrets of any kind from one address (IPv6: /64) before it must wait
@@ -1600,6 +1604,7 @@ class Switchboard(threading.Thread):
         # Called before chat lines are written to anyone (ChatServer sets it: Storage.commit_lines), so that
         # they are in the database before anyone sees them.
         self.before_writing: Callable[[], None] = lambda: None
+        self.least_hold = 0.0       # the shortest hold of a busy room (HISTORY_HOLD_SECONDS with history kept)
 
     def set_limits(self, max_queue: int, stall_timeout: float) -> None:
         """--max-queue and --stall-timeout, from the start or a reload; each is read whole, by any thread."""
@@ -1626,7 +1631,7 @@ class Switchboard(threading.Thread):
             return
         if room is not None:
             written = self.room_written.get(room.key, 0.0)
-            release = written + min(MAX_HOLD_SECONDS, len(room.members) * HOLD_PER_MEMBER)
+            release = written + min(MAX_HOLD_SECONDS, max(self.least_hold, len(room.members) * HOLD_PER_MEMBER))
             # Written in an earlier pass, a moment ago? (A line's other audiences, and the room's other
             # lines in this pass, go with the first.)
             if written < self.now < release:
@@ -4129,6 +4134,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.workers = Workers()
         self.switchboard = Switchboard(options.max_queue, options.stall_timeout, self.workers)
         self.switchboard.before_writing = self.storage.commit_lines
+        self.switchboard.least_hold = HISTORY_HOLD_SECONDS if self.storage.keeps_history else 0.0
         super().__init__((options.host, options.port), ClientConnection)
         self.irc = IrcListener(self) if options.irc_port is not None else None
         self.switchboard.start()
