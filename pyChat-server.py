@@ -888,6 +888,7 @@ class Joined(NamedTuple):
 class Left(NamedTuple):
     room: str
     nick: str
+    reason: str | None = None       # IRC's PART message; pyChat's lines do not show it
 
 
 class Kicked(NamedTuple):
@@ -956,6 +957,12 @@ class Reply(NamedTuple):
     text: str
 
 
+class TheyAreAway(NamedTuple):
+    """Told to someone who sent a private message to a person who is away."""
+    nick: str
+    reason: str
+
+
 class Error(NamedTuple):
     text: str
 
@@ -998,6 +1005,7 @@ class NowTalking(NamedTuple):
 
 class YouLeft(NamedTuple):
     room: str
+    reason: str | None = None
 
 
 class YouWereKicked(NamedTuple):
@@ -1133,6 +1141,7 @@ class PyChatProtocol:
         AwayChanged: lambda e: f"*** {e.nick} is away ({e.reason})" if e.reason else f"*** {e.nick} is back",
         Notice: lambda e: f"*** {e.text}",
         Reply: lambda e: f"-- {e.text}",
+        TheyAreAway: lambda e: f"-- {e.nick} is away: {e.reason}",
         Error: lambda e: f"!! {e.text}",
         Prompt: lambda e: "*** Choose a nickname:" if e.asking_for == "nickname" else "*** Password:",
         Welcome: lambda e: f"*** Welcome, {e.nick}! Type /help for the commands.",
@@ -4755,14 +4764,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
             saved = self._room_to_save(room)
         self._save_room(*saved)
 
-    def leave(self, person: Person, name: str | None = None) -> None:
-        """Leave the room NAME, or the current one; leaving the last one goes back to the lobby."""
+    def leave(self, person: Person, name: str | None = None, reason: str | None = None) -> None:
+        """Leave the room NAME, or the current one, saying REASON to IRC users; leaving the last one goes back
+        to the lobby."""
         with self.lock:
             room = self._member_room(person, name)
             if len(person.rooms) == 1 and room is self.lobby:
                 raise Refused(f"#{room.name} is your only room; /quit leaves the chat.")
-            person.output.send(YouLeft(room.name))
-            self._exit(person, room, None if person.muted else Left(room.name, person.nick))
+            person.output.send(YouLeft(room.name, reason))
+            self._exit(person, room, None if person.muted else Left(room.name, person.nick, reason))
 
     def kick(self, by: Person, nick: str, reason: str | None, name: str | None = None) -> str:
         """Put NICK out of the room NAME (or BY's current one); returns NICK as they spell it."""
@@ -4980,7 +4990,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 target.last_private_from = person.serial
             person.output.send(PrivateTo(target.nick, text, line_id, client_tags, person.account, notice, person.bot))
             if target.away and not notice:
-                person.output.send(Reply(f"{target.nick} is away: {target.away}"))
+                person.output.send(TheyAreAway(target.nick, target.away))
 
     def leave_offline_message(self, person: Person, nick: str, text: str) -> None:
         """Keep TEXT for the offline account NICK, unless its owner ignores PERSON (who is told it was kept
@@ -6755,7 +6765,11 @@ class IrcProtocol:
         return [format_irc_message("TAGMSG", (event.target,), irc_source(event.nick))]
 
     def left(self, event: Left) -> list[str]:
-        return [format_irc_message("PART", (f"#{event.room}",), irc_source(event.nick))]
+        return self._part(event.room, event.nick, event.reason)
+
+    @staticmethod
+    def _part(room: str, nick: str, reason: str | None) -> list[str]:
+        return [format_irc_message("PART", (f"#{room}", *((reason,) if reason else ())), irc_source(nick))]
 
     def kicked(self, event: Kicked) -> list[str]:
         return [format_irc_message("KICK", (f"#{event.room}", event.nick, event.reason or event.by),
@@ -6836,7 +6850,10 @@ class IrcProtocol:
         return [format_irc_message("NOTICE", (f"#{event.room}", f"End of #{event.room} history."))]
 
     def you_left(self, event: YouLeft) -> list[str]:
-        return [format_irc_message("PART", (f"#{event.room}",), irc_source(self.me))]
+        return self._part(event.room, self.me, event.reason)
+
+    def they_are_away(self, event: TheyAreAway) -> list[str]:
+        return [irc_numeric("RPL_AWAY", self.me, event.nick, text=event.reason)]
 
     def you_were_kicked(self, event: YouWereKicked) -> list[str]:
         return [format_irc_message("KICK", (f"#{event.room}", self.me, event.reason or event.by),
@@ -6896,7 +6913,7 @@ class IrcProtocol:
         Notice: notice, Reply: reply, Error: reply, Welcome: welcome, Bye: closing, ShuttingDown: closing,
         DisconnectedBy: closing, Banned: closing, SignedInElsewhere: closing, Farewell: closing,
         OfflinePrivate: offline_private, Prompt: nothing, AccountPrompt: nothing, NowTalking: nothing,
-        TagMessage: tag_message, AccountChanged: account_changed, CameOnline: came_online,
+        TheyAreAway: they_are_away, TagMessage: tag_message, AccountChanged: account_changed, CameOnline: came_online,
         WentOffline: went_offline, InvitedSomeone: invited_someone, RealnameChanged: realname_changed,
     }
 
@@ -7387,7 +7404,7 @@ class IrcConnection(ClientConnection):
     def irc_part(self, channels: str, reason: str = "") -> None:
         for channel in channels.split(","):
             try:
-                self.server.leave(self.person, channel)
+                self.server.leave(self.person, channel, irc_reason(reason) or None)
             except Refused as refusal:
                 self.refused(refusal, "PART")
 

@@ -1,0 +1,48 @@
+"""IRC's replies about people and rooms, over raw sockets: AWAY's numerics, PART's reason, WHOIS, TOPIC
+of a room that is not there, OPER and KILL. Each reply is IRC's; pyChat users keep seeing what they saw.
+
+Each test starts a real server with --irc-port 0. To prove that something did NOT arrive, someone sends
+a later line and the test checks that it comes first.
+"""
+from __future__ import annotations
+
+import re
+
+from conftest import shown
+from test_irc import IRC_SERVER, OP_PASSWORD, irc_server, numeric_of, params  # noqa: F401 (irc_server: a fixture)
+
+
+def test_part_reason_reaches_irc_users_and_pychat_users_see_the_usual_line(irc_server, irc_connect, connect):
+    alice, carol = irc_connect(irc_server, "alice"), irc_connect(irc_server, "carol")
+    bob = connect(irc_server, "bob")
+    for irc in (alice, carol):
+        irc.send("JOIN #dev")
+        irc.expect(rf"366 {irc.nick} #dev ")
+    bob.send("/join #dev")
+    carol.expect(r"JOIN #dev")
+    alice.send("PART #dev :gone fishing")
+    assert params(alice.expect(r"PART "))[1:] == ["gone fishing"], "your own PART has your reason"
+    seen = carol.expect(r"PART ")
+    assert seen.startswith(":alice!~user@pychat ") and params(seen) == ["#dev", "gone fishing"], seen
+    bob.expect(r"\*\*\* alice left #dev$")
+    carol.send("PART #dev")
+    assert params(carol.expect(r"PART ")) == ["#dev"], "no reason, no trailing parameter"
+
+
+def test_a_private_message_to_someone_away_is_answered_with_301_and_pychat_users_keep_their_reply(
+        irc_server, irc_connect, connect):
+    alice, bob = irc_connect(irc_server, "alice"), irc_connect(irc_server, "bob")
+    carol = connect(irc_server, "carol")
+    bob.send("AWAY :at lunch")
+    assert params(bob.expect(r"306 "))[0] == "bob"
+    alice.send("PRIVMSG bob :are you there?")
+    line = alice.expect(r"(301|NOTICE) ")
+    assert numeric_of(line) == "301" and params(line) == ["alice", "bob", "at lunch"], line
+    carol.send("/msg bob are you there?")
+    carol.expect(r"-- bob is away: at lunch$")
+    bob.send("AWAY")
+    bob.expect(r"305 bob ")
+    alice.send("PRIVMSG bob :and now?")
+    alice.send("PING :after")
+    lines = alice.lines_until(r"PONG ")
+    assert not any(numeric_of(line) in ("301", "NOTICE") for line in lines), shown(lines)
