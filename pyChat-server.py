@@ -4706,9 +4706,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._present(person)
         if name is None:
             return person.current
-        room = person.rooms.get(name_key(room_name(name)))
+        key = name_key(room_name(name))
+        room = person.rooms.get(key)
         if room is None:
-            raise Refused(f"You are not in #{room_name(name)}.", "not-in-room", room=room_name(name))
+            # The same words either way; IRC tells a room that is not there (or not for them to know of) apart.
+            other = self.rooms.get(key)
+            there = other is not None and bool(other.members) and (not other.private or person.operator)
+            raise Refused(f"You are not in #{room_name(name)}.", "not-in-room" if there else "no-such-room",
+                          room=room_name(name))
         return room
 
     def _visible_room(self, viewer: Person, name: str) -> Room:

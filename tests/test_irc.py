@@ -317,10 +317,16 @@ def test_invite_only_rooms_need_an_invitation(irc_server, irc_connect, connect):
     assert numeric_of(bob.expect(r"443 ")) == "443"
 
 
-def test_part_of_a_channel_you_are_not_in_gets_442_and_of_your_last_one_a_notice(irc_server, irc_connect):
+def test_part_of_a_channel_you_are_not_in_gets_442_of_none_403_and_of_your_last_one_a_notice(irc_server,
+                                                                                              irc_connect):
+    bob = irc_connect(irc_server, "bob")
+    bob.send("JOIN #dev")
+    bob.expect("366 bob #dev ")
     alice = irc_connect(irc_server, "alice")
     alice.send("PART #dev")
     assert params(alice.expect("442 "))[1] == "#dev"
+    alice.send("PART #nowhere")
+    assert params(alice.expect("403 "))[1] == "#nowhere"
     alice.send("PART #lobby")
     assert "your only room" in alice.expect("NOTICE alice ")
 

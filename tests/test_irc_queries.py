@@ -46,3 +46,15 @@ def test_a_private_message_to_someone_away_is_answered_with_301_and_pychat_users
     alice.send("PING :after")
     lines = alice.lines_until(r"PONG ")
     assert not any(numeric_of(line) in ("301", "NOTICE") for line in lines), shown(lines)
+
+
+def test_topic_of_a_room_that_is_not_there_is_403_and_of_one_you_are_not_in_442(irc_server, irc_connect):
+    alice, bob = irc_connect(irc_server, "alice"), irc_connect(irc_server, "bob")
+    bob.send("JOIN #dev")
+    bob.expect(r"366 bob #dev ")
+    alice.send("TOPIC #nowhere")
+    line = alice.expect(r"(403|442) ")
+    assert params(line)[:2] == ["alice", "#nowhere"] and numeric_of(line) == "403", line
+    alice.send("TOPIC #dev")
+    line = alice.expect(r"(403|442) ")
+    assert params(line)[:2] == ["alice", "#dev"] and numeric_of(line) == "442", line
