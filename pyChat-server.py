@@ -4009,6 +4009,7 @@ class Whois(NamedTuple):
     protocol: str                           # the name of the protocol they came in with
     address: str | None                     # for operators of the server only
     bot: bool = False                       # they say they are a program
+    realname: str = ""                      # IRC's real name, if they gave one
 
 
 class Departed(NamedTuple):
@@ -5701,7 +5702,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                           if self._may_see(viewer, room))
             address = str(ip_of(person.address) or person.address) if viewer.operator else None
             return Whois(person.nick, person.account, rooms, person.away, person.operator, person.since,
-                         time.monotonic() - person.last_spoke, person.output.protocol.name, address, person.bot)
+                         time.monotonic() - person.last_spoke, person.output.protocol.name, address, person.bot,
+                         person.realname)
 
     def who(self, viewer: Person, mask: str) -> list[WhoEntry]:
         """The people of the room '#ROOM', or those whose nickname fits MASK (a nickname, or a pattern in
@@ -7504,12 +7506,12 @@ class IrcConnection(ClientConnection):
             self.send_irc(irc_numeric("ERR_NOSUCHNICK", self.nick, nick))
             return
         me, them = self.nick, found.nick
-        lines = [irc_numeric("RPL_WHOISUSER", me, them, "~user", "pychat", "*",
-                             text=f"connected with {found.protocol}")]
+        lines = [irc_numeric("RPL_WHOISUSER", me, them, IRC_USER, IRC_HOST, "*", text=found.realname or them)]
         if found.rooms:
             rooms = " ".join(("@" if operator else "") + f"#{room}" for room, operator in found.rooms)
             lines.append(irc_numeric("RPL_WHOISCHANNELS", me, them, text=rooms))
-        lines.append(irc_numeric("RPL_WHOISSERVER", me, them, IRC_SERVER_NAME, text=f"pyChat {VERSION}"))
+        lines.append(irc_numeric("RPL_WHOISSERVER", me, them, IRC_SERVER_NAME,
+                                 text=f"pyChat {VERSION}, connected with {found.protocol}"))
         if found.away:
             lines.append(irc_numeric("RPL_AWAY", me, them, text=found.away))
         if found.operator:

@@ -375,7 +375,8 @@ def test_names_list_who_and_whois_describe_the_room_and_its_people(irc_server, i
     assert who == {"alice": "H", "bob": "G"}
     alice.send("WHOIS bob")
     whois = {numeric_of(line): params(line) for line in alice.lines_until(r"(?::\S+ )?318 ")}
-    assert whois["311"][1:3] == ["bob", "~user"] and "pyChat" in whois["311"][-1]
+    assert whois["311"][1:3] == ["bob", "~user"] and whois["311"][-1] == "bob", "no real name: the nickname"
+    assert "connected with pyChat" in whois["312"][-1]
     assert whois["319"][-1] == "#lobby"
     assert whois["301"][-1] == "lunch"
     assert "317" in whois

@@ -48,6 +48,29 @@ def test_a_private_message_to_someone_away_is_answered_with_301_and_pychat_users
     assert not any(numeric_of(line) in ("301", "NOTICE") for line in lines), shown(lines)
 
 
+def test_whois_gives_the_real_name_the_rooms_with_their_prefixes_and_the_away_message(irc_server, irc_connect,
+                                                                                       connect):
+    alice, bob = irc_connect(irc_server, "alice"), irc_connect(irc_server, "bob")
+    connect(irc_server, "carol")
+    alice.send("JOIN #dev")
+    alice.expect(r"366 alice #dev ")
+    alice.send("AWAY :elsewhere")
+    alice.expect(r"306 ")
+    bob.send("WHOIS alice")
+    lines = bob.lines_until(r"318 ")
+    replies = {numeric_of(line): params(line) for line in lines if re.fullmatch(r"\d{3}", numeric_of(line))}
+    assert replies["311"] == ["bob", "alice", "~user", "pychat", "*", "alice the tester"], shown(lines)
+    assert sorted(replies["319"][2].split()) == ["#lobby", "@#dev"], shown(lines)
+    assert replies["312"][:3] == ["bob", "alice", "pychat.server"] and "IRC" in replies["312"][3]
+    assert replies["301"] == ["bob", "alice", "elsewhere"]
+    assert "313" not in replies and "330" not in replies, "no server operator, no account"
+    assert [numeric_of(line) for line in lines][-2:] == ["317", "318"], shown(lines)
+    bob.send("WHOIS carol")
+    carol = {numeric_of(line): params(line) for line in bob.lines_until(r"318 ")}
+    assert carol["311"][-1] == "carol", "someone who gave no real name: the nickname"
+    assert "pyChat" in carol["312"][-1]
+
+
 def test_topic_of_a_room_that_is_not_there_is_403_and_of_one_you_are_not_in_442(irc_server, irc_connect):
     alice, bob = irc_connect(irc_server, "alice"), irc_connect(irc_server, "bob")
     bob.send("JOIN #dev")
