@@ -6317,6 +6317,7 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "ERR_BADCHANNELKEY": ("475", "Cannot join channel (+k)"),
     "ERR_BADCHANMASK": ("476", "Bad Channel Mask"),
     "ERR_NOPRIVILEGES": ("481", "Permission Denied- You're not an IRC operator"),
+    "ERR_NOOPERHOST": ("491", "No O-lines for your host"),
     "ERR_CHANOPRIVSNEEDED": ("482", "You're not channel operator"),
     "ERR_UMODEUNKNOWNFLAG": ("501", "Unknown MODE flag"),
     "ERR_USERSDONTMATCH": ("502", "Can't change mode for other users"),
@@ -7638,12 +7639,26 @@ class IrcConnection(ClientConnection):
                                       "+" + "B" * person.bot + "i" * person.invisible + "o" * person.operator))
 
     def irc_oper(self, name: str, secret: str) -> None:
+        """OPER NAME SECRET: the secret is the server's --op-password, whatever the name; 491 when there is
+        none, 464 for a wrong one; 381 and MODE +o when it is right."""
+        if not self.server.options.op_password:
+            self.send_irc(irc_numeric("ERR_NOOPERHOST", self.nick,
+                                      text="This server has no operator password, so no one can be an operator"))
+            return
         try:
             self.server.become_operator(self.person, secret)
         except Refused as refusal:
             self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", self.nick, text=str(refusal)))
             return
         self.send_irc(irc_numeric("RPL_YOUREOPER", self.nick))
+        self.send_irc(format_irc_message("MODE", (self.nick, "+o"), irc_source(self.nick)))
+
+    def irc_kill(self, nick: str, reason: str = "") -> None:
+        """KILL NICK [REASON]: an operator of the server disconnects someone, as /disconnect does."""
+        if not self.person.operator:
+            self.send_irc(irc_numeric("ERR_NOPRIVILEGES", self.nick))
+            return
+        self.server.disconnect(self.person, nick, irc_reason(reason) or None)
 
     def irc_rehash(self, *ignored: str) -> None:
         """REHASH: the reload of /rehash and SIGHUP, for server operators; what changed comes as notices."""
@@ -7759,7 +7774,7 @@ class IrcConnection(ClientConnection):
         ("TOPIC", irc_topic, 1), ("NAMES", irc_names, 0), ("LIST", irc_list, 0), ("WHO", irc_who, 0),
         ("WHOIS", irc_whois, 1), ("WHOWAS", irc_whowas, 1), ("AWAY", irc_away, 0), ("NICK", irc_nick, 1),
         ("KICK", irc_kick, 2), ("INVITE", irc_invite, 2), ("MODE", irc_mode, 1), ("OPER", irc_oper, 2),
-        ("REHASH", irc_rehash, 0),
+        ("REHASH", irc_rehash, 0), ("KILL", irc_kill, 1),
         ("ISON", irc_ison, 1), ("USERHOST", irc_userhost, 1), ("LUSERS", irc_lusers, 0), ("MOTD", irc_motd, 0),
         ("VERSION", irc_version, 0), ("TIME", irc_time, 0), ("PING", irc_ping, 0), ("PONG", irc_pong, 0),
         ("CAP", irc_cap, 1), ("MONITOR", irc_monitor, 1), ("SETNAME", irc_setname, 1), ("QUIT", irc_quit, 0),

@@ -81,3 +81,35 @@ def test_topic_of_a_room_that_is_not_there_is_403_and_of_one_you_are_not_in_442(
     alice.send("TOPIC #dev")
     line = alice.expect(r"(403|442) ")
     assert params(line)[:2] == ["alice", "#dev"] and numeric_of(line) == "442", line
+
+
+def test_oper_is_381_and_mode_plus_o_a_wrong_secret_464(irc_server, irc_connect):
+    alice = irc_connect(irc_server, "alice")
+    alice.send("OPER alice wrong")
+    assert params(alice.expect(r"464 "))[0] == "alice"
+    alice.send(f"OPER alice :{OP_PASSWORD}")
+    alice.expect(r"381 alice ")
+    mode = alice.expect(r"MODE ")
+    assert mode.startswith(":alice!~user@pychat ") and params(mode) == ["alice", "+o"], mode
+
+
+def test_oper_on_a_server_without_an_operator_password_is_491(start_server, irc_connect):
+    alice = irc_connect(start_server("--irc-port", "0"), "alice")
+    alice.send("OPER alice anything")
+    line = alice.expect(r"(491|464|381) ")
+    assert numeric_of(line) == "491", line
+
+
+def test_kill_is_481_for_anyone_but_an_operator_who_disconnects_with_a_reason(irc_server, irc_connect):
+    boss, alice, bob = (irc_connect(irc_server, nick) for nick in ("boss", "alice", "bob"))
+    alice.send("KILL bob :go away")
+    assert params(alice.expect(r"481 "))[0] == "alice"
+    boss.send(f"OPER boss :{OP_PASSWORD}")
+    boss.expect(r"381 boss ")
+    boss.send("KILL nobody :who?")
+    assert params(boss.expect(r"401 "))[1] == "nobody"
+    boss.send("KILL bob :spamming")
+    gone = bob.wait_closed()
+    assert any(line.startswith("ERROR ") and "boss" in line and "spamming" in line for line in gone), shown(gone)
+    quit_line = alice.expect(r"QUIT ")
+    assert quit_line.startswith(":bob!") and "spamming" in quit_line, quit_line
