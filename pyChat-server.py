@@ -944,6 +944,12 @@ class CameOnline(NamedTuple):
     nick: str
 
 
+class OperatorsMessage(NamedTuple):
+    """A message from an operator of the server to all of them (IRC's WALLOPS)."""
+    nick: str
+    text: str
+
+
 class WentOffline(NamedTuple):
     """NICK, whom you watch for, left or took another name."""
     nick: str
@@ -1142,6 +1148,7 @@ class PyChatProtocol:
         Notice: lambda e: f"*** {e.text}",
         Reply: lambda e: f"-- {e.text}",
         TheyAreAway: lambda e: f"-- {e.nick} is away: {e.reason}",
+        OperatorsMessage: lambda e: f"*** To the operators from {e.nick}: {plain(e.text)}",
         Error: lambda e: f"!! {e.text}",
         Prompt: lambda e: "*** Choose a nickname:" if e.asking_for == "nickname" else "*** Password:",
         Welcome: lambda e: f"*** Welcome, {e.nick}! Type /help for the commands.",
@@ -5069,6 +5076,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person.bot = person.bot if bot is None else bot
             person.invisible = person.invisible if invisible is None else invisible
 
+    def message_operators(self, person: Person, text: str) -> None:
+        """TEXT from PERSON, an operator of the server, to every operator of it (PERSON too)."""
+        with self.lock:
+            self._present(person)
+            if not person.operator:
+                raise Refused("Only operators of the server may do that.", "not-server-operator")
+            self._to_people([p for p in self.people.values() if p.operator], OperatorsMessage(person.nick, text))
+
     def set_away(self, person: Person, reason: str | None) -> None:
         """Mark PERSON away with REASON, or back with None; the people who share a room with them are told."""
         with self.lock:
@@ -6808,6 +6823,9 @@ class IrcProtocol:
             return []
         return [format_irc_message("AWAY", (event.reason,) if event.reason else (), irc_source(event.nick))]
 
+    def operators_message(self, event: OperatorsMessage) -> list[str]:
+        return [format_irc_message("WALLOPS", (event.text,), irc_source(event.nick))]
+
     def realname_changed(self, event: RealnameChanged) -> list[str]:
         if "setname" not in self.capabilities:
             return []
@@ -6921,8 +6939,9 @@ class IrcProtocol:
         Notice: notice, Reply: reply, Error: reply, Welcome: welcome, Bye: closing, ShuttingDown: closing,
         DisconnectedBy: closing, Banned: closing, SignedInElsewhere: closing, Farewell: closing,
         OfflinePrivate: offline_private, Prompt: nothing, AccountPrompt: nothing, NowTalking: nothing,
-        TheyAreAway: they_are_away, TagMessage: tag_message, AccountChanged: account_changed, CameOnline: came_online,
-        WentOffline: went_offline, InvitedSomeone: invited_someone, RealnameChanged: realname_changed,
+        TheyAreAway: they_are_away, OperatorsMessage: operators_message, TagMessage: tag_message,
+        AccountChanged: account_changed, CameOnline: came_online, WentOffline: went_offline,
+        InvitedSomeone: invited_someone, RealnameChanged: realname_changed,
     }
 
 
@@ -7015,7 +7034,7 @@ IRC_REFUSALS = {
     "invite-only": ("ERR_INVITEONLYCHAN", "room"), "bad-key": ("ERR_BADCHANNELKEY", "room"),
     "not-room-operator": ("ERR_CHANOPRIVSNEEDED", "room"), "cannot-send": ("ERR_CANNOTSENDTOCHAN", "room"),
     "they-are-not-in-room": ("ERR_USERNOTINCHANNEL", "both"), "they-are-in-room": ("ERR_USERONCHANNEL", "both"),
-    "try-again": ("RPL_TRYAGAIN", "command"),
+    "try-again": ("RPL_TRYAGAIN", "command"), "not-server-operator": ("ERR_NOPRIVILEGES", "nothing"),
 }
 
 
@@ -7282,7 +7301,7 @@ class IrcConnection(ClientConnection):
             return
         room = f"#{refusal.room}" if refusal.room else "*"
         params = {"nick": (refusal.nick or "*",), "room": (room,), "both": (refusal.nick or "*", room),
-                  "command": (command,)}[names]
+                  "command": (command,), "nothing": ()}[names]
         self.send_irc(irc_numeric(numeric, self.nick, *params, text=str(refusal)))
 
     def run_command(self, line: str) -> None:
@@ -7653,6 +7672,12 @@ class IrcConnection(ClientConnection):
         self.send_irc(irc_numeric("RPL_YOUREOPER", self.nick))
         self.send_irc(format_irc_message("MODE", (self.nick, "+o"), irc_source(self.nick)))
 
+    def irc_wallops(self, text: str) -> None:
+        """WALLOPS TEXT: from an operator of the server to all of them; 481 for anyone else."""
+        words = clean_irc_text(text)
+        if words:
+            self.server.message_operators(self.person, words)
+
     def irc_kill(self, nick: str, reason: str = "") -> None:
         """KILL NICK [REASON]: an operator of the server disconnects someone, as /disconnect does."""
         if not self.person.operator:
@@ -7774,7 +7799,7 @@ class IrcConnection(ClientConnection):
         ("TOPIC", irc_topic, 1), ("NAMES", irc_names, 0), ("LIST", irc_list, 0), ("WHO", irc_who, 0),
         ("WHOIS", irc_whois, 1), ("WHOWAS", irc_whowas, 1), ("AWAY", irc_away, 0), ("NICK", irc_nick, 1),
         ("KICK", irc_kick, 2), ("INVITE", irc_invite, 2), ("MODE", irc_mode, 1), ("OPER", irc_oper, 2),
-        ("REHASH", irc_rehash, 0), ("KILL", irc_kill, 1),
+        ("REHASH", irc_rehash, 0), ("KILL", irc_kill, 1), ("WALLOPS", irc_wallops, 1),
         ("ISON", irc_ison, 1), ("USERHOST", irc_userhost, 1), ("LUSERS", irc_lusers, 0), ("MOTD", irc_motd, 0),
         ("VERSION", irc_version, 0), ("TIME", irc_time, 0), ("PING", irc_ping, 0), ("PONG", irc_pong, 0),
         ("CAP", irc_cap, 1), ("MONITOR", irc_monitor, 1), ("SETNAME", irc_setname, 1), ("QUIT", irc_quit, 0),

@@ -113,3 +113,22 @@ def test_kill_is_481_for_anyone_but_an_operator_who_disconnects_with_a_reason(ir
     assert any(line.startswith("ERROR ") and "boss" in line and "spamming" in line for line in gone), shown(gone)
     quit_line = alice.expect(r"QUIT ")
     assert quit_line.startswith(":bob!") and "spamming" in quit_line, quit_line
+
+
+def test_wallops_is_481_for_anyone_but_an_operator_and_reaches_the_operators_alone(irc_server, irc_connect,
+                                                                                    connect):
+    boss, alice = irc_connect(irc_server, "boss"), irc_connect(irc_server, "alice")
+    chief = connect(irc_server, "chief")
+    alice.send("WALLOPS :hello operators")
+    assert params(alice.expect(r"481 "))[0] == "alice"
+    chief.send(f"/op {OP_PASSWORD}")
+    chief.expect(r"-- ")
+    boss.send(f"OPER boss :{OP_PASSWORD}")
+    boss.expect(r"381 boss ")
+    boss.send("WALLOPS :server restarts at noon")
+    line = boss.expect(r"WALLOPS ")
+    assert line.startswith(":boss!~user@pychat ") and params(line) == ["server restarts at noon"], line
+    chief.expect(r"\*\*\* To the operators from boss: server restarts at noon$")
+    alice.send("PING :after")
+    lines = alice.lines_until(r"PONG ")
+    assert not any("WALLOPS" in line for line in lines), shown(lines)
