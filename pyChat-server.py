@@ -993,6 +993,8 @@ class Entered(NamedTuple):
 class Topic(NamedTuple):
     room: str
     topic: str
+    by: str | None = None           # who set it and when (a time.time()), if it was set since the server started
+    when: float = 0.0
 
 
 class Replayed(NamedTuple):
@@ -4060,6 +4062,7 @@ class Room:
         self.audiences: dict[tuple[PyChatProtocol, bool], set[Output]] = {}
         self.operators: set[Person] = set()
         self.topic: str | None = None
+        self.topic_set: tuple[str, float] | None = None     # who set the topic and when, since the server started
         self.password: str | None = None        # the room's key, for /join ROOM KEY
         self.invite_only = False
         self.topic_by_everyone = False
@@ -4664,7 +4667,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                    if person.output.protocol.lists_members else ())
         person.output.send(Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members))
         if room.topic:
-            person.output.send(Topic(room.name, room.topic))
+            person.output.send(Topic(room.name, room.topic, *(room.topic_set or ())))
         if self.options.history:
             since = person.seen.pop(room.key, -1)
             missed = [Replayed(when, line) for number, when, line in room.history if number > since]
@@ -4688,7 +4691,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             room.life = next(Room.lives)        # its invitations end with it
         if not room.members and room.private:
             # A private room that empties forgets everything, so the next to open it sees nothing of it.
-            room.password, room.invite_only, room.topic = None, False, None
+            room.password, room.invite_only, room.topic, room.topic_set = None, False, None, None
             room.history.clear()
         if event is not None and len(room.members) <= ANNOUNCE_LIMIT:
             self._to_room(room, event)
@@ -4831,7 +4834,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self._check_runs(by, room)
             elif by.muted:
                 raise Refused("You are muted; you cannot set the topic.")
-            room.topic = topic
+            room.topic, room.topic_set = topic, (by.nick, time.time())
             self._to_room(room, TopicChanged(room.name, by.nick, topic))
             saved = self._room_to_save(room)
         self._save_room(*saved)
@@ -4888,7 +4891,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             room = self._member_room(viewer, name)
             return commands.RoomSettings(room.name, room.topic, room.password is not None, room.invite_only,
                                          room.topic_by_everyone,
-                                         tuple(sorted((p.nick for p in room.operators), key=str.casefold)))
+                                         tuple(sorted((p.nick for p in room.operators), key=str.casefold)),
+                                         *(room.topic_set or ()))
 
     def _check_runs(self, person: Person, room: Room) -> None:
         """Refuse unless PERSON may run ROOM (an operator of it, or of the server) and is not muted."""
@@ -6866,7 +6870,7 @@ class IrcProtocol:
         return [f"@{nick}" if operator else nick for nick, operator in members]
 
     def topic(self, event: Topic) -> list[str]:
-        return [irc_numeric("RPL_TOPIC", self.me, f"#{event.room}", text=event.topic)]
+        return irc_topic_replies(self.me, event.room, event.topic, event.by, event.when)
 
     def replayed(self, event: Replayed) -> list[str]:
         prefix = "" if self.server_time else f"[history {_utc(event.when)}] "
@@ -6999,6 +7003,14 @@ def irc_comma_lists(name: str, me: str, items: list[str], *params: str) -> list[
         lines[-1].append(item)
         size += width
     return [irc_numeric(name, me, *params, text=",".join(line)) for line in lines]
+
+
+def irc_topic_replies(me: str, room: str, topic: str, by: str | None, when: float) -> list[str]:
+    """332 with the topic of ROOM, and 333 with who set it and when, if that is known."""
+    lines = [irc_numeric("RPL_TOPIC", me, f"#{room}", text=topic)]
+    if by is not None:
+        lines.append(irc_numeric("RPL_TOPICWHOTIME", me, f"#{room}", irc_source(by), str(int(when))))
+    return lines
 
 
 def irc_names_replies(me: str, channel: str, names: list[str]) -> list[str]:
@@ -7439,7 +7451,9 @@ class IrcConnection(ClientConnection):
         if topic is None:
             settings = self.server.room_settings(self.person, channel)
             if settings.topic:
-                self.send_irc(irc_numeric("RPL_TOPIC", self.nick, f"#{settings.name}", text=settings.topic))
+                for line in irc_topic_replies(self.nick, settings.name, settings.topic, settings.topic_by,
+                                              settings.topic_when):
+                    self.send_irc(line)
             else:
                 self.send_irc(irc_numeric("RPL_NOTOPIC", self.nick, f"#{settings.name}"))
         else:

@@ -7,6 +7,7 @@ a later line and the test checks that it comes first.
 from __future__ import annotations
 
 import re
+import time
 
 from conftest import shown
 from test_irc import IRC_SERVER, OP_PASSWORD, irc_server, numeric_of, params  # noqa: F401 (irc_server: a fixture)
@@ -132,3 +133,19 @@ def test_wallops_is_481_for_anyone_but_an_operator_and_reaches_the_operators_alo
     alice.send("PING :after")
     lines = alice.lines_until(r"PONG ")
     assert not any("WALLOPS" in line for line in lines), shown(lines)
+
+
+def test_the_topic_comes_with_333_saying_who_set_it_and_when(irc_server, irc_connect):
+    alice, bob = irc_connect(irc_server, "alice"), irc_connect(irc_server, "bob")
+    alice.send("JOIN #dev")
+    alice.expect(r"366 alice #dev ")
+    before = int(time.time())
+    alice.send("TOPIC #dev :release friday")
+    alice.expect(r"TOPIC #dev ")
+    bob.send("JOIN #dev")
+    assert params(bob.expect(r"332 bob #dev "))[-1] == "release friday"
+    who, when = params(bob.expect(r"333 bob #dev "))[2:]
+    assert who == "alice!~user@pychat" and before <= int(when) <= time.time() + 1, (who, when)
+    bob.send("TOPIC #dev")
+    bob.expect(r"332 bob #dev ")
+    assert params(bob.expect(r"333 bob #dev "))[2:] == [who, when]
