@@ -7536,8 +7536,9 @@ class IrcConnection(ClientConnection):
     def irc_whois(self, *targets: str) -> None:
         nick = targets[-1].split(",")[0]
         found = self.server.person_details(self.person, nick)
-        if found is None:
+        if found is None:       # the end of the list follows the error, as it follows the list
             self.send_irc(irc_numeric("ERR_NOSUCHNICK", self.nick, nick))
+            self.send_irc(irc_numeric("RPL_ENDOFWHOIS", self.nick, nick))
             return
         me, them = self.nick, found.nick
         lines = [irc_numeric("RPL_WHOISUSER", me, them, IRC_USER, IRC_HOST, "*", text=found.realname or them)]

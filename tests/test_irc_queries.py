@@ -149,3 +149,12 @@ def test_the_topic_comes_with_333_saying_who_set_it_and_when(irc_server, irc_con
     bob.send("TOPIC #dev")
     bob.expect(r"332 bob #dev ")
     assert params(bob.expect(r"333 bob #dev "))[2:] == [who, when]
+
+
+def test_whois_of_no_one_is_401_then_318(irc_server, irc_connect):
+    alice = irc_connect(irc_server, "alice")
+    alice.send("WHOIS nobody")
+    alice.send("PING :after")
+    lines = [line for line in alice.lines_until(r"PONG ") if "PONG" not in line]
+    assert [numeric_of(line) for line in lines] == ["401", "318"], shown(lines)
+    assert [params(line)[:2] for line in lines] == [["alice", "nobody"]] * 2, shown(lines)
