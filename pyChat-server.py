@@ -888,6 +888,7 @@ class Joined(NamedTuple):
 class Left(NamedTuple):
     room: str
     nick: str
+    reason: str | None = None       # IRC's PART message; pyChat's lines do not show it
 
 
 class Kicked(NamedTuple):
@@ -943,6 +944,12 @@ class CameOnline(NamedTuple):
     nick: str
 
 
+class OperatorsMessage(NamedTuple):
+    """A message from an operator of the server to all of them (IRC's WALLOPS)."""
+    nick: str
+    text: str
+
+
 class WentOffline(NamedTuple):
     """NICK, whom you watch for, left or took another name."""
     nick: str
@@ -954,6 +961,12 @@ class Notice(NamedTuple):
 
 class Reply(NamedTuple):
     text: str
+
+
+class TheyAreAway(NamedTuple):
+    """Told to someone who sent a private message to a person who is away."""
+    nick: str
+    reason: str
 
 
 class Error(NamedTuple):
@@ -980,6 +993,8 @@ class Entered(NamedTuple):
 class Topic(NamedTuple):
     room: str
     topic: str
+    by: str | None = None           # who set it and when (a time.time()), if it was set since the server started
+    when: float = 0.0
 
 
 class Replayed(NamedTuple):
@@ -998,6 +1013,7 @@ class NowTalking(NamedTuple):
 
 class YouLeft(NamedTuple):
     room: str
+    reason: str | None = None
 
 
 class YouWereKicked(NamedTuple):
@@ -1133,6 +1149,8 @@ class PyChatProtocol:
         AwayChanged: lambda e: f"*** {e.nick} is away ({e.reason})" if e.reason else f"*** {e.nick} is back",
         Notice: lambda e: f"*** {e.text}",
         Reply: lambda e: f"-- {e.text}",
+        TheyAreAway: lambda e: f"-- {e.nick} is away: {e.reason}",
+        OperatorsMessage: lambda e: f"*** To the operators from {e.nick}: {plain(e.text)}",
         Error: lambda e: f"!! {e.text}",
         Prompt: lambda e: "*** Choose a nickname:" if e.asking_for == "nickname" else "*** Password:",
         Welcome: lambda e: f"*** Welcome, {e.nick}! Type /help for the commands.",
@@ -4000,6 +4018,7 @@ class Whois(NamedTuple):
     protocol: str                           # the name of the protocol they came in with
     address: str | None                     # for operators of the server only
     bot: bool = False                       # they say they are a program
+    realname: str = ""                      # IRC's real name, if they gave one
 
 
 class Departed(NamedTuple):
@@ -4043,6 +4062,7 @@ class Room:
         self.audiences: dict[tuple[PyChatProtocol, bool], set[Output]] = {}
         self.operators: set[Person] = set()
         self.topic: str | None = None
+        self.topic_set: tuple[str, float] | None = None     # who set the topic and when, since the server started
         self.password: str | None = None        # the room's key, for /join ROOM KEY
         self.invite_only = False
         self.topic_by_everyone = False
@@ -4647,7 +4667,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                    if person.output.protocol.lists_members else ())
         person.output.send(Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members))
         if room.topic:
-            person.output.send(Topic(room.name, room.topic))
+            person.output.send(Topic(room.name, room.topic, *(room.topic_set or ())))
         if self.options.history:
             since = person.seen.pop(room.key, -1)
             missed = [Replayed(when, line) for number, when, line in room.history if number > since]
@@ -4671,7 +4691,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             room.life = next(Room.lives)        # its invitations end with it
         if not room.members and room.private:
             # A private room that empties forgets everything, so the next to open it sees nothing of it.
-            room.password, room.invite_only, room.topic = None, False, None
+            room.password, room.invite_only, room.topic, room.topic_set = None, False, None, None
             room.history.clear()
         if event is not None and len(room.members) <= ANNOUNCE_LIMIT:
             self._to_room(room, event)
@@ -4697,9 +4717,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._present(person)
         if name is None:
             return person.current
-        room = person.rooms.get(name_key(room_name(name)))
+        key = name_key(room_name(name))
+        room = person.rooms.get(key)
         if room is None:
-            raise Refused(f"You are not in #{room_name(name)}.", "not-in-room", room=room_name(name))
+            # The same words either way; IRC tells a room that is not there (or not for them to know of) apart.
+            other = self.rooms.get(key)
+            there = other is not None and bool(other.members) and (not other.private or person.operator)
+            raise Refused(f"You are not in #{room_name(name)}.", "not-in-room" if there else "no-such-room",
+                          room=room_name(name))
         return room
 
     def _visible_room(self, viewer: Person, name: str) -> Room:
@@ -4755,14 +4780,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
             saved = self._room_to_save(room)
         self._save_room(*saved)
 
-    def leave(self, person: Person, name: str | None = None) -> None:
-        """Leave the room NAME, or the current one; leaving the last one goes back to the lobby."""
+    def leave(self, person: Person, name: str | None = None, reason: str | None = None) -> None:
+        """Leave the room NAME, or the current one, saying REASON to IRC users; leaving the last one goes back
+        to the lobby."""
         with self.lock:
             room = self._member_room(person, name)
             if len(person.rooms) == 1 and room is self.lobby:
                 raise Refused(f"#{room.name} is your only room; /quit leaves the chat.")
-            person.output.send(YouLeft(room.name))
-            self._exit(person, room, None if person.muted else Left(room.name, person.nick))
+            person.output.send(YouLeft(room.name, reason))
+            self._exit(person, room, None if person.muted else Left(room.name, person.nick, reason))
 
     def kick(self, by: Person, nick: str, reason: str | None, name: str | None = None) -> str:
         """Put NICK out of the room NAME (or BY's current one); returns NICK as they spell it."""
@@ -4808,7 +4834,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self._check_runs(by, room)
             elif by.muted:
                 raise Refused("You are muted; you cannot set the topic.")
-            room.topic = topic
+            room.topic, room.topic_set = topic, (by.nick, time.time())
             self._to_room(room, TopicChanged(room.name, by.nick, topic))
             saved = self._room_to_save(room)
         self._save_room(*saved)
@@ -4865,7 +4891,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             room = self._member_room(viewer, name)
             return commands.RoomSettings(room.name, room.topic, room.password is not None, room.invite_only,
                                          room.topic_by_everyone,
-                                         tuple(sorted((p.nick for p in room.operators), key=str.casefold)))
+                                         tuple(sorted((p.nick for p in room.operators), key=str.casefold)),
+                                         *(room.topic_set or ()))
 
     def _check_runs(self, person: Person, room: Room) -> None:
         """Refuse unless PERSON may run ROOM (an operator of it, or of the server) and is not muted."""
@@ -4980,7 +5007,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 target.last_private_from = person.serial
             person.output.send(PrivateTo(target.nick, text, line_id, client_tags, person.account, notice, person.bot))
             if target.away and not notice:
-                person.output.send(Reply(f"{target.nick} is away: {target.away}"))
+                person.output.send(TheyAreAway(target.nick, target.away))
 
     def leave_offline_message(self, person: Person, nick: str, text: str) -> None:
         """Keep TEXT for the offline account NICK, unless its owner ignores PERSON (who is told it was kept
@@ -5052,6 +5079,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             person.bot = person.bot if bot is None else bot
             person.invisible = person.invisible if invisible is None else invisible
+
+    def message_operators(self, person: Person, text: str) -> None:
+        """TEXT from PERSON, an operator of the server, to every operator of it (PERSON too)."""
+        with self.lock:
+            self._present(person)
+            if not person.operator:
+                raise Refused("Only operators of the server may do that.", "not-server-operator")
+            self._to_people([p for p in self.people.values() if p.operator], OperatorsMessage(person.nick, text))
 
     def set_away(self, person: Person, reason: str | None) -> None:
         """Mark PERSON away with REASON, or back with None; the people who share a room with them are told."""
@@ -5686,7 +5721,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                           if self._may_see(viewer, room))
             address = str(ip_of(person.address) or person.address) if viewer.operator else None
             return Whois(person.nick, person.account, rooms, person.away, person.operator, person.since,
-                         time.monotonic() - person.last_spoke, person.output.protocol.name, address, person.bot)
+                         time.monotonic() - person.last_spoke, person.output.protocol.name, address, person.bot,
+                         person.realname)
 
     def who(self, viewer: Person, mask: str) -> list[WhoEntry]:
         """The people of the room '#ROOM', or those whose nickname fits MASK (a nickname, or a pattern in
@@ -6300,6 +6336,7 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "ERR_BADCHANNELKEY": ("475", "Cannot join channel (+k)"),
     "ERR_BADCHANMASK": ("476", "Bad Channel Mask"),
     "ERR_NOPRIVILEGES": ("481", "Permission Denied- You're not an IRC operator"),
+    "ERR_NOOPERHOST": ("491", "No O-lines for your host"),
     "ERR_CHANOPRIVSNEEDED": ("482", "You're not channel operator"),
     "ERR_UMODEUNKNOWNFLAG": ("501", "Unknown MODE flag"),
     "ERR_USERSDONTMATCH": ("502", "Can't change mode for other users"),
@@ -6755,7 +6792,11 @@ class IrcProtocol:
         return [format_irc_message("TAGMSG", (event.target,), irc_source(event.nick))]
 
     def left(self, event: Left) -> list[str]:
-        return [format_irc_message("PART", (f"#{event.room}",), irc_source(event.nick))]
+        return self._part(event.room, event.nick, event.reason)
+
+    @staticmethod
+    def _part(room: str, nick: str, reason: str | None) -> list[str]:
+        return [format_irc_message("PART", (f"#{room}", *((reason,) if reason else ())), irc_source(nick))]
 
     def kicked(self, event: Kicked) -> list[str]:
         return [format_irc_message("KICK", (f"#{event.room}", event.nick, event.reason or event.by),
@@ -6785,6 +6826,9 @@ class IrcProtocol:
         if "away-notify" not in self.capabilities:
             return []
         return [format_irc_message("AWAY", (event.reason,) if event.reason else (), irc_source(event.nick))]
+
+    def operators_message(self, event: OperatorsMessage) -> list[str]:
+        return [format_irc_message("WALLOPS", (event.text,), irc_source(event.nick))]
 
     def realname_changed(self, event: RealnameChanged) -> list[str]:
         if "setname" not in self.capabilities:
@@ -6826,7 +6870,7 @@ class IrcProtocol:
         return [f"@{nick}" if operator else nick for nick, operator in members]
 
     def topic(self, event: Topic) -> list[str]:
-        return [irc_numeric("RPL_TOPIC", self.me, f"#{event.room}", text=event.topic)]
+        return irc_topic_replies(self.me, event.room, event.topic, event.by, event.when)
 
     def replayed(self, event: Replayed) -> list[str]:
         prefix = "" if self.server_time else f"[history {_utc(event.when)}] "
@@ -6836,7 +6880,10 @@ class IrcProtocol:
         return [format_irc_message("NOTICE", (f"#{event.room}", f"End of #{event.room} history."))]
 
     def you_left(self, event: YouLeft) -> list[str]:
-        return [format_irc_message("PART", (f"#{event.room}",), irc_source(self.me))]
+        return self._part(event.room, self.me, event.reason)
+
+    def they_are_away(self, event: TheyAreAway) -> list[str]:
+        return [irc_numeric("RPL_AWAY", self.me, event.nick, text=event.reason)]
 
     def you_were_kicked(self, event: YouWereKicked) -> list[str]:
         return [format_irc_message("KICK", (f"#{event.room}", self.me, event.reason or event.by),
@@ -6896,8 +6943,9 @@ class IrcProtocol:
         Notice: notice, Reply: reply, Error: reply, Welcome: welcome, Bye: closing, ShuttingDown: closing,
         DisconnectedBy: closing, Banned: closing, SignedInElsewhere: closing, Farewell: closing,
         OfflinePrivate: offline_private, Prompt: nothing, AccountPrompt: nothing, NowTalking: nothing,
-        TagMessage: tag_message, AccountChanged: account_changed, CameOnline: came_online,
-        WentOffline: went_offline, InvitedSomeone: invited_someone, RealnameChanged: realname_changed,
+        TheyAreAway: they_are_away, OperatorsMessage: operators_message, TagMessage: tag_message,
+        AccountChanged: account_changed, CameOnline: came_online, WentOffline: went_offline,
+        InvitedSomeone: invited_someone, RealnameChanged: realname_changed,
     }
 
 
@@ -6957,6 +7005,14 @@ def irc_comma_lists(name: str, me: str, items: list[str], *params: str) -> list[
     return [irc_numeric(name, me, *params, text=",".join(line)) for line in lines]
 
 
+def irc_topic_replies(me: str, room: str, topic: str, by: str | None, when: float) -> list[str]:
+    """332 with the topic of ROOM, and 333 with who set it and when, if that is known."""
+    lines = [irc_numeric("RPL_TOPIC", me, f"#{room}", text=topic)]
+    if by is not None:
+        lines.append(irc_numeric("RPL_TOPICWHOTIME", me, f"#{room}", irc_source(by), str(int(when))))
+    return lines
+
+
 def irc_names_replies(me: str, channel: str, names: list[str]) -> list[str]:
     """353 (as many as the names need) and 366 for CHANNEL."""
     room = IRC_MAX_BODY_BYTES - len(irc_numeric("RPL_NAMREPLY", me, "=", channel, text="").encode("utf-8"))
@@ -6990,7 +7046,7 @@ IRC_REFUSALS = {
     "invite-only": ("ERR_INVITEONLYCHAN", "room"), "bad-key": ("ERR_BADCHANNELKEY", "room"),
     "not-room-operator": ("ERR_CHANOPRIVSNEEDED", "room"), "cannot-send": ("ERR_CANNOTSENDTOCHAN", "room"),
     "they-are-not-in-room": ("ERR_USERNOTINCHANNEL", "both"), "they-are-in-room": ("ERR_USERONCHANNEL", "both"),
-    "try-again": ("RPL_TRYAGAIN", "command"),
+    "try-again": ("RPL_TRYAGAIN", "command"), "not-server-operator": ("ERR_NOPRIVILEGES", "nothing"),
 }
 
 
@@ -7257,7 +7313,7 @@ class IrcConnection(ClientConnection):
             return
         room = f"#{refusal.room}" if refusal.room else "*"
         params = {"nick": (refusal.nick or "*",), "room": (room,), "both": (refusal.nick or "*", room),
-                  "command": (command,)}[names]
+                  "command": (command,), "nothing": ()}[names]
         self.send_irc(irc_numeric(numeric, self.nick, *params, text=str(refusal)))
 
     def run_command(self, line: str) -> None:
@@ -7387,7 +7443,7 @@ class IrcConnection(ClientConnection):
     def irc_part(self, channels: str, reason: str = "") -> None:
         for channel in channels.split(","):
             try:
-                self.server.leave(self.person, channel)
+                self.server.leave(self.person, channel, irc_reason(reason) or None)
             except Refused as refusal:
                 self.refused(refusal, "PART")
 
@@ -7395,7 +7451,9 @@ class IrcConnection(ClientConnection):
         if topic is None:
             settings = self.server.room_settings(self.person, channel)
             if settings.topic:
-                self.send_irc(irc_numeric("RPL_TOPIC", self.nick, f"#{settings.name}", text=settings.topic))
+                for line in irc_topic_replies(self.nick, settings.name, settings.topic, settings.topic_by,
+                                              settings.topic_when):
+                    self.send_irc(line)
             else:
                 self.send_irc(irc_numeric("RPL_NOTOPIC", self.nick, f"#{settings.name}"))
         else:
@@ -7478,16 +7536,17 @@ class IrcConnection(ClientConnection):
     def irc_whois(self, *targets: str) -> None:
         nick = targets[-1].split(",")[0]
         found = self.server.person_details(self.person, nick)
-        if found is None:
+        if found is None:       # the end of the list follows the error, as it follows the list
             self.send_irc(irc_numeric("ERR_NOSUCHNICK", self.nick, nick))
+            self.send_irc(irc_numeric("RPL_ENDOFWHOIS", self.nick, nick))
             return
         me, them = self.nick, found.nick
-        lines = [irc_numeric("RPL_WHOISUSER", me, them, "~user", "pychat", "*",
-                             text=f"connected with {found.protocol}")]
+        lines = [irc_numeric("RPL_WHOISUSER", me, them, IRC_USER, IRC_HOST, "*", text=found.realname or them)]
         if found.rooms:
             rooms = " ".join(("@" if operator else "") + f"#{room}" for room, operator in found.rooms)
             lines.append(irc_numeric("RPL_WHOISCHANNELS", me, them, text=rooms))
-        lines.append(irc_numeric("RPL_WHOISSERVER", me, them, IRC_SERVER_NAME, text=f"pyChat {VERSION}"))
+        lines.append(irc_numeric("RPL_WHOISSERVER", me, them, IRC_SERVER_NAME,
+                                 text=f"pyChat {VERSION}, connected with {found.protocol}"))
         if found.away:
             lines.append(irc_numeric("RPL_AWAY", me, them, text=found.away))
         if found.operator:
@@ -7614,12 +7673,32 @@ class IrcConnection(ClientConnection):
                                       "+" + "B" * person.bot + "i" * person.invisible + "o" * person.operator))
 
     def irc_oper(self, name: str, secret: str) -> None:
+        """OPER NAME SECRET: the secret is the server's --op-password, whatever the name; 491 when there is
+        none, 464 for a wrong one; 381 and MODE +o when it is right."""
+        if not self.server.options.op_password:
+            self.send_irc(irc_numeric("ERR_NOOPERHOST", self.nick,
+                                      text="This server has no operator password, so no one can be an operator"))
+            return
         try:
             self.server.become_operator(self.person, secret)
         except Refused as refusal:
             self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", self.nick, text=str(refusal)))
             return
         self.send_irc(irc_numeric("RPL_YOUREOPER", self.nick))
+        self.send_irc(format_irc_message("MODE", (self.nick, "+o"), irc_source(self.nick)))
+
+    def irc_wallops(self, text: str) -> None:
+        """WALLOPS TEXT: from an operator of the server to all of them; 481 for anyone else."""
+        words = clean_irc_text(text)
+        if words:
+            self.server.message_operators(self.person, words)
+
+    def irc_kill(self, nick: str, reason: str = "") -> None:
+        """KILL NICK [REASON]: an operator of the server disconnects someone, as /disconnect does."""
+        if not self.person.operator:
+            self.send_irc(irc_numeric("ERR_NOPRIVILEGES", self.nick))
+            return
+        self.server.disconnect(self.person, nick, irc_reason(reason) or None)
 
     def irc_rehash(self, *ignored: str) -> None:
         """REHASH: the reload of /rehash and SIGHUP, for server operators; what changed comes as notices."""
@@ -7735,7 +7814,7 @@ class IrcConnection(ClientConnection):
         ("TOPIC", irc_topic, 1), ("NAMES", irc_names, 0), ("LIST", irc_list, 0), ("WHO", irc_who, 0),
         ("WHOIS", irc_whois, 1), ("WHOWAS", irc_whowas, 1), ("AWAY", irc_away, 0), ("NICK", irc_nick, 1),
         ("KICK", irc_kick, 2), ("INVITE", irc_invite, 2), ("MODE", irc_mode, 1), ("OPER", irc_oper, 2),
-        ("REHASH", irc_rehash, 0),
+        ("REHASH", irc_rehash, 0), ("KILL", irc_kill, 1), ("WALLOPS", irc_wallops, 1),
         ("ISON", irc_ison, 1), ("USERHOST", irc_userhost, 1), ("LUSERS", irc_lusers, 0), ("MOTD", irc_motd, 0),
         ("VERSION", irc_version, 0), ("TIME", irc_time, 0), ("PING", irc_ping, 0), ("PONG", irc_pong, 0),
         ("CAP", irc_cap, 1), ("MONITOR", irc_monitor, 1), ("SETNAME", irc_setname, 1), ("QUIT", irc_quit, 0),

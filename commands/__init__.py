@@ -192,6 +192,8 @@ class RoomSettings(NamedTuple):
     invite_only: bool
     topic_by_everyone: bool
     operators: tuple[str, ...]
+    topic_by: Optional[str] = None         # who set the topic and when (a time.time()), if known
+    topic_when: float = 0.0
 
 
 class PersonDetails(NamedTuple):

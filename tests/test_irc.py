@@ -317,10 +317,16 @@ def test_invite_only_rooms_need_an_invitation(irc_server, irc_connect, connect):
     assert numeric_of(bob.expect(r"443 ")) == "443"
 
 
-def test_part_of_a_channel_you_are_not_in_gets_442_and_of_your_last_one_a_notice(irc_server, irc_connect):
+def test_part_of_a_channel_you_are_not_in_gets_442_of_none_403_and_of_your_last_one_a_notice(irc_server,
+                                                                                              irc_connect):
+    bob = irc_connect(irc_server, "bob")
+    bob.send("JOIN #dev")
+    bob.expect("366 bob #dev ")
     alice = irc_connect(irc_server, "alice")
     alice.send("PART #dev")
     assert params(alice.expect("442 "))[1] == "#dev"
+    alice.send("PART #nowhere")
+    assert params(alice.expect("403 "))[1] == "#nowhere"
     alice.send("PART #lobby")
     assert "your only room" in alice.expect("NOTICE alice ")
 
@@ -369,7 +375,8 @@ def test_names_list_who_and_whois_describe_the_room_and_its_people(irc_server, i
     assert who == {"alice": "H", "bob": "G"}
     alice.send("WHOIS bob")
     whois = {numeric_of(line): params(line) for line in alice.lines_until(r"(?::\S+ )?318 ")}
-    assert whois["311"][1:3] == ["bob", "~user"] and "pyChat" in whois["311"][-1]
+    assert whois["311"][1:3] == ["bob", "~user"] and whois["311"][-1] == "bob", "no real name: the nickname"
+    assert "connected with pyChat" in whois["312"][-1]
     assert whois["319"][-1] == "#lobby"
     assert whois["301"][-1] == "lunch"
     assert "317" in whois

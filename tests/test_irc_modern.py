@@ -146,6 +146,11 @@ def test_tagmsg_mistakes_get_their_numerics(irc_server, irc_connect):
     alice = irc_connect(irc_server, "alice", TAGS)
     alice.send("@+typing=active TAGMSG nobody")
     assert " 401 alice nobody " in alice.expect(r"401 ")
+    alice.send("@+typing=active TAGMSG #nowhere")
+    assert " 403 alice #nowhere " in alice.expect(r"403 ")
+    bob = irc_connect(irc_server, "bob")
+    bob.send("JOIN #elsewhere")
+    bob.expect(r"366 bob #elsewhere ")
     alice.send("@+typing=active TAGMSG #elsewhere")
     assert " 404 alice #elsewhere " in alice.expect(r"404 ")
     alice.send("TAGMSG")
@@ -355,10 +360,10 @@ def test_a_notice_is_not_answered_with_an_away_message_nor_kept_for_someone_offl
         for line in lines:
             alice.send(line)
         alice.send("PING :sync")
-        return [line for line in alice.lines_until(r"PONG ") if " NOTICE alice " in line]
+        return [line for line in alice.lines_until(r"PONG ") if re.search(r" (NOTICE|301) alice ", line)]
 
     answers = answers_to("NOTICE bob :no answer wanted", "PRIVMSG bob :an answer wanted")
-    assert len(answers) == 1 and "bob is away: lunch" in answers[0], answers
+    assert len(answers) == 1 and answers[0].split(" ", 1)[1] in ("301 alice bob lunch", "301 alice bob :lunch"), answers
     owner = connect(irc_server, "carol")
     register_account(owner)
     owner.send("/quit")
