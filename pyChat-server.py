@@ -7517,7 +7517,7 @@ class IrcConnection(ClientConnection):
             try:
                 self.server.leave(self.person, room)
             except Refused:
-                pass            # the lobby, when it is the last: no one is in no room
+                pass            # a room left meanwhile, by another command of theirs
 
     def irc_part(self, channels: str, reason: str = "") -> None:
         for channel in channels.split(","):
