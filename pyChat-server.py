@@ -188,6 +188,11 @@ MAX_SECONDS = 1_000_000           # the longest timeout: poll() takes at most ab
 MAX_KEEPALIVE = 32767             # the longest --keepalive: the most Linux takes for TCP_KEEPIDLE
 IRC_PORT = None                   # --irc-port: a second port, for IRC clients (None: no IRC)
 IRC_PING_INTERVAL = 120.0         # --irc-ping: seconds of silence before an IRC client is sent PING
+IRC_AUTO_JOIN = "#lobby"          # --irc-auto-join: the rooms an IRC client is put in at sign-in ("": none)
+SERVER_NAME = "pychat.server"     # --server-name, when this machine's host name is not a valid server name
+# A server name is a host name with at least one dot, which is how clients tell it from a nickname.
+_SERVER_NAME = re.compile(r"(?=.{3,63}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+                          r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+\Z")
 
 
 def number(kind: type, low: float, high: float | None = None, above: bool = False):
@@ -212,6 +217,30 @@ def number(kind: type, low: float, high: float | None = None, above: bool = Fals
         raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
     parse.__name__ = kind.__name__          # argparse names the type in some messages
     return parse
+
+
+def server_name(name: str) -> str:
+    """An argparse type: a server name for --server-name (letters, digits and '-', in parts joined by dots)."""
+    if not _SERVER_NAME.match(name):
+        raise argparse.ArgumentTypeError(f"{name!r} is not a server name (a host name with a dot, such as "
+                                         f"chat.example.org, at most 63 characters)")
+    return name
+
+
+def default_server_name() -> str:
+    """--server-name's default: this machine's host name where it is a valid server name, else SERVER_NAME."""
+    name = socket.gethostname()
+    return name if _SERVER_NAME.match(name) else SERVER_NAME
+
+
+def room_list(text: str) -> str:
+    """An argparse type: rooms separated by commas, each with or without '#', as '#one,#two' ('' for none)."""
+    names = [room_name(name.strip()) for name in text.split(",") if name.strip()]
+    for name in names:
+        problem = name_problem(name, "Room name")
+        if problem:
+            raise argparse.ArgumentTypeError(f"{name}: {problem}")
+    return ",".join(f"#{name}" for name in dict.fromkeys(names))
 
 
 def operator_name(name: str) -> str:
@@ -317,6 +346,12 @@ def option_parser() -> argparse.ArgumentParser:
     irc.add_argument("--irc-ping", type=positive_seconds, default=IRC_PING_INTERVAL, metavar="SECONDS",
                      help=f"silence before an IRC client is sent PING; as long again without an answer "
                           f"disconnects it (default: {IRC_PING_INTERVAL:g})")
+    irc.add_argument("--irc-auto-join", type=room_list, default=IRC_AUTO_JOIN, metavar="ROOMS",
+                     help=f"rooms (comma-separated) an IRC client is put in when it signs in; \"\" for none, "
+                          f"as a plain IRC server does (default: {IRC_AUTO_JOIN})")
+    irc.add_argument("--server-name", type=server_name, default=default_server_name(), metavar="NAME",
+                     help=f"the server's name in IRC messages (prefixes, 004, PONG) (default: this machine's "
+                          f"host name if it has a dot, else {SERVER_NAME})")
     return parser
 
 
@@ -458,7 +493,7 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
 
 # What a reload (SIGHUP, /rehash) cannot change while the server runs: they keep their value until a restart.
 # Everything else applies at once, to new connections for what is settled when one comes in (TLS, --rate).
-RESTART_OPTIONS = ("host", "port", "irc_port", "data_dir", "history_days", "history_max_mb", "history")
+RESTART_OPTIONS = ("host", "port", "irc_port", "server_name", "data_dir", "history_days", "history_max_mb", "history")
 
 
 def shown_option(dest: str, value: Any) -> str:
@@ -505,13 +540,19 @@ def use_logging_handler(handler: logging.Handler, options: argparse.Namespace) -
 # The protocol: framing, cleaning text, names, events and the lines they become
 # ---------------------------------------------------------------------------
 
+class NotUtf8(str):
+    """A line that was not valid UTF-8, its invalid bytes read as U+FFFD: the pyChat port takes it so,
+    the IRC port (which promises UTF8ONLY) refuses it."""
+
+
 class LineReader:
     """Splits a byte stream into lines, never holding more than one line's worth of bytes.
 
     feed() returns the complete lines it found, as text; a line longer than
     the limit comes out as None, once, and its bytes are dropped as they arrive.
     The limit holds for the text as it will be sent on: an invalid byte
-    becomes U+FFFD, and counts as the three bytes that takes in UTF-8.
+    becomes U+FFFD, and counts as the three bytes that takes in UTF-8; such
+    a line comes out as NotUtf8.
 
     A reader may be told to take MOST lines of what is fed at most: the
     complete lines after those are dropped without being split or decoded
@@ -556,10 +597,11 @@ class LineReader:
         """The text of one line, or None if it is too long once invalid bytes are replaced."""
         if len(raw) > self.max_bytes:
             return None
-        text = raw.decode("utf-8", "replace")
-        if "\ufffd" in text and len(text.encode("utf-8")) > self.max_bytes:
-            return None
-        return text
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = NotUtf8(raw.decode("utf-8", "replace"))
+        return None if len(text.encode("utf-8")) > self.max_bytes else text
 
 
 # Control characters move cursors, change colours and clear screens; direction
@@ -979,6 +1021,7 @@ class Prompt(NamedTuple):
 
 class Welcome(NamedTuple):
     nick: str
+    motd: tuple[str, ...] = ()      # the lines of --motd, if any
 
 
 class Entered(NamedTuple):
@@ -1135,6 +1178,8 @@ class PyChatProtocol:
 
     name = "pyChat"
     lists_members = False
+    help_command = "/help"          # how its people ask for pyChat's commands
+    has_current_room = True         # plain lines go to a current room, so its people are always in one
 
     LINES: dict[type, Callable[[Any], str]] = {
         Said: lambda e: f"{e.nick}: {plain(e.text)}",
@@ -1153,7 +1198,8 @@ class PyChatProtocol:
         OperatorsMessage: lambda e: f"*** To the operators from {e.nick}: {plain(e.text)}",
         Error: lambda e: f"!! {e.text}",
         Prompt: lambda e: "*** Choose a nickname:" if e.asking_for == "nickname" else "*** Password:",
-        Welcome: lambda e: f"*** Welcome, {e.nick}! Type /help for the commands.",
+        Welcome: lambda e: "\n".join((f"*** Welcome, {e.nick}! Type /help for the commands.",
+                                      *(f"*** {line}" for line in e.motd))),
         Entered: lambda e: f"*** You are in #{e.room}" + (
             f" with {', '.join(e.others + ((f'{e.more} more',) if e.more else ()))}." if e.others
             else ", alone for now."),
@@ -4142,6 +4188,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.tls = self.make_tls_context(options) if options.tls_cert else None
         self.storage = Storage(options.data_dir, options.history_days, options.history_max_mb, options.operator)
         self.motd = MessageOfTheDay(options.motd)
+        IrcServerName.name = options.server_name
         self.started = time.time()
         self.most_people = 0
         self.registrations: dict[str, list[float]] = {}         # when accounts were registered, by address_bucket()
@@ -4464,8 +4511,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def sign_in(self, connection: ClientConnection, nick: str, account: str | None = None,
                 realname: str = "") -> str | None:
-        """Make CONNECTION a person called NICK (with the REALNAME an IRC client gave) in the default room,
-        or say why not.
+        """Make CONNECTION a person called NICK (with the REALNAME an IRC client gave), or say why not. A
+        protocol with a current room puts them in the default room; the IRC door joins --irc-auto-join's.
 
         ACCOUNT is the account whose password they gave: its owner takes the
         name over from a connection that still holds it. Either all of it
@@ -4498,9 +4545,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person.realname = realname
             person.operator = account is not None and self.storage.is_operator(account)
             person.mute = self.storage.mute_for(account, connection.address, time.time())
-            person.output.send(Welcome(nick))
-            for line in motd:
-                person.output.send(Notice(line))
+            person.output.send(Welcome(nick, tuple(motd)))
             if person.operator:
                 person.output.send(Notice("You are an operator of this server."))
             if person.mute is not None:
@@ -4512,7 +4557,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 person.ignoring.add(key)
                 self._count_ignorer(key, person, True)
             try:
-                self._enter(person, self.lobby)
+                if person.output.protocol.has_current_room:
+                    self._enter(person, self.lobby)
             except BaseException:
                 self._forget(person)
                 raise
@@ -4702,7 +4748,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if person.rooms:
                 self._make_current(person, list(person.rooms.values())[-1])
                 person.output.send(NowTalking(person.current.name))
-            else:
+            elif person.output.protocol.has_current_room:
                 self._enter(person, self.lobby)
 
     def _make_current(self, person: Person, room: Room) -> None:
@@ -4716,7 +4762,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """The room NAME (or the current one) that PERSON is in; refused otherwise. Lock held."""
         self._present(person)
         if name is None:
-            return person.current
+            return self._current_room(person)
         key = name_key(room_name(name))
         room = person.rooms.get(key)
         if room is None:
@@ -4726,6 +4772,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(f"You are not in #{room_name(name)}.", "not-in-room" if there else "no-such-room",
                           room=room_name(name))
         return room
+
+    @staticmethod
+    def _current_room(person: Person) -> Room:
+        """PERSON's current room; refused for someone in none (only IRC users may be). Lock held."""
+        if person.current is None:
+            raise Refused("You are in no room: name one, or join one first.")
+        return person.current
 
     def _visible_room(self, viewer: Person, name: str) -> Room:
         """The room NAME if it has people and VIEWER may know of it; refused otherwise. Lock held."""
@@ -4785,7 +4838,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         to the lobby."""
         with self.lock:
             room = self._member_room(person, name)
-            if len(person.rooms) == 1 and room is self.lobby:
+            if len(person.rooms) == 1 and room is self.lobby and person.output.protocol.has_current_room:
                 raise Refused(f"#{room.name} is your only room; /quit leaves the chat.")
             person.output.send(YouLeft(room.name, reason))
             self._exit(person, room, None if person.muted else Left(room.name, person.nick, reason))
@@ -4801,7 +4854,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if target.operator and not by.operator:
                 raise Refused(f"{target.nick} is a server operator; a room operator cannot kick them.",
                               "not-room-operator", room=room.name)
-            if len(target.rooms) == 1 and room is self.lobby:
+            if len(target.rooms) == 1 and room is self.lobby and target.output.protocol.has_current_room:
                 raise Refused(f"#{room.name} is {target.nick}'s only room; a server operator can /disconnect them.")
             target.output.send(YouWereKicked(room.name, by.nick, reason))
             self._exit(target, room, Kicked(room.name, target.nick, by.nick, reason))
@@ -5688,7 +5741,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def room_members(self, viewer: Person, name: str | None = None) -> tuple[str, list[commands.PersonInfo]]:
         """The room NAME (or VIEWER's current one) and its people, sorted by nickname."""
         with self.lock:
-            room = viewer.current if name is None else self._visible_room(viewer, name)
+            room = self._current_room(viewer) if name is None else self._visible_room(viewer, name)
             self._charge(viewer, len(room.members), "/who")
             people = [commands.PersonInfo(p.nick, room.name, p.away, p.operator, p.muted, p in room.operators)
                       for p in room.members]
@@ -5919,7 +5972,14 @@ class Context:
 
     @property
     def room(self) -> str:
-        return self._caller.current.name
+        """The caller's current room, '' if they are in none (only IRC users may be)."""
+        current = self._caller.current
+        return current.name if current is not None else ""
+
+    @property
+    def help_command(self) -> str:
+        """How the caller asks for the commands, in their client: /help, or /msg pyChat help on IRC."""
+        return self._caller.output.protocol.help_command
 
     @property
     def is_operator(self) -> bool:
@@ -6078,7 +6138,20 @@ class Context:
 # IRCv3 extensions listed in IRC_CAPABILITIES. Everything in this section is
 # pure: it reads and writes IRC text and knows nothing about sockets or rooms.
 
-IRC_SERVER_NAME = "pychat.server"       # the source of the server's own messages
+
+
+class IrcServerName:
+    """The IRC door's name for itself (--server-name): the source of the server's own messages, the name in
+    004, PONG, WHO and WHOIS. One value, set by ChatServer when it starts and read everywhere through
+    irc_server_name(), so that the pure formatting below needs no server to ask."""
+    name = SERVER_NAME
+
+
+def irc_server_name() -> str:
+    return IrcServerName.name
+
+
+IRC_FROM_SERVER: Any = object()         # format_irc_message's default source: irc_server_name(), at the time
 IRC_NETWORK = "pyChat"
 IRC_SERVICE_NICK = "pyChat"             # /msg pyChat help: pyChat's slash-commands (a reserved name)
 IRC_MAX_BODY_BYTES = 510                # a message without its tags and CR LF (RFC 1459: 512 with CR LF)
@@ -6188,13 +6261,15 @@ def parse_irc_message(line: str) -> IrcMessage | None:
 _IRC_BREAKS = str.maketrans("", "", "\r\n\0")
 
 
-def format_irc_message(command: str, params: Iterable[str] = (), source: str | None = IRC_SERVER_NAME,
+def format_irc_message(command: str, params: Iterable[str] = (), source: str | None = IRC_FROM_SERVER,
                        tags: dict[str, str] | None = None) -> str:
     """One IRC message as text without CR LF; the last parameter is sent as a trailing one when it
     has to be (spaces, a leading ':', empty), so it may hold any text. CR, LF and NUL never go out."""
     parts = []
     if tags:
         parts.append("@" + format_irc_tags(tags))
+    if source is IRC_FROM_SERVER:
+        source = irc_server_name()
     if source:
         parts.append(":" + source)
     parts.append(command)
@@ -6260,6 +6335,8 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "RPL_LUSERUNKNOWN": ("253", "unknown connection(s)"),
     "RPL_LUSERCHANNELS": ("254", "channels formed"),
     "RPL_LUSERME": ("255", None),
+    "RPL_LOCALUSERS": ("265", None),
+    "RPL_GLOBALUSERS": ("266", None),
     "RPL_TRYAGAIN": ("263", "Please wait a while and try again."),
     "RPL_AWAY": ("301", None),
     "RPL_USERHOST": ("302", None),
@@ -6305,6 +6382,12 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "RPL_YOUREOPER": ("381", "You are now an IRC operator"),
     "RPL_REHASHING": ("382", "Rehashing"),
     "RPL_TIME": ("391", None),
+    "RPL_INFO": ("371", None),
+    "RPL_ENDOFINFO": ("374", "End of INFO list"),
+    "ERR_HELPNOTFOUND": ("524", "No help available on this topic"),
+    "RPL_HELPSTART": ("704", None),
+    "RPL_HELPTXT": ("705", None),
+    "RPL_ENDOFHELP": ("706", None),
     "ERR_NOSUCHNICK": ("401", "No such nick/channel"),
     "ERR_NOSUCHSERVER": ("402", "No such server"),
     "ERR_NOSUCHCHANNEL": ("403", "No such channel"),
@@ -6549,7 +6632,7 @@ class IrcRegistration:
             self.nick = unicodedata.normalize("NFKC", wanted)
             return []
         if command == "USER":
-            if len(params) < 4 or not params[0]:
+            if len(params) < 4 or not params[0] or not params[3]:
                 return [irc_numeric("ERR_NEEDMOREPARAMS", self.target, "USER")]
             if self.username is not None:
                 return [irc_numeric("ERR_ALREADYREGISTERED", self.target)]
@@ -6557,7 +6640,7 @@ class IrcRegistration:
             self.realname = clean_text(params[3])[:IRC_MAX_REALNAME]
             return []
         if command == "PING":
-            return [irc_pong(params)]
+            return [irc_pong(self.target, params)]
         if command == "PONG":
             return []
         return [irc_numeric("ERR_NOTREGISTERED", self.target)]
@@ -6616,10 +6699,11 @@ def irc_nickname_problem(wanted: str) -> str | None:
     return name_problem(unicodedata.normalize("NFKC", wanted))
 
 
-def irc_pong(params: list[str]) -> str:
+def irc_pong(nick: str, params: list[str]) -> str:
+    """The answer to PING from NICK ('*' before there is one): PONG with the server's name and the token."""
     if not params or not params[0]:
-        return irc_numeric("ERR_NOORIGIN", "*")
-    return format_irc_message("PONG", (IRC_SERVER_NAME, params[0]))
+        return irc_numeric("ERR_NOORIGIN", nick)
+    return format_irc_message("PONG", (irc_server_name(), params[0]))
 
 
 class IrcPingClock:
@@ -6659,7 +6743,6 @@ class IrcPingClock:
 
 IRC_USER, IRC_HOST = "~user", "pychat"
 IRC_USER_HOST = f"{IRC_USER}@{IRC_HOST}"    # everyone is NICK!~user@pychat: pyChat never shows an address
-IRC_SERVICE_SOURCE = f"{IRC_SERVICE_NICK}!{IRC_SERVICE_NICK}@{IRC_SERVER_NAME}"
 IRC_SERVICE_KEY = name_key(IRC_SERVICE_NICK)
 IRC_MAX_REASON = 390                # the longest topic, away message, kick or quit reason taken from IRC
 IRC_USER_MODES = "Bio"              # B: a bot, i: invisible to WHO masks (both set by the person),
@@ -6674,6 +6757,52 @@ IRC_RENDERING_CAPABILITIES = frozenset({"account-notify", "account-tag", "away-n
 IRC_CHAT_EVENTS = (Said, Acted, PrivateFrom, PrivateTo, TagMessage)     # with a line id and client tags
 
 
+def irc_motd_replies(nick: str, motd: list[str]) -> list[str]:
+    """The admin's --motd as 375, 372 a line and 376; 422 when there is none."""
+    if not motd:
+        return [irc_numeric("ERR_NOMOTD", nick)]
+    return [irc_numeric("RPL_MOTDSTART", nick, text=f"- {irc_server_name()} Message of the day - "),
+            *(irc_numeric("RPL_MOTD", nick, text=f"- {line}") for line in motd),
+            irc_numeric("RPL_ENDOFMOTD", nick)]
+
+
+def irc_help_replies(nick: str, subject: str, commands: Iterable[str]) -> list[str]:
+    """HELP SUBJECT: 704, a 705 a line and 706 about one of COMMANDS (IRC's, as this server takes them), or
+    the list of them without a subject; 524 for anything else. pyChat's own commands are /msg pyChat help."""
+    subject = subject.upper()
+    if not subject:
+        topic, lines = "index", [f"Commands: {' '.join(sorted(commands))}", "HELP COMMAND tells more of one.",
+                                 f"pyChat's own commands: /msg {IRC_SERVICE_NICK} help"]
+    elif subject in commands:
+        topic, lines = subject, [IRC_HELP.get(subject, f"{subject}: as modern.ircdocs.horse describes it.")]
+    else:
+        return [irc_numeric("ERR_HELPNOTFOUND", nick, subject)]
+    return [irc_numeric("RPL_HELPSTART", nick, topic, text=lines[0]),
+            *(irc_numeric("RPL_HELPTXT", nick, topic, text=line) for line in lines[1:]),
+            irc_numeric("RPL_ENDOFHELP", nick, topic, text="End of /HELP")]
+
+
+# What HELP says of IRC's commands; the others read as modern.ircdocs.horse describes them.
+IRC_HELP = {
+    "PRIVMSG": "PRIVMSG <target>[,<target>] :<text>: say TEXT in a channel (#room) or to a person.",
+    "NOTICE": "NOTICE <target> :<text>: like PRIVMSG, never answered automatically.",
+    "JOIN": "JOIN <#room>[,<#room>] [<key>]: join rooms (a room that does not exist is made).",
+    "PART": "PART <#room> [:<reason>]: leave a room.",
+    "TOPIC": "TOPIC <#room> [:<topic>]: show or set a room's topic.",
+    "NAMES": "NAMES <#room>: who is in a room.",
+    "LIST": "LIST: the rooms, with how many are in each and their topics.",
+    "WHO": "WHO <mask>: who fits MASK (a #room, a nickname, or a pattern with * and ?).",
+    "WHOIS": "WHOIS <nick>: about someone.",
+    "NICK": "NICK <nick>: change your nickname.",
+    "MOTD": "MOTD: the message of the day.",
+    "LUSERS": "LUSERS: how many are here.",
+    "TIME": "TIME: the server's time.",
+    "INFO": "INFO: about this server.",
+    "HELP": "HELP [<command>]: this help.",
+    "QUIT": "QUIT [:<reason>]: leave.",
+}
+
+
 def irc_reason(text: str) -> str:
     """A topic, away message or reason from IRC, as the core keeps it: plain text, bounded."""
     return strip_irc_formatting(text)[:IRC_MAX_REASON]
@@ -6681,6 +6810,11 @@ def irc_reason(text: str) -> str:
 
 def irc_source(nick: str) -> str:
     return f"{nick}!{IRC_USER_HOST}"
+
+
+def irc_service_source() -> str:
+    """The source of what pyChat's service says: pyChat!pyChat@ the server's name."""
+    return f"{IRC_SERVICE_NICK}!{IRC_SERVICE_NICK}@{irc_server_name()}"
 
 
 def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
@@ -6713,6 +6847,8 @@ class IrcProtocol:
 
     name = "IRC"
     lists_members = True            # Entered carries everyone in the room, for NAMES
+    help_command = f"/msg {IRC_SERVICE_NICK} help"     # an IRC client's own /help is its client's help
+    has_current_room = False        # every line names its channel: an IRC user may be in none
 
     def __init__(self, connection: IrcConnection, capabilities: frozenset[str] = frozenset()) -> None:
         self.connection = connection
@@ -6908,14 +7044,14 @@ class IrcProtocol:
                                  irc_source(self.me))
 
     def notice(self, event: Notice) -> list[str]:
-        return irc_text_messages("NOTICE", self.me, event.text, IRC_SERVER_NAME)
+        return irc_text_messages("NOTICE", self.me, event.text, irc_server_name())
 
     def reply(self, event: Reply | Error) -> list[str]:
         """Replies and errors come from the commands, so from the service that runs them."""
-        return irc_text_messages("NOTICE", self.me, event.text, IRC_SERVICE_SOURCE)
+        return irc_text_messages("NOTICE", self.me, event.text, irc_service_source())
 
     def welcome(self, event: Welcome) -> list[str]:
-        return self.connection.welcome_burst(event.nick)
+        return self.connection.welcome_burst(event.nick, list(event.motd))
 
     def closing(self, event: Any) -> list[str]:
         """Bye, ShuttingDown, DisconnectedBy, Banned, SignedInElsewhere or Farewell: ERROR, with why."""
@@ -6928,7 +7064,7 @@ class IrcProtocol:
 
     def in_pychats_words(self, event: Any) -> list[str]:
         """An event IRC has no words of its own for: pyChat's line for it, as a notice from the server."""
-        return irc_text_messages("NOTICE", self.me, PYCHAT.line(event), IRC_SERVER_NAME)
+        return irc_text_messages("NOTICE", self.me, PYCHAT.line(event), irc_server_name())
 
     def nothing(self, event: Any) -> list[str]:
         """Events IRC has no words for: pyChat's prompts (IRC clients sign in with NICK, PASS and SASL),
@@ -7125,6 +7261,10 @@ class IrcConnection(ClientConnection):
             params = ("*",) if problem.numeric == "ERR_UNKNOWNCOMMAND" else ()
             self.send_irc(irc_numeric(problem.numeric, self.nick, *params, text=str(problem)))
             return None
+        if message is not None and isinstance(line, NotUtf8):
+            self.send_irc(format_irc_message("FAIL", (message.command, "INVALID_UTF8",
+                                                      "Messages must be UTF-8: this one was dropped")))
+            return None
         if message is not None and message.command not in ("PING", "PONG"):
             self.last_active = self.last_heard
         return message
@@ -7157,7 +7297,7 @@ class IrcConnection(ClientConnection):
             raise Disconnect("timed out", Farewell(f"nothing said for {timeout:g} s"))
         due = self.ping_clock.due(now)
         if due == "ping":
-            self.send_irc(format_irc_message("PING", (IRC_SERVER_NAME,)))
+            self.send_irc(format_irc_message("PING", (irc_server_name(),)))
         elif due == "timeout":
             why = f"Ping timeout: {now - self.ping_clock.last_heard:.0f} seconds"
             raise Disconnect(why, Farewell(why))
@@ -7196,6 +7336,8 @@ class IrcConnection(ClientConnection):
                 self.output.protocol = IrcProtocol(self, frozenset(self.capabilities.enabled))
                 problem = self.server.sign_in(self, nick, self.account, registration.realname)
                 if problem is None:
+                    if self.server.options.irc_auto_join:
+                        self.irc_join(self.server.options.irc_auto_join)
                     return
                 self.signing_in_as = None
             self.send_irc(irc_numeric("ERR_NICKNAMEINUSE", "*", registration.nick, text=problem))
@@ -7240,7 +7382,8 @@ class IrcConnection(ClientConnection):
                 f"or nc on the pyChat port (give the code at the password prompt), then sign in here with it")))
             return
         self.account = account
-        self.send_irc(irc_numeric("RPL_LOGGEDIN", nick, irc_source(nick), account,
+        # The nickname they will have is the account's, whatever NICK said (and '*' before any NICK).
+        self.send_irc(irc_numeric("RPL_LOGGEDIN", nick, irc_source(account), account,
                                   text=f"You are now logged in as {account}"))
         self.send_irc(irc_numeric("RPL_SASLSUCCESS", nick))
 
@@ -7255,31 +7398,23 @@ class IrcConnection(ClientConnection):
         self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", nick))
         raise Disconnect(f"wrong {what}", Farewell(f"wrong {what}"))
 
-    def welcome_burst(self, nick: str) -> list[str]:
-        """001 to 005 and the message of the day: what a client waits for before it does anything."""
+    def welcome_burst(self, nick: str, motd: list[str]) -> list[str]:
+        """001 to 005 and the message of the day MOTD: what a client waits for before it does anything.
+        (Rendered under the chat lock, so without LUSERS, which asks the server for its counts.)"""
         version = f"pyChat-{VERSION}"
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.server.started))
         tokens = irc_isupport_tokens(self.server.options)
         return [irc_numeric("RPL_WELCOME", nick,
                             text=f"Welcome to the {IRC_NETWORK} IRC network, {irc_source(nick)}"),
                 irc_numeric("RPL_YOURHOST", nick,
-                            text=f"Your host is {IRC_SERVER_NAME}, running version {version}"),
+                            text=f"Your host is {irc_server_name()}, running version {version}"),
                 irc_numeric("RPL_CREATED", nick, text=f"This server was created {started}"),
                 # The modes that take a parameter: k (the key) and o (who).
-                irc_numeric("RPL_MYINFO", nick, IRC_SERVER_NAME, version, IRC_USER_MODES, IRC_CHANNEL_MODES,
+                irc_numeric("RPL_MYINFO", nick, irc_server_name(), version, IRC_USER_MODES, IRC_CHANNEL_MODES,
                             "ko"),
                 *(irc_numeric("RPL_ISUPPORT", nick, *tokens[n:n + 12]) for n in range(0, len(tokens), 12)),
-                *self.motd(nick)]
-
-    def motd(self, nick: str) -> list[str]:
-        flood = (f"Flood limit: {self.server.options.burst} lines at once, then {self.server.options.rate:g} "
-                 f"a second." if self.server.options.rate else "")
-        lines = [f"pyChat {VERSION}, where IRC and pyChat clients meet. {flood}".strip(),
-                 "Rooms are channels: everyone starts in #lobby; /join #dev makes or joins #dev.",
-                 f"pyChat's own commands: /msg {IRC_SERVICE_NICK} help"]
-        return [irc_numeric("RPL_MOTDSTART", nick, text=f"- {IRC_SERVER_NAME} Message of the day - "),
-                *(irc_numeric("RPL_MOTD", nick, text=f"- {line}") for line in lines),
-                irc_numeric("RPL_ENDOFMOTD", nick)]
+                *irc_motd_replies(nick, motd),
+                format_irc_message("NOTICE", (nick, f"pyChat's own commands: /msg {IRC_SERVICE_NICK} help"))]
 
     # -- commands -----------------------------------------------------------------
 
@@ -7309,7 +7444,7 @@ class IrcConnection(ClientConnection):
         """The core said no: the numeric for why, with the core's own words; a notice when IRC has none."""
         numeric, names = IRC_REFUSALS.get(refusal.kind, (None, None))
         if numeric is None:
-            self.send_irc(format_irc_message("NOTICE", (self.nick, str(refusal)), IRC_SERVICE_SOURCE))
+            self.send_irc(format_irc_message("NOTICE", (self.nick, str(refusal)), irc_service_source()))
             return
         room = f"#{refusal.room}" if refusal.room else "*"
         params = {"nick": (refusal.nick or "*",), "room": (room,), "both": (refusal.nick or "*", room),
@@ -7371,7 +7506,7 @@ class IrcConnection(ClientConnection):
         if ctcp is not None and ctcp[0] != "ACTION":
             if not notice:              # a CTCP reply is a NOTICE, and nothing answers a notice
                 self.send_irc(format_irc_message("NOTICE", (self.nick, f"pyChat passes on no CTCP {ctcp[0]}; "
-                                                             "only ACTION (/me)."), IRC_SERVICE_SOURCE))
+                                                             "only ACTION (/me)."), irc_service_source()))
             return
         words = clean_irc_text(ctcp[1] if ctcp else text)
         if not words:
@@ -7411,7 +7546,7 @@ class IrcConnection(ClientConnection):
                    "TIME": time.strftime("%a %b %d %H:%M:%S %Y UTC", time.gmtime())}
         if command in answers:
             self.send_irc(format_irc_message("NOTICE", (self.nick, f"{CTCP}{command} {answers[command]}{CTCP}"),
-                                             IRC_SERVICE_SOURCE))
+                                             irc_service_source()))
 
     def irc_notice(self, targets: str = "", text: str = "") -> None:
         self.irc_privmsg(targets, text, notice=True)
@@ -7438,7 +7573,7 @@ class IrcConnection(ClientConnection):
             try:
                 self.server.leave(self.person, room)
             except Refused:
-                pass            # the lobby, when it is the last: no one is in no room
+                pass            # a room left meanwhile, by another command of theirs
 
     def irc_part(self, channels: str, reason: str = "") -> None:
         for channel in channels.split(","):
@@ -7514,7 +7649,7 @@ class IrcConnection(ClientConnection):
                 return []
             pattern = nick or "*"
         elif "." in pattern:        # no nickname has a dot: a host or the server
-            if not any(fits_pattern(pattern, name) for name in (IRC_HOST, IRC_SERVER_NAME)):
+            if not any(fits_pattern(pattern, name) for name in (IRC_HOST, irc_server_name())):
                 return []
             pattern = "*"
         return self.server.who(self.person, pattern)
@@ -7522,13 +7657,13 @@ class IrcConnection(ClientConnection):
     def who_reply(self, entry: WhoEntry) -> str:
         """352: the channel, user, host, server, nick, flags, and hops 0 before the real name (or the nick)."""
         return irc_numeric("RPL_WHOREPLY", self.nick, f"#{entry.room}" if entry.room else "*", IRC_USER, IRC_HOST,
-                           IRC_SERVER_NAME, entry.nick, irc_who_flags(entry), text=f"0 {entry.realname or entry.nick}")
+                           irc_server_name(), entry.nick, irc_who_flags(entry), text=f"0 {entry.realname or entry.nick}")
 
     def whox_reply(self, entry: WhoEntry, letters: str, token: str) -> str:
         """354 with the fields LETTERS asks for, in WHOX's own order whatever the order asked; the
         address is never shown."""
         values = {"t": token, "c": f"#{entry.room}" if entry.room else "*", "u": IRC_USER,
-                  "i": "255.255.255.255", "h": IRC_HOST, "s": IRC_SERVER_NAME, "n": entry.nick,
+                  "i": "255.255.255.255", "h": IRC_HOST, "s": irc_server_name(), "n": entry.nick,
                   "f": irc_who_flags(entry), "d": "0", "l": str(int(entry.idle)), "a": entry.account or "0",
                   "o": "n/a", "r": entry.realname or entry.nick}
         return irc_numeric("RPL_WHOSPCRPL", self.nick, *(values[letter] for letter in letters))
@@ -7545,7 +7680,7 @@ class IrcConnection(ClientConnection):
         if found.rooms:
             rooms = " ".join(("@" if operator else "") + f"#{room}" for room, operator in found.rooms)
             lines.append(irc_numeric("RPL_WHOISCHANNELS", me, them, text=rooms))
-        lines.append(irc_numeric("RPL_WHOISSERVER", me, them, IRC_SERVER_NAME,
+        lines.append(irc_numeric("RPL_WHOISSERVER", me, them, irc_server_name(),
                                  text=f"pyChat {VERSION}, connected with {found.protocol}"))
         if found.away:
             lines.append(irc_numeric("RPL_AWAY", me, them, text=found.away))
@@ -7574,7 +7709,7 @@ class IrcConnection(ClientConnection):
             if them.account:
                 self.send_irc(irc_numeric("RPL_WHOISACCOUNT", self.nick, them.nick, them.account,
                                           text="was logged in as"))
-            self.send_irc(irc_numeric("RPL_WHOISSERVER", self.nick, them.nick, IRC_SERVER_NAME,
+            self.send_irc(irc_numeric("RPL_WHOISSERVER", self.nick, them.nick, irc_server_name(),
                                       text=time.strftime("%a %b %d %H:%M:%S %Y UTC", time.gmtime(them.when))))
         self.send_irc(irc_numeric("RPL_ENDOFWHOWAS", self.nick, nick))
 
@@ -7707,7 +7842,7 @@ class IrcConnection(ClientConnection):
             return
         self.send_irc(irc_numeric("RPL_REHASHING", self.nick, self.server.options.config or "(no --config file)"))
         for line in self.server.reload(f"REHASH by {self.nick}"):
-            self.send_irc(format_irc_message("NOTICE", (self.nick, line), IRC_SERVICE_SOURCE))
+            self.send_irc(format_irc_message("NOTICE", (self.nick, line), irc_service_source()))
 
     def irc_ison(self, *nicks: str) -> None:
         wanted = " ".join(nicks).split()[:50]
@@ -7719,31 +7854,50 @@ class IrcConnection(ClientConnection):
         replies = [f"{p.nick}{'*' if p.operator else ''}={'-' if p.away else '+'}{IRC_USER_HOST}" for p in found]
         self.send_irc(irc_numeric("RPL_USERHOST", self.nick, text=" ".join(replies)))
 
-    def irc_lusers(self, *ignored: str) -> None:
+    def lusers(self, nick: str) -> list[str]:
+        """251 to 255, 265 and 266: how many are here (one server, so its own counts are the network's)."""
         people, operators, signing_in, rooms, invisible = self.server.counts()
-        me = self.nick
-        for line in (irc_numeric("RPL_LUSERCLIENT", me, text=f"There are {people - invisible} users and "
-                                                             f"{invisible} invisible on 1 servers"),
-                     irc_numeric("RPL_LUSEROP", me, str(operators)),
-                     irc_numeric("RPL_LUSERUNKNOWN", me, str(signing_in)),
-                     irc_numeric("RPL_LUSERCHANNELS", me, str(rooms)),
-                     irc_numeric("RPL_LUSERME", me, text=f"I have {people + signing_in} clients and 0 servers")):
+        most = max(self.server.most_people, people)
+        return [irc_numeric("RPL_LUSERCLIENT", nick, text=f"There are {people - invisible} users and "
+                                                          f"{invisible} invisible on 1 servers"),
+                irc_numeric("RPL_LUSEROP", nick, str(operators)),
+                irc_numeric("RPL_LUSERUNKNOWN", nick, str(signing_in)),
+                irc_numeric("RPL_LUSERCHANNELS", nick, str(rooms)),
+                irc_numeric("RPL_LUSERME", nick, text=f"I have {people} clients and 0 servers"),
+                irc_numeric("RPL_LOCALUSERS", nick, str(people), str(most),
+                            text=f"Current local users {people}, max {most}"),
+                irc_numeric("RPL_GLOBALUSERS", nick, str(people), str(most),
+                            text=f"Current global users {people}, max {most}")]
+
+    def irc_lusers(self, *ignored: str) -> None:
+        for line in self.lusers(self.nick):
             self.send_irc(line)
 
     def irc_motd(self, *ignored: str) -> None:
-        for line in self.motd(self.nick):
+        for line in irc_motd_replies(self.nick, self.server.motd.lines()):
             self.send_irc(line)
 
+    def irc_help(self, subject: str = "") -> None:
+        for line in irc_help_replies(self.nick, subject, self.COMMANDS):
+            self.send_irc(line)
+
+    def irc_info(self, *ignored: str) -> None:
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.server.started))
+        for line in (f"pyChat {VERSION}: a chat server for the terminal, with this IRC door.",
+                     f"Running since {started}.", f"pyChat's own commands: /msg {IRC_SERVICE_NICK} help"):
+            self.send_irc(irc_numeric("RPL_INFO", self.nick, text=line))
+        self.send_irc(irc_numeric("RPL_ENDOFINFO", self.nick))
+
     def irc_version(self, *ignored: str) -> None:
-        self.send_irc(irc_numeric("RPL_VERSION", self.nick, f"pyChat-{VERSION}", IRC_SERVER_NAME,
+        self.send_irc(irc_numeric("RPL_VERSION", self.nick, f"pyChat-{VERSION}", irc_server_name(),
                                   text="an IRC front door to pyChat"))
 
     def irc_time(self, *ignored: str) -> None:
-        self.send_irc(irc_numeric("RPL_TIME", self.nick, IRC_SERVER_NAME,
+        self.send_irc(irc_numeric("RPL_TIME", self.nick, irc_server_name(),
                                   text=time.strftime("%A %B %d %Y -- %H:%M:%S UTC", time.gmtime())))
 
     def irc_ping(self, token: str = "") -> None:
-        self.send_irc(irc_pong([token]))
+        self.send_irc(irc_pong(self.nick, [token]))
 
     def irc_pong(self, *ignored: str) -> None:
         pass                    # what counts is that something came: read_messages told the ping clock
@@ -7817,6 +7971,7 @@ class IrcConnection(ClientConnection):
         ("REHASH", irc_rehash, 0), ("KILL", irc_kill, 1), ("WALLOPS", irc_wallops, 1),
         ("ISON", irc_ison, 1), ("USERHOST", irc_userhost, 1), ("LUSERS", irc_lusers, 0), ("MOTD", irc_motd, 0),
         ("VERSION", irc_version, 0), ("TIME", irc_time, 0), ("PING", irc_ping, 0), ("PONG", irc_pong, 0),
+        ("HELP", irc_help, 0), ("HELPOP", irc_help, 0), ("INFO", irc_info, 0),
         ("CAP", irc_cap, 1), ("MONITOR", irc_monitor, 1), ("SETNAME", irc_setname, 1), ("QUIT", irc_quit, 0),
         ("USER", irc_registered_already, 0),
         ("AUTHENTICATE", irc_authenticate, 0),

@@ -366,7 +366,7 @@ class CommandTable:
         name, _, text = line[1:].partition(" ")
         found = self.find(name)
         if found is None:
-            ctx.error(f"Unknown command /{name}. Type /help for the list.")
+            ctx.error(f"Unknown command /{name}. Type {ctx.help_command} for the list.")
             return
         if found.operator and not ctx.is_operator:
             ctx.error(f"/{found.name}: not allowed; only operators may use it.")

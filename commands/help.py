@@ -14,11 +14,12 @@ def show_help(ctx, name):
     if name is None:
         for line in table.help_lines():
             ctx.reply(line)
-        ctx.reply("Type /help COMMAND for more about one. To say something that starts with /, type //.")
+        ctx.reply(f"Type {ctx.help_command} COMMAND for more about one. "
+                  f"To say something that starts with /, type //.")
         return
     found = table.find(name.lstrip("/"))
     if found is None:
-        raise CommandError(f"There is no /{name.lstrip('/')}. Type /help for the list.")
+        raise CommandError(f"There is no /{name.lstrip('/')}. Type {ctx.help_command} for the list.")
     ctx.reply(f"{found.usage}  {found.summary}")
     if found.aliases:
         ctx.reply("Also: " + ", ".join(f"/{alias}" for alias in found.aliases))

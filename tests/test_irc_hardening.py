@@ -211,16 +211,16 @@ def test_a_line_over_the_irc_limit_gets_417_and_a_10_mib_one_leaves_memory_flat(
     assert growth < 4096, f"server memory grew by {growth} KiB while reading one 10 MiB line"
 
 
-def test_invalid_utf8_is_replaced_and_counts_at_its_replaced_size(start_server, connect, irc_connect):
+def test_invalid_utf8_is_refused_and_counts_at_its_replaced_size(start_server, connect, irc_connect):
     server = start_server("--irc-port", "0")
     bob = connect(server, "bob")
     alice = irc_connect(server, "alice")
-    alice.send_raw(b"PRIVMSG #lobby :caf\xe9 \xff\xfe ok\r\n")
-    assert bob.expect("alice: ") == "alice: caf\ufffd \ufffd\ufffd ok"
+    alice.send_raw(b"PRIVMSG #lobby :caf\xe9 \xff\xfe ok\r\n")      # the server says UTF8ONLY: FAIL, not passed on
+    assert alice.expect("FAIL ").split()[1:4] == ["FAIL", "PRIVMSG", "INVALID_UTF8"]
     alice.send_raw(b"PRIVMSG #lobby :" + b"\xff" * 300 + b"\r\n")     # 900 bytes once replaced
     alice.expect("417 alice ")
     alice.send("PRIVMSG #lobby :fine again")
-    bob.expect("alice: fine again")
+    assert bob.expect("alice: ") == "alice: fine again"
 
 
 def test_hundreds_of_irc_clients_register_at_once_and_chat_goes_on(start_server, connect):
