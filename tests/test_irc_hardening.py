@@ -40,6 +40,20 @@ def test_the_connection_limits_count_both_ports_and_an_irc_newcomer_past_them_ge
     bob.expect("bob: still here")
 
 
+def bystander_delays(bob, alice_reader: Drain, count: int, pause: float, stop: threading.Event,
+                     during: str) -> list[float]:
+    """Seconds each of COUNT lines bob says, PAUSE apart, takes to reach alice (read by ALICE_READER)."""
+    delays = []
+    for n in range(count):
+        stop.wait(pause)
+        sent = time.monotonic()
+        bob.sock.sendall(f"ping {n}\n".encode())
+        arrived = alice_reader.arrival(str(n).encode(), timeout=3)
+        assert arrived is not None, f"bob's line {n} did not reach alice within 3 s during {during}"
+        delays.append(arrived - sent)
+    return delays
+
+
 def test_a_client_dribbling_registration_byte_by_byte_is_closed_after_the_sign_in_timeout(start_server):
     server = start_server("--irc-port", "0", "--nick-timeout", "0.5")
     sock = raw_irc(server)
@@ -133,14 +147,7 @@ def test_while_an_irc_user_floods_other_users_lines_arrive_within_a_second(start
     flooding.start()
     try:
         server.wait_for_log(r"flooder\d*@127\.0\.0\.1 signed in")
-        delays = []
-        for n in range(20):
-            stop.wait(0.05)
-            sent = time.monotonic()
-            bob.sock.sendall(f"ping {n}\n".encode())
-            arrived = alice_reader.arrival(str(n).encode(), timeout=3)
-            assert arrived is not None, f"bob's line {n} did not reach alice within 3 s during the flood"
-            delays.append(arrived - sent)
+        delays = bystander_delays(bob, alice_reader, 20, 0.05, stop, "the flood")
         assert flooding.is_alive(), "the flood ended early, so it proved nothing"
         assert max(delays) < 1.0, f"bob's lines took up to {max(delays):.2f} s to reach alice during the flood"
     finally:
@@ -310,14 +317,7 @@ def test_a_who_pattern_is_paid_for_by_everyone_it_searches_and_chat_goes_on_mean
         searching = threading.Thread(target=search, daemon=True)
         searching.start()
         try:
-            delays = []
-            for n in range(12):
-                stop.wait(0.15)
-                sent = time.monotonic()
-                bob.sock.sendall(f"ping {n}\n".encode())
-                arrived = alice_reader.arrival(str(n).encode(), timeout=3)
-                assert arrived is not None, f"bob's line {n} did not reach alice within 3 s during the searches"
-                delays.append(arrived - sent)
+            delays = bystander_delays(bob, alice_reader, 12, 0.15, stop, "the searches")
             assert max(delays) < 1.0, f"bob's lines took up to {max(delays):.2f} s to reach alice during the searches"
         finally:
             stop.set()
