@@ -38,6 +38,7 @@ import errno
 import functools
 import hashlib
 import hmac
+import http
 import inspect
 import ipaddress
 import itertools
@@ -190,7 +191,11 @@ IRC_PORT = None                   # --irc-port: a second port, for IRC clients (
 IRC_PING_INTERVAL = 120.0         # --irc-ping: seconds of silence before an IRC client is sent PING
 IRC_AUTO_JOIN = "#lobby"          # --irc-auto-join: the rooms an IRC client is put in at sign-in ("": none)
 SERVER_NAME = "pychat.server"     # --server-name, when this machine's host name is not a valid server name
+WEB_PORT = None                   # --web-port: a port for browsers, the web client and IRC over WebSocket (None: off)
+WEB_ORIGIN = None                 # --web-origin: the pages allowed to open /socket (None: the request's own Host)
+TRUST_PROXY = None                # --trust-proxy: the reverse proxy whose X-Forwarded-For is believed (None: none)
 # A server name is a host name with at least one dot, which is how clients tell it from a nickname.
+_WEB_ORIGIN = re.compile(r"https?://(?:[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?\Z")
 _SERVER_NAME = re.compile(r"(?=.{3,63}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
                           r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+\Z")
 
@@ -249,6 +254,26 @@ def operator_name(name: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(f"{name}: {problem}")
     return name
+
+
+def web_origins(text: str) -> str:
+    """An argparse type: origins separated by commas (scheme://host[:port], no path), or * for any."""
+    origins = [origin.strip().lower().rstrip("/") for origin in text.split(",") if origin.strip()]
+    for origin in origins:
+        if origin != "*" and not _WEB_ORIGIN.match(origin):
+            raise argparse.ArgumentTypeError(f"{origin!r} is not an origin such as https://chat.example.org "
+                                             f"or http://localhost:8080 (or * for any)")
+    if not origins:
+        raise argparse.ArgumentTypeError("give at least one origin, or * for any")
+    return ",".join(origins)
+
+
+def proxy_address(text: str) -> str:
+    """An argparse type: one IP address, for --trust-proxy."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address (such as 127.0.0.1 or ::1)") from None
 
 
 def option_parser() -> argparse.ArgumentParser:
@@ -352,6 +377,16 @@ def option_parser() -> argparse.ArgumentParser:
     irc.add_argument("--server-name", type=server_name, default=default_server_name(), metavar="NAME",
                      help=f"the server's name in IRC messages (prefixes, 004, PONG) (default: this machine's "
                           f"host name if it has a dot, else {SERVER_NAME})")
+    web = parser.add_argument_group("browsers (see README, 'Browser')")
+    web.add_argument("--web-port", type=number(int, 0, 65535), default=WEB_PORT, metavar="PORT",
+                     help="also serve the web client and IRC over WebSocket (/socket) on this port, HTTPS with "
+                          "--tls-cert; 0 picks a free one and logs it (default: no web port)")
+    web.add_argument("--web-origin", type=web_origins, default=WEB_ORIGIN, metavar="ORIGINS",
+                     help="the pages (comma-separated, such as https://chat.example.org) whose scripts may open "
+                          "/socket, or * for any (default: a page from the host the browser asked for)")
+    web.add_argument("--trust-proxy", type=proxy_address, default=TRUST_PROXY, metavar="ADDRESS",
+                     help="the address of a reverse proxy in front of --web-port: from it alone, the person's "
+                          "address is taken from X-Forwarded-For, for bans and --max-per-ip (default: none)")
     return parser
 
 
@@ -493,7 +528,7 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
 
 # What a reload (SIGHUP, /rehash) cannot change while the server runs: they keep their value until a restart.
 # Everything else applies at once, to new connections for what is settled when one comes in (TLS, --rate).
-RESTART_OPTIONS = ("host", "port", "irc_port", "server_name", "data_dir", "history_days", "history_max_mb", "history")
+RESTART_OPTIONS = ("host", "port", "irc_port", "web_port", "server_name", "data_dir", "history_days", "history_max_mb", "history")
 
 
 def shown_option(dest: str, value: Any) -> str:
@@ -4207,6 +4242,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.switchboard.least_hold = HISTORY_HOLD_SECONDS if self.storage.keeps_history else 0.0
         super().__init__((options.host, options.port), ClientConnection)
         self.irc = IrcListener(self) if options.irc_port is not None else None
+        self.web = WebListener(self) if options.web_port is not None else None
         self.switchboard.start()
         self.storage.start_maintenance()
 
@@ -5902,6 +5938,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.shutdown()
         if self.irc is not None:
             self.irc.shutdown()
+        if self.web is not None:
+            self.web.shutdown()
         with self.lock:
             self.stopping = True
             connections = list(self.connections)
@@ -5920,6 +5958,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.server_close()
         if self.irc is not None:
             self.irc.server_close()
+        if self.web is not None:
+            self.web.server_close()
         self.storage.close()
 
 
@@ -7207,6 +7247,7 @@ class IrcConnection(ClientConnection):
     IrcProtocol."""
 
     tags_given: dict[str, str] | None = None     # the tags of the message being handled
+    protocol_class: type[IrcProtocol] = IrcProtocol     # how its lines are written (WebConnection frames them)
 
     def setup(self) -> None:
         super().setup()
@@ -7214,7 +7255,7 @@ class IrcConnection(ClientConnection):
         self.capabilities = IrcCapabilities(IRC_CAPABILITIES)
         self.sasl = IrcSasl()
         self.account: str | None = None
-        self.output.protocol = IrcProtocol(self)
+        self.output.protocol = self.protocol_class(self)
         self.signing_in_as: str | None = None
         self.realname = ""
         self.ping_clock = IrcPingClock(self.server.options.irc_ping, self.connected)
@@ -7228,13 +7269,17 @@ class IrcConnection(ClientConnection):
     def handle(self) -> None:
         log.info("IRC connection from %s:%s", *self.client_address[:2])
         try:
-            if self.server.tls is not None:
-                self.start_tls()
+            self.start()
             self.send_irc(format_irc_message("NOTICE", ("*", f"*** {self.server.greeting()}")))
             self.register(self.read_messages())
             self.hand_to_switchboard()
         except Disconnect as why:
             self.output.end(why.reason, why.farewell)
+
+    def start(self) -> None:
+        """What comes before IRC on this connection: TLS, if the port speaks it."""
+        if self.server.tls is not None:
+            self.start_tls()
 
     @staticmethod
     def refusal(reason: str) -> bytes:
@@ -7333,7 +7378,7 @@ class IrcConnection(ClientConnection):
             if problem is None:
                 self.realname = registration.realname
                 self.signing_in_as = nick
-                self.output.protocol = IrcProtocol(self, frozenset(self.capabilities.enabled))
+                self.output.protocol = self.protocol_class(self, frozenset(self.capabilities.enabled))
                 problem = self.server.sign_in(self, nick, self.account, registration.realname)
                 if problem is None:
                     if self.server.options.irc_auto_join:
@@ -7908,8 +7953,8 @@ class IrcConnection(ClientConnection):
         enabled = frozenset(self.capabilities.enabled)
         if enabled & IRC_RENDERING_CAPABILITIES != before:
             # They shape every line this connection is sent, and rooms group their audiences by them.
-            acknowledged = "".join(f"{reply}\r\n" for reply in replies).encode("utf-8")
-            self.server.change_protocol(self.person, IrcProtocol(self, enabled), first=acknowledged)
+            acknowledged = b"".join(map(self.irc_bytes, replies))
+            self.server.change_protocol(self.person, self.protocol_class(self, enabled), first=acknowledged)
             return
         for reply in replies:
             self.send_irc(reply)
@@ -7982,7 +8027,12 @@ class IrcConnection(ClientConnection):
 
     def send_irc(self, line: str) -> None:
         """One IRC message for this connection alone."""
-        self.output.send_bytes(line.encode("utf-8") + b"\r\n")
+        self.output.send_bytes(self.irc_bytes(line))
+
+    @staticmethod
+    def irc_bytes(line: str) -> bytes:
+        """One IRC message as it goes on the wire."""
+        return line.encode("utf-8") + b"\r\n"
 
 
 class IrcListener(socketserver.TCPServer):
@@ -7999,6 +8049,542 @@ class IrcListener(socketserver.TCPServer):
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
         self.chat.admit(request, client_address, IrcConnection)
+
+
+# ---------------------------------------------------------------------------
+# The browser door: HTTP and WebSocket
+# ---------------------------------------------------------------------------
+#
+# --web-port serves, on one port, the web client's few files from the folder web/ beside this script, and
+# IRC over WebSocket at /socket (RFC 6455, with IRCv3's subprotocols text.ircv3.net and binary.ircv3.net).
+# A WebSocket is a transport, not a protocol of its own: WebConnection is an IrcConnection whose bytes in are
+# split into lines by WebSocketReader instead of LineReader, and whose lines out are framed by
+# WebSocketIrcProtocol; the parser, the limits, flood control, the sign-in clock, bans and caps at the door and
+# the switchboard are the IRC door's. What is HTTP's own is read first, on the sign-in thread: the request,
+# its limits and the Origin check; a request for a file is answered and the connection closed.
+
+WEB_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+WEB_SOCKET_PATH = "/socket"
+WEB_MAX_HEAD_BYTES = 8192          # an HTTP request's line and headers, together
+WEB_MAX_HEADERS = 64
+WEB_HEAD_SECONDS = 10.0            # to send the whole request, from the connection (--nick-timeout if shorter)
+WEB_MAX_FILE_BYTES = 1 << 20       # the web client's files are small; a bigger one in web/ is not served
+# The files of web/ that are served, by their ending; nothing else in the folder (no subfolder, no dot file).
+WEB_FILE_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+                  ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
+                  ".ico": "image/x-icon", ".webmanifest": "application/manifest+json", ".txt": "text/plain; charset=utf-8"}
+_WEB_FILE_NAME = re.compile(r"/([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)\Z")
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_HTTP_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"     # RFC 6455, 1.3
+WEBSOCKET_SUBPROTOCOLS = {"text.ircv3.net": 0x1, "binary.ircv3.net": 0x2}   # and the opcode each sends in
+WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+# A message is one IRC line: its CR LF, which a client may add, is taken off.
+WEBSOCKET_MAX_MESSAGE = IRC_MAX_TAG_BYTES + IRC_MAX_BODY_BYTES + 2
+WEBSOCKET_MAX_FRAGMENTS = 64       # frames of one message: a message that never ends is cut off here
+# The close codes this side sends (RFC 6455, 7.4.1).
+WS_NORMAL, WS_GOING_AWAY, WS_PROTOCOL_ERROR, WS_NOT_UTF8, WS_POLICY, WS_TOO_BIG = 1000, 1001, 1002, 1007, 1008, 1009
+# Codes a client may send in its close frame (7.4.1 and 7.4.2: not 1005, 1006 and 1015, which say no code was sent).
+_WS_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}) \
+    | frozenset(range(3000, 5000))
+# The page's own rules: nothing from another site, no inline script or style, no framing by another page.
+WEB_SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+                        ("X-Frame-Options", "DENY"), ("Cross-Origin-Resource-Policy", "same-origin"))
+
+
+def web_page_policy(host: str) -> str:
+    """The Content-Security-Policy of the web client's files served to HOST (the request's Host)."""
+    return ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            f"connect-src 'self' ws://{host} wss://{host}; manifest-src 'self'; base-uri 'none'; "
+            "form-action 'none'; frame-ancestors 'none'")
+
+
+class HttpError(Exception):
+    """A request that is answered with STATUS and WHY, and the connection closed."""
+
+    def __init__(self, status: int, why: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(why)
+        self.status = status
+        self.headers = headers
+
+
+class HttpRequest(NamedTuple):
+    """An HTTP request's line and headers (names in lower case; repeated ones joined with commas)."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+
+    def tokens(self, name: str) -> list[str]:
+        """The comma-separated values of header NAME, in lower case."""
+        return [token.strip().lower() for token in self.headers.get(name, "").split(",") if token.strip()]
+
+
+def parse_http_head(head: bytes) -> HttpRequest:
+    """The request in HEAD (its line and headers, without the blank line); HttpError for one this door refuses.
+
+    Strict where leniency would let two readers disagree: ASCII only, no folded or malformed header lines,
+    one Host, HTTP/1.1 (or 1.0).
+    """
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        raise HttpError(400, "the request is not ASCII") from None
+    request_line, *header_lines = text.split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not _HTTP_TOKEN.match(parts[0]) or not parts[1] or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
+        raise HttpError(400, "not an HTTP/1.1 request line")
+    if len(header_lines) > WEB_MAX_HEADERS:
+        raise HttpError(431, f"more than {WEB_MAX_HEADERS} headers")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, colon, value = line.partition(":")
+        if not colon or not _HTTP_TOKEN.match(name) or any(ch < " " and ch != "\t" for ch in value):
+            raise HttpError(400, "a malformed header line")
+        name, value = name.lower(), value.strip(" \t")
+        if name in headers:
+            if name == "host":
+                raise HttpError(400, "more than one Host")
+            headers[name] += ", " + value
+        else:
+            headers[name] = value
+    if not _HTTP_HOST.match(headers.get("host", "")):
+        raise HttpError(400, "no valid Host header")
+    return HttpRequest(parts[0], parts[1], headers)
+
+
+def http_response(status: int, headers: Iterable[tuple[str, str]] = (), body: bytes = b"",
+                  head_only: bool = False) -> bytes:
+    """An HTTP/1.1 response that closes the connection; HEAD_ONLY leaves the body out (its length stays)."""
+    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", *(f"{name}: {value}" for name, value in headers)]
+    if status != 101:
+        lines += [f"Content-Length: {len(body)}", "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (b"" if head_only else body)
+
+
+def http_error_response(error: HttpError, head_only: bool = False) -> bytes:
+    """The plain-text answer to a refused request."""
+    return http_response(error.status, (*error.headers, ("Content-Type", "text/plain; charset=utf-8"),
+                                        *WEB_SECURITY_HEADERS), f"{error}\n".encode("utf-8"), head_only)
+
+
+def web_file(request: HttpRequest, folder: str = WEB_FOLDER) -> bytes:
+    """The answer to a GET or HEAD of one of the web client's files: 200, or 304 when the browser's copy is
+    current; HttpError 404 for anything that is not a file served from FOLDER."""
+    path = request.target.split("?", 1)[0]
+    name = _WEB_FILE_NAME.match("/index.html" if path == "/" else path)
+    kind = WEB_FILE_TYPES.get(os.path.splitext(name.group(1))[1]) if name else None
+    if kind is None:
+        raise HttpError(404, "not found")
+    try:
+        # O_NOFOLLOW: a link put in the folder does not lead out of it.
+        fd = os.open(os.path.join(folder, name.group(1)), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | _CLOEXEC)
+    except OSError:
+        raise HttpError(404, "not found") from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > WEB_MAX_FILE_BYTES:
+            raise HttpError(404, "not found")
+        body = file.read(WEB_MAX_FILE_BYTES)
+    tag = f'"{info.st_size:x}-{info.st_mtime_ns:x}"'
+    # no-cache: the browser keeps the file but asks each time whether it changed (a 304 when not), so that a
+    # new version of the client is never mixed with an old one.
+    headers = (("Content-Type", kind), ("Cache-Control", "no-cache"), ("ETag", tag),
+               ("Content-Security-Policy", web_page_policy(request.headers["host"])), *WEB_SECURITY_HEADERS)
+    if tag in request.tokens("if-none-match"):
+        return http_response(304, headers[1:])
+    return http_response(200, headers, body, head_only=request.method == "HEAD")
+
+
+def origin_allowed(origin: str | None, host: str, allowed: str | None) -> bool:
+    """Whether a page from ORIGIN may open the socket: one of ALLOWED (--web-origin), or without it a page of
+    HOST, the host the browser asked for. No Origin at all is a program, not a page: it may."""
+    if origin is None:
+        return True
+    origin = origin.lower().rstrip("/")
+    if allowed is not None:
+        return "*" in allowed.split(",") or origin in allowed.split(",")
+    return origin in (f"http://{host.lower()}", f"https://{host.lower()}")
+
+
+def forwarded_address(request: HttpRequest) -> str | None:
+    """The address the trusted proxy put last in X-Forwarded-For: the one it got the request from."""
+    forwarded = request.headers.get("x-forwarded-for", "").split(",")[-1].strip()
+    address = ip_of(forwarded.removeprefix("[").removesuffix("]"))
+    return str(address) if address is not None else None
+
+
+def websocket_accept(key: str) -> str:
+    """Sec-WebSocket-Accept for the client's Sec-WebSocket-Key (RFC 6455, 4.2.2)."""
+    return base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()).decode("ascii")
+
+
+def websocket_handshake(request: HttpRequest) -> tuple[bytes, int]:
+    """The 101 answer to an opening handshake, and the opcode the connection's messages go in; HttpError
+    if it is not one."""
+    if request.method != "GET":
+        raise HttpError(405, "the socket is opened with GET", (("Allow", "GET"),))
+    if "websocket" not in request.tokens("upgrade") or "upgrade" not in request.tokens("connection"):
+        raise HttpError(426, "this is a WebSocket: ask for an Upgrade to websocket", (("Upgrade", "websocket"),))
+    if request.headers.get("sec-websocket-version") != "13":
+        raise HttpError(426, "WebSocket version 13 only", (("Sec-WebSocket-Version", "13"),))
+    key = request.headers.get("sec-websocket-key", "")
+    try:
+        valid_key = len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        valid_key = False
+    if not valid_key:
+        raise HttpError(400, "no valid Sec-WebSocket-Key")
+    # The first subprotocol of the client's that we speak; none asked for (as gamja does) is text.
+    chosen = next((name for name in request.tokens("sec-websocket-protocol") if name in WEBSOCKET_SUBPROTOCOLS), None)
+    headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", websocket_accept(key))]
+    if chosen:
+        headers.append(("Sec-WebSocket-Protocol", chosen))
+    return http_response(101, headers), WEBSOCKET_SUBPROTOCOLS.get(chosen, WS_TEXT)
+
+
+def websocket_frame(opcode: int, payload: bytes) -> bytes:
+    """One final, unmasked frame (what a server sends)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x80 | opcode, size)) + payload
+    if size < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, size) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, size) + payload
+
+
+def websocket_close_frame(code: int, reason: str = "") -> bytes:
+    """A close frame with CODE and REASON (cut to the 123 bytes a control frame leaves it)."""
+    return websocket_frame(WS_CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:123].decode(
+        "utf-8", "ignore").encode("utf-8"))
+
+
+def websocket_messages(data: bytes, opcode: int) -> bytes:
+    """IRC lines (each ending in CR LF) as WebSocket messages, one line each, without the CR LF."""
+    if not data:
+        return b""
+    return b"".join([websocket_frame(opcode, line) for line in data.split(b"\r\n")[:-1]])
+
+
+def unmask(payload: bytes, key: bytes) -> bytes:
+    """A client frame's payload, its masking KEY taken off (RFC 6455, 5.3), in C rather than a byte at a time."""
+    size = len(payload)
+    if not size:
+        return b""
+    mask = int.from_bytes((key * (size // 4 + 1))[:size], "big")
+    return (int.from_bytes(payload, "big") ^ mask).to_bytes(size, "big")
+
+
+class WebSocketClose(NamedTuple):
+    """The event of a WebSocket closed by this side for a reason of the transport's own: a close frame alone."""
+
+    code: int
+    reason: str
+
+
+def websocket_failure(code: int, reason: str) -> Disconnect:
+    """The end of a connection whose client broke RFC 6455 or a limit: the reason for the log, the close frame."""
+    return Disconnect(f"WebSocket: {reason}", WebSocketClose(code, reason))
+
+
+class WebSocketReader:
+    """Splits what a WebSocket client sends into IRC lines: what LineReader is to a plain IRC connection.
+
+    feed() returns the lines of the complete messages in DATA (a line too long, None, ends the connection
+    with 1009 instead); pings are answered through ANSWER; every frame other than a message's last passes
+    through ALLOW_FRAME, the connection's flood control, and so do the lines. It holds one frame's header
+    and one message at most. A client that breaks the protocol or a limit ends the connection (Disconnect,
+    with the close code). As LineReader, it takes MOST frames of what is fed at most: past them the client
+    floods, and `dropped` says so.
+    """
+
+    def __init__(self, answer: Callable[[bytes], None], allow_frame: Callable[[], bool],
+                 max_bytes: int = WEBSOCKET_MAX_MESSAGE) -> None:
+        self.answer = answer
+        self.allow_frame = allow_frame
+        self.max_bytes = max_bytes
+        self.buffer = bytearray()
+        self.message = bytearray()          # the fragments of the message under way
+        self.message_opcode: int | None = None
+        self.fragments = 0
+        self.dropped = 0
+        self.decoder = LineReader(max_bytes)       # its decode(): binary messages, invalid bytes replaced
+
+    def feed(self, data: bytes, most: int = -1) -> list[str | None]:
+        """The lines of the messages completed by DATA."""
+        self.buffer += data
+        self.dropped = 0
+        lines: list[str | None] = []
+        frames = 0
+        while True:
+            frame = self._next_frame()
+            if frame is None:
+                return lines
+            frames += 1
+            if frames == most and len(self.buffer) >= 2:
+                self.dropped = 1            # more frames at once than flood control would take
+                self.buffer.clear()
+            line = self._take(*frame)
+            if line is not None:
+                lines.append(line)
+
+    def _next_frame(self) -> tuple[bool, int, bytes] | None:
+        """The next whole frame in the buffer, as (final, opcode, unmasked payload), taken off it; None until
+        one has come. Headers are checked as soon as they are in, before any payload is waited for."""
+        buffer = self.buffer
+        if len(buffer) < 2:
+            return None
+        first, second = buffer[0], buffer[1]
+        final, opcode, size = bool(first & 0x80), first & 0x0F, second & 0x7F
+        if first & 0x70:
+            raise websocket_failure(WS_PROTOCOL_ERROR, "reserved bits set (no extension was agreed)")
+        if opcode not in (WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG):
+            raise websocket_failure(WS_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+        if not second & 0x80:
+            raise websocket_failure(WS_PROTOCOL_ERROR, "a client's frames must be masked")
+        if opcode >= WS_CLOSE and (size > 125 or not final):
+            raise websocket_failure(WS_PROTOCOL_ERROR, "a control frame must be whole and at most 125 bytes")
+        start = 2
+        if size == 126:
+            start = 4
+            if len(buffer) < start:
+                return None
+            size = int.from_bytes(buffer[2:4], "big")
+        elif size == 127:
+            start = 10
+            if len(buffer) < start:
+                return None
+            size = int.from_bytes(buffer[2:10], "big")
+        if opcode < WS_CLOSE and len(self.message) + size > self.max_bytes:
+            raise websocket_failure(WS_TOO_BIG, f"a message longer than {self.max_bytes} bytes (one IRC line)")
+        end = start + 4 + size
+        if len(buffer) < end:
+            return None
+        payload = unmask(bytes(buffer[start + 4:end]), bytes(buffer[start:start + 4]))
+        del buffer[:end]
+        return final, opcode, payload
+
+    def _take(self, final: bool, opcode: int, payload: bytes) -> str | None:
+        """Act on one frame; the line it completes, if it does."""
+        if opcode == WS_CLOSE:
+            raise self._closed(payload)
+        if opcode in (WS_PING, WS_PONG):
+            if self.allow_frame() and opcode == WS_PING:
+                self.answer(websocket_frame(WS_PONG, payload))
+            return None
+        if (opcode == WS_CONTINUATION) == (self.message_opcode is None):
+            raise websocket_failure(WS_PROTOCOL_ERROR, "a continuation frame with no message to continue"
+                                    if opcode == WS_CONTINUATION else "a new message inside a fragmented one")
+        if opcode != WS_CONTINUATION:
+            self.message_opcode = opcode
+        self.message += payload
+        if not final:
+            self.fragments += 1
+            if self.fragments >= WEBSOCKET_MAX_FRAGMENTS:
+                raise websocket_failure(WS_POLICY, f"a message in more than {WEBSOCKET_MAX_FRAGMENTS} frames")
+            self.allow_frame()
+            return None
+        raw, opcode = bytes(self.message), self.message_opcode
+        self.message.clear()
+        self.message_opcode, self.fragments = None, 0
+        if raw.endswith(b"\n"):
+            raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        if b"\r" in raw or b"\n" in raw:
+            raise websocket_failure(WS_PROTOCOL_ERROR, "one IRC line per message")
+        if opcode == WS_TEXT:
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise websocket_failure(WS_NOT_UTF8, "a text message that is not UTF-8") from None
+        return self.decoder.decode(raw)
+
+    @staticmethod
+    def _closed(payload: bytes) -> Disconnect:
+        """The client closes: the end of the connection, whose close frame answers with the client's code."""
+        if not payload:
+            return Disconnect("WebSocket closed by the client", WebSocketClose(WS_NORMAL, ""))
+        code = int.from_bytes(payload[:2], "big")
+        if len(payload) == 1 or code not in _WS_CLOSE_CODES:
+            return websocket_failure(WS_PROTOCOL_ERROR, "an invalid close code")
+        try:
+            reason = payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            return websocket_failure(WS_NOT_UTF8, "a close reason that is not UTF-8")
+        return Disconnect(f"WebSocket closed by the client ({code}{' ' + clean_text(reason) if reason else ''})",
+                          WebSocketClose(code, ""))
+
+
+# Why a connection ended, in a close code: the ERROR line before it says it in words.
+WEBSOCKET_CLOSE_CODES = {Bye: WS_NORMAL, SignedInElsewhere: WS_NORMAL, ShuttingDown: WS_GOING_AWAY,
+                         DisconnectedBy: WS_POLICY, Banned: WS_POLICY, Farewell: WS_POLICY}
+
+
+class WebSocketIrcProtocol(IrcProtocol):
+    """IRC's words for the core's events, each line a WebSocket message of the connection's opcode.
+
+    Rooms render a line once per group of receivers with equal protocol objects (see IrcProtocol): these
+    are equal to each other, by opcode and capabilities, and never to a plain IRC connection's, so the
+    framing is done once per group too, not once per receiver.
+    """
+
+    name = "web"
+
+    def __init__(self, connection: WebConnection, capabilities: frozenset[str] = frozenset()) -> None:
+        super().__init__(connection, capabilities)
+        self.opcode = connection.message_opcode
+        self.hash = hash((WebSocketIrcProtocol, self.opcode, self.capabilities))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, WebSocketIrcProtocol) and other.opcode == self.opcode
+                and other.capabilities == self.capabilities)
+
+    __hash__ = IrcProtocol.__hash__
+
+    def encode(self, event: Any, tagged: bool = False) -> bytes:
+        if isinstance(event, WebSocketClose):
+            return websocket_close_frame(event.code, event.reason)
+        data = websocket_messages(super().encode(event, tagged), self.opcode)
+        code = WEBSOCKET_CLOSE_CODES.get(type(event))
+        return data if code is None else data + websocket_close_frame(code)
+
+
+class HttpPhase:
+    """The protocol of a web connection until its WebSocket opens: the core's events have no words in HTTP
+    (what a request is answered is written whole by WebConnection)."""
+
+    name = "HTTP"
+
+    @staticmethod
+    def encode(event: Any, tagged: bool = False) -> bytes:
+        return b""
+
+
+class WebConnection(IrcConnection):
+    """One connection to --web-port: an HTTP request for a file of the web client, answered and closed, or
+    the opening handshake of a WebSocket at /socket, after which it is an IRC connection like any other,
+    reading WebSocket frames (WebSocketReader) and writing them (WebSocketIrcProtocol)."""
+
+    protocol_class = WebSocketIrcProtocol
+    message_opcode = WS_TEXT
+
+    def setup(self) -> None:
+        super().setup()
+        self.output.protocol = HttpPhase()
+
+    @staticmethod
+    def refusal(reason: str) -> bytes:
+        """A newcomer turned away at the door (banned, server or address full) before its request was read."""
+        return http_error_response(HttpError(503, reason))
+
+    def start(self) -> None:
+        """TLS if the server has it, then the HTTP request: a file is served and the connection ends
+        (Disconnect); a WebSocket handshake is answered, and IRC begins."""
+        super().start()
+        request = None
+        try:
+            request = parse_http_head(self.read_head())
+            self.take_forwarded_address(request)
+            if request.target.split("?", 1)[0] == WEB_SOCKET_PATH:
+                self.open_websocket(request)
+                return
+            if request.method not in ("GET", "HEAD"):
+                raise HttpError(405, "only GET and HEAD", (("Allow", "GET, HEAD"),))
+            self.output.send_bytes(web_file(request))
+            reason = f"served {request.method} {request.target[:100]}"
+        except HttpError as error:
+            self.output.send_bytes(http_error_response(error, head_only=request is not None
+                                                       and request.method == "HEAD"))
+            reason = f"HTTP {error.status}: {error}"
+        raise Disconnect(reason)
+
+    def read_head(self) -> bytes:
+        """The request's line and headers, within WEB_MAX_HEAD_BYTES and WEB_HEAD_SECONDS of the connection;
+        what came after them begins the WebSocket's frames."""
+        deadline = self.connected + min(WEB_HEAD_SECONDS, self.server.options.nick_timeout)
+        data = bytearray()
+        while True:
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                self.early = bytes(data[end + 4:])
+                return bytes(data[:end])
+            if len(data) > WEB_MAX_HEAD_BYTES:
+                raise HttpError(431, f"the request's headers are over {WEB_MAX_HEAD_BYTES} bytes")
+            remaining = deadline - time.monotonic()
+            if self.server.stopping:
+                raise Disconnect("server shutting down")
+            if remaining <= 0:
+                raise HttpError(408, f"the request did not come within "
+                                     f"{min(WEB_HEAD_SECONDS, self.server.options.nick_timeout):g} s")
+            if not self.has_buffered_input() and not self.input_waiter.wait(remaining):
+                continue
+            try:
+                with self.output.io_lock:
+                    chunk = self.sock.recv(WEB_MAX_HEAD_BYTES + 4 - len(data) + 1)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue
+            except OSError as problem:
+                raise Disconnect(f"connection lost ({problem.strerror or problem})") from None
+            if not chunk:
+                raise Disconnect("connection closed")
+            data += chunk
+
+    def take_forwarded_address(self, request: HttpRequest) -> None:
+        """From the trusted proxy (--trust-proxy), the person is at the address of X-Forwarded-For: admit them
+        under it, as the door admits everyone (bans, --max-per-ip), and count them there instead of the proxy."""
+        proxy = self.server.options.trust_proxy
+        if proxy is None or ip_of(self.address) != ip_of(proxy):
+            return
+        address = forwarded_address(request)
+        if address is None:
+            raise HttpError(400, "no address in X-Forwarded-For from the proxy")
+        now = time.time()
+        ban = self.server.storage.ban_for_address(address, now)
+        old, new = address_bucket(self.address), address_bucket(address)
+        most = self.server.options.max_per_ip
+        with self.server.lock:
+            if ban is not None:
+                refusal = ban.refusal(now)
+            elif most and old != new and self.server.per_address[new] >= most:
+                refusal = f"Too many connections from your address (at most {most})."
+            else:
+                refusal = None
+                self.server.per_address[new] += 1
+                self.server.per_address[old] -= 1
+                if not self.server.per_address[old]:
+                    del self.server.per_address[old]
+                self.address = address
+        if refusal is not None:
+            log.warning("refused %s (through %s): %s", address, self.address, refusal)
+            raise HttpError(403 if ban is not None else 503, refusal)
+
+    def open_websocket(self, request: HttpRequest) -> None:
+        """Answer the opening handshake, after the Origin check; from now on lines are WebSocket messages."""
+        if not origin_allowed(request.headers.get("origin"), request.headers["host"], self.server.options.web_origin):
+            raise HttpError(403, "a page from this origin may not open the socket (--web-origin)")
+        answer, self.message_opcode = websocket_handshake(request)
+        self.output.send_bytes(answer)
+        self.lines = WebSocketReader(self.output.send_bytes, self.within_rate)
+        self.lines.buffer += self.early
+        self.output.protocol = self.protocol_class(self)
+        log.info("WebSocket from %s (%s)", self.address, "binary" if self.message_opcode == WS_BINARY else "text")
+
+    def irc_bytes(self, line: str) -> bytes:
+        return websocket_frame(self.message_opcode, line.encode("utf-8"))
+
+
+class WebListener(socketserver.TCPServer):
+    """The web port. Its newcomers are admitted by the chat server under the same limits as everyone else's."""
+
+    allow_reuse_address = True
+    request_queue_size = 4096
+
+    def __init__(self, chat: ChatServer) -> None:
+        self.chat = chat
+        self.address_family = chat.address_family
+        super().__init__((chat.options.host, chat.options.web_port), WebConnection)
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        self.chat.admit(request, client_address, WebConnection)
 
 
 # ---------------------------------------------------------------------------
@@ -8151,6 +8737,12 @@ def main(argv: list[str] | None = None) -> int:
         irc_host, irc_port = server.irc.server_address[:2]
         print(f"pyChat {VERSION} listening for IRC on {irc_host}:{irc_port}", file=sys.stderr, flush=True)
         threading.Thread(target=server.irc.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept-irc",
+                         daemon=True).start()
+    if server.web is not None:
+        web_host, web_port = server.web.server_address[:2]
+        print(f"pyChat {VERSION} listening for browsers on {'https' if server.tls else 'http'}://{web_host}:{web_port}/",
+              file=sys.stderr, flush=True)
+        threading.Thread(target=server.web.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept-web",
                          daemon=True).start()
     serving = threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept", daemon=True)
     serving.start()
