@@ -8068,6 +8068,8 @@ WEB_SOCKET_PATH = "/socket"
 WEB_MAX_HEAD_BYTES = 8192          # an HTTP request's line and headers, together
 WEB_MAX_HEADERS = 64
 WEB_HEAD_SECONDS = 10.0            # to send the whole request, from the connection (--nick-timeout if shorter)
+WEB_LINGER_SECONDS = 0.5          # reading the rest of a refused request before closing, at most ...
+WEB_LINGER_READS = 16             # ... and this many reads
 WEB_MAX_FILE_BYTES = 1 << 20       # the web client's files are small; a bigger one in web/ is not served
 # The files of web/ that are served, by their ending; nothing else in the folder (no subfolder, no dot file).
 WEB_FILE_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
@@ -8494,8 +8496,27 @@ class WebConnection(IrcConnection):
         except HttpError as error:
             self.output.send_bytes(http_error_response(error, head_only=request is not None
                                                        and request.method == "HEAD"))
+            self.write_own_output()
+            self.discard_input()
             reason = f"HTTP {error.status}: {error}"
         raise Disconnect(reason)
+
+    def discard_input(self) -> None:
+        """Read what is left of a refused request, a little while: a socket closed with input unread is reset,
+        and a reset may destroy the answer before the client has read it."""
+        deadline = time.monotonic() + WEB_LINGER_SECONDS
+        for _ in range(WEB_LINGER_READS):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.input_waiter.wait(min(remaining, 0.1)):
+                return
+            try:
+                with self.output.io_lock:
+                    if not self.sock.recv(RECEIVE_SIZE):
+                        return
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue
+            except OSError:
+                return
 
     def read_head(self) -> bytes:
         """The request's line and headers, within WEB_MAX_HEAD_BYTES and WEB_HEAD_SECONDS of the connection;

@@ -1,0 +1,506 @@
+"""The browser door (--web-port): its HTTP, IRC over WebSocket (RFC 6455 and IRCv3's subprotocols) under the
+IRC door's limits, and the web client in web/ driven in a real headless Chromium.
+
+The WebSocket side of every test is written here with the standard library, frame by frame, so that a test can
+send what no browser would: unmasked frames, huge or endless ones, invalid UTF-8.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (ROOT, SERVER_SCRIPT, TIMEOUT, IrcClient, LineClient, irc_port, script_command,
+                      seconds_until_closed, shown, talk_until_cut_off)
+
+WEB = ROOT / "web"
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def web_port(server) -> int:
+    """The web port of a server started with --web-port 0."""
+    return int(server.wait_for_log(r"listening for browsers on https?://\S+:(\d+)/").group(1))
+
+
+def http_exchange(server, request: bytes, tls: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Send a raw REQUEST to SERVER's web port; the status, the headers (lower-case names) and the body of the
+    answer, read until the server closes."""
+    sock = socket.create_connection((server.host, web_port(server)), timeout=TIMEOUT)
+    if tls is not None:
+        sock = tls.wrap_socket(sock, server_hostname="localhost")
+    try:
+        sock.sendall(request)
+        data = b""
+        deadline = time.monotonic() + TIMEOUT
+        while chunk := sock.recv(65536):
+            data += chunk
+            assert time.monotonic() < deadline, f"the server did not close after its answer: {data[:300]!r}"
+    finally:
+        sock.close()
+    return parse_response(data)
+
+
+def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, separator, body = data.partition(b"\r\n\r\n")
+    assert separator, f"no complete HTTP answer: {data[:300]!r}"
+    status_line, *lines = head.decode("ascii").split("\r\n")
+    assert status_line.startswith("HTTP/1.1 "), status_line
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
+def get(server, path: str, *headers: str, method: str = "GET", host: str = "localhost") -> tuple[int, dict, bytes]:
+    lines = [f"{method} {path} HTTP/1.1", *([f"Host: {host}"] if host else []), *headers, "", ""]
+    return http_exchange(server, "\r\n".join(lines).encode("utf-8"))
+
+
+def frame(opcode: int, payload: bytes = b"", fin: bool = True, masked: bool = True, rsv: int = 0) -> bytes:
+    """One frame as a client sends it (masked unless told otherwise)."""
+    first = (0x80 if fin else 0) | rsv << 4 | opcode
+    size = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        head = bytes((first, mask_bit | size))
+    elif size < 65536:
+        head = struct.pack("!BBH", first, mask_bit | 126, size)
+    else:
+        head = struct.pack("!BBQ", first, mask_bit | 127, size)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(byte ^ key[n % 4] for n, byte in enumerate(payload))
+
+
+class WebSocketClient(IrcClient):
+    """An IRC client over a WebSocket to the web port: lines go out as masked frames and come back one a
+    message; the rest of IrcClient (expect, register...) works on those lines."""
+
+    def __init__(self, server, protocols: tuple[str, ...] = ("text.ircv3.net",), origin: str | None = None,
+                 headers: tuple[str, ...] = (), source: str | None = None, tls: ssl.SSLContext | None = None) -> None:
+        LineClient.__init__(self, server.host, web_port(server), tls, source=source)
+        self.frames = b""               # bytes read and not yet made into frames
+        self.control: list[tuple[int, bytes]] = []      # pings, pongs and the close frame, as they came
+        self.opcodes: set[int] = set()
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = ["GET /socket HTTP/1.1", f"Host: localhost:{web_port(server)}", "Upgrade: websocket",
+                 "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13",
+                 *([f"Sec-WebSocket-Protocol: {', '.join(protocols)}"] if protocols else []),
+                 *([f"Origin: {origin}"] if origin else []), *headers, "", ""]
+        self.sock.sendall("\r\n".join(lines).encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = self._read_more(time.monotonic() + TIMEOUT, "the handshake's answer")
+            assert chunk, f"closed during the handshake: {answer!r}"
+            answer += chunk
+        head, _, self.frames = answer.partition(b"\r\n\r\n")
+        self.status, self.headers, _ = parse_response(head + b"\r\n\r\n")
+        if self.status == 101:
+            expected = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
+            assert self.headers["sec-websocket-accept"] == expected
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(frame(TEXT, text.encode("utf-8")))
+
+    def next_frame(self, deadline: float) -> tuple[bool, int, bytes] | None:
+        """The next frame from the server (None once it has closed the connection); it must be unmasked."""
+        while True:
+            if len(self.frames) >= 2:
+                first, second = self.frames[0], self.frames[1]
+                assert not second & 0x80, "the server masked a frame"
+                size, start = second & 0x7F, 2
+                if size == 126:
+                    size, start = int.from_bytes(self.frames[2:4], "big"), 4
+                elif size == 127:
+                    size, start = int.from_bytes(self.frames[2:10], "big"), 10
+                if len(self.frames) >= start + size and len(self.frames) >= start:
+                    payload, self.frames = self.frames[start:start + size], self.frames[start + size:]
+                    return bool(first & 0x80), first & 0x0F, payload
+            data = self._read_more(deadline, "a frame")
+            if not data:
+                return None
+            self.frames += data
+
+    def recv_line(self, timeout: float = TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.next_frame(deadline)
+            if got is None:
+                pytest.fail(f"the server closed the connection; lines so far: {shown(self.seen)}; "
+                            f"control frames: {self.control}")
+            fin, opcode, payload = got
+            if opcode in (TEXT, BINARY):
+                assert fin, "the server fragmented a message"
+                self.opcodes.add(opcode)
+                line = payload.decode("utf-8")
+                assert "\r" not in line and "\n" not in line, f"not one line per message: {line!r}"
+                self.seen.append(line)
+                return line
+            self.control.append((opcode, payload))
+
+    def close_code(self, timeout: float = TIMEOUT) -> tuple[int, str]:
+        """Read until the server's close frame: its code and reason (every line before it stays in seen)."""
+        deadline = time.monotonic() + timeout
+        while not any(opcode == CLOSE for opcode, _ in self.control):
+            got = self.next_frame(deadline)
+            assert got is not None, f"closed without a close frame; lines: {shown(self.seen)}"
+            fin, opcode, payload = got
+            if opcode in (TEXT, BINARY):
+                self.seen.append(payload.decode("utf-8", "replace"))
+            else:
+                self.control.append((opcode, payload))
+        payload = next(payload for opcode, payload in self.control if opcode == CLOSE)
+        return int.from_bytes(payload[:2], "big"), payload[2:].decode("utf-8")
+
+
+@pytest.fixture
+def web_connect():
+    """A factory: web_connect(server, nick=None, **options) opens a WebSocket to SERVER's web port, registered
+    as NICK over IRC if given."""
+    opened: list[WebSocketClient] = []
+
+    def open_client(server, nick: str | None = None, capabilities: tuple[str, ...] = (), **options) -> WebSocketClient:
+        client = WebSocketClient(server, **options)
+        opened.append(client)
+        if nick is not None:
+            assert client.status == 101, f"the handshake was refused: {client.status} {client.headers}"
+            client.register(nick, capabilities)
+        return client
+
+    yield open_client
+    for client in opened:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def web_server(module_servers):
+    """The module's shared server with a web port and an IRC port."""
+    return module_servers("--web-port", "0", "--irc-port", "0")
+
+
+# -- HTTP ---------------------------------------------------------------------------------------------------
+
+def test_the_web_client_is_served_with_its_security_and_caching_headers(web_server):
+    status, headers, body = get(web_server, "/")
+    assert status == 200, (status, body)
+    assert body == (WEB / "index.html").read_bytes()
+    assert headers["content-type"] == "text/html; charset=utf-8"
+    assert headers["x-content-type-options"] == "nosniff"
+    policy = headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe-inline" not in policy
+    assert headers["cache-control"] == "no-cache" and headers["etag"]
+    assert headers["connection"] == "close"
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css"), ("icon.svg", "image/svg+xml")):
+        status, headers, body = get(web_server, f"/{name}?v=2")
+        assert status == 200 and headers["content-type"].startswith(kind), (name, status, headers)
+        assert body == (WEB / name).read_bytes()
+    etag = get(web_server, "/app.js")[1]["etag"]
+    status, headers, body = get(web_server, "/app.js", f"If-None-Match: {etag}")
+    assert status == 304 and body == b"" and headers["etag"] == etag
+    status, headers, body = get(web_server, "/app.js", method="HEAD")
+    assert status == 200 and body == b"" and int(headers["content-length"]) == (WEB / "app.js").stat().st_size
+
+
+@pytest.mark.parametrize("path", ["/nothing.html", "/../pyChat-server.py", "/%2e%2e/pyChat-server.py",
+                                  "/..%2fpyChat-server.py", "//etc/passwd", "/web/", "/web/app.js", "/.git",
+                                  "/./app.js", "/app.js/", "/tests", "/app.py", "/index.html%00.js",
+                                  "/..\\pyChat-server.py", "http://localhost/../pyChat-server.py", "*"])
+def test_nothing_but_the_client_files_is_served(web_server, path):
+    status, headers, body = get(web_server, path)
+    assert status == 404, (path, status, body[:200])
+    assert b"pyChat server" not in body and b"root:" not in body
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_methods_other_than_get_and_head_are_refused(web_server):
+    for method in ("POST", "PUT", "DELETE", "OPTIONS", "BREW"):
+        status, headers, _ = get(web_server, "/", method=method)
+        assert status == 405 and headers["allow"] == "GET, HEAD", (method, status)
+
+
+@pytest.mark.parametrize("request_bytes, expected", [
+    (b"GET / HTTP/1.1\r\n\r\n", 400),                                   # no Host
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),           # two
+    (b"GET / HTTP/1.1\r\nHost: bad host!\r\n\r\n", 400),
+    (b"GET /\r\nHost: localhost\r\n\r\n", 400),                         # HTTP/0.9
+    (b"GET / HTTP/2.0\r\nHost: localhost\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\n folded: header\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX: \xff\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"X-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"X: y\r\n" * 100 + b"\r\n", 431),
+], ids=["no-host", "two-hosts", "bad-host", "http-0.9", "http-2", "folded", "not-ascii", "huge-header",
+        "many-headers"])
+def test_malformed_or_huge_requests_are_refused(web_server, request_bytes, expected):
+    status, _, body = http_exchange(web_server, request_bytes)
+    assert status == expected, (status, body)
+
+
+def test_slow_or_endless_headers_are_cut_off(start_server):
+    server = start_server("--web-port", "0", "--nick-timeout", "2")
+    sock = socket.create_connection((server.host, web_port(server)), timeout=TIMEOUT)
+    try:
+        took = seconds_until_closed(sock, b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 40, most=6)
+    finally:
+        sock.close()
+    assert took is not None and took < 4, f"a request dribbled for {took} s was not cut off at 2 s"
+    server.wait_for_log(r"HTTP 408")
+
+
+# -- the WebSocket handshake ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offered, chosen, opcode", [
+    (("binary.ircv3.net", "text.ircv3.net"), "binary.ircv3.net", BINARY),
+    (("text.ircv3.net", "binary.ircv3.net"), "text.ircv3.net", TEXT),
+    (("chat", "binary.ircv3.net"), "binary.ircv3.net", BINARY),
+    ((), None, TEXT),                                   # gamja asks for none: text
+    (("chat",), None, TEXT),
+])
+def test_the_subprotocol_is_the_clients_first_that_the_server_speaks(web_server, web_connect, offered, chosen, opcode):
+    client = web_connect(web_server, protocols=offered)
+    assert client.status == 101
+    assert client.headers.get("sec-websocket-protocol") == chosen
+    client.register(f"sub{opcode}")
+    assert client.opcodes == {opcode}
+
+
+@pytest.mark.parametrize("headers, expected", [
+    (("Sec-WebSocket-Version: 8",), 426),
+    (("Sec-WebSocket-Key: short",), 400),
+    (("Origin: http://evil.example",), 403),
+    (("Origin: null",), 403),
+])
+def test_a_bad_handshake_is_refused(web_server, headers, expected):
+    port = web_port(web_server)
+    base = {"Host": f"localhost:{port}", "Upgrade": "websocket", "Connection": "keep-alive, Upgrade",
+            "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode(), "Sec-WebSocket-Version": "13"}
+    for header in headers:
+        name, _, value = header.partition(": ")
+        base[name] = value
+    lines = ["GET /socket HTTP/1.1", *(f"{name}: {value}" for name, value in base.items()), "", ""]
+    status, _, body = http_exchange(web_server, "\r\n".join(lines).encode())
+    assert status == expected, (headers, status, body)
+
+
+def test_the_socket_needs_an_upgrade_and_get(web_server):
+    assert get(web_server, "/socket")[0] == 426
+    assert get(web_server, "/socket", method="POST")[0] == 405
+
+
+def test_a_page_of_the_same_host_may_open_the_socket_and_web_origin_names_others(start_server, web_server, web_connect):
+    port = web_port(web_server)
+    assert web_connect(web_server, origin=f"http://localhost:{port}").status == 101
+    assert web_connect(web_server, origin=f"https://localhost:{port}").status == 101
+    assert web_connect(web_server, origin="http://localhost:1").status == 403
+    other = start_server("--web-port", "0", "--web-origin", "https://chat.example.org, http://app.example:8080")
+    assert web_connect(other, origin="https://chat.example.org").status == 101
+    assert web_connect(other, origin="http://app.example:8080").status == 101
+    assert web_connect(other, origin=f"http://localhost:{web_port(other)}").status == 403
+
+
+# -- WebSocket frames -------------------------------------------------------------------------------------------
+
+def test_pings_are_answered_and_irc_works_as_on_the_irc_port(web_server, web_connect):
+    client = web_connect(web_server, "pinger", capabilities=("server-time", "echo-message"))
+    client.send_raw(frame(PING, b"are you there"))
+    client.send("PING :token")
+    client.expect(r"PONG \S+ token")
+    assert (PONG, b"are you there") in client.control
+    client.send("PRIVMSG #lobby :hello\r\n")           # a CR LF at the end is taken off
+    echoed = client.expect(r"PRIVMSG #lobby :hello$")
+    assert echoed.startswith("@time=")
+
+
+def test_fragmented_messages_are_joined(web_server, web_connect):
+    client = web_connect(web_server, "fragments", capabilities=("echo-message",))
+    client.send_raw(frame(TEXT, b"PRIVMSG #lo", fin=False) + frame(PING, b"p") + frame(0, b"bby :in ", fin=False)
+                    + frame(0, b"three parts"))
+    client.expect(r"PRIVMSG #lobby :in three parts$")
+    assert (PONG, b"p") in client.control
+
+
+@pytest.mark.parametrize("data, code", [
+    (frame(TEXT, b"NICK x", masked=False), 1002),                          # a client's frames must be masked
+    (frame(TEXT, b"x", rsv=4), 1002),                                       # no extension was agreed
+    (frame(0x3, b"x"), 1002),                                               # no such opcode
+    (frame(0, b"x"), 1002),                                                 # a continuation of nothing
+    (frame(TEXT, b"a", fin=False) + frame(TEXT, b"b"), 1002),              # a message inside another
+    (frame(PING, b"x" * 126), 1002),                                        # a control frame too big
+    (frame(TEXT, b"NICK \xff\xfe"), 1007),                                  # text that is not UTF-8
+    (frame(TEXT, b"NICK a\r\nUSER a 0 * a"), 1002),                        # two lines in one message
+    (struct.pack("!BBQ", 0x81, 0xFF, 1 << 40) + b"mask", 1009),           # a terabyte announced
+    (frame(BINARY, b"x" * 9000), 1009),                                     # longer than an IRC line may be
+    (frame(CLOSE, b"\x03\xed"), 1002),                                      # 1005 may not be sent
+])
+def test_a_frame_that_breaks_the_rules_closes_with_its_code(web_server, web_connect, data, code):
+    client = web_connect(web_server)
+    client.send_raw(data)
+    got, reason = client.close_code()
+    assert got == code, (got, reason)
+    assert reason
+    client.wait_closed()
+
+
+def test_a_message_that_never_ends_is_cut_off(web_server, web_connect):
+    client = web_connect(web_server)
+    client.send_raw(frame(TEXT, b"PRIVMSG #lobby :", fin=False) + b"".join(frame(0, b"a", fin=False)
+                                                                            for _ in range(200)))
+    assert client.close_code()[0] == 1008
+    client.wait_closed()
+
+
+def test_a_client_close_is_answered_with_its_code(web_server, web_connect):
+    client = web_connect(web_server, "closer")
+    client.send_raw(frame(CLOSE, struct.pack("!H", 1000) + b"bye"))
+    assert client.close_code()[0] == 1000
+    client.wait_closed()
+    web_server.wait_for_log(r"closer@127\.0\.0\.1 left: WebSocket closed by the client \(1000 bye\)")
+
+
+def test_invalid_utf8_in_a_binary_message_gets_the_irc_ports_answer(web_server, web_connect):
+    client = web_connect(web_server, "bytes", protocols=("binary.ircv3.net",))
+    client.send_raw(frame(BINARY, b"PRIVMSG #lobby :caf\xe9"))
+    client.expect(r"FAIL PRIVMSG INVALID_UTF8 ")
+    client.send("PING :still-here")
+    client.expect(r"PONG \S+ still-here")
+
+
+def test_a_flood_of_tiny_frames_is_cut_off_by_flood_control(web_server, web_connect):
+    client = web_connect(web_server, "tiny")
+    client.send_raw(frame(PING) * 3000)
+    code, _ = client.close_code()
+    assert code == 1008
+    assert any(re.search(r"ERROR :Closing link: tiny \(Flooding", line) for line in client.seen), shown(client.seen)
+
+
+def test_the_sign_in_clock_runs_from_the_connection(start_server, web_connect):
+    server = start_server("--web-port", "0", "--nick-timeout", "1.5")
+    client = web_connect(server)
+    client.send("CAP LS 302")
+    started = time.monotonic()
+    assert client.close_code(timeout=4)[0] == 1008
+    assert time.monotonic() - started < 3
+    assert any("ERROR :Closing link" in line for line in client.seen), shown(client.seen)
+
+
+# -- one chat, three doors ----------------------------------------------------------------------------------------
+
+def test_a_browser_user_an_irc_user_and_a_pychat_user_talk_in_one_room(web_server, web_connect, connect, irc_connect):
+    alice = connect(web_server, "alice")
+    irc = irc_connect(web_server, "ircbob")
+    web = web_connect(web_server, "webcarol", capabilities=("message-tags", "server-time"))
+    alice.expect(r"\*\*\* webcarol joined #lobby")
+    web.send("PRIVMSG #lobby :hi from the browser")
+    alice.expect(r"webcarol: hi from the browser")
+    irc.expect(r"PRIVMSG #lobby :hi from the browser")
+    alice.send("hi from the terminal")
+    web.expect(r"PRIVMSG #lobby :hi from the terminal")
+    irc.send("PRIVMSG #lobby :\x01ACTION waves\x01")
+    web.expect(r"PRIVMSG #lobby :\x01ACTION waves\x01")
+    alice.expect(r"\* ircbob waves")
+    web.send("PRIVMSG alice :a secret")
+    alice.expect(r".*webcarol.*a secret")
+    web.send("WHOIS webcarol")
+    web.expect(r"3\d\d webcarol webcarol .*")
+
+
+def test_the_door_limits_count_the_web_port_with_the_others(start_server, web_connect, connect, irc_connect):
+    server = start_server("--web-port", "0", "--irc-port", "0", "--max-per-ip", "2", "--op-password", "sesame")
+    operator = connect(server, "warden")
+    irc = irc_connect(server, "ircuser")
+    refused = web_connect(server)
+    assert refused.status == 503, refused.status
+    server.wait_for_log(r"refused 127\.0\.0\.1: Too many connections from your address")
+    irc.close()
+    operator.send("/op sesame")
+    operator.expect(r"-- You are now an operator")
+    operator.send("/ban 127.0.0.2 10m testing")
+    operator.expect(r"-- Banned .*127\.0\.0\.2")
+    banned = web_connect(server, source="127.0.0.2")
+    assert banned.status == 503, banned.status
+    server.wait_for_log(r"refused 127\.0\.0\.2: .*[Bb]an")
+
+
+def test_a_trusted_proxy_gives_the_persons_address_and_no_one_else_can(start_server, web_connect):
+    server = start_server("--web-port", "0", "--trust-proxy", "127.0.0.1", "--max-per-ip", "2")
+    # The proxy puts the address it got the request from last; what came before it is the client's say-so.
+    first = web_connect(server, "first", headers=("X-Forwarded-For: 198.51.100.7, 203.0.113.1",))
+    second = web_connect(server, "second", headers=("X-Forwarded-For: 203.0.113.2",))
+    third = web_connect(server, "third", headers=("X-Forwarded-For: 203.0.113.2",))
+    server.wait_for_log(r"WebSocket from 203\.0\.113\.1 ")
+    server.wait_for_log(r"WebSocket from 203\.0\.113\.2 ")
+    again = web_connect(server, headers=("X-Forwarded-For: 203.0.113.2",))
+    assert again.status == 503
+    server.wait_for_log(r"refused 203\.0\.113\.2 \(through 127\.0\.0\.1\): Too many connections")
+    assert get(server, "/", "X-Forwarded-For: nonsense")[0] == 400
+    # From anyone but the proxy, X-Forwarded-For is only a header: 127.0.0.2 is counted as itself.
+    elsewhere = web_connect(server, "elsewhere", source="127.0.0.2", headers=("X-Forwarded-For: 203.0.113.9",))
+    server.wait_for_log(r"WebSocket from 127\.0\.0\.2 ")
+    for client in (first, second, third, elsewhere):
+        client.send("PING :x")
+        client.expect("PONG")
+
+
+def test_a_browser_that_stops_reading_is_cut_off_and_everyone_else_carries_on(start_server, connect, web_connect):
+    server = start_server("--web-port", "0", "--rate", "0", "--max-queue", "65536")
+    speaker = connect(server, "speaker")
+    listener = connect(server, "listener")
+    stalled = WebSocketClient(server)
+    try:
+        stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.register("stalled")
+        talk_until_cut_off(server, speaker, listener, "stalled")
+    finally:
+        stalled.close()
+
+
+def test_https_and_wss_with_the_servers_certificate(start_server, web_connect, tmp_path):
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is needed to make a throwaway certificate")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], cwd=tmp_path, check=True, capture_output=True,
+                   timeout=30)
+    server = start_server("--web-port", "0", "--tls-cert", str(tmp_path / "cert.pem"),
+                          "--tls-key", str(tmp_path / "key.pem"))
+    server.wait_for_log(r"listening for browsers on https://")
+    context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    status, _, body = http_exchange(server, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", tls=context)
+    assert status == 200 and body == (WEB / "index.html").read_bytes()
+    web_connect(server, "secure", tls=context).send("PING :tls")
+
+
+# -- options ------------------------------------------------------------------------------------------------------
+
+def test_the_web_options_are_in_help_and_round_trip_through_the_configuration_file(tmp_path):
+    def run(*args: str) -> str:
+        return subprocess.run(script_command(SERVER_SCRIPT, *args), capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+
+    help_text = run("--help")
+    for option in ("--web-port", "--web-origin", "--trust-proxy"):
+        assert option in help_text
+    printed = run("--web-port", "8080", "--web-origin", "https://Chat.example.org/", "--trust-proxy", "::1",
+                  "--print-config")
+    assert "web-port = 8080" in printed and "web-origin = https://chat.example.org" in printed
+    assert "trust-proxy = ::1" in printed
+    (tmp_path / "pychat.ini").write_text(printed)
+    assert run("--config", str(tmp_path / "pychat.ini"), "--print-config") == printed
+    refused = subprocess.run(script_command(SERVER_SCRIPT, "--trust-proxy", "proxy.example"), capture_output=True,
+                             text=True, timeout=30)
+    assert refused.returncode == 2 and "not an IP address" in refused.stderr
