@@ -504,3 +504,224 @@ def test_the_web_options_are_in_help_and_round_trip_through_the_configuration_fi
     refused = subprocess.run(script_command(SERVER_SCRIPT, "--trust-proxy", "proxy.example"), capture_output=True,
                              text=True, timeout=30)
     assert refused.returncode == 2 and "not an IP address" in refused.stderr
+
+
+# -- the web client in a real browser ----------------------------------------------------------------------------
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
+CHROMEDRIVER = next(filter(None, ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None,
+                                  shutil.which("chromedriver"))), None)
+SCREENSHOTS = Path(os.environ.get("PYCHAT_SCREENSHOTS", ROOT / "tests" / "artifacts" / "web"))
+WIDE, PHONE = (1000, 700), (360, 740)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module's browser tests, through the system's chromedriver (given by its
+    path, so that Selenium never tries to download one)."""
+    # CI installs both, and sets PYCHAT_REQUIRE_BROWSER so that these tests cannot be skipped there unseen.
+    missing = pytest.fail if os.environ.get("PYCHAT_REQUIRE_BROWSER") else pytest.skip
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing("the browser tests need Selenium: pip install -r requirements-dev.txt")
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        missing("the browser tests need Chromium and its driver: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-extensions", "--no-first-run", f"--window-size={WIDE[0]},{WIDE[1]}"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(TIMEOUT)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+class Page:
+    """The web client in the browser, as a person uses it: what they see and what they type."""
+
+    def __init__(self, driver, server) -> None:
+        from selenium.webdriver.common.by import By
+        self.driver, self.By = driver, By
+        driver.set_window_size(*WIDE)
+        driver.get(f"http://127.0.0.1:{web_port(server)}/")
+        driver.get_log("browser")           # what an earlier page logged
+
+    def find(self, css: str):
+        return self.driver.find_element(self.By.CSS_SELECTOR, css)
+
+    def all(self, css: str) -> list:
+        return self.driver.find_elements(self.By.CSS_SELECTOR, css)
+
+    def wait(self, condition, what: str, timeout: float = TIMEOUT):
+        """Wait until CONDITION() is true; fail saying WHAT, with the page's lines and status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                result = condition()
+            except Exception:       # an element replaced while it was read: look again
+                result = None
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                pytest.fail(f"the page never showed {what}; status {self.status()!r}, rooms {self.rooms()}, "
+                            f"lines {shown(self.lines())}, console {self.driver.get_log('browser')}")
+            time.sleep(0.05)
+
+    def status(self) -> str:
+        return self.find("#status").text
+
+    def lines(self) -> list[str]:
+        return [line.text for line in self.all("#log li")]
+
+    def rooms(self) -> dict[str, str]:
+        """Each room's name in the list, with its unread count ('' for none)."""
+        return {button.get_attribute("data-room"): button.find_element(self.By.CSS_SELECTOR, ".unread").text
+                for button in self.all("#rooms button")}
+
+    def current(self) -> str:
+        return self.find("#rooms button[aria-current=true]").get_attribute("data-room")
+
+    def sign_in(self, nick: str) -> None:
+        self.find("#nick").clear()
+        self.find("#nick").send_keys(nick)
+        self.find("#signin-button").click()
+        self.wait(lambda: self.status() == f"Connected as {nick}", f"{nick} signed in")
+        self.wait(lambda: self.current() == "#lobby", "#lobby")
+
+    def type(self, text: str, enter: bool = True) -> None:
+        from selenium.webdriver.common.keys import Keys
+        self.find("#input").send_keys(text + (Keys.ENTER if enter else ""))
+
+    def wait_for_line(self, pattern: str) -> str:
+        return self.wait(lambda: next((line for line in self.lines() if re.search(pattern, line)), None),
+                         f"a line matching {pattern!r}")
+
+    def screenshot(self, name: str) -> None:
+        self.driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+
+
+def test_the_browser_signs_in_and_talks_with_a_pychat_user(start_server, connect, browser):
+    server = start_server("--web-port", "0")
+    alice = connect(server, "alice")
+    page = Page(browser, server)
+    page.sign_in("webby")
+    alice.expect(r"\*\*\* webby joined #lobby")
+    alice.send("hello webby, see https://example.org/a?b=1")
+    line = page.wait_for_line(r"alice: hello webby")
+    mention = page.find("#log li.mention")
+    assert "hello webby" in mention.text, line
+    links = [a.get_attribute("href") for a in page.all("#log a")]
+    assert links == ["https://example.org/a?b=1"], links
+    page.type("hi alice")
+    alice.expect(r"webby: hi alice")
+    page.wait_for_line(r"webby: hi alice")
+    page.screenshot("chat")
+    assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def test_the_browser_joins_a_room_counts_unread_lines_and_keeps_drafts(start_server, connect, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+    server = start_server("--web-port", "0", "--irc-port", "0")
+    alice = connect(server, "alice")
+    page = Page(browser, server)
+    page.sign_in("webby")
+    page.type("/join #dev")
+    page.wait(lambda: page.current() == "#dev", "#dev joined and shown")
+    alice.send("/join #dev")
+    page.wait(lambda: "alice" in page.find("#member-list").text, "alice among #dev's members")
+    page.type("half-typed", enter=False)
+    alice.send("/msg webby psst")
+    page.wait(lambda: page.rooms().get("alice") == "1", "one unread line from alice")
+    alice.send("/join #lobby")              # back to talking in #lobby, where she still is
+    alice.send("here too, webby")
+    page.wait(lambda: page.rooms().get("#lobby") == "1", "one unread line in #lobby")
+    assert "mention" in page.find("#rooms button[data-room='#lobby'] .unread").get_attribute("class")
+    page.screenshot("rooms")
+    ActionChains(browser).key_down(Keys.ALT).send_keys("2").key_up(Keys.ALT).perform()
+    page.wait(lambda: page.current() == "#lobby", "Alt-2 switched to #lobby")
+    assert page.rooms()["#lobby"] == "" and page.find("#input").get_attribute("value") == ""
+    page.find("#rooms button[data-room='alice']").click()
+    page.wait_for_line(r"alice: psst")
+    page.type("secret answer")
+    alice.expect(r".*webby.*secret answer")
+    page.find("#rooms button[data-room='#dev']").click()
+    page.wait(lambda: page.find("#input").get_attribute("value") == "half-typed", "the draft of #dev kept")
+    page.find("#input").clear()
+    page.type("al", enter=False)
+    page.type(Keys.TAB, enter=False)
+    assert page.find("#input").get_attribute("value") == "alice: "
+    page.type("tab completed")
+    alice.expect(r"#dev webby: alice: tab completed|webby: alice: tab completed")
+
+
+def test_what_others_say_is_only_ever_text(start_server, connect, irc_connect, browser):
+    server = start_server("--web-port", "0", "--irc-port", "0")
+    page = Page(browser, server)
+    page.sign_in("webby")
+    alice = connect(server, "alice")
+    irc = irc_connect(server, "mallory")
+    attacks = ['<img src=x onerror="document.title=\'pwned\'">', "javascript:alert(document.domain)",
+               '<a href="javascript:alert(1)">click</a>', "<script>document.title='pwned'</script>",
+               "https://example.org/\"><img src=x onerror=alert(1)>"]
+    for text in attacks:
+        alice.send(text)
+    irc.send("PRIVMSG #lobby :\x1b[2J\x1b[31mred\x03" + "4colour \x02bold")
+    page.wait_for_line(r"mallory: .*red")
+    for text in attacks[:4]:
+        page.wait_for_line(re.escape(f"alice: {text}"))
+    assert not page.all("#log img, #log script, #log iframe")
+    hrefs = [a.get_attribute("href") for a in page.all("#log a")]
+    assert hrefs and all(href.startswith("https://example.org/") for href in hrefs), hrefs
+    assert browser.title != "pwned" and "pwned" not in browser.title
+    page.screenshot("inert")
+
+
+def test_the_room_list_is_a_drawer_on_a_phone(start_server, browser):
+    server = start_server("--web-port", "0")
+    page = Page(browser, server)
+    browser.set_window_size(*PHONE)
+    page.sign_in("phone")
+    width = browser.execute_script("return document.documentElement.clientWidth")
+    assert width <= PHONE[0]
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= width, "wider than the phone"
+    sidebar_right = lambda: browser.execute_script(
+        "return document.getElementById('sidebar').getBoundingClientRect().right")
+    assert sidebar_right() <= 0, "the room list shows beside the messages on a phone"
+    assert page.find("#menu").is_displayed() and page.find("#input").is_displayed()
+    page.screenshot("phone")
+    page.find("#menu").click()
+    page.wait(lambda: sidebar_right() > 200, "the drawer opened")
+    page.screenshot("phone-drawer")
+    page.find("#rooms button[data-room='#lobby']").click()
+    page.wait(lambda: sidebar_right() <= 0, "the drawer closed after choosing a room")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_browser_reconnects_after_a_restart_with_its_rooms_and_draft(start_server, browser):
+    port = str(free_port())
+    server = start_server("--web-port", port)
+    page = Page(browser, server)
+    page.sign_in("webby")
+    page.type("/join #dev")
+    page.wait(lambda: page.current() == "#dev", "#dev joined")
+    page.type("not sent yet", enter=False)
+    server.stop()
+    page.wait(lambda: "reconnecting in" in page.status(), "the reconnection's countdown")
+    assert "trouble" in page.find("#status").get_attribute("class")
+    page.screenshot("reconnecting")
+    start_server("--web-port", port)
+    page.wait(lambda: page.status() == "Connected as webby", "connected again", timeout=10)
+    page.wait(lambda: "#dev" in page.rooms() and page.current() == "#dev", "#dev joined again")
+    page.wait_for_line(r"You joined #dev")
+    assert page.find("#input").get_attribute("value") == "not sent yet"
