@@ -12,7 +12,9 @@ settings, offline messages, history); the server object, which owns people and r
 change to them; the context that
 slash-commands act through; then the IRC front door (README, "IRC clients"):
 reading and writing IRC messages, the IRC protocol object that puts the
-core's events in IRC's words, and the IRC connection and its listener; main(),
+core's events in IRC's words, and the IRC connection and its listener; the
+browser door (README, "Browser"): the web client's files over HTTP, and IRC
+over WebSocket through that same IRC connection; main(),
 which stops on SIGTERM and reloads on SIGHUP (ChatServer.reload, which /rehash
 and IRC's REHASH call too).
 
