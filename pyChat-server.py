@@ -8411,11 +8411,11 @@ class WebSocketReader:
         if len(payload) == 1 or code not in _WS_CLOSE_CODES:
             return websocket_failure(WS_PROTOCOL_ERROR, "an invalid close code")
         try:
-            reason = payload[2:].decode("utf-8")
+            payload[2:].decode("utf-8")
         except UnicodeDecodeError:
             return websocket_failure(WS_NOT_UTF8, "a close reason that is not UTF-8")
-        return Disconnect(f"WebSocket closed by the client ({code}{' ' + clean_text(reason) if reason else ''})",
-                          WebSocketClose(code, ""))
+        # Its reason is not passed on: the room would show it as a quit message, which a muted person may not give.
+        return Disconnect(f"WebSocket closed by the client ({code})", WebSocketClose(code, ""))
 
 
 # Why a connection ended, in a close code: the ERROR line before it says it in words.

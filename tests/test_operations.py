@@ -33,7 +33,8 @@ EVERY_KEY = {
     "rooms-per-person": "4", "history": "5", "history-days": "30.0", "history-max-mb": "64.0",
     "data-dir": "/srv/chat/data", "operator": "alice, bob", "private": "yes", "motd": "/srv/chat/motd.txt",
     "tls-cert": "/srv/chat/cert.pem", "tls-key": "/srv/chat/key.pem", "irc-port": "6697", "irc-ping": "60.0",
-    "irc-auto-join": "#dev,#ops", "server-name": "chat.example.org",
+    "irc-auto-join": "#dev,#ops", "server-name": "chat.example.org", "web-port": "8443",
+    "web-origin": "https://chat.example.org,http://localhost:8443", "trust-proxy": "127.0.0.1",
 }
 SECRETS = {"password": "server-secret-1", "op-password": OP_SECRET}
 

@@ -368,7 +368,7 @@ def test_a_client_close_is_answered_with_its_code(web_server, web_connect):
     client.send_raw(frame(CLOSE, struct.pack("!H", 1000) + b"bye"))
     assert client.close_code()[0] == 1000
     client.wait_closed()
-    web_server.wait_for_log(r"closer@127\.0\.0\.1 left: WebSocket closed by the client \(1000 bye\)")
+    web_server.wait_for_log(r"closer@127\.0\.0\.1 left: WebSocket closed by the client \(1000\)")
 
 
 def test_invalid_utf8_in_a_binary_message_gets_the_irc_ports_answer(web_server, web_connect):
