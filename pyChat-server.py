@@ -8522,7 +8522,7 @@ class WebConnection(IrcConnection):
 
     def read_head(self) -> bytes:
         """The request's line and headers, within WEB_MAX_HEAD_BYTES and WEB_HEAD_SECONDS of the connection;
-        what came after them begins the WebSocket's frames."""
+        what came after them, which no client should send, is kept in `early`."""
         deadline = self.connected + min(WEB_HEAD_SECONDS, self.server.options.nick_timeout)
         data = bytearray()
         while True:
@@ -8586,9 +8586,12 @@ class WebConnection(IrcConnection):
             raise HttpError(403, "a page from this origin may not open the socket (--web-origin)")
         answer, self.message_opcode = websocket_handshake(request)
         self.output.send_bytes(answer)
-        self.lines = WebSocketReader(self.output.send_bytes, self.within_rate)
-        self.lines.buffer += self.early
         self.output.protocol = self.protocol_class(self)
+        if self.early:
+            # RFC 6455 (4.1): a client waits for the answer before it sends a frame. Taken, such frames would
+            # wait unread until the client sent more, which it would not, waiting for an answer to them.
+            raise websocket_failure(WS_PROTOCOL_ERROR, "frames sent before the handshake was answered")
+        self.lines = WebSocketReader(self.output.send_bytes, self.within_rate)
         log.info("WebSocket from %s (%s)", self.address, "binary" if self.message_opcode == WS_BINARY else "text")
 
     def irc_bytes(self, line: str) -> bytes:

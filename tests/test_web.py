@@ -355,6 +355,21 @@ def test_a_frame_that_breaks_the_rules_closes_with_its_code(web_server, web_conn
     client.wait_closed()
 
 
+def test_frames_sent_before_the_handshake_is_answered_are_refused(web_server):
+    sock = socket.create_connection((web_server.host, web_port(web_server)), timeout=TIMEOUT)
+    try:
+        sock.sendall(b"GET /socket HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                     + frame(TEXT, b"NICK early") + frame(TEXT, b"USER early 0 * :x"))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    finally:
+        sock.close()
+    assert data.startswith(b"HTTP/1.1 101 ") and b"\x88" in data, data
+    assert data.endswith(struct.pack("!H", 1002) + b"frames sent before the handshake was answered"), data
+
+
 def test_a_message_that_never_ends_is_cut_off(web_server, web_connect):
     client = web_connect(web_server)
     client.send_raw(frame(TEXT, b"PRIVMSG #lobby :", fin=False) + b"".join(frame(0, b"a", fin=False)
