@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ROOT, SERVER_SCRIPT, TIMEOUT, IrcClient, LineClient, irc_port, script_command,
+from conftest import (ROOT, SERVER_SCRIPT, TIMEOUT, IrcClient, LineClient, import_script, script_command,
                       seconds_until_closed, shown, talk_until_cut_off)
 
 WEB = ROOT / "web"
@@ -190,6 +190,36 @@ def web_connect():
 def web_server(module_servers):
     """The module's shared server with a web port and an IRC port."""
     return module_servers("--web-port", "0", "--irc-port", "0")
+
+
+# -- the framing, called directly ----------------------------------------------------------------------------
+
+pychat = import_script(SERVER_SCRIPT, "pychat_server")
+
+
+def test_the_reader_takes_frames_however_the_bytes_are_cut():
+    answered = []
+    reader = pychat.WebSocketReader(answered.append, lambda: True)
+    stream = (frame(TEXT, "PRIVMSG #a :héllo".encode()) + frame(PING, b"p") + frame(BINARY, b"NICK b\r\n")
+              + frame(TEXT, b"x" * 300, fin=False) + frame(0, b"y" * 7000)
+              + frame(TEXT, b""))
+    lines = []
+    for n in range(0, len(stream), 3):
+        lines += reader.feed(stream[n:n + 3])
+    assert lines == ["PRIVMSG #a :héllo", "NICK b", "x" * 300 + "y" * 7000, ""]
+    assert answered == [pychat.websocket_frame(PONG, b"p")]
+    assert not reader.buffer and not reader.message
+
+
+@pytest.mark.parametrize("size, head", [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)])
+def test_a_servers_frame_has_the_shortest_length_that_fits(size, head):
+    made = pychat.websocket_frame(TEXT, b"a" * size)
+    assert len(made) == head + size and made[0] == 0x81 and not made[1] & 0x80
+
+
+def test_irc_lines_become_one_message_each():
+    assert pychat.websocket_messages(b"one\r\ntwo words\r\n", BINARY) == b"\x82\x03one\x82\x09two words"
+    assert pychat.websocket_messages(b"", TEXT) == b""
 
 
 # -- HTTP ---------------------------------------------------------------------------------------------------
@@ -601,12 +631,14 @@ class Page:
     def current(self) -> str:
         return self.find("#rooms button[aria-current=true]").get_attribute("data-room")
 
-    def sign_in(self, nick: str) -> None:
-        self.find("#nick").clear()
-        self.find("#nick").send_keys(nick)
+    def sign_in(self, nick: str, password: str = "", expect_success: bool = True) -> None:
+        for field, value in (("#nick", nick), ("#password", password)):
+            self.find(field).clear()
+            self.find(field).send_keys(value)
         self.find("#signin-button").click()
-        self.wait(lambda: self.status() == f"Connected as {nick}", f"{nick} signed in")
-        self.wait(lambda: self.current() == "#lobby", "#lobby")
+        if expect_success:
+            self.wait(lambda: self.status() == f"Connected as {nick}", f"{nick} signed in")
+            self.wait(lambda: self.current() == "#lobby", "#lobby")
 
     def type(self, text: str, enter: bool = True) -> None:
         from selenium.webdriver.common.keys import Keys
@@ -637,6 +669,24 @@ def test_the_browser_signs_in_and_talks_with_a_pychat_user(start_server, connect
     page.wait_for_line(r"webby: hi alice")
     page.screenshot("chat")
     assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def test_a_registered_name_signs_in_with_its_password_and_a_wrong_one_is_said(start_server, connect, browser):
+    server = start_server("--web-port", "0", "--guess-delay", "0")
+    carol = connect(server, "carol")
+    carol.send("/register correct-horse-9")
+    carol.expect(r"-- Registered ", timeout=10)
+    carol.send("/quit")
+    carol.wait_closed()
+    page = Page(browser, server)
+    page.sign_in("carol", "wrong-horse-9", expect_success=False)
+    error = page.wait(lambda: page.find("#signin-error").text, "why the sign-in failed")
+    assert "password" in error.lower() and page.find("#signin").is_displayed(), error
+    page.sign_in("carol", "correct-horse-9")
+    page.type("/online")                     # pyChat's own command, through the service
+    page.wait_for_line(r"\d+ online")
+    page.type("/help")
+    page.wait_for_line(r"/join #room \[key\] +join a room")
 
 
 def test_the_browser_joins_a_room_counts_unread_lines_and_keeps_drafts(start_server, connect, browser):
