@@ -171,6 +171,11 @@ ACCOUNTS_LISTED = 200             # lines /accounts shows at most; a pattern nar
 MAX_BAN_SECONDS = 3650 * 86400    # the longest ban with a duration; longer is "permanent"
 MAX_REASON_LENGTH = 200           # characters of a ban's reason
 MAX_ROOM_SETTINGS = 1000          # rooms with a topic or modes kept
+MAX_KEPT_ROOMS = 50               # rooms an account is put back in at sign-in, the ones used last
+MAX_SESSIONS = 10                 # connections signed in to one account at once
+CATCH_UP_LINES = 200              # lines a room or conversation shows at sign-in, the newest of those unread
+HISTORY_PAGE = 50                 # lines /history shows unless asked for another number ...
+MAX_HISTORY_PAGE = 500            # ... and at most
 MAX_OFFLINE_PER_RECIPIENT = 20    # offline messages waiting for one account
 MAX_OFFLINE_PER_SENDER = 10       # offline messages one person may have waiting, for everyone together
 MAX_OFFLINE_TOTAL = 2000          # offline messages waiting, for everyone
@@ -2485,7 +2490,7 @@ class InputWaiter:
 # Locks: Storage.lock is taken after the server's lock when both are held;
 # Storage never calls back into the server.
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE accounts (key TEXT PRIMARY KEY, name TEXT NOT NULL, salt BLOB NOT NULL, hash BLOB NOT NULL,
@@ -2506,6 +2511,16 @@ CREATE TABLE messages (id INTEGER PRIMARY KEY, time INTEGER NOT NULL, target TEX
     account TEXT, kind INTEGER NOT NULL, text TEXT NOT NULL);
 CREATE INDEX messages_by_target ON messages (target, id);
 """
+# What each version of the schema adds to the one before: a new database runs SCHEMA and then every upgrade,
+# an older one the upgrades it has not had, each in the transaction that writes its number.
+SCHEMA_UPGRADES = {
+    2: """
+CREATE TABLE kept_rooms (account TEXT NOT NULL, room TEXT NOT NULL, name TEXT NOT NULL, password TEXT,
+    used REAL NOT NULL, PRIMARY KEY (account, room)) WITHOUT ROWID;
+CREATE TABLE read_positions (account TEXT NOT NULL, target TEXT NOT NULL, id INTEGER NOT NULL,
+    PRIMARY KEY (account, target)) WITHOUT ROWID;
+""",
+}
 # A message's id is the moment it was said in microseconds since 1970 (one more than the last id when two
 # lines fall in the same microsecond, or the clock goes back): unique, growing, and a time is an id too, so
 # the primary key serves "since a time" and retention by age, with no index of its own.
@@ -2517,11 +2532,17 @@ CREATE INDEX messages_by_target ON messages (target, id);
 # password; 'password', a code to choose a new password for the account NAME (/reset-password). Only a
 # SHA-256 of each code is kept.
 # A mute has a ban's shape (Ban): of an account, or of a guest's address.
+# An account's kept rooms: the rooms its owner is in, on every device, with the key that let them in and
+# when each was last current (the one used last is current again at the next sign-in).
+# An account's read positions: per room or private conversation (a message target), the id of the last line
+# its owner has read; it only grows. A row is also how a private conversation is known to be theirs: the
+# first line to an account writes one just below that line, so that it shows as new.
 # Which lines hold a word, and no more (no positions, no sizes: /search finds words, newest first, and
 # ranks nothing): a third cheaper to keep up to date than FTS5's default, and a quarter smaller.
 SEARCH_INDEX = ("CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(text, content='messages', "
                 "content_rowid='id', detail=none, columnsize=0)")
-TABLES = ("meta", "accounts", "operators", "invitations", "bans", "mutes", "rooms", "offline", "messages")
+TABLES = ("meta", "accounts", "operators", "invitations", "bans", "mutes", "rooms", "offline", "messages",
+          "kept_rooms", "read_positions")
 INVITATION_PURPOSES = ("account", "password")
 MESSAGE_KINDS = ("line", "action", "notice")      # a message's kind is its place here
 DATABASE_FILE = "pychat.db"
@@ -2766,6 +2787,13 @@ class SavedRoom(NamedTuple):
 
     topic: str | None
     modes: tuple[str, ...]
+
+
+class KeptRoom(NamedTuple):
+    """A room an account's owner is in, kept for their next sign-in."""
+
+    name: str
+    password: str | None                    # the key that let them in, for a room that has one
 
 
 class OfflineMessage(NamedTuple):
@@ -3065,7 +3093,9 @@ class Storage:
         self.history_bytes = int((in_memory_default if history_max_mb is None else history_max_mb) * 1024 * 1024)
         self.unsaved: collections.deque[tuple] = collections.deque(maxlen=UNSAVED_LINES)
         self.batch: list[tuple] = []            # chat lines said, written by the next commit_lines()
-        self.seen: dict[str, float] = {}          # accounts' keys -> when seen (saw()), written with the batch
+        # Small changes no one is told were saved (when an account was last seen, rooms kept, read positions),
+        # written with the next chat lines, in their transaction: by what they change, the latest of each.
+        self.deferred: dict[tuple, tuple[str, tuple]] = {}
         self.unsaved_lost = 0                     # lines given up because even memory for them ran out
         self.stopped = threading.Event()
         self.maintenance: threading.Thread | None = None
@@ -3175,9 +3205,12 @@ class Storage:
         db.execute("PRAGMA trusted_schema=OFF")
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not tables:
-            db.executescript("BEGIN;" + SCHEMA + "COMMIT;")
-            db.execute("INSERT INTO meta VALUES ('schema', ?), ('written by', ?)", (str(SCHEMA_VERSION), VERSION))
+            db.executescript("BEGIN;" + SCHEMA + "".join(SCHEMA_UPGRADES.values()) +
+                             "INSERT INTO meta VALUES ('schema', '%d'); COMMIT;" % SCHEMA_VERSION)
+            db.execute("INSERT INTO meta VALUES ('written by', ?)", (VERSION,))
             return db
+        Storage._upgrade(db, tables)
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         problem = Storage._schema_problem(db, tables)
         if problem:
             raise sqlite3.DatabaseError(problem)
@@ -3185,6 +3218,17 @@ class Storage:
         if db.execute("SELECT value FROM meta WHERE key='written by'").fetchone() != (VERSION,):
             db.execute("INSERT OR REPLACE INTO meta VALUES ('written by', ?)", (VERSION,))
         return db
+
+    @staticmethod
+    def _upgrade(db: sqlite3.Connection, tables: set[str]) -> None:
+        """Bring an older database's schema up to SCHEMA_VERSION, one upgrade to a transaction."""
+        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() if "meta" in tables else None
+        if row is None or not str(row[0]).isdigit():
+            return          # _schema_problem() says what is wrong
+        for version in range(int(row[0]) + 1, SCHEMA_VERSION + 1):
+            db.executescript("BEGIN;" + SCHEMA_UPGRADES[version] +
+                             "UPDATE meta SET value='%d' WHERE key='schema'; COMMIT;" % version)
+            log.info("the database's schema is now version %d", version)
 
     @staticmethod
     def _schema_problem(db: sqlite3.Connection, tables: set[str]) -> str | None:
@@ -3342,8 +3386,14 @@ class Storage:
     def saw(self, nick: str) -> None:
         """Note that the owner of the account NICK signed in or out now. Written with the next chat lines, in
         their transaction and without waiting for the disk: signing in and out costs no transaction of its own."""
+        key = name_key(nick)
+        self._defer(("seen", key), "UPDATE accounts SET last_seen=? WHERE key=?", (time.time(), key))
+
+    def _defer(self, what: tuple, sql: str, parameters: tuple) -> None:
+        """Run SQL with the next chat lines (see self.deferred), in place of what was deferred for WHAT."""
         with self.lock:
-            self.seen[name_key(nick)] = time.time()
+            self.deferred.pop(what, None)       # the newest goes last, after any other it depends on
+            self.deferred[what] = (sql, parameters)
 
     def accounts(self) -> list[AccountRecord]:
         """Every account: its name, when it was registered and last seen; sorted by name."""
@@ -3588,6 +3638,61 @@ class Storage:
             raise StoreFull(f"the server keeps the settings of at most {MAX_ROOM_SETTINGS} rooms")
         self._change(("INSERT OR REPLACE INTO rooms VALUES (?, ?, ?, ?)", (key, room, topic, " ".join(modes))))
 
+    # -- what an account is in, and what it has read ------------------------------------
+
+    def kept_rooms(self, account: str) -> list[KeptRoom]:
+        """The rooms ACCOUNT's owner is in, the one used last at the end."""
+        found = []
+        for row in self._query("SELECT name, password FROM kept_rooms WHERE account=? ORDER BY used, name",
+                               (name_key(account),)):
+            try:
+                name, password = _checked_row(row, str, (str, type(None)))
+            except ValueError as problem:
+                log.warning("%s: a kept room of %s is damaged (%s); it is left out", self.path, account, problem)
+                continue
+            if not name_problem(name, "Room name"):
+                found.append(KeptRoom(name, password))
+        return found[-MAX_KEPT_ROOMS:]
+
+    def keep_room(self, account: str, room: str, password: str | None) -> None:
+        """Keep ROOM among ACCOUNT's rooms (with the key that let its owner in), as the one used last."""
+        key = name_key(account)
+        self._defer(("room", key, name_key(room)), "INSERT OR REPLACE INTO kept_rooms VALUES (?, ?, ?, ?, ?)",
+                    (key, name_key(room), room, password, time.time()))
+
+    def drop_room(self, account: str, room: str) -> None:
+        """ACCOUNT's owner left ROOM, on every device."""
+        key = name_key(account)
+        self._defer(("room", key, name_key(room)), "DELETE FROM kept_rooms WHERE account=? AND room=?",
+                    (key, name_key(room)))
+
+    def read_positions(self, account: str) -> dict[str, int]:
+        """ACCOUNT's read positions: message target -> the id of the last line read there."""
+        positions = {}
+        for row in self._query("SELECT target, id FROM read_positions WHERE account=?", (name_key(account),)):
+            if isinstance(row[0], str) and isinstance(row[1], int):
+                positions[row[0]] = row[1]
+        return positions
+
+    def mark_read(self, account: str, target: str, message_id: int, only_if_new: bool = False) -> None:
+        """ACCOUNT's owner has read TARGET up to MESSAGE_ID: the position moves forward, never back.
+        ONLY_IF_NEW writes it only where there is none yet (a conversation's first line)."""
+        key = name_key(account)
+        what = ("read-start" if only_if_new else "read", key, target)
+        with self.lock:
+            waiting = self.deferred.get(what)
+            if waiting is not None:     # not yet written: the first start, the furthest position
+                message_id = waiting[1][2] if only_if_new else max(message_id, waiting[1][2])
+            if only_if_new:
+                self._defer(what, "INSERT OR IGNORE INTO read_positions VALUES (?, ?, ?)", (key, target, message_id))
+            else:
+                self._defer(what, "INSERT INTO read_positions VALUES (?, ?, ?) ON CONFLICT (account, target) "
+                            "DO UPDATE SET id=max(id, excluded.id)", (key, target, message_id))
+
+    def count_after(self, target: str, after: int) -> int:
+        """How many lines of TARGET came after the id AFTER."""
+        return self._query("SELECT count(*) FROM messages WHERE target=? AND id>?", (target, after))[0][0]
+
     def leave_offline(self, sender: str, sender_id: str, recipient: str, text: str) -> None:
         """Keep TEXT from SENDER (counted by SENDER_ID: their account or address, never their nickname, which
         they could change) for the account RECIPIENT; StoreFull, saying which limit, if it cannot be kept."""
@@ -3648,23 +3753,24 @@ class Storage:
         """Write the chat lines said since the last time, in one transaction: called before anyone is sent
         them, once for all the lines of a pass of the switchboard, so that a busy room does not cost a
         transaction a line."""
-        if self.batch or self.seen:
+        if self.batch or self.deferred:
             with self.lock:
                 self._commit_lines()
 
     def _commit_lines(self) -> None:
         """commit_lines(), lock held; every other use of the database begins with it."""
-        if not self.batch and not self.seen:
+        if not self.batch and not self.deferred:
             return
         rows, self.batch = self.batch, []
-        seen, self.seen = self.seen, {}
+        deferred, self.deferred = self.deferred, {}
         try:
             with self._transaction() as db:
                 db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                db.executemany("UPDATE accounts SET last_seen=? WHERE key=?", [(t, k) for k, t in seen.items()])
+                for sql, parameters in deferred.values():
+                    db.execute(sql, parameters)
         except sqlite3.Error as problem:
-            for key, when in seen.items():      # tried again with the next lines
-                self.seen.setdefault(key, when)
+            for what, change in deferred.items():      # tried again with the next lines
+                self.deferred.setdefault(what, change)
             if rows:
                 self._lines_not_written(problem, rows)
 
