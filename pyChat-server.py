@@ -5477,6 +5477,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if someone.account is None:
                     someone.conversations.add(conversation)
             line_id = self._keep_private(person, conversation, text, notice, target.account)
+            if target.account and person.account:
+                target.read.setdefault(conversation, int(line_id) - 1)     # as _keep_private wrote it
             if person.key not in target.ignoring:
                 self._to_people([target], PrivateFrom(person.nick, text, line_id, client_tags, person.account,
                                                       notice, person.bot))
