@@ -4864,9 +4864,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
             return
         if room.members and room.invite_only:
             session.person.invited_to[room.key] = room.life     # they were let in, and stayed in
-        self._enter(session, room)
-        if not room.members - {session.person} and kept.password and room is not self.lobby:
+        if not room.members and kept.password and room is not self.lobby:
             room.password = kept.password       # they open it again as they left it
+        self._enter(session, room)
 
     def nickname_problem(self, nick: str, claimant: Person | None = None, account: str | None = None) -> str | None:
         """Why CLAIMANT (or a newcomer signed in to ACCOUNT) cannot be called NICK (already NFKC-normalised),
@@ -5876,6 +5876,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             person.account = nick
             self.by_account[name_key(nick)] = person
+            for room in sorted(person.rooms.values(), key=lambda room: room is person.last_room):
+                self.storage.keep_room(nick, room.name, room.password)     # their rooms are the account's
+                self._mark_read(person, room_target(room.name), self._last_line_of(room))
             person.mute = self.storage.mute_for(nick, session.address, time.time())
             made_operator = not person.operator and self.storage.is_operator(nick)
             person.operator = person.operator or made_operator
