@@ -766,6 +766,58 @@ def test_the_room_list_is_a_drawer_on_a_phone(start_server, browser):
     page.wait(lambda: sidebar_right() <= 0, "the drawer closed after choosing a room")
 
 
+# Each element's text colour and the colour behind it (the first ancestor with a background), as [r, g, b].
+COLOURS_SCRIPT = """
+const rgb = text => (text.match(/[\\d.]+/g) || []).map(Number);
+return [...document.querySelectorAll(arguments[0])].filter(e => e.offsetParent !== null).map(e => {
+  let back = e;
+  while (back && (getComputedStyle(back).backgroundColor === "rgba(0, 0, 0, 0)")) back = back.parentElement;
+  return [e.textContent.slice(0, 30), rgb(getComputedStyle(e).color), rgb(getComputedStyle(back || document.body).backgroundColor)];
+});
+"""
+
+
+def contrast(one: list[float], other: list[float]) -> float:
+    """WCAG 2's contrast ratio of two sRGB colours."""
+    def luminance(colour: list[float]) -> float:
+        linear = [c / 255 / 12.92 if c / 255 <= 0.04045 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in colour[:3]]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    high, low = sorted((luminance(one), luminance(other)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_light_and_dark_follow_the_system_and_every_text_is_readable(start_server, connect, browser, scheme):
+    server = start_server("--web-port", "0")
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                            {"features": [{"name": "prefers-color-scheme", "value": scheme}]})
+    try:
+        page = Page(browser, server)
+        page.sign_in("webby")
+        alice = connect(server, "alice")
+        for nick in ("bob", "carol", "dave", "erin"):
+            connect(server, nick)
+        alice.send("hello webby, https://example.org/")
+        alice.send("/me waves")
+        page.wait_for_line(r"\* alice waves")
+        page.type("/away lunch")
+        page.wait_for_line("away")
+        page.wait(lambda: page.find("#member-list li.away").text == "webby", "webby shown as away")
+        background = browser.execute_script("return getComputedStyle(document.body).backgroundColor")
+        dark = sum(map(float, re.findall(r"[\d.]+", background)[:3])) < 3 * 128
+        assert dark == (scheme == "dark"), background
+        low = []
+        for selector in ("#log .time", "#log .body", "#log .nick", "#log a", "#status", "#title", "#rooms .name",
+                         "#rooms .unread", "#member-list span", "#members-title", "#input", "button"):
+            for text, colour, behind in browser.execute_script(COLOURS_SCRIPT, selector):
+                if contrast(colour, behind) < 4.5:
+                    low.append((selector, text, colour, behind, round(contrast(colour, behind), 2)))
+        page.screenshot(f"chat-{scheme}")
+        assert not low, f"text under 4.5:1 in the {scheme} theme: {low}"
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -491,6 +491,11 @@ function names(message) {
   }
 }
 
+function markAway(nick, away) {
+  forEachRoomOf(nick, b => { b.members.get(lower(nick)).away = away; });
+  renderMembers();
+}
+
 function forEachRoomOf(nick, act) {
   for (const b of state.buffers.values()) {
     if (b.kind === "channel" && b.members.has(lower(nick))) act(b);
@@ -640,10 +645,7 @@ const HANDLERS = {
     b.namesComplete = false;
     if (lower(b.name) === state.current) renderMembers();
   },
-  AWAY: m => {
-    forEachRoomOf(m.nick, b => { b.members.get(lower(m.nick)).away = Boolean(m.params[0]); });
-    renderMembers();
-  },
+  AWAY: m => markAway(m.nick, Boolean(m.params[0])),
   MODE: m => {
     const [room, change, who] = m.params;
     if (!isChannel(room)) return;
@@ -657,8 +659,8 @@ const HANDLERS = {
     if (!state.registered && state.signedOut && !state.fatal) state.fatal = m.params[0] || "";
     info(m.params[0] || "Closed by the server", SERVER_BUFFER, "error");
   },
-  "305": m => info(m.params[1] || "You are back", null),
-  "306": m => info(m.params[1] || "You are away", null),
+  "305": m => { markAway(state.nick, false); info(m.params[1] || "You are back", null); },
+  "306": m => { markAway(state.nick, true); info(m.params[1] || "You are away", null); },
   "301": m => addLine(state.buffers.has(lower(m.params[1])) ? m.params[1] : state.current,
                       {kind: "info", text: `${m.params[1]} is away: ${m.params[2] || ""}`}),
   "372": m => info(m.params[1] || "", SERVER_BUFFER),
