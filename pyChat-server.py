@@ -7892,6 +7892,7 @@ class IrcConnection(ClientConnection):
 
     tags_given: dict[str, str] | None = None     # the tags of the message being handled
     protocol_class: type[IrcProtocol] = IrcProtocol     # how its lines are written (WebConnection frames them)
+    door = "IRC"                                        # for the log
 
     def setup(self) -> None:
         super().setup()
@@ -7911,7 +7912,7 @@ class IrcConnection(ClientConnection):
         return self.person.nick if self.person else self.signing_in_as or "*"
 
     def handle(self) -> None:
-        log.info("IRC connection from %s:%s", *self.client_address[:2])
+        log.info("%s connection from %s:%s", self.door, *self.client_address[:2])
         try:
             self.start()
             self.send_irc(format_irc_message("NOTICE", ("*", f"*** {self.server.greeting()}")))
@@ -9113,6 +9114,7 @@ class WebConnection(IrcConnection):
 
     protocol_class = WebSocketIrcProtocol
     message_opcode = WS_TEXT
+    door = "web"
 
     def setup(self) -> None:
         super().setup()
