@@ -9097,13 +9097,17 @@ class WebSocketIrcProtocol(IrcProtocol):
 
 
 class HttpPhase:
-    """The protocol of a web connection until its WebSocket opens: the core's events have no words in HTTP
-    (what a request is answered is written whole by WebConnection)."""
+    """The protocol of a web connection until its WebSocket opens: what a request is answered is written
+    whole by WebConnection. The one error the core may say before then is start_tls()'s to plain text
+    spoken to a TLS port: here, plain HTTP to the HTTPS port, which is told so in HTTP."""
 
     name = "HTTP"
 
     @staticmethod
     def encode(event: Any, tagged: bool = False) -> bytes:
+        if isinstance(event, Error):
+            return http_error_response(HttpError(400, "This port speaks HTTPS, not plain HTTP: use an https:// "
+                                                      "address (or wss:// for the socket)."))
         return b""
 
 

@@ -527,6 +527,8 @@ def test_https_and_wss_with_the_servers_certificate(start_server, web_connect, t
     status, _, body = http_exchange(server, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", tls=context)
     assert status == 200 and body == (WEB / "index.html").read_bytes()
     web_connect(server, "secure", tls=context).send("PING :tls")
+    status, _, body = get(server, "/")
+    assert status == 400 and b"HTTPS" in body, (status, body)
 
 
 # -- options ------------------------------------------------------------------------------------------------------
