@@ -1074,11 +1074,10 @@ class HistoryPage(NamedTuple):
 
 
 class ReadUpTo(NamedTuple):
-    """Everything said in ROOM, or in your private conversation with NICK, up to the line LINE_ID, was read
-    on one of your sessions."""
-    line_id: str
-    room: str | None = None
-    nick: str | None = None
+    """Where you have read up to in NAME ('#room', or the nickname of a private conversation): the id of
+    the last line read there."""
+    name: str
+    message_id: int
 
 
 class HistoryEnd(NamedTuple):
@@ -1245,7 +1244,7 @@ class PyChatProtocol:
                                          if e.shown < e.count else ""),
         HistoryPage: lambda e: f"*** {e.count} earlier line{'s' * (e.count != 1)} " + \
             (f"of #{e.room}:" if e.room else f"with {e.nick}:"),
-        ReadUpTo: lambda e: f"[read #{e.room}]" if e.room else f"[read {e.nick}]",
+        ReadUpTo: lambda e: f"[read {e.name}]",
         NowTalking: lambda e: f"*** Now talking in #{e.room}.",
         YouLeft: lambda e: f"*** You left #{e.room}.",
         YouWereKicked: lambda e: f"*** You were kicked from #{e.room} by {e.by}{_because(e.reason)}.",
@@ -5551,16 +5550,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 return          # a guest's reading is not kept
             if name is None or name.startswith("#"):
                 room = self._member_room(session, name)
-                target, newest, where = room_target(room.name), self._last_line_of(room), {"room": room.name}
+                target, newest, shown = room_target(room.name), self._last_line_of(room), f"#{room.name}"
             else:
                 target, shown = self._conversation_with(person, name)
-                newest, where = person.last_private.get(target, 0), {"nick": shown}
+                newest = person.last_private.get(target, 0)
                 if not newest and self.storage.keeps_history:
                     latest = self.storage.latest_messages(target, 1)
                     newest = latest[0].id if latest else 0
             number = newest if line_id is None else min(line_id, newest)
             if number and self._mark_read(person, target, number):
-                self._to_sessions(person.sessions, ReadUpTo(str(number), **where))
+                self._to_sessions(person.sessions, ReadUpTo(shown, number))
 
     def _conversation_with(self, person: Person, nick: str) -> tuple[str, str]:
         """The target of PERSON's private conversation with NICK (online, or an account), and the name to
