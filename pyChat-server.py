@@ -61,6 +61,7 @@ import struct
 import sys
 import threading
 import time
+import types
 import unicodedata
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
@@ -2088,6 +2089,10 @@ class ClientConnection(socketserver.BaseRequestHandler):
     def __repr__(self) -> str:
         return f"{self.person.nick if self.person else '(signing in)'}@{self.address}"
 
+    def last_line_at(self) -> float:
+        """When it last sent a line (a time.monotonic()): IRC's PING and PONG do not count."""
+        return self.last_active
+
     @staticmethod
     def refusal(reason: str) -> bytes:
         """What a newcomer turned away at the door reads before the connection closes."""
@@ -2588,6 +2593,7 @@ SEARCH_RESULTS = 20               # lines /search shows at most
 SEARCH_SCAN_LINES = 200_000       # lines the search without an index looks through, the newest first
 SEARCH_PAGE = 500                 # lines the search without an index reads at once
 PRIVATE_TARGETS = ("@", "~")
+NO_POSITIONS: Any = types.MappingProxyType({})    # a guest's read positions: none, and none may be written
 
 
 class StorageError(Exception):
@@ -4320,8 +4326,10 @@ class Person:
         self.last_private_from: int | None = None   # a serial: nothing of a sender who left stays reachable
         self.invited_to: dict[str, int] = {}    # room key -> the Room.life the invitation is for
         self.seen: dict[str, int] = {}          # a guest's rooms left: room key -> the id of the last line then
-        self.read: dict[str, int] = {}          # an account's read positions: message target -> message id
-        self.last_private: dict[str, int] = {}  # message target -> the id of the last private line there
+        # An account's read positions (message target -> message id), and the last private line of each of
+        # its conversations while online; a guest has neither (and so costs no dict for them).
+        self.read: dict[str, int] = NO_POSITIONS
+        self.last_private: dict[str, int] = NO_POSITIONS
         self.listing = TokenBucket(LISTING_RATE, LISTING_BURST)
         self.quit_message = False               # they left with /quit and words of their own
         self.watching: dict[str, str] = {}      # name keys watched for coming and going -> the name as asked
@@ -4356,21 +4364,25 @@ class Session:
     """One connection signed in as a person: where lines to it go, and, in a protocol with one, its current
     room. Changed only by ChatServer's methods, under its lock."""
 
-    __slots__ = ("person", "output", "address", "number", "since", "last_active", "current", "operator_failures",
+    __slots__ = ("person", "output", "address", "number", "since", "current", "operator_failures",
                  "reports_reading", "oldest_shown")
 
-    def __init__(self, person: Person, output: Output, address: str, number: int,
-                 last_active: Callable[[], float]) -> None:
+    def __init__(self, person: Person, output: Output, address: str, number: int) -> None:
         self.person = person
-        self.output = output
+        self.output = output                    # its reader is the connection, whose door knows when it spoke
         self.address = address
         self.number = number                    # its number among its person's, for /sessions and /kick-session
         self.since = time.time()
-        self.last_active = last_active          # when its connection last sent a line (its door knows)
         self.current: Room | None = None        # where plain lines go
         self.operator_failures = 0              # wrong /op secrets on this connection
         self.reports_reading = False            # it has said what its person read (/read, IRC's MARKREAD)
-        self.oldest_shown: dict[str, int] = {}  # message target -> the id /history shows lines before
+        self.oldest_shown: dict[str, int] | None = None     # message target -> the id /history shows lines before
+
+    def shown_from(self, target: str, number: int) -> None:
+        """It has been shown TARGET's lines from the id NUMBER on: /history pages back from there."""
+        if self.oldest_shown is None:
+            self.oldest_shown = {}
+        self.oldest_shown[target] = number
 
     def __repr__(self) -> str:
         return f"{self.person.nick}@{self.address}"
@@ -4780,7 +4792,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         motd = self.motd.lines()
         ignoring = self.storage.ignoring(account) if account else []
         kept = self.storage.kept_rooms(account) if account else []
-        read = self.storage.read_positions(account) if account else {}
+        read = self.storage.read_positions(account) if account else None
         bans_seen = self.bans_made
         self.gate.refuse_banned(connection, account)
         with self.lock:
@@ -4800,10 +4812,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 person.account = account
                 person.realname = realname
                 person.operator = account is not None and self.storage.is_operator(account)
-                person.read = read
+                if read is not None:
+                    person.read, person.last_private = read, {}
             session = Session(person, connection.output, connection.address,
-                              max((s.number for s in person.sessions), default=0) + 1,
-                              lambda: connection.last_active)
+                              max((s.number for s in person.sessions), default=0) + 1)
             connection.person, connection.session = person, session      # who the protocol now speaks to
             try:
                 self._open_session(session, motd, ignoring, kept)
@@ -5070,7 +5082,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
         guest, the last --history lines, or those since they left it. Lock held."""
         person, target = session.person, room_target(room.name)
         if not self.storage.keeps_history or room.private or not self.options.history:
-            session.oldest_shown[target] = room.last_line + 1
             return []
         position = person.read.get(target) if person.account else None
         if position is None:
@@ -5079,7 +5090,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             events: list[Any] = []
         else:
             lines, events = self._unread(target, position, f"#{room.name}", room=room.name)
-        session.oldest_shown[target] = lines[0].id if lines else room.last_line + 1
+        session.shown_from(target, lines[0].id if lines else room.last_line + 1)
         if not lines:
             return []
         return events + [Replayed(m.when, chat_event(room.name, m)) for m in lines] + [HistoryEnd(room.name)]
@@ -5112,7 +5123,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             for event in header + [Replayed(m.when, self._private_event(m, person, other)) for m in lines]:
                 session.output.send(event)
             session.output.send(HistoryEnd(None, other))
-            session.oldest_shown[target] = lines[0].id
+            session.shown_from(target, lines[0].id)
             person.last_private[target] = max(person.last_private.get(target, 0), lines[-1].id)
 
     @staticmethod
@@ -5492,7 +5503,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self._to_people([target], PrivateFrom(person.nick, text, line_id, client_tags, person.account,
                                                       notice, person.bot))
                 target.last_private_from = person.serial
-                target.last_private[conversation] = int(line_id)
+                if target.account:
+                    target.last_private[conversation] = int(line_id)
             self._private_copies(session, PrivateTo(target.nick, text, line_id, client_tags, person.account, notice,
                                                     person.bot))
             if target.away and not notice:
@@ -5505,8 +5517,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         number = self.storage.next_message_id()
         self.storage.add_message(number, time.time(), conversation, person.nick, person.account,
                                  "notice" if notice else "line", text)
-        person.last_private[conversation] = number
         if person.account:
+            person.last_private[conversation] = number
             self._mark_read(person, conversation, number)
         if to_account and person.account:
             self.storage.mark_read(to_account, conversation, number - 1, only_if_new=True)
@@ -5606,11 +5618,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
             else:
                 target, shown = self._conversation_with(person, name)
                 where, tagged = {"nick": shown}, False
-            before = session.oldest_shown.get(target, self.storage.newest_id + 1)
+            before = (session.oldest_shown or {}).get(target, self.storage.newest_id + 1)
             lines = self.storage.messages_before(target, before, count) if self.storage.keeps_history else []
             if not lines:
                 return 0
-            session.oldest_shown[target] = lines[0].id
+            session.shown_from(target, lines[0].id)
             other = where.get("nick")
             events = [Replayed(m.when, chat_event(room.name, m) if other is None else
                                self._private_event(m, person, other)) for m in lines]
@@ -5884,6 +5896,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(str(problem)) from None
         with self.lock:
             person.account = nick
+            person.read, person.last_private = {}, {}
             self.by_account[name_key(nick)] = person
             for room in sorted(person.rooms.values(), key=lambda room: room is person.last_room):
                 self.storage.keep_room(nick, room.name, room.password)     # their rooms are the account's
@@ -6380,7 +6393,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         now = time.monotonic()
         with self.lock:
             return [commands.SessionInfo(s.number, s.output.protocol.name, s.address, utc_text(s.since),
-                                         describe_duration(now - s.last_active()), s is session)
+                                         describe_duration(now - s.output.reader.last_line_at()), s is session)
                     for s in session.person.sessions]
 
     def end_session(self, session: Session, number: int) -> str:
