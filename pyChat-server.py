@@ -1674,6 +1674,9 @@ class Switchboard(threading.Thread):
         # they are in the database before anyone sees them.
         self.before_writing: Callable[[], None] = lambda: None
         self.least_hold = 0.0       # the shortest hold of a busy room (HISTORY_HOLD_SECONDS with history kept)
+        # The replies to a command that must go out together (IRC's labeled-response), by the thread that runs
+        # it: what that thread queues for the output is kept in the list instead. Changed by that thread only.
+        self.gathering: dict[int, tuple[Output, list[bytes]]] = {}
 
     def set_limits(self, max_queue: int, stall_timeout: float) -> None:
         """--max-queue and --stall-timeout, from the start or a reload; each is read whole, by any thread."""
@@ -1695,6 +1698,8 @@ class Switchboard(threading.Thread):
         """
         if not data:
             return
+        if self.gathering:
+            outputs = self._gather(outputs, data)
         if threading.get_ident() != self.ident:
             self._line_up(outputs, data)
             return
@@ -1717,6 +1722,30 @@ class Switchboard(threading.Thread):
             outputs = tuple(outputs)
             append_to_each(outputs, data)
             self.written.append(outputs)
+
+    @contextlib.contextmanager
+    def gathered(self, output: Output) -> Iterator[list[bytes]]:
+        """Keep what this thread queues for OUTPUT in the list it gives, instead of sending it: the replies
+        to one command, whatever part of the server makes them, for the caller to send as one answer."""
+        replies: list[bytes] = []
+        thread = threading.get_ident()
+        self.gathering[thread] = (output, replies)
+        try:
+            yield replies
+        finally:
+            del self.gathering[thread]
+
+    def _gather(self, outputs: Iterable[Output], data: bytes) -> Iterable[Output]:
+        """OUTPUTS but the one whose replies this thread gathers, if it is among them (DATA then goes to
+        its list). Only while a command's replies are gathered: the usual line costs one test."""
+        gathering = self.gathering.get(threading.get_ident())
+        if gathering is None:
+            return outputs
+        output, replies = gathering
+        if output not in outputs:
+            return outputs
+        replies.append(data)
+        return [other for other in outputs if other is not output]
 
     def _line_up(self, outputs: Iterable[Output], data: bytes, at_once: bool = False) -> None:
         """queue() from another thread, or AT_ONCE in a quiet pass: each output in turn.
