@@ -1055,6 +1055,13 @@ class HistoryEnd(NamedTuple):
     room: str
 
 
+class ReadUpTo(NamedTuple):
+    """Where you have read up to in NAME ('#room', or the nickname of a private conversation): the id of
+    the last line read there."""
+    name: str
+    message_id: int
+
+
 class NowTalking(NamedTuple):
     room: str
 
@@ -1231,9 +1238,10 @@ class PyChatProtocol:
 
     # Events pyChat's lines have no words for: client tags with no text, accounts changing (the person
     # is told in a reply; the others have no need to know), the comings and goings of watched names,
-    # invitations seen by the room (IRC's invite-notify; the invited person is told with Invited), and real
-    # names, which pyChat does not show.
-    UNSAID = frozenset({TagMessage, AccountChanged, CameOnline, WentOffline, InvitedSomeone, RealnameChanged})
+    # invitations seen by the room (IRC's invite-notify; the invited person is told with Invited), real
+    # names, which pyChat does not show, and read positions (for now: the pyChat client has no use for them).
+    UNSAID = frozenset({TagMessage, AccountChanged, CameOnline, WentOffline, InvitedSomeone, RealnameChanged,
+                        ReadUpTo})
 
     def line(self, event: Any) -> str:
         """EVENT as a line of text, as it reads in the receiver's current room."""
@@ -3718,6 +3726,20 @@ class Storage:
                 self._defer(what, "INSERT INTO read_positions VALUES (?, ?, ?) ON CONFLICT (account, target) "
                             "DO UPDATE SET id=max(id, excluded.id)", (key, target, message_id))
 
+    def latest_by_target(self, rooms: Iterable[str], identity: str, after: int, before: int, limit: int,
+                         newest_first: bool = False) -> list[tuple[str, int]]:
+        """The targets among ROOMS and the private conversations of IDENTITY whose latest line has an id
+        between AFTER and BEFORE (both left out), each with that id: the LIMIT oldest, oldest first
+        (NEWEST_FIRST: the LIMIT newest, newest first). It reads every line said since AFTER."""
+        rooms = list(rooms)
+        rows = self._query(
+            f"SELECT target, max(id) FROM messages WHERE id > ? AND (target IN ({','.join('?' * len(rooms))}) "
+            f"OR (substr(target, 1, 1) IN ({','.join('?' * len(PRIVATE_TARGETS))}) "
+            f"AND instr(char(10) || substr(target, 2) || char(10), ?) > 0)) "
+            f"GROUP BY target HAVING max(id) < ? ORDER BY max(id) {'DESC' if newest_first else 'ASC'} LIMIT ?",
+            (after, *rooms, *PRIVATE_TARGETS, f"\n{identity}\n", before, max(0, limit)))
+        return [(target, last) for target, last in rows if isinstance(target, str) and isinstance(last, int)]
+
     def count_after(self, target: str, after: int) -> int:
         """How many lines of TARGET came after the id AFTER."""
         return self._query("SELECT count(*) FROM messages WHERE target=? AND id>?", (target, after))[0][0]
@@ -4171,6 +4193,8 @@ class Person:
         self.bot = False                        # they say they are a program (IRC's user mode +B)
         self.invisible = False                  # left out of WHO masks by those who share no room (IRC's +i)
         self.conversations: set[str] = set()    # a guest's private conversations kept while they are here
+        self.read_up_to: dict[str, int] = {}    # a guest's read positions, while they are here (an account's
+                                                # are kept in the database)
 
     @property
     def muted(self) -> bool:
@@ -5861,6 +5885,83 @@ class ChatServer(socketserver.ThreadingTCPServer):
         held."""
         room = self.rooms.get(target[1:])
         return room.name if room is not None else target[1:]
+
+    # -- history and read positions, by conversation: what IRC's CHATHISTORY and MARKREAD ask -----------
+
+    def conversation(self, viewer: Person, name: str, cost: int = 0) -> tuple[str, str]:
+        """The message target of NAME ('#room', or a nickname) and its name as the server spells it, if VIEWER
+        may read its lines; refused otherwise. A room's lines are for its members; a private conversation is
+        for its two people: an account's from any connection, a guest's while the guest is here (README, "who
+        can read what"). COST entries of the listing budget are paid for reading it."""
+        with self.lock:
+            self._present(viewer)
+            if cost:
+                self._charge(viewer, cost, "History")
+            if name.startswith("#"):
+                room = viewer.rooms.get(name_key(room_name(name)))
+                if room is None:
+                    raise Refused(f"You are not in #{room_name(name)}.", "no-such-room", room=room_name(name))
+                return room_target(room.name), f"#{room.name}"
+            found = self.people.get(name_key(normal_name(name)))
+            if found is viewer:
+                raise Refused("That is you.", "no-such-person", nick=name)
+            if found is not None:
+                return (private_target(viewer.identity, found.identity,
+                                       viewer.account is None or found.account is None), found.nick)
+        registered = self.storage.account_name(normal_name(name))
+        if registered is None or name_key(registered) == viewer.identity:
+            raise Refused(f"No one called {name} is online. /online lists who is.", "no-such-person", nick=name)
+        return private_target(viewer.identity, name_key(registered), viewer.account is None), registered
+
+    def conversations(self, viewer: Person, after: int, before: int, limit: int,
+                      newest_first: bool = False) -> list[tuple[str, int]]:
+        """VIEWER's rooms and private conversations whose latest line has an id between AFTER and BEFORE (both
+        left out), each with that id: the LIMIT oldest, oldest first (NEWEST_FIRST: the newest, newest first).
+        Rooms are named '#room', conversations by the other person's name; a guest who left is left out."""
+        with self.lock:
+            self._present(viewer)
+            self._charge(viewer, SEARCH_COST, "History")
+            rooms = {room_target(room.name): f"#{room.name}" for room in viewer.rooms.values()}
+            identity = viewer.identity
+        found = []
+        for target, last in self.storage.latest_by_target(rooms, identity, after, before, limit, newest_first):
+            if target in rooms:
+                found.append((rooms[target], last))
+                continue
+            other = [part for part in target[1:].split("\n") if part != identity][:1]
+            if not other:
+                continue
+            if other[0].startswith("guest/"):
+                serial = other[0].removeprefix("guest/")
+                with self.lock:
+                    guest = self.by_serial.get(int(serial)) if serial.isascii() and serial.isdigit() else None
+                name = guest.nick if guest is not None and guest.account is None else None
+            else:
+                name = self.storage.account_name(other[0])
+            if name is not None:
+                found.append((name, last))
+        return found
+
+    def read_position(self, person: Person, target: str) -> int | None:
+        """The id of the last line PERSON has read in TARGET (a message target), or None. Takes no lock of
+        the server, so it may be asked under it."""
+        if person.account:
+            return self.storage.read_positions(person.account).get(target)
+        return person.read_up_to.get(target)
+
+    def mark_read(self, person: Person, name: str, message_id: int) -> None:
+        """PERSON has read NAME ('#room', or a nickname) up to the line MESSAGE_ID. The position only moves
+        forward, and never past now; an account's is kept (a guest's only while they are here). They are
+        told where it is now, which is further than MESSAGE_ID if they had read further."""
+        target, shown = self.conversation(person, name)
+        message_id = min(message_id, Storage.message_id_at(time.time()))
+        if person.account:
+            position = max(self.read_position(person, target) or 0, message_id)
+            self.storage.mark_read(person.account, target, position)
+        else:
+            with self.lock:
+                position = person.read_up_to[target] = max(person.read_up_to.get(target, 0), message_id)
+        person.output.send(ReadUpTo(shown, position))
 
     # -- lists: what commands may know, paid for from each person's listing budget ----------
 
