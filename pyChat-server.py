@@ -6851,6 +6851,9 @@ def irc_parse_time(text: str) -> int | None:
     return int(moment.timestamp()) * 1000 + int((fraction or "0").ljust(6, "0")[:3])
 
 
+IRC_LARGEST_ID = 1 << 62                # above every message id, for a range with no end
+
+
 class IrcMessageReference(NamedTuple):
     """Where a CHATHISTORY or MARKREAD reference points, as message ids: a line's msgid, or a timestamp,
     which stands for every line said in its millisecond."""
@@ -6866,7 +6869,8 @@ class IrcMessageReference(NamedTuple):
         kind, _, value = text.partition("=")
         if kind == "msgid":
             number = irc_number(value.partition("-")[0])
-            return None if number is None else cls(number, number, number)
+            # No id is that large (SQLite's integers end at 2**63).
+            return None if number is None or number >= IRC_LARGEST_ID else cls(number, number, number)
         if kind == "timestamp":
             when = irc_parse_time(value)
             return None if when is None else cls(when * 1000 + 999, when * 1000, when * 1000)
@@ -8386,7 +8390,7 @@ class IrcConnection(ClientConnection):
         if subcommand == "LATEST":
             if not references:
                 return storage.latest_messages(conversation, limit)
-            return storage.messages_between(conversation, 1 << 62, references[0].after, limit)
+            return storage.messages_between(conversation, IRC_LARGEST_ID, references[0].after, limit)
         if subcommand == "BEFORE":
             return storage.messages_before(conversation, references[0].before, limit)
         if subcommand == "AFTER":

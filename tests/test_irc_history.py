@@ -245,6 +245,8 @@ def test_wrong_requests_get_the_fail_codes_of_the_specification(irc_server, irc_
     assert failure(alice, "CHATHISTORY BETWEEN #lobby * 10")[:3] == ["CHATHISTORY", "NEED_MORE_PARAMS", "BETWEEN"]
     for request in ("CHATHISTORY BEFORE #lobby * 10", "CHATHISTORY AFTER #lobby msgid=abc 10",
                     "CHATHISTORY AROUND #lobby timestamp=yesterday 10", "CHATHISTORY LATEST #lobby 12345 10",
+                    f"CHATHISTORY BEFORE #lobby msgid={10 ** 20} 10",
+                    "CHATHISTORY AFTER #lobby timestamp=2026-02-30T00:00:00.000Z 10",
                     f"CHATHISTORY TARGETS msgid=1 {AFTER_ALL} 10"):
         assert failure(alice, request)[:2] == ["CHATHISTORY", "INVALID_PARAMS"], request
     assert failure(alice, "CHATHISTORY LATEST #nowhere * 10")[:4] == ["CHATHISTORY", "INVALID_TARGET", "LATEST",
