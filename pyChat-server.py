@@ -3726,19 +3726,21 @@ class Storage:
                 self._defer(what, "INSERT INTO read_positions VALUES (?, ?, ?) ON CONFLICT (account, target) "
                             "DO UPDATE SET id=max(id, excluded.id)", (key, target, message_id))
 
-    def latest_by_target(self, rooms: Iterable[str], identity: str, after: int, before: int, limit: int,
-                         newest_first: bool = False) -> list[tuple[str, int]]:
-        """The targets among ROOMS and the private conversations of IDENTITY whose latest line has an id
-        between AFTER and BEFORE (both left out), each with that id: the LIMIT oldest, oldest first
-        (NEWEST_FIRST: the LIMIT newest, newest first). It reads every line said since AFTER."""
-        rooms = list(rooms)
-        rows = self._query(
-            f"SELECT target, max(id) FROM messages WHERE id > ? AND (target IN ({','.join('?' * len(rooms))}) "
-            f"OR (substr(target, 1, 1) IN ({','.join('?' * len(PRIVATE_TARGETS))}) "
-            f"AND instr(char(10) || substr(target, 2) || char(10), ?) > 0)) "
-            f"GROUP BY target HAVING max(id) < ? ORDER BY max(id) {'DESC' if newest_first else 'ASC'} LIMIT ?",
-            (after, *rooms, *PRIVATE_TARGETS, f"\n{identity}\n", before, max(0, limit)))
-        return [(target, last) for target, last in rows if isinstance(target, str) and isinstance(last, int)]
+    def latest_ids(self, targets: Iterable[str]) -> dict[str, int]:
+        """The id of the latest line of each of TARGETS that has lines: a look-up in the index each."""
+        latest = {}
+        for target in targets:
+            last = self._query("SELECT max(id) FROM messages WHERE target=?", (target,))[0][0]
+            if isinstance(last, int):
+                latest[target] = last
+        return latest
+
+    def guest_conversations(self, identity: str) -> list[str]:
+        """The private conversations with a guest that IDENTITY is one of the two of (their lines last only
+        while the guest is here, so there are few)."""
+        rows = self._query("SELECT DISTINCT target FROM messages WHERE target >= '~' AND target < '\x7f' "
+                           "AND instr(char(10) || substr(target, 2) || char(10), ?) > 0", (f"\n{identity}\n",))
+        return [row[0] for row in rows if isinstance(row[0], str)]
 
     def count_after(self, target: str, after: int) -> int:
         """How many lines of TARGET came after the id AFTER."""
@@ -5213,6 +5215,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     someone.conversations.add(conversation)
             self.storage.add_message(number, time.time(), conversation, person.nick, person.account,
                                      "notice" if notice else "line", text)
+            if not guest:       # how each account knows the conversation is theirs; the line is new to the other
+                self.storage.mark_read(person.account, conversation, number, only_if_new=True)
+                self.storage.mark_read(target.account, conversation, number - 1, only_if_new=True)
             if person.key not in target.ignoring:
                 target.output.send(PrivateFrom(person.nick, text, line_id, client_tags, person.account, notice,
                                                person.bot))
@@ -5913,18 +5918,26 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(f"No one called {name} is online. /online lists who is.", "no-such-person", nick=name)
         return private_target(viewer.identity, name_key(registered), viewer.account is None), registered
 
-    def conversations(self, viewer: Person, after: int, before: int, limit: int,
-                      newest_first: bool = False) -> list[tuple[str, int]]:
+    def conversations(self, viewer: Person, after: int, before: int, limit: int, newest_first: bool = False,
+                      cost: int = 0) -> list[tuple[str, int]]:
         """VIEWER's rooms and private conversations whose latest line has an id between AFTER and BEFORE (both
         left out), each with that id: the LIMIT oldest, oldest first (NEWEST_FIRST: the newest, newest first).
-        Rooms are named '#room', conversations by the other person's name; a guest who left is left out."""
+        Rooms are named '#room', conversations by the other person's name; a guest who left is left out.
+        COST entries of the listing budget are paid for it."""
         with self.lock:
             self._present(viewer)
-            self._charge(viewer, SEARCH_COST, "History")
+            if cost:
+                self._charge(viewer, cost, "History")
             rooms = {room_target(room.name): f"#{room.name}" for room in viewer.rooms.values()}
-            identity = viewer.identity
+            identity, account = viewer.identity, viewer.account
+        # An account's conversations with other accounts are those it has a read position in: the first line
+        # of one writes it (send_private).
+        kept = [target for target in self.storage.read_positions(account) if target.startswith("@")] if account else []
+        latest = self.storage.latest_ids([*rooms, *kept, *self.storage.guest_conversations(identity)])
+        chosen = sorted(((last, target) for target, last in latest.items() if after < last < before),
+                        reverse=newest_first)[:max(0, limit)]
         found = []
-        for target, last in self.storage.latest_by_target(rooms, identity, after, before, limit, newest_first):
+        for last, target in chosen:
             if target in rooms:
                 found.append((rooms[target], last))
                 continue
@@ -6395,8 +6408,7 @@ IRC_MAX_TAG_BYTES = 8191                # the tag section, its '@' and the space
 IRC_MAX_PARAMS = 15
 IRC_MAX_TARGETS = 4                     # of one PRIVMSG, NOTICE or TAGMSG (005's TARGMAX)
 IRC_HISTORY_MOST = 100                  # lines (or conversations) of one CHATHISTORY reply (005's CHATHISTORY)
-IRC_HISTORY_COST = 10                   # entries of the listing budget one CHATHISTORY page costs (TARGETS: a
-                                        # /search's, since it reads every line of its time span)
+IRC_HISTORY_COST = 10                   # entries of the listing budget one CHATHISTORY request costs
 IRC_MAX_LABEL_BYTES = 64                # of a labeled-response label
 IRC_MAX_USERNAME = 10
 IRC_MAX_REALNAME = 50
@@ -8439,9 +8451,10 @@ class IrcConnection(ClientConnection):
         start, end = references
         try:
             if start.at <= end.at:
-                found = self.server.conversations(self.person, start.after, end.before, limit)
+                found = self.server.conversations(self.person, start.after, end.before, limit, cost=IRC_HISTORY_COST)
             else:
-                found = self.server.conversations(self.person, end.after, start.before, limit, newest_first=True)
+                found = self.server.conversations(self.person, end.after, start.before, limit, newest_first=True,
+                                                  cost=IRC_HISTORY_COST)
         except Refused as refusal:
             self.fail_history("MESSAGE_ERROR", "TARGETS", "*", text=str(refusal))
             return
