@@ -5932,7 +5932,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             identity, account = viewer.identity, viewer.account
         # An account's conversations with other accounts are those it has a read position in: the first line
         # of one writes it (send_private).
-        kept = [target for target in self.storage.read_positions(account) if target.startswith("@")] if account else []
+        kept = [target for target in self.storage.read_positions(account)
+                if target.startswith("@") and may_read(target, identity)] if account else []
         latest = self.storage.latest_ids([*rooms, *kept, *self.storage.guest_conversations(identity)])
         chosen = sorted(((last, target) for target, last in latest.items() if after < last < before),
                         reverse=newest_first)[:max(0, limit)]
