@@ -8378,7 +8378,7 @@ class IrcConnection(ClientConnection):
             with self.server.switchboard.gathered(self.output) as replies:
                 self.dispatch(message)
         finally:
-            for line in irc_labeled_reply(label, replies, self.next_batch()):
+            for line in irc_labeled_reply(label, list(map(self.irc_wire_lines, replies)), self.next_batch()):
                 self.send_irc(line)
 
     def next_batch(self) -> str:
@@ -9119,6 +9119,11 @@ class IrcConnection(ClientConnection):
         """One IRC message as it goes on the wire."""
         return line.encode("utf-8") + b"\r\n"
 
+    @staticmethod
+    def irc_wire_lines(data: bytes) -> bytes:
+        """What was made for the wire (irc_bytes, the protocol's encode), as IRC lines ending in CR LF."""
+        return data
+
 
 class IrcListener(socketserver.TCPServer):
     """The IRC port. Its newcomers are admitted by the chat server under the same limits as
@@ -9351,6 +9356,22 @@ def websocket_messages(data: bytes, opcode: int) -> bytes:
     if not data:
         return b""
     return b"".join([websocket_frame(opcode, line) for line in data.split(b"\r\n")[:-1]])
+
+
+def websocket_payloads(data: bytes) -> Iterator[bytes]:
+    """The payloads of the messages in DATA, whole frames this side made (websocket_messages); the inverse
+    of that for what is gathered before it is sent (labeled-response)."""
+    at = 0
+    while at < len(data):
+        opcode, size = data[at] & 0x0F, data[at + 1] & 0x7F
+        start = at + 2
+        if size == 126:
+            size, start = int.from_bytes(data[at + 2:at + 4], "big"), at + 4
+        elif size == 127:
+            size, start = int.from_bytes(data[at + 2:at + 10], "big"), at + 10
+        if opcode in (WS_TEXT, WS_BINARY):
+            yield data[start:start + size]
+        at = start + size
 
 
 def unmask(payload: bytes, key: bytes) -> bytes:
@@ -9684,6 +9705,10 @@ class WebConnection(IrcConnection):
 
     def irc_bytes(self, line: str) -> bytes:
         return websocket_frame(self.message_opcode, line.encode("utf-8"))
+
+    @staticmethod
+    def irc_wire_lines(data: bytes) -> bytes:
+        return b"".join(payload + b"\r\n" for payload in websocket_payloads(data))
 
 
 class WebListener(socketserver.TCPServer):

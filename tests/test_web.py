@@ -354,6 +354,18 @@ def test_pings_are_answered_and_irc_works_as_on_the_irc_port(web_server, web_con
     assert echoed.startswith("@time=")
 
 
+def test_labeled_replies_are_one_message_a_line(web_server, web_connect):
+    client = web_connect(web_server, "labels", capabilities=("labeled-response", "batch", "message-tags"))
+    client.send("@label=one PING :x")
+    assert re.match(r"@label=one :\S+ PONG \S+ x$", client.expect(r"PONG ")), client.seen[-1]
+    client.send("@label=two WHOIS labels")
+    start = client.expect(r"BATCH \+(\S+) labeled-response")
+    assert start.startswith("@label=two ")
+    batch = re.search(r"BATCH \+(\S+)", start).group(1)
+    lines = client.lines_until(rf"BATCH -{batch}")
+    assert len(lines) > 3 and all(line.startswith(f"@batch={batch}") for line in lines[:-1]), lines
+
+
 def test_fragmented_messages_are_joined(web_server, web_connect):
     client = web_connect(web_server, "fragments", capabilities=("echo-message",))
     client.send_raw(frame(TEXT, b"PRIVMSG #lo", fin=False) + frame(PING, b"p") + frame(0, b"bby :in ", fin=False)
