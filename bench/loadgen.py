@@ -78,6 +78,9 @@ class PyChatProtocol:
     def say(self, text: bytes) -> bytes:
         return text + b"\n"
 
+    def unframe(self, client: Client, data: bytes) -> bytes:
+        return data
+
     def pongs(self, complete: bytes) -> bytes:
         return b""
 
@@ -104,7 +107,7 @@ class IrcProtocol:
             if registered:
                 client.inbox = client.inbox[registered.end():]
                 client.stage = 1
-                client.send(b"JOIN %s\r\n" % CHANNEL)
+                client.send(self.wire(b"JOIN %s\r\n" % CHANNEL))
         if client.stage == 1:
             joined = self.joined.search(client.inbox)
             if joined:
@@ -117,13 +120,88 @@ class IrcProtocol:
     def say(self, text: bytes) -> bytes:
         return b"PRIVMSG %s :%s\r\n" % (CHANNEL, text)
 
+    def wire(self, lines: bytes) -> bytes:
+        """LINES (each ending in CR LF) as they go to the server."""
+        return lines
+
+    def unframe(self, client: Client, data: bytes) -> bytes:
+        """What came from the server as lines."""
+        return data
+
     def pongs(self, complete: bytes) -> bytes:
         if b"PING " not in complete:
             return b""
         return b"".join(b"PONG %s\r\n" % arg for arg in self.ping.findall(complete))
 
 
-PROTOCOLS = {"pychat": PyChatProtocol(), "irc": IrcProtocol()}
+class WebSocketProtocol(IrcProtocol):
+    """The same IRC over a WebSocket (RFC 6455, as the IRCv3 WebSocket specification puts IRC on it): an
+    opening handshake, then one line a message. What comes in is unframed into CR LF lines once per chunk,
+    so the rest of the generator (sign-in, deliveries, pongs) reads it as it reads IRC."""
+
+    handshake = (b"GET /socket HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: YmVuY2htYXJrLWNsaWVudA==\r\nSec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Protocol: text.ircv3.net\r\n\r\n") % HOST.encode()
+    MASK = b"\0\0\0\0"      # a client must mask; a key of zeros leaves the payload as it is, at no cost
+
+    def greeting(self, client: Client) -> bytes:
+        client.frames = None    # None until the handshake is answered; then the bytes of a partial frame
+        return self.handshake
+
+    def advance(self, client: Client) -> None:
+        if client.frames is None:
+            end = client.inbox.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if not client.inbox.startswith(b"HTTP/1.1 101 "):
+                client.fail(client.inbox.split(b"\r\n", 1)[0].decode(errors="replace"))
+                return
+            rest, client.inbox, client.frames = client.inbox[end + 4:], b"", b""
+            client.send(self.wire(super().greeting(client)))
+            client.inbox = self.unframe(client, rest)
+        super().advance(client)
+
+    def unframe(self, client: Client, data: bytes) -> bytes:
+        """The lines of the whole messages in what came, each ending in CR LF; a partial frame waits."""
+        if client.frames is None:
+            return data
+        buffer = client.frames + data
+        lines = []
+        at, end = 0, len(buffer)
+        while at + 2 <= end:
+            size, start = buffer[at + 1] & 0x7F, at + 2
+            if size == 126:
+                if at + 4 > end:
+                    break
+                size, start = int.from_bytes(buffer[at + 2:at + 4], "big"), at + 4
+            elif size == 127:
+                if at + 10 > end:
+                    break
+                size, start = int.from_bytes(buffer[at + 2:at + 10], "big"), at + 10
+            if start + size > end:
+                break
+            lines.append(buffer[start:start + size])
+            at = start + size
+        client.frames = buffer[at:]
+        return b"\r\n".join(lines) + b"\r\n" if lines else b""
+
+    def wire(self, lines: bytes) -> bytes:
+        """IRC lines (each ending in CR LF) as masked text frames, one a line."""
+        framed = []
+        for line in lines.split(b"\r\n")[:-1]:
+            size = len(line)
+            head = bytes((0x81, 0x80 | size)) if size < 126 else bytes((0x81, 0xFE)) + size.to_bytes(2, "big")
+            framed.append(head + self.MASK + line)
+        return b"".join(framed)
+
+    def say(self, text: bytes) -> bytes:
+        return self.wire(super().say(text))
+
+    def pongs(self, complete: bytes) -> bytes:
+        return self.wire(super().pongs(complete))
+
+
+PROTOCOLS = {"pychat": PyChatProtocol(), "irc": IrcProtocol(), "websocket": WebSocketProtocol()}
 
 
 class Client:
@@ -329,6 +407,7 @@ class LoadGenerator:
             return
         now_ns = time.perf_counter_ns()
         self.bytes_received += len(data)
+        data = self.protocol.unframe(client, data)
         if client.state == SIGNING_IN:
             client.inbox += data
             self.protocol.advance(client)

@@ -69,7 +69,7 @@ class ServerKind:
     """
 
     name: str
-    protocol: str  # the load the generator speaks to it: "pychat" or "irc"
+    protocol: str  # the load the generator speaks to it: "pychat", "irc" or "websocket" (IRC over WebSocket)
     install_hint: str
     start: Callable[[ServerKind, int, Path], list[str]]
     missing: Callable[[], str | None]
@@ -126,6 +126,12 @@ def pychat_irc_start(kind: ServerKind, port: int, workdir: Path) -> list[str]:
             *pychat_options(kind.notes)]
 
 
+def pychat_web_start(kind: ServerKind, port: int, workdir: Path) -> list[str]:
+    """pyChat with its web port on `port` (the load goes to its WebSocket); its own port is any free one."""
+    return [*pychat_interpreter(), "--host", HOST, "--port", "0", "--web-port", str(port),
+            *pychat_options(kind.notes)]
+
+
 def ngircd_start(kind: ServerKind, port: int, workdir: Path) -> list[str]:
     config = workdir / "ngircd.conf"
     config.write_text(ngircd_config(port))
@@ -160,6 +166,11 @@ SERVER_KINDS = {kind.name: kind for kind in (
     # pyChat's own IRC front door, driven with exactly the load ngircd and miniircd get.
     ServerKind("pychat-irc", "irc", "it comes with a pyChat-server.py that has --irc-port",
                pychat_irc_start, pychat_irc_missing, pychat_version),
+    # pyChat's browser door: the same IRC load over WebSocket frames, beside pychat-irc.
+    ServerKind("pychat-web", "websocket", "it comes with a pyChat-server.py that has --web-port",
+               pychat_web_start, lambda: pychat_missing() or (None if "--web-port" in pychat_help()
+                                                                else "this pyChat-server.py has no --web-port yet"),
+               pychat_version),
     # pyChat with history on, beside pychat (history off), where the cost of keeping lines shows.
     ServerKind("pychat-history", "pychat", "it comes with a pyChat-server.py that has --history-days",
                pychat_history_start, lambda: pychat_missing() or (None if "--history-days" in pychat_help()
