@@ -568,6 +568,9 @@ def targets(results: list[dict], plan: Plan) -> list[tuple[str, bool | str | Non
             (f"fanout {case}: server CPU per delivery with history on <= 1.1x off",
              *ratio_target(results, "fanout", case, "server_cpu_s_per_m", "pychat", 1.1, False,
                            server="pychat-history")),
+            (f"fanout {case}: server CPU per delivery over WebSocket <= 1.3x IRC",
+             *ratio_target(results, "fanout", case, "server_cpu_s_per_m", "pychat-irc", 1.3, False,
+                           server="pychat-web")),
         ]
     rows += [
         ("max: deliveries/s >= 0.9x ngircd",

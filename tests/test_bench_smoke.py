@@ -61,6 +61,19 @@ def test_quick_benchmark_delivers_every_line_to_pychat_clients(quick_run, scenar
         f"{scenario}: expected the CPU of two generator processes, got {shares}"
 
 
+def test_the_websocket_load_reaches_every_browser_door_client():
+    completed = subprocess.run([sys.executable, str(BENCH), "--quick", "--servers", "pychat-web", "--scenarios",
+                                "fanout"], cwd=ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S,
+                               stdin=subprocess.DEVNULL)
+    results = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    assert completed.returncode == 0 and results, f"bench.py exited {completed.returncode}:\n{completed.stderr[-2000:]}"
+    result = results[0]
+    assert result["server"] == "pychat-web" and result["failed"] == 0, result
+    assert result["deliveries"] == result["expected"] > 0, result
+    for check in ("lost", "malformed", "duplicates", "gaps"):
+        assert result[check] == 0, f"{check} {result[check]}: {result}"
+
+
 def test_quick_benchmark_signs_everyone_in(quick_run):
     completed, results = quick_run
     connect = [r for r in results if r["server"] == "pychat" and r["scenario"] == "connect"]
