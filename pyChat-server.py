@@ -536,7 +536,8 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
 
 # What a reload (SIGHUP, /rehash) cannot change while the server runs: they keep their value until a restart.
 # Everything else applies at once, to new connections for what is settled when one comes in (TLS, --rate).
-RESTART_OPTIONS = ("host", "port", "irc_port", "web_port", "server_name", "data_dir", "history_days", "history_max_mb", "history")
+RESTART_OPTIONS = ("host", "port", "irc_port", "web_port", "server_name", "data_dir", "history_days", "history_max_mb",
+                   "history")
 
 
 def shown_option(dest: str, value: Any) -> str:
@@ -9164,7 +9165,8 @@ WEB_MAX_FILE_BYTES = 1 << 20       # the web client's files are small; a bigger 
 # The files of web/ that are served, by their ending; nothing else in the folder (no subfolder, no dot file).
 WEB_FILE_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
                   ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
-                  ".ico": "image/x-icon", ".webmanifest": "application/manifest+json", ".txt": "text/plain; charset=utf-8"}
+                  ".ico": "image/x-icon", ".webmanifest": "application/manifest+json",
+                  ".txt": "text/plain; charset=utf-8"}
 _WEB_FILE_NAME = re.compile(r"/([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)\Z")
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _HTTP_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
@@ -9879,8 +9881,9 @@ def main(argv: list[str] | None = None) -> int:
                          daemon=True).start()
     if server.web is not None:
         web_host, web_port = server.web.server_address[:2]
-        print(f"pyChat {VERSION} listening for browsers on {'https' if server.tls else 'http'}://{web_host}:{web_port}/",
-              file=sys.stderr, flush=True)
+        scheme = "https" if server.tls else "http"
+        print(f"pyChat {VERSION} listening for browsers on {scheme}://{web_host}:{web_port}/", file=sys.stderr,
+              flush=True)
         threading.Thread(target=server.web.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept-web",
                          daemon=True).start()
     serving = threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept", daemon=True)

@@ -786,7 +786,8 @@ const rgb = text => (text.match(/[\\d.]+/g) || []).map(Number);
 return [...document.querySelectorAll(arguments[0])].filter(e => e.offsetParent !== null).map(e => {
   let back = e;
   while (back && (getComputedStyle(back).backgroundColor === "rgba(0, 0, 0, 0)")) back = back.parentElement;
-  return [e.textContent.slice(0, 30), rgb(getComputedStyle(e).color), rgb(getComputedStyle(back || document.body).backgroundColor)];
+  const behind = getComputedStyle(back || document.body).backgroundColor;
+  return [e.textContent.slice(0, 30), rgb(getComputedStyle(e).color), rgb(behind)];
 });
 """
 
