@@ -24,6 +24,7 @@ import collections
 import configparser
 import contextlib
 import datetime
+import math
 import os
 import re
 import selectors
@@ -75,6 +76,8 @@ PASTE_LIMIT = 1_000_000             # characters of one paste; more is dropped, 
 PASTE_TAB_SIZE = 4                  # a pasted Tab becomes spaces up to the next multiple of this
 PASTE_TIMEOUT = 1.0                 # a paste whose end marker has not come in this long is over
 QUIT_AGAIN_SECONDS = 2.0            # Ctrl-C on an empty line twice within this leaves
+READ_REPORT_INTERVAL = 2.0          # seconds between two /read of one room or conversation
+PRESENT_AFTER_TYPING = 300.0        # without focus reports: typed this recently = at the terminal
 RECONNECT_DELAYS = (1, 2, 4, 8, 15, 30, 60)   # seconds before each try, the last one repeating
 
 # Commands every pyChat server has; names seen in /help replies are added.
@@ -88,8 +91,8 @@ STANDARD_COMMANDS = (
 # The protocol: kinds of server lines, sign-in prompts, who is online
 # ---------------------------------------------------------------------------
 
-CHAT, ACTION, NOTICE, REPLY, ERROR, PRIVATE, HISTORY, OFFLINE = (
-    "chat", "action", "notice", "reply", "error", "private", "history", "offline")
+CHAT, ACTION, NOTICE, REPLY, ERROR, PRIVATE, HISTORY, OFFLINE, READ = (
+    "chat", "action", "notice", "reply", "error", "private", "history", "offline", "read")
 
 PASSWORD_PROMPT = "*** Password:"
 NICKNAME_PROMPT = "*** Choose a nickname:"
@@ -118,6 +121,11 @@ HISTORY_PREFIX = re.compile(r"\[history (\S+)\] ")
 OFFLINE_PREFIX = re.compile(r"\[offline (\S+) from ([^\]\s]+)\] ")
 OFFLINE_NOTICE = re.compile(r"\*\*\* (?:\d+ messages? (?:was|were) left for you while you were away:"
                             r"|End of messages left for you\.)$")
+# "[read #dev]", "[read bob]": one of my sessions has read everything up to now there; never shown.
+READ_MARKER = re.compile(r"\[read (#[^\s\]]+|[^\s\]#]+)\]$")
+# The head of a room's or a conversation's catch-up at sign-in; its time is shown in my time zone.
+CATCH_UP = re.compile(r"\*\*\* \d+ new (?:in #[^\s,;]+|with [^\s,;]+) since (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
+UNKNOWN_READ_COMMAND = re.compile(r"!! Unknown command /read\b", re.IGNORECASE)   # a server without /read
 FLOOD_LIMIT = re.compile(r"Flood limit: (\d{1,6}) lines at once, then (\d{1,6}(?:\.\d{1,6})?) a second")
 PRIVATE_PREFIX = re.compile(r"\[pm (from|to) ([^\]\s]+)\] ")
 CHAT_PREFIX = re.compile(r"([^\s:]+): ")
@@ -217,7 +225,7 @@ class Message:
     kind: str
     text: str                 # the whole line
     nick: str = ""            # who spoke (chat, action, private, history)
-    body: str = ""            # what they said, or the text after the marker
+    body: str = ""            # what they said, or the text after the marker (read: "#dev" or "bob")
     outgoing: bool = False    # private: the copy of one you sent
     time: Optional[datetime.datetime] = None  # history: when it was said; offline: when it was left
     said: Optional["Message"] = None  # history: the original chat or action line
@@ -241,6 +249,10 @@ def classify_untagged(line: str) -> Message:
         if match:
             said = classify_untagged(line[match.end():])
             return Message(HISTORY, line, said.nick, said.body, time=utc_time(match.group(1)), said=said)
+    if line.startswith("[read "):
+        match = READ_MARKER.match(line)
+        if match:
+            return Message(READ, line, body=match.group(1))
     if line.startswith("[offline "):
         match = OFFLINE_PREFIX.match(line)
         if match:
@@ -359,7 +371,10 @@ class Rooms:
 
     The current room changes only when the server says so ("You are in",
     "Now talking in"), never when /join is sent: lines already on their way
-    belong to the room that was current when the server queued them.
+    belong to the room that was current when the server queued them. The
+    same lines tagged with their room ("#dev *** You are in #dev ...") come
+    when another session of my account enters or leaves a room: the room is
+    added or removed, and my current room stays.
     """
 
     def __init__(self) -> None:
@@ -376,12 +391,20 @@ class Rooms:
 
     def enter(self, room: str) -> None:
         """The server made room current (adding it to mine if I was not in it)."""
+        self.add(room)
+        self.current = room
+        self.read(room)
+
+    def add(self, room: str) -> None:
+        """I am in room too (another session of mine entered it); the current room stays."""
         if self._index(room) < 0:
             self.joined.append(room)
-        self.current = room
+        self.see(room)
+
+    def read(self, room: str) -> None:
+        """Everything in room has been seen, here or on another session of mine."""
         self.unread.pop(room.casefold(), None)
         self.mentioned.discard(room.casefold())
-        self.see(room)
 
     def leave(self, room: str) -> None:
         """I am no longer in room."""
@@ -401,6 +424,11 @@ class Rooms:
 
         My own lines in another room (said with /msg #ROOM) are not unread.
         """
+        if message.kind == READ:
+            if message.body.startswith("#"):
+                self.read(message.body[1:])
+                return True
+            return False
         if message.room:
             self.see(message.room)
             if (message.kind in (CHAT, ACTION) and message.room.casefold() != self.current.casefold()
@@ -410,6 +438,12 @@ class Rooms:
                 if mentioned:
                     self.mentioned.add(key)
                 return True
+            if message.kind == NOTICE:   # another session of mine entered or left a room
+                entered = ENTERED_ROOM.match(message.text)
+                if entered:
+                    self.add(entered.group(1))
+                    return True
+                return self._left(message.text)
             return False
         if message.kind not in (NOTICE, REPLY):
             return False
@@ -420,8 +454,12 @@ class Rooms:
             if match:
                 self.enter(match.group(1))
                 return True
+        return self._left(message.text)
+
+    def _left(self, line: str) -> bool:
+        """Follow "You left #ROOM" and "You were kicked from #ROOM"; whether it was one of them."""
         for pattern in (LEFT_ROOM, KICKED_FROM_ROOM):
-            match = pattern.match(message.text)
+            match = pattern.match(line)
             if match:
                 self.leave(match.group(1))
                 return True
@@ -462,6 +500,103 @@ def mentions(message: Message, me: str) -> bool:
 def mention_pattern(me: str) -> re.Pattern:
     """My nickname as a whole word, ignoring case."""
     return re.compile(r"(?<![\w-])" + re.escape(me) + r"(?![\w-])", re.IGNORECASE)
+
+
+class Presence:
+    """Whether the person is at the terminal, for what counts as read.
+
+    Where the terminal reports focus (it has sent one report), they are
+    while it has the focus; where it never does, while they typed something
+    in the last PRESENT_AFTER_TYPING seconds (starting the client counts).
+    """
+
+    def __init__(self, now: float) -> None:
+        self.focus: Optional[bool] = None   # None until the terminal reports it
+        self.typed_at = now
+
+    def at_terminal(self, now: float) -> bool:
+        """Whether the person is at the terminal now."""
+        if self.focus is not None:
+            return self.focus
+        return now - self.typed_at < PRESENT_AFTER_TYPING
+
+    def typed(self, now: float) -> bool:
+        """A key was pressed; returns whether that brought the person back."""
+        back = not self.at_terminal(now)
+        self.typed_at = now
+        return back and self.focus is None
+
+    def focus_changed(self, focus: bool, now: float) -> bool:
+        """The terminal gained or lost the focus; returns whether that brought the person back."""
+        back = focus and not self.at_terminal(now)
+        self.focus = focus
+        return back
+
+
+class ReadReports:
+    """Which rooms and conversations to report as read (/read #ROOM, /read NICK), and when.
+
+    A target is reported when one of its lines is shown to a person at the
+    terminal (a line of the current room, a private message) or when it
+    becomes the current room, and only if something of it was shown since
+    its last report; at most once per READ_REPORT_INTERVAL. What was shown
+    while the person was away is reported when they come back (the current
+    room and private conversations; another room is read by switching to it).
+    Targets are kept casefolded: "#dev" and "#Dev" are one.
+    """
+
+    def __init__(self) -> None:
+        self.news: set[str] = set()          # targets with lines shown since their last report
+        self.due: dict[str, str] = {}        # to report as soon as the interval allows: key -> as written
+        self.away: dict[str, str] = {}       # read-worthy while the person was away
+        self.sent_at: dict[str, float] = {}  # key -> when it was last reported
+
+    def shown(self, target: str, reads_it: bool, present: bool) -> None:
+        """A line of target was shown; reads_it: a line of the current room or a private message."""
+        self.news.add(target.casefold())
+        if reads_it:
+            self._read(target, present)
+
+    def switched(self, room: str, present: bool) -> None:
+        """room ("#dev") became current: switching to a room reads it."""
+        if room.casefold() in self.news:
+            self._read(room, present)
+
+    def _read(self, target: str, present: bool) -> None:
+        (self.due if present else self.away)[target.casefold()] = target
+
+    def came_back(self, current_room: str) -> None:
+        """The person is at the terminal again: what was shown meanwhile in the current room
+        and in private conversations is read."""
+        for key, target in self.away.items():
+            if key == current_room.casefold() or not key.startswith("#"):
+                self.due[key] = target
+        self.away.clear()
+
+    def _allowed_at(self, key: str) -> float:
+        return self.sent_at.get(key, -math.inf) + READ_REPORT_INTERVAL
+
+    def next_due(self) -> Optional[float]:
+        """When the soonest due report may go (monotonic seconds), or None if none is due."""
+        return min((self._allowed_at(key) for key in self.due), default=None)
+
+    def ready(self, now: float) -> list[str]:
+        """The targets whose report may go now, as written."""
+        return [target for key, target in self.due.items() if now >= self._allowed_at(key)]
+
+    def reported(self, target: str, now: float) -> None:
+        """A report of target went to the server."""
+        key = target.casefold()
+        self.due.pop(key, None)
+        self.news.discard(key)
+        self.sent_at[key] = now
+
+    def forget(self) -> None:
+        """The connection is gone: a new one has read positions of its own to start from."""
+        self.news.clear()
+        self.due.clear()
+        self.away.clear()
+        self.sent_at.clear()
 
 
 # ---------------------------------------------------------------------------
@@ -511,6 +646,9 @@ ESC = "\x1b"
 # Bracketed paste: the terminal wraps pasted text in these, so it is text, not keys.
 PASTE_ON, PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
+# Focus reporting: the terminal then sends ESC [ I when it gains the focus and ESC [ O when it loses it.
+FOCUS_ON, FOCUS_OFF = "\x1b[?1004h", "\x1b[?1004l"
+FOCUS_KEYS = {"I": "focus-in", "O": "focus-out"}
 
 
 class KeyDecoder:
@@ -520,7 +658,8 @@ class KeyDecoder:
     a paste. The rest waits for the next read; a lone ESC is the Esc key
     once flush() is called after ESCAPE_TIMEOUT without more input. Pasted
     text comes out whole as one Key("paste", text), up to PASTE_LIMIT
-    characters (the rest is counted in `paste_dropped`).
+    characters (the rest is counted in `paste_dropped`). The terminal's
+    focus reports are keys too ("focus-in", "focus-out"), never text.
     """
 
     def __init__(self) -> None:
@@ -639,6 +778,8 @@ def escape_sequence(chars: str, start: int) -> tuple[int, str]:
     final, parameters = chars[end], chars[start + 2:end]
     if final == "~":
         return end + 1 - start, TILDE_KEYS.get(parameters.split(";")[0], "")
+    if not parameters and final in FOCUS_KEYS:
+        return end + 1 - start, FOCUS_KEYS[final]
     return end + 1 - start, SEQUENCE_KEYS.get(final, "")
 
 
@@ -1014,6 +1155,9 @@ def render_body(message: Message, painter: Painter, me: str) -> tuple[list[Span]
     kind, text = message.kind, message.text
     if kind == HISTORY:
         said = message.said or classify_untagged(text)
+        if said.kind == PRIVATE:   # a private message of a catch-up: labelled as a live one
+            label = private_label(said)
+            return [Span(label, "private"), Span(" "), Span(said.body, "history")], text_width(label) + 1
         return [Span(said.text, "history")], said_offset(said)
     if kind == OFFLINE:   # apart from live private messages: who left it, and when (in my time zone)
         left = f", left {local_time(message.time):%Y-%m-%d %H:%M}" if message.time else ""
@@ -1022,6 +1166,10 @@ def render_body(message: Message, painter: Painter, me: str) -> tuple[list[Span]
     if kind == NOTICE:
         if OFFLINE_NOTICE.match(text):
             return [Span(text, "offline")], 4
+        catch_up = CATCH_UP.match(text)
+        when = utc_time(catch_up.group(1)) if catch_up else None
+        if when:   # "*** 37 new in #dev since 2026-12-06 19:02 ...", in my time zone
+            text = text[:catch_up.start(1)] + f"{local_time(when):%Y-%m-%d %H:%M}" + text[catch_up.end(1):]
         return [Span(text, "topic" if TOPIC_NOTICE.match(text) else "notice")], 4
     if kind in (REPLY, ERROR):
         return [Span(text, kind)], 3
@@ -1029,12 +1177,17 @@ def render_body(message: Message, painter: Painter, me: str) -> tuple[list[Span]
     if kind == ACTION:
         spans = [Span("* ", "action"), Span(message.nick, painter.nick_style(message.nick)), Span(" ")]
     elif kind == PRIVATE:
-        spans = [Span(f"[pm {'to' if message.outgoing else 'from'} {message.nick}]", "private"), Span(" ")]
+        spans = [Span(private_label(message), "private"), Span(" ")]
     elif message.nick:
         spans = [Span(message.nick, painter.nick_style(message.nick)), Span(": ")]
     else:
         spans = []
     return spans + said, sum(text_width(span.text) for span in spans)
+
+
+def private_label(message: Message) -> str:
+    """"[pm from bob]" or "[pm to bob]"."""
+    return f"[pm {'to' if message.outgoing else 'from'} {message.nick}]"
 
 
 def said_offset(message: Message) -> int:
@@ -1145,10 +1298,13 @@ class TerminalDisplay:
 
     RECENT_LINES = 500
 
-    def __init__(self, out: TextIO, editor: LineEditor, painter: Painter) -> None:
+    def __init__(self, out: TextIO, editor: LineEditor, painter: Painter, focus_report: bool = True) -> None:
         self.out = out
         self.editor = editor
         self.painter = painter
+        # Turned on at start, off at close: bracketed paste, and focus reports unless --no-focus-report.
+        self.modes_on = PASTE_ON + (FOCUS_ON if focus_report else "")
+        self.modes_off = PASTE_OFF + (FOCUS_OFF if focus_report else "")
         self.prompts: list[list[Span]] = [[Span("> ")]]
         self.secret = False       # typing a password: show nothing of it
         self.recent: collections.deque[Rendered] = collections.deque(maxlen=self.RECENT_LINES)
@@ -1163,8 +1319,8 @@ class TerminalDisplay:
             return 24, 80
 
     def start(self) -> None:
-        """Take the screen: bracketed paste on, the scroll region above the input row."""
-        self.out.write(PASTE_ON)
+        """Take the screen: bracketed paste (and focus reports) on, the scroll region above the input row."""
+        self.out.write(self.modes_on)
         self._set_region()
         self.out.write(f"\x1b[{self.rows - 1};1H")
         self.redraw()
@@ -1216,8 +1372,9 @@ class TerminalDisplay:
         self.out.flush()
 
     def close(self) -> None:
-        """Give the screen back: no scroll region, no bracketed paste, the cursor on an empty bottom row."""
-        self.out.write(f"\x1b[r\x1b[{self.rows};1H\x1b[K" + PASTE_OFF)
+        """Give the screen back: no scroll region, no bracketed paste nor focus reports, the cursor on an
+        empty bottom row."""
+        self.out.write(f"\x1b[r\x1b[{self.rows};1H\x1b[K" + self.modes_off)
         self.out.flush()
 
 
@@ -1475,6 +1632,10 @@ class ChatClient:
         self.keys_read_at = 0.0
         self.roster = Roster()
         self.rooms = Rooms()
+        self.presence = Presence(time.monotonic())
+        self.reads = ReadReports()
+        self.reporting = interactive      # tell the server what the person has read (/read)
+        self.read_reported = False        # a /read went on this connection
         self.me = ""                      # my nickname once the server has welcomed me
         self.online = False               # signed in on the present connection
         self.answering: Optional[Question] = None   # what the server asks, while it waits for my answer
@@ -1548,6 +1709,9 @@ class ChatClient:
             yield self.piped_greeting_deadline
         if self.retry_at:
             yield self.retry_at
+        due = self.reads.next_due() if self.reporting and self.online and not self.leaving else None
+        if due is not None:
+            yield max(due, time.monotonic() + (self.pacer.wait() if self.pacer else 0.0))
 
     def _timeout(self) -> Optional[float]:
         if self.connection and self.connection.more:
@@ -1652,6 +1816,7 @@ class ChatClient:
         self.asked_online = False
         self.leaving = False
         self.heard = False
+        self.reporting, self.read_reported = self.interactive, False
         self.greeting_deadline = time.monotonic() + GREETING_TIMEOUT
         # In a terminal, the person waiting sees the hint and can leave; a CI job would hang.
         self.piped_greeting_deadline = 0.0 if self.interactive else time.monotonic() + PIPED_GREETING_TIMEOUT
@@ -1695,6 +1860,7 @@ class ChatClient:
             self.rejoin = [room for room in self.rooms.joined
                            if room.casefold() != self.rooms.current.casefold()] + [self.rooms.current]
         self.online = False
+        self.reads.forget()
         self._say(f"disconnected: {why}")
         self._wait_to_retry()
 
@@ -1806,6 +1972,7 @@ class ChatClient:
                 self.answers["account password"], self.new_account_password = self.new_account_password, None
         self.put_out = put_out_reason(line) or self.put_out
         mentioned = mentions(message, self.me)
+        current_before = self.rooms.current
         if self.rooms.learn(message, mentioned, self.me) or message.room:
             if self.rejoin_due and self.rooms.current:
                 self._go_back_to_rooms()
@@ -1813,10 +1980,42 @@ class ChatClient:
         if line == FAREWELL:
             self.leaving = True
             self.leave_deadline = time.monotonic() + QUIT_TIMEOUT
+        if message.kind == READ:
+            return
+        if self.read_reported and message.kind == ERROR and UNKNOWN_READ_COMMAND.match(line):
+            self.reporting = False   # a server that keeps no read positions
+            return
         if self.quiet and message.kind != ERROR:
             return
         ring = self.bell and (mentioned or (message.kind == PRIVATE and not message.outgoing))
         self.display.show(render(message, self.painter, self.me), bell=ring)
+        if self.reporting and self.online:
+            self._note_shown(message, current_before)
+
+    def _note_shown(self, message: Message, current_before: str) -> None:
+        """Note what the person was just shown, for the read positions (see ReadReports)."""
+        present = self.presence.at_terminal(time.monotonic())
+        current = self.rooms.current
+        if current and current.casefold() != current_before.casefold():
+            self.reads.switched("#" + current, present)
+        said = message.said if message.kind == HISTORY and message.said else message
+        if said.kind == PRIVATE:
+            self.reads.shown(said.nick, True, present)
+        elif said.kind in (CHAT, ACTION) and said.nick and (message.room or current):
+            self.reads.shown("#" + (message.room or current), not message.room, present)
+
+    def _report_reads(self) -> None:
+        """Tell the server which rooms and conversations the person has read: after the lines
+        they typed, and within the flood limit."""
+        if not (self.reporting and self.online and self.connection) or self.leaving or self.outgoing:
+            return
+        now = time.monotonic()
+        for target in self.reads.ready(now):
+            if self.pacer and not self.pacer.take():
+                return
+            self.reads.reported(target, now)
+            self.read_reported = True
+            self._send_now(f"/read {target}")
 
     def _answer(self, question: Question) -> None:
         """The server asks a sign-in question: answer from the options (once), else ask the user."""
@@ -1874,6 +2073,7 @@ class ChatClient:
         while (self.outgoing and self.online and self.connection and not self.leaving
                and (self.pacer is None or self.pacer.take())):
             self._send_now(self.outgoing.popleft())
+        self._report_reads()
         if not self.interactive:
             # Read no further ahead than the backlog: a long file is not loaded whole.
             if len(self.outgoing) > OUTGOING_BACKLOG:
@@ -1969,6 +2169,8 @@ class ChatClient:
         for key in keys:
             if self.exit_code is not None:
                 return
+            if self._attend(key):
+                continue
             if self.pending_paste:
                 if key.name == "enter":
                     self._paste_answered(True)
@@ -2002,6 +2204,15 @@ class ChatClient:
                 self._switch_to(self.rooms.numbered(int(key.name[4:])))
         if self.exit_code is None:
             self._update_prompt()
+
+    def _attend(self, key: Key) -> bool:
+        """Follow whether the person is at the terminal; returns whether the key was a focus report."""
+        now = time.monotonic()
+        focus_report = key.name in ("focus-in", "focus-out")
+        if (self.presence.focus_changed(key.name == "focus-in", now) if focus_report
+                else self.presence.typed(now)):
+            self.reads.came_back("#" + self.rooms.current)   # what was shown meanwhile is read now
+        return focus_report
 
     def _on_ctrl_c(self) -> None:
         """Ctrl-C clears a typed line (Up brings it back); on an empty line, twice within 2 s leaves."""
@@ -2128,7 +2339,7 @@ def port_number(text: str) -> int:
 
 CONFIG_SECTION = "pychat"
 CONFIG_TEXT_SETTINGS = ("host", "nick", "cafile")
-CONFIG_YES_NO_SETTINGS = ("tls", "insecure", "color", "bell")
+CONFIG_YES_NO_SETTINGS = ("tls", "insecure", "color", "bell", "focus_report")
 
 
 def config_path(environment: dict[str, str]) -> str:
@@ -2191,7 +2402,7 @@ def parse_options(argv: Optional[list[str]], environment: Optional[dict[str, str
                     "pipe or a file, each line is sent as a message, then the client leaves.",
         epilog=f"settings file (read when it exists; options given here win):\n  {path}\n"
                f"an INI file with a [{CONFIG_SECTION}] section holding any of host, port, nick, tls,\n"
-               "cafile, insecure, color and bell, as in \"port = 25000\" or \"tls = yes\".")
+               "cafile, insecure, color, bell and focus_report, as in \"port = 25000\" or \"tls = yes\".")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"server to connect to (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
@@ -2226,6 +2437,11 @@ def parse_options(argv: Optional[list[str]], environment: Optional[dict[str, str
     parser.add_argument("--insecure", action=argparse.BooleanOptionalAction, default=False,
                         help="TLS without checking the certificate (anyone in between can read "
                              "the chat); implies --tls")
+    parser.add_argument("--focus-report", action=argparse.BooleanOptionalAction, default=True,
+                        help="ask the terminal to say when it gains and loses the focus, so that what "
+                             "arrives while you are in another window is not reported to the server as "
+                             "read; --no-focus-report for a terminal that misbehaves (then you count as "
+                             "present for 5 minutes after a key)")
     parser.add_argument("--version", action="version", version=f"pyChat client {VERSION}")
     try:
         parser.set_defaults(**load_settings(path))
@@ -2272,7 +2488,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     painter = Painter(colour)
     editor = LineEditor()
-    display = TerminalDisplay(sys.stdout, editor, painter) if interactive else PlainDisplay(sys.stdout)
+    display = (TerminalDisplay(sys.stdout, editor, painter, options.focus_report) if interactive
+               else PlainDisplay(sys.stdout))
     keyboard = windows_keyboard_socket(interactive) if os.name == "nt" else None
     client = ChatClient(Connection(sock), display, editor, painter, interactive=interactive,
                         nick=options.nick, password=options.password, bell=options.bell,
