@@ -389,6 +389,10 @@ class Rooms:
         keys = [name.casefold() for name in self.joined]
         return keys.index(room.casefold()) if room.casefold() in keys else -1
 
+    def __contains__(self, room: str) -> bool:
+        """Whether I am in room."""
+        return self._index(room) >= 0
+
     def enter(self, room: str) -> None:
         """The server made room current (adding it to mine if I was not in it)."""
         self.add(room)
@@ -1655,6 +1659,7 @@ class ChatClient:
         self.leave_deadline = 0.0
         self.rejoin: Optional[list[str]] = None    # my rooms when the connection was lost, current last
         self.rejoin_due = False           # signed in again: go back once the first room is entered
+        self.account = False              # this connection signs in to an account: the server keeps its rooms
         self.retries = 0
         self.retry_at = 0.0               # when to try to connect again; 0 when not waiting
         self.finished_work: collections.deque[tuple[Callable[[object], None], object]] = collections.deque()
@@ -1817,6 +1822,7 @@ class ChatClient:
         self.leaving = False
         self.heard = False
         self.reporting, self.read_reported = self.interactive, False
+        self.account = False
         self.greeting_deadline = time.monotonic() + GREETING_TIMEOUT
         # In a terminal, the person waiting sees the hint and can leave; a CI job would hang.
         self.piped_greeting_deadline = 0.0 if self.interactive else time.monotonic() + PIPED_GREETING_TIMEOUT
@@ -1952,9 +1958,12 @@ class ChatClient:
             self.pacer = Pacer(*limit)
         if self.asked_online and ONLINE.match(line):
             self.asked_online = False
+            if self.rejoin_due:   # the reply comes after what the server sends at sign-in: my rooms are back
+                self._go_back_to_rooms()
             return
         question = sign_in_question(line.rstrip()) if not self.online else None
         if question:
+            self.account = self.account or question.answer == "account password"
             self._answer(question)
             return
         if not self.online:
@@ -1974,7 +1983,7 @@ class ChatClient:
         mentioned = mentions(message, self.me)
         current_before = self.rooms.current
         if self.rooms.learn(message, mentioned, self.me) or message.room:
-            if self.rejoin_due and self.rooms.current:
+            if self.rejoin_due and self.rooms.current and not self.account:
                 self._go_back_to_rooms()
             self._update_prompt(draw=False)
         if line == FAREWELL:
@@ -2054,10 +2063,20 @@ class ChatClient:
         self._register_input()
 
     def _go_back_to_rooms(self) -> None:
-        """After signing in again: join the rooms I was in (with their keys), the current one last."""
+        """After signing in again: join the rooms I was in (with their keys), the current one last.
+
+        An account's rooms are the server's to keep: it has put me back in them by the time it
+        answers /online, without those another session of mine left meanwhile (joining them would
+        take that back, and leaving one would leave it on every session). So for an account, only
+        the current room is made what it was, if it is still mine.
+        """
         home = self.rooms.current   # where the server put me on signing in
         wanted = [room for room in self.rejoin or [] if room]
         self.rejoin, self.rejoin_due = None, False
+        if self.account:
+            if wanted and wanted[-1] in self.rooms and wanted[-1].casefold() != home.casefold():
+                self.outgoing.appendleft(f"/join #{wanted[-1]}")
+            return
         lines = []
         for number, room in enumerate(wanted, 1):
             if room.casefold() != home.casefold() or number == len(wanted) > 1:

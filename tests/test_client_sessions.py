@@ -252,3 +252,41 @@ def test_the_catch_up_is_shown_in_local_time_not_counted_unread_and_read_when_sh
     assert b"\x1b[1;35m[pm from bob]\x1b[0m" in alice.output
     alice.wait_for_input_line("alice #lobby> ")           # no unread count for #dev's history
     assert sorted(fake_server.expect(r"/read") for _ in range(2)) == ["/read #lobby", "/read bob"]
+
+
+def sign_in_to_account(fake_server, rooms: tuple[str, ...]) -> None:
+    """Accept the client, take its nickname and account password, and put it back in ROOMS (the last current),
+    then answer the /online it asks on arrival."""
+    fake_server.accept()
+    fake_server.send("*** pyChat 3.0.0: 1 online.", "*** Choose a nickname:")
+    fake_server.expect(r"alice$")
+    fake_server.send("*** Password for alice:")
+    fake_server.expect(r"s3cret-enough$")
+    fake_server.send("*** Welcome, alice! Type /help for the commands.",
+                     *(f"*** You are in #{room}, alone for now." for room in rooms))
+    fake_server.expect(r"/online$")
+    fake_server.send("-- 1 online: alice (#" + rooms[-1] + ")")
+
+
+@pytest.mark.parametrize("kept, joined", [
+    (("lobby", "ops", "dev", "design"), "/join #ops"),  # the server's current room is another session's
+    (("lobby", "dev"), None),                           # another session left #ops: it stays left
+])
+def test_an_account_coming_back_keeps_the_rooms_the_server_kept_and_only_its_current_room(fake_server, run_client,
+                                                                                         kept, joined):
+    alice = run_client(fake_server, "--nick", "alice", env={"PYCHAT_ACCOUNT_PASSWORD": "s3cret-enough"})
+    sign_in_to_account(fake_server, ("lobby", "dev", "ops"))
+    alice.wait_for_input_line("alice #ops> ")
+    fake_server.hang_up()
+    alice.wait_for_row(r"-!- connecting again in 1 s")
+    start = len(fake_server.heard)
+    sign_in_to_account(fake_server, kept)
+    fake_server.send("*** after the reply to /online")
+    alice.wait_for_row(r"\*\*\* after the reply to /online$")
+    alice.type("said\r")
+    assert fake_server.expect(NOT_SENT_BY_ITSELF) == ("said" if joined is None else joined)
+    if joined:
+        fake_server.send("*** Now talking in #ops.")
+        alice.wait_for_input_line("alice #ops> ")
+        assert fake_server.expect(NOT_SENT_BY_ITSELF) == "said"
+    assert not [line for line in fake_server.heard[start:] if line.startswith(("/leave", "/part"))]
