@@ -1223,15 +1223,15 @@ def render_local(text: str, now: Optional[datetime.datetime] = None) -> Rendered
                     STAMP_WIDTH + len(LOCAL_MARKER))
 
 
-def day_of(message: Message, now: datetime.datetime) -> datetime.date:
-    """The day a line was said, in my time zone: a history line's own, any other today."""
+def history_day(message: Message) -> Optional[datetime.date]:
+    """The day a history line was said, in my time zone; None for other lines."""
     if message.kind == HISTORY and message.time:
         return local_time(message.time).date()
-    return now.date()
+    return None
 
 
 def render_day(day: datetime.date) -> Rendered:
-    """The line before the first one of another day (history of yesterday, or midnight passing)."""
+    """The line before history lines of another day than the line before them."""
     return Rendered([Span(f"--- {day:%A} {day.day} {day:%B %Y} ---", "time")], 4)
 
 
@@ -1653,7 +1653,7 @@ class ChatClient:
         self.reporting = interactive      # tell the server what the person has read (/read)
         self.read_reported = False        # a /read went on this connection
         self.me = ""                      # my nickname once the server has welcomed me
-        self.day_shown: Optional[datetime.date] = None   # the day the last line shown was said
+        self.history_day: Optional[datetime.date] = None   # of the last line shown, if it was history
         self.online = False               # signed in on the present connection
         self.answering: Optional[Question] = None   # what the server asks, while it waits for my answer
         self.refusal = ""                 # the last error line while signing in
@@ -2010,11 +2010,11 @@ class ChatClient:
         if self.quiet and message.kind != ERROR:
             return
         ring = self.bell and (mentioned or (message.kind == PRIVATE and not message.outgoing))
-        if self.interactive:   # the clock times of a line of another day than the last one are not enough
-            day = day_of(message, datetime.datetime.now())
-            if self.day_shown and day != self.day_shown:
+        if self.interactive:   # the clock time of a history line of another day is not enough
+            day = history_day(message)
+            if day and day != (self.history_day or datetime.date.today()):
                 self.display.show(render_day(day))
-            self.day_shown = day
+            self.history_day = day
         self.display.show(render(message, self.painter, self.me), bell=ring)
         if self.reporting and self.online:
             self._note_shown(message, current_before)

@@ -292,18 +292,20 @@ def test_an_account_coming_back_keeps_the_rooms_the_server_kept_and_only_its_cur
     assert not [line for line in fake_server.heard[start:] if line.startswith(("/leave", "/part"))]
 
 
-def test_lines_of_another_day_than_the_last_one_shown_follow_a_line_naming_the_day(fake_server, run_client):
+def test_history_lines_of_another_day_than_the_line_before_them_follow_a_line_naming_the_day(fake_server,
+                                                                                              run_client):
     alice = signed_in_to(fake_server, run_client, env={"TZ": "UTC"})
     today = datetime.datetime.now(datetime.timezone.utc)
     earlier = today - datetime.timedelta(days=2)
     fake_server.send(f"[history {earlier:%Y-%m-%dT%H:%M:%SZ}] bob: two days ago",
                      f"[history {earlier:%Y-%m-%dT%H:%M:%SZ}] bob: the same day",
-                     f"[history {today:%Y-%m-%dT%H:%M:%SZ}] bob: today", "bob: live")
+                     f"[history {today:%Y-%m-%dT%H:%M:%SZ}] bob: today", "*** End of #lobby history.",
+                     f"[history {today:%Y-%m-%dT%H:%M:%SZ}] [pm from bob] today too",
+                     f"[history {earlier:%Y-%m-%dT%H:%M:%SZ}] [pm from bob] back then", "bob: live")
     alice.wait_for_row(r"\] bob: live$")
     rows = [alice.screen.line(row) for row in range(alice.screen.row)]
     start = next(number for number, row in enumerate(rows) if row.endswith("two days ago")) - 1
-    assert rows[start:start + 6] == [
-        f"--- {earlier:%A} {earlier.day} {earlier:%B %Y} ---", f"[{earlier:%H:%M:%S}] bob: two days ago",
-        f"[{earlier:%H:%M:%S}] bob: the same day", f"--- {today:%A} {today.day} {today:%B %Y} ---",
-        f"[{today:%H:%M:%S}] bob: today", rows[start + 5]], alice.screen.dump()
-    assert rows[start + 5].endswith("] bob: live")
+    then, now = (f"--- {day:%A} {day.day} {day:%B %Y} ---" for day in (earlier, today))
+    assert [row[11:] if row.startswith("[") else row for row in rows[start:]] == [
+        then, "bob: two days ago", "bob: the same day", now, "bob: today", "*** End of #lobby history.",
+        "[pm from bob] today too", then, "[pm from bob] back then", "bob: live"], alice.screen.dump()
