@@ -526,9 +526,9 @@ class Presence:
 
     def typed(self, now: float) -> bool:
         """A key was pressed; returns whether that brought the person back."""
-        back = not self.at_terminal(now)
+        back = self.focus is None and not self.at_terminal(now)
         self.typed_at = now
-        return back and self.focus is None
+        return back
 
     def focus_changed(self, focus: bool, now: float) -> bool:
         """The terminal gained or lost the focus; returns whether that brought the person back."""
