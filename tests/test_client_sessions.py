@@ -8,9 +8,12 @@ on a real socket (what the client sends) and against the real server (end to end
 from __future__ import annotations
 
 import datetime
+import re
 
 import pytest
 
+from conftest import SERVER_SCRIPT, LineClient
+from test_client_accounts import ACCOUNT_VARIABLE, PASSWORD, registered
 from test_client_editor import load_client
 from test_client_terminal import fake_server, run_client  # noqa: F401 (fixtures)
 
@@ -309,3 +312,118 @@ def test_history_lines_of_another_day_than_the_line_before_them_follow_a_line_na
     assert [row[11:] if row.startswith("[") else row for row in rows[start:]] == [
         then, "bob: two days ago", "bob: the same day", now, "bob: today", "*** End of #lobby history.",
         "[pm from bob] today too", then, "[pm from bob] back then", "bob: live"], alice.screen.dump()
+
+
+# -- against the real server ---------------------------------------------------------------------
+
+SERVER_KEEPS_READ_POSITIONS = "[read " in SERVER_SCRIPT.read_text(encoding="utf-8")
+needs_sessions = pytest.mark.skipif(not SERVER_KEEPS_READ_POSITIONS,
+                                    reason="this server has one connection per person and no read positions")
+
+
+@pytest.fixture
+def accounts_server(start_server, connect, tmp_path):
+    """A server with a data directory where alice has an account (PASSWORD), and is not signed in."""
+    server = start_server("--data-dir", str(tmp_path / "data"))
+    registered(server, connect)
+    return server
+
+
+def account_session(server, connect) -> LineClient:
+    """alice signed in from a raw client, as nc would: the nickname, then the account's password."""
+    session = connect(server)
+    session.expect(re.escape("*** Choose a nickname:"))
+    session.send("alice")
+    session.expect(re.escape("*** Password for alice:"))
+    session.send(PASSWORD)
+    session.expect(r"\*\*\* Welcome, alice!")
+    session.nick = "alice"
+    return session
+
+
+def alice_in_a_terminal(run_client, server, **options):
+    alice = run_client(server, "--nick", "alice", env={ACCOUNT_VARIABLE: PASSWORD, **options.pop("env", {})},
+                       **options)
+    alice.wait_for_input_line("alice #lobby> ")
+    return alice
+
+
+@needs_sessions
+def test_two_clients_on_one_account_see_each_others_lines_and_rooms(accounts_server, connect, run_client):
+    bob = connect(accounts_server, "bob")
+    laptop = alice_in_a_terminal(run_client, accounts_server)
+    phone = alice_in_a_terminal(run_client, accounts_server)
+    laptop.type("hello from the laptop\r")
+    phone.wait_for_row(r"\] alice: hello from the laptop$")
+    assert bob.expect(r"alice: ") == "alice: hello from the laptop"
+    phone.type("/join #dev\r")
+    phone.wait_for_input_line("alice #dev> ")
+    laptop.wait_for_row(r"\] #dev \*\*\* You are in #dev")
+    bob.send("/join #dev")
+    bob.expect(r"\*\*\* You are in #dev")
+    bob.send("the build is red")
+    phone.wait_for_row(r"\] bob: the build is red$")
+    laptop.wait_for_input_line("[#dev 1] alice #lobby> ")      # the laptop is in #dev too, and stays in #lobby
+    laptop.type(ALT + "2")
+    laptop.wait_for_input_line("alice #dev> ")
+    laptop.type("on it\r")
+    phone.wait_for_row(r"\] alice: on it$")
+    assert bob.expect(r"alice: ") == "alice: on it"
+
+
+@needs_sessions
+def test_the_read_position_moves_when_the_person_is_at_the_terminal(accounts_server, connect, run_client):
+    bob = connect(accounts_server, "bob")
+    other = account_session(accounts_server, connect)          # another session of alice's, as nc would see it
+    laptop = alice_in_a_terminal(run_client, accounts_server)
+    laptop.type(FOCUS_IN)
+    bob.send("seen on the laptop")
+    laptop.wait_for_row(r"\] bob: seen on the laptop$")
+    other.expect(re.escape("[read #lobby]"))
+    laptop.type(FOCUS_OUT + "x")
+    laptop.wait_for_input_line("alice #lobby> x")
+    bob.send("/msg alice psst")
+    laptop.wait_for_row(r"\] \[pm from bob\] psst$")
+    laptop.type(CTRL_U + "marker\r")
+    lines = other.lines_until(r"alice: marker$")
+    assert "[read bob]" not in lines, f"a private message was reported read while blurred: {lines}"
+    laptop.type(FOCUS_IN)
+    other.expect(re.escape("[read bob]"))
+
+
+@needs_sessions
+def test_the_catch_up_shows_what_was_missed_in_local_time_and_once_read_no_session_shows_it_again(
+        accounts_server, connect, run_client):
+    bob = connect(accounts_server, "bob")
+    bob.send("while you were away")
+    bob.expect(r"bob: while you were away$")
+    bob.send("/msg alice call me")
+    bob.expect(r"-- |\[pm to alice\]")
+    other = account_session(accounts_server, connect)         # a session that reports nothing read, as nc
+    laptop = alice_in_a_terminal(run_client, accounts_server, env={"TZ": "UTC"}, cols=120)
+    laptop.wait_for_row(r"\] \*\*\* \d+ new in #lobby since \d{4}-\d\d-\d\d \d\d:\d\d$")
+    laptop.wait_for_row(r"^\[\d\d:\d\d:\d\d\] bob: while you were away$")
+    laptop.wait_for_row(r"\] \*\*\* End of #lobby history\.$")
+    laptop.wait_for_row(r"\] \*\*\* \d+ new with bob since \d{4}-\d\d-\d\d \d\d:\d\d$")
+    laptop.wait_for_row(r"^\[\d\d:\d\d:\d\d\] \[pm from bob\] call me$")
+    laptop.wait_for_row(r"\] \*\*\* End of history with bob\.$")
+    other.expect(re.escape("[read #lobby]"))                   # the person at the laptop has read them...
+    other.expect(re.escape("[read bob]"))
+    again = account_session(accounts_server, connect)          # ...so a new session is not shown them again
+    again.send("/online")
+    lines = again.lines_until(r"-- \d+ online")
+    assert not [line for line in lines if " new in #lobby" in line or "away" in line or "call me" in line], lines
+
+
+@needs_sessions
+def test_history_pages_back_and_is_shown_in_local_time(accounts_server, connect, run_client):
+    bob = connect(accounts_server, "bob")
+    for number in range(1, 4):
+        bob.send(f"line {number}")
+        bob.expect(f"bob: line {number}")
+    laptop = alice_in_a_terminal(run_client, accounts_server, env={"TZ": "UTC"})
+    laptop.type("/history #lobby 2\r")
+    laptop.wait_for_row(r"\] \*\*\* \d+ earlier lines? of #lobby:$")
+    laptop.wait_for_row(r"\] \*\*\* End of #lobby history\.$")
+    assert any(re.fullmatch(r"\[\d\d:\d\d:\d\d\] bob: line \d", laptop.screen.line(row))
+               for row in range(laptop.screen.row)), laptop.screen.dump()
