@@ -546,6 +546,9 @@ class ReadReports:
     its last report; at most once per READ_REPORT_INTERVAL. What was shown
     while the person was away is reported when they come back (the current
     room and private conversations; another room is read by switching to it).
+    The server reads a target up to its newest line, so a line shown and not
+    read (while away, or in a room that is no longer current) withdraws a
+    report still waiting, which would take that line with it.
     Targets are kept casefolded: "#dev" and "#Dev" are one.
     """
 
@@ -557,17 +560,20 @@ class ReadReports:
 
     def shown(self, target: str, reads_it: bool, present: bool) -> None:
         """A line of target was shown; reads_it: a line of the current room or a private message."""
-        self.news.add(target.casefold())
+        key = target.casefold()
+        self.news.add(key)
+        if reads_it and present:
+            self.due[key] = target
+            return
+        self.due.pop(key, None)
         if reads_it:
-            self._read(target, present)
+            self.away[key] = target
 
     def switched(self, room: str, present: bool) -> None:
         """room ("#dev") became current: switching to a room reads it."""
-        if room.casefold() in self.news:
-            self._read(room, present)
-
-    def _read(self, target: str, present: bool) -> None:
-        (self.due if present else self.away)[target.casefold()] = target
+        key = room.casefold()
+        if key in self.news:
+            (self.due if present else self.away)[key] = room
 
     def came_back(self, current_room: str) -> None:
         """The person is at the terminal again: what was shown meanwhile in the current room
@@ -592,6 +598,7 @@ class ReadReports:
         """A report of target went to the server."""
         key = target.casefold()
         self.due.pop(key, None)
+        self.away.pop(key, None)
         self.news.discard(key)
         self.sent_at[key] = now
 
