@@ -236,6 +236,17 @@ def test_no_focus_report_leaves_the_terminal_alone_and_typing_counts_as_presence
     assert fake_server.expect(r"/read") == "/read #lobby"
 
 
+def test_a_server_without_read_positions_is_asked_once_and_its_refusal_not_shown(fake_server, run_client):
+    alice = signed_in_to(fake_server, run_client)
+    fake_server.send("bob: one")
+    assert fake_server.expect(r"/read") == "/read #lobby"
+    fake_server.send("!! Unknown command /read. Type /help for the list.", "[pm from bob] two")
+    alice.wait_for_row(r"\] \[pm from bob\] two$")
+    alice.type("marker\r")
+    assert fake_server.expect(r"(?!/online)") == "marker"
+    assert b"Unknown command" not in alice.output
+
+
 def test_switching_to_a_room_reads_it(fake_server, run_client):
     alice = signed_in_to(fake_server, run_client)
     fake_server.send("*** You are in #dev with bob.", "*** Now talking in #lobby.", "#dev bob: one")
