@@ -277,21 +277,24 @@ def test_a_failure_on_the_way_in_leaves_no_half_signed_in_person(chat_server, mo
     assert server.sign_in(Newcomer, "alice") is None, "the nickname of the failed sign-in stayed taken"
 
 
-def test_a_command_still_running_for_someone_taken_over_changes_no_room_and_no_table(chat_server):
-    """An account signed in again elsewhere takes its name from the old connection at once, while a
-    command of the old one may still be running on a worker (an IRC JOIN of many rooms): from then on
-    that command must not put the old person back in a room or a table."""
+def test_a_command_still_running_for_someone_who_left_changes_no_room_and_no_table(chat_server):
+    """A connection's person may leave the chat (the connection ended, or was ended) while a command of it is
+    still running on a worker (an IRC JOIN of many rooms): from then on that command must not put them
+    back in a room or a table, not even once their account has signed in again."""
     server = chat_server()
 
     def connection():
         ours, _ = socket_pair()
-        return type("Connection", (), {"address": "127.0.0.1", "person": None,
+        return type("Connection", (), {"address": "127.0.0.1", "person": None, "session": None,
                                        "output": pychat.Output(ours, server.switchboard)})
 
     old, new = connection(), connection()
     assert server.sign_in(old, "mallory", "mallory") is None
-    assert server.sign_in(new, "mallory", "mallory") is None        # the owner, elsewhere: a takeover
-    ghost, owner = old.person, new.person
+    ghost = old.session
+    server.remove(old, "connection lost")
+    assert server.sign_in(new, "mallory", "mallory") is None
+    owner = new.person
+    assert owner is not ghost.person, "a new sign-in after the last session ended made no new person"
     for step in (lambda: server.join(ghost, "dev"), lambda: server.rename(ghost, "ghost"),
                  lambda: server.watch(ghost, ["owner"]), lambda: server.ignore(ghost, "mallory"),
                  lambda: server.say(ghost, "boo"), lambda: server.leave(ghost)):
@@ -299,7 +302,7 @@ def test_a_command_still_running_for_someone_taken_over_changes_no_room_and_no_t
             step()
     room = server.rooms.get(pychat.name_key("dev"))
     assert room is None or not room.members, f"the old connection's JOIN left a ghost in #dev: {room.members}"
-    assert not ghost.rooms and server.people == {owner.key: owner}, "the takeover's tables were changed"
+    assert not ghost.person.rooms and server.people == {owner.key: owner}, "the tables were changed"
     assert not server.watchers and not server.ignorers, "the old connection was put back in a table"
 
 
