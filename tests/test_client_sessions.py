@@ -349,21 +349,29 @@ needs_sessions = pytest.mark.skipif(not SERVER_KEEPS_READ_POSITIONS,
 
 @pytest.fixture
 def accounts_server(start_server, connect, tmp_path):
-    """A server with a data directory where alice has an account (PASSWORD), and is not signed in."""
-    server = start_server("--data-dir", str(tmp_path / "data"))
-    registered(server, connect)
-    return server
+    """A factory: a server (with OPTIONS) and a data directory where alice has an account (PASSWORD) and has
+    been in #lobby once, so that the server keeps where she is in reading it; she is not signed in."""
+
+    def start(*options: str):
+        server = start_server("--data-dir", str(tmp_path / "data"), *options)
+        registered(server, connect)
+        first = account_session(server, connect)
+        first.send("/quit")
+        first.wait_closed()
+        return server
+
+    return start
 
 
-def account_session(server, connect) -> LineClient:
-    """alice signed in from a raw client, as nc would: the nickname, then the account's password."""
+def account_session(server, connect, nick: str = "alice") -> LineClient:
+    """NICK signed in to their account from a raw client, as nc would: the nickname, then the password."""
     session = connect(server)
     session.expect(re.escape("*** Choose a nickname:"))
-    session.send("alice")
-    session.expect(re.escape("*** Password for alice:"))
+    session.send(nick)
+    session.expect(re.escape(f"*** Password for {nick}:"))
     session.send(PASSWORD)
-    session.expect(r"\*\*\* Welcome, alice!")
-    session.nick = "alice"
+    session.expect(rf"\*\*\* Welcome, {nick}!")
+    session.nick = nick
     return session
 
 
@@ -376,9 +384,10 @@ def alice_in_a_terminal(run_client, server, **options):
 
 @needs_sessions
 def test_two_clients_on_one_account_see_each_others_lines_and_rooms(accounts_server, connect, run_client):
-    bob = connect(accounts_server, "bob")
-    laptop = alice_in_a_terminal(run_client, accounts_server)
-    phone = alice_in_a_terminal(run_client, accounts_server)
+    server = accounts_server()
+    bob = connect(server, "bob")
+    laptop = alice_in_a_terminal(run_client, server)
+    phone = alice_in_a_terminal(run_client, server)
     laptop.type("hello from the laptop\r")
     phone.wait_for_row(r"\] alice: hello from the laptop$")
     assert bob.expect(r"alice: ") == "alice: hello from the laptop"
@@ -399,9 +408,10 @@ def test_two_clients_on_one_account_see_each_others_lines_and_rooms(accounts_ser
 
 @needs_sessions
 def test_the_read_position_moves_when_the_person_is_at_the_terminal(accounts_server, connect, run_client):
-    bob = connect(accounts_server, "bob")
-    other = account_session(accounts_server, connect)          # another session of alice's, as nc would see it
-    laptop = alice_in_a_terminal(run_client, accounts_server)
+    server = accounts_server()
+    bob = connect(server, "bob")
+    other = account_session(server, connect)          # another session of alice's, as nc would see it
+    laptop = alice_in_a_terminal(run_client, server)
     laptop.type(FOCUS_IN)
     bob.send("seen on the laptop")
     laptop.wait_for_row(r"\] bob: seen on the laptop$")
@@ -420,36 +430,48 @@ def test_the_read_position_moves_when_the_person_is_at_the_terminal(accounts_ser
 @needs_sessions
 def test_the_catch_up_shows_what_was_missed_in_local_time_and_once_read_no_session_shows_it_again(
         accounts_server, connect, run_client):
-    bob = connect(accounts_server, "bob")
+    server = accounts_server()
+    registered(server, connect, "bob")
+    bob = account_session(server, connect, "bob")
+    first = account_session(server, connect)
+    first.send("/read #lobby")             # a session that says what it read: its leaving reads nothing more
+    first.send("/online")
+    first.expect(r"-- \d+ online")
     bob.send("while you were away")
-    bob.expect(r"bob: while you were away$")
     bob.send("/msg alice call me")
-    bob.expect(r"-- |\[pm to alice\]")
-    other = account_session(accounts_server, connect)         # a session that reports nothing read, as nc
-    laptop = alice_in_a_terminal(run_client, accounts_server, env={"TZ": "UTC"}, cols=120)
-    laptop.wait_for_row(r"\] \*\*\* \d+ new in #lobby since \d{4}-\d\d-\d\d \d\d:\d\d$")
+    first.expect(re.escape("[pm from bob] call me"))
+    first.send("/quit")
+    first.wait_closed()
+    laptop = alice_in_a_terminal(run_client, server, env={"TZ": "UTC"}, cols=120)
+    laptop.wait_for_row(r"\] \*\*\* 1 new in #lobby since \d{4}-\d\d-\d\d \d\d:\d\d$")
     laptop.wait_for_row(r"^\[\d\d:\d\d:\d\d\] bob: while you were away$")
     laptop.wait_for_row(r"\] \*\*\* End of #lobby history\.$")
-    laptop.wait_for_row(r"\] \*\*\* \d+ new with bob since \d{4}-\d\d-\d\d \d\d:\d\d$")
+    laptop.wait_for_row(r"\] \*\*\* 1 new with bob since \d{4}-\d\d-\d\d \d\d:\d\d$")
     laptop.wait_for_row(r"^\[\d\d:\d\d:\d\d\] \[pm from bob\] call me$")
     laptop.wait_for_row(r"\] \*\*\* End of history with bob\.$")
-    reads = {other.expect(r"\[read ") for _ in range(2)}      # the person at the laptop has read them...
-    assert reads == {"[read #lobby]", "[read bob]"}
-    again = account_session(accounts_server, connect)          # ...so a new session is not shown them again
+    laptop.type("read them\r")                                # after the /read the catch-up brought about
+    bob.expect(r"alice: read them$")
+    again = account_session(server, connect)                  # so a new session is not shown them again
     again.send("/online")
     lines = again.lines_until(r"-- \d+ online")
-    assert not [line for line in lines if " new in #lobby" in line or "away" in line or "call me" in line], lines
+    assert not [line for line in lines if " new " in line or "away" in line or "call me" in line], lines
 
 
 @needs_sessions
-def test_history_pages_back_and_is_shown_in_local_time(accounts_server, connect, run_client):
-    bob = connect(accounts_server, "bob")
+def test_history_pages_back_and_is_shown_in_local_time(start_server, connect, run_client, tmp_path):
+    server = start_server("--data-dir", str(tmp_path / "data"), "--history", "2")
+    bob = connect(server, "bob")
     for number in range(1, 4):
         bob.send(f"line {number}")
         bob.expect(f"bob: line {number}")
-    laptop = alice_in_a_terminal(run_client, accounts_server, env={"TZ": "UTC"})
-    laptop.type("/history #lobby 2\r")
-    laptop.wait_for_row(r"\] \*\*\* \d+ earlier lines? of #lobby:$")
-    laptop.wait_for_row(r"\] \*\*\* End of #lobby history\.$")
-    assert any(re.fullmatch(r"\[\d\d:\d\d:\d\d\] bob: line \d", laptop.screen.line(row))
-               for row in range(laptop.screen.row)), laptop.screen.dump()
+    carol = run_client(server, "--nick", "carol")
+    carol.wait_for_row(r"\] \*\*\* End of #lobby history\.$")
+    carol.type("/history #lobby 5\r")
+    carol.wait_for_row(r"\] \*\*\* 1 earlier line of #lobby:$")
+    carol.wait_for(lambda screen: screen.line(screen.row - 1).endswith("*** End of #lobby history.")
+                   and "earlier line" in screen.line(screen.row - 3), "the page and its end")
+    rows = [carol.screen.line(row) for row in range(carol.screen.row)]
+    page = rows[next(n for n, row in enumerate(rows) if row.endswith("1 earlier line of #lobby:")):]
+    assert [row[11:] for row in page[1:3]] == ["bob: line 1", "*** End of #lobby history."], carol.screen.dump()
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\]", page[1][:10]), carol.screen.dump()
+    assert b"\x1b[2mbob: line 1" in carol.output                # dimmed, as history
