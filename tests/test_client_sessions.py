@@ -475,3 +475,27 @@ def test_history_pages_back_and_is_shown_in_local_time(start_server, connect, ru
     assert [row[11:] for row in page[1:3]] == ["bob: line 1", "*** End of #lobby history."], carol.screen.dump()
     assert re.fullmatch(r"\[\d\d:\d\d:\d\d\]", page[1][:10]), carol.screen.dump()
     assert b"\x1b[2mbob: line 1" in carol.output                # dimmed, as history
+
+
+@needs_sessions
+def test_after_a_server_restart_an_account_is_back_in_its_kept_rooms_with_its_own_current_room(
+        start_server, connect, run_client, tmp_path):
+    data = str(tmp_path / "data")
+    server = start_server("--data-dir", data)
+    registered(server, connect)
+    laptop = alice_in_a_terminal(run_client, server)
+    for room in ("dev", "ops"):
+        laptop.type(f"/join #{room}\r")
+        laptop.wait_for_input_line(f"alice #{room}> ")
+    laptop.type(ALT + "2")
+    laptop.wait_for_input_line("alice #dev> ")
+    server.stop()
+    laptop.wait_for_row(r"-!- connecting again in 1 s")
+    again = start_server("--data-dir", data, "--port", str(server.port))
+    bob = connect(again, "bob")
+    bob.send("/join #ops")
+    bob.expect(r"\*\*\* (alice joined #ops$|You are in #ops with (.*, )?alice\b)", timeout=15)
+    laptop.wait_for_input_line("alice #dev> ", timeout=15)
+    bob.send("anyone?")
+    laptop.wait_for_row(r"\] #ops bob: anyone\?$")
+    laptop.wait_for_input_line("[#ops 1] alice #dev> ")
