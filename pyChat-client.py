@@ -602,6 +602,13 @@ class ReadReports:
         self.news.discard(key)
         self.sent_at[key] = now
 
+    def drop(self, target: str) -> None:
+        """Report nothing more of target: I left that room (the server would refuse the report)."""
+        key = target.casefold()
+        self.due.pop(key, None)
+        self.away.pop(key, None)
+        self.news.discard(key)
+
     def forget(self) -> None:
         """The connection is gone: a new one has read positions of its own to start from."""
         self.news.clear()
@@ -2001,11 +2008,14 @@ class ChatClient:
                 self.answers["account password"], self.new_account_password = self.new_account_password, None
         self.put_out = put_out_reason(line) or self.put_out
         mentioned = mentions(message, self.me)
-        current_before = self.rooms.current
+        current_before, rooms_before = self.rooms.current, list(self.rooms.joined)
         if self.rooms.learn(message, mentioned, self.me) or message.room:
             if self.rejoin_due and self.rooms.current and not self.account:
                 self._go_back_to_rooms()
             self._update_prompt(draw=False)
+            for room in rooms_before:
+                if room not in self.rooms:
+                    self.reads.drop("#" + room)
         if line == FAREWELL:
             self.leaving = True
             self.leave_deadline = time.monotonic() + QUIT_TIMEOUT
@@ -2136,6 +2146,8 @@ class ChatClient:
             self.leave_deadline = time.monotonic() + QUIT_TIMEOUT
         if len(words) >= 3 and words[0].lower() == "/join":
             self.rooms.keys[words[1].lstrip("#").casefold()] = words[2]
+        if words and words[0].lower() in ("/leave", "/part"):   # a report after this would be refused
+            self.reads.drop(words[1] if len(words) > 1 and words[1].startswith("#") else "#" + self.rooms.current)
         if self.online and len(words) >= 2 and words[0].lower() == "/register":
             self.new_account_password = line.split(None, 1)[1]
         elif self.online and len(words) == 3 and words[0].lower() == "/passwd":

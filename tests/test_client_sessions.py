@@ -129,6 +129,16 @@ def test_a_line_shown_and_not_read_withdraws_a_report_still_waiting_which_would_
     assert reads.next_due() is None
 
 
+def test_a_room_left_is_reported_no_more():
+    reads = pychat.ReadReports()
+    reads.shown("#dev", True, True)
+    reads.reported("#dev", 100.0)
+    reads.shown("#dev", True, True)
+    reads.drop("#Dev")
+    reads.switched("#dev", True)
+    assert reads.next_due() is None
+
+
 def test_focus_reports_are_keys_never_text_even_split_across_reads():
     decoder = pychat.KeyDecoder()
     assert names(decoder.feed(b"a\x1b[Ib\x1b[O")) == ["a", "focus-in", "b", "focus-out"]
@@ -245,6 +255,18 @@ def test_a_server_without_read_positions_is_asked_once_and_its_refusal_not_shown
     alice.type("marker\r")
     assert fake_server.expect(r"(?!/online)") == "marker"
     assert b"Unknown command" not in alice.output
+
+
+def test_leaving_a_room_withdraws_its_report_still_waiting(fake_server, run_client):
+    alice = signed_in_to(fake_server, run_client)
+    fake_server.send("*** You are in #dev with bob.", "bob: one")
+    assert fake_server.expect(r"/read") == "/read #dev"
+    fake_server.send("bob: two")                        # its report waits for 2 s...
+    alice.wait_for_row(r"\] bob: two$")
+    alice.type("/leave\r")                             # ...and goes with the room
+    fake_server.expect(r"/leave$")
+    fake_server.send("*** You left #dev.", "*** Now talking in #lobby.", "bob: three")
+    assert fake_server.expect(r"/read") == "/read #lobby"
 
 
 def test_switching_to_a_room_reads_it(fake_server, run_client):
