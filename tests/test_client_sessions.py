@@ -267,6 +267,8 @@ def test_leaving_a_room_withdraws_its_report_still_waiting(fake_server, run_clie
     fake_server.expect(r"/leave$")
     fake_server.send("*** You left #dev.", "*** Now talking in #lobby.", "bob: three")
     assert fake_server.expect(r"/read") == "/read #lobby"
+    fake_server.send("bob: four")                       # reported 2 s after #lobby's first, so after #dev's time
+    assert fake_server.expect(r"/read") == "/read #lobby"
 
 
 def test_switching_to_a_room_reads_it(fake_server, run_client):
