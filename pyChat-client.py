@@ -1664,7 +1664,7 @@ class ChatClient:
         self.rooms = Rooms()
         self.presence = Presence(time.monotonic())
         self.reads = ReadReports()
-        self.reporting = interactive      # tell the server what the person has read (/read)
+        self.reporting = interactive      # tell the server what the person has read (/read), for an account
         self.read_reported = False        # a /read went on this connection
         self.me = ""                      # my nickname once the server has welcomed me
         self.history_day: Optional[datetime.date] = None   # of the last line shown, if it was history
@@ -1686,7 +1686,7 @@ class ChatClient:
         self.leave_deadline = 0.0
         self.rejoin: Optional[list[str]] = None    # my rooms when the connection was lost, current last
         self.rejoin_due = False           # signed in again: go back once the first room is entered
-        self.account = False              # this connection signs in to an account: the server keeps its rooms
+        self.account = False              # signed in to an account: the server keeps its rooms and what it read
         self.retries = 0
         self.retry_at = 0.0               # when to try to connect again; 0 when not waiting
         self.finished_work: collections.deque[tuple[Callable[[object], None], object]] = collections.deque()
@@ -2004,6 +2004,8 @@ class ChatClient:
             if renamed and renamed.group(1).casefold() == self.me.casefold():
                 self.me = renamed.group(2)
                 self._update_prompt(draw=False)
+            if line.startswith(PASSWORD_CONFIRMED[0]):
+                self.account = True
             if line.startswith(PASSWORD_CONFIRMED) and self.new_account_password:
                 self.answers["account password"], self.new_account_password = self.new_account_password, None
         self.put_out = put_out_reason(line) or self.put_out
@@ -2033,7 +2035,7 @@ class ChatClient:
                 self.display.show(render_day(day))
             self.history_day = day
         self.display.show(render(message, self.painter, self.me), bell=ring)
-        if self.reporting and self.online:
+        if self.reporting and self.online and self.account:   # a guest's reading is not kept
             self._note_shown(message, current_before)
 
     def _note_shown(self, message: Message, current_before: str) -> None:

@@ -181,9 +181,16 @@ def test_a_private_message_in_history_is_labelled_as_a_live_one_and_wraps_under_
 
 # -- the client in a terminal, against a scripted server -----------------------------------------
 
-def signed_in_to(fake_server, run_client, *args: str, **options):
-    alice = run_client(fake_server, "--nick", "alice", *args, **options)
-    fake_server.sign_in("alice")
+def signed_in_to(fake_server, run_client, *args: str, env: dict | None = None, **options):
+    """alice, signed in to her account on the scripted server, in #lobby."""
+    alice = run_client(fake_server, "--nick", "alice", *args,
+                       env={"PYCHAT_ACCOUNT_PASSWORD": "s3cret-enough", **(env or {})}, **options)
+    fake_server.accept()
+    fake_server.send("*** pyChat 3.0.0: 1 online.", "*** Choose a nickname:")
+    fake_server.expect(r"alice$")
+    fake_server.send("*** Password for alice:")
+    fake_server.expect(r"s3cret-enough$")
+    fake_server.send("*** Welcome, alice! Type /help for the commands.", "*** You are in #lobby, alone for now.")
     alice.wait_for_input_line("alice #lobby> ")
     return alice
 
@@ -244,6 +251,17 @@ def test_no_focus_report_leaves_the_terminal_alone_and_typing_counts_as_presence
     assert b"?1004" not in alice.output
     fake_server.send("bob: seen")                        # just started: the person is there
     assert fake_server.expect(r"/read") == "/read #lobby"
+
+
+def test_a_guest_reports_nothing_read_until_registered(fake_server, run_client):
+    alice = run_client(fake_server, "--nick", "alice")
+    fake_server.sign_in("alice")
+    fake_server.send("bob: one", "[pm from bob] two")
+    alice.wait_for_row(r"\] \[pm from bob\] two$")
+    alice.type("/register s3cret-enough\r")
+    assert fake_server.expect(r"(?!/online)") == "/register s3cret-enough"
+    fake_server.send("-- Registered alice. From now on, signing in as alice asks for this password.", "bob: three")
+    assert fake_server.expect(r"(?!/online)") == "/read #lobby"
 
 
 def test_a_server_without_read_positions_is_asked_once_and_its_refusal_not_shown(fake_server, run_client):
