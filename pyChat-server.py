@@ -1074,11 +1074,10 @@ class HistoryPage(NamedTuple):
 
 
 class ReadUpTo(NamedTuple):
-    """Everything said in ROOM, or in your private conversation with NICK, up to the line LINE_ID, was read
-    on one of your sessions."""
-    line_id: str
-    room: str | None = None
-    nick: str | None = None
+    """Where you have read up to in NAME ('#room', or the nickname of a private conversation): the id of
+    the last line read there."""
+    name: str
+    message_id: int
 
 
 class HistoryEnd(NamedTuple):
@@ -1245,7 +1244,7 @@ class PyChatProtocol:
                                          if e.shown < e.count else ""),
         HistoryPage: lambda e: f"*** {e.count} earlier line{'s' * (e.count != 1)} " + \
             (f"of #{e.room}:" if e.room else f"with {e.nick}:"),
-        ReadUpTo: lambda e: f"[read #{e.room}]" if e.room else f"[read {e.nick}]",
+        ReadUpTo: lambda e: f"[read {e.name}]",
         NowTalking: lambda e: f"*** Now talking in #{e.room}.",
         YouLeft: lambda e: f"*** You left #{e.room}.",
         YouWereKicked: lambda e: f"*** You were kicked from #{e.room} by {e.by}{_because(e.reason)}.",
@@ -1302,8 +1301,12 @@ PYCHAT = PyChatProtocol()
 # The locks, in the only order in which one may be taken while holding another:
 #
 #   ChatServer.lock  ->  Output.io_lock  ->  Switchboard.state_lock
+#   ChatServer.lock  ->  Gate.lock             (the guessing budgets; the gate takes no other lock)
 #   ChatServer.lock  ->  Storage.lock          (Storage takes no other lock)
 #   ChatServer.reloading  ->  ChatServer.lock  (one reload at a time, which takes the others as above)
+#   Workers.lock, MessageOfTheDay.lock         (each guards its own object alone, and is held with no other)
+#
+# _SCRYPT_SLOTS is a semaphore, not a lock: it bounds the password hashes under way at once.
 #
 # ChatServer.lock guards people and rooms (every Person and Room field); lines
 # are queued while it is held, so everyone sees a room's lines in one order.
@@ -2152,8 +2155,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             self.output.send(Prompt("password"))
             given = next(lines) or ""
             try:
-                if self.server.check_secret(self, "server password",
-                                            lambda: same_secret(given, self.server.options.password)):
+                if self.server.gate.server_password_is(self, given):
                     return
             except TooManyGuesses as refusal:
                 raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
@@ -2185,15 +2187,14 @@ class ClientConnection(socketserver.BaseRequestHandler):
         invitation waiting (on a --private server, any name without an
         account) needs its invitation code, and then a new password.
         """
-        storage = self.server.storage
-        registered = storage.account_name(nick)
+        gate = self.server.gate
+        registered = gate.account_of(nick)
         if registered is None:
-            invited = self.server.options.private or storage.invitation_waiting(nick)
-            return self.accept_invitation(normal_name(nick), lines) if invited else None
+            return self.accept_invitation(normal_name(nick), lines) if gate.needs_invitation(nick) else None
         proved: list[str] = []          # what the right answer was: "password", or a reset's "code"
 
         def check(given: str) -> bool:
-            found = self.server.check_account(self, registered, given)
+            found = gate.check_account(self, registered, given)
             proved[:] = found[1:] if found else []
             return found is not None
 
@@ -2205,7 +2206,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         """Ask for NICK's WHAT ("password" or "code") until it is right (True) or the answer is empty (False).
 
         CHECK says whether an answer is right, counting the wrong ones as guesses
-        (ChatServer.check_secret); the third closes the connection.
+        (Gate.check_secret); the third closes the connection.
         """
         words = {"password": "password", "code": "invitation code"}[what]
         for tries in range(1, PASSWORD_TRIES + 1):
@@ -2224,22 +2225,19 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
     def accept_invitation(self, nick: str, lines: Iterator[str | None]) -> str | Problem:
         """On a --private server: NICK's invitation code, then their new password; returns the new account."""
-        storage = self.server.storage
-        if not storage.invitation_waiting(nick):
+        gate = self.server.gate
+        if not gate.invitation_waiting(nick):
             return Problem("This server is private: only people with an account may sign in. "
                            "An operator can invite you with /invite-account.")
-        if not self.ask_secret(lines, nick, "code", lambda given: self.server.check_secret(
-                self, f"invitation code for {nick}", lambda: storage.invitation_matches(nick, given))):
+        if not self.ask_secret(lines, nick, "code", lambda given: gate.check_invitation(self, nick, given)):
             return Problem("")
         password = self.choose_password(nick, lines)
         if isinstance(password, Problem):
             return password
         try:
-            storage.register(nick, password)
+            gate.register_invited(nick, password, self.address)
         except (StoreFull, StorageError) as problem:
             return Problem(str(problem))
-        storage.remove_invitation(nick)
-        log.info("%s registered at their first sign-in, from %s", nick, self.address)
         return nick
 
     def reset_password(self, account: str, lines: Iterator[str | None]) -> str | Problem:
@@ -2248,14 +2246,11 @@ class ClientConnection(socketserver.BaseRequestHandler):
         password = self.choose_password(account, lines)
         if isinstance(password, Problem):
             return password
-        if not self.server.storage.invitation_waiting(account, "password"):       # taken back meanwhile
-            return Problem(f"The password reset code for {account} no longer works; ask an operator for another.")
         try:
-            self.server.storage.reset_password(account, password)
-        except StorageError as problem:
+            self.server.gate.reset_password(account, password, self.address)
+        except (Refused, StorageError) as problem:
             return Problem(str(problem))
         self.output.send(Notice(f"The password of {account} is changed."))
-        log.warning("%s chose a new password with a reset code, from %s", account, self.address)
         return account
 
     def choose_password(self, nick: str, lines: Iterator[str | None]) -> str | Problem:
@@ -4133,6 +4128,156 @@ class Storage:
 
 
 # ---------------------------------------------------------------------------
+# The gate: who may come in, and as whom
+# ---------------------------------------------------------------------------
+
+class Gate:
+    """Who may sign in, and as whom, at every door: the server password, names that are registered or kept for
+    someone invited, an account's password (or its reset code), invitations, bans at the moment of
+    signing in, and the budgets that limit guessing. The doors keep only their dialogue (prompts, SASL's
+    framing, numerics), and ask here; this is the only caller of the storage for those records at sign-in.
+
+    Its lock guards the guessing budgets alone, and comes after the chat lock (see Output).
+    """
+
+    def __init__(self, storage: Storage, options: Callable[[], argparse.Namespace]) -> None:
+        self.storage = storage
+        self.options = options                                  # the options in force (a reload changes them)
+        self.lock = threading.Lock()
+        self.failures: dict[str, tuple[int, float]] = {}        # wrong secrets and the last one's time, by bucket
+
+    def guess_delay(self) -> float:
+        return self.options().guess_delay
+
+    # -- secrets, within the limits on guessing
+
+    def check_secret(self, connection: ClientConnection | Session, what: str, is_right: Callable[[], bool]) -> bool:
+        """Run IS_RIGHT, a check of a secret someone gave, within the limits on guessing.
+
+        Every wrong try from an address (IPv6: its /64) makes the next answer
+        slower by --guess-delay, up to GUESS_DELAY_STEPS times it (five
+        seconds by default); after ADDRESS_GUESSES of them the address
+        must wait GUESS_WINDOW before trying again (TooManyGuesses). A try is
+        counted before it is checked, so guesses sent at once over many
+        connections are counted too; a right one is then taken off the count,
+        and only it: a right password (the guesser's own, say) must not wipe
+        out the wrong ones made around it.
+        """
+        bucket = address_bucket(connection.address)
+        now = time.monotonic()
+        with self.lock:
+            wrong, last = self.failures.get(bucket, (0, 0.0))
+            if now - last >= GUESS_WINDOW:
+                wrong = 0
+            if wrong >= ADDRESS_GUESSES:
+                wait = GUESS_WINDOW - (now - last)
+            else:
+                wait = 0.0
+                if len(self.failures) > 10000:
+                    self.failures = {b: f for b, f in self.failures.items() if now - f[1] < GUESS_WINDOW}
+                self.failures[bucket] = (wrong + 1, now)
+        if wait:
+            log.warning("refused a try at the %s from %r: %d wrong in a row", what, connection, wrong)
+            raise TooManyGuesses(f"Too many wrong passwords from your address; try again in "
+                                 f"{describe_duration(wait)}")
+        if is_right():
+            with self.lock:
+                counted, counted_last = self.failures.get(bucket, (1, now))
+                if counted <= 1:
+                    self.failures.pop(bucket, None)
+                else:   # its own count undone, with the time of the last wrong one if no try came since
+                    self.failures[bucket] = (counted - 1, last if counted_last == now else counted_last)
+            return True
+        log.warning("wrong %s from %r (%d in a row)", what, connection, wrong + 1)
+        time.sleep(self.guess_delay() * min(wrong + 1, GUESS_DELAY_STEPS))
+        return False
+
+    def check_account(self, connection: ClientConnection | Session, name: str, secret: str) -> tuple[str, str] | None:
+        """The account NAME signs in to and what SECRET is to it: its "password", or the "code" of a password
+        reset waiting for it (/reset-password); None if neither (a wrong guess, also when there is no such
+        account).
+
+        The one order for every door: the password first, within the limits on
+        guessing (check_secret), and only then the ban (refuse_banned), so that
+        a ban and its reason are told only to whoever knows the password.
+        """
+        account = self.storage.account_name(name)
+        proved: list[str] = []
+
+        def is_right() -> bool:
+            if account is not None and self.storage.verify_password(account, secret):
+                proved.append("password")
+            elif account is not None and self.storage.invitation_matches(account, secret, "password"):
+                proved.append("code")
+            return bool(proved)
+
+        if not self.check_secret(connection, f"password for {account or name}", is_right):
+            return None
+        self.refuse_banned(connection, account)
+        return account, proved[0]
+
+    def refuse_banned(self, connection: ClientConnection | Session, account: str | None) -> None:
+        """Raise Disconnect, with the ban's words for the person, if a ban keeps out CONNECTION's address (or
+        a network it is in) or ACCOUNT."""
+        now = time.time()
+        ban = self.storage.ban_for_address(connection.address, now) or \
+            (self.storage.ban_for_account(account, now) if account else None)
+        if ban is not None:
+            raise Disconnect(f"banned ({ban.kind} {ban.shown})", Banned(ban.by, ban.how_long(now), ban.reason))
+
+    def server_password_is(self, connection: ClientConnection, given: str) -> bool:
+        """Whether GIVEN is the server's password (--password), counted as a guess if not."""
+        return self.check_secret(connection, "server password", lambda: same_secret(given, self.options().password))
+
+    # -- names
+
+    def account_of(self, nick: str) -> str | None:
+        """The registered spelling of the account NICK (or a look-alike) names; None for a guest's name."""
+        return self.storage.account_name(nick)
+
+    def name_problem(self, nick: str, account: str | None) -> str | None:
+        """Why someone signed in to ACCOUNT (None: a guest) may not be called NICK because of whose name it
+        is: a registered account's, or one kept for someone invited. The one rule for every door, at sign-in
+        and at every change of nickname."""
+        registered = self.storage.account_name(nick)
+        if registered is not None and (account is None or name_key(account) != name_key(registered)):
+            return f"{registered} is registered: sign in as {registered} with its password to use it."
+        if registered is None and self.storage.invitation_waiting(nick):
+            return f"{nick} is kept for someone invited: sign in as {nick} with the invitation code."
+        return None
+
+    def needs_invitation(self, nick: str) -> bool:
+        """NICK is no account's, and only an invitation code lets it in: on a --private server, or a name
+        with an invitation waiting."""
+        return self.storage.account_name(nick) is None and (
+            self.options().private or self.storage.invitation_waiting(nick))
+
+    # -- invitations and password resets
+
+    def check_invitation(self, connection: ClientConnection, nick: str, code: str) -> bool:
+        """Whether CODE is NICK's invitation code, counted as a guess if not; False if none waits for NICK."""
+        return self.storage.invitation_waiting(nick) and self.check_secret(
+            connection, f"invitation code for {nick}", lambda: self.storage.invitation_matches(nick, code))
+
+    def invitation_waiting(self, nick: str) -> bool:
+        return self.storage.invitation_waiting(nick)
+
+    def register_invited(self, nick: str, password: str, address: str) -> None:
+        """Make the account NICK, whose invitation code was given, with PASSWORD; the code is used up."""
+        self.storage.register(nick, password)
+        self.storage.remove_invitation(nick)
+        log.info("%s registered at their first sign-in, from %s", nick, address)
+
+    def reset_password(self, account: str, password: str, address: str) -> None:
+        """Give ACCOUNT the new PASSWORD, its reset code having been given; Refused if the code was taken back
+        meanwhile."""
+        if not self.storage.invitation_waiting(account, "password"):
+            raise Refused(f"The password reset code for {account} no longer works; ask an operator for another.")
+        self.storage.reset_password(account, password)
+        log.warning("%s chose a new password with a reset code, from %s", account, address)
+
+
+# ---------------------------------------------------------------------------
 # The server object: who is here, rooms, and every change to them
 # ---------------------------------------------------------------------------
 
@@ -4347,7 +4492,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.per_address: collections.Counter[str] = collections.Counter()   # by address_bucket()
         self.admitted = 0                                       # connections given a thread
         self.refusing = 0                                       # TLS refusals under way
-        self.failures: dict[str, tuple[int, float]] = {}        # wrong secrets and the last one's time, by bucket
         self.bans_made = 0                                      # bans made since the start (see sign_in)
         self.out_of_descriptors = False                         # accept() failed for want of one; logged once
         self.spare_descriptor: int | None = None                # given up to accept a newcomer just to tell them
@@ -4359,6 +4503,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.tls = self.make_tls_context(options) if options.tls_cert else None
         self.storage = Storage(options.data_dir, options.history_days, options.history_max_mb, options.operator)
         self.motd = MessageOfTheDay(options.motd)
+        self.gate = Gate(self.storage, lambda: self.options)
         IrcServerName.name = options.server_name
         self.started = time.time()
         self.most_people = 0
@@ -4604,80 +4749,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
                          f"then {self.options.rate:g} a second.")
         return greeting
 
-    def check_secret(self, connection: ClientConnection | Session, what: str, is_right: Callable[[], bool]) -> bool:
-        """Run IS_RIGHT, a check of a secret someone gave, within the limits on guessing.
-
-        Every wrong try from an address (IPv6: its /64) makes the next answer
-        slower by --guess-delay, up to GUESS_DELAY_STEPS times it (five
-        seconds by default); after ADDRESS_GUESSES of them the address
-        must wait GUESS_WINDOW before trying again (TooManyGuesses). A try is
-        counted before it is checked, so guesses sent at once over many
-        connections are counted too; a right one is then taken off the count,
-        and only it: a right password (the guesser's own, say) must not wipe
-        out the wrong ones made around it.
-        """
-        bucket = address_bucket(connection.address)
-        now = time.monotonic()
-        with self.lock:
-            wrong, last = self.failures.get(bucket, (0, 0.0))
-            if now - last >= GUESS_WINDOW:
-                wrong = 0
-            if wrong >= ADDRESS_GUESSES:
-                wait = GUESS_WINDOW - (now - last)
-            else:
-                wait = 0.0
-                if len(self.failures) > 10000:
-                    self.failures = {b: f for b, f in self.failures.items() if now - f[1] < GUESS_WINDOW}
-                self.failures[bucket] = (wrong + 1, now)
-        if wait:
-            log.warning("refused a try at the %s from %r: %d wrong in a row", what, connection, wrong)
-            raise TooManyGuesses(f"Too many wrong passwords from your address; try again in "
-                                 f"{describe_duration(wait)}")
-        if is_right():
-            with self.lock:
-                counted, counted_last = self.failures.get(bucket, (1, now))
-                if counted <= 1:
-                    self.failures.pop(bucket, None)
-                else:   # its own count undone, with the time of the last wrong one if no try came since
-                    self.failures[bucket] = (counted - 1, last if counted_last == now else counted_last)
-            return True
-        log.warning("wrong %s from %r (%d in a row)", what, connection, wrong + 1)
-        time.sleep(self.options.guess_delay * min(wrong + 1, GUESS_DELAY_STEPS))
-        return False
-
-    def check_account(self, connection: ClientConnection, name: str, secret: str) -> tuple[str, str] | None:
-        """The account NAME signs in to and what SECRET is to it: its "password", or the "code" of a password
-        reset waiting for it (/reset-password); None if neither (a wrong guess, also when there is no such
-        account).
-
-        The one order for every door: the password first, within the limits on
-        guessing (check_secret), and only then the ban (refuse_banned), so that
-        a ban and its reason are told only to whoever knows the password.
-        """
-        account = self.storage.account_name(name)
-        proved: list[str] = []
-
-        def is_right() -> bool:
-            if account is not None and self.storage.verify_password(account, secret):
-                proved.append("password")
-            elif account is not None and self.storage.invitation_matches(account, secret, "password"):
-                proved.append("code")
-            return bool(proved)
-
-        if not self.check_secret(connection, f"password for {account or name}", is_right):
-            return None
-        self.refuse_banned(connection, account)
-        return account, proved[0]
-
-    def refuse_banned(self, connection: ClientConnection, account: str | None) -> None:
-        """Raise Disconnect, with the ban's words for the person, if a ban keeps out CONNECTION's address (or
-        a network it is in) or ACCOUNT."""
-        now = time.time()
-        ban = self.storage.ban_for_address(connection.address, now) or \
-            (self.storage.ban_for_account(account, now) if account else None)
-        if ban is not None:
-            raise Disconnect(f"banned ({ban.kind} {ban.shown})", Banned(ban.by, ban.how_long(now), ban.reason))
-
     # -- signing in and out ----------------------------------------------------------
 
     def sign_in(self, connection: ClientConnection, nick: str, account: str | None = None,
@@ -4702,10 +4773,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
         kept = self.storage.kept_rooms(account) if account else []
         read = self.storage.read_positions(account) if account else {}
         bans_seen = self.bans_made
-        self.refuse_banned(connection, account)
+        self.gate.refuse_banned(connection, account)
         with self.lock:
             if self.bans_made != bans_seen:
-                self.refuse_banned(connection, account)
+                self.gate.refuse_banned(connection, account)
             person = self.by_account.get(name_key(account)) if account else None
             if person is not None and len(person.sessions) >= MAX_SESSIONS:
                 return (f"{person.nick} is signed in on {MAX_SESSIONS} sessions, the most; /sessions on one of "
@@ -4792,9 +4863,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
             return
         if room.members and room.invite_only:
             session.person.invited_to[room.key] = room.life     # they were let in, and stayed in
-        self._enter(session, room)
-        if not room.members - {session.person} and kept.password and room is not self.lobby:
+        if not room.members and kept.password and room is not self.lobby:
             room.password = kept.password       # they open it again as they left it
+        self._enter(session, room)
 
     def nickname_problem(self, nick: str, claimant: Person | None = None, account: str | None = None) -> str | None:
         """Why CLAIMANT (or a newcomer signed in to ACCOUNT) cannot be called NICK (already NFKC-normalised),
@@ -4802,16 +4873,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         taken = self.people.get(name_key(nick))
         if taken is not None and taken is not claimant:
             return f"Nickname {nick!r} is taken (or looks too much like {taken.nick!r})."
-        problem = name_problem(nick)
-        if problem:
-            return problem
-        registered = self.storage.account_name(nick)
-        account = claimant.account if claimant is not None else account
-        if registered is not None and (account is None or name_key(account) != name_key(registered)):
-            return f"{registered} is registered: sign in as {registered} with its password to use it."
-        if registered is None and self.storage.invitation_waiting(nick):
-            return f"{nick} is kept for someone invited: sign in as {nick} with the invitation code."
-        return None
+        return name_problem(nick) or self.gate.name_problem(nick, claimant.account if claimant is not None
+                                                            else account)
 
     def deliver_offline_messages(self, session: Session) -> None:
         """Show SESSION what guests left for its person's account while they were away, but what came from
@@ -5413,6 +5476,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if someone.account is None:
                     someone.conversations.add(conversation)
             line_id = self._keep_private(person, conversation, text, notice, target.account)
+            if target.account and person.account:
+                target.read.setdefault(conversation, int(line_id) - 1)     # as _keep_private wrote it
             if person.key not in target.ignoring:
                 self._to_people([target], PrivateFrom(person.nick, text, line_id, client_tags, person.account,
                                                       notice, person.bot))
@@ -5485,16 +5550,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 return          # a guest's reading is not kept
             if name is None or name.startswith("#"):
                 room = self._member_room(session, name)
-                target, newest, where = room_target(room.name), self._last_line_of(room), {"room": room.name}
+                target, newest, shown = room_target(room.name), self._last_line_of(room), f"#{room.name}"
             else:
                 target, shown = self._conversation_with(person, name)
-                newest, where = person.last_private.get(target, 0), {"nick": shown}
+                newest = person.last_private.get(target, 0)
                 if not newest and self.storage.keeps_history:
                     latest = self.storage.latest_messages(target, 1)
                     newest = latest[0].id if latest else 0
             number = newest if line_id is None else min(line_id, newest)
             if number and self._mark_read(person, target, number):
-                self._to_sessions(person.sessions, ReadUpTo(str(number), **where))
+                self._to_sessions(person.sessions, ReadUpTo(shown, number))
 
     def _conversation_with(self, person: Person, nick: str) -> tuple[str, str]:
         """The target of PERSON's private conversation with NICK (online, or an account), and the name to
@@ -5748,7 +5813,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if not expected:
             raise Refused("This server has no operator password, so no one can be an operator.")
         try:
-            right = self.check_secret(session, "operator password", lambda: same_secret(secret, expected))
+            right = self.gate.check_secret(session, "operator password", lambda: same_secret(secret, expected))
         except TooManyGuesses as refusal:
             session.output.end("too many wrong operator passwords from the address", Farewell(str(refusal)))
             raise Refused(f"{refusal}. Closing the connection.") from None
@@ -5810,6 +5875,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             person.account = nick
             self.by_account[name_key(nick)] = person
+            for room in sorted(person.rooms.values(), key=lambda room: room is person.last_room):
+                self.storage.keep_room(nick, room.name, room.password)     # their rooms are the account's
+                self._mark_read(person, room_target(room.name), self._last_line_of(room))
             person.mute = self.storage.mute_for(nick, session.address, time.time())
             made_operator = not person.operator and self.storage.is_operator(nick)
             person.operator = person.operator or made_operator
@@ -5825,13 +5893,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return (f"Registered {nick}. From now on, signing in as {nick} (or a name that looks like it) "
                 f"asks for this password.{lasting}")
 
-    def _check_own_password(self, person: Person, password: str) -> str:
-        """PERSON's account, if PASSWORD is its password; refused (as a wrong guess) otherwise."""
+    def _check_own_password(self, session: Session, password: str) -> str:
+        """SESSION's person's account, if PASSWORD is its password; refused (as a wrong guess) otherwise."""
+        person = session.person
         account = person.account
         if account is None:
             raise Refused(f"You are a guest: /register PASSWORD makes {person.nick} your account.")
         try:
-            right = self.check_secret(person, f"password for {account}",
+            right = self.gate.check_secret(session, f"password for {account}",
                                       lambda: self.storage.verify_password(account, password))
         except TooManyGuesses as refusal:
             raise Refused(f"{refusal}.") from None
@@ -5845,7 +5914,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             problem = password_problem(new, person.account)
             if problem:
                 raise Refused(problem)
-        account = self._check_own_password(person, old)
+        account = self._check_own_password(session, old)
         try:
             self.storage.set_password(account, new)
         except (StoreFull, StorageError) as problem:
@@ -5855,7 +5924,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def unregister(self, session: Session, password: str) -> str:
         """Give up PERSON's account; on a --private server that also ends their connection."""
         person = session.person
-        account = self._check_own_password(person, password)
+        account = self._check_own_password(session, password)
         was_operator = self.storage.is_operator(account)
         if was_operator and len(self.storage.operator_names()) == 1:
             raise Refused(f"{account} is the last operator; make another with /oper add first.")
@@ -7919,7 +7988,8 @@ class IrcConnection(ClientConnection):
         """The nickname to sign in with, or why WANTED cannot be had."""
         if self.account is not None:
             return self.account, None
-        registered = self.server.storage.account_name(wanted)
+        gate = self.server.gate
+        registered = gate.account_of(wanted)
         if registered is not None:
             return wanted, (f"{registered} is a registered name: sign in to it with SASL (PLAIN, the account's "
                             f"name and password), or choose another nickname.")
@@ -7940,7 +8010,7 @@ class IrcConnection(ClientConnection):
         if credentials is None:
             return
         try:
-            proved = self.server.check_account(self, credentials[0], credentials[1])
+            proved = self.server.gate.check_account(self, credentials[0], credentials[1])
         except TooManyGuesses as refusal:
             self.send_irc(irc_numeric("ERR_SASLFAIL", nick, text=str(refusal)))
             raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
@@ -7962,7 +8032,7 @@ class IrcConnection(ClientConnection):
     def prove(self, nick: str, what: str, is_right: Callable[[], bool]) -> None:
         """Check a secret the client gave, under the limits on guessing; a wrong one ends the connection."""
         try:
-            if self.server.check_secret(self, what, is_right):
+            if self.server.gate.check_secret(self, what, is_right):
                 return
         except TooManyGuesses as refusal:
             self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", nick, text=str(refusal)))

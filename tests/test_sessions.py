@@ -136,7 +136,7 @@ def test_catch_up_shows_exactly_what_was_missed_across_restarts_and_never_twice(
                          r"\[history \S+\] bob: ops line\n\*\*\* End of #ops history\.", text), text
         assert re.search(r"\*\*\* 1 new with bob since \S+Z\n\[history \S+\] \[pm from bob\] are you there\?\n"
                          r"\*\*\* End of history with bob\.", text), text
-        assert "#lobby" not in text, "alice was put in the lobby she left... or was never kept out of"
+        assert "new in #lobby" not in text, "the lobby, where nothing was said, showed something new"
         if _ == 0:
             # A client that never says what its person read is taken to have shown all it was sent.
             alice.send("/quit")
@@ -223,3 +223,45 @@ def test_an_account_has_at_most_ten_sessions(start_server, connect):
     extra.send(PASSWORD)
     assert extra.expect("!! ") == ("!! alice is signed in on 10 sessions, the most; /sessions on one of them "
                                    "lists them, and /kick-session ends one.")
+
+
+def entered_rooms(client: LineClient) -> list[str]:
+    """The rooms CLIENT, just signed in, was put in, in order: up to its own line said as a marker."""
+    client.send("here")
+    lines = client.lines_until(rf"(#\S+ )?{client.nick}: here$")
+    return [re.match(r"\*\*\* You are in #(\w+)", line).group(1) for line in client.seen
+            if line.startswith("*** You are in")]
+
+
+def test_kept_rooms_come_back_with_their_key_but_not_those_left_or_kicked_from(start_server, connect, data):
+    options = ("--data-dir", str(data))
+    server = start_server(*options)
+    alice = connect(server, "alice")
+    register(alice)
+    bob = connect(server, "bob")
+    join(bob, "ops")                        # bob runs #ops
+    join(alice, "secret", "sesame")         # alice opens #secret with a key
+    join(alice, "dev")
+    join(alice, "ops")
+    alice.send("/leave dev")
+    alice.expect(re.escape("*** You left #dev."))
+    bob.send("/kick alice enough")
+    alice.expect(re.escape("*** You were kicked from #ops by bob: enough."))
+    join(bob, "secret", "sesame")
+    alice.send("/quit")
+    alice.wait_closed()
+    alice = connect(server)
+    sign_in(alice, "alice")
+    assert entered_rooms(alice) == ["lobby", "secret"], shown(alice.seen)
+    bob.send("/quit")
+    bob.wait_closed()
+    for _ in range(2):
+        server.stop()
+        server = start_server(*options)
+        alice = connect(server)
+        sign_in(alice, "alice")
+        assert entered_rooms(alice) == ["lobby", "secret"], shown(alice.seen)
+        carol = connect(server, "carol")
+        carol.send("/join #secret")
+        assert carol.expect("!! ") == "!! #secret needs a key: /join #secret KEY.", "the kept key was lost"
+        carol.close()
