@@ -85,6 +85,7 @@ STANDARD_COMMANDS = (
     "help", "online", "quit", "nick", "msg", "w", "reply", "me", "join",
     "leave", "part", "rooms", "who", "names", "away", "back", "ignore", "unignore",
     "op", "kick", "mute", "unmute", "topic", "invite", "mode", "disconnect",
+    "history", "sessions", "kick-session",
 )
 
 # ---------------------------------------------------------------------------
