@@ -80,7 +80,7 @@ READ_REPORT_INTERVAL = 2.0          # seconds between two /read of one room or c
 PRESENT_AFTER_TYPING = 300.0        # without focus reports: typed this recently = at the terminal
 RECONNECT_DELAYS = (1, 2, 4, 8, 15, 30, 60)   # seconds before each try, the last one repeating
 
-# Commands every pyChat server has; names seen in /help replies are added.
+# The commands of a pyChat server of this version, for Tab; names seen in /help replies are added.
 STANDARD_COMMANDS = (
     "help", "online", "quit", "nick", "msg", "w", "reply", "me", "join",
     "leave", "part", "rooms", "who", "names", "away", "back", "ignore", "unignore",
