@@ -105,7 +105,8 @@ INVITATION_PROMPT = re.compile(r"\*\*\* Invitation code for \S+:$")
 SECRET_COMMANDS = ("/register", "/passwd", "/unregister", "/op")
 SECRET_MASK = "********"
 # The replies that confirm /register PASSWORD and /passwd OLD NEW: the new password is the account's.
-PASSWORD_CONFIRMED = ("-- Registered ", "-- Password changed.")
+REGISTERED = "-- Registered "       # the reply to /register: from now on, I am signed in to an account
+PASSWORD_CONFIRMED = (REGISTERED, "-- Password changed.")
 FAREWELL = "*** Bye."
 # A line that only an IRC server sends: ":server NOTICE * :...", ":server 451 ...", "PING :...".
 IRC_MESSAGE = re.compile(r"(?:@\S+ )?:\S+ (?:[A-Za-z]+|\d{3}) |(?:NOTICE|PING|ERROR) \S")
@@ -2005,7 +2006,7 @@ class ChatClient:
             if renamed and renamed.group(1).casefold() == self.me.casefold():
                 self.me = renamed.group(2)
                 self._update_prompt(draw=False)
-            if line.startswith(PASSWORD_CONFIRMED[0]):
+            if line.startswith(REGISTERED):
                 self.account = True
             if line.startswith(PASSWORD_CONFIRMED) and self.new_account_password:
                 self.answers["account password"], self.new_account_password = self.new_account_password, None
