@@ -2064,7 +2064,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.flood_excess = 0.0
         self.flood_warned = False
         self.flooded = False                # flood control cut it off; it ends once the lines it took are handled
-        self.connected = self.last_heard = time.monotonic()
+        self.connected = self.last_heard = self.last_active = time.monotonic()
         self.server.register(self)
         self.sock.setblocking(False)
         self.input_waiter = InputWaiter(self.sock, self.server.stop_signal)
@@ -2272,6 +2272,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         On the switchboard only what waits for nothing is done: a command is
         left (False) for a worker.
         """
+        self.last_active = self.last_heard
         if line is None:
             self.output.send(Error(f"Line too long (over {MAX_LINE_BYTES} bytes); it was not sent."))
             return True
@@ -4297,6 +4298,10 @@ class Person:
     """Someone in the chat: a guest, or the owner of an account, on one or more Sessions. Changed only by
     ChatServer's methods, under its lock."""
 
+    __slots__ = ("nick", "key", "serial", "sessions", "rooms", "last_room", "away", "operator", "account", "realname",
+                 "since", "last_spoke", "mute", "ignoring", "last_private_from", "invited_to", "seen", "read",
+                 "last_private", "listing", "quit_message", "watching", "bot", "invisible", "conversations")
+
     def __init__(self, nick: str, serial: int) -> None:
         self.nick = nick
         self.key = name_key(nick)
@@ -4351,13 +4356,17 @@ class Session:
     """One connection signed in as a person: where lines to it go, and, in a protocol with one, its current
     room. Changed only by ChatServer's methods, under its lock."""
 
-    def __init__(self, person: Person, output: Output, address: str, number: int) -> None:
+    __slots__ = ("person", "output", "address", "number", "since", "last_active", "current", "operator_failures",
+                 "reports_reading", "oldest_shown")
+
+    def __init__(self, person: Person, output: Output, address: str, number: int,
+                 last_active: Callable[[], float]) -> None:
         self.person = person
         self.output = output
         self.address = address
         self.number = number                    # its number among its person's, for /sessions and /kick-session
         self.since = time.time()
-        self.last_active = time.monotonic()     # for /sessions: the last line it sent
+        self.last_active = last_active          # when its connection last sent a line (its door knows)
         self.current: Room | None = None        # where plain lines go
         self.operator_failures = 0              # wrong /op secrets on this connection
         self.reports_reading = False            # it has said what its person read (/read, IRC's MARKREAD)
@@ -4793,7 +4802,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 person.operator = account is not None and self.storage.is_operator(account)
                 person.read = read
             session = Session(person, connection.output, connection.address,
-                              max((s.number for s in person.sessions), default=0) + 1)
+                              max((s.number for s in person.sessions), default=0) + 1,
+                              lambda: connection.last_active)
             connection.person, connection.session = person, session      # who the protocol now speaks to
             try:
                 self._open_session(session, motd, ignoring, kept)
@@ -6370,7 +6380,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         now = time.monotonic()
         with self.lock:
             return [commands.SessionInfo(s.number, s.output.protocol.name, s.address, utc_text(s.since),
-                                         describe_duration(now - s.last_active), s is session)
+                                         describe_duration(now - s.last_active()), s is session)
                     for s in session.person.sessions]
 
     def end_session(self, session: Session, number: int) -> str:
