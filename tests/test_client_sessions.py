@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from conftest import SERVER_SCRIPT, LineClient
+from conftest import LineClient
 from test_client_accounts import ACCOUNT_VARIABLE, PASSWORD, registered
 from test_client_editor import load_client
 from test_client_terminal import fake_server, run_client  # noqa: F401 (fixtures)
@@ -384,11 +384,6 @@ def test_history_lines_of_another_day_than_the_line_before_them_follow_a_line_na
 
 # -- against the real server ---------------------------------------------------------------------
 
-SERVER_KEEPS_READ_POSITIONS = "[read " in SERVER_SCRIPT.read_text(encoding="utf-8")
-needs_sessions = pytest.mark.skipif(not SERVER_KEEPS_READ_POSITIONS,
-                                    reason="this server has one connection per person and no read positions")
-
-
 @pytest.fixture
 def accounts_server(start_server, connect, tmp_path):
     """A factory: a server (with OPTIONS) and a data directory where alice has an account (PASSWORD) and has
@@ -424,7 +419,6 @@ def alice_in_a_terminal(run_client, server, **options):
     return alice
 
 
-@needs_sessions
 def test_two_clients_on_one_account_see_each_others_lines_and_rooms(accounts_server, connect, run_client):
     server = accounts_server()
     bob = connect(server, "bob")
@@ -448,7 +442,6 @@ def test_two_clients_on_one_account_see_each_others_lines_and_rooms(accounts_ser
     assert bob.expect(r"alice: ") == "alice: on it"
 
 
-@needs_sessions
 def test_the_read_position_moves_when_the_person_is_at_the_terminal(accounts_server, connect, run_client):
     server = accounts_server()
     bob = connect(server, "bob")
@@ -469,7 +462,6 @@ def test_the_read_position_moves_when_the_person_is_at_the_terminal(accounts_ser
     other.expect(re.escape("[read bob]"))
 
 
-@needs_sessions
 def test_the_catch_up_shows_what_was_missed_in_local_time_and_once_read_no_session_shows_it_again(
         accounts_server, connect, run_client):
     server = accounts_server()
@@ -499,7 +491,6 @@ def test_the_catch_up_shows_what_was_missed_in_local_time_and_once_read_no_sessi
     assert not [line for line in lines if " new " in line or "away" in line or "call me" in line], lines
 
 
-@needs_sessions
 def test_history_pages_back_and_is_shown_in_local_time(start_server, connect, run_client, tmp_path):
     server = start_server("--data-dir", str(tmp_path / "data"), "--history", "2")
     bob = connect(server, "bob")
@@ -519,7 +510,6 @@ def test_history_pages_back_and_is_shown_in_local_time(start_server, connect, ru
     assert b"\x1b[2mbob: line 1" in carol.output                # dimmed, as history
 
 
-@needs_sessions
 def test_after_a_server_restart_an_account_is_back_in_its_kept_rooms_with_its_own_current_room(
         start_server, connect, run_client, tmp_path):
     data = str(tmp_path / "data")
