@@ -146,6 +146,17 @@ def test_focus_reports_are_keys_never_text_even_split_across_reads():
     assert names(decoder.feed(b"\x1bOI\x1b[1;5I")) == []     # keypad and modified keys are not focus
 
 
+def test_focus_reports_are_on_unless_the_option_or_the_settings_file_says_no(tmp_path):
+    nowhere = {"XDG_CONFIG_HOME": str(tmp_path / "nowhere")}
+    assert pychat.parse_options([], nowhere).focus_report is True
+    assert pychat.parse_options(["--no-focus-report"], nowhere).focus_report is False
+    (tmp_path / "pychat").mkdir()
+    (tmp_path / "pychat" / "config").write_text("[pychat]\nfocus_report = no\n")
+    environment = {"XDG_CONFIG_HOME": str(tmp_path)}
+    assert pychat.parse_options([], environment).focus_report is False
+    assert pychat.parse_options(["--focus-report"], environment).focus_report is True
+
+
 # -- rendering the catch-up and history ---------------------------------------------------------
 
 def plain(line: str) -> str:
