@@ -1992,7 +1992,8 @@ class ChatClient:
             return
         question = sign_in_question(line.rstrip()) if not self.online else None
         if question:
-            self.account = self.account or question.answer == "account password"
+            if question.answer in ("nickname", "account password"):   # the last name asked for is who I am
+                self.account = question.answer == "account password"
             self._answer(question)
             return
         if not self.online:
