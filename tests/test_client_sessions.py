@@ -275,6 +275,26 @@ def test_a_guest_reports_nothing_read_until_registered(fake_server, run_client):
     assert fake_server.expect(r"(?!/online)") == "/read #lobby"
 
 
+def test_a_name_whose_password_was_not_given_signs_in_as_a_guest_who_reports_nothing(fake_server, run_client):
+    alice = run_client(fake_server, "--nick", "alice")
+    fake_server.accept()
+    fake_server.send("*** pyChat 3.0.0: 1 online.", "*** Choose a nickname:")
+    fake_server.expect(r"alice$")
+    fake_server.send("*** Password for alice:")
+    alice.wait_for_input_line("password for alice: ")
+    alice.type("\r")                                      # no password: back to choosing a name
+    assert fake_server.expect(r".*") == ""
+    fake_server.send("*** Choose a nickname:")
+    alice.wait_for_input_line("nickname: ")
+    alice.type("alice2\r")
+    fake_server.expect(r"alice2$")
+    fake_server.send("*** Welcome, alice2! Type /help for the commands.", "*** You are in #lobby, alone for now.",
+                     "bob: hi")
+    alice.wait_for_row(r"\] bob: hi$")
+    alice.type("marker\r")
+    assert fake_server.expect(r"(?!/online)") == "marker"
+
+
 def test_a_server_without_read_positions_is_asked_once_and_its_refusal_not_shown(fake_server, run_client):
     alice = signed_in_to(fake_server, run_client)
     fake_server.send("bob: one")
