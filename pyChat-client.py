@@ -24,6 +24,7 @@ import collections
 import configparser
 import contextlib
 import datetime
+import math
 import os
 import re
 import selectors
@@ -75,21 +76,24 @@ PASTE_LIMIT = 1_000_000             # characters of one paste; more is dropped, 
 PASTE_TAB_SIZE = 4                  # a pasted Tab becomes spaces up to the next multiple of this
 PASTE_TIMEOUT = 1.0                 # a paste whose end marker has not come in this long is over
 QUIT_AGAIN_SECONDS = 2.0            # Ctrl-C on an empty line twice within this leaves
+READ_REPORT_INTERVAL = 2.0          # seconds between two /read of one room or conversation
+PRESENT_AFTER_TYPING = 300.0        # without focus reports: typed this recently = at the terminal
 RECONNECT_DELAYS = (1, 2, 4, 8, 15, 30, 60)   # seconds before each try, the last one repeating
 
-# Commands every pyChat server has; names seen in /help replies are added.
+# The commands of a pyChat server of this version, for Tab; names seen in /help replies are added.
 STANDARD_COMMANDS = (
     "help", "online", "quit", "nick", "msg", "w", "reply", "me", "join",
     "leave", "part", "rooms", "who", "names", "away", "back", "ignore", "unignore",
     "op", "kick", "mute", "unmute", "topic", "invite", "mode", "disconnect",
+    "history", "sessions", "kick-session",
 )
 
 # ---------------------------------------------------------------------------
 # The protocol: kinds of server lines, sign-in prompts, who is online
 # ---------------------------------------------------------------------------
 
-CHAT, ACTION, NOTICE, REPLY, ERROR, PRIVATE, HISTORY, OFFLINE = (
-    "chat", "action", "notice", "reply", "error", "private", "history", "offline")
+CHAT, ACTION, NOTICE, REPLY, ERROR, PRIVATE, HISTORY, OFFLINE, READ = (
+    "chat", "action", "notice", "reply", "error", "private", "history", "offline", "read")
 
 PASSWORD_PROMPT = "*** Password:"
 NICKNAME_PROMPT = "*** Choose a nickname:"
@@ -101,7 +105,8 @@ INVITATION_PROMPT = re.compile(r"\*\*\* Invitation code for \S+:$")
 SECRET_COMMANDS = ("/register", "/passwd", "/unregister", "/op")
 SECRET_MASK = "********"
 # The replies that confirm /register PASSWORD and /passwd OLD NEW: the new password is the account's.
-PASSWORD_CONFIRMED = ("-- Registered ", "-- Password changed.")
+REGISTERED = "-- Registered "       # the reply to /register: from now on, I am signed in to an account
+PASSWORD_CONFIRMED = (REGISTERED, "-- Password changed.")
 FAREWELL = "*** Bye."
 # A line that only an IRC server sends: ":server NOTICE * :...", ":server 451 ...", "PING :...".
 IRC_MESSAGE = re.compile(r"(?:@\S+ )?:\S+ (?:[A-Za-z]+|\d{3}) |(?:NOTICE|PING|ERROR) \S")
@@ -118,6 +123,11 @@ HISTORY_PREFIX = re.compile(r"\[history (\S+)\] ")
 OFFLINE_PREFIX = re.compile(r"\[offline (\S+) from ([^\]\s]+)\] ")
 OFFLINE_NOTICE = re.compile(r"\*\*\* (?:\d+ messages? (?:was|were) left for you while you were away:"
                             r"|End of messages left for you\.)$")
+# "[read #dev]", "[read bob]": one of my sessions has read everything up to now there; never shown.
+READ_MARKER = re.compile(r"\[read (#[^\s\]]+|[^\s\]#]+)\]$")
+# The head of a room's or a conversation's catch-up at sign-in; its time is shown in my time zone.
+CATCH_UP = re.compile(r"\*\*\* \d+ new (?:in #[^\s,;]+|with [^\s,;]+) since (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
+UNKNOWN_READ_COMMAND = re.compile(r"!! Unknown command /read\b", re.IGNORECASE)   # a server without /read
 FLOOD_LIMIT = re.compile(r"Flood limit: (\d{1,6}) lines at once, then (\d{1,6}(?:\.\d{1,6})?) a second")
 PRIVATE_PREFIX = re.compile(r"\[pm (from|to) ([^\]\s]+)\] ")
 CHAT_PREFIX = re.compile(r"([^\s:]+): ")
@@ -217,7 +227,7 @@ class Message:
     kind: str
     text: str                 # the whole line
     nick: str = ""            # who spoke (chat, action, private, history)
-    body: str = ""            # what they said, or the text after the marker
+    body: str = ""            # what they said, or the text after the marker (read: "#dev" or "bob")
     outgoing: bool = False    # private: the copy of one you sent
     time: Optional[datetime.datetime] = None  # history: when it was said; offline: when it was left
     said: Optional["Message"] = None  # history: the original chat or action line
@@ -241,6 +251,10 @@ def classify_untagged(line: str) -> Message:
         if match:
             said = classify_untagged(line[match.end():])
             return Message(HISTORY, line, said.nick, said.body, time=utc_time(match.group(1)), said=said)
+    if line.startswith("[read "):
+        match = READ_MARKER.match(line)
+        if match:
+            return Message(READ, line, body=match.group(1))
     if line.startswith("[offline "):
         match = OFFLINE_PREFIX.match(line)
         if match:
@@ -359,7 +373,10 @@ class Rooms:
 
     The current room changes only when the server says so ("You are in",
     "Now talking in"), never when /join is sent: lines already on their way
-    belong to the room that was current when the server queued them.
+    belong to the room that was current when the server queued them. The
+    same lines tagged with their room ("#dev *** You are in #dev ...") come
+    when another session of my account enters or leaves a room: the room is
+    added or removed, and my current room stays.
     """
 
     def __init__(self) -> None:
@@ -374,14 +391,26 @@ class Rooms:
         keys = [name.casefold() for name in self.joined]
         return keys.index(room.casefold()) if room.casefold() in keys else -1
 
+    def __contains__(self, room: str) -> bool:
+        """Whether I am in room."""
+        return self._index(room) >= 0
+
     def enter(self, room: str) -> None:
         """The server made room current (adding it to mine if I was not in it)."""
+        self.add(room)
+        self.current = room
+        self.read(room)
+
+    def add(self, room: str) -> None:
+        """I am in room too (another session of mine entered it); the current room stays."""
         if self._index(room) < 0:
             self.joined.append(room)
-        self.current = room
+        self.see(room)
+
+    def read(self, room: str) -> None:
+        """Everything in room has been seen, here or on another session of mine."""
         self.unread.pop(room.casefold(), None)
         self.mentioned.discard(room.casefold())
-        self.see(room)
 
     def leave(self, room: str) -> None:
         """I am no longer in room."""
@@ -401,6 +430,11 @@ class Rooms:
 
         My own lines in another room (said with /msg #ROOM) are not unread.
         """
+        if message.kind == READ:
+            if message.body.startswith("#"):
+                self.read(message.body[1:])
+                return True
+            return False
         if message.room:
             self.see(message.room)
             if (message.kind in (CHAT, ACTION) and message.room.casefold() != self.current.casefold()
@@ -410,6 +444,12 @@ class Rooms:
                 if mentioned:
                     self.mentioned.add(key)
                 return True
+            if message.kind == NOTICE:   # another session of mine entered or left a room
+                entered = ENTERED_ROOM.match(message.text)
+                if entered:
+                    self.add(entered.group(1))
+                    return True
+                return self._left(message.text)
             return False
         if message.kind not in (NOTICE, REPLY):
             return False
@@ -420,8 +460,12 @@ class Rooms:
             if match:
                 self.enter(match.group(1))
                 return True
+        return self._left(message.text)
+
+    def _left(self, line: str) -> bool:
+        """Follow "You left #ROOM" and "You were kicked from #ROOM"; whether it was one of them."""
         for pattern in (LEFT_ROOM, KICKED_FROM_ROOM):
-            match = pattern.match(message.text)
+            match = pattern.match(line)
             if match:
                 self.leave(match.group(1))
                 return True
@@ -462,6 +506,117 @@ def mentions(message: Message, me: str) -> bool:
 def mention_pattern(me: str) -> re.Pattern:
     """My nickname as a whole word, ignoring case."""
     return re.compile(r"(?<![\w-])" + re.escape(me) + r"(?![\w-])", re.IGNORECASE)
+
+
+class Presence:
+    """Whether the person is at the terminal, for what counts as read.
+
+    Where the terminal reports focus (it has sent one report), they are
+    while it has the focus; where it never does, while they typed something
+    in the last PRESENT_AFTER_TYPING seconds (starting the client counts).
+    """
+
+    def __init__(self, now: float) -> None:
+        self.focus: Optional[bool] = None   # None until the terminal reports it
+        self.typed_at = now
+
+    def at_terminal(self, now: float) -> bool:
+        """Whether the person is at the terminal now."""
+        if self.focus is not None:
+            return self.focus
+        return now - self.typed_at < PRESENT_AFTER_TYPING
+
+    def typed(self, now: float) -> bool:
+        """A key was pressed; returns whether that brought the person back."""
+        back = self.focus is None and not self.at_terminal(now)
+        self.typed_at = now
+        return back
+
+    def focus_changed(self, focus: bool, now: float) -> bool:
+        """The terminal gained or lost the focus; returns whether that brought the person back."""
+        back = focus and not self.at_terminal(now)
+        self.focus = focus
+        return back
+
+
+class ReadReports:
+    """Which rooms and conversations to report as read (/read #ROOM, /read NICK), and when.
+
+    A target is reported when one of its lines is shown to a person at the
+    terminal (a line of the current room, a private message) or when it
+    becomes the current room, and only if something of it was shown since
+    its last report; at most once per READ_REPORT_INTERVAL. What was shown
+    while the person was away is reported when they come back (the current
+    room and private conversations; another room is read by switching to it).
+    The server reads a target up to its newest line, so a line shown and not
+    read (while away, or in a room that is no longer current) withdraws a
+    report still waiting, which would take that line with it.
+    Targets are kept casefolded: "#dev" and "#Dev" are one.
+    """
+
+    def __init__(self) -> None:
+        self.news: set[str] = set()          # targets with lines shown since their last report
+        self.due: dict[str, str] = {}        # to report as soon as the interval allows: key -> as written
+        self.away: dict[str, str] = {}       # read-worthy while the person was away
+        self.sent_at: dict[str, float] = {}  # key -> when it was last reported
+
+    def shown(self, target: str, reads_it: bool, present: bool) -> None:
+        """A line of target was shown; reads_it: a line of the current room or a private message."""
+        key = target.casefold()
+        self.news.add(key)
+        if reads_it and present:
+            self.due[key] = target
+            return
+        self.due.pop(key, None)
+        if reads_it:
+            self.away[key] = target
+
+    def switched(self, room: str, present: bool) -> None:
+        """room ("#dev") became current: switching to a room reads it."""
+        key = room.casefold()
+        if key in self.news:
+            (self.due if present else self.away)[key] = room
+
+    def came_back(self, current_room: str) -> None:
+        """The person is at the terminal again: what was shown meanwhile in the current room
+        and in private conversations is read."""
+        for key, target in self.away.items():
+            if key == current_room.casefold() or not key.startswith("#"):
+                self.due[key] = target
+        self.away.clear()
+
+    def _allowed_at(self, key: str) -> float:
+        return self.sent_at.get(key, -math.inf) + READ_REPORT_INTERVAL
+
+    def next_due(self) -> Optional[float]:
+        """When the soonest due report may go (monotonic seconds), or None if none is due."""
+        return min((self._allowed_at(key) for key in self.due), default=None)
+
+    def ready(self, now: float) -> list[str]:
+        """The targets whose report may go now, as written."""
+        return [target for key, target in self.due.items() if now >= self._allowed_at(key)]
+
+    def reported(self, target: str, now: float) -> None:
+        """A report of target went to the server."""
+        key = target.casefold()
+        self.due.pop(key, None)
+        self.away.pop(key, None)
+        self.news.discard(key)
+        self.sent_at[key] = now
+
+    def drop(self, target: str) -> None:
+        """Report nothing more of target: I left that room (the server would refuse the report)."""
+        key = target.casefold()
+        self.due.pop(key, None)
+        self.away.pop(key, None)
+        self.news.discard(key)
+
+    def forget(self) -> None:
+        """The connection is gone: a new one has read positions of its own to start from."""
+        self.news.clear()
+        self.due.clear()
+        self.away.clear()
+        self.sent_at.clear()
 
 
 # ---------------------------------------------------------------------------
@@ -511,6 +666,9 @@ ESC = "\x1b"
 # Bracketed paste: the terminal wraps pasted text in these, so it is text, not keys.
 PASTE_ON, PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
+# Focus reporting: the terminal then sends ESC [ I when it gains the focus and ESC [ O when it loses it.
+FOCUS_ON, FOCUS_OFF = "\x1b[?1004h", "\x1b[?1004l"
+FOCUS_KEYS = {"I": "focus-in", "O": "focus-out"}
 
 
 class KeyDecoder:
@@ -520,7 +678,8 @@ class KeyDecoder:
     a paste. The rest waits for the next read; a lone ESC is the Esc key
     once flush() is called after ESCAPE_TIMEOUT without more input. Pasted
     text comes out whole as one Key("paste", text), up to PASTE_LIMIT
-    characters (the rest is counted in `paste_dropped`).
+    characters (the rest is counted in `paste_dropped`). The terminal's
+    focus reports are keys too ("focus-in", "focus-out"), never text.
     """
 
     def __init__(self) -> None:
@@ -639,6 +798,8 @@ def escape_sequence(chars: str, start: int) -> tuple[int, str]:
     final, parameters = chars[end], chars[start + 2:end]
     if final == "~":
         return end + 1 - start, TILDE_KEYS.get(parameters.split(";")[0], "")
+    if not parameters and final in FOCUS_KEYS:
+        return end + 1 - start, FOCUS_KEYS[final]
     return end + 1 - start, SEQUENCE_KEYS.get(final, "")
 
 
@@ -1014,6 +1175,9 @@ def render_body(message: Message, painter: Painter, me: str) -> tuple[list[Span]
     kind, text = message.kind, message.text
     if kind == HISTORY:
         said = message.said or classify_untagged(text)
+        if said.kind == PRIVATE:   # a private message of a catch-up: labelled as a live one
+            label = private_label(said)
+            return [Span(label, "private"), Span(" "), Span(said.body, "history")], text_width(label) + 1
         return [Span(said.text, "history")], said_offset(said)
     if kind == OFFLINE:   # apart from live private messages: who left it, and when (in my time zone)
         left = f", left {local_time(message.time):%Y-%m-%d %H:%M}" if message.time else ""
@@ -1022,6 +1186,10 @@ def render_body(message: Message, painter: Painter, me: str) -> tuple[list[Span]
     if kind == NOTICE:
         if OFFLINE_NOTICE.match(text):
             return [Span(text, "offline")], 4
+        catch_up = CATCH_UP.match(text)
+        when = utc_time(catch_up.group(1)) if catch_up else None
+        if when:   # "*** 37 new in #dev since 2026-12-06 19:02 ...", in my time zone
+            text = text[:catch_up.start(1)] + f"{local_time(when):%Y-%m-%d %H:%M}" + text[catch_up.end(1):]
         return [Span(text, "topic" if TOPIC_NOTICE.match(text) else "notice")], 4
     if kind in (REPLY, ERROR):
         return [Span(text, kind)], 3
@@ -1029,12 +1197,17 @@ def render_body(message: Message, painter: Painter, me: str) -> tuple[list[Span]
     if kind == ACTION:
         spans = [Span("* ", "action"), Span(message.nick, painter.nick_style(message.nick)), Span(" ")]
     elif kind == PRIVATE:
-        spans = [Span(f"[pm {'to' if message.outgoing else 'from'} {message.nick}]", "private"), Span(" ")]
+        spans = [Span(private_label(message), "private"), Span(" ")]
     elif message.nick:
         spans = [Span(message.nick, painter.nick_style(message.nick)), Span(": ")]
     else:
         spans = []
     return spans + said, sum(text_width(span.text) for span in spans)
+
+
+def private_label(message: Message) -> str:
+    """"[pm from bob]" or "[pm to bob]"."""
+    return f"[pm {'to' if message.outgoing else 'from'} {message.nick}]"
 
 
 def said_offset(message: Message) -> int:
@@ -1064,6 +1237,18 @@ def render_local(text: str, now: Optional[datetime.datetime] = None) -> Rendered
     stamp = (now or datetime.datetime.now()).strftime("[%H:%M:%S]")
     return Rendered([Span(stamp, "time"), Span(" "), Span(LOCAL_MARKER + text, "local")],
                     STAMP_WIDTH + len(LOCAL_MARKER))
+
+
+def history_day(message: Message) -> Optional[datetime.date]:
+    """The day a history line was said, in my time zone; None for other lines."""
+    if message.kind == HISTORY and message.time:
+        return local_time(message.time).date()
+    return None
+
+
+def render_day(day: datetime.date) -> Rendered:
+    """The line before history lines of another day than the line before them."""
+    return Rendered([Span(f"--- {day:%A} {day.day} {day:%B %Y} ---", "time")], 4)
 
 
 def wrap(spans: list[Span], width: int, indent: int) -> list[list[Span]]:
@@ -1145,10 +1330,13 @@ class TerminalDisplay:
 
     RECENT_LINES = 500
 
-    def __init__(self, out: TextIO, editor: LineEditor, painter: Painter) -> None:
+    def __init__(self, out: TextIO, editor: LineEditor, painter: Painter, focus_report: bool = True) -> None:
         self.out = out
         self.editor = editor
         self.painter = painter
+        # Turned on at start, off at close: bracketed paste, and focus reports unless --no-focus-report.
+        self.modes_on = PASTE_ON + (FOCUS_ON if focus_report else "")
+        self.modes_off = PASTE_OFF + (FOCUS_OFF if focus_report else "")
         self.prompts: list[list[Span]] = [[Span("> ")]]
         self.secret = False       # typing a password: show nothing of it
         self.recent: collections.deque[Rendered] = collections.deque(maxlen=self.RECENT_LINES)
@@ -1163,8 +1351,8 @@ class TerminalDisplay:
             return 24, 80
 
     def start(self) -> None:
-        """Take the screen: bracketed paste on, the scroll region above the input row."""
-        self.out.write(PASTE_ON)
+        """Take the screen: bracketed paste (and focus reports) on, the scroll region above the input row."""
+        self.out.write(self.modes_on)
         self._set_region()
         self.out.write(f"\x1b[{self.rows - 1};1H")
         self.redraw()
@@ -1216,8 +1404,9 @@ class TerminalDisplay:
         self.out.flush()
 
     def close(self) -> None:
-        """Give the screen back: no scroll region, no bracketed paste, the cursor on an empty bottom row."""
-        self.out.write(f"\x1b[r\x1b[{self.rows};1H\x1b[K" + PASTE_OFF)
+        """Give the screen back: no scroll region, no bracketed paste nor focus reports, the cursor on an
+        empty bottom row."""
+        self.out.write(f"\x1b[r\x1b[{self.rows};1H\x1b[K" + self.modes_off)
         self.out.flush()
 
 
@@ -1475,7 +1664,12 @@ class ChatClient:
         self.keys_read_at = 0.0
         self.roster = Roster()
         self.rooms = Rooms()
+        self.presence = Presence(time.monotonic())
+        self.reads = ReadReports()
+        self.reporting = interactive      # tell the server what the person has read (/read), for an account
+        self.read_reported = False        # a /read went on this connection
         self.me = ""                      # my nickname once the server has welcomed me
+        self.history_day: Optional[datetime.date] = None   # of the last line shown, if it was history
         self.online = False               # signed in on the present connection
         self.answering: Optional[Question] = None   # what the server asks, while it waits for my answer
         self.refusal = ""                 # the last error line while signing in
@@ -1494,6 +1688,7 @@ class ChatClient:
         self.leave_deadline = 0.0
         self.rejoin: Optional[list[str]] = None    # my rooms when the connection was lost, current last
         self.rejoin_due = False           # signed in again: go back once the first room is entered
+        self.account = False              # signed in to an account: the server keeps its rooms and what it read
         self.retries = 0
         self.retry_at = 0.0               # when to try to connect again; 0 when not waiting
         self.finished_work: collections.deque[tuple[Callable[[object], None], object]] = collections.deque()
@@ -1548,6 +1743,9 @@ class ChatClient:
             yield self.piped_greeting_deadline
         if self.retry_at:
             yield self.retry_at
+        due = self.reads.next_due() if self.reporting and self.online and not self.leaving else None
+        if due is not None:
+            yield max(due, time.monotonic() + (self.pacer.wait() if self.pacer else 0.0))
 
     def _timeout(self) -> Optional[float]:
         if self.connection and self.connection.more:
@@ -1652,6 +1850,8 @@ class ChatClient:
         self.asked_online = False
         self.leaving = False
         self.heard = False
+        self.reporting, self.read_reported = self.interactive, False
+        self.account = False
         self.greeting_deadline = time.monotonic() + GREETING_TIMEOUT
         # In a terminal, the person waiting sees the hint and can leave; a CI job would hang.
         self.piped_greeting_deadline = 0.0 if self.interactive else time.monotonic() + PIPED_GREETING_TIMEOUT
@@ -1695,6 +1895,7 @@ class ChatClient:
             self.rejoin = [room for room in self.rooms.joined
                            if room.casefold() != self.rooms.current.casefold()] + [self.rooms.current]
         self.online = False
+        self.reads.forget()
         self._say(f"disconnected: {why}")
         self._wait_to_retry()
 
@@ -1786,9 +1987,13 @@ class ChatClient:
             self.pacer = Pacer(*limit)
         if self.asked_online and ONLINE.match(line):
             self.asked_online = False
+            if self.rejoin_due:   # the reply comes after what the server sends at sign-in: my rooms are back
+                self._go_back_to_rooms()
             return
         question = sign_in_question(line.rstrip()) if not self.online else None
         if question:
+            if question.answer in ("nickname", "account password"):   # the last name asked for is who I am
+                self.account = question.answer == "account password"
             self._answer(question)
             return
         if not self.online:
@@ -1802,21 +2007,64 @@ class ChatClient:
             if renamed and renamed.group(1).casefold() == self.me.casefold():
                 self.me = renamed.group(2)
                 self._update_prompt(draw=False)
+            if line.startswith(REGISTERED):
+                self.account = True
             if line.startswith(PASSWORD_CONFIRMED) and self.new_account_password:
                 self.answers["account password"], self.new_account_password = self.new_account_password, None
         self.put_out = put_out_reason(line) or self.put_out
         mentioned = mentions(message, self.me)
+        current_before, rooms_before = self.rooms.current, list(self.rooms.joined)
         if self.rooms.learn(message, mentioned, self.me) or message.room:
-            if self.rejoin_due and self.rooms.current:
+            if self.rejoin_due and self.rooms.current and not self.account:
                 self._go_back_to_rooms()
             self._update_prompt(draw=False)
+            for room in rooms_before:
+                if room not in self.rooms:
+                    self.reads.drop("#" + room)
         if line == FAREWELL:
             self.leaving = True
             self.leave_deadline = time.monotonic() + QUIT_TIMEOUT
+        if message.kind == READ:
+            return
+        if self.read_reported and message.kind == ERROR and UNKNOWN_READ_COMMAND.match(line):
+            self.reporting = False   # a server that keeps no read positions
+            return
         if self.quiet and message.kind != ERROR:
             return
         ring = self.bell and (mentioned or (message.kind == PRIVATE and not message.outgoing))
+        if self.interactive:   # the clock time of a history line of another day is not enough
+            day = history_day(message)
+            if day and day != (self.history_day or datetime.date.today()):
+                self.display.show(render_day(day))
+            self.history_day = day
         self.display.show(render(message, self.painter, self.me), bell=ring)
+        if self.reporting and self.online and self.account:   # a guest's reading is not kept
+            self._note_shown(message, current_before)
+
+    def _note_shown(self, message: Message, current_before: str) -> None:
+        """Note what the person was just shown, for the read positions (see ReadReports)."""
+        present = self.presence.at_terminal(time.monotonic())
+        current = self.rooms.current
+        if current and current.casefold() != current_before.casefold():
+            self.reads.switched("#" + current, present)
+        said = message.said if message.kind == HISTORY and message.said else message
+        if said.kind == PRIVATE:
+            self.reads.shown(said.nick, True, present)
+        elif said.kind in (CHAT, ACTION) and said.nick and (message.room or current):
+            self.reads.shown("#" + (message.room or current), not message.room, present)
+
+    def _report_reads(self) -> None:
+        """Tell the server which rooms and conversations the person has read: after the lines
+        they typed, and within the flood limit."""
+        if not (self.reporting and self.online and self.connection) or self.leaving or self.outgoing:
+            return
+        now = time.monotonic()
+        for target in self.reads.ready(now):
+            if self.pacer and not self.pacer.take():
+                return
+            self.reads.reported(target, now)
+            self.read_reported = True
+            self._send_now(f"/read {target}")
 
     def _answer(self, question: Question) -> None:
         """The server asks a sign-in question: answer from the options (once), else ask the user."""
@@ -1855,10 +2103,20 @@ class ChatClient:
         self._register_input()
 
     def _go_back_to_rooms(self) -> None:
-        """After signing in again: join the rooms I was in (with their keys), the current one last."""
+        """After signing in again: join the rooms I was in (with their keys), the current one last.
+
+        An account's rooms are the server's to keep: it has put me back in them by the time it
+        answers /online, without those another session of mine left meanwhile (joining them would
+        take that back, and leaving one would leave it on every session). So for an account, only
+        the current room is made what it was, if it is still mine.
+        """
         home = self.rooms.current   # where the server put me on signing in
         wanted = [room for room in self.rejoin or [] if room]
         self.rejoin, self.rejoin_due = None, False
+        if self.account:
+            if wanted and wanted[-1] in self.rooms and wanted[-1].casefold() != home.casefold():
+                self.outgoing.appendleft(f"/join #{wanted[-1]}")
+            return
         lines = []
         for number, room in enumerate(wanted, 1):
             if room.casefold() != home.casefold() or number == len(wanted) > 1:
@@ -1874,6 +2132,7 @@ class ChatClient:
         while (self.outgoing and self.online and self.connection and not self.leaving
                and (self.pacer is None or self.pacer.take())):
             self._send_now(self.outgoing.popleft())
+        self._report_reads()
         if not self.interactive:
             # Read no further ahead than the backlog: a long file is not loaded whole.
             if len(self.outgoing) > OUTGOING_BACKLOG:
@@ -1892,6 +2151,8 @@ class ChatClient:
             self.leave_deadline = time.monotonic() + QUIT_TIMEOUT
         if len(words) >= 3 and words[0].lower() == "/join":
             self.rooms.keys[words[1].lstrip("#").casefold()] = words[2]
+        if words and words[0].lower() in ("/leave", "/part"):   # a report after this would be refused
+            self.reads.drop(words[1] if len(words) > 1 and words[1].startswith("#") else "#" + self.rooms.current)
         if self.online and len(words) >= 2 and words[0].lower() == "/register":
             self.new_account_password = line.split(None, 1)[1]
         elif self.online and len(words) == 3 and words[0].lower() == "/passwd":
@@ -1969,6 +2230,8 @@ class ChatClient:
         for key in keys:
             if self.exit_code is not None:
                 return
+            if self._attend(key):
+                continue
             if self.pending_paste:
                 if key.name == "enter":
                     self._paste_answered(True)
@@ -2002,6 +2265,15 @@ class ChatClient:
                 self._switch_to(self.rooms.numbered(int(key.name[4:])))
         if self.exit_code is None:
             self._update_prompt()
+
+    def _attend(self, key: Key) -> bool:
+        """Follow whether the person is at the terminal; returns whether the key was a focus report."""
+        now = time.monotonic()
+        focus_report = key.name in ("focus-in", "focus-out")
+        if (self.presence.focus_changed(key.name == "focus-in", now) if focus_report
+                else self.presence.typed(now)):
+            self.reads.came_back("#" + self.rooms.current)   # what was shown meanwhile is read now
+        return focus_report
 
     def _on_ctrl_c(self) -> None:
         """Ctrl-C clears a typed line (Up brings it back); on an empty line, twice within 2 s leaves."""
@@ -2128,7 +2400,7 @@ def port_number(text: str) -> int:
 
 CONFIG_SECTION = "pychat"
 CONFIG_TEXT_SETTINGS = ("host", "nick", "cafile")
-CONFIG_YES_NO_SETTINGS = ("tls", "insecure", "color", "bell")
+CONFIG_YES_NO_SETTINGS = ("tls", "insecure", "color", "bell", "focus_report")
 
 
 def config_path(environment: dict[str, str]) -> str:
@@ -2191,7 +2463,7 @@ def parse_options(argv: Optional[list[str]], environment: Optional[dict[str, str
                     "pipe or a file, each line is sent as a message, then the client leaves.",
         epilog=f"settings file (read when it exists; options given here win):\n  {path}\n"
                f"an INI file with a [{CONFIG_SECTION}] section holding any of host, port, nick, tls,\n"
-               "cafile, insecure, color and bell, as in \"port = 25000\" or \"tls = yes\".")
+               "cafile, insecure, color, bell and focus_report, as in \"port = 25000\" or \"tls = yes\".")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"server to connect to (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
@@ -2226,6 +2498,11 @@ def parse_options(argv: Optional[list[str]], environment: Optional[dict[str, str
     parser.add_argument("--insecure", action=argparse.BooleanOptionalAction, default=False,
                         help="TLS without checking the certificate (anyone in between can read "
                              "the chat); implies --tls")
+    parser.add_argument("--focus-report", action=argparse.BooleanOptionalAction, default=True,
+                        help="ask the terminal to say when it gains and loses the focus, so that what "
+                             "arrives while you are in another window is not reported to the server as "
+                             "read; --no-focus-report for a terminal that misbehaves (then you count as "
+                             "present for 5 minutes after a key)")
     parser.add_argument("--version", action="version", version=f"pyChat client {VERSION}")
     try:
         parser.set_defaults(**load_settings(path))
@@ -2272,7 +2549,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     painter = Painter(colour)
     editor = LineEditor()
-    display = TerminalDisplay(sys.stdout, editor, painter) if interactive else PlainDisplay(sys.stdout)
+    display = (TerminalDisplay(sys.stdout, editor, painter, options.focus_report) if interactive
+               else PlainDisplay(sys.stdout))
     keyboard = windows_keyboard_socket(interactive) if os.name == "nt" else None
     client = ChatClient(Connection(sock), display, editor, painter, interactive=interactive,
                         nick=options.nick, password=options.password, bell=options.bell,

@@ -4934,9 +4934,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                                              f"{session.address} ({len(person.sessions)} sessions)."))
             rooms = sorted(person.rooms.values(), key=lambda room: room is person.last_room)
             for room in rooms:
-                self._show_room(session, room)
-            if not rooms and session.output.protocol.has_current_room:
-                self._enter(session, self.lobby)
+                self._show_room(session, room, current=room is rooms[-1])
+            self._settle(session)
             self._catch_up_private(session)
             return
         self.people[person.key] = person
@@ -4947,15 +4946,26 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person.ignoring.add(key)
             self._count_ignorer(key, person, True)
         for room in kept:
-            self._enter_kept(session, room)
-        if not person.rooms and session.output.protocol.has_current_room:
-            self._enter(session, self.lobby)
+            self._enter_kept(session, room, current=room is kept[-1])
+        self._settle(session)
         self._catch_up_private(session)
         self.most_people = max(self.most_people, len(self.people))
         self._to_people(self.watchers.get(person.key, ()), CameOnline(person.nick))
 
-    def _enter_kept(self, session: Session, kept: KeptRoom) -> None:
-        """Put SESSION's person back in a room kept for their account, if they may still be there. Lock held."""
+    def _settle(self, session: Session) -> None:
+        """Give SESSION, just signed in, a current room if its protocol needs one and it has none yet: the
+        last of its person's rooms, or the lobby. Lock held."""
+        if session.current is not None or not session.output.protocol.has_current_room:
+            return
+        if session.person.rooms:
+            self._make_current(session, list(session.person.rooms.values())[-1])
+            session.output.send(NowTalking(session.current.name))
+        else:
+            self._enter(session, self.lobby)
+
+    def _enter_kept(self, session: Session, kept: KeptRoom, current: bool) -> None:
+        """Put SESSION's person back in a room kept for their account, if they may still be there (current
+        for SESSION if CURRENT). Lock held."""
         room = self.rooms.get(name_key(kept.name))
         if room is not None and room.members and room.password is not None and not hmac.compare_digest(
                 (kept.password or "").encode("utf-8"), room.password.encode("utf-8")):
@@ -4967,11 +4977,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         except Refused as refusal:
             session.output.send(Notice(f"#{kept.name}: {refusal}"))
             return
-        if room.members and room.invite_only:
-            session.person.invited_to[room.key] = room.life     # they were let in, and stayed in
         if not room.members and kept.password and room is not self.lobby:
             room.password = kept.password       # they open it again as they left it
-        self._enter(session, room)
+        self._enter(session, room, current)
 
     def nickname_problem(self, nick: str, claimant: Person | None = None, account: str | None = None) -> str | None:
         """Why CLAIMANT (or a newcomer signed in to ACCOUNT) cannot be called NICK (already NFKC-normalised),
@@ -5115,9 +5123,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if self.by_serial.get(person.serial) is not person:
             raise Refused("You are no longer in the chat.")
 
-    def _enter(self, session: Session, room: Room) -> None:
-        """Put SESSION's person in ROOM, current for SESSION: the room is told; every session of theirs sees
-        who is there, the topic and what they have not read. Lock held."""
+    def _enter(self, session: Session, room: Room, current: bool = True) -> None:
+        """Put SESSION's person in ROOM, current for SESSION (unless not CURRENT): the room is told; every
+        session of theirs sees who is there, the topic and what they have not read. Lock held."""
         person = session.person
         self._present(person)
         if not room.members and room is not self.lobby:
@@ -5131,19 +5139,20 @@ class ChatServer(socketserver.ThreadingTCPServer):
                           skip=person)
         for other in person.sessions:
             if other is not session:
-                room.hear(other, current=False)
                 self._show_room(other, room, current=False)
-        self._show_room(session, room)
+        self._show_room(session, room, current)
         if person.account:
             self.storage.keep_room(person.account, room.name, room.password)
             if room_target(room.name) not in person.read:
                 self._read_until_now(person, room)
 
-    def _show_room(self, session: Session, room: Room, current: bool = True) -> None:
-        """Show SESSION that its person is in ROOM (made current for it unless not CURRENT): who is there, the
-        topic, and what they have not read. Lock held."""
+    def _show_room(self, session: Session, room: Room, current: bool) -> None:
+        """Show SESSION that its person is in ROOM (made current for it if CURRENT; otherwise its lines come
+        tagged): who is there, the topic, and what they have not read. Lock held."""
         if current:
             self._make_current(session, room)
+        else:
+            room.hear(session, current=False)
         person = session.person
         others = [m.nick for m in itertools.islice(room.members, 16) if m is not person][:15]
         # A protocol that lists members gets them all, up to ANNOUNCE_LIMIT: past that, joins and leaves
