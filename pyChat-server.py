@@ -97,7 +97,12 @@ MAX_LINE_BYTES = 4096             # longest line accepted from a client, without
 MAX_NICKNAME_LENGTH = 20
 MAX_ROOMS = 500                   # rooms kept at once; empty ones are forgotten first
 DEFAULT_ROOM = "lobby"
-ROOM_SETTINGS = ("key", "invite-only", "topic", "op", "deop")    # what /mode changes
+ROOM_SETTINGS = ("key", "invite-only", "topic", "op", "deop", "voice", "devoice", "limit", "moderated",
+                 "outside-messages", "secret", "ban", "unban", "exempt", "unexempt", "invite-mask",
+                 "uninvite-mask")     # what /mode changes
+ROOM_MASK_LISTS = ("ban", "exempt", "invite-mask")     # /mode's lists of NICK!USER@HOST masks, and each's undoing
+MAX_ROOM_MASKS = 100              # masks in each list of a room
+MAX_ROOM_LIMIT = 100_000          # the highest /mode limit
 LISTING_BURST = 500               # entries of lists (/online, /who, /rooms) one person may ask for at once,
 LISTING_RATE = 50.0               # and then a second: long lists asked for by hundreds must not slow the chat
 SEARCH_COST = 100                 # entries of lists one /search costs: a search reads far more than a list
@@ -947,11 +952,11 @@ class TopicChanged(NamedTuple):
 
 
 class ModeChanged(NamedTuple):
-    """A room operator changed a setting of the room (see ROOM_SETTINGS)."""
+    """A room operator changed settings of the room (see ROOM_SETTINGS), each a (setting, value), in order.
+    A key is shown as 'on', never itself."""
     room: str
     nick: str
-    setting: str
-    value: str
+    changes: tuple[tuple[str, str], ...]
 
 
 class Quit(NamedTuple):
@@ -1026,11 +1031,13 @@ class Welcome(NamedTuple):
 
 class Entered(NamedTuple):
     """You are now in ROOM (and it is current), with these others. MEMBERS (everyone, with whether they
-    run the room) only for a protocol that lists members on entering (IRC's NAMES)."""
+    run the room and whether they have a voice in it) only for a protocol that lists members on entering
+    (IRC's NAMES)."""
     room: str
     others: tuple[str, ...]
     more: int
-    members: tuple[tuple[str, bool], ...] = ()
+    members: tuple[tuple[str, bool, bool], ...] = ()
+    secret: bool = False
 
 
 class Topic(NamedTuple):
@@ -1144,18 +1151,34 @@ def _because(reason: str | None) -> str:
 
 
 def _mode_words(event: ModeChanged) -> str:
-    room = f"#{event.room}"
+    return f"*** {event.nick} " + "; ".join(_setting_words(f"#{event.room}", *change) for change in event.changes)
+
+
+def _setting_words(room: str, setting: str, value: str) -> str:
     words = {
         ("key", "off"): f"removed the key of {room}",
         ("invite-only", "on"): f"made {room} invite-only",
         ("invite-only", "off"): f"opened {room} to everyone",
         ("topic", "operators"): f"let only operators of {room} set its topic",
         ("topic", "everyone"): f"let everyone in {room} set its topic",
-    }.get((event.setting, event.value))
+        ("limit", "off"): f"removed the limit of {room}",
+        ("moderated", "on"): f"made {room} moderated: only its operators and voiced people talk",
+        ("moderated", "off"): f"let everyone in {room} talk",
+        ("secret", "on"): f"made {room} secret",
+        ("secret", "off"): f"made {room} no longer secret",
+        ("outside-messages", "on"): f"let people outside {room} talk in it",
+        ("outside-messages", "off"): f"let only people in {room} talk in it",
+    }.get((setting, value))
     if words is None:
-        words = {"key": f"set a key on {room}", "op": f"made {event.value} an operator of {room}",
-                 "deop": f"took operator status in {room} from {event.value}"}[event.setting]
-    return f"*** {event.nick} {words}"
+        words = {"key": f"set a key on {room}", "op": f"made {value} an operator of {room}",
+                 "deop": f"took operator status in {room} from {value}", "limit": f"limited {room} to {value} people",
+                 "voice": f"gave {value} a voice in {room}", "devoice": f"took {value}'s voice in {room}",
+                 "ban": f"banned {value} from {room}", "unban": f"lifted the ban of {value} from {room}",
+                 "exempt": f"exempted {value} from the bans of {room}",
+                 "unexempt": f"took {value} off the exceptions of {room}",
+                 "invite-mask": f"let {value} into {room} without an invitation",
+                 "uninvite-mask": f"took {value} off those let into {room} without an invitation"}[setting]
+    return words
 
 
 def plain(text: str) -> str:
@@ -2243,15 +2266,16 @@ class ClientConnection(socketserver.BaseRequestHandler):
         text = clean_text(line)
         if not text:
             return True
-        if text.startswith("//"):
-            self.server.say(self.person, text[1:])
-        elif text.startswith("/"):
+        if text.startswith("/") and not text.startswith("//"):
             if on_switchboard:
                 return False
             log.debug("%r: %s", self, text.split(" ", 1)[0])
             self.server.commands.run(Context(self.server, self.person), text)
-        else:
-            self.server.say(self.person, text)
+            return True
+        try:
+            self.server.say(self.person, text[1:] if text.startswith("//") else text)
+        except Refused as refusal:          # a moderated room, or one that bans them
+            self.output.send(Error(str(refusal)))
         return True
 
     # -- read by the switchboard ------------------------------------------------
@@ -2506,6 +2530,10 @@ CREATE TABLE messages (id INTEGER PRIMARY KEY, time INTEGER NOT NULL, target TEX
     account TEXT, kind INTEGER NOT NULL, text TEXT NOT NULL);
 CREATE INDEX messages_by_target ON messages (target, id);
 """
+# The masks of a lasting room's lists (ROOM_MASK_LISTS: its bans, exceptions, invitation masks), by the room's
+# name_key(). Made when missing, at every start, so that a database written before it gains it.
+ROOM_MASKS_SCHEMA = """CREATE TABLE IF NOT EXISTS room_masks (room TEXT NOT NULL, list TEXT NOT NULL, mask TEXT NOT NULL,
+    by TEXT NOT NULL, since REAL NOT NULL, PRIMARY KEY (room, list, mask))"""
 # A message's id is the moment it was said in microseconds since 1970 (one more than the last id when two
 # lines fall in the same microsecond, or the clock goes back): unique, growing, and a time is an id too, so
 # the primary key serves "since a time" and retention by age, with no index of its own.
@@ -3078,6 +3106,7 @@ class Storage:
             self.path, new = ":memory:", False
         try:
             self.db = self._open(self.path)
+            self.db.execute(ROOM_MASKS_SCHEMA)
             if directory:
                 self.log_fd = open_data_file(self.path + "-wal", os.O_RDWR | os.O_CREAT)
             self.full_text = full_text and self._search_index()
@@ -3574,19 +3603,38 @@ class Storage:
         if modes is None:
             return None
         return SavedRoom(None if topic is None else clean_text(topic)[:MAX_LINE_BYTES],
-                         tuple(mode for mode in modes.split() if re.fullmatch(r"[a-z-]{1,20}", mode)))
+                         tuple(mode for mode in modes.split() if re.fullmatch(r"[a-z0-9-]{1,20}", mode)))
 
-    def save_room_settings(self, room: str, topic: str | None, modes: Iterable[str] = ()) -> None:
-        """Keep ROOM's topic and modes across restarts; nothing set means nothing kept."""
-        modes = sorted(set(modes))
+    def room_masks(self, room: str) -> list[tuple[str, RoomMask]]:
+        """The masks kept in ROOM's lists: (the list's name, the mask), the oldest first."""
+        found = []
+        for row in self._query("SELECT list, mask, by, since FROM room_masks WHERE room=? ORDER BY since",
+                               (name_key(room),)):
+            try:
+                list_name, mask, by, since = _checked_row(row, str, str, str, (int, float))
+            except ValueError as problem:
+                log.warning("%s: a mask of #%s is damaged (%s); it is left out", self.path, room, problem)
+                continue
+            found.append((list_name, RoomMask(clean_text(mask)[:MAX_LINE_BYTES], by, since)))
+        return found
+
+    def save_room_settings(self, room: str, topic: str | None, modes: Iterable[str] = (),
+                           masks: Iterable[tuple[str, RoomMask]] = ()) -> None:
+        """Keep ROOM's topic, modes and the MASKS of its lists (the list's name, the mask) across restarts;
+        nothing set means nothing kept."""
+        modes, masks = sorted(set(modes)), list(masks)
         key = name_key(room)
-        if topic is None and not modes:
-            self._change(("DELETE FROM rooms WHERE key=?", (key,)))
+        masks_kept = [("DELETE FROM room_masks WHERE room=?", (key,)),
+                      *(("INSERT OR REPLACE INTO room_masks VALUES (?, ?, ?, ?, ?)",
+                         (key, list_name, mask.mask, mask.by, mask.when)) for list_name, mask in masks)]
+        if topic is None and not modes and not masks:
+            self._change(("DELETE FROM rooms WHERE key=?", (key,)), *masks_kept)
             return
         if not self._query("SELECT 1 FROM rooms WHERE key=?", (key,)) and \
                 self._query("SELECT count(*) FROM rooms")[0][0] >= MAX_ROOM_SETTINGS:
             raise StoreFull(f"the server keeps the settings of at most {MAX_ROOM_SETTINGS} rooms")
-        self._change(("INSERT OR REPLACE INTO rooms VALUES (?, ?, ?, ?)", (key, room, topic, " ".join(modes))))
+        self._change(("INSERT OR REPLACE INTO rooms VALUES (?, ?, ?, ?)", (key, room, topic, " ".join(modes))),
+                     *masks_kept)
 
     def leave_offline(self, sender: str, sender_id: str, recipient: str, text: str) -> None:
         """Keep TEXT from SENDER (counted by SENDER_ID: their account or address, never their nickname, which
@@ -4023,6 +4071,7 @@ class Person:
         self.operator_failures = 0              # wrong /op secrets on this connection
         self.account: str | None = None         # the account signed in to (its registered spelling)
         self.realname = ""                      # the real name an IRC client gave (USER); "" from pyChat's
+        self.username = ANONYMOUS_USER          # the user name of NICK!USER@HOST: an IRC client's (USER), cleaned
         self.since = time.time()                # signed in at
         self.last_spoke = time.monotonic()      # for /whois: last chat, action or private line
         self.mute: Ban | None = None            # the mute of their account or address, if one holds for them
@@ -4041,6 +4090,11 @@ class Person:
     def muted(self) -> bool:
         """A mute holds for them: it lapses by itself when its time is up."""
         return self.mute is not None and self.mute.active(time.time())
+
+    @property
+    def mask(self) -> str:
+        """NICK!USER@HOST, which a room's bans and exceptions are matched against."""
+        return f"{self.nick}!{self.username}@{PERSON_HOST}"
 
     @property
     def identity(self) -> str:
@@ -4089,6 +4143,76 @@ class WhoEntry(NamedTuple):
     room_operator: bool
     idle: float                             # seconds since they last said something
     bot: bool
+    voiced: bool = False                    # they have a voice in the room
+
+
+# /mode's settings by the letter IRC gives each, which /mode takes too (/mode +m, /mode +l 50): the setting and
+# its value when the letter is added, and when it is taken away. A value of None is the word that follows the
+# letters; a list's letter (b, e, I) with no word after it asks for the list.
+ROOM_MODE_LETTERS: dict[str, tuple[tuple[str, str | None], tuple[str, str | None]]] = {
+    "b": (("ban", None), ("unban", None)),
+    "e": (("exempt", None), ("unexempt", None)),
+    "I": (("invite-mask", None), ("uninvite-mask", None)),
+    "i": (("invite-only", "on"), ("invite-only", "off")),
+    "k": (("key", None), ("key", "off")),
+    "l": (("limit", None), ("limit", "off")),
+    "m": (("moderated", "on"), ("moderated", "off")),
+    "n": (("outside-messages", "off"), ("outside-messages", "on")),
+    "o": (("op", None), ("deop", None)),
+    "s": (("secret", "on"), ("secret", "off")),
+    "t": (("topic", "operators"), ("topic", "everyone")),
+    "v": (("voice", None), ("devoice", None)),
+}
+PERSON_HOST = "pychat"              # the host of everyone's NICK!USER@HOST: pyChat never shows an address
+ANONYMOUS_USER = "~user"            # the USER of someone who gave none (pyChat's own clients)
+
+
+class ModeWord(NamedTuple):
+    """One letter of '+mv-l bob' read as a setting: the letter with its sign, the setting (None for a
+    letter no setting has) and its value (None: the word it needs is missing, or a list is asked for)."""
+
+    letter: str
+    setting: str | None
+    value: str | None
+
+
+def read_mode_letters(letters: str, words: list[str]) -> list[ModeWord]:
+    """LETTERS ('+mv-l') and the WORDS after them as settings, in order, as IRC's MODE reads them: a
+    letter that needs a word takes the next one; -k takes one if there is one (and ignores it)."""
+    found, adding, words = [], True, list(words)
+    for letter in letters:
+        if letter in "+-":
+            adding = letter == "+"
+            continue
+        sign = "+" if adding else "-"
+        if letter not in ROOM_MODE_LETTERS:
+            found.append(ModeWord(sign + letter, None, None))
+            continue
+        setting, value = ROOM_MODE_LETTERS[letter][0 if adding else 1]
+        if value is None:
+            value = words.pop(0) if words else None
+        elif letter == "k" and words:
+            words.pop(0)
+        found.append(ModeWord(sign + letter, setting, value))
+    return found
+
+
+def mask_of(text: str) -> str:
+    """A room's ban or exception mask as NICK!USER@HOST: 'bob' is 'bob!*@*', 'bob@x' is '*!bob@x', as IRC
+    servers complete them."""
+    if "!" not in text and "@" not in text:
+        return f"{text}!*@*"
+    nick, _, rest = text.rpartition("!") if "!" in text else ("*", "", text)
+    user, _, host = rest.partition("@") if "@" in rest else (rest, "", "*")
+    return f"{nick or '*'}!{user or '*'}@{host or '*'}"
+
+
+class RoomMask(NamedTuple):
+    """A mask in one of a room's lists (ROOM_MASK_LISTS): who put it there, and when."""
+
+    mask: str
+    by: str
+    when: float                     # a time.time()
 
 
 class Room:
@@ -4112,13 +4236,40 @@ class Room:
         self.password: str | None = None        # the room's key, for /join ROOM KEY
         self.invite_only = False
         self.topic_by_everyone = False
+        self.secret = False                     # hidden from those outside it, as a room with a key is
+        self.limit: int | None = None           # the most members it takes
+        self.moderated = False                  # only its operators and voiced members talk
+        self.voiced: set[Person] = set()
+        self.outside_messages = False           # people not in it may talk in it (IRC's -n)
+        self.masks: dict[str, dict[str, RoomMask]] = {name: {} for name in ROOM_MASK_LISTS}   # by casefolded mask
+        self.opened = time.time()               # when its first member of this life came in
         self.history: collections.deque[tuple[int, float, Said | Acted]] = collections.deque(
             maxlen=history_lines or 1)
         self.last_used = time.monotonic()
 
     @property
     def private(self) -> bool:
-        return self.invite_only or self.password is not None
+        return self.invite_only or self.password is not None or self.secret
+
+    def fits(self, person: Person, list_name: str) -> bool:
+        """Whether PERSON fits a mask of the room's list LIST_NAME (ROOM_MASK_LISTS)."""
+        masks = self.masks[list_name]
+        if not masks:
+            return False
+        mask = person.mask.casefold()
+        return any(fits_pattern(pattern, mask) for pattern in masks)
+
+    def banned(self, person: Person) -> bool:
+        """PERSON fits a ban of the room and no exception."""
+        return self.fits(person, "ban") and not self.fits(person, "exempt")
+
+    def forget_settings(self) -> None:
+        """What a private room does when it empties: it forgets everything, so that the next to open it
+        sees nothing of it."""
+        self.password, self.invite_only, self.topic, self.topic_set = None, False, None, None
+        self.secret, self.limit, self.moderated, self.outside_messages = False, None, False, False
+        self.masks = {name: {} for name in ROOM_MASK_LISTS}
+        self.history.clear()
 
     def hear(self, person: Person, current: bool) -> None:
         """Put PERSON's output in the audience for their current room, or for their other rooms."""
@@ -4679,6 +4830,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if saved is not None:
                 room.topic = saved.topic
                 room.topic_by_everyone = "topic-by-everyone" in saved.modes
+                room.moderated = "moderated" in saved.modes
+                room.outside_messages = "outside-messages" in saved.modes
+                room.limit = next((int(mode[6:]) for mode in saved.modes if re.fullmatch(r"limit-[1-9][0-9]{0,5}", mode)
+                                   and int(mode[6:]) <= MAX_ROOM_LIMIT), None)
+                for list_name, mask in self.storage.room_masks(name):
+                    if list_name in room.masks:
+                        room.masks[list_name][mask.mask.casefold()] = mask
             if self.options.history:
                 room.history.extend((m.id, m.when, chat_event(room.name, m)) for m in
                                     self.storage.latest_messages(room_target(name), self.options.history))
@@ -4695,8 +4853,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Put PERSON in ROOM and make it current: the room is told, they see who is there, the topic and
         what they missed. Lock held."""
         self._present(person)
-        if not room.members and room is not self.lobby:
-            room.operators.add(person)          # whoever opens a room runs it
+        if not room.members:
+            room.opened = time.time()
+            if room is not self.lobby:
+                room.operators.add(person)      # whoever opens a room runs it
         room.members.add(person)
         person.rooms[room.key] = room
         person.invited_to.pop(room.key, None)
@@ -4708,10 +4868,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
         others = [m.nick for m in itertools.islice(room.members, 16) if m is not person][:15]
         # A protocol that lists members gets them all, up to ANNOUNCE_LIMIT: past that, joins and leaves
         # are not announced, so a longer list would not stay true, and every newcomer would pay for it.
-        operators = room.operators
-        members = (tuple([(m.nick, m in operators) for m in itertools.islice(room.members, ANNOUNCE_LIMIT)])
+        operators, voiced = room.operators, room.voiced
+        members = (tuple([(m.nick, m in operators, m in voiced)
+                          for m in itertools.islice(room.members, ANNOUNCE_LIMIT)])
                    if person.output.protocol.lists_members else ())
-        person.output.send(Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members))
+        person.output.send(Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members,
+                                   room.secret))
         if room.topic:
             person.output.send(Topic(room.name, room.topic, *(room.topic_set or ())))
         if self.options.history:
@@ -4728,6 +4890,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         del person.rooms[room.key]
         room.members.discard(person)
         room.operators.discard(person)
+        room.voiced.discard(person)
         room.stop_hearing(person)
         if not leaving_the_chat:
             person.seen[room.key] = room.history[-1][0] if room.history else 0
@@ -4736,9 +4899,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if not room.members:
             room.life = next(Room.lives)        # its invitations end with it
         if not room.members and room.private:
-            # A private room that empties forgets everything, so the next to open it sees nothing of it.
-            room.password, room.invite_only, room.topic, room.topic_set = None, False, None, None
-            room.history.clear()
+            room.forget_settings()
         if event is not None and len(room.members) <= ANNOUNCE_LIMIT:
             self._to_room(room, event)
         if person.current is room:
@@ -4812,10 +4973,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused(f"You are in {len(person.rooms)} rooms, the most one may be in; /leave one first.",
                               "too-many-rooms", room=name)
             invited = room is not None and person.invited_to.get(room.key) == room.life
+            if room is not None and not person.operator and room.banned(person):
+                raise Refused(f"You are banned from #{room.name}.", "banned-from-room", room=room.name)
             if room is not None and room.members and not person.operator and not invited:
-                if room.invite_only:
+                if room.invite_only and not room.fits(person, "invite-mask"):
                     raise Refused(f"#{room.name} is invite-only; one of its operators can /invite you.",
                                   "invite-only", room=room.name)
+                if room.limit is not None and len(room.members) >= room.limit:
+                    raise Refused(f"#{room.name} is full: it takes {room.limit} people; one of its operators "
+                                  f"can /invite you.", "room-full", room=room.name)
                 if room.password is not None and not hmac.compare_digest(
                         (password or "").encode("utf-8"), room.password.encode("utf-8")):
                     raise Refused(f"#{room.name} needs a key: /join #{room.name} KEY." if password is None
@@ -4829,7 +4995,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 person.output.send(Error(f"#{room.name} is open to everyone; it cannot have a key."))
                 return
             room.password = password
-            self._to_room(room, ModeChanged(room.name, person.nick, "key", "on"))
+            self._to_room(room, ModeChanged(room.name, person.nick, (("key", "on"),)))
             saved = self._room_to_save(room)
         self._save_room(*saved)
 
@@ -4894,47 +5060,105 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def set_mode(self, by: Person, setting: str, value: str, name: str | None = None) -> None:
         """Change one of ROOM_SETTINGS of the room NAME (or BY's current one); the room is told."""
+        refusal = self.set_room_modes(by, [(setting, value)], name)[0]
+        if refusal is not None:
+            raise refusal
+
+    def set_room_modes(self, by: Person, changes: list[tuple[str, str]], name: str | None = None) -> list[Refused | None]:
+        """Make CHANGES, each one of ROOM_SETTINGS and its value, to the room NAME (or BY's current one), in
+        order; the room is told of those made in one event. Returns, for each change, why it was refused, or
+        None. Both doors' /mode and MODE come here: the rules are these."""
         with self.lock:
             room = self._member_room(by, name)
             self._check_runs(by, room)
-            if room is self.lobby and setting in ("key", "invite-only"):
-                raise Refused(f"#{room.name} is open to everyone; it cannot be made private.")
-            shown = value
-            if setting == "key":
-                room.password = None if value == "off" else value
-                shown = "off" if value == "off" else "on"
-            elif setting == "invite-only":
-                room.invite_only = self._on_off(value)
-            elif setting == "topic":
-                if value not in ("operators", "everyone"):
-                    raise Refused("Say who may set the topic: /mode topic operators, or /mode topic everyone.")
-                room.topic_by_everyone = value == "everyone"
-            elif setting in ("op", "deop"):
-                target = self._find(value)
-                if target not in room.members:
-                    raise Refused(f"{target.nick} is not in #{room.name}.", "they-are-not-in-room", room.name, target.nick)
-                if (setting == "op") == (target in room.operators):
-                    raise Refused(f"{target.nick} is {'already' if setting == 'op' else 'not'} an operator "
-                                  f"of #{room.name}.")
-                (room.operators.add if setting == "op" else room.operators.discard)(target)
-                shown = target.nick
-            else:
-                raise Refused(f"There is no setting {setting!r}; there are {', '.join(ROOM_SETTINGS)}.")
-            self._to_room(room, ModeChanged(room.name, by.nick, setting, shown))
+            made, refusals = [], []
+            for setting, value in changes:
+                try:
+                    made.append(self._change_setting(by, room, setting, value))
+                    refusals.append(None)
+                except Refused as refusal:
+                    refusals.append(refusal)
+            if not made:
+                return refusals
+            self._to_room(room, ModeChanged(room.name, by.nick, tuple(made)))
             saved = self._room_to_save(room)
         self._save_room(*saved)
+        return refusals
 
-    def _room_to_save(self, room: Room) -> tuple[str, str | None, list[str]]:
-        """What of ROOM outlasts a restart: the topic and who may set it, unless the room is private, since a
-        private room forgets everything once it empties, and every room is empty at a start. (What was said
-        in it while it was public stays kept: it was public.) Lock held."""
+    def _change_setting(self, by: Person, room: Room, setting: str, value: str) -> tuple[str, str]:
+        """Change one setting of ROOM; returns it as the room is told of it. Lock held."""
+        if room is self.lobby and setting in ("key", "invite-only", "secret", "limit") and value != "off":
+            raise Refused(f"#{room.name} is open to everyone; it cannot be made private." if setting != "limit"
+                          else f"#{room.name} is open to everyone; it takes everyone.")
+        if setting == "key":
+            if value != "off" and (not value or " " in value):
+                raise Refused("A key is one word.", "invalid-mode-value", room=room.name)
+            room.password = None if value == "off" else value
+            return setting, "off" if value == "off" else "on"
+        if setting in ("invite-only", "moderated", "secret", "outside-messages"):
+            setattr(room, setting.replace("-", "_"), self._on_off(value))
+        elif setting == "topic":
+            if value not in ("operators", "everyone"):
+                raise Refused("Say who may set the topic: /mode topic operators, or /mode topic everyone.")
+            room.topic_by_everyone = value == "everyone"
+        elif setting == "limit":
+            limit = int(value) if value.isascii() and value.isdigit() else 0
+            if value != "off" and not 0 < limit <= MAX_ROOM_LIMIT:
+                raise Refused(f"A room's limit is a number of people, 1 to {MAX_ROOM_LIMIT}, or off; not {value!r}.",
+                              "invalid-mode-value", room=room.name)
+            room.limit = None if value == "off" else limit
+            value = "off" if value == "off" else str(limit)
+        elif setting in ("op", "deop", "voice", "devoice"):
+            target = self._find(value)
+            if target not in room.members:
+                raise Refused(f"{target.nick} is not in #{room.name}.", "they-are-not-in-room", room.name, target.nick)
+            adding = setting in ("op", "voice")
+            group, what = (room.operators, "an operator") if setting in ("op", "deop") else (room.voiced, "voiced")
+            if adding == (target in group):
+                raise Refused(f"{target.nick} is {'already' if adding else 'not'} {what} in #{room.name}.")
+            (group.add if adding else group.discard)(target)
+            value = target.nick
+        elif setting.removeprefix("un") in ROOM_MASK_LISTS:
+            value = self._change_mask(by, room, setting, value)
+        else:
+            raise Refused(f"There is no setting {setting!r}; there are {', '.join(ROOM_SETTINGS)}.")
+        return setting, value
+
+    @staticmethod
+    def _change_mask(by: Person, room: Room, setting: str, text: str) -> str:
+        """Put a mask in one of ROOM's lists, or take it out (SETTING 'unban'...); returns the mask. Lock held."""
+        list_name = setting.removeprefix("un")
+        masks = room.masks[list_name]
+        mask = mask_of(clean_text(text).replace(" ", ""))
+        if not text or len(mask) > 2 * MAX_NICKNAME_LENGTH + 20:
+            raise Refused("A mask is NICK!USER@HOST, with * for any letters and ? for one: bob!*@*.",
+                          "invalid-mode-value", room=room.name)
+        if setting == list_name:
+            if mask.casefold() in masks:
+                raise Refused(f"{mask} is in the {list_name} list of #{room.name} already.")
+            if len(masks) >= MAX_ROOM_MASKS:
+                raise Refused(f"The {list_name} list of #{room.name} is full ({MAX_ROOM_MASKS} masks).",
+                              "mask-list-full", room=room.name)
+            masks[mask.casefold()] = RoomMask(mask, by.nick, time.time())
+        elif masks.pop(mask.casefold(), None) is None:
+            raise Refused(f"{mask} is not in the {list_name} list of #{room.name}.")
+        return mask
+
+    def _room_to_save(self, room: Room) -> tuple[str, str | None, list[str], list[tuple[str, RoomMask]]]:
+        """What of ROOM outlasts a restart: the topic, the settings but the key, invite-only and secret (those
+        make it private) and its lists, unless the room is private, since a private room forgets everything
+        once it empties, and every room is empty at a start. (What was said in it while it was public stays
+        kept: it was public.) Lock held."""
         if room.private:
-            return room.name, None, []
-        return room.name, room.topic, ["topic-by-everyone"] if room.topic_by_everyone else []
+            return room.name, None, [], []
+        modes = ["topic-by-everyone"] * room.topic_by_everyone + ["moderated"] * room.moderated + \
+            ["outside-messages"] * room.outside_messages + ([f"limit-{room.limit}"] if room.limit else [])
+        masks = [(list_name, mask) for list_name, masks in room.masks.items() for mask in masks.values()]
+        return room.name, room.topic, modes, masks
 
-    def _save_room(self, name: str, topic: str | None, modes: list[str]) -> None:
+    def _save_room(self, name: str, topic: str | None, modes: list[str], masks: list[tuple[str, RoomMask]]) -> None:
         try:
-            self.storage.save_room_settings(name, topic, modes)
+            self.storage.save_room_settings(name, topic, modes, masks)
         except (StoreFull, StorageError) as problem:
             log.error("could not keep the settings of #%s: %s", name, problem)
 
@@ -4942,10 +5166,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """The settings of the room NAME (or VIEWER's current one)."""
         with self.lock:
             room = self._member_room(viewer, name)
-            return commands.RoomSettings(room.name, room.topic, room.password is not None, room.invite_only,
-                                         room.topic_by_everyone,
-                                         tuple(sorted((p.nick for p in room.operators), key=str.casefold)),
-                                         *(room.topic_set or ()))
+            by_name = functools.partial(sorted, key=str.casefold)
+            lists = {list_name: tuple(commands.MaskInfo(m.mask, m.by, m.when) for m in masks.values())
+                     for list_name, masks in room.masks.items()}
+            return commands.RoomSettings(
+                room.name, room.topic, room.password is not None, room.invite_only, room.topic_by_everyone,
+                tuple(by_name(p.nick for p in room.operators)), *(room.topic_set or ()),
+                secret=room.secret, limit=room.limit, moderated=room.moderated,
+                outside_messages=room.outside_messages, voiced=tuple(by_name(p.nick for p in room.voiced)),
+                bans=lists["ban"], exempts=lists["exempt"], invite_masks=lists["invite-mask"], opened=room.opened)
 
     def _check_runs(self, person: Person, room: Room) -> None:
         """Refuse unless PERSON may run ROOM (an operator of it, or of the server) and is not muted."""
@@ -4985,7 +5214,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if person.muted:
                 person.output.send(Error("You are muted; the room does not hear you."))
                 return
-            room = self._member_room(person, name)
+            room = self._room_to_speak_in(person, name)
             person.last_spoke = time.monotonic()
             number, when = self.storage.next_message_id(), time.time()
             event = kind(room.name, person.nick, text, str(number), client_tags, person.account,
@@ -5000,6 +5229,27 @@ class ChatServer(socketserver.ThreadingTCPServer):
                                          "notice" if more.get("notice") else "action" if kind is Acted else "line",
                                          text)
             self._to_room(room, event, skip=None if echo else person, sender=person)
+            if echo and person not in room.members:
+                person.output.send(event)
+
+    def _room_to_speak_in(self, person: Person, name: str | None) -> Room:
+        """The room NAME (or PERSON's current one) if PERSON may talk in it: they are in it, or it lets people
+        outside it talk; and it is not moderated, or they are not banned from it, unless they run the room
+        or have a voice in it. Refused otherwise. Lock held."""
+        try:
+            room = self._member_room(person, name)
+        except Refused as refusal:
+            room = self.rooms.get(name_key(room_name(name))) if name is not None else None
+            if room is None or not room.outside_messages or not self._may_see(person, room) or not room.members:
+                raise refusal from None
+        if person.operator or person in room.operators or person in room.voiced:
+            return room
+        if room.banned(person):
+            raise Refused(f"You are banned from #{room.name}; you cannot talk in it.", "cannot-send", room=room.name)
+        if room.moderated:
+            raise Refused(f"#{room.name} is moderated: only its operators and those they give a voice talk.",
+                          "cannot-send", room=room.name)
+        return room
 
     def send_tags(self, person: Person, target: str, client_tags: ClientTags, echo: bool = False) -> None:
         """CLIENT_TAGS with no text (someone is typing, a reaction) to the room TARGET ('#ROOM') or the person
@@ -5743,8 +5993,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             room = self._current_room(viewer) if name is None else self._visible_room(viewer, name)
             self._charge(viewer, len(room.members), "/who")
-            people = [commands.PersonInfo(p.nick, room.name, p.away, p.operator, p.muted, p in room.operators)
-                      for p in room.members]
+            people = [commands.PersonInfo(p.nick, room.name, p.away, p.operator, p.muted, p in room.operators,
+                                          p in room.voiced) for p in room.members]
         return room.name, sorted(people, key=lambda p: p.nick.casefold())
 
     def room_list(self, viewer: Person) -> list[commands.RoomInfo]:
@@ -5818,7 +6068,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return WhoEntry(person.nick, room.name if room else None, person.account, person.realname,
                         person.away is not None,
                         person.operator, room is not None and person in room.operators,
-                        time.monotonic() - person.last_spoke, person.bot)
+                        time.monotonic() - person.last_spoke, person.bot, room is not None and person in room.voiced)
 
     def whowas(self, nick: str, most: int = 0) -> list[Departed]:
         """Who went by NICK lately (or by a look-alike of it), newest first; at most MOST of them (0: all kept)."""
@@ -6028,6 +6278,19 @@ class Context:
 
     def set_mode(self, setting: str, value: str, room: str | None = None) -> None:
         self._server.set_mode(self._caller, setting, value, room)
+
+    def set_modes(self, changes: list[tuple[str, str]], room: str | None = None) -> list[str]:
+        """Several settings at once; what was refused, and why."""
+        return [str(refusal) for refusal in self._server.set_room_modes(self._caller, changes, room) if refusal]
+
+    @staticmethod
+    def mode_letters(letters: str, words: list[str]) -> list[tuple[str, str | None]]:
+        """IRC's letters ('+mv bob') as /mode's settings and values; a value None is a word missing."""
+        found = read_mode_letters(letters, words)
+        unknown = [word.letter for word in found if word.setting is None]
+        if unknown:
+            raise Refused(f"There is no mode {unknown[0]}; /help mode lists them.")
+        return [(word.setting, word.value) for word in found]
 
     def room_settings(self, room: str | None = None) -> commands.RoomSettings:
         return self._server.room_settings(self._caller, room)
@@ -6422,6 +6685,7 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "ERR_NOOPERHOST": ("491", "No O-lines for your host"),
     "ERR_CHANOPRIVSNEEDED": ("482", "You're not channel operator"),
     "ERR_UMODEUNKNOWNFLAG": ("501", "Unknown MODE flag"),
+    "ERR_INVALIDMODEPARAM": ("696", None),
     "ERR_USERSDONTMATCH": ("502", "Can't change mode for other users"),
     "RPL_MONONLINE": ("730", None),
     "RPL_MONOFFLINE": ("731", None),
@@ -6747,12 +7011,12 @@ IRC_SERVICE_KEY = name_key(IRC_SERVICE_NICK)
 IRC_MAX_REASON = 390                # the longest topic, away message, kick or quit reason taken from IRC
 IRC_USER_MODES = "Bio"              # B: a bot, i: invisible to WHO masks (both set by the person),
                                     # o: an operator of the server (/op, OPER)
-IRC_CHANNEL_MODES = "iknot"         # i invite-only, k key, n only members talk (always), o room operator,
-                                    # t only operators set the topic
+IRC_CHANNEL_MODES = "Ibeiklmnostv"  # pyChat's room settings (ROOM_MODE_LETTERS)
+IRC_CHANNEL_MODES_WITH_WORDS = "Ibeklov"
 # Capabilities that change the bytes a connection is sent. Rooms group their audiences by them (see
 # IrcProtocol), so a change to them once the person is in goes through ChatServer.change_protocol.
 IRC_RENDERING_CAPABILITIES = frozenset({"account-notify", "account-tag", "away-notify", "echo-message", "extended-join",
-                                        "invite-notify", "message-tags", "server-time", "setname",
+                                        "invite-notify", "message-tags", "multi-prefix", "server-time", "setname",
                                         "userhost-in-names"})
 IRC_CHAT_EVENTS = (Said, Acted, PrivateFrom, PrivateTo, TagMessage)     # with a line id and client tags
 
@@ -6820,9 +7084,10 @@ def irc_service_source() -> str:
 def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
     """What 005 says about this server: only what is true of it."""
     # CASEMAPPING: names compare as pyChat compares them, ignoring case (ASCII's and more) and look-alikes.
-    tokens = [f"AWAYLEN={IRC_MAX_REASON}", "CASEMAPPING=ascii", "CHANMODES=,k,,int",
+    tokens = [f"AWAYLEN={IRC_MAX_REASON}", "CASEMAPPING=ascii", "CHANMODES=beI,k,l,imnst",
               f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}", "CHANTYPES=#", f"KICKLEN={IRC_MAX_REASON}",
-              f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(o)@", "SAFELIST",
+              f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(ov)@+", "SAFELIST",
+              "EXCEPTS=e", "INVEX=I", f"MAXLIST=b:{MAX_ROOM_MASKS},e:{MAX_ROOM_MASKS},I:{MAX_ROOM_MASKS}",
               f"TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:{IRC_MAX_TARGETS},PART:,PRIVMSG:{IRC_MAX_TARGETS},"
               f"TAGMSG:{IRC_MAX_TARGETS},WHOIS:1",
               f"TOPICLEN={IRC_MAX_REASON}", "UTF8ONLY", "ELIST=MNU", "WHOX", f"MONITOR={WATCH_LIMIT}", "BOT=B",
@@ -6942,12 +7207,16 @@ class IrcProtocol:
         return [format_irc_message("TOPIC", (f"#{event.room}", event.topic), irc_source(event.nick))]
 
     def mode_changed(self, event: ModeChanged) -> list[str]:
-        change = {("key", "off"): ("-k", "*"), ("key", "on"): ("+k", "*"), ("invite-only", "on"): ("+i",),
-                  ("invite-only", "off"): ("-i",), ("topic", "operators"): ("+t",),
-                  ("topic", "everyone"): ("-t",)}.get((event.setting, event.value))
-        if change is None:      # op and deop name the person
-            change = ("+o" if event.setting == "op" else "-o", event.value)
-        return [format_irc_message("MODE", (f"#{event.room}", *change), irc_source(event.nick))]
+        """One MODE for all the changes: '+mv-l bob'."""
+        letters, words, sign = "", [], ""
+        for setting, value in event.changes:
+            letter, word = irc_mode_letter(setting, value)
+            if letter[0] != sign:
+                sign = letter[0]
+                letters += sign
+            letters += letter[1]
+            words += [word] if word is not None else []
+        return [format_irc_message("MODE", (f"#{event.room}", letters, *words), irc_source(event.nick))]
 
     # -- about a person, told once to each who shares a room: nothing of the receiver either ---
 
@@ -6996,14 +7265,15 @@ class IrcProtocol:
         account, realname = (person.account, person.realname) if person else (self.connection.account,
                                                                               self.connection.realname)
         return [self._join(event.room, self.me, account, realname),
-                *irc_names_replies(self.me, channel, names)]
+                *irc_names_replies(self.me, channel, names, event.secret)]
 
-    def names_in_names(self, members: Iterable[tuple[str, bool]]) -> list[str]:
-        """The entries of a NAMES list for MEMBERS, (nickname, whether a room operator): each nickname,
-        with '@' for a room operator; with userhost-in-names, the whole NICK!USER@HOST."""
-        if "userhost-in-names" in self.capabilities:
-            return [("@" if operator else "") + irc_source(nick) for nick, operator in members]
-        return [f"@{nick}" if operator else nick for nick, operator in members]
+    def names_in_names(self, members: Iterable[tuple[str, bool, bool]]) -> list[str]:
+        """The entries of a NAMES list for MEMBERS, (nickname, whether a room operator, whether voiced):
+        each nickname, after '@' for a room operator and '+' for a voice (both with multi-prefix); with
+        userhost-in-names, the whole NICK!USER@HOST."""
+        multi = "multi-prefix" in self.capabilities
+        whole = irc_source if "userhost-in-names" in self.capabilities else str
+        return [irc_prefix(operator, voiced, multi) + whole(nick) for nick, operator, voiced in members]
 
     def topic(self, event: Topic) -> list[str]:
         return irc_topic_replies(self.me, event.room, event.topic, event.by, event.when)
@@ -7085,10 +7355,40 @@ class IrcProtocol:
     }
 
 
-def irc_who_flags(entry: WhoEntry) -> str:
-    """H(ere) or G(one), * for a server operator, B for a bot, @ for a room operator."""
+def irc_who_flags(entry: WhoEntry, multi_prefix: bool = False) -> str:
+    """H(ere) or G(one), * for a server operator, B for a bot, @ for a room operator, + for a voice."""
     return ("G" if entry.away else "H") + ("*" if entry.operator else "") + ("B" if entry.bot else "") + \
-        ("@" if entry.room_operator else "")
+        irc_prefix(entry.room_operator, entry.voiced, multi_prefix)
+
+
+def irc_prefix(operator: bool, voiced: bool, multi_prefix: bool = False) -> str:
+    """@ for a room operator, + for a voice; both (multi-prefix), or the higher."""
+    if multi_prefix:
+        return "@" * operator + "+" * voiced
+    return "@" if operator else "+" if voiced else ""
+
+
+def irc_mode_letter(setting: str, value: str) -> tuple[str, str | None]:
+    """The letter with its sign, and the word after it (or None), of one change of a room's settings. The
+    key itself is never shown."""
+    for letter, sides in ROOM_MODE_LETTERS.items():
+        for sign, (named, fixed) in zip("+-", sides):
+            if named == setting and fixed == value:
+                return sign + letter, None
+    for letter, sides in ROOM_MODE_LETTERS.items():
+        for sign, (named, fixed) in zip("+-", sides):
+            if named == setting and fixed is None:
+                return sign + letter, "*" if setting == "key" else value
+    raise ValueError(f"no letter for {setting} {value}")
+
+
+def irc_channel_modes(settings: commands.RoomSettings) -> list[str]:
+    """A room's modes as 324 gives them: '+iklnt', then the limit (the key is not shown)."""
+    flags = [("i", settings.invite_only), ("k", settings.has_key), ("l", settings.limit is not None),
+             ("m", settings.moderated), ("n", not settings.outside_messages), ("s", settings.secret),
+             ("t", not settings.topic_by_everyone)]
+    words = ["*"] * settings.has_key + [str(settings.limit)] * (settings.limit is not None)
+    return ["+" + "".join(letter for letter, on in flags if on), *words]
 
 
 WHOX_FIELDS = "tcuihsnfdlaor"           # WHOX's fields, in the order a 354 gives them
@@ -7149,9 +7449,10 @@ def irc_topic_replies(me: str, room: str, topic: str, by: str | None, when: floa
     return lines
 
 
-def irc_names_replies(me: str, channel: str, names: list[str]) -> list[str]:
-    """353 (as many as the names need) and 366 for CHANNEL."""
-    room = IRC_MAX_BODY_BYTES - len(irc_numeric("RPL_NAMREPLY", me, "=", channel, text="").encode("utf-8"))
+def irc_names_replies(me: str, channel: str, names: list[str], secret: bool = False) -> list[str]:
+    """353 (as many as the names need) and 366 for CHANNEL; a secret one is marked '@', others '='."""
+    symbol = "@" if secret else "="
+    room = IRC_MAX_BODY_BYTES - len(irc_numeric("RPL_NAMREPLY", me, symbol, channel, text="").encode("utf-8"))
     # Cut the whole list at spaces, in bytes: a space never occurs inside another character's UTF-8, and
     # this is one search per line, not a step per name, for the up to 200 names every newcomer gets.
     rest = " ".join(names).encode("utf-8")
@@ -7166,7 +7467,7 @@ def irc_names_replies(me: str, channel: str, names: list[str]) -> list[str]:
         rest = rest[cut + 1:]
     if rest:
         lines.append(rest)
-    return [*(irc_numeric("RPL_NAMREPLY", me, "=", channel, text=line.decode("utf-8")) for line in lines),
+    return [*(irc_numeric("RPL_NAMREPLY", me, symbol, channel, text=line.decode("utf-8")) for line in lines),
             irc_numeric("RPL_ENDOFNAMES", me, channel)]
 
 
@@ -7183,6 +7484,7 @@ IRC_REFUSALS = {
     "not-room-operator": ("ERR_CHANOPRIVSNEEDED", "room"), "cannot-send": ("ERR_CANNOTSENDTOCHAN", "room"),
     "they-are-not-in-room": ("ERR_USERNOTINCHANNEL", "both"), "they-are-in-room": ("ERR_USERONCHANNEL", "both"),
     "try-again": ("RPL_TRYAGAIN", "command"), "not-server-operator": ("ERR_NOPRIVILEGES", "nothing"),
+    "banned-from-room": ("ERR_BANNEDFROMCHAN", "room"), "room-full": ("ERR_CHANNELISFULL", "room"),
 }
 
 
@@ -7409,9 +7711,9 @@ class IrcConnection(ClientConnection):
                 irc_numeric("RPL_YOURHOST", nick,
                             text=f"Your host is {irc_server_name()}, running version {version}"),
                 irc_numeric("RPL_CREATED", nick, text=f"This server was created {started}"),
-                # The modes that take a parameter: k (the key) and o (who).
+                # The channel modes, then those that take a word: a mask, the key, the limit, who.
                 irc_numeric("RPL_MYINFO", nick, irc_server_name(), version, IRC_USER_MODES, IRC_CHANNEL_MODES,
-                            "ko"),
+                            IRC_CHANNEL_MODES_WITH_WORDS),
                 *(irc_numeric("RPL_ISUPPORT", nick, *tokens[n:n + 12]) for n in range(0, len(tokens), 12)),
                 *irc_motd_replies(nick, motd),
                 format_irc_message("NOTICE", (nick, f"pyChat's own commands: /msg {IRC_SERVICE_NICK} help"))]
@@ -7603,8 +7905,12 @@ class IrcConnection(ClientConnection):
                     raise
                 self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, channel))
                 continue
-            names = self.output.protocol.names_in_names((p.nick, p.room_operator) for p in people)
-            for line in irc_names_replies(self.nick, f"#{room}", names):
+            names = self.output.protocol.names_in_names((p.nick, p.room_operator, p.voiced) for p in people)
+            try:
+                secret = self.server.room_settings(self.person, room).secret
+            except Refused:
+                secret = False      # not a member: a secret room would not have been listed
+            for line in irc_names_replies(self.nick, f"#{room}", names, secret):
                 self.send_irc(line)
         if not channels:
             self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, "*"))
@@ -7657,14 +7963,17 @@ class IrcConnection(ClientConnection):
     def who_reply(self, entry: WhoEntry) -> str:
         """352: the channel, user, host, server, nick, flags, and hops 0 before the real name (or the nick)."""
         return irc_numeric("RPL_WHOREPLY", self.nick, f"#{entry.room}" if entry.room else "*", IRC_USER, IRC_HOST,
-                           irc_server_name(), entry.nick, irc_who_flags(entry), text=f"0 {entry.realname or entry.nick}")
+                           irc_server_name(), entry.nick, self.who_flags(entry), text=f"0 {entry.realname or entry.nick}")
+
+    def who_flags(self, entry: WhoEntry) -> str:
+        return irc_who_flags(entry, "multi-prefix" in self.capabilities.enabled)
 
     def whox_reply(self, entry: WhoEntry, letters: str, token: str) -> str:
         """354 with the fields LETTERS asks for, in WHOX's own order whatever the order asked; the
         address is never shown."""
         values = {"t": token, "c": f"#{entry.room}" if entry.room else "*", "u": IRC_USER,
                   "i": "255.255.255.255", "h": IRC_HOST, "s": irc_server_name(), "n": entry.nick,
-                  "f": irc_who_flags(entry), "d": "0", "l": str(int(entry.idle)), "a": entry.account or "0",
+                  "f": self.who_flags(entry), "d": "0", "l": str(int(entry.idle)), "a": entry.account or "0",
                   "o": "n/a", "r": entry.realname or entry.nick}
         return irc_numeric("RPL_WHOSPCRPL", self.nick, *(values[letter] for letter in letters))
 
@@ -7746,40 +8055,49 @@ class IrcConnection(ClientConnection):
         if not target.startswith("#"):
             self.user_mode(target, changes)
         elif not changes:
-            room = self.server.room_settings(self.person, target)
-            modes = "+n" + "i" * room.invite_only + "k" * room.has_key + "t" * (not room.topic_by_everyone)
-            self.send_irc(irc_numeric("RPL_CHANNELMODEIS", self.nick, f"#{room.name}", modes,
-                                      *(["*"] if room.has_key else [])))     # the key itself is not shown
-        elif changes.lstrip("+-") in ("b", "e", "I"):
-            end = {"b": "RPL_ENDOFBANLIST", "e": "RPL_ENDOFEXCEPTLIST", "I": "RPL_ENDOFINVITELIST"}
-            self.send_irc(irc_numeric(end[changes.lstrip("+-")], self.nick, target))
+            settings = self.server.room_settings(self.person, target)
+            channel = f"#{settings.name}"
+            self.send_irc(irc_numeric("RPL_CHANNELMODEIS", self.nick, channel, *irc_channel_modes(settings)))
+            self.send_irc(irc_numeric("RPL_CREATIONTIME", self.nick, channel, str(int(settings.opened))))
         else:
             self.channel_modes(target, changes, list(arguments))
 
     def channel_modes(self, channel: str, changes: str, arguments: list[str]) -> None:
-        """+k KEY, -k, +i, -i, +t, -t, +o NICK, -o NICK, in any number, as one MODE message gives them."""
-        adding = True
-        for letter in changes:
-            if letter in "+-":
-                adding = letter == "+"
-                continue
-            if letter in "ko" and not (letter == "k" and not adding) and not arguments:
+        """The letters of one MODE message, read as pyChat's /mode reads them, made at once: one MODE
+        back for all that were made; a list's letter alone shows the list."""
+        wanted = []
+        for word in read_mode_letters(changes, arguments):
+            if word.setting is None:
+                self.send_irc(irc_numeric("ERR_UNKNOWNMODE", self.nick, word.letter[1]))
+            elif word.value is None and word.setting.removeprefix("un") in ROOM_MASK_LISTS:
+                self.send_mask_list(channel, word.letter[1])
+            elif word.value is None:
                 self.send_irc(irc_numeric("ERR_NEEDMOREPARAMS", self.nick, "MODE"))
-                return
-            argument = arguments.pop(0) if letter == "o" or (letter == "k" and (adding or arguments)) else None
-            setting = {"k": ("key", argument if adding else "off"),
-                       "i": ("invite-only", "on" if adding else "off"),
-                       "t": ("topic", "operators" if adding else "everyone"),
-                       "o": ("op" if adding else "deop", argument)}.get(letter)
-            if letter == "n":
-                continue        # every room hears only its members: +n always holds
-            if setting is None:
-                self.send_irc(irc_numeric("ERR_UNKNOWNMODE", self.nick, letter))
-                continue
-            try:
-                self.server.set_mode(self.person, *setting, channel)
-            except Refused as refusal:
+            else:
+                wanted.append(word)
+        if not wanted:
+            return
+        refusals = self.server.set_room_modes(self.person, [(word.setting, word.value) for word in wanted], channel)
+        for word, refusal in zip(wanted, refusals):
+            if refusal is not None and refusal.kind == "invalid-mode-value":
+                # The word as given when it can be one parameter; a key is never shown.
+                shown = word.value if word.value and word.letter[1] != "k" and " " not in word.value \
+                    and not word.value.startswith(":") else "*"
+                self.send_irc(irc_numeric("ERR_INVALIDMODEPARAM", self.nick, f"#{refusal.room}", word.letter[1],
+                                          shown, text=str(refusal)))
+            elif refusal is not None:
                 self.refused(refusal, "MODE")
+
+    def send_mask_list(self, channel: str, letter: str) -> None:
+        """367 and 368 for the bans, 348 and 349 for the exceptions, 346 and 347 for the invitation masks."""
+        settings = self.server.room_settings(self.person, channel)
+        masks, entry, end = {"b": (settings.bans, "RPL_BANLIST", "RPL_ENDOFBANLIST"),
+                             "e": (settings.exempts, "RPL_EXCEPTLIST", "RPL_ENDOFEXCEPTLIST"),
+                             "I": (settings.invite_masks, "RPL_INVITELIST", "RPL_ENDOFINVITELIST")}[letter]
+        for mask in masks:
+            self.send_irc(irc_numeric(entry, self.nick, f"#{settings.name}", mask.mask, mask.by,
+                                      str(int(mask.when))))
+        self.send_irc(irc_numeric(end, self.nick, f"#{settings.name}"))
 
     def user_mode(self, target: str, changes: str) -> None:
         """MODE NICK: your modes; MODE NICK +B, +i (or -): say you are a bot, hide from WHO masks of those
