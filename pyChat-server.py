@@ -103,6 +103,8 @@ ROOM_SETTINGS = ("key", "invite-only", "topic", "op", "deop", "voice", "devoice"
 ROOM_MASK_LISTS = ("ban", "exempt", "invite-mask")     # /mode's lists of NICK!USER@HOST masks, and each's undoing
 MAX_ROOM_MASKS = 100              # masks in each list of a room
 MAX_ROOM_LIMIT = 100_000          # the highest /mode limit
+PERSON_HOST = "pychat"            # the host of everyone's NICK!USER@HOST: pyChat never shows an address
+ANONYMOUS_USER = "~user"          # the USER of someone who gave none (pyChat's own clients)
 LISTING_BURST = 500               # entries of lists (/online, /who, /rooms) one person may ask for at once,
 LISTING_RATE = 50.0               # and then a second: long lists asked for by hundreds must not slow the chat
 SEARCH_COST = 100                 # entries of lists one /search costs: a search reads far more than a list
@@ -4119,6 +4121,7 @@ class Whois(NamedTuple):
     address: str | None                     # for operators of the server only
     bot: bool = False                       # they say they are a program
     realname: str = ""                      # IRC's real name, if they gave one
+    username: str = ANONYMOUS_USER          # the USER of their NICK!USER@HOST
 
 
 class Departed(NamedTuple):
@@ -4129,6 +4132,7 @@ class Departed(NamedTuple):
     account: str | None
     realname: str
     when: float                             # a time.time()
+    username: str = ANONYMOUS_USER
 
 
 class WhoEntry(NamedTuple):
@@ -4144,6 +4148,7 @@ class WhoEntry(NamedTuple):
     idle: float                             # seconds since they last said something
     bot: bool
     voiced: bool = False                    # they have a voice in the room
+    username: str = ANONYMOUS_USER
 
 
 # /mode's settings by the letter IRC gives each, which /mode takes too (/mode +m, /mode +l 50): the setting and
@@ -4163,8 +4168,6 @@ ROOM_MODE_LETTERS: dict[str, tuple[tuple[str, str | None], tuple[str, str | None
     "t": (("topic", "operators"), ("topic", "everyone")),
     "v": (("voice", None), ("devoice", None)),
 }
-PERSON_HOST = "pychat"              # the host of everyone's NICK!USER@HOST: pyChat never shows an address
-ANONYMOUS_USER = "~user"            # the USER of someone who gave none (pyChat's own clients)
 
 
 class ModeWord(NamedTuple):
@@ -4661,8 +4664,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
     # -- signing in and out ----------------------------------------------------------
 
     def sign_in(self, connection: ClientConnection, nick: str, account: str | None = None,
-                realname: str = "") -> str | None:
-        """Make CONNECTION a person called NICK (with the REALNAME an IRC client gave), or say why not. A
+                realname: str = "", username: str = ANONYMOUS_USER) -> str | None:
+        """Make CONNECTION a person called NICK (with the REALNAME and USERNAME an IRC client gave), or say why
+        not. A
         protocol with a current room puts them in the default room; the IRC door joins --irc-auto-join's.
 
         ACCOUNT is the account whose password they gave: its owner takes the
@@ -4694,6 +4698,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person = Person(nick, connection.output, connection.address, next(self.serials))
             person.account = account
             person.realname = realname
+            person.username = username
             person.operator = account is not None and self.storage.is_operator(account)
             person.mute = self.storage.mute_for(account, connection.address, time.time())
             person.output.send(Welcome(nick, tuple(motd)))
@@ -4787,15 +4792,17 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if len(room.members) <= ANNOUNCE_LIMIT:
                 receivers |= room.members
         receivers.discard(person)
-        self._forget(person)
-        self._to_people(self.watchers.get(person.key, ()), WentOffline(person.nick))
-        self.departed.append(Departed(person.nick, person.key, person.account, person.realname, time.time()))
-        if person.account:
-            self.storage.saw(person.account)
         if not self.stopping:
-            # A muted person's own words (their /quit message) are not shown.
+            # A muted person's own words (their /quit message) are not shown. Told while they are still
+            # here, so that IRC's rendering finds their NICK!USER@HOST.
             shown = None if reason == QUIT or (person.muted and person.quit_message) else reason
             self._to_people(receivers, Quit(person.nick, shown))
+        self._forget(person)
+        self._to_people(self.watchers.get(person.key, ()), WentOffline(person.nick))
+        self.departed.append(Departed(person.nick, person.key, person.account, person.realname, time.time(),
+                                      person.username))
+        if person.account:
+            self.storage.saw(person.account)
 
     def _forget(self, person: Person) -> None:
         """Take PERSON out of every room and table, so that nothing of them stays reachable. Lock held."""
@@ -6006,6 +6013,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._charge(viewer, len(rooms), "/rooms")      # finding them is cheap: the table is bounded
         return sorted(rooms, key=lambda r: r.name.casefold())
 
+    def username_of(self, nick: str) -> str:
+        """The user name of NICK!USER@HOST of whoever is called NICK ('~user' for someone who gave none, or no
+        one). Asked by IRC's renderings of events, under the lock."""
+        person = self.people.get(name_key(nick))
+        return person.username if person is not None else ANONYMOUS_USER
+
     def rooms_of(self, person: Person) -> list[str]:
         """The rooms PERSON is in, in the order joined."""
         with self.lock:
@@ -6025,7 +6038,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             address = str(ip_of(person.address) or person.address) if viewer.operator else None
             return Whois(person.nick, person.account, rooms, person.away, person.operator, person.since,
                          time.monotonic() - person.last_spoke, person.output.protocol.name, address, person.bot,
-                         person.realname)
+                         person.realname, person.username)
 
     def who(self, viewer: Person, mask: str) -> list[WhoEntry]:
         """The people of the room '#ROOM', or those whose nickname fits MASK (a nickname, or a pattern in
@@ -6068,7 +6081,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return WhoEntry(person.nick, room.name if room else None, person.account, person.realname,
                         person.away is not None,
                         person.operator, room is not None and person in room.operators,
-                        time.monotonic() - person.last_spoke, person.bot, room is not None and person in room.voiced)
+                        time.monotonic() - person.last_spoke, person.bot, room is not None and person in room.voiced,
+                        person.username)
 
     def whowas(self, nick: str, most: int = 0) -> list[Departed]:
         """Who went by NICK lately (or by a look-alike of it), newest first; at most MOST of them (0: all kept)."""
@@ -7005,8 +7019,7 @@ class IrcPingClock:
 # The IRC protocol object: the core's events in IRC's words
 # ---------------------------------------------------------------------------
 
-IRC_USER, IRC_HOST = "~user", "pychat"
-IRC_USER_HOST = f"{IRC_USER}@{IRC_HOST}"    # everyone is NICK!~user@pychat: pyChat never shows an address
+IRC_HOST = PERSON_HOST              # everyone is NICK!USER@pychat: pyChat never shows an address
 IRC_SERVICE_KEY = name_key(IRC_SERVICE_NICK)
 IRC_MAX_REASON = 390                # the longest topic, away message, kick or quit reason taken from IRC
 IRC_USER_MODES = "Bio"              # B: a bot, i: invisible to WHO masks (both set by the person),
@@ -7072,8 +7085,8 @@ def irc_reason(text: str) -> str:
     return strip_irc_formatting(text)[:IRC_MAX_REASON]
 
 
-def irc_source(nick: str) -> str:
-    return f"{nick}!{IRC_USER_HOST}"
+def irc_source(nick: str, user: str = ANONYMOUS_USER) -> str:
+    return f"{nick}!{user}@{IRC_HOST}"
 
 
 def irc_service_source() -> str:
@@ -7133,6 +7146,10 @@ class IrcProtocol:
         """The receiver's nickname: events sent to one person alone are sent under the server's lock."""
         return self.connection.nick
 
+    def source(self, nick: str) -> str:
+        """NICK!USER@HOST of someone online (events are rendered under the server's lock)."""
+        return irc_source(nick, self.connection.username_of(nick))
+
     def encode(self, event: Any, tagged: bool = False) -> bytes:
         """EVENT as IRC messages (b"" when IRC has nothing to say of it); TAGGED does not matter to IRC,
         whose every channel message names its channel."""
@@ -7167,10 +7184,10 @@ class IrcProtocol:
 
     def said(self, event: Said, prefix: str = "") -> list[str]:
         return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", f"#{event.room}", prefix + event.text,
-                                 irc_source(event.nick))
+                                 self.source(event.nick))
 
     def acted(self, event: Acted, prefix: str = "") -> list[str]:
-        return irc_text_messages("PRIVMSG", f"#{event.room}", prefix + event.text, irc_source(event.nick),
+        return irc_text_messages("PRIVMSG", f"#{event.room}", prefix + event.text, self.source(event.nick),
                                  wrap=(CTCP + "ACTION ", CTCP))
 
     def joined(self, event: Joined) -> list[str]:
@@ -7184,27 +7201,26 @@ class IrcProtocol:
         """JOIN; with extended-join, with the account ('*' for none) and the real name (the nickname for
         someone who gave none)."""
         extended = (account or "*", realname or nick) if "extended-join" in self.capabilities else ()
-        return format_irc_message("JOIN", (f"#{room}", *extended), irc_source(nick))
+        return format_irc_message("JOIN", (f"#{room}", *extended), self.source(nick))
 
     def tag_message(self, event: TagMessage) -> list[str]:
         """TAGMSG, only to those who take message tags; its tags are put on by encode()."""
         if not self.message_tags:
             return []
-        return [format_irc_message("TAGMSG", (event.target,), irc_source(event.nick))]
+        return [format_irc_message("TAGMSG", (event.target,), self.source(event.nick))]
 
     def left(self, event: Left) -> list[str]:
         return self._part(event.room, event.nick, event.reason)
 
-    @staticmethod
-    def _part(room: str, nick: str, reason: str | None) -> list[str]:
-        return [format_irc_message("PART", (f"#{room}", *((reason,) if reason else ())), irc_source(nick))]
+    def _part(self, room: str, nick: str, reason: str | None) -> list[str]:
+        return [format_irc_message("PART", (f"#{room}", *((reason,) if reason else ())), self.source(nick))]
 
     def kicked(self, event: Kicked) -> list[str]:
         return [format_irc_message("KICK", (f"#{event.room}", event.nick, event.reason or event.by),
-                                   irc_source(event.by))]
+                                   self.source(event.by))]
 
     def topic_changed(self, event: TopicChanged) -> list[str]:
-        return [format_irc_message("TOPIC", (f"#{event.room}", event.topic), irc_source(event.nick))]
+        return [format_irc_message("TOPIC", (f"#{event.room}", event.topic), self.source(event.nick))]
 
     def mode_changed(self, event: ModeChanged) -> list[str]:
         """One MODE for all the changes: '+mv-l bob'."""
@@ -7216,37 +7232,37 @@ class IrcProtocol:
                 letters += sign
             letters += letter[1]
             words += [word] if word is not None else []
-        return [format_irc_message("MODE", (f"#{event.room}", letters, *words), irc_source(event.nick))]
+        return [format_irc_message("MODE", (f"#{event.room}", letters, *words), self.source(event.nick))]
 
     # -- about a person, told once to each who shares a room: nothing of the receiver either ---
 
     def quit(self, event: Quit) -> list[str]:
         return [format_irc_message("QUIT", (f"Quit: {event.reason}" if event.reason else "Quit",),
-                                   irc_source(event.nick))]
+                                   self.source(event.nick))]
 
     def renamed(self, event: Renamed) -> list[str]:
-        return [format_irc_message("NICK", (event.new,), irc_source(event.old))]
+        return [format_irc_message("NICK", (event.new,), irc_source(event.old, self.connection.username_of(event.new)))]
 
     def away_changed(self, event: AwayChanged) -> list[str]:
         if "away-notify" not in self.capabilities:
             return []
-        return [format_irc_message("AWAY", (event.reason,) if event.reason else (), irc_source(event.nick))]
+        return [format_irc_message("AWAY", (event.reason,) if event.reason else (), self.source(event.nick))]
 
     def operators_message(self, event: OperatorsMessage) -> list[str]:
-        return [format_irc_message("WALLOPS", (event.text,), irc_source(event.nick))]
+        return [format_irc_message("WALLOPS", (event.text,), self.source(event.nick))]
 
     def realname_changed(self, event: RealnameChanged) -> list[str]:
         if "setname" not in self.capabilities:
             return []
-        return [format_irc_message("SETNAME", (event.realname,), irc_source(event.nick))]
+        return [format_irc_message("SETNAME", (event.realname,), self.source(event.nick))]
 
     def invited_someone(self, event: InvitedSomeone) -> list[str]:
         if "invite-notify" not in self.capabilities:
             return []
-        return [format_irc_message("INVITE", (event.nick, f"#{event.room}"), irc_source(event.by))]
+        return [format_irc_message("INVITE", (event.nick, f"#{event.room}"), self.source(event.by))]
 
     def came_online(self, event: CameOnline) -> list[str]:
-        return [irc_numeric("RPL_MONONLINE", self.me, text=irc_source(event.nick))]
+        return [irc_numeric("RPL_MONONLINE", self.me, text=self.source(event.nick))]
 
     def went_offline(self, event: WentOffline) -> list[str]:
         return [irc_numeric("RPL_MONOFFLINE", self.me, text=event.nick)]
@@ -7254,7 +7270,7 @@ class IrcProtocol:
     def account_changed(self, event: AccountChanged) -> list[str]:
         if "account-notify" not in self.capabilities:
             return []
-        return [format_irc_message("ACCOUNT", (event.account or "*",), irc_source(event.nick))]
+        return [format_irc_message("ACCOUNT", (event.account or "*",), self.source(event.nick))]
 
     # -- to one person: these name the receiver --------------------------------------------------
 
@@ -7272,7 +7288,7 @@ class IrcProtocol:
         each nickname, after '@' for a room operator and '+' for a voice (both with multi-prefix); with
         userhost-in-names, the whole NICK!USER@HOST."""
         multi = "multi-prefix" in self.capabilities
-        whole = irc_source if "userhost-in-names" in self.capabilities else str
+        whole = self.source if "userhost-in-names" in self.capabilities else str
         return [irc_prefix(operator, voiced, multi) + whole(nick) for nick, operator, voiced in members]
 
     def topic(self, event: Topic) -> list[str]:
@@ -7293,25 +7309,25 @@ class IrcProtocol:
 
     def you_were_kicked(self, event: YouWereKicked) -> list[str]:
         return [format_irc_message("KICK", (f"#{event.room}", self.me, event.reason or event.by),
-                                   irc_source(event.by))]
+                                   self.source(event.by))]
 
     def invited(self, event: Invited) -> list[str]:
-        return [format_irc_message("INVITE", (self.me, f"#{event.room}"), irc_source(event.by))]
+        return [format_irc_message("INVITE", (self.me, f"#{event.room}"), self.source(event.by))]
 
     def private_from(self, event: PrivateFrom) -> list[str]:
         return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", self.me, event.text,
-                                 irc_source(event.nick))
+                                 self.source(event.nick))
 
     def offline_private(self, event: OfflinePrivate) -> list[str]:
         """A message left for you while you were away, from its sender, at its time (or saying when)."""
         prefix = "" if self.server_time else f"[offline {_utc(event.when)}] "
-        return irc_text_messages("PRIVMSG", self.me, prefix + event.text, irc_source(event.nick))
+        return irc_text_messages("PRIVMSG", self.me, prefix + event.text, self.source(event.nick))
 
     def private_to(self, event: PrivateTo) -> list[str]:
         if "echo-message" not in self.capabilities:
             return []
         return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", event.nick, event.text,
-                                 irc_source(self.me))
+                                 self.source(self.me))
 
     def notice(self, event: Notice) -> list[str]:
         return irc_text_messages("NOTICE", self.me, event.text, irc_server_name())
@@ -7519,6 +7535,7 @@ class IrcConnection(ClientConnection):
         self.output.protocol = IrcProtocol(self)
         self.signing_in_as: str | None = None
         self.realname = ""
+        self.username = ANONYMOUS_USER
         self.ping_clock = IrcPingClock(self.server.options.irc_ping, self.connected)
         self.last_active = self.connected       # the last message other than PING and PONG
 
@@ -7526,6 +7543,12 @@ class IrcConnection(ClientConnection):
     def nick(self) -> str:
         """Who numerics are addressed to: the person's nickname, or '*' before there is one."""
         return self.person.nick if self.person else self.signing_in_as or "*"
+
+    def username_of(self, nick: str) -> str:
+        """(for IrcProtocol) The USER of someone's NICK!USER@HOST; this connection's own while it signs in."""
+        if self.person is None and nick == self.signing_in_as:
+            return self.username
+        return self.server.username_of(nick)
 
     def handle(self) -> None:
         log.info("IRC connection from %s:%s", *self.client_address[:2])
@@ -7633,10 +7656,10 @@ class IrcConnection(ClientConnection):
                 password_checked = True
             nick, problem = self.name_for(registration.nick)
             if problem is None:
-                self.realname = registration.realname
+                self.realname, self.username = registration.realname, registration.username
                 self.signing_in_as = nick
                 self.output.protocol = IrcProtocol(self, frozenset(self.capabilities.enabled))
-                problem = self.server.sign_in(self, nick, self.account, registration.realname)
+                problem = self.server.sign_in(self, nick, self.account, registration.realname, registration.username)
                 if problem is None:
                     if self.server.options.irc_auto_join:
                         self.irc_join(self.server.options.irc_auto_join)
@@ -7707,7 +7730,7 @@ class IrcConnection(ClientConnection):
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.server.started))
         tokens = irc_isupport_tokens(self.server.options)
         return [irc_numeric("RPL_WELCOME", nick,
-                            text=f"Welcome to the {IRC_NETWORK} IRC network, {irc_source(nick)}"),
+                            text=f"Welcome to the {IRC_NETWORK} IRC network, {irc_source(nick, self.username)}"),
                 irc_numeric("RPL_YOURHOST", nick,
                             text=f"Your host is {irc_server_name()}, running version {version}"),
                 irc_numeric("RPL_CREATED", nick, text=f"This server was created {started}"),
@@ -7941,28 +7964,30 @@ class IrcConnection(ClientConnection):
         self.send_irc(irc_numeric("RPL_ENDOFWHO", self.nick, mask))
 
     def who_fits(self, mask: str) -> list[WhoEntry]:
-        """Who fits MASK: everyone is NICK!~user@pychat on this server, so a mask of a user or host either
-        fits all of them or none."""
+        """Who fits MASK: everyone's host is pychat on this server, so a mask of a host either fits all of
+        them or none; a user part is matched against each one's."""
         if mask.startswith("#"):
             return self.server.who(self.person, mask)
-        pattern = mask.casefold()
+        pattern, user = mask.casefold(), "*"
         if pattern in ("", "0"):
             pattern = "*"
         if "!" in pattern or "@" in pattern:
             nick, _, rest = pattern.partition("!") if "!" in pattern else ("*", "", pattern)
             user, _, host = rest.rpartition("@") if "@" in rest else (rest, "", "*")
-            if not (fits_pattern(user or "*", IRC_USER) and fits_pattern(host or "*", IRC_HOST)):
+            if not fits_pattern(host or "*", IRC_HOST):
                 return []
             pattern = nick or "*"
         elif "." in pattern:        # no nickname has a dot: a host or the server
             if not any(fits_pattern(pattern, name) for name in (IRC_HOST, irc_server_name())):
                 return []
             pattern = "*"
-        return self.server.who(self.person, pattern)
+        found = self.server.who(self.person, pattern)
+        return found if user in ("", "*") else [entry for entry in found
+                                                if fits_pattern(user, entry.username.casefold())]
 
     def who_reply(self, entry: WhoEntry) -> str:
         """352: the channel, user, host, server, nick, flags, and hops 0 before the real name (or the nick)."""
-        return irc_numeric("RPL_WHOREPLY", self.nick, f"#{entry.room}" if entry.room else "*", IRC_USER, IRC_HOST,
+        return irc_numeric("RPL_WHOREPLY", self.nick, f"#{entry.room}" if entry.room else "*", entry.username, IRC_HOST,
                            irc_server_name(), entry.nick, self.who_flags(entry), text=f"0 {entry.realname or entry.nick}")
 
     def who_flags(self, entry: WhoEntry) -> str:
@@ -7971,7 +7996,7 @@ class IrcConnection(ClientConnection):
     def whox_reply(self, entry: WhoEntry, letters: str, token: str) -> str:
         """354 with the fields LETTERS asks for, in WHOX's own order whatever the order asked; the
         address is never shown."""
-        values = {"t": token, "c": f"#{entry.room}" if entry.room else "*", "u": IRC_USER,
+        values = {"t": token, "c": f"#{entry.room}" if entry.room else "*", "u": entry.username,
                   "i": "255.255.255.255", "h": IRC_HOST, "s": irc_server_name(), "n": entry.nick,
                   "f": self.who_flags(entry), "d": "0", "l": str(int(entry.idle)), "a": entry.account or "0",
                   "o": "n/a", "r": entry.realname or entry.nick}
@@ -7985,7 +8010,7 @@ class IrcConnection(ClientConnection):
             self.send_irc(irc_numeric("RPL_ENDOFWHOIS", self.nick, nick))
             return
         me, them = self.nick, found.nick
-        lines = [irc_numeric("RPL_WHOISUSER", me, them, IRC_USER, IRC_HOST, "*", text=found.realname or them)]
+        lines = [irc_numeric("RPL_WHOISUSER", me, them, found.username, IRC_HOST, "*", text=found.realname or them)]
         if found.rooms:
             rooms = " ".join(("@" if operator else "") + f"#{room}" for room, operator in found.rooms)
             lines.append(irc_numeric("RPL_WHOISCHANNELS", me, them, text=rooms))
@@ -8013,7 +8038,7 @@ class IrcConnection(ClientConnection):
         if not gone:
             self.send_irc(irc_numeric("ERR_WASNOSUCHNICK", self.nick, nick))
         for them in gone:
-            self.send_irc(irc_numeric("RPL_WHOWASUSER", self.nick, them.nick, IRC_USER, IRC_HOST, "*",
+            self.send_irc(irc_numeric("RPL_WHOWASUSER", self.nick, them.nick, them.username, IRC_HOST, "*",
                                       text=them.realname or them.nick))
             if them.account:
                 self.send_irc(irc_numeric("RPL_WHOISACCOUNT", self.nick, them.nick, them.account,
@@ -8119,7 +8144,7 @@ class IrcConnection(ClientConnection):
                 return
         if modes:
             self.server.set_modes(self.person, **modes)
-            self.send_irc(format_irc_message("MODE", (self.nick, changes), irc_source(self.nick)))
+            self.send_irc(format_irc_message("MODE", (self.nick, changes), irc_source(self.nick, self.username)))
         else:
             person = self.person
             self.send_irc(irc_numeric("RPL_UMODEIS", self.nick,
@@ -8138,7 +8163,7 @@ class IrcConnection(ClientConnection):
             self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", self.nick, text=str(refusal)))
             return
         self.send_irc(irc_numeric("RPL_YOUREOPER", self.nick))
-        self.send_irc(format_irc_message("MODE", (self.nick, "+o"), irc_source(self.nick)))
+        self.send_irc(format_irc_message("MODE", (self.nick, "+o"), irc_source(self.nick, self.username)))
 
     def irc_wallops(self, text: str) -> None:
         """WALLOPS TEXT: from an operator of the server to all of them; 481 for anyone else."""
@@ -8169,7 +8194,9 @@ class IrcConnection(ClientConnection):
 
     def irc_userhost(self, *nicks: str) -> None:
         found = [p for p in self.server.look_up(list(nicks[:5])) if p]
-        replies = [f"{p.nick}{'*' if p.operator else ''}={'-' if p.away else '+'}{IRC_USER_HOST}" for p in found]
+        source = self.output.protocol.source
+        replies = [f"{p.nick}{'*' if p.operator else ''}={'-' if p.away else '+'}{source(p.nick).partition('!')[2]}"
+                   for p in found]
         self.send_irc(irc_numeric("RPL_USERHOST", self.nick, text=" ".join(replies)))
 
     def lusers(self, nick: str) -> list[str]:
@@ -8263,7 +8290,7 @@ class IrcConnection(ClientConnection):
 
     def send_status(self, watched: list[tuple[str, str | None]]) -> None:
         """730 for the names someone has now, 731 for the others."""
-        online = [irc_source(nick) for _, nick in watched if nick is not None]
+        online = [self.output.protocol.source(nick) for _, nick in watched if nick is not None]
         offline = [asked for asked, nick in watched if nick is None]
         for line in (irc_comma_lists("RPL_MONONLINE", self.nick, online)
                      + irc_comma_lists("RPL_MONOFFLINE", self.nick, offline)):

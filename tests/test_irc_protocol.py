@@ -453,6 +453,10 @@ class Receiver:
     def __init__(self, nick: str = "alice", account: str | None = None, realname: str = "") -> None:
         self.nick, self.person, self.account, self.realname = nick, None, account, realname
 
+    @staticmethod
+    def username_of(nick: str) -> str:
+        return "~user"
+
 
 def rendered(event, *capabilities: str, receiver: Receiver | None = None) -> list[server.IrcMessage]:
     written = server.IrcProtocol(receiver or Receiver(), frozenset(capabilities)).encode(event)
