@@ -2299,7 +2299,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         unread = self.unread
         while unread and self.output.reason is None:
             line = unread.popleft()
-            if self.within_rate() and not self.on_line(line, on_switchboard):
+            if (self.is_keepalive(line) or self.within_rate()) and not self.on_line(line, on_switchboard):
                 self.command = line
                 return
         if not unread:
@@ -2335,6 +2335,11 @@ class ClientConnection(socketserver.BaseRequestHandler):
         timeout = self.server.options.idle_timeout
         if timeout and now - self.last_heard >= timeout:
             raise Disconnect("timed out", Farewell(f"idle for {timeout:g} s"))
+
+    @staticmethod
+    def is_keepalive(line: str | None) -> bool:
+        """Whether LINE only says the connection is alive; pyChat's own protocol has no such line."""
+        return False
 
     def within_rate(self) -> bool:
         """Flood control: refuse lines over the rate, and disconnect someone who keeps at it."""
@@ -2385,8 +2390,8 @@ class ClientConnection(socketserver.BaseRequestHandler):
         while True:
             while self.unread:
                 line = self.unread.popleft()
-                # Every line counts against the rate, whatever it is and whenever it comes.
-                if self.within_rate():
+                # Every line counts against the rate, whatever it is and whenever it comes, but keepalives.
+                if self.is_keepalive(line) or self.within_rate():
                     yield line
             self.write_own_output()
             # Wait first: after a read the socket is nearly always empty, and trying it costs a system call.
@@ -6598,6 +6603,17 @@ def irc_text_messages(command: str, target: str, text: str, source: str, tags: d
     return [f"{prefix}{head}{before}{piece}{after}" for piece in pieces]
 
 
+def irc_cut_to_fit(command: str, target: str, source: str, text: str, wrap: tuple[str, str] = ("", "")) -> str:
+    """TEXT cut short, at the end of a character, so that COMMAND (PRIVMSG or NOTICE) from SOURCE relaying it
+    to TARGET is one message within IRC's line limit, as IRC servers cut what their clients send: a line
+    at the limit from a client does not fit once the server puts its sender's NICK!USER@HOST before it.
+    WRAP goes around the text (a CTCP ACTION's markers)."""
+    head = format_irc_message(command, (target,), source) + " :" + wrap[0] + wrap[1]
+    room = IRC_MAX_BODY_BYTES - len(head.encode("utf-8"))
+    encoded = text.encode("utf-8")
+    return text if len(encoded) <= room else encoded[:max(room, 0)].decode("utf-8", "ignore")
+
+
 # The numerics the server sends: name -> (code, the usual closing text, or None when the
 # parameters are all there is). A caller may give a more helpful text than the usual one.
 IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
@@ -7574,6 +7590,19 @@ class IrcConnection(ClientConnection):
             if message is not None:
                 yield message
 
+    @staticmethod
+    def is_keepalive(line: str | None) -> bool:
+        """PING and PONG pass flood control uncounted and are never dropped: a client that waits for its
+        PONG before it goes on (irctest, a bouncer checking the link) would otherwise wait for ever once
+        its other lines spent its allowance, and the answer is one short line. A client that floods with
+        them still meets the cap on lines taken from one read (lines_allowed())."""
+        if line is None:
+            return False
+        words = line.split(" ", 3)
+        while words and words[0].startswith(("@", ":")):
+            words.pop(0)
+        return bool(words) and words[0].upper() in ("PING", "PONG")
+
     def message_of(self, line: str | None) -> IrcMessage | None:
         """The message LINE holds; a line that holds none is answered here (None)."""
         self.ping_clock.heard(self.last_heard)
@@ -7834,6 +7863,10 @@ class IrcConnection(ClientConnection):
                                                              "only ACTION (/me)."), irc_service_source()))
             return
         words = clean_irc_text(ctcp[1] if ctcp else text)
+        # One message in, one message out: cut to what can be relayed, as the receivers will see it.
+        wrap = ((CTCP + "ACTION ", CTCP) if target.startswith("#") else (f"* {person.nick} ", "")) if ctcp else ("", "")
+        words = irc_cut_to_fit("NOTICE" if notice else "PRIVMSG", target, irc_source(person.nick, person.username),
+                               words, wrap)
         if not words:
             return
         echo = "echo-message" in self.capabilities.enabled
