@@ -1173,7 +1173,7 @@ def _setting_words(room: str, setting: str, value: str) -> str:
     }.get((setting, value))
     if words is None:
         words = {"key": f"set a key on {room}", "op": f"made {value} an operator of {room}",
-                 "deop": f"took operator status in {room} from {value}", "limit": f"limited {room} to {value} people",
+                 "deop": f"took operator status in {room} from {value}", "limit": f"set the limit of {room} to {value} people",
                  "voice": f"gave {value} a voice in {room}", "devoice": f"took {value}'s voice in {room}",
                  "ban": f"banned {value} from {room}", "unban": f"lifted the ban of {value} from {room}",
                  "exempt": f"exempted {value} from the bans of {room}",
@@ -4984,10 +4984,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if limit and len(person.rooms) >= limit:
                 raise Refused(f"You are in {len(person.rooms)} rooms, the most one may be in; /leave one first.",
                               "too-many-rooms", room=name)
-            invited = room is not None and person.invited_to.get(room.key) == room.life
-            if room is not None and not person.operator and room.banned(person):
+            room = room or self.room_named(name)     # a lasting room's bans hold while it is empty too
+            invited = person.invited_to.get(room.key) == room.life
+            if not person.operator and room.banned(person):
                 raise Refused(f"You are banned from #{room.name}.", "banned-from-room", room=room.name)
-            if room is not None and room.members and not person.operator and not invited:
+            if room.members and not person.operator and not invited:
                 if room.invite_only and not room.fits(person, "invite-mask"):
                     raise Refused(f"#{room.name} is invite-only; one of its operators can /invite you.",
                                   "invite-only", room=room.name)
@@ -4998,7 +4999,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
                         (password or "").encode("utf-8"), room.password.encode("utf-8")):
                     raise Refused(f"#{room.name} needs a key: /join #{room.name} KEY." if password is None
                                   else f"Wrong key for #{room.name}.", "bad-key", room=room.name)
-            room = room or self.room_named(name)
             opening = not room.members
             self._enter(person, room)
             if not opening or password is None:
