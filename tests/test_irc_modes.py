@@ -231,3 +231,13 @@ def test_a_database_from_before_room_masks_gains_their_table(start_server, conne
     with sqlite3.connect(data / "pychat.db") as db:
         assert db.execute("SELECT room, list, mask, by FROM room_masks").fetchall() == [
             ("dev", "ban", "troll!*@*", "alice")]
+
+
+def test_help_mode_explains_every_setting_and_its_letter(irc_server, connect):
+    alice = connect(irc_server, "alice")
+    alice.send("/help mode")
+    text = "\n".join(alice.lines_until(r"-- .*forgets its settings when it empties"))
+    for setting in ("key", "invite-only", "topic", "op", "deop", "limit", "moderated", "voice", "devoice",
+                    "outside-messages", "secret", "ban", "unban", "exempt", "unexempt", "invite-mask",
+                    "uninvite-mask", "+l 50", "+b"):
+        assert f"/mode {setting}" in text, f"/help mode does not say /mode {setting}"
