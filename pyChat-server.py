@@ -6302,8 +6302,7 @@ class Context:
         """Several settings at once; what was refused, and why."""
         return [str(refusal) for refusal in self._server.set_room_modes(self._caller, changes, room) if refusal]
 
-    @staticmethod
-    def mode_letters(letters: str, words: list[str]) -> list[tuple[str, str | None]]:
+    def mode_letters(self, letters: str, words: list[str]) -> list[tuple[str, str | None]]:
         """IRC's letters ('+mv bob') as /mode's settings and values; a value None is a word missing."""
         found = read_mode_letters(letters, words)
         unknown = [word.letter for word in found if word.setting is None]
