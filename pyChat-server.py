@@ -178,6 +178,11 @@ ACCOUNTS_LISTED = 200             # lines /accounts shows at most; a pattern nar
 MAX_BAN_SECONDS = 3650 * 86400    # the longest ban with a duration; longer is "permanent"
 MAX_REASON_LENGTH = 200           # characters of a ban's reason
 MAX_ROOM_SETTINGS = 1000          # rooms with a topic or modes kept
+MAX_KEPT_ROOMS = 50               # rooms an account is put back in at sign-in, the ones used last
+MAX_SESSIONS = 10                 # connections signed in to one account at once
+CATCH_UP_LINES = 200              # lines a room or conversation shows at sign-in, the newest of those unread
+HISTORY_PAGE = 50                 # lines /history shows unless asked for another number ...
+MAX_HISTORY_PAGE = 500            # ... and at most
 MAX_OFFLINE_PER_RECIPIENT = 20    # offline messages waiting for one account
 MAX_OFFLINE_PER_SENDER = 10       # offline messages one person may have waiting, for everyone together
 MAX_OFFLINE_TOTAL = 2000          # offline messages waiting, for everyone
@@ -1050,13 +1055,43 @@ class Topic(NamedTuple):
 
 
 class Replayed(NamedTuple):
-    """A line said in a room before you came, with the time it was said."""
+    """A line said before you came (in a room, or to you or by you in private), with the time it was said."""
     when: float
-    line: Said | Acted
+    line: Said | Acted | PrivateFrom | PrivateTo
+
+    @property
+    def room(self) -> str | None:
+        return getattr(self.line, "room", None)
+
+
+class NewSince(NamedTuple):
+    """The header of what you have not read of a ROOM or of your private conversation with NICK: COUNT lines
+    since SINCE (a time.time()), of which the newest SHOWN follow; HISTORY shows the others."""
+    count: int
+    since: float
+    shown: int
+    history: str
+    room: str | None = None
+    nick: str | None = None
+
+
+class HistoryPage(NamedTuple):
+    """The header of COUNT earlier lines of ROOM, or of your private conversation with NICK (/history)."""
+    count: int
+    room: str | None = None
+    nick: str | None = None
+
+
+class ReadUpTo(NamedTuple):
+    """Where you have read up to in NAME ('#room', or the nickname of a private conversation): the id of
+    the last line read there."""
+    name: str
+    message_id: int
 
 
 class HistoryEnd(NamedTuple):
-    room: str
+    room: str | None
+    nick: str | None = None         # of a private conversation
 
 
 class NowTalking(NamedTuple):
@@ -1097,7 +1132,8 @@ class PrivateFrom(NamedTuple):
 
 
 class PrivateTo(NamedTuple):
-    """Your copy of a private message to NICK (ACCOUNT is yours, as a chat line names its sender's)."""
+    """Your copy of a private message to NICK (ACCOUNT is yours, as a chat line names its sender's), sent
+    from this session or, ELSEWHERE, from another of yours."""
     nick: str
     text: str
     line_id: str = ""
@@ -1105,6 +1141,7 @@ class PrivateTo(NamedTuple):
     account: str | None = None
     notice: bool = False
     bot: bool = False
+    elsewhere: bool = False
 
 
 class Bye(NamedTuple):
@@ -1142,10 +1179,6 @@ class Banned(NamedTuple):
     by: str
     how_long: str               # "permanently", or "until 2026-12-01 14:00 UTC (2h left)"
     reason: str | None
-
-
-class SignedInElsewhere(NamedTuple):
-    pass
 
 
 def _because(reason: str | None) -> str:
@@ -1230,7 +1263,13 @@ class PyChatProtocol:
             else ", alone for now."),
         Topic: lambda e: f"*** Topic of #{e.room}: {e.topic}",
         Replayed: lambda e: f"[history {_utc(e.when)}] {PyChatProtocol.LINES[type(e.line)](e.line)}",
-        HistoryEnd: lambda e: f"*** End of #{e.room} history.",
+        HistoryEnd: lambda e: f"*** End of #{e.room} history." if e.room else f"*** End of history with {e.nick}.",
+        NewSince: lambda e: f"*** {e.count} new " + (f"in #{e.room}" if e.room else f"with {e.nick}") + \
+            f" since {_utc(e.since)}" + (f"; the latest {e.shown} follow ({e.history} for earlier ones)."
+                                         if e.shown < e.count else ""),
+        HistoryPage: lambda e: f"*** {e.count} earlier line{'s' * (e.count != 1)} " + \
+            (f"of #{e.room}:" if e.room else f"with {e.nick}:"),
+        ReadUpTo: lambda e: f"[read {e.name}]",
         NowTalking: lambda e: f"*** Now talking in #{e.room}.",
         YouLeft: lambda e: f"*** You left #{e.room}.",
         YouWereKicked: lambda e: f"*** You were kicked from #{e.room} by {e.by}{_because(e.reason)}.",
@@ -1246,7 +1285,6 @@ class PyChatProtocol:
                                   "new password": f"*** Choose a password for {e.nick}:"}[e.asking_for],
         OfflinePrivate: lambda e: f"[offline {_utc(e.when)} from {e.nick}] {e.text}",
         Banned: lambda e: f"*** You were banned by {e.by} {e.how_long}{_because(e.reason)}.",
-        SignedInElsewhere: lambda e: "*** You signed in again somewhere else; this connection is closed.",
     }
 
     # Events pyChat's lines have no words for: client tags with no text, accounts changing (the person
@@ -1288,8 +1326,12 @@ PYCHAT = PyChatProtocol()
 # The locks, in the only order in which one may be taken while holding another:
 #
 #   ChatServer.lock  ->  Output.io_lock  ->  Switchboard.state_lock
+#   ChatServer.lock  ->  Gate.lock             (the guessing budgets; the gate takes no other lock)
 #   ChatServer.lock  ->  Storage.lock          (Storage takes no other lock)
 #   ChatServer.reloading  ->  ChatServer.lock  (one reload at a time, which takes the others as above)
+#   Workers.lock, MessageOfTheDay.lock         (each guards its own object alone, and is held with no other)
+#
+# _SCRYPT_SLOTS is a semaphore, not a lock: it bounds the password hashes under way at once.
 #
 # ChatServer.lock guards people and rooms (every Person and Room field); lines
 # are queued while it is held, so everyone sees a room's lines in one order.
@@ -1409,9 +1451,9 @@ class Output:
     def __repr__(self) -> str:
         return self.name()
 
-    def send(self, event: Any) -> None:
-        """Queue one event for this connection alone."""
-        self.send_bytes(self.protocol.encode(event))
+    def send(self, event: Any, tagged: bool = False) -> None:
+        """Queue one event for this connection alone; TAGGED for a room's that is not its current one."""
+        self.send_bytes(self.protocol.encode(event, tagged))
 
     def send_bytes(self, data: bytes) -> None:
         """Queue DATA for this connection alone.
@@ -2033,7 +2075,8 @@ class ClientConnection(socketserver.BaseRequestHandler):
     def setup(self) -> None:
         self.sock: socket.socket = self.request
         self.address = self.client_address[0]
-        self.person: Person | None = None
+        self.person: Person | None = None       # who it is signed in as ...
+        self.session: Session | None = None     # ... and as which of their sessions
         self.output = Output(self.sock, self.server.switchboard, PYCHAT, name=self.__repr__, reader=self)
         self.output.owner = threading.get_ident()
         self.lines = LineReader()
@@ -2046,7 +2089,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.flood_excess = 0.0
         self.flood_warned = False
         self.flooded = False                # flood control cut it off; it ends once the lines it took are handled
-        self.connected = self.last_heard = time.monotonic()
+        self.connected = self.last_heard = self.last_active = time.monotonic()
         self.server.register(self)
         self.sock.setblocking(False)
         self.input_waiter = InputWaiter(self.sock, self.server.stop_signal)
@@ -2137,8 +2180,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             self.output.send(Prompt("password"))
             given = next(lines) or ""
             try:
-                if self.server.check_secret(self, "server password",
-                                            lambda: same_secret(given, self.server.options.password)):
+                if self.server.gate.server_password_is(self, given):
                     return
             except TooManyGuesses as refusal:
                 raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
@@ -2170,15 +2212,14 @@ class ClientConnection(socketserver.BaseRequestHandler):
         invitation waiting (on a --private server, any name without an
         account) needs its invitation code, and then a new password.
         """
-        storage = self.server.storage
-        registered = storage.account_name(nick)
+        gate = self.server.gate
+        registered = gate.account_of(nick)
         if registered is None:
-            invited = self.server.options.private or storage.invitation_waiting(nick)
-            return self.accept_invitation(normal_name(nick), lines) if invited else None
+            return self.accept_invitation(normal_name(nick), lines) if gate.needs_invitation(nick) else None
         proved: list[str] = []          # what the right answer was: "password", or a reset's "code"
 
         def check(given: str) -> bool:
-            found = self.server.check_account(self, registered, given)
+            found = gate.check_account(self, registered, given)
             proved[:] = found[1:] if found else []
             return found is not None
 
@@ -2190,7 +2231,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         """Ask for NICK's WHAT ("password" or "code") until it is right (True) or the answer is empty (False).
 
         CHECK says whether an answer is right, counting the wrong ones as guesses
-        (ChatServer.check_secret); the third closes the connection.
+        (Gate.check_secret); the third closes the connection.
         """
         words = {"password": "password", "code": "invitation code"}[what]
         for tries in range(1, PASSWORD_TRIES + 1):
@@ -2209,22 +2250,19 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
     def accept_invitation(self, nick: str, lines: Iterator[str | None]) -> str | Problem:
         """On a --private server: NICK's invitation code, then their new password; returns the new account."""
-        storage = self.server.storage
-        if not storage.invitation_waiting(nick):
+        gate = self.server.gate
+        if not gate.invitation_waiting(nick):
             return Problem("This server is private: only people with an account may sign in. "
                            "An operator can invite you with /invite-account.")
-        if not self.ask_secret(lines, nick, "code", lambda given: self.server.check_secret(
-                self, f"invitation code for {nick}", lambda: storage.invitation_matches(nick, given))):
+        if not self.ask_secret(lines, nick, "code", lambda given: gate.check_invitation(self, nick, given)):
             return Problem("")
         password = self.choose_password(nick, lines)
         if isinstance(password, Problem):
             return password
         try:
-            storage.register(nick, password)
+            gate.register_invited(nick, password, self.address)
         except (StoreFull, StorageError) as problem:
             return Problem(str(problem))
-        storage.remove_invitation(nick)
-        log.info("%s registered at their first sign-in, from %s", nick, self.address)
         return nick
 
     def reset_password(self, account: str, lines: Iterator[str | None]) -> str | Problem:
@@ -2233,14 +2271,11 @@ class ClientConnection(socketserver.BaseRequestHandler):
         password = self.choose_password(account, lines)
         if isinstance(password, Problem):
             return password
-        if not self.server.storage.invitation_waiting(account, "password"):       # taken back meanwhile
-            return Problem(f"The password reset code for {account} no longer works; ask an operator for another.")
         try:
-            self.server.storage.reset_password(account, password)
-        except StorageError as problem:
+            self.server.gate.reset_password(account, password, self.address)
+        except (Refused, StorageError) as problem:
             return Problem(str(problem))
         self.output.send(Notice(f"The password of {account} is changed."))
-        log.warning("%s chose a new password with a reset code, from %s", account, self.address)
         return account
 
     def choose_password(self, nick: str, lines: Iterator[str | None]) -> str | Problem:
@@ -2262,6 +2297,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         On the switchboard only what waits for nothing is done: a command is
         left (False) for a worker.
         """
+        self.last_active = self.last_heard
         if line is None:
             self.output.send(Error(f"Line too long (over {MAX_LINE_BYTES} bytes); it was not sent."))
             return True
@@ -2272,10 +2308,10 @@ class ClientConnection(socketserver.BaseRequestHandler):
             if on_switchboard:
                 return False
             log.debug("%r: %s", self, text.split(" ", 1)[0])
-            self.server.commands.run(Context(self.server, self.person), text)
+            self.server.commands.run(Context(self.server, self.session), text)
             return True
         try:
-            self.server.say(self.person, text[1:] if text.startswith("//") else text)
+            self.server.say(self.session, text[1:] if text.startswith("//") else text)
         except Refused as refusal:          # a moderated room, or one that bans them
             self.output.send(Error(str(refusal)))
         return True
@@ -2516,7 +2552,7 @@ class InputWaiter:
 # Locks: Storage.lock is taken after the server's lock when both are held;
 # Storage never calls back into the server.
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE accounts (key TEXT PRIMARY KEY, name TEXT NOT NULL, salt BLOB NOT NULL, hash BLOB NOT NULL,
@@ -2537,6 +2573,16 @@ CREATE TABLE messages (id INTEGER PRIMARY KEY, time INTEGER NOT NULL, target TEX
     account TEXT, kind INTEGER NOT NULL, text TEXT NOT NULL);
 CREATE INDEX messages_by_target ON messages (target, id);
 """
+# What each version of the schema adds to the one before: a new database runs SCHEMA and then every upgrade,
+# an older one the upgrades it has not had, each in the transaction that writes its number.
+SCHEMA_UPGRADES = {
+    2: """
+CREATE TABLE kept_rooms (account TEXT NOT NULL, room TEXT NOT NULL, name TEXT NOT NULL, password TEXT,
+    used REAL NOT NULL, PRIMARY KEY (account, room)) WITHOUT ROWID;
+CREATE TABLE read_positions (account TEXT NOT NULL, target TEXT NOT NULL, id INTEGER NOT NULL,
+    PRIMARY KEY (account, target)) WITHOUT ROWID;
+""",
+}
 # The masks of a lasting room's lists (ROOM_MASK_LISTS: its bans, exceptions, invitation masks), by the room's
 # name_key(). Made when missing, at every start, so that a database written before it gains it.
 ROOM_MASKS_SCHEMA = """CREATE TABLE IF NOT EXISTS room_masks (room TEXT NOT NULL, list TEXT NOT NULL, mask TEXT NOT NULL,
@@ -2552,11 +2598,17 @@ ROOM_MASKS_SCHEMA = """CREATE TABLE IF NOT EXISTS room_masks (room TEXT NOT NULL
 # password; 'password', a code to choose a new password for the account NAME (/reset-password). Only a
 # SHA-256 of each code is kept.
 # A mute has a ban's shape (Ban): of an account, or of a guest's address.
+# An account's kept rooms: the rooms its owner is in, on every device, with the key that let them in and
+# when each was last current (the one used last is current again at the next sign-in).
+# An account's read positions: per room or private conversation (a message target), the id of the last line
+# its owner has read; it only grows. A row is also how a private conversation is known to be theirs: the
+# first line to an account writes one just below that line, so that it shows as new.
 # Which lines hold a word, and no more (no positions, no sizes: /search finds words, newest first, and
 # ranks nothing): a third cheaper to keep up to date than FTS5's default, and a quarter smaller.
 SEARCH_INDEX = ("CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(text, content='messages', "
                 "content_rowid='id', detail=none, columnsize=0)")
-TABLES = ("meta", "accounts", "operators", "invitations", "bans", "mutes", "rooms", "offline", "messages")
+TABLES = ("meta", "accounts", "operators", "invitations", "bans", "mutes", "rooms", "offline", "messages",
+          "kept_rooms", "read_positions")
 INVITATION_PURPOSES = ("account", "password")
 MESSAGE_KINDS = ("line", "action", "notice")      # a message's kind is its place here
 DATABASE_FILE = "pychat.db"
@@ -2801,6 +2853,13 @@ class SavedRoom(NamedTuple):
 
     topic: str | None
     modes: tuple[str, ...]
+
+
+class KeptRoom(NamedTuple):
+    """A room an account's owner is in, kept for their next sign-in."""
+
+    name: str
+    password: str | None                    # the key that let them in, for a room that has one
 
 
 class OfflineMessage(NamedTuple):
@@ -3100,7 +3159,9 @@ class Storage:
         self.history_bytes = int((in_memory_default if history_max_mb is None else history_max_mb) * 1024 * 1024)
         self.unsaved: collections.deque[tuple] = collections.deque(maxlen=UNSAVED_LINES)
         self.batch: list[tuple] = []            # chat lines said, written by the next commit_lines()
-        self.seen: dict[str, float] = {}          # accounts' keys -> when seen (saw()), written with the batch
+        # Small changes no one is told were saved (when an account was last seen, rooms kept, read positions),
+        # written with the next chat lines, in their transaction: by what they change, the latest of each.
+        self.deferred: dict[tuple, tuple[str, tuple]] = {}
         self.unsaved_lost = 0                     # lines given up because even memory for them ran out
         self.stopped = threading.Event()
         self.maintenance: threading.Thread | None = None
@@ -3211,9 +3272,12 @@ class Storage:
         db.execute("PRAGMA trusted_schema=OFF")
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not tables:
-            db.executescript("BEGIN;" + SCHEMA + "COMMIT;")
-            db.execute("INSERT INTO meta VALUES ('schema', ?), ('written by', ?)", (str(SCHEMA_VERSION), VERSION))
+            db.executescript("BEGIN;" + SCHEMA + "".join(SCHEMA_UPGRADES.values()) +
+                             "INSERT INTO meta VALUES ('schema', '%d'); COMMIT;" % SCHEMA_VERSION)
+            db.execute("INSERT INTO meta VALUES ('written by', ?)", (VERSION,))
             return db
+        Storage._upgrade(db, tables)
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         problem = Storage._schema_problem(db, tables)
         if problem:
             raise sqlite3.DatabaseError(problem)
@@ -3221,6 +3285,17 @@ class Storage:
         if db.execute("SELECT value FROM meta WHERE key='written by'").fetchone() != (VERSION,):
             db.execute("INSERT OR REPLACE INTO meta VALUES ('written by', ?)", (VERSION,))
         return db
+
+    @staticmethod
+    def _upgrade(db: sqlite3.Connection, tables: set[str]) -> None:
+        """Bring an older database's schema up to SCHEMA_VERSION, one upgrade to a transaction."""
+        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() if "meta" in tables else None
+        if row is None or not str(row[0]).isdigit():
+            return          # _schema_problem() says what is wrong
+        for version in range(int(row[0]) + 1, SCHEMA_VERSION + 1):
+            db.executescript("BEGIN;" + SCHEMA_UPGRADES[version] +
+                             "UPDATE meta SET value='%d' WHERE key='schema'; COMMIT;" % version)
+            log.info("the database's schema is now version %d", version)
 
     @staticmethod
     def _schema_problem(db: sqlite3.Connection, tables: set[str]) -> str | None:
@@ -3378,8 +3453,14 @@ class Storage:
     def saw(self, nick: str) -> None:
         """Note that the owner of the account NICK signed in or out now. Written with the next chat lines, in
         their transaction and without waiting for the disk: signing in and out costs no transaction of its own."""
+        key = name_key(nick)
+        self._defer(("seen", key), "UPDATE accounts SET last_seen=? WHERE key=?", (time.time(), key))
+
+    def _defer(self, what: tuple, sql: str, parameters: tuple) -> None:
+        """Run SQL with the next chat lines (see self.deferred), in place of what was deferred for WHAT."""
         with self.lock:
-            self.seen[name_key(nick)] = time.time()
+            self.deferred.pop(what, None)       # the newest goes last, after any other it depends on
+            self.deferred[what] = (sql, parameters)
 
     def accounts(self) -> list[AccountRecord]:
         """Every account: its name, when it was registered and last seen; sorted by name."""
@@ -3643,6 +3724,61 @@ class Storage:
         self._change(("INSERT OR REPLACE INTO rooms VALUES (?, ?, ?, ?)", (key, room, topic, " ".join(modes))),
                      *masks_kept)
 
+    # -- what an account is in, and what it has read ------------------------------------
+
+    def kept_rooms(self, account: str) -> list[KeptRoom]:
+        """The rooms ACCOUNT's owner is in, the one used last at the end."""
+        found = []
+        for row in self._query("SELECT name, password FROM kept_rooms WHERE account=? ORDER BY used, name",
+                               (name_key(account),)):
+            try:
+                name, password = _checked_row(row, str, (str, type(None)))
+            except ValueError as problem:
+                log.warning("%s: a kept room of %s is damaged (%s); it is left out", self.path, account, problem)
+                continue
+            if not name_problem(name, "Room name"):
+                found.append(KeptRoom(name, password))
+        return found[-MAX_KEPT_ROOMS:]
+
+    def keep_room(self, account: str, room: str, password: str | None) -> None:
+        """Keep ROOM among ACCOUNT's rooms (with the key that let its owner in), as the one used last."""
+        key = name_key(account)
+        self._defer(("room", key, name_key(room)), "INSERT OR REPLACE INTO kept_rooms VALUES (?, ?, ?, ?, ?)",
+                    (key, name_key(room), room, password, time.time()))
+
+    def drop_room(self, account: str, room: str) -> None:
+        """ACCOUNT's owner left ROOM, on every device."""
+        key = name_key(account)
+        self._defer(("room", key, name_key(room)), "DELETE FROM kept_rooms WHERE account=? AND room=?",
+                    (key, name_key(room)))
+
+    def read_positions(self, account: str) -> dict[str, int]:
+        """ACCOUNT's read positions: message target -> the id of the last line read there."""
+        positions = {}
+        for row in self._query("SELECT target, id FROM read_positions WHERE account=?", (name_key(account),)):
+            if isinstance(row[0], str) and isinstance(row[1], int):
+                positions[row[0]] = row[1]
+        return positions
+
+    def mark_read(self, account: str, target: str, message_id: int, only_if_new: bool = False) -> None:
+        """ACCOUNT's owner has read TARGET up to MESSAGE_ID: the position moves forward, never back.
+        ONLY_IF_NEW writes it only where there is none yet (a conversation's first line)."""
+        key = name_key(account)
+        what = ("read-start" if only_if_new else "read", key, target)
+        with self.lock:
+            waiting = self.deferred.get(what)
+            if waiting is not None:     # not yet written: the first start, the furthest position
+                message_id = waiting[1][2] if only_if_new else max(message_id, waiting[1][2])
+            if only_if_new:
+                self._defer(what, "INSERT OR IGNORE INTO read_positions VALUES (?, ?, ?)", (key, target, message_id))
+            else:
+                self._defer(what, "INSERT INTO read_positions VALUES (?, ?, ?) ON CONFLICT (account, target) "
+                            "DO UPDATE SET id=max(id, excluded.id)", (key, target, message_id))
+
+    def count_after(self, target: str, after: int) -> int:
+        """How many lines of TARGET came after the id AFTER."""
+        return self._query("SELECT count(*) FROM messages WHERE target=? AND id>?", (target, after))[0][0]
+
     def leave_offline(self, sender: str, sender_id: str, recipient: str, text: str) -> None:
         """Keep TEXT from SENDER (counted by SENDER_ID: their account or address, never their nickname, which
         they could change) for the account RECIPIENT; StoreFull, saying which limit, if it cannot be kept."""
@@ -3703,23 +3839,24 @@ class Storage:
         """Write the chat lines said since the last time, in one transaction: called before anyone is sent
         them, once for all the lines of a pass of the switchboard, so that a busy room does not cost a
         transaction a line."""
-        if self.batch or self.seen:
+        if self.batch or self.deferred:
             with self.lock:
                 self._commit_lines()
 
     def _commit_lines(self) -> None:
         """commit_lines(), lock held; every other use of the database begins with it."""
-        if not self.batch and not self.seen:
+        if not self.batch and not self.deferred:
             return
         rows, self.batch = self.batch, []
-        seen, self.seen = self.seen, {}
+        deferred, self.deferred = self.deferred, {}
         try:
             with self._transaction() as db:
                 db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                db.executemany("UPDATE accounts SET last_seen=? WHERE key=?", [(t, k) for k, t in seen.items()])
+                for sql, parameters in deferred.values():
+                    db.execute(sql, parameters)
         except sqlite3.Error as problem:
-            for key, when in seen.items():      # tried again with the next lines
-                self.seen.setdefault(key, when)
+            for what, change in deferred.items():      # tried again with the next lines
+                self.deferred.setdefault(what, change)
             if rows:
                 self._lines_not_written(problem, rows)
 
@@ -3786,9 +3923,9 @@ class Storage:
                 log.warning("%s: a chat line is damaged (%s); it is left out", self.path, problem)
         return found[::-1] if newest_first else found
 
-    def latest_messages(self, target: str, limit: int) -> list[StoredMessage]:
-        """The last LIMIT lines of TARGET, oldest first."""
-        return self._messages("target=?", (target,), True, limit)
+    def latest_messages(self, target: str, limit: int, after: int = 0) -> list[StoredMessage]:
+        """The last LIMIT lines of TARGET (of those after the id AFTER), oldest first."""
+        return self._messages("target=? AND id>?", (target, after), True, limit)
 
     def messages_before(self, target: str, before: int, limit: int) -> list[StoredMessage]:
         """The LIMIT lines of TARGET just before the id BEFORE, oldest first."""
@@ -4047,6 +4184,156 @@ class Storage:
 
 
 # ---------------------------------------------------------------------------
+# The gate: who may come in, and as whom
+# ---------------------------------------------------------------------------
+
+class Gate:
+    """Who may sign in, and as whom, at every door: the server password, names that are registered or kept for
+    someone invited, an account's password (or its reset code), invitations, bans at the moment of
+    signing in, and the budgets that limit guessing. The doors keep only their dialogue (prompts, SASL's
+    framing, numerics), and ask here; this is the only caller of the storage for those records at sign-in.
+
+    Its lock guards the guessing budgets alone, and comes after the chat lock (see Output).
+    """
+
+    def __init__(self, storage: Storage, options: Callable[[], argparse.Namespace]) -> None:
+        self.storage = storage
+        self.options = options                                  # the options in force (a reload changes them)
+        self.lock = threading.Lock()
+        self.failures: dict[str, tuple[int, float]] = {}        # wrong secrets and the last one's time, by bucket
+
+    def guess_delay(self) -> float:
+        return self.options().guess_delay
+
+    # -- secrets, within the limits on guessing
+
+    def check_secret(self, connection: ClientConnection | Session, what: str, is_right: Callable[[], bool]) -> bool:
+        """Run IS_RIGHT, a check of a secret someone gave, within the limits on guessing.
+
+        Every wrong try from an address (IPv6: its /64) makes the next answer
+        slower by --guess-delay, up to GUESS_DELAY_STEPS times it (five
+        seconds by default); after ADDRESS_GUESSES of them the address
+        must wait GUESS_WINDOW before trying again (TooManyGuesses). A try is
+        counted before it is checked, so guesses sent at once over many
+        connections are counted too; a right one is then taken off the count,
+        and only it: a right password (the guesser's own, say) must not wipe
+        out the wrong ones made around it.
+        """
+        bucket = address_bucket(connection.address)
+        now = time.monotonic()
+        with self.lock:
+            wrong, last = self.failures.get(bucket, (0, 0.0))
+            if now - last >= GUESS_WINDOW:
+                wrong = 0
+            if wrong >= ADDRESS_GUESSES:
+                wait = GUESS_WINDOW - (now - last)
+            else:
+                wait = 0.0
+                if len(self.failures) > 10000:
+                    self.failures = {b: f for b, f in self.failures.items() if now - f[1] < GUESS_WINDOW}
+                self.failures[bucket] = (wrong + 1, now)
+        if wait:
+            log.warning("refused a try at the %s from %r: %d wrong in a row", what, connection, wrong)
+            raise TooManyGuesses(f"Too many wrong passwords from your address; try again in "
+                                 f"{describe_duration(wait)}")
+        if is_right():
+            with self.lock:
+                counted, counted_last = self.failures.get(bucket, (1, now))
+                if counted <= 1:
+                    self.failures.pop(bucket, None)
+                else:   # its own count undone, with the time of the last wrong one if no try came since
+                    self.failures[bucket] = (counted - 1, last if counted_last == now else counted_last)
+            return True
+        log.warning("wrong %s from %r (%d in a row)", what, connection, wrong + 1)
+        time.sleep(self.guess_delay() * min(wrong + 1, GUESS_DELAY_STEPS))
+        return False
+
+    def check_account(self, connection: ClientConnection | Session, name: str, secret: str) -> tuple[str, str] | None:
+        """The account NAME signs in to and what SECRET is to it: its "password", or the "code" of a password
+        reset waiting for it (/reset-password); None if neither (a wrong guess, also when there is no such
+        account).
+
+        The one order for every door: the password first, within the limits on
+        guessing (check_secret), and only then the ban (refuse_banned), so that
+        a ban and its reason are told only to whoever knows the password.
+        """
+        account = self.storage.account_name(name)
+        proved: list[str] = []
+
+        def is_right() -> bool:
+            if account is not None and self.storage.verify_password(account, secret):
+                proved.append("password")
+            elif account is not None and self.storage.invitation_matches(account, secret, "password"):
+                proved.append("code")
+            return bool(proved)
+
+        if not self.check_secret(connection, f"password for {account or name}", is_right):
+            return None
+        self.refuse_banned(connection, account)
+        return account, proved[0]
+
+    def refuse_banned(self, connection: ClientConnection | Session, account: str | None) -> None:
+        """Raise Disconnect, with the ban's words for the person, if a ban keeps out CONNECTION's address (or
+        a network it is in) or ACCOUNT."""
+        now = time.time()
+        ban = self.storage.ban_for_address(connection.address, now) or \
+            (self.storage.ban_for_account(account, now) if account else None)
+        if ban is not None:
+            raise Disconnect(f"banned ({ban.kind} {ban.shown})", Banned(ban.by, ban.how_long(now), ban.reason))
+
+    def server_password_is(self, connection: ClientConnection, given: str) -> bool:
+        """Whether GIVEN is the server's password (--password), counted as a guess if not."""
+        return self.check_secret(connection, "server password", lambda: same_secret(given, self.options().password))
+
+    # -- names
+
+    def account_of(self, nick: str) -> str | None:
+        """The registered spelling of the account NICK (or a look-alike) names; None for a guest's name."""
+        return self.storage.account_name(nick)
+
+    def name_problem(self, nick: str, account: str | None) -> str | None:
+        """Why someone signed in to ACCOUNT (None: a guest) may not be called NICK because of whose name it
+        is: a registered account's, or one kept for someone invited. The one rule for every door, at sign-in
+        and at every change of nickname."""
+        registered = self.storage.account_name(nick)
+        if registered is not None and (account is None or name_key(account) != name_key(registered)):
+            return f"{registered} is registered: sign in as {registered} with its password to use it."
+        if registered is None and self.storage.invitation_waiting(nick):
+            return f"{nick} is kept for someone invited: sign in as {nick} with the invitation code."
+        return None
+
+    def needs_invitation(self, nick: str) -> bool:
+        """NICK is no account's, and only an invitation code lets it in: on a --private server, or a name
+        with an invitation waiting."""
+        return self.storage.account_name(nick) is None and (
+            self.options().private or self.storage.invitation_waiting(nick))
+
+    # -- invitations and password resets
+
+    def check_invitation(self, connection: ClientConnection, nick: str, code: str) -> bool:
+        """Whether CODE is NICK's invitation code, counted as a guess if not; False if none waits for NICK."""
+        return self.storage.invitation_waiting(nick) and self.check_secret(
+            connection, f"invitation code for {nick}", lambda: self.storage.invitation_matches(nick, code))
+
+    def invitation_waiting(self, nick: str) -> bool:
+        return self.storage.invitation_waiting(nick)
+
+    def register_invited(self, nick: str, password: str, address: str) -> None:
+        """Make the account NICK, whose invitation code was given, with PASSWORD; the code is used up."""
+        self.storage.register(nick, password)
+        self.storage.remove_invitation(nick)
+        log.info("%s registered at their first sign-in, from %s", nick, address)
+
+    def reset_password(self, account: str, password: str, address: str) -> None:
+        """Give ACCOUNT the new PASSWORD, its reset code having been given; Refused if the code was taken back
+        meanwhile."""
+        if not self.storage.invitation_waiting(account, "password"):
+            raise Refused(f"The password reset code for {account} no longer works; ask an operator for another.")
+        self.storage.reset_password(account, password)
+        log.warning("%s chose a new password with a reset code, from %s", account, address)
+
+
+# ---------------------------------------------------------------------------
 # The server object: who is here, rooms, and every change to them
 # ---------------------------------------------------------------------------
 
@@ -4063,29 +4350,34 @@ class Refused(commands.CommandError):
 
 
 class Person:
-    """Someone signed in. Changed only by ChatServer's methods, under its lock."""
+    """Someone in the chat: a guest, or the owner of an account, on one or more Sessions. Changed only by
+    ChatServer's methods, under its lock."""
 
-    def __init__(self, nick: str, output: Output, address: str, serial: int) -> None:
+    __slots__ = ("nick", "key", "serial", "sessions", "rooms", "last_room", "away", "operator", "account", "realname",
+                 "username", "since", "last_spoke", "mute", "ignoring", "last_private_from", "invited_to", "seen", "read",
+                 "last_private", "listing", "quit_message", "watching", "bot", "invisible", "conversations")
+
+    def __init__(self, nick: str, serial: int) -> None:
         self.nick = nick
         self.key = name_key(nick)
-        self.output = output
-        self.address = address
         self.serial = serial                    # unique for the server's life: who "they" are across renames
+        self.sessions: list[Session] = []       # the connections they are signed in on, the first first
         self.rooms: dict[str, Room] = {}        # by key, in the order joined
-        self.current: Room | None = None        # where plain lines go
+        self.last_room: Room | None = None      # the room they last made current, on any session
         self.away: str | None = None
         self.operator = False
-        self.operator_failures = 0              # wrong /op secrets on this connection
         self.account: str | None = None         # the account signed in to (its registered spelling)
         self.realname = ""                      # the real name an IRC client gave (USER); "" from pyChat's
         self.username = ANONYMOUS_USER          # the user name of NICK!USER@HOST: an IRC client's (USER), cleaned
-        self.since = time.time()                # signed in at
+        self.since = time.time()                # came online at
         self.last_spoke = time.monotonic()      # for /whois: last chat, action or private line
         self.mute: Ban | None = None            # the mute of their account or address, if one holds for them
         self.ignoring: set[str] = set()         # name keys
         self.last_private_from: int | None = None   # a serial: nothing of a sender who left stays reachable
         self.invited_to: dict[str, int] = {}    # room key -> the Room.life the invitation is for
-        self.seen: dict[str, int] = {}          # room key -> history position when they left it
+        self.seen: dict[str, int] = {}          # a guest's rooms left: room key -> the id of the last line then
+        self.read: dict[str, int] = {}          # an account's read positions: message target -> message id
+        self.last_private: dict[str, int] = {}  # message target -> the id of the last private line there
         self.listing = TokenBucket(LISTING_RATE, LISTING_BURST)
         self.quit_message = False               # they left with /quit and words of their own
         self.watching: dict[str, str] = {}      # name keys watched for coming and going -> the name as asked
@@ -4108,8 +4400,41 @@ class Person:
         """Who they are to the database: their account's key, or for a guest one for this connection alone."""
         return name_key(self.account) if self.account else f"guest/{self.serial}"
 
+    @property
+    def address(self) -> str:
+        """The address of their first session, for the log."""
+        return self.sessions[0].address if self.sessions else "-"
+
+    @property
+    def outputs(self) -> list[Output]:
+        return [session.output for session in self.sessions]
+
     def __repr__(self) -> str:
         return f"{self.nick}@{self.address}"
+
+
+class Session:
+    """One connection signed in as a person: where lines to it go, and, in a protocol with one, its current
+    room. Changed only by ChatServer's methods, under its lock."""
+
+    __slots__ = ("person", "output", "address", "number", "since", "last_active", "current", "operator_failures",
+                 "reports_reading", "oldest_shown")
+
+    def __init__(self, person: Person, output: Output, address: str, number: int,
+                 last_active: Callable[[], float]) -> None:
+        self.person = person
+        self.output = output
+        self.address = address
+        self.number = number                    # its number among its person's, for /sessions and /kick-session
+        self.since = time.time()
+        self.last_active = last_active          # when its connection last sent a line (its door knows)
+        self.current: Room | None = None        # where plain lines go
+        self.operator_failures = 0              # wrong /op secrets on this connection
+        self.reports_reading = False            # it has said what its person read (/read, IRC's MARKREAD)
+        self.oldest_shown: dict[str, int] = {}  # message target -> the id /history shows lines before
+
+    def __repr__(self) -> str:
+        return f"{self.person.nick}@{self.address}"
 
 
 class Whois(NamedTuple):
@@ -4230,13 +4555,13 @@ class Room:
     # to the life it was made in (Person.invited_to). Drawn under the server's lock.
     lives = itertools.count(1)
 
-    def __init__(self, name: str, history_lines: int) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
         self.key = name_key(name)
         self.life = next(Room.lives)
         self.members: set[Person] = set()
-        # Members' outputs by (protocol, whether the room is not their current one): a line to the room
-        # is rendered once per group, not once per member.
+        # Members' sessions' outputs by (protocol, whether the room is not the session's current one): a line
+        # to the room is rendered once per group, not once per member.
         self.audiences: dict[tuple[PyChatProtocol, bool], set[Output]] = {}
         self.operators: set[Person] = set()
         self.topic: str | None = None
@@ -4244,6 +4569,7 @@ class Room:
         self.password: str | None = None        # the room's key, for /join ROOM KEY
         self.invite_only = False
         self.topic_by_everyone = False
+        self.last_line = 0                      # the id of the last line said here (0: none since the start)
         self.secret = False                     # hidden from those outside it, as a room with a key is
         self.limit: int | None = None           # the most members it takes
         self.moderated = False                  # only its operators and voiced members talk
@@ -4251,8 +4577,6 @@ class Room:
         self.outside_messages = False           # people not in it may talk in it (IRC's -n)
         self.masks: dict[str, dict[str, RoomMask]] = {name: {} for name in ROOM_MASK_LISTS}   # by casefolded mask
         self.opened = time.time()               # when its first member of this life came in
-        self.history: collections.deque[tuple[int, float, Said | Acted]] = collections.deque(
-            maxlen=history_lines or 1)
         self.last_used = time.monotonic()
 
     @property
@@ -4277,27 +4601,26 @@ class Room:
         self.password, self.invite_only, self.topic, self.topic_set = None, False, None, None
         self.secret, self.limit, self.moderated, self.outside_messages = False, None, False, False
         self.masks = {name: {} for name in ROOM_MASK_LISTS}
-        self.history.clear()
 
-    def hear(self, person: Person, current: bool) -> None:
-        """Put PERSON's output in the audience for their current room, or for their other rooms."""
-        self._leave_audience(person, current)
-        self.audiences.setdefault((person.output.protocol, not current), set()).add(person.output)
+    def hear(self, session: Session, current: bool) -> None:
+        """Put SESSION's output in the audience for its current room, or for its other rooms."""
+        self._leave_audience(session.output, current)
+        self.audiences.setdefault((session.output.protocol, not current), set()).add(session.output)
 
-    def stop_hearing(self, person: Person) -> None:
+    def stop_hearing(self, session: Session) -> None:
         for tagged in (False, True):
-            self._leave_audience(person, tagged)
+            self._leave_audience(session.output, tagged)
 
-    def _leave_audience(self, person: Person, tagged: bool) -> None:
+    def _leave_audience(self, output: Output, tagged: bool) -> None:
         # The protocol object in an audience's key is one member's, and an IRC one holds its connection,
-        # which must not outlive the person: when the key holds the leaver's own object, it is made again
+        # which must not outlive the session: when the key holds the leaver's own object, it is made again
         # from a member who stays. An audience that empties goes.
-        protocol = person.output.protocol
+        protocol = output.protocol
         key = (protocol, tagged)
         outputs = self.audiences.get(key)
-        if outputs is None or person.output not in outputs:
+        if outputs is None or output not in outputs:
             return
-        outputs.discard(person.output)
+        outputs.discard(output)
         if not outputs:
             del self.audiences[key]
         elif next(held for held, _ in self.audiences if (held, _) == key) is protocol:
@@ -4329,13 +4652,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.lock = threading.Lock()                            # first in the lock order (see Output)
         self.people: dict[str, Person] = {}                     # signed in, by name_key()
         self.by_serial: dict[int, Person] = {}                  # the same people, by Person.serial
+        self.by_account: dict[str, Person] = {}                 # those signed in to an account, by its key
         self.serials = itertools.count(1)
         self.rooms: dict[str, Room] = {}                        # by name_key()
         self.connections: set[ClientConnection] = set()         # everyone, signed in or not
         self.per_address: collections.Counter[str] = collections.Counter()   # by address_bucket()
         self.admitted = 0                                       # connections given a thread
         self.refusing = 0                                       # TLS refusals under way
-        self.failures: dict[str, tuple[int, float]] = {}        # wrong secrets and the last one's time, by bucket
         self.bans_made = 0                                      # bans made since the start (see sign_in)
         self.out_of_descriptors = False                         # accept() failed for want of one; logged once
         self.spare_descriptor: int | None = None                # given up to accept a newcomer just to tell them
@@ -4347,6 +4670,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.tls = self.make_tls_context(options) if options.tls_cert else None
         self.storage = Storage(options.data_dir, options.history_days, options.history_max_mb, options.operator)
         self.motd = MessageOfTheDay(options.motd)
+        self.gate = Gate(self.storage, lambda: self.options)
         IrcServerName.name = options.server_name
         self.started = time.time()
         self.most_people = 0
@@ -4592,92 +4916,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
                          f"then {self.options.rate:g} a second.")
         return greeting
 
-    def check_secret(self, connection: ClientConnection | Person, what: str, is_right: Callable[[], bool]) -> bool:
-        """Run IS_RIGHT, a check of a secret someone gave, within the limits on guessing.
-
-        Every wrong try from an address (IPv6: its /64) makes the next answer
-        slower by --guess-delay, up to GUESS_DELAY_STEPS times it (five
-        seconds by default); after ADDRESS_GUESSES of them the address
-        must wait GUESS_WINDOW before trying again (TooManyGuesses). A try is
-        counted before it is checked, so guesses sent at once over many
-        connections are counted too; a right one is then taken off the count,
-        and only it: a right password (the guesser's own, say) must not wipe
-        out the wrong ones made around it.
-        """
-        bucket = address_bucket(connection.address)
-        now = time.monotonic()
-        with self.lock:
-            wrong, last = self.failures.get(bucket, (0, 0.0))
-            if now - last >= GUESS_WINDOW:
-                wrong = 0
-            if wrong >= ADDRESS_GUESSES:
-                wait = GUESS_WINDOW - (now - last)
-            else:
-                wait = 0.0
-                if len(self.failures) > 10000:
-                    self.failures = {b: f for b, f in self.failures.items() if now - f[1] < GUESS_WINDOW}
-                self.failures[bucket] = (wrong + 1, now)
-        if wait:
-            log.warning("refused a try at the %s from %r: %d wrong in a row", what, connection, wrong)
-            raise TooManyGuesses(f"Too many wrong passwords from your address; try again in "
-                                 f"{describe_duration(wait)}")
-        if is_right():
-            with self.lock:
-                counted, counted_last = self.failures.get(bucket, (1, now))
-                if counted <= 1:
-                    self.failures.pop(bucket, None)
-                else:   # its own count undone, with the time of the last wrong one if no try came since
-                    self.failures[bucket] = (counted - 1, last if counted_last == now else counted_last)
-            return True
-        log.warning("wrong %s from %r (%d in a row)", what, connection, wrong + 1)
-        time.sleep(self.options.guess_delay * min(wrong + 1, GUESS_DELAY_STEPS))
-        return False
-
-    def check_account(self, connection: ClientConnection, name: str, secret: str) -> tuple[str, str] | None:
-        """The account NAME signs in to and what SECRET is to it: its "password", or the "code" of a password
-        reset waiting for it (/reset-password); None if neither (a wrong guess, also when there is no such
-        account).
-
-        The one order for every door: the password first, within the limits on
-        guessing (check_secret), and only then the ban (refuse_banned), so that
-        a ban and its reason are told only to whoever knows the password.
-        """
-        account = self.storage.account_name(name)
-        proved: list[str] = []
-
-        def is_right() -> bool:
-            if account is not None and self.storage.verify_password(account, secret):
-                proved.append("password")
-            elif account is not None and self.storage.invitation_matches(account, secret, "password"):
-                proved.append("code")
-            return bool(proved)
-
-        if not self.check_secret(connection, f"password for {account or name}", is_right):
-            return None
-        self.refuse_banned(connection, account)
-        return account, proved[0]
-
-    def refuse_banned(self, connection: ClientConnection, account: str | None) -> None:
-        """Raise Disconnect, with the ban's words for the person, if a ban keeps out CONNECTION's address (or
-        a network it is in) or ACCOUNT."""
-        now = time.time()
-        ban = self.storage.ban_for_address(connection.address, now) or \
-            (self.storage.ban_for_account(account, now) if account else None)
-        if ban is not None:
-            raise Disconnect(f"banned ({ban.kind} {ban.shown})", Banned(ban.by, ban.how_long(now), ban.reason))
-
     # -- signing in and out ----------------------------------------------------------
 
     def sign_in(self, connection: ClientConnection, nick: str, account: str | None = None,
                 realname: str = "", username: str = ANONYMOUS_USER) -> str | None:
-        """Make CONNECTION a person called NICK (with the REALNAME and USERNAME an IRC client gave), or say why
-        not. A
-        protocol with a current room puts them in the default room; the IRC door joins --irc-auto-join's.
+        """Make CONNECTION a session of someone called NICK (with the REALNAME and USERNAME an IRC client gave),
+        or say why not. Signed in to an ACCOUNT whose owner is online already, it is one more session of theirs,
+        put in their rooms; otherwise a new person, put back in the account's kept rooms. A protocol with a
+        current room is always in one: the lobby if nothing else. Every room shows what was said in it
+        since its last line the person read (catch_up).
 
-        ACCOUNT is the account whose password they gave: its owner takes the
-        name over from a connection that still holds it. Either all of it
-        happens or none: a failure on the way in takes the person out again
-        through the same door as leaving.
+        Either all of it happens or none: a failure on the way in takes the
+        session out again through the same door as leaving.
 
         Bans are looked at here, at the moment of signing in, whichever door and
         however long ago the connection was opened (raises Disconnect). A ban
@@ -4687,50 +4937,106 @@ class ChatServer(socketserver.ThreadingTCPServer):
         nick = normal_name(nick)
         motd = self.motd.lines()
         ignoring = self.storage.ignoring(account) if account else []
+        kept = self.storage.kept_rooms(account) if account else []
+        read = self.storage.read_positions(account) if account else {}
         bans_seen = self.bans_made
-        self.refuse_banned(connection, account)
+        self.gate.refuse_banned(connection, account)
         with self.lock:
             if self.bans_made != bans_seen:
-                self.refuse_banned(connection, account)
-            taken = self.people.get(name_key(nick))
-            if taken is not None and account is not None and taken.key == name_key(account):
-                taken.output.end("signed in again somewhere else", SignedInElsewhere())
-                self._leave_chat(taken, "signed in again somewhere else")
-                log.info("%r: its owner signed in again from %s", taken, connection.address)
-            problem = self.nickname_problem(nick, account=account)
-            if problem:
-                return problem
-            person = Person(nick, connection.output, connection.address, next(self.serials))
-            person.account = account
-            person.realname = realname
-            person.username = username
-            person.operator = account is not None and self.storage.is_operator(account)
-            person.mute = self.storage.mute_for(account, connection.address, time.time())
-            person.output.send(Welcome(nick, tuple(motd)))
-            if person.operator:
-                person.output.send(Notice("You are an operator of this server."))
-            if person.mute is not None:
-                person.output.send(Notice(f"You are muted {person.mute.how_long(time.time())}"
-                                          f"{_because(person.mute.reason)}."))
-            self.people[person.key] = person
-            self.by_serial[person.serial] = person
-            for key in ignoring:
-                person.ignoring.add(key)
-                self._count_ignorer(key, person, True)
+                self.gate.refuse_banned(connection, account)
+            person = self.by_account.get(name_key(account)) if account else None
+            if person is not None and len(person.sessions) >= MAX_SESSIONS:
+                return (f"{person.nick} is signed in on {MAX_SESSIONS} sessions, the most; /sessions on one of "
+                        "them lists them, and /kick-session ends one.")
+            if person is not None and realname and not person.realname:
+                person.realname = realname      # the first session to give one (pyChat's clients give none)
+            if person is not None and person.username == ANONYMOUS_USER:
+                person.username = username      # likewise
+            if person is None:
+                problem = self.nickname_problem(nick, account=account)
+                if problem:
+                    return problem
+                person = Person(nick, next(self.serials))
+                person.account = account
+                person.realname = realname
+                person.username = username
+                person.operator = account is not None and self.storage.is_operator(account)
+                person.read = read
+            session = Session(person, connection.output, connection.address,
+                              max((s.number for s in person.sessions), default=0) + 1,
+                              lambda: connection.last_active)
+            connection.person, connection.session = person, session      # who the protocol now speaks to
             try:
-                if person.output.protocol.has_current_room:
-                    self._enter(person, self.lobby)
+                self._open_session(session, motd, ignoring, kept)
             except BaseException:
-                self._forget(person)
+                self._close_session(session, "could not sign in")
+                connection.person = connection.session = None
                 raise
-            connection.person = person
-            self.most_people = max(self.most_people, len(self.people))
-            self._to_people(self.watchers.get(person.key, ()), CameOnline(person.nick))
-        log.info("%r signed in%s", person, f" to the account {account}" if account else "")
+        log.info("%r signed in%s%s", session, f" to the account {account}" if account else "",
+                 f" (session {session.number})" if session.number > 1 else "")
         if account:
             self.storage.saw(account)
-            self.deliver_offline_messages(person)
+            self.deliver_offline_messages(session)
         return None
+
+    def _open_session(self, session: Session, motd: list[str], ignoring: list[str], kept: list[KeptRoom]) -> None:
+        """Let SESSION in: as its person's first (they come online, in the rooms KEPT for their account), or
+        as one more (shown the rooms they are in). Lock held."""
+        person = session.person
+        first = not person.sessions
+        person.sessions.append(session)
+        session.output.send(Welcome(person.nick, tuple(motd)))
+        if person.operator:
+            session.output.send(Notice("You are an operator of this server."))
+        if first:
+            person.mute = self.storage.mute_for(person.account, session.address, time.time())
+        if person.mute is not None:
+            session.output.send(Notice(f"You are muted {person.mute.how_long(time.time())}"
+                                       f"{_because(person.mute.reason)}."))
+        if not first:
+            others = [s for s in person.sessions if s is not session]
+            self._to_sessions(others, Notice(f"You are also signed in from {session.output.protocol.name} at "
+                                             f"{session.address} ({len(person.sessions)} sessions)."))
+            rooms = sorted(person.rooms.values(), key=lambda room: room is person.last_room)
+            for room in rooms:
+                self._show_room(session, room)
+            if not rooms and session.output.protocol.has_current_room:
+                self._enter(session, self.lobby)
+            self._catch_up_private(session)
+            return
+        self.people[person.key] = person
+        self.by_serial[person.serial] = person
+        if person.account:
+            self.by_account[name_key(person.account)] = person
+        for key in ignoring:
+            person.ignoring.add(key)
+            self._count_ignorer(key, person, True)
+        for room in kept:
+            self._enter_kept(session, room)
+        if not person.rooms and session.output.protocol.has_current_room:
+            self._enter(session, self.lobby)
+        self._catch_up_private(session)
+        self.most_people = max(self.most_people, len(self.people))
+        self._to_people(self.watchers.get(person.key, ()), CameOnline(person.nick))
+
+    def _enter_kept(self, session: Session, kept: KeptRoom) -> None:
+        """Put SESSION's person back in a room kept for their account, if they may still be there. Lock held."""
+        room = self.rooms.get(name_key(kept.name))
+        if room is not None and room.members and room.password is not None and not hmac.compare_digest(
+                (kept.password or "").encode("utf-8"), room.password.encode("utf-8")):
+            session.output.send(Notice(f"#{room.name} has a new key: /join #{room.name} KEY to go back."))
+            self.storage.drop_room(session.person.account, room.name)
+            return
+        try:
+            room = room or self.room_named(kept.name)
+        except Refused as refusal:
+            session.output.send(Notice(f"#{kept.name}: {refusal}"))
+            return
+        if room.members and room.invite_only:
+            session.person.invited_to[room.key] = room.life     # they were let in, and stayed in
+        if not room.members and kept.password and room is not self.lobby:
+            room.password = kept.password       # they open it again as they left it
+        self._enter(session, room)
 
     def nickname_problem(self, nick: str, claimant: Person | None = None, account: str | None = None) -> str | None:
         """Why CLAIMANT (or a newcomer signed in to ACCOUNT) cannot be called NICK (already NFKC-normalised),
@@ -4738,26 +5044,20 @@ class ChatServer(socketserver.ThreadingTCPServer):
         taken = self.people.get(name_key(nick))
         if taken is not None and taken is not claimant:
             return f"Nickname {nick!r} is taken (or looks too much like {taken.nick!r})."
-        problem = name_problem(nick)
-        if problem:
-            return problem
-        registered = self.storage.account_name(nick)
-        account = claimant.account if claimant is not None else account
-        if registered is not None and (account is None or name_key(account) != name_key(registered)):
-            return f"{registered} is registered: sign in as {registered} with its password to use it."
-        if registered is None and self.storage.invitation_waiting(nick):
-            return f"{nick} is kept for someone invited: sign in as {nick} with the invitation code."
-        return None
+        return name_problem(nick) or self.gate.name_problem(nick, claimant.account if claimant is not None
+                                                            else account)
 
-    def deliver_offline_messages(self, person: Person) -> None:
-        """Show PERSON what was left for their account while they were away, but what came from people they ignore.
+    def deliver_offline_messages(self, session: Session) -> None:
+        """Show SESSION what guests left for its person's account while they were away, but what came from
+        people they ignore. (What other accounts said to them is in their conversations: _catch_up_private.)
 
         They stay kept until the socket has taken them all, so that a kill -9 in
         between, a connection that fails, or one too slow to take them within
         --stall-timeout loses none: the next sign-in shows them again. Called on
-        the thread that signs PERSON in, which writes its own output and may
+        the thread that signs SESSION in, which writes its own output and may
         wait for it.
         """
+        person, output = session.person, session.output
         try:
             self.storage.commit_lines()
             messages = self.storage.offline_waiting(person.account)
@@ -4766,13 +5066,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
             return
         shown = [m for m in messages if m.sender_key not in person.ignoring]
         if shown:
-            person.output.send(Notice("1 message was left for you while you were away:" if len(shown) == 1
-                                      else f"{len(shown)} messages were left for you while you were away:"))
+            output.send(Notice("1 message was left for you while you were away:" if len(shown) == 1
+                               else f"{len(shown)} messages were left for you while you were away:"))
             for message in shown:
-                person.output.send(OfflinePrivate(message.when, message.sender, message.text))
-            person.output.send(Notice("End of messages left for you."))
-            if not person.output.write_all(self.options.stall_timeout):
-                self.switchboard.mark_ready([person.output])     # what is left still goes; they stay kept
+                output.send(OfflinePrivate(message.when, message.sender, message.text))
+            output.send(Notice("End of messages left for you."))
+            if not output.write_all(self.options.stall_timeout):
+                self.switchboard.mark_ready([output])     # what is left still goes; they stay kept
                 return
         try:
             self.storage.remove_offline(messages)
@@ -4780,15 +5080,44 @@ class ChatServer(socketserver.ThreadingTCPServer):
             log.error("offline messages for %s: %s", person.account, problem)
 
     def remove(self, connection: ClientConnection, reason: str) -> None:
-        """Take someone out of the chat; everyone who shares a room with them is told, once."""
-        person = connection.person
+        """A connection ended: its session ends, and with the last one its person leaves the chat; everyone
+        who shares a room with them is told, once."""
+        session = connection.session
         with self.lock:
             self.connections.discard(connection)
-            if person is None or self.people.get(person.key) is not person:
+            if session is None or session not in session.person.sessions:
                 log.info("%r closed: %s", connection, reason)
                 return
+            self._close_session(session, reason)
+        log.info("%r left: %s", session, reason)
+
+    def _close_session(self, session: Session, reason: str) -> None:
+        """SESSION is over: it hears nothing more; its person's other sessions are told, or, if it was the
+        last, the person leaves the chat. Lock held."""
+        person = session.person
+        if session not in person.sessions:
+            return
+        for room in person.rooms.values():
+            room.stop_hearing(session)
+        person.sessions.remove(session)
+        if person.account and not session.reports_reading:
+            self._read_all_shown(person)
+        if person.sessions:
+            self._to_sessions(person.sessions, Notice(
+                f"Your session from {session.output.protocol.name} at {session.address} ended ({reason}); "
+                f"{len(person.sessions)} left."))
+        elif self.by_serial.get(person.serial) is person:
             self._leave_chat(person, reason)
-        log.info("%r left: %s", person, reason)
+
+    def _read_all_shown(self, person: Person) -> None:
+        """PERSON has read all they were shown, in every room and conversation: said of a session that never
+        says what its person read (a client from before read positions, nc, IRC without read markers),
+        whose screen is taken to have shown everything. Lock held."""
+        for room in person.rooms.values():
+            if self._last_line_of(room):
+                self._mark_read(person, room_target(room.name), room.last_line)
+        for target, number in person.last_private.items():
+            self._mark_read(person, target, number)
 
     def _leave_chat(self, person: Person, reason: str) -> None:
         """Take PERSON out of the chat; everyone who shares a room with them is told, once. Lock held."""
@@ -4816,6 +5145,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if self.people.get(person.key) is person:
             del self.people[person.key]
         self.by_serial.pop(person.serial, None)
+        if person.account and self.by_account.get(name_key(person.account)) is person:
+            del self.by_account[name_key(person.account)]
         for key in person.ignoring:
             self._count_ignorer(key, person, False)
         person.ignoring.clear()
@@ -4837,7 +5168,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     raise Refused("Too many rooms; join one of those in /rooms.")
                 forgotten = min(empty, key=lambda r: r.last_used)
                 del self.rooms[forgotten.key]
-            room = self.rooms[key] = Room(name, self.options.history)
+            room = self.rooms[key] = Room(name)
             saved = self.storage.room_settings(name)
             if saved is not None:
                 room.topic = saved.topic
@@ -4849,21 +5180,19 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 for list_name, mask in self.storage.room_masks(name):
                     if list_name in room.masks:
                         room.masks[list_name][mask.mask.casefold()] = mask
-            if self.options.history:
-                room.history.extend((m.id, m.when, chat_event(room.name, m)) for m in
-                                    self.storage.latest_messages(room_target(name), self.options.history))
         return room
 
     def _present(self, person: Person) -> None:
         """Refuse anything more for PERSON once they were taken out of the chat (they left, or their account
-        signed in again elsewhere), so that a command still running for them cannot put them back in a
-        room or a table: they would stay there, a member no one sees leave. Lock held."""
+        was removed), so that a command still running for them cannot put them back in a room or a
+        table: they would stay there, a member no one sees leave. Lock held."""
         if self.by_serial.get(person.serial) is not person:
             raise Refused("You are no longer in the chat.")
 
-    def _enter(self, person: Person, room: Room) -> None:
-        """Put PERSON in ROOM and make it current: the room is told, they see who is there, the topic and
-        what they missed. Lock held."""
+    def _enter(self, session: Session, room: Room) -> None:
+        """Put SESSION's person in ROOM, current for SESSION: the room is told; every session of theirs sees
+        who is there, the topic and what they have not read. Lock held."""
+        person = session.person
         self._present(person)
         if not room.members:
             room.opened = time.time()
@@ -4873,69 +5202,164 @@ class ChatServer(socketserver.ThreadingTCPServer):
         person.rooms[room.key] = room
         person.invited_to.pop(room.key, None)
         room.last_used = time.monotonic()
-        self._make_current(person, room)
         if not person.muted and len(room.members) <= ANNOUNCE_LIMIT:
             self._to_room(room, Joined(room.name, person.nick, person.account, person.realname, person.away),
                           skip=person)
+        for other in person.sessions:
+            if other is not session:
+                room.hear(other, current=False)
+                self._show_room(other, room, current=False)
+        self._show_room(session, room)
+        if person.account:
+            self.storage.keep_room(person.account, room.name, room.password)
+            if room_target(room.name) not in person.read:
+                # Only what is said from now on is new to them; what they were shown of the past is history.
+                self._mark_read(person, room_target(room.name),
+                                max(self._last_line_of(room), self.storage.message_id_at(time.time())))
+
+    def _show_room(self, session: Session, room: Room, current: bool = True) -> None:
+        """Show SESSION that its person is in ROOM (made current for it unless not CURRENT): who is there, the
+        topic, and what they have not read. Lock held."""
+        if current:
+            self._make_current(session, room)
+        person = session.person
         others = [m.nick for m in itertools.islice(room.members, 16) if m is not person][:15]
         # A protocol that lists members gets them all, up to ANNOUNCE_LIMIT: past that, joins and leaves
         # are not announced, so a longer list would not stay true, and every newcomer would pay for it.
         operators, voiced = room.operators, room.voiced
         members = (tuple([(m.nick, m in operators, m in voiced)
                           for m in itertools.islice(room.members, ANNOUNCE_LIMIT)])
-                   if person.output.protocol.lists_members else ())
-        person.output.send(Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members,
-                                   room.secret))
+                   if session.output.protocol.lists_members else ())
+        events: list[Any] = [Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members,
+                                     room.secret)]
         if room.topic:
-            person.output.send(Topic(room.name, room.topic, *(room.topic_set or ())))
-        if self.options.history:
-            since = person.seen.pop(room.key, -1)
-            missed = [Replayed(when, line) for number, when, line in room.history if number > since]
-            for event in missed:
-                person.output.send(event)
-            if missed:
-                person.output.send(HistoryEnd(room.name))
+            events.append(Topic(room.name, room.topic, *(room.topic_set or ())))
+        events += self._catch_up_room(session, room)
+        for event in events:
+            session.output.send(event, tagged=not current)
+
+    def _catch_up_room(self, session: Session, room: Room) -> list[Any]:
+        """What SESSION is shown of ROOM's past as it enters it: for an account, the lines after its read
+        position (the newest CATCH_UP_LINES, with a header saying how many and since when); for a
+        guest, the last --history lines, or those since they left it. Lock held."""
+        person, target = session.person, room_target(room.name)
+        if not self.storage.keeps_history or room.private or not self.options.history:
+            session.oldest_shown[target] = room.last_line + 1
+            return []
+        position = person.read.get(target) if person.account else None
+        if position is None:
+            since = person.seen.pop(room.key, 0)
+            lines = self.storage.latest_messages(target, self.options.history, after=since)
+            events: list[Any] = []
+        else:
+            lines, events = self._unread(target, position, f"#{room.name}", room=room.name)
+        session.oldest_shown[target] = lines[0].id if lines else room.last_line + 1
+        if not lines:
+            return []
+        return events + [Replayed(m.when, chat_event(room.name, m)) for m in lines] + [HistoryEnd(room.name)]
+
+    def _unread(self, target: str, position: int, shown_as: str, **where: str) -> tuple[list[StoredMessage], list[Any]]:
+        """The newest CATCH_UP_LINES lines of TARGET after POSITION, and the header that says how many there
+        are (SHOWN_AS, WHERE: a room or a nick for NewSince). Lock held."""
+        count = self.storage.count_after(target, position)
+        if not count:
+            return [], []
+        lines = self.storage.latest_messages(target, CATCH_UP_LINES, after=position)
+        return lines, [NewSince(count=count, since=position / 1_000_000, shown=len(lines),
+                                history=f"/history {shown_as}", **where)]
+
+    def _catch_up_private(self, session: Session) -> None:
+        """Show SESSION, signed in to an account, the lines of its person's private conversations after their
+        read positions, a conversation at a time. Lock held."""
+        person = session.person
+        if not person.account or not self.storage.keeps_history:
+            return
+        own = name_key(person.account)
+        for target, position in sorted(person.read.items(), key=lambda item: item[1]):
+            if not target.startswith("@"):
+                continue
+            other_key = next((key for key in target[1:].split("\n") if key != own), own)
+            other = self.storage.account_name(other_key) or other_key
+            lines, header = self._unread(target, position, other, nick=other)
+            if not lines:
+                continue
+            for event in header + [Replayed(m.when, self._private_event(m, person, other)) for m in lines]:
+                session.output.send(event)
+            session.output.send(HistoryEnd(None, other))
+            session.oldest_shown[target] = lines[0].id
+            person.last_private[target] = max(person.last_private.get(target, 0), lines[-1].id)
+
+    @staticmethod
+    def _private_event(message: StoredMessage, person: Person, other: str) -> PrivateFrom | PrivateTo:
+        """A kept line of PERSON's private conversation with OTHER, as PERSON sees it."""
+        notice = message.kind == "notice"
+        if (name_key(message.account) if message.account else name_key(message.nick)) == \
+                (name_key(person.account) if person.account else person.key):
+            return PrivateTo(other, message.text, str(message.id), (), message.account, notice)
+        return PrivateFrom(message.nick, message.text, str(message.id), (), message.account, notice)
+
+    def _last_line_of(self, room: Room) -> int:
+        """The id of ROOM's newest line, from the database for a room no one has spoken in since the start."""
+        if not room.last_line and self.storage.keeps_history:
+            newest = self.storage.latest_messages(room_target(room.name), 1)
+            room.last_line = newest[0].id if newest else 0
+        return room.last_line
 
     def _exit(self, person: Person, room: Room, event: Any, leaving_the_chat: bool = False) -> None:
         """Take PERSON out of ROOM, telling the room EVENT (None: nothing). Unless they are leaving the chat,
-        they are left with a current room: another of theirs, or the lobby. Lock held."""
+        each of their sessions that was in it is left with a current room: another of theirs, or the
+        lobby. Lock held."""
         del person.rooms[room.key]
         room.members.discard(person)
         room.operators.discard(person)
         room.voiced.discard(person)
-        room.stop_hearing(person)
+        for session in person.sessions:
+            room.stop_hearing(session)
+        if person.last_room is room:
+            person.last_room = None
         if not leaving_the_chat:
-            person.seen[room.key] = room.history[-1][0] if room.history else 0
-            while len(person.seen) > MAX_ROOMS:
-                del person.seen[next(iter(person.seen))]
+            if person.account:
+                self.storage.drop_room(person.account, room.name)
+            else:
+                person.seen[room.key] = room.last_line or self._last_line_of(room)
+                while len(person.seen) > MAX_ROOMS:
+                    del person.seen[next(iter(person.seen))]
         if not room.members:
             room.life = next(Room.lives)        # its invitations end with it
         if not room.members and room.private:
             room.forget_settings()
         if event is not None and len(room.members) <= ANNOUNCE_LIMIT:
             self._to_room(room, event)
-        if person.current is room:
-            person.current = None
-            if leaving_the_chat:
-                return
+        if leaving_the_chat:
+            return
+        for session in person.sessions:
+            if session.current is not room:
+                continue
+            session.current = None
             if person.rooms:
-                self._make_current(person, list(person.rooms.values())[-1])
-                person.output.send(NowTalking(person.current.name))
-            elif person.output.protocol.has_current_room:
-                self._enter(person, self.lobby)
+                self._make_current(session, list(person.rooms.values())[-1])
+                session.output.send(NowTalking(session.current.name))
+            elif session.output.protocol.has_current_room:
+                self._enter(session, self.lobby)
 
-    def _make_current(self, person: Person, room: Room) -> None:
-        old = person.current
+    def _make_current(self, session: Session, room: Room) -> None:
+        old = session.current
         if old is not None and old is not room:
-            old.hear(person, current=False)
-        person.current = room
-        room.hear(person, current=True)
+            old.hear(session, current=False)
+        session.current = room
+        room.hear(session, current=True)
+        person = session.person
+        if person.last_room is not room:
+            person.last_room = room
+            if person.account:
+                self.storage.keep_room(person.account, room.name, room.password)
 
-    def _member_room(self, person: Person, name: str | None) -> Room:
-        """The room NAME (or the current one) that PERSON is in; refused otherwise. Lock held."""
+    def _member_room(self, session: Session, name: str | None) -> Room:
+        """The room NAME (or SESSION's current one) that its person is in; refused otherwise. Lock held."""
+        person = session.person
         self._present(person)
         if name is None:
-            return self._current_room(person)
+            return self._current_room(session)
         key = name_key(room_name(name))
         room = person.rooms.get(key)
         if room is None:
@@ -4947,11 +5371,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return room
 
     @staticmethod
-    def _current_room(person: Person) -> Room:
-        """PERSON's current room; refused for someone in none (only IRC users may be). Lock held."""
-        if person.current is None:
+    def _current_room(session: Session) -> Room:
+        """SESSION's current room; refused for one in none (only IRC sessions may be). Lock held."""
+        if session.current is None:
             raise Refused("You are in no room: name one, or join one first.")
-        return person.current
+        return session.current
 
     def _visible_room(self, viewer: Person, name: str) -> Room:
         """The room NAME if it has people and VIEWER may know of it; refused otherwise. Lock held."""
@@ -4962,12 +5386,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
                           room=room_name(name))
         return room
 
-    def join(self, person: Person, name: str, password: str | None = None) -> None:
+    def join(self, session: Session, name: str, password: str | None = None) -> None:
         """Enter the room NAME (creating it), or make it current if PERSON is in it already.
 
         PASSWORD is the key a private room needs; whoever opens a room with one
         (no one is in it) sets it as the room's key, as IRC does, and runs the room.
         """
+        person = session.person
         name = room_name(name)
         problem = name_problem(name, "Room name")
         if problem:
@@ -4975,10 +5400,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             room = self.rooms.get(name_key(name))
             if room is not None and room.key in person.rooms:
-                if room is person.current:
+                if room is session.current:
                     raise Refused(f"You are already in #{room.name}.", "already-in-room", room=room.name)
-                self._make_current(person, room)
-                person.output.send(NowTalking(room.name))
+                self._make_current(session, room)
+                session.output.send(NowTalking(room.name))
                 return
             limit = self.options.rooms_per_person
             if limit and len(person.rooms) >= limit:
@@ -5000,31 +5425,33 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     raise Refused(f"#{room.name} needs a key: /join #{room.name} KEY." if password is None
                                   else f"Wrong key for #{room.name}.", "bad-key", room=room.name)
             opening = not room.members
-            self._enter(person, room)
+            self._enter(session, room)
             if not opening or password is None:
                 return
             if room is self.lobby:
-                person.output.send(Error(f"#{room.name} is open to everyone; it cannot have a key."))
+                session.output.send(Error(f"#{room.name} is open to everyone; it cannot have a key."))
                 return
             room.password = password
             self._to_room(room, ModeChanged(room.name, person.nick, (("key", "on"),)))
             saved = self._room_to_save(room)
         self._save_room(*saved)
 
-    def leave(self, person: Person, name: str | None = None, reason: str | None = None) -> None:
+    def leave(self, session: Session, name: str | None = None, reason: str | None = None) -> None:
         """Leave the room NAME, or the current one, saying REASON to IRC users; leaving the last one goes back
         to the lobby."""
+        person = session.person
         with self.lock:
-            room = self._member_room(person, name)
-            if len(person.rooms) == 1 and room is self.lobby and person.output.protocol.has_current_room:
+            room = self._member_room(session, name)
+            if len(person.rooms) == 1 and room is self.lobby and self._needs_a_room(person):
                 raise Refused(f"#{room.name} is your only room; /quit leaves the chat.")
-            person.output.send(YouLeft(room.name, reason))
+            self._to_sessions(person.sessions, YouLeft(room.name, reason))
             self._exit(person, room, None if person.muted else Left(room.name, person.nick, reason))
 
-    def kick(self, by: Person, nick: str, reason: str | None, name: str | None = None) -> str:
+    def kick(self, session: Session, nick: str, reason: str | None, name: str | None = None) -> str:
         """Put NICK out of the room NAME (or BY's current one); returns NICK as they spell it."""
+        by = session.person
         with self.lock:
-            room = self._member_room(by, name)
+            room = self._member_room(session, name)
             self._check_runs(by, room)
             target = self._find(nick)
             if target not in room.members:
@@ -5032,17 +5459,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if target.operator and not by.operator:
                 raise Refused(f"{target.nick} is a server operator; a room operator cannot kick them.",
                               "not-room-operator", room=room.name)
-            if len(target.rooms) == 1 and room is self.lobby and target.output.protocol.has_current_room:
+            if len(target.rooms) == 1 and room is self.lobby and self._needs_a_room(target):
                 raise Refused(f"#{room.name} is {target.nick}'s only room; a server operator can /disconnect them.")
-            target.output.send(YouWereKicked(room.name, by.nick, reason))
+            self._to_sessions(target.sessions, YouWereKicked(room.name, by.nick, reason))
             self._exit(target, room, Kicked(room.name, target.nick, by.nick, reason))
         log.warning("%r kicked %r from #%s%s", by, target, room.name, f": {reason}" if reason else "")
         return target.nick
 
-    def invite(self, by: Person, nick: str, name: str | None = None) -> str:
+    def invite(self, session: Session, nick: str, name: str | None = None) -> str:
         """Let NICK into the room NAME (or BY's current one) past its key and invite-only; they are told."""
+        by = session.person
         with self.lock:
-            room = self._member_room(by, name)
+            room = self._member_room(session, name)
             if by.muted:
                 raise Refused("You are muted; you cannot invite anyone.")
             if room.invite_only:
@@ -5053,14 +5481,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
                               target.nick)
             target.invited_to[room.key] = room.life
             if by.key not in target.ignoring:
-                target.output.send(Invited(room.name, by.nick))
+                self._to_people([target], Invited(room.name, by.nick))
             self._to_room(room, InvitedSomeone(room.name, by.nick, target.nick), skip=by)
             return target.nick
 
-    def set_topic(self, by: Person, topic: str, name: str | None = None) -> None:
+    def set_topic(self, session: Session, topic: str, name: str | None = None) -> None:
         """Set the topic of the room NAME (or BY's current one); the room is told."""
+        by = session.person
         with self.lock:
-            room = self._member_room(by, name)
+            room = self._member_room(session, name)
             if not room.topic_by_everyone:
                 self._check_runs(by, room)
             elif by.muted:
@@ -5070,18 +5499,20 @@ class ChatServer(socketserver.ThreadingTCPServer):
             saved = self._room_to_save(room)
         self._save_room(*saved)
 
-    def set_mode(self, by: Person, setting: str, value: str, name: str | None = None) -> None:
+    def set_mode(self, session: Session, setting: str, value: str, name: str | None = None) -> None:
         """Change one of ROOM_SETTINGS of the room NAME (or BY's current one); the room is told."""
-        refusal = self.set_room_modes(by, [(setting, value)], name)[0]
+        refusal = self.set_room_modes(session, [(setting, value)], name)[0]
         if refusal is not None:
             raise refusal
 
-    def set_room_modes(self, by: Person, changes: list[tuple[str, str]], name: str | None = None) -> list[Refused | None]:
-        """Make CHANGES, each one of ROOM_SETTINGS and its value, to the room NAME (or BY's current one), in
-        order; the room is told of those made in one event. Returns, for each change, why it was refused, or
-        None. Both doors' /mode and MODE come here: the rules are these."""
+    def set_room_modes(self, session: Session, changes: list[tuple[str, str]],
+                       name: str | None = None) -> list[Refused | None]:
+        """Make CHANGES, each one of ROOM_SETTINGS and its value, to the room NAME (or SESSION's current one),
+        in order; the room is told of those made in one event. Returns, for each change, why it was refused,
+        or None. Both doors' /mode and MODE come here: the rules are these."""
+        by = session.person
         with self.lock:
-            room = self._member_room(by, name)
+            room = self._member_room(session, name)
             self._check_runs(by, room)
             made, refusals = [], []
             for setting, value in changes:
@@ -5174,10 +5605,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         except (StoreFull, StorageError) as problem:
             log.error("could not keep the settings of #%s: %s", name, problem)
 
-    def room_settings(self, viewer: Person, name: str | None = None) -> commands.RoomSettings:
+    def room_settings(self, session: Session, name: str | None = None) -> commands.RoomSettings:
         """The settings of the room NAME (or VIEWER's current one)."""
+        viewer = session.person
         with self.lock:
-            room = self._member_room(viewer, name)
+            room = self._member_room(session, name)
             by_name = functools.partial(sorted, key=str.casefold)
             lists = {list_name: tuple(commands.MaskInfo(m.mask, m.by, m.when) for m in masks.values())
                      for list_name, masks in room.masks.items()}
@@ -5204,52 +5636,54 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- talking ----------------------------------------------------------------------
 
-    def say(self, person: Person, text: str, name: str | None = None, echo: bool = True,
+    def say(self, session: Session, text: str, name: str | None = None, echo: bool = True,
             client_tags: ClientTags = (), notice: bool = False) -> None:
         """A chat line from PERSON to the room NAME, or to their current room; with ECHO false, PERSON is
         not sent it back (IRC clients show their own lines themselves). CLIENT_TAGS go along with it; a
         NOTICE is a line that programs must not answer."""
-        self._speak(person, Said, text, name, echo, client_tags, **({"notice": True} if notice else {}))
+        self._speak(session, Said, text, name, echo, client_tags, **({"notice": True} if notice else {}))
 
-    def act(self, person: Person, text: str, name: str | None = None, echo: bool = True,
+    def act(self, session: Session, text: str, name: str | None = None, echo: bool = True,
             client_tags: ClientTags = ()) -> None:
         """An action line, '* nick waves', to the room NAME or the current one."""
-        self._speak(person, Acted, text, name, echo, client_tags)
+        self._speak(session, Acted, text, name, echo, client_tags)
 
     def _next_line_id(self) -> str:
         """A new id for a chat line, the same for all who get the line and in history, for ever. Lock held."""
         return str(self.storage.next_message_id())
 
-    def _speak(self, person: Person, kind: type, text: str, name: str | None, echo: bool = True,
+    def _speak(self, session: Session, kind: type, text: str, name: str | None, echo: bool = True,
                client_tags: ClientTags = (), **more: Any) -> None:
+        person = session.person
         with self.lock:
             if person.muted:
-                person.output.send(Error("You are muted; the room does not hear you."))
+                session.output.send(Error("You are muted; the room does not hear you."))
                 return
-            room = self._room_to_speak_in(person, name)
+            room = self._room_to_speak_in(session, name)
             person.last_spoke = time.monotonic()
             number, when = self.storage.next_message_id(), time.time()
             event = kind(room.name, person.nick, text, str(number), client_tags, person.account,
                          bot=person.bot, **more)
-            if self.options.history:
-                # Kept without its client tags (up to 4 KiB a line), so that history costs what its text does.
-                room.history.append((number, when, event._replace(client_tags=()) if client_tags else event))
+            room.last_line = number
+            if person.account:
+                self._mark_read(person, room_target(room.name), number)     # one answers what one has read
             if not room.private:
                 # In the database before anyone sees it, so whatever was seen survives a kill -9. A private
                 # room's lines are never written: it forgets them when it empties, as it would at a restart.
                 self.storage.add_message(number, when, room_target(room.name), person.nick, person.account,
                                          "notice" if more.get("notice") else "action" if kind is Acted else "line",
                                          text)
-            self._to_room(room, event, skip=None if echo else person, sender=person)
+            self._to_room(room, event, skip=None if echo else session, sender=person)
             if echo and person not in room.members:
-                person.output.send(event)
+                session.output.send(event)
 
-    def _room_to_speak_in(self, person: Person, name: str | None) -> Room:
-        """The room NAME (or PERSON's current one) if PERSON may talk in it: they are in it, or it lets people
-        outside it talk; and it is not moderated, or they are not banned from it, unless they run the room
-        or have a voice in it. Refused otherwise. Lock held."""
+    def _room_to_speak_in(self, session: Session, name: str | None) -> Room:
+        """The room NAME (or SESSION's current one) if its person may talk in it: they are in it, or it lets
+        people outside it talk; and it is not moderated, or they are not banned from it, unless they run the
+        room or have a voice in it. Refused otherwise. Lock held."""
+        person = session.person
         try:
-            room = self._member_room(person, name)
+            room = self._member_room(session, name)
         except Refused as refusal:
             room = self.rooms.get(name_key(room_name(name))) if name is not None else None
             if room is None or not room.outside_messages or not self._may_see(person, room) or not room.members:
@@ -5263,17 +5697,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
                           "cannot-send", room=room.name)
         return room
 
-    def send_tags(self, person: Person, target: str, client_tags: ClientTags, echo: bool = False) -> None:
+    def send_tags(self, session: Session, target: str, client_tags: ClientTags, echo: bool = False) -> None:
         """CLIENT_TAGS with no text (someone is typing, a reaction) to the room TARGET ('#ROOM') or the person
         TARGET; PERSON gets them back only with ECHO. Nothing is kept: not in the history, not for
         someone offline. A muted person's are dropped, as their typing would be."""
+        person = session.person
         with self.lock:
             if target.startswith("#"):
-                room = self._member_room(person, target)
+                room = self._member_room(session, target)
                 if not person.muted:
                     event = TagMessage(room.name, person.nick, f"#{room.name}", self._next_line_id(), client_tags,
                                        person.account, person.bot)
-                    self._to_room(room, event, skip=None if echo else person, sender=person)
+                    self._to_room(room, event, skip=None if echo else session, sender=person)
                 return
             found = self._find(target)
             if found is person:
@@ -5283,66 +5718,174 @@ class ChatServer(socketserver.ThreadingTCPServer):
             event = TagMessage(None, person.nick, found.nick, self._next_line_id(), client_tags, person.account,
                                person.bot)
             if person.key not in found.ignoring:
-                found.output.send(event)
+                self._to_people([found], event)
             if echo:
-                person.output.send(event)
+                session.output.send(event)
 
-    def send_private(self, person: Person, nick: str, text: str, client_tags: ClientTags = (),
+    def send_private(self, session: Session, nick: str, text: str, client_tags: ClientTags = (),
                      notice: bool = False) -> None:
-        """TEXT to NICK alone; PERSON gets a copy, and the away message if there is one.
+        """TEXT to NICK alone, on every session of theirs; SESSION gets a copy (its person's other sessions
+        too), and the away message if there is one.
 
-        To a registered account that is offline, the message is kept until its next sign-in. A NOTICE
-        (which no program answers) is neither kept nor answered with the away message.
+        To a registered account that is offline, the message is kept for its
+        next sign-in. A NOTICE (which no program answers) is neither kept nor
+        answered with the away message.
         """
+        person = session.person
         with self.lock:
             person.last_spoke = time.monotonic()
             target = self.people.get(name_key(normal_name(nick)))
         if target is None:
             if notice:
                 raise Refused(f"No one called {nick} is online.", "no-such-person", nick=nick)
-            self.leave_offline_message(person, nick, text)
+            self.leave_offline_message(session, nick, text)
             return
         with self.lock:
             if self.people.get(target.key) is not target:
                 raise Refused(f"{target.nick} has just left.")
             if target is person:
                 raise Refused("That is you.")
-            number = self.storage.next_message_id()
-            line_id = str(number)
             guest = person.account is None or target.account is None
             conversation = private_target(person.identity, target.identity, guest)
             for someone in (person, target):
                 if someone.account is None:
                     someone.conversations.add(conversation)
-            self.storage.add_message(number, time.time(), conversation, person.nick, person.account,
-                                     "notice" if notice else "line", text)
+            line_id = self._keep_private(person, conversation, text, notice, target.account)
+            if target.account and person.account:
+                target.read.setdefault(conversation, int(line_id) - 1)     # as _keep_private wrote it
             if person.key not in target.ignoring:
-                target.output.send(PrivateFrom(person.nick, text, line_id, client_tags, person.account, notice,
-                                               person.bot))
+                self._to_people([target], PrivateFrom(person.nick, text, line_id, client_tags, person.account,
+                                                      notice, person.bot))
                 target.last_private_from = person.serial
-            person.output.send(PrivateTo(target.nick, text, line_id, client_tags, person.account, notice, person.bot))
+                target.last_private[conversation] = int(line_id)
+            self._private_copies(session, PrivateTo(target.nick, text, line_id, client_tags, person.account, notice,
+                                                    person.bot))
             if target.away and not notice:
-                person.output.send(TheyAreAway(target.nick, target.away))
+                session.output.send(TheyAreAway(target.nick, target.away))
 
-    def leave_offline_message(self, person: Person, nick: str, text: str) -> None:
-        """Keep TEXT for the offline account NICK, unless its owner ignores PERSON (who is told it was kept
-        either way, as an ignored sender online sees their copy)."""
+    def _keep_private(self, person: Person, conversation: str, text: str, notice: bool, to_account: str | None) -> str:
+        """Keep a private line from PERSON in CONVERSATION (to the account TO_ACCOUNT, or a guest); its id.
+        The receiver has not read it, and, if it is the first of the conversation they were sent, it is
+        where their read position starts. Lock held."""
+        number = self.storage.next_message_id()
+        self.storage.add_message(number, time.time(), conversation, person.nick, person.account,
+                                 "notice" if notice else "line", text)
+        person.last_private[conversation] = number
+        if person.account:
+            self._mark_read(person, conversation, number)
+        if to_account and person.account:
+            self.storage.mark_read(to_account, conversation, number - 1, only_if_new=True)
+        return str(number)
+
+    def _private_copies(self, session: Session, copy: PrivateTo) -> None:
+        """SESSION's copy of a private line it sent, and one for each other session of its person, which shows
+        it as sent even where the client shows only what it sent itself (IRC without echo-message)."""
+        session.output.send(copy)
+        self._to_sessions([s for s in session.person.sessions if s is not session], copy._replace(elsewhere=True))
+
+    def leave_offline_message(self, session: Session, nick: str, text: str) -> None:
+        """Keep TEXT for the offline account NICK, unless its owner ignores the sender (who is told it was
+        kept either way, as an ignored sender online sees their copy). From another account it is a line of
+        their conversation, shown at the next sign-in with the others (_catch_up_private); from a guest,
+        or without history, an offline message within its quotas."""
+        person = session.person
         registered = self.storage.account_name(normal_name(nick))
         if registered is None:
             raise Refused(f"No one called {nick} is online. /online lists who is.", "no-such-person", nick=nick)
-        if person.key not in self.storage.ignoring(registered):
-            try:
-                sender = f"account:{name_key(person.account)}" if person.account else \
-                    f"address:{address_bucket(person.address)}"
-                self.storage.leave_offline(person.nick, sender, registered, text)
-            except (StoreFull, StorageError) as problem:
-                raise Refused(str(problem)) from None
-        person.output.send(PrivateTo(registered, text))
-        person.output.send(Reply(f"{registered} is offline; the message is kept for them and shown when they "
-                                 "next sign in."))
+        if person.account and self.storage.keeps_history:
+            conversation = private_target(person.identity, name_key(registered), False)
+            with self.lock:
+                if person.key in self.storage.ignoring(registered):
+                    line_id = ""
+                else:
+                    line_id = self._keep_private(person, conversation, text, False, registered)
+                self._private_copies(session, PrivateTo(registered, text, line_id, (), person.account))
+        else:
+            if person.key not in self.storage.ignoring(registered):
+                try:
+                    sender = f"account:{name_key(person.account)}" if person.account else \
+                        f"address:{address_bucket(session.address)}"
+                    self.storage.leave_offline(person.nick, sender, registered, text)
+                except (StoreFull, StorageError) as problem:
+                    raise Refused(str(problem)) from None
+            session.output.send(PrivateTo(registered, text))
+        session.output.send(Reply(f"{registered} is offline; the message is kept for them and shown when they "
+                                  "next sign in."))
 
-    def last_private_sender(self, person: Person) -> str:
+    # -- what a person has read ---------------------------------------------------------
+
+    def mark_read(self, session: Session, name: str | None = None, line_id: int | None = None) -> None:
+        """SESSION's person has read the room NAME (SESSION's current one if None), or their private
+        conversation with the nick NAME, up to the line LINE_ID or, without one, all that was said there.
+        A read position only moves forward; every session of theirs is told where it is."""
+        person = session.person
+        with self.lock:
+            session.reports_reading = True
+            if not person.account:
+                return          # a guest's reading is not kept
+            if name is None or name.startswith("#"):
+                room = self._member_room(session, name)
+                target, newest, shown = room_target(room.name), self._last_line_of(room), f"#{room.name}"
+            else:
+                target, shown = self._conversation_with(person, name)
+                newest = person.last_private.get(target, 0)
+                if not newest and self.storage.keeps_history:
+                    latest = self.storage.latest_messages(target, 1)
+                    newest = latest[0].id if latest else 0
+            number = newest if line_id is None else min(line_id, newest)
+            if number and self._mark_read(person, target, number):
+                self._to_sessions(person.sessions, ReadUpTo(shown, number))
+
+    def _conversation_with(self, person: Person, nick: str) -> tuple[str, str]:
+        """The target of PERSON's private conversation with NICK (online, or an account), and the name to
+        show it by. Lock held."""
+        other = self.people.get(name_key(normal_name(nick)))
+        if other is not None:
+            return private_target(person.identity, other.identity, not (person.account and other.account)), other.nick
+        registered = self.storage.account_name(normal_name(nick))
+        if registered is None or not person.account:
+            raise Refused(f"No one called {nick} is online. /online lists who is.", "no-such-person", nick=nick)
+        return private_target(person.identity, name_key(registered), False), registered
+
+    def _mark_read(self, person: Person, target: str, number: int) -> bool:
+        """Move PERSON's read position in TARGET forward to the line NUMBER; False if it was there already.
+        Lock held."""
+        if target in person.read and number <= person.read[target]:
+            return False
+        person.read[target] = number
+        self.storage.mark_read(person.account, target, number)
+        return True
+
+    def history(self, session: Session, name: str | None = None, count: int = HISTORY_PAGE) -> int:
+        """Show SESSION the COUNT lines of the room NAME (its current one if None), or of its person's private
+        conversation with the nick NAME, before the oldest it has been shown; how many there were."""
+        person = session.person
+        count = max(1, min(count, MAX_HISTORY_PAGE))
+        with self.lock:
+            if name is None or name.startswith("#"):
+                room = self._member_room(session, name)
+                if room.private:
+                    raise Refused(f"#{room.name} is private: what is said in it is not kept.")
+                target, where = room_target(room.name), {"room": room.name}
+                tagged = room is not session.current
+            else:
+                target, shown = self._conversation_with(person, name)
+                where, tagged = {"nick": shown}, False
+            before = session.oldest_shown.get(target, self.storage.newest_id + 1)
+            lines = self.storage.messages_before(target, before, count) if self.storage.keeps_history else []
+            if not lines:
+                return 0
+            session.oldest_shown[target] = lines[0].id
+            other = where.get("nick")
+            events = [Replayed(m.when, chat_event(room.name, m) if other is None else
+                               self._private_event(m, person, other)) for m in lines]
+            for event in [HistoryPage(len(lines), **where), *events, HistoryEnd(where.get("room"), other)]:
+                session.output.send(event, tagged)
+            return len(lines)
+
+    def last_private_sender(self, session: Session) -> str:
         """The nickname of the last person who sent PERSON a private message, if they are still here."""
+        person = session.person
         with self.lock:
             if person.last_private_from is None:
                 raise Refused("No one has sent you a private message yet.")
@@ -5353,8 +5896,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- about a person: told once to everyone who shares a room with them ---------------
 
-    def rename(self, person: Person, new_nick: str) -> None:
+    def rename(self, session: Session, new_nick: str) -> None:
         """Change PERSON's nickname, by the same rules as signing in."""
+        person = session.person
         new_nick = normal_name(new_nick)
         with self.lock:
             self._present(person)
@@ -5379,32 +5923,36 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._to_people(self.watchers.get(new_key, ()), CameOnline(new_nick))
         log.info("%s@%s is now known as %s", old_nick, person.address, new_nick)
 
-    def set_realname(self, person: Person, realname: str) -> None:
+    def set_realname(self, session: Session, realname: str) -> None:
         """Give PERSON a new real name; those who share a room with them are told. Not while muted: it is
         their own words."""
+        person = session.person
         with self.lock:
             if person.muted:
                 raise Refused("You are muted; you cannot change your real name.")
             person.realname = realname
             self._to_people(self._sharers(person) | {person}, RealnameChanged(person.nick, realname))
 
-    def set_modes(self, person: Person, bot: bool | None = None, invisible: bool | None = None) -> None:
+    def set_modes(self, session: Session, bot: bool | None = None, invisible: bool | None = None) -> None:
         """Mark PERSON as a program (a bot or a bridge), or not; as invisible to searches by those who share
         no room with them, or not. None leaves a mode as it is."""
+        person = session.person
         with self.lock:
             person.bot = person.bot if bot is None else bot
             person.invisible = person.invisible if invisible is None else invisible
 
-    def message_operators(self, person: Person, text: str) -> None:
+    def message_operators(self, session: Session, text: str) -> None:
         """TEXT from PERSON, an operator of the server, to every operator of it (PERSON too)."""
+        person = session.person
         with self.lock:
             self._present(person)
             if not person.operator:
                 raise Refused("Only operators of the server may do that.", "not-server-operator")
             self._to_people([p for p in self.people.values() if p.operator], OperatorsMessage(person.nick, text))
 
-    def set_away(self, person: Person, reason: str | None) -> None:
+    def set_away(self, session: Session, reason: str | None) -> None:
         """Mark PERSON away with REASON, or back with None; the people who share a room with them are told."""
+        person = session.person
         with self.lock:
             if reason is None and person.away is None:
                 raise Refused("You are not away.")
@@ -5412,17 +5960,24 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if not person.muted:
                 self._to_people(self._sharers(person), AwayChanged(person.nick, reason))
 
-    def change_protocol(self, person: Person, protocol: PyChatProtocol, first: bytes = b"") -> None:
-        """Render what PERSON is sent with PROTOCOL from now on (an IRC client enabled a capability), after
+    def change_protocol(self, session: Session, protocol: PyChatProtocol, first: bytes = b"") -> None:
+        """Render what SESSION is sent with PROTOCOL from now on (an IRC client enabled a capability), after
         FIRST, which says so. Every room regroups them, so that no line to them is rendered the old way
         once FIRST is queued."""
+        person = session.person
         with self.lock:
-            person.output.send_bytes(first)
+            session.output.send_bytes(first)
             for room in person.rooms.values():
-                room.stop_hearing(person)
-            person.output.protocol = protocol
+                room.stop_hearing(session)
+            session.output.protocol = protocol
             for room in person.rooms.values():
-                room.hear(person, current=room is person.current)
+                room.hear(session, current=room is session.current)
+
+    @staticmethod
+    def _end_sessions(sessions: Iterable[Session], why: str, farewell: Any) -> None:
+        """End each of SESSIONS for WHY, telling it FAREWELL."""
+        for session in list(sessions):
+            session.output.end(why, farewell)
 
     def _sharers(self, person: Person) -> set[Person]:
         """Everyone who shares at least one room with PERSON, but PERSON. Lock held."""
@@ -5432,10 +5987,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         receivers.discard(person)
         return receivers
 
-    def watch(self, person: Person, nicks: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
+    def watch(self, session: Session, nicks: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
         """Tell PERSON from now on whenever each of NICKS signs in or leaves (IRC's MONITOR), up to WATCH_LIMIT
         names. Returns each name now watched with who has it (their nickname, or None when no one
         does), and the names past the limit, which are not watched."""
+        person = session.person
         watched, refused = [], []
         with self.lock:
             self._present(person)
@@ -5452,8 +6008,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 watched.append((nick, found.nick if found else None))
         return watched, refused
 
-    def stop_watching(self, person: Person, nicks: list[str] | None = None) -> None:
+    def stop_watching(self, session: Session, nicks: list[str] | None = None) -> None:
         """Stop watching NICKS, or every name PERSON watches."""
+        person = session.person
         with self.lock:
             keys = (list(person.watching) if nicks is None else
                     [name_key(normal_name(nick)) for nick in nicks if len(nick) <= MAX_NICKNAME_LENGTH])
@@ -5468,17 +6025,19 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if not watchers:
                     del self.watchers[key]
 
-    def watched(self, person: Person) -> list[tuple[str, str | None]]:
+    def watched(self, session: Session) -> list[tuple[str, str | None]]:
         """The names PERSON watches, as asked, each with who has it now (or None)."""
+        person = session.person
         with self.lock:
             return [(asked, self.people[key].nick if key in self.people else None)
                     for key, asked in person.watching.items()]
 
-    def ignore(self, person: Person, nick: str, ignoring: bool = True) -> str:
+    def ignore(self, session: Session, nick: str, ignoring: bool = True) -> str:
         """Stop (or start again) showing PERSON NICK's lines; returns NICK as they spell it.
 
         An account keeps the list, so that it applies to messages left while its owner is offline.
         """
+        person = session.person
         with self.lock:
             self._present(person)
             target = self._find(nick)
@@ -5500,8 +6059,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 log.error("could not keep %s's /ignore list: %s", account, problem)
         return target.nick
 
-    def ignored_by(self, person: Person) -> list[str]:
+    def ignored_by(self, session: Session) -> list[str]:
         """Nicknames PERSON ignores that are online now."""
+        person = session.person
         with self.lock:
             return sorted((self.people[key].nick for key in person.ignoring if key in self.people),
                           key=str.casefold)
@@ -5518,50 +6078,55 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- operators of the server -----------------------------------------------------------
 
-    def become_operator(self, person: Person, secret: str) -> None:
+    def become_operator(self, session: Session, secret: str) -> None:
         """Make PERSON a server operator if SECRET is the server's operator password.
 
         Three wrong tries close the connection; an address that tried too often must wait.
         """
+        person = session.person
         expected = self.options.op_password
         if not expected:
             raise Refused("This server has no operator password, so no one can be an operator.")
         try:
-            right = self.check_secret(person, "operator password", lambda: same_secret(secret, expected))
+            right = self.gate.check_secret(session, "operator password", lambda: same_secret(secret, expected))
         except TooManyGuesses as refusal:
-            person.output.end("too many wrong operator passwords from the address", Farewell(str(refusal)))
+            session.output.end("too many wrong operator passwords from the address", Farewell(str(refusal)))
             raise Refused(f"{refusal}. Closing the connection.") from None
         if not right:
-            person.operator_failures += 1
-            if person.operator_failures >= OPERATOR_TRIES:
-                person.output.end("too many wrong operator passwords",
-                                  Farewell(f"{OPERATOR_TRIES} wrong operator passwords"))
+            session.operator_failures += 1
+            if session.operator_failures >= OPERATOR_TRIES:
+                session.output.end("too many wrong operator passwords",
+                                   Farewell(f"{OPERATOR_TRIES} wrong operator passwords"))
                 raise Refused(f"Wrong operator password, {OPERATOR_TRIES} times: closing the connection.")
             raise Refused("Wrong operator password.")
         with self.lock:
             person.operator = True
         log.warning("%r is now an operator", person)
 
-    def disconnect(self, by: Person, nick: str, reason: str | None) -> str:
+    def disconnect(self, session: Session, nick: str, reason: str | None) -> str:
         """Close NICK's connection, telling them and their rooms who did it and why."""
+        by = session.person
         with self.lock:
             target = self._find(nick)
         why = f"disconnected by {by.nick}" + (f": {reason}" if reason else "")
-        target.output.end(why, DisconnectedBy(by.nick, reason))
+        self._end_sessions(target.sessions, why, DisconnectedBy(by.nick, reason))
         log.warning("%r %s", target, why)
         return target.nick
 
-    def quit(self, person: Person, message: str | None) -> None:
-        """PERSON leaves the chat, with MESSAGE for the rooms; the connection closes once its output is sent."""
-        if person.output.end(message or QUIT, Bye()):
+    def quit(self, session: Session, message: str | None) -> None:
+        """SESSION's connection closes once its output is sent; with the last of its person's, they leave the
+        chat, with MESSAGE for the rooms."""
+        person = session.person
+        if session.output.end(message or QUIT, Bye()):
             with self.lock:
                 person.quit_message = message is not None
 
     # -- accounts -------------------------------------------------------------------------
     # Hashing a password and writing to the data directory are slow: they happen outside the lock.
 
-    def register_account(self, person: Person, password: str) -> str:
+    def register_account(self, session: Session, password: str) -> str:
         """Make PERSON's nickname their account, with PASSWORD."""
+        person = session.person
         if person.account:
             raise Refused(f"You are signed in to the account {person.account} already; "
                           "/passwd OLD NEW changes its password.")
@@ -5569,7 +6134,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         problem = password_problem(password, nick)
         if problem:
             raise Refused(problem)
-        bucket, now = address_bucket(person.address), time.monotonic()
+        bucket, now = address_bucket(session.address), time.monotonic()
         with self.lock:
             recent = [when for when in self.registrations.get(bucket, ()) if now - when < REGISTRATION_WINDOW]
             if len(recent) >= REGISTRATIONS_PER_ADDRESS:
@@ -5584,7 +6149,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(str(problem)) from None
         with self.lock:
             person.account = nick
-            person.mute = self.storage.mute_for(nick, person.address, time.time())
+            self.by_account[name_key(nick)] = person
+            for room in sorted(person.rooms.values(), key=lambda room: room is person.last_room):
+                self.storage.keep_room(nick, room.name, room.password)     # their rooms are the account's
+                self._mark_read(person, room_target(room.name), self._last_line_of(room))
+            person.mute = self.storage.mute_for(nick, session.address, time.time())
             made_operator = not person.operator and self.storage.is_operator(nick)
             person.operator = person.operator or made_operator
             keys = list(person.ignoring)
@@ -5592,20 +6161,21 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if keys:
             self.storage.set_ignoring(nick, keys)
         if made_operator:
-            person.output.send(Notice("You are an operator of this server."))
+            session.output.send(Notice("You are an operator of this server."))
         log.info("%r registered", person)
         lasting = "" if self.storage.directory else \
             " This server keeps no data directory: the account lasts until it stops."
         return (f"Registered {nick}. From now on, signing in as {nick} (or a name that looks like it) "
                 f"asks for this password.{lasting}")
 
-    def _check_own_password(self, person: Person, password: str) -> str:
-        """PERSON's account, if PASSWORD is its password; refused (as a wrong guess) otherwise."""
+    def _check_own_password(self, session: Session, password: str) -> str:
+        """SESSION's person's account, if PASSWORD is its password; refused (as a wrong guess) otherwise."""
+        person = session.person
         account = person.account
         if account is None:
             raise Refused(f"You are a guest: /register PASSWORD makes {person.nick} your account.")
         try:
-            right = self.check_secret(person, f"password for {account}",
+            right = self.gate.check_secret(session, f"password for {account}",
                                       lambda: self.storage.verify_password(account, password))
         except TooManyGuesses as refusal:
             raise Refused(f"{refusal}.") from None
@@ -5613,21 +6183,23 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(f"Wrong password for {account}.")
         return account
 
-    def change_password(self, person: Person, old: str, new: str) -> None:
+    def change_password(self, session: Session, old: str, new: str) -> None:
+        person = session.person
         if person.account is not None:
             problem = password_problem(new, person.account)
             if problem:
                 raise Refused(problem)
-        account = self._check_own_password(person, old)
+        account = self._check_own_password(session, old)
         try:
             self.storage.set_password(account, new)
         except (StoreFull, StorageError) as problem:
             raise Refused(str(problem)) from None
         log.info("%r changed the password of %s", person, account)
 
-    def unregister(self, person: Person, password: str) -> str:
+    def unregister(self, session: Session, password: str) -> str:
         """Give up PERSON's account; on a --private server that also ends their connection."""
-        account = self._check_own_password(person, password)
+        person = session.person
+        account = self._check_own_password(session, password)
         was_operator = self.storage.is_operator(account)
         if was_operator and len(self.storage.operator_names()) == 1:
             raise Refused(f"{account} is the last operator; make another with /oper add first.")
@@ -5636,16 +6208,19 @@ class ChatServer(socketserver.ThreadingTCPServer):
         except StorageError as problem:
             raise Refused(str(problem)) from None
         with self.lock:
+            self.by_account.pop(name_key(account), None)
             person.account = None
             person.operator = person.operator and not was_operator
             self._to_people(self._sharers(person) | {person}, AccountChanged(person.nick, None))
         log.info("%r gave up the account %s", person, account)
         if self.options.private:
-            person.output.end("gave up their account", Farewell("this server is private, and you have no account now"))
+            self._end_sessions(person.sessions, "gave up their account",
+                               Farewell("this server is private, and you have no account now"))
         return f"{account} is no longer registered; anyone may use the name."
 
-    def invite_account(self, by: Person, nick: str) -> str:
+    def invite_account(self, session: Session, nick: str) -> str:
         """A one-time code that lets NICK into a --private server and choose their password."""
+        by = session.person
         nick = normal_name(nick)
         if not self.options.private:
             raise Refused("This server is not private: anyone may sign in and /register. (--private changes that.)")
@@ -5663,8 +6238,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return (f"Invitation for {nick}: {code} (it works once, for {INVITATION_SECONDS // 86400} days). "
                 f"They sign in as {nick} and give it when asked.")
 
-    def remove_account(self, by: Person, nick: str) -> str:
+    def remove_account(self, session: Session, nick: str) -> str:
         """Take NICK's account (or invitation) away; on a --private server they are disconnected."""
+        by = session.person
         registered = self.storage.account_name(nick)
         if registered is None:
             if self.storage.remove_invitation(nick):
@@ -5677,14 +6253,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
         except StorageError as problem:
             raise Refused(str(problem)) from None
         with self.lock:
-            owners = [p for p in self.people.values() if p.account and name_key(p.account) == name_key(registered)]
-            for owner in owners:
+            owner = self.by_account.pop(name_key(registered), None)
+            if owner is not None:
                 owner.account = None
-        for owner in owners:
-            if self.options.private:
-                owner.output.end(f"account removed by {by.nick}", DisconnectedBy(by.nick, "your account was removed"))
-            else:
-                owner.output.send(Notice(f"{by.nick} removed your account; you are a guest now."))
+                if not self.options.private:
+                    self._to_people([owner], Notice(f"{by.nick} removed your account; you are a guest now."))
+        if owner is not None and self.options.private:
+            self._end_sessions(owner.sessions, f"account removed by {by.nick}",
+                               DisconnectedBy(by.nick, "your account was removed"))
         log.warning("%r removed the account %s", by, registered)
         return f"Removed the account {registered}."
 
@@ -5693,8 +6269,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def operator_names(self) -> list[str]:
         return self.storage.operator_names()
 
-    def set_operator(self, by: Person, nick: str, operator: bool) -> str:
+    def set_operator(self, session: Session, nick: str, operator: bool) -> str:
         """Make the account NICK an operator of the server, or no longer one; whoever is signed in to it is told."""
+        by = session.person
         registered = self.storage.account_name(nick)
         if registered is None:
             raise Refused(f"{nick} is not a registered account.")
@@ -5710,11 +6287,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         except (StoreFull, StorageError) as problem:
             raise Refused(str(problem)) from None
         with self.lock:
-            for person in self.people.values():
-                if person.account and name_key(person.account) == name_key(registered):
-                    person.operator = operator
-                    person.output.send(Notice(f"{by.nick} made you an operator of this server." if operator
-                                              else f"{by.nick} took away your operator rights."))
+            person = self.by_account.get(name_key(registered))
+            if person is not None:
+                person.operator = operator
+                self._to_people([person], Notice(f"{by.nick} made you an operator of this server." if operator
+                                                 else f"{by.nick} took away your operator rights."))
         log.warning("%r %s %s", by, "made an operator:" if operator else "took operator rights from", registered)
         return (f"{registered} is now an operator of the server." if operator
                 else f"{registered} is no longer an operator of the server.")
@@ -5735,9 +6312,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(f"The reason is too long (at most {MAX_REASON_LENGTH} characters).")
         return seconds
 
-    def ban(self, by: Person, target: str, duration: str | None, reason: str | None) -> str:
+    def ban(self, session: Session, target: str, duration: str | None, reason: str | None) -> str:
         """Ban TARGET (a nickname, an address or a network) for DURATION (None: permanently), disconnecting
         whoever it keeps out."""
+        by = session.person
         now = time.time()
         seconds = self._rule_seconds(duration, reason)
         try:
@@ -5746,13 +6324,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(str(problem)) from None
         with self.lock:
             if found is None:
-                kind, value, shown, what = self._rule_of_nick(by, target, "ban")
+                kind, value, shown, what = self._rule_of_nick(session, target, "ban")
             else:
                 (kind, value), shown = found, found[1]
                 what = f"the {kind} {value}"
                 network = ipaddress.ip_network(value)
-                if self._banned_by(network, by):
-                    raise Refused(f"That would ban you too: you connect from {ip_of(by.address)}.")
+                if self._banned_by(network, session.address):
+                    raise Refused(f"That would ban you too: you connect from {ip_of(session.address)}.")
             ban = Ban(kind, value, shown, reason, by.nick, now, None if seconds is None else now + seconds)
             self._spare_operators(ban, "ban")
         try:
@@ -5762,18 +6340,19 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             self.bans_made += 1
             banned = [person for person in self.people.values() if self._applies(ban, person)]
+            ended = [s for person in banned for s in person.sessions if self._applies(ban, person, s.address)]
         how_long = ban.how_long(time.time())
-        for person in banned:
-            person.output.end(f"banned by {by.nick}" + (f": {reason}" if reason else ""),
-                              Banned(by.nick, how_long, reason))
+        self._end_sessions(ended, f"banned by {by.nick}" + (f": {reason}" if reason else ""),
+                           Banned(by.nick, how_long, reason))
         log.warning("%r banned %s %s%s", by, what, how_long, f": {reason}" if reason else "")
         return (f"Banned {what} " + (f"for {describe_duration(seconds)}" if seconds else "permanently")
                 + (f": {reason}" if reason else "") + "."
                 + (f" Disconnected {', '.join(p.nick for p in banned)}." if banned else ""))
 
-    def _rule_of_nick(self, by: Person, nick: str, verb: str) -> tuple[str, str, str, str]:
+    def _rule_of_nick(self, session: Session, nick: str, verb: str) -> tuple[str, str, str, str]:
         """What banning or muting (VERB) the nickname NICK holds for: its account, or the address of the guest
         using it; as (kind, target, shown, words for the reply). Lock held."""
+        by = session.person
         registered = self.storage.account_name(normal_name(nick))
         online = self.people.get(name_key(normal_name(nick))) if registered is None else None
         if registered is not None:
@@ -5788,7 +6367,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if online is by:
             raise Refused(f"You cannot {verb} yourself.")
         address = str(ip_of(online.address))
-        if ip_of(by.address) == ip_of(online.address):
+        if ip_of(session.address) == ip_of(online.address):
             raise Refused(f"That would {verb} you too: you connect from {address}.")
         return "address", address, f"{address} ({online.nick})", f"{online.nick}'s address {address}"
 
@@ -5799,15 +6378,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused(f"That would {verb} {person.nick}, an operator of the server.")
 
     @staticmethod
-    def _banned_by(network: ipaddress.IPv4Network | ipaddress.IPv6Network, person: Person) -> bool:
-        ip = ip_of(person.address)
+    def _banned_by(network: ipaddress.IPv4Network | ipaddress.IPv6Network, address: str) -> bool:
+        ip = ip_of(address)
         return ip is not None and ip.version == network.version and ip in network
 
-    def _applies(self, rule: Ban, person: Person) -> bool:
-        """Whether the ban or mute RULE holds for PERSON. Lock held."""
+    def _applies(self, rule: Ban, person: Person, address: str | None = None) -> bool:
+        """Whether the ban or mute RULE holds for PERSON: for their account, or for one of their sessions'
+        addresses (ADDRESS alone, if given). Lock held."""
         if rule.kind == "account":
             return person.account is not None and name_key(person.account) == rule.target
-        return self._banned_by(ipaddress.ip_network(rule.target), person)
+        network = ipaddress.ip_network(rule.target)
+        return any(self._banned_by(network, a) for a in ([address] if address else
+                                                           [s.address for s in person.sessions]))
 
     @staticmethod
     def _rule_key(target: str, rules: list[Ban]) -> str:
@@ -5830,8 +6412,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return [f"{rule.kind} {rule.shown} by {rule.by}, {rule.how_long(now)}" + _because(rule.reason)
                 for rule in rules]
 
-    def unban(self, by: Person, target: str) -> str:
+    def unban(self, session: Session, target: str) -> str:
         """Lift the ban on TARGET: an address, a network, an account, or a guest's nickname as /bans shows it."""
+        by = session.person
         try:
             lifted = self.storage.lift_ban(self._rule_key(target, self.storage.bans(time.time())))
         except StorageError as problem:
@@ -5851,12 +6434,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
     # A mute lasts like a ban and holds at every door: sign_in() looks for one, mute() and unmute() change
     # those online it holds for, and Person.muted lets it lapse when its time is up.
 
-    def mute(self, by: Person, nick: str, duration: str | None, reason: str | None) -> str:
+    def mute(self, session: Session, nick: str, duration: str | None, reason: str | None) -> str:
         """Mute NICK's account (a guest: their address) for DURATION (None: until /unmute)."""
+        by = session.person
         now = time.time()
         seconds = self._rule_seconds(duration, reason)
         with self.lock:
-            kind, value, shown, what = self._rule_of_nick(by, nick, "mute")
+            kind, value, shown, what = self._rule_of_nick(session, nick, "mute")
             mute = Ban(kind, value, shown, reason, by.nick, now, None if seconds is None else now + seconds)
             self._spare_operators(mute, "mute")
         try:
@@ -5873,8 +6457,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return (f"Muted {what} " + (f"for {describe_duration(seconds)}" if seconds else "until /unmute")
                 + _because(reason) + ".")
 
-    def unmute(self, by: Person, target: str) -> str:
+    def unmute(self, session: Session, target: str) -> str:
         """Lift the mute on TARGET: an account, or a guest's nickname or address as /mutes shows it."""
+        by = session.person
         now = time.time()
         try:
             lifted = self.storage.lift_mute(self._rule_key(target, self.storage.mutes(now)))
@@ -5887,7 +6472,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if self._applies(lifted, person):
                     person.mute = self.storage.mute_for(person.account, person.address, now)
                     if person.mute is None:
-                        person.output.send(Notice(f"You were unmuted by {by.nick}."))
+                        self._to_people([person], Notice(f"You were unmuted by {by.nick}."))
         log.warning("%r lifted the mute on %s %s", by, lifted.kind, lifted.shown)
         return f"Unmuted the {lifted.kind} {lifted.shown}."
 
@@ -5899,9 +6484,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- an admin's lists: accounts and invitations ------------------------------------------------
 
-    def account_list(self, viewer: Person, pattern: str | None) -> tuple[list[commands.AccountInfo], int]:
+    def account_list(self, session: Session, pattern: str | None) -> tuple[list[commands.AccountInfo], int]:
         """The accounts whose name fits PATTERN (a name, or * for any letters and ? for one), at most
         ACCOUNTS_LISTED of them, and how many fit in all."""
+        viewer = session.person
         now = time.time()
         accounts = self.storage.accounts()
         if pattern is not None:
@@ -5926,8 +6512,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return [commands.InvitationInfo(i.name, i.purpose == "password", i.by, utc_text(i.expires),
                                         describe_duration(i.expires - now)) for i in self.storage.invitations(now)]
 
-    def cancel_invitation(self, by: Person, nick: str) -> str:
+    def cancel_invitation(self, session: Session, nick: str) -> str:
         """Let NICK's invitation, or the password reset waiting for their account, go unused."""
+        by = session.person
         try:
             purpose = self.storage.remove_invitation(normal_name(nick))
         except StorageError as problem:
@@ -5938,9 +6525,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
         log.warning("%r cancelled the %s for %s", by, what, nick)
         return f"Cancelled the {what} for {nick}."
 
-    def reset_password(self, by: Person, nick: str) -> str:
+    def reset_password(self, session: Session, nick: str) -> str:
         """A one-time code that lets the owner of the account NICK choose a new password when they next sign
         in; their password works as before until then."""
+        by = session.person
         registered = self.storage.account_name(nick)
         if registered is None:
             raise Refused(f"{nick} has no account.")
@@ -5955,14 +6543,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- knowing who is who ---------------------------------------------------------------------
 
-    def whois(self, viewer: Person, nick: str) -> commands.PersonDetails:
+    def whois(self, session: Session, nick: str) -> commands.PersonDetails:
         """What VIEWER may know about NICK, for /whois; the address only if VIEWER is an operator of the server."""
-        found = self.person_details(viewer, nick)
+        found = self.person_details(session, nick)
         if found is None:
             raise Refused(f"No one called {nick} is online. /online lists who is.", "no-such-person", nick=nick)
         return commands.PersonDetails(found.nick, found.account, found.operator, utc_text(found.since),
                                       describe_duration(found.idle), tuple(room for room, _ in found.rooms),
-                                      found.away, found.address)
+                                      found.away, found.address, found.protocol)
 
     def server_details(self) -> commands.ServerDetails:
         with self.lock:
@@ -5972,8 +6560,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
                                       "the full-text index" if self.storage.full_text else
                                       f"the newest {SEARCH_SCAN_LINES:,} lines")
 
-    def search(self, viewer: Person, words: str, name: str | None = None) -> list[commands.FoundLine]:
+    def search(self, session: Session, words: str, name: str | None = None) -> list[commands.FoundLine]:
         """The latest lines holding every word of WORDS that VIEWER may read, in the room NAME or everywhere."""
+        viewer = session.person
         with self.lock:
             self._charge(viewer, SEARCH_COST, "/search")
             identity = viewer.identity
@@ -5991,28 +6580,31 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- lists: what commands may know, paid for from each person's listing budget ----------
 
-    def online(self, viewer: Person) -> list[commands.PersonInfo]:
+    def online(self, session: Session) -> list[commands.PersonInfo]:
         """Everyone signed in, sorted by nickname; a private room shows only to its members."""
+        viewer = session.person
         with self.lock:
             self._charge(viewer, len(self.people), "/online")
-            people = [commands.PersonInfo(p.nick, p.current.name if self._may_see(viewer, p.current) else None,
+            people = [commands.PersonInfo(p.nick, p.last_room.name if self._may_see(viewer, p.last_room) else None,
                                           p.away, p.operator, p.muted, False)
                       for p in self.people.values()]
         return sorted(people, key=lambda p: p.nick.casefold())
 
-    def room_members(self, viewer: Person, name: str | None = None) -> tuple[str, list[commands.PersonInfo]]:
+    def room_members(self, session: Session, name: str | None = None) -> tuple[str, list[commands.PersonInfo]]:
         """The room NAME (or VIEWER's current one) and its people, sorted by nickname."""
+        viewer = session.person
         with self.lock:
-            room = self._current_room(viewer) if name is None else self._visible_room(viewer, name)
+            room = self._current_room(session) if name is None else self._visible_room(viewer, name)
             self._charge(viewer, len(room.members), "/who")
             people = [commands.PersonInfo(p.nick, room.name, p.away, p.operator, p.muted, p in room.operators,
                                           p in room.voiced) for p in room.members]
         return room.name, sorted(people, key=lambda p: p.nick.casefold())
 
-    def room_list(self, viewer: Person) -> list[commands.RoomInfo]:
+    def room_list(self, session: Session) -> list[commands.RoomInfo]:
         """Every room with people in it that VIEWER may know of, sorted by name."""
+        viewer = session.person
         with self.lock:
-            rooms = [commands.RoomInfo(r.name, len(r.members), r.topic, r.key in viewer.rooms, r is viewer.current,
+            rooms = [commands.RoomInfo(r.name, len(r.members), r.topic, r.key in viewer.rooms, r is session.current,
                                        r.private)
                      for r in self.rooms.values() if r.members and self._may_see(viewer, r)]
             self._charge(viewer, len(rooms), "/rooms")      # finding them is cheap: the table is bounded
@@ -6024,14 +6616,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
         person = self.people.get(name_key(nick))
         return person.username if person is not None else ANONYMOUS_USER
 
-    def rooms_of(self, person: Person) -> list[str]:
+    def rooms_of(self, session: Session) -> list[str]:
         """The rooms PERSON is in, in the order joined."""
+        person = session.person
         with self.lock:
             return [room.name for room in person.rooms.values()]
 
-    def person_details(self, viewer: Person, nick: str) -> Whois | None:
+    def person_details(self, session: Session, nick: str) -> Whois | None:
         """What VIEWER may know of NICK (the rooms they may see; the address only if VIEWER is an operator
         of the server), or None if no one is called that."""
+        viewer = session.person
         if len(nick) > MAX_NICKNAME_LENGTH:
             return None             # no one's, and not worth normalising
         with self.lock:
@@ -6042,14 +6636,42 @@ class ChatServer(socketserver.ThreadingTCPServer):
                           if self._may_see(viewer, room))
             address = str(ip_of(person.address) or person.address) if viewer.operator else None
             return Whois(person.nick, person.account, rooms, person.away, person.operator, person.since,
-                         time.monotonic() - person.last_spoke, person.output.protocol.name, address, person.bot,
+                         time.monotonic() - person.last_spoke, self._protocols(person), address, person.bot,
                          person.realname, person.username)
 
-    def who(self, viewer: Person, mask: str) -> list[WhoEntry]:
+    @staticmethod
+    def _protocols(person: Person) -> str:
+        """How PERSON is connected, as others may know it: the protocols, and how many sessions."""
+        names = sorted({session.output.protocol.name for session in person.sessions})
+        count = len(person.sessions)
+        return ", ".join(names) + (f" ({count} sessions)" if count > 1 else "")
+
+    def sessions(self, session: Session) -> list[commands.SessionInfo]:
+        """SESSION's person's sessions, by number: how each is connected, since when, and idle how long."""
+        now = time.monotonic()
+        with self.lock:
+            return [commands.SessionInfo(s.number, s.output.protocol.name, s.address, utc_text(s.since),
+                                         describe_duration(now - s.last_active()), s is session)
+                    for s in session.person.sessions]
+
+    def end_session(self, session: Session, number: int) -> str:
+        """End the session NUMBER of SESSION's person (a stale connection on another device)."""
+        with self.lock:
+            ending = next((s for s in session.person.sessions if s.number == number), None)
+        if ending is None:
+            raise Refused(f"You have no session {number}; /sessions lists them.")
+        if ending is session:
+            raise Refused("That is this session; /quit ends it.")
+        ending.output.end(f"ended from session {session.number}", DisconnectedBy(session.person.nick,
+                                                                               "ended from another session"))
+        return f"Ended session {number} ({ending.output.protocol.name} at {ending.address})."
+
+    def who(self, session: Session, mask: str) -> list[WhoEntry]:
         """The people of the room '#ROOM', or those whose nickname fits MASK (a nickname, or a pattern in
         which * stands for any letters and ? for one), as VIEWER may know them, sorted by nickname. A
         pattern leaves out the invisible who share no room with VIEWER; a nickname finds them. A pattern is
         paid for by the people it is matched against, not by the few it finds: the search is the cost."""
+        viewer = session.person
         if mask.startswith("#"):
             with self.lock:
                 room = self._visible_room(viewer, mask)
@@ -6131,30 +6753,46 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- delivery: events to the outputs of their receivers ----------------------------------
 
-    def _to_room(self, room: Room, event: Any, skip: Person | None = None, sender: Person | None = None) -> None:
-        """Queue EVENT to everyone in ROOM (but SKIP, and those ignoring SENDER), rendered once per
-        audience. Lock held."""
+    def _to_room(self, room: Room, event: Any, skip: Person | Session | None = None,
+                 sender: Person | None = None) -> None:
+        """Queue EVENT to everyone in ROOM (but SKIP, a person or one session of theirs, and those ignoring
+        SENDER), rendered once per audience. Lock held."""
+        skipped = () if skip is None else [skip.output] if isinstance(skip, Session) else skip.outputs
         if sender is None or sender.key not in self.ignorers:
             for (protocol, tagged), outputs in room.audiences.items():
-                if skip is not None and skip.output in outputs:
-                    outputs = outputs - {skip.output}     # a set difference: no Python work per member
+                if skipped and not outputs.isdisjoint(skipped):
+                    outputs = outputs.difference(skipped)     # a set difference: no Python work per member
                 if outputs:
                     self.switchboard.queue(outputs, protocol.encode(event, tagged), room)
             return
         groups: dict[tuple[PyChatProtocol, bool], list[Output]] = {}
         for member in room.members:
-            if member is not skip and not (sender is not None and sender.key in member.ignoring):
-                groups.setdefault((member.output.protocol, member.current is not room), []).append(member.output)
+            if not (sender is not None and sender.key in member.ignoring):
+                for session in member.sessions:
+                    if session.output not in skipped:
+                        groups.setdefault((session.output.protocol, session.current is not room),
+                                          []).append(session.output)
         for (protocol, tagged), outputs in groups.items():
             self.switchboard.queue(outputs, protocol.encode(event, tagged), room)
 
     def _to_people(self, people: Iterable[Person], event: Any) -> None:
-        """Queue EVENT (not a room's) to each of PEOPLE, rendered once per protocol. Lock held."""
-        groups: dict[PyChatProtocol, list[Output]] = {}
-        for person in people:
-            groups.setdefault(person.output.protocol, []).append(person.output)
-        for protocol, outputs in groups.items():
-            self.switchboard.queue(outputs, protocol.encode(event))
+        """Queue EVENT (not a room's) to every session of each of PEOPLE. Lock held."""
+        self._to_sessions([session for person in people for session in person.sessions], event)
+
+    def _to_sessions(self, sessions: Iterable[Session], event: Any, room: Room | None = None) -> None:
+        """Queue EVENT to each of SESSIONS, rendered once per protocol; an event of ROOM is tagged for those
+        whose current room it is not. Lock held."""
+        groups: dict[tuple[PyChatProtocol, bool], list[Output]] = {}
+        for session in sessions:
+            tagged = room is not None and session.current is not room
+            groups.setdefault((session.output.protocol, tagged), []).append(session.output)
+        for (protocol, tagged), outputs in groups.items():
+            self.switchboard.queue(outputs, protocol.encode(event, tagged))
+
+    @staticmethod
+    def _needs_a_room(person: Person) -> bool:
+        """PERSON has a session whose protocol must always have a current room."""
+        return any(session.output.protocol.has_current_room for session in person.sessions)
 
     def _find(self, nick: str) -> Person:
         """The person called NICK (spelt any look-alike way); the lock is held."""
@@ -6231,13 +6869,13 @@ def room_name(name: str) -> str:
 class Context:
     """The server's commands.Context: who called, and verbs that each delegate to one ChatServer method."""
 
-    def __init__(self, server: ChatServer, caller: Person) -> None:
+    def __init__(self, server: ChatServer, caller: Session) -> None:
         self._server = server
         self._caller = caller
 
     @property
     def nick(self) -> str:
-        return self._caller.nick
+        return self._caller.person.nick
 
     @property
     def room(self) -> str:
@@ -6252,11 +6890,11 @@ class Context:
 
     @property
     def is_operator(self) -> bool:
-        return self._caller.operator
+        return self._caller.person.operator
 
     @property
     def away(self) -> str | None:
-        return self._caller.away
+        return self._caller.person.away
 
     @property
     def command_table(self) -> commands.CommandTable:
@@ -6335,7 +6973,7 @@ class Context:
         return self._server.disconnect(self._caller, nick, reason)
 
     def reload(self) -> list[str]:
-        return self._server.reload(f"/rehash by {self._caller.nick}")
+        return self._server.reload(f"/rehash by {self._caller.person.nick}")
 
     def online(self) -> list[commands.PersonInfo]:
         return self._server.online(self._caller)
@@ -6404,6 +7042,18 @@ class Context:
 
     def search(self, words: str, room: str | None = None) -> list[commands.FoundLine]:
         return self._server.search(self._caller, words, room)
+
+    def history(self, target: str | None = None, count: int | None = None) -> int:
+        return self._server.history(self._caller, target, HISTORY_PAGE if count is None else count)
+
+    def mark_read(self, target: str | None = None) -> None:
+        self._server.mark_read(self._caller, target)
+
+    def sessions(self) -> list[commands.SessionInfo]:
+        return self._server.sessions(self._caller)
+
+    def end_session(self, number: int) -> str:
+        return self._server.end_session(self._caller, number)
 
     def motd(self) -> list[str]:
         return self._server.motd.lines()
@@ -7313,8 +7963,10 @@ class IrcProtocol:
         prefix = "" if self.server_time else f"[history {_utc(event.when)}] "
         return self.RENDERERS[type(event.line)](self, event.line, prefix)
 
-    def history_end(self, event: HistoryEnd) -> list[str]:
-        return [format_irc_message("NOTICE", (f"#{event.room}", f"End of #{event.room} history."))]
+    def history_notice(self, event: NewSince | HistoryPage | HistoryEnd) -> list[str]:
+        """The lines around history shown without a batch: a notice to the channel, or to you for a private
+        conversation, in pyChat's words."""
+        return [format_irc_message("NOTICE", (f"#{event.room}" if event.room else self.me, PYCHAT.line(event)[4:]))]
 
     def you_left(self, event: YouLeft) -> list[str]:
         return self._part(event.room, self.me, event.reason)
@@ -7329,8 +7981,8 @@ class IrcProtocol:
     def invited(self, event: Invited) -> list[str]:
         return [format_irc_message("INVITE", (self.me, f"#{event.room}"), self.source(event.by))]
 
-    def private_from(self, event: PrivateFrom) -> list[str]:
-        return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", self.me, event.text,
+    def private_from(self, event: PrivateFrom, prefix: str = "") -> list[str]:
+        return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", self.me, prefix + event.text,
                                  self.source(event.nick))
 
     def offline_private(self, event: OfflinePrivate) -> list[str]:
@@ -7338,10 +7990,12 @@ class IrcProtocol:
         prefix = "" if self.server_time else f"[offline {_utc(event.when)}] "
         return irc_text_messages("PRIVMSG", self.me, prefix + event.text, self.source(event.nick))
 
-    def private_to(self, event: PrivateTo) -> list[str]:
-        if "echo-message" not in self.capabilities:
+    def private_to(self, event: PrivateTo, prefix: str = "") -> list[str]:
+        """Your own private line: its echo, and, whether the client asked for echoes or not, one sent from
+        another of your sessions or replayed (prefix)."""
+        if "echo-message" not in self.capabilities and not event.elsewhere and not prefix:
             return []
-        return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", event.nick, event.text,
+        return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", event.nick, prefix + event.text,
                                  self.source(self.me))
 
     def notice(self, event: Notice) -> list[str]:
@@ -7355,11 +8009,10 @@ class IrcProtocol:
         return self.connection.welcome_burst(event.nick, list(event.motd))
 
     def closing(self, event: Any) -> list[str]:
-        """Bye, ShuttingDown, DisconnectedBy, Banned, SignedInElsewhere or Farewell: ERROR, with why."""
+        """Bye, ShuttingDown, DisconnectedBy, Banned or Farewell: ERROR, with why."""
         why = {Bye: lambda e: "Quit", ShuttingDown: lambda e: "Server shutting down",
                DisconnectedBy: lambda e: f"Disconnected by {e.by}{_because(e.reason)}",
                Banned: lambda e: f"Banned by {e.by} {e.how_long}{_because(e.reason)}",
-               SignedInElsewhere: lambda e: "Signed in again somewhere else",
                Farewell: lambda e: e.reason[:1].upper() + e.reason[1:]}[type(event)](event)
         return [format_irc_message("ERROR", (f"Closing link: {self.me} ({why})",), source=None)]
 
@@ -7375,11 +8028,12 @@ class IrcProtocol:
     RENDERERS: dict[type, Callable[..., list[str]]] = {
         Said: said, Acted: acted, Joined: joined, Left: left, Kicked: kicked, TopicChanged: topic_changed,
         ModeChanged: mode_changed, Quit: quit, Renamed: renamed, AwayChanged: away_changed,
-        Entered: entered, Topic: topic, Replayed: replayed, HistoryEnd: history_end, YouLeft: you_left,
+        Entered: entered, Topic: topic, Replayed: replayed, HistoryEnd: history_notice, YouLeft: you_left,
         YouWereKicked: you_were_kicked, Invited: invited, PrivateFrom: private_from, PrivateTo: private_to,
         Notice: notice, Reply: reply, Error: reply, Welcome: welcome, Bye: closing, ShuttingDown: closing,
-        DisconnectedBy: closing, Banned: closing, SignedInElsewhere: closing, Farewell: closing,
-        OfflinePrivate: offline_private, Prompt: nothing, AccountPrompt: nothing, NowTalking: nothing,
+        DisconnectedBy: closing, Banned: closing, Farewell: closing,
+        OfflinePrivate: offline_private, Prompt: nothing, AccountPrompt: nothing, NowTalking: nothing, ReadUpTo: nothing,
+        NewSince: history_notice, HistoryPage: history_notice,
         TheyAreAway: they_are_away, OperatorsMessage: operators_message, TagMessage: tag_message,
         AccountChanged: account_changed, CameOnline: came_online, WentOffline: went_offline,
         InvitedSomeone: invited_someone, RealnameChanged: realname_changed,
@@ -7689,7 +8343,7 @@ class IrcConnection(ClientConnection):
                 self.output.protocol = IrcProtocol(self, frozenset(self.capabilities.enabled))
                 problem = self.server.sign_in(self, nick, self.account, registration.realname, registration.username)
                 if problem is None:
-                    if self.server.options.irc_auto_join:
+                    if self.server.options.irc_auto_join and not self.person.rooms:
                         self.irc_join(self.server.options.irc_auto_join)
                     return
                 self.signing_in_as = None
@@ -7700,7 +8354,8 @@ class IrcConnection(ClientConnection):
         """The nickname to sign in with, or why WANTED cannot be had."""
         if self.account is not None:
             return self.account, None
-        registered = self.server.storage.account_name(wanted)
+        gate = self.server.gate
+        registered = gate.account_of(wanted)
         if registered is not None:
             return wanted, (f"{registered} is a registered name: sign in to it with SASL (PLAIN, the account's "
                             f"name and password), or choose another nickname.")
@@ -7721,7 +8376,7 @@ class IrcConnection(ClientConnection):
         if credentials is None:
             return
         try:
-            proved = self.server.check_account(self, credentials[0], credentials[1])
+            proved = self.server.gate.check_account(self, credentials[0], credentials[1])
         except TooManyGuesses as refusal:
             self.send_irc(irc_numeric("ERR_SASLFAIL", nick, text=str(refusal)))
             raise Disconnect("too many wrong passwords from the address", Farewell(str(refusal))) from None
@@ -7743,7 +8398,7 @@ class IrcConnection(ClientConnection):
     def prove(self, nick: str, what: str, is_right: Callable[[], bool]) -> None:
         """Check a secret the client gave, under the limits on guessing; a wrong one ends the connection."""
         try:
-            if self.server.check_secret(self, what, is_right):
+            if self.server.gate.check_secret(self, what, is_right):
                 return
         except TooManyGuesses as refusal:
             self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", nick, text=str(refusal)))
@@ -7806,7 +8461,7 @@ class IrcConnection(ClientConnection):
 
     def run_command(self, line: str) -> None:
         """A pyChat slash-command, as if typed in pyChat's client; its replies come from the service."""
-        self.server.commands.run(Context(self.server, self.person), clean_text(line))
+        self.server.commands.run(Context(self.server, self.session), clean_text(line))
 
     def irc_privmsg(self, targets: str = "", text: str = "", notice: bool = False) -> None:
         """PRIVMSG (and NOTICE) to channels, people and the service; NOTICE is never answered with an error."""
@@ -7870,13 +8525,13 @@ class IrcConnection(ClientConnection):
             return
         echo = "echo-message" in self.capabilities.enabled
         if target.startswith("#") and ctcp:
-            self.server.act(person, words, target, echo=echo, client_tags=client_tags)
+            self.server.act(self.session, words, target, echo=echo, client_tags=client_tags)
         elif target.startswith("#"):
-            self.server.say(person, words, target, echo=echo, client_tags=client_tags, notice=notice)
+            self.server.say(self.session, words, target, echo=echo, client_tags=client_tags, notice=notice)
         elif ctcp:
-            self.server.send_private(person, target, f"* {person.nick} {words}", client_tags)
+            self.server.send_private(self.session, target, f"* {person.nick} {words}", client_tags)
         else:
-            self.server.send_private(person, target, words, client_tags, notice)
+            self.server.send_private(self.session, target, words, client_tags, notice)
 
     @staticmethod
     def check_target(target: str) -> None:
@@ -7894,7 +8549,7 @@ class IrcConnection(ClientConnection):
                 continue        # the service does not type back
             try:
                 self.check_target(target)
-                self.server.send_tags(self.person, target, client_tags, echo)
+                self.server.send_tags(self.session, target, client_tags, echo)
             except Refused as refusal:
                 self.cannot_send(refusal, "TAGMSG")
 
@@ -7920,28 +8575,28 @@ class IrcConnection(ClientConnection):
                                           text="Channel names start with #"))
                 continue
             try:
-                self.server.join(self.person, channel, key or None)
+                self.server.join(self.session, channel, key or None)
             except Refused as refusal:
                 if refusal.kind != "already-in-room":     # IRC says nothing to a JOIN of a channel you are in
                     self.refused(refusal, "JOIN")
 
     def leave_every_room(self) -> None:
-        for room in self.server.rooms_of(self.person):
+        for room in self.server.rooms_of(self.session):
             try:
-                self.server.leave(self.person, room)
+                self.server.leave(self.session, room)
             except Refused:
                 pass            # a room left meanwhile, by another command of theirs
 
     def irc_part(self, channels: str, reason: str = "") -> None:
         for channel in channels.split(","):
             try:
-                self.server.leave(self.person, channel, irc_reason(reason) or None)
+                self.server.leave(self.session, channel, irc_reason(reason) or None)
             except Refused as refusal:
                 self.refused(refusal, "PART")
 
     def irc_topic(self, channel: str, topic: str | None = None) -> None:
         if topic is None:
-            settings = self.server.room_settings(self.person, channel)
+            settings = self.server.room_settings(self.session, channel)
             if settings.topic:
                 for line in irc_topic_replies(self.nick, settings.name, settings.topic, settings.topic_by,
                                               settings.topic_when):
@@ -7949,12 +8604,12 @@ class IrcConnection(ClientConnection):
             else:
                 self.send_irc(irc_numeric("RPL_NOTOPIC", self.nick, f"#{settings.name}"))
         else:
-            self.server.set_topic(self.person, irc_reason(topic), channel)
+            self.server.set_topic(self.session, irc_reason(topic), channel)
 
     def irc_names(self, channels: str = "") -> None:
         for channel in channels.split(",")[:1] if channels else ():
             try:
-                room, people = self.server.room_members(self.person, channel)
+                room, people = self.server.room_members(self.session, channel)
             except Refused as refusal:
                 if refusal.kind == "try-again":
                     raise
@@ -7962,7 +8617,7 @@ class IrcConnection(ClientConnection):
                 continue
             names = self.output.protocol.names_in_names((p.nick, p.room_operator, p.voiced) for p in people)
             try:
-                secret = self.server.room_settings(self.person, room).secret
+                secret = self.server.room_settings(self.session, room).secret
             except Refused:
                 secret = False      # not a member: a secret room would not have been listed
             for line in irc_names_replies(self.nick, f"#{room}", names, secret):
@@ -7972,7 +8627,7 @@ class IrcConnection(ClientConnection):
 
     def irc_list(self, channels: str = "", *ignored: str) -> None:
         wanted = irc_list_wanted(channels)
-        rooms = [room for room in self.server.room_list(self.person) if wanted is None or wanted(room)]
+        rooms = [room for room in self.server.room_list(self.session) if wanted is None or wanted(room)]
         self.send_irc(irc_numeric("RPL_LISTSTART", self.nick, "Channel"))
         for room in rooms:
             self.send_irc(irc_numeric("RPL_LIST", self.nick, f"#{room.name}", str(room.people),
@@ -7999,7 +8654,7 @@ class IrcConnection(ClientConnection):
         """Who fits MASK: everyone's host is pychat on this server, so a mask of a host either fits all of
         them or none; a user part is matched against each one's."""
         if mask.startswith("#"):
-            return self.server.who(self.person, mask)
+            return self.server.who(self.session, mask)
         pattern, user = mask.casefold(), "*"
         if pattern in ("", "0"):
             pattern = "*"
@@ -8013,7 +8668,7 @@ class IrcConnection(ClientConnection):
             if not any(fits_pattern(pattern, name) for name in (IRC_HOST, irc_server_name())):
                 return []
             pattern = "*"
-        found = self.server.who(self.person, pattern)
+        found = self.server.who(self.session, pattern)
         return found if user in ("", "*") else [entry for entry in found
                                                 if fits_pattern(user, entry.username.casefold())]
 
@@ -8036,7 +8691,7 @@ class IrcConnection(ClientConnection):
 
     def irc_whois(self, *targets: str) -> None:
         nick = targets[-1].split(",")[0]
-        found = self.server.person_details(self.person, nick)
+        found = self.server.person_details(self.session, nick)
         if found is None:       # the end of the list follows the error, as it follows the list
             self.send_irc(irc_numeric("ERR_NOSUCHNICK", self.nick, nick))
             self.send_irc(irc_numeric("RPL_ENDOFWHOIS", self.nick, nick))
@@ -8082,7 +8737,7 @@ class IrcConnection(ClientConnection):
     def irc_away(self, reason: str = "") -> None:
         reason = irc_reason(reason)
         try:
-            self.server.set_away(self.person, reason or None)
+            self.server.set_away(self.session, reason or None)
         except Refused:
             pass            # back when not away: IRC says 305 all the same
         self.send_irc(irc_numeric("RPL_NOWAWAY" if reason else "RPL_UNAWAY", self.nick))
@@ -8093,7 +8748,7 @@ class IrcConnection(ClientConnection):
             self.send_irc(irc_numeric("ERR_ERRONEUSNICKNAME", self.nick, wanted, text=problem))
             return
         try:
-            self.server.rename(self.person, wanted)
+            self.server.rename(self.session, wanted)
         except Refused as refusal:
             if refusal.kind == "nickname-taken":
                 self.send_irc(irc_numeric("ERR_NICKNAMEINUSE", self.nick, wanted, text=str(refusal)))
@@ -8102,17 +8757,17 @@ class IrcConnection(ClientConnection):
 
     def irc_kick(self, channel: str, nicks: str, reason: str = "") -> None:
         nick = nicks.split(",")[0]
-        self.server.kick(self.person, nick, irc_reason(reason) or None, channel)
+        self.server.kick(self.session, nick, irc_reason(reason) or None, channel)
 
     def irc_invite(self, nick: str, channel: str) -> None:
-        invited = self.server.invite(self.person, nick, channel)
+        invited = self.server.invite(self.session, nick, channel)
         self.send_irc(irc_numeric("RPL_INVITING", self.nick, invited, channel))
 
     def irc_mode(self, target: str, changes: str = "", *arguments: str) -> None:
         if not target.startswith("#"):
             self.user_mode(target, changes)
         elif not changes:
-            settings = self.server.room_settings(self.person, target)
+            settings = self.server.room_settings(self.session, target)
             channel = f"#{settings.name}"
             self.send_irc(irc_numeric("RPL_CHANNELMODEIS", self.nick, channel, *irc_channel_modes(settings)))
             self.send_irc(irc_numeric("RPL_CREATIONTIME", self.nick, channel, str(int(settings.opened))))
@@ -8134,7 +8789,7 @@ class IrcConnection(ClientConnection):
                 wanted.append(word)
         if not wanted:
             return
-        refusals = self.server.set_room_modes(self.person, [(word.setting, word.value) for word in wanted], channel)
+        refusals = self.server.set_room_modes(self.session, [(word.setting, word.value) for word in wanted], channel)
         for word, refusal in zip(wanted, refusals):
             if refusal is not None and refusal.kind == "invalid-mode-value":
                 # The word as given when it can be one parameter; a key is never shown.
@@ -8147,7 +8802,7 @@ class IrcConnection(ClientConnection):
 
     def send_mask_list(self, channel: str, letter: str) -> None:
         """367 and 368 for the bans, 348 and 349 for the exceptions, 346 and 347 for the invitation masks."""
-        settings = self.server.room_settings(self.person, channel)
+        settings = self.server.room_settings(self.session, channel)
         masks, entry, end = {"b": (settings.bans, "RPL_BANLIST", "RPL_ENDOFBANLIST"),
                              "e": (settings.exempts, "RPL_EXCEPTLIST", "RPL_ENDOFEXCEPTLIST"),
                              "I": (settings.invite_masks, "RPL_INVITELIST", "RPL_ENDOFINVITELIST")}[letter]
@@ -8175,7 +8830,7 @@ class IrcConnection(ClientConnection):
                                                "an operator"))
                 return
         if modes:
-            self.server.set_modes(self.person, **modes)
+            self.server.set_modes(self.session, **modes)
             self.send_irc(format_irc_message("MODE", (self.nick, changes), irc_source(self.nick, self.username)))
         else:
             person = self.person
@@ -8190,7 +8845,7 @@ class IrcConnection(ClientConnection):
                                       text="This server has no operator password, so no one can be an operator"))
             return
         try:
-            self.server.become_operator(self.person, secret)
+            self.server.become_operator(self.session, secret)
         except Refused as refusal:
             self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", self.nick, text=str(refusal)))
             return
@@ -8201,14 +8856,14 @@ class IrcConnection(ClientConnection):
         """WALLOPS TEXT: from an operator of the server to all of them; 481 for anyone else."""
         words = clean_irc_text(text)
         if words:
-            self.server.message_operators(self.person, words)
+            self.server.message_operators(self.session, words)
 
     def irc_kill(self, nick: str, reason: str = "") -> None:
         """KILL NICK [REASON]: an operator of the server disconnects someone, as /disconnect does."""
         if not self.person.operator:
             self.send_irc(irc_numeric("ERR_NOPRIVILEGES", self.nick))
             return
-        self.server.disconnect(self.person, nick, irc_reason(reason) or None)
+        self.server.disconnect(self.session, nick, irc_reason(reason) or None)
 
     def irc_rehash(self, *ignored: str) -> None:
         """REHASH: the reload of /rehash and SIGHUP, for server operators; what changed comes as notices."""
@@ -8286,7 +8941,7 @@ class IrcConnection(ClientConnection):
         if enabled & IRC_RENDERING_CAPABILITIES != before:
             # They shape every line this connection is sent, and rooms group their audiences by them.
             acknowledged = "".join(f"{reply}\r\n" for reply in replies).encode("utf-8")
-            self.server.change_protocol(self.person, IrcProtocol(self, enabled), first=acknowledged)
+            self.server.change_protocol(self.session, IrcProtocol(self, enabled), first=acknowledged)
             return
         for reply in replies:
             self.send_irc(reply)
@@ -8298,7 +8953,7 @@ class IrcConnection(ClientConnection):
             self.send_irc(format_irc_message("FAIL", ("SETNAME", "INVALID_REALNAME",
                                                       f"A real name has 1 to {IRC_MAX_REALNAME} characters")))
             return
-        self.server.set_realname(self.person, cleaned)
+        self.server.set_realname(self.session, cleaned)
 
     def irc_monitor(self, action: str, targets: str = "") -> None:
         """MONITOR + NICKS, - NICKS, C (clear), L (list), S (status): news of names signing in and leaving."""
@@ -8306,19 +8961,19 @@ class IrcConnection(ClientConnection):
         if action in ("+", "-") and not nicks:
             self.send_irc(irc_numeric("ERR_NEEDMOREPARAMS", self.nick, "MONITOR"))
         elif action == "+":
-            watched, refused = self.server.watch(self.person, nicks)
+            watched, refused = self.server.watch(self.session, nicks)
             self.send_status(watched)
             if refused:
                 self.send_irc(irc_numeric("ERR_MONLISTFULL", self.nick, str(WATCH_LIMIT), ",".join(refused)))
         elif action in ("-", "C"):
-            self.server.stop_watching(self.person, nicks if action == "-" else None)
+            self.server.stop_watching(self.session, nicks if action == "-" else None)
         elif action == "L":
             for line in irc_comma_lists("RPL_MONLIST", self.nick, [asked for asked, _ in
-                                                                   self.server.watched(self.person)]):
+                                                                   self.server.watched(self.session)]):
                 self.send_irc(line)
             self.send_irc(irc_numeric("RPL_ENDOFMONLIST", self.nick))
         elif action == "S":
-            self.send_status(self.server.watched(self.person))
+            self.send_status(self.server.watched(self.session))
 
     def send_status(self, watched: list[tuple[str, str | None]]) -> None:
         """730 for the names someone has now, 731 for the others."""
@@ -8329,7 +8984,7 @@ class IrcConnection(ClientConnection):
             self.send_irc(line)
 
     def irc_quit(self, message: str = "") -> None:
-        self.server.quit(self.person, irc_reason(message) or None)
+        self.server.quit(self.session, irc_reason(message) or None)
 
     def irc_authenticate(self, *ignored: str) -> None:
         self.send_irc(irc_numeric("ERR_SASLALREADY" if self.account else "ERR_ALREADYREGISTERED", self.nick,

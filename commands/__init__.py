@@ -225,6 +225,18 @@ class PersonDetails(NamedTuple):
     rooms: tuple[str, ...]      # their rooms that the caller may know of
     away: Optional[str]
     address: Optional[str]      # where they connect from: for operators of the server only
+    connected: str = ""         # how: the protocols of their sessions, and how many there are
+
+
+class SessionInfo(NamedTuple):
+    """One of your sessions (connections signed in to your account), as /sessions lists them."""
+
+    number: int                 # what /kick-session takes
+    protocol: str               # "pyChat" or "IRC"
+    address: str
+    since: str                  # as "2026-12-01 11:05 UTC"
+    idle: str                   # since it last sent a line, as "3m 10s"
+    this: bool                  # the session that asked
 
 
 class ServerDetails(NamedTuple):
@@ -323,6 +335,10 @@ class Context(Protocol):
     def room_members(self, room: Optional[str] = None) -> tuple[str, list[PersonInfo]]: ...
     def rooms(self) -> list[RoomInfo]: ...
     def search(self, words: str, room: Optional[str] = None) -> list[FoundLine]: ...
+    def history(self, target: Optional[str] = None, count: Optional[int] = None) -> int: ...
+    def mark_read(self, target: Optional[str] = None) -> None: ...
+    def sessions(self) -> list[SessionInfo]: ...
+    def end_session(self, number: int) -> str: ...
 
     # -- accounts (the caller's own)
     def register(self, password: str) -> str: ...

@@ -146,19 +146,6 @@ def test_a_registered_name_cannot_be_taken_with_nick(start_server, connect, data
     alice.expect(r"\*\*\* alicia is now known as alice")
 
 
-def test_the_owner_takes_the_name_over_from_a_stale_connection(start_server, connect, data):
-    server = start_server("--data-dir", str(data))
-    stale = connect(server, "alice")
-    register(stale)
-    bob = connect(server, "bob")
-    fresh = connect(server)
-    sign_in(fresh, "alice")
-    assert stale.wait_closed()[-1] == "*** You signed in again somewhere else; this connection is closed."
-    assert bob.expect(r"\*\*\* alice") == "*** alice quit (signed in again somewhere else)"
-    fresh.send("it is me")
-    bob.expect("alice: it is me")
-
-
 def test_a_weak_or_overlong_password_is_refused_with_the_reason(start_server, connect):
     server = start_server()
     alice = connect(server, "alice")
@@ -412,10 +399,11 @@ def test_whois_shows_account_times_rooms_and_away_and_the_address_only_to_operat
         replies = [line for line in lines if line.startswith("-- bob: ")]
         assert replies[0] == "-- bob: guest"
         assert re.match(r"-- bob: signed in \d{4}-\d\d-\d\d \d\d:\d\d UTC, idle \d+s$", replies[1]), replies
-        assert replies[2] == "-- bob: in #lobby, #dev"
-        assert replies[3] == "-- bob: away: lunch"
+        assert replies[2] == "-- bob: connected with pyChat"
+        assert replies[3] == "-- bob: in #lobby, #dev"
+        assert replies[4] == "-- bob: away: lunch"
         if viewer is alice:
-            assert replies[4] == "-- bob: connects from 127.0.0.2"
+            assert replies[5] == "-- bob: connects from 127.0.0.2"
         else:
             carol.send("/whois alice")
             assert carol.expect("-- alice: ") == "-- alice: account alice, operator of the server"

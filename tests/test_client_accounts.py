@@ -117,8 +117,8 @@ def test_reconnecting_after_register_and_passwd_answers_with_the_new_password(st
     assert_password_never_shown(alice, "first-secret-1", "second-secret-2", "third-secret-3")
 
 
-def test_signed_in_somewhere_else_the_client_does_not_take_the_name_back(start_server, connect, run_client,
-                                                                       data):
+def test_a_session_ended_from_another_device_does_not_come_back_by_itself(start_server, connect, run_client,
+                                                                            data):
     server = start_server("--data-dir", str(data))
     registered(server, connect)
     alice = run_client(server, "--nick", "alice", env={ACCOUNT_VARIABLE: PASSWORD})
@@ -130,8 +130,11 @@ def test_signed_in_somewhere_else_the_client_does_not_take_the_name_back(start_s
         laptop.expect(re.escape("*** Password for alice:"))
         laptop.send(PASSWORD)
         laptop.expect(r"\*\*\* Welcome, alice!", timeout=10)
+        alice.wait_for_row(r"You are also signed in from pyChat at 127\.0\.0\.1 \(2 sessions\)")
+        laptop.send("/kick-session 1")
+        laptop.expect(re.escape("-- Ended session 1 (pyChat at 127.0.0.1)."))
         assert alice.wait_exit() == 1
-        assert any(row.endswith("-!- disconnected: you signed in again somewhere else")
+        assert any(row.endswith("-!- disconnected: by alice: ended from another session")
                    for row in screen_rows(alice)), alice.screen.dump()
         laptop.send("/online")
         assert laptop.expect(r"-- \d+ online") == "-- 1 online: alice (#lobby)"

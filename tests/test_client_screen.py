@@ -52,7 +52,7 @@ def test_help_fits_the_width_with_summaries_wrapped_under_their_column(server, c
     bob = connect(server, "bob")
     bob.send("/help")
     help_lines = bob.lines_until(r"(?!-- /)")
-    alice = signed_in(run_client, server, rows=200, cols=40)
+    alice = signed_in(run_client, server, rows=300, cols=40)
     alice.type("/help\r")
     alice.wait_for_row(re.escape(help_lines[-1][:20]))
     rows = rows_of(alice)

@@ -277,21 +277,24 @@ def test_a_failure_on_the_way_in_leaves_no_half_signed_in_person(chat_server, mo
     assert server.sign_in(Newcomer, "alice") is None, "the nickname of the failed sign-in stayed taken"
 
 
-def test_a_command_still_running_for_someone_taken_over_changes_no_room_and_no_table(chat_server):
-    """An account signed in again elsewhere takes its name from the old connection at once, while a
-    command of the old one may still be running on a worker (an IRC JOIN of many rooms): from then on
-    that command must not put the old person back in a room or a table."""
+def test_a_command_still_running_for_someone_who_left_changes_no_room_and_no_table(chat_server):
+    """A connection's person may leave the chat (the connection ended, or was ended) while a command of it is
+    still running on a worker (an IRC JOIN of many rooms): from then on that command must not put them
+    back in a room or a table, not even once their account has signed in again."""
     server = chat_server()
 
     def connection():
         ours, _ = socket_pair()
-        return type("Connection", (), {"address": "127.0.0.1", "person": None,
+        return type("Connection", (), {"address": "127.0.0.1", "person": None, "session": None,
                                        "output": pychat.Output(ours, server.switchboard)})
 
     old, new = connection(), connection()
     assert server.sign_in(old, "mallory", "mallory") is None
-    assert server.sign_in(new, "mallory", "mallory") is None        # the owner, elsewhere: a takeover
-    ghost, owner = old.person, new.person
+    ghost = old.session
+    server.remove(old, "connection lost")
+    assert server.sign_in(new, "mallory", "mallory") is None
+    owner = new.person
+    assert owner is not ghost.person, "a new sign-in after the last session ended made no new person"
     for step in (lambda: server.join(ghost, "dev"), lambda: server.rename(ghost, "ghost"),
                  lambda: server.watch(ghost, ["owner"]), lambda: server.ignore(ghost, "mallory"),
                  lambda: server.say(ghost, "boo"), lambda: server.leave(ghost)):
@@ -299,7 +302,7 @@ def test_a_command_still_running_for_someone_taken_over_changes_no_room_and_no_t
             step()
     room = server.rooms.get(pychat.name_key("dev"))
     assert room is None or not room.members, f"the old connection's JOIN left a ghost in #dev: {room.members}"
-    assert not ghost.rooms and server.people == {owner.key: owner}, "the takeover's tables were changed"
+    assert not ghost.person.rooms and server.people == {owner.key: owner}, "the tables were changed"
     assert not server.watchers and not server.ignorers, "the old connection was put back in a table"
 
 
@@ -483,3 +486,68 @@ def test_hundreds_asking_for_online_cannot_slow_the_chat(start_server, connect):
     finally:
         for sock in crowd:
             sock.close()
+
+
+# -- the gate, and catch-up, without a server running ---------------------------------------------------
+
+def test_the_gate_checks_a_password_before_the_ban_and_counts_every_wrong_guess():
+    storage = pychat.Storage(None)
+    options = pychat.parse_options(["--guess-delay", "0"])
+    gate = pychat.Gate(storage, lambda: options)
+    storage.register("alice", "correct horse")
+    try:
+        someone = type("Connection", (), {"address": "127.0.0.2"})
+        assert gate.check_account(someone, "ALICE", "correct horse") == ("alice", "password")
+        assert gate.name_problem("aIice", None) == ("alice is registered: sign in as alice with its password to "
+                                                    "use it.")
+        assert gate.name_problem("Alice", "alice") is None and not gate.needs_invitation("alice")
+        storage.ban(pychat.Ban("account", pychat.name_key("alice"), "alice", "spam", "olga", time.time(), None))
+        assert gate.check_account(someone, "alice", "wrong one") is None, "a wrong password heard of the ban"
+        with pytest.raises(pychat.Disconnect) as banned:
+            gate.check_account(someone, "alice", "correct horse")
+        assert "banned" in banned.value.reason
+        for _ in range(pychat.ADDRESS_GUESSES - 1):
+            assert gate.check_account(someone, "nobody", "guess") is None
+        with pytest.raises(pychat.TooManyGuesses):
+            gate.check_account(someone, "alice", "correct horse")
+        assert not gate.needs_invitation("bob")
+        options.private = True
+        assert gate.needs_invitation("bob") and not gate.needs_invitation("alice")
+    finally:
+        storage.close()
+
+
+def test_catch_up_shows_the_newest_unread_lines_with_how_many_and_never_moves_a_position_back(chat_server):
+    server = chat_server("--history", "5")
+    server.storage.register("alice", "correct horse")
+
+    def connection():
+        ours, _ = socket_pair()
+        output = pychat.Output(ours, server.switchboard)
+        output.owner = threading.get_ident()        # what it is sent waits in output.pending, read below
+        return type("Connection", (), {"address": "127.0.0.1", "person": None, "session": None, "output": output})
+
+    def lines(connection) -> list[str]:
+        return b"".join(connection.output.pending).decode().splitlines()
+
+    bob, alice = connection(), connection()
+    assert server.sign_in(bob, "bob") is None and server.sign_in(alice, "alice", "alice") is None
+    server.say(bob.session, "read before leaving")
+    server.remove(alice, "gone")        # a session that never said what it read read all it was shown
+    for number in range(pychat.CATCH_UP_LINES + 5):
+        server.say(bob.session, f"line {number}")
+    again = connection()
+    assert server.sign_in(again, "alice", "alice") is None
+    shown = lines(again)
+    header = next(line for line in shown if " new in #lobby" in line)
+    assert header.startswith(f"*** {pychat.CATCH_UP_LINES + 5} new in #lobby since ") and header.endswith(
+        f"; the latest {pychat.CATCH_UP_LINES} follow (/history #lobby for earlier ones)."), header
+    history = [line for line in shown if line.startswith("[history ")]
+    assert len(history) == pychat.CATCH_UP_LINES and history[0].endswith("bob: line 5") and \
+        history[-1].endswith(f"bob: line {pychat.CATCH_UP_LINES + 4}"), history[:2]
+    person, target = again.person, pychat.room_target("lobby")
+    newest = person.read[target]
+    server.mark_read(again.session)
+    assert person.read[target] > newest
+    server.mark_read(again.session, "#lobby", line_id=newest)
+    assert person.read[target] > newest, "a read position went back"

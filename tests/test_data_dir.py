@@ -205,7 +205,8 @@ def test_a_kill_9_at_random_moments_loses_no_confirmed_line(start_server, tmp_pa
 
 # -- every kind of record, across restarts --------------------------------------------------------------------
 
-KINDS = ("accounts", "operators", "invitations", "bans", "mutes", "rooms", "offline", "messages")
+KINDS = ("accounts", "operators", "invitations", "bans", "mutes", "rooms", "offline", "messages", "kept_rooms",
+         "read_positions")
 
 
 def kept(data) -> dict:
@@ -245,6 +246,11 @@ def test_a_record_of_every_kind_survives_three_restarts_clean_or_killed(start_se
     bob.wait_closed()
     alice.send("/msg bob while you were out")
     alice.expect("-- bob is offline")
+    dave = connect(server, "dave")          # a guest's message to an account waits as an offline message
+    dave.send("/msg bob from a guest")
+    dave.expect("-- bob is offline")
+    dave.send("/quit")
+    dave.wait_closed()
     before = kept(data)
     assert all(before[kind] for kind in KINDS), {kind: len(rows) for kind, rows in before.items()}
     for restart in range(3):

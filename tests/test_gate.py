@@ -161,3 +161,55 @@ def test_a_new_ban_puts_out_whoever_it_covers_at_either_door(moderated, connect)
     assert alice.expect("-- |!! ").startswith("-- Banned the address 127.0.0.5 permanently: enough. Disconnected ")
     assert any(line.startswith("*** You were banned by alice") for line in guest.wait_closed())
     assert any(line.startswith("ERROR :Closing link: chatter (Banned by alice") for line in chatter.wait_closed())
+
+
+def pychat_outcome(server, name: str, password: str | None) -> str:
+    """What the pyChat door does with NAME and PASSWORD (None: none is given), as one word."""
+    client = ClientFrom(server.host, server.port, "127.0.0.3")
+    client.expect(re.escape(NICKNAME_PROMPT))
+    client.send(name)
+    first = client.expect(r"\*\*\* |!! ")
+    if first.startswith("*** Welcome"):
+        return "in as a guest"
+    assert first == f"*** Password for {name}:", shown(client.seen)
+    if password is None:
+        return "asked for the password"
+    client.send(password)
+    answer = client.expect(r"\*\*\* (Welcome|You were banned)|!! ")
+    if answer.startswith("*** Welcome"):
+        return "in to the account"
+    if answer.startswith("*** You were banned"):
+        return "banned"
+    assert answer == f"!! Wrong password for {name}.", answer
+    return "wrong password"
+
+
+def irc_outcome(server, name: str, password: str | None) -> str:
+    """What the IRC door does with NAME and PASSWORD (None: no SASL), as one word."""
+    client = IrcClient(server.host, irc_port(server), source="127.0.0.3")
+    if password is None:
+        client.send(f"NICK {name}")
+        client.send(f"USER {name} 0 * :{name}")
+        answer = client.expect(r"(001|433) ")
+        return "in as a guest" if " 001 " in answer else "asked for the password"
+    answer = sasl_plain(client, name, password)
+    if " 904 " in answer:
+        return "wrong password"
+    if "banned" in answer.lower():
+        return "banned"
+    client.send("CAP END")
+    lines = client.lines_until(r"(:\S+ )?(001|ERROR) ")
+    return "in to the account" if " 001 " in lines[-1] else "banned"
+
+
+@pytest.mark.parametrize("door", [pychat_outcome, irc_outcome], ids=["pychat", "irc"])
+def test_both_doors_answer_every_account_state_the_same_way_in_the_same_order(moderated, door):
+    server, alice = moderated
+    outcomes = [door(server, "newcomer", None), door(server, "mallory", None),
+                door(server, "mallory", "not the password"), door(server, "mallory", ACCOUNT_PASSWORD)]
+    server.wait_for_log(r"mallory@127\.0\.0\.3 (signed in|left)")
+    alice.send("/ban mallory 1h stealing")
+    alice.expect("-- Banned ")
+    outcomes += [door(server, "mallory", "not the password"), door(server, "mallory", ACCOUNT_PASSWORD)]
+    assert outcomes == ["in as a guest", "asked for the password", "wrong password", "in to the account",
+                        "wrong password", "banned"]

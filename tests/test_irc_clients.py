@@ -302,6 +302,37 @@ def test_a_real_irc_client_signs_in_to_an_account_with_sasl(start_server, connec
 
 
 @pytest.mark.parametrize("kind", CLIENTS)
+def test_a_real_irc_client_and_a_pychat_client_on_one_account_are_one_person(start_server, connect,
+                                                                             run_irc_client, kind):
+    server = start_server("--irc-port", "0")
+    laptop = connect(server, "alice")
+    laptop.send(f"/register {ACCOUNT_PASSWORD}")
+    laptop.expect(r"-- Registered ", timeout=10)
+    laptop.send("/join #dev")
+    laptop.expect(r"\*\*\* You are in #dev")
+    bob = connect(server, "bob")
+    bob.send("/join #dev")
+    bob.expect(r"\*\*\* You are in #dev")
+    laptop.expect(re.escape("*** bob joined #dev"))
+    phone = run_irc_client(kind, irc_port(server), "alice", sasl=("alice", ACCOUNT_PASSWORD))
+    laptop.expect(re.escape("*** You are also signed in from IRC at 127.0.0.1 (2 sessions)."), timeout=SLOW)
+    says = lambda nick, text: SAYS[kind].format(nick=nick, text=re.escape(text))
+    phone.switch_until(SWITCH[kind].format(window="#dev"), r"bob")       # the phone is put in alice's rooms
+    laptop.send("from the laptop")
+    phone.wait_for(says("alice", "from the laptop"))
+    phone.type("from the phone")
+    laptop.expect(re.escape("alice: from the phone"))
+    bob.expect(re.escape("alice: from the phone"))
+    bob.send("/msg alice psst")
+    laptop.expect(re.escape("[pm from bob] psst"))
+    phone.switch_until(SWITCH[kind].format(window="bob"), r"psst")     # a query window of its own
+    phone.type("/quit gone to bed")
+    laptop.expect(re.escape("*** Your session from IRC at 127.0.0.1 ended"), timeout=SLOW)
+    laptop.send("/quit")
+    assert bob.expect(r"\*\*\* alice") == "*** alice quit", "bob saw alice leave more than once"
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
 def test_a_real_irc_client_runs_a_room_it_opened_and_a_pychat_user_sees_it(start_server, connect, run_irc_client,
                                                                             kind):
     server = start_server("--irc-port", "0")

@@ -649,18 +649,20 @@ def test_a_room_regroups_someone_whose_capabilities_change_and_keeps_no_empty_au
         def __init__(self, capabilities: frozenset) -> None:
             self.protocol = server.IrcProtocol(Receiver(), capabilities)
 
-    room = server.Room("dev", 20)
-    alice = server.Person("alice", Output(frozenset()), "127.0.0.1", 1)
-    bob = server.Person("bob", Output(frozenset()), "127.0.0.2", 2)
-    for person in (alice, bob):
-        room.hear(person, current=True)
+    def session(nick: str, serial: int) -> server.Session:
+        return server.Session(server.Person(nick, serial), Output(frozenset()), f"127.0.0.{serial}", 1, time.monotonic)
+
+    room = server.Room("dev")
+    alice, bob = session("alice", 1), session("bob", 2)
+    for one in (alice, bob):
+        room.hear(one, current=True)
     assert list(room.audiences.values()) == [{alice.output, bob.output}]
     room.stop_hearing(alice)
     alice.output.protocol = server.IrcProtocol(Receiver(), frozenset({"message-tags"}))
     room.hear(alice, current=False)
     assert room.audiences == {(bob.output.protocol, False): {bob.output},
                               (alice.output.protocol, True): {alice.output}}
-    carol = server.Person("carol", Output(frozenset()), "127.0.0.3", 3)
+    carol = session("carol", 3)
     room.hear(carol, current=True)
     room.stop_hearing(bob)          # the first of the group, whose protocol object is in its key
     [(protocol, _)] = [key for key, outputs in room.audiences.items() if carol.output in outputs]

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import SERVER_SCRIPT, import_script
+from conftest import SERVER_SCRIPT, database_rows, import_script
 
 server = import_script(SERVER_SCRIPT, "pychat_server")
 PASSWORD = "correct horse"
@@ -215,14 +215,57 @@ def test_last_seen_is_written_with_the_next_chat_lines_and_lasts(open_storage):
     with storage.lock:
         storage.db.execute("UPDATE accounts SET last_seen=NULL")
     storage.saw("ALICE")
-    assert storage.seen and storage.accounts()[0].last_seen is not None, "a read did not write it first"
+    assert storage.deferred and storage.accounts()[0].last_seen is not None, "a read did not write it first"
     storage.saw("alice")
     said(storage, "#lobby", "hello")
-    assert not storage.seen, "the chat lines' commit did not take it along"
+    assert not storage.deferred, "the chat lines' commit did not take it along"
     seen = storage.accounts()[0].last_seen
     storage = reopen(storage)
     try:
         assert [tuple(a) for a in storage.accounts()] == [("alice", registered.since, seen)]
+    finally:
+        storage.close()
+
+
+def test_kept_rooms_and_read_positions_last_across_two_restarts_and_positions_never_go_back(open_storage):
+    storage = open_storage()
+    storage.keep_room("alice", "dev", None)
+    storage.keep_room("alice", "ops", "sesame")
+    storage.keep_room("ALICE", "dev", None)         # used last: current at the next sign-in
+    storage.keep_room("bob", "lobby", None)
+    storage.mark_read("alice", "#dev", 500)
+    storage.mark_read("alice", "#dev", 300)         # an older report, from a slower device
+    storage.mark_read("alice", "@alice\nbob", 40, only_if_new=True)
+    storage.mark_read("alice", "@alice\nbob", 10, only_if_new=True)
+    for _ in range(2):
+        storage = reopen(storage)
+        assert storage.kept_rooms("alice") == [("ops", "sesame"), ("dev", None)]
+        assert storage.read_positions("Alice") == {"#dev": 500, "@alice\nbob": 40}
+    storage.drop_room("alice", "OPS")
+    storage.mark_read("alice", "@alice\nbob", 60)
+    storage = reopen(storage)
+    try:
+        assert storage.kept_rooms("alice") == [("dev", None)] and storage.kept_rooms("bob") == [("lobby", None)]
+        assert storage.read_positions("alice")["@alice\nbob"] == 60
+    finally:
+        storage.close()
+
+
+def test_a_database_of_schema_1_is_upgraded_in_place_and_keeps_what_it_held(open_storage, tmp_path):
+    storage = open_storage()
+    storage.register("alice", PASSWORD)
+    number = said(storage, "#lobby", "before the upgrade")
+    with storage.lock:
+        storage.db.executescript("BEGIN; DROP TABLE kept_rooms; DROP TABLE read_positions; "
+                                 "UPDATE meta SET value='1' WHERE key='schema'; COMMIT;")
+    storage = reopen(storage)
+    try:
+        assert storage.verify_password("alice", PASSWORD)
+        assert [m.id for m in storage.latest_messages("#lobby", 5)] == [number]
+        storage.keep_room("alice", "dev", None)
+        assert storage.kept_rooms("alice") == [("dev", None)]
+        assert database_rows(tmp_path / "data", "SELECT value FROM meta WHERE key='schema'") == [
+            (str(server.SCHEMA_VERSION),)]
     finally:
         storage.close()
 

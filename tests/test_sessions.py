@@ -1,0 +1,267 @@
+"""One person, several sessions: an account signed in from several connections (pyChat and IRC) at once is
+one member, whose rooms and read positions last, and who is shown exactly what they missed."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import LineClient, shown
+from test_accounts import PASSWORD, register, sign_in
+from test_irc import sasl
+from test_rooms import join
+
+
+@pytest.fixture
+def data(tmp_path):
+    return tmp_path / "data"
+
+
+def second_session(connect, server, nick: str = "alice") -> tuple[LineClient, list[str]]:
+    """Another connection signed in to NICK's account; it and the lines up to its current room's entry."""
+    client = connect(server)
+    lines = sign_in(client, nick)
+    return client, lines
+
+
+def quiet(client: LineClient, marker_from: LineClient, text: str) -> list[str]:
+    """Everything CLIENT reads until MARKER_FROM's line TEXT arrives: what else it was sent meanwhile."""
+    marker_from.send(text)
+    return client.lines_until(rf"(#\S+ )?{marker_from.nick}: {re.escape(text)}$")[:-1]
+
+
+def test_a_second_sign_in_is_one_more_session_of_one_person(start_server, connect, data):
+    server = start_server("--data-dir", str(data))
+    laptop = connect(server, "alice")
+    register(laptop)
+    bob = connect(server, "bob")
+    laptop.expect(r"\*\*\* bob joined #lobby")
+    phone, lines = second_session(connect, server)
+    assert lines[0] == "*** Welcome, alice! Type /help for the commands.", shown(lines)
+    assert lines[-1] == "*** You are in #lobby with bob.", shown(lines)
+    laptop.expect(re.escape("*** You are also signed in from pyChat at 127.0.0.1 (2 sessions)."))
+    phone.send("said from the phone")
+    laptop.expect("alice: said from the phone")
+    phone.expect("alice: said from the phone")
+    assert quiet(bob, laptop, "said from the laptop") == ["alice: said from the phone"], \
+        "bob was told something of the second session"
+    bob.send("/whois alice")
+    assert bob.expect("-- alice: signed in") and bob.expect("-- alice: connected") == \
+        "-- alice: connected with pyChat (2 sessions)"
+    bob.expect("-- alice: in #lobby")
+    laptop.send("/sessions")
+    assert laptop.expect("-- 1: ").endswith("(this one)")
+    assert laptop.expect("-- 2: ").startswith("-- 2: pyChat from 127.0.0.1, since ")
+    laptop.send("/kick-session 2")
+    laptop.expect(re.escape("-- Ended session 2 (pyChat at 127.0.0.1)."))
+    assert phone.wait_closed()[-1] == "*** You were disconnected by alice: ended from another session."
+    laptop.expect(re.escape("*** Your session from pyChat at 127.0.0.1 ended (ended from session 1); 1 left."))
+    assert quiet(bob, laptop, "still here") == [], "bob saw the session end as a quit"
+    laptop.send("/quit")
+    assert bob.expect(r"\*\*\* alice") == "*** alice quit"
+
+
+def test_rooms_and_private_messages_are_the_person_s_and_the_current_room_the_session_s(start_server, connect):
+    server = start_server()
+    laptop = connect(server, "alice")
+    register(laptop)
+    phone, _ = second_session(connect, server)
+    bob = connect(server, "bob")
+    join(laptop, "dev")
+    assert phone.expect(r"#dev \*\*\* You are in #dev") == "#dev *** You are in #dev, alone for now."
+    join(bob, "dev")
+    phone.send("still in the lobby")
+    assert bob.expect(r"(#\S+ )?alice: still") == "#lobby alice: still in the lobby"
+    bob.send("/msg alice psst")
+    laptop.expect(re.escape("[pm from bob] psst"))
+    phone.expect(re.escape("[pm from bob] psst"))
+    phone.send("/msg bob yes?")
+    laptop.expect(re.escape("[pm to bob] yes?"))
+    bob.expect(re.escape("[pm from alice] yes?"))
+    phone.send("/leave dev")
+    phone.expect(re.escape("*** You left #dev."))
+    assert laptop.lines_until(r"\*\*\* Now talking in")[-2:] == ["*** You left #dev.", "*** Now talking in #lobby."]
+    assert bob.expect(r"\*\*\* alice") == "*** alice left #dev"
+    phone.send("/nick ally")
+    laptop.expect(re.escape("*** alice is now known as ally"))
+    bob.expect(re.escape("*** alice is now known as ally"))
+
+
+def test_an_irc_session_on_the_same_account_sees_the_lines_of_the_pychat_one(start_server, connect, irc_connect):
+    server = start_server("--irc-port", "0", "--guess-delay", "0.05")
+    laptop = connect(server, "alice")
+    register(laptop)
+    join(laptop, "dev")
+    phone = irc_connect(server)
+    lines = sasl(phone, "alice", "alice", PASSWORD)
+    assert any(" 903 " in line for line in lines), shown(lines)
+    phone.expect(r"366 alice #lobby ")
+    phone.expect(r"366 alice #dev ")
+    laptop.send("from the laptop")
+    phone.expect(r"PRIVMSG #dev :from the laptop")
+    phone.send("PRIVMSG #lobby :from weechat")
+    laptop.expect("#lobby alice: from weechat")
+    phone.send("PRIVMSG bob :nobody")       # bob is offline and a guest: refused, and only to the phone
+    phone.expect(r"401 alice bob ")
+
+
+def test_catch_up_shows_exactly_what_was_missed_across_restarts_and_never_twice(start_server, connect, data):
+    options = ("--data-dir", str(data), "--history", "5")
+    server = start_server(*options)
+    alice = connect(server, "alice")
+    register(alice)
+    bob = connect(server, "bob")
+    register(bob, "a long pass phrase 7")
+    join(alice, "dev")
+    join(alice, "ops")
+    join(bob, "dev")
+    alice.send("/quit")
+    alice.wait_closed()
+    bob.send("/join ops")
+    for number in range(3):
+        bob.send(f"/msg #dev dev line {number}")
+    bob.send("/msg #ops ops line")
+    bob.send("/msg alice are you there?")
+    bob.expect(r"-- alice is offline")
+    server.stop()
+    for _ in range(2):
+        server = start_server(*options)
+        alice = connect(server)
+        lines = sign_in(alice, "alice") + alice.lines_until(r"\*\*\* End of history with bob\.")
+        text = "\n".join(lines)
+        assert re.search(r"\*\*\* You are in #dev, alone for now\.\n\*\*\* 3 new in #dev since \S+Z\n"
+                         r"\[history \S+\] bob: dev line 0\n\[history \S+\] bob: dev line 1\n"
+                         r"\[history \S+\] bob: dev line 2\n\*\*\* End of #dev history\.", text), text
+        assert re.search(r"\*\*\* You are in #ops, alone for now\.\n\*\*\* 1 new in #ops since \S+Z\n"
+                         r"\[history \S+\] bob: ops line\n\*\*\* End of #ops history\.", text), text
+        assert re.search(r"\*\*\* 1 new with bob since \S+Z\n\[history \S+\] \[pm from bob\] are you there\?\n"
+                         r"\*\*\* End of history with bob\.", text), text
+        assert "new in #lobby" not in text, "the lobby, where nothing was said, showed something new"
+        if _ == 0:
+            # A client that never says what its person read is taken to have shown all it was sent.
+            alice.send("/quit")
+            alice.wait_closed()
+            server.stop()
+            server = start_server(*options)
+            alice = connect(server)
+            lines = sign_in(alice, "alice")
+            alice.send("/msg #ops marker")
+            lines += alice.lines_until("#ops alice: marker|alice: marker")
+            assert not [line for line in lines if "new" in line or line.startswith("[history")], shown(lines)
+            break
+
+
+def test_a_client_that_reports_reading_is_caught_up_from_what_it_read(start_server, connect):
+    server = start_server("--history", "5")
+    alice = connect(server, "alice")
+    register(alice)
+    bob = connect(server, "bob")
+    bob.send("one")
+    alice.expect("bob: one")
+    alice.send("/read")
+    alice.expect(re.escape("[read #lobby]"))        # every session is told, the one that read too
+    bob.send("two")
+    alice.expect("bob: two")
+    phone, lines = second_session(connect, server)
+    lines += phone.lines_until(r"\*\*\* End of #lobby history\.")
+    caught_up = [line for line in lines if " new in " in line or line.startswith("[history")]
+    assert len(caught_up) == 2 and caught_up[0].startswith("*** 1 new in #lobby since ") and \
+        caught_up[1].endswith("] bob: two"), shown(lines)
+    phone.send("/read")
+    alice.expect(re.escape("[read #lobby]"))
+    phone.expect(re.escape("[read #lobby]"))
+
+
+def test_history_pages_back_from_the_oldest_line_shown(start_server, connect):
+    server = start_server("--history", "3")
+    bob = connect(server, "bob")
+    for number in range(12):
+        bob.send(f"line {number}")
+    bob.expect("bob: line 11")
+    alice = connect(server)
+    alice.login("alice")
+    alice.expect(r"\*\*\* End of #lobby history\.")
+    alice.send("/history 4")
+    page = alice.lines_until(r"\*\*\* End of #lobby history\.")
+    assert [line.split("] ", 1)[-1] for line in page] == [
+        "*** 4 earlier lines of #lobby:", "bob: line 5", "bob: line 6", "bob: line 7", "bob: line 8",
+        "*** End of #lobby history."], shown(page)
+    alice.send("/history #lobby 10")
+    page = alice.lines_until(r"\*\*\* End of #lobby history\.")
+    assert page[0] == "*** 5 earlier lines of #lobby:" and page[-2].endswith("bob: line 4"), shown(page)
+    alice.send("/history")
+    assert alice.expect("-- |!! ") == "-- Nothing earlier is kept."
+
+
+def test_a_guest_cannot_page_through_an_account_s_private_conversation(start_server, connect):
+    server = start_server()
+    alice = connect(server, "alice")
+    register(alice)
+    carol = connect(server, "carol")
+    register(carol, "a long pass phrase 7")
+    alice.send("/msg carol a secret")
+    carol.expect(re.escape("[pm from alice] a secret"))
+    alice.send("/quit")
+    alice.wait_closed()
+    mallory = connect(server, "mallory")
+    mallory.send("/history alice")
+    assert mallory.expect("-- |!! ") == "!! No one called alice is online. /online lists who is."
+    mallory.send("/history carol")
+    assert mallory.expect("-- |!! ") == "-- Nothing earlier is kept for carol."
+
+
+def test_an_account_has_at_most_ten_sessions(start_server, connect):
+    server = start_server("--max-per-ip", "0")
+    first = connect(server, "alice")
+    register(first)
+    for _ in range(9):
+        second_session(connect, server)
+    extra = connect(server)
+    extra.expect(re.escape("*** Choose a nickname:"))
+    extra.send("alice")
+    extra.expect(re.escape("*** Password for alice:"))
+    extra.send(PASSWORD)
+    assert extra.expect("!! ") == ("!! alice is signed in on 10 sessions, the most; /sessions on one of them "
+                                   "lists them, and /kick-session ends one.")
+
+
+def entered_rooms(client: LineClient) -> list[str]:
+    """The rooms CLIENT, just signed in, was put in, in order: up to its own line said as a marker."""
+    client.send("here")
+    lines = client.lines_until(rf"(#\S+ )?{client.nick}: here$")
+    return [re.match(r"\*\*\* You are in #(\w+)", line).group(1) for line in client.seen
+            if line.startswith("*** You are in")]
+
+
+def test_kept_rooms_come_back_with_their_key_but_not_those_left_or_kicked_from(start_server, connect, data):
+    options = ("--data-dir", str(data))
+    server = start_server(*options)
+    alice = connect(server, "alice")
+    register(alice)
+    bob = connect(server, "bob")
+    join(bob, "ops")                        # bob runs #ops
+    join(alice, "secret", "sesame")         # alice opens #secret with a key
+    join(alice, "dev")
+    join(alice, "ops")
+    alice.send("/leave dev")
+    alice.expect(re.escape("*** You left #dev."))
+    bob.send("/kick alice enough")
+    alice.expect(re.escape("*** You were kicked from #ops by bob: enough."))
+    join(bob, "secret", "sesame")
+    alice.send("/quit")
+    alice.wait_closed()
+    alice = connect(server)
+    sign_in(alice, "alice")
+    assert entered_rooms(alice) == ["lobby", "secret"], shown(alice.seen)
+    bob.send("/quit")
+    bob.wait_closed()
+    for _ in range(2):
+        server.stop()
+        server = start_server(*options)
+        alice = connect(server)
+        sign_in(alice, "alice")
+        assert entered_rooms(alice) == ["lobby", "secret"], shown(alice.seen)
+        carol = connect(server, "carol")
+        carol.send("/join #secret")
+        assert carol.expect("!! ") == "!! #secret needs a key: /join #secret KEY.", "the kept key was lost"
+        carol.close()
