@@ -61,6 +61,7 @@ import struct
 import sys
 import threading
 import time
+import types
 import unicodedata
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
@@ -1736,6 +1737,9 @@ class Switchboard(threading.Thread):
         # they are in the database before anyone sees them.
         self.before_writing: Callable[[], None] = lambda: None
         self.least_hold = 0.0       # the shortest hold of a busy room (HISTORY_HOLD_SECONDS with history kept)
+        # The replies to a command that must go out together (IRC's labeled-response), by the thread that runs
+        # it: what that thread queues for the output is kept in the list instead. Changed by that thread only.
+        self.gathering: dict[int, tuple[Output, list[bytes]]] = {}
 
     def set_limits(self, max_queue: int, stall_timeout: float) -> None:
         """--max-queue and --stall-timeout, from the start or a reload; each is read whole, by any thread."""
@@ -1757,6 +1761,8 @@ class Switchboard(threading.Thread):
         """
         if not data:
             return
+        if self.gathering:
+            outputs = self._gather(outputs, data)
         if threading.get_ident() != self.ident:
             self._line_up(outputs, data)
             return
@@ -1779,6 +1785,30 @@ class Switchboard(threading.Thread):
             outputs = tuple(outputs)
             append_to_each(outputs, data)
             self.written.append(outputs)
+
+    @contextlib.contextmanager
+    def gathered(self, output: Output) -> Iterator[list[bytes]]:
+        """Keep what this thread queues for OUTPUT in the list it gives, instead of sending it: the replies
+        to one command, whatever part of the server makes them, for the caller to send as one answer."""
+        replies: list[bytes] = []
+        thread = threading.get_ident()
+        self.gathering[thread] = (output, replies)
+        try:
+            yield replies
+        finally:
+            del self.gathering[thread]
+
+    def _gather(self, outputs: Iterable[Output], data: bytes) -> Iterable[Output]:
+        """OUTPUTS but the one whose replies this thread gathers, if it is among them (DATA then goes to
+        its list). Only while a command's replies are gathered: the usual line costs one test."""
+        gathering = self.gathering.get(threading.get_ident())
+        if gathering is None:
+            return outputs
+        output, replies = gathering
+        if output not in outputs:
+            return outputs
+        replies.append(data)
+        return [other for other in outputs if other is not output]
 
     def _line_up(self, outputs: Iterable[Output], data: bytes, at_once: bool = False) -> None:
         """queue() from another thread, or AT_ONCE in a quiet pass: each output in turn.
@@ -2112,6 +2142,10 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
     def __repr__(self) -> str:
         return f"{self.person.nick if self.person else '(signing in)'}@{self.address}"
+
+    def last_line_at(self) -> float:
+        """When it last sent a line (a time.monotonic()): IRC's PING and PONG do not count."""
+        return self.last_active
 
     @staticmethod
     def refusal(reason: str) -> bytes:
@@ -2623,6 +2657,7 @@ SEARCH_RESULTS = 20               # lines /search shows at most
 SEARCH_SCAN_LINES = 200_000       # lines the search without an index looks through, the newest first
 SEARCH_PAGE = 500                 # lines the search without an index reads at once
 PRIVATE_TARGETS = ("@", "~")
+NO_POSITIONS: Any = types.MappingProxyType({})    # a guest's read positions: none, and none may be written
 
 
 class StorageError(Exception):
@@ -3775,6 +3810,22 @@ class Storage:
                 self._defer(what, "INSERT INTO read_positions VALUES (?, ?, ?) ON CONFLICT (account, target) "
                             "DO UPDATE SET id=max(id, excluded.id)", (key, target, message_id))
 
+    def latest_ids(self, targets: Iterable[str]) -> dict[str, int]:
+        """The id of the latest line of each of TARGETS that has lines: a look-up in the index each."""
+        latest = {}
+        for target in targets:
+            last = self._query("SELECT max(id) FROM messages WHERE target=?", (target,))[0][0]
+            if isinstance(last, int):
+                latest[target] = last
+        return latest
+
+    def guest_conversations(self, identity: str) -> list[str]:
+        """The private conversations with a guest that IDENTITY is one of the two of (their lines last only
+        while the guest is here, so there are few)."""
+        rows = self._query("SELECT DISTINCT target FROM messages WHERE target >= '~' AND target < '\x7f' "
+                           "AND instr(char(10) || substr(target, 2) || char(10), ?) > 0", (f"\n{identity}\n",))
+        return [row[0] for row in rows if isinstance(row[0], str)]
+
     def count_after(self, target: str, after: int) -> int:
         """How many lines of TARGET came after the id AFTER."""
         return self._query("SELECT count(*) FROM messages WHERE target=? AND id>?", (target, after))[0][0]
@@ -4376,8 +4427,10 @@ class Person:
         self.last_private_from: int | None = None   # a serial: nothing of a sender who left stays reachable
         self.invited_to: dict[str, int] = {}    # room key -> the Room.life the invitation is for
         self.seen: dict[str, int] = {}          # a guest's rooms left: room key -> the id of the last line then
-        self.read: dict[str, int] = {}          # an account's read positions: message target -> message id
-        self.last_private: dict[str, int] = {}  # message target -> the id of the last private line there
+        # An account's read positions (message target -> message id), and the last private line of each of
+        # its conversations while online; a guest has neither (and so costs no dict for them).
+        self.read: dict[str, int] = NO_POSITIONS
+        self.last_private: dict[str, int] = NO_POSITIONS
         self.listing = TokenBucket(LISTING_RATE, LISTING_BURST)
         self.quit_message = False               # they left with /quit and words of their own
         self.watching: dict[str, str] = {}      # name keys watched for coming and going -> the name as asked
@@ -4417,21 +4470,25 @@ class Session:
     """One connection signed in as a person: where lines to it go, and, in a protocol with one, its current
     room. Changed only by ChatServer's methods, under its lock."""
 
-    __slots__ = ("person", "output", "address", "number", "since", "last_active", "current", "operator_failures",
+    __slots__ = ("person", "output", "address", "number", "since", "current", "operator_failures",
                  "reports_reading", "oldest_shown")
 
-    def __init__(self, person: Person, output: Output, address: str, number: int,
-                 last_active: Callable[[], float]) -> None:
+    def __init__(self, person: Person, output: Output, address: str, number: int) -> None:
         self.person = person
-        self.output = output
+        self.output = output                    # its reader is the connection, whose door knows when it spoke
         self.address = address
         self.number = number                    # its number among its person's, for /sessions and /kick-session
         self.since = time.time()
-        self.last_active = last_active          # when its connection last sent a line (its door knows)
         self.current: Room | None = None        # where plain lines go
         self.operator_failures = 0              # wrong /op secrets on this connection
         self.reports_reading = False            # it has said what its person read (/read, IRC's MARKREAD)
-        self.oldest_shown: dict[str, int] = {}  # message target -> the id /history shows lines before
+        self.oldest_shown: dict[str, int] | None = None     # message target -> the id /history shows lines before
+
+    def shown_from(self, target: str, number: int) -> None:
+        """It has been shown TARGET's lines from the id NUMBER on: /history pages back from there."""
+        if self.oldest_shown is None:
+            self.oldest_shown = {}
+        self.oldest_shown[target] = number
 
     def __repr__(self) -> str:
         return f"{self.person.nick}@{self.address}"
@@ -4938,7 +4995,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         motd = self.motd.lines()
         ignoring = self.storage.ignoring(account) if account else []
         kept = self.storage.kept_rooms(account) if account else []
-        read = self.storage.read_positions(account) if account else {}
+        read = self.storage.read_positions(account) if account else None
         bans_seen = self.bans_made
         self.gate.refuse_banned(connection, account)
         with self.lock:
@@ -4961,10 +5018,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 person.realname = realname
                 person.username = username
                 person.operator = account is not None and self.storage.is_operator(account)
-                person.read = read
+                if read is not None:
+                    person.read, person.last_private = read, {}
             session = Session(person, connection.output, connection.address,
-                              max((s.number for s in person.sessions), default=0) + 1,
-                              lambda: connection.last_active)
+                              max((s.number for s in person.sessions), default=0) + 1)
             connection.person, connection.session = person, session      # who the protocol now speaks to
             try:
                 self._open_session(session, motd, ignoring, kept)
@@ -5213,9 +5270,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if person.account:
             self.storage.keep_room(person.account, room.name, room.password)
             if room_target(room.name) not in person.read:
-                # Only what is said from now on is new to them; what they were shown of the past is history.
-                self._mark_read(person, room_target(room.name),
-                                max(self._last_line_of(room), self.storage.message_id_at(time.time())))
+                self._read_until_now(person, room)
 
     def _show_room(self, session: Session, room: Room, current: bool = True) -> None:
         """Show SESSION that its person is in ROOM (made current for it unless not CURRENT): who is there, the
@@ -5244,7 +5299,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
         guest, the last --history lines, or those since they left it. Lock held."""
         person, target = session.person, room_target(room.name)
         if not self.storage.keeps_history or room.private or not self.options.history:
-            session.oldest_shown[target] = room.last_line + 1
             return []
         position = person.read.get(target) if person.account else None
         if position is None:
@@ -5253,7 +5307,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             events: list[Any] = []
         else:
             lines, events = self._unread(target, position, f"#{room.name}", room=room.name)
-        session.oldest_shown[target] = lines[0].id if lines else room.last_line + 1
+        session.shown_from(target, lines[0].id if lines else room.last_line + 1)
         if not lines:
             return []
         return events + [Replayed(m.when, chat_event(room.name, m)) for m in lines] + [HistoryEnd(room.name)]
@@ -5286,7 +5340,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             for event in header + [Replayed(m.when, self._private_event(m, person, other)) for m in lines]:
                 session.output.send(event)
             session.output.send(HistoryEnd(None, other))
-            session.oldest_shown[target] = lines[0].id
+            session.shown_from(target, lines[0].id)
             person.last_private[target] = max(person.last_private.get(target, 0), lines[-1].id)
 
     @staticmethod
@@ -5757,7 +5811,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self._to_people([target], PrivateFrom(person.nick, text, line_id, client_tags, person.account,
                                                       notice, person.bot))
                 target.last_private_from = person.serial
-                target.last_private[conversation] = int(line_id)
+                if target.account:
+                    target.last_private[conversation] = int(line_id)
             self._private_copies(session, PrivateTo(target.nick, text, line_id, client_tags, person.account, notice,
                                                     person.bot))
             if target.away and not notice:
@@ -5770,8 +5825,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         number = self.storage.next_message_id()
         self.storage.add_message(number, time.time(), conversation, person.nick, person.account,
                                  "notice" if notice else "line", text)
-        person.last_private[conversation] = number
         if person.account:
+            person.last_private[conversation] = number
             self._mark_read(person, conversation, number)
         if to_account and person.account:
             self.storage.mark_read(to_account, conversation, number - 1, only_if_new=True)
@@ -5815,45 +5870,49 @@ class ChatServer(socketserver.ThreadingTCPServer):
     # -- what a person has read ---------------------------------------------------------
 
     def mark_read(self, session: Session, name: str | None = None, line_id: int | None = None) -> None:
-        """SESSION's person has read the room NAME (SESSION's current one if None), or their private
-        conversation with the nick NAME, up to the line LINE_ID or, without one, all that was said there.
-        A read position only moves forward; every session of theirs is told where it is."""
+        """SESSION's person has read NAME ('#room' or a nickname; SESSION's current room if None) up to the
+        line LINE_ID (never later than now) or, without one, all that was said there. A read position only
+        moves forward: when it moves, every session of theirs is told where it is; SESSION is told anyway.
+        An account's is kept; a guest's lasts while they are here."""
         person = session.person
+        if name is None:
+            with self.lock:
+                name = f"#{self._current_room(session).name}"
+        target, shown = self.conversation(person, name)
         with self.lock:
             session.reports_reading = True
-            if not person.account:
-                return          # a guest's reading is not kept
-            if name is None or name.startswith("#"):
-                room = self._member_room(session, name)
-                target, newest, shown = room_target(room.name), self._last_line_of(room), f"#{room.name}"
+            if line_id is not None:
+                number = min(line_id, Storage.message_id_at(time.time()))
+            elif target.startswith("#"):
+                room = self.rooms.get(target[1:])
+                number = self._last_line_of(room) if room is not None else 0
             else:
-                target, shown = self._conversation_with(person, name)
-                newest = person.last_private.get(target, 0)
-                if not newest and self.storage.keeps_history:
+                number = person.last_private.get(target, 0)
+                if not number and self.storage.keeps_history:
                     latest = self.storage.latest_messages(target, 1)
-                    newest = latest[0].id if latest else 0
-            number = newest if line_id is None else min(line_id, newest)
-            if number and self._mark_read(person, target, number):
-                self._to_sessions(person.sessions, ReadUpTo(shown, number))
+                    number = latest[0].id if latest else 0
+            moved = bool(number) and self._mark_read(person, target, number)
+            position = person.read.get(target)
+            if position:
+                self._to_sessions(person.sessions if moved else [session], ReadUpTo(shown, position))
 
-    def _conversation_with(self, person: Person, nick: str) -> tuple[str, str]:
-        """The target of PERSON's private conversation with NICK (online, or an account), and the name to
-        show it by. Lock held."""
-        other = self.people.get(name_key(normal_name(nick)))
-        if other is not None:
-            return private_target(person.identity, other.identity, not (person.account and other.account)), other.nick
-        registered = self.storage.account_name(normal_name(nick))
-        if registered is None or not person.account:
-            raise Refused(f"No one called {nick} is online. /online lists who is.", "no-such-person", nick=nick)
-        return private_target(person.identity, name_key(registered), False), registered
+    def _read_until_now(self, person: Person, room: Room) -> None:
+        """PERSON, who has just come into ROOM (or made it their account's), has read it until now: only what
+        is said from now on is new to them; what they were shown of its past is history. Lock held."""
+        self._mark_read(person, room_target(room.name),
+                        max(self._last_line_of(room), self.storage.message_id_at(time.time())))
 
     def _mark_read(self, person: Person, target: str, number: int) -> bool:
         """Move PERSON's read position in TARGET forward to the line NUMBER; False if it was there already.
+        An account's is written (with the next chat lines); a guest's is kept only while they are here.
         Lock held."""
         if target in person.read and number <= person.read[target]:
             return False
+        if person.read is NO_POSITIONS:
+            person.read = {}
         person.read[target] = number
-        self.storage.mark_read(person.account, target, number)
+        if person.account:
+            self.storage.mark_read(person.account, target, number)
         return True
 
     def history(self, session: Session, name: str | None = None, count: int = HISTORY_PAGE) -> int:
@@ -5861,6 +5920,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         conversation with the nick NAME, before the oldest it has been shown; how many there were."""
         person = session.person
         count = max(1, min(count, MAX_HISTORY_PAGE))
+        if name is not None and not name.startswith("#"):
+            target, shown = self.conversation(person, name)
         with self.lock:
             if name is None or name.startswith("#"):
                 room = self._member_room(session, name)
@@ -5869,13 +5930,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 target, where = room_target(room.name), {"room": room.name}
                 tagged = room is not session.current
             else:
-                target, shown = self._conversation_with(person, name)
                 where, tagged = {"nick": shown}, False
-            before = session.oldest_shown.get(target, self.storage.newest_id + 1)
+            before = (session.oldest_shown or {}).get(target, self.storage.newest_id + 1)
             lines = self.storage.messages_before(target, before, count) if self.storage.keeps_history else []
             if not lines:
                 return 0
-            session.oldest_shown[target] = lines[0].id
+            session.shown_from(target, lines[0].id)
             other = where.get("nick")
             events = [Replayed(m.when, chat_event(room.name, m) if other is None else
                                self._private_event(m, person, other)) for m in lines]
@@ -6149,10 +6209,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(str(problem)) from None
         with self.lock:
             person.account = nick
+            person.read, person.last_private = {}, {}
             self.by_account[name_key(nick)] = person
             for room in sorted(person.rooms.values(), key=lambda room: room is person.last_room):
                 self.storage.keep_room(nick, room.name, room.password)     # their rooms are the account's
-                self._mark_read(person, room_target(room.name), self._last_line_of(room))
+                self._read_until_now(person, room)
             person.mute = self.storage.mute_for(nick, session.address, time.time())
             made_operator = not person.operator and self.storage.is_operator(nick)
             person.operator = person.operator or made_operator
@@ -6578,6 +6639,77 @@ class ChatServer(socketserver.ThreadingTCPServer):
         room = self.rooms.get(target[1:])
         return room.name if room is not None else target[1:]
 
+    # -- history and read positions, by conversation: what IRC's CHATHISTORY and MARKREAD ask -----------
+
+    def conversation(self, viewer: Person, name: str, cost: int = 0) -> tuple[str, str]:
+        """The message target of NAME ('#room', or a nickname) and its name as the server spells it, if VIEWER
+        may read its lines; refused otherwise. A room's lines are for its members; a private conversation is
+        for its two people: an account's from any connection, a guest's while the guest is here (README, "who
+        can read what"). COST entries of the listing budget are paid for reading it."""
+        with self.lock:
+            self._present(viewer)
+            if cost:
+                self._charge(viewer, cost, "History")
+            if name.startswith("#"):
+                room = viewer.rooms.get(name_key(room_name(name)))
+                if room is None:
+                    raise Refused(f"You are not in #{room_name(name)}.", "no-such-room", room=room_name(name))
+                return room_target(room.name), f"#{room.name}"
+            found = self.people.get(name_key(normal_name(name)))
+            if found is viewer:
+                raise Refused("That is you.", "no-such-person", nick=name)
+            if found is not None:
+                return (private_target(viewer.identity, found.identity,
+                                       viewer.account is None or found.account is None), found.nick)
+        registered = self.storage.account_name(normal_name(name))
+        if registered is None or name_key(registered) == viewer.identity:
+            raise Refused(f"No one called {name} is online. /online lists who is.", "no-such-person", nick=name)
+        return private_target(viewer.identity, name_key(registered), viewer.account is None), registered
+
+    def conversations(self, viewer: Person, after: int, before: int, limit: int, newest_first: bool = False,
+                      cost: int = 0) -> list[tuple[str, int]]:
+        """VIEWER's rooms and private conversations whose latest line has an id between AFTER and BEFORE (both
+        left out), each with that id: the LIMIT oldest, oldest first (NEWEST_FIRST: the newest, newest first).
+        Rooms are named '#room', conversations by the other person's name; a guest who left is left out.
+        COST entries of the listing budget are paid for it."""
+        with self.lock:
+            self._present(viewer)
+            if cost:
+                self._charge(viewer, cost, "History")
+            rooms = {room_target(room.name): f"#{room.name}" for room in viewer.rooms.values()}
+            identity, account = viewer.identity, viewer.account
+        # An account's conversations with other accounts are those it has a read position in: the first line
+        # of one writes it (send_private).
+        kept = [target for target in self.storage.read_positions(account)
+                if target.startswith("@") and may_read(target, identity)] if account else []
+        latest = self.storage.latest_ids([*rooms, *kept, *self.storage.guest_conversations(identity)])
+        chosen = sorted(((last, target) for target, last in latest.items() if after < last < before),
+                        reverse=newest_first)[:max(0, limit)]
+        found = []
+        for last, target in chosen:
+            if target in rooms:
+                found.append((rooms[target], last))
+                continue
+            other = [part for part in target[1:].split("\n") if part != identity][:1]
+            if not other:
+                continue
+            if other[0].startswith("guest/"):
+                serial = other[0].removeprefix("guest/")
+                with self.lock:
+                    guest = self.by_serial.get(int(serial)) if serial.isascii() and serial.isdigit() else None
+                name = guest.nick if guest is not None and guest.account is None else None
+            else:
+                name = self.storage.account_name(other[0])
+            if name is not None:
+                found.append((name, last))
+        return found
+
+    @staticmethod
+    def read_position(person: Person, target: str) -> int | None:
+        """The id of the last line PERSON has read in TARGET (a message target), or None. Asks nothing of
+        the storage (an account's positions are read at sign-in), so it may be asked under the lock."""
+        return person.read.get(target)
+
     # -- lists: what commands may know, paid for from each person's listing budget ----------
 
     def online(self, session: Session) -> list[commands.PersonInfo]:
@@ -6612,7 +6744,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def username_of(self, nick: str) -> str:
         """The user name of NICK!USER@HOST of whoever is called NICK ('~user' for someone who gave none, or no
-        one). Asked by IRC's renderings of events, under the lock."""
+        one: a line from history by someone gone is theirs too). Asked by IRC's renderings of events, under
+        the lock, and of history, without it: one read of a dict."""
         person = self.people.get(name_key(nick))
         return person.username if person is not None else ANONYMOUS_USER
 
@@ -6651,7 +6784,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         now = time.monotonic()
         with self.lock:
             return [commands.SessionInfo(s.number, s.output.protocol.name, s.address, utc_text(s.since),
-                                         describe_duration(now - s.last_active()), s is session)
+                                         describe_duration(now - s.output.reader.last_line_at()), s is session)
                     for s in session.person.sessions]
 
     def end_session(self, session: Session, number: int) -> str:
@@ -7089,6 +7222,9 @@ IRC_MAX_BODY_BYTES = 510                # a message without its tags and CR LF (
 IRC_MAX_TAG_BYTES = 8191                # the tag section, its '@' and the space after it included (IRCv3)
 IRC_MAX_PARAMS = 15
 IRC_MAX_TARGETS = 4                     # of one PRIVMSG, NOTICE or TAGMSG (005's TARGMAX)
+IRC_HISTORY_MOST = 100                  # lines (or conversations) of one CHATHISTORY reply (005's CHATHISTORY)
+IRC_HISTORY_COST = 10                   # entries of the listing budget one CHATHISTORY request costs
+IRC_MAX_LABEL_BYTES = 64                # of a labeled-response label
 IRC_MAX_USERNAME = 10
 IRC_MAX_REALNAME = 50
 # Formatting codes (bold, colour, hex colour, reset, monospace, reverse, italic, strike, underline) are
@@ -7406,6 +7542,10 @@ IRC_CAPABILITIES: dict[str, str | None] = {
     "server-time": None,
     "setname": None,
     "userhost-in-names": None,
+    "batch": None,
+    "labeled-response": None,
+    "draft/chathistory": None,
+    "draft/read-marker": None,
 }
 IRC_MAX_CLIENT_TAG_BYTES = 4094         # of tag data a client may send, without the '@' and the space (IRCv3)
 _CLIENT_TAG_KEY = re.compile(r"\+(?:[A-Za-z0-9.-]+/)?[A-Za-z0-9-]+")
@@ -7523,6 +7663,89 @@ def irc_server_time(when: float) -> str:
     """The server-time tag's value: UTC with milliseconds."""
     moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def irc_message_time(message_id: int) -> str:
+    """The server-time of the line MESSAGE_ID, whose id is when it was said (see SCHEMA): the same in its
+    time tag when it is said and in every history reply, to the millisecond."""
+    seconds, microseconds = divmod(message_id, 1_000_000)
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{microseconds // 1000:03d}Z"
+
+
+_IRC_TIMESTAMP = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?Z")
+
+
+def irc_parse_time(text: str) -> int | None:
+    """A server-time as IRCv3 writes it (2019-01-04T14:33:26.123Z) in milliseconds since 1970; None if
+    TEXT is not one."""
+    found = _IRC_TIMESTAMP.fullmatch(text)
+    if found is None:
+        return None
+    *parts, fraction = found.groups()
+    try:
+        moment = datetime.datetime(*map(int, parts), tzinfo=datetime.timezone.utc)
+    except ValueError:
+        return None
+    return int(moment.timestamp()) * 1000 + int((fraction or "0").ljust(6, "0")[:3])
+
+
+IRC_LARGEST_ID = 1 << 62                # above every message id, for a range with no end
+
+
+class IrcMessageReference(NamedTuple):
+    """Where a CHATHISTORY or MARKREAD reference points, as message ids: a line's msgid, or a timestamp,
+    which stands for every line said in its millisecond."""
+
+    after: int                  # the lines after it have ids above this
+    before: int                 # the lines before it have ids below this
+    at: int                     # the first id it may be
+
+    @classmethod
+    def parse(cls, text: str) -> IrcMessageReference | None:
+        """msgid=ID or timestamp=TIME; None for anything else. A msgid of a piece of a long line (ID-2)
+        points at the line."""
+        kind, _, value = text.partition("=")
+        if kind == "msgid":
+            number = irc_number(value.partition("-")[0])
+            # No id is that large (SQLite's integers end at 2**63).
+            return None if number is None or number >= IRC_LARGEST_ID else cls(number, number, number)
+        if kind == "timestamp":
+            when = irc_parse_time(value)
+            return None if when is None else cls(when * 1000 + 999, when * 1000, when * 1000)
+        return None
+
+
+def irc_with_tags(line: str, tags: dict[str, str]) -> str:
+    """LINE (without CR LF) with TAGS added in front of those it has."""
+    if not tags:
+        return line
+    if line.startswith("@"):
+        own, _, rest = line.partition(" ")
+        return f"@{format_irc_tags(tags)};{own[1:]} {rest}"
+    return f"@{format_irc_tags(tags)} {line}"
+
+
+def irc_tag_of(line: str, key: str) -> str | None:
+    """The value of the tag KEY of LINE, or None when it has none."""
+    return parse_irc_tags(line[1:].partition(" ")[0]).get(key) if line.startswith("@") else None
+
+
+def irc_labeled_reply(label: str, replies: list[bytes], batch: str) -> list[str]:
+    """The REPLIES to a command sent with LABEL, as labeled-response says: one line labeled, a single batch
+    with its start labeled, several lines in a labeled-response batch (called BATCH), none an ACK."""
+    lines = [line for chunk in replies for line in chunk.decode("utf-8").split("\r\n") if line]
+    if not lines:
+        return [format_irc_message("ACK", (), tags={"label": label})]
+    outside = [irc_tag_of(line, "batch") is None for line in lines]     # not in a batch of their own
+    first, last = parse_irc_message(lines[0]), parse_irc_message(lines[-1])
+    one_batch = (sum(outside) == 2 and first.command == last.command == "BATCH"
+                 and first.params[0].startswith("+") and last.params[:1] == ["-" + first.params[0][1:]])
+    if len(lines) == 1 or one_batch:
+        return [irc_with_tags(lines[0], {"label": label}), *lines[1:]]
+    return [format_irc_message("BATCH", (f"+{batch}", "labeled-response"), tags={"label": label}),
+            *(irc_with_tags(line, {"batch": batch}) if alone else line for line, alone in zip(lines, outside)),
+            format_irc_message("BATCH", (f"-{batch}",))]
 
 
 def irc_username(wanted: str) -> str:
@@ -7695,7 +7918,7 @@ IRC_CHANNEL_MODES_WITH_WORDS = "Ibeklov"
 # IrcProtocol), so a change to them once the person is in goes through ChatServer.change_protocol.
 IRC_RENDERING_CAPABILITIES = frozenset({"account-notify", "account-tag", "away-notify", "echo-message", "extended-join",
                                         "invite-notify", "message-tags", "multi-prefix", "server-time", "setname",
-                                        "userhost-in-names"})
+                                        "userhost-in-names", "draft/chathistory", "draft/read-marker"})
 IRC_CHAT_EVENTS = (Said, Acted, PrivateFrom, PrivateTo, TagMessage)     # with a line id and client tags
 
 
@@ -7742,6 +7965,9 @@ IRC_HELP = {
     "INFO": "INFO: about this server.",
     "HELP": "HELP [<command>]: this help.",
     "QUIT": "QUIT [:<reason>]: leave.",
+    "CHATHISTORY": "CHATHISTORY LATEST <target> <*|msgid=ID|timestamp=TIME> <limit> (BEFORE, AFTER, AROUND, BETWEEN, "
+                   "TARGETS): what was said, by range (draft/chathistory).",
+    "MARKREAD": "MARKREAD <target> [timestamp=TIME]: where you have read up to (draft/read-marker).",
 }
 
 
@@ -7769,7 +7995,7 @@ def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
               f"TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:{IRC_MAX_TARGETS},PART:,PRIVMSG:{IRC_MAX_TARGETS},"
               f"TAGMSG:{IRC_MAX_TARGETS},WHOIS:1",
               f"TOPICLEN={IRC_MAX_REASON}", "UTF8ONLY", "ELIST=MNU", "WHOX", f"MONITOR={WATCH_LIMIT}", "BOT=B",
-              f"NAMELEN={IRC_MAX_REALNAME}"]
+              f"NAMELEN={IRC_MAX_REALNAME}", f"CHATHISTORY={IRC_HISTORY_MOST}", "MSGREFTYPES=timestamp,msgid"]
     if options.rooms_per_person:
         tokens.append(f"CHANLIMIT=#:{options.rooms_per_person}")
     return sorted(tokens)
@@ -7822,12 +8048,15 @@ class IrcProtocol:
         if not lines:
             return b""
         tags = {}
-        if self.server_time:
-            tags["time"] = irc_server_time(event.when if isinstance(event, (Replayed, OfflinePrivate))
-                                           else time.time())
         chat = event.line if isinstance(event, Replayed) else event
+        said = isinstance(chat, IRC_CHAT_EVENTS)
+        if self.server_time:
+            # A chat line's time is its id's, so that it reads the same live and in every history reply.
+            tags["time"] = (irc_message_time(int(chat.line_id)) if said and chat.line_id.isdigit() else
+                            irc_server_time(event.when if isinstance(event, (Replayed, OfflinePrivate))
+                                            else time.time()))
         line_id = ""
-        if isinstance(chat, IRC_CHAT_EVENTS):
+        if said:
             if chat.account and "account-tag" in self.capabilities:
                 tags["account"] = chat.account
             if self.message_tags:
@@ -7945,8 +8174,20 @@ class IrcProtocol:
         person = self.connection.person         # None while signing in: their account is the one of SASL
         account, realname = (person.account, person.realname) if person else (self.connection.account,
                                                                               self.connection.realname)
-        return [self._join(event.room, self.me, account, realname),
-                *irc_names_replies(self.me, channel, names, event.secret)]
+        replies = [self._join(event.room, self.me, account, realname),
+                   *irc_names_replies(self.me, channel, names, event.secret)]
+        if "draft/read-marker" in self.capabilities:     # before the end of NAMES, as the specification says
+            position = self.connection.server.read_position(person, room_target(event.room)) if person else None
+            replies.insert(-1, self.read_marker(channel, position))
+        return replies
+
+    @staticmethod
+    def read_marker(name: str, position: int | None) -> str:
+        """MARKREAD NAME with the time of the line read up to, or '*' when there is none."""
+        return format_irc_message("MARKREAD", (name, f"timestamp={irc_message_time(position)}" if position else "*"))
+
+    def read_up_to(self, event: ReadUpTo) -> list[str]:
+        return [self.read_marker(event.name, event.message_id)] if "draft/read-marker" in self.capabilities else []
 
     def names_in_names(self, members: Iterable[tuple[str, bool, bool]]) -> list[str]:
         """The entries of a NAMES list for MEMBERS, (nickname, whether a room operator, whether voiced):
@@ -7960,12 +8201,18 @@ class IrcProtocol:
         return irc_topic_replies(self.me, event.room, event.topic, event.by, event.when)
 
     def replayed(self, event: Replayed) -> list[str]:
+        """What was said before you came; nothing for a client that asked for draft/chathistory, which
+        fetches what it wants."""
+        if "draft/chathistory" in self.capabilities:
+            return []
         prefix = "" if self.server_time else f"[history {_utc(event.when)}] "
         return self.RENDERERS[type(event.line)](self, event.line, prefix)
 
     def history_notice(self, event: NewSince | HistoryPage | HistoryEnd) -> list[str]:
         """The lines around history shown without a batch: a notice to the channel, or to you for a private
-        conversation, in pyChat's words."""
+        conversation, in pyChat's words; nothing for a client that asked for draft/chathistory."""
+        if "draft/chathistory" in self.capabilities:
+            return []
         return [format_irc_message("NOTICE", (f"#{event.room}" if event.room else self.me, PYCHAT.line(event)[4:]))]
 
     def you_left(self, event: YouLeft) -> list[str]:
@@ -8032,11 +8279,11 @@ class IrcProtocol:
         YouWereKicked: you_were_kicked, Invited: invited, PrivateFrom: private_from, PrivateTo: private_to,
         Notice: notice, Reply: reply, Error: reply, Welcome: welcome, Bye: closing, ShuttingDown: closing,
         DisconnectedBy: closing, Banned: closing, Farewell: closing,
-        OfflinePrivate: offline_private, Prompt: nothing, AccountPrompt: nothing, NowTalking: nothing, ReadUpTo: nothing,
+        OfflinePrivate: offline_private, Prompt: nothing, AccountPrompt: nothing, NowTalking: nothing,
         NewSince: history_notice, HistoryPage: history_notice,
         TheyAreAway: they_are_away, OperatorsMessage: operators_message, TagMessage: tag_message,
         AccountChanged: account_changed, CameOnline: came_online, WentOffline: went_offline,
-        InvitedSomeone: invited_someone, RealnameChanged: realname_changed,
+        InvitedSomeone: invited_someone, RealnameChanged: realname_changed, ReadUpTo: read_up_to,
     }
 
 
@@ -8207,6 +8454,7 @@ class IrcConnection(ClientConnection):
         self.username = ANONYMOUS_USER
         self.ping_clock = IrcPingClock(self.server.options.irc_ping, self.connected)
         self.last_active = self.connected       # the last message other than PING and PONG
+        self.batches = itertools.count(1)       # the references of the batches this connection is sent
 
     @property
     def nick(self) -> str:
@@ -8427,7 +8675,28 @@ class IrcConnection(ClientConnection):
     # -- commands -----------------------------------------------------------------
 
     def on_message(self, message: IrcMessage) -> None:
-        """One message from a signed-in client: where IRC becomes calls on the core."""
+        """One message from a signed-in client: where IRC becomes calls on the core. The replies to one
+        with a label (labeled-response), whatever part of the server sends them, are gathered and sent
+        labeled, as one answer."""
+        label = (message.tags or {}).get("label")
+        if not (label and {"labeled-response", "batch"} <= self.capabilities.enabled
+                and len(label.encode("utf-8")) <= IRC_MAX_LABEL_BYTES):
+            self.dispatch(message)
+            return
+        replies: list[bytes] = []
+        try:
+            with self.server.switchboard.gathered(self.output) as replies:
+                self.dispatch(message)
+        finally:
+            for line in irc_labeled_reply(label, replies, self.next_batch()):
+                self.send_irc(line)
+
+    def next_batch(self) -> str:
+        """A new batch reference: this connection's batches never share one."""
+        return f"b{next(self.batches)}"
+
+    def dispatch(self, message: IrcMessage) -> None:
+        """MESSAGE to the handler of its command, with the replies for a wrong one."""
         command = self.COMMANDS.get(message.command)
         log.debug("%r: %s", self, message.command)
         if command is None:
@@ -8983,6 +9252,168 @@ class IrcConnection(ClientConnection):
                      + irc_comma_lists("RPL_MONOFFLINE", self.nick, offline)):
             self.send_irc(line)
 
+    # -- history: draft/chathistory and draft/read-marker ----------------------------------
+
+    # What each CHATHISTORY subcommand takes after its name: the target, the references, the limit.
+    HISTORY_PARAMETERS = {"LATEST": 3, "BEFORE": 3, "AFTER": 3, "AROUND": 3, "BETWEEN": 4, "TARGETS": 3}
+
+    def irc_chathistory(self, *params: str) -> None:
+        """CHATHISTORY LATEST|BEFORE|AFTER|AROUND TARGET REFERENCE LIMIT, BETWEEN TARGET REFERENCE REFERENCE
+        LIMIT, TARGETS TIMESTAMP TIMESTAMP LIMIT: the lines of a conversation the asker may read, by range
+        (references are msgid=ID, timestamp=TIME, or '*' for LATEST), or the conversations with lines
+        between two times, each in a batch (draft/chathistory)."""
+        subcommand = params[0].upper() if params else "*"
+        wanted = self.HISTORY_PARAMETERS.get(subcommand)
+        if not params or (wanted is not None and len(params) - 1 < wanted):
+            self.fail_history("NEED_MORE_PARAMS", subcommand, text="Missing parameters")
+            return
+        if wanted is None:
+            self.fail_history("UNKNOWN_COMMAND", params[0], text="Unknown command")
+            return
+        *arguments, limit_text = params[1:wanted + 1]
+        limit = irc_number(limit_text)
+        if not limit:
+            self.fail_history("INVALID_PARAMS", subcommand, limit_text, text="The limit must be a number above 0")
+            return
+        limit = min(limit, IRC_HISTORY_MOST)
+        if subcommand == "TARGETS":
+            self.history_targets(arguments, limit)
+            return
+        target, *texts = arguments
+        if subcommand == "LATEST" and texts == ["*"]:
+            references = []
+        else:
+            references = [IrcMessageReference.parse(text) for text in texts]
+            if None in references:
+                self.fail_history("INVALID_PARAMS", subcommand, " ".join(texts),
+                                  text="A message reference is msgid=ID or timestamp=YYYY-MM-DDThh:mm:ss.sssZ")
+                return
+        try:
+            conversation, shown = self.server.conversation(self.person, target, IRC_HISTORY_COST)
+        except Refused as refusal:
+            self.fail_history("MESSAGE_ERROR" if refusal.kind == "try-again" else "INVALID_TARGET", subcommand,
+                              target, text=str(refusal))
+            return
+        try:
+            lines = self.history_lines(subcommand, conversation, references, limit)
+        except StorageError as problem:
+            self.fail_history("MESSAGE_ERROR", subcommand, target, text=str(problem))
+            return
+        batch = self.next_batch() if "batch" in self.capabilities.enabled else None
+        if batch:
+            self.send_irc(format_irc_message("BATCH", (f"+{batch}", "chathistory", target)))
+        for message in lines:
+            for line in self.history_line(message, conversation, shown, batch):
+                self.send_irc(line)
+        if batch:
+            self.send_irc(format_irc_message("BATCH", (f"-{batch}",)))
+
+    def fail_history(self, code: str, *params: str, text: str) -> None:
+        self.send_irc(format_irc_message("FAIL", ("CHATHISTORY", code, *params, text)))
+
+    def history_lines(self, subcommand: str, conversation: str, references: list[IrcMessageReference],
+                      limit: int) -> list[StoredMessage]:
+        """The lines of CONVERSATION that SUBCOMMAND asks for with REFERENCES, oldest first; each range
+        leaves out the lines it starts and ends at."""
+        storage = self.server.storage
+        if subcommand == "LATEST":
+            if not references:
+                return storage.latest_messages(conversation, limit)
+            return storage.messages_between(conversation, IRC_LARGEST_ID, references[0].after, limit)
+        if subcommand == "BEFORE":
+            return storage.messages_before(conversation, references[0].before, limit)
+        if subcommand == "AFTER":
+            return storage.messages_after(conversation, references[0].after, limit)
+        if subcommand == "AROUND":
+            return storage.messages_around(conversation, references[0].at, limit)
+        start, end = references
+        if start.at <= end.at:
+            return storage.messages_between(conversation, start.after, end.before, limit)
+        return storage.messages_between(conversation, start.before, end.after, limit)
+
+    def history_line(self, message: StoredMessage, conversation: str, shown: str, batch: str | None) -> list[str]:
+        """MESSAGE of CONVERSATION (called SHOWN) as it was sent, with its time, msgid and (with account-tag)
+        account: a PRIVMSG, a NOTICE, or an ACTION."""
+        if conversation.startswith("#"):
+            to = shown
+        else:
+            to = shown if self.sent_by_me(message, conversation) else self.nick
+        tags = {"batch": batch} if batch else {}
+        tags["time"] = irc_message_time(message.id)
+        if message.account and "account-tag" in self.capabilities.enabled:
+            tags["account"] = message.account
+        wrap = (CTCP + "ACTION ", CTCP) if message.kind == "action" else ("", "")
+        pieces = irc_text_messages("NOTICE" if message.kind == "notice" else "PRIVMSG", to, message.text,
+                                   self.output.protocol.source(message.nick), wrap=wrap)
+        return [irc_with_tags(piece, {**tags, "msgid": f"{message.id}" + (f"-{n}" if n else "")})
+                for n, piece in enumerate(pieces)]
+
+    def sent_by_me(self, message: StoredMessage, conversation: str) -> bool:
+        """Whether this person said MESSAGE of the private CONVERSATION: by its account, and as a guest's line
+        has none, by its nickname in a conversation of two guests."""
+        mine = self.person.account
+        if message.account is not None or mine is not None:
+            return message.account is not None and mine is not None and name_key(message.account) == name_key(mine)
+        two_guests = all(part.startswith("guest/") for part in conversation[1:].split("\n"))
+        return not two_guests or name_key(message.nick) == self.person.key
+
+    def history_targets(self, texts: list[str], limit: int) -> None:
+        """CHATHISTORY TARGETS: the conversations whose latest line was said between two times, each with that
+        time, in a draft/chathistory-targets batch (the oldest first, or with the later time first, the newest)."""
+        references = [IrcMessageReference.parse(text) if text.startswith("timestamp=") else None for text in texts]
+        if None in references:
+            self.fail_history("INVALID_PARAMS", "TARGETS", " ".join(texts),
+                              text="TARGETS takes two timestamp=YYYY-MM-DDThh:mm:ss.sssZ")
+            return
+        start, end = references
+        try:
+            if start.at <= end.at:
+                found = self.server.conversations(self.person, start.after, end.before, limit, cost=IRC_HISTORY_COST)
+            else:
+                found = self.server.conversations(self.person, end.after, start.before, limit, newest_first=True,
+                                                  cost=IRC_HISTORY_COST)
+        except Refused as refusal:
+            self.fail_history("MESSAGE_ERROR", "TARGETS", "*", text=str(refusal))
+            return
+        except StorageError as problem:
+            self.fail_history("MESSAGE_ERROR", "TARGETS", "*", text=str(problem))
+            return
+        batch = self.next_batch() if "batch" in self.capabilities.enabled else None
+        tags = {"batch": batch} if batch else None
+        if batch:
+            self.send_irc(format_irc_message("BATCH", (f"+{batch}", "draft/chathistory-targets")))
+        for name, last in found:
+            self.send_irc(format_irc_message("CHATHISTORY", ("TARGETS", name, irc_message_time(last)), tags=tags))
+        if batch:
+            self.send_irc(format_irc_message("BATCH", (f"-{batch}",)))
+
+    def irc_markread(self, target: str = "", timestamp: str = "", *ignored: str) -> None:
+        """MARKREAD TARGET: where this person has read up to in TARGET; MARKREAD TARGET timestamp=TIME: they
+        have read up to TIME (draft/read-marker). The position only moves forward; the answer says where it
+        is, and '*' where there is none (or TARGET is no conversation of theirs)."""
+        if not target:
+            self.send_irc(format_irc_message("FAIL", ("MARKREAD", "NEED_MORE_PARAMS", "Missing parameters")))
+            return
+        if not timestamp:
+            try:
+                conversation, _ = self.server.conversation(self.person, target)
+            except Refused:
+                self.send_irc(IrcProtocol.read_marker(target, None))
+                return
+            self.send_irc(IrcProtocol.read_marker(target, self.server.read_position(self.person, conversation)))
+            return
+        reference = IrcMessageReference.parse(timestamp) if timestamp.startswith("timestamp=") else None
+        if reference is None:
+            self.send_irc(format_irc_message("FAIL", ("MARKREAD", "INVALID_PARAMS", target, timestamp,
+                                                      "The read position is timestamp=YYYY-MM-DDThh:mm:ss.sssZ")))
+            return
+        try:
+            self.server.mark_read(self.session, target, reference.after)
+        except Refused as refusal:
+            self.send_irc(format_irc_message("FAIL", ("MARKREAD", "INVALID_PARAMS", target, str(refusal))))
+        except StorageError as problem:
+            self.send_irc(format_irc_message("FAIL", ("MARKREAD", "INTERNAL_ERROR", target, str(problem))))
+
     def irc_quit(self, message: str = "") -> None:
         self.server.quit(self.session, irc_reason(message) or None)
 
@@ -9005,6 +9436,7 @@ class IrcConnection(ClientConnection):
         ("VERSION", irc_version, 0), ("TIME", irc_time, 0), ("PING", irc_ping, 0), ("PONG", irc_pong, 0),
         ("HELP", irc_help, 0), ("HELPOP", irc_help, 0), ("INFO", irc_info, 0),
         ("CAP", irc_cap, 1), ("MONITOR", irc_monitor, 1), ("SETNAME", irc_setname, 1), ("QUIT", irc_quit, 0),
+        ("CHATHISTORY", irc_chathistory, 0), ("MARKREAD", irc_markread, 0),
         ("USER", irc_registered_already, 0),
         ("AUTHENTICATE", irc_authenticate, 0),
         ("PASS", irc_registered_already, 0),

@@ -650,7 +650,7 @@ def test_a_room_regroups_someone_whose_capabilities_change_and_keeps_no_empty_au
             self.protocol = server.IrcProtocol(Receiver(), capabilities)
 
     def session(nick: str, serial: int) -> server.Session:
-        return server.Session(server.Person(nick, serial), Output(frozenset()), f"127.0.0.{serial}", 1, time.monotonic)
+        return server.Session(server.Person(nick, serial), Output(frozenset()), f"127.0.0.{serial}", 1)
 
     room = server.Room("dev")
     alice, bob = session("alice", 1), session("bob", 2)
