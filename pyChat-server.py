@@ -101,7 +101,14 @@ MAX_LINE_BYTES = 4096             # longest line accepted from a client, without
 MAX_NICKNAME_LENGTH = 20
 MAX_ROOMS = 500                   # rooms kept at once; empty ones are forgotten first
 DEFAULT_ROOM = "lobby"
-ROOM_SETTINGS = ("key", "invite-only", "topic", "op", "deop")    # what /mode changes
+ROOM_SETTINGS = ("key", "invite-only", "topic", "op", "deop", "voice", "devoice", "limit", "moderated",
+                 "outside-messages", "secret", "ban", "unban", "exempt", "unexempt", "invite-mask",
+                 "uninvite-mask")     # what /mode changes
+ROOM_MASK_LISTS = ("ban", "exempt", "invite-mask")     # /mode's lists of NICK!USER@HOST masks, and each's undoing
+MAX_ROOM_MASKS = 100              # masks in each list of a room
+MAX_ROOM_LIMIT = 100_000          # the highest /mode limit
+PERSON_HOST = "pychat"            # the host of everyone's NICK!USER@HOST: pyChat never shows an address
+ANONYMOUS_USER = "~user"          # the USER of someone who gave none (pyChat's own clients)
 LISTING_BURST = 500               # entries of lists (/online, /who, /rooms) one person may ask for at once,
 LISTING_RATE = 50.0               # and then a second: long lists asked for by hundreds must not slow the chat
 SEARCH_COST = 100                 # entries of lists one /search costs: a search reads far more than a list
@@ -991,11 +998,11 @@ class TopicChanged(NamedTuple):
 
 
 class ModeChanged(NamedTuple):
-    """A room operator changed a setting of the room (see ROOM_SETTINGS)."""
+    """A room operator changed settings of the room (see ROOM_SETTINGS), each a (setting, value), in order.
+    A key is shown as 'on', never itself."""
     room: str
     nick: str
-    setting: str
-    value: str
+    changes: tuple[tuple[str, str], ...]
 
 
 class Quit(NamedTuple):
@@ -1070,11 +1077,13 @@ class Welcome(NamedTuple):
 
 class Entered(NamedTuple):
     """You are now in ROOM (and it is current), with these others. MEMBERS (everyone, with whether they
-    run the room) only for a protocol that lists members on entering (IRC's NAMES)."""
+    run the room and whether they have a voice in it) only for a protocol that lists members on entering
+    (IRC's NAMES)."""
     room: str
     others: tuple[str, ...]
     more: int
-    members: tuple[tuple[str, bool], ...] = ()
+    members: tuple[tuple[str, bool, bool], ...] = ()
+    secret: bool = False
 
 
 class Topic(NamedTuple):
@@ -1216,18 +1225,34 @@ def _because(reason: str | None) -> str:
 
 
 def _mode_words(event: ModeChanged) -> str:
-    room = f"#{event.room}"
+    return f"*** {event.nick} " + "; ".join(_setting_words(f"#{event.room}", *change) for change in event.changes)
+
+
+def _setting_words(room: str, setting: str, value: str) -> str:
     words = {
         ("key", "off"): f"removed the key of {room}",
         ("invite-only", "on"): f"made {room} invite-only",
         ("invite-only", "off"): f"opened {room} to everyone",
         ("topic", "operators"): f"let only operators of {room} set its topic",
         ("topic", "everyone"): f"let everyone in {room} set its topic",
-    }.get((event.setting, event.value))
+        ("limit", "off"): f"removed the limit of {room}",
+        ("moderated", "on"): f"made {room} moderated: only its operators and voiced people talk",
+        ("moderated", "off"): f"let everyone in {room} talk",
+        ("secret", "on"): f"made {room} secret",
+        ("secret", "off"): f"made {room} no longer secret",
+        ("outside-messages", "on"): f"let people outside {room} talk in it",
+        ("outside-messages", "off"): f"let only people in {room} talk in it",
+    }.get((setting, value))
     if words is None:
-        words = {"key": f"set a key on {room}", "op": f"made {event.value} an operator of {room}",
-                 "deop": f"took operator status in {room} from {event.value}"}[event.setting]
-    return f"*** {event.nick} {words}"
+        words = {"key": f"set a key on {room}", "op": f"made {value} an operator of {room}",
+                 "deop": f"took operator status in {room} from {value}", "limit": f"set the limit of {room} to {value} people",
+                 "voice": f"gave {value} a voice in {room}", "devoice": f"took {value}'s voice in {room}",
+                 "ban": f"banned {value} from {room}", "unban": f"lifted the ban of {value} from {room}",
+                 "exempt": f"exempted {value} from the bans of {room}",
+                 "unexempt": f"took {value} off the exceptions of {room}",
+                 "invite-mask": f"let {value} into {room} without an invitation",
+                 "uninvite-mask": f"took {value} off those let into {room} without an invitation"}[setting]
+    return words
 
 
 def plain(text: str) -> str:
@@ -2351,15 +2376,16 @@ class ClientConnection(socketserver.BaseRequestHandler):
         text = clean_text(line)
         if not text:
             return True
-        if text.startswith("//"):
-            self.server.say(self.session, text[1:])
-        elif text.startswith("/"):
+        if text.startswith("/") and not text.startswith("//"):
             if on_switchboard:
                 return False
             log.debug("%r: %s", self, text.split(" ", 1)[0])
             self.server.commands.run(Context(self.server, self.session), text)
-        else:
-            self.server.say(self.session, text)
+            return True
+        try:
+            self.server.say(self.session, text[1:] if text.startswith("//") else text)
+        except Refused as refusal:          # a moderated room, or one that bans them
+            self.output.send(Error(str(refusal)))
         return True
 
     # -- read by the switchboard ------------------------------------------------
@@ -2381,7 +2407,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         unread = self.unread
         while unread and self.output.reason is None:
             line = unread.popleft()
-            if self.within_rate() and not self.on_line(line, on_switchboard):
+            if (self.is_keepalive(line) or self.within_rate()) and not self.on_line(line, on_switchboard):
                 self.command = line
                 return
         if not unread:
@@ -2417,6 +2443,11 @@ class ClientConnection(socketserver.BaseRequestHandler):
         timeout = self.server.options.idle_timeout
         if timeout and now - self.last_heard >= timeout:
             raise Disconnect("timed out", Farewell(f"idle for {timeout:g} s"))
+
+    @staticmethod
+    def is_keepalive(line: str | None) -> bool:
+        """Whether LINE only says the connection is alive; pyChat's own protocol has no such line."""
+        return False
 
     def within_rate(self) -> bool:
         """Flood control: refuse lines over the rate, and disconnect someone who keeps at it."""
@@ -2467,8 +2498,8 @@ class ClientConnection(socketserver.BaseRequestHandler):
         while True:
             while self.unread:
                 line = self.unread.popleft()
-                # Every line counts against the rate, whatever it is and whenever it comes.
-                if self.within_rate():
+                # Every line counts against the rate, whatever it is and whenever it comes, but keepalives.
+                if self.is_keepalive(line) or self.within_rate():
                     yield line
             self.write_own_output()
             # Wait first: after a read the socket is nearly always empty, and trying it costs a system call.
@@ -2593,7 +2624,7 @@ class InputWaiter:
 # Locks: Storage.lock is taken after the server's lock when both are held;
 # Storage never calls back into the server.
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE accounts (key TEXT PRIMARY KEY, name TEXT NOT NULL, salt BLOB NOT NULL, hash BLOB NOT NULL,
@@ -2623,6 +2654,10 @@ CREATE TABLE kept_rooms (account TEXT NOT NULL, room TEXT NOT NULL, name TEXT NO
 CREATE TABLE read_positions (account TEXT NOT NULL, target TEXT NOT NULL, id INTEGER NOT NULL,
     PRIMARY KEY (account, target)) WITHOUT ROWID;
 """,
+    3: """
+CREATE TABLE room_masks (room TEXT NOT NULL, list TEXT NOT NULL, mask TEXT NOT NULL, by TEXT NOT NULL,
+    since REAL NOT NULL, PRIMARY KEY (room, list, mask));
+""",
 }
 # A message's id is the moment it was said in microseconds since 1970 (one more than the last id when two
 # lines fall in the same microsecond, or the clock goes back): unique, growing, and a time is an id too, so
@@ -2637,6 +2672,7 @@ CREATE TABLE read_positions (account TEXT NOT NULL, target TEXT NOT NULL, id INT
 # A mute has a ban's shape (Ban): of an account, or of a guest's address.
 # An account's kept rooms: the rooms its owner is in, on every device, with the key that let them in and
 # when each was last current (the one used last is current again at the next sign-in).
+# A lasting room's masks (ROOM_MASK_LISTS: its bans, exceptions, invitation masks), by the room's name_key().
 # An account's read positions: per room or private conversation (a message target), the id of the last line
 # its owner has read; it only grows. A row is also how a private conversation is known to be theirs: the
 # first line to an account writes one just below that line, so that it shows as new.
@@ -2645,7 +2681,7 @@ CREATE TABLE read_positions (account TEXT NOT NULL, target TEXT NOT NULL, id INT
 SEARCH_INDEX = ("CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(text, content='messages', "
                 "content_rowid='id', detail=none, columnsize=0)")
 TABLES = ("meta", "accounts", "operators", "invitations", "bans", "mutes", "rooms", "offline", "messages",
-          "kept_rooms", "read_positions")
+          "kept_rooms", "read_positions", "room_masks")
 INVITATION_PURPOSES = ("account", "password")
 MESSAGE_KINDS = ("line", "action", "notice")      # a message's kind is its place here
 DATABASE_FILE = "pychat.db"
@@ -3728,19 +3764,38 @@ class Storage:
         if modes is None:
             return None
         return SavedRoom(None if topic is None else clean_text(topic)[:MAX_LINE_BYTES],
-                         tuple(mode for mode in modes.split() if re.fullmatch(r"[a-z-]{1,20}", mode)))
+                         tuple(mode for mode in modes.split() if re.fullmatch(r"[a-z0-9-]{1,20}", mode)))
 
-    def save_room_settings(self, room: str, topic: str | None, modes: Iterable[str] = ()) -> None:
-        """Keep ROOM's topic and modes across restarts; nothing set means nothing kept."""
-        modes = sorted(set(modes))
+    def room_masks(self, room: str) -> list[tuple[str, RoomMask]]:
+        """The masks kept in ROOM's lists: (the list's name, the mask), the oldest first."""
+        found = []
+        for row in self._query("SELECT list, mask, by, since FROM room_masks WHERE room=? ORDER BY since",
+                               (name_key(room),)):
+            try:
+                list_name, mask, by, since = _checked_row(row, str, str, str, (int, float))
+            except ValueError as problem:
+                log.warning("%s: a mask of #%s is damaged (%s); it is left out", self.path, room, problem)
+                continue
+            found.append((list_name, RoomMask(clean_text(mask)[:MAX_LINE_BYTES], by, since)))
+        return found
+
+    def save_room_settings(self, room: str, topic: str | None, modes: Iterable[str] = (),
+                           masks: Iterable[tuple[str, RoomMask]] = ()) -> None:
+        """Keep ROOM's topic, modes and the MASKS of its lists (the list's name, the mask) across restarts;
+        nothing set means nothing kept."""
+        modes, masks = sorted(set(modes)), list(masks)
         key = name_key(room)
-        if topic is None and not modes:
-            self._change(("DELETE FROM rooms WHERE key=?", (key,)))
+        masks_kept = [("DELETE FROM room_masks WHERE room=?", (key,)),
+                      *(("INSERT OR REPLACE INTO room_masks VALUES (?, ?, ?, ?, ?)",
+                         (key, list_name, mask.mask, mask.by, mask.when)) for list_name, mask in masks)]
+        if topic is None and not modes and not masks:
+            self._change(("DELETE FROM rooms WHERE key=?", (key,)), *masks_kept)
             return
         if not self._query("SELECT 1 FROM rooms WHERE key=?", (key,)) and \
                 self._query("SELECT count(*) FROM rooms")[0][0] >= MAX_ROOM_SETTINGS:
             raise StoreFull(f"the server keeps the settings of at most {MAX_ROOM_SETTINGS} rooms")
-        self._change(("INSERT OR REPLACE INTO rooms VALUES (?, ?, ?, ?)", (key, room, topic, " ".join(modes))))
+        self._change(("INSERT OR REPLACE INTO rooms VALUES (?, ?, ?, ?)", (key, room, topic, " ".join(modes))),
+                     *masks_kept)
 
     # -- what an account is in, and what it has read ------------------------------------
 
@@ -4388,7 +4443,7 @@ class Person:
     ChatServer's methods, under its lock."""
 
     __slots__ = ("nick", "key", "serial", "sessions", "rooms", "last_room", "away", "operator", "account", "realname",
-                 "since", "last_spoke", "mute", "ignoring", "last_private_from", "invited_to", "seen", "read",
+                 "username", "since", "last_spoke", "mute", "ignoring", "last_private_from", "invited_to", "seen", "read",
                  "last_private", "listing", "quit_message", "watching", "bot", "invisible", "conversations")
 
     def __init__(self, nick: str, serial: int) -> None:
@@ -4402,6 +4457,7 @@ class Person:
         self.operator = False
         self.account: str | None = None         # the account signed in to (its registered spelling)
         self.realname = ""                      # the real name an IRC client gave (USER); "" from pyChat's
+        self.username = ANONYMOUS_USER          # the user name of NICK!USER@HOST: an IRC client's (USER), cleaned
         self.since = time.time()                # came online at
         self.last_spoke = time.monotonic()      # for /whois: last chat, action or private line
         self.mute: Ban | None = None            # the mute of their account or address, if one holds for them
@@ -4424,6 +4480,11 @@ class Person:
     def muted(self) -> bool:
         """A mute holds for them: it lapses by itself when its time is up."""
         return self.mute is not None and self.mute.active(time.time())
+
+    @property
+    def mask(self) -> str:
+        """NICK!USER@HOST, which a room's bans and exceptions are matched against."""
+        return f"{self.nick}!{self.username}@{PERSON_HOST}"
 
     @property
     def identity(self) -> str:
@@ -4485,6 +4546,7 @@ class Whois(NamedTuple):
     address: str | None                     # for operators of the server only
     bot: bool = False                       # they say they are a program
     realname: str = ""                      # IRC's real name, if they gave one
+    username: str = ANONYMOUS_USER          # the USER of their NICK!USER@HOST
 
 
 class Departed(NamedTuple):
@@ -4495,6 +4557,7 @@ class Departed(NamedTuple):
     account: str | None
     realname: str
     when: float                             # a time.time()
+    username: str = ANONYMOUS_USER
 
 
 class WhoEntry(NamedTuple):
@@ -4509,6 +4572,75 @@ class WhoEntry(NamedTuple):
     room_operator: bool
     idle: float                             # seconds since they last said something
     bot: bool
+    voiced: bool = False                    # they have a voice in the room
+    username: str = ANONYMOUS_USER
+
+
+# /mode's settings by the letter IRC gives each, which /mode takes too (/mode +m, /mode +l 50): the setting and
+# its value when the letter is added, and when it is taken away. A value of None is the word that follows the
+# letters; a list's letter (b, e, I) with no word after it asks for the list.
+ROOM_MODE_LETTERS: dict[str, tuple[tuple[str, str | None], tuple[str, str | None]]] = {
+    "b": (("ban", None), ("unban", None)),
+    "e": (("exempt", None), ("unexempt", None)),
+    "I": (("invite-mask", None), ("uninvite-mask", None)),
+    "i": (("invite-only", "on"), ("invite-only", "off")),
+    "k": (("key", None), ("key", "off")),
+    "l": (("limit", None), ("limit", "off")),
+    "m": (("moderated", "on"), ("moderated", "off")),
+    "n": (("outside-messages", "off"), ("outside-messages", "on")),
+    "o": (("op", None), ("deop", None)),
+    "s": (("secret", "on"), ("secret", "off")),
+    "t": (("topic", "operators"), ("topic", "everyone")),
+    "v": (("voice", None), ("devoice", None)),
+}
+
+
+class ModeWord(NamedTuple):
+    """One letter of '+mv-l bob' read as a setting: the letter with its sign, the setting (None for a
+    letter no setting has) and its value (None: the word it needs is missing, or a list is asked for)."""
+
+    letter: str
+    setting: str | None
+    value: str | None
+
+
+def read_mode_letters(letters: str, words: list[str]) -> list[ModeWord]:
+    """LETTERS ('+mv-l') and the WORDS after them as settings, in order, as IRC's MODE reads them: a
+    letter that needs a word takes the next one; -k takes one if there is one (and ignores it)."""
+    found, adding, words = [], True, list(words)
+    for letter in letters:
+        if letter in "+-":
+            adding = letter == "+"
+            continue
+        sign = "+" if adding else "-"
+        if letter not in ROOM_MODE_LETTERS:
+            found.append(ModeWord(sign + letter, None, None))
+            continue
+        setting, value = ROOM_MODE_LETTERS[letter][0 if adding else 1]
+        if value is None:
+            value = words.pop(0) if words else None
+        elif letter == "k" and words:
+            words.pop(0)
+        found.append(ModeWord(sign + letter, setting, value))
+    return found
+
+
+def mask_of(text: str) -> str:
+    """A room's ban or exception mask as NICK!USER@HOST: 'bob' is 'bob!*@*', 'bob@x' is '*!bob@x', as IRC
+    servers complete them."""
+    if "!" not in text and "@" not in text:
+        return f"{text}!*@*"
+    nick, _, rest = text.rpartition("!") if "!" in text else ("*", "", text)
+    user, _, host = rest.partition("@") if "@" in rest else (rest, "", "*")
+    return f"{nick or '*'}!{user or '*'}@{host or '*'}"
+
+
+class RoomMask(NamedTuple):
+    """A mask in one of a room's lists (ROOM_MASK_LISTS): who put it there, and when."""
+
+    mask: str
+    by: str
+    when: float                     # a time.time()
 
 
 class Room:
@@ -4533,11 +4665,37 @@ class Room:
         self.invite_only = False
         self.topic_by_everyone = False
         self.last_line = 0                      # the id of the last line said here (0: none since the start)
+        self.secret = False                     # hidden from those outside it, as a room with a key is
+        self.limit: int | None = None           # the most members it takes
+        self.moderated = False                  # only its operators and voiced members talk
+        self.voiced: set[Person] = set()
+        self.outside_messages = False           # people not in it may talk in it (IRC's -n)
+        self.masks: dict[str, dict[str, RoomMask]] = {name: {} for name in ROOM_MASK_LISTS}   # by casefolded mask
+        self.opened = time.time()               # when its first member of this life came in
         self.last_used = time.monotonic()
 
     @property
     def private(self) -> bool:
-        return self.invite_only or self.password is not None
+        return self.invite_only or self.password is not None or self.secret
+
+    def fits(self, person: Person, list_name: str) -> bool:
+        """Whether PERSON fits a mask of the room's list LIST_NAME (ROOM_MASK_LISTS)."""
+        masks = self.masks[list_name]
+        if not masks:
+            return False
+        mask = person.mask.casefold()
+        return any(fits_pattern(pattern, mask) for pattern in masks)
+
+    def banned(self, person: Person) -> bool:
+        """PERSON fits a ban of the room and no exception."""
+        return self.fits(person, "ban") and not self.fits(person, "exempt")
+
+    def forget_settings(self) -> None:
+        """What a private room does when it empties: it forgets everything, so that the next to open it
+        sees nothing of it."""
+        self.password, self.invite_only, self.topic, self.topic_set = None, False, None, None
+        self.secret, self.limit, self.moderated, self.outside_messages = False, None, False, False
+        self.masks = {name: {} for name in ROOM_MASK_LISTS}
 
     def hear(self, session: Session, current: bool) -> None:
         """Put SESSION's output in the audience for its current room, or for its other rooms."""
@@ -4857,10 +5015,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
     # -- signing in and out ----------------------------------------------------------
 
     def sign_in(self, connection: ClientConnection, nick: str, account: str | None = None,
-                realname: str = "") -> str | None:
-        """Make CONNECTION a session of someone called NICK (with the REALNAME an IRC client gave), or say why
-        not. Signed in to an ACCOUNT whose owner is online already, it is one more session of theirs, put in
-        their rooms; otherwise a new person, put back in the account's kept rooms. A protocol with a
+                realname: str = "", username: str = ANONYMOUS_USER) -> str | None:
+        """Make CONNECTION a session of someone called NICK (with the REALNAME and USERNAME an IRC client gave),
+        or say why not. Signed in to an ACCOUNT whose owner is online already, it is one more session of theirs,
+        put in their rooms; otherwise a new person, put back in the account's kept rooms. A protocol with a
         current room is always in one: the lobby if nothing else. Every room shows what was said in it
         since its last line the person read (catch_up).
 
@@ -4888,6 +5046,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                         "them lists them, and /kick-session ends one.")
             if person is not None and realname and not person.realname:
                 person.realname = realname      # the first session to give one (pyChat's clients give none)
+            if person is not None and person.username == ANONYMOUS_USER:
+                person.username = username      # likewise
             if person is None:
                 problem = self.nickname_problem(nick, account=account)
                 if problem:
@@ -4895,6 +5055,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 person = Person(nick, next(self.serials))
                 person.account = account
                 person.realname = realname
+                person.username = username
                 person.operator = account is not None and self.storage.is_operator(account)
                 if read is not None:
                     person.read, person.last_private = read, {}
@@ -5069,15 +5230,17 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if len(room.members) <= ANNOUNCE_LIMIT:
                 receivers |= room.members
         receivers.discard(person)
-        self._forget(person)
-        self._to_people(self.watchers.get(person.key, ()), WentOffline(person.nick))
-        self.departed.append(Departed(person.nick, person.key, person.account, person.realname, time.time()))
-        if person.account:
-            self.storage.saw(person.account)
         if not self.stopping:
-            # A muted person's own words (their /quit message) are not shown.
+            # A muted person's own words (their /quit message) are not shown. Told while they are still
+            # here, so that IRC's rendering finds their NICK!USER@HOST.
             shown = None if reason == QUIT or (person.muted and person.quit_message) else reason
             self._to_people(receivers, Quit(person.nick, shown))
+        self._forget(person)
+        self._to_people(self.watchers.get(person.key, ()), WentOffline(person.nick))
+        self.departed.append(Departed(person.nick, person.key, person.account, person.realname, time.time(),
+                                      person.username))
+        if person.account:
+            self.storage.saw(person.account)
 
     def _forget(self, person: Person) -> None:
         """Take PERSON out of every room and table, so that nothing of them stays reachable. Lock held."""
@@ -5114,6 +5277,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if saved is not None:
                 room.topic = saved.topic
                 room.topic_by_everyone = "topic-by-everyone" in saved.modes
+                room.moderated = "moderated" in saved.modes
+                room.outside_messages = "outside-messages" in saved.modes
+                room.limit = next((int(mode[6:]) for mode in saved.modes if re.fullmatch(r"limit-[1-9][0-9]{0,5}", mode)
+                                   and int(mode[6:]) <= MAX_ROOM_LIMIT), None)
+                for list_name, mask in self.storage.room_masks(name):
+                    if list_name in room.masks:
+                        room.masks[list_name][mask.mask.casefold()] = mask
         return room
 
     def _present(self, person: Person) -> None:
@@ -5128,8 +5298,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
         session of theirs sees who is there, the topic and what they have not read. Lock held."""
         person = session.person
         self._present(person)
-        if not room.members and room is not self.lobby:
-            room.operators.add(person)          # whoever opens a room runs it
+        if not room.members:
+            room.opened = time.time()
+            if room is not self.lobby:
+                room.operators.add(person)      # whoever opens a room runs it
         room.members.add(person)
         person.rooms[room.key] = room
         person.invited_to.pop(room.key, None)
@@ -5157,10 +5329,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
         others = [m.nick for m in itertools.islice(room.members, 16) if m is not person][:15]
         # A protocol that lists members gets them all, up to ANNOUNCE_LIMIT: past that, joins and leaves
         # are not announced, so a longer list would not stay true, and every newcomer would pay for it.
-        operators = room.operators
-        members = (tuple([(m.nick, m in operators) for m in itertools.islice(room.members, ANNOUNCE_LIMIT)])
+        operators, voiced = room.operators, room.voiced
+        members = (tuple([(m.nick, m in operators, m in voiced)
+                          for m in itertools.islice(room.members, ANNOUNCE_LIMIT)])
                    if session.output.protocol.lists_members else ())
-        events: list[Any] = [Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members)]
+        events: list[Any] = [Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members,
+                                     room.secret)]
         if room.topic:
             events.append(Topic(room.name, room.topic, *(room.topic_set or ())))
         events += self._catch_up_room(session, room)
@@ -5240,6 +5414,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         del person.rooms[room.key]
         room.members.discard(person)
         room.operators.discard(person)
+        room.voiced.discard(person)
         for session in person.sessions:
             room.stop_hearing(session)
         if person.last_room is room:
@@ -5254,8 +5429,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if not room.members:
             room.life = next(Room.lives)        # its invitations end with it
         if not room.members and room.private:
-            # A private room that empties forgets everything, so the next to open it sees nothing of it.
-            room.password, room.invite_only, room.topic, room.topic_set = None, False, None, None
+            room.forget_settings()
         if event is not None and len(room.members) <= ANNOUNCE_LIMIT:
             self._to_room(room, event)
         if leaving_the_chat:
@@ -5337,16 +5511,21 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if limit and len(person.rooms) >= limit:
                 raise Refused(f"You are in {len(person.rooms)} rooms, the most one may be in; /leave one first.",
                               "too-many-rooms", room=name)
-            invited = room is not None and person.invited_to.get(room.key) == room.life
-            if room is not None and room.members and not person.operator and not invited:
-                if room.invite_only:
+            room = room or self.room_named(name)     # a lasting room's bans hold while it is empty too
+            invited = person.invited_to.get(room.key) == room.life
+            if not person.operator and room.banned(person):
+                raise Refused(f"You are banned from #{room.name}.", "banned-from-room", room=room.name)
+            if room.members and not person.operator and not invited:
+                if room.invite_only and not room.fits(person, "invite-mask"):
                     raise Refused(f"#{room.name} is invite-only; one of its operators can /invite you.",
                                   "invite-only", room=room.name)
+                if room.limit is not None and len(room.members) >= room.limit:
+                    raise Refused(f"#{room.name} is full: it takes {room.limit} people; one of its operators "
+                                  f"can /invite you.", "room-full", room=room.name)
                 if room.password is not None and not hmac.compare_digest(
                         (password or "").encode("utf-8"), room.password.encode("utf-8")):
                     raise Refused(f"#{room.name} needs a key: /join #{room.name} KEY." if password is None
                                   else f"Wrong key for #{room.name}.", "bad-key", room=room.name)
-            room = room or self.room_named(name)
             opening = not room.members
             self._enter(session, room)
             if not opening or password is None:
@@ -5355,7 +5534,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 session.output.send(Error(f"#{room.name} is open to everyone; it cannot have a key."))
                 return
             room.password = password
-            self._to_room(room, ModeChanged(room.name, person.nick, "key", "on"))
+            self._to_room(room, ModeChanged(room.name, person.nick, (("key", "on"),)))
             saved = self._room_to_save(room)
         self._save_room(*saved)
 
@@ -5424,60 +5603,123 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def set_mode(self, session: Session, setting: str, value: str, name: str | None = None) -> None:
         """Change one of ROOM_SETTINGS of the room NAME (or BY's current one); the room is told."""
+        refusal = self.set_room_modes(session, [(setting, value)], name)[0]
+        if refusal is not None:
+            raise refusal
+
+    def set_room_modes(self, session: Session, changes: list[tuple[str, str]],
+                       name: str | None = None) -> list[Refused | None]:
+        """Make CHANGES, each one of ROOM_SETTINGS and its value, to the room NAME (or SESSION's current one),
+        in order; the room is told of those made in one event. Returns, for each change, why it was refused,
+        or None. Both doors' /mode and MODE come here: the rules are these."""
         by = session.person
         with self.lock:
             room = self._member_room(session, name)
             self._check_runs(by, room)
-            if room is self.lobby and setting in ("key", "invite-only"):
-                raise Refused(f"#{room.name} is open to everyone; it cannot be made private.")
-            shown = value
-            if setting == "key":
-                room.password = None if value == "off" else value
-                shown = "off" if value == "off" else "on"
-            elif setting == "invite-only":
-                room.invite_only = self._on_off(value)
-            elif setting == "topic":
-                if value not in ("operators", "everyone"):
-                    raise Refused("Say who may set the topic: /mode topic operators, or /mode topic everyone.")
-                room.topic_by_everyone = value == "everyone"
-            elif setting in ("op", "deop"):
-                target = self._find(value)
-                if target not in room.members:
-                    raise Refused(f"{target.nick} is not in #{room.name}.", "they-are-not-in-room", room.name, target.nick)
-                if (setting == "op") == (target in room.operators):
-                    raise Refused(f"{target.nick} is {'already' if setting == 'op' else 'not'} an operator "
-                                  f"of #{room.name}.")
-                (room.operators.add if setting == "op" else room.operators.discard)(target)
-                shown = target.nick
-            else:
-                raise Refused(f"There is no setting {setting!r}; there are {', '.join(ROOM_SETTINGS)}.")
-            self._to_room(room, ModeChanged(room.name, by.nick, setting, shown))
+            made, refusals = [], []
+            for setting, value in changes:
+                try:
+                    made.append(self._change_setting(by, room, setting, value))
+                    refusals.append(None)
+                except Refused as refusal:
+                    refusals.append(refusal)
+            if not made:
+                return refusals
+            self._to_room(room, ModeChanged(room.name, by.nick, tuple(made)))
             saved = self._room_to_save(room)
         self._save_room(*saved)
+        return refusals
 
-    def _room_to_save(self, room: Room) -> tuple[str, str | None, list[str]]:
-        """What of ROOM outlasts a restart: the topic and who may set it, unless the room is private, since a
-        private room forgets everything once it empties, and every room is empty at a start. (What was said
-        in it while it was public stays kept: it was public.) Lock held."""
+    def _change_setting(self, by: Person, room: Room, setting: str, value: str) -> tuple[str, str]:
+        """Change one setting of ROOM; returns it as the room is told of it. Lock held."""
+        if room is self.lobby and setting in ("key", "invite-only", "secret", "limit") and value != "off":
+            raise Refused(f"#{room.name} is open to everyone; it cannot be made private." if setting != "limit"
+                          else f"#{room.name} is open to everyone; it takes everyone.")
+        if setting == "key":
+            if value != "off" and (not value or " " in value):
+                raise Refused("A key is one word.", "invalid-mode-value", room=room.name)
+            room.password = None if value == "off" else value
+            return setting, "off" if value == "off" else "on"
+        if setting in ("invite-only", "moderated", "secret", "outside-messages"):
+            setattr(room, setting.replace("-", "_"), self._on_off(value))
+        elif setting == "topic":
+            if value not in ("operators", "everyone"):
+                raise Refused("Say who may set the topic: /mode topic operators, or /mode topic everyone.")
+            room.topic_by_everyone = value == "everyone"
+        elif setting == "limit":
+            limit = int(value) if value.isascii() and value.isdigit() else 0
+            if value != "off" and not 0 < limit <= MAX_ROOM_LIMIT:
+                raise Refused(f"A room's limit is a number of people, 1 to {MAX_ROOM_LIMIT}, or off; not {value!r}.",
+                              "invalid-mode-value", room=room.name)
+            room.limit = None if value == "off" else limit
+            value = "off" if value == "off" else str(limit)
+        elif setting in ("op", "deop", "voice", "devoice"):
+            target = self._find(value)
+            if target not in room.members:
+                raise Refused(f"{target.nick} is not in #{room.name}.", "they-are-not-in-room", room.name, target.nick)
+            adding = setting in ("op", "voice")
+            group, what = (room.operators, "an operator") if setting in ("op", "deop") else (room.voiced, "voiced")
+            if adding == (target in group):
+                raise Refused(f"{target.nick} is {'already' if adding else 'not'} {what} in #{room.name}.")
+            (group.add if adding else group.discard)(target)
+            value = target.nick
+        elif setting.removeprefix("un") in ROOM_MASK_LISTS:
+            value = self._change_mask(by, room, setting, value)
+        else:
+            raise Refused(f"There is no setting {setting!r}; there are {', '.join(ROOM_SETTINGS)}.")
+        return setting, value
+
+    @staticmethod
+    def _change_mask(by: Person, room: Room, setting: str, text: str) -> str:
+        """Put a mask in one of ROOM's lists, or take it out (SETTING 'unban'...); returns the mask. Lock held."""
+        list_name = setting.removeprefix("un")
+        masks = room.masks[list_name]
+        mask = mask_of(clean_text(text).replace(" ", ""))
+        if not text or len(mask) > 2 * MAX_NICKNAME_LENGTH + 20:
+            raise Refused("A mask is NICK!USER@HOST, with * for any letters and ? for one: bob!*@*.",
+                          "invalid-mode-value", room=room.name)
+        if setting == list_name:
+            if mask.casefold() in masks:
+                raise Refused(f"{mask} is in the {list_name} list of #{room.name} already.")
+            if len(masks) >= MAX_ROOM_MASKS:
+                raise Refused(f"The {list_name} list of #{room.name} is full ({MAX_ROOM_MASKS} masks).",
+                              "mask-list-full", room=room.name)
+            masks[mask.casefold()] = RoomMask(mask, by.nick, time.time())
+        elif masks.pop(mask.casefold(), None) is None:
+            raise Refused(f"{mask} is not in the {list_name} list of #{room.name}.")
+        return mask
+
+    def _room_to_save(self, room: Room) -> tuple[str, str | None, list[str], list[tuple[str, RoomMask]]]:
+        """What of ROOM outlasts a restart: the topic, the settings but the key, invite-only and secret (those
+        make it private) and its lists, unless the room is private, since a private room forgets everything
+        once it empties, and every room is empty at a start. (What was said in it while it was public stays
+        kept: it was public.) Lock held."""
         if room.private:
-            return room.name, None, []
-        return room.name, room.topic, ["topic-by-everyone"] if room.topic_by_everyone else []
+            return room.name, None, [], []
+        modes = ["topic-by-everyone"] * room.topic_by_everyone + ["moderated"] * room.moderated + \
+            ["outside-messages"] * room.outside_messages + ([f"limit-{room.limit}"] if room.limit else [])
+        masks = [(list_name, mask) for list_name, masks in room.masks.items() for mask in masks.values()]
+        return room.name, room.topic, modes, masks
 
-    def _save_room(self, name: str, topic: str | None, modes: list[str]) -> None:
+    def _save_room(self, name: str, topic: str | None, modes: list[str], masks: list[tuple[str, RoomMask]]) -> None:
         try:
-            self.storage.save_room_settings(name, topic, modes)
+            self.storage.save_room_settings(name, topic, modes, masks)
         except (StoreFull, StorageError) as problem:
             log.error("could not keep the settings of #%s: %s", name, problem)
 
     def room_settings(self, session: Session, name: str | None = None) -> commands.RoomSettings:
-        """The settings of the room NAME (or VIEWER's current one)."""
-        viewer = session.person
+        """The settings of the room NAME (or SESSION's current one)."""
         with self.lock:
             room = self._member_room(session, name)
-            return commands.RoomSettings(room.name, room.topic, room.password is not None, room.invite_only,
-                                         room.topic_by_everyone,
-                                         tuple(sorted((p.nick for p in room.operators), key=str.casefold)),
-                                         *(room.topic_set or ()))
+            by_name = functools.partial(sorted, key=str.casefold)
+            lists = {list_name: tuple(commands.MaskInfo(m.mask, m.by, m.when) for m in masks.values())
+                     for list_name, masks in room.masks.items()}
+            return commands.RoomSettings(
+                room.name, room.topic, room.password is not None, room.invite_only, room.topic_by_everyone,
+                tuple(by_name(p.nick for p in room.operators)), *(room.topic_set or ()),
+                secret=room.secret, limit=room.limit, moderated=room.moderated,
+                outside_messages=room.outside_messages, voiced=tuple(by_name(p.nick for p in room.voiced)),
+                bans=lists["ban"], exempts=lists["exempt"], invite_masks=lists["invite-mask"], opened=room.opened)
 
     def _check_runs(self, person: Person, room: Room) -> None:
         """Refuse unless PERSON may run ROOM (an operator of it, or of the server) and is not muted."""
@@ -5518,7 +5760,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if person.muted:
                 session.output.send(Error("You are muted; the room does not hear you."))
                 return
-            room = self._member_room(session, name)
+            room = self._room_to_speak_in(session, name)
             person.last_spoke = time.monotonic()
             number, when = self.storage.next_message_id(), time.time()
             event = kind(room.name, person.nick, text, str(number), client_tags, person.account,
@@ -5533,6 +5775,28 @@ class ChatServer(socketserver.ThreadingTCPServer):
                                          "notice" if more.get("notice") else "action" if kind is Acted else "line",
                                          text)
             self._to_room(room, event, skip=None if echo else session, sender=person)
+            if echo and person not in room.members:
+                session.output.send(event)
+
+    def _room_to_speak_in(self, session: Session, name: str | None) -> Room:
+        """The room NAME (or SESSION's current one) if its person may talk in it: they are in it, or it lets
+        people outside it talk; and it is not moderated, or they are not banned from it, unless they run the
+        room or have a voice in it. Refused otherwise. Lock held."""
+        person = session.person
+        try:
+            room = self._member_room(session, name)
+        except Refused as refusal:
+            room = self.rooms.get(name_key(room_name(name))) if name is not None else None
+            if room is None or not room.outside_messages or not self._may_see(person, room) or not room.members:
+                raise refusal from None
+        if person.operator or person in room.operators or person in room.voiced:
+            return room
+        if room.banned(person):
+            raise Refused(f"You are banned from #{room.name}; you cannot talk in it.", "cannot-send", room=room.name)
+        if room.moderated:
+            raise Refused(f"#{room.name} is moderated: only its operators and those they give a voice talk.",
+                          "cannot-send", room=room.name)
+        return room
 
     def send_tags(self, session: Session, target: str, client_tags: ClientTags, echo: bool = False) -> None:
         """CLIENT_TAGS with no text (someone is typing, a reaction) to the room TARGET ('#ROOM') or the person
@@ -6511,8 +6775,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             room = self._current_room(session) if name is None else self._visible_room(viewer, name)
             self._charge(viewer, len(room.members), "/who")
-            people = [commands.PersonInfo(p.nick, room.name, p.away, p.operator, p.muted, p in room.operators)
-                      for p in room.members]
+            people = [commands.PersonInfo(p.nick, room.name, p.away, p.operator, p.muted, p in room.operators,
+                                          p in room.voiced) for p in room.members]
         return room.name, sorted(people, key=lambda p: p.nick.casefold())
 
     def room_list(self, session: Session) -> list[commands.RoomInfo]:
@@ -6524,6 +6788,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
                      for r in self.rooms.values() if r.members and self._may_see(viewer, r)]
             self._charge(viewer, len(rooms), "/rooms")      # finding them is cheap: the table is bounded
         return sorted(rooms, key=lambda r: r.name.casefold())
+
+    def username_of(self, nick: str) -> str:
+        """The user name of NICK!USER@HOST of whoever is called NICK ('~user' for someone who gave none, or no
+        one: a line from history by someone gone is theirs too). Asked by IRC's renderings of events, under
+        the lock, and of history, without it: one read of a dict."""
+        person = self.people.get(name_key(nick))
+        return person.username if person is not None else ANONYMOUS_USER
 
     def rooms_of(self, session: Session) -> list[str]:
         """The rooms PERSON is in, in the order joined."""
@@ -6546,7 +6817,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             address = str(ip_of(person.address) or person.address) if viewer.operator else None
             return Whois(person.nick, person.account, rooms, person.away, person.operator, person.since,
                          time.monotonic() - person.last_spoke, self._protocols(person), address, person.bot,
-                         person.realname)
+                         person.realname, person.username)
 
     @staticmethod
     def _protocols(person: Person) -> str:
@@ -6617,7 +6888,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return WhoEntry(person.nick, room.name if room else None, person.account, person.realname,
                         person.away is not None,
                         person.operator, room is not None and person in room.operators,
-                        time.monotonic() - person.last_spoke, person.bot)
+                        time.monotonic() - person.last_spoke, person.bot, room is not None and person in room.voiced,
+                        person.username)
 
     def whowas(self, nick: str, most: int = 0) -> list[Departed]:
         """Who went by NICK lately (or by a look-alike of it), newest first; at most MOST of them (0: all kept)."""
@@ -6847,6 +7119,18 @@ class Context:
 
     def set_mode(self, setting: str, value: str, room: str | None = None) -> None:
         self._server.set_mode(self._caller, setting, value, room)
+
+    def set_modes(self, changes: list[tuple[str, str]], room: str | None = None) -> list[str]:
+        """Several settings at once; what was refused, and why."""
+        return [str(refusal) for refusal in self._server.set_room_modes(self._caller, changes, room) if refusal]
+
+    def mode_letters(self, letters: str, words: list[str]) -> list[tuple[str, str | None]]:
+        """IRC's letters ('+mv bob') as /mode's settings and values; a value None is a word missing."""
+        found = read_mode_letters(letters, words)
+        unknown = [word.letter for word in found if word.setting is None]
+        if unknown:
+            raise Refused(f"There is no mode {unknown[0]}; /help mode lists them.")
+        return [(word.setting, word.value) for word in found]
 
     def room_settings(self, room: str | None = None) -> commands.RoomSettings:
         return self._server.room_settings(self._caller, room)
@@ -7155,6 +7439,17 @@ def irc_text_messages(command: str, target: str, text: str, source: str, tags: d
     return [f"{prefix}{head}{before}{piece}{after}" for piece in pieces]
 
 
+def irc_cut_to_fit(command: str, target: str, source: str, text: str, wrap: tuple[str, str] = ("", "")) -> str:
+    """TEXT cut short, at the end of a character, so that COMMAND (PRIVMSG or NOTICE) from SOURCE relaying it
+    to TARGET is one message within IRC's line limit, as IRC servers cut what their clients send: a line
+    at the limit from a client does not fit once the server puts its sender's NICK!USER@HOST before it.
+    WRAP goes around the text (a CTCP ACTION's markers)."""
+    head = format_irc_message(command, (target,), source) + " :" + wrap[0] + wrap[1]
+    room = IRC_MAX_BODY_BYTES - len(head.encode("utf-8"))
+    encoded = text.encode("utf-8")
+    return text if len(encoded) <= room else encoded[:max(room, 0)].decode("utf-8", "ignore")
+
+
 # The numerics the server sends: name -> (code, the usual closing text, or None when the
 # parameters are all there is). A caller may give a more helpful text than the usual one.
 IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
@@ -7256,6 +7551,7 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "ERR_NOOPERHOST": ("491", "No O-lines for your host"),
     "ERR_CHANOPRIVSNEEDED": ("482", "You're not channel operator"),
     "ERR_UMODEUNKNOWNFLAG": ("501", "Unknown MODE flag"),
+    "ERR_INVALIDMODEPARAM": ("696", None),
     "ERR_USERSDONTMATCH": ("502", "Can't change mode for other users"),
     "RPL_MONONLINE": ("730", None),
     "RPL_MONOFFLINE": ("731", None),
@@ -7662,18 +7958,17 @@ class IrcPingClock:
 # The IRC protocol object: the core's events in IRC's words
 # ---------------------------------------------------------------------------
 
-IRC_USER, IRC_HOST = "~user", "pychat"
-IRC_USER_HOST = f"{IRC_USER}@{IRC_HOST}"    # everyone is NICK!~user@pychat: pyChat never shows an address
+IRC_HOST = PERSON_HOST              # everyone is NICK!USER@pychat: pyChat never shows an address
 IRC_SERVICE_KEY = name_key(IRC_SERVICE_NICK)
 IRC_MAX_REASON = 390                # the longest topic, away message, kick or quit reason taken from IRC
 IRC_USER_MODES = "Bio"              # B: a bot, i: invisible to WHO masks (both set by the person),
                                     # o: an operator of the server (/op, OPER)
-IRC_CHANNEL_MODES = "iknot"         # i invite-only, k key, n only members talk (always), o room operator,
-                                    # t only operators set the topic
+IRC_CHANNEL_MODES = "Ibeiklmnostv"  # pyChat's room settings (ROOM_MODE_LETTERS)
+IRC_CHANNEL_MODES_WITH_WORDS = "Ibeklov"
 # Capabilities that change the bytes a connection is sent. Rooms group their audiences by them (see
 # IrcProtocol), so a change to them once the person is in goes through ChatServer.change_protocol.
 IRC_RENDERING_CAPABILITIES = frozenset({"account-notify", "account-tag", "away-notify", "echo-message", "extended-join",
-                                        "invite-notify", "message-tags", "server-time", "setname",
+                                        "invite-notify", "message-tags", "multi-prefix", "server-time", "setname",
                                         "userhost-in-names", "draft/chathistory", "draft/read-marker"})
 IRC_CHAT_EVENTS = (Said, Acted, PrivateFrom, PrivateTo, TagMessage)     # with a line id and client tags
 
@@ -7732,8 +8027,8 @@ def irc_reason(text: str) -> str:
     return strip_irc_formatting(text)[:IRC_MAX_REASON]
 
 
-def irc_source(nick: str) -> str:
-    return f"{nick}!{IRC_USER_HOST}"
+def irc_source(nick: str, user: str = ANONYMOUS_USER) -> str:
+    return f"{nick}!{user}@{IRC_HOST}"
 
 
 def irc_service_source() -> str:
@@ -7744,9 +8039,10 @@ def irc_service_source() -> str:
 def irc_isupport_tokens(options: argparse.Namespace) -> list[str]:
     """What 005 says about this server: only what is true of it."""
     # CASEMAPPING: names compare as pyChat compares them, ignoring case (ASCII's and more) and look-alikes.
-    tokens = [f"AWAYLEN={IRC_MAX_REASON}", "CASEMAPPING=ascii", "CHANMODES=,k,,int",
+    tokens = [f"AWAYLEN={IRC_MAX_REASON}", "CASEMAPPING=ascii", "CHANMODES=beI,k,l,imnst",
               f"CHANNELLEN={MAX_NICKNAME_LENGTH + 1}", "CHANTYPES=#", f"KICKLEN={IRC_MAX_REASON}",
-              f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(o)@", "SAFELIST",
+              f"NETWORK={IRC_NETWORK}", f"NICKLEN={MAX_NICKNAME_LENGTH}", "PREFIX=(ov)@+", "SAFELIST",
+              "EXCEPTS=e", "INVEX=I", f"MAXLIST=b:{MAX_ROOM_MASKS},e:{MAX_ROOM_MASKS},I:{MAX_ROOM_MASKS}",
               f"TARGMAX=JOIN:,KICK:1,NAMES:1,NOTICE:{IRC_MAX_TARGETS},PART:,PRIVMSG:{IRC_MAX_TARGETS},"
               f"TAGMSG:{IRC_MAX_TARGETS},WHOIS:1",
               f"TOPICLEN={IRC_MAX_REASON}", "UTF8ONLY", "ELIST=MNU", "WHOX", f"MONITOR={WATCH_LIMIT}", "BOT=B",
@@ -7792,6 +8088,10 @@ class IrcProtocol:
         """The receiver's nickname: events sent to one person alone are sent under the server's lock."""
         return self.connection.nick
 
+    def source(self, nick: str) -> str:
+        """NICK!USER@HOST of someone online (events are rendered under the server's lock)."""
+        return irc_source(nick, self.connection.username_of(nick))
+
     def encode(self, event: Any, tagged: bool = False) -> bytes:
         """EVENT as IRC messages (b"" when IRC has nothing to say of it); TAGGED does not matter to IRC,
         whose every channel message names its channel."""
@@ -7829,10 +8129,10 @@ class IrcProtocol:
 
     def said(self, event: Said, prefix: str = "") -> list[str]:
         return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", f"#{event.room}", prefix + event.text,
-                                 irc_source(event.nick))
+                                 self.source(event.nick))
 
     def acted(self, event: Acted, prefix: str = "") -> list[str]:
-        return irc_text_messages("PRIVMSG", f"#{event.room}", prefix + event.text, irc_source(event.nick),
+        return irc_text_messages("PRIVMSG", f"#{event.room}", prefix + event.text, self.source(event.nick),
                                  wrap=(CTCP + "ACTION ", CTCP))
 
     def joined(self, event: Joined) -> list[str]:
@@ -7846,65 +8146,68 @@ class IrcProtocol:
         """JOIN; with extended-join, with the account ('*' for none) and the real name (the nickname for
         someone who gave none)."""
         extended = (account or "*", realname or nick) if "extended-join" in self.capabilities else ()
-        return format_irc_message("JOIN", (f"#{room}", *extended), irc_source(nick))
+        return format_irc_message("JOIN", (f"#{room}", *extended), self.source(nick))
 
     def tag_message(self, event: TagMessage) -> list[str]:
         """TAGMSG, only to those who take message tags; its tags are put on by encode()."""
         if not self.message_tags:
             return []
-        return [format_irc_message("TAGMSG", (event.target,), irc_source(event.nick))]
+        return [format_irc_message("TAGMSG", (event.target,), self.source(event.nick))]
 
     def left(self, event: Left) -> list[str]:
         return self._part(event.room, event.nick, event.reason)
 
-    @staticmethod
-    def _part(room: str, nick: str, reason: str | None) -> list[str]:
-        return [format_irc_message("PART", (f"#{room}", *((reason,) if reason else ())), irc_source(nick))]
+    def _part(self, room: str, nick: str, reason: str | None) -> list[str]:
+        return [format_irc_message("PART", (f"#{room}", *((reason,) if reason else ())), self.source(nick))]
 
     def kicked(self, event: Kicked) -> list[str]:
         return [format_irc_message("KICK", (f"#{event.room}", event.nick, event.reason or event.by),
-                                   irc_source(event.by))]
+                                   self.source(event.by))]
 
     def topic_changed(self, event: TopicChanged) -> list[str]:
-        return [format_irc_message("TOPIC", (f"#{event.room}", event.topic), irc_source(event.nick))]
+        return [format_irc_message("TOPIC", (f"#{event.room}", event.topic), self.source(event.nick))]
 
     def mode_changed(self, event: ModeChanged) -> list[str]:
-        change = {("key", "off"): ("-k", "*"), ("key", "on"): ("+k", "*"), ("invite-only", "on"): ("+i",),
-                  ("invite-only", "off"): ("-i",), ("topic", "operators"): ("+t",),
-                  ("topic", "everyone"): ("-t",)}.get((event.setting, event.value))
-        if change is None:      # op and deop name the person
-            change = ("+o" if event.setting == "op" else "-o", event.value)
-        return [format_irc_message("MODE", (f"#{event.room}", *change), irc_source(event.nick))]
+        """One MODE for all the changes: '+mv-l bob'."""
+        letters, words, sign = "", [], ""
+        for setting, value in event.changes:
+            letter, word = irc_mode_letter(setting, value)
+            if letter[0] != sign:
+                sign = letter[0]
+                letters += sign
+            letters += letter[1]
+            words += [word] if word is not None else []
+        return [format_irc_message("MODE", (f"#{event.room}", letters, *words), self.source(event.nick))]
 
     # -- about a person, told once to each who shares a room: nothing of the receiver either ---
 
     def quit(self, event: Quit) -> list[str]:
         return [format_irc_message("QUIT", (f"Quit: {event.reason}" if event.reason else "Quit",),
-                                   irc_source(event.nick))]
+                                   self.source(event.nick))]
 
     def renamed(self, event: Renamed) -> list[str]:
-        return [format_irc_message("NICK", (event.new,), irc_source(event.old))]
+        return [format_irc_message("NICK", (event.new,), irc_source(event.old, self.connection.username_of(event.new)))]
 
     def away_changed(self, event: AwayChanged) -> list[str]:
         if "away-notify" not in self.capabilities:
             return []
-        return [format_irc_message("AWAY", (event.reason,) if event.reason else (), irc_source(event.nick))]
+        return [format_irc_message("AWAY", (event.reason,) if event.reason else (), self.source(event.nick))]
 
     def operators_message(self, event: OperatorsMessage) -> list[str]:
-        return [format_irc_message("WALLOPS", (event.text,), irc_source(event.nick))]
+        return [format_irc_message("WALLOPS", (event.text,), self.source(event.nick))]
 
     def realname_changed(self, event: RealnameChanged) -> list[str]:
         if "setname" not in self.capabilities:
             return []
-        return [format_irc_message("SETNAME", (event.realname,), irc_source(event.nick))]
+        return [format_irc_message("SETNAME", (event.realname,), self.source(event.nick))]
 
     def invited_someone(self, event: InvitedSomeone) -> list[str]:
         if "invite-notify" not in self.capabilities:
             return []
-        return [format_irc_message("INVITE", (event.nick, f"#{event.room}"), irc_source(event.by))]
+        return [format_irc_message("INVITE", (event.nick, f"#{event.room}"), self.source(event.by))]
 
     def came_online(self, event: CameOnline) -> list[str]:
-        return [irc_numeric("RPL_MONONLINE", self.me, text=irc_source(event.nick))]
+        return [irc_numeric("RPL_MONONLINE", self.me, text=self.source(event.nick))]
 
     def went_offline(self, event: WentOffline) -> list[str]:
         return [irc_numeric("RPL_MONOFFLINE", self.me, text=event.nick)]
@@ -7912,7 +8215,7 @@ class IrcProtocol:
     def account_changed(self, event: AccountChanged) -> list[str]:
         if "account-notify" not in self.capabilities:
             return []
-        return [format_irc_message("ACCOUNT", (event.account or "*",), irc_source(event.nick))]
+        return [format_irc_message("ACCOUNT", (event.account or "*",), self.source(event.nick))]
 
     # -- to one person: these name the receiver --------------------------------------------------
 
@@ -7922,7 +8225,8 @@ class IrcProtocol:
         person = self.connection.person         # None while signing in: their account is the one of SASL
         account, realname = (person.account, person.realname) if person else (self.connection.account,
                                                                               self.connection.realname)
-        replies = [self._join(event.room, self.me, account, realname), *irc_names_replies(self.me, channel, names)]
+        replies = [self._join(event.room, self.me, account, realname),
+                   *irc_names_replies(self.me, channel, names, event.secret)]
         if "draft/read-marker" in self.capabilities:     # before the end of NAMES, as the specification says
             position = self.connection.server.read_position(person, room_target(event.room)) if person else None
             replies.insert(-1, self.read_marker(channel, position))
@@ -7936,12 +8240,13 @@ class IrcProtocol:
     def read_up_to(self, event: ReadUpTo) -> list[str]:
         return [self.read_marker(event.name, event.message_id)] if "draft/read-marker" in self.capabilities else []
 
-    def names_in_names(self, members: Iterable[tuple[str, bool]]) -> list[str]:
-        """The entries of a NAMES list for MEMBERS, (nickname, whether a room operator): each nickname,
-        with '@' for a room operator; with userhost-in-names, the whole NICK!USER@HOST."""
-        if "userhost-in-names" in self.capabilities:
-            return [("@" if operator else "") + irc_source(nick) for nick, operator in members]
-        return [f"@{nick}" if operator else nick for nick, operator in members]
+    def names_in_names(self, members: Iterable[tuple[str, bool, bool]]) -> list[str]:
+        """The entries of a NAMES list for MEMBERS, (nickname, whether a room operator, whether voiced):
+        each nickname, after '@' for a room operator and '+' for a voice (both with multi-prefix); with
+        userhost-in-names, the whole NICK!USER@HOST."""
+        multi = "multi-prefix" in self.capabilities
+        whole = self.source if "userhost-in-names" in self.capabilities else str
+        return [irc_prefix(operator, voiced, multi) + whole(nick) for nick, operator, voiced in members]
 
     def topic(self, event: Topic) -> list[str]:
         return irc_topic_replies(self.me, event.room, event.topic, event.by, event.when)
@@ -7969,19 +8274,19 @@ class IrcProtocol:
 
     def you_were_kicked(self, event: YouWereKicked) -> list[str]:
         return [format_irc_message("KICK", (f"#{event.room}", self.me, event.reason or event.by),
-                                   irc_source(event.by))]
+                                   self.source(event.by))]
 
     def invited(self, event: Invited) -> list[str]:
-        return [format_irc_message("INVITE", (self.me, f"#{event.room}"), irc_source(event.by))]
+        return [format_irc_message("INVITE", (self.me, f"#{event.room}"), self.source(event.by))]
 
     def private_from(self, event: PrivateFrom, prefix: str = "") -> list[str]:
         return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", self.me, prefix + event.text,
-                                 irc_source(event.nick))
+                                 self.source(event.nick))
 
     def offline_private(self, event: OfflinePrivate) -> list[str]:
         """A message left for you while you were away, from its sender, at its time (or saying when)."""
         prefix = "" if self.server_time else f"[offline {_utc(event.when)}] "
-        return irc_text_messages("PRIVMSG", self.me, prefix + event.text, irc_source(event.nick))
+        return irc_text_messages("PRIVMSG", self.me, prefix + event.text, self.source(event.nick))
 
     def private_to(self, event: PrivateTo, prefix: str = "") -> list[str]:
         """Your own private line: its echo, and, whether the client asked for echoes or not, one sent from
@@ -7989,7 +8294,7 @@ class IrcProtocol:
         if "echo-message" not in self.capabilities and not event.elsewhere and not prefix:
             return []
         return irc_text_messages("NOTICE" if event.notice else "PRIVMSG", event.nick, prefix + event.text,
-                                 irc_source(self.me))
+                                 self.source(self.me))
 
     def notice(self, event: Notice) -> list[str]:
         return irc_text_messages("NOTICE", self.me, event.text, irc_server_name())
@@ -8033,10 +8338,40 @@ class IrcProtocol:
     }
 
 
-def irc_who_flags(entry: WhoEntry) -> str:
-    """H(ere) or G(one), * for a server operator, B for a bot, @ for a room operator."""
+def irc_who_flags(entry: WhoEntry, multi_prefix: bool = False) -> str:
+    """H(ere) or G(one), * for a server operator, B for a bot, @ for a room operator, + for a voice."""
     return ("G" if entry.away else "H") + ("*" if entry.operator else "") + ("B" if entry.bot else "") + \
-        ("@" if entry.room_operator else "")
+        irc_prefix(entry.room_operator, entry.voiced, multi_prefix)
+
+
+def irc_prefix(operator: bool, voiced: bool, multi_prefix: bool = False) -> str:
+    """@ for a room operator, + for a voice; both (multi-prefix), or the higher."""
+    if multi_prefix:
+        return "@" * operator + "+" * voiced
+    return "@" if operator else "+" if voiced else ""
+
+
+def irc_mode_letter(setting: str, value: str) -> tuple[str, str | None]:
+    """The letter with its sign, and the word after it (or None), of one change of a room's settings. The
+    key itself is never shown."""
+    for letter, sides in ROOM_MODE_LETTERS.items():
+        for sign, (named, fixed) in zip("+-", sides):
+            if named == setting and fixed == value:
+                return sign + letter, None
+    for letter, sides in ROOM_MODE_LETTERS.items():
+        for sign, (named, fixed) in zip("+-", sides):
+            if named == setting and fixed is None:
+                return sign + letter, "*" if setting == "key" else value
+    raise ValueError(f"no letter for {setting} {value}")
+
+
+def irc_channel_modes(settings: commands.RoomSettings) -> list[str]:
+    """A room's modes as 324 gives them: '+iklnt', then the limit (the key is not shown)."""
+    flags = [("i", settings.invite_only), ("k", settings.has_key), ("l", settings.limit is not None),
+             ("m", settings.moderated), ("n", not settings.outside_messages), ("s", settings.secret),
+             ("t", not settings.topic_by_everyone)]
+    words = ["*"] * settings.has_key + [str(settings.limit)] * (settings.limit is not None)
+    return ["+" + "".join(letter for letter, on in flags if on), *words]
 
 
 WHOX_FIELDS = "tcuihsnfdlaor"           # WHOX's fields, in the order a 354 gives them
@@ -8097,9 +8432,10 @@ def irc_topic_replies(me: str, room: str, topic: str, by: str | None, when: floa
     return lines
 
 
-def irc_names_replies(me: str, channel: str, names: list[str]) -> list[str]:
-    """353 (as many as the names need) and 366 for CHANNEL."""
-    room = IRC_MAX_BODY_BYTES - len(irc_numeric("RPL_NAMREPLY", me, "=", channel, text="").encode("utf-8"))
+def irc_names_replies(me: str, channel: str, names: list[str], secret: bool = False) -> list[str]:
+    """353 (as many as the names need) and 366 for CHANNEL; a secret one is marked '@', others '='."""
+    symbol = "@" if secret else "="
+    room = IRC_MAX_BODY_BYTES - len(irc_numeric("RPL_NAMREPLY", me, symbol, channel, text="").encode("utf-8"))
     # Cut the whole list at spaces, in bytes: a space never occurs inside another character's UTF-8, and
     # this is one search per line, not a step per name, for the up to 200 names every newcomer gets.
     rest = " ".join(names).encode("utf-8")
@@ -8114,7 +8450,7 @@ def irc_names_replies(me: str, channel: str, names: list[str]) -> list[str]:
         rest = rest[cut + 1:]
     if rest:
         lines.append(rest)
-    return [*(irc_numeric("RPL_NAMREPLY", me, "=", channel, text=line.decode("utf-8")) for line in lines),
+    return [*(irc_numeric("RPL_NAMREPLY", me, symbol, channel, text=line.decode("utf-8")) for line in lines),
             irc_numeric("RPL_ENDOFNAMES", me, channel)]
 
 
@@ -8131,6 +8467,7 @@ IRC_REFUSALS = {
     "not-room-operator": ("ERR_CHANOPRIVSNEEDED", "room"), "cannot-send": ("ERR_CANNOTSENDTOCHAN", "room"),
     "they-are-not-in-room": ("ERR_USERNOTINCHANNEL", "both"), "they-are-in-room": ("ERR_USERONCHANNEL", "both"),
     "try-again": ("RPL_TRYAGAIN", "command"), "not-server-operator": ("ERR_NOPRIVILEGES", "nothing"),
+    "banned-from-room": ("ERR_BANNEDFROMCHAN", "room"), "room-full": ("ERR_CHANNELISFULL", "room"),
 }
 
 
@@ -8167,6 +8504,7 @@ class IrcConnection(ClientConnection):
         self.output.protocol = self.protocol_class(self)
         self.signing_in_as: str | None = None
         self.realname = ""
+        self.username = ANONYMOUS_USER
         self.ping_clock = IrcPingClock(self.server.options.irc_ping, self.connected)
         self.last_active = self.connected       # the last message other than PING and PONG
         self.batches = itertools.count(1)       # the references of the batches this connection is sent
@@ -8175,6 +8513,12 @@ class IrcConnection(ClientConnection):
     def nick(self) -> str:
         """Who numerics are addressed to: the person's nickname, or '*' before there is one."""
         return self.person.nick if self.person else self.signing_in_as or "*"
+
+    def username_of(self, nick: str) -> str:
+        """(for IrcProtocol) The USER of someone's NICK!USER@HOST; this connection's own while it signs in."""
+        if self.person is None and nick == self.signing_in_as:
+            return self.username
+        return self.server.username_of(nick)
 
     def handle(self) -> None:
         log.info("%s connection from %s:%s", self.door, *self.client_address[:2])
@@ -8203,6 +8547,19 @@ class IrcConnection(ClientConnection):
             message = self.message_of(line)
             if message is not None:
                 yield message
+
+    @staticmethod
+    def is_keepalive(line: str | None) -> bool:
+        """PING and PONG pass flood control uncounted and are never dropped: a client that waits for its
+        PONG before it goes on (irctest, a bouncer checking the link) would otherwise wait for ever once
+        its other lines spent its allowance, and the answer is one short line. A client that floods with
+        them still meets the cap on lines taken from one read (lines_allowed())."""
+        if line is None:
+            return False
+        words = line.split(" ", 3)
+        while words and words[0].startswith(("@", ":")):
+            words.pop(0)
+        return bool(words) and words[0].upper() in ("PING", "PONG")
 
     def message_of(self, line: str | None) -> IrcMessage | None:
         """The message LINE holds; a line that holds none is answered here (None)."""
@@ -8286,10 +8643,10 @@ class IrcConnection(ClientConnection):
                 password_checked = True
             nick, problem = self.name_for(registration.nick)
             if problem is None:
-                self.realname = registration.realname
+                self.realname, self.username = registration.realname, registration.username
                 self.signing_in_as = nick
                 self.output.protocol = self.protocol_class(self, frozenset(self.capabilities.enabled))
-                problem = self.server.sign_in(self, nick, self.account, registration.realname)
+                problem = self.server.sign_in(self, nick, self.account, registration.realname, registration.username)
                 if problem is None:
                     if self.server.options.irc_auto_join and not self.person.rooms:
                         self.irc_join(self.server.options.irc_auto_join)
@@ -8361,13 +8718,13 @@ class IrcConnection(ClientConnection):
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.server.started))
         tokens = irc_isupport_tokens(self.server.options)
         return [irc_numeric("RPL_WELCOME", nick,
-                            text=f"Welcome to the {IRC_NETWORK} IRC network, {irc_source(nick)}"),
+                            text=f"Welcome to the {IRC_NETWORK} IRC network, {irc_source(nick, self.username)}"),
                 irc_numeric("RPL_YOURHOST", nick,
                             text=f"Your host is {irc_server_name()}, running version {version}"),
                 irc_numeric("RPL_CREATED", nick, text=f"This server was created {started}"),
-                # The modes that take a parameter: k (the key) and o (who).
+                # The channel modes, then those that take a word: a mask, the key, the limit, who.
                 irc_numeric("RPL_MYINFO", nick, irc_server_name(), version, IRC_USER_MODES, IRC_CHANNEL_MODES,
-                            "ko"),
+                            IRC_CHANNEL_MODES_WITH_WORDS),
                 *(irc_numeric("RPL_ISUPPORT", nick, *tokens[n:n + 12]) for n in range(0, len(tokens), 12)),
                 *irc_motd_replies(nick, motd),
                 format_irc_message("NOTICE", (nick, f"pyChat's own commands: /msg {IRC_SERVICE_NICK} help"))]
@@ -8486,6 +8843,10 @@ class IrcConnection(ClientConnection):
                                                              "only ACTION (/me)."), irc_service_source()))
             return
         words = clean_irc_text(ctcp[1] if ctcp else text)
+        # One message in, one message out: cut to what can be relayed, as the receivers will see it.
+        wrap = ((CTCP + "ACTION ", CTCP) if target.startswith("#") else (f"* {person.nick} ", "")) if ctcp else ("", "")
+        words = irc_cut_to_fit("NOTICE" if notice else "PRIVMSG", target, irc_source(person.nick, person.username),
+                               words, wrap)
         if not words:
             return
         echo = "echo-message" in self.capabilities.enabled
@@ -8580,8 +8941,12 @@ class IrcConnection(ClientConnection):
                     raise
                 self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, channel))
                 continue
-            names = self.output.protocol.names_in_names((p.nick, p.room_operator) for p in people)
-            for line in irc_names_replies(self.nick, f"#{room}", names):
+            names = self.output.protocol.names_in_names((p.nick, p.room_operator, p.voiced) for p in people)
+            try:
+                secret = self.server.room_settings(self.session, room).secret
+            except Refused:
+                secret = False      # not a member: a secret room would not have been listed
+            for line in irc_names_replies(self.nick, f"#{room}", names, secret):
                 self.send_irc(line)
         if not channels:
             self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, "*"))
@@ -8612,36 +8977,41 @@ class IrcConnection(ClientConnection):
         self.send_irc(irc_numeric("RPL_ENDOFWHO", self.nick, mask))
 
     def who_fits(self, mask: str) -> list[WhoEntry]:
-        """Who fits MASK: everyone is NICK!~user@pychat on this server, so a mask of a user or host either
-        fits all of them or none."""
+        """Who fits MASK: everyone's host is pychat on this server, so a mask of a host either fits all of
+        them or none; a user part is matched against each one's."""
         if mask.startswith("#"):
             return self.server.who(self.session, mask)
-        pattern = mask.casefold()
+        pattern, user = mask.casefold(), "*"
         if pattern in ("", "0"):
             pattern = "*"
         if "!" in pattern or "@" in pattern:
             nick, _, rest = pattern.partition("!") if "!" in pattern else ("*", "", pattern)
             user, _, host = rest.rpartition("@") if "@" in rest else (rest, "", "*")
-            if not (fits_pattern(user or "*", IRC_USER) and fits_pattern(host or "*", IRC_HOST)):
+            if not fits_pattern(host or "*", IRC_HOST):
                 return []
             pattern = nick or "*"
         elif "." in pattern:        # no nickname has a dot: a host or the server
             if not any(fits_pattern(pattern, name) for name in (IRC_HOST, irc_server_name())):
                 return []
             pattern = "*"
-        return self.server.who(self.session, pattern)
+        found = self.server.who(self.session, pattern)
+        return found if user in ("", "*") else [entry for entry in found
+                                                if fits_pattern(user, entry.username.casefold())]
 
     def who_reply(self, entry: WhoEntry) -> str:
         """352: the channel, user, host, server, nick, flags, and hops 0 before the real name (or the nick)."""
-        return irc_numeric("RPL_WHOREPLY", self.nick, f"#{entry.room}" if entry.room else "*", IRC_USER, IRC_HOST,
-                           irc_server_name(), entry.nick, irc_who_flags(entry), text=f"0 {entry.realname or entry.nick}")
+        return irc_numeric("RPL_WHOREPLY", self.nick, f"#{entry.room}" if entry.room else "*", entry.username, IRC_HOST,
+                           irc_server_name(), entry.nick, self.who_flags(entry), text=f"0 {entry.realname or entry.nick}")
+
+    def who_flags(self, entry: WhoEntry) -> str:
+        return irc_who_flags(entry, "multi-prefix" in self.capabilities.enabled)
 
     def whox_reply(self, entry: WhoEntry, letters: str, token: str) -> str:
         """354 with the fields LETTERS asks for, in WHOX's own order whatever the order asked; the
         address is never shown."""
-        values = {"t": token, "c": f"#{entry.room}" if entry.room else "*", "u": IRC_USER,
+        values = {"t": token, "c": f"#{entry.room}" if entry.room else "*", "u": entry.username,
                   "i": "255.255.255.255", "h": IRC_HOST, "s": irc_server_name(), "n": entry.nick,
-                  "f": irc_who_flags(entry), "d": "0", "l": str(int(entry.idle)), "a": entry.account or "0",
+                  "f": self.who_flags(entry), "d": "0", "l": str(int(entry.idle)), "a": entry.account or "0",
                   "o": "n/a", "r": entry.realname or entry.nick}
         return irc_numeric("RPL_WHOSPCRPL", self.nick, *(values[letter] for letter in letters))
 
@@ -8653,7 +9023,7 @@ class IrcConnection(ClientConnection):
             self.send_irc(irc_numeric("RPL_ENDOFWHOIS", self.nick, nick))
             return
         me, them = self.nick, found.nick
-        lines = [irc_numeric("RPL_WHOISUSER", me, them, IRC_USER, IRC_HOST, "*", text=found.realname or them)]
+        lines = [irc_numeric("RPL_WHOISUSER", me, them, found.username, IRC_HOST, "*", text=found.realname or them)]
         if found.rooms:
             rooms = " ".join(("@" if operator else "") + f"#{room}" for room, operator in found.rooms)
             lines.append(irc_numeric("RPL_WHOISCHANNELS", me, them, text=rooms))
@@ -8681,7 +9051,7 @@ class IrcConnection(ClientConnection):
         if not gone:
             self.send_irc(irc_numeric("ERR_WASNOSUCHNICK", self.nick, nick))
         for them in gone:
-            self.send_irc(irc_numeric("RPL_WHOWASUSER", self.nick, them.nick, IRC_USER, IRC_HOST, "*",
+            self.send_irc(irc_numeric("RPL_WHOWASUSER", self.nick, them.nick, them.username, IRC_HOST, "*",
                                       text=them.realname or them.nick))
             if them.account:
                 self.send_irc(irc_numeric("RPL_WHOISACCOUNT", self.nick, them.nick, them.account,
@@ -8723,40 +9093,49 @@ class IrcConnection(ClientConnection):
         if not target.startswith("#"):
             self.user_mode(target, changes)
         elif not changes:
-            room = self.server.room_settings(self.session, target)
-            modes = "+n" + "i" * room.invite_only + "k" * room.has_key + "t" * (not room.topic_by_everyone)
-            self.send_irc(irc_numeric("RPL_CHANNELMODEIS", self.nick, f"#{room.name}", modes,
-                                      *(["*"] if room.has_key else [])))     # the key itself is not shown
-        elif changes.lstrip("+-") in ("b", "e", "I"):
-            end = {"b": "RPL_ENDOFBANLIST", "e": "RPL_ENDOFEXCEPTLIST", "I": "RPL_ENDOFINVITELIST"}
-            self.send_irc(irc_numeric(end[changes.lstrip("+-")], self.nick, target))
+            settings = self.server.room_settings(self.session, target)
+            channel = f"#{settings.name}"
+            self.send_irc(irc_numeric("RPL_CHANNELMODEIS", self.nick, channel, *irc_channel_modes(settings)))
+            self.send_irc(irc_numeric("RPL_CREATIONTIME", self.nick, channel, str(int(settings.opened))))
         else:
             self.channel_modes(target, changes, list(arguments))
 
     def channel_modes(self, channel: str, changes: str, arguments: list[str]) -> None:
-        """+k KEY, -k, +i, -i, +t, -t, +o NICK, -o NICK, in any number, as one MODE message gives them."""
-        adding = True
-        for letter in changes:
-            if letter in "+-":
-                adding = letter == "+"
-                continue
-            if letter in "ko" and not (letter == "k" and not adding) and not arguments:
+        """The letters of one MODE message, read as pyChat's /mode reads them, made at once: one MODE
+        back for all that were made; a list's letter alone shows the list."""
+        wanted = []
+        for word in read_mode_letters(changes, arguments):
+            if word.setting is None:
+                self.send_irc(irc_numeric("ERR_UNKNOWNMODE", self.nick, word.letter[1]))
+            elif word.value is None and word.setting.removeprefix("un") in ROOM_MASK_LISTS:
+                self.send_mask_list(channel, word.letter[1])
+            elif word.value is None:
                 self.send_irc(irc_numeric("ERR_NEEDMOREPARAMS", self.nick, "MODE"))
-                return
-            argument = arguments.pop(0) if letter == "o" or (letter == "k" and (adding or arguments)) else None
-            setting = {"k": ("key", argument if adding else "off"),
-                       "i": ("invite-only", "on" if adding else "off"),
-                       "t": ("topic", "operators" if adding else "everyone"),
-                       "o": ("op" if adding else "deop", argument)}.get(letter)
-            if letter == "n":
-                continue        # every room hears only its members: +n always holds
-            if setting is None:
-                self.send_irc(irc_numeric("ERR_UNKNOWNMODE", self.nick, letter))
-                continue
-            try:
-                self.server.set_mode(self.session, *setting, channel)
-            except Refused as refusal:
+            else:
+                wanted.append(word)
+        if not wanted:
+            return
+        refusals = self.server.set_room_modes(self.session, [(word.setting, word.value) for word in wanted], channel)
+        for word, refusal in zip(wanted, refusals):
+            if refusal is not None and refusal.kind == "invalid-mode-value":
+                # The word as given when it can be one parameter; a key is never shown.
+                shown = word.value if word.value and word.letter[1] != "k" and " " not in word.value \
+                    and not word.value.startswith(":") else "*"
+                self.send_irc(irc_numeric("ERR_INVALIDMODEPARAM", self.nick, f"#{refusal.room}", word.letter[1],
+                                          shown, text=str(refusal)))
+            elif refusal is not None:
                 self.refused(refusal, "MODE")
+
+    def send_mask_list(self, channel: str, letter: str) -> None:
+        """367 and 368 for the bans, 348 and 349 for the exceptions, 346 and 347 for the invitation masks."""
+        settings = self.server.room_settings(self.session, channel)
+        masks, entry, end = {"b": (settings.bans, "RPL_BANLIST", "RPL_ENDOFBANLIST"),
+                             "e": (settings.exempts, "RPL_EXCEPTLIST", "RPL_ENDOFEXCEPTLIST"),
+                             "I": (settings.invite_masks, "RPL_INVITELIST", "RPL_ENDOFINVITELIST")}[letter]
+        for mask in masks:
+            self.send_irc(irc_numeric(entry, self.nick, f"#{settings.name}", mask.mask, mask.by,
+                                      str(int(mask.when))))
+        self.send_irc(irc_numeric(end, self.nick, f"#{settings.name}"))
 
     def user_mode(self, target: str, changes: str) -> None:
         """MODE NICK: your modes; MODE NICK +B, +i (or -): say you are a bot, hide from WHO masks of those
@@ -8778,7 +9157,7 @@ class IrcConnection(ClientConnection):
                 return
         if modes:
             self.server.set_modes(self.session, **modes)
-            self.send_irc(format_irc_message("MODE", (self.nick, changes), irc_source(self.nick)))
+            self.send_irc(format_irc_message("MODE", (self.nick, changes), irc_source(self.nick, self.username)))
         else:
             person = self.person
             self.send_irc(irc_numeric("RPL_UMODEIS", self.nick,
@@ -8797,7 +9176,7 @@ class IrcConnection(ClientConnection):
             self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", self.nick, text=str(refusal)))
             return
         self.send_irc(irc_numeric("RPL_YOUREOPER", self.nick))
-        self.send_irc(format_irc_message("MODE", (self.nick, "+o"), irc_source(self.nick)))
+        self.send_irc(format_irc_message("MODE", (self.nick, "+o"), irc_source(self.nick, self.username)))
 
     def irc_wallops(self, text: str) -> None:
         """WALLOPS TEXT: from an operator of the server to all of them; 481 for anyone else."""
@@ -8828,7 +9207,9 @@ class IrcConnection(ClientConnection):
 
     def irc_userhost(self, *nicks: str) -> None:
         found = [p for p in self.server.look_up(list(nicks[:5])) if p]
-        replies = [f"{p.nick}{'*' if p.operator else ''}={'-' if p.away else '+'}{IRC_USER_HOST}" for p in found]
+        source = self.output.protocol.source
+        replies = [f"{p.nick}{'*' if p.operator else ''}={'-' if p.away else '+'}{source(p.nick).partition('!')[2]}"
+                   for p in found]
         self.send_irc(irc_numeric("RPL_USERHOST", self.nick, text=" ".join(replies)))
 
     def lusers(self, nick: str) -> list[str]:
@@ -8922,7 +9303,7 @@ class IrcConnection(ClientConnection):
 
     def send_status(self, watched: list[tuple[str, str | None]]) -> None:
         """730 for the names someone has now, 731 for the others."""
-        online = [irc_source(nick) for _, nick in watched if nick is not None]
+        online = [self.output.protocol.source(nick) for _, nick in watched if nick is not None]
         offline = [asked for asked, nick in watched if nick is None]
         for line in (irc_comma_lists("RPL_MONONLINE", self.nick, online)
                      + irc_comma_lists("RPL_MONOFFLINE", self.nick, offline)):
@@ -9020,7 +9401,7 @@ class IrcConnection(ClientConnection):
             tags["account"] = message.account
         wrap = (CTCP + "ACTION ", CTCP) if message.kind == "action" else ("", "")
         pieces = irc_text_messages("NOTICE" if message.kind == "notice" else "PRIVMSG", to, message.text,
-                                   irc_source(message.nick), wrap=wrap)
+                                   self.output.protocol.source(message.nick), wrap=wrap)
         return [irc_with_tags(piece, {**tags, "msgid": f"{message.id}" + (f"-{n}" if n else "")})
                 for n, piece in enumerate(pieces)]
 

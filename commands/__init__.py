@@ -170,6 +170,7 @@ class PersonInfo(NamedTuple):
     operator: bool              # an operator of the server
     muted: bool
     room_operator: bool         # an operator of the room it was listed for (by room_members)
+    voiced: bool = False        # has a voice in the room it was listed for (by room_members)
 
 
 class RoomInfo(NamedTuple):
@@ -183,6 +184,14 @@ class RoomInfo(NamedTuple):
     private: bool               # it has a key or is invite-only
 
 
+class MaskInfo(NamedTuple):
+    """A NICK!USER@HOST mask in one of a room's lists (its bans, exceptions, invitation masks)."""
+
+    mask: str
+    by: str                     # who put it there
+    when: float                 # and when, a time.time()
+
+
 class RoomSettings(NamedTuple):
     """A room's settings, for /mode."""
 
@@ -194,6 +203,15 @@ class RoomSettings(NamedTuple):
     operators: tuple[str, ...]
     topic_by: Optional[str] = None         # who set the topic and when (a time.time()), if known
     topic_when: float = 0.0
+    secret: bool = False                    # hidden from those outside it
+    limit: Optional[int] = None             # the most people it takes
+    moderated: bool = False                 # only its operators and voiced people talk
+    outside_messages: bool = False          # people not in it may talk in it
+    voiced: tuple[str, ...] = ()
+    bans: tuple[MaskInfo, ...] = ()         # who may not come in or talk (NICK!USER@HOST masks)
+    exempts: tuple[MaskInfo, ...] = ()      # who the bans do not hold for
+    invite_masks: tuple[MaskInfo, ...] = ()     # who may come in while it is invite-only
+    opened: float = 0.0                     # when its first member of the moment came in, a time.time()
 
 
 class PersonDetails(NamedTuple):
@@ -296,6 +314,8 @@ class Context(Protocol):
     def kick(self, nick: str, reason: Optional[str], room: Optional[str] = None) -> str: ...
     def set_topic(self, text: str, room: Optional[str] = None) -> None: ...
     def set_mode(self, setting: str, value: str, room: Optional[str] = None) -> None: ...
+    def set_modes(self, changes: list[tuple[str, str]], room: Optional[str] = None) -> list[str]: ...
+    def mode_letters(self, letters: str, words: list[str]) -> list[tuple[str, Optional[str]]]: ...
     def room_settings(self, room: Optional[str] = None) -> RoomSettings: ...
 
     # -- about the caller

@@ -377,11 +377,10 @@ def small_disk(tmp_path):
 
 def fill(path) -> None:
     """Write PATH until the file system is full."""
-    with open(path, "wb") as file:
+    with open(path, "wb", buffering=0) as file:     # unbuffered: closing it never writes what did not fit
         try:
             for _ in range(10_000):
                 file.write(b"\0" * 65536)
-                file.flush()
         except OSError:
             return
     pytest.fail(f"{path} never filled its file system")

@@ -268,7 +268,7 @@ def test_a_real_irc_client_talks_in_two_rooms_with_pychat_and_nc_users(start_ser
         client.type(SWITCH[kind].format(window="1"))
         client.type("/whois bob")
         client.wait_for(r"connected with pyChat")
-        client.wait_for(r"Welcome to the pyChat IRC network, ircuser!~user@pychat")
+        client.wait_for(r"Welcome to the pyChat IRC network, ircuser!~[\w.-]+@pychat")   # the client's USER
         client.wait_for(r"/msg pyChat help")                            # the message of the day
         client.type("/nick ircuser2")
         bob.expect(re.escape("*** ircuser is now known as ircuser2"))

@@ -205,3 +205,82 @@ def test_user_with_an_empty_realname_gets_461(start_server, irc_connect):
     alice.send("NICK alice")
     alice.send("USER alice 0 * :")
     assert params(alice.expect("461 "))[1] == "USER"
+
+
+# -- lines at the length limit, user names, keepalives ---------------------------------------------------------
+
+def received(client: IrcClient, pattern: str) -> bytes:
+    """The next line matching PATTERN as its bytes with CR LF, as the server wrote it."""
+    return (client.expect(pattern) + "\r\n").encode("utf-8")
+
+
+@pytest.mark.parametrize("payload", ["a" * 496, "a" * 492 + "😃", "é" * 248], ids=["ascii", "emoji", "accents"])
+def test_a_line_at_the_limit_reaches_irc_users_as_one_message_cut_at_a_character(start_server, irc_connect, payload):
+    running = start_server(*PLAIN_IRC)
+    alice, bob = irc_connect(running), irc_connect(running)
+    register(alice, "alice")
+    register(bob, "bob")
+    for client in (alice, bob):
+        client.send("JOIN #dev")
+        client.expect(rf"366 {client.nick} #dev ")
+    for target, reader in (("bob", bob), ("#dev", bob)):
+        line = f"PRIVMSG {target} :{payload}"
+        assert len(line.encode("utf-8")) <= 510
+        alice.send(line)
+        relayed = received(reader, rf"PRIVMSG {re.escape(target)} ")
+        assert len(relayed) <= 512, relayed
+        text = params(relayed.decode("utf-8").removesuffix("\r\n"))[-1]
+        assert payload.startswith(text) and len(text.encode("utf-8")) > 450, text
+        after = until_pong(reader, "cut")
+        assert not any(" PRIVMSG " in seen for seen in after), f"a second piece came: {shown(after)}"
+
+
+def test_a_long_line_from_pychat_still_reaches_irc_users_whole_in_pieces(start_server, irc_connect, connect):
+    running = start_server(*PLAIN_IRC)
+    bob = irc_connect(running)
+    register(bob, "bob")
+    bob.send("JOIN #lobby")
+    bob.expect("366 bob #lobby ")
+    alice = connect(running, "alice")
+    words = " ".join(f"word{n}" for n in range(200))
+    alice.send(words)
+    pieces = []
+    while " ".join(pieces) != words:
+        pieces.append(params(bob.expect("PRIVMSG #lobby "))[-1])
+        assert len(pieces) < 5 and words.startswith(" ".join(pieces)), pieces
+
+
+def test_the_user_name_of_user_shows_cleaned_in_prefixes_who_whois_and_whowas(start_server, irc_connect):
+    running = start_server(*PLAIN_IRC)
+    alice, bob = irc_connect(running), irc_connect(running)
+    register(bob, "bob")
+    alice.send("NICK alice")
+    alice.send("USER a!l*i-c.e_long 0 * :Alice")
+    welcome = alice.expect("001 alice ")
+    assert welcome.endswith("alice!~ali-c.e_l@pychat"), welcome
+    alice.nick = "alice"
+    bob.send("JOIN #dev")
+    bob.expect("366 bob #dev ")
+    alice.send("JOIN #dev")
+    assert bob.expect("JOIN #dev").startswith(":alice!~ali-c.e_l@pychat JOIN")
+    bob.send("WHO alice")
+    assert params(bob.expect("352 bob "))[2:4] == ["~ali-c.e_l", "pychat"]
+    bob.send("WHOIS alice")
+    assert params(bob.expect("311 bob "))[2:4] == ["~ali-c.e_l", "pychat"]
+    bob.send("WHO *!~bob@*")
+    assert [params(line)[5] for line in bob.lines_until("315 ") if command_of(line) == "352"] == ["bob"]
+    alice.send("QUIT :bye")
+    assert bob.expect("QUIT ").startswith(":alice!~ali-c.e_l@pychat QUIT")
+    bob.send("WHOWAS alice")
+    assert params(bob.expect("314 bob "))[2:4] == ["~ali-c.e_l", "pychat"]
+
+
+def test_ping_is_answered_however_fast_other_lines_come(start_server, irc_connect):
+    running = start_server(*PLAIN_IRC, "--rate", "1", "--burst", "3")
+    alice = irc_connect(running)
+    register(alice, "alice")
+    for n in range(6):
+        alice.send(f"PRIVMSG alice :flood {n}")
+        alice.send(f"PING :token{n}")
+    for n in range(6):
+        alice.expect(rf"PONG \S+ :?token{n}$")

@@ -107,7 +107,7 @@ def test_typing_reaches_irc_users_who_take_message_tags_and_no_one_else(irc_serv
     carol, dave = irc_connect(irc_server, "carol"), connect(irc_server, "dave")
     alice.send("@+typing=active TAGMSG #lobby")
     got = message(bob.expect(r"TAGMSG #lobby"))
-    assert got.source == "alice!~user@pychat" and got.tags["+typing"] == "active" and got.tags["msgid"]
+    assert got.source == "alice!~alice@pychat" and got.tags["+typing"] == "active" and got.tags["msgid"]
     assert message(alice.expect(r"TAGMSG #lobby")).tags["msgid"] == got.tags["msgid"], "the echo's id differs"
     alice.send("PRIVMSG #lobby :done typing")
     for client in (carol, bob):
@@ -192,7 +192,9 @@ def test_who_takes_masks_of_nicknames_and_of_user_and_host(irc_server, irc_conne
     assert who("b*") == ["bert", "bob"]
     assert who("B?B") == ["bob"]
     assert who("*!*@pychat") == ["alice", "bert", "bob", "carol"]
-    assert who("c*!~user@*") == ["carol"]
+    assert who("c*!~carol@*") == ["carol"]
+    assert who("*!~a*@*") == ["alice"], "an IRC user has the user name USER gave"
+    assert who("*!~user@*") == ["bert", "bob"], "pyChat's users gave none"
     assert who("*.example") == []
     assert who("*!*@elsewhere") == []
     assert who("pychat.server") == ["alice", "bert", "bob", "carol"]
@@ -252,9 +254,9 @@ def test_account_news_and_extended_join_and_userhost_in_names(irc_server, irc_co
     alice.send("JOIN #dev")
     lines = alice.lines_until(r"366 alice #dev ")
     own_join = message(next(line for line in lines if " JOIN " in line))
-    assert own_join.source == "alice!~user@pychat" and own_join.params == ["#dev", "*", "alice the tester"]
+    assert own_join.source == "alice!~alice@pychat" and own_join.params == ["#dev", "*", "alice the tester"]
     names = message(next(line for line in lines if " 353 " in line)).params[-1].split()
-    assert sorted(names) == ["@bob!~user@pychat", "alice!~user@pychat"]
+    assert sorted(names) == ["@bob!~user@pychat", "alice!~alice@pychat"]
     alice.send("NAMES #dev")
     assert "@bob!~user@pychat" in alice.expect(r"353 alice = #dev ")
     bob.send(f"/unregister {ACCOUNT_PASSWORD}")
@@ -267,7 +269,7 @@ def test_a_sasl_account_shows_in_its_own_extended_join(start_server, irc_connect
     alice = irc_connect(chat_server)
     assert any(" 903 " in line for line in sasl(alice, "alice", "alice", ACCOUNT_PASSWORD, also=("extended-join",),
                                                    realname="Alice"))
-    assert message(alice.expect(r":alice!~user@pychat JOIN #lobby")).params == ["#lobby", "alice", "Alice"]
+    assert message(alice.expect(r":alice!~alice@pychat JOIN #lobby")).params == ["#lobby", "alice", "Alice"]
 
 
 # -- LIST and WHOWAS --------------------------------------------------------------------------------------------
@@ -343,11 +345,11 @@ def test_a_notice_stays_a_notice_for_irc_users_and_is_a_line_for_pychat_users(ir
     alice, bob = irc_connect(irc_server, "alice", ("echo-message",)), irc_connect(irc_server, "bob")
     dave = connect(irc_server, "dave")
     alice.send("NOTICE #lobby :a bot's answer")
-    assert bob.expect(r":alice!\S+ (NOTICE|PRIVMSG) #lobby ").startswith(":alice!~user@pychat NOTICE #lobby ")
+    assert bob.expect(r":alice!\S+ (NOTICE|PRIVMSG) #lobby ").startswith(":alice!~alice@pychat NOTICE #lobby ")
     assert " NOTICE #lobby " in alice.expect(r":alice!\S+ (NOTICE|PRIVMSG) #lobby "), "the echo is no notice"
     assert dave.expect(r"alice: ") == "alice: a bot's answer"
     alice.send("NOTICE bob :just for you")
-    assert bob.expect(r":alice!\S+ (NOTICE|PRIVMSG) bob ").startswith(":alice!~user@pychat NOTICE bob ")
+    assert bob.expect(r":alice!\S+ (NOTICE|PRIVMSG) bob ").startswith(":alice!~alice@pychat NOTICE bob ")
 
 
 def test_a_notice_is_not_answered_with_an_away_message_nor_kept_for_someone_offline(
@@ -454,7 +456,7 @@ def test_the_room_sees_an_invitation_with_invite_notify(irc_server, irc_connect,
     connect(irc_server, "bob")
     alice.send("INVITE bob #dev")
     alice.expect(r"341 alice bob #dev")
-    assert carol.expect(r":alice!\S+ INVITE ") == ":alice!~user@pychat INVITE bob #dev"
+    assert carol.expect(r":alice!\S+ INVITE ") == ":alice!~alice@pychat INVITE bob #dev"
     alice.send("PRIVMSG #dev :after the invitation")
     assert "INVITE" not in dave.expect(r":alice!\S+ (INVITE|PRIVMSG) "), "dave never asked for invite-notify"
 

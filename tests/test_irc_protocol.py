@@ -453,6 +453,10 @@ class Receiver:
     def __init__(self, nick: str = "alice", account: str | None = None, realname: str = "") -> None:
         self.nick, self.person, self.account, self.realname = nick, None, account, realname
 
+    @staticmethod
+    def username_of(nick: str) -> str:
+        return "~user"
+
 
 def rendered(event, *capabilities: str, receiver: Receiver | None = None) -> list[server.IrcMessage]:
     written = server.IrcProtocol(receiver or Receiver(), frozenset(capabilities)).encode(event)
@@ -539,7 +543,7 @@ def test_extended_join_names_the_account_and_userhost_in_names_the_whole_mask():
     assert join.params == ["#dev", "*", "bob"]
     [join] = rendered(server.Joined("dev", "bob", "bob"))
     assert join.params == ["#dev"]
-    entered = server.Entered("dev", ("bob",), 0, (("alice", False), ("bob", True)))
+    entered = server.Entered("dev", ("bob",), 0, (("alice", False, False), ("bob", True, False)))
     own_join, names, _ = rendered(entered, "userhost-in-names", "extended-join",
                                   receiver=Receiver("alice", "alice", "Alice L."))
     assert own_join.params == ["#dev", "alice", "Alice L."]
@@ -551,7 +555,7 @@ def test_protocols_differ_by_every_capability_that_changes_what_is_sent():
     plain = server.IrcProtocol(receiver)
     for capability in sorted(server.IRC_RENDERING_CAPABILITIES):
         assert server.IrcProtocol(receiver, frozenset({capability})) != plain, capability
-    assert server.IrcProtocol(receiver, frozenset({"sasl", "multi-prefix", "cap-notify"})) == plain
+    assert server.IrcProtocol(receiver, frozenset({"sasl", "cap-notify"})) == plain
 
 
 @pytest.mark.parametrize("argument, letters, token", [

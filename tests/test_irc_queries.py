@@ -24,7 +24,7 @@ def test_part_reason_reaches_irc_users_and_pychat_users_see_the_usual_line(irc_s
     alice.send("PART #dev :gone fishing")
     assert params(alice.expect(r"PART "))[1:] == ["gone fishing"], "your own PART has your reason"
     seen = carol.expect(r"PART ")
-    assert seen.startswith(":alice!~user@pychat ") and params(seen) == ["#dev", "gone fishing"], seen
+    assert seen.startswith(":alice!~alice@pychat ") and params(seen) == ["#dev", "gone fishing"], seen
     bob.expect(r"\*\*\* alice left #dev$")
     carol.send("PART #dev")
     assert params(carol.expect(r"PART ")) == ["#dev"], "no reason, no trailing parameter"
@@ -60,7 +60,7 @@ def test_whois_gives_the_real_name_the_rooms_with_their_prefixes_and_the_away_me
     bob.send("WHOIS alice")
     lines = bob.lines_until(r"318 ")
     replies = {numeric_of(line): params(line) for line in lines if re.fullmatch(r"\d{3}", numeric_of(line))}
-    assert replies["311"] == ["bob", "alice", "~user", "pychat", "*", "alice the tester"], shown(lines)
+    assert replies["311"] == ["bob", "alice", "~alice", "pychat", "*", "alice the tester"], shown(lines)
     assert sorted(replies["319"][2].split()) == ["#lobby", "@#dev"], shown(lines)
     assert replies["312"][:3] == ["bob", "alice", "pychat.server"] and "IRC" in replies["312"][3]
     assert replies["301"] == ["bob", "alice", "elsewhere"]
@@ -91,7 +91,7 @@ def test_oper_is_381_and_mode_plus_o_a_wrong_secret_464(irc_server, irc_connect)
     alice.send(f"OPER alice :{OP_PASSWORD}")
     alice.expect(r"381 alice ")
     mode = alice.expect(r"MODE ")
-    assert mode.startswith(":alice!~user@pychat ") and params(mode) == ["alice", "+o"], mode
+    assert mode.startswith(":alice!~alice@pychat ") and params(mode) == ["alice", "+o"], mode
 
 
 def test_oper_on_a_server_without_an_operator_password_is_491(start_server, irc_connect):
@@ -128,7 +128,7 @@ def test_wallops_is_481_for_anyone_but_an_operator_and_reaches_the_operators_alo
     boss.expect(r"381 boss ")
     boss.send("WALLOPS :server restarts at noon")
     line = boss.expect(r"WALLOPS ")
-    assert line.startswith(":boss!~user@pychat ") and params(line) == ["server restarts at noon"], line
+    assert line.startswith(":boss!~boss@pychat ") and params(line) == ["server restarts at noon"], line
     chief.expect(r"\*\*\* To the operators from boss: server restarts at noon$")
     alice.send("PING :after")
     lines = alice.lines_until(r"PONG ")

@@ -256,7 +256,7 @@ def test_a_database_of_schema_1_is_upgraded_in_place_and_keeps_what_it_held(open
     storage.register("alice", PASSWORD)
     number = said(storage, "#lobby", "before the upgrade")
     with storage.lock:
-        storage.db.executescript("BEGIN; DROP TABLE kept_rooms; DROP TABLE read_positions; "
+        storage.db.executescript("BEGIN; DROP TABLE kept_rooms; DROP TABLE read_positions; DROP TABLE room_masks; "
                                  "UPDATE meta SET value='1' WHERE key='schema'; COMMIT;")
     storage = reopen(storage)
     try:
