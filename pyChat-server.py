@@ -1784,9 +1784,10 @@ class Switchboard(threading.Thread):
         self.max_queue = max_queue
         self.stall_timeout = stall_timeout
 
-    def queue(self, outputs: Iterable[Output], data: bytes, room: Room | None = None) -> None:
+    def queue(self, outputs: Iterable[Output], data: bytes, room: Room | None = None, reply: bool = True) -> None:
         """Append DATA to each output's pending chunks, and see that they are written; ROOM is the room
-        whose line it is.
+        whose line it is. Not a REPLY (a message someone sent themselves, delivered as if from someone
+        else), it is never gathered among the replies to the command that sent it.
 
         This runs for every line and every receiver, and takes no lock. On the
         switchboard, the line of a room written to a moment ago waits for the
@@ -1799,7 +1800,7 @@ class Switchboard(threading.Thread):
         """
         if not data:
             return
-        if self.gathering:
+        if self.gathering and reply:
             outputs = self._gather(outputs, data)
         if threading.get_ident() != self.ident:
             self._line_up(outputs, data)
@@ -5812,14 +5813,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     self._to_room(room, event, skip=None if echo else session, sender=person)
                 return
             found = self._find(target)
-            if found is person:
-                raise Refused("That is you.")
             if person.muted:
                 return
             event = TagMessage(None, person.nick, found.nick, self._next_line_id(), client_tags, person.account,
                                person.bot)
             if person.key not in found.ignoring:
-                self._to_people([found], event)
+                self._to_sessions(found.sessions, event, reply=found is not person)
             if echo:
                 session.output.send(event)
 
@@ -5844,20 +5843,22 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             if self.people.get(target.key) is not target:
                 raise Refused(f"{target.nick} has just left.")
-            if target is person:
-                raise Refused("That is you.")
             guest = person.account is None or target.account is None
             conversation = private_target(person.identity, target.identity, guest)
             for someone in (person, target):
                 if someone.account is None:
                     someone.conversations.add(conversation)
-            line_id = self._keep_private(person, conversation, text, notice, target.account)
-            if target.account and person.account:
+            line_id = self._keep_private(person, conversation, text, notice,
+                                         target.account if target is not person else None)
+            if target.account and person.account and target is not person:
                 target.read.setdefault(conversation, int(line_id) - 1)     # as _keep_private wrote it
             if person.key not in target.ignoring:
-                self._to_people([target], PrivateFrom(person.nick, text, line_id, client_tags, person.account,
-                                                      notice, person.bot))
-                target.last_private_from = person.serial
+                # A note to oneself reaches every session as a message from someone, not as a reply.
+                self._to_sessions(target.sessions, PrivateFrom(person.nick, text, line_id, client_tags,
+                                                               person.account, notice, person.bot),
+                                  reply=target is not person)
+                if target is not person:
+                    target.last_private_from = person.serial
                 if target.account:
                     target.last_private[conversation] = int(line_id)
             self._private_copies(session, PrivateTo(target.nick, text, line_id, client_tags, person.account, notice,
@@ -6026,8 +6027,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 someone.ignoring.add(new_key)
                 self._count_ignorer(new_key, someone, True)
             self._to_people(self._sharers(person) | {person}, Renamed(old_nick, new_nick))
-            self._to_people(self.watchers.get(old_key, ()), WentOffline(old_nick))
-            self._to_people(self.watchers.get(new_key, ()), CameOnline(new_nick))
+            if new_key != old_key:      # a new spelling of the same name neither leaves nor comes
+                self._to_people(self.watchers.get(old_key, ()), WentOffline(old_nick))
+                self._to_people(self.watchers.get(new_key, ()), CameOnline(new_nick))
         log.info("%s@%s is now known as %s", old_nick, person.address, new_nick)
 
     def set_realname(self, session: Session, realname: str) -> None:
@@ -6959,15 +6961,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Queue EVENT (not a room's) to every session of each of PEOPLE. Lock held."""
         self._to_sessions([session for person in people for session in person.sessions], event)
 
-    def _to_sessions(self, sessions: Iterable[Session], event: Any, room: Room | None = None) -> None:
+    def _to_sessions(self, sessions: Iterable[Session], event: Any, room: Room | None = None,
+                     reply: bool = True) -> None:
         """Queue EVENT to each of SESSIONS, rendered once per protocol; an event of ROOM is tagged for those
-        whose current room it is not. Lock held."""
+        whose current room it is not (see Switchboard.queue for REPLY). Lock held."""
         groups: dict[tuple[PyChatProtocol, bool], list[Output]] = {}
         for session in sessions:
             tagged = room is not None and session.current is not room
             groups.setdefault((session.output.protocol, tagged), []).append(session.output)
         for (protocol, tagged), outputs in groups.items():
-            self.switchboard.queue(outputs, protocol.encode(event, tagged))
+            self.switchboard.queue(outputs, protocol.encode(event, tagged), reply=reply)
 
     @staticmethod
     def _needs_a_room(person: Person) -> bool:

@@ -82,8 +82,8 @@ def test_private_message_errors(chat):
     assert alice.recv_line() == "!! No one called nobody is online. /online lists who is."
     alice.send("/msg bob")
     assert alice.recv_line() == "!! Usage: /msg NICK TEXT..."
-    alice.send("/msg alice hi me")
-    assert alice.recv_line() == "!! That is you."
+    alice.send("/msg alice a note to me")         # a note to oneself: received, and its copy
+    assert [alice.recv_line(), alice.recv_line()] == ["[pm from alice] a note to me", "[pm to alice] a note to me"]
     alice.send("/reply anyone?")
     assert alice.recv_line() == "!! No one has sent you a private message yet."
 

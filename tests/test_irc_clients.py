@@ -333,6 +333,43 @@ def test_a_real_irc_client_and_a_pychat_client_on_one_account_are_one_person(sta
 
 
 @pytest.mark.parametrize("kind", CLIENTS)
+def test_a_real_irc_client_runs_a_limited_moderated_room_with_a_ban_beside_pychat_users(start_server, connect,
+                                                                                         run_irc_client, kind):
+    server = start_server("--irc-port", "0")
+    client = run_irc_client(kind, irc_port(server), "ircop")
+    bob = connect(server, "bob")
+    server.wait_for_log(r"ircop@127\.0\.0\.1 signed in", timeout=SLOW)
+    client.type("/join #ops")
+    client.switch_until(SWITCH[kind].format(window="#ops"), has_joined("ircop", "#ops"))
+    bob.send("/join #ops")
+    bob.expect(r"\*\*\* You are in #ops")
+    client.type("/mode #ops +l 2")
+    bob.expect(re.escape("*** ircop set the limit of #ops to 2 people"))
+    carol = connect(server, "carol")
+    carol.send("/join #ops")
+    assert carol.expect("!! ").startswith("!! #ops is full: it takes 2 people")
+    client.type("/mode #ops +m")
+    bob.expect(re.escape("*** ircop made #ops moderated: only its operators and voiced people talk"))
+    bob.send("may I?")
+    assert bob.expect("!! ") == "!! #ops is moderated: only its operators and those they give a voice talk."
+    client.type("/mode #ops +v bob")
+    bob.expect(re.escape("*** ircop gave bob a voice in #ops"))
+    bob.send("thank you")
+    client.wait_for(SAYS[kind].format(nick="bob", text="thank you"))
+    client.type("/mode #ops +b carol")
+    bob.expect(re.escape("*** ircop banned carol!*@* from #ops"))
+    client.type("/mode #ops -l")
+    bob.expect(re.escape("*** ircop removed the limit of #ops"))
+    carol.send("/join #ops")
+    assert carol.expect("!! ") == "!! You are banned from #ops."
+    client.type("/mode #ops -b carol")
+    bob.expect(re.escape("*** ircop lifted the ban of carol!*@* from #ops"))
+    carol.send("/join #ops")
+    carol.expect(r"\*\*\* You are in #ops")
+    client.wait_for(has_joined("carol", "#ops"))
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
 def test_a_real_irc_client_runs_a_room_it_opened_and_a_pychat_user_sees_it(start_server, connect, run_irc_client,
                                                                             kind):
     server = start_server("--irc-port", "0")

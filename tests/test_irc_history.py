@@ -499,3 +499,13 @@ def test_a_phone_catches_up_with_what_was_said_since_it_last_read_and_nothing_el
     phone.send("MARKREAD bob")
     read = message(phone.expect(r"MARKREAD bob ")).params[1]
     assert history(phone, f"CHATHISTORY AFTER bob {read} 100") == [], "nothing new from bob"
+    # A second session of the account (a tablet, and the laptop's pyChat client) sees the marker move.
+    tablet = signed_in(irc_connect, accounts_server, "alice")
+    tablet.expect(r"366 alice #dev ")
+    laptop = connect(accounts_server)
+    pychat_sign_in(laptop, "alice")
+    newest = history(phone, "CHATHISTORY LATEST #dev * 1")[-1]
+    phone.send(f"MARKREAD #dev timestamp={newest.tags['time']}")
+    assert message(phone.expect(r"MARKREAD #dev ")).params[1] == f"timestamp={newest.tags['time']}"
+    assert message(tablet.expect(r"MARKREAD #dev ")).params[1] == f"timestamp={newest.tags['time']}"
+    laptop.expect(re.escape("[read #dev]"))
