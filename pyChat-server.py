@@ -1365,7 +1365,7 @@ PYCHAT = PyChatProtocol()
 # The locks, in the only order in which one may be taken while holding another:
 #
 #   ChatServer.lock  ->  Output.io_lock  ->  Switchboard.state_lock
-#   ChatServer.lock  ->  Gate.lock             (the guessing budgets; the gate takes no other lock)
+#   ChatServer.lock  ->  Gate.lock             (connections and guesses counted; the gate takes no other lock)
 #   ChatServer.lock  ->  Storage.lock          (Storage takes no other lock)
 #   ChatServer.reloading  ->  ChatServer.lock  (one reload at a time, which takes the others as above)
 #   Workers.lock, MessageOfTheDay.lock         (each guards its own object alone, and is held with no other)
@@ -2246,7 +2246,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
                 self.output.end("out of threads", drop_output=True)
                 self.output.close()
             finally:
-                self.server.release(address_bucket(self.address))
+                self.server.gate.release(self.address)
 
     def ask_password(self, lines: Iterator[str | None]) -> None:
         for _ in range(PASSWORD_TRIES):
@@ -4278,12 +4278,14 @@ class Storage:
 # ---------------------------------------------------------------------------
 
 class Gate:
-    """Who may sign in, and as whom, at every door: the server password, names that are registered or kept for
-    someone invited, an account's password (or its reset code), invitations, bans at the moment of
-    signing in, and the budgets that limit guessing. The doors keep only their dialogue (prompts, SASL's
-    framing, numerics), and ask here; this is the only caller of the storage for those records at sign-in.
+    """Who may connect, and who may sign in as whom, at every door: bans of addresses and the limits on
+    connections when one comes in (counted here for every port), the server password, names that are
+    registered or kept for someone invited, an account's password (or its reset code), invitations, bans
+    at the moment of signing in, and the budgets that limit guessing. The doors keep only their dialogue
+    (prompts, SASL's framing, numerics, HTTP), and ask here; this is the only caller of the storage for
+    those records at the door and at sign-in.
 
-    Its lock guards the guessing budgets alone, and comes after the chat lock (see Output).
+    Its lock guards its counts alone (connections, wrong guesses), and comes after the chat lock (see Output).
     """
 
     def __init__(self, storage: Storage, options: Callable[[], argparse.Namespace]) -> None:
@@ -4291,9 +4293,49 @@ class Gate:
         self.options = options                                  # the options in force (a reload changes them)
         self.lock = threading.Lock()
         self.failures: dict[str, tuple[int, float]] = {}        # wrong secrets and the last one's time, by bucket
+        self.per_address: collections.Counter[str] = collections.Counter()     # connections, by address_bucket()
+        self.admitted = 0                                       # connections given a thread
 
     def guess_delay(self) -> float:
         return self.options().guess_delay
+
+    # -- the door: who may connect at all
+
+    def admit(self, address: str, instead_of: str | None = None) -> Refused | None:
+        """Count a newcomer from ADDRESS in, or say why it may not come in (kind "banned" or "full"): a ban of
+        the address, the server full (--max-clients), the address full (--max-per-ip). INSTEAD_OF is the
+        address it was counted under until now (a trusted proxy's), whose count moves to ADDRESS. Every
+        count taken is given back with release()."""
+        now = time.time()
+        ban = self.storage.ban_for_address(address, now)
+        options = self.options()
+        bucket = address_bucket(address)
+        moving = instead_of is not None
+        with self.lock:
+            if ban is not None:
+                return Refused(ban.refusal(now), "banned")
+            if options.max_clients and not moving and self.admitted >= options.max_clients:
+                return Refused(f"The server is full ({options.max_clients} connections). Try again later.", "full")
+            if options.max_per_ip and self.per_address[bucket] >= options.max_per_ip and \
+                    not (moving and address_bucket(instead_of) == bucket):
+                return Refused(f"Too many connections from your address (at most {options.max_per_ip}).", "full")
+            self.per_address[bucket] += 1
+            if moving:
+                self._uncount(address_bucket(instead_of))
+            else:
+                self.admitted += 1
+        return None
+
+    def release(self, address: str) -> None:
+        """Give back what admit() counted for a connection from ADDRESS, which has ended."""
+        with self.lock:
+            self.admitted -= 1
+            self._uncount(address_bucket(address))
+
+    def _uncount(self, bucket: str) -> None:
+        self.per_address[bucket] -= 1
+        if not self.per_address[bucket]:
+            del self.per_address[bucket]
 
     # -- secrets, within the limits on guessing
 
@@ -4752,8 +4794,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.serials = itertools.count(1)
         self.rooms: dict[str, Room] = {}                        # by name_key()
         self.connections: set[ClientConnection] = set()         # everyone, signed in or not
-        self.per_address: collections.Counter[str] = collections.Counter()   # by address_bucket()
-        self.admitted = 0                                       # connections given a thread
         self.refusing = 0                                       # TLS refusals under way
         self.bans_made = 0                                      # bans made since the start (see sign_in)
         self.out_of_descriptors = False                         # accept() failed for want of one; logged once
@@ -4922,29 +4962,17 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Give a newcomer a thread of its own to sign in, speaking PROTOCOL, or turn it away when it is banned, or the
         server or its address is full; the limits count every port alike.
 
-        Every count taken here is given back in release(), on every path.
+        Every count the gate takes here is given back (Gate.release), on every path.
         """
-        address, bucket = client_address[0], address_bucket(client_address[0])
-        options = self.options
-        now = time.time()
-        ban = self.storage.ban_for_address(address, now)
-        with self.lock:
-            if ban is not None:
-                refusal = ban.refusal(now)
-            elif options.max_clients and self.admitted >= options.max_clients:
-                refusal = f"The server is full ({options.max_clients} connections). Try again later."
-            elif options.max_per_ip and self.per_address[bucket] >= options.max_per_ip:
-                refusal = f"Too many connections from your address (at most {options.max_per_ip})."
-            else:
-                self.per_address[bucket] += 1
-                self.admitted += 1
-                refusal = None
-        if refusal is None:
+        address = client_address[0]
+        refused = self.gate.admit(address)
+        refusal = str(refused) if refused is not None else None
+        if refused is None:
             try:
                 self.workers.run(functools.partial(self.process_request_thread, request, client_address, protocol))
                 return
             except (RuntimeError, MemoryError, OSError) as problem:    # out of threads, memory or processes
-                self.release(bucket)
+                self.gate.release(address)
                 log.error("cannot start a thread for %s: %s", address, problem)
                 refusal = "The server is out of resources. Try again later."
         with self.lock:
@@ -4988,14 +5016,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
             protocol(request, client_address, self)
         except Exception:
             self.handle_error(request, client_address)
-
-    def release(self, bucket: str) -> None:
-        """Give back what process_request() counted for a newcomer from BUCKET."""
-        with self.lock:
-            self.admitted -= 1
-            self.per_address[bucket] -= 1
-            if not self.per_address[bucket]:
-                del self.per_address[bucket]
 
     def handle_error(self, request: socket.socket, client_address: tuple) -> None:
         log.exception("connection from %s failed", client_address[0])
@@ -10064,25 +10084,11 @@ class WebConnection(IrcConnection):
         address = forwarded_address(request)
         if address is None:
             raise HttpError(400, "no address in X-Forwarded-For from the proxy")
-        now = time.time()
-        ban = self.server.storage.ban_for_address(address, now)
-        old, new = address_bucket(self.address), address_bucket(address)
-        most = self.server.options.max_per_ip
-        with self.server.lock:
-            if ban is not None:
-                refusal = ban.refusal(now)
-            elif most and old != new and self.server.per_address[new] >= most:
-                refusal = f"Too many connections from your address (at most {most})."
-            else:
-                refusal = None
-                self.server.per_address[new] += 1
-                self.server.per_address[old] -= 1
-                if not self.server.per_address[old]:
-                    del self.server.per_address[old]
-                self.address = address
+        refusal = self.server.gate.admit(address, instead_of=self.address)
         if refusal is not None:
             log.warning("refused %s (through %s): %s", address, self.address, refusal)
-            raise HttpError(403 if ban is not None else 503, refusal)
+            raise HttpError(403 if refusal.kind == "banned" else 503, str(refusal))
+        self.address = address
 
     def open_websocket(self, request: HttpRequest) -> None:
         """Answer the opening handshake, after the Origin check; from now on lines are WebSocket messages."""
