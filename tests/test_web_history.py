@@ -23,15 +23,6 @@ DIVIDER = "New since you left"
 DOC_SCREENSHOTS = Path(os.environ.get("PYCHAT_DOC_SCREENSHOTS", ROOT / "tests" / "artifacts" / "web-history"))
 
 
-@pytest.fixture(autouse=True)
-def focused(browser):  # noqa: F811
-    """The page has the focus, as a window in front of the person has (a headless window otherwise may not):
-    the client sends read markers only then."""
-    browser.execute_cdp_cmd("Emulation.setFocusEmulationEnabled", {"enabled": True})
-    yield
-    browser.execute_cdp_cmd("Emulation.setFocusEmulationEnabled", {"enabled": False})
-
-
 def register(server, connect, nick: str) -> None:
     """Register the account NICK from pyChat's port, and leave."""
     client = connect(server, nick)
@@ -146,6 +137,7 @@ def test_older_lines_load_as_the_person_scrolls_up(start_server, connect, browse
     said = lambda: [line for line in texts(page) if line.startswith("alice: old ")]  # noqa: E731
     page.wait(lambda: len(said()) == 50, "the latest 50 lines")
     assert said() == [f"alice: old {n}" for n in range(71, 121)]
+    wait_read(page, "#lobby")               # a guest's read position too, while they are here
     position = "return [...document.querySelectorAll('#log li')].find(li => li.textContent.endsWith(arguments[0]))" \
                ".getBoundingClientRect().top"
 
@@ -167,6 +159,12 @@ def test_older_lines_load_as_the_person_scrolls_up(start_server, connect, browse
     page.wait_for_line(r"alice: new 1")
     once_each(texts(page))
     assert len(said()) == 120
+    # Scrolled up, the new line is not read: the read position moves only once the end is in view.
+    page.wait(lambda: browser.execute_script("return HISTORY.waiting") is False, "the client's look at the view")
+    assert browser.execute_script("return state.buffers.get('#lobby').marked.toISOString()") < \
+        newest_line_time(page, "#lobby")
+    browser.execute_script("const log = document.getElementById('log'); log.scrollTop = log.scrollHeight")
+    wait_read(page, "#lobby")
     assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
 
 

@@ -351,6 +351,7 @@ const HISTORY = {
   queues: new Map(),              // or, without labeled-response, by lower-case target, in the order sent
   labels: 0,
   markTimer: null,
+  waiting: false,                 // a look at the view is due (the tests wait for it)
 
   /** A new connection: nothing is pending, and every buffer's latest lines are to be asked for again. */
   reset() {
@@ -565,10 +566,12 @@ const HISTORY = {
   look() {
     if (!state.caps.has("draft/read-marker")) return;
     clearTimeout(this.markTimer);
+    this.waiting = true;
     this.markTimer = setTimeout(() => this.mark(), MARK_DELAY);
   },
 
   mark() {
+    this.waiting = false;
     const b = state.buffers.get(state.current);
     if (!b || b.kind === "server" || document.hidden || !document.hasFocus() || !atBottom()) return;
     if (b.kind === "channel" && !b.joined) return;
