@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,32 @@ def register(server, connect, nick: str) -> None:
     client.send("/quit")
     client.wait_closed()
     server.wait_for_log(rf"{nick}@\S+ left")
+
+
+def sign_in_pychat(client, nick: str) -> None:
+    """Sign in to the account NICK from pyChat's port."""
+    client.expect(re.escape("*** Choose a nickname:"))
+    client.send(nick)
+    client.expect(re.escape(f"*** Password for {nick}:"))
+    client.send(PASSWORD)
+    client.expect(r"\*\*\* You are in #", timeout=10)
+
+
+def next_millisecond() -> None:
+    """Wait (at most a millisecond) until the clock's millisecond changes: read positions are given to the
+    millisecond, so two lines said within one are read or unread together."""
+    now = time.time_ns() // 1_000_000
+    while time.time_ns() // 1_000_000 == now:
+        pass
+
+
+def open_room(page: Page, name: str) -> None:
+    """Click NAME in the room list (again, if the list was drawn anew meanwhile) and wait until it is shown."""
+    def click() -> bool:
+        page.find(f"#rooms button[data-room='{name}']").click()
+        return True
+    page.wait(click, f"{name} in the room list")
+    page.wait(lambda: page.current() == name, f"{name} shown")
 
 
 def texts(page: Page) -> list[str]:
@@ -65,6 +92,7 @@ def once_each(lines: list[str]) -> None:
 def test_lines_said_while_away_show_after_a_divider_and_nothing_twice(start_server, connect, browser):  # noqa: F811
     server = start_server("--web-port", "0", "--rate", "0", "--guess-delay", "0")
     register(server, connect, "webby")
+    register(server, connect, "bob")
     alice = connect(server, "alice")
     page = Page(browser, server)
     page.sign_in("webby", PASSWORD)
@@ -77,7 +105,7 @@ def test_lines_said_while_away_show_after_a_divider_and_nothing_twice(start_serv
     alice.send("dev before")
     page.wait_for_line(r"alice: dev before")
     wait_read(page, "#dev")
-    page.find("#rooms button[data-room='#lobby']").click()
+    open_room(page, "#lobby")
     wait_read(page, "#lobby")
     assert DIVIDER not in texts(page)
 
@@ -90,6 +118,13 @@ def test_lines_said_while_away_show_after_a_divider_and_nothing_twice(start_serv
     for n in (1, 2, 3):
         alice.send(f"while away {n}")
     alice.expect(r"alice: while away 3")
+    bob = connect(server)
+    sign_in_pychat(bob, "bob")
+    bob.send("/msg webby are you there?")
+    bob.expect(r"-- webby is offline")
+    next_millisecond()
+    bob.send("/msg webby hello?")
+    bob.expect(r"-- webby is offline")
 
     page.sign_in("webby", PASSWORD)         # the same page: its old lines are still there
     page.wait_for_line(r"alice: while away 3")
@@ -104,13 +139,20 @@ def test_lines_said_while_away_show_after_a_divider_and_nothing_twice(start_serv
     page.wait(lambda: page.rooms().get("#dev") == "2", "two unread lines in #dev, those after its divider")
     page.screenshot("history-divider")
 
-    page.find("#rooms button[data-room='#dev']").click()
+    # A private conversation named by CHATHISTORY TARGETS: its lines, once, those after the read position unread
+    # (the server puts a new conversation's read position at its first line).
+    page.wait(lambda: page.rooms().get("bob") == "1", "one unread line from bob")
+    open_room(page, "#dev")
     page.wait_for_line(r"alice: dev away 2")
     lines = texts(page)
     once_each(lines)
     assert [line for line in lines if line == DIVIDER or line.startswith("alice: ")] == [
         "alice: dev before", DIVIDER, "alice: dev away 1", "alice: dev away 2"], lines
     assert page.rooms()["#dev"] == ""
+    open_room(page, "bob")
+    page.wait_for_line(r"bob: hello\?")
+    assert [line for line in texts(page) if line.startswith("bob: ") or line == DIVIDER] == [
+        "bob: are you there?", DIVIDER, "bob: hello?"], texts(page)
 
     # A fresh page (nothing kept in it) shows the same, all from history.
     fresh = Page(browser, server)
@@ -191,7 +233,7 @@ def test_a_read_marker_goes_from_the_browser_to_the_accounts_other_sessions_and_
     page.type("/join #dev")
     page.wait(lambda: page.current() == "#dev", "#dev shown")
     phone.expect(r"366 webby #dev ")
-    page.find("#rooms button[data-room='#lobby']").click()
+    open_room(page, "#lobby")
     alice.send("/join #dev")
     alice.send("in #dev 1")
     alice.send("in #dev 2")
