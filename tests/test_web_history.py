@@ -249,3 +249,83 @@ def test_a_read_marker_goes_from_the_browser_to_the_accounts_other_sessions_and_
     stamp = re.search(r"[@;]time=([^; ]+)", said).group(1)
     between = phone.lines_until(rf"MARKREAD #lobby timestamp={re.escape(stamp)}$")
     assert not [line for line in between[:-1] if "MARKREAD" in line], between
+
+
+def test_screenshots_of_the_main_views(start_server, connect, irc_connect, browser):  # noqa: F811
+    """The README's pictures: the sign-in form, a room with the divider, the phone's drawer, the dark theme.
+    Written to tests/artifacts/web-history, or where PYCHAT_DOC_SCREENSHOTS says (docs/screenshots for the
+    README: PYCHAT_DOC_SCREENSHOTS=docs/screenshots python3 -m pytest tests/test_web_history.py -k screenshots)."""
+    DOC_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    server = start_server("--web-port", "0", "--irc-port", "0", "--rate", "0", "--guess-delay", "0")
+    register(server, connect, "sam")
+    register(server, connect, "bob")
+    alice = connect(server, "alice")
+    bob = connect(server)
+    sign_in_pychat(bob, "bob")
+    carol = irc_connect(server, "carol")
+    alice.send("/join #dev")
+    alice.send("/topic Release week: 3.0 is out; bugs go to the tracker, please")
+    bob.send("/join #dev")
+    carol.send("JOIN #dev")
+    page = Page(browser, server)
+    page.wait(lambda: page.find("#signin").is_displayed(), "the sign-in form")
+    page.find("#nick").send_keys("sam")
+    middle = browser.execute_script("const r = document.getElementById('signin').getBoundingClientRect();"
+                                    "return [(r.left + r.right) / 2, document.documentElement.clientWidth / 2]")
+    assert abs(middle[0] - middle[1]) < 20, f"the sign-in form is not in the middle: {middle}"
+    browser.save_screenshot(str(DOC_SCREENSHOTS / "signin.png"))
+    page.find("#nick").clear()
+    page.sign_in("sam", PASSWORD)
+    page.type("/join #dev")
+    page.wait(lambda: page.current() == "#dev", "#dev shown")
+    for who, text in ((alice, "morning all"), (bob, "hi alice, did the release go out?"),
+                      (alice, "yes, 3.0 is on the site: https://example.org/pychat"), (bob, "/me cheers")):
+        who.send(text)                      # one after the other, in this order
+        page.wait_for_line(re.escape(text.replace("/me", "* bob")))
+    wait_read(page, "#dev")
+    page.type("/quit")
+    page.wait(lambda: page.find("#signin").is_displayed(), "the sign-in form after /quit")
+    server.wait_for_log(r"sam@\S+ left")
+    for who, text in ((alice, "sam, could you look at the bug with long nicknames?"), (bob, "it is issue 42"),
+                      (alice, "no rush, tomorrow is fine")):
+        who.send(text)
+        alice.expect(rf"\S+: {re.escape(text)}")
+    carol.send("PRIVMSG #lobby :anyone up for lunch?")
+    bob.send("/msg sam the logs you asked for are in the usual place")
+    bob.expect(r"-- sam is offline")
+    next_millisecond()
+    bob.send("/msg sam ping me when you are back")
+    bob.expect(r"-- sam is offline")
+    page.sign_in("sam", PASSWORD, expect_success=False)
+    page.wait(lambda: page.status() == "Connected as sam", "sam signed in again")
+    page.wait(lambda: page.current() == "#dev", "#dev shown again")
+    page.wait_for_line(r"alice: no rush")
+    page.wait(lambda: page.rooms().get("bob") == "1" and page.rooms().get("#lobby") == "1", "unread counts")
+    page.type("thanks, I will look at it", enter=False)
+    divider = page.wait(lambda: next((li for li in page.all("#log li.divider")), None), "the divider")
+    assert divider.is_displayed() and divider.text == DIVIDER
+    browser.save_screenshot(str(DOC_SCREENSHOTS / "room-divider.png"))
+
+    browser.set_window_size(*PHONE)
+    try:
+        page.find("#menu").click()
+        page.wait(lambda: browser.execute_script(
+            "return document.getElementById('sidebar').getBoundingClientRect().right") > 200, "the drawer open")
+        page.wait(lambda: browser.execute_script(
+            "const s = document.getElementById('sidebar'); return getComputedStyle(s).transform === 'none'"),
+            "the drawer at rest")
+        browser.save_screenshot(str(DOC_SCREENSHOTS / "phone-drawer.png"))
+        page.find("#menu").send_keys("\ue00c")          # Escape closes the drawer
+    finally:
+        browser.set_window_size(*WIDE)
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                            {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    try:
+        page.wait(lambda: browser.execute_script(
+            "return getComputedStyle(document.body).backgroundColor") == "rgb(18, 20, 23)", "the dark theme")
+        browser.save_screenshot(str(DOC_SCREENSHOTS / "dark.png"))
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+    for name in ("signin", "room-divider", "phone-drawer", "dark"):
+        data = (DOC_SCREENSHOTS / f"{name}.png").read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, name

@@ -943,6 +943,7 @@ const HANDLERS = {
   "301": m => addLine(state.buffers.has(lower(m.params[1])) ? m.params[1] : state.current,
                       {kind: "info", text: `${m.params[1]} is away: ${m.params[2] || ""}`}),
   "372": m => info(m.params[1] || "", SERVER_BUFFER),
+  "422": m => info(m.params[1] || "", SERVER_BUFFER),       // no message of the day: not news for a room
   "375": () => {}, "376": () => {}, "002": () => {}, "003": () => {}, "004": () => {}, "005": () => {},
   "251": () => {}, "252": () => {}, "253": () => {}, "254": () => {}, "255": () => {}, "265": () => {}, "266": () => {},
   "900": () => {},
