@@ -4,7 +4,7 @@
 // conversations and the server's window); rendering (every piece of text someone sent is put in the page
 // with textContent, never as HTML); the connection (sign-in with CAP and SASL, reconnection with backoff);
 // what the server says (one handler per IRC command, in HANDLERS); what the person types (slash commands,
-// Tab completion, drafts, Alt-1..9). History (draft/chathistory, read markers) plugs in through HISTORY.
+// Tab completion, drafts, Alt-1..9). History (draft/chathistory, batch, read markers) is HISTORY's.
 "use strict";
 
 // -- IRC messages -------------------------------------------------------------------------------------
@@ -98,7 +98,13 @@ function buffer(name, kind) {
   if (!found) {
     found = {name, kind: kind || (name === SERVER_BUFFER ? "server" : isChannel(name) ? "channel" : "query"),
              lines: [], unread: 0, mentions: 0, topic: "", members: new Map(), joined: false,
-             draft: sessionStorage.getItem("pychat.draft." + key) || ""};
+             draft: sessionStorage.getItem("pychat.draft." + key) || "",
+             msgids: new Set(),   // of the lines shown, so that history and live lines are shown once
+             readAt: null,        // the read position (a Date) the server last told us, null for none
+             marked: null,        // the newest read position we sent
+             fetched: false,      // its latest lines were asked for on this connection
+             older: false,        // older lines asked for and not yet come
+             historyDone: false}; // nothing older is left to load
     state.buffers.set(key, found);
     state.order.push(key);
     renderRooms();
@@ -187,9 +193,11 @@ function lineElement(line) {
 /** Add a line to a buffer; counted as unread (and a mention) unless it is the one shown. */
 function addLine(name, line) {
   const target = buffer(name);
+  if (line.msgid && target.msgids.has(line.msgid)) return;      // already shown (from history)
+  if (line.msgid) target.msgids.add(line.msgid);
   line.time = line.time || new Date();
   target.lines.push(line);
-  if (target.lines.length > MAX_LINES) target.lines.shift();
+  if (target.lines.length > MAX_LINES) forgetLine(target, target.lines.shift());
   const shown = lower(name) === state.current;
   if (shown) {
     const log = $("log");
@@ -197,6 +205,7 @@ function addLine(name, line) {
     log.append(lineElement(line));
     while (log.children.length > MAX_LINES) log.firstChild.remove();
     if (atBottom) log.scrollTop = log.scrollHeight;
+    HISTORY.look();
   }
   if (line.counts && (!shown || document.hidden)) {
     if (!shown) target.unread += 1;
@@ -204,6 +213,11 @@ function addLine(name, line) {
     if (line.mention || target.kind === "query") notify(target, line);
     renderRooms();
   }
+}
+
+function forgetLine(b, line) {
+  if (line.msgid) b.msgids.delete(line.msgid);
+  b.historyDone = false;            // lines left the page: scrolling up brings them back
 }
 
 function info(text, name, kind) {
@@ -307,14 +321,267 @@ function openDrawer() { $("app").classList.add("drawer-open"); $("menu").setAttr
 function closeDrawer() { $("app").classList.remove("drawer-open"); $("menu").setAttribute("aria-expanded", "false"); }
 
 // -- history -------------------------------------------------------------------------------------------
-// Where draft/chathistory and read markers plug in: the server replays a room's last lines at JOIN today.
-// A history module replaces these: shown(buffer) when a buffer is shown (ask for what is missing, move the
-// read marker), older(buffer) when the person scrolls to the top, batch(message) for BATCH.
+// With draft/chathistory the server replays nothing at JOIN: the client asks for a conversation's latest
+// lines when it joins a room (and for the private conversations CHATHISTORY TARGETS names), and for older
+// ones when the person scrolls to the top. The answers come in chathistory batches, matched to the request by
+// their label (labeled-response) or else in the order asked. With draft/read-marker, the server says where
+// the account has read up to in each room (MARKREAD at JOIN, and whenever another session moves it): the
+// divider "new since you left" goes before the first line after it, and the client moves it forward when the
+// person looks at the newest lines.
+
+const PAGE = 50;                  // lines a history request asks for
+const MARK_DELAY = 500;           // ms the view must stay still before its read position is sent
+const DIVIDER_TEXT = "New since you left";
+
+/** A message's id without the "-N" of a long line's later pieces: what a msgid= reference names. */
+function baseId(msgid) { return String(msgid).replace(/-\d+$/, ""); }
+
+function atBottom() {
+  const log = $("log");
+  return log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+}
+
+/** The buffer's chat lines (those with an id), oldest first. */
+function chatLines(b) { return b.lines.filter(line => line.msgid); }
 
 const HISTORY = {
-  shown(b) {},
-  older(b) {},
-  capabilities: [],
+  capabilities: ["batch", "labeled-response", "draft/chathistory", "draft/read-marker"],
+  batches: new Map(),             // open batches by reference: {type, target, request, messages}
+  requests: new Map(),            // requests waiting for their batch, by label
+  queues: new Map(),              // or, without labeled-response, by lower-case target, in the order sent
+  labels: 0,
+  markTimer: null,
+  waiting: false,                 // a look at the view is due (the tests wait for it)
+
+  /** A new connection: nothing is pending, and every buffer's latest lines are to be asked for again. */
+  reset() {
+    this.batches.clear();
+    this.requests.clear();
+    this.queues.clear();
+    for (const b of state.buffers.values()) { b.fetched = false; b.older = false; }
+  },
+
+  on() { return state.caps.has("draft/chathistory"); },
+
+  request(b, kind, ...params) {
+    const request = {key: lower(b.name), kind};
+    const line = formatMessage("CHATHISTORY", ...params);
+    if (state.caps.has("labeled-response") && state.caps.has("batch")) {
+      const label = "h" + (++this.labels);
+      this.requests.set(label, request);
+      send(`@label=${label} ${line}`);
+    } else {
+      const queue = this.queues.get(request.key) || [];
+      queue.push(request);
+      this.queues.set(request.key, queue);
+      send(line);
+    }
+  },
+
+  /** Ask for B's latest lines (once a connection), when the server keeps history. */
+  latest(b) {
+    if (!this.on() || b.fetched || b.kind === "server") return;
+    b.fetched = true;
+    this.request(b, "latest", "LATEST", b.name, "*", String(PAGE));
+  },
+
+  /** The person scrolled to the top of B: the lines before the oldest shown, unless none are left. */
+  older(b) {
+    if (!b || !this.on() || b.kind === "server" || b.older || b.historyDone || !b.fetched) return;
+    const oldest = chatLines(b)[0];
+    if (!oldest) return;
+    b.older = true;
+    this.request(b, "before", "BEFORE", b.name, "msgid=" + baseId(oldest.msgid), String(PAGE));
+  },
+
+  /** B is shown: ask for what it lacks, and say it is read if the person sees its end. */
+  shown(b) {
+    if (b.kind === "query") this.latest(b);
+    this.look();
+  },
+
+  /** After registering: the private conversations with lines in the last weeks, from history. */
+  registered() {
+    if (!this.on()) return;
+    const from = new Date(Date.now() - 30 * 86400000).toISOString();
+    const to = new Date(Date.now() + 86400000).toISOString();
+    send(formatMessage("CHATHISTORY", "TARGETS", "timestamp=" + from, "timestamp=" + to, String(PAGE)));
+  },
+
+  batchStart(m) {
+    const reference = m.params[0].slice(1);
+    const type = m.params[1] || "";
+    const batch = {type, target: m.params[2] || "", messages: [], request: null,
+                   collect: type === "chathistory" || type === "draft/chathistory-targets"};
+    if (type === "chathistory") {
+      if (m.tags.label) {
+        batch.request = this.requests.get(m.tags.label) || null;
+        this.requests.delete(m.tags.label);
+      } else {
+        const queue = this.queues.get(lower(batch.target)) || [];
+        batch.request = queue.shift() || null;
+      }
+    }
+    this.batches.set(reference, batch);
+  },
+
+  /** A line tagged with a batch we collect: kept for the batch's end. True when it was taken. */
+  take(m) {
+    const batch = this.batches.get(m.tags.batch);
+    if (!batch || !batch.collect) return false;
+    batch.messages.push(m);
+    return true;
+  },
+
+  batchEnd(m) {
+    const reference = m.params[0].slice(1);
+    const batch = this.batches.get(reference);
+    this.batches.delete(reference);
+    if (!batch) return;
+    if (batch.type === "draft/chathistory-targets") {
+      for (const line of batch.messages) {
+        const name = line.params[1];
+        if (line.command !== "CHATHISTORY" || !name || isChannel(name) || lower(name) === lower(SERVICE)) continue;
+        const b = buffer(name, "query");
+        send(formatMessage("MARKREAD", b.name));      // where we read up to, before its lines come
+        this.latest(b);
+      }
+    } else if (batch.type === "chathistory") {
+      this.arrived(batch);
+    }
+  },
+
+  /** A FAIL CHATHISTORY: its request is over (a guest's conversation gone, a request too many...). */
+  failed(m) {
+    let request = null;
+    if (m.tags.label) {
+      request = this.requests.get(m.tags.label);
+      this.requests.delete(m.tags.label);
+    } else if (m.params[3]) {
+      request = (this.queues.get(lower(m.params[3])) || []).shift();
+    }
+    const b = request && state.buffers.get(request.key);
+    if (b && request.kind === "before") b.older = false;
+  },
+
+  /** A chathistory batch: its lines, in order, where they belong, each shown once. */
+  arrived(batch) {
+    const key = batch.request ? batch.request.key : lower(batch.target);
+    const b = state.buffers.get(key);
+    if (!b) return;
+    const kind = batch.request ? batch.request.kind : "latest";
+    const lines = [];
+    for (const m of batch.messages) {
+      if (m.command !== "PRIVMSG" && m.command !== "NOTICE") continue;
+      const found = chatLine(m, m.command === "NOTICE", true);
+      if (found && found.line.msgid) lines.push(found.line);
+    }
+    const messages = new Set(lines.map(line => baseId(line.msgid))).size;
+    if (kind === "before") {
+      b.older = false;
+      if (messages < PAGE) b.historyDone = true;
+      this.prepend(b, lines.filter(line => !b.msgids.has(line.msgid)));
+    } else {
+      this.merge(b, lines, messages);
+    }
+  },
+
+  /** Older lines go before the others; the view keeps its place. */
+  prepend(b, fresh) {
+    for (const line of fresh) b.msgids.add(line.msgid);
+    b.lines.unshift(...fresh);
+    if (lower(b.name) !== state.current || !fresh.length) return;
+    const log = $("log");
+    const fromBottom = log.scrollHeight - log.scrollTop;
+    const fragment = document.createDocumentFragment();
+    fresh.forEach(line => fragment.append(lineElement(line)));
+    log.prepend(fragment);
+    log.scrollTop = log.scrollHeight - fromBottom;
+    // Still at the top (the lines do not fill the view): more, if there are any.
+    if (log.scrollTop < 2) this.older(b);
+  },
+
+  /** The latest lines of B: merged by time with those shown, the divider before the first line unread. */
+  merge(b, lines, messages) {
+    const known = chatLines(b);
+    const overlap = lines.some(line => b.msgids.has(line.msgid));
+    if (messages < PAGE) {
+      b.historyDone = true;             // the conversation has no more than these
+    } else if (known.length && !overlap && lines[0].time > known[known.length - 1].time) {
+      // More was said while we were away than one page holds: a gap. Keep only what follows it.
+      const first = lines[0].time;
+      for (const line of b.lines) if (line.time < first) forgetLine(b, line);
+      b.lines = b.lines.filter(line => line.time >= first);
+      b.historyDone = false;
+    }
+    const fresh = lines.filter(line => !b.msgids.has(line.msgid));
+    for (const line of fresh) b.msgids.add(line.msgid);
+    b.lines = [...fresh, ...b.lines.filter(line => line.kind !== "divider")]
+      .sort((x, y) => x.time - y.time);
+    // The divider, and the unread counts from the lines after it.
+    let unread = 0, mentioned = 0;
+    if (b.readAt) {
+      const first = b.lines.findIndex(line => line.msgid && line.time > b.readAt);
+      if (first >= 0) {
+        b.lines.splice(first, 0, {kind: "divider", text: DIVIDER_TEXT, time: b.lines[first].time});
+        for (const line of b.lines.slice(first + 1)) {
+          if (!line.msgid || line.mine) continue;
+          line.counts = true;
+          unread += 1;
+          if (line.mention) mentioned += 1;
+        }
+      }
+    }
+    const shown = lower(b.name) === state.current;
+    if (!shown) {
+      b.unread = Math.max(b.unread, unread);
+      b.mentions = Math.max(b.mentions, mentioned);
+      renderRooms();
+      return;
+    }
+    const log = $("log");
+    const bottom = atBottom();
+    log.replaceChildren(...b.lines.map(lineElement));
+    if (bottom) log.scrollTop = log.scrollHeight;
+    this.look();
+  },
+
+  /** MARKREAD from the server: where the account has read up to in a room or conversation. Lines up to it
+  are read, on every session: they no longer count as unread. */
+  markread(m) {
+    const [name, position = "*"] = m.params;
+    const b = name && state.buffers.get(lower(name));
+    if (!b || !position.startsWith("timestamp=")) return;
+    const at = new Date(position.slice(10));
+    if (isNaN(at) || (b.readAt && at <= b.readAt)) return;
+    b.readAt = at;
+    const left = b.lines.filter(line => line.counts && line.time > at);
+    b.unread = Math.min(b.unread, left.length);
+    b.mentions = Math.min(b.mentions, left.filter(line => line.mention).length);
+    renderRooms();
+  },
+
+  /** The person may be reading: the current buffer shown, the tab visible and focused, its end in view. Then,
+  once the view stays so for a moment, the newest line is read, and the server told (only forward). */
+  look() {
+    if (!state.caps.has("draft/read-marker")) return;
+    clearTimeout(this.markTimer);
+    this.waiting = true;
+    this.markTimer = setTimeout(() => this.mark(), MARK_DELAY);
+  },
+
+  mark() {
+    this.waiting = false;
+    const b = state.buffers.get(state.current);
+    if (!b || b.kind === "server" || document.hidden || !document.hasFocus() || !atBottom()) return;
+    if (b.kind === "channel" && !b.joined) return;
+    const lines = chatLines(b);
+    const newest = lines[lines.length - 1];
+    if (!newest || !newest.stamp) return;
+    if ((b.readAt && newest.time <= b.readAt) || (b.marked && newest.time <= b.marked)) return;
+    b.marked = newest.time;
+    send(formatMessage("MARKREAD", b.name, "timestamp=" + newest.stamp));
+  },
 };
 
 // -- the connection ------------------------------------------------------------------------------------
@@ -342,6 +609,7 @@ function connect() {
   state.fatal = "";
   state.registered = false;
   state.caps = new Set();
+  HISTORY.reset();
   setStatus("Connecting…");
   let socket;
   try {
@@ -363,6 +631,7 @@ function connect() {
     const message = parseMessage(event.data);
     const handler = HANDLERS[message.command];
     try {
+      if (message.tags.batch && HISTORY.take(message)) return;
       if (handler) handler(message); else unhandled(message);
     } catch (problem) {
       console.error("handling", event.data, problem);
@@ -448,24 +717,27 @@ function registered(message) {
   const rooms = JSON.parse(sessionStorage.getItem("pychat.rooms") || "[]");
   const wanted = rooms.filter(room => !(state.buffers.get(lower(room)) || {}).joined);
   if (wanted.length) send(formatMessage("JOIN", wanted.join(",")));
+  HISTORY.registered();
   $("input").focus();
 }
 
-function privmsg(message, notice) {
+/** A PRIVMSG or NOTICE as {where, line}: the buffer it belongs to and the line to show; null for what is not
+shown (CTCP other than ACTION). FROM_HISTORY: a line of a chathistory batch, never answered. */
+function chatLine(message, notice, fromHistory) {
   const [target, raw = ""] = message.params;
   const from = message.nick || "";
   let text = plain(raw);
   // The server's own notices and pyChat's replies to commands (from its service) go where the person is.
   if (!message.source || !message.source.includes("!") || lower(from) === lower(SERVICE)) {
-    addLine(state.registered ? state.current : SERVER_BUFFER, {kind: "info", text, time: timeOf(message)});
-    return;
+    if (fromHistory) return null;
+    return {where: state.registered ? state.current : SERVER_BUFFER, line: {kind: "info", text, time: timeOf(message)}};
   }
   let kind = notice ? "notice" : "message";
   if (text.startsWith("\x01")) {
     const ctcp = text.replace(/^\x01|\x01$/g, "");
     if (!ctcp.startsWith("ACTION")) {
-      if (!notice && ctcp.split(" ")[0] === "VERSION") send(formatMessage("NOTICE", from, "\x01VERSION pyChat web\x01"));
-      return;
+      if (!fromHistory && !notice && ctcp.split(" ")[0] === "VERSION") send(formatMessage("NOTICE", from, "\x01VERSION pyChat web\x01"));
+      return null;
     }
     text = ctcp.slice(7);
     kind = "action";
@@ -474,11 +746,17 @@ function privmsg(message, notice) {
   // A channel's line goes to the channel; a private one to the conversation with the other person (our own
   // come back to us with echo-message); someone's notice to us, to the conversation if there is one.
   let where = isChannel(target) || mine ? target : from;
-  if (notice && !isChannel(target) && !state.buffers.has(lower(where))) where = state.current;
-  // Lines replayed at JOIN are history: shown, but not news.
-  const old = Boolean(message.tags.time) && Date.now() - timeOf(message) > 10000;
-  addLine(where, {kind, nick: from, text, time: timeOf(message), counts: !mine && !old,
-                  mention: !mine && isChannel(target) && mentions(text)});
+  if (!fromHistory && notice && !isChannel(target) && !state.buffers.has(lower(where))) where = state.current;
+  // Lines replayed at JOIN (by a server without draft/chathistory) are history: shown, but not news.
+  const old = fromHistory || Boolean(message.tags.time) && Date.now() - timeOf(message) > 10000;
+  return {where, line: {kind, nick: from, text, time: timeOf(message), counts: !mine && !old, mine,
+                        msgid: message.tags.msgid || null, stamp: message.tags.time || null,
+                        mention: !mine && isChannel(target) && mentions(text)}};
+}
+
+function privmsg(message, notice) {
+  const found = chatLine(message, notice, false);
+  if (found) addLine(found.where, found.line);
 }
 
 function names(message) {
@@ -573,6 +851,7 @@ const HANDLERS = {
         switchTo(lower(room));
       }
       eventLine(room, `You joined ${room}`, timeOf(m));
+      HISTORY.latest(b);
       return;
     }
     b.members.set(lower(m.nick), {nick: m.nick, op: false, away: false});
@@ -664,9 +943,18 @@ const HANDLERS = {
   "301": m => addLine(state.buffers.has(lower(m.params[1])) ? m.params[1] : state.current,
                       {kind: "info", text: `${m.params[1]} is away: ${m.params[2] || ""}`}),
   "372": m => info(m.params[1] || "", SERVER_BUFFER),
+  "422": m => info(m.params[1] || "", SERVER_BUFFER),       // no message of the day: not news for a room
   "375": () => {}, "376": () => {}, "002": () => {}, "003": () => {}, "004": () => {}, "005": () => {},
   "251": () => {}, "252": () => {}, "253": () => {}, "254": () => {}, "255": () => {}, "265": () => {}, "266": () => {},
   "900": () => {},
+  BATCH: m => {
+    const reference = m.params[0] || "";
+    if (reference.startsWith("+")) HISTORY.batchStart(m);
+    else if (reference.startsWith("-")) HISTORY.batchEnd(m);
+  },
+  MARKREAD: m => HISTORY.markread(m),
+  FAIL: m => { if (m.params[0] === "CHATHISTORY") HISTORY.failed(m); },
+  ACK: () => {},
 };
 
 // -- what the person types -----------------------------------------------------------------------------
@@ -819,10 +1107,15 @@ function start() {
     const hidden = $("app").classList.toggle("no-members");
     $("members-button").setAttribute("aria-expanded", String(!hidden));
   });
-  $("log").addEventListener("scroll", () => { if ($("log").scrollTop === 0) HISTORY.older(state.buffers.get(state.current)); });
+  $("log").addEventListener("scroll", () => {
+    if ($("log").scrollTop < 2) HISTORY.older(state.buffers.get(state.current));
+    HISTORY.look();
+  });
+  window.addEventListener("focus", () => HISTORY.look());
   document.addEventListener("keydown", keydown);
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) { const b = state.buffers.get(state.current); if (b) { b.unread = 0; b.mentions = 0; renderRooms(); } }
+    HISTORY.look();
   });
   window.addEventListener("online", () => { if (!state.socket && !state.signedOut && !state.closing) connect(); });
   renderRooms();
