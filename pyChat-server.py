@@ -2748,6 +2748,12 @@ def open_data_file(path: str, flags: int) -> int:
     return fd
 
 
+def read_before(message_id: int) -> int:
+    """A read position just before the line MESSAGE_ID, and before its millisecond too: IRC's read markers
+    name times to the millisecond, and a client takes a line of the marker's own millisecond as read."""
+    return message_id - message_id % 1000 - 1
+
+
 def room_target(room: str) -> str:
     """The target of a room's messages in the database."""
     return "#" + name_key(room)
@@ -5871,7 +5877,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             line_id = self._keep_private(person, conversation, text, notice,
                                          target.account if target is not person else None)
             if target.account and person.account and target is not person:
-                target.read.setdefault(conversation, int(line_id) - 1)     # as _keep_private wrote it
+                target.read.setdefault(conversation, read_before(int(line_id)))     # as _keep_private wrote it
             if person.key not in target.ignoring:
                 # A note to oneself reaches every session as a message from someone, not as a reply.
                 self._to_sessions(target.sessions, PrivateFrom(person.nick, text, line_id, client_tags,
@@ -5897,7 +5903,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person.last_private[conversation] = number
             self._mark_read(person, conversation, number)
         if to_account and person.account:
-            self.storage.mark_read(to_account, conversation, number - 1, only_if_new=True)
+            self.storage.mark_read(to_account, conversation, read_before(number), only_if_new=True)
         return str(number)
 
     def _private_copies(self, session: Session, copy: PrivateTo) -> None:

@@ -140,8 +140,8 @@ def test_lines_said_while_away_show_after_a_divider_and_nothing_twice(start_serv
     page.screenshot("history-divider")
 
     # A private conversation named by CHATHISTORY TARGETS: its lines, once, those after the read position unread
-    # (the server puts a new conversation's read position at its first line).
-    page.wait(lambda: page.rooms().get("bob") == "1", "one unread line from bob")
+    # (the server puts a new conversation's read position just before its first line: both are new).
+    page.wait(lambda: page.rooms().get("bob") == "2", "two unread lines from bob")
     open_room(page, "#dev")
     page.wait_for_line(r"alice: dev away 2")
     lines = texts(page)
@@ -152,7 +152,7 @@ def test_lines_said_while_away_show_after_a_divider_and_nothing_twice(start_serv
     open_room(page, "bob")
     page.wait_for_line(r"bob: hello\?")
     assert [line for line in texts(page) if line.startswith("bob: ") or line == DIVIDER] == [
-        "bob: are you there?", DIVIDER, "bob: hello?"], texts(page)
+        DIVIDER, "bob: are you there?", "bob: hello?"], texts(page)
 
     # A fresh page (nothing kept in it) shows the same, all from history.
     fresh = Page(browser, server)
@@ -300,7 +300,7 @@ def test_screenshots_of_the_main_views(start_server, connect, irc_connect, brows
     page.wait(lambda: page.status() == "Connected as sam", "sam signed in again")
     page.wait(lambda: page.current() == "#dev", "#dev shown again")
     page.wait_for_line(r"alice: no rush")
-    page.wait(lambda: page.rooms().get("bob") == "1" and page.rooms().get("#lobby") == "1", "unread counts")
+    page.wait(lambda: page.rooms().get("bob") == "2" and page.rooms().get("#lobby") == "1", "unread counts")
     page.type("thanks, I will look at it", enter=False)
     divider = page.wait(lambda: next((li for li in page.all("#log li.divider")), None), "the divider")
     assert divider.is_displayed() and divider.text == DIVIDER
