@@ -4831,8 +4831,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.switchboard.before_writing = self.storage.commit_lines
         self.switchboard.least_hold = HISTORY_HOLD_SECONDS if self.storage.keeps_history else 0.0
         super().__init__((options.host, options.port), ClientConnection)
-        self.irc = IrcListener(self) if options.irc_port is not None else None
-        self.web = WebListener(self) if options.web_port is not None else None
+        self.irc = DoorListener(self, options.irc_port, IrcConnection) if options.irc_port is not None else None
+        self.web = DoorListener(self, options.web_port, WebConnection) if options.web_port is not None else None
         self.switchboard.start()
         self.storage.start_maintenance()
 
@@ -9545,20 +9545,21 @@ class IrcConnection(ClientConnection):
         return data
 
 
-class IrcListener(socketserver.TCPServer):
-    """The IRC port. Its newcomers are admitted by the chat server under the same limits as
-    everyone else's, and speak IRC."""
+class DoorListener(socketserver.TCPServer):
+    """A port of its own for a door other than pyChat's (IRC, the browser's): its newcomers are admitted by
+    the chat server under the same limits as everyone else's, and speak the door's protocol."""
 
     allow_reuse_address = True
     request_queue_size = 4096
 
-    def __init__(self, chat: ChatServer) -> None:
+    def __init__(self, chat: ChatServer, port: int, door: type[ClientConnection]) -> None:
         self.chat = chat
+        self.door = door
         self.address_family = chat.address_family
-        super().__init__((chat.options.host, chat.options.irc_port), IrcConnection)
+        super().__init__((chat.options.host, port), door)
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
-        self.chat.admit(request, client_address, IrcConnection)
+        self.chat.admit(request, client_address, self.door)
 
 
 # ---------------------------------------------------------------------------
@@ -10116,21 +10117,6 @@ class WebConnection(IrcConnection):
     @staticmethod
     def irc_wire_lines(data: bytes) -> bytes:
         return b"".join(payload + b"\r\n" for payload in websocket_payloads(data))
-
-
-class WebListener(socketserver.TCPServer):
-    """The web port. Its newcomers are admitted by the chat server under the same limits as everyone else's."""
-
-    allow_reuse_address = True
-    request_queue_size = 4096
-
-    def __init__(self, chat: ChatServer) -> None:
-        self.chat = chat
-        self.address_family = chat.address_family
-        super().__init__((chat.options.host, chat.options.web_port), WebConnection)
-
-    def process_request(self, request: socket.socket, client_address: tuple) -> None:
-        self.chat.admit(request, client_address, WebConnection)
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import signal
 import pytest
 
 from conftest import SERVER_SCRIPT, database_rows, import_script
+from test_accounts import sign_in
 from test_irc import sasl
 
 server = import_script(SERVER_SCRIPT, "pychat_server")
@@ -74,15 +75,6 @@ def failure(client, request: str) -> list[str]:
     """The parameters of the FAIL that answers REQUEST."""
     client.send(request)
     return message(client.expect(r"FAIL ")).params
-
-
-def pychat_sign_in(pychat_client, nick: str) -> None:
-    """Sign in to the account NICK from pyChat's port."""
-    pychat_client.expect(re.escape("*** Choose a nickname:"))
-    pychat_client.send(nick)
-    pychat_client.expect(re.escape(f"*** Password for {nick}:"))
-    pychat_client.send(ACCOUNT_PASSWORD)
-    pychat_client.expect(r"\*\*\* You are in #", timeout=10)
 
 
 def register_account(pychat_client, nick: str) -> None:
@@ -329,7 +321,7 @@ def test_a_private_conversation_is_for_its_two_accounts_and_a_guests_only_while_
         accounts_server, irc_connect, connect):
     alice = signed_in(irc_connect, accounts_server, "alice")
     bob = connect(accounts_server)
-    pychat_sign_in(bob, "bob")
+    sign_in(bob, "bob", ACCOUNT_PASSWORD)
     bob.send("/msg alice psst alice")
     alice.expect(r"PRIVMSG alice :psst alice")
     answer = say(alice, "bob", "hi bob")
@@ -467,7 +459,7 @@ def test_markread_answers_wrong_requests_as_the_specification_says(irc_server, i
 def test_a_phone_catches_up_with_what_was_said_since_it_last_read_and_nothing_else(accounts_server, irc_connect,
                                                                                    connect):
     bob = connect(accounts_server)
-    pychat_sign_in(bob, "bob")
+    sign_in(bob, "bob", ACCOUNT_PASSWORD)
     bob.send("/join #dev")
     bob.expect(r"\*\*\* You are in #dev")
     phone = signed_in(irc_connect, accounts_server, "alice")
@@ -503,7 +495,7 @@ def test_a_phone_catches_up_with_what_was_said_since_it_last_read_and_nothing_el
     tablet = signed_in(irc_connect, accounts_server, "alice")
     tablet.expect(r"366 alice #dev ")
     laptop = connect(accounts_server)
-    pychat_sign_in(laptop, "alice")
+    sign_in(laptop, "alice", ACCOUNT_PASSWORD)
     newest = history(phone, "CHATHISTORY LATEST #dev * 1")[-1]
     phone.send(f"MARKREAD #dev timestamp={newest.tags['time']}")
     assert message(phone.expect(r"MARKREAD #dev ")).params[1] == f"timestamp={newest.tags['time']}"

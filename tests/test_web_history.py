@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TIMEOUT
+from test_accounts import sign_in
 from test_irc import sasl
 from test_web import PHONE, WIDE, Page, browser  # noqa: F401  (browser: the module's headless Chromium)
 
@@ -32,15 +33,6 @@ def register(server, connect, nick: str) -> None:
     client.send("/quit")
     client.wait_closed()
     server.wait_for_log(rf"{nick}@\S+ left")
-
-
-def sign_in_pychat(client, nick: str) -> None:
-    """Sign in to the account NICK from pyChat's port."""
-    client.expect(re.escape("*** Choose a nickname:"))
-    client.send(nick)
-    client.expect(re.escape(f"*** Password for {nick}:"))
-    client.send(PASSWORD)
-    client.expect(r"\*\*\* You are in #", timeout=10)
 
 
 def next_millisecond() -> None:
@@ -119,7 +111,7 @@ def test_lines_said_while_away_show_after_a_divider_and_nothing_twice(start_serv
         alice.send(f"while away {n}")
     alice.expect(r"alice: while away 3")
     bob = connect(server)
-    sign_in_pychat(bob, "bob")
+    sign_in(bob, "bob", PASSWORD)
     bob.send("/msg webby are you there?")
     bob.expect(r"-- webby is offline")
     next_millisecond()
@@ -261,7 +253,7 @@ def test_screenshots_of_the_main_views(start_server, connect, irc_connect, brows
     register(server, connect, "bob")
     alice = connect(server, "alice")
     bob = connect(server)
-    sign_in_pychat(bob, "bob")
+    sign_in(bob, "bob", PASSWORD)
     carol = irc_connect(server, "carol")
     alice.send("/join #dev")
     alice.send("/topic Release week: 3.0 is out; bugs go to the tracker, please")
