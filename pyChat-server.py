@@ -1508,6 +1508,19 @@ class Output:
         else:
             self.switchboard.queue((self,), data)
 
+    def peer_closed(self) -> bool:
+        """The other end has closed the connection, though no one has read the end yet: a connection left
+        behind whose name a newcomer may take at once."""
+        if self.reason is not None:
+            return True
+        try:
+            with self.io_lock:      # the raw socket: a TLS one's closing record is not data to peek at
+                return socket.socket.recv(self.sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
     def end(self, reason: str, farewell: Any = None, drop_output: bool = False) -> bool:
         """End the connection for REASON, telling the person FAREWELL; False if it was ending already.
 
@@ -5076,6 +5089,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if person is not None and person.username == ANONYMOUS_USER:
                 person.username = username      # likewise
             if person is None:
+                self._let_go_of_closed(self.people.get(name_key(nick)))
                 problem = self.nickname_problem(nick, account=account)
                 if problem:
                     return problem
@@ -5139,6 +5153,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._catch_up_private(session)
         self.most_people = max(self.most_people, len(self.people))
         self._to_people(self.watchers.get(person.key, ()), CameOnline(person.nick))
+
+    def _let_go_of_closed(self, person: Person | None) -> None:
+        """Take PERSON out of the chat now if every connection of theirs has closed, though the switchboard has
+        not read that yet: a newcomer who wants their name (a client reconnecting at once) finds it free.
+        Lock held."""
+        if person is None or not all(session.output.peer_closed() for session in person.sessions):
+            return
+        for session in list(person.sessions):
+            session.output.end("connection closed")
+            self._close_session(session, "connection closed")
 
     def _settle(self, session: Session) -> None:
         """Give SESSION, just signed in, a current room if its protocol needs one and it has none yet: the

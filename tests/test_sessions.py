@@ -266,3 +266,17 @@ def test_kept_rooms_come_back_with_their_key_but_not_those_left_or_kicked_from(s
         carol.send("/join #secret")
         assert carol.expect("!! ") == "!! #secret needs a key: /join #secret KEY.", "the kept key was lost"
         carol.close()
+
+
+def test_a_name_left_by_a_closed_connection_is_free_at_once_for_the_next(start_server, connect):
+    """A client that reconnects at once after its connection closed (irctest's next test, a phone changing
+    networks) gets its name, even before the server has read the old connection's end."""
+    server = start_server("--max-per-ip", "0")
+    for attempt in range(20):
+        old = connect(server, "again")
+        old.close()
+        new = connect(server)
+        new.expect(re.escape("*** Choose a nickname:"))
+        new.send("again")
+        assert new.expect(r"\*\*\* Welcome|!! ") == "*** Welcome, again! Type /help for the commands.", attempt
+        new.close()
