@@ -224,27 +224,40 @@ function info(text, name, kind) {
   addLine(name || state.current, {kind: kind || "info", text});
 }
 
+// The list is updated in place, never rebuilt: a busy room renders it with every line, and a button
+// replaced between a press and its release would swallow the click.
 function renderRooms() {
   const list = $("rooms");
-  list.replaceChildren();
+  const stale = new Map([...list.children].map(item => [item.dataset.key, item]));
   state.order.forEach((key, index) => {
     const b = state.buffers.get(key);
-    const item = element("li");
-    const button = element("button");
-    button.type = "button";
-    button.dataset.room = b.name;
-    button.setAttribute("aria-current", String(key === state.current));
-    const label = b.kind === "server" ? "Server" : b.name;
-    button.append(element("span", "key", index < 9 ? String(index + 1) : ""), element("span", "name", label));
-    const unread = element("span", "unread" + (b.mentions ? " mention" : ""), b.unread ? String(b.unread) : "");
+    const item = stale.get(key) || roomItem(key);
+    stale.delete(key);
+    const [number, name, unread] = item.firstChild.children;
+    item.firstChild.dataset.room = b.name;
+    item.firstChild.setAttribute("aria-current", String(key === state.current));
+    number.textContent = index < 9 ? String(index + 1) : "";
+    name.textContent = b.kind === "server" ? "Server" : b.name;
+    unread.className = "unread" + (b.mentions ? " mention" : "");
+    unread.textContent = b.unread ? String(b.unread) : "";
     if (b.unread) unread.setAttribute("aria-label", `${b.unread} unread${b.mentions ? `, ${b.mentions} mentioning you` : ""}`);
-    button.append(unread);
-    button.addEventListener("click", () => { switchTo(key); closeDrawer(); $("input").focus(); });
-    item.append(button);
-    list.append(item);
+    else unread.removeAttribute("aria-label");
+    if (list.children[index] !== item) list.insertBefore(item, list.children[index] || null);
   });
+  stale.forEach(item => item.remove());
   const total = [...state.buffers.values()].reduce((sum, b) => sum + b.unread, 0);
   document.title = (total ? `(${total}) ` : "") + "pyChat";
+}
+
+function roomItem(key) {
+  const item = element("li");
+  item.dataset.key = key;
+  const button = element("button");
+  button.type = "button";
+  button.append(element("span", "key"), element("span", "name"), element("span", "unread"));
+  button.addEventListener("click", () => { switchTo(key); closeDrawer(); $("input").focus(); });
+  item.append(button);
+  return item;
 }
 
 function renderHeader() {
