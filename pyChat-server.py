@@ -4314,6 +4314,7 @@ class Gate:
         self.failures: dict[str, tuple[int, float]] = {}        # wrong secrets and the last one's time, by bucket
         self.per_address: collections.Counter[str] = collections.Counter()     # connections, by address_bucket()
         self.admitted = 0                                       # connections given a thread
+        self.registrations: dict[str, list[float]] = {}         # when accounts were registered, by address_bucket()
 
     def guess_delay(self) -> float:
         return self.options().guess_delay
@@ -4469,11 +4470,66 @@ class Gate:
     def invitation_waiting(self, nick: str) -> bool:
         return self.storage.invitation_waiting(nick)
 
+    def register(self, nick: str, password: str, address: str) -> None:
+        """Make the account NICK with PASSWORD for someone at ADDRESS; Refused if the password is weak, the
+        address registered its share of accounts lately, or the name cannot be had."""
+        problem = password_problem(password, nick)
+        if problem:
+            raise Refused(problem, "weak-password")
+        bucket, now = address_bucket(address), time.monotonic()
+        with self.lock:
+            recent = [when for when in self.registrations.get(bucket, ()) if now - when < REGISTRATION_WINDOW]
+            if len(recent) >= REGISTRATIONS_PER_ADDRESS:
+                raise Refused(f"{REGISTRATIONS_PER_ADDRESS} accounts were registered from your address in the last "
+                              f"{REGISTRATION_WINDOW / 3600:g} hour; try again later.", "too-many-accounts")
+            if len(self.registrations) > 10000:
+                self.registrations = {b: t for b, t in self.registrations.items() if now - t[-1] < REGISTRATION_WINDOW}
+            self.registrations[bucket] = recent + [now]      # counted before the slow part, so that tries at once count
+        try:
+            self.storage.register(nick, password)
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem), "name-taken") from None
+        log.info("%s registered, from %s", nick, address)
+
     def register_invited(self, nick: str, password: str, address: str) -> None:
         """Make the account NICK, whose invitation code was given, with PASSWORD; the code is used up."""
         self.storage.register(nick, password)
         self.storage.remove_invitation(nick)
         log.info("%s registered at their first sign-in, from %s", nick, address)
+
+    def code_waiting(self, nick: str) -> str | None:
+        """What a code given for NICK would do: "account" (an invitation, to make the account NICK) or
+        "password" (a reset, to choose a new password for NICK's account); None if no code waits for it."""
+        account = self.storage.account_name(nick)
+        if account is None:
+            return "account" if self.storage.invitation_waiting(nick) else None
+        return "password" if self.storage.invitation_waiting(account, "password") else None
+
+    def redeem(self, connection: ClientConnection, nick: str, code: str, password: str) -> str | None:
+        """CODE, the invitation or password reset waiting for NICK, makes NICK's account with PASSWORD or gives
+        it PASSWORD: the account, or None if CODE is not the code (a guess counted; TooManyGuesses past
+        the budget). Refused if the password is weak, or the code stopped working meanwhile. The one
+        way in for a door that takes a code, a password and a name at once (IRC's VERIFY)."""
+        purpose = self.code_waiting(nick)
+        if purpose is None:
+            return None
+        account = self.storage.account_name(nick) or nick
+        problem = password_problem(password, account)
+        if problem:
+            raise Refused(problem, "weak-password")
+        what = "invitation code" if purpose == "account" else "password reset code"
+        if not self.check_secret(connection, f"{what} for {account}",
+                                 lambda: self.storage.invitation_matches(account, code, purpose)):
+            return None
+        try:
+            if purpose == "account":
+                self.register_invited(account, password, connection.address)
+            else:
+                self.reset_password(account, password, connection.address)
+        except (StoreFull, StorageError) as problem:
+            raise Refused(str(problem)) from None
+        self.refuse_banned(connection, account)
+        return account
 
     def reset_password(self, account: str, password: str, address: str) -> None:
         """Give ACCOUNT the new PASSWORD, its reset code having been given; Refused if the code was taken back
@@ -4829,7 +4885,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
         IrcServerName.name = options.server_name
         self.started = time.time()
         self.most_people = 0
-        self.registrations: dict[str, list[float]] = {}         # when accounts were registered, by address_bucket()
         self.departed: collections.deque[Departed] = collections.deque(maxlen=WHOWAS_KEPT)   # newest last
         self.lobby: Room | None = None
         self.lobby = self.room_named(DEFAULT_ROOM)      # everyone's first room, never forgotten
@@ -6290,22 +6345,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(f"You are signed in to the account {person.account} already; "
                           "/passwd OLD NEW changes its password.")
         nick = person.nick
-        problem = password_problem(password, nick)
-        if problem:
-            raise Refused(problem)
-        bucket, now = address_bucket(session.address), time.monotonic()
-        with self.lock:
-            recent = [when for when in self.registrations.get(bucket, ()) if now - when < REGISTRATION_WINDOW]
-            if len(recent) >= REGISTRATIONS_PER_ADDRESS:
-                raise Refused(f"{REGISTRATIONS_PER_ADDRESS} accounts were registered from your address in the last "
-                              f"{REGISTRATION_WINDOW / 3600:g} hour; try again later.")
-            if len(self.registrations) > 10000:
-                self.registrations = {b: t for b, t in self.registrations.items() if now - t[-1] < REGISTRATION_WINDOW}
-            self.registrations[bucket] = recent + [now]      # counted before the slow part, so that tries at once count
-        try:
-            self.storage.register(nick, password)
-        except (StoreFull, StorageError) as problem:
-            raise Refused(str(problem)) from None
+        self.gate.register(nick, password, session.address)
         with self.lock:
             person.account = nick
             person.read, person.last_private = {}, {}
@@ -6840,6 +6880,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
                      for r in self.rooms.values() if r.members and self._may_see(viewer, r)]
             self._charge(viewer, len(rooms), "/rooms")      # finding them is cheap: the table is bounded
         return sorted(rooms, key=lambda r: r.name.casefold())
+
+    def is_here(self, nick: str) -> bool:
+        """Whether someone is signed in as NICK (or a look-alike)."""
+        return name_key(normal_name(nick)) in self.people
 
     def username_of(self, nick: str) -> str:
         """The user name of NICK!USER@HOST of whoever is called NICK ('~user' for someone who gave none, or no
@@ -7650,6 +7694,7 @@ IRC_CAPABILITIES: dict[str, str | None] = {
     "labeled-response": None,
     "draft/chathistory": None,
     "draft/read-marker": None,
+    "draft/account-registration": "before-connect",
 }
 IRC_MAX_CLIENT_TAG_BYTES = 4094         # of tag data a client may send, without the '@' and the space (IRCv3)
 _CLIENT_TAG_KEY = re.compile(r"\+(?:[A-Za-z0-9.-]+/)?[A-Za-z0-9-]+")
@@ -8072,6 +8117,9 @@ IRC_HELP = {
     "CHATHISTORY": "CHATHISTORY LATEST <target> <*|msgid=ID|timestamp=TIME> <limit> (BEFORE, AFTER, AROUND, BETWEEN, "
                    "TARGETS): what was said, by range (draft/chathistory).",
     "MARKREAD": "MARKREAD <target> [timestamp=TIME]: where you have read up to (draft/read-marker).",
+    "REGISTER": "REGISTER * * <password>: make your nickname an account (draft/account-registration); where an "
+                "invitation or password reset waits for it, VERIFY <nick> <code> follows.",
+    "VERIFY": "VERIFY <nick> <code>: the invitation or password reset code a REGISTER asked for.",
 }
 
 
@@ -8561,6 +8609,7 @@ class IrcConnection(ClientConnection):
         self.ping_clock = IrcPingClock(self.server.options.irc_ping, self.connected)
         self.last_active = self.connected       # the last message other than PING and PONG
         self.batches = itertools.count(1)       # the references of the batches this connection is sent
+        self.verifying: tuple[str, str] | None = None   # the nickname and password a REGISTER waits to VERIFY
 
     @property
     def nick(self) -> str:
@@ -8686,6 +8735,9 @@ class IrcConnection(ClientConnection):
             if message.command == "AUTHENTICATE":
                 self.authenticate(registration.target, message.params[0] if message.params else "")
                 continue
+            if message.command in ("REGISTER", "VERIFY"):
+                self.account_registration(message.command, message.params, registration.nick)
+                continue
             for reply in registration.handle(message):
                 self.send_irc(reply)
             if not registration.ready:
@@ -8718,8 +8770,9 @@ class IrcConnection(ClientConnection):
             return wanted, (f"{registered} is a registered name: sign in to it with SASL (PLAIN, the account's "
                             f"name and password), or choose another nickname.")
         if self.server.options.private:
-            self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", "*", text="This server is private: sign in to your "
-                                                                       "account with SASL (PLAIN)."))
+            self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", "*", text=(
+                "This server is private: sign in to your account with SASL (PLAIN), or make the account you "
+                "were invited to with REGISTER * * PASSWORD and VERIFY NICK CODE.")))
             raise Disconnect("private server, no account", Farewell("this server is private"))
         return wanted, None
 
@@ -8744,14 +8797,113 @@ class IrcConnection(ClientConnection):
         account, what = proved
         if what == "code":
             self.send_irc(irc_numeric("ERR_SASLFAIL", nick, text=(
-                f"That is the password reset code for {account}: choose a new password with the pyChat client "
-                f"or nc on the pyChat port (give the code at the password prompt), then sign in here with it")))
+                f"That is the password reset code for {account}: choose a new password with "
+                f"REGISTER {account} * NEW-PASSWORD, then VERIFY {account} CODE")))
             return
         self.account = account
         # The nickname they will have is the account's, whatever NICK said (and '*' before any NICK).
         self.send_irc(irc_numeric("RPL_LOGGEDIN", nick, irc_source(account), account,
                                   text=f"You are now logged in as {account}"))
         self.send_irc(irc_numeric("RPL_SASLSUCCESS", nick))
+
+    # REGISTER's and VERIFY's FAIL codes for the gate's refusals (Refused.kind).
+    REGISTRATION_FAILURES = {"weak-password": "WEAK_PASSWORD", "name-taken": "ACCOUNT_EXISTS",
+                             "too-many-accounts": "TEMPORARILY_UNAVAILABLE"}
+
+    def account_registration(self, command: str, params: list[str] | tuple[str, ...], nick: str | None) -> None:
+        """REGISTER <account> <email|*> <password> and VERIFY <account> <code> (draft/account-registration):
+        make the account of one's nickname, and be signed in to it, before signing in or after.
+
+        The account is the nickname (`*` stands for it); no e-mail is taken.
+        Where a code waits for the name (an invitation, which a --private
+        server needs for every new account, or a password reset), REGISTER
+        gives the password and is answered VERIFICATION_REQUIRED, and VERIFY
+        gives the code, counted as a guess like any secret. Signed in, REGISTER
+        is pyChat's /register.
+        """
+        def fail(code: str, *words: str) -> None:
+            self.send_irc(format_irc_message("FAIL", (command, code, *words)))
+
+        if len(params) < (3 if command == "REGISTER" else 2):
+            usage = "REGISTER * * PASSWORD" if command == "REGISTER" else "VERIFY NICK CODE"
+            self.send_irc(irc_numeric("ERR_NEEDMOREPARAMS", nick or "*", command, text=f"Say {usage}"))
+            return
+        if self.account is not None or (self.person is not None and self.person.account):
+            fail("ALREADY_AUTHENTICATED", self.account or self.person.account, "You are signed in to an account")
+            return
+        if not nick:
+            fail("NEED_NICK", "*", "Choose a nickname first (NICK): the account is named after it")
+            return
+        wanted = nick if params[0] == "*" else params[0]
+        if name_key(normal_name(wanted)) != name_key(nick):
+            fail("ACCOUNT_NAME_MUST_BE_NICK", wanted, f"An account is named after its nickname: "
+                                                      f"REGISTER * * PASSWORD makes the account {nick}")
+            return
+        gate = self.server.gate
+        if command == "VERIFY":
+            self.verify_code(nick, params[1], fail)
+            return
+        password = params[2]
+        waiting = gate.code_waiting(nick) if self.person is None else None
+        if waiting is not None:
+            problem = password_problem(password, gate.account_of(nick) or nick)
+            if problem:
+                fail("WEAK_PASSWORD", nick, problem)
+                return
+            self.verifying = (nick, password)
+            what = "invitation code" if waiting == "account" else "password reset code"
+            self.send_irc(format_irc_message("REGISTER", ("VERIFICATION_REQUIRED", nick,
+                                                          f"Give the {what} for {nick}: VERIFY {nick} CODE")))
+            return
+        registered = gate.account_of(nick)
+        if registered is not None:
+            fail("ACCOUNT_EXISTS", nick, f"{registered} is registered: sign in to it with SASL")
+            return
+        try:
+            if self.person is not None:
+                self.server.register_account(self.session, password)
+            elif self.server.options.private:
+                fail("BAD_ACCOUNT_NAME", nick, "This server is private: only someone an operator invited "
+                                               "(/invite-account) may make an account")
+                return
+            elif self.server.is_here(nick):
+                fail("ACCOUNT_EXISTS", nick, f"{nick} is someone else's nickname now")
+                return
+            else:
+                gate.register(nick, password, self.address)
+                self.account = nick
+        except Refused as refusal:
+            fail(self.REGISTRATION_FAILURES.get(refusal.kind, "TEMPORARILY_UNAVAILABLE"), nick, str(refusal))
+            return
+        self.signed_in_to(command, nick, "registered")
+
+    def verify_code(self, nick: str, code: str, fail: Callable[..., None]) -> None:
+        """VERIFY: the code of the registration REGISTER began; a wrong one is a guess, counted."""
+        if self.verifying is None or name_key(self.verifying[0]) != name_key(nick):
+            fail("INVALID_CODE", nick, f"No registration of {nick} waits for a code: send REGISTER first")
+            return
+        try:
+            account = self.server.gate.redeem(self, self.verifying[0], code, self.verifying[1])
+        except TooManyGuesses as refusal:
+            fail("INVALID_CODE", nick, str(refusal))
+            raise Disconnect("too many wrong codes from the address", Farewell(str(refusal))) from None
+        except Refused as refusal:
+            fail(self.REGISTRATION_FAILURES.get(refusal.kind, "TEMPORARILY_UNAVAILABLE"), nick, str(refusal))
+            return
+        if account is None:
+            fail("INVALID_CODE", nick, f"Wrong code for {nick}")
+            return
+        self.verifying = None
+        self.account = account
+        self.signed_in_to("VERIFY", account, "ready: its password is the one given")
+
+    def signed_in_to(self, command: str, account: str, what: str) -> None:
+        """COMMAND made ACCOUNT (or gave it its password): say so, and that the connection is signed in to it."""
+        self.send_irc(format_irc_message(command, ("SUCCESS", account, f"The account {account} is {what}; "
+                                                                       f"you are signed in to it")))
+        self.send_irc(irc_numeric("RPL_LOGGEDIN", self.nick if self.person else account,
+                                  irc_source(account, self.username),
+                                  account, text=f"You are now logged in as {account}"))
 
     def prove(self, nick: str, what: str, is_right: Callable[[], bool]) -> None:
         """Check a secret the client gave, under the limits on guessing; a wrong one ends the connection."""
@@ -9524,6 +9676,12 @@ class IrcConnection(ClientConnection):
         except StorageError as problem:
             self.send_irc(format_irc_message("FAIL", ("MARKREAD", "INTERNAL_ERROR", target, str(problem))))
 
+    def irc_register(self, *params: str) -> None:
+        self.account_registration("REGISTER", params, self.nick)
+
+    def irc_verify(self, *params: str) -> None:
+        self.account_registration("VERIFY", params, self.nick)
+
     def irc_quit(self, message: str = "") -> None:
         self.server.quit(self.session, irc_reason(message) or None)
 
@@ -9547,6 +9705,7 @@ class IrcConnection(ClientConnection):
         ("HELP", irc_help, 0), ("HELPOP", irc_help, 0), ("INFO", irc_info, 0),
         ("CAP", irc_cap, 1), ("MONITOR", irc_monitor, 1), ("SETNAME", irc_setname, 1), ("QUIT", irc_quit, 0),
         ("CHATHISTORY", irc_chathistory, 0), ("MARKREAD", irc_markread, 0),
+        ("REGISTER", irc_register, 0), ("VERIFY", irc_verify, 0),
         ("USER", irc_registered_already, 0),
         ("AUTHENTICATE", irc_authenticate, 0),
         ("PASS", irc_registered_already, 0),
