@@ -644,8 +644,11 @@ class Page:
     def current(self) -> str:
         return self.find("#rooms button[aria-current=true]").get_attribute("data-room")
 
-    def sign_in(self, nick: str, password: str = "", expect_success: bool = True) -> None:
-        for field, value in (("#nick", nick), ("#password", password)):
+    def sign_in(self, nick: str, password: str = "", expect_success: bool = True, code: str = "") -> None:
+        if code and not self.find("#more").get_attribute("open"):
+            self.find("#more summary").click()
+        fields = (("#nick", nick), ("#password", password)) + ((("#code", code),) if code else ())
+        for field, value in fields:
             self.find(field).clear()
             self.find(field).send_keys(value)
         self.find("#signin-button").click()
@@ -700,6 +703,36 @@ def test_a_registered_name_signs_in_with_its_password_and_a_wrong_one_is_said(st
     page.wait_for_line(r"\d+ online")
     page.type("/help")
     page.wait_for_line(r"/join #room \[key\] +join a room")
+
+
+def test_an_invited_person_makes_their_account_in_the_browser_and_is_signed_in_to_it_after_a_restart(
+        start_server, connect, browser, tmp_path):
+    from test_accounts import claim_operator
+    port = str(free_port())
+    options = ("--web-port", port, "--data-dir", str(tmp_path / "data"), "--private", "--operator", "alice",
+               "--guess-delay", "0.05")
+    server = start_server(*options)
+    alice = claim_operator(server, connect(server))
+    alice.send("/invite-account webby")
+    code = re.match(r"-- Invitation for webby: (\S+) ", alice.expect("-- ")).group(1)
+    page = Page(browser, server)
+    page.sign_in("stranger", "a long pass phrase 7", expect_success=False)
+    error = page.wait(lambda: page.find("#signin-error").text, "why a stranger may not come in")
+    assert "private" in error, error
+    page.sign_in("webby", "", expect_success=False, code=code)
+    assert "password" in page.wait(lambda: page.find("#signin-error").text, "a password asked for")
+    page.sign_in("webby", "a long pass phrase 7", expect_success=False, code="not-the-code")
+    error = page.wait(lambda: page.find("#signin-error").text, "the wrong code said")
+    assert "Wrong code" in error, error
+    page.sign_in("webby", "a long pass phrase 7", code=code)
+    assert page.find("#code").get_attribute("value") == "", "the spent code is forgotten"
+    alice.send("/whois webby")
+    assert alice.expect("-- webby: ") == "-- webby: account webby"
+    server.stop()
+    page.wait(lambda: "reconnecting in" in page.status(), "the reconnection's countdown")
+    server = start_server(*options)
+    page.wait(lambda: page.status() == "Connected as webby", "signed in again, with the password", timeout=10)
+    assert code not in server.log() and "a long pass phrase 7" not in server.log()
 
 
 def test_the_browser_joins_a_room_counts_unread_lines_and_keeps_drafts(start_server, connect, browser):

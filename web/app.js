@@ -78,9 +78,10 @@ const MAX_LINES = 1000;           // kept per buffer; older ones leave the page
 const state = {
   socket: null,
   nick: "",                       // the nickname the server gave us
-  wanted: {nick: "", password: "", serverPassword: ""},
+  wanted: {nick: "", password: "", serverPassword: "", code: ""},
   caps: new Set(),
   registered: false,
+  registering: false,             // signing in with a code: REGISTER and VERIFY instead of SASL
   buffers: new Map(),             // by lower-case name: {name, kind, lines, unread, mentions, topic, members, joined, draft}
   order: [],                      // lower-case names, in the room list's order
   current: SERVER_BUFFER,
@@ -692,8 +693,13 @@ function signOut(why) {
 function signIn(event) {
   event.preventDefault();
   state.wanted = {nick: $("nick").value.trim(), password: $("password").value,
-                  serverPassword: $("server-password").value};
+                  serverPassword: $("server-password").value, code: $("code").value.trim()};
   if (!state.wanted.nick) return;
+  if (state.wanted.code && !state.wanted.password) {
+    $("signin-error").textContent = "With a code, choose your account's password too.";
+    $("password").focus();
+    return;
+  }
   localStorage.setItem("pychat.nick", state.wanted.nick);
   $("signin-error").textContent = "";
   $("signin-button").disabled = true;
@@ -809,6 +815,15 @@ function numericReply(message) {
   info(text, state.registered ? null : SERVER_BUFFER, error ? "error" : "info");
 }
 
+/** The code did its work: the account is made or has its new password, and this connection is signed in
+ * to it. The code is spent, so a reconnection signs in with the password. */
+function accountMade() {
+  state.wanted.code = "";
+  state.registering = false;
+  $("code").value = "";
+  send("CAP END");
+}
+
 function unhandled(message) {
   if (/^\d{3}$/.test(message.command)) numericReply(message);
 }
@@ -823,7 +838,8 @@ const HANDLERS = {
       state.offered = new Set([...(state.offered || []), ...offered]);
       if (more) return;
       const wanted = [...WANTED_CAPS, ...HISTORY.capabilities].filter(c => state.offered.has(c));
-      if (state.wanted.password && state.offered.has("sasl")) wanted.push("sasl");
+      state.registering = Boolean(state.wanted.code) && state.offered.has("draft/account-registration");
+      if (state.wanted.password && !state.registering && state.offered.has("sasl")) wanted.push("sasl");
       state.offered = null;
       if (wanted.length && !state.registered) send(formatMessage("CAP", "REQ", wanted.join(" ")));
       else if (!state.registered) send("CAP END");
@@ -833,7 +849,9 @@ const HANDLERS = {
         if (cap.startsWith("-")) state.caps.delete(cap.slice(1)); else state.caps.add(cap);
       }
       if (state.registered) return;
-      if (state.caps.has("sasl")) send("AUTHENTICATE PLAIN"); else send("CAP END");
+      // A code makes the account (or gives it the new password): REGISTER, then VERIFY with the code.
+      if (state.registering) send(formatMessage("REGISTER", "*", "*", state.wanted.password));
+      else if (state.caps.has("sasl")) send("AUTHENTICATE PLAIN"); else send("CAP END");
     } else if (sub === "NAK" && !state.registered) {
       send("CAP END");
     } else if (sub === "NEW" && state.registered) {
@@ -848,6 +866,12 @@ const HANDLERS = {
   },
   "903": () => send("CAP END"),
   "904": m => { state.fatal = "Wrong nickname or password."; send("CAP END"); send("QUIT"); },
+  REGISTER: m => {
+    if (state.registered) { info(m.params.slice(2).join(" ")); return; }
+    if (m.params[0] === "VERIFICATION_REQUIRED") send(formatMessage("VERIFY", m.params[1], state.wanted.code));
+    else if (m.params[0] === "SUCCESS") accountMade();
+  },
+  VERIFY: m => { if (m.params[0] === "SUCCESS" && !state.registered) accountMade(); },
   "001": registered,
   "PRIVMSG": m => privmsg(m, false),
   "NOTICE": m => privmsg(m, true),
@@ -966,7 +990,12 @@ const HANDLERS = {
     else if (reference.startsWith("-")) HISTORY.batchEnd(m);
   },
   MARKREAD: m => HISTORY.markread(m),
-  FAIL: m => { if (m.params[0] === "CHATHISTORY") HISTORY.failed(m); },
+  FAIL: m => {
+    const why = m.params[m.params.length - 1];
+    if (m.params[0] === "CHATHISTORY") HISTORY.failed(m);
+    else if (!state.registered && ["REGISTER", "VERIFY"].includes(m.params[0])) { state.fatal = why; send("QUIT"); }
+    else info(why, null, "error");
+  },
   ACK: () => {},
 };
 
