@@ -874,6 +874,45 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def test_mentions_and_private_messages_notify_while_the_tab_is_hidden(start_server, irc_connect, browser):
+    server = start_server("--web-port", "0", "--irc-port", "0")
+    page = Page(browser, server)
+    page.sign_in("webby")
+    assert page.find("#notify").is_displayed(), "notifications are offered while the browser has not been asked"
+    origin = f"http://127.0.0.1:{web_port(server)}"
+    browser.execute_cdp_cmd("Browser.grantPermissions", {"permissions": ["notifications"], "origin": origin})
+    # What the page shows as notifications, kept where the test can read it (the browser's are not in the DOM).
+    browser.execute_script("""
+        const Real = window.Notification;
+        window.shownNotifications = [];
+        window.Notification = class extends Real {
+            constructor(title, options) { super(title, options); window.shownNotifications.push([title, options.body]); }
+        };""")
+    alice = irc_connect(server, "alice")
+    page.wait(lambda: "alice" in page.find("#member-list").text, "alice among #lobby's members")
+
+    def titles() -> list[str]:
+        """The titles of the browser's tabs, the hidden ones' too (the page's reads only the tab in front)."""
+        return [target["title"] for target in browser.execute_cdp_cmd("Target.getTargets", {})["targetInfos"]
+                if target["type"] == "page"]
+
+    tab = browser.current_window_handle
+    browser.switch_to.new_window("tab")          # pyChat's tab is hidden behind it
+    try:
+        for line in ("PRIVMSG #lobby :hey webby, look", "PRIVMSG #lobby :nothing for anyone", "PRIVMSG webby :psst"):
+            alice.send(line)
+        # The private line, the last, is unread in a conversation not shown: the page has read all three.
+        page.wait(lambda: "(1) pyChat" in titles(), "the hidden tab's title counting the private line")
+    finally:
+        browser.close()
+        browser.switch_to.window(tab)
+    assert browser.execute_script("return window.shownNotifications") == [
+        ["alice in #lobby", "hey webby, look"], ["alice (private)", "psst"]]
+    alice.send("PRIVMSG #lobby :webby, you are looking")
+    page.wait_for_line("webby, you are looking")
+    assert len(browser.execute_script("return window.shownNotifications")) == 2, "none while the tab is seen"
+
+
 def test_the_browser_reconnects_after_a_restart_with_its_rooms_and_draft(start_server, browser):
     port = str(free_port())
     server = start_server("--web-port", port)
