@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -872,6 +873,46 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+IRC_FRAMEWORK = ROOT / "tests" / "irc-framework"
+
+
+def irc_framework(server, subprotocol: str, *account: str) -> subprocess.Popen:
+    """irc-framework (Kiwi IRC's IRC library, under Node.js) connecting to SERVER's /socket as kiwi."""
+    missing = pytest.fail if os.environ.get("PYCHAT_REQUIRE_BROWSER") else pytest.skip
+    if shutil.which("node") is None or not (IRC_FRAMEWORK / "node_modules" / "irc-framework").is_dir():
+        missing(f"this test needs Node.js and irc-framework: npm ci --prefix {IRC_FRAMEWORK.relative_to(ROOT)}")
+    return subprocess.Popen(["node", str(IRC_FRAMEWORK / "client.js"), str(web_port(server)), subprotocol, *account],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("subprotocol", ["text.ircv3.net", ""])
+def test_another_ircv3_websocket_client_talks_through_the_door(start_server, connect, subprotocol):
+    server = start_server("--web-port", "0", "--guess-delay", "0")
+    kiwi = connect(server, "kiwi")
+    kiwi.send("/register a long pass phrase 7")
+    kiwi.expect("-- Registered ", timeout=10)
+    kiwi.send("/quit")
+    kiwi.wait_closed()
+    alice = connect(server, "alice")
+    client = irc_framework(server, subprotocol, "kiwi", "a long pass phrase 7")
+    try:
+        alice.expect(re.escape("kiwi: hello from irc-framework"))
+        alice.send("bye kiwi")
+        output, errors = client.communicate(timeout=TIMEOUT)
+    finally:
+        client.kill()
+    events = [json.loads(line) for line in output.splitlines()]
+    kinds = [event["event"] for event in events]
+    assert kinds[-1] == "closed" and "timeout" not in kinds, (output, errors)
+    registered = next(event for event in events if event["event"] == "registered")
+    assert registered["nick"] == "kiwi" and {"sasl", "server-time", "message-tags", "batch"} <= set(
+        registered["caps"]), registered
+    assert {"event": "loggedin", "account": "kiwi"} in events, output
+    said = next(event for event in events if event["event"] == "message" and event["nick"] == "alice")
+    assert (said["nick"], said["target"], said["text"]) == ("alice", "#lobby", "bye kiwi")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", said["time"] or ""), said
 
 
 def test_mentions_and_private_messages_notify_while_the_tab_is_hidden(start_server, irc_connect, browser):
