@@ -774,6 +774,52 @@ def test_the_browser_joins_a_room_counts_unread_lines_and_keeps_drafts(start_ser
     alice.expect(r"#dev webby: alice: tab completed|webby: alice: tab completed")
 
 
+def test_two_browser_users_a_terminal_user_and_an_irc_user_talk_in_two_rooms(start_server, connect, irc_connect,
+                                                                              browser):
+    server = start_server("--web-port", "0", "--irc-port", "0")
+    alice = connect(server, "alice")
+    bob = irc_connect(server, "ircbob")
+    first_tab = browser.current_window_handle
+    webby = Page(browser, server)
+    webby.sign_in("webby")
+    browser.switch_to.new_window("tab")
+    second_tab = browser.current_window_handle
+    try:
+        webbie = Page(browser, server)
+        webbie.sign_in("webbie")
+        for client in (alice, bob):
+            client.send("/join #dev" if client is alice else "JOIN #dev")
+        webbie.type("/join #dev")
+        webbie.wait(lambda: {"alice", "ircbob", "webbie"} <= {name.lstrip("@+") for name in
+                                                             webbie.find("#member-list").text.split()},
+                    "everyone but webby in #dev")
+        browser.switch_to.window(first_tab)
+        webby.type("/join #dev")
+        webby.wait(lambda: "webbie" in webby.find("#member-list").text, "webbie among #dev's members")
+        webby.type("hello #dev from webby")
+        alice.expect(r"(#dev )?webby: hello #dev from webby")
+        bob.expect(r"PRIVMSG #dev :hello #dev from webby")
+        alice.send("/msg #lobby the terminal in #lobby")
+        bob.send("PRIVMSG #dev :irc in #dev")
+        webby.wait_for_line(r"ircbob: irc in #dev")
+        webby.wait(lambda: webby.rooms().get("#lobby") == "1", "the terminal's #lobby line unread")
+        browser.switch_to.window(second_tab)
+        webbie.wait_for_line(r"webby: hello #dev from webby")
+        webbie.wait_for_line(r"ircbob: irc in #dev")
+        webbie.find("#rooms button[data-room='#lobby']").click()
+        webbie.wait_for_line(r"alice: the terminal in #lobby")
+        webbie.type("webbie answers in #lobby")
+        alice.expect(r"(#lobby )?webbie: webbie answers in #lobby")
+        bob.expect(r"PRIVMSG #lobby :webbie answers in #lobby")
+    finally:
+        browser.switch_to.window(second_tab)
+        browser.close()
+        browser.switch_to.window(first_tab)
+    webby.find("#rooms button[data-room='#lobby']").click()
+    webby.wait_for_line(r"webbie: webbie answers in #lobby")
+    assert webby.rooms()["#dev"] == "", "#dev read while it was shown"
+
+
 def test_what_others_say_is_only_ever_text(start_server, connect, irc_connect, browser):
     server = start_server("--web-port", "0", "--irc-port", "0")
     page = Page(browser, server)
