@@ -157,10 +157,10 @@ def test_a_password_reset_code_given_at_the_password_prompt_leads_to_a_new_passw
     assert code not in server.log(), "the code reached the log"
     lines = replies(alice, "/invitations", "-- bob: ")
     assert re.fullmatch(rf"-- bob: a new password, by alice, until {UTC_TIME} \(6d 23h left\)", lines[-1])
-    # Over IRC the code is not a password: it says where to use it.
+    # Over IRC the code is not a password: it says how to use it (REGISTER and VERIFY, tests/test_irc_register.py).
     irc = irc_connect(server)
     refused = sasl(irc, "bob", "bob", code)
-    assert numeric_of(refused[-1]) == "904" and "pyChat client or nc" in params(refused[-1])[-1], refused[-1]
+    assert numeric_of(refused[-1]) == "904" and "VERIFY bob CODE" in params(refused[-1])[-1], refused[-1]
     irc.close()
     # The old password works until the code is used.
     old = connect(server)
