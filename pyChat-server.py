@@ -874,6 +874,8 @@ def name_problem(name: str, what: str = "Nickname") -> str | None:
         return f"{what} cannot be empty."
     if len(name) > MAX_NICKNAME_LENGTH:
         return f"{what} is too long (at most {MAX_NICKNAME_LENGTH} characters)."
+    if _PLAIN_NAME.fullmatch(name):     # most names, checked without a look at each character's script
+        return f"{what} {name!r} is reserved." if name_key(name) in _RESERVED_KEYS else None
     scripts = set()
     marks = 0
     for ch in name:
@@ -896,6 +898,7 @@ def name_problem(name: str, what: str = "Nickname") -> str | None:
 
 
 _RESERVED_KEYS = {name_key(name) for name in RESERVED_NAMES}
+_PLAIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")    # Latin letters, digits, '_' and '-': fine by every rule
 
 def same_secret(given: str, secret: str) -> bool:
     """Compare two secrets in a time that does not depend on where they differ."""
@@ -1076,14 +1079,15 @@ class Welcome(NamedTuple):
 
 
 class Entered(NamedTuple):
-    """You are now in ROOM (and it is current), with these others. MEMBERS (everyone, with whether they
-    run the room and whether they have a voice in it) only for a protocol that lists members on entering
-    (IRC's NAMES)."""
+    """You are now in ROOM (and it is current), with these others. MEMBERS (everyone's nickname) and RANKS
+    (each room operator and voiced member: nickname, whether an operator, whether voiced) only for a
+    protocol that lists members on entering (IRC's NAMES)."""
     room: str
     others: tuple[str, ...]
     more: int
-    members: tuple[tuple[str, bool, bool], ...] = ()
+    members: tuple[str, ...] = ()
     secret: bool = False
+    ranks: tuple[tuple[str, bool, bool], ...] = ()
 
 
 class Topic(NamedTuple):
@@ -5435,12 +5439,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
         others = [m.nick for m in itertools.islice(room.members, 16) if m is not person][:15]
         # A protocol that lists members gets them all, up to ANNOUNCE_LIMIT: past that, joins and leaves
         # are not announced, so a longer list would not stay true, and every newcomer would pay for it.
-        operators, voiced = room.operators, room.voiced
-        members = (tuple([(m.nick, m in operators, m in voiced)
-                          for m in itertools.islice(room.members, ANNOUNCE_LIMIT)])
-                   if session.output.protocol.lists_members else ())
+        # The few with a rank apart from the many names: most of a newcomer's cost in a big room was a
+        # tuple a member.
+        members, ranks = (), ()
+        if session.output.protocol.lists_members:
+            operators, voiced = room.operators, room.voiced
+            members = tuple([m.nick for m in itertools.islice(room.members, ANNOUNCE_LIMIT)])
+            ranks = tuple([(m.nick, m in operators, m in voiced) for m in operators | voiced])
         events: list[Any] = [Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members,
-                                     room.secret)]
+                                     room.secret, ranks)]
         if room.topic:
             events.append(Topic(room.name, room.topic, *(room.topic_set or ())))
         events += self._catch_up_room(session, room)
@@ -8080,6 +8087,25 @@ def irc_motd_replies(nick: str, motd: list[str]) -> list[str]:
             irc_numeric("RPL_ENDOFMOTD", nick)]
 
 
+@functools.lru_cache(maxsize=4)
+def irc_welcome_after_001(server_name: str, started: float, tokens: tuple[str, ...],
+                          motd: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """002 to 005, the message of the day and the service's notice: the same for everyone but the
+    nickname, so made once (for these arguments), each line cut where the nickname goes."""
+    version = f"pyChat-{VERSION}"
+    created = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))
+    mark = "\x01"             # in no server name, and before any text a line holds
+    lines = [irc_numeric("RPL_YOURHOST", mark, text=f"Your host is {server_name}, running version {version}"),
+             irc_numeric("RPL_CREATED", mark, text=f"This server was created {created}"),
+             # The channel modes, then those that take a word: a mask, the key, the limit, who.
+             irc_numeric("RPL_MYINFO", mark, server_name, version, IRC_USER_MODES, IRC_CHANNEL_MODES,
+                         IRC_CHANNEL_MODES_WITH_WORDS),
+             *(irc_numeric("RPL_ISUPPORT", mark, *tokens[n:n + 12]) for n in range(0, len(tokens), 12)),
+             *irc_motd_replies(mark, list(motd)),
+             format_irc_message("NOTICE", (mark, f"pyChat's own commands: /msg {IRC_SERVICE_NICK} help"))]
+    return tuple((before, after) for before, _, after in (line.partition(mark) for line in lines))
+
+
 def irc_help_replies(nick: str, subject: str, commands: Iterable[str]) -> list[str]:
     """HELP SUBJECT: 704, a 705 a line and 706 about one of COMMANDS (IRC's, as this server takes them), or
     the list of them without a subject; 524 for anything else. pyChat's own commands are /msg pyChat help."""
@@ -8322,7 +8348,7 @@ class IrcProtocol:
 
     def entered(self, event: Entered) -> list[str]:
         channel = f"#{event.room}"
-        names = self.names_in_names(event.members)
+        names = self.names_in_names(event.members, event.ranks)
         person = self.connection.person         # None while signing in: their account is the one of SASL
         account, realname = (person.account, person.realname) if person else (self.connection.account,
                                                                               self.connection.realname)
@@ -8341,13 +8367,16 @@ class IrcProtocol:
     def read_up_to(self, event: ReadUpTo) -> list[str]:
         return [self.read_marker(event.name, event.message_id)] if "draft/read-marker" in self.capabilities else []
 
-    def names_in_names(self, members: Iterable[tuple[str, bool, bool]]) -> list[str]:
-        """The entries of a NAMES list for MEMBERS, (nickname, whether a room operator, whether voiced):
-        each nickname, after '@' for a room operator and '+' for a voice (both with multi-prefix); with
-        userhost-in-names, the whole NICK!USER@HOST."""
+    def names_in_names(self, members: Iterable[str], ranks: Iterable[tuple[str, bool, bool]]) -> list[str]:
+        """The entries of a NAMES list for the nicknames MEMBERS, given RANKS (nickname, whether a room
+        operator, whether voiced: those with neither may be left out): each nickname, after '@' for a room
+        operator and '+' for a voice (both with multi-prefix); with userhost-in-names, the whole
+        NICK!USER@HOST."""
         multi = "multi-prefix" in self.capabilities
-        whole = self.source if "userhost-in-names" in self.capabilities else str
-        return [irc_prefix(operator, voiced, multi) + whole(nick) for nick, operator, voiced in members]
+        prefixes = {nick: irc_prefix(operator, voiced, multi) for nick, operator, voiced in ranks}
+        if "userhost-in-names" in self.capabilities:
+            return [prefixes.get(nick, "") + self.source(nick) for nick in members]
+        return [prefixes[nick] + nick if nick in prefixes else nick for nick in members]
 
     def topic(self, event: Topic) -> list[str]:
         return irc_topic_replies(self.me, event.room, event.topic, event.by, event.when)
@@ -8919,20 +8948,11 @@ class IrcConnection(ClientConnection):
     def welcome_burst(self, nick: str, motd: list[str]) -> list[str]:
         """001 to 005 and the message of the day MOTD: what a client waits for before it does anything.
         (Rendered under the chat lock, so without LUSERS, which asks the server for its counts.)"""
-        version = f"pyChat-{VERSION}"
-        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.server.started))
-        tokens = irc_isupport_tokens(self.server.options)
+        rest = irc_welcome_after_001(irc_server_name(), self.server.started,
+                                     tuple(irc_isupport_tokens(self.server.options)), tuple(motd))
         return [irc_numeric("RPL_WELCOME", nick,
                             text=f"Welcome to the {IRC_NETWORK} IRC network, {irc_source(nick, self.username)}"),
-                irc_numeric("RPL_YOURHOST", nick,
-                            text=f"Your host is {irc_server_name()}, running version {version}"),
-                irc_numeric("RPL_CREATED", nick, text=f"This server was created {started}"),
-                # The channel modes, then those that take a word: a mask, the key, the limit, who.
-                irc_numeric("RPL_MYINFO", nick, irc_server_name(), version, IRC_USER_MODES, IRC_CHANNEL_MODES,
-                            IRC_CHANNEL_MODES_WITH_WORDS),
-                *(irc_numeric("RPL_ISUPPORT", nick, *tokens[n:n + 12]) for n in range(0, len(tokens), 12)),
-                *irc_motd_replies(nick, motd),
-                format_irc_message("NOTICE", (nick, f"pyChat's own commands: /msg {IRC_SERVICE_NICK} help"))]
+                *(before + nick + after for before, after in rest)]
 
     # -- commands -----------------------------------------------------------------
 
@@ -9146,7 +9166,8 @@ class IrcConnection(ClientConnection):
                     raise
                 self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, channel))
                 continue
-            names = self.output.protocol.names_in_names((p.nick, p.room_operator, p.voiced) for p in people)
+            names = self.output.protocol.names_in_names([p.nick for p in people],
+                                                        [(p.nick, p.room_operator, p.voiced) for p in people])
             try:
                 secret = self.server.room_settings(self.session, room).secret
             except Refused:

@@ -121,15 +121,21 @@ def pychat_history_start(kind: ServerKind, port: int, workdir: Path) -> list[str
 
 
 def pychat_irc_start(kind: ServerKind, port: int, workdir: Path) -> list[str]:
-    """pyChat with its IRC port on `port` (the load goes there); its own port is any free one."""
+    """pyChat with its IRC port on `port` (the load goes there); its own port is any free one. No room is
+    joined for the client at sign-in (--irc-auto-join ""): it joins the one it asks for, as at ngircd."""
     return [*pychat_interpreter(), "--host", HOST, "--port", "0", "--irc-port", str(port),
-            *pychat_options(kind.notes)]
+            *pychat_irc_options(kind.notes)]
 
 
 def pychat_web_start(kind: ServerKind, port: int, workdir: Path) -> list[str]:
     """pyChat with its web port on `port` (the load goes to its WebSocket); its own port is any free one."""
     return [*pychat_interpreter(), "--host", HOST, "--port", "0", "--web-port", str(port),
-            *pychat_options(kind.notes)]
+            *pychat_irc_options(kind.notes)]
+
+
+def pychat_irc_options(notes: list[str]) -> list[str]:
+    """The options of pyChat under the IRC load: PYCHAT_OPTIONS, and no room joined at sign-in."""
+    return pychat_options(notes) + (["--irc-auto-join", ""] if "--irc-auto-join" in pychat_help() else [])
 
 
 def ngircd_start(kind: ServerKind, port: int, workdir: Path) -> list[str]:

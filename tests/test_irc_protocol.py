@@ -543,11 +543,16 @@ def test_extended_join_names_the_account_and_userhost_in_names_the_whole_mask():
     assert join.params == ["#dev", "*", "bob"]
     [join] = rendered(server.Joined("dev", "bob", "bob"))
     assert join.params == ["#dev"]
-    entered = server.Entered("dev", ("bob",), 0, (("alice", False, False), ("bob", True, False)))
+    entered = server.Entered("dev", ("bob",), 0, ("alice", "bob", "carol"),
+                             ranks=(("bob", True, False), ("carol", True, True)))
     own_join, names, _ = rendered(entered, "userhost-in-names", "extended-join",
                                   receiver=Receiver("alice", "alice", "Alice L."))
     assert own_join.params == ["#dev", "alice", "Alice L."]
-    assert names.params[-1] == "alice!~user@pychat @bob!~user@pychat"
+    assert names.params[-1] == "alice!~user@pychat @bob!~user@pychat @carol!~user@pychat"
+    _, names, _ = rendered(entered)
+    assert names.params[-1] == "alice @bob @carol"
+    _, names, _ = rendered(entered, "multi-prefix")
+    assert names.params[-1] == "alice @bob @+carol"
 
 
 def test_protocols_differ_by_every_capability_that_changes_what_is_sent():
