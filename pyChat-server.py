@@ -4583,7 +4583,9 @@ class Person:
         self.since = time.time()                # came online at
         self.last_spoke = time.monotonic()      # for /whois: last chat, action or private line
         self.mute: Ban | None = None            # the mute of their account or address, if one holds for them
-        self.ignoring: set[str] = set()         # name keys
+        # Sets that are nearly always empty are frozensets, replaced on a change: an empty set costs 216
+        # bytes a person, the empty frozenset nothing.
+        self.ignoring: frozenset[str] = frozenset()     # name keys
         self.last_private_from: int | None = None   # a serial: nothing of a sender who left stays reachable
         self.invited_to: dict[str, int] = {}    # room key -> the Room.life the invitation is for
         self.seen: dict[str, int] = {}          # a guest's rooms left: room key -> the id of the last line then
@@ -4596,7 +4598,7 @@ class Person:
         self.watching: dict[str, str] = {}      # name keys watched for coming and going -> the name as asked
         self.bot = False                        # they say they are a program (IRC's user mode +B)
         self.invisible = False                  # left out of WHO masks by those who share no room (IRC's +i)
-        self.conversations: set[str] = set()    # a guest's private conversations kept while they are here
+        self.conversations: frozenset[str] = frozenset()    # a guest's private conversations kept while here
 
     @property
     def muted(self) -> bool:
@@ -5204,7 +5206,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if person.account:
             self.by_account[name_key(person.account)] = person
         for key in ignoring:
-            person.ignoring.add(key)
+            person.ignoring |= {key}
             self._count_ignorer(key, person, True)
         for room in kept:
             self._enter_kept(session, room, current=room is kept[-1])
@@ -5363,11 +5365,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
             del self.by_account[name_key(person.account)]
         for key in person.ignoring:
             self._count_ignorer(key, person, False)
-        person.ignoring.clear()
+        person.ignoring = frozenset()
         self._stop_watching(person, list(person.watching))
         for conversation in person.conversations:
             self.storage.forget_target(conversation)
-        person.conversations.clear()
+        person.conversations = frozenset()
 
     # -- rooms: the one way in and the one way out -----------------------------------
 
@@ -5959,7 +5961,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             conversation = private_target(person.identity, target.identity, guest)
             for someone in (person, target):
                 if someone.account is None:
-                    someone.conversations.add(conversation)
+                    someone.conversations |= {conversation}
             line_id = self._keep_private(person, conversation, text, notice,
                                          target.account if target is not person else None)
             if target.account and person.account and target is not person:
@@ -6135,8 +6137,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             person.nick, person.key = new_nick, new_key
             self.people[new_key] = person
             for someone in self.ignorers.pop(old_key, ()):       # an ignore follows the person
-                someone.ignoring.discard(old_key)
-                someone.ignoring.add(new_key)
+                someone.ignoring = someone.ignoring - {old_key} | {new_key}
                 self._count_ignorer(new_key, someone, True)
             self._to_people(self._sharers(person) | {person}, Renamed(old_nick, new_nick))
             if new_key != old_key:      # a new spelling of the same name neither leaves nor comes
@@ -6265,10 +6266,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if target is person:
                 raise Refused("You cannot ignore yourself.")
             if ignoring and target.key not in person.ignoring:
-                person.ignoring.add(target.key)
+                person.ignoring |= {target.key}
                 self._count_ignorer(target.key, person, True)
             elif not ignoring and target.key in person.ignoring:
-                person.ignoring.discard(target.key)
+                person.ignoring -= {target.key}
                 self._count_ignorer(target.key, person, False)
             elif not ignoring:
                 raise Refused(f"You are not ignoring {target.nick}.")
@@ -7736,7 +7737,7 @@ class IrcCapabilities:
 
     def __init__(self, offered: dict[str, str | None]) -> None:
         self.offered = offered
-        self.enabled: set[str] = set()
+        self.enabled: frozenset[str] = frozenset()     # replaced on a change: most clients never make one
         self.version = 0
         self.negotiating = False
 
@@ -7763,9 +7764,9 @@ class IrcCapabilities:
                 return [format_irc_message("CAP", (nick, "NAK", " ".join(wanted)))]
             for name in wanted:
                 if name.startswith("-"):
-                    self.enabled.discard(name[1:])
+                    self.enabled -= {name[1:]}
                 else:
-                    self.enabled.add(name)
+                    self.enabled |= {name}
             return [format_irc_message("CAP", (nick, "ACK", " ".join(wanted)))]
         if subcommand == "END":
             self.negotiating = False
@@ -7914,6 +7915,8 @@ def irc_username(wanted: str) -> str:
 class IrcRegistration:
     """What an IRC client says about itself before it is in the chat: PASS, NICK, USER and CAP, in
     any order. handle() returns the replies; `ready` is true once there is enough to sign in with.
+    It also holds what signing in to an account needs for a while (SASL's exchange, a REGISTER
+    waiting for its VERIFY), so that a connection signed in keeps none of it.
 
     Only the name's own rules are checked here (432); whether it is taken (433)
     is the server's to say when the person signs in.
@@ -7925,6 +7928,8 @@ class IrcRegistration:
         self.nick: str | None = None
         self.username: str | None = None
         self.realname = ""
+        self.sasl = IrcSasl()                   # AUTHENTICATE's exchange
+        self.verifying: tuple[str, str] | None = None   # the nickname and password a REGISTER waits to VERIFY
 
     @property
     def ready(self) -> bool:
@@ -8075,6 +8080,7 @@ IRC_CHANNEL_MODES_WITH_WORDS = "Ibeklov"
 IRC_RENDERING_CAPABILITIES = frozenset({"account-notify", "account-tag", "away-notify", "echo-message", "extended-join",
                                         "invite-notify", "message-tags", "multi-prefix", "server-time", "setname",
                                         "userhost-in-names", "draft/chathistory", "draft/read-marker"})
+IRC_RENDERING_SETS: dict[frozenset[str], frozenset[str]] = {}   # each set of them in use, kept once (at most 2**n)
 IRC_CHAT_EVENTS = (Said, Acted, PrivateFrom, PrivateTo, TagMessage)     # with a line id and client tags
 
 
@@ -8199,7 +8205,8 @@ class IrcProtocol:
 
     def __init__(self, connection: IrcConnection, capabilities: frozenset[str] = frozenset()) -> None:
         self.connection = connection
-        self.capabilities = capabilities & IRC_RENDERING_CAPABILITIES
+        rendering = capabilities & IRC_RENDERING_CAPABILITIES
+        self.capabilities = IRC_RENDERING_SETS.setdefault(rendering, rendering)     # one copy for everyone
         self.hash = hash((IrcProtocol, self.capabilities))     # asked for every receiver of a line
         self.server_time = "server-time" in capabilities
         self.message_tags = "message-tags" in capabilities
@@ -8622,6 +8629,9 @@ class IrcConnection(ClientConnection):
     IrcProtocol."""
 
     tags_given: dict[str, str] | None = None     # the tags of the message being handled
+    # The references of the batches sent: drawn for every connection from one count, so that a
+    # connection needs no counter of its own (an idle one's memory is most of what 10,000 cost).
+    batch_numbers = itertools.count(1)
     protocol_class: type[IrcProtocol] = IrcProtocol     # how its lines are written (WebConnection frames them)
     door = "IRC"                                        # for the log
 
@@ -8629,7 +8639,6 @@ class IrcConnection(ClientConnection):
         super().setup()
         self.lines = LineReader(IRC_MAX_TAG_BYTES + IRC_MAX_BODY_BYTES)
         self.capabilities = IrcCapabilities(IRC_CAPABILITIES)
-        self.sasl = IrcSasl()
         self.account: str | None = None
         self.output.protocol = self.protocol_class(self)
         self.signing_in_as: str | None = None
@@ -8637,8 +8646,6 @@ class IrcConnection(ClientConnection):
         self.username = ANONYMOUS_USER
         self.ping_clock = IrcPingClock(self.server.options.irc_ping, self.connected)
         self.last_active = self.connected       # the last message other than PING and PONG
-        self.batches = itertools.count(1)       # the references of the batches this connection is sent
-        self.verifying: tuple[str, str] | None = None   # the nickname and password a REGISTER waits to VERIFY
 
     @property
     def nick(self) -> str:
@@ -8762,10 +8769,10 @@ class IrcConnection(ClientConnection):
             if message.command == "QUIT":
                 raise Disconnect("quit before signing in", Bye())
             if message.command == "AUTHENTICATE":
-                self.authenticate(registration.target, message.params[0] if message.params else "")
+                self.authenticate(registration, message.params[0] if message.params else "")
                 continue
             if message.command in ("REGISTER", "VERIFY"):
-                self.account_registration(message.command, message.params, registration.nick)
+                self.account_registration(message.command, message.params, registration.nick, registration)
                 continue
             for reply in registration.handle(message):
                 self.send_irc(reply)
@@ -8805,12 +8812,14 @@ class IrcConnection(ClientConnection):
             raise Disconnect("private server, no account", Farewell("this server is private"))
         return wanted, None
 
-    def authenticate(self, nick: str, argument: str) -> None:
-        """AUTHENTICATE: SASL PLAIN against the server's accounts, under the limits on guessing."""
+    def authenticate(self, registration: IrcRegistration, argument: str) -> None:
+        """AUTHENTICATE, while signing in: SASL PLAIN against the server's accounts, under the limits on
+        guessing."""
+        nick = registration.target
         if self.account is not None:
             self.send_irc(irc_numeric("ERR_SASLALREADY", nick))
             return
-        replies, credentials = self.sasl.handle(nick, argument)
+        replies, credentials = registration.sasl.handle(nick, argument)
         for reply in replies:
             self.send_irc(reply)
         if credentials is None:
@@ -8839,7 +8848,8 @@ class IrcConnection(ClientConnection):
     REGISTRATION_FAILURES = {"weak-password": "WEAK_PASSWORD", "name-taken": "ACCOUNT_EXISTS",
                              "too-many-accounts": "TEMPORARILY_UNAVAILABLE"}
 
-    def account_registration(self, command: str, params: list[str] | tuple[str, ...], nick: str | None) -> None:
+    def account_registration(self, command: str, params: list[str] | tuple[str, ...], nick: str | None,
+                             registration: IrcRegistration | None = None) -> None:
         """REGISTER <account> <email|*> <password> and VERIFY <account> <code> (draft/account-registration):
         make the account of one's nickname, and be signed in to it, before signing in or after.
 
@@ -8847,8 +8857,9 @@ class IrcConnection(ClientConnection):
         Where a code waits for the name (an invitation, which a --private
         server needs for every new account, or a password reset), REGISTER
         gives the password and is answered VERIFICATION_REQUIRED, and VERIFY
-        gives the code, counted as a guess like any secret. Signed in, REGISTER
-        is pyChat's /register.
+        gives the code, counted as a guess like any secret (REGISTRATION, the
+        client's sign-in under way, keeps what waits for it). Signed in,
+        REGISTER is pyChat's /register.
         """
         def fail(code: str, *words: str) -> None:
             self.send_irc(format_irc_message("FAIL", (command, code, *words)))
@@ -8870,16 +8881,16 @@ class IrcConnection(ClientConnection):
             return
         gate = self.server.gate
         if command == "VERIFY":
-            self.verify_code(nick, params[1], fail)
+            self.verify_code(registration, nick, params[1], fail)
             return
         password = params[2]
-        waiting = gate.code_waiting(nick) if self.person is None else None
+        waiting = gate.code_waiting(nick) if registration is not None else None
         if waiting is not None:
             problem = password_problem(password, gate.account_of(nick) or nick)
             if problem:
                 fail("WEAK_PASSWORD", nick, problem)
                 return
-            self.verifying = (nick, password)
+            registration.verifying = (nick, password)
             what = "invitation code" if waiting == "account" else "password reset code"
             self.send_irc(format_irc_message("REGISTER", ("VERIFICATION_REQUIRED", nick,
                                                           f"Give the {what} for {nick}: VERIFY {nick} CODE")))
@@ -8906,13 +8917,15 @@ class IrcConnection(ClientConnection):
             return
         self.signed_in_to(command, nick, "registered")
 
-    def verify_code(self, nick: str, code: str, fail: Callable[..., None]) -> None:
+    def verify_code(self, registration: IrcRegistration | None, nick: str, code: str,
+                    fail: Callable[..., None]) -> None:
         """VERIFY: the code of the registration REGISTER began; a wrong one is a guess, counted."""
-        if self.verifying is None or name_key(self.verifying[0]) != name_key(nick):
+        waiting = registration.verifying if registration is not None else None
+        if waiting is None or name_key(waiting[0]) != name_key(nick):
             fail("INVALID_CODE", nick, f"No registration of {nick} waits for a code: send REGISTER first")
             return
         try:
-            account = self.server.gate.redeem(self, self.verifying[0], code, self.verifying[1])
+            account = self.server.gate.redeem(self, waiting[0], code, waiting[1])
         except TooManyGuesses as refusal:
             fail("INVALID_CODE", nick, str(refusal))
             raise Disconnect("too many wrong codes from the address", Farewell(str(refusal))) from None
@@ -8922,7 +8935,7 @@ class IrcConnection(ClientConnection):
         if account is None:
             fail("INVALID_CODE", nick, f"Wrong code for {nick}")
             return
-        self.verifying = None
+        registration.verifying = None
         self.account = account
         self.signed_in_to("VERIFY", account, "ready: its password is the one given")
 
@@ -8974,8 +8987,8 @@ class IrcConnection(ClientConnection):
                 self.send_irc(line)
 
     def next_batch(self) -> str:
-        """A new batch reference: this connection's batches never share one."""
-        return f"b{next(self.batches)}"
+        """A new batch reference: no two batches share one."""
+        return f"b{next(IrcConnection.batch_numbers)}"
 
     def dispatch(self, message: IrcMessage) -> None:
         """MESSAGE to the handler of its command, with the replies for a wrong one."""
