@@ -1402,7 +1402,7 @@ PENDING_OF = operator.attrgetter("pending")
 
 def append_to_each(outputs: Iterable[Output], data: bytes) -> None:
     """Append DATA to the pending chunks of each of OUTPUTS, with no Python code run per output."""
-    collections.deque(map(collections.deque.append, map(PENDING_OF, outputs), itertools.repeat(data)), maxlen=0)
+    collections.deque(map(list.append, map(PENDING_OF, outputs), itertools.repeat(data)), maxlen=0)
 
 
 def wait_until_writable(sock: socket.socket, timeout: float) -> None:
@@ -1440,12 +1440,14 @@ def acknowledged(sock: socket.socket, deadline: float) -> bool:
         return False
 
 
-def take(chunks: collections.deque[bytes], count: int) -> bytes:
-    """The first COUNT of CHUNKS, taken off and joined, while other threads may append to them."""
+def take(chunks: list[bytes], count: int) -> bytes:
+    """The first COUNT of CHUNKS, taken off and joined, while other threads may append to them: each
+    step is one operation on the list, which the others' appends cannot come between."""
     if count == 1:
-        return chunks.popleft()
-    # starmap calls popleft COUNT times in C: no Python code runs per chunk.
-    return b"".join(itertools.starmap(chunks.popleft, itertools.repeat((), count)))
+        return chunks.pop(0)
+    data = b"".join(chunks[:count])
+    del chunks[:count]
+    return data
 
 
 class Output:
@@ -1470,7 +1472,9 @@ class Output:
         self.protocol = protocol
         self.name = name                    # who this is, for the log
         self.io_lock = threading.Lock()
-        self.pending: collections.deque[bytes] = collections.deque()   # queued, not yet taken to be written
+        # Queued, not yet taken to be written. A list, not a deque: an idle connection's empty list costs
+        # 56 bytes, a deque 0.7 KiB, and appending to the end and taking from the front are both safe.
+        self.pending: list[bytes] = []
         self.outbox = bytearray()           # taken or counted, not yet sent: older than all of `pending`
         # Neither in the switchboard's line of outputs to write nor watched until its socket takes more:
         # the next line queued lines it up. The switchboard sets it before it takes what is pending, so a line
@@ -1581,7 +1585,7 @@ class Output:
             return take(self.pending, len(self.pending))
         taken = []
         while self.pending and self.last_words:
-            chunk = self.pending.popleft()
+            chunk = self.pending.pop(0)
             taken.append(chunk)
             if chunk is self.last_words:
                 self.last_words = b""
@@ -2715,6 +2719,7 @@ SEARCH_SCAN_LINES = 200_000       # lines the search without an index looks thro
 SEARCH_PAGE = 500                 # lines the search without an index reads at once
 PRIVATE_TARGETS = ("@", "~")
 NO_POSITIONS: Any = types.MappingProxyType({})    # a guest's read positions: none, and none may be written
+NOTHING: frozenset[Any] = frozenset()      # the one empty frozenset (Python makes a new one each time asked)
 
 
 class StorageError(Exception):
@@ -4583,9 +4588,9 @@ class Person:
         self.since = time.time()                # came online at
         self.last_spoke = time.monotonic()      # for /whois: last chat, action or private line
         self.mute: Ban | None = None            # the mute of their account or address, if one holds for them
-        # Sets that are nearly always empty are frozensets, replaced on a change: an empty set costs 216
-        # bytes a person, the empty frozenset nothing.
-        self.ignoring: frozenset[str] = frozenset()     # name keys
+        # Sets that are nearly always empty are frozensets, replaced on a change, starting as NOTHING: an
+        # empty set costs 216 bytes a person, a shared empty frozenset nothing.
+        self.ignoring: frozenset[str] = NOTHING     # name keys
         self.last_private_from: int | None = None   # a serial: nothing of a sender who left stays reachable
         self.invited_to: dict[str, int] = {}    # room key -> the Room.life the invitation is for
         self.seen: dict[str, int] = {}          # a guest's rooms left: room key -> the id of the last line then
@@ -4598,7 +4603,7 @@ class Person:
         self.watching: dict[str, str] = {}      # name keys watched for coming and going -> the name as asked
         self.bot = False                        # they say they are a program (IRC's user mode +B)
         self.invisible = False                  # left out of WHO masks by those who share no room (IRC's +i)
-        self.conversations: frozenset[str] = frozenset()    # a guest's private conversations kept while here
+        self.conversations: frozenset[str] = NOTHING    # a guest's private conversations kept while here
 
     @property
     def muted(self) -> bool:
@@ -5365,11 +5370,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
             del self.by_account[name_key(person.account)]
         for key in person.ignoring:
             self._count_ignorer(key, person, False)
-        person.ignoring = frozenset()
+        person.ignoring = NOTHING
         self._stop_watching(person, list(person.watching))
         for conversation in person.conversations:
             self.storage.forget_target(conversation)
-        person.conversations = frozenset()
+        person.conversations = NOTHING
 
     # -- rooms: the one way in and the one way out -----------------------------------
 
@@ -7737,7 +7742,7 @@ class IrcCapabilities:
 
     def __init__(self, offered: dict[str, str | None]) -> None:
         self.offered = offered
-        self.enabled: frozenset[str] = frozenset()     # replaced on a change: most clients never make one
+        self.enabled: frozenset[str] = NOTHING      # replaced on a change: most clients never make one
         self.version = 0
         self.negotiating = False
 
