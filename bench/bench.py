@@ -519,13 +519,13 @@ def ratio_target(results, scenario, case, path, reference, factor, higher_is_bet
     return passed, f"{server} {show(a)}, {reference} {show(b)} ({ratio:.2f}x)" + saturation(mine, theirs)
 
 
-def absolute_target(results, scenario, case, path, test, describe=show):
-    """pyChat's figure at path (the whole result for "") against a test."""
-    mine = find(results, scenario, "pychat", case)
+def absolute_target(results, scenario, case, path, test, describe=show, server="pychat"):
+    """SERVER's figure (pyChat's) at path (the whole result for "") against a test."""
+    mine = find(results, scenario, server, case)
     value = figure(mine, path) if mine else None
     if value is None:
-        return None, "pychat: no result"
-    return bool(test(value)), f"pychat {describe(value)}" + saturation(mine)
+        return None, f"{server}: no result"
+    return bool(test(value)), f"{server} {describe(value)}" + saturation(mine)
 
 
 CHECKS = ("lost", "malformed", "duplicates", "gaps")
@@ -547,7 +547,7 @@ def stalled_outcome(result: dict) -> str:
 
 def memory_makeup(result: dict) -> str:
     parts = result.get("memory_per_connection_kib") or {}
-    return (f"pychat {show(result.get('kib_per_connection'))} KiB: stacks {show(parts.get('stacks'))}, "
+    return (f"{result['server']} {show(result.get('kib_per_connection'))} KiB: stacks {show(parts.get('stacks'))}, "
             f"heap and other anonymous {show(parts.get('anonymous'))}, "
             f"kernel (not in RSS) ~{show(parts.get('kernel'))}")
 
@@ -600,9 +600,40 @@ def targets(results: list[dict], plan: Plan) -> list[tuple[str, bool | str | Non
          *absolute_target(results, "slow", "", "", lambda r: r.get("stalled_closed_after_s") is not None
                           and r.get("stalled_log"), stalled_outcome)),
     ]
-    idle = find(results, "connect", "pychat", largest)
-    rows.append((f"connect {largest}: memory per idle connection", "info" if idle else None,
-                 memory_makeup(idle) if idle else "pychat: no result"))
+    rows += door_targets(results, largest)
+    return rows
+
+
+DOORS = ("pychat", "pychat-irc", "pychat-web")
+
+
+def door_targets(results: list[dict], largest: str) -> list[tuple[str, bool | str | None, str]]:
+    """Issue 24's targets for the doors pyChat was measured at: every door holds 10,000 idle people in
+    under 100 MiB, and the IRC and browser doors sign them in as the pyChat port does, within 1.2 times
+    its CPU a sign-in."""
+    rows = []
+    for door in DOORS:
+        if find(results, "connect", door, largest) is None:
+            continue
+        rows.append((f"connect {largest}: {door} server RSS < 100 MiB",
+                     *absolute_target(results, "connect", largest, "rss_mib", lambda v: v < 100, server=door)))
+        if door != "pychat":
+            rows += [
+                (f"connect {largest}: {door}: no sign-in failed",
+                 *absolute_target(results, "connect", largest, "failed", lambda v: v == 0, server=door)),
+                (f"connect {largest}: {door}: sign-in p99 < 100 ms",
+                 *absolute_target(results, "connect", largest, "sign_in_ms.p99", lambda v: v < 100, server=door)),
+                (f"connect {largest}: {door}: server quiet within 2 s after all leave",
+                 *absolute_target(results, "connect", largest, "quiet_after_s", lambda v: v <= 2.0,
+                                  lambda v: f"last busy quarter second ended {v:.2f} s after they left",
+                                  server=door)),
+                (f"connect {largest}: {door}: CPU per sign-in <= 1.2x the pyChat port's",
+                 *ratio_target(results, "connect", largest, "server_cpu_ms_per_sign_in", "pychat", 1.2, False,
+                               server=door)),
+            ]
+        named = "" if door == "pychat" else f"{door}: "
+        rows.append((f"connect {largest}: {named}memory per idle connection", "info",
+                     memory_makeup(find(results, "connect", door, largest))))
     return rows
 
 
