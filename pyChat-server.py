@@ -1398,6 +1398,7 @@ PYCHAT = PyChatProtocol()
 PENDING_BEFORE_COUNT = 64
 
 PENDING_OF = operator.attrgetter("pending")
+NICK_OF = operator.attrgetter("nick")
 
 
 def append_to_each(outputs: Iterable[Output], data: bytes) -> None:
@@ -5454,7 +5455,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         members, ranks = (), ()
         if session.output.protocol.lists_members:
             operators, voiced = room.operators, room.voiced
-            members = tuple([m.nick for m in itertools.islice(room.members, ANNOUNCE_LIMIT)])
+            members = tuple(map(NICK_OF, itertools.islice(room.members, ANNOUNCE_LIMIT)))
             ranks = tuple([(m.nick, m in operators, m in voiced) for m in operators | voiced])
         events: list[Any] = [Entered(room.name, tuple(others), len(room.members) - len(others) - 1, members,
                                      room.secret, ranks)]
@@ -9814,6 +9815,7 @@ WEB_FILE_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charse
                   ".txt": "text/plain; charset=utf-8"}
 _WEB_FILE_NAME = re.compile(r"/([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)\Z")
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_HTTP_CONTROL = re.compile("[\x00-\x08\x0a-\x1f]")     # no control character but a tab in a header's value
 _HTTP_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"     # RFC 6455, 1.3
 WEBSOCKET_SUBPROTOCOLS = {"text.ircv3.net": 0x1, "binary.ircv3.net": 0x2}   # and the opcode each sends in
@@ -9878,7 +9880,7 @@ def parse_http_head(head: bytes) -> HttpRequest:
     headers: dict[str, str] = {}
     for line in header_lines:
         name, colon, value = line.partition(":")
-        if not colon or not _HTTP_TOKEN.match(name) or any(ch < " " and ch != "\t" for ch in value):
+        if not colon or not _HTTP_TOKEN.match(name) or _HTTP_CONTROL.search(value):
             raise HttpError(400, "a malformed header line")
         name, value = name.lower(), value.strip(" \t")
         if name in headers:
