@@ -8774,6 +8774,14 @@ class IrcConnection(ClientConnection):
         """
         registration = IrcRegistration(self.capabilities)
         password_checked = not self.server.options.password
+
+        def check_server_password() -> None:
+            nonlocal password_checked
+            if not password_checked:
+                self.prove(registration.target, "server password",
+                           lambda: same_secret(registration.password or "", self.server.options.password))
+                password_checked = True
+
         for message in messages:
             if message.command == "QUIT":
                 raise Disconnect("quit before signing in", Bye())
@@ -8781,16 +8789,19 @@ class IrcConnection(ClientConnection):
                 self.authenticate(registration, message.params[0] if message.params else "")
                 continue
             if message.command in ("REGISTER", "VERIFY"):
+                # An account lasts: only someone who gave the server password may make one.
+                if not password_checked and registration.password is None:
+                    self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", registration.target, text=(
+                        f"This server has a password: give it (PASS) before {message.command}")))
+                    continue
+                check_server_password()
                 self.account_registration(message.command, message.params, registration.nick, registration)
                 continue
             for reply in registration.handle(message):
                 self.send_irc(reply)
             if not registration.ready:
                 continue
-            if not password_checked:
-                self.prove(registration.target, "server password",
-                           lambda: same_secret(registration.password or "", self.server.options.password))
-                password_checked = True
+            check_server_password()
             nick, problem = self.name_for(registration.nick)
             if problem is None:
                 self.realname, self.username = registration.realname, registration.username

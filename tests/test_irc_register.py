@@ -189,3 +189,24 @@ def test_the_budget_of_accounts_per_address_is_the_same_at_both_doors(start_serv
     elsewhere = connect_unsigned(irc_connect, server, "user6", source="127.0.0.3")
     elsewhere.send("REGISTER * * :a long pass phrase 7")
     assert fail_or_success(elsewhere, "REGISTER")[:2] == ["REGISTER", "SUCCESS"]
+
+
+def test_only_someone_who_gave_the_server_password_makes_an_account(start_server, irc_connect, connect, data):
+    server = start_server("--irc-port", "0", "--data-dir", str(data), "--password", "sesame", "--guess-delay", "0")
+    stranger = connect_unsigned(irc_connect, server, "stranger")
+    stranger.send("REGISTER * * :a long pass phrase 7")
+    assert "PASS" in stranger.expect("464 stranger ")
+    stranger.send("PASS wrong")
+    stranger.send("REGISTER * * :a long pass phrase 7")
+    stranger.expect("464 ")
+    stranger.wait_closed()
+    member = connect_unsigned(irc_connect, server, "member")
+    member.send("PASS sesame")
+    member.send("REGISTER * * :a long pass phrase 7")
+    assert fail_or_success(member, "REGISTER")[:3] == ["REGISTER", "SUCCESS", "member"]
+    finish_signing_in(member, "member")
+    again = connect_unsigned(irc_connect, server, "stranger")
+    again.send("PASS sesame")
+    again.send("REGISTER * * :a long pass phrase 8")
+    assert fail_or_success(again, "REGISTER")[:3] == ["REGISTER", "SUCCESS", "stranger"], \
+        "the refused tries made no account"
