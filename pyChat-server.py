@@ -6379,7 +6379,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self.storage.set_ignoring(nick, keys)
         if made_operator:
             session.output.send(Notice("You are an operator of this server."))
-        log.info("%r registered", person)
         lasting = "" if self.storage.directory else \
             " This server keeps no data directory: the account lasts until it stops."
         return (f"Registered {nick}. From now on, signing in as {nick} (or a name that looks like it) "
@@ -8903,7 +8902,7 @@ class IrcConnection(ClientConnection):
         if command == "VERIFY":
             self.verify_code(registration, nick, params[1], fail)
             return
-        password = params[2]
+        password = " ".join(params[2:])     # a password of several words, sent without the ':' it needs
         waiting = gate.code_waiting(nick) if registration is not None else None
         if waiting is not None:
             problem = password_problem(password, gate.account_of(nick) or nick)

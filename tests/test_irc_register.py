@@ -94,10 +94,12 @@ def test_a_guest_registers_after_signing_in_and_others_see_the_account(start_ser
     server = start_server("--irc-port", "0")
     watcher = irc_connect(server, "watcher", ("account-notify",))
     guest = irc_connect(server, "guest")
-    guest.send("REGISTER guest * :a long pass phrase 7")
+    guest.send("REGISTER guest * a long pass phrase 7")     # the words of the password without the ':'
     assert fail_or_success(guest, "REGISTER")[:3] == ["REGISTER", "SUCCESS", "guest"]
     guest.expect("900 guest ")
     watcher.expect(r"ACCOUNT guest$")
+    laptop = irc_connect(server)
+    assert sasl(laptop, "guest", "guest", "a long pass phrase 7")[-1].split()[1] == "903"
     guest.send("HELP REGISTER")
     assert "VERIFY" in guest.expect("704 guest REGISTER ")
 
