@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TIMEOUT
+from conftest import ROOT, SERVER_SCRIPT, TIMEOUT, import_script
 from test_accounts import sign_in
 from test_irc import sasl
 from test_web import PHONE, WIDE, Page, browser  # noqa: F401  (browser: the module's headless Chromium)
@@ -200,6 +200,39 @@ def test_older_lines_load_as_the_person_scrolls_up(start_server, connect, browse
     browser.execute_script("const log = document.getElementById('log'); log.scrollTop = log.scrollHeight")
     wait_read(page, "#lobby")
     assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def test_lines_of_other_days_come_under_their_day(start_server, connect, browser, tmp_path):  # noqa: F811
+    server_module = import_script(SERVER_SCRIPT, "pychat_server")
+    data = tmp_path / "data"
+    storage = server_module.Storage(str(data))
+    # The browser shows days as its clock does: the lines of a day before and of three days before.
+    for days_ago, words in ((3, "long ago"), (1, "yesterday")):
+        when = time.time() - days_ago * 86400
+        storage.add_messages(server_module.StoredMessage(server_module.Storage.message_id_at(when) + n, when + n,
+                                                         "#lobby", "alice", None, "line", f"{words} {n}")
+                             for n in range(2))
+    storage.close()
+    server = start_server("--web-port", "0", "--data-dir", str(data))
+    alice = connect(server, "alice")
+    alice.send("today 1")
+    page = Page(browser, server)
+    page.sign_in("webby")
+    page.wait_for_line(r"alice: today 1$")
+    page.wait_for_line(r"alice: long ago 0$")
+    headings = browser.execute_script(
+        "return [...document.querySelectorAll('#log li[data-day]')].map(li => [li.dataset.day, li.innerText])")
+    days = [day for day, _ in headings]
+    assert days[1:] == ["Yesterday", "Today"], headings
+    assert "long ago 0" in headings[0][1] and "yesterday 0" in headings[1][1], headings
+    three_days_ago = browser.execute_script(
+        "return new Date(Date.now() - 3 * 86400000).toLocaleDateString([], "
+        "{weekday: 'long', year: 'numeric', month: 'long', day: 'numeric'})")
+    assert days[0] == three_days_ago
+    alice.send("today 2")                   # a new line of today, under today's heading already
+    page.wait_for_line(r"alice: today 2$")
+    assert browser.execute_script("return document.querySelectorAll('#log li[data-day]').length") == 3
+    page.screenshot("days")
 
 
 def test_a_read_marker_goes_from_the_browser_to_the_accounts_other_sessions_and_back(start_server, connect,

@@ -171,12 +171,38 @@ function timeText(date) {
   return date.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
 }
 
+/** The heading of a day's lines: "Today", "Yesterday", or its date. */
+function dayText(date) {
+  const midnight = when => new Date(when.getFullYear(), when.getMonth(), when.getDate());
+  const days = Math.round((midnight(new Date()) - midnight(date)) / 86400000);
+  if (days === 0) return "Today";
+  if (days === 1) return "Yesterday";
+  return date.toLocaleDateString([], {weekday: "long", year: "numeric", month: "long", day: "numeric"});
+}
+
+/** Head the first line of each day in the log with the day (data-day, shown by the style sheet), from
+ * FROM to the end (the whole log without it). A log of today's lines alone has no heading. */
+function markDays(log, from) {
+  let previous = from ? from.previousElementSibling : null;
+  while (previous && !previous.querySelector("time")) previous = previous.previousElementSibling;
+  let lastDay = previous ? previous.querySelector("time").dataset.day : null;
+  for (let item = from || log.firstElementChild; item; item = item.nextElementSibling) {
+    const time = item.querySelector("time");
+    if (!time) continue;                        // the "new since you left" divider
+    const day = time.dataset.day;
+    const heading = day !== lastDay && !(lastDay === null && day === dayText(new Date())) ? day : null;
+    if (heading) item.dataset.day = heading; else delete item.dataset.day;
+    lastDay = day;
+  }
+}
+
 /** A line's element: its time, then the speaker and the words, or the words of an event. */
 function lineElement(line) {
   const item = element("li", line.kind + (line.mention ? " mention" : ""));
   if (line.kind === "divider") { item.textContent = line.text; return item; }
   const time = element("time", "time", timeText(line.time));
   time.dateTime = line.time.toISOString();
+  time.dataset.day = dayText(line.time);
   item.append(time);
   const body = element("span", "body");
   if (line.kind === "action") {
@@ -203,7 +229,9 @@ function addLine(name, line) {
   if (shown) {
     const log = $("log");
     const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
-    log.append(lineElement(line));
+    const item = lineElement(line);
+    log.append(item);
+    markDays(log, item);
     while (log.children.length > MAX_LINES) log.firstChild.remove();
     if (atBottom) log.scrollTop = log.scrollHeight;
     HISTORY.look();
@@ -296,6 +324,7 @@ function switchTo(key) {
   b.mentions = 0;
   const log = $("log");
   log.replaceChildren(...b.lines.map(lineElement));
+  markDays(log);
   log.scrollTop = log.scrollHeight;
   input.value = b.draft;
   state.completion = null;
@@ -510,6 +539,7 @@ const HISTORY = {
     const fragment = document.createDocumentFragment();
     fresh.forEach(line => fragment.append(lineElement(line)));
     log.prepend(fragment);
+    markDays(log);
     log.scrollTop = log.scrollHeight - fromBottom;
     // Still at the top (the lines do not fill the view): more, if there are any.
     if (log.scrollTop < 2) this.older(b);
@@ -556,6 +586,7 @@ const HISTORY = {
     const log = $("log");
     const bottom = atBottom();
     log.replaceChildren(...b.lines.map(lineElement));
+    markDays(log);
     if (bottom) log.scrollTop = log.scrollHeight;
     this.look();
   },
