@@ -3293,9 +3293,12 @@ class Storage:
                             "were imported when the database was made", directory)
             self.named_operators = {name_key(name): name for name in operators}
             self._name_operators()
-            self.bans_by_key: dict[str, Ban] = {}
+            # The bans and mutes, as the database holds them, also in memory: every connection and every
+            # sign-in asks for them, and they change seldom (only through _keep_rule() and _lift_rule()).
+            self.rules_by_key: dict[str, dict[str, Ban]] = {}
             self.networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Ban]] = []
-            self._load_bans()
+            for table in ("bans", "mutes"):
+                self._load_rules(table)
             self.newest_id = self._first_message_id() - 1
             if self._query("SELECT 1 FROM messages WHERE target >= '~' AND target < '\x7f' LIMIT 1"):
                 self._forget_where("target >= '~' AND target < '\x7f'", ())     # guests' conversations
@@ -3707,10 +3710,11 @@ class Storage:
                              None if expires is None else float(expires)))
         return rules
 
-    def _load_bans(self) -> None:
-        bans = self._rules("bans")
-        self.bans_by_key = {ban.key: ban for ban in bans}
-        self.networks = [(ipaddress.ip_network(ban.target), ban) for ban in bans if ban.kind == "network"]
+    def _load_rules(self, table: str) -> None:
+        rules = self._rules(table)
+        self.rules_by_key[table] = {rule.key: rule for rule in rules}
+        if table == "bans":
+            self.networks = [(ipaddress.ip_network(ban.target), ban) for ban in rules if ban.kind == "network"]
 
     def _keep_rule(self, table: str, rule: Ban, most: int) -> None:
         """Keep RULE in TABLE (replacing one of the same target), on the disk before this returns."""
@@ -3719,8 +3723,7 @@ class Storage:
                     self._query(f"SELECT count(*) FROM {table}")[0][0] >= most:
                 raise StoreFull(f"the server keeps at most {most} {table}")
             self._change((f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (rule.key, *rule)))
-            if table == "bans":
-                self._load_bans()
+            self._load_rules(table)
 
     def _lift_rule(self, table: str, key: str) -> Ban | None:
         """Lift the ban or mute KEY; the one lifted, or None if there was none."""
@@ -3728,8 +3731,7 @@ class Storage:
             found = self._rules(table, "WHERE key=?", (key,))
             if found:
                 self._change((f"DELETE FROM {table} WHERE key=?", (key,)))
-                if table == "bans":
-                    self._load_bans()
+                self._load_rules(table)
         return found[0] if found else None
 
     def _rules_in_force(self, table: str, now: float) -> list[Ban]:
@@ -3738,9 +3740,8 @@ class Storage:
         if any(not rule.active(now) for rule in rules):
             with contextlib.suppress(StorageError):
                 self._change((f"DELETE FROM {table} WHERE expires IS NOT NULL AND expires <= ?", (now,)))
-                if table == "bans":
-                    with self.lock:
-                        self._load_bans()
+                with self.lock:
+                    self._load_rules(table)
         return sorted((rule for rule in rules if rule.active(now)),
                       key=lambda rule: (rule.expires is None, rule.expires or 0, rule.shown))
 
@@ -3758,14 +3759,14 @@ class Storage:
         ip = ip_of(address)
         if ip is None:
             return None
-        found = self.bans_by_key.get(f"address:{ip}")
+        found = self.rules_by_key["bans"].get(f"address:{ip}")
         if found is None or not found.active(now):
             found = next((ban for network, ban in self.networks
                           if ip.version == network.version and ip in network and ban.active(now)), None)
         return found
 
     def ban_for_account(self, nick: str, now: float) -> Ban | None:
-        found = self.bans_by_key.get(f"account:{name_key(nick)}")
+        found = self.rules_by_key["bans"].get(f"account:{name_key(nick)}")
         return found if found is not None and found.active(now) else None
 
     def mute(self, mute: Ban) -> None:
@@ -3779,9 +3780,12 @@ class Storage:
 
     def mute_for(self, account: str | None, address: str, now: float) -> Ban | None:
         """The mute in force for the account ACCOUNT (None: a guest) or the ADDRESS, the longer if both are;
-        a lookup by key, quick enough under the server's lock."""
+        two lookups in memory, quick enough under the server's lock."""
+        mutes = self.rules_by_key["mutes"]
+        if not mutes:
+            return None
         keys = (f"address:{ip_of(address) or address}", f"account:{name_key(account)}" if account else "")
-        found = [mute for mute in self._rules("mutes", "WHERE key IN (?, ?)", keys) if mute.active(now)]
+        found = [mute for mute in map(mutes.get, keys) if mute is not None and mute.active(now)]
         return max(found, key=lambda mute: math.inf if mute.expires is None else mute.expires, default=None)
 
     # -- rooms and offline messages ---------------------------------------------------
