@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import random
 import re
 import socket
 import time
@@ -407,3 +408,15 @@ def test_a_name_in_another_script_signs_in_and_chats(holders):
         assert client.expect(r"\*\*\* 佐々木 is now known as ") == "*** 佐々木 is now known as Ολγα"
     finally:
         client.close()
+
+
+def test_plain_ascii_lines_come_out_as_the_rules_say():
+    """Indentation kept (up to MAX_INDENT), one space between words, none at the end: whichever way
+    clean_text() takes, the short one for a line with nothing to take out or the whole one."""
+    chooser = random.Random(7)
+    for _ in range(3000):
+        text = "".join(chooser.choice("ab  c.!") for _ in range(chooser.randrange(40)))
+        body = text.lstrip(" ")
+        indent = min(len(text) - len(body), server_module.MAX_INDENT)
+        words = " ".join(body.split())
+        assert server_module.clean_text(text) == (" " * indent + words if words else ""), repr(text)
