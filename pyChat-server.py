@@ -7563,6 +7563,9 @@ def irc_cut_to_fit(command: str, target: str, source: str, text: str, wrap: tupl
     to TARGET is one message within IRC's line limit, as IRC servers cut what their clients send: a line
     at the limit from a client does not fit once the server puts its sender's NICK!USER@HOST before it.
     WRAP goes around the text (a CTCP ACTION's markers)."""
+    if 4 * (len(text) + len(source) + len(target) + len(wrap[0]) + len(wrap[1])) + len(command) + 5 \
+            <= IRC_MAX_BODY_BYTES:
+        return text         # fits even at four bytes a character: most lines, known without encoding them
     head = format_irc_message(command, (target,), source) + " :" + wrap[0] + wrap[1]
     room = IRC_MAX_BODY_BYTES - len(head.encode("utf-8"))
     encoded = text.encode("utf-8")

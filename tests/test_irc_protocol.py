@@ -3,6 +3,7 @@ capabilities, formatting codes, registration, the ping clock, and how IrcProtoco
 events for each set of capabilities (message ids, client tags, accounts, joins, notices, MONITOR)."""
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -136,6 +137,22 @@ def test_a_cut_prefers_the_last_space_and_never_splits_a_character():
     pieces = server.split_utf8("ééééé", 5)                # 2 bytes each: a cut at 5 would split one
     assert pieces == ["éé", "éé", "é"]
     assert server.split_utf8("short", 100) == ["short"]
+
+
+def test_a_relayed_line_is_cut_only_when_it_would_not_fit_and_never_inside_a_character():
+    chooser = random.Random(3)
+    for _ in range(3000):
+        text = "".join(chooser.choice("aé€😀 ") for _ in range(chooser.randrange(200)))
+        source = server.irc_source("n" * chooser.randrange(1, 21), "~user")
+        target = "#" + "é" * chooser.randrange(1, 21)
+        wrap = chooser.choice((("", ""), ("\x01ACTION ", "\x01")))
+        cut = server.irc_cut_to_fit("PRIVMSG", target, source, text, wrap)
+        head = server.format_irc_message("PRIVMSG", (target,), source) + " :" + wrap[0] + wrap[1]
+        assert text.startswith(cut) and len((head + cut).encode("utf-8")) <= server.IRC_MAX_BODY_BYTES
+        if len((head + text).encode("utf-8")) <= server.IRC_MAX_BODY_BYTES:
+            assert cut == text
+        else:
+            assert len((head + text[:len(cut) + 1]).encode("utf-8")) > server.IRC_MAX_BODY_BYTES
 
 
 def test_split_messages_carry_their_tags_on_every_piece():
