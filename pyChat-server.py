@@ -7471,7 +7471,7 @@ def parse_irc_message(line: str) -> IrcMessage | None:
             raise IrcLineError("ERR_INPUTTOOLONG", "Input line was too long (its tags are over 8191 bytes)")
         tags = parse_irc_tags(tag_text[1:])
         rest = rest.lstrip(" ")
-    if len(rest.encode("utf-8")) > IRC_MAX_BODY_BYTES:
+    if len(rest) * 4 > IRC_MAX_BODY_BYTES and len(rest.encode("utf-8")) > IRC_MAX_BODY_BYTES:
         raise IrcLineError("ERR_INPUTTOOLONG",
                            f"Input line was too long (over {IRC_MAX_BODY_BYTES} bytes besides tags)")
     source = None
@@ -9077,6 +9077,9 @@ class IrcConnection(ClientConnection):
         """The targets of a PRIVMSG, NOTICE or TAGMSG (the first IRC_MAX_TARGETS), each once however it is
         spelt. Each after the first costs a line of the flood allowance, as it would sent alone: a
         line to four rooms is four lines; past the allowance the rest are dropped."""
+        if "," not in targets:
+            yield targets           # nearly every line: one target, nothing to compare it with
+            return
         seen: set[str] = set()
         for target in targets.split(",")[:IRC_MAX_TARGETS]:
             # A name too long to be anyone's is refused by deliver(), not worth normalising here.
