@@ -637,22 +637,24 @@ class LineReader:
             for raw in complete:
                 if raw.endswith(b"\r"):
                     raw = raw[:-1]
-                lines.append(self.decode(raw))
+                lines.append(decode_line(raw, self.max_bytes))
         if len(self.partial) > self.max_bytes:
             self.partial.clear()
             self.discarding = True
             lines.append(None)
         return lines
 
-    def decode(self, raw: bytes) -> str | None:
-        """The text of one line, or None if it is too long once invalid bytes are replaced."""
-        if len(raw) > self.max_bytes:
-            return None
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = NotUtf8(raw.decode("utf-8", "replace"))
-        return None if len(text.encode("utf-8")) > self.max_bytes else text
+
+def decode_line(raw: bytes, max_bytes: int) -> str | None:
+    """The text of one line a client sent, invalid bytes replaced (NotUtf8), or None if it is over
+    MAX_BYTES once they are."""
+    if len(raw) > max_bytes:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = NotUtf8(raw.decode("utf-8", "replace"))
+    return None if len(text.encode("utf-8")) > max_bytes else text
 
 
 # Control characters move cursors, change colours and clear screens; direction
@@ -10087,7 +10089,6 @@ class WebSocketReader:
         self.message_opcode: int | None = None
         self.fragments = 0
         self.dropped = 0
-        self.decoder = LineReader(max_bytes)       # its decode(): binary messages, invalid bytes replaced
 
     def feed(self, data: bytes, most: int = -1) -> list[str | None]:
         """The lines of the messages completed by DATA."""
@@ -10175,7 +10176,7 @@ class WebSocketReader:
                 return raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise websocket_failure(WS_NOT_UTF8, "a text message that is not UTF-8") from None
-        return self.decoder.decode(raw)
+        return decode_line(raw, self.max_bytes)        # a binary message: invalid bytes replaced
 
     @staticmethod
     def _closed(payload: bytes) -> Disconnect:
