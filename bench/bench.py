@@ -16,14 +16,16 @@ import json
 import random
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import servers
 from loadgen import FAILED, READY, Swarm, percentile, raise_file_limit
-from servers import (SERVER_KINDS, RunningServer, kernel_memory, listen_overflows, machine,
+from servers import (SERVER_KINDS, RunningServer, SendCounter, kernel_memory, listen_overflows, machine,
                      memory_map, process_cpu_seconds)
 
 MIB = 1024 * 1024
@@ -35,6 +37,7 @@ IN_FLIGHT_SETUP = 4
 SATURATED_PCT = 90.0  # a generator process above this share of a core may be what limits a figure
 BUSY_PCT = 5.0  # a server above this share of a core in a quarter second is not idle
 GENERATORS = 2  # generator processes: on 2 cores, two share the load and leave room for the server
+ASYNC_GENERATOR = Path(__file__).with_name("asyncgen.py")   # the other load shape: one asyncio process
 
 
 @dataclass
@@ -44,7 +47,8 @@ class Plan:
     # Runs per case; each figure is their median. connect and slow run once by
     # default: a 10,000-client run or a stall that must be noticed costs 10-40 s
     # per server, and the whole default run has to stay under five minutes.
-    runs: dict = field(default_factory=lambda: {"connect": 1, "fanout": 3, "max": 3, "slow": 1})
+    runs: dict = field(default_factory=lambda: {"connect": 1, "fanout": 3, "max": 3, "slow": 1,
+                                                "fanout-async": 1, "bigroom": 1})
     generators: int = GENERATORS
     connect_sizes: tuple = (2000, 10000)
     connect_timeout_s: float = 15.0
@@ -64,9 +68,15 @@ class Plan:
     slow_rcvbuf: int = 4096
     memory_sample_s: float = 0.25
     history_lines: int = 1_000_000  # lines in the database the history queries are timed on
+    # The asyncio generator's runs: long enough that CPU counted in clock ticks is counted finely.
+    async_seconds: float = 10.0
+    # The big room: members who stay, of whom SENDERS say RATE lines a second in all, while CHURN people
+    # join and CHURN leave each second.
+    bigroom: tuple = (2000, 20, 20.0, 20)   # (members, senders, rate, churn)
 
 
-QUICK_PLAN = Plan(runs={"connect": 1, "fanout": 1, "max": 1, "slow": 1}, connect_sizes=(50,),
+QUICK_PLAN = Plan(runs={"connect": 1, "fanout": 1, "max": 1, "slow": 1, "fanout-async": 1, "bigroom": 1},
+                  connect_sizes=(50,), async_seconds=1.0, bigroom=(40, 4, 20.0, 4),
                   quiet_watch_s=0.25, idle_window_s=0.25, fanout_cases=((10, 10),), fanout_rate=200.0,
                   traffic_seconds=0.5, drain_timeout_s=3.0, max_clients=10,
                   slow_before_s=0.5, slow_with_s=0.75, slow_with_max_s=0.75, history_lines=20_000)
@@ -107,6 +117,7 @@ class Measure:
         self.wall = time.perf_counter()
         self.server_cpu = server.cpu_seconds()
         self.generator_cpu = [process_cpu_seconds(pid) for pid in self.pids]
+        self.sends = SendCounter(server.pid)
 
     def figures(self) -> dict:
         wall = max(time.perf_counter() - self.wall, 1e-6)
@@ -121,6 +132,7 @@ class Measure:
             "server_cpu_pct": None if server_s is None else 100 * server_s / wall,
             "generator_cpu_pct": generators,
             "generator_saturated": any(pct is not None and pct > SATURATED_PCT for pct in generators),
+            "server_sends": self.sends.stop(),
         }
 
 
@@ -131,6 +143,11 @@ def mib(size: int | None) -> float | None:
 def per_million(cpu_s: float | None, count: int) -> float | None:
     """Server CPU-seconds per million of something: how efficient, as opposed to how fast."""
     return cpu_s * 1e6 / count if cpu_s is not None and count else None
+
+
+def per_send(deliveries: int, sends: int | None) -> float | None:
+    """Deliveries a send system call of the server's carried: why its CPU per delivery is what it is."""
+    return deliveries / sends if sends else None
 
 
 def sign_in_failures(records: list) -> dict:
@@ -268,6 +285,31 @@ def traffic_run(server: RunningServer, clients_count: int, senders_count: int, p
         "rss_mib": mib(status["rss"]),
         **usage,
         "server_cpu_s_per_m": per_million(usage["server_cpu_s"], summary["delivered"]),
+        "deliveries_per_send": per_send(summary["delivered"], usage["server_sends"]),
+    }
+
+
+def async_run(server: RunningServer, plan: Plan, clients: int, senders: int, rate: float, churn: int = 0) -> dict:
+    """A room driven by asyncgen.py, every client in one asyncio process; with CHURN, people come and go
+    (see README: Two load shapes, The big room)."""
+    command = [sys.executable, str(ASYNC_GENERATOR), server.kind.protocol, str(server.port),
+               "--server-pid", str(server.pid), "--clients", str(clients), "--senders", str(senders),
+               "--rate", str(rate), "--seconds", str(plan.async_seconds), "--churn", str(churn)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=plan.async_seconds + 180)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        raise RuntimeError(f"asyncgen.py failed: {done.stderr.strip()[-300:]}")
+    result = json.loads(lines[-1])
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    status = server.status()
+    return {
+        **result,
+        "rss_mib": mib(status["rss"]),
+        "generator_saturated": result["generator_cpu_pct"][0] > SATURATED_PCT,
+        # Every delivery counts, the joins and leaves of the big room too: they are the work it does.
+        "server_cpu_s_per_m": per_million(result["server_cpu_s"], result["all_deliveries"]),
+        "deliveries_per_send": per_send(result["all_deliveries"], result["server_sends"]),
     }
 
 
@@ -357,6 +399,14 @@ def cases(scenario: str, plan: Plan) -> list[tuple[str, callable]]:
     if scenario == "slow":
         return [(f"{plan.fanout_cases[0][0]}x{plan.fanout_cases[0][1]} + 1 stalled",
                  lambda server: slow_run(server, plan))]
+    if scenario == "fanout-async":
+        return [(f"{clients}x{senders}",
+                 lambda server, c=clients, s=senders: async_run(server, plan, c, s, plan.fanout_rate))
+                for clients, senders in plan.fanout_cases]
+    if scenario == "bigroom":
+        members, senders, rate, churn = plan.bigroom
+        return [(f"{members} members, {churn} in+{churn} out/s, {rate:.0f} lines/s",
+                 lambda server: async_run(server, plan, members, senders, rate, churn))]
     raise ValueError(f"unknown scenario {scenario}")
 
 
@@ -425,6 +475,7 @@ def show_leave(result: dict) -> str:
 
 
 GENERATOR_COLUMN = ("gen CPU%", "generator_cpu_pct", show_generators)
+PER_SEND_COLUMN = ("deliv/send", "deliveries_per_send")
 CPU_COLUMNS = [("srv CPU%", "server_cpu_pct"), ("srv CPU s/M", "server_cpu_s_per_m"), GENERATOR_COLUMN]
 
 COLUMNS = {
@@ -438,16 +489,23 @@ COLUMNS = {
     "fanout": [("deliv/s", "deliveries_per_s"), ("lost", "lost"), ("malformed", "malformed"),
                ("dup", "duplicates"), ("gaps", "gaps"), ("p50 ms", "latency_ms.p50"),
                ("p95 ms", "latency_ms.p95"), ("p99 ms", "latency_ms.p99"),
-               ("max ms", "latency_ms.max"), ("RSS MiB", "rss_mib"), *CPU_COLUMNS],
+               ("max ms", "latency_ms.max"), ("RSS MiB", "rss_mib"), *CPU_COLUMNS, PER_SEND_COLUMN],
     "max": [("deliv/s", "deliveries_per_s"), ("lines/s", "lines_per_s"), ("lost", "lost"),
             ("malformed", "malformed"), ("dup", "duplicates"), ("gaps", "gaps"),
             ("p50 ms", "latency_ms.p50"), ("p95 ms", "latency_ms.p95"),
-            ("p99 ms", "latency_ms.p99"), ("max ms", "latency_ms.max"), *CPU_COLUMNS],
+            ("p99 ms", "latency_ms.p99"), ("max ms", "latency_ms.max"), *CPU_COLUMNS, PER_SEND_COLUMN],
+    "bigroom": [("lines deliv", "delivered"), ("lost", "lost"), ("malformed", "malformed"),
+                ("dup", "duplicates"), ("gaps", "gaps"), ("joins", "joins"), ("told%", "joins_told_pct"),
+                ("leaves", "leaves"), ("told%", "leaves_told_pct"), ("all deliv", "all_deliveries"),
+                ("p50 ms", "latency_ms.p50"), ("p99 ms", "latency_ms.p99"), ("RSS MiB", "rss_mib"),
+                *CPU_COLUMNS, PER_SEND_COLUMN],
     "slow": [("p50 before", "p50_before_ms"), ("p50 with", "p50_with_ms"), ("ratio", "p50_ratio"),
              ("p99 with", "p99_with_ms"), ("delivered%", "delivered_pct"), ("lost", "lost"),
              ("RSS growth MiB", "rss_growth_mib"), ("stalled cut after s", "stalled_closed_after_s"),
              ("its kernel queue KiB", "stalled_kernel_queue_kib"), *CPU_COLUMNS],
 }
+
+COLUMNS["fanout-async"] = COLUMNS["fanout"]
 
 # What an idle connection is made of, printed under the connect table.
 MEMORY_COLUMNS = [("KiB/conn", "kib_per_connection"), ("stacks", "memory_per_connection_kib.stacks"),
@@ -559,12 +617,6 @@ def targets(results: list[dict], plan: Plan) -> list[tuple[str, bool | str | Non
     for clients, senders in plan.fanout_cases:
         case = f"{clients}x{senders}"
         rows += [
-            (f"fanout {case}: server CPU per delivery <= ngircd's",
-             *ratio_target(results, "fanout", case, "server_cpu_s_per_m", "ngircd", 1.0, False)),
-            (f"fanout {case}: p99 <= ngircd's",
-             *ratio_target(results, "fanout", case, "latency_ms.p99", "ngircd", 1.0, False)),
-            (f"fanout {case}: nothing lost, malformed, duplicated or out of order",
-             *absolute_target(results, "fanout", case, "", flawless, honesty)),
             (f"fanout {case}: server CPU per delivery with history on <= 1.1x off",
              *ratio_target(results, "fanout", case, "server_cpu_s_per_m", "pychat", 1.1, False,
                            server="pychat-history")),
@@ -572,6 +624,7 @@ def targets(results: list[dict], plan: Plan) -> list[tuple[str, bool | str | Non
              *ratio_target(results, "fanout", case, "server_cpu_s_per_m", "pychat-irc", 1.3, False,
                            server="pychat-web")),
         ]
+    rows += shape_targets(results, plan)
     rows += [
         ("max: deliveries/s >= 0.9x ngircd",
          *ratio_target(results, "max", "", "deliveries_per_s", "ngircd", 0.9, True)),
@@ -579,6 +632,8 @@ def targets(results: list[dict], plan: Plan) -> list[tuple[str, bool | str | Non
          *ratio_target(results, "max", "", "latency_ms.p50", "ngircd", 2.0, False)),
         ("max: nothing lost, malformed, duplicated or out of order",
          *absolute_target(results, "max", "", "", flawless, honesty)),
+        ("max: pychat-irc server CPU per delivery <= ngircd's",
+         *ratio_target(results, "max", "", "server_cpu_s_per_m", "ngircd", 1.0, False, server="pychat-irc")),
         (f"connect {largest}: no sign-in failed",
          *absolute_target(results, "connect", largest, "failed", lambda v: v == 0)),
         (f"connect {largest}: zero listen overflows",
@@ -601,10 +656,69 @@ def targets(results: list[dict], plan: Plan) -> list[tuple[str, bool | str | Non
                           and r.get("stalled_log"), stalled_outcome)),
     ]
     rows += door_targets(results, largest)
+    rows += bigroom_targets(results)
     return rows
 
 
 DOORS = ("pychat", "pychat-irc", "pychat-web")
+
+
+def shape_targets(results: list[dict], plan: Plan) -> list[tuple[str, bool | str | None, str]]:
+    """Issue 24's targets under both load shapes (fanout: loadgen's processes; fanout-async: asyncgen's
+    one asyncio process): at every door, CPU per delivery and p99 at most ngircd's, every line delivered
+    in order once; and how ngircd's own cost moves between the shapes."""
+    rows = []
+    for scenario in ("fanout", "fanout-async"):
+        for clients, senders in plan.fanout_cases:
+            case = f"{clients}x{senders}"
+            for door in DOORS:
+                if find(results, scenario, door, case) is None:
+                    continue
+                rows += [
+                    (f"{scenario} {case}: {door} server CPU per delivery <= ngircd's",
+                     *ratio_target(results, scenario, case, "server_cpu_s_per_m", "ngircd", 1.0, False,
+                                   server=door)),
+                    (f"{scenario} {case}: {door} p99 <= ngircd's",
+                     *ratio_target(results, scenario, case, "latency_ms.p99", "ngircd", 1.0, False, server=door)),
+                    (f"{scenario} {case}: {door} nothing lost, malformed, duplicated or out of order",
+                     *absolute_target(results, scenario, case, "", flawless, honesty, server=door)),
+                ]
+    for clients, senders in plan.fanout_cases:
+        case = f"{clients}x{senders}"
+        for server in ("ngircd", *DOORS):
+            selector, asyncio_shape = find(results, "fanout", server, case), find(results, "fanout-async", server, case)
+            if selector and asyncio_shape:
+                moved, before = asyncio_shape["server_cpu_s_per_m"], selector["server_cpu_s_per_m"]
+                rows.append((f"fanout-async {case}: {server} CPU per delivery, asyncio shape against selector "
+                             f"shape", "info", f"{show(moved)} against {show(before)} s/M"
+                             + (f" ({moved / before:.2f}x)" if moved and before else "")))
+    return rows
+
+
+def told(result: dict) -> str:
+    return (f"joins {show(result.get('joins_told_pct'))}% of {result.get('joins')}, "
+            f"leaves {show(result.get('leaves_told_pct'))}% of {result.get('leaves')}")
+
+
+def bigroom_targets(results: list[dict]) -> list[tuple[str, bool | str | None, str]]:
+    """Issue 24's big room: every line and every join and leave delivered to everyone there, p99 and CPU
+    per delivery (joins and leaves included) at most ngircd's."""
+    rows = []
+    for door in DOORS:
+        if find(results, "bigroom", door) is None:
+            continue
+        rows += [
+            (f"bigroom: {door} every line delivered in order once",
+             *absolute_target(results, "bigroom", "", "", flawless, honesty, server=door)),
+            (f"bigroom: {door} every join and leave told to everyone there",
+             *absolute_target(results, "bigroom", "", "", lambda r: r.get("joins_told_pct") == 100
+                              and r.get("leaves_told_pct") == 100, told, server=door)),
+            (f"bigroom: {door} p99 <= ngircd's",
+             *ratio_target(results, "bigroom", "", "latency_ms.p99", "ngircd", 1.0, False, server=door)),
+            (f"bigroom: {door} server CPU per delivery <= ngircd's",
+             *ratio_target(results, "bigroom", "", "server_cpu_s_per_m", "ngircd", 1.0, False, server=door)),
+        ]
+    return rows
 
 
 def door_targets(results: list[dict], largest: str) -> list[tuple[str, bool | str | None, str]]:
@@ -702,8 +816,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--servers", default=None,
                         help=f"comma-separated, from {','.join(SERVER_KINDS)} (default: all that are "
                              "installed; --quick: pychat)")
-    parser.add_argument("--scenarios", default="connect,fanout,max,slow,history",
-                        help="comma-separated, from connect,fanout,max,slow,history (default: all)")
+    parser.add_argument("--scenarios", default="connect,fanout,fanout-async,max,slow,bigroom,history",
+                        help="comma-separated, from connect,fanout,fanout-async,max,slow,bigroom,history "
+                             "(default: all)")
     parser.add_argument("--runs", type=int, default=None,
                         help="runs per case, the median is shown (default: 3 for fanout and max, 1 for connect and slow)")
     parser.add_argument("--generators", type=int, default=GENERATORS, metavar="N",

@@ -502,3 +502,49 @@ def tcp_state(local: tuple[str, int], remote: tuple[str, int]) -> tuple[str, int
                 send_queue = int(fields[4].split(":")[0], 16)
                 return TCP_STATES.get(fields[3], fields[3]), send_queue
     return "gone", 0
+
+
+class SendCounter:
+    """How many system calls a process makes to send, counted by the kernel's tracepoints through
+    `perf stat` from now until stop(): what tells a reader how many deliveries each one carried. The
+    servers send with send(), write(), writev() or sendmsg(); all four are counted (a log line is a
+    write too, a few in a run). Counting costs the process about as much for every server measured."""
+
+    EVENTS = ",".join(f"syscalls:sys_enter_{call}" for call in ("sendto", "write", "writev", "sendmsg"))
+    ATTACH_S = 0.1      # perf counts once it has attached, a moment after it starts
+
+    def __init__(self, pid: int):
+        self.output = tempfile.NamedTemporaryFile(prefix="bench-perf-", suffix=".csv")
+        perf = shutil.which("perf")
+        self.process = None
+        if perf is None:
+            return
+        try:
+            self.process = subprocess.Popen([perf, "stat", "-x", ",", "-e", self.EVENTS, "-p", str(pid),
+                                             "-o", self.output.name], stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL)
+        except OSError:
+            self.process = None
+            return
+        time.sleep(self.ATTACH_S)
+
+    def stop(self) -> int | None:
+        """The send calls counted, or None where perf cannot count them here (not installed, no
+        permission to trace, no tracepoints in this kernel)."""
+        if self.process is None:
+            return None
+        try:
+            if self.process.poll() is not None:
+                return None
+            self.process.send_signal(signal.SIGINT)
+            self.process.wait(STOP_TIMEOUT_S)
+            counts = [line.split(",")[0] for line in Path(self.output.name).read_text().splitlines()
+                      if "syscalls:" in line]
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            return None
+        finally:
+            self.output.close()
+        if len(counts) != 4 or not all(count.isdigit() for count in counts):
+            return None
+        return sum(map(int, counts))

@@ -20,7 +20,8 @@ BENCH = ROOT / "bench" / "bench.py"
 SMOKE_TIMEOUT_S = 60
 sys.path.insert(0, str(BENCH.parent))
 
-from loadgen import PADDING, LoadGenerator, Traffic  # noqa: E402  (bench/ is not a package)
+import asyncgen  # noqa: E402  (bench/ is not a package)
+from loadgen import PADDING, PROTOCOLS, LoadGenerator, Traffic  # noqa: E402
 
 
 def run_quick_benchmark() -> tuple[subprocess.CompletedProcess, list[dict]]:
@@ -42,7 +43,7 @@ def test_quick_benchmark_exits_cleanly(quick_run):
     assert completed.returncode == 0, f"bench.py --quick exited {completed.returncode}:\n{completed.stderr[-2000:]}"
 
 
-@pytest.mark.parametrize("scenario", ["fanout", "max", "slow"])
+@pytest.mark.parametrize("scenario", ["fanout", "max", "slow", "fanout-async", "bigroom"])
 def test_quick_benchmark_delivers_every_line_to_pychat_clients(quick_run, scenario):
     completed, results = quick_run
     mine = [r for r in results if r["server"] == "pychat" and r["scenario"] == scenario]
@@ -57,8 +58,19 @@ def test_quick_benchmark_delivers_every_line_to_pychat_clients(quick_run, scenar
     # Counted in clock ticks of 10 ms: the smoke run's 100 lines may cost less than one, and 0.0 is a figure.
     assert result.get("server_cpu_s_per_m") is not None, f"{scenario} has no server CPU per million deliveries: {result}"
     shares = result["generator_cpu_pct"]
-    assert len(shares) == 2 and all(share is not None for share in shares), \
-        f"{scenario}: expected the CPU of two generator processes, got {shares}"
+    processes = 1 if scenario in ("fanout-async", "bigroom") else 2     # asyncgen.py is one process
+    assert len(shares) == processes and all(share is not None for share in shares), \
+        f"{scenario}: expected the CPU of {processes} generator processes, got {shares}"
+
+
+def test_quick_benchmark_tells_everyone_in_the_big_room_who_came_and_went(quick_run):
+    completed, results = quick_run
+    big_room = [r for r in results if r["server"] == "pychat" and r["scenario"] == "bigroom"]
+    assert big_room, f"no JSON result for pychat bigroom:\n{completed.stdout[-2000:]}"
+    result = big_room[0]
+    assert result["joins"] > 0 and result["leaves"] > 0, result
+    assert result["joins_told_pct"] == 100 and result["leaves_told_pct"] == 100, result
+    assert result["all_deliveries"] > result["delivered"], result
 
 
 def test_the_websocket_load_reaches_every_browser_door_client():
@@ -85,7 +97,7 @@ def test_quick_benchmark_prints_the_targets_and_the_memory_per_connection(quick_
     completed, _ = quick_run
     assert "== targets (pyChat) ==" in completed.stdout, completed.stdout[-2000:]
     assert "connect 50 clients: memory per idle connection" in completed.stdout, completed.stdout[-2000:]
-    assert "PASS  fanout 10x10: nothing lost, malformed, duplicated or out of order" in completed.stdout, \
+    assert "PASS  fanout 10x10: pychat nothing lost, malformed, duplicated or out of order" in completed.stdout, \
         completed.stdout[-2000:]
 
 
@@ -120,3 +132,40 @@ def test_ledger_counts_duplicates_gaps_and_malformed_lines():
     assert traffic.malformed == 1, "a token under another sender's nickname is malformed"
     traffic.receive(receiver, b"\nb1: |1.1.0| cut short\n", 0)
     assert traffic.malformed == 2, "a line whose padding does not end it is malformed"
+
+
+def async_ledger(protocol: str = "pychat") -> asyncgen.Ledger:
+    """asyncgen's ledger of receiver 2, in a run of the big room (no sockets)."""
+    run = asyncgen.Run.__new__(asyncgen.Run)
+    run.churn = 1
+    run.delivery, run.line_end = PROTOCOLS[protocol].delivery, PROTOCOLS[protocol].line_end
+    kind = "pychat" if protocol == "pychat" else "irc"
+    run.joins, run.leaves = asyncgen.JOINS[kind], asyncgen.LEAVES[kind]
+    member = asyncgen.Member.__new__(asyncgen.Member)
+    member.ident = 2
+    return asyncgen.Ledger(run, member)
+
+
+def test_the_asyncio_ledger_counts_deliveries_and_every_fault_but_not_the_echo():
+    ledger = async_ledger()
+    ledger.receive(chat((0, 1), (1, 1), (2, 1), (0, 2)), 1000)
+    assert (ledger.delivered, ledger.duplicates, ledger.gaps, ledger.malformed) == (3, 0, 0, 0), \
+        "its own line's echo is no delivery"
+    ledger.receive(chat((0, 2)), 1000)
+    assert ledger.duplicates == 1, "a repeated sequence number is a duplicate"
+    ledger.receive(chat((1, 3)), 1000)
+    assert ledger.gaps == 1, "a skipped sequence number is a gap"
+    ledger.receive(b"\nb1: |0.3.0|" + PADDING + b"\n", 1000)
+    assert ledger.malformed == 1, "a token under another sender's nickname is malformed"
+    assert list(ledger.latencies) == [1000] * 4
+
+
+@pytest.mark.parametrize("protocol, came, went", [
+    ("pychat", b"\n*** c7 joined #lobby\n", b"\n*** c7 quit\n"),
+    ("irc", b"\n:c7!u@h JOIN #bench\r\n", b"\n:c7!u@h QUIT :Quit: bye\r\n"),
+])
+def test_the_asyncio_ledger_hears_who_came_and_went(protocol, came, went):
+    ledger = async_ledger(protocol)
+    ledger.receive(came + b"\n*** b7 joined #lobby\n", 0)
+    ledger.receive(went, 0)
+    assert (list(ledger.joins), list(ledger.leaves)) == ([7], [7])
