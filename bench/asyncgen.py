@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 from array import array
+from collections import Counter
 
 from loadgen import HOST, MARK, PADDING, PROTOCOLS, latency_profile, raise_file_limit
 from servers import SendCounter, process_cpu_seconds
@@ -40,6 +41,7 @@ SIGN_IN_TIMEOUT_S = 30.0
 SETTLE_QUIET_S = 0.3    # the room has filled once nothing has arrived for this long...
 SETTLE_LONGEST_S = 20.0  # ...or this long has passed
 DRAIN_TIMEOUT_S = 5.0
+TIMED_RECEIVERS = 50    # whose every line is timed: enough for a p99, and the rest of a big room costs less
 
 # Who came and went, as each protocol tells a member: the churners are called cN.
 JOINS = {"pychat": re.compile(rb"\n\*\*\* c(\d+) joined #"), "irc": re.compile(rb"\n:c(\d+)!\S* JOIN ")}
@@ -122,10 +124,11 @@ class Member(asyncio.Protocol):
 class Ledger:
     """What one member received: every token in order once, its latency, and who came and went."""
 
-    def __init__(self, run: Run, member: Member):
+    def __init__(self, run: Run, member: Member, timed: bool = True):
         self.run = run
         self.me = b"%d" % member.ident
         self.last: dict[bytes, int] = {}    # per sender (its ident as text), the last sequence number
+        self.timed = timed
         self.latencies = array("q")
         self.delivered = self.malformed = self.duplicates = self.gaps = 0
         self.joins = array("q")     # the churners whose joins it was told of, and leaves
@@ -144,20 +147,44 @@ class Ledger:
             well_formed = min(len(matches), complete.count(run.line_end))
             if well_formed != tokens:
                 self.malformed += tokens - well_formed
-        last, me, latencies = self.last, self.me, self.latencies
-        for sender, seq, sent in matches:
-            if sender == me:
-                continue    # pyChat echoes a line to its sender; that is no delivery
-            seq = int(seq)
+        if not matches:
+            return
+        # A chunk at a time, in C where it can be (zip, dict, Counter, map): at 200x20 one process takes
+        # 400,000 deliveries a second. Python runs per sender in the chunk, and per line only when one
+        # is out of order.
+        senders, seqs, sent_times = zip(*matches)
+        if self.me in senders:      # pyChat echoes a line to its sender; that is no delivery
+            matches = [match for match in matches if match[0] != self.me]
+            if not matches:
+                return
+            senders, seqs, sent_times = zip(*matches)
+        if self.timed:
+            self.latencies.extend(map(now.__sub__, map(int, sent_times)))
+        self.delivered += len(matches)
+        last_seqs = dict(zip(senders, seqs))    # the last value per key wins: the highest
+        counts = Counter(senders) if len(last_seqs) > 1 else {senders[0]: len(senders)}
+        last = self.last
+        for sender, newest in last_seqs.items():
             previous = last.get(sender, 0)
+            newest = int(newest)
+            if newest - previous != counts[sender]:
+                newest = self.check_order(sender, previous, matches)
+            last[sender] = newest
+
+    def check_order(self, sender: bytes, previous: int, matches: list) -> int:
+        """Count duplicates (no delivery) and gaps in one sender's lines of a chunk; return its last."""
+        for match in matches:
+            if match[0] != sender:
+                continue
+            seq = int(match[1])
+            if seq <= previous:
+                self.duplicates += 1
+                self.delivered -= 1
+                continue
             if seq != previous + 1:
-                if seq <= previous:
-                    self.duplicates += 1
-                    continue
                 self.gaps += 1
-            last[sender] = seq
-            self.delivered += 1
-            latencies.append(now - int(sent))
+            previous = seq
+        return previous
 
 
 class Run:
@@ -276,8 +303,8 @@ class Run:
                 *(self.connect(1_000_000 + ident, b"c%d" % (1_000_000 + ident), SIGN_IN_TIMEOUT_S)
                   for ident in range(self.churn))) if member is not None]
         await self.settle()
-        for member in members:
-            member.ledger = Ledger(self, member)
+        for index, member in enumerate(members):
+            member.ledger = Ledger(self, member, timed=index < TIMED_RECEIVERS)
         sends = SendCounter(args.server_pid)
         server_cpu, own_cpu, wall = process_cpu_seconds(args.server_pid), time.process_time(), time.perf_counter()
         until = self.loop.time() + args.seconds
@@ -287,7 +314,10 @@ class Run:
         await asyncio.gather(*work)
         await self.drain(members)
         wall = time.perf_counter() - wall
-        server_cpu = process_cpu_seconds(args.server_pid) - server_cpu
+        server_cpu_after = process_cpu_seconds(args.server_pid)
+        if server_cpu_after is None:
+            return {"error": "the server died during the run"}
+        server_cpu = server_cpu_after - server_cpu
         own_cpu = time.process_time() - own_cpu
         send_calls = sends.stop()
         self.leaving = True
