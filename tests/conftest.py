@@ -61,6 +61,15 @@ def database_rows(data_dir: Path, query: str, parameters: tuple = ()) -> list[tu
         db.close()
 
 
+def memory_kib(pid: int) -> int:
+    """Resident memory of process PID, in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
 def shown(lines: list[str], most: int = 15, width: int = 160) -> str:
     """The last few lines, each cut short, for a failure message that stays readable."""
     cut = [line if len(line) <= width else line[:width] + f"...({len(line)} chars)" for line in lines[-most:]]

@@ -16,20 +16,12 @@ import time
 
 import pytest
 
-from conftest import ClientFrom, SERVER_SCRIPT, TIMEOUT, LineClient, database_rows, import_script, shown
+from conftest import ClientFrom, SERVER_SCRIPT, TIMEOUT, LineClient, database_rows, import_script, memory_kib, shown
 from test_accounts import PASSWORD, claim_operator, register, sign_in
 
 module = import_script(SERVER_SCRIPT, "pychat_server")
 
 HISTORY_LINE = re.compile(r"\[history (\S+)\] (.*)")
-
-
-def memory_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
 
 
 def history_of(client: LineClient, marker: str) -> list[str]:

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from conftest import LineClient, ServerProcess, TIMEOUT, online_line, read_until, reset, seconds_until_closed, shown, wait_until_online, watch_for
+from conftest import LineClient, ServerProcess, TIMEOUT, memory_kib, online_line, read_until, reset, seconds_until_closed, shown, wait_until_online, watch_for
 
 NICKNAME_PROMPT = "*** Choose a nickname:"
 PASSWORD_PROMPT = "*** Password:"
@@ -36,15 +36,6 @@ TERMINAL_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-def memory_kib(pid: int) -> int:
-    """Resident memory of process PID, in KiB."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
-
 
 class ClientFrom(LineClient):
     """A line client whose connection comes from SOURCE, another loopback address (127.0.0.0/8)."""

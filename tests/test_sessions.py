@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from conftest import LineClient, shown
-from test_accounts import PASSWORD, register, sign_in
+from conftest import LineClient, memory_kib, shown
+from test_accounts import PASSWORD, password_prompt, register, sign_in
 from test_irc import sasl
 from test_rooms import join
 
@@ -28,6 +28,31 @@ def quiet(client: LineClient, marker_from: LineClient, text: str) -> list[str]:
     """Everything CLIENT reads until MARKER_FROM's line TEXT arrives: what else it was sent meanwhile."""
     marker_from.send(text)
     return client.lines_until(rf"(#\S+ )?{marker_from.nick}: {re.escape(text)}$")[:-1]
+
+
+def test_many_sign_ins_at_once_leave_no_password_hash_s_memory_behind(start_server, connect):
+    """Each check of a password takes 16 MiB for a moment. Eight sign-ins (fewer than the tries at once that
+    one address is allowed), each waiting on a worker thread of its own for its password, then all given
+    it at once, must not leave the server 16 MiB bigger for every thread that checked one (the
+    allocator's heaps keep what they are given back)."""
+    server = start_server()
+    for nick in ("alice", "bob"):
+        register(connect(server, nick))
+    before = memory_kib(server.process.pid)
+    waiting = []
+    for n in range(8):
+        client = connect(server)
+        nick = ("alice", "bob")[n % 2]
+        client.expect(re.escape("*** Choose a nickname:"))
+        client.send(nick)
+        client.expect(password_prompt(nick))
+        waiting.append(client)
+    for client in waiting:
+        client.send(PASSWORD)
+    for client in waiting:
+        assert client.expect(r"\*\*\* Welcome, |!! ", timeout=20).startswith("*** Welcome, ")
+    grown = memory_kib(server.process.pid) - before
+    assert grown < 40 * 1024, f"the server grew by {grown} KiB after 8 password checks"
 
 
 def test_a_second_sign_in_is_one_more_session_of_one_person(start_server, connect, data):
