@@ -2,7 +2,7 @@
 data as it arrives.
 
     python3 bench/asyncgen.py PROTOCOL PORT --server-pid PID [--clients 50 --senders 50 --rate 2000]
-                              [--seconds 10] [--churn 20]
+                              [--seconds 10] [--churn 20] [--sessions 3]
 
 loadgen.py's Swarm spreads the clients over a few processes, each a selector
 loop that reads a socket in large chunks when it gets round to it. A typical
@@ -15,7 +15,12 @@ It speaks loadgen's protocols (pyChat, IRC, IRC over WebSocket) and uses its
 tokens, so a delivery is the same thing under both shapes. With `--churn N`
 it is the big room: besides the members, N people join each second (they
 sign in and join) and N leave (they quit), and every member counts the joins
-and leaves they were told of.
+and leaves they were told of. With `--sessions K` (IRC and WebSocket, pyChat's
+doors only), each of the clients is a person signed in K times to an
+account of theirs: the first session makes the account (REGISTER, from an
+address among 127.0.0.10 and up, five people an address as the server
+allows), the others sign in to it with SASL, and every session is a
+receiver. `--accounts` alone makes the accounts and signs each in once.
 
 It measures the server over the stretch of traffic and the drain after it,
 and prints one JSON line: deliveries, losses, latency, the server's CPU, its
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import re
 import socket
@@ -34,7 +40,7 @@ from array import array
 from collections import Counter
 
 from loadgen import HOST, MARK, PADDING, PROTOCOLS, latency_profile, raise_file_limit
-from servers import SendCounter, process_cpu_seconds
+from servers import SendCounter, process_cpu_seconds, process_status
 
 SETUP_IN_FLIGHT = 8     # sign-ins at once while the room fills: under ngircd's listen backlog of 10
 SIGN_IN_TIMEOUT_S = 30.0
@@ -42,6 +48,7 @@ SETTLE_QUIET_S = 0.3    # the room has filled once nothing has arrived for this 
 SETTLE_LONGEST_S = 20.0  # ...or this long has passed
 DRAIN_TIMEOUT_S = 5.0
 TIMED_RECEIVERS = 50    # whose every line is timed: enough for a p99, and the rest of a big room costs less
+ACCOUNTS_PER_ADDRESS = 5    # the server's REGISTRATIONS_PER_ADDRESS
 
 # Who came and went, as each protocol tells a member: the churners are called cN.
 JOINS = {"pychat": re.compile(rb"\n\*\*\* c(\d+) joined #"), "irc": re.compile(rb"\n:c(\d+)!\S* JOIN ")}
@@ -57,8 +64,9 @@ class Member(asyncio.Protocol):
     """One simulated person: what loadgen's protocols ask of a client (nick, inbox, stage, frames, send,
     signed_in, fail), on an asyncio transport."""
 
-    def __init__(self, run: Run, ident: int, nick: bytes):
+    def __init__(self, run: Run, ident: int, nick: bytes, introduction: bytes = b""):
         self.run = run
+        self.introduction = introduction    # sent before NICK and USER (see loadgen.IrcProtocol.greeting)
         self.ident = ident
         self.nick = nick
         self.inbox = b""
@@ -124,9 +132,11 @@ class Member(asyncio.Protocol):
 class Ledger:
     """What one member received: every token in order once, its latency, and who came and went."""
 
-    def __init__(self, run: Run, member: Member, timed: bool = True):
+    def __init__(self, run: Run, member: Member, timed: bool = True, sibling: bool = False):
         self.run = run
-        self.me = b"%d" % member.ident
+        # The sender whose lines this connection does not count: its own person's, unless it is another
+        # session of that person (SIBLING), to which its lines are delivered like anyone's.
+        self.me = b"" if sibling else b"%d" % member.ident
         self.last: dict[bytes, int] = {}    # per sender (its ident as text), the last sequence number
         self.timed = timed
         self.latencies = array("q")
@@ -210,11 +220,13 @@ class Run:
         wire = getattr(self.protocol, "wire", None)
         return wire(line) if wire else line
 
-    async def connect(self, ident: int, nick: bytes, timeout_s: float) -> Member | None:
+    async def connect(self, ident: int, nick: bytes, timeout_s: float, introduction: bytes = b"",
+                      address: str | None = None) -> Member | None:
         """A member signed in and in the room, or None (the reason is kept)."""
-        member = Member(self, ident, nick)
+        member = Member(self, ident, nick, introduction)
         try:
-            await self.loop.create_connection(lambda: member, HOST, self.args.port)
+            await self.loop.create_connection(lambda: member, HOST, self.args.port,
+                                              local_addr=(address, 0) if address else None)
             outcome = await asyncio.wait_for(asyncio.shield(member.entered), timeout_s)
         except (OSError, asyncio.TimeoutError) as error:
             outcome = f"{type(error).__name__}: {error}"
@@ -226,13 +238,25 @@ class Run:
         return member
 
     async def fill(self, count: int) -> list[Member]:
+        """COUNT people in the room; with --sessions, each person's first sessions come first."""
         gate = asyncio.Semaphore(SETUP_IN_FLIGHT)
+        sessions = self.args.sessions
 
-        async def one(ident: int) -> Member | None:
+        async def one(ident: int, session: int) -> Member | None:
+            nick, introduction, address = b"b%d" % ident, b"", None
+            password = b"bench-password-%d" % ident
+            if self.args.accounts and session == 0:
+                introduction = b"REGISTER * * %s\r\n" % password
+                address = f"127.0.0.{10 + ident // ACCOUNTS_PER_ADDRESS}"
+            elif sessions > 1:
+                plain = base64.b64encode(b"%s\0%s\0%s" % (nick, nick, password))
+                introduction = b"CAP REQ :sasl\r\nAUTHENTICATE PLAIN\r\nAUTHENTICATE %s\r\nCAP END\r\n" % plain
             async with gate:
-                return await self.connect(ident, b"b%d" % ident, SIGN_IN_TIMEOUT_S)
+                return await self.connect(ident, nick, SIGN_IN_TIMEOUT_S, introduction, address)
 
-        members = await asyncio.gather(*(one(ident) for ident in range(count)))
+        members = []
+        for session in range(sessions):     # the accounts are made before anyone signs in to them
+            members += await asyncio.gather(*(one(ident, session) for ident in range(count)))
         return [member for member in members if member is not None]
 
     async def settle(self) -> None:
@@ -292,6 +316,7 @@ class Run:
 
     async def go(self) -> dict:
         args = self.args
+        rss_before = process_status(args.server_pid)["rss"]
         members = await self.fill(args.clients)
         if len(members) < 2 or len(members) < args.senders:
             return {"error": f"only {len(members)} of {args.clients} signed in: "
@@ -303,8 +328,10 @@ class Run:
                 *(self.connect(1_000_000 + ident, b"c%d" % (1_000_000 + ident), SIGN_IN_TIMEOUT_S)
                   for ident in range(self.churn))) if member is not None]
         await self.settle()
+        rss_after = process_status(args.server_pid)["rss"]
+        self.rss_growth = rss_after - rss_before if rss_after is not None and rss_before is not None else None
         for index, member in enumerate(members):
-            member.ledger = Ledger(self, member, timed=index < TIMED_RECEIVERS)
+            member.ledger = Ledger(self, member, timed=index < TIMED_RECEIVERS, sibling=index >= args.clients)
         sends = SendCounter(args.server_pid)
         server_cpu, own_cpu, wall = process_cpu_seconds(args.server_pid), time.process_time(), time.perf_counter()
         until = self.loop.time() + args.seconds
@@ -335,7 +362,10 @@ class Run:
         deliveries = delivered + told_joins + told_leaves
         return {
             "clients": len(members),
+            "people": self.args.clients,
             "senders": self.args.senders,
+            "rss_growth_kib_per_connection": self.rss_growth / 1024 / len(members)
+            if self.rss_growth is not None else None,
             "lines_sent": lines,
             "expected": expected,
             "delivered": delivered,
@@ -375,7 +405,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=2000.0, help="lines a second, all senders together")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long they talk")
     parser.add_argument("--churn", type=int, default=0, help="people joining, and leaving, each second")
-    return parser.parse_args(argv)
+    parser.add_argument("--accounts", action="store_true", help="each person makes an account (REGISTER)")
+    parser.add_argument("--sessions", type=int, default=1,
+                        help="sessions of each person, signed in to its account (implies --accounts)")
+    args = parser.parse_args(argv)
+    args.accounts = args.accounts or args.sessions > 1
+    if args.accounts and args.protocol == "pychat":
+        parser.error("--accounts and --sessions speak IRC's REGISTER and SASL: irc or websocket")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,7 @@ class Plan:
     # default: a 10,000-client run or a stall that must be noticed costs 10-40 s
     # per server, and the whole default run has to stay under five minutes.
     runs: dict = field(default_factory=lambda: {"connect": 1, "fanout": 3, "max": 3, "slow": 1,
-                                                "fanout-async": 1, "bigroom": 1})
+                                                "fanout-async": 1, "bigroom": 1, "sessions": 1})
     generators: int = GENERATORS
     connect_sizes: tuple = (2000, 10000)
     connect_timeout_s: float = 15.0
@@ -73,10 +73,14 @@ class Plan:
     # The big room: members who stay, of whom SENDERS say RATE lines a second in all, while CHURN people
     # join and CHURN leave each second.
     bigroom: tuple = (2000, 20, 20.0, 20)   # (members, senders, rate, churn)
+    # People with several sessions each, against as many people with one: (people, sessions each,
+    # senders, rate). Every session checks a password (about 50 ms), so the people are few.
+    sessions: tuple = (100, 3, 30, 300.0)
 
 
-QUICK_PLAN = Plan(runs={"connect": 1, "fanout": 1, "max": 1, "slow": 1, "fanout-async": 1, "bigroom": 1},
-                  connect_sizes=(50,), async_seconds=1.0, bigroom=(40, 4, 20.0, 4),
+QUICK_PLAN = Plan(runs={"connect": 1, "fanout": 1, "max": 1, "slow": 1, "fanout-async": 1, "bigroom": 1,
+                        "sessions": 1},
+                  connect_sizes=(50,), async_seconds=1.0, bigroom=(40, 4, 20.0, 4), sessions=(4, 3, 2, 40.0),
                   quiet_watch_s=0.25, idle_window_s=0.25, fanout_cases=((10, 10),), fanout_rate=200.0,
                   traffic_seconds=0.5, drain_timeout_s=3.0, max_clients=10,
                   slow_before_s=0.5, slow_with_s=0.75, slow_with_max_s=0.75, history_lines=20_000)
@@ -289,12 +293,15 @@ def traffic_run(server: RunningServer, clients_count: int, senders_count: int, p
     }
 
 
-def async_run(server: RunningServer, plan: Plan, clients: int, senders: int, rate: float, churn: int = 0) -> dict:
-    """A room driven by asyncgen.py, every client in one asyncio process; with CHURN, people come and go
-    (see README: Two load shapes, The big room)."""
+def async_run(server: RunningServer, plan: Plan, clients: int, senders: int, rate: float, churn: int = 0,
+              sessions: int = 0) -> dict:
+    """A room driven by asyncgen.py, every client in one asyncio process; with CHURN, people come and go;
+    with SESSIONS, each of the clients is a person with an account, signed in that many times (see README:
+    Two load shapes, The big room, Several sessions)."""
     command = [sys.executable, str(ASYNC_GENERATOR), server.kind.protocol, str(server.port),
                "--server-pid", str(server.pid), "--clients", str(clients), "--senders", str(senders),
-               "--rate", str(rate), "--seconds", str(plan.async_seconds), "--churn", str(churn)]
+               "--rate", str(rate), "--seconds", str(plan.async_seconds), "--churn", str(churn),
+               *(("--accounts", "--sessions", str(sessions)) if sessions else ())]
     done = subprocess.run(command, capture_output=True, text=True, timeout=plan.async_seconds + 180)
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
@@ -407,6 +414,12 @@ def cases(scenario: str, plan: Plan) -> list[tuple[str, callable]]:
         members, senders, rate, churn = plan.bigroom
         return [(f"{members} members, {churn} in+{churn} out/s, {rate:.0f} lines/s",
                  lambda server: async_run(server, plan, members, senders, rate, churn))]
+    if scenario == "sessions":
+        people, each, senders, rate = plan.sessions
+        return [(f"{people} people x {each} sessions",
+                 lambda server: async_run(server, plan, people, senders, rate, sessions=each)),
+                (f"{people * each} people", lambda server: async_run(server, plan, people * each, senders, rate,
+                                                                     sessions=1))]
     raise ValueError(f"unknown scenario {scenario}")
 
 
@@ -506,6 +519,10 @@ COLUMNS = {
 }
 
 COLUMNS["fanout-async"] = COLUMNS["fanout"]
+COLUMNS["sessions"] = [("connections", "clients"), ("people", "people"), ("lost", "lost"), ("malformed", "malformed"),
+                       ("dup", "duplicates"), ("gaps", "gaps"), ("p50 ms", "latency_ms.p50"),
+                       ("p99 ms", "latency_ms.p99"), ("RSS growth KiB/conn", "rss_growth_kib_per_connection"),
+                       *CPU_COLUMNS, PER_SEND_COLUMN]
 
 # What an idle connection is made of, printed under the connect table.
 MEMORY_COLUMNS = [("KiB/conn", "kib_per_connection"), ("stacks", "memory_per_connection_kib.stacks"),
@@ -657,6 +674,7 @@ def targets(results: list[dict], plan: Plan) -> list[tuple[str, bool | str | Non
     ]
     rows += door_targets(results, largest)
     rows += bigroom_targets(results)
+    rows += sessions_targets(results, plan)
     return rows
 
 
@@ -692,6 +710,31 @@ def shape_targets(results: list[dict], plan: Plan) -> list[tuple[str, bool | str
                 rows.append((f"fanout-async {case}: {server} CPU per delivery, asyncio shape against selector "
                              f"shape", "info", f"{show(moved)} against {show(before)} s/M"
                              + (f" ({moved / before:.2f}x)" if moved and before else "")))
+    return rows
+
+
+def sessions_targets(results: list[dict], plan: Plan) -> list[tuple[str, bool | str | None, str]]:
+    """Issue 24's several sessions: people signed in several times each cost no more than as many people
+    signed in once, in memory and in CPU per delivery, at the doors where they can sign in to accounts."""
+    people, each = plan.sessions[:2]
+    rows = []
+    for door in DOORS:
+        several = find(results, "sessions", door, f"{people} people x")
+        single = find(results, "sessions", door, f"{people * each} people")
+        if several is None or single is None:
+            continue
+        for what, path in (("server memory per connection", "rss_growth_kib_per_connection"),
+                           ("server CPU per delivery", "server_cpu_s_per_m")):
+            a, b = several.get(path), single.get(path)
+            if a is None or b is None:
+                rows.append((f"sessions: {door} {what}, {people} x {each} sessions <= {people * each} people", None,
+                             f"{show(a)} against {show(b)}"))
+                continue
+            rows.append((f"sessions: {door} {what}, {people} x {each} sessions <= {people * each} people",
+                         a <= b, f"{show(a)} against {show(b)}" + (f" ({a / b:.2f}x)" if b else "")
+                         + saturation(several, single)))
+        rows.append((f"sessions: {door} every line delivered to every session, in order, once",
+                     *absolute_target(results, "sessions", f"{people} people x", "", flawless, honesty, server=door)))
     return rows
 
 
@@ -816,9 +859,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--servers", default=None,
                         help=f"comma-separated, from {','.join(SERVER_KINDS)} (default: all that are "
                              "installed; --quick: pychat)")
-    parser.add_argument("--scenarios", default="connect,fanout,fanout-async,max,slow,bigroom,history",
-                        help="comma-separated, from connect,fanout,fanout-async,max,slow,bigroom,history "
-                             "(default: all)")
+    parser.add_argument("--scenarios", default="connect,fanout,fanout-async,max,slow,bigroom,sessions,history",
+                        help="comma-separated, from connect,fanout,fanout-async,max,slow,bigroom,sessions,"
+                             "history (default: all)")
     parser.add_argument("--runs", type=int, default=None,
                         help="runs per case, the median is shown (default: 3 for fanout and max, 1 for connect and slow)")
     parser.add_argument("--generators", type=int, default=GENERATORS, metavar="N",

@@ -98,7 +98,9 @@ class IrcProtocol:
     line_end = PADDING + b"\r\n"
 
     def greeting(self, client: Client) -> bytes:
-        return b"NICK %s\r\nUSER u 0 * :bench\r\n" % client.nick
+        """What a client sends to sign in: NICK and USER, with its own introduction between them if it has
+        one (the commands that make an account or sign in to one)."""
+        return b"NICK %s\r\n%sUSER u 0 * :bench\r\n" % (client.nick, getattr(client, "introduction", b""))
 
     def advance(self, client: Client) -> None:
         client.send(self.pongs(client.inbox))

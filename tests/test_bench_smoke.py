@@ -86,6 +86,23 @@ def test_the_websocket_load_reaches_every_browser_door_client():
         assert result[check] == 0, f"{check} {result[check]}: {result}"
 
 
+def test_every_session_of_a_person_gets_every_line_in_the_sessions_scenario():
+    completed = subprocess.run([sys.executable, str(BENCH), "--quick", "--servers", "pychat-irc", "--scenarios",
+                                "sessions"], cwd=ROOT, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S,
+                               stdin=subprocess.DEVNULL)
+    results = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    assert completed.returncode == 0 and len(results) == 2, \
+        f"bench.py exited {completed.returncode}:\n{completed.stderr[-2000:]}{completed.stdout[-2000:]}"
+    several, single = results
+    assert (several["people"], several["clients"]) == (4, 12) and (single["people"], single["clients"]) == (12, 12)
+    for result in results:
+        assert "error" not in result and result["failed"] == 0, result
+        assert result["delivered"] == result["expected"] > 0, result
+        for check in ("lost", "malformed", "duplicates", "gaps"):
+            assert result[check] == 0, f"{check} {result[check]}: {result}"
+        assert result["rss_growth_kib_per_connection"] is not None, result
+
+
 def test_quick_benchmark_signs_everyone_in(quick_run):
     completed, results = quick_run
     connect = [r for r in results if r["server"] == "pychat" and r["scenario"] == "connect"]
@@ -134,8 +151,9 @@ def test_ledger_counts_duplicates_gaps_and_malformed_lines():
     assert traffic.malformed == 2, "a line whose padding does not end it is malformed"
 
 
-def async_ledger(protocol: str = "pychat") -> asyncgen.Ledger:
-    """asyncgen's ledger of receiver 2, in a run of the big room (no sockets)."""
+def async_ledger(protocol: str = "pychat", sibling: bool = False) -> asyncgen.Ledger:
+    """asyncgen's ledger of receiver 2 (or of another session of person 2: SIBLING), in a run of the big
+    room (no sockets)."""
     run = asyncgen.Run.__new__(asyncgen.Run)
     run.churn = 1
     run.delivery, run.line_end = PROTOCOLS[protocol].delivery, PROTOCOLS[protocol].line_end
@@ -143,7 +161,7 @@ def async_ledger(protocol: str = "pychat") -> asyncgen.Ledger:
     run.joins, run.leaves = asyncgen.JOINS[kind], asyncgen.LEAVES[kind]
     member = asyncgen.Member.__new__(asyncgen.Member)
     member.ident = 2
-    return asyncgen.Ledger(run, member)
+    return asyncgen.Ledger(run, member, sibling=sibling)
 
 
 def test_the_asyncio_ledger_counts_deliveries_and_every_fault_but_not_the_echo():
@@ -169,3 +187,9 @@ def test_the_asyncio_ledger_hears_who_came_and_went(protocol, came, went):
     ledger.receive(came + b"\n*** b7 joined #lobby\n", 0)
     ledger.receive(went, 0)
     assert (list(ledger.joins), list(ledger.leaves)) == ([7], [7])
+
+
+def test_another_session_of_the_sender_counts_its_lines_as_deliveries():
+    ledger = async_ledger("irc", sibling=True)
+    ledger.receive(b"\n:b2!u@h PRIVMSG #bench :|2.1.0|" + PADDING + b"\r\n", 0)
+    assert ledger.delivered == 1, "a line said from the phone is delivered to the laptop"
