@@ -75,7 +75,7 @@ class Plan:
     bigroom: tuple = (2000, 20, 20.0, 20)   # (members, senders, rate, churn)
     # People with several sessions each, against as many people with one: (people, sessions each,
     # senders, rate). Every session checks a password (about 50 ms), so the people are few.
-    sessions: tuple = (100, 3, 30, 300.0)
+    sessions: tuple = (100, 3, 30, 150.0)
 
 
 QUICK_PLAN = Plan(runs={"connect": 1, "fanout": 1, "max": 1, "slow": 1, "fanout-async": 1, "bigroom": 1,
