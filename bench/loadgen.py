@@ -206,6 +206,42 @@ class WebSocketProtocol(IrcProtocol):
 PROTOCOLS = {"pychat": PyChatProtocol(), "irc": IrcProtocol(), "websocket": WebSocketProtocol()}
 
 
+def deliveries_in(protocol, complete: bytes, me: bytes) -> tuple[list[tuple[bytes, bytes, bytes]], int]:
+    """The deliveries (sender, sequence number, send time) in these complete lines, but the echo of ME's
+    own (pyChat echoes a line to its sender; that is no delivery); and how many tokens came in no
+    well-formed line."""
+    matches = protocol.delivery.findall(complete)
+    tokens = complete.count(MARK) >> 1
+    malformed = tokens - min(len(matches), complete.count(protocol.line_end)) if tokens else 0
+    if matches and me in next(zip(*matches)):
+        matches = [match for match in matches if match[0] != me]
+    return matches, malformed
+
+
+def newest_of_each(senders: tuple[bytes, ...], seqs: tuple[bytes, ...]) -> tuple[dict, dict]:
+    """Per sender in a chunk, the newest sequence number (the last value per key wins: the highest) and
+    how many lines came, in C: Python runs per sender, not per line."""
+    newest = dict(zip(senders, seqs))
+    return newest, (Counter(senders) if len(newest) > 1 else {senders[0]: len(senders)})
+
+
+def check_order(matches: list, sender: bytes, previous: int) -> tuple[int, int, int]:
+    """One sender's lines in a chunk, after PREVIOUS: its last sequence number, the duplicates, the gaps.
+    Only for a chunk whose count does not add up: the usual one needs no line looked at."""
+    duplicates = gaps = 0
+    for match in matches:
+        if match[0] != sender:
+            continue
+        seq = int(match[1])
+        if seq <= previous:
+            duplicates += 1
+            continue
+        if seq != previous + 1:
+            gaps += 1
+        previous = seq
+    return previous, duplicates, gaps
+
+
 class Client:
     """One simulated user: a socket, its buffers, and where it is in sign-in."""
 
@@ -519,9 +555,8 @@ class Traffic:
                  receivers_by_process: list[list[int]], owner: dict[int, int],
                  links: dict[int, PeerLink], rate: float = 0.0, window: int = 0):
         self.generator = generator
+        self.protocol = generator.protocol
         self.say = generator.protocol.say
-        self.delivery = generator.protocol.delivery
-        self.line_end = generator.protocol.line_end
         self.me = me
         self.links = links
         self.owner = owner
@@ -628,33 +663,24 @@ class Traffic:
 
     def receive(self, client: Client, complete: bytes, now_ns: int) -> None:
         """Account for every token in these complete lines received by client."""
-        matches = self.delivery.findall(complete)
-        tokens = complete.count(MARK) >> 1
-        if tokens:
-            well_formed = min(len(matches), complete.count(self.line_end))
-            if well_formed != tokens:
-                self.malformed += tokens - well_formed
+        matches, malformed = deliveries_in(self.protocol, complete, b"%d" % client.ident)
+        self.malformed += malformed
         if not matches:
             return
         senders, seqs, sent_times = zip(*matches)
-        me = b"%d" % client.ident
-        if me in senders:  # pyChat echoes a line to its sender; that is no delivery
-            matches = [match for match in matches if match[0] != me]
-            if not matches:
-                return
-            senders, seqs, sent_times = zip(*matches)
         self.delivered += len(matches)
         self.batches.append(((now_ns - self.generator.epoch_ns) // 1000, array("q", map(int, sent_times))))
         index = client.receiver_index
-        last_seqs = dict(zip(senders, seqs))  # the last value per key wins: the highest
-        counts = Counter(senders) if len(last_seqs) > 1 else {senders[0]: len(senders)}
-        for sender_text, last_text in last_seqs.items():
+        newest, counts = newest_of_each(senders, seqs)
+        for sender_text, last_text in newest.items():
             sender = int(sender_text)
             last = int(last_text)
             row = self.progress[sender]
             previous = row[index]
             if last - previous != counts[sender_text]:
-                last = self.check_order(sender_text, previous, matches)
+                last, duplicates, gaps = check_order(matches, sender_text, previous)
+                self.duplicates += duplicates
+                self.gaps += gaps
             row[index] = last
             if previous == self.completed[sender]:
                 self.slowest[sender] -= 1
@@ -671,20 +697,6 @@ class Traffic:
             self.ready_senders.add(sender)
         elif self.window:
             self.links[owner].tell(b"C", sender, completed)
-
-    def check_order(self, sender_text: bytes, previous: int, matches: list) -> int:
-        """Count duplicates and gaps in one sender's lines of a chunk; return its last sequence number."""
-        for match in matches:
-            if match[0] != sender_text:
-                continue
-            seq = int(match[1])
-            if seq <= previous:
-                self.duplicates += 1
-                continue
-            if seq != previous + 1:
-                self.gaps += 1
-            previous = seq
-        return previous
 
     def ledger(self, start_us: int, end_us: int) -> dict:
         """This process's share of the summary of the lines sent in [start_us, end_us)."""

@@ -156,7 +156,7 @@ def async_ledger(protocol: str = "pychat", sibling: bool = False) -> asyncgen.Le
     room (no sockets)."""
     run = asyncgen.Run.__new__(asyncgen.Run)
     run.churn = 1
-    run.delivery, run.line_end = PROTOCOLS[protocol].delivery, PROTOCOLS[protocol].line_end
+    run.protocol = PROTOCOLS[protocol]
     kind = "pychat" if protocol == "pychat" else "irc"
     run.joins, run.leaves = asyncgen.JOINS[kind], asyncgen.LEAVES[kind]
     member = asyncgen.Member.__new__(asyncgen.Member)
