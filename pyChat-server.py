@@ -146,19 +146,20 @@ KERNEL_SEND_BUFFER = 64 * 1024    # the kernel doubles it for its own bookkeepin
 # times the median latency (bench/README.md).
 TCP_NO_DELAY = True
 # A room whose lines were written out a moment ago holds its next ones until
-# this many seconds for each of its members have gone by since (at most
-# MAX_HOLD_SECONDS), so that they leave together: one system call per receiver
-# for all of them instead of one per line, as Nagle's algorithm would do, but
-# bounded by our clock rather than the peer's acknowledgement. Writing to a
-# room costs a send a member, a few microseconds each, so a hold that grows
-# with the room keeps the switchboard's time on even the busiest room to a
-# small share: a tenth at most, whatever its size. Lines, joins, leaves and
-# topics are held alike, whichever thread queued them. A room quiet for that
-# long has its line written at once, so at light load no line waits, and a
-# room of a few people hardly ever waits. The cap is reached at 1,700
-# members: 0.1 s is about when people start to notice a delay, and below the
-# p99 of ngircd in the bench's room of 2,000 (bench/README.md).
-HOLD_PER_MEMBER = 60e-6
+# this many seconds for each session that hears it have gone by since (at
+# most MAX_HOLD_SECONDS), so that they leave together: one system call per
+# receiver for all of them instead of one per line, as Nagle's algorithm would
+# do, but bounded by our clock rather than the peer's acknowledgement. Writing
+# to a room costs a send a receiver, a few microseconds each (a person signed
+# in from three devices is three), so a hold that grows with them keeps the
+# switchboard's time on even the busiest room to a small share: a tenth at
+# most, whatever its size. Lines, joins, leaves and topics are held alike,
+# whichever thread queued them. A room quiet for that long has its line
+# written at once, so at light load no line waits, and a room of a few people
+# hardly ever waits. The cap is reached at 1,700 sessions: 0.1 s is about when
+# people start to notice a delay, and below the p99 of ngircd in the bench's
+# room of 2,000 (bench/README.md).
+HOLD_PER_RECEIVER = 60e-6
 MAX_HOLD_SECONDS = 0.1
 # With history kept, a busy room holds its lines at least this long, since they are also written to the
 # database together, before they are sent: a transaction costs about 75 us of CPU on the bench's machine
@@ -1798,7 +1799,7 @@ class Switchboard(threading.Thread):
         self.now = time.monotonic()         # when this pass began; this thread only
         # Receivers of lines appended here, to write at the end of this pass; this thread only.
         self.written: list[tuple[Output, ...]] = []
-        # Receivers of lines held, with when and the room (see HOLD_PER_MEMBER); the first release due;
+        # Receivers of lines held, with when and the room (see HOLD_PER_RECEIVER); the first release due;
         # when each room's lines were last written; this thread only.
         self.held: list[tuple[float, str, tuple[Output, ...]]] = []
         self.release_at = math.inf
@@ -1824,7 +1825,7 @@ class Switchboard(threading.Thread):
 
         This runs for every line and every receiver, and takes no lock. On the
         switchboard, the line of a room written to a moment ago waits for the
-        rest of the room's hold (HOLD_PER_MEMBER); in a quiet pass (one
+        rest of the room's hold (HOLD_PER_RECEIVER); in a quiet pass (one
         connection had something to say), any other line is sent at once to
         each receiver with nothing waiting: there is nothing for it to go out
         with. Otherwise the receivers are written at the end of the pass.
@@ -1866,11 +1867,11 @@ class Switchboard(threading.Thread):
 
     def _release_time(self, room: Room) -> float | None:
         """When ROOM's line, queued now, is to be written: at the end of the room's hold if it was written
-        to in an earlier pass a moment ago (see HOLD_PER_MEMBER), or in this pass (None), which starts a
+        to in an earlier pass a moment ago (see HOLD_PER_RECEIVER), or in this pass (None), which starts a
         new hold. A line's other audiences, and the room's other lines in this pass, go with the first.
         This thread only."""
         written = self.room_written.get(room.key, 0.0)
-        release = written + min(MAX_HOLD_SECONDS, max(self.least_hold, len(room.members) * HOLD_PER_MEMBER))
+        release = written + min(MAX_HOLD_SECONDS, max(self.least_hold, room.receivers * HOLD_PER_RECEIVER))
         if written < self.now < release:
             return release
         self.room_written[room.key] = self.now
@@ -4863,6 +4864,7 @@ class Room:
         # Members' sessions' outputs by (protocol, whether the room is not the session's current one): a line
         # to the room is rendered once per group, not once per member.
         self.audiences: dict[tuple[PyChatProtocol, bool], set[Output]] = {}
+        self.receivers = 0      # the outputs in all its audiences: what writing to the room costs (read by any thread)
         self.operators: set[Person] = set()
         self.topic: str | None = None
         self.topic_set: tuple[str, float] | None = None     # who set the topic and when, since the server started
@@ -4905,7 +4907,10 @@ class Room:
     def hear(self, session: Session, current: bool) -> None:
         """Put SESSION's output in the audience for its current room, or for its other rooms."""
         self._leave_audience(session.output, current)
-        self.audiences.setdefault((session.output.protocol, not current), set()).add(session.output)
+        audience = self.audiences.setdefault((session.output.protocol, not current), set())
+        if session.output not in audience:
+            audience.add(session.output)
+            self.receivers += 1
 
     def stop_hearing(self, session: Session) -> None:
         for tagged in (False, True):
@@ -4921,6 +4926,7 @@ class Room:
         if outputs is None or output not in outputs:
             return
         outputs.discard(output)
+        self.receivers -= 1
         if not outputs:
             del self.audiences[key]
         elif next(held for held, _ in self.audiences if (held, _) == key) is protocol:

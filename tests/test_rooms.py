@@ -81,10 +81,11 @@ def test_a_line_said_while_someone_switches_rooms_is_never_misattributed(start_s
     switches = [n for n, (_, line) in enumerate(lines) if line.startswith("*** Now talking in")]
     assert len(switches) == 20, switches
     assert switches[-1] - switches[0] > 40, "the switches did not fall among the lines; the test proved nothing"
-    for speaker, room in (("dever", "dev"), ("lobbyer", "lobby")):
-        assert any(line.startswith(f"{speaker}: ") for line in alice.seen) and \
-            any(line.startswith(f"#{room} {speaker}: ") for line in alice.seen), \
-            f"{speaker}'s lines never came both tagged and untagged: the switching proved nothing"
+    # Which speaker's lines fall on which side of a switch is up to the threads' timing; that lines came
+    # both ways shows the switching fell among them.
+    assert any(re.match(r"(dever|lobbyer): ", line) for line in alice.seen) and \
+        any(re.match(r"#(dev|lobby) (dever|lobbyer): ", line) for line in alice.seen), \
+        "no line came both tagged and untagged: the switching proved nothing"
 
 
 def test_msg_to_a_room_you_are_not_in_is_refused(chat):
