@@ -153,12 +153,11 @@ TCP_NO_DELAY = True
 # to a room costs a send a receiver, a few microseconds each (a person signed
 # in from three devices is three), so a hold that grows with them keeps the
 # switchboard's time on even the busiest room to a small share: a tenth at
-# most, whatever its size. Lines, joins, leaves and topics are held alike,
-# whichever thread queued them. A room quiet for that long has its line
-# written at once, so at light load no line waits, and a room of a few people
-# hardly ever waits. The cap is reached at 1,700 sessions: 0.1 s is about when
-# people start to notice a delay, and below the p99 of ngircd in the bench's
-# room of 2,000 (bench/README.md).
+# most, whatever its size. A room quiet for that long has its line written at
+# once, so at light load no line waits, and a room of a few people hardly ever
+# waits. The cap is reached at 1,700 sessions: 0.1 s is about when people
+# start to notice a delay, and below the p99 of ngircd in the bench's room of
+# 2,000 (bench/README.md).
 HOLD_PER_RECEIVER = 60e-6
 MAX_HOLD_SECONDS = 0.1
 # With history kept, a busy room holds its lines at least this long, since they are also written to the
@@ -1782,9 +1781,6 @@ class Switchboard(threading.Thread):
         self.set_limits(max_queue, stall_timeout)
         self.workers = workers              # where commands run
         self.ready: collections.deque[Output] = collections.deque()     # outputs with lines to write
-        # A room's lines queued by other threads (a join, a topic, a command's line), appended already, for
-        # this thread to write with the room's other lines: (room, their receivers). state_lock.
-        self.handed: list[tuple[Room, tuple[Output, ...]]] = []
         self.arrivals: collections.deque[ClientConnection] = collections.deque()  # to read from now on
         self.readers: set[ClientConnection] = set()     # the connections read here; this thread only
         self.selector = selectors.DefaultSelector()
@@ -1837,26 +1833,20 @@ class Switchboard(threading.Thread):
         if self.gathering and reply:
             outputs = self._gather(outputs, data)
         if threading.get_ident() != self.ident:
-            if room is None:
-                self._line_up(outputs, data)
-                return
-            # Appended now, so that it keeps its place among what each receiver is sent; written by the
-            # switchboard, which holds it with the room's other lines.
-            outputs = tuple(outputs)
-            append_to_each(outputs, data)
-            with self.state_lock:
-                self.handed.append((room, outputs))
-                wake, self.sleeping = self.sleeping, False
-            if wake:
-                self.wake_writer.send(b"\0")
+            self._line_up(outputs, data)
             return
         if room is not None:
-            release = self._release_time(room)
-            if release is not None:
+            written = self.room_written.get(room.key, 0.0)
+            release = written + min(MAX_HOLD_SECONDS, max(self.least_hold, room.receivers * HOLD_PER_RECEIVER))
+            # Written in an earlier pass, a moment ago? (A line's other audiences, and the room's other
+            # lines in this pass, go with the first.)
+            if written < self.now < release:
                 outputs = tuple(outputs)
                 append_to_each(outputs, data)
-                self._hold(release, room, outputs)
+                self.held.append((release, room.key, outputs))
+                self.release_at = min(self.release_at, release)
                 return
+            self.room_written[room.key] = self.now
         if self.quiet:
             self.before_writing()
             self._line_up(outputs, data, at_once=True)
@@ -1864,34 +1854,6 @@ class Switchboard(threading.Thread):
             outputs = tuple(outputs)
             append_to_each(outputs, data)
             self.written.append(outputs)
-
-    def _release_time(self, room: Room) -> float | None:
-        """When ROOM's line, queued now, is to be written: at the end of the room's hold if it was written
-        to in an earlier pass a moment ago (see HOLD_PER_RECEIVER), or in this pass (None), which starts a
-        new hold. A line's other audiences, and the room's other lines in this pass, go with the first.
-        This thread only."""
-        written = self.room_written.get(room.key, 0.0)
-        release = written + min(MAX_HOLD_SECONDS, max(self.least_hold, room.receivers * HOLD_PER_RECEIVER))
-        if written < self.now < release:
-            return release
-        self.room_written[room.key] = self.now
-        return None
-
-    def _hold(self, release: float, room: Room, outputs: tuple[Output, ...]) -> None:
-        """Write OUTPUTS, which ROOM's line was appended to, at RELEASE. This thread only."""
-        self.held.append((release, room.key, outputs))
-        self.release_at = min(self.release_at, release)
-
-    def take_handed(self) -> None:
-        """Hold or write the rooms' lines other threads queued (see queue()); they are appended already."""
-        with self.state_lock:
-            handed, self.handed = self.handed, []
-        for room, outputs in handed:
-            release = self._release_time(room)
-            if release is None:
-                self.written.append(outputs)
-            else:
-                self._hold(release, room, outputs)
 
     @contextlib.contextmanager
     def gathered(self, output: Output) -> Iterator[list[bytes]]:
@@ -1982,7 +1944,7 @@ class Switchboard(threading.Thread):
             with self.state_lock:
                 # Decided under the lock that mark_ready() and adopt() take: whatever comes after this
                 # sees `sleeping` and rings, so the select() below returns at once.
-                self.sleeping = not (self.ready or self.arrivals or self.written or self.handed)
+                self.sleeping = not (self.ready or self.arrivals or self.written)
                 timeout = self.sleep_seconds if self.sleeping else 0
             if timeout and self.held:
                 timeout = min(timeout, max(0.0, self.release_at - time.monotonic()))
@@ -2012,8 +1974,6 @@ class Switchboard(threading.Thread):
                     self.welcome(connection)
                 except Exception:
                     self.broke(connection.output, "starting to read")
-            if self.handed:
-                self.take_handed()
             if now >= self.release_at or self.written or ready:
                 self.before_writing()       # only then: lines held for a room are committed together
             if now >= self.release_at:
