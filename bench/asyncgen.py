@@ -38,8 +38,8 @@ import sys
 import time
 from array import array
 
-from loadgen import (HOST, PADDING, PROTOCOLS, check_order, deliveries_in, latency_profile, newest_of_each,
-                     raise_file_limit)
+from loadgen import (HOST, PADDING, PROTOCOLS, check_order, complete_lines, deliveries_in, latency_profile,
+                     newest_of_each, raise_file_limit)
 from servers import SendCounter, process_cpu_seconds, process_status
 
 SETUP_IN_FLIGHT = 8     # sign-ins at once while the room fills: under ngircd's listen backlog of 10
@@ -117,13 +117,9 @@ class Member(asyncio.Protocol):
             self.ledger.dropped = True
 
     def received(self, data: bytes, now: int) -> None:
-        buffer = self.inbox + data
-        cut = buffer.rfind(b"\n")
-        if cut <= 0:
-            self.inbox = buffer
+        complete = complete_lines(self, data)
+        if not complete:
             return
-        complete = buffer[:cut + 1]
-        self.inbox = buffer[cut:]
         self.send(self.run.protocol.pongs(complete))
         if self.ledger is not None:
             self.ledger.receive(complete, now)

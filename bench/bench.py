@@ -1,6 +1,6 @@
 """Benchmark pyChat against ngircd and miniircd on this machine, side by side.
 
-    python3 bench/bench.py                 # everything, about 9 minutes
+    python3 bench/bench.py                 # everything, about 10 minutes
     python3 bench/bench.py --quick         # a few seconds, pyChat only (CI)
 
 Each server is started fresh on a free port of 127.0.0.1 for every run and

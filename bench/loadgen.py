@@ -206,6 +206,22 @@ class WebSocketProtocol(IrcProtocol):
 PROTOCOLS = {"pychat": PyChatProtocol(), "irc": IrcProtocol(), "websocket": WebSocketProtocol()}
 
 
+def complete_lines(client, data: bytes) -> bytes:
+    """The complete lines in CLIENT's inbox + DATA (b"" if none); the partial last line stays in its inbox.
+
+    The inbox starts with the newline that ended the previous complete line,
+    so every complete line handed on is preceded by a newline: the delivery
+    patterns anchor on it, which is faster than a multi-line `^`.
+    """
+    buffer = client.inbox + data
+    cut = buffer.rfind(b"\n")
+    if cut <= 0:
+        client.inbox = buffer
+        return b""
+    client.inbox = buffer[cut:]
+    return buffer[:cut + 1]
+
+
 def deliveries_in(protocol, complete: bytes, me: bytes) -> tuple[list[tuple[bytes, bytes, bytes]], int]:
     """The deliveries (sender, sequence number, send time) in these complete lines, but the echo of ME's
     own (pyChat echoes a line to its sender; that is no delivery); and how many tokens came in no
@@ -453,19 +469,10 @@ class LoadGenerator:
             self.received(client, data, now_ns)
 
     def received(self, client: Client, data: bytes, now_ns: int) -> None:
-        """Handle the complete lines in inbox + data; keep the partial last line.
-
-        The inbox starts with the newline that ended the previous complete line,
-        so every complete line handed on is preceded by a newline: the delivery
-        patterns anchor on it, which is faster than a multi-line `^`.
-        """
-        buffer = client.inbox + data
-        cut = buffer.rfind(b"\n")
-        if cut <= 0:
-            client.inbox = buffer
+        """Handle the complete lines in inbox + data (see complete_lines)."""
+        complete = complete_lines(client, data)
+        if not complete:
             return
-        complete = buffer[:cut + 1]
-        client.inbox = buffer[cut:]
         client.send(self.protocol.pongs(complete))
         if self.traffic is not None and client.receiver_index >= 0:
             self.traffic.receive(client, complete, now_ns)
