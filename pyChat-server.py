@@ -4824,7 +4824,6 @@ class Room:
         # Members' sessions' outputs by (protocol, whether the room is not the session's current one): a line
         # to the room is rendered once per group, not once per member.
         self.audiences: dict[tuple[PyChatProtocol, bool], set[Output]] = {}
-        self.receivers = 0      # the outputs in all its audiences: what writing to the room costs (read by any thread)
         self.operators: set[Person] = set()
         self.topic: str | None = None
         self.topic_set: tuple[str, float] | None = None     # who set the topic and when, since the server started
@@ -4867,10 +4866,13 @@ class Room:
     def hear(self, session: Session, current: bool) -> None:
         """Put SESSION's output in the audience for its current room, or for its other rooms."""
         self._leave_audience(session.output, current)
-        audience = self.audiences.setdefault((session.output.protocol, not current), set())
-        if session.output not in audience:
-            audience.add(session.output)
-            self.receivers += 1
+        self.audiences.setdefault((session.output.protocol, not current), set()).add(session.output)
+
+    @property
+    def receivers(self) -> int:
+        """The outputs in all its audiences: what writing to the room costs. Counted in C, with no Python
+        code between the audiences' lengths, so the switchboard may ask while another thread changes them."""
+        return sum(map(len, self.audiences.values()))
 
     def stop_hearing(self, session: Session) -> None:
         for tagged in (False, True):
@@ -4886,7 +4888,6 @@ class Room:
         if outputs is None or output not in outputs:
             return
         outputs.discard(output)
-        self.receivers -= 1
         if not outputs:
             del self.audiences[key]
         elif next(held for held, _ in self.audiences if (held, _) == key) is protocol:

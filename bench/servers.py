@@ -538,6 +538,7 @@ class SendCounter:
         """The send calls counted, or None where perf cannot count them here (not installed, no
         permission to trace, no tracepoints in this kernel)."""
         if self.process is None:
+            self.output.close()
             return None
         try:
             if self.process.poll() is not None:
