@@ -7459,8 +7459,12 @@ _TAG_ESCAPING = str.maketrans(_TAG_ESCAPES)
 _TAG_UNESCAPES = {escaped[1]: raw for raw, escaped in _TAG_ESCAPES.items()}
 
 
+_TAG_NEEDS_ESCAPING = re.compile(r"[; \\\r\n]")
+
+
 def escape_tag_value(value: str) -> str:
-    return value.translate(_TAG_ESCAPING)
+    # str.translate() looks at every character in Python's slow way: most values (times, ids) need nothing.
+    return value.translate(_TAG_ESCAPING) if _TAG_NEEDS_ESCAPING.search(value) else value
 
 
 def unescape_tag_value(value: str) -> str:
@@ -7531,6 +7535,12 @@ def parse_irc_message(line: str) -> IrcMessage | None:
 _IRC_BREAKS = str.maketrans("", "", "\r\n\0")
 
 
+def without_irc_breaks(text: str) -> str:
+    """TEXT without CR, LF and NUL, which would end or break an IRC message. A printable text has none,
+    known in C: str.translate() costs more than the rest of rendering a line."""
+    return text if text.isprintable() else text.translate(_IRC_BREAKS)
+
+
 def format_irc_message(command: str, params: Iterable[str] = (), source: str | None = IRC_FROM_SERVER,
                        tags: dict[str, str] | None = None) -> str:
     """One IRC message as text without CR LF; the last parameter is sent as a trailing one when it
@@ -7547,7 +7557,7 @@ def format_irc_message(command: str, params: Iterable[str] = (), source: str | N
     if params:
         *middle, last = params
         parts += middle
-        last = last.translate(_IRC_BREAKS)
+        last = without_irc_breaks(last)
         parts.append(":" + last if not last or " " in last or last.startswith(":") else last)
     return " ".join(parts)
 
@@ -7586,7 +7596,7 @@ def irc_text_messages(command: str, target: str, text: str, source: str, tags: d
     head = format_irc_message(command, (target,), source) + " :"
     before, after = wrap
     room = IRC_MAX_BODY_BYTES - len((head + before + after).encode("utf-8"))
-    pieces = split_utf8(text.translate(_IRC_BREAKS), room)
+    pieces = split_utf8(without_irc_breaks(text), room)
     prefix = "@" + format_irc_tags(tags) + " " if tags else ""
     return [f"{prefix}{head}{before}{piece}{after}" for piece in pieces]
 
@@ -7868,16 +7878,19 @@ def parse_ctcp(text: str) -> tuple[str, str] | None:
 
 def irc_server_time(when: float) -> str:
     """The server-time tag's value: UTC with milliseconds."""
-    moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return irc_message_time(round(when * 1_000_000))
 
 
 def irc_message_time(message_id: int) -> str:
     """The server-time of the line MESSAGE_ID, whose id is when it was said (see SCHEMA): the same in its
     time tag when it is said and in every history reply, to the millisecond."""
     seconds, microseconds = divmod(message_id, 1_000_000)
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{microseconds // 1000:03d}Z"
+    return f"{_irc_second(seconds)}{microseconds // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=256)       # a busy room's lines share their second: formatting it costs more
+def _irc_second(seconds: int) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 _IRC_TIMESTAMP = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?Z")

@@ -82,6 +82,16 @@ def test_tag_values_escape_and_unescape_to_themselves(value):
     assert server.unescape_tag_value(escaped) == value
 
 
+def test_the_quick_ways_past_str_translate_give_what_it_gives():
+    """escape_tag_value() and without_irc_breaks() skip str.translate() for text that needs nothing:
+    on random text, with and without the characters that matter, they give what it gives."""
+    chooser = random.Random(11)
+    for _ in range(3000):
+        text = "".join(chooser.choice("ab ;\\\r\n\0\x02é") for _ in range(chooser.randrange(12)))
+        assert server.escape_tag_value(text) == text.translate(server._TAG_ESCAPING), repr(text)
+        assert server.without_irc_breaks(text) == text.translate(server._IRC_BREAKS), repr(text)
+
+
 # -- writing messages -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("params, expected", [
@@ -276,6 +286,13 @@ def test_ctcp_messages_are_recognised(text, ctcp):
 
 def test_server_time_is_utc_with_milliseconds():
     assert server.irc_server_time(1764583200.25) == "2025-12-01T10:00:00.250Z"
+    assert server.irc_message_time(1764583200_999_999) == "2025-12-01T10:00:00.999Z"
+    chooser = random.Random(5)
+    for _ in range(2000):       # the second's text is remembered: every second, and every millisecond of it
+        when = chooser.randrange(0, 4_000_000_000_000) / 1000
+        moment = time.gmtime(int(when))
+        assert server.irc_server_time(when) == time.strftime("%Y-%m-%dT%H:%M:%S.", moment) + \
+            f"{round(when * 1000) % 1000:03d}Z", when
 
 
 @pytest.mark.parametrize("wanted, shown", [
