@@ -3314,7 +3314,6 @@ class Storage:
                 self.log_fd = open_data_file(self.path + "-wal", os.O_RDWR | os.O_CREAT)
             self.full_text = full_text and self._search_index()
             self._check_database()
-            self.newest_id = 0
             if new:
                 self._import_version_2()
             elif any(os.path.lexists(os.path.join(directory or "", name)) for name in VERSION_2_FILES):
