@@ -4361,9 +4361,6 @@ class Gate:
         self.admitted = 0                                       # connections given a thread
         self.registrations: dict[str, list[float]] = {}         # when accounts were registered, by address_bucket()
 
-    def guess_delay(self) -> float:
-        return self.options().guess_delay
-
     # -- the door: who may connect at all
 
     def admit(self, address: str, instead_of: str | None = None) -> Refused | None:
@@ -4442,7 +4439,7 @@ class Gate:
                     self.failures[bucket] = (counted - 1, last if counted_last == now else counted_last)
             return True
         log.warning("wrong %s from %r (%d in a row)", what, connection, wrong + 1)
-        time.sleep(self.guess_delay() * min(wrong + 1, GUESS_DELAY_STEPS))
+        time.sleep(self.options().guess_delay * min(wrong + 1, GUESS_DELAY_STEPS))
         return False
 
     def check_account(self, connection: ClientConnection | Session, name: str, secret: str) -> tuple[str, str] | None:
