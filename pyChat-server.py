@@ -4011,15 +4011,11 @@ class Storage:
         except sqlite3.Error as problem:
             for what, change in deferred.items():      # tried again with the next lines
                 self.deferred.setdefault(what, change)
-            if rows:
-                self._lines_not_written(problem, rows)
-
-    def _lines_not_written(self, problem: sqlite3.Error, rows: list[tuple]) -> None:
-        """Keep ROWS for another try (maintain()), and say why they could not be written. Lock held."""
-        log.error("%s: chat lines cannot be written (%s); they are kept in memory and tried again "
-                  "every %g s", self.path, _why(problem), MAINTENANCE_SECONDS)
-        for row in rows:
-            self._keep_unsaved(row)
+            if rows:        # kept for another try (maintain())
+                log.error("%s: chat lines cannot be written (%s); they are kept in memory and tried again "
+                          "every %g s", self.path, _why(problem), MAINTENANCE_SECONDS)
+                for row in rows:
+                    self._keep_unsaved(row)
 
     def add_messages(self, messages: Iterable[StoredMessage]) -> None:
         """Keep many lines at once, in one transaction (lines said elsewhere and brought in, a generated
