@@ -3080,8 +3080,6 @@ class MessageOfTheDay:
 # {"room", "forget": true}. The first start of this version reads them all
 # into the database in one transaction and renames each to NAME.imported.
 
-VERSION_2_FILES = ("accounts.jsonl", "operators.jsonl", "invitations.jsonl", "bans.jsonl", "rooms.jsonl",
-                   "offline.jsonl", "history.jsonl")
 MAX_RECORD_BYTES = 16 * 1024      # one line of a 2.0 data file; a longer one is skipped with a log line
 LATEST_TIME_AHEAD = 86400.0       # a time read from a 2.0 file may be this far ahead of the clock, no further
 
@@ -3221,6 +3219,7 @@ def _offline_row(key: str, v: dict) -> tuple:
 VERSION_2_KINDS = {"accounts.jsonl": _account_row, "operators.jsonl": _operator_row,
                    "invitations.jsonl": _invitation_row, "bans.jsonl": _ban_row, "rooms.jsonl": _room_row,
                    "offline.jsonl": _offline_row}
+VERSION_2_FILES = (*VERSION_2_KINDS, "history.jsonl")
 
 
 def version_2_changes(directory: str) -> tuple[list[tuple[str, tuple]], dict[str, int]]:
