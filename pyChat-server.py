@@ -3513,6 +3513,22 @@ class Storage:
                 log.error("%s: %s", self.path, _why(problem))
                 raise StorageError(f"The server's database cannot be read ({_why(problem)}).") from None
 
+    def _sound_rows(self, what: str, sql: str, parameters: tuple, kinds: tuple,
+                    check: Callable[..., None] | None = None) -> list[tuple]:
+        """The rows SQL finds, each of KINDS (_checked_row) and passed by CHECK (a ValueError if not): a damaged
+        row is logged as WHAT and left out, for nothing read is trusted."""
+        found = []
+        for row in self._query(sql, parameters):
+            try:
+                row = _checked_row(row, *kinds)
+                if check is not None:
+                    check(*row)
+            except ValueError as problem:
+                log.warning("%s: %s is damaged (%s); it is left out", self.path, what, problem)
+                continue
+            found.append(row)
+        return found
+
     # -- accounts -------------------------------------------------------------------
 
     def _account(self, key: str) -> tuple | None:
@@ -3600,14 +3616,10 @@ class Storage:
 
     def accounts(self) -> list[AccountRecord]:
         """Every account: its name, when it was registered and last seen; sorted by name."""
-        found = []
-        for row in self._query("SELECT name, since, last_seen FROM accounts"):
-            try:
-                name, since, seen = _checked_row(row, str, (int, float), (int, float, type(None)))
-            except ValueError as problem:
-                log.warning("%s: an account is damaged (%s); it is left out", self.path, problem)
-                continue
-            found.append(AccountRecord(name, float(since), None if seen is None else float(seen)))
+        rows = self._sound_rows("an account", "SELECT name, since, last_seen FROM accounts", (),
+                                (str, (int, float), (int, float, type(None))))
+        found = [AccountRecord(name, float(since), None if seen is None else float(seen))
+                 for name, since, seen in rows]
         return sorted(found, key=lambda account: account.name.casefold())
 
     def ignoring(self, nick: str) -> list[str]:
@@ -3700,42 +3712,33 @@ class Storage:
 
     def invitations(self, now: float) -> list[WaitingInvitation]:
         """Every invitation that still works, soonest to end first (without its code, which is not kept)."""
-        found = []
-        for row in self._query("SELECT name, purpose, by, expires FROM invitations WHERE expires > ? "
-                               "ORDER BY expires", (now,)):
-            try:
-                name, purpose, by, expires = _checked_row(row, str, str, str, (int, float))
-                if purpose not in INVITATION_PURPOSES:
-                    raise ValueError(f"{purpose!r:.20} is not the purpose of an invitation")
-            except ValueError as problem:
-                log.warning("%s: an invitation is damaged (%s); it is left out", self.path, problem)
-                continue
-            found.append(WaitingInvitation(name, purpose, by, float(expires)))
-        return found
+        def check(name: str, purpose: str, by: str, expires: float) -> None:
+            if purpose not in INVITATION_PURPOSES:
+                raise ValueError(f"{purpose!r:.20} is not the purpose of an invitation")
+
+        rows = self._sound_rows("an invitation", "SELECT name, purpose, by, expires FROM invitations "
+                                "WHERE expires > ? ORDER BY expires", (now,), (str, str, str, (int, float)), check)
+        return [WaitingInvitation(name, purpose, by, float(expires)) for name, purpose, by, expires in rows]
 
     # -- bans and mutes ---------------------------------------------------------------
     # Two tables of one shape (Ban). Bans are also held in memory: the door asks about every newcomer.
 
     def _rules(self, table: str, where: str = "", parameters: tuple = ()) -> list[Ban]:
         """The bans or mutes (TABLE) kept, WHERE asks, checked; a damaged one is logged and left out."""
-        rules = []
-        for row in self._query(f"SELECT key, kind, target, shown, reason, by, since, expires FROM {table} {where}",
-                               parameters):
-            try:
-                key, kind, target, shown, reason, by, since, expires = _checked_row(
-                    row, str, str, str, str, (str, type(None)), str, (int, float), (int, float, type(None)))
-                if kind == "account" and name_key(target) != target:
-                    raise ValueError(f"{target!r} is not an account's key")
-                if kind in ("address", "network") and ban_target(target) != (kind, target):
-                    raise ValueError(f"{target!r} is not an {kind}")
-                if kind not in ("account", "address", "network") or key != f"{kind}:{target}":
-                    raise ValueError(f"{key!r} is not a {table[:-1]} this server writes")
-            except ValueError as problem:
-                log.warning("%s: a %s is damaged (%s); it is left out", self.path, table[:-1], problem)
-                continue
-            rules.append(Ban(kind, target, shown, reason, by, float(since),
-                             None if expires is None else float(expires)))
-        return rules
+        def check(key: str, kind: str, target: str, *_: Any) -> None:
+            if kind == "account" and name_key(target) != target:
+                raise ValueError(f"{target!r} is not an account's key")
+            if kind in ("address", "network") and ban_target(target) != (kind, target):
+                raise ValueError(f"{target!r} is not an {kind}")
+            if kind not in ("account", "address", "network") or key != f"{kind}:{target}":
+                raise ValueError(f"{key!r} is not a {table[:-1]} this server writes")
+
+        rows = self._sound_rows(f"a {table[:-1]}", f"SELECT key, kind, target, shown, reason, by, since, expires "
+                                f"FROM {table} {where}", parameters,
+                                (str, str, str, str, (str, type(None)), str, (int, float), (int, float, type(None))),
+                                check)
+        return [Ban(kind, target, shown, reason, by, float(since), None if expires is None else float(expires))
+                for _, kind, target, shown, reason, by, since, expires in rows]
 
     def _load_rules(self, table: str) -> None:
         rules = self._rules(table)
@@ -3832,16 +3835,10 @@ class Storage:
 
     def room_masks(self, room: str) -> list[tuple[str, RoomMask]]:
         """The masks kept in ROOM's lists: (the list's name, the mask), the oldest first."""
-        found = []
-        for row in self._query("SELECT list, mask, by, since FROM room_masks WHERE room=? ORDER BY since",
-                               (name_key(room),)):
-            try:
-                list_name, mask, by, since = _checked_row(row, str, str, str, (int, float))
-            except ValueError as problem:
-                log.warning("%s: a mask of #%s is damaged (%s); it is left out", self.path, room, problem)
-                continue
-            found.append((list_name, RoomMask(clean_text(mask)[:MAX_LINE_BYTES], by, since)))
-        return found
+        rows = self._sound_rows(f"a mask of #{room}", "SELECT list, mask, by, since FROM room_masks WHERE room=? "
+                                "ORDER BY since", (name_key(room),), (str, str, str, (int, float)))
+        return [(list_name, RoomMask(clean_text(mask)[:MAX_LINE_BYTES], by, since))
+                for list_name, mask, by, since in rows]
 
     def save_room_settings(self, room: str, topic: str | None, modes: Iterable[str] = (),
                            masks: Iterable[tuple[str, RoomMask]] = ()) -> None:
@@ -3865,16 +3862,9 @@ class Storage:
 
     def kept_rooms(self, account: str) -> list[KeptRoom]:
         """The rooms ACCOUNT's owner is in, the one used last at the end."""
-        found = []
-        for row in self._query("SELECT name, password FROM kept_rooms WHERE account=? ORDER BY used, name",
-                               (name_key(account),)):
-            try:
-                name, password = _checked_row(row, str, (str, type(None)))
-            except ValueError as problem:
-                log.warning("%s: a kept room of %s is damaged (%s); it is left out", self.path, account, problem)
-                continue
-            if not name_problem(name, "Room name"):
-                found.append(KeptRoom(name, password))
+        rows = self._sound_rows(f"a kept room of {account}", "SELECT name, password FROM kept_rooms WHERE account=? "
+                                "ORDER BY used, name", (name_key(account),), (str, (str, type(None))))
+        found = [KeptRoom(name, password) for name, password in rows if not name_problem(name, "Room name")]
         return found[-MAX_KEPT_ROOMS:]
 
     def keep_room(self, account: str, room: str, password: str | None) -> None:
@@ -3950,16 +3940,10 @@ class Storage:
 
     def offline_waiting(self, recipient: str) -> list[OfflineMessage]:
         """Every message kept for RECIPIENT, oldest first; they stay kept until remove_offline()."""
-        found = []
-        for row in self._query("SELECT id, sender, time, text FROM offline WHERE recipient=? ORDER BY id",
-                               (name_key(recipient),)):
-            try:
-                number, sender, when, text = _checked_row(row, int, str, (int, float), str)
-            except ValueError as problem:
-                log.warning("%s: an offline message is damaged (%s); it is left out", self.path, problem)
-                continue
-            found.append(OfflineMessage(sender, name_key(sender), float(when), clean_text(text), number))
-        return found
+        rows = self._sound_rows("an offline message", "SELECT id, sender, time, text FROM offline WHERE recipient=? "
+                                "ORDER BY id", (name_key(recipient),), (int, str, (int, float), str))
+        return [OfflineMessage(sender, name_key(sender), float(when), clean_text(text), number)
+                for number, sender, when, text in rows]
 
     def remove_offline(self, messages: Iterable[OfflineMessage]) -> None:
         numbers = [message.number for message in messages]
