@@ -3413,8 +3413,7 @@ class Storage:
             db.execute("INSERT INTO meta VALUES ('written by', ?)", (VERSION,))
             return db
         Storage._upgrade(db, tables)
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        problem = Storage._schema_problem(db, tables)
+        problem = Storage._schema_problem(db)
         if problem:
             raise sqlite3.DatabaseError(problem)
         # Written only when it changes: a start writes nothing it need not, so that it can start on a full disk.
@@ -3434,8 +3433,9 @@ class Storage:
             log.info("the database's schema is now version %d", version)
 
     @staticmethod
-    def _schema_problem(db: sqlite3.Connection, tables: set[str]) -> str | None:
-        """Why DB, holding TABLES, is not a database this server can use, or None."""
+    def _schema_problem(db: sqlite3.Connection) -> str | None:
+        """Why DB is not a database this server can use, or None."""
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         missing = [table for table in TABLES if table not in tables]
         if missing:
             return f"not a pyChat database, or a damaged one (no table {missing[0]})"
@@ -4259,8 +4259,7 @@ class Storage:
             try:
                 found = [str(row[0]) for row in db.execute("PRAGMA integrity_check")]
                 found = [] if found == ["ok"] else found
-                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                found += [problem for problem in [cls._schema_problem(db, tables)] if problem and not found]
+                found += [problem for problem in [cls._schema_problem(db)] if problem and not found]
                 if not found:
                     for table, wrong in cls.WRONG_KINDS.items():
                         count = db.execute(f"SELECT count(*) FROM {table} WHERE {wrong}").fetchone()[0]
