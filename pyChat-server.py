@@ -3555,9 +3555,6 @@ class Storage:
     def account_names(self) -> list[str]:
         return sorted((name for name, in self._query("SELECT name FROM accounts")), key=str.casefold)
 
-    def account_count(self) -> int:
-        return self._query("SELECT count(*) FROM accounts")[0][0]
-
     @staticmethod
     def _hashed(password: str) -> tuple[bytes, bytes]:
         salt = secrets.token_bytes(SCRYPT_SALT_BYTES)
@@ -3570,7 +3567,7 @@ class Storage:
         registered = self.account_name(nick)
         if registered is not None:
             raise StoreFull(f"{registered} is registered already.")
-        if self.account_count() >= MAX_ACCOUNTS:
+        if self._query("SELECT count(*) FROM accounts")[0][0] >= MAX_ACCOUNTS:
             raise StoreFull(f"the server keeps at most {MAX_ACCOUNTS} accounts")
         try:
             self._change(("INSERT INTO accounts VALUES (?, ?, ?, ?, ?, ?, ?, ?, '', ?)",
