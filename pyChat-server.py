@@ -3318,8 +3318,7 @@ class Storage:
             elif any(os.path.lexists(os.path.join(directory or "", name)) for name in VERSION_2_FILES):
                 log.warning("%s: pyChat 2.0's files of JSON lines beside the database are left alone; they "
                             "were imported when the database was made", directory)
-            self.named_operators = {name_key(name): name for name in operators}
-            self._name_operators()
+            self.name_operators(operators)
             # The bans and mutes, as the database holds them, also in memory: every connection and every
             # sign-in asks for them, and they change seldom (only through _keep_rule() and _lift_rule()).
             self.rules_by_key: dict[str, dict[str, Ban]] = {}
@@ -3636,21 +3635,20 @@ class Storage:
 
     # -- operators ------------------------------------------------------------------
 
-    def _name_operators(self) -> None:
-        """One rule for --operator: a name is an operator's while it is named, and one dropped from the list
-        loses what the list gave it (an operator made with /oper add stays one until /oper remove)."""
-        for key, in self._query("SELECT key FROM operators WHERE by='--operator'"):
-            if key not in self.named_operators:
-                self._change(("DELETE FROM operators WHERE key=?", (key,)))
-        for key, name in self.named_operators.items():
-            if not self._query("SELECT 1 FROM operators WHERE key=?", (key,)):
-                self._change(("INSERT INTO operators VALUES (?, ?, '--operator', ?)", (key, name, time.time())))
+    def name_operators(self, names: Iterable[str]) -> None:
+        """The --operator list is now NAMES (at the start, and at a reload of the configuration).
 
-    def name_operators(self, names: list[str]) -> None:
-        """The --operator list is now NAMES (a reload of the configuration), by the same rule as at the start."""
+        One rule for --operator: a name is an operator's while it is named, and one dropped from the list
+        loses what the list gave it (an operator made with /oper add stays one until /oper remove).
+        """
         with self.lock:
             self.named_operators = {name_key(name): name for name in names}
-            self._name_operators()
+            for key, in self._query("SELECT key FROM operators WHERE by='--operator'"):
+                if key not in self.named_operators:
+                    self._change(("DELETE FROM operators WHERE key=?", (key,)))
+            for key, name in self.named_operators.items():
+                if not self._query("SELECT 1 FROM operators WHERE key=?", (key,)):
+                    self._change(("INSERT INTO operators VALUES (?, ?, '--operator', ?)", (key, name, time.time())))
 
     def unclaimed_operators(self) -> list[str]:
         """The names --operator gives that have no account yet."""
