@@ -3818,12 +3818,12 @@ class Storage:
     def room_settings(self, room: str) -> SavedRoom | None:
         """The settings saved for ROOM, or None if there are none."""
         rows = self._query("SELECT name, topic, modes FROM rooms WHERE key=?", (name_key(room),))
+        if not rows:
+            return None
         try:
-            _, topic, modes = _checked_row(rows[0], str, (str, type(None)), str) if rows else (None, None, None)
+            _, topic, modes = _checked_row(rows[0], str, (str, type(None)), str)
         except ValueError as problem:
             log.warning("%s: the settings of #%s are damaged (%s); they are left out", self.path, room, problem)
-            return None
-        if modes is None:
             return None
         return SavedRoom(None if topic is None else clean_text(topic)[:MAX_LINE_BYTES],
                          tuple(mode for mode in modes.split() if re.fullmatch(r"[a-z0-9-]{1,20}", mode)))
