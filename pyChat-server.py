@@ -3040,12 +3040,9 @@ class MessageOfTheDay:
             return list(self.text)
 
     def _read(self) -> list[str]:
+        fd = None
         try:
             fd = os.open(self.path, os.O_RDONLY | _CLOEXEC | getattr(os, "O_NONBLOCK", 0))
-        except OSError as problem:
-            self._complain(f"cannot read the message of the day {self.path}: {problem.strerror}")
-            return []
-        try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 self._complain(f"the message of the day {self.path} is not a regular file")
                 return []
@@ -3054,7 +3051,8 @@ class MessageOfTheDay:
             self._complain(f"cannot read the message of the day {self.path}: {problem.strerror}")
             return []
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         if len(data) > MAX_MOTD_BYTES:
             log.warning("message of the day %s: only its first %d bytes are shown", self.path, MAX_MOTD_BYTES)
         self.complained = False
