@@ -3874,11 +3874,8 @@ class Storage:
 
     def read_positions(self, account: str) -> dict[str, int]:
         """ACCOUNT's read positions: message target -> the id of the last line read there."""
-        positions = {}
-        for row in self._query("SELECT target, id FROM read_positions WHERE account=?", (name_key(account),)):
-            if isinstance(row[0], str) and isinstance(row[1], int):
-                positions[row[0]] = row[1]
-        return positions
+        rows = self._query("SELECT target, id FROM read_positions WHERE account=?", (name_key(account),))
+        return {target: number for target, number in rows if isinstance(target, str) and isinstance(number, int)}
 
     def mark_read(self, account: str, target: str, message_id: int, only_if_new: bool = False) -> None:
         """ACCOUNT's owner has read TARGET up to MESSAGE_ID: the position moves forward, never back.
