@@ -4280,8 +4280,7 @@ class Storage:
         counts = {table: self._query(f"SELECT count(*) FROM {table}")[0][0]
                   for table in ("accounts", "bans", "mutes", "offline", "messages")}
         return (f"{counts['accounts']} account(s), {counts['bans']} ban(s), {counts['mutes']} mute(s), "
-                f"{counts['offline']} offline "
-                f"message(s), {counts['messages']} chat line(s); search "
+                f"{counts['offline']} offline message(s), {counts['messages']} chat line(s); search "
                 f"{'with the full-text index (FTS5)' if self.full_text else 'by scanning the newest lines'}")
 
     def close(self) -> None:
