@@ -4894,7 +4894,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.watchers: dict[str, set[Person]] = {}              # who watches for each name_key(), if anyone
         self.stopping = False
         self.stop_signal, self.stop_trigger = socket.socketpair()
-        self.started = time.time()
         self.tls = self.make_tls_context(options) if options.tls_cert else None
         self.storage = Storage(options.data_dir, options.history_days, options.history_max_mb, options.operator)
         self.motd = MessageOfTheDay(options.motd)
