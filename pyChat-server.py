@@ -4565,6 +4565,16 @@ class Refused(commands.CommandError):
         self.nick = nick
 
 
+@contextlib.contextmanager
+def refused_on(*problems: type[Exception]) -> Iterator[None]:
+    """Turn any of PROBLEMS raised in the block into a Refused with the same message: each says what went
+    wrong in words for the person who asked (a limit of what is kept, the database, a duration)."""
+    try:
+        yield
+    except problems as problem:
+        raise Refused(str(problem)) from None
+
+
 class Person:
     """Someone in the chat: a guest, or the owner of an account, on one or more Sessions. Changed only by
     ChatServer's methods, under its lock."""
@@ -6029,12 +6039,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self._private_copies(session, PrivateTo(registered, text, line_id, (), person.account))
         else:
             if person.key not in self.storage.ignoring(registered):
-                try:
+                with refused_on(StoreFull, StorageError):
                     sender = f"account:{name_key(person.account)}" if person.account else \
                         f"address:{address_bucket(session.address)}"
                     self.storage.leave_offline(person.nick, sender, registered, text)
-                except (StoreFull, StorageError) as problem:
-                    raise Refused(str(problem)) from None
             session.output.send(PrivateTo(registered, text))
         session.output.send(Reply(f"{registered} is offline; the message is kept for them and shown when they "
                                   "next sign in."))
@@ -6407,10 +6415,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if problem:
                 raise Refused(problem)
         account = self._check_own_password(session, old)
-        try:
+        with refused_on(StoreFull, StorageError):
             self.storage.set_password(account, new)
-        except (StoreFull, StorageError) as problem:
-            raise Refused(str(problem)) from None
         log.info("%r changed the password of %s", person, account)
 
     def unregister(self, session: Session, password: str) -> str:
@@ -6420,10 +6426,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         was_operator = self.storage.is_operator(account)
         if was_operator and len(self.storage.operator_names()) == 1:
             raise Refused(f"{account} is the last operator; make another with /oper add first.")
-        try:
+        with refused_on(StorageError):
             self.storage.remove_account(account)
-        except StorageError as problem:
-            raise Refused(str(problem)) from None
         with self.lock:
             self.by_account.pop(name_key(account), None)
             person.account = None
@@ -6447,10 +6451,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         registered = self.storage.account_name(nick)
         if registered is not None:
             raise Refused(f"{registered} has an account already.")
-        try:
+        with refused_on(StoreFull, StorageError):
             code = self.storage.invite(nick, by.nick)
-        except (StoreFull, StorageError) as problem:
-            raise Refused(str(problem)) from None
         log.warning("%r invited %s", by, nick)
         return (f"Invitation for {nick}: {code} (it works once, for {INVITATION_SECONDS // 86400} days). "
                 f"They sign in as {nick} and give it when asked.")
@@ -6465,10 +6467,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(f"{nick} has no account and no invitation.")
         if self.storage.is_operator(registered):
             raise Refused(f"{registered} is an operator; /oper remove {registered} first.")
-        try:
+        with refused_on(StorageError):
             self.storage.remove_account(registered)
-        except StorageError as problem:
-            raise Refused(str(problem)) from None
         with self.lock:
             owner = self.by_account.pop(name_key(registered), None)
             if owner is not None:
@@ -6496,13 +6496,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
             raise Refused(f"{registered} is {'already' if operator else 'not'} an operator.")
         if not operator and len(self.storage.operator_names()) == 1:
             raise Refused(f"{registered} is the last operator; make another with /oper add first.")
-        try:
+        with refused_on(StoreFull, StorageError):
             if operator:
                 self.storage.add_operator(registered, by.nick)
             else:
                 self.storage.remove_operator(registered)
-        except (StoreFull, StorageError) as problem:
-            raise Refused(str(problem)) from None
         with self.lock:
             person = self.by_account.get(name_key(registered))
             if person is not None:
@@ -6521,10 +6519,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     @staticmethod
     def _rule_seconds(duration: str | None, reason: str | None) -> float | None:
         """The seconds of a ban's or mute's DURATION (None: until lifted), once its REASON is checked too."""
-        try:
+        with refused_on(ValueError):
             seconds = parse_duration(duration) if duration else None
-        except ValueError as problem:
-            raise Refused(str(problem)) from None
         if reason is not None and len(reason) > MAX_REASON_LENGTH:
             raise Refused(f"The reason is too long (at most {MAX_REASON_LENGTH} characters).")
         return seconds
@@ -6535,10 +6531,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         by = session.person
         now = time.time()
         seconds = self._rule_seconds(duration, reason)
-        try:
+        with refused_on(ValueError):
             found = ban_target(target)
-        except ValueError as problem:
-            raise Refused(str(problem)) from None
         with self.lock:
             if found is None:
                 kind, value, shown, what = self._rule_of_nick(session, target, "ban")
@@ -6550,10 +6544,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     raise Refused(f"That would ban you too: you connect from {ip_of(session.address)}.")
             ban = Ban(kind, value, shown, reason, by.nick, now, None if seconds is None else now + seconds)
             self._spare_operators(ban, "ban")
-        try:
+        with refused_on(StoreFull, StorageError):
             self.storage.ban(ban)
-        except (StoreFull, StorageError) as problem:
-            raise Refused(str(problem)) from None
         with self.lock:
             self.bans_made += 1
             banned = [person for person in self.people.values() if self._applies(ban, person)]
@@ -6612,10 +6604,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def _rule_key(target: str, rules: list[Ban]) -> str:
         """The key of the ban or mute TARGET names: an address, a network, an account, or a guest's nickname
         as /bans and /mutes show it ("ADDRESS (NICK)")."""
-        try:
+        with refused_on(ValueError):
             found = ban_target(target)
-        except ValueError as problem:
-            raise Refused(str(problem)) from None
         if found is not None:
             return f"{found[0]}:{found[1]}"
         key = f"account:{name_key(normal_name(target))}"
@@ -6632,20 +6622,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def unban(self, session: Session, target: str) -> str:
         """Lift the ban on TARGET: an address, a network, an account, or a guest's nickname as /bans shows it."""
         by = session.person
-        try:
+        with refused_on(StorageError):
             lifted = self.storage.lift_ban(self._rule_key(target, self.storage.bans(time.time())))
-        except StorageError as problem:
-            raise Refused(str(problem)) from None
         if lifted is None:
             raise Refused(f"There is no ban on {target}. /bans lists them.")
         log.warning("%r lifted the ban on %s %s", by, lifted.kind, lifted.shown)
         return f"Lifted the ban on the {lifted.kind} {lifted.shown}."
 
     def ban_lines(self) -> list[str]:
-        try:
+        with refused_on(StorageError):
             return self._rule_lines(self.storage.bans(time.time()))
-        except StorageError as problem:
-            raise Refused(str(problem)) from None
 
     # -- mutes: a person who reads but puts no words in front of others ------------------------------
     # A mute lasts like a ban and holds at every door: sign_in() looks for one, mute() and unmute() change
@@ -6660,10 +6646,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             kind, value, shown, what = self._rule_of_nick(session, nick, "mute")
             mute = Ban(kind, value, shown, reason, by.nick, now, None if seconds is None else now + seconds)
             self._spare_operators(mute, "mute")
-        try:
+        with refused_on(StoreFull, StorageError):
             self.storage.mute(mute)
-        except (StoreFull, StorageError) as problem:
-            raise Refused(str(problem)) from None
         with self.lock:
             muted = [person for person in self.people.values() if self._applies(mute, person)]
             for person in muted:
@@ -6678,10 +6662,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Lift the mute on TARGET: an account, or a guest's nickname or address as /mutes shows it."""
         by = session.person
         now = time.time()
-        try:
+        with refused_on(StorageError):
             lifted = self.storage.lift_mute(self._rule_key(target, self.storage.mutes(now)))
-        except StorageError as problem:
-            raise Refused(str(problem)) from None
         if lifted is None:
             raise Refused(f"{target} is not muted. /mutes lists who is.")
         with self.lock:
@@ -6694,10 +6676,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return f"Unmuted the {lifted.kind} {lifted.shown}."
 
     def mute_lines(self) -> list[str]:
-        try:
+        with refused_on(StorageError):
             return self._rule_lines(self.storage.mutes(time.time()))
-        except StorageError as problem:
-            raise Refused(str(problem)) from None
 
     # -- an admin's lists: accounts and invitations ------------------------------------------------
 
@@ -6732,10 +6712,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def cancel_invitation(self, session: Session, nick: str) -> str:
         """Let NICK's invitation, or the password reset waiting for their account, go unused."""
         by = session.person
-        try:
+        with refused_on(StorageError):
             purpose = self.storage.remove_invitation(normal_name(nick))
-        except StorageError as problem:
-            raise Refused(str(problem)) from None
         if purpose is None:
             raise Refused(f"No invitation is waiting for {nick}. /invitations lists them.")
         what = "password reset" if purpose == "password" else "invitation"
@@ -6749,10 +6727,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         registered = self.storage.account_name(nick)
         if registered is None:
             raise Refused(f"{nick} has no account.")
-        try:
+        with refused_on(StoreFull, StorageError):
             code = self.storage.invite(registered, by.nick, "password")
-        except (StoreFull, StorageError) as problem:
-            raise Refused(str(problem)) from None
         log.warning("%r made a password reset code for %s", by, registered)
         return (f"Password reset for {registered}: {code} (it works once, for {INVITATION_SECONDS // 86400} days). "
                 f"They sign in as {registered} with the pyChat client or nc and give it at the password prompt, "
