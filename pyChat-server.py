@@ -6157,7 +6157,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             for someone in self.ignorers.pop(old_key, ()):       # an ignore follows the person
                 someone.ignoring = someone.ignoring - {old_key} | {new_key}
                 self._count_ignorer(new_key, someone, True)
-            self._to_people(self._sharers(person) | {person}, Renamed(old_nick, new_nick))
+            self._to_people(self._with_sharers(person), Renamed(old_nick, new_nick))
             if new_key != old_key:      # a new spelling of the same name neither leaves nor comes
                 self._to_people(self.watchers.get(old_key, ()), WentOffline(old_nick))
                 self._to_people(self.watchers.get(new_key, ()), CameOnline(new_nick))
@@ -6171,7 +6171,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if person.muted:
                 raise Refused("You are muted; you cannot change your real name.")
             person.realname = realname
-            self._to_people(self._sharers(person) | {person}, RealnameChanged(person.nick, realname))
+            self._to_people(self._with_sharers(person), RealnameChanged(person.nick, realname))
 
     def set_modes(self, session: Session, bot: bool | None = None, invisible: bool | None = None) -> None:
         """Mark PERSON as a program (a bot or a bridge), or not; as invisible to searches by those who share
@@ -6198,7 +6198,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused("You are not away.")
             person.away = reason
             if not person.muted:
-                self._to_people(self._sharers(person), AwayChanged(person.nick, reason))
+                self._to_people(self._with_sharers(person) - {person}, AwayChanged(person.nick, reason))
 
     def change_protocol(self, session: Session, protocol: PyChatProtocol, first: bytes = b"") -> None:
         """Render what SESSION is sent with PROTOCOL from now on (an IRC client enabled a capability), after
@@ -6219,13 +6219,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
         for session in list(sessions):
             session.output.end(why, farewell)
 
-    def _sharers(self, person: Person) -> set[Person]:
-        """Everyone who shares at least one room with PERSON, but PERSON. Lock held."""
-        receivers: set[Person] = set()
-        for room in person.rooms.values():
-            receivers |= room.members
-        receivers.discard(person)
-        return receivers
+    @staticmethod
+    def _with_sharers(person: Person) -> set[Person]:
+        """PERSON and everyone who shares at least one room with them. Lock held."""
+        return {person}.union(*(room.members for room in person.rooms.values()))
 
     def watch(self, session: Session, nicks: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
         """Tell PERSON from now on whenever each of NICKS signs in or leaves (IRC's MONITOR), up to WATCH_LIMIT
@@ -6383,7 +6380,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             made_operator = not person.operator and self.storage.is_operator(nick)
             person.operator = person.operator or made_operator
             keys = list(person.ignoring)
-            self._to_people(self._sharers(person) | {person}, AccountChanged(person.nick, nick))
+            self._to_people(self._with_sharers(person), AccountChanged(person.nick, nick))
         if keys:
             self.storage.set_ignoring(nick, keys)
         if made_operator:
@@ -6432,7 +6429,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self.by_account.pop(name_key(account), None)
             person.account = None
             person.operator = person.operator and not was_operator
-            self._to_people(self._sharers(person) | {person}, AccountChanged(person.nick, None))
+            self._to_people(self._with_sharers(person), AccountChanged(person.nick, None))
         log.info("%r gave up the account %s", person, account)
         if self.options.private:
             self._end_sessions(person.sessions, "gave up their account",
