@@ -5530,8 +5530,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def _private_event(message: StoredMessage, person: Person, other: str) -> PrivateFrom | PrivateTo:
         """A kept line of PERSON's private conversation with OTHER, as PERSON sees it."""
         notice = message.kind == "notice"
-        if (name_key(message.account) if message.account else name_key(message.nick)) == \
-                (name_key(person.account) if person.account else person.key):
+        if name_key(message.account or message.nick) == name_key(person.account or person.nick):
             return PrivateTo(other, message.text, str(message.id), (), message.account, notice)
         return PrivateFrom(message.nick, message.text, str(message.id), (), message.account, notice)
 
