@@ -7072,11 +7072,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def stop(self) -> None:
         """Tell everyone, close every connection, and wait a little for them to go."""
+        doors = [door for door in (self.irc, self.web) if door is not None]
         self.shutdown()
-        if self.irc is not None:
-            self.irc.shutdown()
-        if self.web is not None:
-            self.web.shutdown()
+        for door in doors:
+            door.shutdown()
         with self.lock:
             self.stopping = True
             connections = list(self.connections)
@@ -7093,10 +7092,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             time.sleep(0.01)
         self.switchboard.stop()
         self.server_close()
-        if self.irc is not None:
-            self.irc.server_close()
-        if self.web is not None:
-            self.web.server_close()
+        for door in doors:
+            door.server_close()
         self.storage.close()
 
 
