@@ -5775,7 +5775,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
             room.password = None if value == "off" else value
             return setting, "off" if value == "off" else "on"
         if setting in ("invite-only", "moderated", "secret", "outside-messages"):
-            setattr(room, setting.replace("-", "_"), self._on_off(value))
+            if value not in ("on", "off"):
+                raise Refused(f"Say on or off, not {value!r}.")
+            setattr(room, setting.replace("-", "_"), value == "on")
         elif setting == "topic":
             if value not in ("operators", "everyone"):
                 raise Refused("Say who may set the topic: /mode topic operators, or /mode topic everyone.")
@@ -5862,12 +5864,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
                           room=room.name)
         if person.muted:
             raise Refused("You are muted; you cannot run a room.")
-
-    @staticmethod
-    def _on_off(value: str) -> bool:
-        if value not in ("on", "off"):
-            raise Refused(f"Say on or off, not {value!r}.")
-        return value == "on"
 
     # -- talking ----------------------------------------------------------------------
 
