@@ -6983,7 +6983,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def look_up(self, nicks: list[str]) -> list[commands.PersonInfo | None]:
         """Each of NICKS (a few) as a PersonInfo if they are online, else None."""
-        keys = [name_key(unicodedata.normalize("NFKC", nick)) for nick in nicks
+        keys = [name_key(normal_name(nick)) for nick in nicks
                 if len(nick) <= MAX_NICKNAME_LENGTH]        # longer is no one's, and not worth normalising
         with self.lock:
             found = [self.people.get(key) for key in keys]
