@@ -5260,8 +5260,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Put SESSION's person back in a room kept for their account, if they may still be there (current
         for SESSION if CURRENT). Lock held."""
         room = self.rooms.get(name_key(kept.name))
-        if room is not None and room.members and room.password is not None and not hmac.compare_digest(
-                (kept.password or "").encode("utf-8"), room.password.encode("utf-8")):
+        if room is not None and room.members and room.password is not None and \
+                not same_secret(kept.password or "", room.password):
             session.output.send(Notice(f"#{room.name} has a new key: /join #{room.name} KEY to go back."))
             self.storage.drop_room(session.person.account, room.name)
             return
@@ -5656,8 +5656,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if room.limit is not None and len(room.members) >= room.limit:
                     raise Refused(f"#{room.name} is full: it takes {room.limit} people; one of its operators "
                                   f"can /invite you.", "room-full", room=room.name)
-                if room.password is not None and not hmac.compare_digest(
-                        (password or "").encode("utf-8"), room.password.encode("utf-8")):
+                if room.password is not None and not same_secret(password or "", room.password):
                     raise Refused(f"#{room.name} needs a key: /join #{room.name} KEY." if password is None
                                   else f"Wrong key for #{room.name}.", "bad-key", room=room.name)
             opening = not room.members
