@@ -5038,7 +5038,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if self.spare_descriptor is not None:
             os.close(self.spare_descriptor)
             self.spare_descriptor = None
-            try:
+            with contextlib.suppress(OSError):
                 newcomer, _ = self.socket.accept()
                 newcomer.setblocking(False)
                 try:
@@ -5046,12 +5046,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 finally:
                     newcomer.close()
                 told = True
-            except OSError:
-                pass
-            try:
+            with contextlib.suppress(OSError):
                 self.spare_descriptor = os.open(os.devnull, os.O_RDONLY | _CLOEXEC)
-            except OSError:
-                pass
         if not told:
             time.sleep(OUT_OF_DESCRIPTORS_PAUSE)
 
