@@ -5612,8 +5612,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def _visible_room(self, viewer: Person, name: str) -> Room:
         """The room NAME if it has people and VIEWER may know of it; refused otherwise. Lock held."""
         room = self.rooms.get(name_key(room_name(name)))
-        if room is None or not room.members or (room.private and viewer not in room.members
-                                                and not viewer.operator):
+        if not self._may_see(viewer, room) or not room.members:
             raise Refused(f"No one is in #{room_name(name)}. /rooms lists the rooms.", "no-such-room",
                           room=room_name(name))
         return room
