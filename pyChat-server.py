@@ -5729,12 +5729,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
             saved = self._room_to_save(room)
         self._save_room(*saved)
 
-    def set_mode(self, session: Session, setting: str, value: str, name: str | None = None) -> None:
-        """Change one of ROOM_SETTINGS of the room NAME (or BY's current one); the room is told."""
-        refusal = self.set_room_modes(session, [(setting, value)], name)[0]
-        if refusal is not None:
-            raise refusal
-
     def set_room_modes(self, session: Session, changes: list[tuple[str, str]],
                        name: str | None = None) -> list[Refused | None]:
         """Make CHANGES, each one of ROOM_SETTINGS and its value, to the room NAME (or SESSION's current one),
@@ -7191,7 +7185,9 @@ class Context:
         self._server.set_topic(self._caller, text, room)
 
     def set_mode(self, setting: str, value: str, room: str | None = None) -> None:
-        self._server.set_mode(self._caller, setting, value, room)
+        refusal = self._server.set_room_modes(self._caller, [(setting, value)], room)[0]
+        if refusal is not None:
+            raise refusal
 
     def set_modes(self, changes: list[tuple[str, str]], room: str | None = None) -> list[str]:
         """Several settings at once; what was refused, and why."""
