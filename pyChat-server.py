@@ -4798,20 +4798,25 @@ class Room:
         # to the room is rendered once per group, not once per member.
         self.audiences: dict[tuple[PyChatProtocol, bool], set[Output]] = {}
         self.operators: set[Person] = set()
+        self.voiced: set[Person] = set()
+        self.topic_by_everyone = False
+        self.last_line = 0                      # the id of the last line said here (0: none since the start)
+        self.opened = time.time()               # when its first member of this life came in
+        self.last_used = time.monotonic()
+        self.forget_settings()
+
+    def forget_settings(self) -> None:
+        """Give the room the settings it starts with: when it is made, and when it empties if private, so
+        that it forgets everything and the next to open it sees nothing of it."""
         self.topic: str | None = None
         self.topic_set: tuple[str, float] | None = None     # who set the topic and when, since the server started
         self.password: str | None = None        # the room's key, for /join ROOM KEY
         self.invite_only = False
-        self.topic_by_everyone = False
-        self.last_line = 0                      # the id of the last line said here (0: none since the start)
         self.secret = False                     # hidden from those outside it, as a room with a key is
         self.limit: int | None = None           # the most members it takes
         self.moderated = False                  # only its operators and voiced members talk
-        self.voiced: set[Person] = set()
         self.outside_messages = False           # people not in it may talk in it (IRC's -n)
         self.masks: dict[str, dict[str, RoomMask]] = {name: {} for name in ROOM_MASK_LISTS}   # by casefolded mask
-        self.opened = time.time()               # when its first member of this life came in
-        self.last_used = time.monotonic()
 
     @property
     def private(self) -> bool:
@@ -4828,13 +4833,6 @@ class Room:
     def banned(self, person: Person) -> bool:
         """PERSON fits a ban of the room and no exception."""
         return self.fits(person, "ban") and not self.fits(person, "exempt")
-
-    def forget_settings(self) -> None:
-        """What a private room does when it empties: it forgets everything, so that the next to open it
-        sees nothing of it."""
-        self.password, self.invite_only, self.topic, self.topic_set = None, False, None, None
-        self.secret, self.limit, self.moderated, self.outside_messages = False, None, False, False
-        self.masks = {name: {} for name in ROOM_MASK_LISTS}
 
     def hear(self, session: Session, current: bool) -> None:
         """Put SESSION's output in the audience for its current room, or for its other rooms."""
