@@ -5351,11 +5351,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def _leave_chat(self, person: Person, reason: str) -> None:
         """Take PERSON out of the chat; everyone who shares a room with them is told, once. Lock held."""
-        receivers = set()
-        for room in person.rooms.values():
-            if len(room.members) <= ANNOUNCE_LIMIT:
-                receivers |= room.members
-        receivers.discard(person)
+        receivers = set().union(*(room.members for room in person.rooms.values()
+                                  if len(room.members) <= ANNOUNCE_LIMIT)) - {person}
         if not self.stopping:
             # A muted person's own words (their /quit message) are not shown. Told while they are still
             # here, so that IRC's rendering finds their NICK!USER@HOST.
