@@ -5667,7 +5667,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         person = session.person
         with self.lock:
             room = self._member_room(session, name)
-            if len(person.rooms) == 1 and room is self.lobby and self._needs_a_room(person):
+            if self._must_stay_in(person, room):
                 raise Refused(f"#{room.name} is your only room; /quit leaves the chat.")
             self._to_sessions(person.sessions, YouLeft(room.name, reason))
             self._exit(person, room, None if person.muted else Left(room.name, person.nick, reason))
@@ -5684,7 +5684,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if target.operator and not by.operator:
                 raise Refused(f"{target.nick} is a server operator; a room operator cannot kick them.",
                               "not-room-operator", room=room.name)
-            if len(target.rooms) == 1 and room is self.lobby and self._needs_a_room(target):
+            if self._must_stay_in(target, room):
                 raise Refused(f"#{room.name} is {target.nick}'s only room; a server operator can /disconnect them.")
             self._to_sessions(target.sessions, YouWereKicked(room.name, by.nick, reason))
             self._exit(target, room, Kicked(room.name, target.nick, by.nick, reason))
@@ -7034,10 +7034,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         for (protocol, tagged), outputs in groups.items():
             self.switchboard.queue(outputs, protocol.encode(event, tagged), reply=reply)
 
-    @staticmethod
-    def _needs_a_room(person: Person) -> bool:
-        """PERSON has a session whose protocol must always have a current room."""
-        return any(session.output.protocol.has_current_room for session in person.sessions)
+    def _must_stay_in(self, person: Person, room: Room) -> bool:
+        """ROOM is the lobby and PERSON's only room, and a session of theirs has a protocol that must always
+        have a current room: they may not leave it, nor be kicked out of it. Lock held."""
+        return len(person.rooms) == 1 and room is self.lobby and any(
+            session.output.protocol.has_current_room for session in person.sessions)
 
     def _find(self, nick: str) -> Person:
         """The person called NICK (spelt any look-alike way); the lock is held."""
