@@ -5678,9 +5678,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             room = self._member_room(session, name)
             self._check_runs(by, room)
-            target = self._find(nick)
-            if target not in room.members:
-                raise Refused(f"{target.nick} is not in #{room.name}.", "they-are-not-in-room", room.name, target.nick)
+            target = self._find(nick, room)
             if target.operator and not by.operator:
                 raise Refused(f"{target.nick} is a server operator; a room operator cannot kick them.",
                               "not-room-operator", room=room.name)
@@ -5773,9 +5771,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             room.limit = None if value == "off" else limit
             value = "off" if value == "off" else str(limit)
         elif setting in ("op", "deop", "voice", "devoice"):
-            target = self._find(value)
-            if target not in room.members:
-                raise Refused(f"{target.nick} is not in #{room.name}.", "they-are-not-in-room", room.name, target.nick)
+            target = self._find(value, room)
             adding = setting in ("op", "voice")
             group, what = (room.operators, "an operator") if setting in ("op", "deop") else (room.voiced, "voiced")
             if adding == (target in group):
@@ -7040,12 +7036,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return len(person.rooms) == 1 and room is self.lobby and any(
             session.output.protocol.has_current_room for session in person.sessions)
 
-    def _find(self, nick: str) -> Person:
-        """The person called NICK (spelt any look-alike way); the lock is held."""
+    def _find(self, nick: str, room: Room | None = None) -> Person:
+        """The person called NICK (spelt any look-alike way), who must be in ROOM if given; the lock is held."""
         found = self.people.get(name_key(normal_name(nick)))
         if found is None:
             raise Refused(f"No one called {nick} is online. /online lists who is.", "no-such-person",
                           nick=nick)
+        if room is not None and found not in room.members:
+            raise Refused(f"{found.nick} is not in #{room.name}.", "they-are-not-in-room", room.name, found.nick)
         return found
 
     # -- shutting down -------------------------------------------------------------
