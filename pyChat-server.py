@@ -5686,7 +5686,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused(f"#{room.name} is {target.nick}'s only room; a server operator can /disconnect them.")
             self._to_sessions(target.sessions, YouWereKicked(room.name, by.nick, reason))
             self._exit(target, room, Kicked(room.name, target.nick, by.nick, reason))
-        log.warning("%r kicked %r from #%s%s", by, target, room.name, f": {reason}" if reason else "")
+        log.warning("%r kicked %r from #%s%s", by, target, room.name, _because(reason))
         return target.nick
 
     def invite(self, session: Session, nick: str, name: str | None = None) -> str:
@@ -6319,7 +6319,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         by = session.person
         with self.lock:
             target = self._find(nick)
-        why = f"disconnected by {by.nick}" + (f": {reason}" if reason else "")
+        why = f"disconnected by {by.nick}" + _because(reason)
         self._end_sessions(target.sessions, why, DisconnectedBy(by.nick, reason))
         log.warning("%r %s", target, why)
         return target.nick
@@ -6522,11 +6522,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
             banned = [person for person in self.people.values() if self._applies(ban, person)]
             ended = [s for person in banned for s in person.sessions if self._applies(ban, person, s.address)]
         how_long = ban.how_long(time.time())
-        self._end_sessions(ended, f"banned by {by.nick}" + (f": {reason}" if reason else ""),
+        self._end_sessions(ended, f"banned by {by.nick}" + _because(reason),
                            Banned(by.nick, how_long, reason))
-        log.warning("%r banned %s %s%s", by, what, how_long, f": {reason}" if reason else "")
+        log.warning("%r banned %s %s%s", by, what, how_long, _because(reason))
         return (f"Banned {what} " + (f"for {describe_duration(seconds)}" if seconds else "permanently")
-                + (f": {reason}" if reason else "") + "."
+                + _because(reason) + "."
                 + (f" Disconnected {', '.join(p.nick for p in banned)}." if banned else ""))
 
     def _rule_of_nick(self, session: Session, nick: str, verb: str) -> tuple[str, str, str, str]:
