@@ -315,7 +315,9 @@ def test_a_slow_reader_who_quits_past_descriptor_1023_is_still_closed(start_serv
     if hard != resource.RLIM_INFINITY and hard < 1200:
         pytest.skip(f"the open-file limit ({hard}) is too low for 1,040 connections")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
-    server = start_server("--max-clients", "0", "--max-per-ip", "0", "--rate", "0")
+    # 300 KB go to the speaker and to slow, neither reading while it is sent: past the default --max-queue,
+    # which cuts a reader off once enough chunks wait, and how many lines a chunk carries depends on timing.
+    server = start_server("--max-clients", "0", "--max-per-ip", "0", "--rate", "0", "--max-queue", "4000000")
     idle = []
     try:
         for _ in range(1040):
