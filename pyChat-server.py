@@ -1402,7 +1402,7 @@ PYCHAT = PyChatProtocol()
 # Chunks that may wait in an output's `pending` before the thread that queues
 # one more counts what waits (moving them to `outbox`) and checks --max-queue.
 # The switchboard keeps a reader who reads well near zero, so only a reader who
-# falls behind is ever counted; at most this many lines past --max-queue are kept.
+# falls behind is ever counted; at most this many chunks past --max-queue are kept.
 PENDING_BEFORE_COUNT = 64
 
 PENDING_OF = operator.attrgetter("pending")
