@@ -6124,7 +6124,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if new_nick == person.nick:
                 raise Refused(f"You are already {new_nick}.", "same-nickname", nick=new_nick)
             old_nick, old_key, new_key = person.nick, person.key, name_key(new_nick)
-            self.departed.append(Departed(old_nick, old_key, person.account, person.realname, time.time()))
+            self.departed.append(Departed(old_nick, old_key, person.account, person.realname, time.time(),
+                                          person.username))
             del self.people[old_key]
             person.nick, person.key = new_nick, new_key
             self.people[new_key] = person

@@ -269,9 +269,14 @@ def test_the_user_name_of_user_shows_cleaned_in_prefixes_who_whois_and_whowas(st
     assert params(bob.expect("311 bob "))[2:4] == ["~ali-c.e_l", "pychat"]
     bob.send("WHO *!~bob@*")
     assert [params(line)[5] for line in bob.lines_until("315 ") if command_of(line) == "352"] == ["bob"]
-    alice.send("QUIT :bye")
-    assert bob.expect("QUIT ").startswith(":alice!~ali-c.e_l@pychat QUIT")
+    alice.send("NICK alicia")           # a name given up by renaming is remembered with the user name too
+    bob.expect("NICK :?alicia")
     bob.send("WHOWAS alice")
+    assert params(bob.expect("314 bob "))[2:4] == ["~ali-c.e_l", "pychat"]
+    bob.expect("369 bob alice ")
+    alice.send("QUIT :bye")
+    assert bob.expect("QUIT ").startswith(":alicia!~ali-c.e_l@pychat QUIT")
+    bob.send("WHOWAS alicia")
     assert params(bob.expect("314 bob "))[2:4] == ["~ali-c.e_l", "pychat"]
 
 
