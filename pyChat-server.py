@@ -4799,7 +4799,6 @@ class Room:
         self.audiences: dict[tuple[PyChatProtocol, bool], set[Output]] = {}
         self.operators: set[Person] = set()
         self.voiced: set[Person] = set()
-        self.topic_by_everyone = False
         self.last_line = 0                      # the id of the last line said here (0: none since the start)
         self.opened = time.time()               # when its first member of this life came in
         self.last_used = time.monotonic()
@@ -4812,6 +4811,7 @@ class Room:
         self.topic_set: tuple[str, float] | None = None     # who set the topic and when, since the server started
         self.password: str | None = None        # the room's key, for /join ROOM KEY
         self.invite_only = False
+        self.topic_by_everyone = False
         self.secret = False                     # hidden from those outside it, as a room with a key is
         self.limit: int | None = None           # the most members it takes
         self.moderated = False                  # only its operators and voiced members talk

@@ -207,6 +207,8 @@ def test_a_private_room_forgets_everything_when_its_last_member_leaves(chat):
     alice, bob = chat("alice", "bob")
     join(alice, "vault")
     alice.send("/mode key k")
+    alice.send("/mode topic everyone")
+    alice.expect(r"\*\*\* alice let everyone in #vault set its topic")
     alice.send("for our eyes only")
     alice.expect("alice: for our eyes only")
     alice.send("/leave vault")
