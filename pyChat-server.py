@@ -177,7 +177,6 @@ MAX_ACCOUNTS = 10000              # registered nicknames
 REGISTRATIONS_PER_ADDRESS = 5     # accounts one address (IPv6: /64) may register ...
 REGISTRATION_WINDOW = 3600.0      # ... in this many seconds, so that no one fills the table for others
 MAX_OPERATORS = 100               # operators made with /oper add
-MAX_NAMED_OPERATORS = 100         # ... and more room in the file for names given with --operator
 MAX_INVITATIONS = 1000            # one-time codes for --private waiting to be used
 INVITATION_SECONDS = 7 * 86400    # how long an invitation code works
 MAX_BANS = 1000
