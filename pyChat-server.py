@@ -511,11 +511,11 @@ def read_options(argv: list[str] | None = None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if options.config:
         file_values = read_config(parser, options.config)
-        repeated = {dest: value for dest, value in file_values.items() if dest == "operator"}
-        parser.set_defaults(**{dest: value for dest, value in file_values.items() if dest not in repeated})
+        operators = file_values.pop("operator", None)
+        parser.set_defaults(**file_values)
         options = parser.parse_args(argv)
         if options.operator is None:        # a repeatable option given on the command line replaces the file's
-            options.operator = repeated.get("operator")
+            options.operator = operators
     options.operator = options.operator or []
     problem = options_problem(options)
     if problem:
