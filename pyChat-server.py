@@ -10430,11 +10430,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"copied {os.path.join(options.data_dir, DATABASE_FILE)} to {options.backup}")
         return 0
     if options.check:
+        database = os.path.join(options.data_dir, DATABASE_FILE)
         problems = Storage.problems(options.data_dir)
-        for problem in problems:
-            print(f"{os.path.join(options.data_dir, DATABASE_FILE)}: {problem}")
-        if not problems:
-            print(f"{os.path.join(options.data_dir, DATABASE_FILE)}: no problem found")
+        for problem in problems or ["no problem found"]:
+            print(f"{database}: {problem}")
         return 1 if problems else 0
     raise_file_limit((options.max_clients or CLIENTS_WITHOUT_LIMIT) + SPARE_FILES)
     give_large_blocks_back()
