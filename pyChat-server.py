@@ -1561,7 +1561,8 @@ class Output:
         if drop_output:
             log.warning("cutting off %r: %s", self, reason)
             if data:
-                self._try_to_write(data)
+                with contextlib.suppress(OSError, ValueError), self.io_lock:
+                    self.sock.send(data)        # only if the socket takes it at once: else they are not told
         elif data and line_up:
             self.switchboard.mark_ready([self])
         try:
@@ -1572,13 +1573,6 @@ class Output:
         except OSError:
             pass
         return True
-
-    def _try_to_write(self, data: bytes) -> None:
-        try:
-            with self.io_lock:
-                self.sock.send(data)
-        except (OSError, ValueError):
-            pass        # it could not take even this: it will not be told
 
     def waiting(self) -> int:
         """Move what is pending to the outbox; the bytes that wait to be sent."""
