@@ -1956,7 +1956,7 @@ class Switchboard(threading.Thread):
                     ready.append(output)                # writable again
                 if mask & selectors.EVENT_READ and output.reading:
                     try:
-                        self.read(output.reader)
+                        self.run_lines(output.reader, output.reader.on_readable)
                     except Exception:   # one broken connection must not silence everyone
                         self.broke(output, "reading from")
             self.quiet = False
@@ -2010,11 +2010,7 @@ class Switchboard(threading.Thread):
             connection.output.reading = True
             self._listen(connection.output)
         if connection.has_buffered_input():
-            self.read(connection)
-
-    def read(self, connection: ClientConnection) -> None:
-        """CONNECTION's socket has something: read and handle it."""
-        self.run_lines(connection, connection.on_readable)
+            self.run_lines(connection, connection.on_readable)
 
     def run_lines(self, connection: ClientConnection, step: Callable[[], None]) -> bool:
         """Run STEP, which reads or handles CONNECTION's lines; a command it left goes to a worker, and
