@@ -2180,6 +2180,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.flood_excess = 0.0
         self.flood_warned = False
         self.flooded = False                # flood control cut it off; it ends once the lines it took are handled
+        # When it connected, was last heard from, and last sent a line (IRC's PING and PONG do not count).
         self.connected = self.last_heard = self.last_active = time.monotonic()
         self.server.register(self)
         self.sock.setblocking(False)
@@ -2203,10 +2204,6 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
     def __repr__(self) -> str:
         return f"{self.person.nick if self.person else '(signing in)'}@{self.address}"
-
-    def last_line_at(self) -> float:
-        """When it last sent a line (a time.monotonic()): IRC's PING and PONG do not count."""
-        return self.last_active
 
     @staticmethod
     def refusal(reason: str) -> bytes:
@@ -6881,7 +6878,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         now = time.monotonic()
         with self.lock:
             return [commands.SessionInfo(s.number, s.output.protocol.name, s.address, utc_text(s.since),
-                                         describe_duration(now - s.output.reader.last_line_at()), s is session)
+                                         describe_duration(now - s.output.reader.last_active), s is session)
                     for s in session.person.sessions]
 
     def end_session(self, session: Session, number: int) -> str:
