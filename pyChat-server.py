@@ -10463,17 +10463,15 @@ def main(argv: list[str] | None = None) -> int:
     if server.irc is not None:
         irc_host, irc_port = server.irc.server_address[:2]
         print(f"pyChat {VERSION} listening for IRC on {irc_host}:{irc_port}", file=sys.stderr, flush=True)
-        threading.Thread(target=server.irc.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept-irc",
-                         daemon=True).start()
     if server.web is not None:
         web_host, web_port = server.web.server_address[:2]
         scheme = "https" if server.tls else "http"
         print(f"pyChat {VERSION} listening for browsers on {scheme}://{web_host}:{web_port}/", file=sys.stderr,
               flush=True)
-        threading.Thread(target=server.web.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept-web",
-                         daemon=True).start()
-    serving = threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_SECONDS,), name="accept", daemon=True)
-    serving.start()
+    for listener, name in ((server.irc, "accept-irc"), (server.web, "accept-web"), (server, "accept")):
+        if listener is not None:
+            threading.Thread(target=listener.serve_forever, args=(ACCEPT_POLL_SECONDS,), name=name,
+                             daemon=True).start()
     while not any(number in stop_signals for number in received):
         signalled.wait(1.0)
         signalled.clear()
