@@ -2460,9 +2460,8 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
     def check_clock(self, now: float) -> None:
         """(switchboard) Let go of someone silent for --idle-timeout."""
-        timeout = self.server.options.idle_timeout
-        if timeout and now - self.last_heard >= timeout:
-            raise Disconnect("timed out", Farewell(f"idle for {timeout:g} s"))
+        if self.clock_is_due(now):
+            raise Disconnect("timed out", Farewell(f"idle for {self.server.options.idle_timeout:g} s"))
 
     @staticmethod
     def is_keepalive(line: str | None) -> bool:
