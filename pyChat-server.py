@@ -2523,7 +2523,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
             self.write_own_output()
             # Wait first: after a read the socket is nearly always empty, and trying it costs a system call.
             if not self.has_buffered_input():
-                self.wait_for_input(self.server.options.nick_timeout)
+                self.wait_for_input()
             self.receive()
 
     def receive(self) -> bool:
@@ -2553,21 +2553,22 @@ class ClientConnection(socketserver.BaseRequestHandler):
             self.unread = collections.deque(lines)
         return True
 
-    def wait_for_input(self, timeout: float) -> None:
-        """(sign-in thread) Wait for input; signing in is timed from the connection."""
-        deadline = None if not timeout else self.connected + timeout
+    def wait_for_input(self) -> None:
+        """(sign-in thread) Wait for input; signing in is timed from the connection (--nick-timeout)."""
+        timeout = self.server.options.nick_timeout
+        deadline = self.connected + timeout
         while True:
             if self.server.stopping:
                 raise Disconnect("server shutting down", ShuttingDown())
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise Disconnect("did not sign in in time", Farewell(f"no nickname within {timeout:g} s"))
             if self.input_waiter.wait(remaining):
                 return
 
     def start_tls(self) -> None:
         """Shake hands; someone who speaks plain text to this port is told, in plain text, how to connect."""
-        self.wait_for_input(self.server.options.nick_timeout)       # the sign-in clock
+        self.wait_for_input()
         try:
             first = self.sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
@@ -2591,7 +2592,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
                     self.sock.do_handshake()
                     return
                 except ssl.SSLWantReadError:
-                    self.wait_for_input(self.server.options.nick_timeout)    # the sign-in clock
+                    self.wait_for_input()
                 except ssl.SSLWantWriteError:
                     wait_until_writable(self.sock, 1.0)
         except (ssl.SSLError, OSError) as problem:
@@ -2608,11 +2609,11 @@ class InputWaiter:
         for fd in self.sockets if self.poller else ():
             self.poller.register(fd, select.POLLIN)
 
-    def wait(self, timeout: float | None) -> bool:
-        """True when the socket has input; False when time ran out or the server is stopping."""
+    def wait(self, timeout: float) -> bool:
+        """True when the socket has input; False when TIMEOUT ran out or the server is stopping."""
         if self.poller is None:
             return self.sockets[0] in select.select(self.sockets, (), (), timeout)[0]
-        events = self.poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+        events = self.poller.poll(max(0, int(timeout * 1000)))
         return any(fd == self.sockets[0] for fd, _ in events)
 
 
