@@ -1714,12 +1714,11 @@ class Workers:
 
     A task goes to an idle worker if there is one, and otherwise to a new
     thread, so a slow task (a password check, a pause after a wrong guess)
-    never holds up another. Up to KEEP_IDLE finished workers wait for the next
+    never holds up another. Up to IDLE_WORKERS finished workers wait for the next
     task instead of ending: starting a thread costs more than most tasks.
     """
 
-    def __init__(self, keep_idle: int = IDLE_WORKERS) -> None:
-        self.keep_idle = keep_idle
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.idle = 0                   # workers waiting in tasks.get(), or about to; lock
         self.tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -1744,7 +1743,7 @@ class Workers:
                 log.exception("a task on a worker thread failed")
             task = None             # nothing of the last task stays reachable while this one waits
             with self.lock:
-                if self.idle >= self.keep_idle:
+                if self.idle >= IDLE_WORKERS:
                     return
                 self.idle += 1
             task = self.tasks.get()
