@@ -2121,9 +2121,9 @@ class Switchboard(threading.Thread):
         now = time.monotonic()
         with self.state_lock:
             stalled = [output for output in self.watched if output.stalled_longer_than(self.stall_timeout, now)]
+        why = f"not reading for {self.stall_timeout:g} s"
         for output in stalled:
-            output.end(f"not reading for {self.stall_timeout:g} s",
-                       Farewell(f"not reading for {self.stall_timeout:g} s"), drop_output=True)
+            output.end(why, Farewell(why), drop_output=True)
 
 
 # ---------------------------------------------------------------------------
