@@ -1565,13 +1565,11 @@ class Output:
                     self.sock.send(data)        # only if the socket takes it at once: else they are not told
         elif data and line_up:
             self.switchboard.mark_ready([self])
-        try:
+        with contextlib.suppress(OSError):
             # The plain socket method: on a TLS socket the ssl module's shutdown() would also drop the
             # TLS state, which its reader may be using at this moment. Shutting the reading side wakes
             # whoever reads it (its sign-in thread or the switchboard), which then finishes the connection.
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR if drop_output else socket.SHUT_RD)
-        except OSError:
-            pass
         return True
 
     def waiting(self) -> int:
@@ -2184,7 +2182,7 @@ class ClientConnection(socketserver.BaseRequestHandler):
         self.server.register(self)
         self.sock.setblocking(False)
         self.input_waiter = InputWaiter(self.sock, self.server.stop_signal)
-        try:
+        with contextlib.suppress(OSError):      # the peer is already gone; reading will say so
             # A fixed kernel buffer: left to itself, Linux grows it to megabytes for a reader that has
             # stopped, and that output would wait out of sight of --max-queue.
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER)
@@ -2198,8 +2196,6 @@ class ClientConnection(socketserver.BaseRequestHandler):
                                 ("TCP_USER_TIMEOUT", (keepalive + interval * probes) * 1000)):
                 if hasattr(socket, name):
                     self.sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-        except OSError:
-            pass    # the peer is already gone; reading will say so
 
     def __repr__(self) -> str:
         return f"{self.person.nick if self.person else '(signing in)'}@{self.address}"
@@ -10325,17 +10321,13 @@ def raise_file_limit(wanted: int) -> None:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < wanted:
-        try:    # only a privileged process may raise the hard limit
+        with contextlib.suppress(ValueError, OSError):      # only a privileged process may raise the hard limit
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
             soft = hard = wanted
-        except (ValueError, OSError):
-            pass
     if soft != hard:
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-        except (ValueError, OSError):
-            pass
     if soft != resource.RLIM_INFINITY and soft < wanted:
         log.warning("open-file limit is %d, below the %d that %d connections need; "
                     "raise it with ulimit -n", soft, wanted, wanted - SPARE_FILES)
