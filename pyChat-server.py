@@ -2465,12 +2465,15 @@ class ClientConnection(socketserver.BaseRequestHandler):
 
     def within_rate(self) -> bool:
         """Flood control: refuse lines over the rate, and disconnect someone who keeps at it."""
-        if self.bucket.allow():
+        bucket = self.bucket
+        if self.flood_excess:
+            # Refused lines drain away at the allowed rate, over the time since the bucket last filled (before
+            # allow() moves it on to now); a pile of them means a flood, not a paste.
+            self.flood_excess = max(0.0, self.flood_excess - (time.monotonic() - bucket.updated) * bucket.rate)
+        if bucket.allow():
             self.flood_warned = False
             return True
-        now = time.monotonic()
-        # Refused lines drain away at the allowed rate; a pile of them means a flood, not a paste.
-        self.flood_excess = max(0.0, self.flood_excess - (now - self.bucket.updated) * self.bucket.rate) + 1
+        self.flood_excess += 1
         if self.flood_excess > self.flood_margin():
             self.flooded = True
             self.end_if_flooded()

@@ -273,6 +273,19 @@ def test_lines_over_the_rate_are_refused_with_one_notice(chat):
     assert len(notices) == 1, f"three refused lines should get one notice; bob got {notices}"
 
 
+@pytest.mark.server_options("--rate", "50", "--burst", "2")
+def test_refused_lines_drain_away_so_pastes_far_apart_are_never_a_flood(chat):
+    """Each paste has more lines than the burst: some are refused, and count towards a flood only until
+    they drain away at the rate. Pastes a few tenths of a second apart add up to no flood, however many."""
+    alice, bob = chat("alice", "bob")
+    for paste in range(6):                  # 6 refused lines a paste; 14 waiting at once would be a flood
+        bob.send_raw(b"".join(f"paste {paste} line {n}\n".encode() for n in range(8)))
+        alice.expect(f"bob: paste {paste} line 1")
+        time.sleep(0.4)                     # the time that drains them: 20 lines at 50 a second
+    bob.send("still here")
+    assert alice.expect(r"bob: still|\*\*\* bob quit") == "bob: still here", "pastes far apart were a flood"
+
+
 FLOODS = {
     "chat lines": b"flood\n",
     "commands": b"/online\n",
