@@ -6431,6 +6431,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 owner.account = None
                 if not self.options.private:
                     self._to_people([owner], Notice(f"{by.nick} removed your account; you are a guest now."))
+                    self._to_people(self._with_sharers(owner), AccountChanged(owner.nick, None))
         if owner is not None and self.options.private:
             self._end_sessions(owner.sessions, f"account removed by {by.nick}",
                                DisconnectedBy(by.nick, "your account was removed"))

@@ -100,6 +100,19 @@ def test_accounts_lists_registered_last_seen_operator_and_banned_and_a_pattern_n
     assert alice_now == lines[1][3:], "alice is online again, over IRC"
 
 
+def test_an_account_an_operator_removes_is_news_to_its_owner_and_to_whoever_shares_a_room(
+        admin_server, connect, irc_connect):
+    server = admin_server()
+    alice = claim_operator(server, connect(server))
+    bob = connect(server, "bob")
+    assert register(bob).startswith("-- Registered")
+    carol = irc_connect(server, "carol", ("account-notify",))     # in the lobby with bob, as every newcomer
+    alice.send("/remove-account bob")
+    assert alice.expect("-- |!! ") == "-- Removed the account bob."
+    assert bob.expect(r"\*\*\* alice removed") == "*** alice removed your account; you are a guest now."
+    assert carol.expect(r"ACCOUNT ") == ":bob!~user@pychat ACCOUNT *", "carol's client still thinks bob has it"
+
+
 # -- /invitations and /cancel-invitation ---------------------------------------------------------------
 
 def test_invitations_show_names_and_expiry_never_codes_and_a_cancelled_one_no_longer_works(
