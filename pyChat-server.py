@@ -9642,10 +9642,7 @@ class IrcConnection(ClientConnection):
             else:
                 found = self.server.conversations(self.person, end.after, start.before, limit, newest_first=True,
                                                   cost=IRC_HISTORY_COST)
-        except Refused as refusal:
-            self.fail_history("MESSAGE_ERROR", "TARGETS", "*", text=str(refusal))
-            return
-        except StorageError as problem:
+        except (Refused, StorageError) as problem:
             self.fail_history("MESSAGE_ERROR", "TARGETS", "*", text=str(problem))
             return
         batch = self.next_batch() if "batch" in self.capabilities.enabled else None
