@@ -9569,14 +9569,20 @@ class IrcConnection(ClientConnection):
         except StorageError as problem:
             self.fail_history("MESSAGE_ERROR", subcommand, target, text=str(problem))
             return
-        batch = self.next_batch() if "batch" in self.capabilities.enabled else None
-        if batch:
-            self.send_irc(format_irc_message("BATCH", (f"+{batch}", "chathistory", target)))
-        for message in lines:
-            for line in self.history_line(message, conversation, shown, batch):
+        self.send_batch(("chathistory", target),
+                        [line for message in lines for line in self.history_line(message, conversation, shown)])
+
+    def send_batch(self, kind: tuple[str, ...], lines: list[str]) -> None:
+        """LINES in a batch of KIND (its type and parameters) for a client that took batches, else as they are."""
+        if "batch" not in self.capabilities.enabled:
+            for line in lines:
                 self.send_irc(line)
-        if batch:
-            self.send_irc(format_irc_message("BATCH", (f"-{batch}",)))
+            return
+        batch = self.next_batch()
+        self.send_irc(format_irc_message("BATCH", (f"+{batch}", *kind)))
+        for line in lines:
+            self.send_irc(irc_with_tags(line, {"batch": batch}))
+        self.send_irc(format_irc_message("BATCH", (f"-{batch}",)))
 
     def fail_history(self, code: str, *params: str, text: str) -> None:
         self.send_irc(format_irc_message("FAIL", ("CHATHISTORY", code, *params, text)))
@@ -9601,15 +9607,14 @@ class IrcConnection(ClientConnection):
             return storage.messages_between(conversation, start.after, end.before, limit)
         return storage.messages_between(conversation, start.before, end.after, limit)
 
-    def history_line(self, message: StoredMessage, conversation: str, shown: str, batch: str | None) -> list[str]:
+    def history_line(self, message: StoredMessage, conversation: str, shown: str) -> list[str]:
         """MESSAGE of CONVERSATION (called SHOWN) as it was sent, with its time, msgid and (with account-tag)
         account: a PRIVMSG, a NOTICE, or an ACTION."""
         if conversation.startswith("#"):
             to = shown
         else:
             to = shown if self.sent_by_me(message, conversation) else self.nick
-        tags = {"batch": batch} if batch else {}
-        tags["time"] = irc_message_time(message.id)
+        tags = {"time": irc_message_time(message.id)}
         if message.account and "account-tag" in self.capabilities.enabled:
             tags["account"] = message.account
         wrap = (CTCP + "ACTION ", CTCP) if message.kind == "action" else ("", "")
@@ -9645,14 +9650,9 @@ class IrcConnection(ClientConnection):
         except (Refused, StorageError) as problem:
             self.fail_history("MESSAGE_ERROR", "TARGETS", "*", text=str(problem))
             return
-        batch = self.next_batch() if "batch" in self.capabilities.enabled else None
-        tags = {"batch": batch} if batch else None
-        if batch:
-            self.send_irc(format_irc_message("BATCH", (f"+{batch}", "draft/chathistory-targets")))
-        for name, last in found:
-            self.send_irc(format_irc_message("CHATHISTORY", ("TARGETS", name, irc_message_time(last)), tags=tags))
-        if batch:
-            self.send_irc(format_irc_message("BATCH", (f"-{batch}",)))
+        self.send_batch(("draft/chathistory-targets",),
+                        [format_irc_message("CHATHISTORY", ("TARGETS", name, irc_message_time(last)))
+                         for name, last in found])
 
     def irc_markread(self, target: str = "", timestamp: str = "", *ignored: str) -> None:
         """MARKREAD TARGET: where this person has read up to in TARGET; MARKREAD TARGET timestamp=TIME: they
