@@ -8435,13 +8435,7 @@ class IrcProtocol:
     }
 
 
-def irc_who_flags(entry: WhoEntry, multi_prefix: bool = False) -> str:
-    """H(ere) or G(one), * for a server operator, B for a bot, @ for a room operator, + for a voice."""
-    return ("G" if entry.away else "H") + ("*" if entry.operator else "") + ("B" if entry.bot else "") + \
-        irc_prefix(entry.room_operator, entry.voiced, multi_prefix)
-
-
-def irc_prefix(operator: bool, voiced: bool, multi_prefix: bool = False) -> str:
+def irc_prefix(operator: bool, voiced: bool, multi_prefix: bool) -> str:
     """@ for a room operator, + for a voice; both (multi-prefix), or the higher."""
     if multi_prefix:
         return "@" * operator + "+" * voiced
@@ -9217,7 +9211,9 @@ class IrcConnection(ClientConnection):
                            irc_server_name(), entry.nick, self.who_flags(entry), text=f"0 {entry.realname or entry.nick}")
 
     def who_flags(self, entry: WhoEntry) -> str:
-        return irc_who_flags(entry, "multi-prefix" in self.capabilities.enabled)
+        """H(ere) or G(one), * for a server operator, B for a bot, @ for a room operator, + for a voice."""
+        return ("G" if entry.away else "H") + ("*" if entry.operator else "") + ("B" if entry.bot else "") + \
+            irc_prefix(entry.room_operator, entry.voiced, "multi-prefix" in self.capabilities.enabled)
 
     def whox_reply(self, entry: WhoEntry, letters: str, token: str) -> str:
         """354 with the fields LETTERS asks for, in WHOX's own order whatever the order asked; the
