@@ -9421,23 +9421,21 @@ class IrcConnection(ClientConnection):
                    for p in found]
         self.send_irc(irc_numeric("RPL_USERHOST", self.nick, text=" ".join(replies)))
 
-    def lusers(self, nick: str) -> list[str]:
+    def irc_lusers(self, *ignored: str) -> None:
         """251 to 255, 265 and 266: how many are here (one server, so its own counts are the network's)."""
         people, operators, signing_in, rooms, invisible = self.server.counts()
         most = max(self.server.most_people, people)
-        return [irc_numeric("RPL_LUSERCLIENT", nick, text=f"There are {people - invisible} users and "
-                                                          f"{invisible} invisible on 1 servers"),
-                irc_numeric("RPL_LUSEROP", nick, str(operators)),
-                irc_numeric("RPL_LUSERUNKNOWN", nick, str(signing_in)),
-                irc_numeric("RPL_LUSERCHANNELS", nick, str(rooms)),
-                irc_numeric("RPL_LUSERME", nick, text=f"I have {people} clients and 0 servers"),
-                irc_numeric("RPL_LOCALUSERS", nick, str(people), str(most),
-                            text=f"Current local users {people}, max {most}"),
-                irc_numeric("RPL_GLOBALUSERS", nick, str(people), str(most),
-                            text=f"Current global users {people}, max {most}")]
-
-    def irc_lusers(self, *ignored: str) -> None:
-        for line in self.lusers(self.nick):
+        nick = self.nick
+        for line in (irc_numeric("RPL_LUSERCLIENT", nick, text=f"There are {people - invisible} users and "
+                                                               f"{invisible} invisible on 1 servers"),
+                     irc_numeric("RPL_LUSEROP", nick, str(operators)),
+                     irc_numeric("RPL_LUSERUNKNOWN", nick, str(signing_in)),
+                     irc_numeric("RPL_LUSERCHANNELS", nick, str(rooms)),
+                     irc_numeric("RPL_LUSERME", nick, text=f"I have {people} clients and 0 servers"),
+                     irc_numeric("RPL_LOCALUSERS", nick, str(people), str(most),
+                                 text=f"Current local users {people}, max {most}"),
+                     irc_numeric("RPL_GLOBALUSERS", nick, str(people), str(most),
+                                 text=f"Current global users {people}, max {most}")):
             self.send_irc(line)
 
     def irc_motd(self, *ignored: str) -> None:
