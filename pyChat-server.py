@@ -8742,8 +8742,7 @@ class IrcConnection(ClientConnection):
                 check_server_password()
                 self.account_registration(message.command, message.params, registration.nick, registration)
                 continue
-            for reply in registration.handle(message):
-                self.send_irc(reply)
+            self.send_irc(*registration.handle(message))
             if not registration.ready:
                 continue
             check_server_password()
@@ -8785,8 +8784,7 @@ class IrcConnection(ClientConnection):
             self.send_irc(irc_numeric("ERR_SASLALREADY", nick))
             return
         replies, credentials = registration.sasl.handle(nick, argument)
-        for reply in replies:
-            self.send_irc(reply)
+        self.send_irc(*replies)
         if credentials is None:
             return
         try:
@@ -8806,8 +8804,8 @@ class IrcConnection(ClientConnection):
         self.account = account
         # The nickname they will have is the account's, whatever NICK said (and '*' before any NICK).
         self.send_irc(irc_numeric("RPL_LOGGEDIN", nick, irc_source(account), account,
-                                  text=f"You are now logged in as {account}"))
-        self.send_irc(irc_numeric("RPL_SASLSUCCESS", nick))
+                                  text=f"You are now logged in as {account}"),
+                      irc_numeric("RPL_SASLSUCCESS", nick))
 
     # REGISTER's and VERIFY's FAIL codes for the gate's refusals (Refused.kind).
     REGISTRATION_FAILURES = {"weak-password": "WEAK_PASSWORD", "name-taken": "ACCOUNT_EXISTS",
@@ -8948,8 +8946,7 @@ class IrcConnection(ClientConnection):
             with self.server.switchboard.gathered(self.output) as replies:
                 self.dispatch(message)
         finally:
-            for line in irc_labeled_reply(label, list(map(self.irc_wire_lines, replies)), self.next_batch()):
-                self.send_irc(line)
+            self.send_irc(*irc_labeled_reply(label, list(map(self.irc_wire_lines, replies)), self.next_batch()))
 
     def next_batch(self) -> str:
         """A new batch reference: no two batches share one."""
@@ -9130,9 +9127,8 @@ class IrcConnection(ClientConnection):
         if topic is None:
             settings = self.server.room_settings(self.session, channel)
             if settings.topic:
-                for line in irc_topic_replies(self.nick, settings.name, settings.topic, settings.topic_by,
-                                              settings.topic_when):
-                    self.send_irc(line)
+                self.send_irc(*irc_topic_replies(self.nick, settings.name, settings.topic, settings.topic_by,
+                                                 settings.topic_when))
             else:
                 self.send_irc(irc_numeric("RPL_NOTOPIC", self.nick, f"#{settings.name}"))
         else:
@@ -9153,8 +9149,7 @@ class IrcConnection(ClientConnection):
                 secret = self.server.room_settings(self.session, room).secret
             except Refused:
                 secret = False      # not a member: a secret room would not have been listed
-            for line in irc_names_replies(self.nick, f"#{room}", names, secret):
-                self.send_irc(line)
+            self.send_irc(*irc_names_replies(self.nick, f"#{room}", names, secret))
         if not channels:
             self.send_irc(irc_numeric("RPL_ENDOFNAMES", self.nick, "*"))
 
@@ -9228,8 +9223,8 @@ class IrcConnection(ClientConnection):
         nick = targets[-1].split(",")[0]
         found = self.server.person_details(self.session, nick)
         if found is None:       # the end of the list follows the error, as it follows the list
-            self.send_irc(irc_numeric("ERR_NOSUCHNICK", self.nick, nick))
-            self.send_irc(irc_numeric("RPL_ENDOFWHOIS", self.nick, nick))
+            self.send_irc(irc_numeric("ERR_NOSUCHNICK", self.nick, nick),
+                          irc_numeric("RPL_ENDOFWHOIS", self.nick, nick))
             return
         me, them = self.nick, found.nick
         lines = [irc_numeric("RPL_WHOISUSER", me, them, found.username, IRC_HOST, "*", text=found.realname or them)]
@@ -9250,8 +9245,7 @@ class IrcConnection(ClientConnection):
             lines.append(irc_numeric("RPL_WHOISACTUALLY", me, them, found.address))
         lines += [irc_numeric("RPL_WHOISIDLE", me, them, str(int(found.idle)), str(int(found.since))),
                   irc_numeric("RPL_ENDOFWHOIS", me, them)]
-        for line in lines:
-            self.send_irc(line)
+        self.send_irc(*lines)
 
     def irc_whowas(self, nicks: str, count: str = "", *ignored: str) -> None:
         """Who had the nickname lately (they left, or took another), newest first; COUNT of them at most."""
@@ -9384,8 +9378,8 @@ class IrcConnection(ClientConnection):
         except Refused as refusal:
             self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", self.nick, text=str(refusal)))
             return
-        self.send_irc(irc_numeric("RPL_YOUREOPER", self.nick))
-        self.send_irc(format_irc_message("MODE", (self.nick, "+o"), irc_source(self.nick, self.username)))
+        self.send_irc(irc_numeric("RPL_YOUREOPER", self.nick),
+                      format_irc_message("MODE", (self.nick, "+o"), irc_source(self.nick, self.username)))
 
     def irc_wallops(self, text: str) -> None:
         """WALLOPS TEXT: from an operator of the server to all of them; 481 for anyone else."""
@@ -9426,25 +9420,22 @@ class IrcConnection(ClientConnection):
         people, operators, signing_in, rooms, invisible = self.server.counts()
         most = max(self.server.most_people, people)
         nick = self.nick
-        for line in (irc_numeric("RPL_LUSERCLIENT", nick, text=f"There are {people - invisible} users and "
-                                                               f"{invisible} invisible on 1 servers"),
-                     irc_numeric("RPL_LUSEROP", nick, str(operators)),
-                     irc_numeric("RPL_LUSERUNKNOWN", nick, str(signing_in)),
-                     irc_numeric("RPL_LUSERCHANNELS", nick, str(rooms)),
-                     irc_numeric("RPL_LUSERME", nick, text=f"I have {people} clients and 0 servers"),
-                     irc_numeric("RPL_LOCALUSERS", nick, str(people), str(most),
-                                 text=f"Current local users {people}, max {most}"),
-                     irc_numeric("RPL_GLOBALUSERS", nick, str(people), str(most),
-                                 text=f"Current global users {people}, max {most}")):
-            self.send_irc(line)
+        self.send_irc(irc_numeric("RPL_LUSERCLIENT", nick, text=f"There are {people - invisible} users and "
+                                                                f"{invisible} invisible on 1 servers"),
+                      irc_numeric("RPL_LUSEROP", nick, str(operators)),
+                      irc_numeric("RPL_LUSERUNKNOWN", nick, str(signing_in)),
+                      irc_numeric("RPL_LUSERCHANNELS", nick, str(rooms)),
+                      irc_numeric("RPL_LUSERME", nick, text=f"I have {people} clients and 0 servers"),
+                      irc_numeric("RPL_LOCALUSERS", nick, str(people), str(most),
+                                  text=f"Current local users {people}, max {most}"),
+                      irc_numeric("RPL_GLOBALUSERS", nick, str(people), str(most),
+                                  text=f"Current global users {people}, max {most}"))
 
     def irc_motd(self, *ignored: str) -> None:
-        for line in irc_motd_replies(self.nick, self.server.motd.lines()):
-            self.send_irc(line)
+        self.send_irc(*irc_motd_replies(self.nick, self.server.motd.lines()))
 
     def irc_help(self, subject: str = "") -> None:
-        for line in irc_help_replies(self.nick, subject, self.COMMANDS):
-            self.send_irc(line)
+        self.send_irc(*irc_help_replies(self.nick, subject, self.COMMANDS))
 
     def irc_info(self, *ignored: str) -> None:
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.server.started))
@@ -9476,8 +9467,7 @@ class IrcConnection(ClientConnection):
             acknowledged = b"".join(map(self.irc_bytes, replies))
             self.server.change_protocol(self.session, self.protocol_class(self, enabled), first=acknowledged)
             return
-        for reply in replies:
-            self.send_irc(reply)
+        self.send_irc(*replies)
 
     def irc_setname(self, realname: str) -> None:
         """SETNAME: a new real name, cleaned as USER's is; FAIL (IRCv3's standard reply) for one too long."""
@@ -9501,10 +9491,8 @@ class IrcConnection(ClientConnection):
         elif action in ("-", "C"):
             self.server.stop_watching(self.session, nicks if action == "-" else None)
         elif action == "L":
-            for line in irc_comma_lists("RPL_MONLIST", self.nick, [asked for asked, _ in
-                                                                   self.server.watched(self.session)]):
-                self.send_irc(line)
-            self.send_irc(irc_numeric("RPL_ENDOFMONLIST", self.nick))
+            names = [asked for asked, _ in self.server.watched(self.session)]
+            self.send_irc(*irc_comma_lists("RPL_MONLIST", self.nick, names), irc_numeric("RPL_ENDOFMONLIST", self.nick))
         elif action == "S":
             self.send_status(self.server.watched(self.session))
 
@@ -9512,9 +9500,8 @@ class IrcConnection(ClientConnection):
         """730 for the names someone has now, 731 for the others."""
         online = [self.output.protocol.source(nick) for _, nick in watched if nick is not None]
         offline = [asked for asked, nick in watched if nick is None]
-        for line in (irc_comma_lists("RPL_MONONLINE", self.nick, online)
-                     + irc_comma_lists("RPL_MONOFFLINE", self.nick, offline)):
-            self.send_irc(line)
+        self.send_irc(*irc_comma_lists("RPL_MONONLINE", self.nick, online),
+                      *irc_comma_lists("RPL_MONOFFLINE", self.nick, offline))
 
     # -- history: draft/chathistory and draft/read-marker ----------------------------------
 
@@ -9569,14 +9556,12 @@ class IrcConnection(ClientConnection):
     def send_batch(self, kind: tuple[str, ...], lines: list[str]) -> None:
         """LINES in a batch of KIND (its type and parameters) for a client that took batches, else as they are."""
         if "batch" not in self.capabilities.enabled:
-            for line in lines:
-                self.send_irc(line)
+            self.send_irc(*lines)
             return
         batch = self.next_batch()
-        self.send_irc(format_irc_message("BATCH", (f"+{batch}", *kind)))
-        for line in lines:
-            self.send_irc(irc_with_tags(line, {"batch": batch}))
-        self.send_irc(format_irc_message("BATCH", (f"-{batch}",)))
+        self.send_irc(format_irc_message("BATCH", (f"+{batch}", *kind)),
+                      *(irc_with_tags(line, {"batch": batch}) for line in lines),
+                      format_irc_message("BATCH", (f"-{batch}",)))
 
     def fail_history(self, code: str, *params: str, text: str) -> None:
         self.send_irc(format_irc_message("FAIL", ("CHATHISTORY", code, *params, text)))
@@ -9712,9 +9697,10 @@ class IrcConnection(ClientConnection):
 
     # -- output ---------------------------------------------------------------
 
-    def send_irc(self, line: str) -> None:
-        """One IRC message for this connection alone."""
-        self.output.send_bytes(self.irc_bytes(line))
+    def send_irc(self, *lines: str) -> None:
+        """IRC messages for this connection alone."""
+        for line in lines:
+            self.output.send_bytes(self.irc_bytes(line))
 
     @staticmethod
     def irc_bytes(line: str) -> bytes:
