@@ -8249,10 +8249,8 @@ class IrcProtocol:
         return [format_irc_message("TAGMSG", (event.target,), self.source(event.nick))]
 
     def left(self, event: Left) -> list[str]:
-        return self._part(event.room, event.nick, event.reason)
-
-    def _part(self, room: str, nick: str, reason: str | None) -> list[str]:
-        return [format_irc_message("PART", (f"#{room}", *((reason,) if reason else ())), self.source(nick))]
+        return [format_irc_message("PART", (f"#{event.room}", *((event.reason,) if event.reason else ())),
+                                   self.source(event.nick))]
 
     def kicked(self, event: Kicked) -> list[str]:
         return [format_irc_message("KICK", (f"#{event.room}", event.nick, event.reason or event.by),
@@ -8364,14 +8362,13 @@ class IrcProtocol:
         return [format_irc_message("NOTICE", (f"#{event.room}" if event.room else self.me, PYCHAT.line(event)[4:]))]
 
     def you_left(self, event: YouLeft) -> list[str]:
-        return self._part(event.room, self.me, event.reason)
+        return self.left(Left(event.room, self.me, event.reason))
 
     def they_are_away(self, event: TheyAreAway) -> list[str]:
         return [irc_numeric("RPL_AWAY", self.me, event.nick, text=event.reason)]
 
     def you_were_kicked(self, event: YouWereKicked) -> list[str]:
-        return [format_irc_message("KICK", (f"#{event.room}", self.me, event.reason or event.by),
-                                   self.source(event.by))]
+        return self.kicked(Kicked(event.room, self.me, event.by, event.reason))
 
     def invited(self, event: Invited) -> list[str]:
         return [format_irc_message("INVITE", (self.me, f"#{event.room}"), self.source(event.by))]
