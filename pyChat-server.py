@@ -7485,6 +7485,27 @@ def split_utf8(text: str, limit: int) -> list[str]:
     return pieces
 
 
+def join_in_lines(items: list[str], room: int, separator: str = " ") -> list[str]:
+    """ITEMS joined with SEPARATOR (one ASCII character, in none of them) into as few lines of at most ROOM
+    bytes of UTF-8 as they fill, in order; an item longer than a line goes alone. No items, no lines."""
+    # Cut the whole list at separators, in bytes: an ASCII separator never occurs inside another character's
+    # UTF-8, and this is one search per line, not a step per item, for the up to 200 names every newcomer gets.
+    cut_at = separator.encode("ascii")
+    rest = separator.join(items).encode("utf-8")
+    lines = []
+    while len(rest) > room:
+        cut = rest.rfind(cut_at, 0, room + 1)
+        if cut <= 0:                # one item longer than a line: it goes alone
+            cut = rest.find(cut_at)
+            if cut < 0:
+                break
+        lines.append(rest[:cut].decode("utf-8"))
+        rest = rest[cut + 1:]
+    if rest:
+        lines.append(rest.decode("utf-8"))
+    return lines
+
+
 def irc_text_messages(command: str, target: str, text: str, source: str, tags: dict[str, str] | None = None,
                       wrap: tuple[str, str] = ("", "")) -> list[str]:
     """PRIVMSG or NOTICE of TEXT to TARGET, as as many messages as IRC's line limit needs: a long
@@ -7733,14 +7754,9 @@ class IrcCapabilities:
     def _listing(self, nick: str, subcommand: str, names: list[str]) -> list[str]:
         """CAP LS or LIST replies, over several lines marked with '*' when they do not fit in one."""
         head = len(format_irc_message("CAP", (nick, subcommand, "*", ":")).encode("utf-8"))
-        lines: list[list[str]] = [[]]
-        for name in names:
-            if lines[-1] and head + len(" ".join(lines[-1] + [name]).encode("utf-8")) > IRC_MAX_BODY_BYTES:
-                lines.append([])
-            lines[-1].append(name)
+        lines = join_in_lines(names, IRC_MAX_BODY_BYTES - head) or [""]
         continued = ["*"] if self.version >= 302 else []
-        return [format_irc_message("CAP", (nick, subcommand, *(continued if n < len(lines) - 1 else []),
-                                           " ".join(line)))
+        return [format_irc_message("CAP", (nick, subcommand, *(continued if n < len(lines) - 1 else []), line))
                 for n, line in enumerate(lines)]
 
 
@@ -8500,16 +8516,7 @@ def irc_list_wanted(argument: str) -> Callable[[commands.RoomInfo], bool] | None
 def irc_comma_lists(name: str, me: str, items: list[str], *params: str) -> list[str]:
     """The numeric NAME with ITEMS as a comma-separated closing text, over as many messages as they need."""
     room = IRC_MAX_BODY_BYTES - len(irc_numeric(name, me, *params, text="").encode("utf-8"))
-    lines: list[list[str]] = []
-    size = room
-    for item in items:
-        width = len(item.encode("utf-8")) + 1
-        if size + width > room + 1:     # the first item of a line has no comma before it
-            lines.append([])
-            size = 0
-        lines[-1].append(item)
-        size += width
-    return [irc_numeric(name, me, *params, text=",".join(line)) for line in lines]
+    return [irc_numeric(name, me, *params, text=line) for line in join_in_lines(items, room, ",")]
 
 
 def irc_topic_replies(me: str, room: str, topic: str, by: str | None, when: float) -> list[str]:
@@ -8524,21 +8531,7 @@ def irc_names_replies(me: str, channel: str, names: list[str], secret: bool = Fa
     """353 (as many as the names need) and 366 for CHANNEL; a secret one is marked '@', others '='."""
     symbol = "@" if secret else "="
     room = IRC_MAX_BODY_BYTES - len(irc_numeric("RPL_NAMREPLY", me, symbol, channel, text="").encode("utf-8"))
-    # Cut the whole list at spaces, in bytes: a space never occurs inside another character's UTF-8, and
-    # this is one search per line, not a step per name, for the up to 200 names every newcomer gets.
-    rest = " ".join(names).encode("utf-8")
-    lines = []
-    while len(rest) > room:
-        cut = rest.rfind(b" ", 0, room + 1)
-        if cut <= 0:                # one name longer than a line: it goes alone
-            cut = rest.find(b" ")
-            if cut < 0:
-                break
-        lines.append(rest[:cut])
-        rest = rest[cut + 1:]
-    if rest:
-        lines.append(rest)
-    return [*(irc_numeric("RPL_NAMREPLY", me, symbol, channel, text=line.decode("utf-8")) for line in lines),
+    return [*(irc_numeric("RPL_NAMREPLY", me, symbol, channel, text=line) for line in join_in_lines(names, room)),
             irc_numeric("RPL_ENDOFNAMES", me, channel)]
 
 
