@@ -9945,11 +9945,9 @@ def websocket_payloads(data: bytes) -> Iterator[bytes]:
     at = 0
     while at < len(data):
         opcode, size = data[at] & 0x0F, data[at + 1] & 0x7F
-        start = at + 2
-        if size == 126:
-            size, start = int.from_bytes(data[at + 2:at + 4], "big"), at + 4
-        elif size == 127:
-            size, start = int.from_bytes(data[at + 2:at + 10], "big"), at + 10
+        start = at + (2 if size < 126 else 4 if size == 126 else 10)     # 126 and 127: a longer length follows
+        if size >= 126:
+            size = int.from_bytes(data[at + 2:start], "big")
         if opcode in (WS_TEXT, WS_BINARY):
             yield data[start:start + size]
         at = start + size
@@ -10032,17 +10030,11 @@ class WebSocketReader:
             raise websocket_failure(WS_PROTOCOL_ERROR, "a client's frames must be masked")
         if opcode >= WS_CLOSE and (size > 125 or not final):
             raise websocket_failure(WS_PROTOCOL_ERROR, "a control frame must be whole and at most 125 bytes")
-        start = 2
-        if size == 126:
-            start = 4
-            if len(buffer) < start:
-                return None
-            size = int.from_bytes(buffer[2:4], "big")
-        elif size == 127:
-            start = 10
-            if len(buffer) < start:
-                return None
-            size = int.from_bytes(buffer[2:10], "big")
+        start = 2 if size < 126 else 4 if size == 126 else 10      # 126 and 127: a longer length follows
+        if len(buffer) < start:
+            return None
+        if start > 2:
+            size = int.from_bytes(buffer[2:start], "big")
         if opcode < WS_CLOSE and len(self.message) + size > self.max_bytes:
             raise websocket_failure(WS_TOO_BIG, f"a message longer than {self.max_bytes} bytes (one IRC line)")
         end = start + 4 + size
