@@ -9985,11 +9985,9 @@ class WebSocketReader:
     floods, and `dropped` says so.
     """
 
-    def __init__(self, answer: Callable[[bytes], None], allow_frame: Callable[[], bool],
-                 max_bytes: int = WEBSOCKET_MAX_MESSAGE) -> None:
+    def __init__(self, answer: Callable[[bytes], None], allow_frame: Callable[[], bool]) -> None:
         self.answer = answer
         self.allow_frame = allow_frame
-        self.max_bytes = max_bytes
         self.buffer = bytearray()
         self.message = bytearray()          # the fragments of the message under way
         self.message_opcode: int | None = None
@@ -10035,8 +10033,8 @@ class WebSocketReader:
             return None
         if start > 2:
             size = int.from_bytes(buffer[2:start], "big")
-        if opcode < WS_CLOSE and len(self.message) + size > self.max_bytes:
-            raise websocket_failure(WS_TOO_BIG, f"a message longer than {self.max_bytes} bytes (one IRC line)")
+        if opcode < WS_CLOSE and len(self.message) + size > WEBSOCKET_MAX_MESSAGE:
+            raise websocket_failure(WS_TOO_BIG, f"a message longer than {WEBSOCKET_MAX_MESSAGE} bytes (one IRC line)")
         end = start + 4 + size
         if len(buffer) < end:
             return None
@@ -10076,7 +10074,7 @@ class WebSocketReader:
                 return raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise websocket_failure(WS_NOT_UTF8, "a text message that is not UTF-8") from None
-        return decode_line(raw, self.max_bytes)        # a binary message: invalid bytes replaced
+        return decode_line(raw, WEBSOCKET_MAX_MESSAGE)     # a binary message: invalid bytes replaced
 
     @staticmethod
     def _closed(payload: bytes) -> Disconnect:
