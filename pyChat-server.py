@@ -10203,7 +10203,8 @@ class WebConnection(IrcConnection):
     def read_head(self) -> tuple[bytes, bytes]:
         """The request's line and headers, within WEB_MAX_HEAD_BYTES and WEB_HEAD_SECONDS of the connection,
         and what came after them, which no client should send before it is answered."""
-        deadline = self.connected + min(WEB_HEAD_SECONDS, self.server.options.nick_timeout)
+        allowed = min(WEB_HEAD_SECONDS, self.server.options.nick_timeout)
+        deadline = self.connected + allowed
         data = bytearray()
         while True:
             end = data.find(b"\r\n\r\n")
@@ -10215,8 +10216,7 @@ class WebConnection(IrcConnection):
             if self.server.stopping:
                 raise Disconnect("server shutting down")
             if remaining <= 0:
-                raise HttpError(408, f"the request did not come within "
-                                     f"{min(WEB_HEAD_SECONDS, self.server.options.nick_timeout):g} s")
+                raise HttpError(408, f"the request did not come within {allowed:g} s")
             if not self.has_buffered_input() and not self.input_waiter.wait(remaining):
                 continue
             try:
