@@ -8656,8 +8656,7 @@ class IrcConnection(ClientConnection):
             self.send_irc(irc_numeric(problem.numeric, self.nick, *params, text=str(problem)))
             return None
         if message is not None and isinstance(line, NotUtf8):
-            self.send_irc(format_irc_message("FAIL", (message.command, "INVALID_UTF8",
-                                                      "Messages must be UTF-8: this one was dropped")))
+            self.fail(message.command, "INVALID_UTF8", "Messages must be UTF-8: this one was dropped")
             return None
         if message is not None and message.command not in ("PING", "PONG"):
             self.last_active = self.last_heard
@@ -8814,34 +8813,32 @@ class IrcConnection(ClientConnection):
         client's sign-in under way, keeps what waits for it). Signed in,
         REGISTER is pyChat's /register.
         """
-        def fail(code: str, *words: str) -> None:
-            self.send_irc(format_irc_message("FAIL", (command, code, *words)))
-
         if len(params) < (3 if command == "REGISTER" else 2):
             usage = "REGISTER * * PASSWORD" if command == "REGISTER" else "VERIFY NICK CODE"
             self.send_irc(irc_numeric("ERR_NEEDMOREPARAMS", nick or "*", command, text=f"Say {usage}"))
             return
         if self.account is not None or (self.person is not None and self.person.account):
-            fail("ALREADY_AUTHENTICATED", self.account or self.person.account, "You are signed in to an account")
+            self.fail(command, "ALREADY_AUTHENTICATED", self.account or self.person.account,
+                      "You are signed in to an account")
             return
         if not nick:
-            fail("NEED_NICK", "*", "Choose a nickname first (NICK): the account is named after it")
+            self.fail(command, "NEED_NICK", "*", "Choose a nickname first (NICK): the account is named after it")
             return
         wanted = nick if params[0] == "*" else params[0]
         if name_key(normal_name(wanted)) != name_key(nick):
-            fail("ACCOUNT_NAME_MUST_BE_NICK", wanted, f"An account is named after its nickname: "
-                                                      f"REGISTER * * PASSWORD makes the account {nick}")
+            self.fail(command, "ACCOUNT_NAME_MUST_BE_NICK", wanted, f"An account is named after its nickname: "
+                                                                    f"REGISTER * * PASSWORD makes the account {nick}")
             return
         gate = self.server.gate
         if command == "VERIFY":
-            self.verify_code(registration, nick, params[1], fail)
+            self.verify_code(registration, nick, params[1])
             return
         password = " ".join(params[2:])     # a password of several words, sent without the ':' it needs
         waiting = gate.code_waiting(nick) if registration is not None else None
         if waiting is not None:
             problem = password_problem(password, gate.account_of(nick) or nick)
             if problem:
-                fail("WEAK_PASSWORD", nick, problem)
+                self.fail(command, "WEAK_PASSWORD", nick, problem)
                 return
             registration.verifying = (nick, password)
             what = "invitation code" if waiting == "account" else "password reset code"
@@ -8850,43 +8847,45 @@ class IrcConnection(ClientConnection):
             return
         registered = gate.account_of(nick)
         if registered is not None:
-            fail("ACCOUNT_EXISTS", nick, f"{registered} is registered: sign in to it with SASL")
+            self.fail(command, "ACCOUNT_EXISTS", nick, f"{registered} is registered: sign in to it with SASL")
             return
         try:
             if self.person is not None:
                 self.server.register_account(self.session, password)
             elif self.server.options.private:
-                fail("BAD_ACCOUNT_NAME", nick, "This server is private: only someone an operator invited "
-                                               "(/invite-account) may make an account")
+                self.fail(command, "BAD_ACCOUNT_NAME", nick, "This server is private: only someone an operator "
+                                                             "invited (/invite-account) may make an account")
                 return
             elif self.server.is_here(nick):
-                fail("ACCOUNT_EXISTS", nick, f"{nick} is someone else's nickname now")
+                self.fail(command, "ACCOUNT_EXISTS", nick, f"{nick} is someone else's nickname now")
                 return
             else:
                 gate.register(nick, password, self.address)
                 self.account = nick
         except Refused as refusal:
-            fail(self.REGISTRATION_FAILURES.get(refusal.kind, "TEMPORARILY_UNAVAILABLE"), nick, str(refusal))
+            self.fail(command, self.REGISTRATION_FAILURES.get(refusal.kind, "TEMPORARILY_UNAVAILABLE"), nick,
+                      str(refusal))
             return
         self.signed_in_to(command, nick, "registered")
 
-    def verify_code(self, registration: IrcRegistration | None, nick: str, code: str,
-                    fail: Callable[..., None]) -> None:
+    def verify_code(self, registration: IrcRegistration | None, nick: str, code: str) -> None:
         """VERIFY: the code of the registration REGISTER began; a wrong one is a guess, counted."""
         waiting = registration.verifying if registration is not None else None
         if waiting is None or name_key(waiting[0]) != name_key(nick):
-            fail("INVALID_CODE", nick, f"No registration of {nick} waits for a code: send REGISTER first")
+            self.fail("VERIFY", "INVALID_CODE", nick,
+                      f"No registration of {nick} waits for a code: send REGISTER first")
             return
         try:
             account = self.server.gate.redeem(self, waiting[0], code, waiting[1])
         except TooManyGuesses as refusal:
-            fail("INVALID_CODE", nick, str(refusal))
+            self.fail("VERIFY", "INVALID_CODE", nick, str(refusal))
             raise Disconnect("too many wrong codes from the address", Farewell(str(refusal))) from None
         except Refused as refusal:
-            fail(self.REGISTRATION_FAILURES.get(refusal.kind, "TEMPORARILY_UNAVAILABLE"), nick, str(refusal))
+            self.fail("VERIFY", self.REGISTRATION_FAILURES.get(refusal.kind, "TEMPORARILY_UNAVAILABLE"), nick,
+                      str(refusal))
             return
         if account is None:
-            fail("INVALID_CODE", nick, f"Wrong code for {nick}")
+            self.fail("VERIFY", "INVALID_CODE", nick, f"Wrong code for {nick}")
             return
         registration.verifying = None
         self.account = account
@@ -9463,8 +9462,7 @@ class IrcConnection(ClientConnection):
         """SETNAME: a new real name, cleaned as USER's is; FAIL (IRCv3's standard reply) for one too long."""
         cleaned = clean_text(realname)
         if not cleaned or len(cleaned) > IRC_MAX_REALNAME:
-            self.send_irc(format_irc_message("FAIL", ("SETNAME", "INVALID_REALNAME",
-                                                      f"A real name has 1 to {IRC_MAX_REALNAME} characters")))
+            self.fail("SETNAME", "INVALID_REALNAME", f"A real name has 1 to {IRC_MAX_REALNAME} characters")
             return
         self.server.set_realname(self.session, cleaned)
 
@@ -9506,15 +9504,15 @@ class IrcConnection(ClientConnection):
         subcommand = params[0].upper() if params else "*"
         wanted = self.HISTORY_PARAMETERS.get(subcommand)
         if not params or (wanted is not None and len(params) - 1 < wanted):
-            self.fail_history("NEED_MORE_PARAMS", subcommand, text="Missing parameters")
+            self.fail("CHATHISTORY", "NEED_MORE_PARAMS", subcommand, "Missing parameters")
             return
         if wanted is None:
-            self.fail_history("UNKNOWN_COMMAND", params[0], text="Unknown command")
+            self.fail("CHATHISTORY", "UNKNOWN_COMMAND", params[0], "Unknown command")
             return
         *arguments, limit_text = params[1:wanted + 1]
         limit = irc_number(limit_text)
         if not limit:
-            self.fail_history("INVALID_PARAMS", subcommand, limit_text, text="The limit must be a number above 0")
+            self.fail("CHATHISTORY", "INVALID_PARAMS", subcommand, limit_text, "The limit must be a number above 0")
             return
         limit = min(limit, IRC_HISTORY_MOST)
         if subcommand == "TARGETS":
@@ -9526,19 +9524,19 @@ class IrcConnection(ClientConnection):
         else:
             references = [IrcMessageReference.parse(text) for text in texts]
             if None in references:
-                self.fail_history("INVALID_PARAMS", subcommand, " ".join(texts),
-                                  text="A message reference is msgid=ID or timestamp=YYYY-MM-DDThh:mm:ss.sssZ")
+                self.fail("CHATHISTORY", "INVALID_PARAMS", subcommand, " ".join(texts),
+                          "A message reference is msgid=ID or timestamp=YYYY-MM-DDThh:mm:ss.sssZ")
                 return
         try:
             conversation, shown = self.server.conversation(self.person, target, IRC_HISTORY_COST)
         except Refused as refusal:
-            self.fail_history("MESSAGE_ERROR" if refusal.kind == "try-again" else "INVALID_TARGET", subcommand,
-                              target, text=str(refusal))
+            self.fail("CHATHISTORY", "MESSAGE_ERROR" if refusal.kind == "try-again" else "INVALID_TARGET",
+                      subcommand, target, str(refusal))
             return
         try:
             lines = self.history_lines(subcommand, conversation, references, limit)
         except StorageError as problem:
-            self.fail_history("MESSAGE_ERROR", subcommand, target, text=str(problem))
+            self.fail("CHATHISTORY", "MESSAGE_ERROR", subcommand, target, str(problem))
             return
         self.send_batch(("chathistory", target),
                         [line for message in lines for line in self.history_line(message, conversation, shown)])
@@ -9552,9 +9550,6 @@ class IrcConnection(ClientConnection):
         self.send_irc(format_irc_message("BATCH", (f"+{batch}", *kind)),
                       *(irc_with_tags(line, {"batch": batch}) for line in lines),
                       format_irc_message("BATCH", (f"-{batch}",)))
-
-    def fail_history(self, code: str, *params: str, text: str) -> None:
-        self.send_irc(format_irc_message("FAIL", ("CHATHISTORY", code, *params, text)))
 
     def history_lines(self, subcommand: str, conversation: str, references: list[IrcMessageReference],
                       limit: int) -> list[StoredMessage]:
@@ -9606,8 +9601,8 @@ class IrcConnection(ClientConnection):
         time, in a draft/chathistory-targets batch (the oldest first, or with the later time first, the newest)."""
         references = [IrcMessageReference.parse(text) if text.startswith("timestamp=") else None for text in texts]
         if None in references:
-            self.fail_history("INVALID_PARAMS", "TARGETS", " ".join(texts),
-                              text="TARGETS takes two timestamp=YYYY-MM-DDThh:mm:ss.sssZ")
+            self.fail("CHATHISTORY", "INVALID_PARAMS", "TARGETS", " ".join(texts),
+                      "TARGETS takes two timestamp=YYYY-MM-DDThh:mm:ss.sssZ")
             return
         start, end = references
         try:
@@ -9617,7 +9612,7 @@ class IrcConnection(ClientConnection):
                 found = self.server.conversations(self.person, end.after, start.before, limit, newest_first=True,
                                                   cost=IRC_HISTORY_COST)
         except (Refused, StorageError) as problem:
-            self.fail_history("MESSAGE_ERROR", "TARGETS", "*", text=str(problem))
+            self.fail("CHATHISTORY", "MESSAGE_ERROR", "TARGETS", "*", str(problem))
             return
         self.send_batch(("draft/chathistory-targets",),
                         [format_irc_message("CHATHISTORY", ("TARGETS", name, irc_message_time(last)))
@@ -9628,7 +9623,7 @@ class IrcConnection(ClientConnection):
         have read up to TIME (draft/read-marker). The position only moves forward; the answer says where it
         is, and '*' where there is none (or TARGET is no conversation of theirs)."""
         if not target:
-            self.send_irc(format_irc_message("FAIL", ("MARKREAD", "NEED_MORE_PARAMS", "Missing parameters")))
+            self.fail("MARKREAD", "NEED_MORE_PARAMS", "Missing parameters")
             return
         if not timestamp:
             try:
@@ -9640,15 +9635,15 @@ class IrcConnection(ClientConnection):
             return
         reference = IrcMessageReference.parse(timestamp) if timestamp.startswith("timestamp=") else None
         if reference is None:
-            self.send_irc(format_irc_message("FAIL", ("MARKREAD", "INVALID_PARAMS", target, timestamp,
-                                                      "The read position is timestamp=YYYY-MM-DDThh:mm:ss.sssZ")))
+            self.fail("MARKREAD", "INVALID_PARAMS", target, timestamp,
+                      "The read position is timestamp=YYYY-MM-DDThh:mm:ss.sssZ")
             return
         try:
             self.server.mark_read(self.session, target, reference.after)
         except Refused as refusal:
-            self.send_irc(format_irc_message("FAIL", ("MARKREAD", "INVALID_PARAMS", target, str(refusal))))
+            self.fail("MARKREAD", "INVALID_PARAMS", target, str(refusal))
         except StorageError as problem:
-            self.send_irc(format_irc_message("FAIL", ("MARKREAD", "INTERNAL_ERROR", target, str(problem))))
+            self.fail("MARKREAD", "INTERNAL_ERROR", target, str(problem))
 
     def irc_register(self, *params: str) -> None:
         self.account_registration("REGISTER", params, self.nick)
@@ -9686,6 +9681,10 @@ class IrcConnection(ClientConnection):
     )}
 
     # -- output ---------------------------------------------------------------
+
+    def fail(self, command: str, code: str, *words: str) -> None:
+        """IRCv3's standard reply FAIL to COMMAND: CODE, then its parameters and the text, the last of WORDS."""
+        self.send_irc(format_irc_message("FAIL", (command, code, *words)))
 
     def send_irc(self, *lines: str) -> None:
         """IRC messages for this connection alone."""
