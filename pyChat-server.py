@@ -9144,12 +9144,10 @@ class IrcConnection(ClientConnection):
 
     def irc_list(self, channels: str = "", *ignored: str) -> None:
         wanted = irc_list_wanted(channels)
-        rooms = [room for room in self.server.room_list(self.session) if wanted is None or wanted(room)]
-        self.send_irc(irc_numeric("RPL_LISTSTART", self.nick, "Channel"))
-        for room in rooms:
-            self.send_irc(irc_numeric("RPL_LIST", self.nick, f"#{room.name}", str(room.people),
-                                      text=room.topic or ""))
-        self.send_irc(irc_numeric("RPL_LISTEND", self.nick))
+        self.send_irc(irc_numeric("RPL_LISTSTART", self.nick, "Channel"),
+                      *(irc_numeric("RPL_LIST", self.nick, f"#{room.name}", str(room.people), text=room.topic or "")
+                        for room in self.server.room_list(self.session) if wanted is None or wanted(room)),
+                      irc_numeric("RPL_LISTEND", self.nick))
 
     def irc_who(self, mask: str = "*", fields: str = "", *ignored: str) -> None:
         """WHO #CHANNEL, WHO NICK, or WHO with a mask (of nicknames, NICK!USER@HOST, or a host or server);
@@ -9163,9 +9161,8 @@ class IrcConnection(ClientConnection):
         # WHOX: '%FIELDS,TOKEN', perhaps after letters saying what to match ('n%...': the nickname), which
         # is all this server matches.
         whox = irc_whox_fields(fields[fields.index("%"):]) if "%" in fields else None
-        for entry in found:
-            self.send_irc(self.who_reply(entry) if whox is None else self.whox_reply(entry, *whox))
-        self.send_irc(irc_numeric("RPL_ENDOFWHO", self.nick, mask))
+        self.send_irc(*(self.who_reply(entry) if whox is None else self.whox_reply(entry, *whox) for entry in found),
+                      irc_numeric("RPL_ENDOFWHO", self.nick, mask))
 
     def who_fits(self, mask: str) -> list[WhoEntry]:
         """Who fits MASK: everyone's host is pychat on this server, so a mask of a host either fits all of
@@ -9324,10 +9321,9 @@ class IrcConnection(ClientConnection):
         masks, entry, end = {"b": (settings.bans, "RPL_BANLIST", "RPL_ENDOFBANLIST"),
                              "e": (settings.exempts, "RPL_EXCEPTLIST", "RPL_ENDOFEXCEPTLIST"),
                              "I": (settings.invite_masks, "RPL_INVITELIST", "RPL_ENDOFINVITELIST")}[letter]
-        for mask in masks:
-            self.send_irc(irc_numeric(entry, self.nick, f"#{settings.name}", mask.mask, mask.by,
-                                      str(int(mask.when))))
-        self.send_irc(irc_numeric(end, self.nick, f"#{settings.name}"))
+        self.send_irc(*(irc_numeric(entry, self.nick, f"#{settings.name}", mask.mask, mask.by, str(int(mask.when)))
+                        for mask in masks),
+                      irc_numeric(end, self.nick, f"#{settings.name}"))
 
     def user_mode(self, target: str, changes: str) -> None:
         """MODE NICK: your modes; MODE NICK +B, +i (or -): say you are a bot, hide from WHO masks of those
