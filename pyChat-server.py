@@ -8175,6 +8175,7 @@ class IrcProtocol:
     """
 
     name = "IRC"
+    opcode: int | None = None       # a WebSocket's, for WebSocketIrcProtocol: its objects are equal by it too
     lists_members = True            # Entered carries everyone in the room, for NAMES
     help_command = f"/msg {IRC_SERVICE_NICK} help"     # an IRC client's own /help is its client's help
     has_current_room = False        # every line names its channel: an IRC user may be in none
@@ -8183,12 +8184,13 @@ class IrcProtocol:
         self.connection = connection
         rendering = capabilities & IRC_RENDERING_CAPABILITIES
         self.capabilities = IRC_RENDERING_SETS.setdefault(rendering, rendering)     # one copy for everyone
-        self.hash = hash((IrcProtocol, self.capabilities))     # asked for every receiver of a line
+        self.hash = hash((self.opcode, self.capabilities))     # asked for every receiver of a line
         self.server_time = "server-time" in capabilities
         self.message_tags = "message-tags" in capabilities
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, IrcProtocol) and other.capabilities == self.capabilities
+        return (isinstance(other, IrcProtocol) and other.opcode == self.opcode
+                and other.capabilities == self.capabilities)
 
     def __hash__(self) -> int:
         return self.hash
@@ -10103,15 +10105,8 @@ class WebSocketIrcProtocol(IrcProtocol):
     name = "web"
 
     def __init__(self, connection: WebConnection, capabilities: frozenset[str] = frozenset()) -> None:
-        super().__init__(connection, capabilities)
         self.opcode = connection.message_opcode
-        self.hash = hash((WebSocketIrcProtocol, self.opcode, self.capabilities))
-
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, WebSocketIrcProtocol) and other.opcode == self.opcode
-                and other.capabilities == self.capabilities)
-
-    __hash__ = IrcProtocol.__hash__
+        super().__init__(connection, capabilities)
 
     def encode(self, event: Any, tagged: bool = False) -> bytes:
         if isinstance(event, WebSocketClose):
