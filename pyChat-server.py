@@ -9626,10 +9626,10 @@ class IrcConnection(ClientConnection):
         if not timestamp:
             try:
                 conversation, _ = self.server.conversation(self.person, target)
+                position = self.server.read_position(self.person, conversation)
             except Refused:
-                self.send_irc(IrcProtocol.read_marker(target, None))
-                return
-            self.send_irc(IrcProtocol.read_marker(target, self.server.read_position(self.person, conversation)))
+                position = None         # no conversation of theirs
+            self.send_irc(IrcProtocol.read_marker(target, position))
             return
         reference = IrcMessageReference.parse(timestamp) if timestamp.startswith("timestamp=") else None
         if reference is None:
