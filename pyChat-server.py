@@ -8575,7 +8575,6 @@ class IrcConnection(ClientConnection):
     # connection needs no counter of its own (an idle one's memory is most of what 10,000 cost).
     batch_numbers = itertools.count(1)
     protocol_class: type[IrcProtocol] = IrcProtocol     # how its lines are written (WebConnection frames them)
-    door = "IRC"                                        # for the log
 
     def setup(self) -> None:
         super().setup()
@@ -8601,7 +8600,7 @@ class IrcConnection(ClientConnection):
         return self.server.username_of(nick)
 
     def handle(self) -> None:
-        log.info("%s connection from %s:%s", self.door, *self.client_address[:2])
+        log.info("%s connection from %s:%s", self.protocol_class.name, *self.client_address[:2])
         try:
             self.start()
             self.send_irc(format_irc_message("NOTICE", ("*", f"*** {self.server.greeting()}")))
@@ -10134,7 +10133,6 @@ class WebConnection(IrcConnection):
 
     protocol_class = WebSocketIrcProtocol
     message_opcode = WS_TEXT
-    door = "web"
 
     def setup(self) -> None:
         super().setup()
