@@ -9567,10 +9567,7 @@ class IrcConnection(ClientConnection):
     def history_line(self, message: StoredMessage, conversation: str, shown: str) -> list[str]:
         """MESSAGE of CONVERSATION (called SHOWN) as it was sent, with its time, msgid and (with account-tag)
         account: a PRIVMSG, a NOTICE, or an ACTION."""
-        if conversation.startswith("#"):
-            to = shown
-        else:
-            to = shown if self.sent_by_me(message, conversation) else self.nick
+        to = shown if conversation.startswith("#") or self.sent_by_me(message, conversation) else self.nick
         tags = {"time": irc_message_time(message.id)}
         if message.account and "account-tag" in self.capabilities.enabled:
             tags["account"] = message.account
