@@ -8750,8 +8750,7 @@ class IrcConnection(ClientConnection):
         """The nickname to sign in with, or why WANTED cannot be had."""
         if self.account is not None:
             return self.account, None
-        gate = self.server.gate
-        registered = gate.account_of(wanted)
+        registered = self.server.gate.account_of(wanted)
         if registered is not None:
             return wanted, (f"{registered} is a registered name: sign in to it with SASL (PLAIN, the account's "
                             f"name and password), or choose another nickname.")
