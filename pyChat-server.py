@@ -7331,6 +7331,7 @@ IRC_MAX_REALNAME = 50
 # the IRC clients' business: they pass between IRC users and are taken out for everyone else.
 IRC_FORMATTING = "\x02\x03\x04\x0f\x11\x16\x1d\x1e\x1f"
 CTCP = "\x01"
+CTCP_ACTION = (CTCP + "ACTION ", CTCP)  # what goes around the text of a CTCP ACTION (/me)
 
 
 class IrcMessage(NamedTuple):
@@ -8241,7 +8242,7 @@ class IrcProtocol:
 
     def acted(self, event: Acted, prefix: str = "") -> list[str]:
         return irc_text_messages("PRIVMSG", f"#{event.room}", prefix + event.text, self.source(event.nick),
-                                 wrap=(CTCP + "ACTION ", CTCP))
+                                 wrap=CTCP_ACTION)
 
     def joined(self, event: Joined) -> list[str]:
         """JOIN, and AWAY after it for someone who comes in away (to those who asked for away-notify)."""
@@ -9032,7 +9033,7 @@ class IrcConnection(ClientConnection):
             return
         words = clean_irc_text(ctcp[1] if ctcp else text)
         # One message in, one message out: cut to what can be relayed, as the receivers will see it.
-        wrap = ((CTCP + "ACTION ", CTCP) if target.startswith("#") else (f"* {person.nick} ", "")) if ctcp else ("", "")
+        wrap = (CTCP_ACTION if target.startswith("#") else (f"* {person.nick} ", "")) if ctcp else ("", "")
         words = irc_cut_to_fit("NOTICE" if notice else "PRIVMSG", target, irc_source(person.nick, person.username),
                                words, wrap)
         if not words:
@@ -9570,7 +9571,7 @@ class IrcConnection(ClientConnection):
         tags = {"time": irc_message_time(message.id)}
         if message.account and "account-tag" in self.capabilities.enabled:
             tags["account"] = message.account
-        wrap = (CTCP + "ACTION ", CTCP) if message.kind == "action" else ("", "")
+        wrap = CTCP_ACTION if message.kind == "action" else ("", "")
         pieces = irc_text_messages("NOTICE" if message.kind == "notice" else "PRIVMSG", to, message.text,
                                    self.output.protocol.source(message.nick), wrap=wrap)
         return [irc_with_tags(piece, {**tags, "msgid": f"{message.id}" + (f"-{n}" if n else "")})
