@@ -5237,16 +5237,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def _enter_kept(self, session: Session, kept: KeptRoom, current: bool) -> None:
         """Put SESSION's person back in a room kept for their account, if they may still be there (current
         for SESSION if CURRENT). Lock held."""
-        room = self.rooms.get(name_key(kept.name))
-        if room is not None and room.members and room.password is not None and \
-                not same_secret(kept.password or "", room.password):
-            session.output.send(Notice(f"#{room.name} has a new key: /join #{room.name} KEY to go back."))
-            self.storage.drop_room(session.person.account, room.name)
-            return
         try:
-            room = room or self.room_named(kept.name)
+            room = self.rooms.get(name_key(kept.name)) or self.room_named(kept.name)
         except Refused as refusal:
             session.output.send(Notice(f"#{kept.name}: {refusal}"))
+            return
+        refusal = self._entry_refusal(session.person, room, kept.password)
+        if refusal is not None:         # banned, or no longer let in, since they were last here
+            session.output.send(Notice(f"#{room.name} has a new key: /join #{room.name} KEY to go back."
+                                       if refusal.kind == "bad-key" else str(refusal)))
+            self.storage.drop_room(session.person.account, room.name)
             return
         if not room.members and kept.password and room is not self.lobby:
             room.password = kept.password       # they open it again as they left it
@@ -5620,19 +5620,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 raise Refused(f"You are in {len(person.rooms)} rooms, the most one may be in; /leave one first.",
                               "too-many-rooms", room=name)
             room = room or self.room_named(name)     # a lasting room's bans hold while it is empty too
-            invited = person.invited_to.get(room.key) == room.life
-            if not person.operator and room.banned(person):
-                raise Refused(f"You are banned from #{room.name}.", "banned-from-room", room=room.name)
-            if room.members and not person.operator and not invited:
-                if room.invite_only and not room.fits(person, "invite-mask"):
-                    raise Refused(f"#{room.name} is invite-only; one of its operators can /invite you.",
-                                  "invite-only", room=room.name)
-                if room.limit is not None and len(room.members) >= room.limit:
-                    raise Refused(f"#{room.name} is full: it takes {room.limit} people; one of its operators "
-                                  f"can /invite you.", "room-full", room=room.name)
-                if room.password is not None and not same_secret(password or "", room.password):
-                    raise Refused(f"#{room.name} needs a key: /join #{room.name} KEY." if password is None
-                                  else f"Wrong key for #{room.name}.", "bad-key", room=room.name)
+            refusal = self._entry_refusal(person, room, password)
+            if refusal is not None:
+                raise refusal
             opening = not room.members
             self._enter(session, room)
             if not opening or password is None:
@@ -5644,6 +5634,25 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._to_room(room, ModeChanged(room.name, person.nick, (("key", "on"),)))
             saved = self._room_to_save(room)
         self._save_room(*saved)
+
+    @staticmethod
+    def _entry_refusal(person: Person, room: Room, password: str | None) -> Refused | None:
+        """Why PERSON may not come into ROOM with the key PASSWORD, or None: the one rule for /join and for a
+        room kept for their account at sign-in. Lock held."""
+        if not person.operator and room.banned(person):
+            return Refused(f"You are banned from #{room.name}.", "banned-from-room", room=room.name)
+        if not room.members or person.operator or person.invited_to.get(room.key) == room.life:
+            return None
+        if room.invite_only and not room.fits(person, "invite-mask"):
+            return Refused(f"#{room.name} is invite-only; one of its operators can /invite you.", "invite-only",
+                           room=room.name)
+        if room.limit is not None and len(room.members) >= room.limit:
+            return Refused(f"#{room.name} is full: it takes {room.limit} people; one of its operators can /invite "
+                           f"you.", "room-full", room=room.name)
+        if room.password is not None and not same_secret(password or "", room.password):
+            return Refused(f"#{room.name} needs a key: /join #{room.name} KEY." if password is None
+                           else f"Wrong key for #{room.name}.", "bad-key", room=room.name)
+        return None
 
     def leave(self, session: Session, name: str | None = None, reason: str | None = None) -> None:
         """Leave the room NAME, or the current one, saying REASON to IRC users; leaving the last one goes back

@@ -305,3 +305,66 @@ def test_a_name_left_by_a_closed_connection_is_free_at_once_for_the_next(start_s
         new.send("again")
         assert new.expect(r"\*\*\* Welcome|!! ") == "*** Welcome, again! Type /help for the commands.", attempt
         new.close()
+
+
+# -- a kept room lets no one back in whom /join would turn away ------------------------------------------------
+
+def leave_signed_in_to_dev(server, connect) -> LineClient:
+    """alice (an account) and bob in #dev, which bob opened and runs; alice then quits: #dev is kept for her.
+    Returns bob."""
+    alice = connect(server, "alice")
+    register(alice)
+    bob = connect(server, "bob")
+    join(bob, "dev")
+    join(alice, "dev")
+    alice.send("/quit")
+    alice.wait_closed()
+    bob.expect(r"\*\*\* alice quit")
+    return bob
+
+
+def come_back(server, connect) -> LineClient:
+    """alice signs in again; her kept rooms may not all take her, so no one line ends it but the welcome."""
+    alice = connect(server)
+    alice.expect(re.escape("*** Choose a nickname:"))
+    alice.send("alice")
+    alice.expect(password_prompt("alice"))
+    alice.send(PASSWORD)
+    alice.expect(r"\*\*\* Welcome, alice")
+    alice.nick = "alice"
+    return alice
+
+
+@pytest.mark.parametrize("mode, made, told", [
+    ("ban alice", "*** bob banned alice!*@* from #dev", "*** You are banned from #dev."),
+    ("invite-only on", "*** bob made #dev invite-only", "*** #dev is invite-only; one of its operators can /invite you."),
+    ("limit 1", "*** bob set the limit of #dev to 1", "*** #dev is full: it takes 1 people; one of its operators can "
+                                                       "/invite you."),
+])
+def test_a_room_kept_for_an_account_is_not_entered_past_a_rule_made_while_its_owner_was_away(
+        start_server, connect, tmp_path, mode, made, told):
+    server = start_server("--data-dir", str(tmp_path / "data"))
+    bob = leave_signed_in_to_dev(server, connect)
+    bob.send(f"/mode {mode}")
+    bob.expect(re.escape(made))
+    alice = come_back(server, connect)
+    assert entered_rooms(alice) == ["lobby"], f"alice was put back in #dev: {shown(alice.seen)}"
+    assert told in alice.seen, shown(alice.seen)
+    alice.send("/quit")
+    alice.wait_closed()
+    alice = come_back(server, connect)      # and the room is no longer kept for her
+    assert entered_rooms(alice) == ["lobby"] and told not in alice.seen and entered_rooms(alice) == ["lobby"], shown(alice.seen)
+
+
+def test_after_a_restart_an_account_banned_from_a_kept_room_neither_opens_nor_runs_it(start_server, connect, tmp_path):
+    options = ("--data-dir", str(tmp_path / "data"))
+    server = start_server(*options)
+    bob = leave_signed_in_to_dev(server, connect)
+    bob.send("/mode ban alice")
+    bob.expect(re.escape("*** bob banned alice!*@* from #dev"))     # a public room's ban lasts across restarts
+    server.stop()
+    server = start_server(*options)
+    alice = come_back(server, connect)
+    assert entered_rooms(alice) == ["lobby"], f"alice reopened #dev, whose ban outlasted it: {shown(alice.seen)}"
+    alice.send("/mode unban alice!*@* #dev")
+    assert alice.expect(r"(#\S+ )?(\*\*\* alice lifted|!! )").startswith("!! "), shown(alice.seen)
