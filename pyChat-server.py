@@ -3610,10 +3610,18 @@ class Storage:
         self._change(("UPDATE accounts SET ignoring=? WHERE key=?", ("\n".join(kept), name_key(nick))))
 
     def remove_account(self, nick: str) -> None:
-        """Forget NICK's account, and with it its operator's rights, its invitation and what was left for it."""
+        """Forget NICK's account, and with it its operator's rights, its invitation, what was left for it, its
+        kept rooms and read positions, and its private conversations: whoever registers the name next is
+        someone else, and may read none of it (a conversation is known by its two accounts' keys)."""
         key = name_key(nick)
+        with self.lock:
+            for target, in self._query("SELECT DISTINCT target FROM messages WHERE target >= '@' AND target < 'A'"):
+                if key in target[1:].split("\n"):
+                    self._forget_where("target=?", (target,))
         self._change(("DELETE FROM accounts WHERE key=?", (key,)), ("DELETE FROM operators WHERE key=?", (key,)),
-                     ("DELETE FROM invitations WHERE key=?", (key,)), ("DELETE FROM offline WHERE recipient=?", (key,)))
+                     ("DELETE FROM invitations WHERE key=?", (key,)), ("DELETE FROM offline WHERE recipient=?", (key,)),
+                     ("DELETE FROM kept_rooms WHERE account=?", (key,)),
+                     ("DELETE FROM read_positions WHERE account=?", (key,)))
 
     # -- operators ------------------------------------------------------------------
 
@@ -6396,6 +6404,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             self.by_account.pop(name_key(account), None)
             person.account = None
+            person.read, person.last_private = NO_POSITIONS, NO_POSITIONS     # a guest's: none
             person.operator = person.operator and not was_operator
             self._to_people(self._with_sharers(person), AccountChanged(person.nick, None))
         log.info("%r gave up the account %s", person, account)
@@ -6438,6 +6447,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             owner = self.by_account.pop(name_key(registered), None)
             if owner is not None:
                 owner.account = None
+                owner.read, owner.last_private = NO_POSITIONS, NO_POSITIONS
                 if not self.options.private:
                     self._to_people([owner], Notice(f"{by.nick} removed your account; you are a guest now."))
                     self._to_people(self._with_sharers(owner), AccountChanged(owner.nick, None))

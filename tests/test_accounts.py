@@ -188,6 +188,40 @@ def test_a_guest_cannot_change_or_give_up_an_account_it_does_not_have(start_serv
     assert bob.expect("!! ") == "!! You are a guest: /register PASSWORD makes bob your account."
 
 
+def test_whoever_registers_a_name_given_up_reads_nothing_of_the_old_account(start_server, connect, data):
+    """Private conversations, kept rooms and read positions belong to the account, not to its name: the next
+    owner of the name is someone else."""
+    from test_rooms import join
+    server = start_server("--data-dir", str(data))
+    bob = connect(server, "bob")
+    register(bob, "a long pass phrase 7")
+    join(bob, "secret", "sesame")
+    alice = connect(server, "alice")
+    register(alice)
+    join(alice, "secret", "sesame")
+    bob.send("/msg alice the plan is at noon")
+    bob.expect(re.escape("[pm to alice] the plan is at noon"))
+    alice.expect(re.escape("[pm from bob] the plan is at noon"))
+    alice.send(f"/unregister {PASSWORD}")
+    alice.expect(r"-- alice is no longer registered")
+    alice.send("/quit")
+    alice.wait_closed()
+    mallory = connect(server, "alice")
+    assert register(mallory, "mallory's own pass 9").startswith("-- Registered")
+    mallory.send("/quit")
+    mallory.wait_closed()
+    mallory = connect(server)
+    sign_in(mallory, "alice", "mallory's own pass 9")
+    mallory.send("/history bob")
+    mallory.send("/search plan")
+    mallory.send("/msg alice marker")
+    lines = mallory.lines_until(re.escape("[pm from alice] marker"))
+    assert not [line for line in lines if "plan is at noon" in line or "#secret" in line], \
+        f"the new owner of the name read what the old account had: {shown(mallory.seen)}"
+    bob.send("/history alice")          # and the conversation went with the account, for bob too
+    assert "plan is at noon" not in "\n".join(bob.lines_until(r"-- |!! "))
+
+
 def test_without_a_data_directory_a_registration_says_it_lasts_until_a_restart(start_server, connect):
     server = start_server()
     alice = connect(server, "alice")
