@@ -5469,24 +5469,37 @@ class ChatServer(socketserver.ThreadingTCPServer):
         position = person.read.get(target) if person.account else None
         if position is None:
             since = person.seen.pop(room.key, 0)
-            lines = self.storage.latest_messages(target, self.options.history, after=since)
-            events: list[Any] = []
+            fetched = self.storage.latest_messages(target, self.options.history, after=since)
+            lines, events = self._heeded(person, fetched), []
         else:
-            lines, events = self._unread(target, position, f"#{room.name}", room=room.name)
-        session.shown_from(target, lines[0].id if lines else room.last_line + 1)
+            fetched, lines, events = self._unread(person, target, position, f"#{room.name}", room=room.name)
+        # /history pages back from here: from the first line fetched, or from the room's newest line (which
+        # after a restart is in the database only).
+        session.shown_from(target, fetched[0].id if fetched else self._last_line_of(room) + 1)
         if not lines:
             return []
         return events + [Replayed(m.when, chat_event(room.name, m)) for m in lines] + [HistoryEnd(room.name)]
 
-    def _unread(self, target: str, position: int, shown_as: str, **where: str) -> tuple[list[StoredMessage], list[Any]]:
-        """The newest CATCH_UP_LINES lines of TARGET after POSITION, and the header that says how many there
-        are (SHOWN_AS, WHERE: a room or a nick for NewSince). Lock held."""
+    def _unread(self, person: Person, target: str, position: int, shown_as: str,
+                **where: str) -> tuple[list[StoredMessage], list[StoredMessage], list[Any]]:
+        """The newest CATCH_UP_LINES lines of TARGET after POSITION; those of them PERSON heeds; and the header
+        that says how many there are (SHOWN_AS, WHERE: a room or a nick for NewSince). Lock held."""
         count = self.storage.count_after(target, position)
         if not count:
-            return [], []
-        lines = self.storage.latest_messages(target, CATCH_UP_LINES, after=position)
-        return lines, [NewSince(count=count, since=position / 1_000_000, shown=len(lines),
-                                history=f"/history {shown_as}", **where)]
+            return [], [], []
+        fetched = self.storage.latest_messages(target, CATCH_UP_LINES, after=position)
+        lines = self._heeded(person, fetched)
+        if not lines:
+            return fetched, [], []
+        return fetched, lines, [NewSince(count=count - (len(fetched) - len(lines)), since=position / 1_000_000,
+                                         shown=len(lines), history=f"/history {shown_as}", **where)]
+
+    @staticmethod
+    def _heeded(person: Person, lines: list[StoredMessage]) -> list[StoredMessage]:
+        """LINES but those of people PERSON ignores: what /ignore hides live stays hidden when caught up."""
+        if not person.ignoring:
+            return lines
+        return [m for m in lines if name_key(m.nick) not in person.ignoring]
 
     def _catch_up_private(self, session: Session) -> None:
         """Show SESSION, signed in to an account, the lines of its person's private conversations after their
@@ -5500,14 +5513,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 continue
             other_key = next((key for key in target[1:].split("\n") if key != own), own)
             other = self.storage.account_name(other_key) or other_key
-            lines, header = self._unread(target, position, other, nick=other)
+            fetched, lines, header = self._unread(person, target, position, other, nick=other)
             if not lines:
                 continue
             for event in header + [Replayed(m.when, self._private_event(m, person, other)) for m in lines]:
                 session.output.send(event)
             session.output.send(HistoryEnd(None, other))
-            session.shown_from(target, lines[0].id)
-            person.last_private[target] = max(person.last_private.get(target, 0), lines[-1].id)
+            session.shown_from(target, fetched[0].id)
+            person.last_private[target] = max(person.last_private.get(target, 0), fetched[-1].id)
 
     @staticmethod
     def _private_event(message: StoredMessage, person: Person, other: str) -> PrivateFrom | PrivateTo:
@@ -5957,11 +5970,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
             for someone in (person, target):
                 if someone.account is None:
                     someone.conversations |= {conversation}
-            line_id = self._keep_private(person, conversation, text, notice,
-                                         target.account if target is not person else None)
-            if target.account and person.account and target is not person:
+            heeded = person.key not in target.ignoring
+            # A line to someone who ignores its sender is kept no more than one left for them offline is:
+            # it would come back at their next sign-in.
+            line_id = "" if not heeded else self._keep_private(person, conversation, text, notice,
+                                                               target.account if target is not person else None)
+            if heeded and target.account and person.account and target is not person:
                 target.read.setdefault(conversation, read_before(int(line_id)))     # as _keep_private wrote it
-            if person.key not in target.ignoring:
+            if heeded:
                 # A note to oneself reaches every session as a message from someone, not as a reply.
                 self._to_sessions(target.sessions, PrivateFrom(person.nick, text, line_id, client_tags,
                                                                person.account, notice, person.bot),

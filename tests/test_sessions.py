@@ -368,3 +368,60 @@ def test_after_a_restart_an_account_banned_from_a_kept_room_neither_opens_nor_ru
     assert entered_rooms(alice) == ["lobby"], f"alice reopened #dev, whose ban outlasted it: {shown(alice.seen)}"
     alice.send("/mode unban alice!*@* #dev")
     assert alice.expect(r"(#\S+ )?(\*\*\* alice lifted|!! )").startswith("!! "), shown(alice.seen)
+
+
+# -- what /ignore hides live stays hidden when caught up -----------------------------------------------------
+
+def signed_in_again(server, connect) -> list[str]:
+    """alice on another device: every line she is shown up to her own marker."""
+    phone = connect(server)
+    lines = sign_in(phone, "alice")
+    phone.send("/msg alice marker")
+    return lines + phone.lines_until(re.escape("[pm from alice] marker"))
+
+
+@pytest.mark.parametrize("bob_has_an_account", [True, False])
+def test_lines_of_someone_ignored_are_not_caught_up_on_another_device_or_at_the_next_sign_in(
+        start_server, connect, tmp_path, bob_has_an_account):
+    server = start_server("--data-dir", str(tmp_path / "data"))
+    alice = connect(server, "alice")
+    register(alice)
+    bob = connect(server, "bob")
+    if bob_has_an_account:
+        register(bob, "a long pass phrase 7")
+    alice.send("/ignore bob")
+    alice.expect("-- You now ignore bob")
+    bob.send("/msg alice buy my stuff")
+    bob.expect(re.escape("[pm to alice] buy my stuff"))
+    bob.send("buy my stuff in the lobby")
+    bob.expect("bob: buy my stuff in the lobby")
+    lines = signed_in_again(server, connect)
+    assert not [line for line in lines if "buy my stuff" in line], f"alice's other device: {shown(lines)}"
+    alice.send("/quit")
+    alice.wait_closed()
+    lines = signed_in_again(server, connect)
+    assert not [line for line in lines if "buy my stuff" in line], f"alice's next sign-in: {shown(lines)}"
+
+
+# -- /history pages back after a restart ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("room", ["dev", "lobby"])
+def test_history_pages_back_after_a_restart_where_nothing_was_new(start_server, connect, tmp_path, room):
+    options = ("--data-dir", str(tmp_path / "data"))
+    server = start_server(*options)
+    alice = connect(server, "alice")
+    register(alice)
+    join(alice, room)
+    for number in range(3):
+        alice.send(f"line {number}")
+    alice.expect("alice: line 2")
+    alice.send("/quit")
+    alice.wait_closed()
+    server.stop()
+    server = start_server(*options)
+    alice = connect(server)
+    lines = sign_in(alice, "alice")
+    assert not [line for line in lines if " new in #" in line], shown(lines)       # she had read it all
+    alice.send(f"/history #{room}")
+    answer = alice.expect(r"(#\S+ )?(\*\*\* \d+ earlier lines|-- |!! )")
+    assert f"earlier lines of #{room}" in answer, f"/history found none of the 3 kept lines: {answer!r}"
