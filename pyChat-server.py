@@ -4618,6 +4618,11 @@ class Person:
         return f"{self.nick}!{self.username}@{PERSON_HOST}"
 
     @property
+    def away_shown(self) -> str | None:
+        """Their away message as others are shown it: none while they are muted, whose words no one sees."""
+        return None if self.muted else self.away
+
+    @property
     def identity(self) -> str:
         """Who they are to the database: their account's key, or for a guest one for this connection alone."""
         return name_key(self.account) if self.account else f"guest/{self.serial}"
@@ -5192,8 +5197,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         session.output.send(Welcome(person.nick, tuple(motd)))
         if person.operator:
             session.output.send(Notice("You are an operator of this server."))
-        if first:
-            person.mute = self.storage.mute_for(person.account, session.address, time.time())
+        person.mute = self._mute_of(person, time.time())      # this session's address may be muted too
         if person.mute is not None:
             session.output.send(Notice(f"You are muted {person.mute.how_long(time.time())}"
                                        f"{_because(person.mute.reason)}."))
@@ -5731,6 +5735,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self._check_runs(by, room)
             elif by.muted:
                 raise Refused("You are muted; you cannot set the topic.")
+            else:       # a topic is words in front of the room: whoever may not talk in it may not set it
+                self._room_to_speak_in(session, room.name)
             room.topic, room.topic_set = topic, (by.nick, time.time())
             self._to_room(room, TopicChanged(room.name, by.nick, topic))
             saved = self._room_to_save(room)
@@ -5928,7 +5934,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         person = session.person
         with self.lock:
             if target.startswith("#"):
-                room = self._member_room(session, target)
+                room = self._room_to_speak_in(session, target)     # as a line to the room: reactions are words
                 if not person.muted:
                     event = TagMessage(room.name, person.nick, f"#{room.name}", self._next_line_id(), client_tags,
                                        person.account, person.bot)
@@ -5988,8 +5994,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     target.last_private[conversation] = int(line_id)
             self._private_copies(session, PrivateTo(target.nick, text, line_id, client_tags, person.account, notice,
                                                     person.bot))
-            if target.away and not notice:
-                session.output.send(TheyAreAway(target.nick, target.away))
+            if target.away_shown and not notice:
+                session.output.send(TheyAreAway(target.nick, target.away_shown))
 
     def _keep_private(self, person: Person, conversation: str, text: str, notice: bool, to_account: str | None) -> str:
         """Keep a private line from PERSON in CONVERSATION (to the account TO_ACCOUNT, or a guest); its id.
@@ -6583,6 +6589,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
         ip = ip_of(address)
         return ip is not None and ip.version == network.version and ip in network
 
+    def _mute_of(self, person: Person, now: float) -> Ban | None:
+        """The mute in force for PERSON: of their account, or of the address of any session of theirs (the one
+        that lasts longest, if several), as mute() finds whom a new one holds for. Lock held."""
+        found = [self.storage.mute_for(person.account, session.address, now) for session in person.sessions]
+        return max((mute for mute in found if mute is not None),
+                   key=lambda mute: math.inf if mute.expires is None else mute.expires, default=None)
+
     def _applies(self, rule: Ban, person: Person, address: str | None = None) -> bool:
         """Whether the ban or mute RULE holds for PERSON: for their account, or for one of their sessions'
         addresses (ADDRESS alone, if given). Lock held."""
@@ -6661,7 +6674,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             for person in self.people.values():
                 if self._applies(lifted, person):
-                    person.mute = self.storage.mute_for(person.account, person.address, now)
+                    person.mute = self._mute_of(person, now)
                     if person.mute is None:
                         self._to_people([person], Notice(f"You were unmuted by {by.nick}."))
         log.warning("%r lifted the mute on %s %s", by, lifted.kind, lifted.shown)
@@ -6842,7 +6855,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             self._charge(viewer, len(self.people), "/online")
             people = [commands.PersonInfo(p.nick, p.last_room.name if self._may_see(viewer, p.last_room) else None,
-                                          p.away, p.operator, p.muted, False)
+                                          p.away_shown, p.operator, p.muted, False)
                       for p in self.people.values()]
         return sorted(people, key=lambda p: p.nick.casefold())
 
@@ -6852,7 +6865,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self.lock:
             room = self._current_room(session) if name is None else self._visible_room(viewer, name)
             self._charge(viewer, len(room.members), "/who")
-            people = [commands.PersonInfo(p.nick, room.name, p.away, p.operator, p.muted, p in room.operators,
+            people = [commands.PersonInfo(p.nick, room.name, p.away_shown, p.operator, p.muted, p in room.operators,
                                           p in room.voiced) for p in room.members]
         return room.name, sorted(people, key=lambda p: p.nick.casefold())
 
@@ -6896,7 +6909,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             rooms = tuple((room.name, person in room.operators) for room in person.rooms.values()
                           if self._may_see(viewer, room))
             address = str(ip_of(person.address) or person.address) if viewer.operator else None
-            return Whois(person.nick, person.account, rooms, person.away, person.operator, person.since,
+            return Whois(person.nick, person.account, rooms, person.away_shown, person.operator, person.since,
                          time.monotonic() - person.last_spoke, self._protocols(person), address, person.bot,
                          person.realname, person.username)
 
@@ -6967,7 +6980,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
     @staticmethod
     def _who_entry(person: Person, room: Room | None) -> WhoEntry:
         return WhoEntry(person.nick, room.name if room else None, person.account, person.realname,
-                        person.away is not None,
+                        person.away_shown is not None,
                         person.operator, room is not None and person in room.operators,
                         time.monotonic() - person.last_spoke, person.bot, room is not None and person in room.voiced,
                         person.username)
@@ -6987,7 +7000,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if len(nick) <= MAX_NICKNAME_LENGTH]        # longer is no one's, and not worth normalising
         with self.lock:
             found = [self.people.get(key) for key in keys]
-            return [commands.PersonInfo(p.nick, None, p.away, p.operator, p.muted, False) if p else None
+            return [commands.PersonInfo(p.nick, None, p.away_shown, p.operator, p.muted, False) if p else None
                     for p in found]
 
     def counts(self) -> tuple[int, int, int, int, int]:

@@ -331,3 +331,49 @@ def test_a_mute_that_cannot_be_is_refused_with_the_reason(admin_server, connect)
         assert alice.expect("!! ").startswith(f"!! {refusal}"), (line, alice.seen[-1])
     carol.send("/mute alice")
     assert carol.expect("!! ") == "!! /mute: not allowed; only operators may use it."
+
+
+def test_an_address_mute_holds_for_a_session_an_account_opens_from_that_address_later(admin_server, connect):
+    server = admin_server()
+    alice = claim_operator(server, connect(server))
+    mallory = ClientFrom(server.host, server.port, "127.0.0.2")
+    mallory.login("mallory")
+    alice.send("/mute mallory")
+    mallory.expect(re.escape("*** You were muted by alice permanently."))
+    mallory.close()
+    bob = connect(server, "bob")                        # from 127.0.0.1, which is not muted
+    register(bob)
+    phone = ClientFrom(server.host, server.port, "127.0.0.2")      # bob's second device, at the muted address
+    told = [line for line in sign_in(phone, "bob") if line.startswith("*** You are muted")]
+    assert told == ["*** You are muted permanently."], shown(phone.seen)
+    phone.send("said from the muted address")
+    assert phone.expect("!! ") == f"!! {MUTED}"
+    alice.send("marker")
+    assert "bob: said from the muted address" not in alice.lines_until("alice: marker")
+    phone.close()
+
+
+def test_the_away_message_of_a_muted_person_is_shown_to_no_one(admin_server, connect, irc_connect):
+    server = admin_server()
+    alice = claim_operator(server, connect(server))
+    mallory = ClientFrom(server.host, server.port, "127.0.0.2")
+    mallory.login("mallory")
+    alice.send("/mute mallory")
+    mallory.expect(re.escape("*** You were muted by alice permanently."))
+    mallory.send("/away BUY CHEAP PILLS at spam.example")
+    mallory.expect(r"-- You are marked away")
+    bob = connect(server, "bob")
+    bob.send("/msg mallory hello")
+    bob.send("/whois mallory")
+    bob.send("/online")
+    bob.send("/who")
+    bob.send("/msg bob marker")
+    lines = bob.lines_until(re.escape("[pm from bob] marker"))
+    carol = irc_connect(server, "carol")
+    for command in ("PRIVMSG mallory :hello", "WHOIS mallory", "WHO #lobby", "USERHOST mallory"):
+        carol.send(command)
+    carol.send("PRIVMSG carol :marker")
+    lines += carol.lines_until(r":carol!\S+ PRIVMSG carol :marker")
+    assert not [line for line in lines if "PILLS" in line], f"a muted person's words were shown: {shown(lines)}"
+    assert not [line for line in lines if re.search(r" 352 carol #lobby \S+ \S+ \S+ mallory G", line)], shown(lines)
+    mallory.close()

@@ -157,6 +157,20 @@ def test_tagmsg_mistakes_get_their_numerics(irc_server, irc_connect):
     alice.expect(r"461 alice TAGMSG ")
 
 
+@pytest.mark.parametrize("mode", ["+m", "+b bob"])
+def test_whoever_cannot_talk_in_a_room_cannot_react_or_type_in_it_either(irc_server, irc_connect, mode):
+    alice, bob = irc_connect(irc_server, "alice", TAGS), irc_connect(irc_server, "bob", TAGS)
+    joined(alice, "#dev")
+    joined(bob, "#dev")
+    alice.send(f"MODE #dev {mode}")
+    bob.expect(rf"MODE #dev {re.escape(mode)}")
+    bob.send("@+draft/react=THIS\\sROOM\\sSUCKS TAGMSG #dev")
+    assert " 404 bob #dev " in bob.expect(r"404 "), "a reaction from someone who cannot talk was taken"
+    alice.send("PRIVMSG #dev :marker")
+    lines = alice.lines_until(r"(@\S+ )?:alice!\S+ PRIVMSG #dev :marker")
+    assert not [line for line in lines if "TAGMSG" in line], lines
+
+
 def test_more_tag_data_than_a_client_may_send_is_417_and_nothing_is_sent(irc_server, irc_connect):
     alice, bob = irc_connect(irc_server, "alice", TAGS), irc_connect(irc_server, "bob", ("message-tags",))
     alice.send("@+big=" + "x" * 4090 + " PRIVMSG #lobby :too much")

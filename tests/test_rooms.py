@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import ClientFrom, LineClient, RoomReader
+from conftest import ClientFrom, LineClient, RoomReader, shown
 
 OP_SECRET = "rooms operator secret"
 
@@ -364,3 +364,18 @@ def test_a_muted_person_can_put_no_words_in_front_of_others(op_server, connect):
     assert alice.expect(r"\*\*\* bob") == "*** bob quit"
     assert not [line for line in alice.seen if "PILLS" in line], alice.seen
     bob.close()
+
+
+@pytest.mark.parametrize("mode, made", [("ban bob", r"\*\*\* alice banned bob"), ("moderated on", r"\*\*\* alice made")])
+def test_whoever_cannot_talk_in_a_room_cannot_set_its_topic_either_when_everyone_may(chat, mode, made):
+    alice, bob = chat("alice", "bob")
+    join(alice, "dev")
+    join(bob, "dev")
+    alice.send("/mode topic everyone")
+    bob.expect(r"\*\*\* alice let everyone")
+    alice.send(f"/mode {mode}")
+    bob.expect(made)
+    bob.send("/topic THIS ROOM IS DEAD, come to spam.example")
+    assert bob.expect(r"(#\S+ )?(\*\*\* bob |!! )").startswith("!! "), f"bob set the topic: {shown(bob.seen)}"
+    alice.send("/topic")
+    assert "spam.example" not in alice.expect(r"-- |\*\*\* ")
