@@ -2709,6 +2709,7 @@ HISTORY_MAX_MB_IN_MEMORY = 16     # ... its default without --data-dir, where th
 MAINTENANCE_SECONDS = 1.0         # how often the storage's thread looks for work
 RETENTION_BATCH = 2000            # lines removed at once: a short hold of the storage lock
 SEARCH_INDEX_BATCH = 5000         # lines added to the search index at once
+SEARCH_MERGE_PAGES = 500          # pages of the search index merged after each batch of lines removed
 UNSAVED_LINES = 10_000            # chat lines that could not be written, kept in memory for another try
 SEARCH_RESULTS = 20               # lines /search shows at most
 SEARCH_SCAN_LINES = 200_000       # lines the search without an index looks through, the newest first
@@ -4128,8 +4129,7 @@ class Storage:
             with self.lock:
                 if not self._index_for_search(SEARCH_INDEX_BATCH):
                     break
-        while self._remove_old_lines(time.time() if now is None else now):
-            pass
+        self._remove_old_lines(time.time() if now is None else now)
         if self.path != ":memory:":
             try:
                 checkpoint = sqlite3.connect(self.path, timeout=0.1)
@@ -4140,24 +4140,51 @@ class Storage:
             except sqlite3.Error as problem:
                 log.debug("%s: checkpoint: %s", self.path, _why(problem))
 
-    def _remove_old_lines(self, now: float) -> bool:
-        """Remove one batch of the lines past --history-days, or past --history-max-mb the oldest; True if
-        there may be more to remove."""
+    def _remove_old_lines(self, now: float) -> None:
+        """Remove the lines past --history-days, then, if the database is larger than --history-max-mb, as many
+        of the oldest as the excess is worth: in batches that each hold the lock briefly."""
+        too_old = self.message_id_at(now - self.history_days * 86400)
+        removed = batch = self._remove_lines("id < ?", (too_old,), RETENTION_BATCH)
+        while batch == RETENTION_BATCH:
+            batch = self._remove_lines("id < ?", (too_old,), RETENTION_BATCH)
+            removed += batch
+        while True:
+            # The search index gives the room of removed lines back only as its segments merge: the size is
+            # measured again only once they have, or it would not show what was freed.
+            while removed and self._merge_search_index():
+                pass
+            excess = self._lines_over_size()
+            removed = batch = 0
+            while removed < excess:
+                batch = self._remove_lines("1", (), min(excess - removed, RETENTION_BATCH))
+                if not batch:
+                    break
+                removed += batch
+            if not removed:
+                return
+
+    def _lines_over_size(self) -> int:
+        """How many lines past --history-max-mb the database holds, at the average size of a line so far."""
+        with self.lock:
+            try:
+                size = self._size()
+                if size <= self.history_bytes:
+                    return 0
+                count = self.db.execute("SELECT count(*) FROM messages").fetchone()[0]
+            except sqlite3.Error as problem:
+                log.error("%s: old lines could not be removed: %s", self.path, _why(problem))
+                return 0
+        return math.ceil((size - self.history_bytes) / (size / count)) if count else 0
+
+    def _remove_lines(self, where: str, parameters: tuple, most: int) -> int:
+        """Remove the oldest lines, up to MOST, of those WHERE says; how many were removed."""
         with self.lock:
             self._commit_lines()
             try:
-                rows = self.db.execute("SELECT id, text FROM messages WHERE id < ? ORDER BY id LIMIT ?",
-                                       (self.message_id_at(now - self.history_days * 86400),
-                                        RETENTION_BATCH)).fetchall()
-                size = self._size() if not rows else 0
-                if size > self.history_bytes:
-                    # As many of the oldest as the excess is worth, at the average size of a line so far.
-                    count = self.db.execute("SELECT count(*) FROM messages").fetchone()[0]
-                    wanted = math.ceil((size - self.history_bytes) / (size / max(count, 1))) if count else 0
-                    rows = self.db.execute("SELECT id, text FROM messages ORDER BY id LIMIT ?",
-                                           (min(wanted, RETENTION_BATCH),)).fetchall()
+                rows = self.db.execute(f"SELECT id, text FROM messages WHERE {where} ORDER BY id LIMIT ?",
+                                       (*parameters, most)).fetchall()
                 if not rows:
-                    return False
+                    return 0
                 with self._transaction() as db:
                     self._drop_from_search_index(rows)
                     db.executemany("DELETE FROM messages WHERE id=?", ((row[0],) for row in rows))
@@ -4165,8 +4192,8 @@ class Storage:
                                "CAST(value AS INTEGER) FROM meta WHERE key='removed up to'), 0)))", (rows[-1][0],))
             except sqlite3.Error as problem:
                 log.error("%s: old lines could not be removed: %s", self.path, _why(problem))
-                return False
-        return len(rows) == RETENTION_BATCH or size > self.history_bytes
+                return 0
+        return len(rows)
 
     def _size(self) -> int:
         """Bytes of the database in use. Lock held."""
@@ -4203,6 +4230,23 @@ class Storage:
         done = self._indexed_up_to()
         self.db.executemany("INSERT INTO messages_text (messages_text, rowid, text) VALUES ('delete', ?, ?)",
                             [row for row in rows if row[0] <= done])
+
+    def _merge_search_index(self) -> bool:
+        """Merge a bounded part of the search index's segments; True if there may be more to merge. A removed
+        line is only marked as gone in the index: merging gives its room back, without which retention by
+        size would find the database as large after each round, and go on removing lines."""
+        if not self.full_text:
+            return False
+        with self.lock:
+            before = self.db.total_changes
+            try:
+                with self._transaction() as db:
+                    db.execute("INSERT INTO messages_text (messages_text, rank) VALUES ('merge', ?)",
+                               (-SEARCH_MERGE_PAGES,))
+            except sqlite3.Error as problem:
+                log.error("%s: the search index could not be merged: %s", self.path, _why(problem))
+                return False
+            return self.db.total_changes - before > 1
 
     # -- operations ---------------------------------------------------------------------
 

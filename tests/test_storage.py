@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import sqlite3
 import stat
 import threading
@@ -480,7 +481,8 @@ def test_retention_removes_lines_past_the_days_in_batches_and_keeps_the_rest(ope
                                               "line", f"old {n}") for n in range(2 * server.RETENTION_BATCH + 5))
     for n in range(3):
         said(storage, "#lobby", f"recent {n}", when=now - 86400 + n)
-    assert storage._remove_old_lines(now) is True, "a batch at a time"
+    too_old = (server.Storage.message_id_at(now - 7 * 86400),)
+    assert storage._remove_lines("id < ?", too_old, server.RETENTION_BATCH) == server.RETENTION_BATCH, "a batch"
     storage.maintain(now)
     assert [m.text for m in storage.latest_messages("#lobby", 500)] == ["recent 0", "recent 1", "recent 2"]
     assert storage.search("old", identity="alice") == [] and len(storage.search("recent", identity="x")) == 3
@@ -498,6 +500,28 @@ def test_retention_by_size_removes_the_oldest_lines_until_the_database_fits(open
     kept = storage.latest_messages("#lobby", 5)
     assert kept and kept[-1].text.startswith("00007999")
     assert storage.messages_after("#lobby", 0, 1)[0].id > base, "the oldest went first"
+
+
+@pytest.mark.parametrize("full_text", [True, False])
+def test_a_lower_history_max_mb_keeps_the_newest_lines_that_fit_with_or_without_the_search_index(
+        open_storage, tmp_path, full_text):
+    """Lines removed from the search index give their room back only as its segments merge: measured before
+    they have, the database would seem as large after each batch, and every line would go."""
+    storage = open_storage(tmp_path / "data", history_max_mb=100, full_text=full_text)
+    chooser = random.Random(1)
+    words = [f"w{n}" for n in range(3000)]
+    for _ in range(40):                 # a server that has run a while, its index brought up to date each second
+        for _ in range(1000):
+            storage.add_message(storage.next_message_id(), time.time(), "#lobby", "alice", None, "line",
+                                " ".join(chooser.choice(words) for _ in range(12)))
+        storage.commit_lines()
+        storage.maintain()
+    storage.close()
+    storage = open_storage(tmp_path / "data", history_max_mb=2, full_text=full_text)    # about a third of it
+    storage.maintain()
+    with storage.lock:
+        size, kept = storage._size(), storage.db.execute("SELECT count(*) FROM messages").fetchone()[0]
+    assert size <= 2 * 1024 * 1024 and kept > 10_000, f"{kept} lines kept in {size} bytes"
 
 
 def test_history_days_zero_keeps_no_line(open_storage):
