@@ -4019,9 +4019,10 @@ class Storage:
     def _forget_where(self, where: str, parameters: tuple) -> None:
         try:
             with self._transaction() as db:
-                self._drop_from_search_index(
-                    db.execute(f"SELECT id, text FROM messages WHERE {where}", parameters).fetchall())
+                rows = db.execute(f"SELECT id, text FROM messages WHERE {where}", parameters).fetchall()
+                self._drop_from_search_index(rows)
                 db.execute(f"DELETE FROM messages WHERE {where}", parameters)
+                self._removed_up_to(max((row[0] for row in rows), default=0))
         except sqlite3.Error as problem:
             log.error("%s: could not forget a conversation: %s", self.path, _why(problem))
 
@@ -4079,7 +4080,9 @@ class Storage:
         """The newest lines, up to LIMIT, that hold every word of WORDS and that IDENTITY may read (in TARGET
         alone if given), newest last. With FTS5 the whole history is searched; without, the newest
         SEARCH_SCAN_LINES lines."""
-        terms = re.findall(r"\w+", words)[:16]        # words as the index cuts them: "e-mail" is e and mail
+        # Words as the index cuts them: "e-mail" and "parse_config" are two words each. A term the index
+        # would cut in two is a phrase, which an index without positions cannot look for.
+        terms = re.findall(r"[^\W_]+", words)[:16]
         if not terms:
             return []
         found: list[StoredMessage] = []
@@ -4163,6 +4166,12 @@ class Storage:
             if not removed:
                 return
 
+    def _removed_up_to(self, message_id: int) -> None:
+        """Remember that lines up to MESSAGE_ID were removed, so that no id up to it is ever given again, even
+        after a restart with the clock behind. In a transaction."""
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('removed up to', max(?, coalesce((SELECT "
+                        "CAST(value AS INTEGER) FROM meta WHERE key='removed up to'), 0)))", (message_id,))
+
     def _lines_over_size(self) -> int:
         """How many lines past --history-max-mb the database holds, at the average size of a line so far."""
         with self.lock:
@@ -4188,8 +4197,7 @@ class Storage:
                 with self._transaction() as db:
                     self._drop_from_search_index(rows)
                     db.executemany("DELETE FROM messages WHERE id=?", ((row[0],) for row in rows))
-                    db.execute("INSERT OR REPLACE INTO meta VALUES ('removed up to', max(?, coalesce((SELECT "
-                               "CAST(value AS INTEGER) FROM meta WHERE key='removed up to'), 0)))", (rows[-1][0],))
+                    self._removed_up_to(rows[-1][0])
             except sqlite3.Error as problem:
                 log.error("%s: old lines could not be removed: %s", self.path, _why(problem))
                 return 0
@@ -4262,7 +4270,9 @@ class Storage:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600))
             source, copy = sqlite3.connect(source_path, timeout=10.0), sqlite3.connect(path)
             try:
-                source.backup(copy, pages=1024)     # a batch at a time: the server's writes go on between them
+                # In one step, on one snapshot: the server's writes go on meanwhile (a write-ahead log), while a
+                # copy in steps starts again whenever the server writes between two, and a busy one always does.
+                source.backup(copy)
                 copy.execute("PRAGMA journal_mode=DELETE")
             finally:
                 source.close()

@@ -391,6 +391,24 @@ def test_message_ids_grow_across_restarts_even_after_retention_removed_every_lin
         storage.close()
 
 
+def test_message_ids_grow_across_restarts_even_after_a_conversation_with_the_newest_lines_is_forgotten(
+        open_storage, monkeypatch):
+    clock = [1_800_000_000.0]
+    monkeypatch.setattr(server.time, "time", lambda: clock[0])
+    storage = open_storage()
+    said(storage, "#lobby", "hello")
+    clock[0] += 5.0
+    conversation = server.private_target("alice", "guest/7", True)
+    given = said(storage, conversation, "hi alice")
+    storage.forget_target(conversation)         # the guest left
+    clock[0] -= 3.0                             # and the server starts again with its clock 3 s behind
+    storage = reopen(storage)
+    try:
+        assert said(storage, "#lobby", "again") > given, "an id was given twice"
+    finally:
+        storage.close()
+
+
 def test_history_is_read_by_range_before_after_around_and_between_ids(open_storage):
     storage = open_storage()
     numbers = [said(storage, "#dev", f"line {n}") for n in range(30)]
@@ -469,6 +487,8 @@ def test_search_finds_every_word_in_what_the_asker_may_read_newest_last(open_sto
     assert "the secret release friday" in [m.text for m in storage.search("release friday", identity="bob")]
     assert [m.target for m in storage.search("friday", identity="carol", target="#ops")] == ["#ops"]
     assert storage.search('NEAR( "', identity="carol") != [] and storage.search("   ", identity="carol") == []
+    said(storage, "#dev", "call parse_config before start")       # the index cuts words at '_' too
+    assert [m.text for m in storage.search("parse_config", identity="carol")] == ["call parse_config before start"]
 
 
 # -- retention ----------------------------------------------------------------------------------------------
@@ -671,6 +691,31 @@ def test_a_backup_made_while_lines_are_written_is_whole_and_opens(open_storage, 
     with pytest.raises(server.StorageError, match="exists already"):
         server.Storage.back_up(storage.directory, str(restored / "pychat.db"))
 
+
+
+def test_a_backup_of_a_large_database_finishes_while_lines_are_written_all_the_time(open_storage, tmp_path):
+    """An online backup copied in steps starts again whenever the database is written between two: one of a
+    busy server's never ended. It is one step, on one snapshot."""
+    storage = open_storage(full_text=False)
+    storage.add_messages(server.StoredMessage(storage.next_message_id(), time.time(), "#lobby", "al", None, "line",
+                                              "x" * 200) for _ in range(100_000))      # some 25 MB
+    stop = threading.Event()
+
+    def keep_talking() -> None:
+        while not stop.wait(0.002):
+            said(storage, "#lobby", "hi")
+
+    talker = threading.Thread(target=keep_talking)
+    talker.start()
+    copied = threading.Thread(target=server.Storage.back_up, args=(storage.directory, str(tmp_path / "copy.db")),
+                              daemon=True)
+    try:
+        copied.start()
+        copied.join(20)
+        assert not copied.is_alive(), "the backup was still copying after 20 s"
+    finally:
+        stop.set()
+        talker.join(10)
 
 
 # -- passwords, durations and ban targets ----------------------------------------------------------------
