@@ -7709,6 +7709,7 @@ IRC_NUMERICS: dict[str, tuple[str, str | None]] = {
     "ERR_WASNOSUCHNICK": ("406", "There was no such nickname"),
     "ERR_NOORIGIN": ("409", "No origin specified"),
     "ERR_INVALIDCAPCMD": ("410", "Invalid CAP command"),
+    "ERR_TOOMANYTARGETS": ("407", "Too many targets: the rest were not sent to"),
     "ERR_NORECIPIENT": ("411", "No recipient given"),
     "ERR_NOTEXTTOSEND": ("412", "No text to send"),
     "ERR_INPUTTOOLONG": ("417", "Input line was too long"),
@@ -7970,7 +7971,10 @@ def irc_labeled_reply(label: str, replies: list[bytes], batch: str) -> list[str]
     if not lines:
         return [format_irc_message("ACK", (), tags={"label": label})]
     outside = [irc_tag_of(line, "batch") is None for line in lines]     # not in a batch of their own
-    first, last = parse_irc_message(lines[0]), parse_irc_message(lines[-1])
+    try:
+        first, last = parse_irc_message(lines[0]), parse_irc_message(lines[-1])
+    except IrcLineError:        # longer than a client's line may be, so no BATCH line: not one batch
+        first = last = IrcMessage("", [""])
     one_batch = (sum(outside) == 2 and first.command == last.command == "BATCH"
                  and first.params[0].startswith("+") and last.params[:1] == ["-" + first.params[0][1:]])
     if len(lines) == 1 or one_batch:
@@ -8819,17 +8823,20 @@ class IrcConnection(ClientConnection):
         for message in messages:
             if message.command == "QUIT":
                 raise Disconnect("quit before signing in", Bye())
-            if message.command == "AUTHENTICATE":
-                self.authenticate(registration, message.params[0] if message.params else "")
-                continue
-            if message.command in ("REGISTER", "VERIFY"):
-                # An account lasts: only someone who gave the server password may make one.
+            if message.command in ("AUTHENTICATE", "REGISTER", "VERIFY"):
+                # The server password comes first, as at the pyChat port: no one who lacks it may try an
+                # account's password, or make an account, which lasts.
                 if not password_checked and registration.password is None:
-                    self.send_irc(irc_numeric("ERR_PASSWDMISMATCH", registration.target, text=(
-                        f"This server has a password: give it (PASS) before {message.command}")))
+                    self.send_irc(irc_numeric("ERR_SASLFAIL" if message.command == "AUTHENTICATE" else
+                                              "ERR_PASSWDMISMATCH", registration.target, text=(
+                                                  f"This server has a password: give it (PASS) before "
+                                                  f"{message.command}")))
                     continue
                 check_server_password()
-                self.account_registration(message.command, message.params, registration.nick, registration)
+                if message.command == "AUTHENTICATE":
+                    self.authenticate(registration, message.params[0] if message.params else "")
+                else:
+                    self.account_registration(message.command, message.params, registration.nick, registration)
                 continue
             self.send_irc(*registration.handle(message))
             if not registration.ready:
@@ -9088,26 +9095,31 @@ class IrcConnection(ClientConnection):
                 self.send_irc(irc_numeric("ERR_NOTEXTTOSEND", self.nick))
             return
         client_tags = irc_client_tags(self.tags_given)
-        for target in self.each_target(targets):
+        for target in self.each_target(targets, "NOTICE" if notice else "PRIVMSG"):
             try:
                 self.deliver(target, text, notice, client_tags)
             except Refused as refusal:
                 if not notice:
                     self.cannot_send(refusal, "PRIVMSG")
 
-    def each_target(self, targets: str) -> Iterator[str]:
-        """The targets of a PRIVMSG, NOTICE or TAGMSG (the first IRC_MAX_TARGETS), each once however it is
-        spelt. Each after the first costs a line of the flood allowance, as it would sent alone: a
-        line to four rooms is four lines; past the allowance the rest are dropped."""
+    def each_target(self, targets: str, command: str) -> Iterator[str]:
+        """The targets of a PRIVMSG, NOTICE or TAGMSG (COMMAND), each once however it is spelt, the first
+        IRC_MAX_TARGETS of them: past those, 407 (but to a NOTICE, which is never answered). Each after the
+        first costs a line of the flood allowance, as it would sent alone: a line to four rooms is four lines;
+        past the allowance the rest are dropped."""
         if "," not in targets:
             yield targets           # nearly every line: one target, nothing to compare it with
             return
         seen: set[str] = set()
-        for target in targets.split(",")[:IRC_MAX_TARGETS]:
+        for target in targets.split(","):
             # A name too long to be anyone's is refused by deliver(), not worth normalising here.
             key = target if len(target) > MAX_NICKNAME_LENGTH + 1 else name_key(normal_name(target))
             if key in seen:
                 continue
+            if len(seen) == IRC_MAX_TARGETS:
+                if command != "NOTICE":
+                    self.send_irc(irc_numeric("ERR_TOOMANYTARGETS", self.nick, target[:MAX_NICKNAME_LENGTH + 1]))
+                return
             if seen and not self.within_rate():
                 return
             seen.add(key)
@@ -9161,7 +9173,7 @@ class IrcConnection(ClientConnection):
         if not client_tags:
             return              # nothing a client could show
         echo = "echo-message" in self.capabilities.enabled
-        for target in self.each_target(targets):
+        for target in self.each_target(targets, "TAGMSG"):
             if not target.startswith("#") and name_key(target) == IRC_SERVICE_KEY:
                 continue        # the service does not type back
             try:

@@ -327,3 +327,38 @@ def test_a_who_pattern_is_paid_for_by_everyone_it_searches_and_chat_goes_on_mean
     finally:
         for sock in crowd:
             sock.close()
+
+
+# -- what one command may be answered, and to how many ------------------------------------------------------
+
+def test_a_labeled_command_whose_reply_is_longer_than_a_clients_line_is_answered_labeled(start_server, irc_connect,
+                                                                                          connect):
+    """The server's own replies may be longer than what a client may send (a topic set at the pyChat port, a
+    refusal quoting a long name): gathering them for a label must not read them as a client's."""
+    server = start_server("--irc-port", "0", "--rate", "0")
+    alice = irc_connect(server, "alice", ("batch", "labeled-response"))
+    alice.send("@label=p1 PART #" + "a" * 300)
+    assert "label=p1" in alice.expect(r"@\S*label=p1"), "the refusal of a long name was not answered"
+    bob = connect(server, "bob")
+    bob.send("/join #t")
+    bob.expect(r"\*\*\* (You are in|Now talking in) #t")
+    alice.send("JOIN #t")
+    alice.expect(r"366 alice #t ")
+    bob.send("/topic " + "release on friday " * 100)
+    alice.expect(r"TOPIC #t ")
+    alice.send("@label=q1 TOPIC #t")
+    assert "label=q1" in alice.expect(r"@\S*label=q1"), "a long topic asked for with a label ended the connection"
+
+
+def test_past_four_targets_a_privmsg_is_answered_407_and_the_same_name_twice_is_one_target(start_server,
+                                                                                          irc_connect):
+    server = start_server("--irc-port", "0", "--rate", "0")
+    alice, erin = irc_connect(server, "alice"), irc_connect(server, "erin")
+    alice.send("PRIVMSG bob,bob,BOB,carol,erin :hello erin")
+    assert erin.expect(r":alice!\S+ PRIVMSG erin ").endswith(":hello erin"), "a name said three times was three"
+    alice.send("PRIVMSG a1,a2,a3,erin,zed :hello again")
+    assert " 407 alice zed " in alice.expect(r"407 "), "the fifth target went unsent and unsaid"
+    assert erin.expect(r":alice!\S+ PRIVMSG erin ").endswith(":hello again")
+    alice.send("NOTICE a1,a2,a3,a4,zed :quiet")         # a NOTICE is answered with nothing
+    alice.send("PING :end")
+    assert not [line for line in alice.lines_until(r"PONG ") if " 407 " in line]

@@ -212,3 +212,19 @@ def test_only_someone_who_gave_the_server_password_makes_an_account(start_server
     again.send("REGISTER * * :a long pass phrase 8")
     assert fail_or_success(again, "REGISTER")[:3] == ["REGISTER", "SUCCESS", "stranger"], \
         "the refused tries made no account"
+
+
+def test_on_a_server_with_a_password_sasl_waits_for_it_as_the_pychat_port_does(start_server, tmp_path, irc_connect):
+    """No one who lacks the server password may try an account's password: 904 until PASS is given."""
+    server = start_server("--irc-port", "0", "--password", "letmein-server-7", "--data-dir", str(tmp_path / "d"))
+    owner = irc_connect(server)
+    owner.send("PASS :letmein-server-7")
+    owner.send("NICK alice")
+    owner.send(f"REGISTER * * :{PASSWORD}")
+    owner.expect(r"REGISTER SUCCESS alice ")
+    stranger = irc_connect(server)                      # never sends PASS
+    stranger.send("CAP REQ :sasl")
+    stranger.expect(r"CAP \S+ ACK ")
+    stranger.send("AUTHENTICATE PLAIN")
+    answer = stranger.expect(r"(AUTHENTICATE|904|903) ")
+    assert " 904 " in answer and "PASS" in answer, answer
