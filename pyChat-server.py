@@ -9850,7 +9850,7 @@ WEB_FILE_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charse
                   ".txt": "text/plain; charset=utf-8"}
 _WEB_FILE_NAME = re.compile(r"/([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)\Z")
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-_HTTP_CONTROL = re.compile("[\x00-\x08\x0a-\x1f]")     # no control character but a tab in a header's value
+_HTTP_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")     # no control character but a tab in a header's value
 _HTTP_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"     # RFC 6455, 1.3
 WEBSOCKET_SUBPROTOCOLS = {"text.ircv3.net": 0x1, "binary.ircv3.net": 0x2}   # and the opcode each sends in
@@ -9899,14 +9899,14 @@ class HttpRequest(NamedTuple):
 def parse_http_head(head: bytes) -> HttpRequest:
     """The request in HEAD (its line and headers, without the blank line); HttpError for one this door refuses.
 
-    Strict where leniency would let two readers disagree: ASCII only, no folded or malformed header lines,
-    one Host, HTTP/1.1 (or 1.0).
+    Strict where leniency would let two readers disagree: an ASCII request line and header names, no control
+    character in a value, no folded or malformed header lines, one Host, HTTP/1.1 (or 1.0). A value may hold
+    other bytes (RFC 9110's obs-text), read as Latin-1: a browser sends the UTF-8 cookies that another
+    application on the same host set, and a page must not be refused for them.
     """
-    try:
-        text = head.decode("ascii")
-    except UnicodeDecodeError:
-        raise HttpError(400, "the request is not ASCII") from None
-    request_line, *header_lines = text.split("\r\n")
+    request_line, *header_lines = head.decode("latin-1").split("\r\n")
+    if not request_line.isascii():
+        raise HttpError(400, "the request line is not ASCII")
     parts = request_line.split(" ")
     if len(parts) != 3 or not _HTTP_TOKEN.match(parts[0]) or not parts[1] or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
         raise HttpError(400, "not an HTTP/1.1 request line")

@@ -270,14 +270,26 @@ def test_methods_other_than_get_and_head_are_refused(web_server):
     (b"GET /\r\nHost: localhost\r\n\r\n", 400),                         # HTTP/0.9
     (b"GET / HTTP/2.0\r\nHost: localhost\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: localhost\r\n folded: header\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX: \xff\r\n\r\n", 400),
+    (b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX-\xc3\xa9: y\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX: a\x1bb\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX: a\x7fb\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"X-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),
     (b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"X: y\r\n" * 100 + b"\r\n", 431),
-], ids=["no-host", "two-hosts", "bad-host", "http-0.9", "http-2", "folded", "not-ascii", "huge-header",
-        "many-headers"])
+], ids=["no-host", "two-hosts", "bad-host", "http-0.9", "http-2", "folded", "target-not-ascii",
+        "name-not-ascii", "escape-in-value", "delete-in-value", "huge-header", "many-headers"])
 def test_malformed_or_huge_requests_are_refused(web_server, request_bytes, expected):
     status, _, body = http_exchange(web_server, request_bytes)
     assert status == expected, (status, body)
+
+
+def test_a_utf8_cookie_from_another_app_on_the_host_is_no_reason_to_refuse(web_server, web_connect):
+    # A browser sends a host's cookies to every port of it, raw UTF-8 where another application set them so.
+    cookie = "Cookie: greeting=caf\u00e9; name=\u5c71\u7530"
+    status, _, body = get(web_server, "/", cookie)
+    assert status == 200, (status, body)
+    client = web_connect(web_server, origin=None, headers=(cookie,))
+    assert client.status == 101, (client.status, client.headers)
 
 
 def test_slow_or_endless_headers_are_cut_off(start_server):
