@@ -1029,3 +1029,41 @@ def test_the_browser_reconnects_after_a_restart_with_its_rooms_and_draft(start_s
     page.wait(lambda: "#dev" in page.rooms() and page.current() == "#dev", "#dev joined again")
     page.wait_for_line(r"You joined #dev")
     assert page.find("#input").get_attribute("value") == "not sent yet"
+
+
+def test_whoever_signs_in_after_a_quit_sees_nothing_of_the_person_before(start_server, connect, browser):
+    server = start_server("--web-port", "0")
+    alice = connect(server, "alice")
+    page = Page(browser, server)
+    page.sign_in("webby")
+    page.type("/join #webbys-room")
+    page.wait(lambda: page.current() == "#webbys-room", "#webbys-room joined")
+    alice.send("/msg webby the secret is 42")
+    page.wait(lambda: page.rooms().get("alice") == "1", "alice's private message")
+    page.type("a draft for the room", enter=False)
+    page.find("#rooms button[data-room='#lobby']").click()
+    page.wait(lambda: page.current() == "#lobby", "#lobby shown")
+    page.type("/quit")
+    page.wait(lambda: page.find("#signin").is_displayed(), "the sign-in form")
+    page.sign_in("mallory", expect_success=False)
+    page.wait(lambda: page.status() == "Connected as mallory", "mallory signed in")
+    page.type("/join #mallorys-room")       # answered after any JOIN sent at the sign-in
+    page.wait(lambda: page.current() == "#mallorys-room", "#mallorys-room joined")
+    assert set(page.rooms()) == {"*server*", "#lobby", "#mallorys-room"}, page.rooms()
+    assert not any("secret" in line for line in page.lines()), page.lines()
+    stored = browser.execute_script("return Object.keys(sessionStorage).map(k => k + '=' + sessionStorage[k])")
+    assert not any("draft" in item for item in stored), stored
+
+
+def test_someone_else_signing_in_after_a_reload_does_not_rejoin_the_rooms_of_the_person_before(start_server, browser):
+    server = start_server("--web-port", "0")
+    page = Page(browser, server)
+    page.sign_in("webby")
+    page.type("/join #webbys-room")
+    page.wait(lambda: page.current() == "#webbys-room", "#webbys-room joined")
+    page = Page(browser, server)            # the same tab, reloaded: its sessionStorage stays
+    page.sign_in("mallory", expect_success=False)
+    page.wait(lambda: page.status() == "Connected as mallory", "mallory signed in")
+    page.type("/join #mallorys-room")
+    page.wait(lambda: page.current() == "#mallorys-room", "#mallorys-room joined")
+    assert "#webbys-room" not in page.rooms(), page.rooms()

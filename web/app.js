@@ -123,6 +123,21 @@ function dropBuffer(name) {
   renderRooms();
 }
 
+/** Forget the person signed in: every buffer but the server's (emptied too), the tab's stored rooms and drafts,
+ * and what history was under way, so that whoever signs in next in this tab sees nothing of theirs. */
+function forgetPerson() {
+  for (const key of Object.keys(sessionStorage)) if (key.startsWith("pychat.")) sessionStorage.removeItem(key);
+  const server = state.buffers.get(SERVER_BUFFER);
+  state.buffers = new Map([[SERVER_BUFFER, server]]);
+  state.order = [SERVER_BUFFER];
+  Object.assign(server, {lines: [], unread: 0, mentions: 0, draft: "", msgids: new Set()});
+  HISTORY.reset();
+  clearTimeout(HISTORY.markTimer);
+  state.switchOnJoin = null;
+  $("input").value = "";
+  switchTo(SERVER_BUFFER);
+}
+
 function rememberRooms() {
   const rooms = [...state.buffers.values()].filter(b => b.kind === "channel" && b.joined).map(b => b.name);
   sessionStorage.setItem("pychat.rooms", JSON.stringify(rooms));
@@ -672,7 +687,8 @@ function connect() {
     send(formatMessage("USER", "web", "0", "*", state.wanted.nick));
   };
   socket.onmessage = event => {
-    if (typeof event.data !== "string") return;
+    // After /quit, what the server still sends before it closes is the signed-out person's.
+    if (typeof event.data !== "string" || state.socket !== socket || state.closing) return;
     const message = parseMessage(event.data);
     const handler = HANDLERS[message.command];
     try {
@@ -732,6 +748,10 @@ function signIn(event) {
     return;
   }
   localStorage.setItem("pychat.nick", state.wanted.nick);
+  // The rooms, conversations and drafts of this tab are the last person's: someone else's are not shown.
+  const last = sessionStorage.getItem("pychat.person");
+  if (last !== null && lower(last) !== lower(state.wanted.nick)) forgetPerson();
+  sessionStorage.setItem("pychat.person", state.wanted.nick);
   $("signin-error").textContent = "";
   $("signin-button").disabled = true;
   state.attempts = 0;
@@ -1076,6 +1096,7 @@ const COMMANDS = {
   quit: {usage: "/quit [message]", help: "sign out", run: (args, rest) => {
     state.closing = true;
     send(formatMessage("QUIT", rest || "Quit"));
+    forgetPerson();
     signOut("Signed out.");
   }},
   quote: {usage: "/quote LINE", help: "send a raw IRC line", run: (args, rest) => rest ? send(rest) : usage("quote")},
