@@ -563,13 +563,17 @@ class LogFormat(logging.Formatter):
     """One event a line, its time in UTC with the zone written: 2026-12-06T23:40:01Z WARNING what happened."""
 
     converter = time.gmtime
+    # What a stranger may put in an event (a request's target, a name) must not reach an operator's terminal
+    # as a control sequence: every control character but CR and LF is written as an escape, \x1b.
+    _CONTROL = re.compile("[\x00-\x09\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ")
 
     def format(self, record: logging.LogRecord) -> str:
         # A traceback, or a name with a newline in it, must not look like other events to whoever reads the log.
-        return super().format(record).replace("\r", " ").replace("\n", " | ")
+        text = super().format(record).replace("\r", " ").replace("\n", " | ")
+        return self._CONTROL.sub(lambda control: f"\\x{ord(control.group()):02x}", text)
 
 
 def logging_handler(options: argparse.Namespace) -> logging.Handler:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -290,6 +291,22 @@ def test_a_utf8_cookie_from_another_app_on_the_host_is_no_reason_to_refuse(web_s
     assert status == 200, (status, body)
     client = web_connect(web_server, origin=None, headers=(cookie,))
     assert client.status == 101, (client.status, client.headers)
+
+
+def test_the_log_writes_every_control_character_as_an_escape():
+    record = logging.LogRecord("pychat", logging.WARNING, __file__, 1, "%s", ("a\x1b[2J\tb\x9bc\x7f\r\nd",), None)
+    written = pychat.LogFormat().format(record)
+    assert written.endswith(r" WARNING a\x1b[2J\x09b\x9bc\x7f  | d"), written
+
+
+def test_a_request_target_cannot_write_terminal_escapes_into_the_log(start_server):
+    server = start_server("--web-port", "0")
+    status, _, _ = http_exchange(server, b"GET /app.js?\x1b]0;owned\x07\x1b[2J\x1b[31mFAKE_ERROR HTTP/1.1\r\n"
+                                         b"Host: localhost\r\n\r\n")
+    assert status == 200
+    served = server.wait_for_log(r"served GET /app\.js.*").group(0)
+    assert served.endswith(r"?\x1b]0;owned\x07\x1b[2J\x1b[31mFAKE_ERROR"), served
+    assert not re.search("[\x00-\x1f\x7f-\x9f]", server.log().replace("\n", "")), repr(server.log()[-300:])
 
 
 def test_slow_or_endless_headers_are_cut_off(start_server):
