@@ -10088,8 +10088,10 @@ class WebSocketReader:
     with 1009 instead); pings are answered through ANSWER; every frame other than a message's last passes
     through ALLOW_FRAME, the connection's flood control, and so do the lines. It holds one frame's header
     and one message at most. A client that breaks the protocol or a limit ends the connection (Disconnect,
-    with the close code). As LineReader, it takes MOST frames of what is fed at most: past them the client
-    floods, and `dropped` says so.
+    with the close code). So does the client's close frame, but the lines that came before it in the same
+    read are its last words: feed() returns them, and keeps the end in `closed` for the connection to raise
+    once it has handled them. As LineReader, it takes MOST frames of what is fed at most: past them the
+    client floods, and `dropped` says so.
     """
 
     def __init__(self, answer: Callable[[bytes], None], allow_frame: Callable[[], bool]) -> None:
@@ -10100,9 +10102,11 @@ class WebSocketReader:
         self.message_opcode: int | None = None
         self.fragments = 0
         self.dropped = 0
+        self.closed: Disconnect | None = None     # the client's close, after lines still to be handled
 
     def feed(self, data: bytes, most: int = -1) -> list[str | None]:
-        """The lines of the messages completed by DATA."""
+        """The lines of the messages completed by DATA, up to a close frame (Disconnect at once if none
+        came before it)."""
         self.buffer += data
         self.dropped = 0
         lines: list[str | None] = []
@@ -10115,6 +10119,12 @@ class WebSocketReader:
             if frames == most and len(self.buffer) >= 2:
                 self.dropped = 1            # more frames at once than flood control would take
                 self.buffer.clear()
+            if frame[1] == WS_CLOSE:
+                self.closed = self._closed(frame[2])
+                self.buffer.clear()         # nothing a client sends after its close frame counts
+                if not lines:
+                    raise self.closed
+                return lines
             line = self._take(*frame)
             if line is not None:
                 lines.append(line)
@@ -10150,9 +10160,7 @@ class WebSocketReader:
         return final, opcode, payload
 
     def _take(self, final: bool, opcode: int, payload: bytes) -> str | None:
-        """Act on one frame; the line it completes, if it does."""
-        if opcode == WS_CLOSE:
-            raise self._closed(payload)
+        """Act on one frame other than a close; the line it completes, if it does."""
         if opcode in (WS_PING, WS_PONG):
             if self.allow_frame() and opcode == WS_PING:
                 self.answer(websocket_frame(WS_PONG, payload))
@@ -10360,6 +10368,22 @@ class WebConnection(IrcConnection):
             raise websocket_failure(WS_PROTOCOL_ERROR, "frames sent before the handshake was answered")
         self.lines = WebSocketReader(self.output.send_bytes, self.within_rate)
         log.info("WebSocket from %s (%s)", self.address, "binary" if self.message_opcode == WS_BINARY else "text")
+
+    def client_closed(self) -> Disconnect | None:
+        """The client's close frame, read after lines not all handled yet; None if it has not come."""
+        return self.lines.closed if isinstance(self.lines, WebSocketReader) else None
+
+    def end_if_flooded(self) -> None:
+        """As for any connection, and then the client's close, which waited for the lines before it."""
+        super().end_if_flooded()
+        closed = self.client_closed()
+        if closed is not None:
+            raise closed
+
+    def has_buffered_input(self) -> bool:
+        # A close frame read with lines before it is input still to act on: no one waits for the socket, which
+        # the client keeps open for our close frame.
+        return self.client_closed() is not None or super().has_buffered_input()
 
     def irc_bytes(self, line: str) -> bytes:
         return websocket_frame(self.message_opcode, line.encode("utf-8"))

@@ -457,6 +457,30 @@ def test_a_client_close_is_answered_with_its_code(web_server, web_connect):
     web_server.wait_for_log(r"closer@127\.0\.0\.1 left: WebSocket closed by the client \(1000\)")
 
 
+def test_the_lines_sent_just_before_the_close_frame_are_handled_first(start_server, connect, web_connect):
+    # "Send, then close the tab": the last message (or a QUIT with its reason) and the close frame come in
+    # one read, and both count.
+    server = start_server("--web-port", "0")
+    alice = connect(server, "alice")
+    last_words = web_connect(server, "webby")
+    alice.expect(r"\*\*\* webby joined #lobby")
+    last_words.send_raw(frame(TEXT, b"PRIVMSG #lobby :my last words") + frame(CLOSE, struct.pack("!H", 1001)))
+    assert last_words.close_code()[0] == 1001
+    lines = alice.lines_until(r"\*\*\* webby (quit|left)")
+    assert any("webby: my last words" in line for line in lines), lines
+    server.wait_for_log(r"webby@127\.0\.0\.1 left: WebSocket closed by the client \(1001\)")
+    quitter = web_connect(server, "quitter")
+    alice.expect(r"\*\*\* quitter joined #lobby")
+    quitter.send_raw(frame(TEXT, b"QUIT :gone for lunch") + frame(CLOSE, struct.pack("!H", 1000)))
+    quitter.close_code()
+    quit_line = alice.expect(r"\*\*\* quitter (quit|left)")
+    assert "gone for lunch" in quit_line, quit_line
+    # Still signing in: the close is acted on at once, not after the sign-in's clock runs out.
+    signing_in = web_connect(server)
+    signing_in.send_raw(frame(TEXT, b"NICK halfway") + frame(CLOSE, struct.pack("!H", 1000)))
+    assert signing_in.close_code(timeout=5)[0] == 1000
+
+
 def test_invalid_utf8_in_a_binary_message_gets_the_irc_ports_answer(web_server, web_connect):
     client = web_connect(web_server, "bytes", protocols=("binary.ircv3.net",))
     client.send_raw(frame(BINARY, b"PRIVMSG #lobby :caf\xe9"))
