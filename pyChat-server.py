@@ -10231,7 +10231,10 @@ class WebSocketIrcProtocol(IrcProtocol):
             return websocket_close_frame(event.code, event.reason)
         data = websocket_messages(super().encode(event, tagged), self.opcode)
         code = WEBSOCKET_CLOSE_CODES.get(type(event))
-        return data if code is None else data + websocket_close_frame(code)
+        if code is None:
+            return data
+        # The close frame says why in the ERROR's words: a browser gives a page the reason, not a line it missed.
+        return data + websocket_close_frame(code, self.closing(event)[0].partition(" :")[2])
 
 
 class HttpPhase:

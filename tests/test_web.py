@@ -481,6 +481,20 @@ def test_the_lines_sent_just_before_the_close_frame_are_handled_first(start_serv
     assert signing_in.close_code(timeout=5)[0] == 1000
 
 
+def test_the_close_frame_says_why_the_server_closed(start_server, web_connect):
+    server = start_server("--web-port", "0", "--idle-timeout", "2")
+    client = web_connect(server, "idler")
+    code, reason = client.close_code(timeout=10)        # the idle timeout is the stimulus
+    error = next(line for line in client.seen if line.startswith("ERROR :"))
+    assert (code, reason) == (1008, error.removeprefix("ERROR :")), (code, reason, error)
+    assert "Nothing said for 2 s" in reason, reason
+
+
+def test_a_close_reason_is_cut_to_a_control_frame_on_a_character_boundary():
+    payload = pychat.websocket_close_frame(1008, "é" * 100)[2:]
+    assert len(payload) == 2 + 122 and payload[2:].decode("utf-8") == "é" * 61, payload
+
+
 def test_invalid_utf8_in_a_binary_message_gets_the_irc_ports_answer(web_server, web_connect):
     client = web_connect(web_server, "bytes", protocols=("binary.ircv3.net",))
     client.send_raw(frame(BINARY, b"PRIVMSG #lobby :caf\xe9"))
@@ -1108,3 +1122,11 @@ def test_someone_else_signing_in_after_a_reload_does_not_rejoin_the_rooms_of_the
     page.type("/join #mallorys-room")
     page.wait(lambda: page.current() == "#mallorys-room", "#mallorys-room joined")
     assert "#webbys-room" not in page.rooms(), page.rooms()
+
+
+def test_the_page_says_why_the_server_closed_the_connection(start_server, browser):
+    server = start_server("--web-port", "0", "--idle-timeout", "2")
+    page = Page(browser, server)
+    page.sign_in("webby")
+    page.wait(lambda: "Disconnected" in page.status(), "disconnected for saying nothing", timeout=10)
+    assert "Nothing said for 2 s" in page.status(), page.status()
