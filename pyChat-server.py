@@ -10085,8 +10085,8 @@ class WebSocketReader:
     """Splits what a WebSocket client sends into IRC lines: what LineReader is to a plain IRC connection.
 
     feed() returns the lines of the complete messages in DATA (a line too long, None, ends the connection
-    with 1009 instead); pings are answered through ANSWER; every frame other than a message's last passes
-    through ALLOW_FRAME, the connection's flood control, and so do the lines. It holds one frame's header
+    with 1009 instead); pings are answered through ANSWER; every frame of a message but its last passes
+    through ALLOW_FRAME, the connection's flood control, and so do the lines (pings and pongs do not). It holds one frame's header
     and one message at most. A client that breaks the protocol or a limit ends the connection (Disconnect,
     with the close code). So does the client's close frame, but the lines that came before it in the same
     read are its last words: feed() returns them, and keeps the end in `closed` for the connection to raise
@@ -10162,7 +10162,8 @@ class WebSocketReader:
     def _take(self, final: bool, opcode: int, payload: bytes) -> str | None:
         """Act on one frame other than a close; the line it completes, if it does."""
         if opcode in (WS_PING, WS_PONG):
-            if self.allow_frame() and opcode == WS_PING:
+            # Keepalives, as IRC's PING is: answered whatever the rate, within the frames one read may hold.
+            if opcode == WS_PING:
                 self.answer(websocket_frame(WS_PONG, payload))
             return None
         if (opcode == WS_CONTINUATION) == (self.message_opcode is None):

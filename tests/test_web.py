@@ -511,6 +511,19 @@ def test_a_flood_of_tiny_frames_is_cut_off_by_flood_control(web_server, web_conn
     assert any(re.search(r"ERROR :Closing link: tiny \(Flooding", line) for line in client.seen), shown(client.seen)
 
 
+def test_a_websocket_ping_is_answered_while_lines_are_over_the_rate(start_server, web_connect):
+    # A keepalive, as IRC's PING is: a paste past the burst (20) and within the flood margin does not stop it.
+    server = start_server("--web-port", "0")
+    client = web_connect(server, "busy")
+    for n in range(25):
+        client.send(f"PRIVMSG #lobby :line {n}")
+    client.expect(r".*too fast")
+    client.send_raw(frame(PING, b"alive?") + frame(PONG, b"unasked"))
+    client.send("PING :irc-alive")
+    client.expect(r"PONG \S+ irc-alive")      # read past the answer to the ping, which comes before it
+    assert (PONG, b"alive?") in client.control, client.control
+
+
 def test_the_sign_in_clock_runs_from_the_connection(start_server, web_connect):
     server = start_server("--web-port", "0", "--nick-timeout", "1.5")
     client = web_connect(server)
