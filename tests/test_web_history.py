@@ -356,3 +356,26 @@ def test_screenshots_of_the_main_views(start_server, connect, irc_connect, brows
     for name in ("signin", "room-divider", "phone-drawer", "dark"):
         data = (DOC_SCREENSHOTS / f"{name}.png").read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+
+
+def test_lines_said_while_kicked_are_shown_after_rejoining(start_server, irc_connect, browser):  # noqa: F811
+    server = start_server("--web-port", "0", "--irc-port", "0")
+    alice = irc_connect(server, "alice")
+    alice.send("JOIN #dev")                 # the first in the room: its operator
+    alice.expect(r"366 alice #dev ")
+    page = Page(browser, server)
+    page.sign_in("webby")
+    page.type("/join #dev")
+    page.wait(lambda: page.current() == "#dev", "#dev shown")
+    alice.expect(r"JOIN #dev")
+    alice.send("PRIVMSG #dev :before the kick")
+    page.wait_for_line(r"alice: before the kick")
+    alice.send("KICK #dev webby :out for a minute")
+    page.wait_for_line(r"You were kicked by alice")
+    alice.send("PRIVMSG #dev :said while webby was out")
+    alice.send("PING :kept")                # answered once the line before it is in the room's history
+    alice.expect(r"PONG \S+ :?kept")
+    page.type("/join #dev")
+    page.wait_for_line(r"You joined #dev")
+    page.wait_for_line(r"alice: said while webby was out")
+    assert sum("before the kick" in line for line in texts(page)) == 1, texts(page)

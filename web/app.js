@@ -939,6 +939,7 @@ const HANDLERS = {
         switchTo(lower(room));
       }
       eventLine(room, `You joined ${room}`, timeOf(m));
+      b.fetched = false;              // back after a kick: what was said meanwhile is in the latest lines
       HISTORY.latest(b);
       return;
     }
