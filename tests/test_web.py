@@ -1143,3 +1143,21 @@ def test_the_page_says_why_the_server_closed_the_connection(start_server, browse
     page.sign_in("webby")
     page.wait(lambda: "Disconnected" in page.status(), "disconnected for saying nothing", timeout=10)
     assert "Nothing said for 2 s" in page.status(), page.status()
+
+
+def test_the_countdown_stops_once_connected_again_after_an_online_event(start_server, browser):
+    # The network goes and the countdown runs; it comes back and the browser's "online" reconnects at once.
+    port = str(free_port())
+    server = start_server("--web-port", port)
+    page = Page(browser, server)
+    page.sign_in("webby")
+    server.stop()
+    page.wait(lambda: "reconnecting in" in page.status(), "the reconnection's countdown")
+    page.wait(lambda: browser.execute_script(
+        "if (state.socket) return false; window.dispatchEvent(new Event('online')); return true;"),
+        "an online event during the countdown")
+    start_server("--web-port", port)
+    page.wait(lambda: page.status() == "Connected as webby", "connected again", timeout=15)
+    time.sleep(1.5)                         # a countdown left running would have ticked since
+    assert page.status() == "Connected as webby", page.status()
+    assert "trouble" not in page.find("#status").get_attribute("class")

@@ -87,6 +87,7 @@ const state = {
   current: SERVER_BUFFER,
   attempts: 0,                    // reconnections tried since the last success
   retryTimer: null,
+  countdown: null,                // the status bar's "reconnecting in N s", ticking
   signedOut: true,
   closing: false,                 // the person quit: no reconnection
   fatal: "",                      // why the sign-in failed, when retrying would fail again
@@ -664,6 +665,7 @@ function send(line) {
 function connect() {
   clearTimeout(state.retryTimer);
   state.retryTimer = null;
+  stopCountdown();
   $("reconnect").hidden = true;
   state.closing = false;
   state.fatal = "";
@@ -721,11 +723,18 @@ function disconnected(why) {
     setStatus(`Disconnected (${why}); reconnecting in ${left} s`, true);
   };
   tick();
-  const countdown = setInterval(tick, 1000);
+  stopCountdown();
+  // Kept in state: a reconnection started elsewhere (the browser's "online") stops it too.
+  state.countdown = setInterval(tick, 1000);
   $("reconnect").hidden = false;
-  state.retryTimer = setTimeout(() => { clearInterval(countdown); connect(); }, delay);
-  $("reconnect").onclick = () => { clearInterval(countdown); connect(); };
+  state.retryTimer = setTimeout(connect, delay);
+  $("reconnect").onclick = () => connect();
   info(`Disconnected: ${why}.`, SERVER_BUFFER, "error");
+}
+
+function stopCountdown() {
+  clearInterval(state.countdown);
+  state.countdown = null;
 }
 
 function signOut(why) {
@@ -780,6 +789,7 @@ function registered(message) {
   state.registered = true;
   state.signedOut = false;
   state.attempts = 0;
+  stopCountdown();
   $("app").classList.remove("signed-out");
   $("reconnect").hidden = true;
   setStatus(`Connected as ${state.nick}`);
