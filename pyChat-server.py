@@ -9935,10 +9935,11 @@ def parse_http_head(head: bytes) -> HttpRequest:
 
 def http_response(status: int, headers: Iterable[tuple[str, str]] = (), body: bytes = b"",
                   head_only: bool = False) -> bytes:
-    """An HTTP/1.1 response that closes the connection; HEAD_ONLY leaves the body out (its length stays)."""
+    """An HTTP/1.1 response that closes the connection; HEAD_ONLY leaves the body out (its length stays). A 304
+    has no length (RFC 9110, 8.6: one would have to be the file's)."""
     lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", *(f"{name}: {value}" for name, value in headers)]
     if status != 101:
-        lines += [f"Content-Length: {len(body)}", "Connection: close"]
+        lines += [*([f"Content-Length: {len(body)}"] if status != 304 else []), "Connection: close"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (b"" if head_only else body)
 
 

@@ -243,6 +243,7 @@ def test_the_web_client_is_served_with_its_security_and_caching_headers(web_serv
     etag = get(web_server, "/app.js")[1]["etag"]
     status, headers, body = get(web_server, "/app.js", f"If-None-Match: {etag}")
     assert status == 304 and body == b"" and headers["etag"] == etag
+    assert "content-length" not in headers, f"a 304 must not say a length other than the file's: {headers}"
     status, headers, body = get(web_server, "/app.js", method="HEAD")
     assert status == 200 and body == b"" and int(headers["content-length"]) == (WEB / "app.js").stat().st_size
 
