@@ -1162,3 +1162,23 @@ def test_the_countdown_stops_once_connected_again_after_an_online_event(start_se
     time.sleep(1.5)                         # a countdown left running would have ticked since
     assert page.status() == "Connected as webby", page.status()
     assert "trouble" not in page.find("#status").get_attribute("class")
+
+
+def test_one_long_message_counts_as_one_unread_line(start_server, connect, browser):
+    # pyChat takes up to 4096 bytes in a line; IRC carries it in pieces, with the msgids ID, ID-1, ID-2...
+    server = start_server("--web-port", "0")
+    alice = connect(server, "alice")
+    page = Page(browser, server)
+    page.sign_in("webby")
+    page.type("/join #dev")
+    page.wait(lambda: page.current() == "#dev", "#dev shown")
+    alice.expect(r"\*\*\* webby joined #lobby")
+    alice.send("word " * 700)
+    alice.send("and a short one")
+    page.wait(lambda: browser.execute_script(
+        "return state.buffers.get('#lobby').lines.some(line => line.text === 'and a short one')"),
+        "the short line in #lobby")
+    pieces = browser.execute_script(
+        "return state.buffers.get('#lobby').lines.filter(line => line.text.startsWith('word')).length")
+    assert pieces > 1, "the long line came in one piece: the test proves nothing"
+    assert page.rooms()["#lobby"] == "2", page.rooms()

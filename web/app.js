@@ -239,6 +239,7 @@ function addLine(name, line) {
   if (line.msgid && target.msgids.has(line.msgid)) return;      // already shown (from history)
   if (line.msgid) target.msgids.add(line.msgid);
   line.time = line.time || new Date();
+  if (isLaterPiece(target, line)) line.counts = false;          // its message was counted once, at its first piece
   target.lines.push(line);
   if (target.lines.length > MAX_LINES) forgetLine(target, target.lines.shift());
   const shown = lower(name) === state.current;
@@ -258,6 +259,11 @@ function addLine(name, line) {
     if (line.mention || target.kind === "query") notify(target, line);
     renderRooms();
   }
+}
+
+/** Whether LINE is a later piece (msgid ID-1, ID-2...) of a long message whose first piece (ID) B shows. */
+function isLaterPiece(b, line) {
+  return Boolean(line.msgid) && baseId(line.msgid) !== line.msgid && b.msgids.has(baseId(line.msgid));
 }
 
 function forgetLine(b, line) {
@@ -585,7 +591,7 @@ const HISTORY = {
       if (first >= 0) {
         b.lines.splice(first, 0, {kind: "divider", text: DIVIDER_TEXT, time: b.lines[first].time});
         for (const line of b.lines.slice(first + 1)) {
-          if (!line.msgid || line.mine) continue;
+          if (!line.msgid || line.mine || isLaterPiece(b, line)) continue;
           line.counts = true;
           unread += 1;
           if (line.mention) mentioned += 1;
