@@ -1182,3 +1182,33 @@ def test_one_long_message_counts_as_one_unread_line(start_server, connect, brows
         "return state.buffers.get('#lobby').lines.filter(line => line.text.startsWith('word')).length")
     assert pieces > 1, "the long line came in one piece: the test proves nothing"
     assert page.rooms()["#lobby"] == "2", page.rooms()
+
+
+def test_a_message_longer_than_an_irc_line_is_sent_in_pieces(start_server, connect, browser):
+    # 300 Cyrillic letters are 600 bytes: more than a PRIVMSG's 510, a short paragraph to a pyChat user.
+    server = start_server("--web-port", "0")
+    alice = connect(server, "alice")
+    page = Page(browser, server)
+    page.sign_in("webby")
+    alice.expect(r"\*\*\* webby joined #lobby")
+    page.type("д" * 300)
+    pieces = [alice.expect(r"webby: д+$") for _ in range(2)]
+    assert sum(piece.count("д") for piece in pieces) == 300, pieces
+    page.type("/me " + "waves " * 100)
+    actions = [alice.expect(r"\* webby waves") for _ in range(2)]
+    assert sum(action.count("waves") for action in actions) == 100, actions
+    # Pasted (typed, it would take long): pyChat's own lines go up to 4096 bytes.
+    browser.execute_script("document.getElementById('input').value = 'w'.repeat(3000)")
+    page.type("")
+    said = ""
+    while len(said) < 3000:
+        said += alice.expect(r"webby: w+$").removeprefix("webby: ")
+    assert said == "w" * 3000
+    # A paste past a WebSocket message's limit, which would close the socket: too long to send at once, and
+    # kept to be cut.
+    browser.execute_script("document.getElementById('input').value = 'x'.repeat(9000)")
+    page.type("")
+    page.wait_for_line(r"That is 9000 bytes: at most 4000 are sent at once")
+    assert page.find("#input").get_attribute("value") == "x" * 9000
+    assert page.status() == "Connected as webby", page.status()
+    assert "longer than" not in server.log(), server.log()[-600:]

@@ -63,10 +63,46 @@ function plain(text) { return text.replace(FORMATTING, ""); }
 function lower(name) { return name.toLowerCase(); }
 function isChannel(name) { return name.startsWith("#"); }
 
+const MAX_LINE_BYTES = 510;       // an IRC message without its tags and CR LF
+// What one press of Enter may send: about pyChat's own longest line (4096 bytes), in nine IRC messages or so,
+// within the server's burst; a longer paste would be refused in part as flooding.
+const MAX_TYPED_BYTES = 4000;
+const encoder = new TextEncoder();
+function byteLength(text) { return encoder.encode(text).length; }
+
+/** TEXT in pieces of at most BUDGET bytes of UTF-8, in order: cut at the last space of a piece where there
+ * is one in its second half (the space is left out), else between two characters. */
+function splitBytes(text, budget) {
+  const pieces = [];
+  let rest = text;
+  while (byteLength(rest) > budget) {
+    let size = 0, end = 0;
+    for (const character of rest) {
+      size += byteLength(character);
+      if (size > budget) break;
+      end += character.length;
+    }
+    const space = rest.lastIndexOf(" ", end);
+    const cut = space > end / 2 ? space : end;
+    pieces.push(rest.slice(0, cut));
+    rest = rest.slice(cut === space ? cut + 1 : cut);
+  }
+  if (rest) pieces.push(rest);
+  return pieces;
+}
+
+/** TEXT in pieces that each fit a PRIVMSG to TARGET, with WRAPPING more bytes around each (an action's), once
+ * the server has put our NICK!USER@HOST before it, as it relays it: a longer one it would cut short. Until
+ * our own JOIN has shown which user and host we have, room is left for the longest. */
+function messagePieces(target, text, wrapping = 0) {
+  const source = `:${state.nick}${state.userHost || "!" + "u".repeat(10) + "@" + "h".repeat(63)} `;
+  return splitBytes(text, MAX_LINE_BYTES - byteLength(source + formatMessage("PRIVMSG", target, "")) - wrapping);
+}
+
 /** UTF-8 text as base64, for SASL PLAIN. */
 function base64(text) {
   let binary = "";
-  for (const byte of new TextEncoder().encode(text)) binary += String.fromCharCode(byte);
+  for (const byte of encoder.encode(text)) binary += String.fromCharCode(byte);
   return btoa(binary);
 }
 
@@ -78,6 +114,7 @@ const MAX_LINES = 1000;           // kept per buffer; older ones leave the page
 const state = {
   socket: null,
   nick: "",                       // the nickname the server gave us
+  userHost: "",                   // "!user@host", as the server shows us to others (from our own JOIN)
   wanted: {nick: "", password: "", serverPassword: "", code: ""},
   caps: new Set(),
   registered: false,
@@ -946,6 +983,7 @@ const HANDLERS = {
     const room = m.params[0];
     const b = buffer(room, "channel");
     if (isMe(m.nick)) {
+      state.userHost = m.source.slice(m.nick.length);
       b.joined = true;
       b.members.clear();
       b.namesComplete = false;
@@ -1096,8 +1134,10 @@ const COMMANDS = {
   me: {usage: "/me action", help: "say what you do", run: (args, rest) => {
     const b = state.buffers.get(state.current);
     if (!b || b.kind === "server" || !rest) return usage("me");
-    if (send(formatMessage("PRIVMSG", b.name, `\x01ACTION ${rest}\x01`)) && !state.caps.has("echo-message"))
-      addLine(b.name, {kind: "action", nick: state.nick, text: rest});
+    for (const piece of messagePieces(b.name, rest, byteLength("\x01ACTION \x01"))) {
+      if (send(formatMessage("PRIVMSG", b.name, `\x01ACTION ${piece}\x01`)) && !state.caps.has("echo-message"))
+        addLine(b.name, {kind: "action", nick: state.nick, text: piece});
+    }
   }},
   nick: {usage: "/nick NAME", help: "change your nickname", run: args => args[0] ? send(formatMessage("NICK", args[0])) : usage("nick")},
   topic: {usage: "/topic [text]", help: "show or set this room's topic", run: (args, rest) => {
@@ -1130,10 +1170,13 @@ const COMMANDS = {
 
 function usage(name) { info(`Usage: ${COMMANDS[name].usage}`, null, "error"); }
 
+/** Say TEXT to TARGET, in as many messages as it takes (a message longer than an IRC line would be refused). */
 function say(target, text) {
   if (!text) return;
-  if (send(formatMessage("PRIVMSG", target, text)) && !state.caps.has("echo-message") && lower(target) !== lower(SERVICE))
-    addLine(target, {kind: "message", nick: state.nick, text});
+  for (const piece of messagePieces(target, text)) {
+    if (send(formatMessage("PRIVMSG", target, piece)) && !state.caps.has("echo-message") && lower(target) !== lower(SERVICE))
+      addLine(target, {kind: "message", nick: state.nick, text: piece});
+  }
 }
 
 function submit(event) {
@@ -1141,6 +1184,10 @@ function submit(event) {
   const input = $("input");
   const text = input.value;
   if (!text.trim()) return;
+  if (byteLength(text) > MAX_TYPED_BYTES) {         // kept in the input, to be cut
+    return info(`That is ${byteLength(text)} bytes: at most ${MAX_TYPED_BYTES} are sent at once. Send it in parts.`,
+                null, "error");
+  }
   input.value = "";
   const b = state.buffers.get(state.current);
   saveDraft(b, "");
