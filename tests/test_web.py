@@ -1212,3 +1212,18 @@ def test_a_message_longer_than_an_irc_line_is_sent_in_pieces(start_server, conne
     assert page.find("#input").get_attribute("value") == "x" * 9000
     assert page.status() == "Connected as webby", page.status()
     assert "longer than" not in server.log(), server.log()[-600:]
+
+
+def test_a_connection_refused_at_the_door_says_why_in_the_browser(start_server, connect, browser):
+    server = start_server("--web-port", "0", "--max-per-ip", "8")     # room for the page's files at once
+    page = Page(browser, server)
+    page.wait(lambda: browser.execute_script("return document.querySelectorAll('#rooms button').length > 0"),
+              "the page loaded")
+    for _ in range(9):                      # 127.0.0.1 fills up (a connection Chromium keeps ready counts)
+        if "Too many connections" in connect(server).recv_line():
+            break
+    else:
+        pytest.fail("nine connections from one address were let in with --max-per-ip 8")
+    page.sign_in("webby", expect_success=False)
+    error = page.wait(lambda: page.find("#signin-error").text, "why the sign-in failed")
+    assert "Too many connections from your address (at most 8)" in error, error

@@ -724,7 +724,9 @@ function connect() {
     return;
   }
   state.socket = socket;
+  let opened = false;
   socket.onopen = () => {
+    opened = true;
     setStatus("Signing in…");
     send("CAP LS 302");
     if (state.wanted.serverPassword) send(formatMessage("PASS", state.wanted.serverPassword));
@@ -746,8 +748,24 @@ function connect() {
   socket.onclose = event => {
     if (state.socket !== socket) return;
     state.socket = null;
-    disconnected(event.reason || (event.code === 1006 ? "connection lost" : `closed (${event.code})`));
+    if (event.code === 1006 && !opened) refusedWhy().then(disconnected);
+    else disconnected(event.reason || (event.code === 1006 ? "connection lost" : `closed (${event.code})`));
   };
+}
+
+/** Why the socket did not open: a browser tells a page nothing of a refused handshake, so the page asks the
+ * door again, in plain HTTP, and reads the refusal (banned, the server or the address full). A door that lets
+ * it in answers that /socket is a WebSocket (426): then the connection was lost, or refused no longer. */
+async function refusedWhy() {
+  try {
+    const answer = await fetch("/socket", {cache: "no-store", credentials: "omit"});
+    if (answer.status === 426 || answer.ok) return "connection lost";
+    const why = (await answer.text()).trim().slice(0, 300);
+    if (answer.status === 403) state.fatal = why;      // banned: trying again will not help
+    return why || `refused (${answer.status})`;
+  } catch (_) {
+    return "connection lost";
+  }
 }
 
 function disconnected(why) {
