@@ -379,3 +379,34 @@ def test_lines_said_while_kicked_are_shown_after_rejoining(start_server, irc_con
     page.wait_for_line(r"You joined #dev")
     page.wait_for_line(r"alice: said while webby was out")
     assert sum("before the kick" in line for line in texts(page)) == 1, texts(page)
+
+
+def test_one_long_message_said_while_away_counts_as_one_unread_line(start_server, connect, browser):  # noqa: F811
+    # pyChat takes up to 4096 bytes in a line; history gives it in pieces, with the msgids ID, ID-1, ID-2...
+    server = start_server("--web-port", "0", "--rate", "0", "--guess-delay", "0")
+    register(server, connect, "webby")
+    alice = connect(server, "alice")
+    page = Page(browser, server)
+    page.sign_in("webby", PASSWORD)
+    page.type("/join #dev")
+    page.wait(lambda: page.current() == "#dev", "#dev joined and shown")
+    for room in ("#dev", "#lobby"):
+        open_room(page, room)
+        alice.send(f"/join {room}")
+        alice.send(f"{room} before")
+        page.wait_for_line(rf"alice: {room} before")
+        wait_read(page, room)
+    page.type("/quit")
+    page.wait(lambda: page.find("#signin").is_displayed(), "the sign-in form after /quit")
+    server.wait_for_log(r"webby@\S+ left")
+    for room in ("#dev", "#lobby"):         # the same in both: whichever is not shown counts them
+        alice.send(f"/join {room}")
+        alice.send("word " * 700)
+        alice.send(f"short in {room}")
+        alice.expect(rf"alice: short in {room}")
+    page.sign_in("webby", PASSWORD, expect_success=False)
+    page.wait(lambda: page.status() == "Connected as webby", "webby signed in again")
+    counts = page.wait(lambda: [count for room, count in page.rooms().items()
+                                if room in ("#dev", "#lobby") and room != page.current() and count],
+                       "unread lines in the room not shown")
+    assert counts == ["2"], (page.current(), page.rooms())
