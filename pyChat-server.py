@@ -10087,8 +10087,8 @@ class WebSocketReader:
 
     feed() returns the lines of the complete messages in DATA (a line too long, None, ends the connection
     with 1009 instead); pings are answered through ANSWER; every frame of a message but its last passes
-    through ALLOW_FRAME, the connection's flood control, and so do the lines (pings and pongs do not). It holds one frame's header
-    and one message at most. A client that breaks the protocol or a limit ends the connection (Disconnect,
+    through ALLOW_FRAME, the connection's flood control, and so do the lines (pings and pongs do not). It
+    holds one frame's header and one message at most. A client that breaks the protocol or a limit ends the connection (Disconnect,
     with the close code). So does the client's close frame, but the lines that came before it in the same
     read are its last words: feed() returns them, and keeps the end in `closed` for the connection to raise
     once it has handled them. As LineReader, it takes MOST frames of what is fed at most: past them the
