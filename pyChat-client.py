@@ -2129,8 +2129,11 @@ class ChatClient:
     def _send_queued(self) -> None:
         """Send queued lines as fast as the server's flood limit allows; show how many wait."""
         waiting = len(self.outgoing)
-        while (self.outgoing and self.online and self.connection and not self.leaving
-               and (self.pacer is None or self.pacer.take())):
+        while self.outgoing and self.online and self.connection and not self.leaving:
+            if self.rejoin_due and (self.asked_online or not self.account) and self.outgoing[0] != "/online":
+                break   # signed in again, not yet back in my rooms: what was typed meanwhile was meant for them
+            if self.pacer is not None and not self.pacer.take():
+                break
             self._send_now(self.outgoing.popleft())
         self._report_reads()
         if not self.interactive:

@@ -121,6 +121,23 @@ def test_a_reconnect_leaves_the_default_room_again_if_i_had_left_it(fake_server,
     assert lines == ["/join #dev", "/join #ops", "/leave #lobby"], lines
 
 
+def test_a_line_typed_while_offline_is_said_once_the_client_is_back_in_its_room(fake_server, run_client):
+    """The server puts a guest who signs in again in #lobby: a line typed in #dev while offline waits for the
+    client to go back to #dev, or #lobby would hear it."""
+    alice = in_three_rooms(fake_server, run_client)
+    fake_server.send("*** Now talking in #dev.")
+    alice.wait_for_input_line("alice #dev> ")
+    fake_server.hang_up()
+    alice.wait_for_row(r"-!- connecting again in 1 s")
+    alice.type("meant for dev\r")
+    alice.wait_for_input_line("offline (1 waiting) alice #dev> ")
+    fake_server.sign_in("alice")
+    sent = []
+    while "meant for dev" not in sent and len(sent) < 10:
+        sent.append(fake_server.expect(r".*"))
+    assert "/join #dev" in sent[:sent.index("meant for dev")], f"said before going back to #dev: {sent}"
+
+
 # -- against the real server ------------------------------------------------------------
 
 @pytest.mark.skipif("Now talking in" not in SERVER_SCRIPT.read_text(encoding="utf-8"),
