@@ -333,13 +333,19 @@ def test_a_mute_that_cannot_be_is_refused_with_the_reason(admin_server, connect)
     assert carol.expect("!! ") == "!! /mute: not allowed; only operators may use it."
 
 
-def test_an_address_mute_holds_for_a_session_an_account_opens_from_that_address_later(admin_server, connect):
-    server = admin_server()
-    alice = claim_operator(server, connect(server))
+def muted_guest(server, alice: LineClient) -> ClientFrom:
+    """mallory, a guest from 127.0.0.2, whom alice (an operator) mutes: the mute is of her address."""
     mallory = ClientFrom(server.host, server.port, "127.0.0.2")
     mallory.login("mallory")
     alice.send("/mute mallory")
     mallory.expect(re.escape("*** You were muted by alice permanently."))
+    return mallory
+
+
+def test_an_address_mute_holds_for_a_session_an_account_opens_from_that_address_later(admin_server, connect):
+    server = admin_server()
+    alice = claim_operator(server, connect(server))
+    mallory = muted_guest(server, alice)
     mallory.close()
     bob = connect(server, "bob")                        # from 127.0.0.1, which is not muted
     register(bob)
@@ -356,10 +362,7 @@ def test_an_address_mute_holds_for_a_session_an_account_opens_from_that_address_
 def test_the_away_message_of_a_muted_person_is_shown_to_no_one(admin_server, connect, irc_connect):
     server = admin_server()
     alice = claim_operator(server, connect(server))
-    mallory = ClientFrom(server.host, server.port, "127.0.0.2")
-    mallory.login("mallory")
-    alice.send("/mute mallory")
-    mallory.expect(re.escape("*** You were muted by alice permanently."))
+    mallory = muted_guest(server, alice)
     mallory.send("/away BUY CHEAP PILLS at spam.example")
     mallory.expect(r"-- You are marked away")
     bob = connect(server, "bob")
