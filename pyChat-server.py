@@ -4316,13 +4316,18 @@ class Storage:
         "accounts": "typeof(name)!='text' OR typeof(salt)!='blob' OR typeof(hash)!='blob' OR typeof(n)!='integer' "
                     "OR typeof(r)!='integer' OR typeof(p)!='integer' OR typeof(ignoring)!='text' OR n < 2 "
                     "OR (n & (n - 1)) != 0 OR r NOT BETWEEN 1 AND 32 OR p NOT BETWEEN 1 AND 16 "
-                    "OR typeof(last_seen) NOT IN ('integer', 'real', 'null')",
+                    "OR typeof(since) NOT IN ('integer', 'real') OR typeof(last_seen) NOT IN ('integer', 'real', 'null')",
+        "operators": "typeof(name)!='text' OR typeof(by)!='text' OR typeof(since) NOT IN ('integer', 'real')",
         "invitations": "typeof(code)!='text' OR typeof(expires) NOT IN ('integer', 'real') "
                        f"OR purpose NOT IN {INVITATION_PURPOSES}",
         "bans": "typeof(kind)!='text' OR typeof(target)!='text' OR key != kind || ':' || target",
         "mutes": "typeof(kind)!='text' OR typeof(target)!='text' OR key != kind || ':' || target",
         "messages": "typeof(time)!='integer' OR typeof(target)!='text' OR typeof(nick)!='text' "
                     "OR typeof(kind)!='integer' OR typeof(text)!='text'",
+        "offline": "typeof(sender)!='text' OR typeof(time) NOT IN ('integer', 'real') OR typeof(text)!='text'",
+        "kept_rooms": "typeof(name)!='text' OR typeof(password) NOT IN ('text', 'null')",
+        "read_positions": "typeof(target)!='text' OR typeof(id)!='integer'",
+        "room_masks": "typeof(mask)!='text' OR typeof(by)!='text' OR typeof(since) NOT IN ('integer', 'real')",
     }
 
     def describe(self) -> str:

@@ -119,6 +119,24 @@ def test_rows_edited_by_hand_are_left_out_with_a_log_line(open_storage, caplog):
     assert any("accounts" in problem or "bans" in problem for problem in server.Storage.problems(storage.directory))
 
 
+@pytest.mark.parametrize("table, damage", [
+    ("accounts", "UPDATE accounts SET since='yesterday'"),
+    ("operators", "INSERT INTO operators VALUES ('x', 'x', 'x', 'soon')"),
+    ("offline", "INSERT INTO offline (recipient, name, sender, sender_id, time, text) VALUES ('x', 'x', 'y', 'y', "
+                "'now', 'hi')"),
+    ("kept_rooms", "INSERT INTO kept_rooms VALUES ('alice', 'dev', 'dev', X'00', 1)"),
+    ("read_positions", "INSERT INTO read_positions VALUES ('alice', '#dev', 'last')"),
+    ("room_masks", "INSERT INTO room_masks VALUES ('dev', 'ban', 'x!*@*', 'bob', 'then')"),
+])
+def test_check_names_a_row_the_server_would_leave_out_as_damaged(open_storage, table, damage):
+    storage = open_storage()
+    storage.register("alice", PASSWORD)
+    with storage.lock:
+        storage.db.execute(damage)
+    storage.close()
+    assert f"1 row(s) of {table} hold values of the wrong kinds" in server.Storage.problems(storage.directory)
+
+
 def test_without_a_directory_the_same_code_keeps_everything_in_memory_and_writes_no_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     storage = server.Storage(None)
