@@ -7631,6 +7631,20 @@ def irc_text_messages(command: str, target: str, text: str, source: str, tags: d
     return [f"{prefix}{head}{before}{piece}{after}" for piece in pieces]
 
 
+def irc_within_limit(line: str) -> str:
+    """LINE (a message without CR LF) cut, at the end of a character, to IRC's 510 bytes besides its tags.
+    Chat lines go out in pieces that fit (irc_text_messages); what else the server says of others (a topic,
+    a reason, an away message set at the pyChat port, which takes 4,096 bytes) is cut, as IRC servers cut
+    what is longer than their limits."""
+    if len(line) <= IRC_MAX_BODY_BYTES // 4:
+        return line         # fits even at four bytes a character: nearly every line, known without encoding it
+    tags, body = line.partition(" ")[::2] if line.startswith("@") else ("", line)
+    encoded = body.encode("utf-8")
+    if len(encoded) <= IRC_MAX_BODY_BYTES:
+        return line
+    return (tags + " " if tags else "") + encoded[:IRC_MAX_BODY_BYTES].decode("utf-8", "ignore")
+
+
 def irc_cut_to_fit(command: str, target: str, source: str, text: str, wrap: tuple[str, str] = ("", "")) -> str:
     """TEXT cut short, at the end of a character, so that COMMAND (PRIVMSG or NOTICE) from SOURCE relaying it
     to TARGET is one message within IRC's line limit, as IRC servers cut what their clients send: a line
@@ -8347,6 +8361,7 @@ class IrcProtocol:
 
     @staticmethod
     def _tagged(line: str, tags: dict[str, str]) -> str:
+        line = irc_within_limit(line)
         return f"@{format_irc_tags(tags)} {line}\r\n" if tags else f"{line}\r\n"
 
     # -- room events: nothing of the receiver --------------------------------------------
@@ -9099,7 +9114,7 @@ class IrcConnection(ClientConnection):
             if not notice:
                 self.send_irc(irc_numeric("ERR_NORECIPIENT", self.nick, text="No recipient given (PRIVMSG)"))
             return
-        if not text:
+        if not text.strip():        # spaces alone are no text: nothing would be said
             if not notice:
                 self.send_irc(irc_numeric("ERR_NOTEXTTOSEND", self.nick))
             return
@@ -9378,6 +9393,9 @@ class IrcConnection(ClientConnection):
         self.send_irc(irc_numeric("RPL_NOWAWAY" if reason else "RPL_UNAWAY", self.nick))
 
     def irc_nick(self, wanted: str) -> None:
+        if not wanted:
+            self.send_irc(irc_numeric("ERR_NONICKNAMEGIVEN", self.nick))
+            return
         problem = irc_nickname_problem(wanted)
         if problem:
             self.send_irc(irc_numeric("ERR_ERRONEUSNICKNAME", self.nick, wanted, text=problem))
@@ -9802,7 +9820,7 @@ class IrcConnection(ClientConnection):
     def send_irc(self, *lines: str) -> None:
         """IRC messages for this connection alone."""
         for line in lines:
-            self.output.send_bytes(self.irc_bytes(line))
+            self.output.send_bytes(self.irc_bytes(irc_within_limit(line)))
 
     @staticmethod
     def irc_bytes(line: str) -> bytes:

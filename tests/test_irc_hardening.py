@@ -362,3 +362,36 @@ def test_past_four_targets_a_privmsg_is_answered_407_and_the_same_name_twice_is_
     alice.send("NOTICE a1,a2,a3,a4,zed :quiet")         # a NOTICE is answered with nothing
     alice.send("PING :end")
     assert not [line for line in alice.lines_until(r"PONG ") if " 407 " in line]
+
+
+def test_what_the_pychat_port_takes_longer_than_an_irc_line_reaches_irc_users_cut_to_one(start_server, irc_connect,
+                                                                                        connect):
+    """A topic or an away message of up to 4,096 bytes at the pyChat port is one IRC line of at most 512 bytes,
+    cut at the end of a character, as IRC servers cut what is longer than their limits."""
+    server = start_server("--irc-port", "0", "--rate", "0")
+    alice = irc_connect(server, "alice")
+    bob = connect(server, "bob")
+    bob.send("/join #t")
+    bob.expect(r"\*\*\* (You are in|Now talking in) #t")
+    alice.send("JOIN #t")
+    alice.expect(r"366 alice #t ")
+    bob.send("/topic " + "réunion vendredi " * 200)
+    lines = [alice.expect(r":bob!\S+ TOPIC #t ")]
+    bob.send("/away " + "é" * 380)          # within AWAYLEN's 390 characters, and 760 bytes
+    bob.expect("-- You are marked away")
+    alice.send("TOPIC #t")
+    lines.append(alice.expect(r"\S+ 332 alice #t "))
+    alice.send("PRIVMSG bob :hello")
+    lines.append(alice.expect(r"\S+ 301 alice bob "))
+    for line in lines:
+        assert len(line.encode("utf-8")) + 2 <= 512, f"{len(line.encode('utf-8')) + 2} bytes: {line[:60]}..."
+    assert "\ufffd" not in "".join(lines), "a character was cut in two"
+
+
+def test_an_empty_nick_is_431_and_a_line_of_spaces_is_412_after_signing_in(start_server, irc_connect):
+    server = start_server("--irc-port", "0")
+    alice = irc_connect(server, "alice")
+    alice.send("NICK :")
+    assert " 431 alice " in alice.expect(r"\S+ 4\d\d ")
+    alice.send("PRIVMSG #lobby :   ")
+    assert " 412 alice " in alice.expect(r"\S+ 4\d\d ")
