@@ -4983,8 +4983,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.switchboard.before_writing = self.storage.commit_lines
         self.switchboard.least_hold = HISTORY_HOLD_SECONDS if self.storage.keeps_history else 0.0
         super().__init__((options.host, options.port), ClientConnection)
-        self.irc = DoorListener(self, options.irc_port, IrcConnection) if options.irc_port is not None else None
-        self.web = DoorListener(self, options.web_port, WebConnection) if options.web_port is not None else None
+        self.irc: DoorListener | None = None
+        self.web: DoorListener | None = None
+        try:
+            if options.irc_port is not None:
+                self.irc = DoorListener(self, "--irc-port", options.irc_port, IrcConnection)
+            if options.web_port is not None:
+                self.web = DoorListener(self, "--web-port", options.web_port, WebConnection)
+        except DoorUnavailable:
+            for listening in (self, self.irc):
+                if listening is not None:
+                    listening.server_close()
+            raise
         self.switchboard.start()
         self.storage.start_maintenance()
 
@@ -9840,14 +9850,25 @@ class DoorListener(socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = 4096
 
-    def __init__(self, chat: ChatServer, port: int, door: type[ClientConnection]) -> None:
+    def __init__(self, chat: ChatServer, option: str, port: int, door: type[ClientConnection]) -> None:
         self.chat = chat
         self.door = door
         self.address_family = chat.address_family
-        super().__init__((chat.options.host, port), door)
+        try:
+            super().__init__((chat.options.host, port), door)
+        except OSError as problem:
+            raise DoorUnavailable(problem, option, port) from None
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
         self.chat.admit(request, client_address, self.door)
+
+
+class DoorUnavailable(Exception):
+    """A door's port (OPTION) cannot be listened on: the server does not start, and says which and why."""
+
+    def __init__(self, problem: OSError, option: str, port: int) -> None:
+        super().__init__(str(problem))
+        self.problem, self.option, self.port = problem, option, port
 
 
 # ---------------------------------------------------------------------------
@@ -10483,18 +10504,18 @@ def tls_files_problem(cert: str, key: str) -> str | None:
     return None
 
 
-def listen_problem(problem: OSError, host: str, port: int) -> str:
-    """Why the server cannot listen on HOST:PORT, and what to do about it."""
+def listen_problem(problem: OSError, host: str, port: int, option: str = "--port") -> str:
+    """Why the server cannot listen on HOST:PORT, which OPTION gave, and what to do about it."""
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if isinstance(problem, socket.gaierror):
         return (f"--host {host!r} is neither an address of this machine nor a name that resolves "
                 f"({problem.strerror}); use an address such as 0.0.0.0 (all IPv4), :: (all IPv6) or 127.0.0.1")
     if problem.errno == errno.EADDRINUSE:
         return (f"cannot listen on {where}: the port is in use by another program (another pyChat server?); "
-                f"stop it, or choose another --port (0 picks a free one)")
+                f"stop it, or choose another {option} (0 picks a free one)")
     if problem.errno == errno.EACCES and 0 < port < 1024:
         return (f"cannot listen on {where}: permission denied, since ports below 1024 need root or the "
-                f"CAP_NET_BIND_SERVICE capability; use --port 1024 or higher")
+                f"CAP_NET_BIND_SERVICE capability; use {option} 1024 or higher")
     if problem.errno == errno.EADDRNOTAVAIL:
         return (f"cannot listen on {where}: {host} is not an address of this machine; use one it has "
                 f"(ip address lists them), or 0.0.0.0 for all")
@@ -10538,8 +10559,11 @@ def main(argv: list[str] | None = None) -> int:
         command_table = commands.load_commands()
         server = ChatServer(options, command_table)
         server.read_options = functools.partial(read_options, argv)
+    except DoorUnavailable as door:
+        log.error("cannot start: %s", listen_problem(door.problem, options.host, door.port, door.option))
+        return 1
     except OSError as problem:
-        # A file names itself; otherwise it was listening that failed.
+        # A file names itself; otherwise it was listening on the pyChat port that failed.
         log.error("cannot start: %s", f"{problem.filename}: {problem.strerror}" if problem.filename
                   else listen_problem(problem, options.host, options.port))
         return 1

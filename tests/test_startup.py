@@ -156,6 +156,16 @@ def test_a_port_in_use_is_named_with_its_address_and_what_to_do():
     assert f"127.0.0.1:{port}" in why and "in use" in why and "--port" in why, why
 
 
+@pytest.mark.parametrize("option", ["--irc-port", "--web-port"])
+def test_a_door_s_port_in_use_is_named_by_its_own_option(option):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        why = cannot_start(option, str(port))
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in why and f"another {option} " in why, why
+
+
 def test_an_address_this_machine_does_not_have_is_named_with_what_to_do():
     result = start("--port", "0", "--host", "192.0.2.1")     # TEST-NET-1: never a local address
     why = only_line(result)
