@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT, IrcClient, irc_port, online_line, talk_until_cut_off, watch_for
+from conftest import TIMEOUT, IrcClient, LineClient, irc_port, online_line, talk_until_cut_off, watch_for
 from test_hardening import Drain, memory_kib
 
 
@@ -331,6 +331,16 @@ def test_a_who_pattern_is_paid_for_by_everyone_it_searches_and_chat_goes_on_mean
 
 # -- what one command may be answered, and to how many ------------------------------------------------------
 
+def with_bob_in_t(server, alice: IrcClient, connect) -> LineClient:
+    """bob, at the pyChat port, in #t with alice, an IRC user."""
+    bob = connect(server, "bob")
+    bob.send("/join #t")
+    bob.expect(r"\*\*\* (You are in|Now talking in) #t")
+    alice.send("JOIN #t")
+    alice.expect(r"366 alice #t ")
+    return bob
+
+
 def test_a_labeled_command_whose_reply_is_longer_than_a_clients_line_is_answered_labeled(start_server, irc_connect,
                                                                                           connect):
     """The server's own replies may be longer than what a client may send (a topic set at the pyChat port, a
@@ -339,11 +349,7 @@ def test_a_labeled_command_whose_reply_is_longer_than_a_clients_line_is_answered
     alice = irc_connect(server, "alice", ("batch", "labeled-response"))
     alice.send("@label=p1 PART #" + "a" * 300)
     assert "label=p1" in alice.expect(r"@\S*label=p1"), "the refusal of a long name was not answered"
-    bob = connect(server, "bob")
-    bob.send("/join #t")
-    bob.expect(r"\*\*\* (You are in|Now talking in) #t")
-    alice.send("JOIN #t")
-    alice.expect(r"366 alice #t ")
+    bob = with_bob_in_t(server, alice, connect)
     bob.send("/topic " + "release on friday " * 100)
     alice.expect(r"TOPIC #t ")
     alice.send("@label=q1 TOPIC #t")
@@ -370,11 +376,7 @@ def test_what_the_pychat_port_takes_longer_than_an_irc_line_reaches_irc_users_cu
     cut at the end of a character, as IRC servers cut what is longer than their limits."""
     server = start_server("--irc-port", "0", "--rate", "0")
     alice = irc_connect(server, "alice")
-    bob = connect(server, "bob")
-    bob.send("/join #t")
-    bob.expect(r"\*\*\* (You are in|Now talking in) #t")
-    alice.send("JOIN #t")
-    alice.expect(r"366 alice #t ")
+    bob = with_bob_in_t(server, alice, connect)
     bob.send("/topic " + "réunion vendredi " * 200)
     lines = [alice.expect(r":bob!\S+ TOPIC #t ")]
     bob.send("/away " + "é" * 380)          # within AWAYLEN's 390 characters, and 760 bytes
