@@ -419,12 +419,15 @@ def test_message_ids_grow_across_restarts_even_after_a_conversation_with_the_new
     conversation = server.private_target("alice", "guest/7", True)
     given = said(storage, conversation, "hi alice")
     storage.forget_target(conversation)         # the guest left
-    clock[0] -= 3.0                             # and the server starts again with its clock 3 s behind
-    storage = reopen(storage)
-    try:
-        assert said(storage, "#lobby", "again") > given, "an id was given twice"
-    finally:
-        storage.close()
+    clock[0] -= 3.0                             # and the server starts again with its clock 3 s behind,
+    for _ in range(2):                          # twice
+        storage = reopen(storage)
+        try:
+            again = said(storage, "#lobby", "again")
+            assert again > given, "an id was given twice"
+            given = again
+        finally:
+            storage.close()
 
 
 def test_history_is_read_by_range_before_after_around_and_between_ids(open_storage):
