@@ -8499,7 +8499,7 @@ class IrcProtocol:
         return [prefixes[nick] + nick if nick in prefixes else nick for nick in members]
 
     def topic(self, event: Topic) -> list[str]:
-        return irc_topic_replies(self.me, event.room, event.topic, event.by, event.when)
+        return irc_topic_replies(self.me, event.room, event.topic, event.by and self.source(event.by), event.when)
 
     def replayed(self, event: Replayed) -> list[str]:
         """What was said before you came; nothing for a client that asked for draft/chathistory, which
@@ -8659,10 +8659,10 @@ def irc_comma_lists(name: str, me: str, items: list[str], *params: str) -> list[
 
 
 def irc_topic_replies(me: str, room: str, topic: str, by: str | None, when: float) -> list[str]:
-    """332 with the topic of ROOM, and 333 with who set it and when, if that is known."""
+    """332 with the topic of ROOM, and 333 with who set it (BY: their NICK!USER@HOST) and when, if known."""
     lines = [irc_numeric("RPL_TOPIC", me, f"#{room}", text=topic)]
-    if by is not None:
-        lines.append(irc_numeric("RPL_TOPICWHOTIME", me, f"#{room}", irc_source(by), str(int(when))))
+    if by:
+        lines.append(irc_numeric("RPL_TOPICWHOTIME", me, f"#{room}", by, str(int(when))))
     return lines
 
 
@@ -9261,7 +9261,8 @@ class IrcConnection(ClientConnection):
         if topic is None:
             settings = self.server.room_settings(self.session, channel)
             if settings.topic:
-                self.send_irc(*irc_topic_replies(self.nick, settings.name, settings.topic, settings.topic_by,
+                setter = settings.topic_by and self.output.protocol.source(settings.topic_by)
+                self.send_irc(*irc_topic_replies(self.nick, settings.name, settings.topic, setter,
                                                  settings.topic_when))
             else:
                 self.send_irc(irc_numeric("RPL_NOTOPIC", self.nick, f"#{settings.name}"))
@@ -10132,11 +10133,11 @@ class WebSocketReader:
     feed() returns the lines of the complete messages in DATA (a line too long, None, ends the connection
     with 1009 instead); pings are answered through ANSWER; every frame of a message but its last passes
     through ALLOW_FRAME, the connection's flood control, and so do the lines (pings and pongs do not). It
-    holds one frame's header and one message at most. A client that breaks the protocol or a limit ends the connection (Disconnect,
-    with the close code). So does the client's close frame, but the lines that came before it in the same
-    read are its last words: feed() returns them, and keeps the end in `closed` for the connection to raise
-    once it has handled them. As LineReader, it takes MOST frames of what is fed at most: past them the
-    client floods, and `dropped` says so.
+    holds one frame's header and one message at most. A client that breaks the protocol or a limit ends
+    the connection (Disconnect, with the close code). So does the client's close frame, but the lines that
+    came before it in the same read are its last words: feed() returns them, and keeps the end in `closed`
+    for the connection to raise once it has handled them. As LineReader, it takes MOST frames of what is
+    fed at most: past them the client floods, and `dropped` says so.
     """
 
     def __init__(self, answer: Callable[[bytes], None], allow_frame: Callable[[], bool]) -> None:

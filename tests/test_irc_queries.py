@@ -145,7 +145,7 @@ def test_the_topic_comes_with_333_saying_who_set_it_and_when(irc_server, irc_con
     bob.send("JOIN #dev")
     assert params(bob.expect(r"332 bob #dev "))[-1] == "release friday"
     who, when = params(bob.expect(r"333 bob #dev "))[2:]
-    assert who == "alice!~user@pychat" and before <= int(when) <= time.time() + 1, (who, when)
+    assert who == "alice!~alice@pychat" and before <= int(when) <= time.time() + 1, (who, when)
     bob.send("TOPIC #dev")
     bob.expect(r"332 bob #dev ")
     assert params(bob.expect(r"333 bob #dev "))[2:] == [who, when]
