@@ -7575,7 +7575,8 @@ def format_irc_message(command: str, params: Iterable[str] = (), source: str | N
     params = list(params)
     if params:
         *middle, last = params
-        parts += middle
+        # A middle parameter is one word: a name echoed as a client typed it ("#t x") is cut at its first space.
+        parts += [param if param and " " not in param else param.partition(" ")[0] or "*" for param in middle]
         last = without_irc_breaks(last)
         parts.append(":" + last if not last or " " in last or last.startswith(":") else last)
     return " ".join(parts)

@@ -82,6 +82,11 @@ def test_tag_values_escape_and_unescape_to_themselves(value):
     assert server.unescape_tag_value(escaped) == value
 
 
+def test_a_middle_parameter_is_always_one_word_so_the_message_reads_back_as_written():
+    line = server.format_irc_message("403", ("alice", "#t x", "", "No such channel"), "pychat.server")
+    assert server.parse_irc_message(line).params == ["alice", "#t", "*", "No such channel"], line
+
+
 def test_the_quick_ways_past_str_translate_give_what_it_gives():
     """escape_tag_value() and without_irc_breaks() skip str.translate() for text that needs nothing:
     on random text, with and without the characters that matter, they give what it gives."""
